@@ -1,0 +1,283 @@
+//! The switch's configuration file (TOML). Every field is documented in
+//! `docs/CONFIGURATION.md`; unknown fields are refused.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What the switch does with frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Forward every frame between two ports, unchanged.
+    L2fwd,
+}
+
+/// Where the XDP program that feeds the sockets runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum XdpMode {
+    /// In the driver (veth, and every NIC with XDP support).
+    #[default]
+    Native,
+    /// Generic XDP on the skb path: the fallback for drivers without XDP.
+    Skb,
+}
+
+/// Whether frames are copied between the NIC and the UMEM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMode {
+    /// Zero-copy where the driver offers it, copy otherwise.
+    #[default]
+    Auto,
+    /// Always copy.
+    Copy,
+    /// Zero-copy or fail.
+    #[serde(rename = "zerocopy")]
+    #[value(name = "zerocopy")]
+    ZeroCopy,
+}
+
+/// What a worker does when its ports are idle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleStrategy {
+    /// Spin: lowest latency, one core at 100 %. For dedicated cores.
+    Busy,
+    /// Spin a little, then sleep in poll() on the sockets.
+    #[default]
+    Adaptive,
+}
+
+/// One AF_XDP port: an interface queue.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// Interface name, e.g. `eth0`.
+    pub interface: String,
+    /// Queue index (default 0).
+    #[serde(default)]
+    pub queue: u32,
+}
+
+/// `mimiq-switch` configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchConfig {
+    /// The pipeline: `l2fwd`.
+    pub role: Role,
+    /// The ports, in pipeline order (`l2fwd`: exactly two).
+    pub ports: Vec<PortConfig>,
+    /// `native` (default) or `skb`.
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// `auto` (default), `copy` or `zerocopy`.
+    #[serde(default)]
+    pub copy_mode: CopyMode,
+    /// `adaptive` (default) or `busy`.
+    #[serde(default)]
+    pub idle: IdleStrategy,
+    /// CPU core the worker is pinned to; unpinned when absent.
+    #[serde(default)]
+    pub core: Option<usize>,
+    /// Entries per AF_XDP ring (RX, TX, fill, completion); a power of two (default 1024).
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    /// UMEM frame size in bytes: 2048 or 4096 (default 4096).
+    #[serde(default = "default_frame_size")]
+    pub frame_size_bytes: u32,
+    /// Back the UMEM with huge pages (default false).
+    #[serde(default)]
+    pub huge_pages: bool,
+    /// Where the counters are written as JSON (default `/run/mimiq/switch-stats.json`).
+    #[serde(default = "default_stats_path")]
+    pub stats_path: PathBuf,
+    /// How often the counters are published, in milliseconds (default 500).
+    #[serde(default = "default_stats_interval_ms")]
+    pub stats_interval_ms: u64,
+}
+
+/// Why a configuration was refused. Every message fits on one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("config {path}: line {line}, column {column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// Parsed, but the values do not make sense together.
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl SwitchConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: SwitchConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_column(text, span.start))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim().replace('\n', " "),
+            }
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks the values against each other.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.role {
+            Role::L2fwd if self.ports.len() != 2 => {
+                return Err(format!(
+                    "role l2fwd needs exactly 2 ports, {} given",
+                    self.ports.len()
+                ))
+            }
+            Role::L2fwd => {}
+        }
+        for (i, port) in self.ports.iter().enumerate() {
+            if port.interface.is_empty() || port.interface.len() > 15 {
+                return Err(format!(
+                    "ports[{i}].interface {:?} is not a valid interface name (1 to 15 bytes)",
+                    port.interface
+                ));
+            }
+            if self.ports[..i].contains(port) {
+                return Err(format!(
+                    "ports[{i}] ({} queue {}) is listed twice",
+                    port.interface, port.queue
+                ));
+            }
+        }
+        if !self.ring_size.is_power_of_two() || !(64..=16384).contains(&self.ring_size) {
+            return Err(format!(
+                "ring_size {} must be a power of two between 64 and 16384",
+                self.ring_size
+            ));
+        }
+        if self.frame_size_bytes != 2048 && self.frame_size_bytes != 4096 {
+            return Err(format!(
+                "frame_size_bytes {} must be 2048 or 4096",
+                self.frame_size_bytes
+            ));
+        }
+        if self.stats_interval_ms == 0 {
+            return Err("stats_interval_ms must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_ring_size() -> u32 {
+    1024
+}
+
+fn default_frame_size() -> u32 {
+    4096
+}
+
+/// The default place of the stats file.
+pub fn default_stats_path() -> PathBuf {
+    PathBuf::from("/run/mimiq/switch-stats.json")
+}
+
+fn default_stats_interval_ms() -> u64 {
+    500
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SwitchConfig, String> {
+        SwitchConfig::parse(text, Path::new("t.toml")).map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str = "role = \"l2fwd\"\nports = [{ interface = \"p0\" }, { interface = \"p1\" }]\n";
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.ports[1], PortConfig { interface: "p1".into(), queue: 0 });
+        assert_eq!(c.xdp_mode, XdpMode::Native);
+        assert_eq!(c.copy_mode, CopyMode::Auto);
+        assert_eq!(c.idle, IdleStrategy::Adaptive);
+        assert_eq!((c.ring_size, c.frame_size_bytes, c.stats_interval_ms), (1024, 4096, 500));
+        assert_eq!(c.core, None);
+    }
+
+    #[test]
+    fn bad_configs_get_one_line_errors_that_say_where() {
+        let cases = [
+            ("role = \"l2fwd\"\nports = [{ interface = \"p0\" }]\n", "exactly 2 ports"),
+            (&format!("{MINIMAL}colour = 1\n"), "line 3"),
+            (&format!("{MINIMAL}ring_size = 1000\n"), "power of two"),
+            (&format!("{MINIMAL}frame_size_bytes = 1500\n"), "2048 or 4096"),
+            ("role = \"router\"\nports = []\n", "line 1"),
+            ("role = \n", "line 1"),
+            (
+                "role = \"l2fwd\"\nports = [{ interface = \"p0\" }, { interface = \"p0\" }]\n",
+                "listed twice",
+            ),
+            (
+                "role = \"l2fwd\"\nports = [{ interface = \"p0\" }, { interface = \"waytoolonginterfacename\" }]\n",
+                "not a valid interface name",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text);
+            assert!(err.contains(want), "{text:?}: {err:?} should mention {want:?}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn every_shipped_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("switch") && name.ends_with(".toml") {
+                SwitchConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 1, "configs/ has at least one switch config");
+    }
+}

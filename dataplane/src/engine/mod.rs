@@ -1,0 +1,303 @@
+//! The poll-mode worker: receive a burst, run the pipeline, transmit, reclaim, repeat.
+//!
+//! One worker owns its ports, their frame memory, its pipeline and its counters; nothing on the
+//! per-packet path takes a lock, allocates or does an atomic read-modify-write. Counters are
+//! plain integers, copied out to whoever publishes them at most once per `publish_every`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Serialize, Serializer};
+
+use crate::config::IdleStrategy;
+use crate::pipeline::{DropReason, Pipeline, Verdict};
+use crate::port::{FrameMemory, Port, PortId, XdpStats};
+
+/// Frames per burst.
+pub const BURST: usize = 64;
+
+/// Empty polls before an adaptive worker sleeps in `poll()`.
+const SPIN_POLLS: u32 = 256;
+
+/// How long an adaptive worker sleeps at most before it checks for shutdown.
+const IDLE_SLEEP: Duration = Duration::from_millis(10);
+
+/// Counters of one port, as seen by its worker.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PortCounters {
+    /// Interface name.
+    pub name: String,
+    /// Frames received.
+    pub rx_packets: u64,
+    /// Bytes received (Ethernet frames without FCS).
+    pub rx_bytes: u64,
+    /// Frames queued for transmission.
+    pub tx_packets: u64,
+    /// Bytes queued for transmission.
+    pub tx_bytes: u64,
+    /// The kernel's socket statistics, where the port has them.
+    pub xdp: Option<XdpStats>,
+}
+
+/// Drops by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounters([u64; DropReason::ALL.len()]);
+
+impl DropCounters {
+    /// Drops for `reason`.
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0[reason.index()]
+    }
+
+    /// All drops.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+impl Serialize for DropCounters {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(DropReason::ALL.iter().map(|r| (r.name(), self.get(*r))))
+    }
+}
+
+/// Counters of one worker.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// Per port, in port order.
+    pub ports: Vec<PortCounters>,
+    /// Drops by reason.
+    pub drops: DropCounters,
+    /// Non-empty bursts processed.
+    pub bursts: u64,
+}
+
+/// A poll-mode worker over ports of type `P` running pipeline `L`.
+pub struct Worker<P: Port, L> {
+    ports: Vec<P>,
+    memory: P::Memory,
+    free: Vec<P::Frame>,
+    pipeline: L,
+    rx: Vec<P::Frame>,
+    verdicts: Vec<Verdict>,
+    tx: Vec<Vec<P::Frame>>,
+    counters: WorkerCounters,
+}
+
+impl<P: Port, L: Pipeline> Worker<P, L> {
+    /// A worker over `ports`, whose frames live in `memory`; `free` are the frames not given to
+    /// any port yet.
+    pub fn new(ports: Vec<P>, memory: P::Memory, free: Vec<P::Frame>, pipeline: L) -> Self {
+        let counters = WorkerCounters {
+            ports: ports
+                .iter()
+                .map(|p| PortCounters {
+                    name: p.name().to_string(),
+                    ..PortCounters::default()
+                })
+                .collect(),
+            ..WorkerCounters::default()
+        };
+        let tx = ports.iter().map(|_| Vec::with_capacity(BURST)).collect();
+        Worker {
+            ports,
+            memory,
+            free,
+            pipeline,
+            rx: Vec::with_capacity(BURST),
+            verdicts: Vec::with_capacity(BURST),
+            tx,
+            counters,
+        }
+    }
+
+    /// One pass over every port: receive a burst, process, transmit; then reclaim. Returns the
+    /// number of frames received.
+    pub fn poll_once(&mut self) -> usize {
+        let mut received = 0;
+        for in_port in 0..self.ports.len() {
+            self.rx.clear();
+            let n = self.ports[in_port].rx_burst(&mut self.rx, BURST);
+            if n == 0 {
+                continue;
+            }
+            received += n;
+            self.counters.bursts += 1;
+            let rx_bytes: usize = self.rx.iter().map(|f| self.memory.len(f)).sum();
+            let pc = &mut self.counters.ports[in_port];
+            pc.rx_packets += n as u64;
+            pc.rx_bytes += rx_bytes as u64;
+
+            self.verdicts.clear();
+            // `in_port` < ports.len() ≤ PortId::MAX (checked by the callers that build ports).
+            let in_id = in_port as PortId;
+            self.pipeline
+                .process(in_id, &mut self.memory, &mut self.rx, &mut self.verdicts);
+            // A pipeline that leaves a frame without a verdict drops it.
+            self.verdicts
+                .resize(self.rx.len(), Verdict::Drop(DropReason::NoSuchPort));
+            for (frame, verdict) in self.rx.drain(..).zip(self.verdicts.iter()) {
+                let reason = match *verdict {
+                    Verdict::Forward(out) if usize::from(out) < self.tx.len() => {
+                        self.tx[usize::from(out)].push(frame);
+                        continue;
+                    }
+                    Verdict::Forward(_) => DropReason::NoSuchPort,
+                    Verdict::ToSlowPath => DropReason::NoSlowPath,
+                    Verdict::Drop(reason) => reason,
+                };
+                self.counters.drops.0[reason.index()] += 1;
+                self.free.push(frame);
+            }
+            self.flush_tx();
+        }
+        for port in &mut self.ports {
+            port.reclaim(&mut self.free);
+        }
+        received
+    }
+
+    /// Runs until `stop` is set, publishing counters every `publish_every` (and once at the end).
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        idle: IdleStrategy,
+        publish_every: Duration,
+        publish: &mut dyn FnMut(&WorkerCounters),
+    ) {
+        let mut empty_polls = 0u32;
+        let mut next_publish = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if self.poll_once() > 0 {
+                empty_polls = 0;
+            } else {
+                empty_polls = empty_polls.saturating_add(1);
+                if idle == IdleStrategy::Adaptive && empty_polls > SPIN_POLLS {
+                    P::wait_rx(&mut self.ports, IDLE_SLEEP);
+                }
+            }
+            let now = Instant::now();
+            if now >= next_publish {
+                self.refresh_xdp_stats();
+                publish(&self.counters);
+                next_publish = now + publish_every;
+            }
+        }
+        self.refresh_xdp_stats();
+        publish(&self.counters);
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> &WorkerCounters {
+        &self.counters
+    }
+
+    /// The worker's ports (tests inject into and read from in-memory ports through this).
+    pub fn ports_mut(&mut self) -> &mut [P] {
+        &mut self.ports
+    }
+
+    /// Frames on the worker's free list.
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+
+    fn flush_tx(&mut self) {
+        for (out, queue) in self.tx.iter_mut().enumerate() {
+            if queue.is_empty() {
+                continue;
+            }
+            let bytes_before: usize = queue.iter().map(|f| self.memory.len(f)).sum();
+            let sent = self.ports[out].tx_burst(queue);
+            let bytes_left: usize = queue.iter().map(|f| self.memory.len(f)).sum();
+            let pc = &mut self.counters.ports[out];
+            pc.tx_packets += sent as u64;
+            pc.tx_bytes += (bytes_before - bytes_left) as u64;
+            self.counters.drops.0[DropReason::TxRingFull.index()] += queue.len() as u64;
+            self.free.append(queue);
+        }
+    }
+
+    fn refresh_xdp_stats(&mut self) {
+        for (port, pc) in self.ports.iter().zip(self.counters.ports.iter_mut()) {
+            pc.xdp = port.xdp_stats();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::l2fwd::L2Fwd;
+    use crate::port::mem::{MemFrame, MemMemory, MemPort};
+
+    fn frame(tag: u8, len: usize) -> MemFrame {
+        let mut bytes = vec![tag; len];
+        bytes[0] = tag;
+        MemFrame::from_bytes(&bytes)
+    }
+
+    fn worker(tx_ring: usize) -> Worker<MemPort, L2Fwd> {
+        let ports = vec![MemPort::new("a", tx_ring), MemPort::new("b", tx_ring)];
+        Worker::new(ports, MemMemory, Vec::new(), L2Fwd)
+    }
+
+    #[test]
+    fn l2fwd_moves_every_frame_to_the_other_port_in_order_and_counts_it() {
+        let mut w = worker(1024);
+        for i in 0..100u8 {
+            w.ports_mut()[0].inject(frame(i, 60 + usize::from(i)));
+        }
+        w.ports_mut()[1].inject(frame(200, 1514));
+        while w.poll_once() > 0 {}
+
+        let to_b = w.ports_mut()[1].take_sent();
+        assert_eq!(to_b.len(), 100);
+        for (i, f) in to_b.iter().enumerate() {
+            assert_eq!(f.bytes()[0], i as u8, "order kept");
+            assert_eq!(f.bytes().len(), 60 + i, "length kept");
+        }
+        let to_a = w.ports_mut()[0].take_sent();
+        assert_eq!(to_a.len(), 1);
+        assert_eq!(to_a[0].bytes().len(), 1514);
+
+        let c = w.counters();
+        let bytes_a_to_b: u64 = (0..100u64).map(|i| 60 + i).sum();
+        assert_eq!((c.ports[0].rx_packets, c.ports[0].rx_bytes), (100, bytes_a_to_b));
+        assert_eq!((c.ports[1].tx_packets, c.ports[1].tx_bytes), (100, bytes_a_to_b));
+        assert_eq!((c.ports[1].rx_packets, c.ports[0].tx_packets), (1, 1));
+        assert_eq!(c.drops.total(), 0);
+        assert_eq!(c.bursts, 3, "100 frames in bursts of 64 and 36, plus one burst of 1");
+    }
+
+    #[test]
+    fn runts_and_full_tx_rings_are_counted_drops_and_frames_return_to_the_free_list() {
+        let mut w = worker(10);
+        w.ports_mut()[0].inject(frame(1, 13));
+        for i in 0..30 {
+            w.ports_mut()[0].inject(frame(i, 64));
+        }
+        w.poll_once();
+        let c = w.counters();
+        assert_eq!(c.drops.get(DropReason::Runt), 1);
+        assert_eq!(c.drops.get(DropReason::TxRingFull), 20);
+        assert_eq!(c.ports[1].tx_packets, 10);
+        assert_eq!(w.free_frames(), 21, "dropped frames are reusable");
+        assert_eq!(w.ports_mut()[1].take_sent().len(), 10);
+    }
+
+    #[test]
+    fn run_stops_on_the_flag_and_publishes_final_counters() {
+        let mut w = worker(1024);
+        w.ports_mut()[0].inject(frame(7, 64));
+        let stop = AtomicBool::new(false);
+        let mut published = Vec::new();
+        w.run(&stop, IdleStrategy::Busy, Duration::from_secs(3600), &mut |c| {
+            published.push(c.clone());
+            stop.store(true, Ordering::Relaxed);
+        });
+        let last = published.last().expect("published at least once");
+        assert_eq!(last.ports[0].rx_packets, 1);
+        assert_eq!(last.ports[1].tx_packets, 1);
+    }
+}

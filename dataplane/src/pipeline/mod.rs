@@ -1,0 +1,73 @@
+//! Pipelines: what a worker does with a burst of frames.
+//!
+//! A pipeline runs over a whole burst (VPP style) and gives every frame a [`Verdict`]; the
+//! worker then moves the frames to their output ports and counts the drops once per burst.
+
+pub mod l2fwd;
+
+use serde::Serialize;
+
+use crate::port::{FrameMemory, PortId};
+
+/// What happens to one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit on this port of the worker.
+    Forward(PortId),
+    /// Hand to the slow-path thread.
+    ToSlowPath,
+    /// Drop and count.
+    Drop(DropReason),
+}
+
+/// Why a frame was dropped. Counters are indexed by this, never by free text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// Shorter than an Ethernet header.
+    Runt,
+    /// The output port's TX ring was full.
+    TxRingFull,
+    /// A verdict named a port the worker does not have.
+    NoSuchPort,
+    /// The frame needed the slow path and this role has none.
+    NoSlowPath,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 4] = [
+        DropReason::Runt,
+        DropReason::TxRingFull,
+        DropReason::NoSuchPort,
+        DropReason::NoSlowPath,
+    ];
+
+    /// The counter index of this reason.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The name used in stats and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Runt => "runt",
+            DropReason::TxRingFull => "tx_ring_full",
+            DropReason::NoSuchPort => "no_such_port",
+            DropReason::NoSlowPath => "no_slow_path",
+        }
+    }
+}
+
+/// A stage that decides what happens to each frame of a burst.
+pub trait Pipeline {
+    /// Sets `verdicts[i]` for every `frames[i]` (`verdicts` is cleared first by the worker);
+    /// may rewrite frames in place through `memory`.
+    fn process<M: FrameMemory>(
+        &mut self,
+        in_port: PortId,
+        memory: &mut M,
+        frames: &mut [M::Frame],
+        verdicts: &mut Vec<Verdict>,
+    );
+}

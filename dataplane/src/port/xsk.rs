@@ -1,0 +1,325 @@
+//! AF_XDP ports (xsk-rs over libxdp). The only module of the crate that talks to AF_XDP.
+//!
+//! All sockets of one worker share one UMEM ([`open`]), so frames move between its ports by
+//! descriptor, without a copy. The UMEM holds `2 × ring_size` frames per port: enough to keep
+//! every fill ring full while as many frames again sit in TX rings or in the worker's hands.
+//!
+//! Ownership invariant (what makes the `unsafe` calls below sound): every [`FrameDesc`] of the
+//! UMEM is in exactly one place at a time — the worker's free list, a fill ring, an RX ring,
+//! a burst the worker is processing, a TX ring, or a completion ring. Frames enter the kernel
+//! only through [`XskPort::tx_burst`] and [`XskPort::reclaim`], which take them out of the
+//! worker's hands, and leave it only through [`XskPort::rx_burst`] and [`XskPort::reclaim`].
+//!
+//! Copy mode, the only mode on veth, copies each frame once in the kernel on RX (into the UMEM)
+//! and once on TX (into an skb); zero-copy drivers copy nothing.
+
+use std::num::NonZeroU32;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig, XdpFlags,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+use super::{FrameMemory, Port, XdpStats};
+use crate::config::{CopyMode, XdpMode};
+
+/// How to open AF_XDP sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct XskConfig {
+    /// Native (driver) XDP, or the generic SKB-mode fallback.
+    pub xdp_mode: XdpMode,
+    /// Copy, zero-copy, or whatever the driver offers.
+    pub copy_mode: CopyMode,
+    /// Entries in each RX, TX, fill and completion ring (a power of two).
+    pub ring_size: u32,
+    /// UMEM frame size in bytes (2048 or 4096).
+    pub frame_size: u32,
+    /// Back the UMEM with huge pages.
+    pub huge_pages: bool,
+}
+
+/// Why ports could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Ring or frame sizes the kernel would refuse.
+    #[error("invalid ring or frame size: {0}")]
+    BadSize(String),
+    /// The UMEM could not be created (memory, locked-memory limit, huge pages).
+    #[error("cannot create UMEM of {frames} frames: {reason}")]
+    Umem { frames: u32, reason: String },
+    /// The interface does not exist in this network namespace.
+    #[error("interface {0} not found")]
+    NoSuchInterface(String),
+    /// Another AF_XDP socket (or XDP program) already holds the queue.
+    #[error("interface {iface} queue {queue} is already in use by another AF_XDP socket or XDP program ({reason})")]
+    Busy {
+        iface: String,
+        queue: u32,
+        reason: String,
+    },
+    /// Zero-copy was asked for and the driver does not offer it.
+    #[error("zero-copy was requested but interface {0} does not support it (use copy_mode = \"copy\" or \"auto\")")]
+    ZeroCopyUnsupported(String),
+    /// Anything else the kernel refused.
+    #[error("cannot bind AF_XDP socket on {iface} queue {queue}: {reason}")]
+    Bind {
+        iface: String,
+        queue: u32,
+        reason: String,
+    },
+}
+
+/// The UMEM of one worker.
+pub struct XskMemory {
+    umem: Umem,
+    len_bytes: usize,
+}
+
+impl FrameMemory for XskMemory {
+    type Frame = FrameDesc;
+
+    #[inline]
+    fn len(&self, frame: &FrameDesc) -> usize {
+        frame.lengths().data()
+    }
+
+    type Bytes<'a> = xsk_rs::umem::frame::DataMut<'a>;
+
+    #[inline]
+    fn data_mut<'a>(&'a mut self, frame: &'a mut FrameDesc) -> Self::Bytes<'a> {
+        // SAFETY: `frame` came from this UMEM (module invariant) and is in the worker's hands,
+        // not in any ring, so neither the kernel nor another reference touches its memory; the
+        // borrow of `self` for 'a keeps the UMEM mapped.
+        unsafe { self.umem.data_mut(frame) }
+    }
+}
+
+/// One AF_XDP socket: one queue of one interface.
+pub struct XskPort {
+    name: String,
+    rx: RxQueue,
+    tx: TxQueue,
+    fill: FillQueue,
+    comp: CompQueue,
+    umem_len_bytes: usize,
+    scratch: Vec<FrameDesc>,
+    invalid_rx_descs: u64,
+}
+
+/// Opens one socket per `(interface, queue)` on a shared UMEM. Returns the ports, the UMEM, and
+/// the frames not yet given to the kernel (the worker's initial free list).
+pub fn open(
+    queues: &[(String, u32)],
+    config: &XskConfig,
+) -> Result<(Vec<XskPort>, XskMemory, Vec<FrameDesc>), OpenError> {
+    let ring = QueueSize::new(config.ring_size)
+        .map_err(|e| OpenError::BadSize(format!("ring_size {}: {e}", config.ring_size)))?;
+    let frame_size = FrameSize::new(config.frame_size)
+        .map_err(|e| OpenError::BadSize(format!("frame_size {}: {e}", config.frame_size)))?;
+    let umem_config = UmemConfig::builder()
+        .frame_size(frame_size)
+        .fill_queue_size(ring)
+        .comp_queue_size(ring)
+        .build()
+        .map_err(|e| OpenError::BadSize(e.to_string()))?;
+    let frames = u32::try_from(queues.len())
+        .ok()
+        .and_then(|n| n.checked_mul(2 * config.ring_size))
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| OpenError::BadSize("no queues, or too many frames".into()))?;
+    let (umem, mut free) =
+        Umem::new(umem_config, frames, config.huge_pages).map_err(|e| OpenError::Umem {
+            frames: frames.get(),
+            reason: e.to_string(),
+        })?;
+    let len_bytes = frames.get() as usize * config.frame_size as usize;
+
+    let xdp_flags = match config.xdp_mode {
+        XdpMode::Native => XdpFlags::XDP_FLAGS_DRV_MODE,
+        XdpMode::Skb => XdpFlags::XDP_FLAGS_SKB_MODE,
+    };
+    let bind_flags = BindFlags::XDP_USE_NEED_WAKEUP
+        | match config.copy_mode {
+            CopyMode::Auto => BindFlags::empty(),
+            CopyMode::Copy => BindFlags::XDP_COPY,
+            CopyMode::ZeroCopy => BindFlags::XDP_ZEROCOPY,
+        };
+    let socket_config = SocketConfig::builder()
+        .rx_queue_size(ring)
+        .tx_queue_size(ring)
+        .xdp_flags(xdp_flags)
+        .bind_flags(bind_flags)
+        .libxdp_flags(LibxdpFlags::empty())
+        .build();
+
+    let mut ports = Vec::with_capacity(queues.len());
+    for (iface, queue) in queues {
+        let ifname: Interface = iface
+            .parse()
+            .map_err(|_| OpenError::NoSuchInterface(iface.clone()))?;
+        // SAFETY: `umem` outlives the socket (each queue holds a clone of it), and the frames
+        // handed to the socket's rings below follow the module's ownership invariant.
+        let created = unsafe { Socket::new(socket_config, &umem, &ifname, *queue) };
+        let (tx, rx, rings) = created.map_err(|e| bind_error(iface, *queue, config, e))?;
+        let Some((mut fill, comp)) = rings else {
+            return Err(OpenError::Busy {
+                iface: iface.clone(),
+                queue: *queue,
+                reason: "the UMEM already has a socket on this queue".into(),
+            });
+        };
+        let give = (config.ring_size as usize).min(free.len());
+        // SAFETY: the frames come from the free list of this UMEM and nowhere else holds them.
+        let given = unsafe { fill.produce(&free[free.len() - give..]) };
+        free.truncate(free.len() - given);
+        ports.push(XskPort {
+            name: iface.clone(),
+            rx,
+            tx,
+            fill,
+            comp,
+            umem_len_bytes: len_bytes,
+            scratch: vec![FrameDesc::default(); config.ring_size as usize],
+            invalid_rx_descs: 0,
+        });
+    }
+    Ok((ports, XskMemory { umem, len_bytes }, free))
+}
+
+impl XskMemory {
+    /// The UMEM's size in bytes.
+    pub fn len_bytes(&self) -> usize {
+        self.len_bytes
+    }
+}
+
+impl XskPort {
+    /// RX descriptors the kernel handed over that pointed outside the UMEM (dropped).
+    pub fn invalid_rx_descs(&self) -> u64 {
+        self.invalid_rx_descs
+    }
+}
+
+impl Port for XskPort {
+    type Frame = FrameDesc;
+    type Memory = XskMemory;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn rx_burst(&mut self, out: &mut Vec<FrameDesc>, max: usize) -> usize {
+        let max = max.min(self.scratch.len());
+        // SAFETY: the descriptors written into `scratch` are frames the kernel hands back to us;
+        // from here on they are in the worker's hands (module invariant).
+        let n = unsafe { self.rx.consume(&mut self.scratch[..max]) };
+        let mut taken = 0;
+        for desc in &self.scratch[..n] {
+            // Validate kernel-provided descriptors once, here at the ring boundary.
+            if desc.addr() + desc.lengths().data() <= self.umem_len_bytes {
+                out.push(*desc);
+                taken += 1;
+            } else {
+                self.invalid_rx_descs += 1;
+            }
+        }
+        taken
+    }
+
+    fn tx_burst(&mut self, frames: &mut Vec<FrameDesc>) -> usize {
+        if frames.is_empty() {
+            return 0;
+        }
+        let room = (self.tx.nb_free(frames.len() as u32) as usize).min(frames.len());
+        // SAFETY: the frames are from this worker's UMEM and in its hands; after this call the
+        // ones taken are in the TX ring and removed from `frames` below.
+        let sent = unsafe { self.tx.produce(&frames[..room]) };
+        frames.drain(..sent);
+        if self.tx.needs_wakeup() {
+            // Errors here are transient (EAGAIN, ENOBUFS are filtered by xsk-rs); the next
+            // reclaim kicks again.
+            let _ = self.tx.wakeup();
+        }
+        sent
+    }
+
+    fn reclaim(&mut self, free: &mut Vec<FrameDesc>) {
+        // SAFETY: completed descriptors are frames the kernel has finished transmitting; they
+        // return to the worker's free list.
+        let done = unsafe { self.comp.consume(&mut self.scratch) };
+        free.extend_from_slice(&self.scratch[..done]);
+        if !free.is_empty() {
+            let room = (self.fill.nb_free(free.len() as u32) as usize).min(free.len());
+            // SAFETY: frames of this UMEM from the free list; the ones given are removed below.
+            let given = unsafe { self.fill.produce(&free[free.len() - room..]) };
+            free.truncate(free.len() - given);
+        }
+        if self.fill.needs_wakeup() {
+            let _ = self.fill.wakeup(self.rx.fd_mut(), 0);
+        }
+        if self.tx.needs_wakeup() {
+            let _ = self.tx.wakeup();
+        }
+    }
+
+    fn xdp_stats(&self) -> Option<XdpStats> {
+        let s = self.rx.fd().xdp_statistics().ok()?;
+        Some(XdpStats {
+            rx_dropped: s.rx_dropped(),
+            rx_invalid_descs: s.rx_invalid_descs() + self.invalid_rx_descs,
+            tx_invalid_descs: s.tx_invalid_descs(),
+            rx_ring_full: s.rx_ring_full(),
+            rx_fill_ring_empty_descs: s.rx_fill_ring_empty_descs(),
+            tx_ring_empty_descs: s.tx_ring_empty_descs(),
+        })
+    }
+
+    fn wait_rx(ports: &mut [Self], timeout: Duration) {
+        let mut fds: Vec<libc::pollfd> = ports
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.rx.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `fds` is a live, correctly sized array of pollfd for the duration of the call;
+        // the descriptors belong to sockets owned by `ports`, borrowed for the call.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms);
+        }
+    }
+}
+
+fn bind_error(
+    iface: &str,
+    queue: u32,
+    config: &XskConfig,
+    err: xsk_rs::socket::SocketCreateError,
+) -> OpenError {
+    let io = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<std::io::Error>());
+    let os = io.and_then(std::io::Error::raw_os_error);
+    let reason = match io {
+        Some(io) => format!("{err}: {io}"),
+        None => err.to_string(),
+    };
+    match os {
+        Some(libc::ENODEV) | Some(libc::ENXIO) => OpenError::NoSuchInterface(iface.to_string()),
+        Some(libc::EBUSY) | Some(libc::EEXIST) => OpenError::Busy {
+            iface: iface.to_string(),
+            queue,
+            reason,
+        },
+        Some(libc::EOPNOTSUPP) if config.copy_mode == CopyMode::ZeroCopy => {
+            OpenError::ZeroCopyUnsupported(iface.to_string())
+        }
+        _ => OpenError::Bind {
+            iface: iface.to_string(),
+            queue,
+            reason,
+        },
+    }
+}

@@ -1,0 +1,7 @@
+//! mimiq-perf: the network-namespace testbed, and (as the project grows) the traffic
+//! generator and the reproducible experiments.
+//!
+//! Threading: plain blocking code; every process it starts runs in its own namespace.
+//! Panics: none on bad input; testbed failures are `TestbedError`s naming the failed command.
+
+pub mod testbed;

@@ -1,0 +1,518 @@
+//! Network-namespace testbed: real kernel hosts on one machine (the Mininet of seed 000).
+//!
+//! A [`Testbed`] owns a set of network namespaces ("hosts"), the veth pairs and bridges between
+//! them, and the processes started inside them. Everything is torn down in `Drop`, also when the
+//! test that built it panics. Names are unique per testbed (`mq-<pid>.<n>-<host>`), so tests run
+//! in parallel; `scripts/clean-netns` removes what a killed run left behind.
+//!
+//! Addresses are restricted to the benchmarking ranges 198.18.0.0/15 and fd00::/8: a testbed
+//! never configures a routed address. Veths have TSO/GSO/GRO and TX checksum offload switched off
+//! so that AF_XDP sees complete frames with valid checksums.
+//!
+//! It shells out to iproute2 (`ip`), `ethtool` and `sysctl`, the tools an operator would use by
+//! hand, so that every step can be replayed from a shell. Nothing here may panic on bad input:
+//! every failure is a [`TestbedError`] that names the command and what it printed.
+
+pub mod topology;
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Every namespace a testbed creates starts with this.
+pub const NETNS_PREFIX: &str = "mq-";
+
+/// Why a testbed operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    /// Namespaces and veths need root.
+    #[error("the testbed needs root (network namespaces, veth pairs); run as root")]
+    NotRoot,
+    /// A host name that cannot be part of a namespace name.
+    #[error("invalid host name {0:?}: use 1 to 12 characters of [a-z0-9]")]
+    BadHostName(String),
+    /// The host was never added to this testbed.
+    #[error("unknown host {0:?}")]
+    UnknownHost(String),
+    /// An address outside 198.18.0.0/15 and fd00::/8, or not in `addr/len` form.
+    #[error("address {0:?} is not inside 198.18.0.0/15 or fd00::/8 (CIDR form required)")]
+    BadAddress(String),
+    /// A command could not be started at all (not installed?).
+    #[error("cannot run {cmd}: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command ran and failed.
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Command {
+        cmd: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    /// Log files could not be created.
+    #[error("testbed log directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Options of a veth link.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkOpts {
+    /// MTU of both ends, in bytes.
+    pub mtu_bytes: u32,
+}
+
+impl Default for LinkOpts {
+    fn default() -> Self {
+        LinkOpts { mtu_bytes: 1500 }
+    }
+}
+
+/// A set of hosts (network namespaces) and the links between them.
+pub struct Testbed {
+    id: String,
+    hosts: Vec<String>,
+    logs: tempfile::TempDir,
+    spawned: u32,
+    keep: bool,
+}
+
+impl Testbed {
+    /// A new, empty testbed with a name no other testbed on this machine uses.
+    pub fn new() -> Result<Self, TestbedError> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let id = format!("{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        Self::with_id(id)
+    }
+
+    /// A testbed whose namespaces are `mq-<id>-<host>`; for `mimiq-perf testbed up`, which
+    /// keeps it after the process exits ([`Testbed::keep`]).
+    pub fn with_id(id: impl Into<String>) -> Result<Self, TestbedError> {
+        if !is_root() {
+            return Err(TestbedError::NotRoot);
+        }
+        Ok(Testbed {
+            id: id.into(),
+            hosts: Vec::new(),
+            logs: tempfile::Builder::new().prefix("mimiq-testbed-").tempdir()?,
+            spawned: 0,
+            keep: false,
+        })
+    }
+
+    /// Leave everything in place when dropped (for building a topology by hand).
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+
+    /// This testbed's unique id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The names of the hosts, in the order they were added.
+    pub fn hosts(&self) -> &[String] {
+        &self.hosts
+    }
+
+    /// The network namespace name of `host`.
+    pub fn netns(&self, host: &str) -> String {
+        format!("{NETNS_PREFIX}{}-{host}", self.id)
+    }
+
+    /// Adds a host: a network namespace with `lo` up and IPv6 duplicate-address detection off.
+    pub fn add_host(&mut self, name: &str) -> Result<(), TestbedError> {
+        let valid = !name.is_empty()
+            && name.len() <= 12
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !valid {
+            return Err(TestbedError::BadHostName(name.to_string()));
+        }
+        let ns = self.netns(name);
+        run("ip", &["netns", "add", &ns])?;
+        // Registered before anything else can fail, so Drop removes it.
+        self.hosts.push(name.to_string());
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        self.sysctl(name, "net.ipv6.conf.all.accept_dad", "0")?;
+        self.sysctl(name, "net.ipv6.conf.default.accept_dad", "0")?;
+        Ok(())
+    }
+
+    /// Connects `a_if` on host `a` and `b_if` on host `b` with a veth pair, sets the MTU,
+    /// switches offloads off on both ends and brings them up.
+    pub fn add_link(
+        &mut self,
+        (a, a_if): (&str, &str),
+        (b, b_if): (&str, &str),
+        opts: LinkOpts,
+    ) -> Result<(), TestbedError> {
+        let (ns_a, ns_b) = (self.known(a)?, self.known(b)?);
+        run(
+            "ip",
+            &[
+                "link", "add", a_if, "netns", &ns_a, "type", "veth", "peer", "name", b_if,
+                "netns", &ns_b,
+            ],
+        )?;
+        for (ns, ifname) in [(&ns_a, a_if), (&ns_b, b_if)] {
+            let mtu = opts.mtu_bytes.to_string();
+            run("ip", &["-n", ns, "link", "set", ifname, "mtu", &mtu])?;
+            run(
+                "ip",
+                &[
+                    "netns", "exec", ns, "ethtool", "-K", ifname, "tso", "off", "gso", "off",
+                    "gro", "off", "tx", "off",
+                ],
+            )?;
+            run("ip", &["-n", ns, "link", "set", ifname, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Puts `cidr` (e.g. `198.18.0.1/24`, `fd00::1/64`) on `ifname` of `host`.
+    pub fn add_addr(&mut self, host: &str, ifname: &str, cidr: &str) -> Result<(), TestbedError> {
+        let ns = self.known(host)?;
+        let ip = check_test_range(cidr)?;
+        let mut args = vec!["-n", &ns, "addr", "add", cidr, "dev", ifname];
+        if ip.is_ipv6() {
+            args.push("nodad");
+        }
+        run("ip", &args)?;
+        Ok(())
+    }
+
+    /// Adds a route to `dest` (CIDR or `default`) via `gateway` on `host`.
+    pub fn add_route(&mut self, host: &str, dest: &str, gateway: &str) -> Result<(), TestbedError> {
+        let ns = self.known(host)?;
+        if dest != "default" {
+            check_test_range(dest)?;
+        }
+        let family = if gateway.contains(':') { "-6" } else { "-4" };
+        run("ip", &[family, "-n", &ns, "route", "add", dest, "via", gateway])?;
+        Ok(())
+    }
+
+    /// Creates a kernel bridge `name` on `host` and enslaves `members` to it.
+    pub fn add_bridge(
+        &mut self,
+        host: &str,
+        name: &str,
+        members: &[&str],
+    ) -> Result<(), TestbedError> {
+        let ns = self.known(host)?;
+        run("ip", &["-n", &ns, "link", "add", name, "type", "bridge"])?;
+        for member in members {
+            run("ip", &["-n", &ns, "link", "set", member, "master", name])?;
+        }
+        run("ip", &["-n", &ns, "link", "set", name, "up"])?;
+        Ok(())
+    }
+
+    /// Sets a sysctl inside `host`.
+    pub fn sysctl(&self, host: &str, key: &str, value: &str) -> Result<(), TestbedError> {
+        let ns = self.known(host)?;
+        run("ip", &["netns", "exec", &ns, "sysctl", "-q", "-w", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    /// Runs `cmd` inside `host` to completion and returns its output, whatever its exit status.
+    pub fn exec(&self, host: &str, cmd: &[&str]) -> Result<Output, TestbedError> {
+        let ns = self.known(host)?;
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &ns]).args(cmd);
+        command.output().map_err(|source| TestbedError::Spawn {
+            cmd: cmd.join(" "),
+            source,
+        })
+    }
+
+    /// Runs `cmd` inside `host` and fails unless it exits 0.
+    pub fn exec_ok(&self, host: &str, cmd: &[&str]) -> Result<Output, TestbedError> {
+        let out = self.exec(host, cmd)?;
+        if out.status.success() {
+            Ok(out)
+        } else {
+            Err(TestbedError::Command {
+                cmd: cmd.join(" "),
+                status: out.status,
+                stderr: one_line(&out.stderr),
+            })
+        }
+    }
+
+    /// Starts `cmd` inside `host` in the background, its stdout and stderr captured to files.
+    /// With `bpffs`, a bpf filesystem is mounted at /sys/fs/bpf in the process's own mount
+    /// namespace first (`ip netns exec` remounts /sys, which hides the host's bpffs; libxdp
+    /// pins its dispatcher there).
+    pub fn spawn(&mut self, host: &str, cmd: &[&str], bpffs: bool) -> Result<Proc, TestbedError> {
+        let ns = self.known(host)?;
+        self.spawned += 1;
+        let base = self.logs.path().join(format!("{host}-{}", self.spawned));
+        let stdout_path = base.with_extension("out");
+        let stderr_path = base.with_extension("err");
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &ns]);
+        if bpffs {
+            command.args([
+                "sh",
+                "-c",
+                "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; exec \"$@\"",
+                "mimiq-bpffs",
+            ]);
+        }
+        command
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout_path)?)
+            .stderr(File::create(&stderr_path)?);
+        let child = command.spawn().map_err(|source| TestbedError::Spawn {
+            cmd: cmd.join(" "),
+            source,
+        })?;
+        Ok(Proc {
+            child,
+            name: cmd.join(" "),
+            stdout_path,
+            stderr_path,
+        })
+    }
+
+    fn known(&self, host: &str) -> Result<String, TestbedError> {
+        if self.hosts.iter().any(|h| h == host) {
+            Ok(self.netns(host))
+        } else {
+            Err(TestbedError::UnknownHost(host.to_string()))
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for host in &self.hosts {
+            let ns = format!("{NETNS_PREFIX}{}-{host}", self.id);
+            if let Err(err) = remove_netns(&ns) {
+                eprintln!("testbed: cleanup of {ns}: {err}");
+            }
+        }
+    }
+}
+
+/// A process started inside a host. Killed (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc {
+    child: Child,
+    name: String,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Proc {
+    /// The process id (of the command itself: `ip netns exec` and `sh` exec into it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it has written to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    /// What it has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for it to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) {
+        let Ok(pid) = i32::try_from(self.child.id()) else {
+            return;
+        };
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pid is our
+        // own child, which has not been reaped while `self.child` is alive and unwaited.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL; returns the exit status.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if let Some(status) = self.try_status() {
+            return Some(status);
+        }
+        self.signal(libc::SIGTERM);
+        if let Some(status) = self.wait_timeout(grace) {
+            return Some(status);
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+
+    /// A one-line description for assertion messages: command, stderr tail.
+    pub fn describe(&self) -> String {
+        format!("`{}` stderr: {}", self.name, self.stderr().trim())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(3));
+    }
+}
+
+/// The namespaces whose name starts with [`NETNS_PREFIX`].
+pub fn list_netns() -> Result<Vec<String>, TestbedError> {
+    let out = run("ip", &["netns", "list"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(NETNS_PREFIX))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Kills every process inside `ns` and deletes it (its veths go with it).
+pub fn remove_netns(ns: &str) -> Result<(), TestbedError> {
+    if let Ok(out) = run("ip", &["netns", "pids", ns]) {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+    run("ip", &["netns", "del", ns])?;
+    Ok(())
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Tests that need root call this first. It returns false (skip) only when
+/// `MIMIQ_SKIP_ROOT_TESTS=1` is set — which CI never does — and panics otherwise without root.
+pub fn require_root() -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("MIMIQ_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
+        eprintln!("skipped: needs root (MIMIQ_SKIP_ROOT_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "this test needs root (network namespaces, veth pairs, AF_XDP); run it as root, or set \
+         MIMIQ_SKIP_ROOT_TESTS=1 to skip it"
+    );
+}
+
+/// Where the workspace's binaries were built, for tests that start them: the directory above
+/// the running test executable (`target/<profile>/deps/..`).
+pub fn bin_path(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut dir: &Path = exe.parent().ok_or("test executable has no directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().ok_or("deps has no parent")?;
+    }
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} not built; run `cargo build --workspace --bins` first (scripts/test does)",
+            path.display()
+        ))
+    }
+}
+
+fn check_test_range(cidr: &str) -> Result<IpAddr, TestbedError> {
+    let bad = || TestbedError::BadAddress(cidr.to_string());
+    let (ip, len) = cidr.split_once('/').ok_or_else(bad)?;
+    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let inside = match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            o[0] == 198 && (o[1] & 0xfe) == 18 && len >= 15 && len <= 32
+        }
+        IpAddr::V6(v6) => v6.octets()[0] == 0xfd && len >= 8 && len <= 128,
+    };
+    if inside {
+        Ok(ip)
+    } else {
+        Err(bad())
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<Output, TestbedError> {
+    let line = format!("{cmd} {}", args.join(" "));
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| TestbedError::Spawn {
+            cmd: line.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(TestbedError::Command {
+            cmd: line,
+            status: out.status,
+            stderr: one_line(&out.stderr),
+        })
+    }
+}
+
+fn one_line(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_benchmarking_ranges_are_accepted() {
+        assert!(check_test_range("198.18.0.1/24").is_ok());
+        assert!(check_test_range("198.19.255.1/16").is_ok());
+        assert!(check_test_range("fd00::1/64").is_ok());
+        for bad in ["10.0.0.1/24", "198.20.0.1/24", "192.168.1.1/24", "2001:db8::1/64"] {
+            assert!(check_test_range(bad).is_err(), "{bad} must be refused");
+        }
+        assert!(check_test_range("198.18.0.0/8").is_err(), "a /8 reaches outside the range");
+        assert!(check_test_range("198.18.0.1").is_err(), "CIDR form is required");
+        assert!(check_test_range("garbage/x").is_err());
+    }
+}
