@@ -92,6 +92,7 @@ struct RunArgs {
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -171,7 +172,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Err(_) => bail!("worker thread exited before opening its ports"),
     }
     let names: Vec<String> = config.ports.iter().map(|p| format!("{}:{}", p.interface, p.queue)).collect();
-    tracing::info!(role = ?config.role, ports = %names.join(" <-> "), "forwarding");
+    tracing::info!("forwarding ({:?}) {}", config.role, names.join(" <-> "));
 
     let started = Instant::now();
     let interval = Duration::from_millis(config.stats_interval_ms);
@@ -294,19 +295,20 @@ fn print_stats(path: &Path) -> anyhow::Result<()> {
     );
     let workers = stats["workers"].as_array().cloned().unwrap_or_default();
     for (i, worker) in workers.iter().enumerate() {
-        println!("worker {i}: {} bursts", worker["bursts"]);
+        println!("worker {i}: {} bursts", worker["bursts"].as_u64().unwrap_or(0));
         println!(
             "  {:<12} {:>12} {:>14} {:>12} {:>14}",
             "port", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes"
         );
         for port in worker["ports"].as_array().cloned().unwrap_or_default() {
+            let n = |k: &str| port[k].as_u64().unwrap_or(0);
             println!(
                 "  {:<12} {:>12} {:>14} {:>12} {:>14}",
                 port["name"].as_str().unwrap_or("?"),
-                port["rx_packets"],
-                port["rx_bytes"],
-                port["tx_packets"],
-                port["tx_bytes"]
+                n("rx_packets"),
+                n("rx_bytes"),
+                n("tx_packets"),
+                n("tx_bytes")
             );
         }
         if let Some(drops) = worker["drops"].as_object() {

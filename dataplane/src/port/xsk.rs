@@ -114,6 +114,7 @@ pub fn open(
     queues: &[(String, u32)],
     config: &XskConfig,
 ) -> Result<(Vec<XskPort>, XskMemory, Vec<FrameDesc>), OpenError> {
+    quiet_libxdp();
     let ring = QueueSize::new(config.ring_size)
         .map_err(|e| OpenError::BadSize(format!("ring_size {}: {e}", config.ring_size)))?;
     let frame_size = FrameSize::new(config.frame_size)
@@ -291,6 +292,28 @@ impl Port for XskPort {
         unsafe {
             libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms);
         }
+    }
+}
+
+/// libxdp and libbpf print their progress (and their fallbacks, such as loading the XDP program
+/// without the multi-program dispatcher) on stderr. The switch reports failures itself from the
+/// error codes, so their printing is off unless `MIMIQ_LIBXDP_LOG=1`.
+fn quiet_libxdp() {
+    unsafe extern "C" {
+        // libbpf is linked statically into libxdp-sys, which does not export this binding.
+        fn libbpf_set_print(
+            print: Option<unsafe extern "C" fn(u32, *const libc::c_char, *mut libc::c_void) -> i32>,
+        ) -> Option<unsafe extern "C" fn(u32, *const libc::c_char, *mut libc::c_void) -> i32>;
+    }
+    if std::env::var("MIMIQ_LIBXDP_LOG").as_deref() == Ok("1") {
+        return;
+    }
+    // SAFETY: both setters store a function pointer (NULL: print nothing) in a global that the
+    // libraries read before printing; they are called before any socket exists, from the thread
+    // that opens the ports, and the value stored is valid forever.
+    unsafe {
+        libxdp_sys::libxdp_set_print(None);
+        libbpf_set_print(None);
     }
 }
 

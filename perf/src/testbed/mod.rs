@@ -41,12 +41,8 @@ pub enum TestbedError {
     #[error("address {0:?} is not inside 198.18.0.0/15 or fd00::/8 (CIDR form required)")]
     BadAddress(String),
     /// A command could not be started at all (not installed?).
-    #[error("cannot run {cmd}: {source}")]
-    Spawn {
-        cmd: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot run {cmd}: {error}")]
+    Spawn { cmd: String, error: std::io::Error },
     /// A command ran and failed.
     #[error("`{cmd}` failed ({status}): {stderr}")]
     Command {
@@ -224,9 +220,9 @@ impl Testbed {
         let ns = self.known(host)?;
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &ns]).args(cmd);
-        command.output().map_err(|source| TestbedError::Spawn {
+        command.output().map_err(|error| TestbedError::Spawn {
             cmd: cmd.join(" "),
-            source,
+            error,
         })
     }
 
@@ -269,9 +265,9 @@ impl Testbed {
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_path)?)
             .stderr(File::create(&stderr_path)?);
-        let child = command.spawn().map_err(|source| TestbedError::Spawn {
+        let child = command.spawn().map_err(|error| TestbedError::Spawn {
             cmd: cmd.join(" "),
-            source,
+            error,
         })?;
         Ok(Proc {
             child,
@@ -477,9 +473,9 @@ fn run(cmd: &str, args: &[&str]) -> Result<Output, TestbedError> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| TestbedError::Spawn {
+        .map_err(|error| TestbedError::Spawn {
             cmd: line.clone(),
-            source,
+            error,
         })?;
     if out.status.success() {
         Ok(out)
