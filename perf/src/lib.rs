@@ -4,4 +4,8 @@
 //! Threading: plain blocking code; every process it starts runs in its own namespace.
 //! Panics: none on bad input; testbed failures are `TestbedError`s naming the failed command.
 
+pub mod demo;
+pub mod experiments;
+pub mod switch;
 pub mod testbed;
+pub mod traffic;

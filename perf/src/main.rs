@@ -24,10 +24,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The demo: kernel hosts talking through mimiq-switch, with live counters.
+    Demo {
+        /// Seconds of TCP traffic.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        seconds: u32,
+    },
+    /// Benchmarks that compare mimiq with a baseline in the same run.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
     /// Build, list or remove a testbed by hand.
     Testbed {
         #[command(subcommand)]
         action: TestbedAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// mimiq-switch l2fwd against the kernel bridge: TCP throughput, RTT, CPU per frame.
+    L2fwd {
+        /// Seconds of TCP traffic per forwarder.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        seconds: u32,
+        /// Directory for results.json and results.md.
+        #[arg(long, default_value = "target/experiments/l2fwd")]
+        out: std::path::PathBuf,
     },
 }
 
@@ -56,6 +80,18 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo { seconds } => {
+            mimiq_perf::demo::run(seconds).map_err(anyhow::Error::msg)?;
+        }
+        Command::Bench { bench: Bench::L2fwd { seconds, out } } => {
+            let (runs, md) = mimiq_perf::experiments::l2fwd::compare(seconds, &mut |l| println!("{l}"))
+                .map_err(anyhow::Error::msg)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(&runs)?)?;
+            std::fs::write(out.join("results.md"), &md)?;
+            println!("{md}");
+            println!("written to {}", out.display());
+        }
         Command::Testbed { action } => match action {
             TestbedAction::Up { topology } => {
                 if !topology::NAMES.contains(&topology.as_str()) {

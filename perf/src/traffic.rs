@@ -1,0 +1,77 @@
+//! Traffic with the kernel's own tools between testbed hosts: iperf3 and ping.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::testbed::Testbed;
+
+/// What one iperf3 TCP run moved.
+#[derive(Debug, Clone, Copy)]
+pub struct IperfResult {
+    /// Bytes the client sent.
+    pub sent_bytes: u64,
+    /// Bytes the server received.
+    pub received_bytes: u64,
+    /// Receiver throughput, in bits per second.
+    pub received_bps: f64,
+    /// TCP retransmissions.
+    pub retransmits: u64,
+}
+
+/// Runs an iperf3 TCP test from `client` to `server_addr` on `server` for `seconds`.
+pub fn iperf3(
+    tb: &mut Testbed,
+    client: &str,
+    server: &str,
+    server_addr: &str,
+    seconds: u32,
+) -> Result<IperfResult, String> {
+    let mut srv = tb
+        .spawn(server, &["iperf3", "-s", "-1", "-p", "5201"], false)
+        .map_err(|e| e.to_string())?;
+    let secs = seconds.to_string();
+    let args = ["iperf3", "-c", server_addr, "-p", "5201", "-t", &secs, "-J"];
+    let mut last_err = String::new();
+    for _ in 0..50 {
+        let out = tb.exec(client, &args).map_err(|e| e.to_string())?;
+        if out.status.success() {
+            srv.stop(Duration::from_secs(3));
+            let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            let end = &v["end"];
+            if let Some(error) = v["error"].as_str() {
+                return Err(format!("iperf3: {error}"));
+            }
+            return Ok(IperfResult {
+                sent_bytes: end["sum_sent"]["bytes"].as_u64().unwrap_or(0),
+                received_bytes: end["sum_received"]["bytes"].as_u64().unwrap_or(0),
+                received_bps: end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0),
+                retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+            });
+        }
+        last_err = String::from_utf8_lossy(&out.stdout).chars().take(300).collect();
+        // The server may not listen yet.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("iperf3 client never succeeded: {last_err}; server: {}", srv.describe()))
+}
+
+/// Round-trip times of `count` pings from `host` to `addr`, in milliseconds; an error when
+/// any was lost.
+pub fn ping(tb: &Testbed, host: &str, addr: &str, count: u32) -> Result<Vec<f64>, String> {
+    let count_s = count.to_string();
+    let family = if addr.contains(':') { "-6" } else { "-4" };
+    let out = tb
+        .exec(host, &["ping", family, "-c", &count_s, "-i", "0.05", "-W", "2", addr])
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    if !out.status.success() || rtts.len() != count as usize {
+        return Err(format!("ping {addr} from {host}: {} of {count} answered", rtts.len()));
+    }
+    Ok(rtts)
+}
