@@ -15,3 +15,4 @@ pub mod config;
 pub mod engine;
 pub mod pipeline;
 pub mod port;
+pub mod wire;

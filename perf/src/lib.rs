@@ -6,6 +6,7 @@
 
 pub mod demo;
 pub mod experiments;
+pub mod gen;
 pub mod switch;
 pub mod testbed;
 pub mod traffic;

@@ -1,0 +1,1 @@
+//! Zero-copy packet views and emitters, one protocol per file (smoltcp's `wire`).

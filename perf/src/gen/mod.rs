@@ -1,0 +1,1 @@
+//! The AF_XDP traffic generator (`mimiq-perf gen`).
