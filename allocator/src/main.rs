@@ -1,10 +1,205 @@
-//! `mimiq-allocator`: the address allocator binary. Not built yet; it says so and exits non-zero.
+//! `mimiq-allocator`: the address allocator daemon and its CLI.
+//!
+//! ```text
+//! mimiq-allocator run    [--config FILE]   serve (UDP relay, TCP rule stream, HTTP metrics)
+//! mimiq-allocator check  [--config FILE]   validate a configuration and print a summary
+//! mimiq-allocator leases [--config FILE]   list live leases (asks the running server, or reads
+//!                                           the store when the server is not running)
+//! ```
+//!
+//! The default configuration path is `/etc/mimiq/allocator.toml`; `allocator.example.toml`
+//! documents every field. On start, `run` prints one line to stdout,
+//! `listening relay=ADDR publish=ADDR metrics=ADDR`, once the sockets are bound. SIGTERM and
+//! SIGINT stop it cleanly (every answered request is already durable, so SIGKILL loses nothing
+//! acknowledged either). Exit status: 0 success, 1 runtime failure, 2 bad configuration or usage.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
+use mimiq_allocator::config::Config;
+use mimiq_allocator::lease::LeaseState;
+use mimiq_allocator::server::{self, Server, Settings};
+use mimiq_allocator::store::{MemStore, OpenError, RedbStore, Store};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-fn main() {
-    eprintln!("mimiq-allocator: error: the allocator is not built yet");
-    std::process::exit(2);
+const DEFAULT_CONFIG: &str = "/etc/mimiq/allocator.toml";
+
+#[derive(Parser)]
+#[command(name = "mimiq-allocator", version, about = "mimiq address allocator: random address sets, SID aliases, rule publisher")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve requests until SIGTERM/SIGINT.
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print a summary.
+    Check {
+        /// Configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// List live leases.
+    Leases {
+        /// Configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+/// An error that maps to exit status 2 (configuration).
+#[derive(Debug)]
+struct BadConfig(String);
+
+impl std::fmt::Display for BadConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadConfig {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let result = match cli.cmd {
+        Cmd::Run { config } => run(&config),
+        Cmd::Check { config } => check(&config),
+        Cmd::Leases { config } => leases(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mimiq-allocator: error: {e:#}");
+            if e.downcast_ref::<BadConfig>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| BadConfig(e.to_string()).into())
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let cfg = load(path)?;
+    let settings = Settings::from_config(&cfg).map_err(|e| BadConfig(e.to_string()))?;
+    let core_cfg = cfg.core().map_err(|e| BadConfig(e.to_string()))?;
+    let store: Box<dyn Store> = if cfg.store_is_memory() {
+        tracing::warn!("store = \"memory\": leases do not survive a restart");
+        Box::new(MemStore::new())
+    } else {
+        if let Some(dir) = cfg.server.store.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Box::new(RedbStore::open(&cfg.server.store)?)
+    };
+    let server = Server::start(settings, core_cfg, store)?;
+    let addrs = server.local_addrs()?;
+    let stop = server.stop_flag();
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    println!("listening relay={} publish={} metrics={}", addrs.relay, addrs.publish, addrs.metrics);
+    std::io::stdout().flush()?;
+    tracing::info!(relay = %addrs.relay, publish = %addrs.publish, metrics = %addrs.metrics, "allocator serving");
+    server.run()?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let cfg = load(path)?;
+    let core = cfg.core().map_err(|e| BadConfig(e.to_string()))?;
+    println!("{}: ok", path.display());
+    if let Some(v4) = &core.ipv4 {
+        let pool = mimiq_allocator::pool::V4Pool::new(&v4.prefixes, &v4.reserved).map_err(|e| BadConfig(e.to_string()))?;
+        println!("  ipv4: {} prefixes, {} usable addresses", v4.prefixes.len(), pool.capacity());
+    }
+    if let Some(v6) = &core.ipv6 {
+        println!(
+            "  ipv6: {} alias_bits={} n={} k={} t_sid={} ms, {} random bits",
+            v6.prefix,
+            v6.alias_bits,
+            v6.aliases_per_sid,
+            v6.k,
+            v6.t_sid_ms,
+            128 - u32::from(v6.prefix.len) - u32::from(v6.alias_bits)
+        );
+    }
+    println!("  access switches (SIDs): {:?}; switches: {}", core.sids, cfg.switches.len());
+    println!("  t_ip {}..={} ms, t_remove {} ms, store {}", core.t_ip_min_ms, core.t_ip_max_ms, core.t_remove_ms, cfg.server.store.display());
+    Ok(())
+}
+
+fn leases(path: &Path) -> anyhow::Result<()> {
+    let cfg = load(path)?;
+    let mut at: SocketAddr = cfg.server.metrics_listen;
+    if at.ip().is_unspecified() {
+        at.set_ip(if at.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    match http_get(at, "/leases") {
+        Ok(body) => {
+            print!("{body}");
+            return Ok(());
+        }
+        Err(e) => tracing::debug!("server not reachable at {at}: {e}; reading the store"),
+    }
+    if cfg.store_is_memory() {
+        anyhow::bail!("the server is not reachable at {at} and store = \"memory\" keeps nothing on disk");
+    }
+    if !cfg.server.store.exists() {
+        anyhow::bail!("the server is not reachable at {at} and {} does not exist", cfg.server.store.display());
+    }
+    let mut store = match RedbStore::open(&cfg.server.store) {
+        Ok(s) => s,
+        Err(OpenError::InUse(p)) => {
+            anyhow::bail!("{p} is held by a running allocator whose metrics endpoint {at} does not answer")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let loaded = store.load()?;
+    let now = server::wall_ms();
+    let t_remove = cfg.lease.t_remove_ms;
+    let mut rows: Vec<_> = loaded.leases.into_iter().filter(|l| l.expires_ms.saturating_add(t_remove) > now).collect();
+    rows.sort_by_key(|l| l.ip);
+    for l in rows {
+        let st = if l.expires_ms > now { LeaseState::Assigned } else { LeaseState::Draining };
+        println!("{}", server::format_lease(&l, st));
+    }
+    Ok(())
+}
+
+fn http_get(at: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("{}", head.lines().next().unwrap_or("HTTP error"));
+    }
+    Ok(body.to_string())
 }

@@ -1,1 +1,732 @@
-//! TODO
+//! The I/O shell: UDP request server, TCP rule publisher, HTTP metrics (ARCHITECTURE §5).
+//!
+//! # Threads
+//!
+//! * **Core thread** ([`Server::run`], the caller's thread) owns the [`Allocator`] and the
+//!   [`Store`]. Each turn it waits up to 10 ms for a datagram on the relay socket, drains up to
+//!   `batch_max` more without blocking, handles them all, advances timers, commits the batch's
+//!   journal in one transaction (group commit), then publishes the batch's rule updates and only
+//!   then sends the replies. A commit failure stops the server (the process restarts from the
+//!   store; nothing unacknowledged was sent).
+//! * **Acceptor thread**: accepts rule-stream connections and starts one **subscriber thread**
+//!   each, which authenticates the switch's `Hello`, registers a bounded queue with the core
+//!   thread, and encodes, signs and writes what arrives on it. The core thread sends a new
+//!   subscriber a snapshot first, consistent with the updates queued after it. A subscriber whose
+//!   queue is full is dropped (its connection closes; it reconnects and gets a fresh snapshot).
+//! * **Metrics thread**: answers `GET /metrics` from atomic counters and `GET /leases` by asking
+//!   the core thread.
+//!
+//! Bad input never stops the server: every rejected datagram is counted by [`DropReason`].
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use ring::hmac;
+
+use crate::config::{self, Role, SwitchKey};
+use crate::lease::{self, AllocError, AllocParams, Allocator, Lease, LeaseState, RuleUpdate, Sequenced};
+use crate::proto::{self, AllocReply, ClientMsg, ParseError, Relay, RelayReply, ReleaseReply, Status, StreamMsg};
+use crate::store::{CommitError, LoadError, Store};
+use crate::{Family, Sid};
+
+/// Longest wait for a datagram before the core thread advances timers anyway.
+const TICK: Duration = Duration::from_millis(10);
+/// Largest datagram accepted.
+const MAX_DATAGRAM: usize = 2048;
+/// How long a new subscriber has to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the server needs besides the core's policy.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// UDP address for relayed requests.
+    pub relay_listen: SocketAddr,
+    /// TCP address of the rule stream.
+    pub publish_listen: SocketAddr,
+    /// HTTP address of the metrics endpoint.
+    pub metrics_listen: SocketAddr,
+    /// Replay window (ms).
+    pub replay_window_ms: u64,
+    /// Datagrams per batch.
+    pub batch_max: usize,
+    /// Queue length per subscriber (batches).
+    pub subscriber_queue: usize,
+    /// The switches and their keys.
+    pub switches: Vec<SwitchKey>,
+    /// IPv4 gateway and client prefix length.
+    pub v4_gateway: Option<(IpAddr, u8)>,
+    /// IPv6 gateway and client prefix length.
+    pub v6_gateway: Option<(IpAddr, u8)>,
+}
+
+impl Settings {
+    /// The settings of a validated configuration file.
+    pub fn from_config(cfg: &config::Config) -> Result<Self, config::ConfigError> {
+        let (v4_gateway, v6_gateway) = cfg.gateways();
+        Ok(Settings {
+            relay_listen: cfg.server.relay_listen,
+            publish_listen: cfg.server.publish_listen,
+            metrics_listen: cfg.server.metrics_listen,
+            replay_window_ms: cfg.server.replay_window_ms,
+            batch_max: cfg.server.batch_max,
+            subscriber_queue: cfg.server.subscriber_queue,
+            switches: cfg.switch_keys()?,
+            v4_gateway,
+            v6_gateway,
+        })
+    }
+}
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A socket could not be bound.
+    #[error("cannot bind the {what} socket on {addr}: {source}")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The store could not be read.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The core refused the configuration.
+    #[error(transparent)]
+    Core(#[from] lease::ConfigError),
+    /// Committing the restore (deleting leases that ended while down) failed.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// A thread or socket option failed.
+    #[error("starting the server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A batch could not be committed; the process must restart from the store.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// The relay socket failed.
+    #[error("relay socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why a datagram or subscriber was dropped (a metrics label each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// Shorter than its fields.
+    Truncated,
+    /// Not "MQ".
+    BadMagic,
+    /// Unknown version.
+    BadVersion,
+    /// A type not accepted here.
+    UnexpectedType,
+    /// HMAC tag does not verify.
+    BadHmac,
+    /// No key for the claimed switch (or an edge switch relaying).
+    UnknownSwitch,
+    /// An invalid field value.
+    BadField,
+    /// Bytes after the message.
+    TrailingBytes,
+    /// Timestamp outside the replay window.
+    Stale,
+    /// Already seen.
+    Replay,
+    /// A rule-stream connection without a valid Hello.
+    BadHello,
+}
+
+const DROP_REASONS: [DropReason; 11] = [
+    DropReason::Truncated,
+    DropReason::BadMagic,
+    DropReason::BadVersion,
+    DropReason::UnexpectedType,
+    DropReason::BadHmac,
+    DropReason::UnknownSwitch,
+    DropReason::BadField,
+    DropReason::TrailingBytes,
+    DropReason::Stale,
+    DropReason::Replay,
+    DropReason::BadHello,
+];
+
+impl DropReason {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Truncated => "truncated",
+            DropReason::BadMagic => "bad_magic",
+            DropReason::BadVersion => "bad_version",
+            DropReason::UnexpectedType => "unexpected_type",
+            DropReason::BadHmac => "bad_hmac",
+            DropReason::UnknownSwitch => "unknown_switch",
+            DropReason::BadField => "bad_field",
+            DropReason::TrailingBytes => "trailing_bytes",
+            DropReason::Stale => "stale",
+            DropReason::Replay => "replay",
+            DropReason::BadHello => "bad_hello",
+        }
+    }
+}
+
+impl From<ParseError> for DropReason {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::Truncated => DropReason::Truncated,
+            ParseError::BadMagic => DropReason::BadMagic,
+            ParseError::BadVersion => DropReason::BadVersion,
+            ParseError::UnexpectedType => DropReason::UnexpectedType,
+            ParseError::BadTag => DropReason::BadHmac,
+            ParseError::UnknownSwitch => DropReason::UnknownSwitch,
+            ParseError::BadField => DropReason::BadField,
+            ParseError::Trailing => DropReason::TrailingBytes,
+        }
+    }
+}
+
+const STATUSES: [Status; 5] = [Status::Ok, Status::PoolExhausted, Status::RateLimited, Status::BadRequest, Status::ClientCap];
+
+/// Counters and gauges, written by the server threads, read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    allocations: [AtomicU64; 2],
+    releases: AtomicU64,
+    expiries: AtomicU64,
+    freed: AtomicU64,
+    expired_while_down: AtomicU64,
+    replies: [AtomicU64; 5],
+    drops: [AtomicU64; 11],
+    leases: AtomicU64,
+    pool_size_v4: AtomicU64,
+    pool_in_use_v4: AtomicU64,
+    pool_in_use_v6: AtomicU64,
+    subscribers: AtomicU64,
+    subscribers_dropped: AtomicU64,
+    rule_updates: AtomicU64,
+    commits: AtomicU64,
+    commit_ops: AtomicU64,
+    commit_us: AtomicU64,
+    seq: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a drop.
+    pub fn count_drop(&self, r: DropReason) {
+        self.drops[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops counted for `r` so far.
+    pub fn drops(&self, r: DropReason) -> u64 {
+        self.drops[r as usize].load(Ordering::Relaxed)
+    }
+
+    /// Replies sent with `s` so far.
+    pub fn replies(&self, s: Status) -> u64 {
+        STATUSES.iter().position(|x| *x == s).map_or(0, |i| self.replies[i].load(Ordering::Relaxed))
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: &[(&str, u64)]| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                if labels.is_empty() {
+                    let _ = writeln!(s, "{name} {v}");
+                } else {
+                    let _ = writeln!(s, "{name}{{{labels}}} {v}");
+                }
+            }
+        };
+        metric(
+            "mimiq_allocator_allocations_total",
+            "counter",
+            "Addresses granted.",
+            &[("family=\"4\"", g(&self.allocations[0])), ("family=\"6\"", g(&self.allocations[1]))],
+        );
+        metric("mimiq_allocator_releases_total", "counter", "Addresses released by their client.", &[("", g(&self.releases))]);
+        metric("mimiq_allocator_expiries_total", "counter", "Leases whose lifetime ended.", &[("", g(&self.expiries))]);
+        metric("mimiq_allocator_freed_total", "counter", "Addresses returned to the pool after t_remove.", &[("", g(&self.freed))]);
+        metric(
+            "mimiq_allocator_expired_while_down_total",
+            "counter",
+            "Leases found ended at restart.",
+            &[("", g(&self.expired_while_down))],
+        );
+        let labels: Vec<String> = STATUSES.iter().map(|s| format!("code=\"{}\"", s.label())).collect();
+        let rows: Vec<(&str, u64)> = labels.iter().zip(&self.replies).map(|(l, v)| (l.as_str(), g(v))).collect();
+        metric("mimiq_allocator_replies_total", "counter", "Replies sent, by status code.", &rows);
+        let labels: Vec<String> = DROP_REASONS.iter().map(|r| format!("reason=\"{}\"", r.label())).collect();
+        let rows: Vec<(&str, u64)> = labels.iter().zip(&self.drops).map(|(l, v)| (l.as_str(), g(v))).collect();
+        metric("mimiq_allocator_drops_total", "counter", "Messages dropped unanswered, by reason.", &rows);
+        metric("mimiq_allocator_leases", "gauge", "Leases assigned or draining.", &[("", g(&self.leases))]);
+        metric("mimiq_allocator_pool_size", "gauge", "Usable IPv4 pool addresses.", &[("family=\"4\"", g(&self.pool_size_v4))]);
+        metric(
+            "mimiq_allocator_pool_in_use",
+            "gauge",
+            "Pool addresses assigned or draining.",
+            &[("family=\"4\"", g(&self.pool_in_use_v4)), ("family=\"6\"", g(&self.pool_in_use_v6))],
+        );
+        let size = g(&self.pool_size_v4);
+        let util = if size == 0 { 0.0 } else { g(&self.pool_in_use_v4) as f64 / size as f64 };
+        let _ = writeln!(
+            s,
+            "# HELP mimiq_allocator_pool_utilisation Fraction of the IPv4 pool in use.\n# TYPE mimiq_allocator_pool_utilisation gauge\nmimiq_allocator_pool_utilisation{{family=\"4\"}} {util}"
+        );
+        let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        metric("mimiq_allocator_subscribers", "gauge", "Rule-stream subscribers.", g(&self.subscribers));
+        metric("mimiq_allocator_subscribers_dropped_total", "counter", "Subscribers dropped for a full queue.", g(&self.subscribers_dropped));
+        metric("mimiq_allocator_rule_updates_total", "counter", "Rule updates published.", g(&self.rule_updates));
+        metric("mimiq_allocator_rule_seq", "gauge", "Sequence number of the latest rule update.", g(&self.seq));
+        metric("mimiq_allocator_store_commits_total", "counter", "Store commits (one per batch).", g(&self.commits));
+        metric("mimiq_allocator_store_ops_total", "counter", "Journal operations committed.", g(&self.commit_ops));
+        metric("mimiq_allocator_store_commit_microseconds_total", "counter", "Time spent committing.", g(&self.commit_us));
+        s
+    }
+}
+
+/// One lease as printed by `/leases` and `mimiq-allocator leases`.
+pub fn format_lease(l: &Lease, state: LeaseState) -> String {
+    let st = match state {
+        LeaseState::Assigned => "assigned",
+        LeaseState::Draining => "draining",
+    };
+    format!("{} {} sid={} {} assigned_ms={} expires_ms={}", l.ip, l.mac, l.sid, st, l.assigned_ms, l.expires_ms)
+}
+
+/// Milliseconds since the Unix epoch (the allocator's clock).
+pub fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+enum CoreRequest {
+    Subscribe { switch_id: u16, tx: Sender<Arc<Vec<Sequenced>>> },
+    Leases(Sender<String>),
+}
+
+struct Subscriber {
+    tx: Sender<Arc<Vec<Sequenced>>>,
+}
+
+/// The addresses the server actually bound (useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    /// Relay UDP socket.
+    pub relay: SocketAddr,
+    /// Rule-stream TCP listener.
+    pub publish: SocketAddr,
+    /// Metrics HTTP listener.
+    pub metrics: SocketAddr,
+}
+
+/// A bound, restored server, ready to [`run`](Server::run).
+pub struct Server {
+    settings: Settings,
+    keys: Arc<HashMap<u16, (Role, hmac::Key)>>,
+    udp: UdpSocket,
+    tcp: TcpListener,
+    http: TcpListener,
+    core: Allocator,
+    store: Box<dyn Store>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    /// Loads the store, rebuilds the core at the current time (committing the deletion of leases
+    /// that ended while the allocator was down) and binds the sockets.
+    pub fn start(settings: Settings, core_cfg: lease::Config, mut store: Box<dyn Store>) -> Result<Self, StartError> {
+        let loaded = store.load()?;
+        let mut core = Allocator::restore(core_cfg, loaded, wall_ms())?;
+        let journal = core.take_journal();
+        store.commit(&journal)?;
+        let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
+        let udp = UdpSocket::bind(settings.relay_listen).map_err(bind_err("relay (UDP)", settings.relay_listen))?;
+        let tcp = TcpListener::bind(settings.publish_listen).map_err(bind_err("rule stream (TCP)", settings.publish_listen))?;
+        let http = TcpListener::bind(settings.metrics_listen).map_err(bind_err("metrics (HTTP)", settings.metrics_listen))?;
+        let keys = settings.switches.iter().map(|s| (s.id, (s.role, proto::key(&s.secret)))).collect();
+        let metrics = Arc::new(Metrics::default());
+        metrics.expired_while_down.store(core.stats().expired_while_down, Ordering::Relaxed);
+        Ok(Server { settings, keys: Arc::new(keys), udp, tcp, http, core, store, metrics, stop: Arc::new(AtomicBool::new(false)) })
+    }
+
+    /// The bound addresses.
+    pub fn local_addrs(&self) -> std::io::Result<BoundAddrs> {
+        Ok(BoundAddrs { relay: self.udp.local_addr()?, publish: self.tcp.local_addr()?, metrics: self.http.local_addr()? })
+    }
+
+    /// Set it to stop the server (within about 10 ms).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until the stop flag is set or the store fails. Runs the core loop on this thread.
+    pub fn run(mut self) -> Result<(), RunError> {
+        let (req_tx, req_rx) = channel::unbounded::<CoreRequest>();
+        self.tcp.set_nonblocking(true)?;
+        self.http.set_nonblocking(true)?;
+        let acceptor = {
+            let (tcp, keys, stop, metrics, req_tx) =
+                (self.tcp.try_clone()?, self.keys.clone(), self.stop.clone(), self.metrics.clone(), req_tx.clone());
+            let (window, queue) = (self.settings.replay_window_ms, self.settings.subscriber_queue);
+            std::thread::Builder::new()
+                .name("alloc-accept".into())
+                .spawn(move || accept_loop(tcp, keys, stop, metrics, req_tx, window, queue))?
+        };
+        let http = {
+            let (http, stop, metrics) = (self.http.try_clone()?, self.stop.clone(), self.metrics.clone());
+            std::thread::Builder::new().name("alloc-metrics".into()).spawn(move || http_loop(http, stop, metrics, req_tx))?
+        };
+        let result = self.core_loop(req_rx);
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = acceptor.join();
+        let _ = http.join();
+        result
+    }
+
+    fn core_loop(&mut self, req_rx: Receiver<CoreRequest>) -> Result<(), RunError> {
+        let mut bufs = vec![[0u8; MAX_DATAGRAM]; self.settings.batch_max];
+        let mut batch: Vec<(usize, SocketAddr)> = Vec::with_capacity(self.settings.batch_max);
+        let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut replay: HashMap<(Sid, [u8; 6], u32, u64), u64> = HashMap::new();
+        let mut next_replay_prune = 0u64;
+        self.udp.set_read_timeout(Some(TICK))?;
+        // The restore's republished bindings are the first subscribers' snapshot; drop them.
+        self.core.take_updates();
+        while !self.stop.load(Ordering::Relaxed) {
+            batch.clear();
+            match self.udp.recv_from(&mut bufs[0]) {
+                Ok((n, from)) => batch.push((n, from)),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+                // ICMP errors of earlier sends surface here on Linux; they are not fatal.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err(e.into()),
+            }
+            if !batch.is_empty() {
+                self.udp.set_nonblocking(true)?;
+                while batch.len() < self.settings.batch_max {
+                    match self.udp.recv_from(&mut bufs[batch.len()]) {
+                        Ok((n, from)) => batch.push((n, from)),
+                        Err(_) => break,
+                    }
+                }
+                self.udp.set_nonblocking(false)?;
+                self.udp.set_read_timeout(Some(TICK))?;
+            }
+            let now = wall_ms();
+            if now >= next_replay_prune {
+                let w = self.settings.replay_window_ms;
+                replay.retain(|_, ts| ts.saturating_add(w) > now);
+                next_replay_prune = now + 1000;
+            }
+            for (i, &(n, from)) in batch.iter().enumerate() {
+                if let Some(reply) = self.handle(&bufs[i][..n], now, &mut replay) {
+                    replies.push((reply, from));
+                }
+            }
+            self.core.advance(now);
+            // Group commit: everything this batch changed, in one durable transaction.
+            let journal = self.core.take_journal();
+            if !journal.is_empty() {
+                let t = Instant::now();
+                self.store.commit(&journal)?;
+                self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+                self.metrics.commit_ops.fetch_add(journal.len() as u64, Ordering::Relaxed);
+                self.metrics.commit_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            // Publish before answering, so switches learn a binding before its client uses it.
+            let updates = self.core.take_updates();
+            if !updates.is_empty() {
+                self.metrics.rule_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
+                let shared = Arc::new(updates);
+                let metrics = &self.metrics;
+                subscribers.retain(|s| match s.tx.try_send(shared.clone()) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) => {
+                        metrics.subscribers_dropped.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                    Err(TrySendError::Disconnected(_)) => false,
+                });
+            }
+            for (bytes, to) in replies.drain(..) {
+                // A failed send (e.g. the switch vanished) loses one reply; the client retries.
+                let _ = self.udp.send_to(&bytes, to);
+            }
+            while let Ok(req) = req_rx.try_recv() {
+                match req {
+                    CoreRequest::Subscribe { switch_id, tx } => {
+                        tracing::info!(switch_id, "rule-stream subscriber connected; sending snapshot");
+                        let (seq, snap) = self.core.snapshot();
+                        let mut first = Vec::with_capacity(snap.len() + 1);
+                        first.push(Sequenced { seq, update: RuleUpdate::Snapshot { seq, count: snap.len() as u32 } });
+                        first.extend(snap.into_iter().map(|update| Sequenced { seq, update }));
+                        if tx.try_send(Arc::new(first)).is_ok() {
+                            subscribers.push(Subscriber { tx });
+                        }
+                    }
+                    CoreRequest::Leases(tx) => {
+                        let mut rows: Vec<(&Lease, LeaseState)> = self.core.leases().collect();
+                        rows.sort_by_key(|(l, _)| l.ip);
+                        let mut s = String::new();
+                        for (l, st) in rows {
+                            s.push_str(&format_lease(l, st));
+                            s.push('\n');
+                        }
+                        let _ = tx.send(s);
+                    }
+                }
+            }
+            self.export_gauges(subscribers.len());
+        }
+        Ok(())
+    }
+
+    /// Handles one datagram; returns the reply to send, if any.
+    fn handle(&mut self, buf: &[u8], now: u64, replay: &mut HashMap<(Sid, [u8; 6], u32, u64), u64>) -> Option<Vec<u8>> {
+        let keys = &self.keys;
+        let relay = match Relay::parse(buf, |sid| keys.get(&sid).filter(|(r, _)| *r == Role::Access).map(|(_, k)| k)) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.count_drop(e.into());
+                return None;
+            }
+        };
+        if relay.timestamp_ms.abs_diff(now) > self.settings.replay_window_ms {
+            self.metrics.count_drop(DropReason::Stale);
+            return None;
+        }
+        let id = (relay.info.sid, relay.info.mac.0, relay.txid, relay.timestamp_ms);
+        if replay.insert(id, relay.timestamp_ms).is_some() {
+            self.metrics.count_drop(DropReason::Replay);
+            return None;
+        }
+        let inner_reply = match ClientMsg::parse(relay.inner) {
+            Ok((_, ClientMsg::AllocRequest(req))) => {
+                let res = self.core.allocate(
+                    now,
+                    AllocParams { mac: relay.info.mac, sid: relay.info.sid, family: req.family, count: u32::from(req.count) },
+                );
+                let (gateway, prefix_len) = match req.family {
+                    Family::V4 => self.settings.v4_gateway,
+                    Family::V6 => self.settings.v6_gateway,
+                }
+                .unwrap_or((
+                    match req.family {
+                        Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                        Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    },
+                    0,
+                ));
+                let (status, addrs) = match res {
+                    Ok(grants) => {
+                        let fam = usize::from(req.family == Family::V6);
+                        self.metrics.allocations[fam].fetch_add(grants.len() as u64, Ordering::Relaxed);
+                        let addrs = grants.iter().map(|g| (g.ip, u32::try_from(g.lifetime_ms).unwrap_or(u32::MAX))).collect();
+                        (Status::Ok, addrs)
+                    }
+                    Err(e) => (status_of(e), Vec::new()),
+                };
+                ClientMsg::AllocReply(AllocReply { status, family: req.family, prefix_len, nonce: req.nonce, gateway, addrs })
+            }
+            Ok((_, ClientMsg::Release(rel))) => {
+                let n = self.core.release(now, relay.info.mac, &rel.addrs);
+                ClientMsg::ReleaseReply(ReleaseReply { status: Status::Ok, released: n as u8 })
+            }
+            // Authentic relay, malformed or unexpected client message: say so (no state).
+            Ok(_) | Err(_) => ClientMsg::ReleaseReply(ReleaseReply { status: Status::BadRequest, released: 0 }),
+        };
+        let status = match &inner_reply {
+            ClientMsg::AllocReply(r) => r.status,
+            ClientMsg::ReleaseReply(r) => r.status,
+            _ => Status::BadRequest,
+        };
+        if let Some(i) = STATUSES.iter().position(|s| *s == status) {
+            self.metrics.replies[i].fetch_add(1, Ordering::Relaxed);
+        }
+        let mut inner = Vec::new();
+        // Emit cannot fail: at most 255 grants (max_per_request <= 255) of the request's family.
+        inner_reply.emit(relay.txid, &mut inner).ok()?;
+        let key = &self.keys.get(&relay.info.sid)?.1;
+        let mut out = Vec::new();
+        RelayReply { txid: relay.txid, info: relay.info, inner: &inner }.emit(key, &mut out).ok()?;
+        Some(out)
+    }
+
+    fn export_gauges(&self, subscribers: usize) {
+        let st = self.core.stats();
+        let m = &self.metrics;
+        m.releases.store(st.releases, Ordering::Relaxed);
+        m.expiries.store(st.expiries, Ordering::Relaxed);
+        m.freed.store(st.freed, Ordering::Relaxed);
+        m.leases.store(self.core.lease_count() as u64, Ordering::Relaxed);
+        if let Some(p) = self.core.v4_pool() {
+            m.pool_size_v4.store(p.capacity(), Ordering::Relaxed);
+            m.pool_in_use_v4.store(p.in_use(), Ordering::Relaxed);
+        }
+        if let Some(p) = self.core.v6_pool() {
+            m.pool_in_use_v6.store(p.in_use(), Ordering::Relaxed);
+        }
+        m.subscribers.store(subscribers as u64, Ordering::Relaxed);
+        m.seq.store(self.core.seq(), Ordering::Relaxed);
+    }
+}
+
+fn status_of(e: AllocError) -> Status {
+    match e {
+        AllocError::BadCount(_) | AllocError::FamilyNotConfigured(_) | AllocError::UnknownSid(_) => Status::BadRequest,
+        AllocError::RateLimited => Status::RateLimited,
+        AllocError::ClientCap { .. } => Status::ClientCap,
+        AllocError::PoolExhausted => Status::PoolExhausted,
+    }
+}
+
+fn accept_loop(
+    tcp: TcpListener,
+    keys: Arc<HashMap<u16, (Role, hmac::Key)>>,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    req_tx: Sender<CoreRequest>,
+    window_ms: u64,
+    queue: usize,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        match tcp.accept() {
+            Ok((stream, _)) => {
+                let (keys, stop, metrics, req_tx) = (keys.clone(), stop.clone(), metrics.clone(), req_tx.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("alloc-sub".into())
+                    .spawn(move || subscriber(stream, keys, stop, metrics, req_tx, window_ms, queue));
+                if spawned.is_err() {
+                    // Out of threads: the connection closes; the switch retries later.
+                    continue;
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn subscriber(
+    mut stream: TcpStream,
+    keys: Arc<HashMap<u16, (Role, hmac::Key)>>,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    req_tx: Sender<CoreRequest>,
+    window_ms: u64,
+    queue: usize,
+) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    let hello = match proto::read_frame(&mut stream, &mut buf) {
+        Ok(true) => StreamMsg::parse(&buf, |id| keys.get(&id).map(|(_, k)| k)),
+        _ => Err(ParseError::Truncated),
+    };
+    let switch_id = match hello {
+        Ok(StreamMsg::Hello { switch_id, timestamp_ms }) if timestamp_ms.abs_diff(wall_ms()) <= window_ms => switch_id,
+        Ok(StreamMsg::Hello { .. }) => {
+            metrics.count_drop(DropReason::Stale);
+            return;
+        }
+        Ok(_) | Err(_) => {
+            metrics.count_drop(DropReason::BadHello);
+            return;
+        }
+    };
+    let Some((_, key)) = keys.get(&switch_id) else { return };
+    let (tx, rx) = channel::bounded(queue);
+    if req_tx.send(CoreRequest::Subscribe { switch_id, tx }).is_err() {
+        return;
+    }
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(batch) => {
+                out.clear();
+                for u in batch.iter() {
+                    if StreamMsg::Update(u.clone()).emit_frame(key, &mut out).is_err() {
+                        return;
+                    }
+                }
+                if stream.write_all(&out).is_err() {
+                    return;
+                }
+            }
+            Err(channel::RecvTimeoutError::Timeout) => {}
+            Err(channel::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn http_loop(http: TcpListener, stop: Arc<AtomicBool>, metrics: Arc<Metrics>, req_tx: Sender<CoreRequest>) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut stream = match http.accept() {
+            Ok((s, _)) => s,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+        let mut req = [0u8; 4096];
+        let mut n = 0;
+        while n < req.len() {
+            match stream.read(&mut req[n..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    n += k;
+                    if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+        let line = String::from_utf8_lossy(&req[..n]);
+        let path = line.split_whitespace().nth(1).unwrap_or("");
+        let (code, body) = match (line.starts_with("GET "), path) {
+            (true, "/metrics") => ("200 OK", metrics.render()),
+            (true, "/leases") => {
+                let (tx, rx) = channel::bounded(1);
+                let _ = req_tx.send(CoreRequest::Leases(tx));
+                match rx.recv_timeout(Duration::from_secs(2)) {
+                    Ok(s) => ("200 OK", s),
+                    Err(_) => ("503 Service Unavailable", "allocator busy\n".to_string()),
+                }
+            }
+            (true, _) => ("404 Not Found", "try /metrics or /leases\n".to_string()),
+            (false, _) => ("405 Method Not Allowed", "GET only\n".to_string()),
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
