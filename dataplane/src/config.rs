@@ -1,6 +1,7 @@
 //! The switch's configuration file (TOML). Every field is documented in
 //! `docs/CONFIGURATION.md`; unknown fields are refused.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -50,15 +51,28 @@ pub enum IdleStrategy {
     Adaptive,
 }
 
-/// One AF_XDP port: an interface queue.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// Whether the UMEM is backed by huge pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum HugePages {
+    /// Huge pages when the system has them free, normal pages otherwise (logged).
+    #[default]
+    Auto,
+    /// Huge pages or fail.
+    On,
+    /// Normal pages.
+    Off,
+}
+
+/// One worker: a thread that owns queue `queue` of every interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PortConfig {
-    /// Interface name, e.g. `eth0`.
-    pub interface: String,
-    /// Queue index (default 0).
-    #[serde(default)]
+pub struct WorkerConfig {
+    /// The NIC queue this worker serves on every interface.
     pub queue: u32,
+    /// CPU core the worker is pinned to; unpinned when absent.
+    #[serde(default)]
+    pub core: Option<usize>,
 }
 
 /// `mimiq-switch` configuration.
@@ -67,8 +81,12 @@ pub struct PortConfig {
 pub struct SwitchConfig {
     /// The pipeline: `l2fwd`.
     pub role: Role,
-    /// The ports, in pipeline order (`l2fwd`: exactly two).
-    pub ports: Vec<PortConfig>,
+    /// The interfaces, in pipeline order (`l2fwd`: exactly two).
+    pub interfaces: Vec<String>,
+    /// The workers; queue `i` of every interface belongs to the worker with `queue = i`.
+    /// Default: one unpinned worker on queue 0.
+    #[serde(default = "default_workers")]
+    pub workers: Vec<WorkerConfig>,
     /// `native` (default) or `skb`.
     #[serde(default)]
     pub xdp_mode: XdpMode,
@@ -78,24 +96,31 @@ pub struct SwitchConfig {
     /// `adaptive` (default) or `busy`.
     #[serde(default)]
     pub idle: IdleStrategy,
-    /// CPU core the worker is pinned to; unpinned when absent.
-    #[serde(default)]
-    pub core: Option<usize>,
     /// Entries per AF_XDP ring (RX, TX, fill, completion); a power of two (default 1024).
     #[serde(default = "default_ring_size")]
     pub ring_size: u32,
     /// UMEM frame size in bytes: 2048 or 4096 (default 4096).
     #[serde(default = "default_frame_size")]
     pub frame_size_bytes: u32,
-    /// Back the UMEM with huge pages (default false).
+    /// `auto` (default), `on` or `off`.
     #[serde(default)]
-    pub huge_pages: bool,
+    pub huge_pages: HugePages,
+    /// Preferred busy polling (SO_PREFER_BUSY_POLL) with this budget in packets; off when
+    /// absent.
+    #[serde(default)]
+    pub busy_poll_budget: Option<u16>,
     /// Where the counters are written as JSON (default `/run/mimiq/switch-stats.json`).
     #[serde(default = "default_stats_path")]
     pub stats_path: PathBuf,
-    /// How often the counters are published, in milliseconds (default 500).
+    /// How often the counters and histograms are published, in milliseconds (default 500).
     #[serde(default = "default_stats_interval_ms")]
     pub stats_interval_ms: u64,
+    /// HdrHistogram interval log of per-worker burst processing time; none when absent.
+    #[serde(default)]
+    pub hlog_path: Option<PathBuf>,
+    /// Address of the Prometheus text endpoint (`GET /metrics`); none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why a configuration was refused. Every message fits on one line.
@@ -154,26 +179,30 @@ impl SwitchConfig {
     /// Checks the values against each other.
     pub fn validate(&self) -> Result<(), String> {
         match self.role {
-            Role::L2fwd if self.ports.len() != 2 => {
+            Role::L2fwd if self.interfaces.len() != 2 => {
                 return Err(format!(
-                    "role l2fwd needs exactly 2 ports, {} given",
-                    self.ports.len()
+                    "role l2fwd needs exactly 2 interfaces, {} given",
+                    self.interfaces.len()
                 ))
             }
             Role::L2fwd => {}
         }
-        for (i, port) in self.ports.iter().enumerate() {
-            if port.interface.is_empty() || port.interface.len() > 15 {
+        for (i, name) in self.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
                 return Err(format!(
-                    "ports[{i}].interface {:?} is not a valid interface name (1 to 15 bytes)",
-                    port.interface
+                    "interfaces[{i}] {name:?} is not a valid interface name (1 to 15 bytes)"
                 ));
             }
-            if self.ports[..i].contains(port) {
-                return Err(format!(
-                    "ports[{i}] ({} queue {}) is listed twice",
-                    port.interface, port.queue
-                ));
+            if self.interfaces[..i].contains(name) {
+                return Err(format!("interface {name} is listed twice"));
+            }
+        }
+        if self.workers.is_empty() {
+            return Err("workers: at least one worker is needed".into());
+        }
+        for (i, w) in self.workers.iter().enumerate() {
+            if self.workers[..i].iter().any(|o| o.queue == w.queue) {
+                return Err(format!("workers[{i}]: queue {} has two workers", w.queue));
             }
         }
         if !self.ring_size.is_power_of_two() || !(64..=16384).contains(&self.ring_size) {
@@ -188,11 +217,19 @@ impl SwitchConfig {
                 self.frame_size_bytes
             ));
         }
+        if self.busy_poll_budget == Some(0) {
+            return Err("busy_poll_budget must be at least 1 (leave it out to switch busy polling off)".into());
+        }
         if self.stats_interval_ms == 0 {
             return Err("stats_interval_ms must be at least 1".into());
         }
         Ok(())
     }
+}
+
+/// One unpinned worker on queue 0.
+pub fn default_workers() -> Vec<WorkerConfig> {
+    vec![WorkerConfig { queue: 0, core: None }]
 }
 
 fn default_ring_size() -> u32 {
@@ -227,34 +264,39 @@ mod tests {
         SwitchConfig::parse(text, Path::new("t.toml")).map_err(|e| e.to_string())
     }
 
-    const MINIMAL: &str = "role = \"l2fwd\"\nports = [{ interface = \"p0\" }, { interface = \"p1\" }]\n";
+    const MINIMAL: &str = "role = \"l2fwd\"\ninterfaces = [\"p0\", \"p1\"]\n";
 
     #[test]
     fn minimal_config_gets_documented_defaults() {
         let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.ports[1], PortConfig { interface: "p1".into(), queue: 0 });
+        assert_eq!(c.interfaces, ["p0", "p1"]);
+        assert_eq!(c.workers, [WorkerConfig { queue: 0, core: None }]);
+        assert_eq!(c.huge_pages, HugePages::Auto);
+        assert_eq!((c.busy_poll_budget, c.hlog_path.as_ref(), c.metrics_listen), (None, None, None));
         assert_eq!(c.xdp_mode, XdpMode::Native);
         assert_eq!(c.copy_mode, CopyMode::Auto);
         assert_eq!(c.idle, IdleStrategy::Adaptive);
         assert_eq!((c.ring_size, c.frame_size_bytes, c.stats_interval_ms), (1024, 4096, 500));
-        assert_eq!(c.core, None);
     }
 
     #[test]
     fn bad_configs_get_one_line_errors_that_say_where() {
         let cases = [
-            ("role = \"l2fwd\"\nports = [{ interface = \"p0\" }]\n", "exactly 2 ports"),
+            ("role = \"l2fwd\"\ninterfaces = [\"p0\"]\n", "exactly 2 interfaces"),
             (&format!("{MINIMAL}colour = 1\n"), "line 3"),
             (&format!("{MINIMAL}ring_size = 1000\n"), "power of two"),
             (&format!("{MINIMAL}frame_size_bytes = 1500\n"), "2048 or 4096"),
-            ("role = \"router\"\nports = []\n", "line 1"),
+            (&format!("{MINIMAL}busy_poll_budget = 0\n"), "at least 1"),
+            (&format!("{MINIMAL}busy_poll_budget = 70000\n"), "line 3"),
+            (&format!("{MINIMAL}metrics_listen = \"nonsense\"\n"), "line 3"),
+            (&format!("{MINIMAL}workers = []\n"), "at least one worker"),
+            (&format!("{MINIMAL}workers = [{{ queue = 1 }}, {{ queue = 1, core = 0 }}]\n"), "two workers"),
+            (&format!("{MINIMAL}workers = [{{ queue = 1, cpu = 0 }}]\n"), "unknown field `cpu`"),
+            ("role = \"router\"\ninterfaces = []\n", "line 1"),
             ("role = \n", "line 1"),
+            ("role = \"l2fwd\"\ninterfaces = [\"p0\", \"p0\"]\n", "listed twice"),
             (
-                "role = \"l2fwd\"\nports = [{ interface = \"p0\" }, { interface = \"p0\" }]\n",
-                "listed twice",
-            ),
-            (
-                "role = \"l2fwd\"\nports = [{ interface = \"p0\" }, { interface = \"waytoolonginterfacename\" }]\n",
+                "role = \"l2fwd\"\ninterfaces = [\"p0\", \"waytoolonginterfacename\"]\n",
                 "not a valid interface name",
             ),
         ];

@@ -15,4 +15,5 @@ pub mod config;
 pub mod engine;
 pub mod pipeline;
 pub mod port;
+pub mod telemetry;
 pub mod wire;

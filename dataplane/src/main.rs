@@ -2,31 +2,34 @@
 //!
 //! ```text
 //! mimiq-switch run --config configs/switch-l2fwd.toml
-//! mimiq-switch run --role l2fwd --port p0 --port p1 --stats-path /tmp/s.json
+//! mimiq-switch run --role l2fwd --port p0 --port p1 --queues 2 --cores 0,1 --stats-path /tmp/s.json
 //! mimiq-switch stats [--stats-path /run/mimiq/switch-stats.json]
 //! mimiq-switch check-config configs/switch-l2fwd.toml
 //! ```
 //!
 //! Errors are one line on stderr (`mimiq-switch: error: ...`) and a non-zero exit. SIGINT and
 //! SIGTERM stop the worker cleanly: frames are returned, sockets closed, XDP programs detached,
-//! and the final counters are written to the stats file and printed on stdout as JSON.
+//! and the final counters are written to the stats file and printed on stdout as JSON. SIGUSR1
+//! appends the burst-time histograms of the interval so far to the `.hlog` at once.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use mimalloc::MiMalloc;
-use serde::Serialize;
 
 use mimiq_dataplane::config::{
-    default_stats_path, CopyMode, IdleStrategy, PortConfig, Role, SwitchConfig, XdpMode,
+    default_stats_path, CopyMode, HugePages, IdleStrategy, Role, SwitchConfig, WorkerConfig,
+    XdpMode,
 };
-use mimiq_dataplane::engine::{Worker, WorkerCounters};
+use mimiq_dataplane::engine::Worker;
 use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
 use mimiq_dataplane::port::xsk::{self, XskConfig};
+use mimiq_dataplane::telemetry::{self, HlogWriter, Telemetry};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -58,35 +61,85 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Config file; the other flags describe the same switch without one.
-    #[arg(long, conflicts_with_all = ["role", "ports"])]
+    #[arg(long, conflicts_with_all = ["role", "interfaces"])]
     config: Option<PathBuf>,
     /// The pipeline.
     #[arg(long, value_enum, required_unless_present = "config")]
     role: Option<Role>,
-    /// A port as INTERFACE or INTERFACE:QUEUE; repeat for each port, in pipeline order.
-    #[arg(long = "port", value_name = "IFACE[:QUEUE]", value_parser = parse_port)]
-    ports: Vec<PortConfig>,
+    /// An interface; repeat for each, in pipeline order.
+    #[arg(long = "port", value_name = "IFACE")]
+    interfaces: Vec<String>,
+    /// Workers: worker i serves queue i of every interface.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    queues: u32,
+    /// Pin worker i to the i-th core of this comma-separated list.
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
     /// Native XDP or the SKB-mode fallback.
     #[arg(long, value_enum, default_value = "native")]
     xdp_mode: XdpMode,
     /// Copy, zero-copy, or what the driver offers.
     #[arg(long, value_enum, default_value = "auto")]
     copy_mode: CopyMode,
-    /// Idle strategy of the worker.
+    /// Idle strategy of the workers.
     #[arg(long, value_enum, default_value = "adaptive")]
     idle: IdleStrategy,
-    /// Pin the worker to this core.
-    #[arg(long)]
-    core: Option<usize>,
     /// Entries per AF_XDP ring.
     #[arg(long, default_value_t = 1024)]
     ring_size: u32,
+    /// Huge pages for the UMEM.
+    #[arg(long, value_enum, default_value = "auto")]
+    huge_pages: HugePages,
+    /// Preferred busy polling with this budget; off when absent.
+    #[arg(long)]
+    busy_poll_budget: Option<u16>,
     /// Where the counters are written.
     #[arg(long, default_value_os_t = default_stats_path())]
     stats_path: PathBuf,
     /// How often the counters are written, in milliseconds.
     #[arg(long, default_value_t = 500)]
     stats_interval_ms: u64,
+    /// HdrHistogram interval log of burst processing times.
+    #[arg(long)]
+    hlog_path: Option<PathBuf>,
+    /// Serve Prometheus text metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> anyhow::Result<SwitchConfig> {
+        if let Some(path) = &self.config {
+            return Ok(SwitchConfig::load(path)?);
+        }
+        if !self.cores.is_empty() && self.cores.len() != self.queues as usize {
+            bail!("--cores lists {} cores for {} queues", self.cores.len(), self.queues);
+        }
+        let config = SwitchConfig {
+            // clap enforces `--role` when there is no `--config`.
+            role: self.role.context("--role is required without --config")?,
+            interfaces: self.interfaces,
+            workers: (0..self.queues)
+                .map(|queue| WorkerConfig {
+                    queue,
+                    core: self.cores.get(queue as usize).copied(),
+                })
+                .collect(),
+            xdp_mode: self.xdp_mode,
+            copy_mode: self.copy_mode,
+            idle: self.idle,
+            ring_size: self.ring_size,
+            frame_size_bytes: 4096,
+            huge_pages: self.huge_pages,
+            busy_poll_budget: self.busy_poll_budget,
+            stats_path: self.stats_path,
+            stats_interval_ms: self.stats_interval_ms,
+            hlog_path: self.hlog_path,
+            metrics_listen: self.metrics_listen,
+        };
+        config.validate().map_err(|message| anyhow::anyhow!("{message}"))?;
+        Ok(config)
+    }
 }
 
 fn main() {
@@ -114,33 +167,13 @@ fn main() {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let config = match &args.config {
-        Some(path) => SwitchConfig::load(path)?,
-        None => {
-            let config = SwitchConfig {
-                // clap enforces `--role` when there is no `--config`.
-                role: args.role.context("--role is required without --config")?,
-                ports: args.ports,
-                xdp_mode: args.xdp_mode,
-                copy_mode: args.copy_mode,
-                idle: args.idle,
-                core: args.core,
-                ring_size: args.ring_size,
-                frame_size_bytes: 4096,
-                huge_pages: false,
-                stats_path: args.stats_path,
-                stats_interval_ms: args.stats_interval_ms,
-            };
-            config
-                .validate()
-                .map_err(|message| anyhow::anyhow!("{message}"))?;
-            config
-        }
-    };
-    if let Some(core) = config.core {
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
-        if !cores.iter().any(|c| c.id == core) {
-            bail!("core {core} does not exist (this machine has {} cores)", cores.len());
+    let config = args.into_config()?;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    for w in &config.workers {
+        if let Some(core) = w.core {
+            if !cores.iter().any(|c| c.id == core) {
+                bail!("core {core} does not exist (this machine has {} cores)", cores.len());
+            }
         }
     }
     if let Some(dir) = config.stats_path.parent() {
@@ -152,36 +185,86 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
     }
+    let dump_now = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&dump_now))
+        .context("signal handler")?;
 
-    let published: Arc<Mutex<WorkerCounters>> = Arc::default();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let worker = {
-        let (config, stop, published) = (config.clone(), Arc::clone(&stop), Arc::clone(&published));
-        std::thread::Builder::new()
-            .name("mimiq-worker-0".into())
-            .spawn(move || worker_main(&config, &stop, &published, &ready_tx))
-            .context("cannot start worker thread")?
+    let queues: Vec<u32> = config.workers.iter().map(|w| w.queue).collect();
+    let telemetry = Telemetry::new(config.role, &queues);
+    let mut hlog = match &config.hlog_path {
+        Some(path) => Some(
+            HlogWriter::create(path, &telemetry)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        ),
+        None => None,
     };
-    // The worker reports whether its ports opened; on failure it has already exited.
-    match ready_rx.recv() {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            let _ = worker.join();
+
+    // Each worker opens its own sockets and reports whether they opened; on any failure the
+    // ones that did start are stopped again.
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut workers = Vec::new();
+    for (index, worker) in config.workers.iter().enumerate() {
+        let (config, worker, stop, telemetry, ready) = (
+            config.clone(),
+            *worker,
+            Arc::clone(&stop),
+            Arc::clone(&telemetry),
+            ready_tx.clone(),
+        );
+        let handle = std::thread::Builder::new()
+            .name(format!("mimiq-worker-{}", worker.queue))
+            .spawn(move || worker_main(&config, index, worker, &stop, &telemetry, &ready))
+            .context("cannot start worker thread")?;
+        workers.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..workers.len() {
+        let outcome = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker exited before opening its ports")));
+        if let Err(err) = outcome {
+            stop.store(true, Ordering::Relaxed);
+            for w in workers {
+                let _ = w.join();
+            }
             return Err(err);
         }
-        Err(_) => bail!("worker thread exited before opening its ports"),
     }
-    let names: Vec<String> = config.ports.iter().map(|p| format!("{}:{}", p.interface, p.queue)).collect();
-    tracing::info!("forwarding ({:?}) {}", config.role, names.join(" <-> "));
+    if let Some(addr) = config.metrics_listen {
+        telemetry::serve_metrics(addr, Arc::clone(&telemetry), cpu_time_ms)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tracing::info!("metrics at http://{addr}/metrics");
+    }
+    tracing::info!(
+        "forwarding ({:?}) {} with {} worker(s)",
+        config.role,
+        config.interfaces.join(" <-> "),
+        workers.len()
+    );
 
-    let started = Instant::now();
     let interval = Duration::from_millis(config.stats_interval_ms);
-    while !worker.is_finished() {
-        write_stats(&config, &published, started)?;
-        std::thread::sleep(interval.min(Duration::from_millis(100)));
+    let mut next_hlog = Instant::now() + interval;
+    while !workers.iter().all(|w| w.is_finished()) {
+        telemetry::write_stats_file(&config.stats_path, &telemetry.snapshot(cpu_time_ms()))
+            .with_context(|| format!("cannot write {}", config.stats_path.display()))?;
+        if let Some(log) = &mut hlog {
+            // On the interval, and at once on SIGUSR1.
+            if dump_now.swap(false, Ordering::Relaxed) || Instant::now() >= next_hlog {
+                log.write_interval(&telemetry).context("cannot write the hlog")?;
+                next_hlog = Instant::now() + interval;
+            }
+        }
+        std::thread::sleep(interval.min(Duration::from_millis(50)));
     }
-    worker.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?;
-    let last = write_stats(&config, &published, started)?;
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?;
+    }
+    let last = telemetry.snapshot(cpu_time_ms());
+    telemetry::write_stats_file(&config.stats_path, &last)
+        .with_context(|| format!("cannot write {}", config.stats_path.display()))?;
+    if let Some(log) = &mut hlog {
+        log.write_interval(&telemetry).context("cannot write the hlog")?;
+    }
     println!("{}", serde_json::to_string(&last)?);
     tracing::info!("stopped");
     Ok(())
@@ -189,20 +272,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn worker_main(
     config: &SwitchConfig,
+    index: usize,
+    worker: WorkerConfig,
     stop: &AtomicBool,
-    published: &Mutex<WorkerCounters>,
+    telemetry: &Telemetry,
     ready: &mpsc::Sender<anyhow::Result<()>>,
 ) {
-    if let Some(core) = config.core {
+    if let Some(core) = worker.core {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            let _ = ready.send(Err(anyhow::anyhow!("cannot pin the worker to core {core}")));
+            let _ = ready.send(Err(anyhow::anyhow!("cannot pin worker {index} to core {core}")));
             return;
         }
     }
     let queues: Vec<(String, u32)> = config
-        .ports
+        .interfaces
         .iter()
-        .map(|p| (p.interface.clone(), p.queue))
+        .map(|iface| (iface.clone(), worker.queue))
         .collect();
     let xsk_config = XskConfig {
         xdp_mode: config.xdp_mode,
@@ -210,6 +295,7 @@ fn worker_main(
         ring_size: config.ring_size,
         frame_size: config.frame_size_bytes,
         huge_pages: config.huge_pages,
+        busy_poll_budget: config.busy_poll_budget,
     };
     let (ports, memory, free) = match xsk::open(&queues, &xsk_config) {
         Ok(opened) => opened,
@@ -223,52 +309,10 @@ fn worker_main(
         Role::L2fwd => Worker::new(ports, memory, free, L2Fwd),
     };
     let every = Duration::from_millis(config.stats_interval_ms);
-    worker.run(stop, config.idle, every, &mut |counters| {
-        // One lock per publication interval, never per packet.
-        if let Ok(mut slot) = published.lock() {
-            slot.clone_from(counters);
-        }
+    worker.run(stop, config.idle, every, &mut |counters, burst_ns| {
+        telemetry.publish(index, counters, burst_ns);
     });
     // Dropping the worker closes the sockets; libxdp detaches the XDP program it attached.
-}
-
-/// What the stats file holds.
-#[derive(Serialize)]
-struct StatsFile {
-    role: Role,
-    pid: u32,
-    uptime_ms: u64,
-    /// CPU time of the whole process, from getrusage(2).
-    cpu_user_ms: u64,
-    cpu_sys_ms: u64,
-    workers: Vec<WorkerCounters>,
-}
-
-fn write_stats(
-    config: &SwitchConfig,
-    published: &Mutex<WorkerCounters>,
-    started: Instant,
-) -> anyhow::Result<StatsFile> {
-    let counters = published
-        .lock()
-        .map(|c| c.clone())
-        .map_err(|_| anyhow::anyhow!("stats lock poisoned"))?;
-    let (cpu_user_ms, cpu_sys_ms) = cpu_time_ms();
-    let stats = StatsFile {
-        role: config.role,
-        pid: std::process::id(),
-        uptime_ms: started.elapsed().as_millis() as u64,
-        cpu_user_ms,
-        cpu_sys_ms,
-        workers: vec![counters],
-    };
-    // Write then rename, so a reader never sees half a file.
-    let tmp = config.stats_path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&stats)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &config.stats_path)
-        .with_context(|| format!("cannot write {}", config.stats_path.display()))?;
-    Ok(stats)
 }
 
 fn cpu_time_ms() -> (u64, u64) {
@@ -317,18 +361,4 @@ fn print_stats(path: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn parse_port(s: &str) -> Result<PortConfig, String> {
-    let (interface, queue) = match s.split_once(':') {
-        Some((i, q)) => (i, q.parse().map_err(|_| format!("bad queue number in {s:?}"))?),
-        None => (s, 0),
-    };
-    if interface.is_empty() {
-        return Err(format!("empty interface name in {s:?}"));
-    }
-    Ok(PortConfig {
-        interface: interface.to_string(),
-        queue,
-    })
 }

@@ -33,7 +33,7 @@ fn unreadable_or_invalid_configs_are_one_error_line() {
     let unknown = dir.path().join("unknown.toml");
     std::fs::write(
         &unknown,
-        "role = \"l2fwd\"\nports = [{ interface = \"p0\" }, { interface = \"p1\" }]\nspeed = 9\n",
+        "role = \"l2fwd\"\ninterfaces = [\"p0\", \"p1\"]\nspeed = 9\n",
     )
     .unwrap();
     let binary = dir.path().join("binary.toml");
@@ -53,17 +53,25 @@ fn unreadable_or_invalid_configs_are_one_error_line() {
 
 #[test]
 fn invalid_flags_are_refused_before_touching_any_interface() {
-    assert_one_error_line(&["run", "--role", "l2fwd", "--port", "p0"], "exactly 2 ports");
+    assert_one_error_line(&["run", "--role", "l2fwd", "--port", "p0"], "exactly 2 interfaces");
     assert_one_error_line(
         &["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--ring-size", "1000"],
         "power of two",
     );
     assert_one_error_line(
-        &["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--core", "4096"],
+        &["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--cores", "4096"],
         "core 4096 does not exist",
     );
-    let (ok, _, stderr) = switch(&["run", "--role", "l2fwd", "--port", "a:x"]);
-    assert!(!ok && stderr.contains("bad queue number"), "{stderr}");
+    assert_one_error_line(
+        &["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--queues", "2", "--cores", "0"],
+        "1 cores for 2 queues",
+    );
+    assert_one_error_line(
+        &["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--busy-poll-budget", "0"],
+        "at least 1",
+    );
+    let (ok, _, stderr) = switch(&["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--metrics-listen", "nope"]);
+    assert!(!ok && stderr.contains("invalid value 'nope'"), "{stderr}");
 }
 
 #[test]

@@ -67,21 +67,31 @@ impl Switch {
 pub struct SwitchStats(pub Value);
 
 impl SwitchStats {
-    /// A counter of port `port` of worker 0 (`rx_packets`, `tx_bytes`, ...).
+    /// A counter of port `port` (`rx_packets`, `tx_bytes`, ...), summed over the workers.
     pub fn port(&self, port: usize, field: &str) -> u64 {
-        self.0["workers"][0]["ports"][port][field].as_u64().unwrap_or(0)
+        self.workers().map(|w| w["ports"][port][field].as_u64().unwrap_or(0)).sum()
     }
 
-    /// Drops of worker 0 by `reason`.
+    /// The same counter of port `port` of each worker, in worker order.
+    pub fn port_per_worker(&self, port: usize, field: &str) -> Vec<u64> {
+        self.workers().map(|w| w["ports"][port][field].as_u64().unwrap_or(0)).collect()
+    }
+
+    /// Drops by `reason`, summed over the workers.
     pub fn drops(&self, reason: &str) -> u64 {
-        self.0["workers"][0]["drops"][reason].as_u64().unwrap_or(0)
+        self.workers().map(|w| w["drops"][reason].as_u64().unwrap_or(0)).sum()
     }
 
-    /// Drops of worker 0, all reasons.
+    /// Drops of all reasons and workers.
     pub fn total_drops(&self) -> u64 {
-        self.0["workers"][0]["drops"]
-            .as_object()
-            .map_or(0, |d| d.values().filter_map(Value::as_u64).sum())
+        self.workers()
+            .filter_map(|w| w["drops"].as_object())
+            .map(|d| d.values().filter_map(Value::as_u64).sum::<u64>())
+            .sum()
+    }
+
+    fn workers(&self) -> impl Iterator<Item = &Value> {
+        self.0["workers"].as_array().into_iter().flatten()
     }
 
     /// CPU time of the switch process (user + system), in milliseconds.

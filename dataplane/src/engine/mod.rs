@@ -2,11 +2,17 @@
 //!
 //! One worker owns its ports, their frame memory, its pipeline and its counters; nothing on the
 //! per-packet path takes a lock, allocates or does an atomic read-modify-write. Counters are
-//! plain integers, copied out to whoever publishes them at most once per `publish_every`.
+//! plain integers and the burst-time histogram a plain `Histogram`, handed to whoever publishes
+//! them at most once per `publish_every`.
+//!
+//! Between bursts the worker drains its rings ([`Rings`]): table updates from the control
+//! thread, and frames coming back from the slow-path thread. Frames go to the slow path by
+//! moving their handle over an SPSC ring (no copy); a full ring is a counted drop, never a wait.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use serde::{Serialize, Serializer};
 
 use crate::config::IdleStrategy;
@@ -70,18 +76,71 @@ pub struct WorkerCounters {
     pub drops: DropCounters,
     /// Non-empty bursts processed.
     pub bursts: u64,
+    /// Frames handed to the slow path.
+    pub to_slow_path: u64,
+    /// Frames the slow path handed back (to transmit or to free).
+    pub from_slow_path: u64,
+    /// Table updates applied.
+    pub updates_applied: u64,
+}
+
+/// A frame on its way back from the slow path.
+pub enum SlowPathReturn<F> {
+    /// Transmit it on this port (e.g. an ARP reply written into the request's frame).
+    Transmit(F, PortId),
+    /// Done with it: back to the free list.
+    Free(F),
+}
+
+/// A frame on its way to the slow path, with the port it arrived on.
+pub struct SlowPathFrame<F> {
+    /// The frame (ownership moves with it).
+    pub frame: F,
+    /// The port it was received on.
+    pub in_port: PortId,
+}
+
+/// The worker's ends of its SPSC rings.
+pub struct Rings<F, U> {
+    /// Table updates from the control thread.
+    pub updates: Option<rtrb::Consumer<U>>,
+    /// Frames to the slow-path thread.
+    pub to_slow_path: Option<rtrb::Producer<SlowPathFrame<F>>>,
+    /// Frames back from the slow-path thread.
+    pub from_slow_path: Option<rtrb::Consumer<SlowPathReturn<F>>>,
+}
+
+impl<F, U> Default for Rings<F, U> {
+    fn default() -> Self {
+        Rings {
+            updates: None,
+            to_slow_path: None,
+            from_slow_path: None,
+        }
+    }
+}
+
+/// Updates applied between two passes at most, so a flood of updates cannot stall forwarding.
+const UPDATES_PER_PASS: usize = 1024;
+
+/// A histogram for nanosecond durations from 1 ns to 10 s at 3 significant digits.
+pub fn duration_histogram() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts (low ≥ 1, high ≥ 2·low, sigfig ≤ 5).
+    Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("constant histogram bounds are valid")
 }
 
 /// A poll-mode worker over ports of type `P` running pipeline `L`.
-pub struct Worker<P: Port, L> {
+pub struct Worker<P: Port, L: Pipeline> {
     ports: Vec<P>,
     memory: P::Memory,
     free: Vec<P::Frame>,
     pipeline: L,
+    rings: Rings<P::Frame, L::Update>,
     rx: Vec<P::Frame>,
     verdicts: Vec<Verdict>,
     tx: Vec<Vec<P::Frame>>,
     counters: WorkerCounters,
+    burst_ns: Histogram<u64>,
 }
 
 impl<P: Port, L: Pipeline> Worker<P, L> {
@@ -104,11 +163,19 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             memory,
             free,
             pipeline,
+            rings: Rings::default(),
             rx: Vec::with_capacity(BURST),
             verdicts: Vec::with_capacity(BURST),
             tx,
             counters,
+            burst_ns: duration_histogram(),
         }
+    }
+
+    /// Connects the worker's rings.
+    pub fn with_rings(mut self, rings: Rings<P::Frame, L::Update>) -> Self {
+        self.rings = rings;
+        self
     }
 
     /// One pass over every port: receive a burst, process, transmit; then reclaim. Returns the
@@ -121,6 +188,7 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             if n == 0 {
                 continue;
             }
+            let burst_start = Instant::now();
             received += n;
             self.counters.bursts += 1;
             let rx_bytes: usize = self.rx.iter().map(|f| self.memory.len(f)).sum();
@@ -143,27 +211,81 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
                         continue;
                     }
                     Verdict::Forward(_) => DropReason::NoSuchPort,
-                    Verdict::ToSlowPath => DropReason::NoSlowPath,
+                    Verdict::ToSlowPath => match &mut self.rings.to_slow_path {
+                        Some(ring) => match ring.push(SlowPathFrame { frame, in_port: in_id }) {
+                            Ok(()) => {
+                                self.counters.to_slow_path += 1;
+                                continue;
+                            }
+                            Err(rtrb::PushError::Full(back)) => {
+                                self.counters.drops.0[DropReason::SlowPathRingFull.index()] += 1;
+                                self.free.push(back.frame);
+                                continue;
+                            }
+                        },
+                        None => DropReason::NoSlowPath,
+                    },
                     Verdict::Drop(reason) => reason,
                 };
                 self.counters.drops.0[reason.index()] += 1;
                 self.free.push(frame);
             }
             self.flush_tx();
+            let _ = self.burst_ns.record(burst_start.elapsed().as_nanos() as u64);
         }
+        received += self.drain_rings();
         for port in &mut self.ports {
             port.reclaim(&mut self.free);
         }
         received
     }
 
-    /// Runs until `stop` is set, publishing counters every `publish_every` (and once at the end).
+    /// Applies pending table updates and takes back frames from the slow path. Returns the
+    /// amount of work done (so an idle strategy does not sleep while rings are busy).
+    fn drain_rings(&mut self) -> usize {
+        let mut work = 0;
+        if let Some(updates) = &mut self.rings.updates {
+            let n = updates.slots().min(UPDATES_PER_PASS);
+            for _ in 0..n {
+                let Ok(update) = updates.pop() else { break };
+                self.pipeline.apply(update);
+                self.counters.updates_applied += 1;
+                work += 1;
+            }
+        }
+        if let Some(back) = &mut self.rings.from_slow_path {
+            let mut any_tx = false;
+            while let Ok(ret) = back.pop() {
+                self.counters.from_slow_path += 1;
+                work += 1;
+                match ret {
+                    SlowPathReturn::Transmit(frame, port) if usize::from(port) < self.tx.len() => {
+                        self.tx[usize::from(port)].push(frame);
+                        any_tx = true;
+                    }
+                    SlowPathReturn::Transmit(frame, _) => {
+                        self.counters.drops.0[DropReason::NoSuchPort.index()] += 1;
+                        self.free.push(frame);
+                    }
+                    SlowPathReturn::Free(frame) => self.free.push(frame),
+                }
+            }
+            if any_tx {
+                self.flush_tx();
+            }
+        }
+        work
+    }
+
+    /// Runs until `stop` is set, publishing counters and the burst-time histogram of the
+    /// interval every `publish_every` (and once at the end); the histogram restarts empty
+    /// after each publication.
     pub fn run(
         &mut self,
         stop: &AtomicBool,
         idle: IdleStrategy,
         publish_every: Duration,
-        publish: &mut dyn FnMut(&WorkerCounters),
+        publish: &mut dyn FnMut(&WorkerCounters, &Histogram<u64>),
     ) {
         let mut empty_polls = 0u32;
         let mut next_publish = Instant::now();
@@ -178,13 +300,17 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             }
             let now = Instant::now();
             if now >= next_publish {
-                self.refresh_xdp_stats();
-                publish(&self.counters);
+                self.publish(publish);
                 next_publish = now + publish_every;
             }
         }
+        self.publish(publish);
+    }
+
+    fn publish(&mut self, publish: &mut dyn FnMut(&WorkerCounters, &Histogram<u64>)) {
         self.refresh_xdp_stats();
-        publish(&self.counters);
+        publish(&self.counters, &self.burst_ns);
+        self.burst_ns.reset();
     }
 
     /// The counters so far.
@@ -200,6 +326,16 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     /// Frames on the worker's free list.
     pub fn free_frames(&self) -> usize {
         self.free.len()
+    }
+
+    /// Burst processing times since the last publication, in nanoseconds.
+    pub fn burst_ns(&self) -> &Histogram<u64> {
+        &self.burst_ns
+    }
+
+    /// The pipeline (tests inspect its tables through this).
+    pub fn pipeline(&self) -> &L {
+        &self.pipeline
     }
 
     fn flush_tx(&mut self) {
@@ -292,7 +428,7 @@ mod tests {
         w.ports_mut()[0].inject(frame(7, 64));
         let stop = AtomicBool::new(false);
         let mut published = Vec::new();
-        w.run(&stop, IdleStrategy::Busy, Duration::from_secs(3600), &mut |c| {
+        w.run(&stop, IdleStrategy::Busy, Duration::from_secs(3600), &mut |c, _| {
             published.push(c.clone());
             stop.store(true, Ordering::Relaxed);
         });

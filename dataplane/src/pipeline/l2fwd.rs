@@ -14,6 +14,13 @@ const ETHERNET_HEADER_LEN: usize = 14;
 pub struct L2Fwd;
 
 impl Pipeline for L2Fwd {
+    /// l2fwd has no tables.
+    type Update = std::convert::Infallible;
+
+    fn apply(&mut self, update: Self::Update) {
+        match update {}
+    }
+
     fn process<M: FrameMemory>(
         &mut self,
         in_port: PortId,

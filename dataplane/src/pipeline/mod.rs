@@ -32,15 +32,18 @@ pub enum DropReason {
     NoSuchPort,
     /// The frame needed the slow path and this role has none.
     NoSlowPath,
+    /// The ring to the slow-path thread was full.
+    SlowPathRingFull,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::Runt,
         DropReason::TxRingFull,
         DropReason::NoSuchPort,
         DropReason::NoSlowPath,
+        DropReason::SlowPathRingFull,
     ];
 
     /// The counter index of this reason.
@@ -55,12 +58,20 @@ impl DropReason {
             DropReason::TxRingFull => "tx_ring_full",
             DropReason::NoSuchPort => "no_such_port",
             DropReason::NoSlowPath => "no_slow_path",
+            DropReason::SlowPathRingFull => "slow_path_ring_full",
         }
     }
 }
 
 /// A stage that decides what happens to each frame of a burst.
 pub trait Pipeline {
+    /// A change to the pipeline's tables, sent by the control thread over the worker's update
+    /// ring and applied between bursts.
+    type Update: Send;
+
+    /// Applies one update. Called by the worker between bursts, never during one.
+    fn apply(&mut self, update: Self::Update);
+
     /// Sets `verdicts[i]` for every `frames[i]` (`verdicts` is cleared first by the worker);
     /// may rewrite frames in place through `memory`.
     fn process<M: FrameMemory>(

@@ -23,7 +23,7 @@ use xsk_rs::config::{
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 use super::{FrameMemory, Port, XdpStats};
-use crate::config::{CopyMode, XdpMode};
+use crate::config::{CopyMode, HugePages, XdpMode};
 
 /// How to open AF_XDP sockets.
 #[derive(Debug, Clone, Copy)]
@@ -36,8 +36,10 @@ pub struct XskConfig {
     pub ring_size: u32,
     /// UMEM frame size in bytes (2048 or 4096).
     pub frame_size: u32,
-    /// Back the UMEM with huge pages.
-    pub huge_pages: bool,
+    /// Back the UMEM with huge pages: always, never, or when the system has them.
+    pub huge_pages: HugePages,
+    /// Preferred busy polling with this budget (packets per poll); off when `None`.
+    pub busy_poll_budget: Option<u16>,
 }
 
 /// Why ports could not be opened.
@@ -106,6 +108,8 @@ pub struct XskPort {
     umem_len_bytes: usize,
     scratch: Vec<FrameDesc>,
     invalid_rx_descs: u64,
+    tx_in_flight: u64,
+    busy_poll: bool,
 }
 
 /// Opens one socket per `(interface, queue)` on a shared UMEM. Returns the ports, the UMEM, and
@@ -130,11 +134,24 @@ pub fn open(
         .and_then(|n| n.checked_mul(2 * config.ring_size))
         .and_then(NonZeroU32::new)
         .ok_or_else(|| OpenError::BadSize("no queues, or too many frames".into()))?;
-    let (umem, mut free) =
-        Umem::new(umem_config, frames, config.huge_pages).map_err(|e| OpenError::Umem {
-            frames: frames.get(),
-            reason: e.to_string(),
-        })?;
+    let umem_error = |e: xsk_rs::umem::UmemCreateError| OpenError::Umem {
+        frames: frames.get(),
+        reason: format!("{e}: {}", std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())),
+    };
+    let (umem, mut free) = match config.huge_pages {
+        HugePages::On => Umem::new(umem_config, frames, true).map_err(umem_error)?,
+        HugePages::Off => Umem::new(umem_config, frames, false).map_err(umem_error)?,
+        HugePages::Auto => match Umem::new(umem_config, frames, true) {
+            Ok(umem) => {
+                tracing::info!("UMEM of {frames} frames on huge pages");
+                umem
+            }
+            Err(_) => {
+                tracing::info!("no huge pages free for the UMEM; using normal pages");
+                Umem::new(umem_config, frames, false).map_err(umem_error)?
+            }
+        },
+    };
     let len_bytes = frames.get() as usize * config.frame_size as usize;
 
     let xdp_flags = match config.xdp_mode {
@@ -164,6 +181,13 @@ pub fn open(
         // handed to the socket's rings below follow the module's ownership invariant.
         let created = unsafe { Socket::new(socket_config, &umem, &ifname, *queue) };
         let (tx, rx, rings) = created.map_err(|e| bind_error(iface, *queue, config, e))?;
+        if let Some(budget) = config.busy_poll_budget {
+            prefer_busy_poll(rx.fd().as_raw_fd(), budget).map_err(|e| OpenError::Bind {
+                iface: iface.clone(),
+                queue: *queue,
+                reason: format!("preferred busy polling: {e}"),
+            })?;
+        }
         let Some((mut fill, comp)) = rings else {
             return Err(OpenError::Busy {
                 iface: iface.clone(),
@@ -184,6 +208,8 @@ pub fn open(
             umem_len_bytes: len_bytes,
             scratch: vec![FrameDesc::default(); config.ring_size as usize],
             invalid_rx_descs: 0,
+            tx_in_flight: 0,
+            busy_poll: config.busy_poll_budget.is_some(),
         });
     }
     Ok((ports, XskMemory { umem, len_bytes }, free))
@@ -200,6 +226,13 @@ impl XskPort {
     /// RX descriptors the kernel handed over that pointed outside the UMEM (dropped).
     pub fn invalid_rx_descs(&self) -> u64 {
         self.invalid_rx_descs
+    }
+
+    /// Frames queued by [`Port::tx_burst`] whose completion [`Port::reclaim`] has not seen yet
+    /// (in the TX ring, in the kernel, or in the completion ring). A sender that stops calls
+    /// `reclaim` until this is 0 to know that the kernel has sent everything it was given.
+    pub fn tx_in_flight(&self) -> u64 {
+        self.tx_in_flight
     }
 }
 
@@ -238,6 +271,7 @@ impl Port for XskPort {
         // ones taken are in the TX ring and removed from `frames` below.
         let sent = unsafe { self.tx.produce(&frames[..room]) };
         frames.drain(..sent);
+        self.tx_in_flight += sent as u64;
         if self.tx.needs_wakeup() {
             // Errors here are transient (EAGAIN, ENOBUFS are filtered by xsk-rs); the next
             // reclaim kicks again.
@@ -251,13 +285,15 @@ impl Port for XskPort {
         // return to the worker's free list.
         let done = unsafe { self.comp.consume(&mut self.scratch) };
         free.extend_from_slice(&self.scratch[..done]);
+        self.tx_in_flight = self.tx_in_flight.saturating_sub(done as u64);
         if !free.is_empty() {
             let room = (self.fill.nb_free(free.len() as u32) as usize).min(free.len());
             // SAFETY: frames of this UMEM from the free list; the ones given are removed below.
             let given = unsafe { self.fill.produce(&free[free.len() - room..]) };
             free.truncate(free.len() - given);
         }
-        if self.fill.needs_wakeup() {
+        // With preferred busy polling the application drives the driver: poll every time.
+        if self.busy_poll || self.fill.needs_wakeup() {
             let _ = self.fill.wakeup(self.rx.fd_mut(), 0);
         }
         if self.tx.needs_wakeup() {
@@ -293,6 +329,31 @@ impl Port for XskPort {
             libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms);
         }
     }
+}
+
+/// Sets SO_PREFER_BUSY_POLL, SO_BUSY_POLL (20 µs) and SO_BUSY_POLL_BUDGET on an AF_XDP socket.
+fn prefer_busy_poll(fd: i32, budget: u16) -> std::io::Result<()> {
+    for (option, value) in [
+        (libc::SO_PREFER_BUSY_POLL, 1),
+        (libc::SO_BUSY_POLL, 20),
+        (libc::SO_BUSY_POLL_BUDGET, i32::from(budget)),
+    ] {
+        // SAFETY: `value` is a live i32 for the duration of the call and its size is passed;
+        // `fd` is the socket's descriptor, open while the socket lives.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                (&value as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// libxdp and libbpf print their progress (and their fallbacks, such as loading the XDP program

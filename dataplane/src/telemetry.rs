@@ -1,0 +1,386 @@
+//! Telemetry of a running switch: what workers publish, the stats file, the Prometheus text
+//! endpoint and the HdrHistogram interval log.
+//!
+//! Workers publish into their own [`WorkerSlot`] once per interval (one uncontended lock per
+//! worker per interval, never per packet). The switch's main thread turns the slots into the
+//! stats file and the `.hlog`; the metrics thread renders them for `GET /metrics`.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use hdrhistogram::serialization::V2DeflateSerializer;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::config::Role;
+use crate::engine::{duration_histogram, WorkerCounters};
+
+/// What one worker last published.
+pub struct WorkerSlot {
+    /// Its counters.
+    pub counters: WorkerCounters,
+    /// Burst processing times since the hlog last took them, in ns.
+    pub burst_ns_interval: Histogram<u64>,
+    /// Burst processing times since start, in ns.
+    pub burst_ns_total: Histogram<u64>,
+}
+
+/// Shared between the workers, the main thread and the metrics thread.
+pub struct Telemetry {
+    role: Role,
+    started: Instant,
+    queues: Vec<u32>,
+    slots: Vec<Mutex<WorkerSlot>>,
+}
+
+/// Percentiles of a histogram, in ns.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Percentiles {
+    /// Recorded values.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+impl Percentiles {
+    /// The percentiles of `h`.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        Percentiles {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// One worker in the stats file.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerStats {
+    /// The NIC queue it serves.
+    pub queue: u32,
+    /// Its counters.
+    #[serde(flatten)]
+    pub counters: WorkerCounters,
+    /// Burst processing time since start.
+    pub burst_ns: Percentiles,
+}
+
+/// The stats file (`stats_path`) and `mimiq-switch stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsFile {
+    /// The pipeline.
+    pub role: Role,
+    /// The switch's process id.
+    pub pid: u32,
+    /// Time since the switch started, in ms.
+    pub uptime_ms: u64,
+    /// User CPU time of the whole process, from getrusage(2), in ms.
+    pub cpu_user_ms: u64,
+    /// System CPU time of the whole process, in ms.
+    pub cpu_sys_ms: u64,
+    /// Per worker.
+    pub workers: Vec<WorkerStats>,
+}
+
+impl Telemetry {
+    /// Slots for one worker per entry of `queues`.
+    pub fn new(role: Role, queues: &[u32]) -> Arc<Self> {
+        Arc::new(Telemetry {
+            role,
+            started: Instant::now(),
+            queues: queues.to_vec(),
+            slots: queues
+                .iter()
+                .map(|_| {
+                    Mutex::new(WorkerSlot {
+                        counters: WorkerCounters::default(),
+                        burst_ns_interval: duration_histogram(),
+                        burst_ns_total: duration_histogram(),
+                    })
+                })
+                .collect(),
+        })
+    }
+
+    /// Worker `i` publishes its counters and the burst times of its last interval.
+    pub fn publish(&self, i: usize, counters: &WorkerCounters, burst_ns: &Histogram<u64>) {
+        let Some(slot) = self.slots.get(i) else { return };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.counters.clone_from(counters);
+        // Same bounds on both sides, so `add` cannot fail.
+        let _ = slot.burst_ns_interval.add(burst_ns);
+        let _ = slot.burst_ns_total.add(burst_ns);
+    }
+
+    /// The current stats, with the process's CPU time.
+    pub fn snapshot(&self, cpu_ms: (u64, u64)) -> StatsFile {
+        let workers = self
+            .slots
+            .iter()
+            .zip(&self.queues)
+            .map(|(slot, &queue)| {
+                let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                WorkerStats {
+                    queue,
+                    counters: slot.counters.clone(),
+                    burst_ns: Percentiles::of(&slot.burst_ns_total),
+                }
+            })
+            .collect();
+        StatsFile {
+            role: self.role,
+            pid: std::process::id(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            cpu_user_ms: cpu_ms.0,
+            cpu_sys_ms: cpu_ms.1,
+            workers,
+        }
+    }
+
+    /// Takes every worker's interval histogram (leaving it empty).
+    fn take_intervals(&self) -> Vec<Histogram<u64>> {
+        self.slots
+            .iter()
+            .map(|slot| {
+                let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                let taken = slot.burst_ns_interval.clone();
+                slot.burst_ns_interval.reset();
+                taken
+            })
+            .collect()
+    }
+}
+
+/// Writes `stats` to `path` atomically (write a temporary file, then rename).
+pub fn write_stats_file(path: &Path, stats: &StatsFile) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let json = serde_json::to_vec_pretty(stats).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Renders `stats` in the Prometheus text exposition format.
+pub fn prometheus_text(stats: &StatsFile) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &mut dyn Iterator<Item = (String, u64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("{name}{{{labels}}} {value}\n"));
+        }
+    };
+    let port_counter = |field: fn(&crate::engine::PortCounters) -> u64| {
+        stats
+            .workers
+            .iter()
+            .flat_map(move |w| {
+                w.counters.ports.iter().map(move |p| {
+                    (format!("queue=\"{}\",port=\"{}\"", w.queue, p.name), field(p))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    for (name, help, field) in [
+        ("mimiq_switch_rx_packets_total", "Frames received.", (|p| p.rx_packets) as fn(&crate::engine::PortCounters) -> u64),
+        ("mimiq_switch_rx_bytes_total", "Bytes received.", |p| p.rx_bytes),
+        ("mimiq_switch_tx_packets_total", "Frames queued for transmission.", |p| p.tx_packets),
+        ("mimiq_switch_tx_bytes_total", "Bytes queued for transmission.", |p| p.tx_bytes),
+        ("mimiq_switch_xdp_rx_dropped_total", "Kernel: frames dropped before the RX ring.", |p| p.xdp.map_or(0, |x| x.rx_dropped)),
+        ("mimiq_switch_xdp_rx_ring_full_total", "Kernel: frames dropped on a full RX ring.", |p| p.xdp.map_or(0, |x| x.rx_ring_full)),
+        ("mimiq_switch_xdp_fill_ring_empty_total", "Kernel: times the fill ring was empty.", |p| p.xdp.map_or(0, |x| x.rx_fill_ring_empty_descs)),
+        ("mimiq_switch_xdp_invalid_descs_total", "Kernel and mimiq: invalid RX and TX descriptors.", |p| p.xdp.map_or(0, |x| x.rx_invalid_descs + x.tx_invalid_descs)),
+    ] {
+        family(name, "counter", help, &mut port_counter(field).into_iter());
+    }
+    let drops: Vec<(String, u64)> = stats
+        .workers
+        .iter()
+        .flat_map(|w| {
+            crate::pipeline::DropReason::ALL.iter().map(move |r| {
+                (format!("queue=\"{}\",reason=\"{}\"", w.queue, r.name()), w.counters.drops.get(*r))
+            })
+        })
+        .collect();
+    family("mimiq_switch_drops_total", "counter", "Frames dropped, by reason.", &mut drops.into_iter());
+    let per_worker = |f: fn(&WorkerStats) -> u64| {
+        stats
+            .workers
+            .iter()
+            .map(|w| (format!("queue=\"{}\"", w.queue), f(w)))
+            .collect::<Vec<_>>()
+            .into_iter()
+    };
+    family("mimiq_switch_bursts_total", "counter", "Non-empty bursts processed.", &mut per_worker(|w| w.counters.bursts));
+    family("mimiq_switch_slow_path_frames_total", "counter", "Frames handed to the slow path.", &mut per_worker(|w| w.counters.to_slow_path));
+    family("mimiq_switch_updates_applied_total", "counter", "Table updates applied.", &mut per_worker(|w| w.counters.updates_applied));
+    family("mimiq_switch_burst_ns_p99", "gauge", "99th percentile of burst processing time since start, ns.", &mut per_worker(|w| w.burst_ns.p99));
+    family("mimiq_switch_burst_ns_max", "gauge", "Longest burst processing time since start, ns.", &mut per_worker(|w| w.burst_ns.max));
+    let cpu = [("mode=\"user\"".to_string(), stats.cpu_user_ms), ("mode=\"system\"".to_string(), stats.cpu_sys_ms)];
+    family("mimiq_switch_cpu_ms_total", "counter", "CPU time of the switch process, ms.", &mut cpu.into_iter());
+    out
+}
+
+/// Serves `GET /metrics` on `addr` from a thread of its own, until the process exits.
+pub fn serve_metrics(
+    addr: SocketAddr,
+    telemetry: Arc<Telemetry>,
+    cpu_ms: fn() -> (u64, u64),
+) -> Result<(), String> {
+    let server = tiny_http::Server::http(addr).map_err(|e| format!("metrics endpoint {addr}: {e}"))?;
+    std::thread::Builder::new()
+        .name("mimiq-metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response = if request.url() == "/metrics" {
+                    let body = prometheus_text(&telemetry.snapshot(cpu_ms()));
+                    let header = tiny_http::Header::from_bytes(
+                        &b"Content-Type"[..],
+                        &b"text/plain; version=0.0.4"[..],
+                    )
+                    .expect("constant header is valid");
+                    tiny_http::Response::from_string(body).with_header(header)
+                } else {
+                    tiny_http::Response::from_string("not found: try /metrics\n").with_status_code(404)
+                };
+                let _ = request.respond(response);
+            }
+        })
+        .map_err(|e| format!("metrics thread: {e}"))?;
+    Ok(())
+}
+
+/// An HdrHistogram interval log of per-worker burst processing time, one tagged histogram per
+/// worker per interval (`worker<queue>`), readable by the standard HdrHistogram log tools.
+pub struct HlogWriter {
+    out: BufWriter<File>,
+    serializer: V2DeflateSerializer,
+    base: Instant,
+    last: Instant,
+    tags: Vec<String>,
+}
+
+impl HlogWriter {
+    /// Creates (truncates) the log at `path` and writes its header.
+    pub fn create(path: &Path, telemetry: &Telemetry) -> std::io::Result<Self> {
+        let mut out = BufWriter::new(File::create(path)?);
+        let mut serializer = V2DeflateSerializer::new();
+        let now = SystemTime::now();
+        IntervalLogWriterBuilder::new()
+            .add_comment("mimiq-switch burst processing time, ns, per worker")
+            .with_start_time(now)
+            .with_base_time(now)
+            .begin_log_with(&mut out, &mut serializer)?;
+        out.flush()?;
+        let base = Instant::now();
+        Ok(HlogWriter {
+            out,
+            serializer,
+            base,
+            last: base,
+            tags: telemetry.queues.iter().map(|q| format!("worker{q}")).collect(),
+        })
+    }
+
+    /// Appends every worker's histogram of the interval since the last call.
+    pub fn write_interval(&mut self, telemetry: &Telemetry) -> std::io::Result<()> {
+        let now = Instant::now();
+        let start = self.last.duration_since(self.base);
+        let length = now.duration_since(self.last).max(Duration::from_millis(1));
+        self.last = now;
+        let intervals = telemetry.take_intervals();
+        let mut log = IntervalLogWriterBuilder::new().begin_log_with(&mut self.out, &mut self.serializer)?;
+        for (h, tag) in intervals.iter().zip(&self.tags) {
+            log.write_histogram(h, start, length, Tag::new(tag))
+                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        }
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    use base64::Engine;
+    use hdrhistogram::serialization::Deserializer;
+
+    fn counters() -> WorkerCounters {
+        WorkerCounters {
+            ports: vec![
+                crate::engine::PortCounters { name: "p0".into(), rx_packets: 10, rx_bytes: 640, ..Default::default() },
+                crate::engine::PortCounters { name: "p1".into(), tx_packets: 9, tx_bytes: 576, ..Default::default() },
+            ],
+            bursts: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn prometheus_text_has_every_port_counter_and_drop_reason() {
+        let t = Telemetry::new(Role::L2fwd, &[0, 1]);
+        let mut h = duration_histogram();
+        h.record(1500).unwrap();
+        t.publish(1, &counters(), &h);
+        let text = prometheus_text(&t.snapshot((12, 34)));
+        assert!(text.contains("mimiq_switch_rx_packets_total{queue=\"1\",port=\"p0\"} 10\n"), "{text}");
+        assert!(text.contains("mimiq_switch_tx_bytes_total{queue=\"1\",port=\"p1\"} 576\n"));
+        assert!(text.contains("mimiq_switch_drops_total{queue=\"0\",reason=\"tx_ring_full\"} 0\n"));
+        assert!(text.contains("mimiq_switch_cpu_ms_total{mode=\"system\"} 34\n"));
+        assert!(text.contains("# TYPE mimiq_switch_drops_total counter\n"));
+        // Every sample line is `name{labels} integer`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').unwrap();
+            value.parse::<u64>().unwrap_or_else(|_| panic!("{line}"));
+        }
+    }
+
+    #[test]
+    fn hlog_holds_one_tagged_histogram_per_worker_per_interval_and_resets_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.hlog");
+        let t = Telemetry::new(Role::L2fwd, &[0, 3]);
+        let mut log = HlogWriter::create(&path, &t).unwrap();
+        let mut h = duration_histogram();
+        for v in [100, 200, 300] {
+            h.record(v).unwrap();
+        }
+        t.publish(1, &counters(), &h);
+        log.write_interval(&t).unwrap();
+        log.write_interval(&t).unwrap();
+
+        let bytes = std::fs::read(&path).unwrap();
+        let mut deserializer = Deserializer::new();
+        let mut seen = Vec::new();
+        for entry in IntervalLogIterator::new(&bytes) {
+            if let Ok(LogEntry::Interval(ilh)) = entry {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(ilh.encoded_histogram())
+                    .unwrap();
+                let hist: Histogram<u64> = deserializer.deserialize(&mut decoded.as_slice()).unwrap();
+                seen.push((ilh.tag().map(|t| t.as_str().to_string()), hist.len()));
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                (Some("worker0".into()), 0),
+                (Some("worker3".into()), 3),
+                (Some("worker0".into()), 0),
+                (Some("worker3".into()), 0),
+            ]
+        );
+        assert_eq!(t.snapshot((0, 0)).workers[1].burst_ns.count, 3, "totals keep counting");
+    }
+}
