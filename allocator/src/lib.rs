@@ -14,6 +14,8 @@
 //!   agent), and [`client`]: the agent's side of it.
 //! * [`store`]: the lease journal ([`store::Store`]; [`store::MemStore`] and the embedded
 //!   [`store::RedbStore`]).
+//! * [`publish`]: rule-update fan-out to switches over bounded in-process queues (used by the
+//!   TCP publisher, and directly by a switch hosting the allocator).
 //! * [`config`]: the `mimiq-allocator` TOML configuration.
 //! * [`server`]: the I/O shell — UDP request server, TCP rule publisher, metrics endpoint.
 //!
@@ -43,6 +45,7 @@ pub mod config;
 pub mod lease;
 pub mod pool;
 pub mod proto;
+pub mod publish;
 pub mod rng;
 pub mod server;
 pub mod store;

@@ -25,11 +25,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use crossbeam::channel::{self, Receiver, Sender};
 use ring::hmac;
 
 use crate::config::{self, Role, SwitchKey};
-use crate::lease::{self, AllocError, AllocParams, Allocator, Lease, LeaseState, RuleUpdate, Sequenced};
+use crate::lease::{self, AllocError, AllocParams, Allocator, Lease, LeaseState};
+use crate::publish::{Batch, Fanout};
 use crate::proto::{self, AllocReply, ClientMsg, ParseError, Relay, RelayReply, ReleaseReply, Status, StreamMsg};
 use crate::store::{CommitError, LoadError, Store};
 use crate::{Family, Sid};
@@ -315,13 +316,12 @@ pub fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-enum CoreRequest {
-    Subscribe { switch_id: u16, tx: Sender<Arc<Vec<Sequenced>>> },
-    Leases(Sender<String>),
-}
+/// Relays seen within the window: (SID, MAC, txid, timestamp) → timestamp.
+type ReplayCache = HashMap<(Sid, [u8; 6], u32, u64), u64>;
 
-struct Subscriber {
-    tx: Sender<Arc<Vec<Sequenced>>>,
+enum CoreRequest {
+    Subscribe { switch_id: u16, tx: Sender<Batch> },
+    Leases(Sender<String>),
 }
 
 /// The addresses the server actually bound (useful with port 0).
@@ -409,12 +409,10 @@ impl Server {
         let mut bufs = vec![[0u8; MAX_DATAGRAM]; self.settings.batch_max];
         let mut batch: Vec<(usize, SocketAddr)> = Vec::with_capacity(self.settings.batch_max);
         let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
-        let mut subscribers: Vec<Subscriber> = Vec::new();
-        let mut replay: HashMap<(Sid, [u8; 6], u32, u64), u64> = HashMap::new();
+        let mut fanout = Fanout::new(self.settings.subscriber_queue);
+        let mut replay: ReplayCache = HashMap::new();
         let mut next_replay_prune = 0u64;
         self.udp.set_read_timeout(Some(TICK))?;
-        // The restore's republished bindings are the first subscribers' snapshot; drop them.
-        self.core.take_updates();
         while !self.stop.load(Ordering::Relaxed) {
             batch.clear();
             match self.udp.recv_from(&mut bufs[0]) {
@@ -458,19 +456,8 @@ impl Server {
             }
             // Publish before answering, so switches learn a binding before its client uses it.
             let updates = self.core.take_updates();
-            if !updates.is_empty() {
-                self.metrics.rule_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
-                let shared = Arc::new(updates);
-                let metrics = &self.metrics;
-                subscribers.retain(|s| match s.tx.try_send(shared.clone()) {
-                    Ok(()) => true,
-                    Err(TrySendError::Full(_)) => {
-                        metrics.subscribers_dropped.fetch_add(1, Ordering::Relaxed);
-                        false
-                    }
-                    Err(TrySendError::Disconnected(_)) => false,
-                });
-            }
+            self.metrics.rule_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
+            fanout.publish(updates);
             for (bytes, to) in replies.drain(..) {
                 // A failed send (e.g. the switch vanished) loses one reply; the client retries.
                 let _ = self.udp.send_to(&bytes, to);
@@ -479,13 +466,7 @@ impl Server {
                 match req {
                     CoreRequest::Subscribe { switch_id, tx } => {
                         tracing::info!(switch_id, "rule-stream subscriber connected; sending snapshot");
-                        let (seq, snap) = self.core.snapshot();
-                        let mut first = Vec::with_capacity(snap.len() + 1);
-                        first.push(Sequenced { seq, update: RuleUpdate::Snapshot { seq, count: snap.len() as u32 } });
-                        first.extend(snap.into_iter().map(|update| Sequenced { seq, update }));
-                        if tx.try_send(Arc::new(first)).is_ok() {
-                            subscribers.push(Subscriber { tx });
-                        }
+                        fanout.attach(&self.core, tx);
                     }
                     CoreRequest::Leases(tx) => {
                         let mut rows: Vec<(&Lease, LeaseState)> = self.core.leases().collect();
@@ -499,13 +480,14 @@ impl Server {
                     }
                 }
             }
-            self.export_gauges(subscribers.len());
+            self.metrics.subscribers_dropped.store(fanout.dropped(), Ordering::Relaxed);
+            self.export_gauges(fanout.len());
         }
         Ok(())
     }
 
     /// Handles one datagram; returns the reply to send, if any.
-    fn handle(&mut self, buf: &[u8], now: u64, replay: &mut HashMap<(Sid, [u8; 6], u32, u64), u64>) -> Option<Vec<u8>> {
+    fn handle(&mut self, buf: &[u8], now: u64, replay: &mut ReplayCache) -> Option<Vec<u8>> {
         let keys = &self.keys;
         let relay = match Relay::parse(buf, |sid| keys.get(&sid).filter(|(r, _)| *r == Role::Access).map(|(_, k)| k)) {
             Ok(r) => r,
