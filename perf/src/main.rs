@@ -4,6 +4,8 @@
 //! mimiq-perf testbed up line       # build a topology and leave it up
 //! mimiq-perf testbed list          # the namespaces mimiq testbeds left on this machine
 //! mimiq-perf testbed down line     # tear it down
+//! mimiq-perf gen send --iface eth0 --pps 1M --duration 10 --flows 16   # AF_XDP generator
+//! mimiq-perf gen recv --iface eth0 --json r.json --hlog r.hlog          # its receiver
 //! ```
 
 use anyhow::Context;
@@ -34,6 +36,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         bench: Bench,
+    },
+    /// The AF_XDP traffic generator: send, receive (loss, reordering, latency), reflect.
+    Gen {
+        #[command(subcommand)]
+        command: mimiq_perf::gen::cli::GenCommand,
     },
     /// Build, list or remove a testbed by hand.
     Testbed {
@@ -72,14 +79,43 @@ enum TestbedAction {
 }
 
 fn main() {
-    if let Err(err) = run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => exit_on_bad_usage(err),
+    };
+    if let Err(err) = run(cli) {
         eprintln!("mimiq-perf: error: {err:#}");
         std::process::exit(1);
     }
 }
 
+/// Help and version go to stdout as usual; a usage mistake is one line on stderr and exit 2.
+fn exit_on_bad_usage(err: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => err.exit(),
+        _ => {
+            // clap's message, without its usage and tip sections, joined onto one line.
+            let text = err.to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(|l| l.trim())
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let message = message.join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!("mimiq-perf: error: {message}");
+            std::process::exit(2);
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Gen { command } => mimiq_perf::gen::cli::run(command)?,
         Command::Demo { seconds } => {
             mimiq_perf::demo::run(seconds).map_err(anyhow::Error::msg)?;
         }

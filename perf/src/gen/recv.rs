@@ -1,0 +1,319 @@
+//! The receiver: counts probes, tracks loss and reordering per flow, and records one-way latency
+//! (receive time of the burst minus the probe's send time, both CLOCK_MONOTONIC: sender and
+//! receiver share the machine) into an HdrHistogram, logged per interval to an `.hlog`.
+//!
+//! Per burst: one clock read, then per frame a parse, a tracker update and a histogram record;
+//! no allocation except when a new flow id first appears. Latency resolution is therefore the
+//! burst's processing time (a few µs at most).
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
+use hdrhistogram::serialization::V2DeflateSerializer;
+use hdrhistogram::Histogram;
+use mimiq_dataplane::port::xsk::{self, XskConfig};
+use mimiq_dataplane::port::{FrameMemory, Port, XdpStats};
+use serde::Serialize;
+
+use super::probe::{self, FCS_LEN};
+use super::seq::{SeqCounters, SeqTracker};
+use super::{cpu_time_ms, monotonic_ns};
+
+/// Where and how long to receive.
+#[derive(Debug, Clone)]
+pub struct RecvConfig {
+    /// Interface.
+    pub iface: String,
+    /// Queue index.
+    pub queue: u32,
+    /// Stop after this long (from the start).
+    pub duration: Option<Duration>,
+    /// Stop once this many probes arrived.
+    pub count: Option<u64>,
+    /// Stop when no probe arrived for this long, once probes have started arriving.
+    pub idle_exit: Option<Duration>,
+    /// Socket options.
+    pub xsk: XskConfig,
+    /// Interval of the `.hlog` histograms.
+    pub hlog_interval: Duration,
+    /// Where the interval log goes.
+    pub hlog: Option<PathBuf>,
+    /// Where the JSON report goes.
+    pub json: Option<PathBuf>,
+    /// Spin instead of sleeping in poll() when idle.
+    pub busy: bool,
+}
+
+/// Latency percentiles, nanoseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    /// Samples.
+    pub samples: u64,
+    /// Minimum.
+    pub min_ns: u64,
+    /// Median.
+    pub p50_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+    /// Maximum.
+    pub max_ns: u64,
+    /// Mean.
+    pub mean_ns: f64,
+}
+
+/// What the receiver saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecvReport {
+    /// Interface.
+    pub iface: String,
+    /// Probes, losses, reorderings, duplicates.
+    #[serde(flatten)]
+    pub seq: SeqCounters,
+    /// Bytes of the probes counted, frames with FCS.
+    pub received_bytes: u64,
+    /// Frames that were not probes.
+    pub other_frames: u64,
+    /// Flows seen.
+    pub flows: usize,
+    /// First to last probe, seconds.
+    pub elapsed_s: f64,
+    /// Probes per second over `elapsed_s`.
+    pub pps: f64,
+    /// Megabits per second over `elapsed_s` (frames with FCS).
+    pub mbps: f64,
+    /// Lost / (received + lost).
+    pub loss_ratio: f64,
+    /// One-way latency.
+    pub latency: Latency,
+    /// Kernel socket statistics (`rx_dropped`, `rx_ring_full`: frames lost before the socket).
+    pub xdp: Option<XdpStats>,
+    /// CPU time of the receiver process, user, ms.
+    pub cpu_user_ms: u64,
+    /// CPU time of the receiver process, system, ms.
+    pub cpu_sys_ms: u64,
+}
+
+/// Why the receiver could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// The AF_XDP socket could not be opened.
+    #[error(transparent)]
+    Open(#[from] xsk::OpenError),
+    /// The `.hlog` could not be written.
+    #[error("writing {path}: {reason}")]
+    Hlog { path: String, reason: String },
+}
+
+/// Highest latency recorded (larger values are clamped): 60 s.
+const MAX_LATENCY_NS: u64 = 60_000_000_000;
+
+/// Runs the receiver until a stop condition or `stop`; `ready` is called once it is bound.
+pub fn run(config: &RecvConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> Result<RecvReport, RecvError> {
+    let (mut ports, mut memory, mut free) = xsk::open(&[(config.iface.clone(), config.queue)], &config.xsk)?;
+    let hlog_err = |e: &dyn std::fmt::Display| RecvError::Hlog {
+        path: config.hlog.as_ref().map_or(String::new(), |p| p.display().to_string()),
+        reason: e.to_string(),
+    };
+    let mut out: Box<dyn Write> = match &config.hlog {
+        Some(path) => Box::new(BufWriter::new(File::create(path).map_err(|e| hlog_err(&e))?)),
+        None => Box::new(std::io::sink()),
+    };
+    let mut serializer = V2DeflateSerializer::new();
+    let start_wall = SystemTime::now();
+    let mut log = IntervalLogWriterBuilder::new()
+        .add_comment("mimiq-perf gen recv: one-way latency in nanoseconds")
+        .with_start_time(start_wall)
+        .with_base_time(start_wall)
+        .with_max_value_divisor(1e6)
+        .begin_log_with(&mut out, &mut serializer)
+        .map_err(|e| hlog_err(&e))?;
+
+    let port = &mut ports[0];
+    ready();
+    let new_hist = || Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds");
+    let mut total = new_hist();
+    let mut interval = new_hist();
+    let mut tracker = SeqTracker::default();
+    let (mut bytes, mut other) = (0u64, 0u64);
+    let mut rx = Vec::with_capacity(64);
+    let start_ns = monotonic_ns();
+    let interval_ns = config.hlog_interval.as_nanos().max(1_000_000) as u64;
+    let mut interval_start = start_ns;
+    let (mut first_ns, mut last_ns) = (0u64, 0u64);
+    let mut idle_polls = 0u32;
+    let cpu0 = cpu_time_ms();
+
+    loop {
+        let n = port.rx_burst(&mut rx, 64);
+        let now = monotonic_ns();
+        if n > 0 {
+            idle_polls = 0;
+            for mut frame in rx.drain(..) {
+                let data = memory.data_mut(&mut frame);
+                match probe::parse(data.contents()) {
+                    Some(p) => {
+                        tracker.on_probe(p.flow, p.seq);
+                        bytes += (data.contents().len() + FCS_LEN) as u64;
+                        interval.saturating_record(now.saturating_sub(p.time_ns).max(1));
+                    }
+                    None => other += 1,
+                }
+                drop(data);
+                free.push(frame);
+            }
+            if first_ns == 0 {
+                first_ns = now;
+            }
+            last_ns = now;
+        } else {
+            idle_polls = idle_polls.saturating_add(1);
+        }
+        port.reclaim(&mut free);
+
+        if now - interval_start >= interval_ns {
+            flush_interval(&mut log, &mut total, &mut interval, interval_start - start_ns, now - interval_start)
+                .map_err(|e| hlog_err(&e))?;
+            interval_start = now;
+        }
+        let received = tracker.counters().received;
+        let finished = stop.load(Ordering::Relaxed)
+            || config.duration.is_some_and(|d| now - start_ns >= d.as_nanos() as u64)
+            || config.count.is_some_and(|c| received >= c)
+            || (first_ns > 0 && config.idle_exit.is_some_and(|d| now - last_ns >= d.as_nanos() as u64));
+        if finished {
+            break;
+        }
+        if n == 0 && !config.busy && idle_polls > 256 {
+            <xsk::XskPort as Port>::wait_rx(std::slice::from_mut(port), Duration::from_millis(10));
+        }
+    }
+    let now = monotonic_ns();
+    flush_interval(&mut log, &mut total, &mut interval, interval_start - start_ns, now - interval_start)
+        .map_err(|e| hlog_err(&e))?;
+    drop(log);
+    out.flush().map_err(|e| hlog_err(&e))?;
+    let cpu1 = cpu_time_ms();
+    let seq = tracker.counters();
+    let elapsed_s = last_ns.saturating_sub(first_ns).max(1) as f64 / 1e9;
+    Ok(RecvReport {
+        iface: config.iface.clone(),
+        seq,
+        received_bytes: bytes,
+        other_frames: other,
+        flows: tracker.flows_seen(),
+        elapsed_s,
+        pps: seq.received as f64 / elapsed_s,
+        mbps: bytes as f64 * 8.0 / elapsed_s / 1e6,
+        loss_ratio: seq.lost as f64 / (seq.received + seq.lost).max(1) as f64,
+        latency: latency(&total),
+        xdp: port.xdp_stats(),
+        cpu_user_ms: cpu1.0 - cpu0.0,
+        cpu_sys_ms: cpu1.1 - cpu0.1,
+    })
+}
+
+/// Writes `interval` to the log (when it has samples), adds it to `total` and resets it.
+fn flush_interval<W: Write>(
+    log: &mut hdrhistogram::serialization::interval_log::IntervalLogWriter<'_, '_, W, V2DeflateSerializer>,
+    total: &mut Histogram<u64>,
+    interval: &mut Histogram<u64>,
+    start_offset_ns: u64,
+    len_ns: u64,
+) -> Result<(), String> {
+    if interval.is_empty() {
+        return Ok(());
+    }
+    log.write_histogram(interval, Duration::from_nanos(start_offset_ns), Duration::from_nanos(len_ns), None)
+        .map_err(|e| format!("{e:?}"))?;
+    total.add(&*interval).map_err(|e| format!("{e:?}"))?;
+    interval.reset();
+    Ok(())
+}
+
+/// Percentiles of `h`.
+pub fn latency(h: &Histogram<u64>) -> Latency {
+    if h.is_empty() {
+        return Latency::default();
+    }
+    Latency {
+        samples: h.len(),
+        min_ns: h.min(),
+        p50_ns: h.value_at_quantile(0.5),
+        p99_ns: h.value_at_quantile(0.99),
+        p999_ns: h.value_at_quantile(0.999),
+        max_ns: h.max(),
+        mean_ns: h.mean(),
+    }
+}
+
+/// A bare AF_XDP reflector: every frame received on one port leaves on the other (or, with one
+/// port, on the same one), untouched and uncounted per packet. The ceiling of AF_XDP forwarding
+/// on a machine: what any pipeline adds is measured against it.
+pub fn reflect(
+    ifaces: &[String],
+    xsk_config: &XskConfig,
+    busy: bool,
+    stop: &AtomicBool,
+    ready: &mut dyn FnMut(),
+) -> Result<ReflectReport, xsk::OpenError> {
+    let queues: Vec<(String, u32)> = ifaces.iter().map(|i| (i.clone(), 0)).collect();
+    let (mut ports, mut memory, mut free) = xsk::open(&queues, xsk_config)?;
+    ready();
+    let n = ports.len();
+    let mut burst = Vec::with_capacity(64);
+    let (mut forwarded, mut dropped) = (0u64, 0u64);
+    let mut idle_polls = 0u32;
+    let cpu0 = cpu_time_ms();
+    while !stop.load(Ordering::Relaxed) {
+        let mut got = 0;
+        for i in 0..n {
+            let k = ports[i].rx_burst(&mut burst, 64);
+            if k == 0 {
+                continue;
+            }
+            got += k;
+            let out = if n == 1 { 0 } else { i ^ 1 };
+            forwarded += ports[out].tx_burst(&mut burst) as u64;
+            dropped += burst.len() as u64;
+            free.append(&mut burst);
+        }
+        for p in ports.iter_mut() {
+            p.reclaim(&mut free);
+        }
+        if got == 0 {
+            idle_polls = idle_polls.saturating_add(1);
+            if !busy && idle_polls > 256 {
+                <xsk::XskPort as Port>::wait_rx(&mut ports, Duration::from_millis(10));
+            }
+        } else {
+            idle_polls = 0;
+        }
+    }
+    let _ = &mut memory; // frames are moved by descriptor only; the memory is never touched
+    let cpu1 = cpu_time_ms();
+    Ok(ReflectReport {
+        forwarded_packets: forwarded,
+        dropped_packets: dropped,
+        cpu_user_ms: cpu1.0 - cpu0.0,
+        cpu_sys_ms: cpu1.1 - cpu0.1,
+    })
+}
+
+/// What the reflector did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReflectReport {
+    /// Frames queued for transmission.
+    pub forwarded_packets: u64,
+    /// Frames dropped because the TX ring was full.
+    pub dropped_packets: u64,
+    /// CPU time, user, ms.
+    pub cpu_user_ms: u64,
+    /// CPU time, system, ms.
+    pub cpu_sys_ms: u64,
+}

@@ -1,0 +1,314 @@
+//! The sender: numbered, timestamped UDP probes on one AF_XDP queue.
+//!
+//! Per burst: reclaim completed frames, refill the token bucket, fill up to `batch` free frames
+//! from the flow templates (a copy of the headers, zeroed padding, the sequence number and time
+//! written, the UDP checksum finished), hand them to the TX ring. The clock is read once per
+//! burst, so all probes of a burst carry the same send time. Flows take turns (packet `i` is
+//! flow `i % flows`); sizes follow the mix's pattern, shifted per flow so every flow sees every
+//! size.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use mimiq_dataplane::port::xsk::{self, XskConfig};
+use mimiq_dataplane::port::{FrameMemory, Port, XdpStats};
+use serde::Serialize;
+
+use super::probe::{FlowAddrs, Template, TemplateError};
+use super::rate::{Rate, SizeMix, TokenBucket};
+use super::seq::{Fault, FaultCounters, FlowNumbering};
+use super::{cpu_time_ms, monotonic_ns};
+
+/// Which header field differs between flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Vary {
+    /// UDP source port (the default).
+    SrcPort,
+    /// UDP destination port.
+    DstPort,
+    /// IP source address.
+    SrcIp,
+    /// IP destination address.
+    DstIp,
+}
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct SendConfig {
+    /// Interface and queue.
+    pub iface: String,
+    /// Queue index.
+    pub queue: u32,
+    /// Addresses of flow 0.
+    pub base: FlowAddrs,
+    /// Number of flows (1..=65536).
+    pub flows: u32,
+    /// Fields that differ between flows: flow `i` adds `i` to each.
+    pub vary: Vec<Vary>,
+    /// Frame sizes.
+    pub sizes: SizeMix,
+    /// Rate.
+    pub rate: Rate,
+    /// Stop after this many packets.
+    pub count: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Frames per TX burst (1..=64).
+    pub batch: usize,
+    /// Socket options.
+    pub xsk: XskConfig,
+    /// Test-only numbering faults.
+    pub fault: Fault,
+    /// Where the JSON report goes.
+    pub json: Option<PathBuf>,
+}
+
+/// What the sender did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SendReport {
+    /// Interface.
+    pub iface: String,
+    /// Probes handed to the TX ring (and completed by the kernel).
+    pub sent_packets: u64,
+    /// Their bytes, frames counted with FCS.
+    pub sent_bytes: u64,
+    /// First to last burst, seconds.
+    pub elapsed_s: f64,
+    /// Packets per second.
+    pub pps: f64,
+    /// Megabits per second (frames with FCS).
+    pub mbps: f64,
+    /// Flows.
+    pub flows: u32,
+    /// Mean frame size, bytes with FCS.
+    pub mean_frame_bytes: f64,
+    /// Times the TX ring had no room for a whole burst.
+    pub tx_ring_full: u64,
+    /// Frames that arrived on the sender's queue (returned unread).
+    pub rx_ignored: u64,
+    /// Frames the kernel had not completed when the sender gave up waiting (should be 0).
+    pub tx_unfinished: u64,
+    /// Numbering faults injected (tests only).
+    pub faults: FaultCounters,
+    /// Kernel socket statistics.
+    pub xdp: Option<XdpStats>,
+    /// CPU time of the sender process, user, ms.
+    pub cpu_user_ms: u64,
+    /// CPU time of the sender process, system, ms.
+    pub cpu_sys_ms: u64,
+}
+
+/// Why the sender could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// A flow's frame could not be built.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The AF_XDP socket could not be opened.
+    #[error(transparent)]
+    Open(#[from] xsk::OpenError),
+}
+
+/// Builds the templates: index `flow * sizes + size`.
+pub fn templates(config: &SendConfig) -> Result<Vec<Template>, TemplateError> {
+    let mut out = Vec::with_capacity(config.flows as usize * config.sizes.sizes.len());
+    for flow in 0..config.flows {
+        let addrs = flow_addrs(&config.base, &config.vary, flow);
+        // flows ≤ 65536 (checked by the CLI), so the id fits 16 bits.
+        let id = flow as u16;
+        for &size in &config.sizes.sizes {
+            out.push(Template::build(&addrs, id, size)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The addresses of flow `i`.
+pub fn flow_addrs(base: &FlowAddrs, vary: &[Vary], i: u32) -> FlowAddrs {
+    let mut a = *base;
+    for v in vary {
+        match v {
+            Vary::SrcPort => a.src_port = base.src_port.wrapping_add(i as u16),
+            Vary::DstPort => a.dst_port = base.dst_port.wrapping_add(i as u16),
+            Vary::SrcIp => a.src_ip = add_to_ip(base.src_ip, i),
+            Vary::DstIp => a.dst_ip = add_to_ip(base.dst_ip, i),
+        }
+    }
+    a
+}
+
+fn add_to_ip(ip: IpAddr, i: u32) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(u32::from(v4).wrapping_add(i).into()),
+        IpAddr::V6(v6) => IpAddr::V6(u128::from(v6).wrapping_add(u128::from(i)).into()),
+    }
+}
+
+/// Runs the sender until its count or duration is reached or `stop` is set. `ready` is called
+/// once the socket is bound.
+pub fn run(config: &SendConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> Result<SendReport, SendError> {
+    let templates = templates(config)?;
+    let nsizes = config.sizes.sizes.len();
+    let flows = config.flows as usize;
+    let pattern = &config.sizes.pattern;
+    let (mut ports, mut memory, mut free) = xsk::open(&[(config.iface.clone(), config.queue)], &config.xsk)?;
+    let port = &mut ports[0];
+    ready();
+
+    let batch = config.batch.clamp(1, 64);
+    let mean_frame = config.sizes.mean();
+    let max_frame = *config.sizes.sizes.iter().max().unwrap_or(&64) as f64;
+    // Tokens per packet, the rate in tokens per second, and how many packets to gather before
+    // a burst: about 50 µs worth, so low rates send small bursts instead of stuttering.
+    let (per_s, cost_of): (f64, fn(&Template) -> f64) = match config.rate {
+        Rate::Unlimited => (0.0, |_| 0.0),
+        Rate::Pps(pps) => (pps, |_| 1.0),
+        Rate::Bps(bps) => (bps / 8.0, |t| t.frame_len() as f64),
+    };
+    let unit = match config.rate {
+        Rate::Bps(_) => mean_frame,
+        _ => 1.0,
+    };
+    let pps = per_s / unit;
+    let target = ((pps * 50e-6) as usize).clamp(1, batch);
+    let capacity = (pps * 2e-3).max(2.0 * batch as f64) * unit + max_frame;
+
+    let start_ns = monotonic_ns();
+    let mut bucket = TokenBucket::new(per_s, capacity, start_ns);
+    let deadline_ns = config.duration.map(|d| start_ns.saturating_add(d.as_nanos() as u64));
+    let mut numbering = vec![FlowNumbering::default(); flows];
+    let mut faults = FaultCounters::default();
+    let mut tx: Vec<_> = Vec::with_capacity(batch);
+    let mut rx: Vec<_> = Vec::with_capacity(64);
+    let (mut generated, mut sent, mut sent_bytes, mut tx_ring_full, mut rx_ignored) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut last_burst_ns = start_ns;
+    let mut round = 0usize; // position in the size pattern, advanced once per round of flows
+    let mut flow = 0usize;
+    let cpu0 = cpu_time_ms();
+
+    loop {
+        port.reclaim(&mut free);
+        if port.rx_burst(&mut rx, 64) > 0 {
+            rx_ignored += rx.len() as u64;
+            free.append(&mut rx);
+        }
+        let now = monotonic_ns();
+        let hard_stop = stop.load(Ordering::Relaxed) || deadline_ns.is_some_and(|d| now >= d);
+        let count_done = config.count.is_some_and(|c| generated >= c);
+        if hard_stop || (count_done && tx.is_empty()) {
+            break;
+        }
+        if tx.is_empty() {
+            let mut want = batch.min(free.len());
+            if let Some(c) = config.count {
+                want = want.min(c.saturating_sub(generated) as usize);
+            }
+            if per_s > 0.0 {
+                bucket.refill(now);
+                let wait = bucket.wait_ns(target.min(want.max(1)) as f64 * unit);
+                if wait > 0 {
+                    pace(wait);
+                    continue;
+                }
+            }
+            for _ in 0..want {
+                let t = &templates[flow * nsizes + usize::from(pattern[(round + flow) % pattern.len()])];
+                if per_s > 0.0 && !bucket.take(cost_of(t)) {
+                    break;
+                }
+                let Some(mut frame) = free.pop() else { break };
+                let seq = numbering[flow].next_seq(config.fault, &mut faults);
+                {
+                    let mut data = memory.data_mut(&mut frame);
+                    data.cursor().set_pos(t.len());
+                    t.write(data.contents_mut(), seq, now);
+                }
+                tx.push(frame);
+                generated += 1;
+                sent_bytes += t.frame_len() as u64;
+                flow += 1;
+                if flow == flows {
+                    flow = 0;
+                    round += 1;
+                }
+            }
+        }
+        let before = tx.len();
+        let took = port.tx_burst(&mut tx);
+        if took < before {
+            tx_ring_full += 1;
+        }
+        sent += took as u64;
+        if took > 0 {
+            last_burst_ns = now;
+        }
+        if took == 0 && free.is_empty() {
+            // Every frame is in the kernel: let it work instead of spinning on the rings.
+            std::thread::yield_now();
+        }
+    }
+    // A swap fault whose second packet is still held sends it now, or the receiver would count
+    // it lost.
+    for (i, n) in numbering.iter_mut().enumerate() {
+        if n.has_held() {
+            if let Some(mut frame) = free.pop() {
+                let t = &templates[i * nsizes];
+                let seq = n.next_seq(config.fault, &mut faults);
+                let mut data = memory.data_mut(&mut frame);
+                data.cursor().set_pos(t.len());
+                t.write(data.contents_mut(), seq, monotonic_ns());
+                drop(data);
+                tx.push(frame);
+                sent_bytes += t.frame_len() as u64;
+            }
+        }
+    }
+    let flush_deadline = monotonic_ns() + 100_000_000;
+    while !tx.is_empty() && monotonic_ns() < flush_deadline {
+        sent += port.tx_burst(&mut tx) as u64;
+        port.reclaim(&mut free);
+    }
+    // Frames gathered and not taken by the ring were never sent: take them out of the count.
+    for frame in tx.drain(..) {
+        sent_bytes -= memory.len(&frame) as u64 + super::probe::FCS_LEN as u64;
+        free.push(frame);
+    }
+    // Wait (at most 1 s) for the kernel to complete everything queued.
+    let drain_deadline = monotonic_ns() + 1_000_000_000;
+    while port.tx_in_flight() > 0 && monotonic_ns() < drain_deadline {
+        port.reclaim(&mut free);
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    let cpu1 = cpu_time_ms();
+    let elapsed_s = (last_burst_ns.saturating_sub(start_ns)).max(1) as f64 / 1e9;
+    let report = SendReport {
+        iface: config.iface.clone(),
+        sent_packets: sent,
+        sent_bytes,
+        elapsed_s,
+        pps: sent as f64 / elapsed_s,
+        mbps: sent_bytes as f64 * 8.0 / elapsed_s / 1e6,
+        flows: config.flows,
+        mean_frame_bytes: mean_frame,
+        tx_ring_full,
+        rx_ignored,
+        tx_unfinished: port.tx_in_flight(),
+        faults,
+        xdp: port.xdp_stats(),
+        cpu_user_ms: cpu1.0 - cpu0.0,
+        cpu_sys_ms: cpu1.1 - cpu0.1,
+    };
+    Ok(report)
+}
+
+/// Waits `ns`: sleeps when it is long enough for the timer to be worth it, yields otherwise.
+fn pace(ns: u64) {
+    if ns >= 20_000 {
+        std::thread::sleep(Duration::from_nanos(ns));
+    } else {
+        std::thread::yield_now();
+    }
+}
