@@ -60,6 +60,16 @@ enum Bench {
         #[arg(long, default_value = "target/experiments/l2fwd")]
         out: std::path::PathBuf,
     },
+    /// 64-byte forwarding rate through mimiq-switch, a bare AF_XDP reflector and the kernel's
+    /// IP forwarding, plus the generator's own ceiling, all with `mimiq-perf gen`.
+    Forwarding {
+        /// Seconds of traffic per path.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        seconds: u32,
+        /// Directory for results.json and results.md.
+        #[arg(long, default_value = "target/experiments/forwarding")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -121,6 +131,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { bench: Bench::L2fwd { seconds, out } } => {
             let (runs, md) = mimiq_perf::experiments::l2fwd::compare(seconds, &mut |l| println!("{l}"))
+                .map_err(anyhow::Error::msg)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(&runs)?)?;
+            std::fs::write(out.join("results.md"), &md)?;
+            println!("{md}");
+            println!("written to {}", out.display());
+        }
+        Command::Bench { bench: Bench::Forwarding { seconds, out } } => {
+            let (runs, md) = mimiq_perf::experiments::forwarding::compare(seconds, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(&runs)?)?;

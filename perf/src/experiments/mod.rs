@@ -1,4 +1,5 @@
 //! Reproducible experiments. Each one builds its topology, measures a baseline and mimiq in the
 //! same run, and reports ratios, so figures survive a shared, drifting machine.
 
+pub mod forwarding;
 pub mod l2fwd;

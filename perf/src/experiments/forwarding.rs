@@ -1,0 +1,291 @@
+//! Forwarding rate of 64-byte frames, one generator, in the same run: the generator's own
+//! ceiling (into a kernel that drops the frames at once), mimiq-switch `l2fwd`, a bare AF_XDP
+//! reflector (the ceiling of AF_XDP forwarding here) and the kernel's own IP forwarding on an
+//! identical three-namespace topology. Every path: `gen send` on h1 as fast as it can for the
+//! same time, `gen recv` on h2 (except for the ceiling), the forwarder on the middle host.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::switch::Switch;
+use crate::testbed::{bin_path, topology, LinkOpts, Proc, Testbed};
+
+/// What sits between the generator and the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Path {
+    /// Nothing: one veth into a namespace whose kernel drops the frames (wrong MAC).
+    GeneratorCeiling,
+    /// `mimiq-perf gen reflect` on the middle host: AF_XDP with no per-packet work.
+    AfXdpReflector,
+    /// `mimiq-switch --role l2fwd` on the middle host (idle strategy adaptive).
+    MimiqSwitch,
+    /// `mimiq-switch --role l2fwd --idle busy`.
+    MimiqSwitchBusy,
+    /// The middle host's kernel routing between two subnets (ip_forward=1).
+    KernelForwarding,
+}
+
+/// What one path measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// The path.
+    pub path: Path,
+    /// Probes the generator sent, and its rate.
+    pub sent_packets: u64,
+    /// Sender packets per second.
+    pub sent_pps: f64,
+    /// Frames the forwarder transmitted towards h2 (its egress veth's tx_packets).
+    pub forwarded_packets: Option<u64>,
+    /// Forwarded frames per second of the sender's run time.
+    pub forwarded_pps: Option<f64>,
+    /// Probes the receiver counted.
+    pub received_packets: Option<u64>,
+    /// Received probes per second of the sender's run time.
+    pub received_pps: Option<f64>,
+    /// One-way latency median and 99th percentile (µs) at this load: mostly queueing.
+    pub latency_p50_us: Option<f64>,
+    /// 99th percentile.
+    pub latency_p99_us: Option<f64>,
+    /// CPU time (user + system) of the forwarding process per forwarded frame, ns. The kernel's
+    /// forwarding runs in softirq context, charged to whichever process is on the CPU: none.
+    pub forwarder_cpu_ns_per_packet: Option<f64>,
+    /// CPU time of the sender per sent frame, ns.
+    pub sender_cpu_ns_per_packet: f64,
+    /// The commands run, in order (host: command).
+    pub commands: Vec<String>,
+}
+
+/// Runs every path for `seconds` each and returns the runs and a Markdown table.
+pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Run>, String), String> {
+    let mut runs = Vec::new();
+    for path in [
+        Path::GeneratorCeiling,
+        Path::AfXdpReflector,
+        Path::MimiqSwitch,
+        Path::MimiqSwitchBusy,
+        Path::KernelForwarding,
+    ] {
+        progress(&format!("{path:?}:"));
+        let r = run(path, seconds)?;
+        progress(&format!(
+            "  sent {:.0} pps, forwarded {}, received {}",
+            r.sent_pps,
+            r.forwarded_pps.map_or("–".into(), |v| format!("{v:.0} pps")),
+            r.received_pps.map_or("–".into(), |v| format!("{v:.0} pps"))
+        ));
+        runs.push(r);
+    }
+    Ok((runs.clone(), markdown(&runs)))
+}
+
+/// The Markdown table: rates, ratios to the reflector and to the kernel, CPU per frame.
+pub fn markdown(runs: &[Run]) -> String {
+    let rate = |p: Path| {
+        runs.iter()
+            .find(|r| r.path == p)
+            .and_then(|r| r.received_pps)
+            .unwrap_or(f64::NAN)
+    };
+    let (reflector, kernel) = (rate(Path::AfXdpReflector), rate(Path::KernelForwarding));
+    let f = |v: Option<f64>, digits: usize| v.map_or("–".into(), |v| format!("{v:.digits$}"));
+    let mut md = String::from(
+        "| path | sent pps | forwarded pps | received pps | ÷ reflector | ÷ kernel | p50 / p99 µs | forwarder CPU ns/frame | sender CPU ns/frame |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in runs {
+        let ratio = |base: f64| r.received_pps.map(|v| v / base);
+        md.push_str(&format!(
+            "| {:?} | {:.0} | {} | {} | {} | {} | {} / {} | {} | {:.0} |\n",
+            r.path,
+            r.sent_pps,
+            f(r.forwarded_pps, 0),
+            f(r.received_pps, 0),
+            f(ratio(reflector), 2),
+            f(ratio(kernel), 2),
+            f(r.latency_p50_us, 0),
+            f(r.latency_p99_us, 0),
+            f(r.forwarder_cpu_ns_per_packet, 0),
+            r.sender_cpu_ns_per_packet,
+        ));
+    }
+    md
+}
+
+/// One path, on a fresh testbed.
+pub fn run(path: Path, seconds: u32) -> Result<Run, String> {
+    let perf = bin_path("mimiq-perf")?;
+    let perf = perf.to_str().ok_or("binary path is not UTF-8")?.to_string();
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let file = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let mut tb = Testbed::new().map_err(|e| e.to_string())?;
+    let mut commands = Vec::new();
+    let secs = seconds.to_string();
+    let mut send_args: Vec<String> = ["gen", "send", "--iface", "eth0", "--size", "64", "--flows", "16", "--duration", &secs]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    send_args.extend(["--json".into(), file("send.json")]);
+
+    // The topology and the forwarder.
+    let (egress, mut forwarder, switch): (Option<(&str, &str)>, Option<Proc>, Option<Switch>) = match path {
+        Path::GeneratorCeiling => {
+            tb.add_host("h1").map_err(|e| e.to_string())?;
+            tb.add_host("h2").map_err(|e| e.to_string())?;
+            tb.add_link(("h1", "eth0"), ("h2", "eth0"), LinkOpts::default()).map_err(|e| e.to_string())?;
+            // A MAC that is not h2's: its kernel drops every frame as soon as it sees it.
+            send_args.extend(["--dst-mac".into(), "02:00:00:00:00:99".into()]);
+            (None, None, None)
+        }
+        Path::AfXdpReflector => {
+            topology::line(&mut tb).map_err(|e| e.to_string())?;
+            let cmd = [perf.as_str(), "gen", "reflect", "--port", "p0", "--port", "p1", "--json", &file("reflect.json")];
+            commands.push(format!("sw: {}", cmd[1..].join(" ")));
+            let proc = tb.spawn("sw", &cmd, true).map_err(|e| e.to_string())?;
+            wait_bound(&proc)?;
+            (Some(("sw", "p1")), Some(proc), None)
+        }
+        Path::MimiqSwitch | Path::MimiqSwitchBusy => {
+            topology::line(&mut tb).map_err(|e| e.to_string())?;
+            let mut args = vec!["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "100"];
+            if path == Path::MimiqSwitchBusy {
+                args.extend(["--idle", "busy"]);
+            }
+            commands.push(format!("sw: mimiq-switch run {} --stats-path S", args.join(" ")));
+            let sw = Switch::start(&mut tb, "sw", &args, &dir.path().join("switch.json"))?;
+            (Some(("sw", "p1")), None, Some(sw))
+        }
+        Path::KernelForwarding => {
+            routed(&mut tb).map_err(|e| e.to_string())?;
+            let r_mac = read(&tb, "r", "/sys/class/net/p0/address")?;
+            send_args.extend(["--dst".into(), ROUTED_H2.into(), "--dst-mac".into(), r_mac]);
+            commands.push("r: sysctl net.ipv4.ip_forward=1 (routes 198.18.0.0/24 ↔ 198.18.1.0/24)".into());
+            (Some(("r", "p1")), None, None)
+        }
+    };
+
+    let receiver = if path == Path::GeneratorCeiling {
+        None
+    } else {
+        let cmd = [perf.as_str(), "gen", "recv", "--iface", "eth0", "--json", &file("recv.json")];
+        commands.push(format!("h2: {}", cmd[1..].join(" ")));
+        let proc = tb.spawn("h2", &cmd, true).map_err(|e| e.to_string())?;
+        wait_bound(&proc)?;
+        Some(proc)
+    };
+
+    let egress_before = egress.map(|(h, i)| counter(&tb, h, i, "tx_packets")).transpose()?;
+    let switch_before = switch.as_ref().map(Switch::stats).transpose()?;
+    let mut cmd = vec![perf.as_str()];
+    cmd.extend(send_args.iter().map(String::as_str));
+    commands.push(format!("h1: {}", send_args.join(" ")));
+    let mut sender = tb.spawn("h1", &cmd, true).map_err(|e| e.to_string())?;
+    let status = sender
+        .wait_timeout(Duration::from_secs(u64::from(seconds) + 60))
+        .ok_or_else(|| format!("sender did not finish: {}", sender.describe()))?;
+    if !status.success() {
+        return Err(format!("sender failed: {}", sender.describe()));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = json(&file("send.json"))?;
+    let sent_packets = sent["sent_packets"].as_u64().unwrap_or(0);
+    let elapsed = sent["elapsed_s"].as_f64().unwrap_or(f64::NAN);
+    let sender_cpu_ms = (sent["cpu_user_ms"].as_u64().unwrap_or(0) + sent["cpu_sys_ms"].as_u64().unwrap_or(0)) as f64;
+
+    let forwarded = match (egress, egress_before) {
+        (Some((h, i)), Some(before)) => Some(counter(&tb, h, i, "tx_packets")? - before),
+        _ => None,
+    };
+    let forwarder_cpu_ms = match (&switch, &switch_before) {
+        (Some(sw), Some(before)) => Some((sw.stats_after(Duration::from_millis(200))?.cpu_ms() - before.cpu_ms()) as f64),
+        _ => match forwarder.as_mut() {
+            Some(proc) => {
+                proc.stop(Duration::from_secs(5));
+                let r = json(&file("reflect.json"))?;
+                Some((r["cpu_user_ms"].as_u64().unwrap_or(0) + r["cpu_sys_ms"].as_u64().unwrap_or(0)) as f64)
+            }
+            None => None,
+        },
+    };
+    let received = match receiver {
+        Some(mut proc) => {
+            proc.stop(Duration::from_secs(5));
+            Some(json(&file("recv.json"))?)
+        }
+        None => None,
+    };
+    let received_packets = received.as_ref().and_then(|r| r["received"].as_u64());
+    let lat = |q: &str| received.as_ref().and_then(|r| r["latency"][q].as_u64()).map(|ns| ns as f64 / 1e3);
+    Ok(Run {
+        path,
+        sent_packets,
+        sent_pps: sent_packets as f64 / elapsed,
+        forwarded_packets: forwarded,
+        forwarded_pps: forwarded.map(|f| f as f64 / elapsed),
+        received_packets,
+        received_pps: received_packets.map(|r| r as f64 / elapsed),
+        latency_p50_us: lat("p50_ns"),
+        latency_p99_us: lat("p99_ns"),
+        forwarder_cpu_ns_per_packet: forwarder_cpu_ms
+            .zip(forwarded)
+            .map(|(ms, f)| ms * 1e6 / f.max(1) as f64),
+        sender_cpu_ns_per_packet: sender_cpu_ms * 1e6 / sent_packets.max(1) as f64,
+        commands,
+    })
+}
+
+/// h2's address on the routed topology.
+pub const ROUTED_H2: &str = "198.18.1.2";
+
+/// `h1:eth0 (198.18.0.1/24) — p0:r:p1 — eth0:h2 (198.18.1.2/24)`, r forwarding IPv4 between
+/// the two subnets. h2's receiver takes every frame off its interface (ARP too), so r knows
+/// h2's MAC from a permanent neighbour entry, as a router with static ARP would.
+pub fn routed(tb: &mut Testbed) -> Result<(), String> {
+    let e = |e: crate::testbed::TestbedError| e.to_string();
+    for host in ["h1", "r", "h2"] {
+        tb.add_host(host).map_err(e)?;
+    }
+    tb.add_link(("h1", "eth0"), ("r", "p0"), LinkOpts::default()).map_err(e)?;
+    tb.add_link(("r", "p1"), ("h2", "eth0"), LinkOpts::default()).map_err(e)?;
+    tb.add_addr("h1", "eth0", "198.18.0.1/24").map_err(e)?;
+    tb.add_addr("r", "p0", "198.18.0.254/24").map_err(e)?;
+    tb.add_addr("r", "p1", "198.18.1.254/24").map_err(e)?;
+    tb.add_addr("h2", "eth0", "198.18.1.2/24").map_err(e)?;
+    tb.add_route("h1", "198.18.1.0/24", "198.18.0.254").map_err(e)?;
+    tb.add_route("h2", "198.18.0.0/24", "198.18.1.254").map_err(e)?;
+    tb.sysctl("r", "net.ipv4.ip_forward", "1").map_err(e)?;
+    for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
+        tb.sysctl("r", key, "0").map_err(e)?;
+    }
+    let h2_mac = read(tb, "h2", "/sys/class/net/eth0/address")?;
+    tb.exec_ok("r", &["ip", "neigh", "replace", ROUTED_H2, "lladdr", &h2_mac, "dev", "p1", "nud", "permanent"])
+        .map_err(e)?;
+    Ok(())
+}
+
+fn wait_bound(proc: &Proc) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !proc.stdout().contains("bound ") {
+        if Instant::now() > deadline {
+            return Err(format!("not bound after 20 s: {}", proc.describe()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn read(tb: &Testbed, host: &str, path: &str) -> Result<String, String> {
+    let out = tb.exec_ok(host, &["cat", path]).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn counter(tb: &Testbed, host: &str, iface: &str, name: &str) -> Result<u64, String> {
+    let text = read(tb, host, &format!("/sys/class/net/{iface}/statistics/{name}"))?;
+    text.parse().map_err(|e| format!("{iface} {name} {text:?}: {e}"))
+}
+
+fn json(path: &str) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))
+}
