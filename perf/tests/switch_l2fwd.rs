@@ -99,3 +99,72 @@ fn a_queue_already_bound_and_a_missing_interface_are_one_clear_error_line() {
     // The first switch still forwards.
     ping(&tb, "h1", topology::addr::H2_V4, 2).unwrap();
 }
+
+#[test]
+fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
+    if !require_root() {
+        return;
+    }
+    let mut tb = Testbed::new().unwrap();
+    let opts = mimiq_perf::testbed::LinkOpts { queues: 2, ..Default::default() };
+    topology::line_with(&mut tb, opts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hlog = dir.path().join("s.hlog");
+    // The metrics endpoint listens inside the switch's namespace, on its loopback.
+    let args = [
+        "--role", "l2fwd", "--port", "p0", "--port", "p1", "--queues", "2", "--cores", "0,1",
+        "--stats-interval-ms", "50", "--hlog-path", hlog.to_str().unwrap(),
+        "--metrics-listen", "127.0.0.1:9464",
+    ];
+    let mut switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("s.json")).unwrap();
+
+    // Eight TCP streams: the senders' queue selection spreads them over both queues.
+    let mut server = tb.spawn("h2", &["iperf3", "-s", "-1", "-p", "5201"], false).unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        let out = tb
+            .exec("h1", &["iperf3", "-c", topology::addr::H2_V4, "-p", "5201", "-t", "2", "-P", "8"])
+            .unwrap();
+        if out.status.success() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "iperf3 through two workers; {}", switch.proc.describe());
+    server.stop(Duration::from_secs(3));
+    let s = switch.stats_after(SETTLE).unwrap();
+    let per_worker = s.port_per_worker(0, "rx_packets");
+    assert_eq!(per_worker.len(), 2);
+    assert!(per_worker.iter().all(|&n| n > 100), "both queues carried traffic: {per_worker:?}");
+
+    // Prometheus text, scraped from inside the namespace with a plain HTTP/1.0 request.
+    let scrape = tb
+        .exec_ok("sw", &["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"])
+        .unwrap_or_else(|e| panic!("scrape: {e}"));
+    let text = String::from_utf8_lossy(&scrape.stdout);
+    assert!(text.starts_with("HTTP/1.") && text.contains(" 200 "), "{text}");
+    let sample = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    let metric_rx = sample("mimiq_switch_rx_packets_total{queue=\"0\",port=\"p0\"}")
+        + sample("mimiq_switch_rx_packets_total{queue=\"1\",port=\"p0\"}");
+    assert!(metric_rx >= s.port(0, "rx_packets"), "metrics agree with the stats file");
+    assert!(text.contains("mimiq_switch_drops_total{queue=\"1\",reason=\"slow_path_ring_full\"}"));
+
+    // SIGUSR1 appends an interval to the hlog at once, one histogram per worker.
+    let count_tags = || {
+        let text = std::fs::read_to_string(&hlog).unwrap_or_default();
+        (text.matches("Tag=worker0,").count(), text.matches("Tag=worker1,").count())
+    };
+    let before = count_tags();
+    switch.proc.signal(libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = count_tags();
+    assert!(after.0 > before.0 && after.1 > before.1, "{before:?} -> {after:?}");
+    let status = switch.proc.stop(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{}", switch.proc.describe());
+}

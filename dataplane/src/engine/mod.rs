@@ -418,7 +418,7 @@ mod tests {
         assert_eq!(c.drops.get(DropReason::Runt), 1);
         assert_eq!(c.drops.get(DropReason::TxRingFull), 20);
         assert_eq!(c.ports[1].tx_packets, 10);
-        assert_eq!(w.free_frames(), 21, "dropped frames are reusable");
+        assert_eq!(w.ports_mut()[0].take_recycled().len(), 21, "dropped frames are reusable");
         assert_eq!(w.ports_mut()[1].take_sent().len(), 10);
     }
 
@@ -435,5 +435,170 @@ mod tests {
         let last = published.last().expect("published at least once");
         assert_eq!(last.ports[0].rx_packets, 1);
         assert_eq!(last.ports[1].tx_packets, 1);
+    }
+
+    /// Frames whose first byte equals `slow_tag` go to the slow path; the rest to port 1.
+    struct Tagger {
+        slow_tag: u8,
+        updates_seen: u32,
+    }
+
+    impl Pipeline for Tagger {
+        type Update = u8;
+
+        fn apply(&mut self, update: u8) {
+            self.slow_tag = update;
+            self.updates_seen += 1;
+        }
+
+        fn process<M: FrameMemory>(
+            &mut self,
+            _in_port: PortId,
+            memory: &mut M,
+            frames: &mut [M::Frame],
+            verdicts: &mut Vec<Verdict>,
+        ) {
+            for frame in frames.iter_mut() {
+                let first = memory.data_mut(frame)[0];
+                verdicts.push(if first == self.slow_tag {
+                    Verdict::ToSlowPath
+                } else {
+                    Verdict::Forward(1)
+                });
+            }
+        }
+    }
+
+    type SlowEnds = (
+        rtrb::Producer<u8>,
+        rtrb::Consumer<SlowPathFrame<MemFrame>>,
+        rtrb::Producer<SlowPathReturn<MemFrame>>,
+    );
+
+    fn tagger_worker(slow_ring: usize) -> (Worker<MemPort, Tagger>, SlowEnds) {
+        let (update_tx, update_rx) = rtrb::RingBuffer::new(4096);
+        let (slow_tx, slow_rx) = rtrb::RingBuffer::new(slow_ring);
+        let (back_tx, back_rx) = rtrb::RingBuffer::new(slow_ring);
+        let ports = vec![MemPort::new("a", 1 << 20), MemPort::new("b", 1 << 20)];
+        let w = Worker::new(ports, MemMemory, Vec::new(), Tagger { slow_tag: 0xee, updates_seen: 0 })
+            .with_rings(Rings {
+                updates: Some(update_rx),
+                to_slow_path: Some(slow_tx),
+                from_slow_path: Some(back_rx),
+            });
+        (w, (update_tx, slow_rx, back_tx))
+    }
+
+    #[test]
+    fn updates_are_applied_between_bursts_at_most_a_bounded_number_per_pass() {
+        let (mut w, (mut updates, _, _)) = tagger_worker(64);
+        for i in 0..3000u32 {
+            updates.push((i % 200) as u8).unwrap();
+        }
+        w.poll_once();
+        assert_eq!(w.counters().updates_applied, UPDATES_PER_PASS as u64);
+        while w.poll_once() > 0 {}
+        assert_eq!(w.counters().updates_applied, 3000);
+        assert_eq!(w.pipeline().updates_seen, 3000);
+        assert_eq!(w.pipeline().slow_tag, (2999 % 200) as u8, "applied in order");
+    }
+
+    #[test]
+    fn slow_path_frames_move_to_another_thread_and_come_back_to_be_sent() {
+        let (mut w, (_, mut to_slow, mut back)) = tagger_worker(256);
+        for i in 0..200u8 {
+            w.ports_mut()[0].inject(frame(if i % 2 == 0 { 0xee } else { i }, 64));
+        }
+        let slow = std::thread::spawn(move || {
+            let mut handled = 0;
+            while handled < 100 {
+                if let Ok(SlowPathFrame { mut frame, in_port }) = to_slow.pop() {
+                    // Answer on the port the frame came from, e.g. an ARP reply.
+                    MemMemory.data_mut(&mut frame)[1] = 0xaa;
+                    let mut ret = SlowPathReturn::Transmit(frame, in_port);
+                    while let Err(rtrb::PushError::Full(r)) = back.push(ret) {
+                        ret = r;
+                        std::thread::yield_now();
+                    }
+                    handled += 1;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.counters().from_slow_path < 100 && Instant::now() < deadline {
+            w.poll_once();
+        }
+        slow.join().unwrap();
+        let c = w.counters().clone();
+        assert_eq!((c.to_slow_path, c.from_slow_path), (100, 100));
+        let answered = w.ports_mut()[0].take_sent();
+        assert_eq!(answered.len(), 100, "answers leave on the ingress port");
+        assert!(answered.iter().all(|f| f.bytes()[0] == 0xee && f.bytes()[1] == 0xaa));
+        assert_eq!(w.ports_mut()[1].take_sent().len(), 100, "the rest is forwarded");
+        assert_eq!(c.drops.total(), 0);
+    }
+
+    #[test]
+    fn a_full_slow_path_ring_is_a_counted_drop_and_the_frame_is_kept() {
+        let (mut w, (_, to_slow, _)) = tagger_worker(4);
+        for _ in 0..10 {
+            w.ports_mut()[0].inject(frame(0xee, 64));
+        }
+        w.poll_once();
+        assert_eq!(w.counters().to_slow_path, 4);
+        assert_eq!(w.counters().drops.get(DropReason::SlowPathRingFull), 6);
+        assert_eq!(w.ports_mut()[0].take_recycled().len(), 6);
+        assert_eq!(to_slow.slots(), 4);
+    }
+
+    #[test]
+    fn no_frame_is_ever_lost_over_a_long_run() {
+        // Every frame is always in exactly one place: the test's pool, a port's inbox, a port's
+        // sent list, the worker's free list, or one of the two slow-path rings.
+        const FRAMES: usize = 500;
+        let (mut w, (_, mut to_slow, mut back)) = tagger_worker(16);
+        let mut pool: Vec<MemFrame> = (0..FRAMES).map(|_| frame(0, 64)).collect();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for _ in 0..20_000 {
+            for _ in 0..next() % 80 {
+                let Some(mut f) = pool.pop() else { break };
+                let r = next();
+                // Some runts' worth of tags: slow path, forward; lengths vary.
+                MemMemory.data_mut(&mut f)[0] = if r % 5 == 0 { 0xee } else { r as u8 & 0x7f };
+                let port = (r >> 8) as usize % 2;
+                w.ports_mut()[port].inject(f);
+            }
+            w.poll_once();
+            // The slow path answers some, frees some, and sometimes lags behind.
+            for _ in 0..next() % 20 {
+                let Ok(SlowPathFrame { frame, in_port }) = to_slow.pop() else { break };
+                let ret = if next() % 2 == 0 {
+                    SlowPathReturn::Transmit(frame, in_port)
+                } else {
+                    SlowPathReturn::Free(frame)
+                };
+                if let Err(rtrb::PushError::Full(SlowPathReturn::Transmit(f, _) | SlowPathReturn::Free(f))) = back.push(ret) {
+                    pool.push(f);
+                }
+            }
+            for port in w.ports_mut() {
+                pool.extend(port.take_sent());
+                pool.extend(port.take_recycled());
+            }
+            let in_rings = to_slow.slots() + (16 - back.slots());
+            let inboxes: usize = w.ports_mut().iter().map(MemPort::queued).sum();
+            assert_eq!(pool.len() + inboxes + w.free_frames() + in_rings, FRAMES);
+        }
+        let c = w.counters();
+        assert!(c.to_slow_path > 1000 && c.from_slow_path > 1000, "{c:?}");
+        assert!(c.drops.get(DropReason::SlowPathRingFull) > 0, "the lagging slow path filled its ring");
     }
 }

@@ -56,6 +56,7 @@ pub struct MemPort {
     name: String,
     inbox: VecDeque<MemFrame>,
     sent: Vec<MemFrame>,
+    recycled: Vec<MemFrame>,
     tx_ring_size: usize,
 }
 
@@ -66,6 +67,7 @@ impl MemPort {
             name: name.to_string(),
             inbox: VecDeque::new(),
             sent: Vec::new(),
+            recycled: Vec::new(),
             tx_ring_size,
         }
     }
@@ -73,6 +75,16 @@ impl MemPort {
     /// Queues a frame for the worker to receive.
     pub fn inject(&mut self, frame: MemFrame) {
         self.inbox.push_back(frame);
+    }
+
+    /// Frames injected and not yet received by the worker.
+    pub fn queued(&self) -> usize {
+        self.inbox.len()
+    }
+
+    /// Takes the frames the worker freed (what an AF_XDP port puts on its fill ring).
+    pub fn take_recycled(&mut self) -> Vec<MemFrame> {
+        std::mem::take(&mut self.recycled)
     }
 
     /// Takes what the worker transmitted, in order.
@@ -102,7 +114,10 @@ impl Port for MemPort {
         n
     }
 
-    fn reclaim(&mut self, _free: &mut Vec<MemFrame>) {}
+    fn reclaim(&mut self, free: &mut Vec<MemFrame>) {
+        // Like a fill ring: the port takes the worker's free frames back.
+        self.recycled.append(free);
+    }
 
     fn xdp_stats(&self) -> Option<XdpStats> {
         None

@@ -147,7 +147,7 @@ pub fn open(
                 umem
             }
             Err(_) => {
-                tracing::info!("no huge pages free for the UMEM; using normal pages");
+                tracing::debug!("no huge pages free for the UMEM; using normal pages");
                 Umem::new(umem_config, frames, false).map_err(umem_error)?
             }
         },
@@ -172,6 +172,11 @@ pub fn open(
         .libxdp_flags(LibxdpFlags::empty())
         .build();
 
+    // libxdp attaches or reuses the XDP program of an interface when a socket is created; two
+    // workers doing that at once for the same interface race (one sees EBUSY). Sockets are
+    // created one at a time, process-wide; this is start-up only, never the packet path.
+    static CREATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serialised = CREATE.lock().unwrap_or_else(|p| p.into_inner());
     let mut ports = Vec::with_capacity(queues.len());
     for (iface, queue) in queues {
         let ifname: Interface = iface

@@ -60,11 +60,16 @@ pub enum TestbedError {
 pub struct LinkOpts {
     /// MTU of both ends, in bytes.
     pub mtu_bytes: u32,
+    /// RX and TX queues of each end (one AF_XDP socket and worker per queue).
+    pub queues: u32,
 }
 
 impl Default for LinkOpts {
     fn default() -> Self {
-        LinkOpts { mtu_bytes: 1500 }
+        LinkOpts {
+            mtu_bytes: 1500,
+            queues: 1,
+        }
     }
 }
 
@@ -147,11 +152,13 @@ impl Testbed {
         opts: LinkOpts,
     ) -> Result<(), TestbedError> {
         let (ns_a, ns_b) = (self.known(a)?, self.known(b)?);
+        let q = opts.queues.max(1).to_string();
         run(
             "ip",
             &[
-                "link", "add", a_if, "netns", &ns_a, "type", "veth", "peer", "name", b_if,
-                "netns", &ns_b,
+                "link", "add", a_if, "netns", &ns_a, "numtxqueues", &q, "numrxqueues", &q,
+                "type", "veth", "peer", "name", b_if, "netns", &ns_b, "numtxqueues", &q,
+                "numrxqueues", &q,
             ],
         )?;
         for (ns, ifname) in [(&ns_a, a_if), (&ns_b, b_if)] {

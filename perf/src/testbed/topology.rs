@@ -21,11 +21,16 @@ pub mod addr {
 /// itself: the ports `p0` and `p1` carry traffic only while a switch (`mimiq-switch`, role
 /// `l2fwd`) runs on them.
 pub fn line(tb: &mut Testbed) -> Result<(), TestbedError> {
+    line_with(tb, LinkOpts::default())
+}
+
+/// [`line`] with links of the given options (e.g. several queues per veth).
+pub fn line_with(tb: &mut Testbed, opts: LinkOpts) -> Result<(), TestbedError> {
     for host in ["h1", "sw", "h2"] {
         tb.add_host(host)?;
     }
-    tb.add_link(("h1", "eth0"), ("sw", "p0"), LinkOpts::default())?;
-    tb.add_link(("sw", "p1"), ("h2", "eth0"), LinkOpts::default())?;
+    tb.add_link(("h1", "eth0"), ("sw", "p0"), opts)?;
+    tb.add_link(("sw", "p1"), ("h2", "eth0"), opts)?;
     // The switch host has no addresses; keep its kernel from chattering IPv6 on the ports.
     tb.sysctl("sw", "net.ipv6.conf.all.disable_ipv6", "1")?;
     tb.add_addr("h1", "eth0", &format!("{}/24", addr::H1_V4))?;
