@@ -1,8 +1,10 @@
 //! Forwarding rate of 64-byte frames, one generator, in the same run: the generator's own
-//! ceiling (into a kernel that drops the frames at once), mimiq-switch `l2fwd`, a bare AF_XDP
-//! reflector (the ceiling of AF_XDP forwarding here) and the kernel's own IP forwarding on an
-//! identical three-namespace topology. Every path: `gen send` on h1 as fast as it can for the
-//! same time, `gen recv` on h2 (except for the ceiling), the forwarder on the middle host.
+//! ceiling, mimiq-switch `l2fwd`, a bare AF_XDP reflector (the ceiling of AF_XDP forwarding
+//! here) and the kernel's own IP forwarding on an identical three-namespace topology. Every
+//! path: `gen send` on h1 as fast as it can for the same time, the forwarder on the middle
+//! host, and on h2 one of two sinks: the kernel dropping the frames at once (addressed to a MAC
+//! nobody has: the rate the forwarder sustains), or `gen recv` (end to end, with loss and
+//! latency; on two cores the receiver competes with the sender and the forwarder).
 
 use std::time::{Duration, Instant};
 
@@ -28,11 +30,29 @@ pub enum Path {
     KernelForwarding,
 }
 
+/// What takes the frames at the end of the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sink {
+    /// h2's kernel, dropping frames for a foreign MAC as soon as the veth sees them.
+    KernelDrop,
+    /// `mimiq-perf gen recv` on h2 (AF_XDP): counts, loss, latency.
+    Receiver,
+}
+
+/// A MAC address no interface has: frames to it die at the first kernel that sees them.
+const NOBODY_MAC: &str = "02:00:00:00:00:99";
+
 /// What one path measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
     /// The path.
     pub path: Path,
+    /// The sink.
+    pub sink: Sink,
+    /// The rate compared across paths: received pps with the receiver, forwarded pps (sent
+    /// pps for the ceiling) with the kernel sink.
+    pub delivered_pps: f64,
     /// Probes the generator sent, and its rate.
     pub sent_packets: u64,
     /// Sender packets per second.
@@ -61,15 +81,18 @@ pub struct Run {
 /// Runs every path for `seconds` each and returns the runs and a Markdown table.
 pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Run>, String), String> {
     let mut runs = Vec::new();
-    for path in [
-        Path::GeneratorCeiling,
-        Path::AfXdpReflector,
-        Path::MimiqSwitch,
-        Path::MimiqSwitchBusy,
-        Path::KernelForwarding,
-    ] {
-        progress(&format!("{path:?}:"));
-        let r = run(path, seconds)?;
+    for (sink, path) in [Sink::KernelDrop, Sink::Receiver].into_iter().flat_map(|sink| {
+        [
+            Path::GeneratorCeiling,
+            Path::AfXdpReflector,
+            Path::MimiqSwitch,
+            Path::MimiqSwitchBusy,
+            Path::KernelForwarding,
+        ]
+        .map(|p| (sink, p))
+    }) {
+        progress(&format!("{path:?} into {sink:?}:"));
+        let r = run(path, sink, seconds)?;
         progress(&format!(
             "  sent {:.0} pps, forwarded {}, received {}",
             r.sent_pps,
@@ -83,22 +106,22 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Run>
 
 /// The Markdown table: rates, ratios to the reflector and to the kernel, CPU per frame.
 pub fn markdown(runs: &[Run]) -> String {
-    let rate = |p: Path| {
+    let rate = |p: Path, sink: Sink| {
         runs.iter()
-            .find(|r| r.path == p)
-            .and_then(|r| r.received_pps)
-            .unwrap_or(f64::NAN)
+            .find(|r| r.path == p && r.sink == sink)
+            .map_or(f64::NAN, |r| r.delivered_pps)
     };
-    let (reflector, kernel) = (rate(Path::AfXdpReflector), rate(Path::KernelForwarding));
     let f = |v: Option<f64>, digits: usize| v.map_or("–".into(), |v| format!("{v:.digits$}"));
     let mut md = String::from(
-        "| path | sent pps | forwarded pps | received pps | ÷ reflector | ÷ kernel | p50 / p99 µs | forwarder CPU ns/frame | sender CPU ns/frame |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| path | sink | sent pps | forwarded pps | received pps | ÷ reflector | ÷ kernel | p50 / p99 µs | forwarder CPU ns/frame | sender CPU ns/frame |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
-        let ratio = |base: f64| r.received_pps.map(|v| v / base);
+        let (reflector, kernel) = (rate(Path::AfXdpReflector, r.sink), rate(Path::KernelForwarding, r.sink));
+        let ratio = |base: f64| (r.path != Path::GeneratorCeiling).then(|| r.delivered_pps / base);
         md.push_str(&format!(
-            "| {:?} | {:.0} | {} | {} | {} | {} | {} / {} | {} | {:.0} |\n",
+            "| {:?} | {:?} | {:.0} | {} | {} | {} | {} | {} / {} | {} | {:.0} |\n",
             r.path,
+            r.sink,
             r.sent_pps,
             f(r.forwarded_pps, 0),
             f(r.received_pps, 0),
@@ -114,7 +137,7 @@ pub fn markdown(runs: &[Run]) -> String {
 }
 
 /// One path, on a fresh testbed.
-pub fn run(path: Path, seconds: u32) -> Result<Run, String> {
+pub fn run(path: Path, sink: Sink, seconds: u32) -> Result<Run, String> {
     let perf = bin_path("mimiq-perf")?;
     let perf = perf.to_str().ok_or("binary path is not UTF-8")?.to_string();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -134,8 +157,6 @@ pub fn run(path: Path, seconds: u32) -> Result<Run, String> {
             tb.add_host("h1").map_err(|e| e.to_string())?;
             tb.add_host("h2").map_err(|e| e.to_string())?;
             tb.add_link(("h1", "eth0"), ("h2", "eth0"), LinkOpts::default()).map_err(|e| e.to_string())?;
-            // A MAC that is not h2's: its kernel drops every frame as soon as it sees it.
-            send_args.extend(["--dst-mac".into(), "02:00:00:00:00:99".into()]);
             (None, None, None)
         }
         Path::AfXdpReflector => {
@@ -157,7 +178,7 @@ pub fn run(path: Path, seconds: u32) -> Result<Run, String> {
             (Some(("sw", "p1")), None, Some(sw))
         }
         Path::KernelForwarding => {
-            routed(&mut tb).map_err(|e| e.to_string())?;
+            routed(&mut tb, sink).map_err(|e| e.to_string())?;
             let r_mac = read(&tb, "r", "/sys/class/net/p0/address")?;
             send_args.extend(["--dst".into(), ROUTED_H2.into(), "--dst-mac".into(), r_mac]);
             commands.push("r: sysctl net.ipv4.ip_forward=1 (routes 198.18.0.0/24 ↔ 198.18.1.0/24)".into());
@@ -165,7 +186,10 @@ pub fn run(path: Path, seconds: u32) -> Result<Run, String> {
         }
     };
 
-    let receiver = if path == Path::GeneratorCeiling {
+    if sink == Sink::KernelDrop && path != Path::KernelForwarding {
+        send_args.extend(["--dst-mac".into(), NOBODY_MAC.into()]);
+    }
+    let receiver = if sink == Sink::KernelDrop {
         None
     } else {
         let cmd = [perf.as_str(), "gen", "recv", "--iface", "eth0", "--json", &file("recv.json")];
@@ -217,8 +241,15 @@ pub fn run(path: Path, seconds: u32) -> Result<Run, String> {
     };
     let received_packets = received.as_ref().and_then(|r| r["received"].as_u64());
     let lat = |q: &str| received.as_ref().and_then(|r| r["latency"][q].as_u64()).map(|ns| ns as f64 / 1e3);
+    let delivered_pps = match (sink, path) {
+        (Sink::Receiver, _) => received_packets.unwrap_or(0) as f64 / elapsed,
+        (Sink::KernelDrop, Path::GeneratorCeiling) => sent_packets as f64 / elapsed,
+        (Sink::KernelDrop, _) => forwarded.unwrap_or(0) as f64 / elapsed,
+    };
     Ok(Run {
         path,
+        sink,
+        delivered_pps,
         sent_packets,
         sent_pps: sent_packets as f64 / elapsed,
         forwarded_packets: forwarded,
@@ -240,8 +271,9 @@ pub const ROUTED_H2: &str = "198.18.1.2";
 
 /// `h1:eth0 (198.18.0.1/24) — p0:r:p1 — eth0:h2 (198.18.1.2/24)`, r forwarding IPv4 between
 /// the two subnets. h2's receiver takes every frame off its interface (ARP too), so r knows
-/// h2's MAC from a permanent neighbour entry, as a router with static ARP would.
-pub fn routed(tb: &mut Testbed) -> Result<(), String> {
+/// h2's MAC from a permanent neighbour entry, as a router with static ARP would; with the
+/// kernel sink that entry names a MAC nobody has, so h2 drops the frames on arrival.
+pub fn routed(tb: &mut Testbed, sink: Sink) -> Result<(), String> {
     let e = |e: crate::testbed::TestbedError| e.to_string();
     for host in ["h1", "r", "h2"] {
         tb.add_host(host).map_err(e)?;
@@ -258,7 +290,10 @@ pub fn routed(tb: &mut Testbed) -> Result<(), String> {
     for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
         tb.sysctl("r", key, "0").map_err(e)?;
     }
-    let h2_mac = read(tb, "h2", "/sys/class/net/eth0/address")?;
+    let h2_mac = match sink {
+        Sink::Receiver => read(tb, "h2", "/sys/class/net/eth0/address")?,
+        Sink::KernelDrop => NOBODY_MAC.to_string(),
+    };
     tb.exec_ok("r", &["ip", "neigh", "replace", ROUTED_H2, "lladdr", &h2_mac, "dev", "p1", "nud", "permanent"])
         .map_err(e)?;
     Ok(())

@@ -312,3 +312,65 @@ fn pace(ns: u64) {
         std::thread::yield_now();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gen::probe;
+
+    #[test]
+    fn every_flow_gets_its_own_addresses_ports_and_id_for_every_size() {
+        let base = FlowAddrs {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [0xff; 6],
+            src_ip: "198.18.0.1".parse().unwrap(),
+            dst_ip: "198.18.0.2".parse().unwrap(),
+            src_port: 10000,
+            dst_port: 20000,
+        };
+        let a = flow_addrs(&base, &[Vary::SrcIp, Vary::DstPort], 300);
+        assert_eq!(a.src_ip, "198.18.1.45".parse::<IpAddr>().unwrap());
+        assert_eq!((a.src_port, a.dst_port), (10000, 20300));
+        assert_eq!(a.dst_ip, base.dst_ip);
+        let v6 = FlowAddrs {
+            src_ip: "fd00::ffff".parse().unwrap(),
+            dst_ip: "fd00::2".parse().unwrap(),
+            ..base
+        };
+        assert_eq!(flow_addrs(&v6, &[Vary::SrcIp], 1).src_ip, "fd00::1:0".parse::<IpAddr>().unwrap());
+
+        let config = SendConfig {
+            iface: "eth0".into(),
+            queue: 0,
+            base,
+            flows: 3,
+            vary: vec![Vary::SrcPort],
+            sizes: SizeMix::imix(),
+            rate: Rate::Unlimited,
+            count: None,
+            duration: None,
+            batch: 64,
+            xsk: XskConfig {
+                xdp_mode: mimiq_dataplane::config::XdpMode::Native,
+                copy_mode: mimiq_dataplane::config::CopyMode::Auto,
+                ring_size: 64,
+                frame_size: 2048,
+                huge_pages: mimiq_dataplane::config::HugePages::Off,
+                busy_poll_budget: None,
+            },
+            fault: Fault::None,
+            json: None,
+        };
+        let t = templates(&config).unwrap();
+        assert_eq!(t.len(), 9);
+        for (i, t) in t.iter().enumerate() {
+            assert_eq!(t.frame_len(), [64, 576, 1500][i % 3]);
+            let mut buf = vec![0u8; t.len()];
+            t.write(&mut buf, 1, 2);
+            let p = probe::parse(&buf).unwrap();
+            assert_eq!(usize::from(p.flow), i / 3);
+            let src_port = u16::from_be_bytes([buf[34], buf[35]]);
+            assert_eq!(src_port, 10000 + (i / 3) as u16);
+        }
+    }
+}
