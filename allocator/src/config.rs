@@ -44,6 +44,10 @@ pub struct ServerSection {
     /// Default `/var/lib/mimiq/allocator.redb`.
     #[serde(default = "default_store")]
     pub store: PathBuf,
+    /// Lease changes the store's journal collects before folding them into its lease table in
+    /// one commit (bigger: cheaper on average, longer single commits). Default 65536.
+    #[serde(default = "default_fold_ops")]
+    pub store_fold_ops: u64,
     /// Relayed messages whose timestamp is further than this from the allocator's clock are
     /// dropped, and replays are remembered this long. Default 30000 ms.
     #[serde(default = "default_replay_window")]
@@ -209,6 +213,9 @@ impl Config {
         if self.server.subscriber_queue == 0 {
             return inv("server.subscriber_queue must be at least 1".into());
         }
+        if self.server.store_fold_ops == 0 {
+            return inv("server.store_fold_ops must be at least 1".into());
+        }
         if self.server.replay_window_ms == 0 {
             return inv("server.replay_window_ms must be at least 1".into());
         }
@@ -332,6 +339,9 @@ fn default_metrics() -> SocketAddr {
 }
 fn default_store() -> PathBuf {
     PathBuf::from("/var/lib/mimiq/allocator.redb")
+}
+fn default_fold_ops() -> u64 {
+    crate::store::DEFAULT_FOLD_OPS
 }
 fn default_replay_window() -> u64 {
     30_000

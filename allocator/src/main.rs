@@ -113,7 +113,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         if let Some(dir) = cfg.server.store.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        Box::new(RedbStore::open(&cfg.server.store)?)
+        Box::new(RedbStore::open_with(&cfg.server.store, cfg.server.store_fold_ops)?)
     };
     let server = Server::start(settings, core_cfg, store)?;
     let addrs = server.local_addrs()?;

@@ -145,6 +145,9 @@ pub enum PoolError {
     /// Every address is reserved (or the prefixes have no usable host).
     #[error("the IPv4 pool has no usable addresses")]
     NoUsableAddress,
+    /// IPv6 alias width outside 1..=24.
+    #[error("alias_bits = {0}: must be between 1 and 24")]
+    AliasBits(u8),
     /// IPv6 layout leaves too few random bits.
     #[error("IPv6 prefix /{prefix_len} with {alias_bits} alias bits leaves {random_bits} random bits; at least 16 are required (prefix_len + alias_bits <= 112)")]
     TooFewRandomBits {
@@ -385,6 +388,9 @@ pub struct V6Pool {
 impl V6Pool {
     /// A pool over `prefix` with `alias_bits` of alias after it.
     pub fn new(prefix: Ipv6Prefix, alias_bits: u8) -> Result<Self, PoolError> {
+        if !(1..=24).contains(&alias_bits) {
+            return Err(PoolError::AliasBits(alias_bits));
+        }
         let taken = u16::from(prefix.len) + u16::from(alias_bits);
         if taken > 112 {
             return Err(PoolError::TooFewRandomBits {
@@ -568,6 +574,7 @@ mod tests {
             assert_eq!(a.segments()[4], 0xbeef);
         }
         assert_eq!(pool.in_use(), 100);
+        assert_eq!(V6Pool::new("::/0".parse().unwrap(), 0).unwrap_err(), PoolError::AliasBits(0));
         assert!(matches!(
             V6Pool::new("2001:db8::/100".parse().unwrap(), 16),
             Err(PoolError::TooFewRandomBits { random_bits: 12, .. })

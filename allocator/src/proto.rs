@@ -17,7 +17,10 @@
 //!   without keeping state. The switch forwards the inner bytes unchanged both ways.
 //! * **Rule stream** (allocator → switch, TCP, keyed): `Hello` (switch → allocator: who it is),
 //!   then `Snapshot` + its updates, then numbered `BindingAdd` / `BindingRemove` / `AliasEpoch`.
-//!   On TCP every message is preceded by its length (u32 BE).
+//!   On TCP every message is preceded by its length (u32 BE). Updates are numbered
+//!   consecutively; a switch that sees a gap (or whose connection breaks) reconnects and starts
+//!   again from the fresh snapshot it gets on connect. Snapshot entries carry the snapshot's
+//!   sequence number.
 //!
 //! Keyed messages end with a 32-byte HMAC-SHA256 tag (ring) over every byte before it, with the
 //! key shared by the allocator and that switch. Parsing never panics: every read is bounds-checked

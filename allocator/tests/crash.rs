@@ -63,6 +63,8 @@ relay_listen = "127.0.0.1:0"
 publish_listen = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
 store = "{}"
+# Small, so that folds happen (and get killed) many times during the test.
+store_fold_ops = 300
 [lease]
 t_ip_min_ms = 3600000
 t_ip_max_ms = 7200000

@@ -15,7 +15,7 @@ mod embedded;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-pub use embedded::RedbStore;
+pub use embedded::{RedbStore, DEFAULT_FOLD_OPS};
 
 use crate::alias::AliasEpoch;
 use crate::lease::{JournalOp, Lease, Loaded};

@@ -1,0 +1,103 @@
+//! The `mimiq-allocator` binary's command line: clear errors and exit codes for bad input, and
+//! `leases` both against a running server and against the store of a stopped one.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+use mimiq_allocator::proto::Status;
+use mimiq_allocator::Family;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mimiq-allocator");
+
+fn config(store: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+relay_listen = "127.0.0.1:0"
+publish_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+store = "{store}"
+[lease]
+t_ip_min_ms = 3600000
+t_ip_max_ms = 3600000
+t_remove_ms = 1000
+{extra}
+[ipv4]
+prefixes = ["10.0.0.0/24"]
+gateway = "10.0.0.1"
+[[switch]]
+id = 1
+role = "access"
+key_hex = "{ACCESS_KEY}"
+"#
+    )
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/allocator.example.toml");
+    let (code, out, err) = run(&["check", "--config", example]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("16777213 usable addresses"), "{out}");
+}
+
+#[test]
+fn bad_configs_exit_2_with_the_problem_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.toml");
+    let p = path.to_str().unwrap();
+    std::fs::write(&path, config("memory", "colour = \"blue\"")).unwrap();
+    let (code, _, err) = run(&["check", "--config", p]);
+    assert_eq!(code, 2);
+    assert!(err.contains("colour"), "{err}");
+    std::fs::write(&path, config("memory", "").replace("[[switch]]", "[ipv6]\nprefix = \"2001:db8::/64\"\nalias_bits = 2\nt_sid_ms = 4000000\ngateway = \"fe80::1\"\n[[switch]]")).unwrap();
+    let (code, _, err) = run(&["run", "--config", p]);
+    assert_eq!(code, 2);
+    assert!(err.contains("SIDs·n·k < 2^a"), "{err}");
+    let (code, _, err) = run(&["run", "--config", "/nonexistent/allocator.toml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/allocator.toml"), "{err}");
+    let (code, _, err) = run(&["frobnicate"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn leases_lists_from_the_server_and_from_the_store_when_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("l.redb");
+    let path = dir.path().join("a.toml");
+    std::fs::write(&path, config(store.to_str().unwrap(), "")).unwrap();
+    let p = path.to_str().unwrap();
+    let mut child = Command::new(BIN).args(["run", "--config", p]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let relay = line.split_whitespace().find_map(|w| w.strip_prefix("relay=")).unwrap().parse().unwrap();
+    let metrics: std::net::SocketAddr = line.split_whitespace().find_map(|w| w.strip_prefix("metrics=")).unwrap().parse().unwrap();
+    let sw = Switch::new(relay);
+    let r = sw.request(1, mac(7), Family::V4, 3);
+    assert_eq!(r.status, Status::Ok);
+    // `leases` asks the running server (the config's metrics port is 0, so point it at the
+    // bound one).
+    let live_cfg = dir.path().join("live.toml");
+    std::fs::write(&live_cfg, config(store.to_str().unwrap(), "").replace("metrics_listen = \"127.0.0.1:0\"", &format!("metrics_listen = \"{metrics}\""))).unwrap();
+    let (code, out, err) = run(&["leases", "--config", live_cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(out.lines().all(|l| l.contains("02:00:00:00:00:07") && l.contains("assigned")), "{out}");
+    // SIGTERM stops it cleanly; then `leases` reads the store.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let (code, out2, err) = run(&["leases", "--config", p]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out2, out, "the store holds exactly what the server listed");
+}
