@@ -1,7 +1,7 @@
 //! The switch's configuration file (TOML). Every field is documented in
 //! `docs/CONFIGURATION.md`; unknown fields are refused.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,22 @@ pub struct WorkerConfig {
     pub core: Option<usize>,
 }
 
+/// What the switch's XDP program leaves to the host's kernel instead of the switch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelConfig {
+    /// ARP frames go to the kernel (default false).
+    #[serde(default)]
+    pub arp: bool,
+    /// IPv6 neighbour discovery (ICMPv6 133–137) goes to the kernel (default false).
+    #[serde(default)]
+    pub nd: bool,
+    /// Frames for these destination addresses go to the kernel (the host's own addresses, for
+    /// management and control traffic); default none.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+}
+
 /// `mimiq-switch` configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +137,9 @@ pub struct SwitchConfig {
     /// Address of the Prometheus text endpoint (`GET /metrics`); none when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// What reaches the kernel instead of the switch; by default nothing does.
+    #[serde(default)]
+    pub kernel: KernelConfig,
 }
 
 /// Why a configuration was refused. Every message fits on one line.
@@ -220,6 +239,12 @@ impl SwitchConfig {
         if self.busy_poll_budget == Some(0) {
             return Err("busy_poll_budget must be at least 1 (leave it out to switch busy polling off)".into());
         }
+        if self.kernel.addresses.len() > 64 {
+            return Err(format!(
+                "kernel.addresses lists {} addresses; the XDP program holds 64 per family",
+                self.kernel.addresses.len()
+            ));
+        }
         if self.stats_interval_ms == 0 {
             return Err("stats_interval_ms must be at least 1".into());
         }
@@ -290,6 +315,8 @@ mod tests {
             (&format!("{MINIMAL}busy_poll_budget = 70000\n"), "line 3"),
             (&format!("{MINIMAL}metrics_listen = \"nonsense\"\n"), "line 3"),
             (&format!("{MINIMAL}workers = []\n"), "at least one worker"),
+            (&format!("{MINIMAL}[kernel]\naddresses = [\"198.18.0.300\"]\n"), "line 4"),
+            (&format!("{MINIMAL}[kernel]\nmdns = true\n"), "unknown field `mdns`"),
             (&format!("{MINIMAL}workers = [{{ queue = 1 }}, {{ queue = 1, core = 0 }}]\n"), "two workers"),
             (&format!("{MINIMAL}workers = [{{ queue = 1, cpu = 0 }}]\n"), "unknown field `cpu`"),
             ("role = \"router\"\ninterfaces = []\n", "line 1"),

@@ -23,11 +23,12 @@ use clap::{Args, Parser, Subcommand};
 use mimalloc::MiMalloc;
 
 use mimiq_dataplane::config::{
-    default_stats_path, CopyMode, HugePages, IdleStrategy, Role, SwitchConfig, WorkerConfig,
-    XdpMode,
+    default_stats_path, CopyMode, HugePages, IdleStrategy, KernelConfig, Role, SwitchConfig,
+    WorkerConfig, XdpMode,
 };
 use mimiq_dataplane::engine::Worker;
 use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
+use mimiq_dataplane::port::xdp_prog::KernelPass;
 use mimiq_dataplane::port::xsk::{self, XskConfig};
 use mimiq_dataplane::telemetry::{self, HlogWriter, Telemetry};
 
@@ -105,6 +106,15 @@ struct RunArgs {
     /// Serve Prometheus text metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Leave ARP to the host's kernel.
+    #[arg(long)]
+    kernel_arp: bool,
+    /// Leave IPv6 neighbour discovery to the host's kernel.
+    #[arg(long)]
+    kernel_nd: bool,
+    /// Leave frames for this address to the host's kernel; repeat for more.
+    #[arg(long = "kernel-address", value_name = "IP")]
+    kernel_addresses: Vec<std::net::IpAddr>,
 }
 
 impl RunArgs {
@@ -136,6 +146,11 @@ impl RunArgs {
             stats_interval_ms: self.stats_interval_ms,
             hlog_path: self.hlog_path,
             metrics_listen: self.metrics_listen,
+            kernel: KernelConfig {
+                arp: self.kernel_arp,
+                nd: self.kernel_nd,
+                addresses: self.kernel_addresses,
+            },
         };
         config.validate().map_err(|message| anyhow::anyhow!("{message}"))?;
         Ok(config)
@@ -296,6 +311,11 @@ fn worker_main(
         frame_size: config.frame_size_bytes,
         huge_pages: config.huge_pages,
         busy_poll_budget: config.busy_poll_budget,
+        kernel_pass: KernelPass {
+            arp: config.kernel.arp,
+            nd: config.kernel.nd,
+            addresses: config.kernel.addresses.clone(),
+        },
     };
     let (ports, memory, free) = match xsk::open(&queues, &xsk_config) {
         Ok(opened) => opened,

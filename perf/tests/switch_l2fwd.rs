@@ -168,3 +168,52 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
     let status = switch.proc.stop(Duration::from_secs(10)).unwrap();
     assert!(status.success(), "{}", switch.proc.describe());
 }
+
+fn mac_of(tb: &Testbed, host: &str, ifname: &str) -> String {
+    let out = tb.exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")]).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_xdp_program_leaves_arp_and_own_addresses_to_the_kernel_and_replaces_a_killed_switchs_leftover() {
+    if !require_root() {
+        return;
+    }
+    let mut tb = Testbed::new().unwrap();
+    topology::line(&mut tb).unwrap();
+    // The switch host has an address of its own on p0; ARP goes to its kernel, so h1 and h2
+    // know each other statically.
+    tb.add_addr("sw", "p0", "198.18.0.9/24").unwrap();
+    let (mac1, mac2) = (mac_of(&tb, "h1", "eth0"), mac_of(&tb, "h2", "eth0"));
+    tb.exec_ok("h1", &["ip", "neigh", "replace", topology::addr::H2_V4, "lladdr", &mac2, "dev", "eth0"]).unwrap();
+    tb.exec_ok("h2", &["ip", "neigh", "replace", topology::addr::H1_V4, "lladdr", &mac1, "dev", "eth0"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "50",
+        "--kernel-arp", "--kernel-address", "198.18.0.9",
+    ];
+    let mut switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("a.json")).unwrap();
+    let s0 = switch.stats().unwrap();
+    ping(&tb, "h1", "198.18.0.9", 10).unwrap_or_else(|e| panic!("the host's kernel answers: {e}"));
+    let s1 = switch.stats_after(SETTLE).unwrap();
+    // Ten echo requests went to the kernel; at most some IPv6 housekeeping of h1's reached the
+    // switch meanwhile.
+    let seen = s1.port(0, "rx_packets") - s0.port(0, "rx_packets");
+    assert!(seen < 5, "the switch saw {seen} frames of the pings to the host");
+    ping(&tb, "h1", topology::addr::H2_V4, 10).unwrap();
+    let s2 = switch.stats_after(SETTLE).unwrap();
+    assert!(s2.port(0, "rx_packets") - s1.port(0, "rx_packets") >= 10, "h1 → h2 crosses the switch");
+
+    // SIGKILL leaves the program attached; the next switch replaces it and forwards again.
+    switch.proc.signal(libc::SIGKILL);
+    switch.proc.wait_timeout(Duration::from_secs(5)).expect("killed");
+    let links = tb.exec_ok("sw", &["ip", "link", "show", "p0"]).unwrap();
+    assert!(String::from_utf8_lossy(&links.stdout).contains("xdp"), "leftover program");
+    assert!(ping(&tb, "h1", topology::addr::H2_V4, 2).is_err(), "nothing forwards while it is dead");
+    let mut again = Switch::start(&mut tb, "sw", &args, &dir.path().join("b.json")).unwrap();
+    ping(&tb, "h1", topology::addr::H2_V4, 5).unwrap_or_else(|e| panic!("{e}; {}", again.proc.describe()));
+    let status = again.proc.stop(Duration::from_secs(10)).unwrap();
+    assert!(status.success());
+    let links = tb.exec_ok("sw", &["ip", "link", "show"]).unwrap();
+    assert!(!String::from_utf8_lossy(&links.stdout).contains("xdp"), "detached on a clean stop");
+}

@@ -11,6 +11,7 @@
 //! pipelines).
 
 pub mod mem;
+pub mod xdp_prog;
 pub mod xsk;
 
 use std::ops::DerefMut;

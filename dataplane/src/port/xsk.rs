@@ -14,6 +14,7 @@
 //! and once on TX (into an skb); zero-copy drivers copy nothing.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -22,11 +23,12 @@ use xsk_rs::config::{
 };
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
+use super::xdp_prog::{self, KernelPass, XdpProgram};
 use super::{FrameMemory, Port, XdpStats};
 use crate::config::{CopyMode, HugePages, XdpMode};
 
 /// How to open AF_XDP sockets.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct XskConfig {
     /// Native (driver) XDP, or the generic SKB-mode fallback.
     pub xdp_mode: XdpMode,
@@ -40,6 +42,8 @@ pub struct XskConfig {
     pub huge_pages: HugePages,
     /// Preferred busy polling with this budget (packets per poll); off when `None`.
     pub busy_poll_budget: Option<u16>,
+    /// What the XDP program leaves to the kernel.
+    pub kernel_pass: KernelPass,
 }
 
 /// Why ports could not be opened.
@@ -110,6 +114,8 @@ pub struct XskPort {
     invalid_rx_descs: u64,
     tx_in_flight: u64,
     busy_poll: bool,
+    /// Last: dropped after the socket, so the program is detached once no socket needs it.
+    _program: Arc<XdpProgram>,
 }
 
 /// Opens one socket per `(interface, queue)` on a shared UMEM. Returns the ports, the UMEM, and
@@ -169,7 +175,7 @@ pub fn open(
         .tx_queue_size(ring)
         .xdp_flags(xdp_flags)
         .bind_flags(bind_flags)
-        .libxdp_flags(LibxdpFlags::empty())
+        .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
         .build();
 
     // libxdp attaches or reuses the XDP program of an interface when a socket is created; two
@@ -182,10 +188,13 @@ pub fn open(
         let ifname: Interface = iface
             .parse()
             .map_err(|_| OpenError::NoSuchInterface(iface.clone()))?;
+        // Our own XDP program feeds the sockets (libxdp's default one is inhibited above).
+        let program = xdp_prog::attach(iface, config.xdp_mode, &config.kernel_pass)?;
         // SAFETY: `umem` outlives the socket (each queue holds a clone of it), and the frames
         // handed to the socket's rings below follow the module's ownership invariant.
         let created = unsafe { Socket::new(socket_config, &umem, &ifname, *queue) };
         let (tx, rx, rings) = created.map_err(|e| bind_error(iface, *queue, config, e))?;
+        program.register_socket(*queue, rx.fd().as_raw_fd())?;
         if let Some(budget) = config.busy_poll_budget {
             prefer_busy_poll(rx.fd().as_raw_fd(), budget).map_err(|e| OpenError::Bind {
                 iface: iface.clone(),
@@ -215,6 +224,7 @@ pub fn open(
             invalid_rx_descs: 0,
             tx_in_flight: 0,
             busy_poll: config.busy_poll_budget.is_some(),
+            _program: program,
         });
     }
     Ok((ports, XskMemory { umem, len_bytes }, free))

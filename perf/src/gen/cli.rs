@@ -52,6 +52,7 @@ impl SocketArgs {
             frame_size: 2048,
             huge_pages: HugePages::Off,
             busy_poll_budget: None,
+            kernel_pass: Default::default(),
         }
     }
 }
