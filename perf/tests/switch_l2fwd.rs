@@ -62,6 +62,9 @@ fn switch_carries_ping_and_iperf3_between_kernel_hosts_and_stopping_it_stops_tra
     let stdout = switch.proc.stdout();
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(last["workers"][0]["ports"][1]["tx_bytes"].as_u64().unwrap() >= s2.port(1, "tx_bytes"));
+    // Every UMEM frame came back: free, in the fill rings, or completed.
+    assert_eq!(last["workers"][0]["frames_total"], 2 * 2 * 1024, "2 ports × 2 × ring_size");
+    assert_eq!(last["workers"][0]["frames_unaccounted"], 0, "{last}");
     let links = tb.exec_ok("sw", &["ip", "link", "show"]).unwrap();
     assert!(!String::from_utf8_lossy(&links.stdout).contains("xdp"), "XDP detached on exit");
     assert!(ping(&tb, "h1", topology::addr::H2_V4, 2).is_err(), "h2 reachable after the switch stopped");

@@ -82,6 +82,11 @@ pub struct WorkerCounters {
     pub from_slow_path: u64,
     /// Table updates applied.
     pub updates_applied: u64,
+    /// Frames of the worker's memory (UMEM), counted when it started.
+    pub frames_total: u64,
+    /// After a clean stop: frames neither on the free list, nor held by the kernel, nor with
+    /// the slow path. 0 means every frame came back. Meaningful in the last publication only.
+    pub frames_unaccounted: i64,
 }
 
 /// A frame on its way back from the slow path.
@@ -143,11 +148,16 @@ pub struct Worker<P: Port, L: Pipeline> {
     burst_ns: Histogram<u64>,
 }
 
+/// How long a stopping worker keeps polling to let the kernel complete what it was given.
+const DRAIN: Duration = Duration::from_millis(200);
+
 impl<P: Port, L: Pipeline> Worker<P, L> {
     /// A worker over `ports`, whose frames live in `memory`; `free` are the frames not given to
     /// any port yet.
-    pub fn new(ports: Vec<P>, memory: P::Memory, free: Vec<P::Frame>, pipeline: L) -> Self {
+    pub fn new(mut ports: Vec<P>, memory: P::Memory, free: Vec<P::Frame>, pipeline: L) -> Self {
+        let in_kernel: usize = ports.iter_mut().map(Port::frames_in_kernel).sum();
         let counters = WorkerCounters {
+            frames_total: (free.len() + in_kernel) as u64,
             ports: ports
                 .iter()
                 .map(|p| PortCounters {
@@ -304,7 +314,22 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
                 next_publish = now + publish_every;
             }
         }
+        self.drain_and_account();
         self.publish(publish);
+    }
+
+    /// After a stop: forwards what is still arriving (bounded by [`DRAIN`]), then counts where
+    /// every frame is: on the free list, with the kernel (fill ring, or transmitted and not yet
+    /// completed), or with the slow path.
+    fn drain_and_account(&mut self) {
+        let deadline = Instant::now() + DRAIN;
+        while self.poll_once() > 0 && Instant::now() < deadline {}
+        let in_kernel: usize = self.ports.iter_mut().map(Port::frames_in_kernel).sum();
+        let with_slow_path = self.counters.to_slow_path as i64 - self.counters.from_slow_path as i64;
+        self.counters.frames_unaccounted = self.counters.frames_total as i64
+            - self.free.len() as i64
+            - in_kernel as i64
+            - with_slow_path;
     }
 
     fn publish(&mut self, publish: &mut dyn FnMut(&WorkerCounters, &Histogram<u64>)) {

@@ -119,6 +119,10 @@ impl Port for MemPort {
         self.recycled.append(free);
     }
 
+    fn frames_in_kernel(&mut self) -> usize {
+        0
+    }
+
     fn xdp_stats(&self) -> Option<XdpStats> {
         None
     }

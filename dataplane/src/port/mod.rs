@@ -44,6 +44,10 @@ pub trait Port {
     /// kernel where it asked for it.
     fn reclaim(&mut self, free: &mut Vec<Self::Frame>);
 
+    /// Frames of the worker's memory that the kernel holds for this port: in the fill ring, or
+    /// given for transmission and not yet completed. (In-memory ports hold none.)
+    fn frames_in_kernel(&mut self) -> usize;
+
     /// The kernel's statistics for this queue, where there are any.
     fn xdp_stats(&self) -> Option<XdpStats>;
 

@@ -113,6 +113,7 @@ pub struct XskPort {
     scratch: Vec<FrameDesc>,
     invalid_rx_descs: u64,
     tx_in_flight: u64,
+    ring_size: u32,
     busy_poll: bool,
     /// Last: dropped after the socket, so the program is detached once no socket needs it.
     _program: Arc<XdpProgram>,
@@ -223,6 +224,7 @@ pub fn open(
             scratch: vec![FrameDesc::default(); config.ring_size as usize],
             invalid_rx_descs: 0,
             tx_in_flight: 0,
+            ring_size: config.ring_size,
             busy_poll: config.busy_poll_budget.is_some(),
             _program: program,
         });
@@ -314,6 +316,11 @@ impl Port for XskPort {
         if self.tx.needs_wakeup() {
             let _ = self.tx.wakeup();
         }
+    }
+
+    fn frames_in_kernel(&mut self) -> usize {
+        let in_fill = self.ring_size.saturating_sub(self.fill.nb_free_exact());
+        in_fill as usize + self.tx_in_flight as usize
     }
 
     fn xdp_stats(&self) -> Option<XdpStats> {
