@@ -359,7 +359,18 @@ fn print_stats(path: &Path) -> anyhow::Result<()> {
     );
     let workers = stats["workers"].as_array().cloned().unwrap_or_default();
     for (i, worker) in workers.iter().enumerate() {
-        println!("worker {i}: {} bursts", worker["bursts"].as_u64().unwrap_or(0));
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        println!(
+            "worker {i} (queue {}): {} bursts, burst time p50 {} ns p99 {} ns max {} ns; slow path {} out / {} back; {} updates",
+            n(&worker["queue"]),
+            n(&worker["bursts"]),
+            n(&worker["burst_ns"]["p50"]),
+            n(&worker["burst_ns"]["p99"]),
+            n(&worker["burst_ns"]["max"]),
+            n(&worker["to_slow_path"]),
+            n(&worker["from_slow_path"]),
+            n(&worker["updates_applied"]),
+        );
         println!(
             "  {:<12} {:>12} {:>14} {:>12} {:>14}",
             "port", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes"
