@@ -40,7 +40,7 @@ enum Command {
     /// The AF_XDP traffic generator: send, receive (loss, reordering, latency), reflect.
     Gen {
         #[command(subcommand)]
-        command: mimiq_perf::gen::cli::GenCommand,
+        command: Box<mimiq_perf::gen::cli::GenCommand>,
     },
     /// Build, list or remove a testbed by hand.
     Testbed {
@@ -125,7 +125,7 @@ fn exit_on_bad_usage(err: clap::Error) -> ! {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Gen { command } => mimiq_perf::gen::cli::run(command)?,
+        Command::Gen { command } => mimiq_perf::gen::cli::run(*command)?,
         Command::Demo { seconds } => {
             mimiq_perf::demo::run(seconds).map_err(anyhow::Error::msg)?;
         }

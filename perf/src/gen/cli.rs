@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use mimiq_dataplane::config::{CopyMode, HugePages, XdpMode};
+use mimiq_dataplane::port::xdp_prog::KernelPass;
 use mimiq_dataplane::port::xsk::XskConfig;
 
 use super::probe::{self, FlowAddrs};
@@ -45,15 +46,21 @@ pub struct SocketArgs {
 
 impl SocketArgs {
     fn xsk(&self) -> XskConfig {
-        XskConfig {
-            xdp_mode: self.xdp_mode,
-            copy_mode: self.copy_mode,
-            ring_size: self.ring_size,
-            frame_size: 2048,
-            huge_pages: HugePages::Off,
-            busy_poll_budget: None,
-            kernel_pass: Default::default(),
-        }
+        socket_config(self.xdp_mode, self.copy_mode, self.ring_size)
+    }
+}
+
+/// The generator's sockets: 2048-byte frames on normal pages, no busy polling, and every
+/// frame to the socket (nothing passed to the kernel: the receiver counts all it sees).
+pub fn socket_config(xdp_mode: XdpMode, copy_mode: CopyMode, ring_size: u32) -> XskConfig {
+    XskConfig {
+        xdp_mode,
+        copy_mode,
+        ring_size,
+        frame_size: 2048,
+        huge_pages: HugePages::Off,
+        busy_poll_budget: None,
+        kernel_pass: KernelPass::default(),
     }
 }
 

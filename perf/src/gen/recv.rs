@@ -164,7 +164,6 @@ pub fn run(config: &RecvConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> R
                     }
                     None => other += 1,
                 }
-                drop(data);
                 free.push(frame);
             }
             if first_ns == 0 {

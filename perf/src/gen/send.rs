@@ -260,7 +260,6 @@ pub fn run(config: &SendConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> R
                 let mut data = memory.data_mut(&mut frame);
                 data.cursor().set_pos(t.len());
                 t.write(data.contents_mut(), seq, monotonic_ns());
-                drop(data);
                 tx.push(frame);
                 sent_bytes += t.frame_len() as u64;
             }
@@ -317,6 +316,7 @@ fn pace(ns: u64) {
 mod tests {
     use super::*;
     use crate::gen::probe;
+    use mimiq_dataplane::config::{CopyMode, XdpMode};
 
     #[test]
     fn every_flow_gets_its_own_addresses_ports_and_id_for_every_size() {
@@ -350,14 +350,7 @@ mod tests {
             count: None,
             duration: None,
             batch: 64,
-            xsk: XskConfig {
-                xdp_mode: mimiq_dataplane::config::XdpMode::Native,
-                copy_mode: mimiq_dataplane::config::CopyMode::Auto,
-                ring_size: 64,
-                frame_size: 2048,
-                huge_pages: mimiq_dataplane::config::HugePages::Off,
-                busy_poll_budget: None,
-            },
+            xsk: crate::gen::cli::socket_config(XdpMode::Native, CopyMode::Auto, 64),
             fault: Fault::None,
             json: None,
         };
