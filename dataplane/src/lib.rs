@@ -15,5 +15,6 @@ pub mod config;
 pub mod engine;
 pub mod pipeline;
 pub mod port;
+pub mod tables;
 pub mod telemetry;
 pub mod wire;
