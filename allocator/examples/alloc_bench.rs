@@ -14,11 +14,17 @@
 //! 3. Restart time with 1,000,000 live leases: open + load + rebuild.
 use std::time::Instant;
 
+use mimalloc::MiMalloc;
+
 use mimiq_allocator::lease::{AllocParams, Allocator, Config, V4Config, V6Config};
 use mimiq_allocator::pool::V4Pool;
 use mimiq_allocator::rng::Csprng;
 use mimiq_allocator::store::{RedbStore, Store};
 use mimiq_allocator::{Family, Mac};
+
+// As in the mimiq-allocator binary.
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
 
 fn config(v4: &str) -> Config {
     Config {
@@ -35,8 +41,9 @@ fn config(v4: &str) -> Config {
     }
 }
 
+/// Client of request `i`: 16 consecutive requests per client.
 fn mac(i: u64) -> Mac {
-    let b = i.to_be_bytes();
+    let b = (i / 16).to_be_bytes();
     Mac([2, b[3], b[4], b[5], b[6], b[7]])
 }
 
@@ -139,7 +146,7 @@ fn main() {
     println!("## 2. Durable allocations/s (redb, fsync per commit)");
     println!();
     let dir = tempfile::tempdir().unwrap();
-    for batch in [256usize, 1] {
+    for batch in [1024usize, 256, 1] {
         let path = dir.path().join(format!("bench-{batch}.redb"));
         let mut store = RedbStore::open(&path).unwrap();
         let mut a = Allocator::new(config(v4_prefix)).unwrap();

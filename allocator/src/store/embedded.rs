@@ -18,6 +18,7 @@
 //! replays `journal` in order.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -138,20 +139,20 @@ impl Store for RedbStore {
         let leases_t = tx.open_table(LEASES).map_err(|e| dberr(db_err(e)))?;
         let journal_t = tx.open_table(JOURNAL).map_err(|e| dberr(db_err(e)))?;
         let epochs_t = tx.open_table(EPOCHS).map_err(|e| dberr(db_err(e)))?;
-        let mut leases: HashMap<Vec<u8>, Lease> = HashMap::with_capacity(leases_t.len().unwrap_or(0) as usize);
+        let mut leases: HashMap<IpAddr, Lease> = HashMap::with_capacity(leases_t.len().unwrap_or(0) as usize);
         for row in leases_t.iter().map_err(|e| dberr(db_err(e)))? {
             let (k, v) = row.map_err(|e| dberr(db_err(e)))?;
             let lease = decode_lease(k.value(), v.value())
                 .ok_or_else(|| LoadError::Corrupt { table: "leases", key: hex(k.value()) })?;
-            leases.insert(k.value().to_vec(), lease);
+            leases.insert(lease.ip, lease);
         }
         for row in journal_t.iter().map_err(|e| dberr(db_err(e)))? {
             let (k, v) = row.map_err(|e| dberr(db_err(e)))?;
-            let (key, lease) =
-                decode_op(v.value()).ok_or_else(|| LoadError::Corrupt { table: "journal", key: k.value().to_string() })?;
+            let corrupt = || LoadError::Corrupt { table: "journal", key: k.value().to_string() };
+            let (key, lease) = decode_op(v.value()).ok_or_else(corrupt)?;
             match lease {
-                Some(l) => leases.insert(key, l),
-                None => leases.remove(&key),
+                Some(l) => leases.insert(l.ip, l),
+                None => leases.remove(&super::ip_from_key(&key).ok_or_else(corrupt)?),
             };
         }
         let mut out = Loaded { leases: leases.into_values().collect(), epochs: Vec::new() };
