@@ -1,2 +1,213 @@
-//! Pipeline cost per packet (filled in by the next commit).
-fn main() {}
+//! Pipeline cost per packet, over bursts of 64 frames (issue 3; figures in
+//! docs/PERFORMANCE.md, "Wire and pipeline cost").
+//!
+//! Groups (every iteration is one burst of 64 frames; ns/packet = time / 64):
+//!
+//! - `l2fwd`: `worker_memport` is a full `engine::Worker::poll_once` over two `MemPort`s with
+//!   the `L2Fwd` pipeline, including injecting the burst and taking it back from the output
+//!   port (the in-memory port's own cost: a VecDeque push per frame and a fresh `Vec` per
+//!   `take_sent`); `stage_only` is `L2Fwd::process` alone over the burst.
+//! - `rewrite`: parse Ethernet + IPv4, MAC rewrite, TTL decrement with the checksum updated.
+//!   `fast` is the wire views with the RFC 1624 incremental update; the naive baselines in the
+//!   same run are `full_checksum` (same views, header checksum recomputed) and `etherparse`
+//!   (classification with etherparse's `SlicedPacket`, checksum recomputed by etherparse).
+//!   `worker_memport` runs `fast` as a pipeline inside the worker, as `l2fwd/worker_memport`;
+//!   `fast_stride_2048` / `fast_stride_2112` run `fast` over frames laid out as in a UMEM
+//!   (2048 bytes apart) and 64 bytes off that, to show what the frame layout costs.
+//!
+//! The rewrite decrements the TTL of the same frames burst after burst, so the TTL is reset
+//! every `BURSTS_PER_TTL_RESET` bursts, outside the timed region (`iter_custom`).
+//!
+//! Run: `cargo bench -p mimiq-dataplane --bench pipeline` (add `-- --quick` for a fast look).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mimiq_dataplane::engine::Worker;
+use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
+use mimiq_dataplane::pipeline::{Pipeline, Verdict};
+use mimiq_dataplane::port::mem::{MemFrame, MemMemory, MemPort};
+use mimiq_dataplane::port::FrameMemory;
+
+#[path = "support/rewrite.rs"]
+mod rewrite;
+
+use rewrite::{RewritePipeline, Variant, BURST, BURSTS_PER_TTL_RESET, NEXT_HOP};
+
+/// A TX ring larger than anything a bench leaves in it.
+const TX_RING: usize = 1 << 16;
+
+fn mem_frames() -> Vec<MemFrame> {
+    rewrite::frames()
+        .iter()
+        .map(|f| MemFrame::from_bytes(f))
+        .collect()
+}
+
+fn l2fwd(c: &mut Criterion) {
+    let mut group = c.benchmark_group("l2fwd");
+    group.throughput(Throughput::Elements(BURST as u64));
+
+    group.bench_function("worker_memport", |b| {
+        let ports = vec![MemPort::new("a", TX_RING), MemPort::new("b", TX_RING)];
+        let mut worker = Worker::new(ports, MemMemory, Vec::new(), L2Fwd);
+        let mut burst = mem_frames();
+        b.iter(|| {
+            for frame in burst.drain(..) {
+                worker.ports_mut()[0].inject(frame);
+            }
+            black_box(worker.poll_once());
+            burst = worker.ports_mut()[1].take_sent();
+        });
+        assert_eq!(burst.len(), BURST, "every frame forwarded");
+    });
+
+    group.bench_function("stage_only", |b| {
+        let mut frames = mem_frames();
+        let mut memory = MemMemory;
+        let mut verdicts = Vec::with_capacity(BURST);
+        let mut stage = L2Fwd;
+        b.iter(|| {
+            verdicts.clear();
+            stage.process(0, &mut memory, black_box(&mut frames[..]), &mut verdicts);
+            black_box(&verdicts);
+        });
+        assert!(verdicts.iter().all(|v| *v == Verdict::Forward(1)));
+    });
+    group.finish();
+}
+
+/// Runs `burst` `iters` times, timing only the bursts, resetting TTLs with `reset` between
+/// groups of `BURSTS_PER_TTL_RESET`.
+fn timed_bursts(iters: u64, mut burst: impl FnMut(), mut reset: impl FnMut()) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(BURSTS_PER_TTL_RESET as u64);
+        let start = Instant::now();
+        for _ in 0..n {
+            burst();
+        }
+        total += start.elapsed();
+        reset();
+        left -= n;
+    }
+    total
+}
+
+fn rewrite_group(c: &mut Criterion) {
+    rewrite::assert_variants_agree();
+    let mut group = c.benchmark_group("rewrite");
+    group.throughput(Throughput::Elements(BURST as u64));
+
+    for (name, variant) in [
+        ("fast", Variant::Fast),
+        ("full_checksum", Variant::FullChecksum),
+        ("etherparse", Variant::Etherparse),
+    ] {
+        group.bench_function(name, |b| {
+            let frames = std::cell::RefCell::new(rewrite::frames());
+            b.iter_custom(|iters| {
+                timed_bursts(
+                    iters,
+                    || {
+                        let n = rewrite::rewrite_burst(
+                            black_box(&mut frames.borrow_mut()[..]),
+                            variant,
+                        );
+                        debug_assert_eq!(n, BURST);
+                        black_box(n);
+                    },
+                    || {
+                        frames
+                            .borrow_mut()
+                            .iter_mut()
+                            .for_each(|f| rewrite::reset_ttl(f))
+                    },
+                )
+            });
+        });
+    }
+
+    // The same fast rewrite with the frames 2048 bytes apart (a UMEM's, and MemPort's, frame
+    // size), and 2048 + 64 apart: the first maps every frame's header onto the same few L1
+    // cache sets.
+    for (name, stride) in [
+        ("fast_stride_2048", rewrite::UMEM_FRAME_BYTES),
+        ("fast_stride_2112", rewrite::UMEM_FRAME_BYTES + 64),
+    ] {
+        group.bench_function(name, |b| {
+            let umem = std::cell::RefCell::new(rewrite::strided_frames(stride));
+            b.iter_custom(|iters| {
+                timed_bursts(
+                    iters,
+                    || {
+                        let n = rewrite::rewrite_burst_strided(
+                            black_box(&mut umem.borrow_mut()[..]),
+                            stride,
+                        );
+                        debug_assert_eq!(n, BURST);
+                        black_box(n);
+                    },
+                    || {
+                        umem.borrow_mut()
+                            .chunks_mut(stride)
+                            .for_each(|f| rewrite::reset_ttl(&mut f[..rewrite::FRAME_LEN]))
+                    },
+                )
+            });
+        });
+    }
+
+    group.bench_function("worker_memport", |b| {
+        let ports = vec![MemPort::new("a", TX_RING), MemPort::new("b", TX_RING)];
+        let worker = Worker::new(
+            ports,
+            MemMemory,
+            Vec::new(),
+            RewritePipeline { next_hop: NEXT_HOP },
+        );
+        let state = std::cell::RefCell::new((worker, mem_frames()));
+        b.iter_custom(|iters| {
+            timed_bursts(
+                iters,
+                || {
+                    let (worker, burst) = &mut *state.borrow_mut();
+                    for frame in burst.drain(..) {
+                        worker.ports_mut()[0].inject(frame);
+                    }
+                    black_box(worker.poll_once());
+                    *burst = worker.ports_mut()[1].take_sent();
+                },
+                || {
+                    let (_, burst) = &mut *state.borrow_mut();
+                    for frame in burst.iter_mut() {
+                        rewrite::reset_ttl(MemMemory.data_mut(frame));
+                    }
+                },
+            )
+        });
+        assert_eq!(
+            state.borrow().1.len(),
+            BURST,
+            "every frame forwarded, none to the slow path"
+        );
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    // Short runs: the machine has 2 cores shared with other builds.
+    Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = l2fwd, rewrite_group
+}
+criterion_main!(benches);

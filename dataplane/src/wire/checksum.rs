@@ -57,10 +57,11 @@ impl Sum {
     /// The 16-bit one's-complement sum (end-around carries folded in).
     #[inline]
     pub fn fold(self) -> u16 {
-        let mut s = self.0;
-        while s > 0xffff {
-            s = (s & 0xffff) + (s >> 16);
-        }
+        // Loop-free: 64 → 33 bits, then three 16-bit folds (≤ 0x2fffe, ≤ 0x10001, ≤ 0xffff).
+        let mut s = (self.0 & 0xffff_ffff) + (self.0 >> 32);
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
         s as u16
     }
 
@@ -171,11 +172,11 @@ pub fn decrement_ipv4_ttl(header: &mut [u8]) -> Result<u8> {
     if ttl <= 1 {
         return Err(Error::HopLimitExceeded);
     }
-    let proto = h[IPV4_TTL + 1];
-    let old_word = u16::from_be_bytes([ttl, proto]);
-    let new_word = u16::from_be_bytes([ttl - 1, proto]);
     let old_sum = u16::from_be_bytes([h[IPV4_CHECKSUM], h[IPV4_CHECKSUM + 1]]);
-    let new_sum = update(old_sum, old_word, new_word);
+    // RFC 1624 eqn. 3 with m = ttl·256 + proto and m' = m − 256: ~m + m' = 0xffff − 256 =
+    // 0xfeff whatever the TTL and protocol, so HC' = ~(~HC + 0xfeff) (RFC 1141's trick, in the
+    // form that never yields 0xffff for -0). Property-tested against a full recompute.
+    let new_sum = Sum::ZERO.add_u16(!old_sum).add_u16(0xfeff).checksum();
     h[IPV4_TTL] = ttl - 1;
     h[IPV4_CHECKSUM..IPV4_CHECKSUM + 2].copy_from_slice(&new_sum.to_be_bytes());
     Ok(ttl - 1)
@@ -242,6 +243,28 @@ mod tests {
         let mut zeroed = h;
         zeroed[10..12].fill(0);
         assert_eq!(u16::from_be_bytes([h[10], h[11]]), checksum(&zeroed));
+    }
+
+    #[test]
+    fn ttl_decrement_is_right_for_every_ttl_and_protocol() {
+        for ttl in 2..=255u8 {
+            for proto in 0..=255u8 {
+                let mut h = IPV4_HEADER;
+                h[8] = ttl;
+                h[9] = proto;
+                h[10..12].fill(0);
+                let c = checksum(&h);
+                h[10..12].copy_from_slice(&c.to_be_bytes());
+                decrement_ipv4_ttl(&mut h).unwrap();
+                let after = [h[10], h[11]];
+                h[10..12].fill(0);
+                assert_eq!(
+                    u16::from_be_bytes(after),
+                    checksum(&h),
+                    "ttl {ttl} proto {proto}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -356,6 +379,15 @@ mod tests {
         }
 
         /// The word-at-a-time sum equals the textbook byte-pair loop.
+        #[test]
+        fn fold_of_any_u64_is_the_ones_complement_sum(x in any::<u64>()) {
+            let mut s = x;
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            prop_assert_eq!(Sum(x).fold(), s as u16);
+        }
+
         #[test]
         fn fast_sum_equals_textbook_sum(data in proptest::collection::vec(any::<u8>(), 0..300usize)) {
             let mut acc: u32 = 0;
