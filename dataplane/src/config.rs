@@ -1,10 +1,13 @@
 //! The switch's configuration file (TOML). Every field is documented in
 //! `docs/CONFIGURATION.md`; unknown fields are refused.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::pipeline::impair::ImpairConfig;
 
 /// What the switch does with frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -92,7 +95,7 @@ pub struct KernelConfig {
 }
 
 /// `mimiq-switch` configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchConfig {
     /// The pipeline: `l2fwd`.
@@ -140,6 +143,10 @@ pub struct SwitchConfig {
     /// What reaches the kernel instead of the switch; by default nothing does.
     #[serde(default)]
     pub kernel: KernelConfig,
+    /// Impairments (delay, jitter, loss, rate) in front of an interface's TX ring, by
+    /// interface name (`[impair.p1]`); none by default.
+    #[serde(default)]
+    pub impair: BTreeMap<String, ImpairConfig>,
 }
 
 /// Why a configuration was refused. Every message fits on one line.
@@ -245,6 +252,12 @@ impl SwitchConfig {
                 self.kernel.addresses.len()
             ));
         }
+        for (interface, impair) in &self.impair {
+            if !self.interfaces.contains(interface) {
+                return Err(format!("impair.{interface}: no such interface in `interfaces`"));
+            }
+            impair.validate().map_err(|e| format!("impair.{interface}: {e}"))?;
+        }
         if self.stats_interval_ms == 0 {
             return Err("stats_interval_ms must be at least 1".into());
         }
@@ -317,6 +330,9 @@ mod tests {
             (&format!("{MINIMAL}workers = []\n"), "at least one worker"),
             (&format!("{MINIMAL}[kernel]\naddresses = [\"198.18.0.300\"]\n"), "line 4"),
             (&format!("{MINIMAL}[kernel]\nmdns = true\n"), "unknown field `mdns`"),
+            (&format!("{MINIMAL}[impair.p9]\ndelay_us = 5\n"), "impair.p9: no such interface"),
+            (&format!("{MINIMAL}[impair.p1]\nloss = 2.0\n"), "impair.p1: loss 2 must be between"),
+            (&format!("{MINIMAL}[impair.p1]\ndelay = 5\n"), "unknown field `delay`"),
             (&format!("{MINIMAL}workers = [{{ queue = 1 }}, {{ queue = 1, core = 0 }}]\n"), "two workers"),
             (&format!("{MINIMAL}workers = [{{ queue = 1, cpu = 0 }}]\n"), "unknown field `cpu`"),
             ("role = \"router\"\ninterfaces = []\n", "line 1"),

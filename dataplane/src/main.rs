@@ -27,6 +27,7 @@ use mimiq_dataplane::config::{
     WorkerConfig, XdpMode,
 };
 use mimiq_dataplane::engine::Worker;
+use mimiq_dataplane::pipeline::impair::ImpairConfig;
 use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
 use mimiq_dataplane::port::xdp_prog::KernelPass;
 use mimiq_dataplane::port::xsk::{self, XskConfig};
@@ -115,6 +116,19 @@ struct RunArgs {
     /// Leave frames for this address to the host's kernel; repeat for more.
     #[arg(long = "kernel-address", value_name = "IP")]
     kernel_addresses: Vec<std::net::IpAddr>,
+    /// Impair an interface's egress, e.g. `p1:delay_us=10000,jitter_us=500,loss=0.01,rate_bps=100000000`.
+    #[arg(long = "impair", value_name = "IFACE:KEY=VALUE,..", value_parser = parse_impair)]
+    impair: Vec<(String, ImpairConfig)>,
+}
+
+fn parse_impair(s: &str) -> Result<(String, ImpairConfig), String> {
+    let (interface, settings) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected IFACE:key=value,..."))?;
+    // `key=value,key=value` is TOML once the commas become newlines.
+    let config: ImpairConfig = toml::from_str(&settings.replace(',', "\n"))
+        .map_err(|e| format!("{s:?}: {}", e.message().trim()))?;
+    Ok((interface.to_string(), config))
 }
 
 impl RunArgs {
@@ -151,6 +165,7 @@ impl RunArgs {
                 nd: self.kernel_nd,
                 addresses: self.kernel_addresses,
             },
+            impair: self.impair.into_iter().collect(),
         };
         config.validate().map_err(|message| anyhow::anyhow!("{message}"))?;
         Ok(config)
@@ -328,6 +343,12 @@ fn worker_main(
     let mut worker = match config.role {
         Role::L2fwd => Worker::new(ports, memory, free, L2Fwd),
     };
+    for (interface, impair) in &config.impair {
+        // validate() checked that every impaired interface is one of `interfaces`.
+        if let Some(port) = config.interfaces.iter().position(|i| i == interface) {
+            worker.set_impair(port, *impair);
+        }
+    }
     let every = Duration::from_millis(config.stats_interval_ms);
     worker.run(stop, config.idle, every, &mut |counters, burst_ns| {
         telemetry.publish(index, counters, burst_ns);

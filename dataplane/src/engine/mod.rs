@@ -16,6 +16,7 @@ use hdrhistogram::Histogram;
 use serde::{Serialize, Serializer};
 
 use crate::config::IdleStrategy;
+use crate::pipeline::impair::{Impair, ImpairConfig, Offer};
 use crate::pipeline::{DropReason, Pipeline, Verdict};
 use crate::port::{FrameMemory, Port, PortId, XdpStats};
 
@@ -146,6 +147,10 @@ pub struct Worker<P: Port, L: Pipeline> {
     tx: Vec<Vec<P::Frame>>,
     counters: WorkerCounters,
     burst_ns: Histogram<u64>,
+    /// Per output port, an impair stage in front of the TX ring.
+    impair: Vec<Option<Impair<P::Frame>>>,
+    /// Origin of the worker's clock for the impair stages.
+    epoch: Instant,
 }
 
 /// How long a stopping worker keeps polling to let the kernel complete what it was given.
@@ -179,6 +184,16 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             tx,
             counters,
             burst_ns: duration_histogram(),
+            impair: Vec::new(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Puts an impair stage (delay, jitter, loss, rate) in front of port `port`'s TX ring.
+    pub fn set_impair(&mut self, port: usize, config: ImpairConfig) {
+        if port < self.ports.len() {
+            self.impair.resize_with(self.ports.len(), || None);
+            self.impair[port] = Some(Impair::new(config));
         }
     }
 
@@ -244,6 +259,9 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             let _ = self.burst_ns.record(burst_start.elapsed().as_nanos() as u64);
         }
         received += self.drain_rings();
+        if self.impair.iter().any(|i| matches!(i, Some(s) if s.held() > 0)) {
+            self.flush_tx();
+        }
         for port in &mut self.ports {
             port.reclaim(&mut self.free);
         }
@@ -305,7 +323,16 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             } else {
                 empty_polls = empty_polls.saturating_add(1);
                 if idle == IdleStrategy::Adaptive && empty_polls > SPIN_POLLS {
-                    P::wait_rx(&mut self.ports, IDLE_SLEEP);
+                    // Never sleep past a delayed frame's departure; within the kernel's timer
+                    // slack (50 µs) of it, spin.
+                    let sleep = match self.next_impair_due() {
+                        Some(due_in) if due_in < Duration::from_micros(60) => Duration::ZERO,
+                        Some(due_in) => (due_in - Duration::from_micros(50)).min(IDLE_SLEEP),
+                        None => IDLE_SLEEP,
+                    };
+                    if !sleep.is_zero() {
+                        P::wait_rx(&mut self.ports, sleep);
+                    }
                 }
             }
             let now = Instant::now();
@@ -324,6 +351,12 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     fn drain_and_account(&mut self) {
         let deadline = Instant::now() + DRAIN;
         while self.poll_once() > 0 && Instant::now() < deadline {}
+        for stage in self.impair.iter_mut().flatten() {
+            for frame in stage.drain() {
+                self.counters.drops.0[DropReason::Shutdown.index()] += 1;
+                self.free.push(frame);
+            }
+        }
         let in_kernel: usize = self.ports.iter_mut().map(Port::frames_in_kernel).sum();
         let with_slow_path = self.counters.to_slow_path as i64 - self.counters.from_slow_path as i64;
         self.counters.frames_unaccounted = self.counters.frames_total as i64
@@ -364,7 +397,24 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     }
 
     fn flush_tx(&mut self) {
-        for (out, queue) in self.tx.iter_mut().enumerate() {
+        let now_ns = self.clock_ns();
+        for out in 0..self.tx.len() {
+            if let Some(Some(stage)) = self.impair.get_mut(out) {
+                let mut queue = std::mem::take(&mut self.tx[out]);
+                for frame in queue.drain(..) {
+                    let len = self.memory.len(&frame);
+                    let (reason, frame) = match stage.offer(frame, len, now_ns) {
+                        Offer::Held => continue,
+                        Offer::Lost(f) => (DropReason::ImpairLoss, f),
+                        Offer::Full(f) => (DropReason::ImpairFull, f),
+                    };
+                    self.counters.drops.0[reason.index()] += 1;
+                    self.free.push(frame);
+                }
+                stage.release(now_ns, &mut queue);
+                self.tx[out] = queue;
+            }
+            let queue = &mut self.tx[out];
             if queue.is_empty() {
                 continue;
             }
@@ -377,6 +427,22 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             self.counters.drops.0[DropReason::TxRingFull.index()] += queue.len() as u64;
             self.free.append(queue);
         }
+    }
+
+    /// Nanoseconds since the worker started (the impair stages' clock).
+    fn clock_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Time until the next delayed frame is due, if any is held.
+    fn next_impair_due(&self) -> Option<Duration> {
+        let now = self.clock_ns();
+        self.impair
+            .iter()
+            .flatten()
+            .filter_map(Impair::next_due_ns)
+            .min()
+            .map(|due| Duration::from_nanos(due.saturating_sub(now)))
     }
 
     fn refresh_xdp_stats(&mut self) {

@@ -3,6 +3,7 @@
 //! A pipeline runs over a whole burst (VPP style) and gives every frame a [`Verdict`]; the
 //! worker then moves the frames to their output ports and counts the drops once per burst.
 
+pub mod impair;
 pub mod l2fwd;
 
 use serde::Serialize;
@@ -34,16 +35,25 @@ pub enum DropReason {
     NoSlowPath,
     /// The ring to the slow-path thread was full.
     SlowPathRingFull,
+    /// The impair stage's loss probability.
+    ImpairLoss,
+    /// The impair stage's delay line was full.
+    ImpairFull,
+    /// Held in a delay line when the switch stopped.
+    Shutdown,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Runt,
         DropReason::TxRingFull,
         DropReason::NoSuchPort,
         DropReason::NoSlowPath,
         DropReason::SlowPathRingFull,
+        DropReason::ImpairLoss,
+        DropReason::ImpairFull,
+        DropReason::Shutdown,
     ];
 
     /// The counter index of this reason.
@@ -59,6 +69,9 @@ impl DropReason {
             DropReason::NoSuchPort => "no_such_port",
             DropReason::NoSlowPath => "no_slow_path",
             DropReason::SlowPathRingFull => "slow_path_ring_full",
+            DropReason::ImpairLoss => "impair_loss",
+            DropReason::ImpairFull => "impair_full",
+            DropReason::Shutdown => "shutdown",
         }
     }
 }

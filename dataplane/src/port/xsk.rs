@@ -344,11 +344,17 @@ impl Port for XskPort {
                 revents: 0,
             })
             .collect();
-        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `fds` is a live, correctly sized array of pollfd for the duration of the call;
-        // the descriptors belong to sockets owned by `ports`, borrowed for the call.
+        // ppoll, not poll: a nanosecond timeout, so a worker can sleep until a delayed frame is
+        // due instead of spinning through the last millisecond.
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: `fds` is a live, correctly sized array of pollfd and `ts` a live timespec for
+        // the duration of the call; the descriptors belong to sockets owned by `ports`; a null
+        // signal mask keeps the thread's mask.
         unsafe {
-            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms);
+            libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, &ts, std::ptr::null());
         }
     }
 }
