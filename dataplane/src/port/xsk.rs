@@ -313,7 +313,9 @@ impl Port for XskPort {
         if self.busy_poll || self.fill.needs_wakeup() {
             let _ = self.fill.wakeup(self.rx.fd_mut(), 0);
         }
-        if self.tx.needs_wakeup() {
+        // Copy mode transmits inside sendto, at most a batch per call: kick again while frames
+        // wait, and only then (an idle worker makes no syscalls here).
+        if self.tx_in_flight > 0 && self.tx.needs_wakeup() {
             let _ = self.tx.wakeup();
         }
     }
