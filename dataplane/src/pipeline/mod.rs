@@ -3,6 +3,7 @@
 //! A pipeline runs over a whole burst (VPP style) and gives every frame a [`Verdict`]; the
 //! worker then moves the frames to their output ports and counts the drops once per burst.
 
+pub mod gateway;
 pub mod impair;
 pub mod l2fwd;
 
