@@ -52,7 +52,7 @@ pub struct ServerSection {
     /// dropped, and replays are remembered this long. Default 30000 ms.
     #[serde(default = "default_replay_window")]
     pub replay_window_ms: u64,
-    /// Most datagrams handled (and committed together) per batch. Default 256.
+    /// Most datagrams handled (and committed together) per batch. Default 1024.
     #[serde(default = "default_batch")]
     pub batch_max: usize,
     /// Update batches queued per rule-stream subscriber before it is disconnected as too slow
@@ -347,7 +347,7 @@ fn default_replay_window() -> u64 {
     30_000
 }
 fn default_batch() -> usize {
-    256
+    1024
 }
 fn default_queue() -> usize {
     4096

@@ -139,23 +139,26 @@ impl Store for RedbStore {
         let leases_t = tx.open_table(LEASES).map_err(|e| dberr(db_err(e)))?;
         let journal_t = tx.open_table(JOURNAL).map_err(|e| dberr(db_err(e)))?;
         let epochs_t = tx.open_table(EPOCHS).map_err(|e| dberr(db_err(e)))?;
-        let mut leases: HashMap<IpAddr, Lease> = HashMap::with_capacity(leases_t.len().unwrap_or(0) as usize);
-        for row in leases_t.iter().map_err(|e| dberr(db_err(e)))? {
-            let (k, v) = row.map_err(|e| dberr(db_err(e)))?;
-            let lease = decode_lease(k.value(), v.value())
-                .ok_or_else(|| LoadError::Corrupt { table: "leases", key: hex(k.value()) })?;
-            leases.insert(lease.ip, lease);
-        }
+        // The journal's last word on an address overrides the folded table. The journal is
+        // short (< fold_ops), so index it and stream the big table straight into the output.
+        let mut latest: HashMap<IpAddr, Option<Lease>> = HashMap::new();
         for row in journal_t.iter().map_err(|e| dberr(db_err(e)))? {
             let (k, v) = row.map_err(|e| dberr(db_err(e)))?;
             let corrupt = || LoadError::Corrupt { table: "journal", key: k.value().to_string() };
             let (key, lease) = decode_op(v.value()).ok_or_else(corrupt)?;
-            match lease {
-                Some(l) => leases.insert(l.ip, l),
-                None => leases.remove(&super::ip_from_key(&key).ok_or_else(corrupt)?),
-            };
+            latest.insert(super::ip_from_key(&key).ok_or_else(corrupt)?, lease);
         }
-        let mut out = Loaded { leases: leases.into_values().collect(), epochs: Vec::new() };
+        let mut leases: Vec<Lease> = Vec::with_capacity(leases_t.len().unwrap_or(0) as usize + latest.len());
+        for row in leases_t.iter().map_err(|e| dberr(db_err(e)))? {
+            let (k, v) = row.map_err(|e| dberr(db_err(e)))?;
+            let lease = decode_lease(k.value(), v.value())
+                .ok_or_else(|| LoadError::Corrupt { table: "leases", key: hex(k.value()) })?;
+            if !latest.contains_key(&lease.ip) {
+                leases.push(lease);
+            }
+        }
+        leases.extend(latest.into_values().flatten());
+        let mut out = Loaded { leases, epochs: Vec::new() };
         for row in epochs_t.iter().map_err(|e| dberr(db_err(e)))? {
             let (k, v) = row.map_err(|e| dberr(db_err(e)))?;
             let e = decode_epoch(k.value(), v.value())
