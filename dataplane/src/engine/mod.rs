@@ -129,6 +129,13 @@ impl<F, U> Default for Rings<F, U> {
 /// Updates applied between two passes at most, so a flood of updates cannot stall forwarding.
 const UPDATES_PER_PASS: usize = 1024;
 
+/// Milliseconds since the Unix epoch (a vDSO read, no syscall).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A histogram for nanosecond durations from 1 ns to 10 s at 3 significant digits.
 pub fn duration_histogram() -> Histogram<u64> {
     // The bounds are constants that hdrhistogram accepts (low ≥ 1, high ≥ 2·low, sigfig ≤ 5).
@@ -207,6 +214,7 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     /// number of frames received.
     pub fn poll_once(&mut self) -> usize {
         let mut received = 0;
+        self.pipeline.tick(wall_clock_ms());
         for in_port in 0..self.ports.len() {
             self.rx.clear();
             let n = self.ports[in_port].rx_burst(&mut self.rx, BURST);

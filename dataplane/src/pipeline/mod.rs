@@ -6,6 +6,7 @@
 pub mod gateway;
 pub mod impair;
 pub mod l2fwd;
+pub mod mimiq;
 
 use serde::Serialize;
 
@@ -42,11 +43,27 @@ pub enum DropReason {
     ImpairFull,
     /// Held in a delay line when the switch stopped.
     Shutdown,
+    /// Not IPv4 or IPv6 where only IP is expected.
+    NotIp,
+    /// An IP header that is truncated or inconsistent.
+    Malformed,
+    /// TTL or hop limit would reach zero.
+    HopLimitExceeded,
+    /// Edge: the destination is in no client pool.
+    NotInPool,
+    /// No live binding or alias for the destination (unknown, or expired).
+    NoRoute,
+    /// Access: the (source MAC, source IP) pair is not a live binding of this switch.
+    SpoofedSource,
+    /// Access: encapsulated traffic not from the edge's internal address to ours.
+    NotFromEdge,
+    /// The frame cannot grow by an outer header.
+    TooBig,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Runt,
         DropReason::TxRingFull,
         DropReason::NoSuchPort,
@@ -55,6 +72,14 @@ impl DropReason {
         DropReason::ImpairLoss,
         DropReason::ImpairFull,
         DropReason::Shutdown,
+        DropReason::NotIp,
+        DropReason::Malformed,
+        DropReason::HopLimitExceeded,
+        DropReason::NotInPool,
+        DropReason::NoRoute,
+        DropReason::SpoofedSource,
+        DropReason::NotFromEdge,
+        DropReason::TooBig,
     ];
 
     /// The counter index of this reason.
@@ -73,6 +98,14 @@ impl DropReason {
             DropReason::ImpairLoss => "impair_loss",
             DropReason::ImpairFull => "impair_full",
             DropReason::Shutdown => "shutdown",
+            DropReason::NotIp => "not_ip",
+            DropReason::Malformed => "malformed",
+            DropReason::HopLimitExceeded => "hop_limit_exceeded",
+            DropReason::NotInPool => "not_in_pool",
+            DropReason::NoRoute => "no_route",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::NotFromEdge => "not_from_edge",
+            DropReason::TooBig => "too_big",
         }
     }
 }
@@ -85,6 +118,10 @@ pub trait Pipeline {
 
     /// Applies one update. Called by the worker between bursts, never during one.
     fn apply(&mut self, update: Self::Update);
+
+    /// The wall-clock time in ms since the Unix epoch (the allocator's clock, which lifetimes
+    /// are expressed in), given by the worker once per pass before any burst.
+    fn tick(&mut self, _now_ms: u64) {}
 
     /// Sets `verdicts[i]` for every `frames[i]` (`verdicts` is cleared first by the worker);
     /// may rewrite frames in place through `memory`.

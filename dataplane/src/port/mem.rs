@@ -49,6 +49,11 @@ impl FrameMemory for MemMemory {
     fn data_mut<'a>(&'a mut self, frame: &'a mut MemFrame) -> &'a mut [u8] {
         &mut frame.buf[..frame.len]
     }
+
+    fn set_len(&mut self, frame: &mut MemFrame, len: usize) -> usize {
+        frame.len = len.min(MEM_FRAME_BYTES);
+        frame.len
+    }
 }
 
 /// An in-memory port with a bounded TX ring.

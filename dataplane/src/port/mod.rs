@@ -73,6 +73,10 @@ pub trait FrameMemory {
 
     /// The frame's bytes.
     fn data_mut<'a>(&'a mut self, frame: &'a mut Self::Frame) -> Self::Bytes<'a>;
+
+    /// Sets the frame's length (to grow it for an outer header, or shrink it); returns the new
+    /// length, which is capped at the frame's capacity.
+    fn set_len(&mut self, frame: &mut Self::Frame, len: usize) -> usize;
 }
 
 /// The kernel's AF_XDP socket statistics (XDP_STATISTICS).

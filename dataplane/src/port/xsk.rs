@@ -100,6 +100,14 @@ impl FrameMemory for XskMemory {
         // borrow of `self` for 'a keeps the UMEM mapped.
         unsafe { self.umem.data_mut(frame) }
     }
+
+    #[inline]
+    fn set_len(&mut self, frame: &mut FrameDesc, len: usize) -> usize {
+        // SAFETY: as in `data_mut`: the frame is this UMEM's and in the worker's hands.
+        let mut data = unsafe { self.umem.data_mut(frame) };
+        data.cursor().set_pos(len);
+        data.len()
+    }
 }
 
 /// One AF_XDP socket: one queue of one interface.

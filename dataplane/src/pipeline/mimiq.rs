@@ -1,0 +1,707 @@
+//! The MIMIQ switch roles (seed 000 §3.3, ARCHITECTURE §1, §4): the edge switch and the access
+//! switch, as pipelines over bursts. Both look addresses up in [`Tables`], which the allocator's
+//! rule updates change between bursts, and both take time from [`Pipeline::tick`].
+//!
+//! Edge, downstream (outside → inside): IPv6 destination → alias bits → SID, IPv4 destination →
+//! exact binding → SID; the packet is encapsulated in an outer IPv6 header from the edge's
+//! internal address to that access switch's and sent inside. Upstream (inside → outside): MAC
+//! rewrite to the outside next hop, TTL/hop-limit decrement.
+//!
+//! Access, upstream (clients → uplink): allocator requests to the gateway (UDP 6363) and ARP/ND
+//! go to the slow path; anything else must come from a live binding — the (source MAC, source
+//! IP) pair the allocator bound to this SID — or it is dropped as spoofed; then MAC rewrite
+//! towards the edge and TTL decrement. Downstream (uplink → clients): only IP-in-IP from the
+//! edge's internal address to ours is accepted; it is decapsulated, the inner destination's
+//! binding gives the client's MAC (passive learning: the switch never resolves clients), L2 is
+//! rewritten and the packet goes to the client port.
+//!
+//! The one copy: xsk-rs fixes a frame's start (`FrameDesc` has no setter for its address), so
+//! encapsulation moves the inner packet 40 bytes right inside its frame and decapsulation 40
+//! bytes left (`copy_within`), instead of moving the frame's start into the headroom.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use mimiq_allocator::lease::Sequenced;
+use mimiq_allocator::Sid;
+
+use super::{DropReason, Pipeline, Verdict};
+use crate::port::{FrameMemory, PortId};
+use crate::tables::Tables;
+use crate::wire::checksum::{decrement_ipv4_ttl, decrement_ipv6_hop_limit};
+
+const ETH_LEN: usize = 14;
+const IPV4_MIN: usize = 20;
+const IPV6_LEN: usize = 40;
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
+const PROTO_IPV4_IN: u8 = 4;
+const PROTO_IPV6_IN: u8 = 41;
+const PROTO_UDP: u8 = 17;
+const PROTO_ICMPV6: u8 = 58;
+/// UDP port of allocator requests to the gateway (ARCHITECTURE §5).
+pub const ALLOC_PORT: u16 = 6363;
+
+/// An IPv4 prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct V4Prefix {
+    /// Network address.
+    pub addr: Ipv4Addr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl V4Prefix {
+    fn contains(&self, a: u32) -> bool {
+        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len.min(32))) };
+        a & mask == u32::from(self.addr) & mask
+    }
+}
+
+/// An access switch as the edge sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessSwitch {
+    /// Its SID.
+    pub sid: Sid,
+    /// Its internal address (outer destination).
+    pub internal: Ipv6Addr,
+    /// Its MAC on the internal link.
+    pub mac: [u8; 6],
+}
+
+/// The edge switch's configuration.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// Port towards the access switches.
+    pub inside: PortId,
+    /// Port towards the outside.
+    pub outside: PortId,
+    /// Our MAC on the inside link.
+    pub inside_mac: [u8; 6],
+    /// Our MAC on the outside link.
+    pub outside_mac: [u8; 6],
+    /// The outside next hop's MAC.
+    pub outside_next_hop_mac: [u8; 6],
+    /// Our internal address (outer source).
+    pub internal: Ipv6Addr,
+    /// The access switches.
+    pub access: Vec<AccessSwitch>,
+    /// The IPv6 client pool prefix.
+    pub v6_prefix: Ipv6Addr,
+    /// Its length (the alias bits follow it).
+    pub v6_prefix_len: u8,
+    /// Alias bits.
+    pub alias_bits: u8,
+    /// Alias epochs stay valid for this many rotations.
+    pub alias_k: u64,
+    /// The IPv4 client pools.
+    pub v4_pools: Vec<V4Prefix>,
+}
+
+/// The edge switch pipeline.
+pub struct Edge {
+    cfg: EdgeConfig,
+    tables: Tables,
+    now_ms: u64,
+    /// Index by SID into `cfg.access`.
+    by_sid: Vec<Option<usize>>,
+    v6_prefix: u128,
+    v6_mask: u128,
+}
+
+impl Edge {
+    /// An edge switch with empty tables (they fill from a snapshot).
+    pub fn new(cfg: EdgeConfig) -> Self {
+        let mut by_sid = vec![None; 1 << 16];
+        for (i, a) in cfg.access.iter().enumerate() {
+            by_sid[usize::from(a.sid)] = Some(i);
+        }
+        let plen = u32::from(cfg.v6_prefix_len.min(128));
+        let v6_mask = if plen == 0 { 0 } else { u128::MAX << (128 - plen) };
+        Edge {
+            tables: Tables::new(plen, u32::from(cfg.alias_bits), cfg.alias_k),
+            now_ms: 0,
+            by_sid,
+            v6_prefix: u128::from(cfg.v6_prefix) & v6_mask,
+            v6_mask,
+            cfg,
+        }
+    }
+
+    /// The tables (for tests and the control thread's checks).
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    fn downstream(&self, data: &mut [u8], len: usize) -> Result<(usize, usize), DropReason> {
+        let (sid, inner_proto) = match [data[12], data[13]] {
+            ETHERTYPE_IPV6 => {
+                let dst = ipv6_dst(data, len)?;
+                if dst & self.v6_mask != self.v6_prefix {
+                    return Err(DropReason::NotInPool);
+                }
+                (self.tables.alias_sid(dst, self.now_ms).ok_or(DropReason::NoRoute)?, PROTO_IPV6_IN)
+            }
+            ETHERTYPE_IPV4 => {
+                let dst = ipv4_dst(data, len)?;
+                if !self.cfg.v4_pools.iter().any(|p| p.contains(dst)) {
+                    return Err(DropReason::NotInPool);
+                }
+                let b = self.tables.binding_v4(dst, self.now_ms).ok_or(DropReason::NoRoute)?;
+                (b.sid, PROTO_IPV4_IN)
+            }
+            _ => return Err(DropReason::NotIp),
+        };
+        let access = self.by_sid[usize::from(sid)]
+            .map(|i| self.cfg.access[i])
+            .ok_or(DropReason::NoRoute)?;
+        hop(&mut data[ETH_LEN..len], inner_proto)?;
+        let new_len = len + IPV6_LEN;
+        if data.len() < new_len {
+            return Err(DropReason::TooBig);
+        }
+        data.copy_within(ETH_LEN..len, ETH_LEN + IPV6_LEN);
+        write_outer_ipv6(
+            &mut data[ETH_LEN..ETH_LEN + IPV6_LEN],
+            (len - ETH_LEN) as u16,
+            inner_proto,
+            self.cfg.internal,
+            access.internal,
+        );
+        write_eth(data, access.mac, self.cfg.inside_mac, ETHERTYPE_IPV6);
+        Ok((new_len, usize::from(self.cfg.inside)))
+    }
+
+    fn upstream(&self, data: &mut [u8], len: usize) -> Result<(), DropReason> {
+        let proto = match [data[12], data[13]] {
+            ETHERTYPE_IPV4 => PROTO_IPV4_IN,
+            ETHERTYPE_IPV6 => PROTO_IPV6_IN,
+            _ => return Err(DropReason::NotIp),
+        };
+        hop(&mut data[ETH_LEN..len], proto)?;
+        let ethertype = [data[12], data[13]];
+        write_eth(data, self.cfg.outside_next_hop_mac, self.cfg.outside_mac, ethertype);
+        Ok(())
+    }
+}
+
+impl Pipeline for Edge {
+    type Update = Sequenced;
+
+    fn apply(&mut self, update: Sequenced) {
+        self.tables.apply(&update);
+    }
+
+    fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    fn process<M: FrameMemory>(
+        &mut self,
+        in_port: PortId,
+        memory: &mut M,
+        frames: &mut [M::Frame],
+        verdicts: &mut Vec<Verdict>,
+    ) {
+        for frame in frames.iter_mut() {
+            let len = memory.len(frame);
+            if len < ETH_LEN {
+                verdicts.push(Verdict::Drop(DropReason::Runt));
+                continue;
+            }
+            let verdict = if in_port == self.cfg.outside {
+                // Grow first so the view covers the room the outer header needs.
+                let room = memory.set_len(frame, len + IPV6_LEN);
+                let result = self.downstream(&mut memory.data_mut(frame)[..room], len);
+                match result {
+                    Ok((new_len, out)) => {
+                        memory.set_len(frame, new_len);
+                        Verdict::Forward(out as PortId)
+                    }
+                    Err(reason) => {
+                        memory.set_len(frame, len);
+                        non_ip_to_slow_path(reason)
+                    }
+                }
+            } else if in_port == self.cfg.inside {
+                match self.upstream(&mut memory.data_mut(frame), len) {
+                    Ok(()) => Verdict::Forward(self.cfg.outside),
+                    Err(reason) => non_ip_to_slow_path(reason),
+                }
+            } else {
+                Verdict::Drop(DropReason::NoSuchPort)
+            };
+            verdicts.push(verdict);
+        }
+    }
+}
+
+/// The access switch's configuration.
+#[derive(Debug, Clone)]
+pub struct AccessConfig {
+    /// Our SID.
+    pub sid: Sid,
+    /// Port towards the clients.
+    pub clients: PortId,
+    /// Port towards the edge.
+    pub uplink: PortId,
+    /// The gateway's MAC (what clients send to, and the source of what they receive).
+    pub gateway_mac: [u8; 6],
+    /// The gateway's IPv4 address.
+    pub gateway_v4: Option<Ipv4Addr>,
+    /// The gateway's IPv6 addresses.
+    pub gateway_v6: Vec<Ipv6Addr>,
+    /// Our MAC on the uplink.
+    pub uplink_mac: [u8; 6],
+    /// The edge's MAC on the uplink (next hop upstream).
+    pub edge_mac: [u8; 6],
+    /// Our internal address (outer destination of what the edge sends us).
+    pub internal: Ipv6Addr,
+    /// The edge's internal address (the only accepted outer source).
+    pub edge_internal: Ipv6Addr,
+    /// IPv6 pool prefix length and alias bits (for the tables' alias index; unused here).
+    pub v6_prefix_len: u8,
+    /// Alias bits.
+    pub alias_bits: u8,
+}
+
+/// The access switch pipeline.
+pub struct Access {
+    cfg: AccessConfig,
+    tables: Tables,
+    now_ms: u64,
+    internal: [u8; 16],
+    edge_internal: [u8; 16],
+}
+
+impl Access {
+    /// An access switch with empty tables (they fill from a snapshot).
+    pub fn new(cfg: AccessConfig) -> Self {
+        Access {
+            tables: Tables::new(u32::from(cfg.v6_prefix_len), u32::from(cfg.alias_bits), 1),
+            now_ms: 0,
+            internal: cfg.internal.octets(),
+            edge_internal: cfg.edge_internal.octets(),
+            cfg,
+        }
+    }
+
+    /// The tables.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    fn upstream(&self, data: &mut [u8], len: usize) -> Result<Verdict, DropReason> {
+        let src_mac: [u8; 6] = data[6..12].try_into().unwrap_or_default();
+        match [data[12], data[13]] {
+            ETHERTYPE_IPV4 => {
+                let h = data.get(ETH_LEN..len).filter(|h| h.len() >= IPV4_MIN).ok_or(DropReason::Malformed)?;
+                let ihl = usize::from(h[0] & 0x0f) * 4;
+                let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
+                if h[9] == PROTO_UDP && Some(dst) == self.cfg.gateway_v4 && udp_dst_port(h, ihl) == Some(ALLOC_PORT) {
+                    return Ok(Verdict::ToSlowPath);
+                }
+                let src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+                match self.tables.binding_v4(src, self.now_ms) {
+                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid => {}
+                    _ => return Err(DropReason::SpoofedSource),
+                }
+            }
+            ETHERTYPE_IPV6 => {
+                let h = data.get(ETH_LEN..len).filter(|h| h.len() >= IPV6_LEN).ok_or(DropReason::Malformed)?;
+                let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&h[24..40]).unwrap_or_default());
+                // Neighbour discovery and allocator requests are the slow path's, whatever the
+                // source (a client has no bound address before its first allocation).
+                let to_gateway = self.cfg.gateway_v6.contains(&dst) || dst.segments()[0] == 0xff02;
+                if to_gateway && (h[6] == PROTO_ICMPV6 || (h[6] == PROTO_UDP && udp_dst_port(h, IPV6_LEN) == Some(ALLOC_PORT))) {
+                    return Ok(Verdict::ToSlowPath);
+                }
+                let src = u128::from_be_bytes(h[8..24].try_into().unwrap_or_default());
+                match self.tables.binding_v6(src, self.now_ms) {
+                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid => {}
+                    _ => return Err(DropReason::SpoofedSource),
+                }
+            }
+            _ => return Ok(Verdict::ToSlowPath), // ARP for the gateway
+        }
+        let proto = if [data[12], data[13]] == ETHERTYPE_IPV4 { PROTO_IPV4_IN } else { PROTO_IPV6_IN };
+        hop(&mut data[ETH_LEN..len], proto)?;
+        let ethertype = [data[12], data[13]];
+        write_eth(data, self.cfg.edge_mac, self.cfg.uplink_mac, ethertype);
+        Ok(Verdict::Forward(self.cfg.uplink))
+    }
+
+    /// Returns the decapsulated length.
+    fn downstream(&self, data: &mut [u8], len: usize) -> Result<usize, DropReason> {
+        if [data[12], data[13]] != ETHERTYPE_IPV6 {
+            return Err(DropReason::NotIp);
+        }
+        let outer = data.get(ETH_LEN..len).filter(|h| h.len() >= IPV6_LEN).ok_or(DropReason::Malformed)?;
+        let inner_proto = outer[6];
+        if inner_proto != PROTO_IPV4_IN && inner_proto != PROTO_IPV6_IN {
+            return Err(DropReason::NotIp);
+        }
+        if outer[8..24] != self.edge_internal || outer[24..40] != self.internal {
+            return Err(DropReason::NotFromEdge);
+        }
+        let inner = &data[ETH_LEN + IPV6_LEN..len];
+        let binding = if inner_proto == PROTO_IPV4_IN {
+            let dst = ipv4_dst_of(inner).ok_or(DropReason::Malformed)?;
+            self.tables.binding_v4(dst, self.now_ms)
+        } else {
+            let dst = ipv6_dst_of(inner).ok_or(DropReason::Malformed)?;
+            self.tables.binding_v6(dst, self.now_ms)
+        };
+        let binding = binding.filter(|b| b.sid == self.cfg.sid).ok_or(DropReason::NoRoute)?;
+        let mac = binding.mac;
+        data.copy_within(ETH_LEN + IPV6_LEN..len, ETH_LEN);
+        let new_len = len - IPV6_LEN;
+        hop(&mut data[ETH_LEN..new_len], inner_proto)?;
+        let ethertype = if inner_proto == PROTO_IPV4_IN { ETHERTYPE_IPV4 } else { ETHERTYPE_IPV6 };
+        write_eth(data, mac, self.cfg.gateway_mac, ethertype);
+        Ok(new_len)
+    }
+}
+
+impl Pipeline for Access {
+    type Update = Sequenced;
+
+    fn apply(&mut self, update: Sequenced) {
+        self.tables.apply(&update);
+    }
+
+    fn tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    fn process<M: FrameMemory>(
+        &mut self,
+        in_port: PortId,
+        memory: &mut M,
+        frames: &mut [M::Frame],
+        verdicts: &mut Vec<Verdict>,
+    ) {
+        for frame in frames.iter_mut() {
+            let len = memory.len(frame);
+            if len < ETH_LEN {
+                verdicts.push(Verdict::Drop(DropReason::Runt));
+                continue;
+            }
+            let verdict = if in_port == self.cfg.clients {
+                self.upstream(&mut memory.data_mut(frame), len).unwrap_or_else(Verdict::Drop)
+            } else if in_port == self.cfg.uplink {
+                let result = self.downstream(&mut memory.data_mut(frame), len);
+                match result {
+                    Ok(new_len) => {
+                        memory.set_len(frame, new_len);
+                        Verdict::Forward(self.cfg.clients)
+                    }
+                    Err(reason) => non_ip_to_slow_path(reason),
+                }
+            } else {
+                Verdict::Drop(DropReason::NoSuchPort)
+            };
+            verdicts.push(verdict);
+        }
+    }
+}
+
+/// Non-IP frames (ARP, and the like) are for the slow path; the rest is dropped.
+fn non_ip_to_slow_path(reason: DropReason) -> Verdict {
+    if reason == DropReason::NotIp {
+        Verdict::ToSlowPath
+    } else {
+        Verdict::Drop(reason)
+    }
+}
+
+/// Decrements the TTL or hop limit of the IP packet at the start of `packet`.
+fn hop(packet: &mut [u8], proto: u8) -> Result<(), DropReason> {
+    let result = if proto == PROTO_IPV4_IN {
+        decrement_ipv4_ttl(packet)
+    } else {
+        decrement_ipv6_hop_limit(packet)
+    };
+    result.map(|_| ()).map_err(|e| match e {
+        crate::wire::Error::HopLimitExceeded => DropReason::HopLimitExceeded,
+        _ => DropReason::Malformed,
+    })
+}
+
+fn ipv6_dst(data: &[u8], len: usize) -> Result<u128, DropReason> {
+    data.get(ETH_LEN..len).and_then(ipv6_dst_of).ok_or(DropReason::Malformed)
+}
+
+fn ipv4_dst(data: &[u8], len: usize) -> Result<u32, DropReason> {
+    data.get(ETH_LEN..len).and_then(ipv4_dst_of).ok_or(DropReason::Malformed)
+}
+
+fn ipv6_dst_of(packet: &[u8]) -> Option<u128> {
+    let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+    (packet[0] >> 4 == 6).then(|| u128::from_be_bytes(b))
+}
+
+fn ipv4_dst_of(packet: &[u8]) -> Option<u32> {
+    let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+    (packet[0] >> 4 == 4).then(|| u32::from_be_bytes(b))
+}
+
+fn udp_dst_port(ip: &[u8], header_len: usize) -> Option<u16> {
+    let p = ip.get(header_len + 2..header_len + 4)?;
+    Some(u16::from_be_bytes([p[0], p[1]]))
+}
+
+fn write_outer_ipv6(h: &mut [u8], payload_len: u16, next_header: u8, src: Ipv6Addr, dst: Ipv6Addr) {
+    h[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
+    h[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    h[6] = next_header;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&src.octets());
+    h[24..40].copy_from_slice(&dst.octets());
+}
+
+fn write_eth(data: &mut [u8], dst: [u8; 6], src: [u8; 6], ethertype: [u8; 2]) {
+    data[0..6].copy_from_slice(&dst);
+    data[6..12].copy_from_slice(&src);
+    data[12..14].copy_from_slice(&ethertype);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::port::mem::{MemFrame, MemMemory};
+    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+    use mimiq_allocator::lease::RuleUpdate;
+    use mimiq_allocator::Mac;
+
+    const CLIENT: [u8; 6] = [2, 0, 0, 0, 0, 0xc1];
+    const OTHER_CLIENT: [u8; 6] = [2, 0, 0, 0, 0, 0xc2];
+    const GW: [u8; 6] = [2, 0, 0, 0, 0, 0x01];
+    const ACCESS_UP: [u8; 6] = [2, 0, 0, 0, 0, 0xa1];
+    const EDGE_IN: [u8; 6] = [2, 0, 0, 0, 0, 0xe1];
+    const EDGE_OUT: [u8; 6] = [2, 0, 0, 0, 0, 0xe2];
+    const OUT_HOP: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
+    const SID: Sid = 7;
+    const NOW: u64 = 1_000_000;
+
+    fn edge_internal() -> Ipv6Addr {
+        "fd00:ffff::e".parse().unwrap()
+    }
+    fn access_internal() -> Ipv6Addr {
+        "fd00:ffff::a".parse().unwrap()
+    }
+    /// A client IPv6 address: pool fd00:1::/64, alias 0x0101 in the 16 bits after it.
+    fn client_v6() -> Ipv6Addr {
+        "fd00:1::101:0:0:10".parse().unwrap()
+    }
+
+    fn rules() -> Vec<Sequenced> {
+        let add = |ip: &str, until| RuleUpdate::BindingAdd {
+            ip: ip.parse().unwrap(),
+            mac: Mac(CLIENT),
+            sid: SID,
+            valid_until_ms: until,
+        };
+        let updates = vec![
+            add("198.18.1.10", NOW + 5_000),
+            add("fd00:1::101:0:0:10", NOW + 5_000),
+            RuleUpdate::AliasEpoch { epoch: 1, aliases: vec![(SID, vec![0x0101])], valid_until_ms: NOW + 5_000 },
+        ];
+        let mut out = vec![Sequenced { seq: 3, update: RuleUpdate::Snapshot { seq: 3, count: updates.len() as u32 } }];
+        out.extend(updates.into_iter().map(|update| Sequenced { seq: 3, update }));
+        out
+    }
+
+    fn edge() -> Edge {
+        let mut e = Edge::new(EdgeConfig {
+            inside: 0,
+            outside: 1,
+            inside_mac: EDGE_IN,
+            outside_mac: EDGE_OUT,
+            outside_next_hop_mac: OUT_HOP,
+            internal: edge_internal(),
+            access: vec![AccessSwitch { sid: SID, internal: access_internal(), mac: ACCESS_UP }],
+            v6_prefix: "fd00:1::".parse().unwrap(),
+            v6_prefix_len: 64,
+            alias_bits: 16,
+            alias_k: 3,
+            v4_pools: vec![V4Prefix { addr: Ipv4Addr::new(198, 18, 1, 0), len: 24 }],
+        });
+        rules().into_iter().for_each(|r| e.apply(r));
+        e.tick(NOW);
+        e
+    }
+
+    fn access() -> Access {
+        let mut a = Access::new(AccessConfig {
+            sid: SID,
+            clients: 0,
+            uplink: 1,
+            gateway_mac: GW,
+            gateway_v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
+            gateway_v6: vec!["fe80::1".parse().unwrap()],
+            uplink_mac: ACCESS_UP,
+            edge_mac: EDGE_IN,
+            internal: access_internal(),
+            edge_internal: edge_internal(),
+            v6_prefix_len: 64,
+            alias_bits: 16,
+        });
+        rules().into_iter().for_each(|r| a.apply(r));
+        a.tick(NOW);
+        a
+    }
+
+    fn run<P: Pipeline>(p: &mut P, port: PortId, bytes: &[u8]) -> (Verdict, Vec<u8>) {
+        let mut frame = MemFrame::from_bytes(bytes);
+        let mut verdicts = Vec::new();
+        p.process(port, &mut MemMemory, std::slice::from_mut(&mut frame), &mut verdicts);
+        (verdicts[0], frame.bytes().to_vec())
+    }
+
+    fn udp_v4(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).udp(40000, dport).write(&mut out, b"payload").unwrap();
+        out
+    }
+
+    fn udp_v6(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.octets(), dst.octets(), 64).udp(443, 40000).write(&mut out, b"hello").unwrap();
+        out
+    }
+
+    #[test]
+    fn return_traffic_reaches_the_bound_client_through_edge_and_access_v4_and_v6() {
+        let (mut e, mut a) = (edge(), access());
+        let cases = [
+            udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
+            udp_v6(OUT_HOP, EDGE_OUT, "2001:db8::5".parse().unwrap(), client_v6()),
+        ];
+        for original in cases {
+            let (v, encapsulated) = run(&mut e, 1, &original);
+            assert_eq!(v, Verdict::Forward(0), "edge sends it inside");
+            assert_eq!(encapsulated.len(), original.len() + 40);
+            assert_eq!(&encapsulated[0..6], &ACCESS_UP);
+            let outer = SlicedPacket::from_ethernet(&encapsulated).unwrap();
+            let Some(NetSlice::Ipv6(o)) = outer.net else { panic!("outer IPv6") };
+            assert_eq!(o.header().source_addr(), edge_internal());
+            assert_eq!(o.header().destination_addr(), access_internal());
+            let (v, delivered) = run(&mut a, 1, &encapsulated);
+            assert_eq!(v, Verdict::Forward(0), "access delivers to the client port");
+            assert_eq!(&delivered[0..6], &CLIENT);
+            assert_eq!(&delivered[6..12], &GW);
+            assert_eq!(delivered.len(), original.len());
+            // The same packet, two router hops later: TTL − 2, checksums valid (etherparse
+            // checks the IPv4 header checksum on slicing the payload's lengths).
+            let p = SlicedPacket::from_ethernet(&delivered).unwrap();
+            match p.net {
+                Some(NetSlice::Ipv4(ip)) => {
+                    assert_eq!(ip.header().ttl(), 62);
+                    let h = ip.header().to_header();
+                    assert_eq!(h.header_checksum, h.calc_header_checksum());
+                }
+                Some(NetSlice::Ipv6(ip)) => assert_eq!(ip.header().hop_limit(), 62),
+                _ => panic!("not IP"),
+            }
+            assert!(matches!(p.transport, Some(TransportSlice::Udp(_))));
+            assert_eq!(&delivered[delivered.len() - 5..], &original[original.len() - 5..]);
+        }
+    }
+
+    #[test]
+    fn the_edge_drops_what_is_in_no_pool_or_has_no_live_route() {
+        let mut e = edge();
+        let not_pool = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 51, 100, 1], 1);
+        assert_eq!(run(&mut e, 1, &not_pool).0, Verdict::Drop(DropReason::NotInPool));
+        let unbound = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 11], 1);
+        assert_eq!(run(&mut e, 1, &unbound).0, Verdict::Drop(DropReason::NoRoute));
+        let other_alias = udp_v6(OUT_HOP, EDGE_OUT, "2001:db8::5".parse().unwrap(), "fd00:1::202:0:0:10".parse().unwrap());
+        assert_eq!(run(&mut e, 1, &other_alias).0, Verdict::Drop(DropReason::NoRoute));
+        // After lifetime + t_remove (valid_until), nothing routes.
+        e.tick(NOW + 5_000);
+        let bound = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
+        assert_eq!(run(&mut e, 1, &bound).0, Verdict::Drop(DropReason::NoRoute));
+        let mut arp = bound.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(run(&mut e, 1, &arp).0, Verdict::ToSlowPath, "neighbour resolution is the slow path's");
+    }
+
+    #[test]
+    fn the_edge_forwards_upstream_to_the_next_hop() {
+        let mut e = edge();
+        let up = udp_v4(ACCESS_UP, EDGE_IN, [198, 18, 1, 10], [203, 0, 113, 5], 443);
+        let (v, out) = run(&mut e, 0, &up);
+        assert_eq!(v, Verdict::Forward(1));
+        assert_eq!((&out[0..6], &out[6..12]), (&OUT_HOP[..], &EDGE_OUT[..]));
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+    }
+
+    #[test]
+    fn access_upstream_forwards_only_live_bindings_of_this_switch() {
+        let mut a = access();
+        let good = udp_v4(CLIENT, GW, [198, 18, 1, 10], [203, 0, 113, 5], 443);
+        let (v, out) = run(&mut a, 0, &good);
+        assert_eq!(v, Verdict::Forward(1));
+        assert_eq!((&out[0..6], &out[6..12]), (&EDGE_IN[..], &ACCESS_UP[..]));
+        let wrong_mac = udp_v4(OTHER_CLIENT, GW, [198, 18, 1, 10], [203, 0, 113, 5], 443);
+        assert_eq!(run(&mut a, 0, &wrong_mac).0, Verdict::Drop(DropReason::SpoofedSource));
+        let wrong_ip = udp_v4(CLIENT, GW, [198, 18, 1, 11], [203, 0, 113, 5], 443);
+        assert_eq!(run(&mut a, 0, &wrong_ip).0, Verdict::Drop(DropReason::SpoofedSource));
+        let good_v6 = udp_v6(CLIENT, GW, client_v6(), "2001:db8::5".parse().unwrap());
+        assert_eq!(run(&mut a, 0, &good_v6).0, Verdict::Forward(1));
+        let spoof_v6 = udp_v6(CLIENT, GW, "fd00:1::101:0:0:11".parse().unwrap(), "2001:db8::5".parse().unwrap());
+        assert_eq!(run(&mut a, 0, &spoof_v6).0, Verdict::Drop(DropReason::SpoofedSource));
+        a.tick(NOW + 5_000);
+        assert_eq!(run(&mut a, 0, &good).0, Verdict::Drop(DropReason::SpoofedSource), "expired binding");
+    }
+
+    #[test]
+    fn allocator_requests_and_arp_go_to_the_slow_path_even_without_a_binding() {
+        let mut a = access();
+        let request = udp_v4(OTHER_CLIENT, GW, [0, 0, 0, 0], [198, 18, 1, 1], ALLOC_PORT);
+        assert_eq!(run(&mut a, 0, &request).0, Verdict::ToSlowPath);
+        let other_port = udp_v4(OTHER_CLIENT, GW, [0, 0, 0, 0], [198, 18, 1, 1], 53);
+        assert_eq!(run(&mut a, 0, &other_port).0, Verdict::Drop(DropReason::SpoofedSource));
+        let mut arp = request.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(run(&mut a, 0, &arp).0, Verdict::ToSlowPath);
+    }
+
+    #[test]
+    fn access_downstream_accepts_only_the_edge_and_only_its_own_clients() {
+        let (mut e, mut a) = (edge(), access());
+        let original = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000);
+        let (_, mut encapsulated) = run(&mut e, 1, &original);
+        let mut forged = encapsulated.clone();
+        forged[14 + 8 + 15] ^= 1; // outer source: not the edge
+        assert_eq!(run(&mut a, 1, &forged).0, Verdict::Drop(DropReason::NotFromEdge));
+        let plain = udp_v4(EDGE_IN, ACCESS_UP, [203, 0, 113, 5], [198, 18, 1, 10], 1);
+        assert_eq!(run(&mut a, 1, &plain).0, Verdict::ToSlowPath, "not encapsulated: not ours to forward");
+        // Inner destination unknown.
+        encapsulated[14 + 40 + 19] = 99;
+        assert_eq!(run(&mut a, 1, &encapsulated).0, Verdict::Drop(DropReason::NoRoute));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_frames_never_panic_either_role(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            ethertype in proptest::sample::select(vec![[0x08u8, 0x00], [0x86, 0xdd], [0x08, 0x06]]),
+            port in 0u16..3,
+        ) {
+            let mut frame = bytes.clone();
+            if frame.len() >= 14 {
+                frame[12..14].copy_from_slice(&ethertype);
+            }
+            let (mut e, mut a) = (edge(), access());
+            run(&mut e, port, &frame);
+            run(&mut a, port, &frame);
+            // Valid outer header, random inner bytes.
+            let mut enc = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
+            enc = run(&mut e, 1, &enc).1;
+            enc.truncate(54);
+            enc.extend_from_slice(&bytes);
+            run(&mut a, 1, &enc);
+        }
+    }
+}
