@@ -66,6 +66,9 @@ enum Bench {
         /// Seconds of traffic per path.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
+        /// Rounds over all paths; the table shows medians.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: u32,
         /// Directory for results.json and results.md.
         #[arg(long, default_value = "target/experiments/forwarding")]
         out: std::path::PathBuf,
@@ -138,8 +141,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{md}");
             println!("written to {}", out.display());
         }
-        Command::Bench { bench: Bench::Forwarding { seconds, out } } => {
-            let (runs, md) = mimiq_perf::experiments::forwarding::compare(seconds, &mut |l| println!("{l}"))
+        Command::Bench { bench: Bench::Forwarding { seconds, repeat, out } } => {
+            let (runs, md) = mimiq_perf::experiments::forwarding::compare(seconds, repeat, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(&runs)?)?;

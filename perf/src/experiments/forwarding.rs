@@ -78,60 +78,77 @@ pub struct Run {
     pub commands: Vec<String>,
 }
 
-/// Runs every path for `seconds` each and returns the runs and a Markdown table.
-pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Run>, String), String> {
+/// Runs every path for `seconds` each, `repeat` times over (interleaved, so drift on a shared
+/// machine hits every path alike), and returns the runs and a Markdown table of the medians.
+pub fn compare(seconds: u32, repeat: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Run>, String), String> {
     let mut runs = Vec::new();
-    for (sink, path) in [Sink::KernelDrop, Sink::Receiver].into_iter().flat_map(|sink| {
-        [
-            Path::GeneratorCeiling,
-            Path::AfXdpReflector,
-            Path::MimiqSwitch,
-            Path::MimiqSwitchBusy,
-            Path::KernelForwarding,
-        ]
-        .map(|p| (sink, p))
-    }) {
-        progress(&format!("{path:?} into {sink:?}:"));
-        let r = run(path, sink, seconds)?;
-        progress(&format!(
-            "  sent {:.0} pps, forwarded {}, received {}",
-            r.sent_pps,
-            r.forwarded_pps.map_or("–".into(), |v| format!("{v:.0} pps")),
-            r.received_pps.map_or("–".into(), |v| format!("{v:.0} pps"))
-        ));
-        runs.push(r);
+    for round in 1..=repeat {
+        for (sink, path) in [Sink::KernelDrop, Sink::Receiver].into_iter().flat_map(|sink| PATHS.map(|p| (sink, p))) {
+            progress(&format!("round {round}/{repeat}: {path:?} into {sink:?}:"));
+            let r = run(path, sink, seconds)?;
+            progress(&format!(
+                "  sent {:.0} pps, forwarded {}, received {}",
+                r.sent_pps,
+                r.forwarded_pps.map_or("–".into(), |v| format!("{v:.0} pps")),
+                r.received_pps.map_or("–".into(), |v| format!("{v:.0} pps"))
+            ));
+            runs.push(r);
+        }
     }
-    Ok((runs.clone(), markdown(&runs)))
+    let md = markdown(&runs);
+    Ok((runs, md))
 }
 
-/// The Markdown table: rates, ratios to the reflector and to the kernel, CPU per frame.
+const PATHS: [Path; 5] = [
+    Path::GeneratorCeiling,
+    Path::AfXdpReflector,
+    Path::MimiqSwitch,
+    Path::MimiqSwitchBusy,
+    Path::KernelForwarding,
+];
+
+/// The Markdown table: per path and sink, medians over the rounds of the rates, the ratios of
+/// the delivered rate to the reflector's and to the kernel's, latency and CPU per frame.
 pub fn markdown(runs: &[Run]) -> String {
-    let rate = |p: Path, sink: Sink| {
-        runs.iter()
-            .find(|r| r.path == p && r.sink == sink)
-            .map_or(f64::NAN, |r| r.delivered_pps)
+    let median = |mut xs: Vec<f64>| -> Option<f64> {
+        xs.retain(|x| x.is_finite());
+        xs.sort_by(f64::total_cmp);
+        (!xs.is_empty()).then(|| xs[xs.len() / 2])
     };
-    let f = |v: Option<f64>, digits: usize| v.map_or("–".into(), |v| format!("{v:.digits$}"));
+    let of = |p: Path, s: Sink| runs.iter().filter(move |r| r.path == p && r.sink == s);
+    let med = |p: Path, s: Sink, f: &dyn Fn(&Run) -> Option<f64>| median(of(p, s).filter_map(f).collect());
+    let fmt = |v: Option<f64>, digits: usize| v.map_or("–".into(), |v| format!("{v:.digits$}"));
     let mut md = String::from(
-        "| path | sink | sent pps | forwarded pps | received pps | ÷ reflector | ÷ kernel | p50 / p99 µs | forwarder CPU ns/frame | sender CPU ns/frame |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| path | sink | runs | sent pps | forwarded pps | received pps | delivered pps (min–max) | ÷ reflector | ÷ kernel | p50 / p99 µs | forwarder CPU ns/frame | sender CPU ns/frame |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for r in runs {
-        let (reflector, kernel) = (rate(Path::AfXdpReflector, r.sink), rate(Path::KernelForwarding, r.sink));
-        let ratio = |base: f64| (r.path != Path::GeneratorCeiling).then(|| r.delivered_pps / base);
-        md.push_str(&format!(
-            "| {:?} | {:?} | {:.0} | {} | {} | {} | {} | {} / {} | {} | {:.0} |\n",
-            r.path,
-            r.sink,
-            r.sent_pps,
-            f(r.forwarded_pps, 0),
-            f(r.received_pps, 0),
-            f(ratio(reflector), 2),
-            f(ratio(kernel), 2),
-            f(r.latency_p50_us, 0),
-            f(r.latency_p99_us, 0),
-            f(r.forwarder_cpu_ns_per_packet, 0),
-            r.sender_cpu_ns_per_packet,
-        ));
+    for sink in [Sink::KernelDrop, Sink::Receiver] {
+        let reflector = med(Path::AfXdpReflector, sink, &|r| Some(r.delivered_pps));
+        let kernel = med(Path::KernelForwarding, sink, &|r| Some(r.delivered_pps));
+        for path in PATHS {
+            let n = of(path, sink).count();
+            if n == 0 {
+                continue;
+            }
+            let delivered = med(path, sink, &|r| Some(r.delivered_pps));
+            let lo = of(path, sink).map(|r| r.delivered_pps).fold(f64::INFINITY, f64::min);
+            let hi = of(path, sink).map(|r| r.delivered_pps).fold(0.0, f64::max);
+            let ratio = |base: Option<f64>| {
+                (path != Path::GeneratorCeiling).then_some(()).and(delivered.zip(base).map(|(d, b)| d / b))
+            };
+            md.push_str(&format!(
+                "| {path:?} | {sink:?} | {n} | {} | {} | {} | {} ({lo:.0}–{hi:.0}) | {} | {} | {} / {} | {} | {} |\n",
+                fmt(med(path, sink, &|r| Some(r.sent_pps)), 0),
+                fmt(med(path, sink, &|r| r.forwarded_pps), 0),
+                fmt(med(path, sink, &|r| r.received_pps), 0),
+                fmt(delivered, 0),
+                fmt(ratio(reflector), 2),
+                fmt(ratio(kernel), 2),
+                fmt(med(path, sink, &|r| r.latency_p50_us), 0),
+                fmt(med(path, sink, &|r| r.latency_p99_us), 0),
+                fmt(med(path, sink, &|r| r.forwarder_cpu_ns_per_packet), 0),
+                fmt(med(path, sink, &|r| Some(r.sender_cpu_ns_per_packet)), 0),
+            ));
+        }
     }
     md
 }
@@ -323,4 +340,43 @@ fn counter(tb: &Testbed, host: &str, iface: &str, name: &str) -> Result<u64, Str
 fn json(path: &str) -> Result<Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(path: Path, sink: Sink, delivered_pps: f64) -> Run {
+        Run {
+            path,
+            sink,
+            delivered_pps,
+            sent_packets: 0,
+            sent_pps: 1.0,
+            forwarded_packets: None,
+            forwarded_pps: None,
+            received_packets: None,
+            received_pps: None,
+            latency_p50_us: None,
+            latency_p99_us: None,
+            forwarder_cpu_ns_per_packet: None,
+            sender_cpu_ns_per_packet: 0.0,
+            commands: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_table_shows_medians_and_ratios_of_medians_within_a_sink() {
+        let mut runs = Vec::new();
+        for (reflector, switch, kernel) in [(100.0, 90.0, 200.0), (120.0, 60.0, 210.0), (80.0, 99.0, 190.0)] {
+            runs.push(run(Path::AfXdpReflector, Sink::KernelDrop, reflector));
+            runs.push(run(Path::MimiqSwitch, Sink::KernelDrop, switch));
+            runs.push(run(Path::KernelForwarding, Sink::KernelDrop, kernel));
+        }
+        let md = markdown(&runs);
+        // Medians: reflector 100, switch 90, kernel 200.
+        assert!(md.contains("| MimiqSwitch | KernelDrop | 3 | 1 | – | – | 90 (60–99) | 0.90 | 0.45 |"), "{md}");
+        assert!(md.contains("| AfXdpReflector | KernelDrop | 3 | 1 | – | – | 100 (80–120) | 1.00 | 0.50 |"), "{md}");
+        assert!(!md.contains("Receiver"), "no rows for a sink that was not run");
+    }
 }
