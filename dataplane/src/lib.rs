@@ -12,6 +12,7 @@
 //! lives only in `port::xsk` (AF_XDP rings and `poll`), each block with its `SAFETY:` argument.
 
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod pipeline;
 pub mod port;
