@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p mimiq-allocator --example alloc_bench            # full run
 //! cargo run --release -p mimiq-allocator --example alloc_bench -- quick   # smaller, for CI
+//! cargo run --release -p mimiq-allocator --example alloc_bench -- mem     # section 1 only
 //! ```
 //!
 //! 1. In-memory allocations per second, one thread, through `Allocator::allocate` (lease table,
@@ -118,6 +119,8 @@ fn pool_only(size_prefix: &str, used_frac: f64, n: u64) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    // `mem`: only the in-memory table (for profiling).
+    let mem_only = std::env::args().any(|a| a == "mem");
     let (v4_prefix, n) = if quick { ("10.0.0.0/16", 5_000u64) } else { ("10.0.0.0/8", 500_000u64) };
     println!("# mimiq-allocator benchmarks ({})", if quick { "quick" } else { "full" });
     println!();
@@ -141,6 +144,9 @@ fn main() {
         fill(&mut a, Family::V6, util_leases);
         let rate = churn(&mut a, Family::V6, n, 1 << 32);
         println!("| IPv6 /64 (48 random bits) | {util_leases} live leases | {rate:.0} | – | – |");
+    }
+    if mem_only {
+        return;
     }
     println!();
     println!("## 2. Durable allocations/s (redb, fsync per commit)");
