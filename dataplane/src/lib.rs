@@ -16,6 +16,7 @@ pub mod control;
 pub mod engine;
 pub mod pipeline;
 pub mod port;
+pub mod slowpath;
 pub mod tables;
 pub mod telemetry;
 pub mod wire;

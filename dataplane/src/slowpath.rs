@@ -1,0 +1,316 @@
+//! The access switch's slow-path thread: the virtual gateway's ARP/ND answers, and the relay
+//! between clients and the allocator (ARCHITECTURE §5).
+//!
+//! Frames arrive over the worker's slow-path ring, owned; they go back over the return ring,
+//! to be transmitted (answers) or freed. A client's allocator request (UDP to the gateway, port
+//! 6363) is wrapped in an authenticated `Relay` with the SID, the observed MAC and port, and sent
+//! to the allocator; the allocator's `RelayReply` is written into a frame the thread keeps from
+//! earlier requests and sent to the client's address and port. A reply with no frame to carry it
+//! is dropped and counted: the client retries.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use mimiq_allocator::proto::{self, Relay, RelayInfo, RelayReply};
+use mimiq_allocator::{Mac, Sid};
+
+use crate::engine::{SlowPathFrame, SlowPathReturn};
+use crate::pipeline::gateway::{Answer, Gateway};
+use crate::pipeline::mimiq::ALLOC_PORT;
+use crate::port::{FrameMemory, PortId};
+
+/// Frames kept to carry allocator replies.
+const STASH: usize = 64;
+/// Requests remembered (for the client's address) at most, and for how long.
+const PENDING_MAX: usize = 4096;
+const PENDING_TTL: Duration = Duration::from_secs(10);
+
+/// The relay's settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Our SID (also our ID at the allocator).
+    pub sid: Sid,
+    /// The allocator's relay address (`relay_listen`).
+    pub allocator: SocketAddr,
+    /// The key shared with the allocator.
+    pub key: Vec<u8>,
+}
+
+/// Counters of the slow path.
+#[derive(Debug, Default)]
+pub struct SlowPathStats {
+    /// ARP replies and neighbour advertisements sent.
+    pub gateway_answers: AtomicU64,
+    /// Requests relayed to the allocator.
+    pub relayed: AtomicU64,
+    /// Replies delivered to clients.
+    pub replies: AtomicU64,
+    /// Frames the slow path had no use for (freed).
+    pub ignored: AtomicU64,
+    /// Replies dropped: bad tag, unknown transaction, or no frame to carry them.
+    pub replies_dropped: AtomicU64,
+}
+
+/// Runs the access slow path until `stop` is set.
+pub fn run_access<M: FrameMemory>(
+    mut memory: M,
+    gateway: Gateway,
+    relay: RelayConfig,
+    mut from_worker: rtrb::Consumer<SlowPathFrame<M::Frame>>,
+    mut to_worker: rtrb::Producer<SlowPathReturn<M::Frame>>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<SlowPathStats>,
+) -> std::io::Result<()> {
+    let bind: SocketAddr = if relay.allocator.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("constant");
+    let socket = UdpSocket::bind(bind)?;
+    socket.connect(relay.allocator)?;
+    socket.set_nonblocking(true)?;
+    let key = proto::key(&relay.key);
+    let mut stash: Vec<M::Frame> = Vec::new();
+    let mut pending: HashMap<u32, (IpAddr, PortId, Instant)> = HashMap::new();
+    let mut buf = vec![0u8; 2048];
+    let mut out = Vec::with_capacity(2048);
+    while !stop.load(Ordering::Relaxed) {
+        let mut idle = true;
+        while let Ok(SlowPathFrame { mut frame, in_port }) = from_worker.pop() {
+            idle = false;
+            let len = memory.len(&frame);
+            let room = memory.set_len(&mut frame, 128.max(len));
+            let answer = gateway.answer(&mut memory.data_mut(&mut frame)[..room], len);
+            if let Ok(Answer::Reply(n)) = answer {
+                memory.set_len(&mut frame, n);
+                stats.gateway_answers.fetch_add(1, Ordering::Relaxed);
+                give_back(&mut to_worker, SlowPathReturn::Transmit(frame, in_port));
+                continue;
+            }
+            memory.set_len(&mut frame, len);
+            let relayed = relay_request(&memory.data_mut(&mut frame)[..len], relay.sid, in_port, &key, &mut out);
+            if let Some((txid, client)) = relayed {
+                if socket.send(&out).is_ok() {
+                    stats.relayed.fetch_add(1, Ordering::Relaxed);
+                    if pending.len() >= PENDING_MAX {
+                        pending.retain(|_, (_, _, at)| at.elapsed() < PENDING_TTL);
+                    }
+                    if pending.len() < PENDING_MAX {
+                        pending.insert(txid, (client, in_port, Instant::now()));
+                    }
+                }
+            } else {
+                stats.ignored.fetch_add(1, Ordering::Relaxed);
+            }
+            // Keep the frame to carry a reply later, or give it back.
+            if stash.len() < STASH {
+                stash.push(frame);
+            } else {
+                give_back(&mut to_worker, SlowPathReturn::Free(frame));
+            }
+        }
+        while let Ok(n) = socket.recv(&mut buf) {
+            idle = false;
+            let Ok(reply) = RelayReply::parse(&buf[..n], &key) else {
+                stats.replies_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (Some((client, port, _)), Some(mut frame)) = (pending.remove(&reply.txid), stash.pop()) else {
+                stats.replies_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let Some(bytes) = reply_frame(&gateway, &reply, client) else {
+                stash.push(frame);
+                stats.replies_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let room = memory.set_len(&mut frame, bytes.len());
+            if room < bytes.len() {
+                stash.push(frame);
+                stats.replies_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            memory.data_mut(&mut frame)[..bytes.len()].copy_from_slice(&bytes);
+            stats.replies.fetch_add(1, Ordering::Relaxed);
+            give_back(&mut to_worker, SlowPathReturn::Transmit(frame, port));
+        }
+        if idle {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    for frame in stash {
+        give_back(&mut to_worker, SlowPathReturn::Free(frame));
+    }
+    Ok(())
+}
+
+/// Runs a slow path that only gives frames back (roles whose slow-path traffic goes to the
+/// kernel, such as the edge with `[kernel]` set), counting them.
+pub fn run_discard<F>(
+    mut from_worker: rtrb::Consumer<SlowPathFrame<F>>,
+    mut to_worker: rtrb::Producer<SlowPathReturn<F>>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<SlowPathStats>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut idle = true;
+        while let Ok(SlowPathFrame { frame, .. }) = from_worker.pop() {
+            idle = false;
+            stats.ignored.fetch_add(1, Ordering::Relaxed);
+            give_back(&mut to_worker, SlowPathReturn::Free(frame));
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn give_back<F>(ring: &mut rtrb::Producer<SlowPathReturn<F>>, mut ret: SlowPathReturn<F>) {
+    // The return ring is as large as the slow-path ring, so it has room for every frame the
+    // slow path holds; waiting here is the slow path waiting, never the worker.
+    loop {
+        match ring.push(ret) {
+            Ok(()) => return,
+            Err(rtrb::PushError::Full(back)) => {
+                ret = back;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+}
+
+/// If `frame` is a UDP datagram to the allocator port, writes its `Relay` into `out` and
+/// returns the transaction ID and the client's address.
+fn relay_request(frame: &[u8], sid: Sid, in_port: PortId, key: &ring::hmac::Key, out: &mut Vec<u8>) -> Option<(u32, IpAddr)> {
+    let packet = SlicedPacket::from_ethernet(frame).ok()?;
+    let src_mac: [u8; 6] = frame.get(6..12)?.try_into().ok()?;
+    let client: IpAddr = match packet.net? {
+        NetSlice::Ipv4(ip) => ip.header().source_addr().into(),
+        NetSlice::Ipv6(ip) => ip.header().source_addr().into(),
+        _ => return None,
+    };
+    let TransportSlice::Udp(udp) = packet.transport? else { return None };
+    if udp.destination_port() != ALLOC_PORT {
+        return None;
+    }
+    let inner = udp.payload();
+    let header = proto::check_len(inner).ok()?;
+    let relay = Relay {
+        txid: header.txid,
+        info: RelayInfo { sid, ingress_port: in_port, mac: Mac(src_mac), client_port: udp.source_port() },
+        timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        inner,
+    };
+    out.clear();
+    relay.emit(key, out).ok()?;
+    Some((header.txid, client))
+}
+
+/// The frame that carries an allocator reply from the gateway to the client.
+fn reply_frame(gateway: &Gateway, reply: &RelayReply<'_>, client: IpAddr) -> Option<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2(gateway.mac.0, reply.info.mac.0);
+    let mut out = Vec::with_capacity(128);
+    match client {
+        IpAddr::V4(c) => {
+            // A client without an address yet asked from 0.0.0.0: answer by broadcast.
+            let dst = if c.is_unspecified() { Ipv4Addr::BROADCAST } else { c };
+            builder
+                .ipv4(gateway.v4?.octets(), dst.octets(), 64)
+                .udp(ALLOC_PORT, reply.info.client_port)
+                .write(&mut out, reply.inner)
+                .ok()?;
+        }
+        IpAddr::V6(c) => {
+            let src: Ipv6Addr = *gateway.v6.first()?;
+            builder
+                .ipv6(src.octets(), c.octets(), 64)
+                .udp(ALLOC_PORT, reply.info.client_port)
+                .write(&mut out, reply.inner)
+                .ok()?;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::port::mem::{MemFrame, MemMemory};
+    use crate::wire::EthernetAddress;
+
+    const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x42];
+    const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const SECRET: &[u8] = b"access-switch-7-key-0123456789abcdef";
+
+    #[test]
+    fn requests_are_relayed_with_sid_mac_and_port_and_replies_reach_the_client() {
+        let allocator = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let gateway = Gateway {
+            mac: EthernetAddress(GW_MAC),
+            v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
+            v6: vec!["fe80::1".parse().unwrap()],
+        };
+        let relay = RelayConfig { sid: 7, allocator: allocator.local_addr().unwrap(), key: SECRET.to_vec() };
+        let (mut to_slow, from_worker) = rtrb::RingBuffer::new(64);
+        let (to_worker, mut back) = rtrb::RingBuffer::new(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(SlowPathStats::default());
+        let thread = {
+            let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
+            std::thread::spawn(move || run_access(MemMemory, gateway, relay, from_worker, to_worker, stop, stats))
+        };
+
+        // A client message as the agent sends it: header magic "MQ", version, type, txid.
+        let inner = [b'M', b'Q', 1, 0x01, 0xde, 0xad, 0xbe, 0xef, 4, 1, 0, 0, 0, 0, 0, 0, 0, 9];
+        let mut request = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC)
+            .ipv4([0, 0, 0, 0], [198, 18, 1, 1], 64)
+            .udp(41000, ALLOC_PORT)
+            .write(&mut request, &inner)
+            .unwrap();
+        to_slow.push(SlowPathFrame { frame: MemFrame::from_bytes(&request), in_port: 0 }).unwrap();
+
+        // The allocator side: one relayed request, authenticated with the switch's key.
+        allocator.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, from) = allocator.recv_from(&mut buf).unwrap();
+        let key = proto::key(SECRET);
+        let relayed = Relay::parse(&buf[..n], |sid| (sid == 7).then_some(&key)).unwrap();
+        assert_eq!(relayed.txid, 0xdeadbeef);
+        assert_eq!(relayed.info, RelayInfo { sid: 7, ingress_port: 0, mac: Mac(CLIENT_MAC), client_port: 41000 });
+        assert_eq!(relayed.inner, &inner);
+        let mut reply = Vec::new();
+        RelayReply { txid: relayed.txid, info: relayed.info, inner: b"MQ-reply-bytes" }.emit(&key, &mut reply).unwrap();
+        allocator.send_to(&reply, from).unwrap();
+        // A forged reply (wrong key) is dropped.
+        let mut forged = Vec::new();
+        RelayReply { txid: relayed.txid, info: relayed.info, inner: b"evil" }
+            .emit(&proto::key(b"some-other-key-some-other-key-1234"), &mut forged)
+            .unwrap();
+        allocator.send_to(&forged, from).unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let delivered = loop {
+            if let Ok(SlowPathReturn::Transmit(frame, port)) = back.pop() {
+                break (frame, port);
+            }
+            assert!(Instant::now() < deadline, "no reply delivered");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap().unwrap();
+        let (frame, port) = delivered;
+        assert_eq!(port, 0, "back out of the client port");
+        let p = SlicedPacket::from_ethernet(frame.bytes()).unwrap();
+        assert_eq!(&frame.bytes()[0..6], &CLIENT_MAC);
+        let Some(NetSlice::Ipv4(ip)) = p.net else { panic!("IPv4") };
+        assert_eq!(ip.header().destination_addr(), Ipv4Addr::BROADCAST, "the client had no address");
+        assert_eq!(ip.header().source_addr(), Ipv4Addr::new(198, 18, 1, 1));
+        let Some(TransportSlice::Udp(udp)) = p.transport else { panic!("UDP") };
+        assert_eq!((udp.source_port(), udp.destination_port()), (ALLOC_PORT, 41000));
+        assert_eq!(udp.payload(), b"MQ-reply-bytes");
+        assert_eq!(stats.relayed.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.replies.load(Ordering::Relaxed), 1);
+        assert!(stats.replies_dropped.load(Ordering::Relaxed) >= 1, "the forged reply");
+    }
+}
