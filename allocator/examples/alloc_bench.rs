@@ -139,7 +139,8 @@ fn main() {
         let naive = rejection_only(size, util, n / 2);
         println!("| IPv4 {v4_prefix} | {:.0} % | {rate:.0} | {pool:.0} | {naive:.0} |", util * 100.0);
     }
-    for util_leases in [if quick { 10_000u64 } else { 1_000_000 }] {
+    {
+        let util_leases = if quick { 10_000u64 } else { 1_000_000 };
         let mut a = Allocator::new(config(v4_prefix)).unwrap();
         fill(&mut a, Family::V6, util_leases);
         let rate = churn(&mut a, Family::V6, n, 1 << 32);

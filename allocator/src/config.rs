@@ -173,6 +173,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A gateway address and the prefix length clients configure with their addresses.
+pub type Gateway = (IpAddr, u8);
+
 /// A switch with its decoded key.
 #[derive(Debug, Clone)]
 pub struct SwitchKey {
@@ -312,8 +315,8 @@ impl Config {
         self.server.store.as_os_str() == "memory"
     }
 
-    /// Gateway and client prefix length per family, as told to clients.
-    pub fn gateways(&self) -> (Option<(IpAddr, u8)>, Option<(IpAddr, u8)>) {
+    /// Gateway and client prefix length per family (IPv4, IPv6), as told to clients.
+    pub fn gateways(&self) -> (Option<Gateway>, Option<Gateway>) {
         (
             self.ipv4.as_ref().map(|v| (IpAddr::V4(v.gateway), v.client_prefix_len)),
             self.ipv6.as_ref().map(|v| (IpAddr::V6(v.gateway), v.client_prefix_len)),

@@ -60,9 +60,9 @@ pub struct Settings {
     /// The switches and their keys.
     pub switches: Vec<SwitchKey>,
     /// IPv4 gateway and client prefix length.
-    pub v4_gateway: Option<(IpAddr, u8)>,
+    pub v4_gateway: Option<config::Gateway>,
     /// IPv6 gateway and client prefix length.
-    pub v6_gateway: Option<(IpAddr, u8)>,
+    pub v6_gateway: Option<config::Gateway>,
 }
 
 impl Settings {
@@ -147,9 +147,11 @@ pub enum DropReason {
     Replay,
     /// A rule-stream connection without a valid Hello.
     BadHello,
+    /// A rule-stream connection over the connection cap.
+    TooManyConnections,
 }
 
-const DROP_REASONS: [DropReason; 11] = [
+const DROP_REASONS: [DropReason; 12] = [
     DropReason::Truncated,
     DropReason::BadMagic,
     DropReason::BadVersion,
@@ -161,6 +163,7 @@ const DROP_REASONS: [DropReason; 11] = [
     DropReason::Stale,
     DropReason::Replay,
     DropReason::BadHello,
+    DropReason::TooManyConnections,
 ];
 
 impl DropReason {
@@ -178,6 +181,7 @@ impl DropReason {
             DropReason::Stale => "stale",
             DropReason::Replay => "replay",
             DropReason::BadHello => "bad_hello",
+            DropReason::TooManyConnections => "too_many_connections",
         }
     }
 }
@@ -208,7 +212,7 @@ pub struct Metrics {
     freed: AtomicU64,
     expired_while_down: AtomicU64,
     replies: [AtomicU64; 5],
-    drops: [AtomicU64; 11],
+    drops: [AtomicU64; 12],
     leases: AtomicU64,
     pool_size_v4: AtomicU64,
     pool_in_use_v4: AtomicU64,
@@ -594,16 +598,26 @@ fn accept_loop(
     window_ms: u64,
     queue: usize,
 ) {
+    // Each connection costs a thread until it authenticates (or for good, if it does): cap them
+    // well above what the configured switches need, so stray connections cannot exhaust threads.
+    let max_conns = keys.len() * 4 + 16;
+    let live = Arc::new(AtomicU64::new(0));
     while !stop.load(Ordering::Relaxed) {
         match tcp.accept() {
             Ok((stream, _)) => {
-                let (keys, stop, metrics, req_tx) = (keys.clone(), stop.clone(), metrics.clone(), req_tx.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("alloc-sub".into())
-                    .spawn(move || subscriber(stream, keys, stop, metrics, req_tx, window_ms, queue));
+                if live.load(Ordering::Relaxed) >= max_conns as u64 {
+                    metrics.count_drop(DropReason::TooManyConnections);
+                    continue;
+                }
+                live.fetch_add(1, Ordering::Relaxed);
+                let (keys, stop, metrics, req_tx, done) = (keys.clone(), stop.clone(), metrics.clone(), req_tx.clone(), live.clone());
+                let spawned = std::thread::Builder::new().name("alloc-sub".into()).spawn(move || {
+                    subscriber(stream, keys, stop, metrics, req_tx, window_ms, queue);
+                    done.fetch_sub(1, Ordering::Relaxed);
+                });
                 if spawned.is_err() {
                     // Out of threads: the connection closes; the switch retries later.
-                    continue;
+                    live.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),

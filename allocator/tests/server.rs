@@ -354,3 +354,17 @@ fn client_library_allocates_and_releases_through_a_relay() {
     c.set_retry(Duration::from_millis(50), 2);
     assert!(matches!(c.allocate(Family::V4, 1), Err(ClientError::Timeout(2))));
 }
+
+#[test]
+fn idle_connections_beyond_the_cap_are_refused_and_switches_still_subscribe() {
+    let s = default_server();
+    // 2 switches configured: cap = 2·4 + 16 = 24 unauthenticated connections.
+    let idle: Vec<_> = (0..30).map(|_| std::net::TcpStream::connect(s.addrs.publish).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.metrics.drops(DropReason::TooManyConnections), 6);
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    // Freed slots serve a real switch (the idle ones end when their Hello times out or closes).
+    let mut sub = Subscriber::connect(s.addrs.publish, 1, ACCESS_KEY);
+    sub.read_snapshot();
+}
