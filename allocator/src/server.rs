@@ -462,6 +462,9 @@ impl Server {
             let updates = self.core.take_updates();
             self.metrics.rule_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
             fanout.publish(updates);
+            // Gauges before replies, so a client that saw its reply sees the metrics after it.
+            self.metrics.subscribers_dropped.store(fanout.dropped(), Ordering::Relaxed);
+            self.export_gauges(fanout.len());
             for (bytes, to) in replies.drain(..) {
                 // A failed send (e.g. the switch vanished) loses one reply; the client retries.
                 let _ = self.udp.send_to(&bytes, to);
@@ -484,8 +487,7 @@ impl Server {
                     }
                 }
             }
-            self.metrics.subscribers_dropped.store(fanout.dropped(), Ordering::Relaxed);
-            self.export_gauges(fanout.len());
+            self.metrics.subscribers.store(fanout.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
