@@ -15,6 +15,9 @@ use crate::pipeline::impair::ImpairConfig;
 pub enum Role {
     /// Forward every frame between two ports, unchanged.
     L2fwd,
+    /// The MIMIQ single box: an access switch and an edge switch in one process, joined by an
+    /// internal veth pair (`[single_box]`).
+    SingleBox,
 }
 
 /// Where the XDP program that feeds the sockets runs.
@@ -94,13 +97,134 @@ pub struct KernelConfig {
     pub addresses: Vec<IpAddr>,
 }
 
+/// The single box: access and edge roles in one process (`role = "single_box"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SingleBoxConfig {
+    /// The access switch's SID (also its switch ID at the allocator).
+    pub sid: u16,
+    /// The client-facing interface (access).
+    pub clients: String,
+    /// The access switch's end of the internal link.
+    pub access_uplink: String,
+    /// The edge switch's end of the internal link.
+    pub edge_inside: String,
+    /// The outside interface (edge).
+    pub outside: String,
+    /// MAC of the outside next hop, e.g. `"02:00:00:00:00:99"`.
+    pub outside_next_hop_mac: String,
+    /// The gateway IPv4 address clients use.
+    #[serde(default)]
+    pub gateway_v4: Option<std::net::Ipv4Addr>,
+    /// The gateway IPv6 addresses (link-local first; default `["fe80::1"]`).
+    #[serde(default = "default_gateway_v6")]
+    pub gateway_v6: Vec<std::net::Ipv6Addr>,
+    /// The access switch's internal address (outer destination).
+    pub access_internal: std::net::Ipv6Addr,
+    /// The edge switch's internal address (outer source).
+    pub edge_internal: std::net::Ipv6Addr,
+    /// The IPv6 client pool, e.g. `"fd00:1::/64"`; the alias bits follow the prefix.
+    pub v6_prefix: String,
+    /// Alias bits (default 16).
+    #[serde(default = "default_alias_bits")]
+    pub alias_bits: u8,
+    /// Alias epochs route for this many rotations (default 4; the allocator's `k`).
+    #[serde(default = "default_alias_k")]
+    pub alias_k: u64,
+    /// The IPv4 client pools, e.g. `["198.18.1.0/24"]`.
+    #[serde(default)]
+    pub v4_pools: Vec<String>,
+    /// The allocator's relay address (`relay_listen`).
+    pub allocator_relay: SocketAddr,
+    /// The allocator's rule-stream address (`publish_listen`).
+    pub allocator_rules: SocketAddr,
+    /// The key shared with the allocator for this SID, hex (≥ 32 bytes).
+    pub key_hex: String,
+}
+
+fn default_gateway_v6() -> Vec<std::net::Ipv6Addr> {
+    vec![std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)]
+}
+
+fn default_alias_bits() -> u8 {
+    16
+}
+
+fn default_alias_k() -> u64 {
+    4
+}
+
+/// Parses `"addr/len"`.
+pub fn parse_prefix<A: std::str::FromStr>(s: &str, max_len: u8) -> Result<(A, u8), String> {
+    let (a, l) = s.split_once('/').ok_or_else(|| format!("{s:?} is not addr/len"))?;
+    let addr = a.parse().map_err(|_| format!("{s:?}: bad address"))?;
+    let len: u8 = l.parse().map_err(|_| format!("{s:?}: bad prefix length"))?;
+    if len > max_len {
+        return Err(format!("{s:?}: prefix length over {max_len}"));
+    }
+    Ok((addr, len))
+}
+
+/// Parses `"02:00:00:00:00:01"`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not a MAC address"));
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+    }
+    Ok(mac)
+}
+
+/// Parses a hex string into bytes.
+pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    if s.len() % 2 != 0 {
+        return Err("hex key has an odd number of digits".into());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("x"), 16).map_err(|_| "hex key has a non-hex digit".to_string()))
+        .collect()
+}
+
+impl SingleBoxConfig {
+    fn validate(&self) -> Result<(), String> {
+        parse_mac(&self.outside_next_hop_mac).map_err(|e| format!("single_box.outside_next_hop_mac: {e}"))?;
+        let (_, len): (std::net::Ipv6Addr, u8) =
+            parse_prefix(&self.v6_prefix, 112).map_err(|e| format!("single_box.v6_prefix: {e}"))?;
+        if u32::from(len) + u32::from(self.alias_bits) > 112 || self.alias_bits == 0 || self.alias_bits > 24 {
+            return Err("single_box: prefix length + alias_bits must be ≤ 112, alias_bits 1..=24".into());
+        }
+        for p in &self.v4_pools {
+            parse_prefix::<std::net::Ipv4Addr>(p, 32).map_err(|e| format!("single_box.v4_pools: {e}"))?;
+        }
+        let key = parse_hex(&self.key_hex).map_err(|e| format!("single_box.key_hex: {e}"))?;
+        if key.len() < 32 {
+            return Err("single_box.key_hex: the key must be at least 32 bytes".into());
+        }
+        if self.gateway_v4.is_none() && self.gateway_v6.is_empty() {
+            return Err("single_box: a gateway address (gateway_v4 or gateway_v6) is needed".into());
+        }
+        Ok(())
+    }
+
+    /// The four interfaces: clients, access uplink, edge inside, outside.
+    pub fn interfaces(&self) -> [&str; 4] {
+        [&self.clients, &self.access_uplink, &self.edge_inside, &self.outside]
+    }
+}
+
 /// `mimiq-switch` configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchConfig {
     /// The pipeline: `l2fwd`.
     pub role: Role,
-    /// The interfaces, in pipeline order (`l2fwd`: exactly two).
+    /// The interfaces, in pipeline order (`l2fwd`: exactly two; `single_box`: none here, they
+    /// are named in `[single_box]`).
+    #[serde(default)]
     pub interfaces: Vec<String>,
     /// The workers; queue `i` of every interface belongs to the worker with `queue = i`.
     /// Default: one unpinned worker on queue 0.
@@ -143,6 +267,9 @@ pub struct SwitchConfig {
     /// What reaches the kernel instead of the switch; by default nothing does.
     #[serde(default)]
     pub kernel: KernelConfig,
+    /// The single box's settings (`role = "single_box"`).
+    #[serde(default)]
+    pub single_box: Option<SingleBoxConfig>,
     /// Impairments (delay, jitter, loss, rate) in front of an interface's TX ring, by
     /// interface name (`[impair.p1]`); none by default.
     #[serde(default)]
@@ -204,14 +331,25 @@ impl SwitchConfig {
 
     /// Checks the values against each other.
     pub fn validate(&self) -> Result<(), String> {
-        match self.role {
-            Role::L2fwd if self.interfaces.len() != 2 => {
+        match (self.role, &self.single_box) {
+            (Role::L2fwd, _) if self.interfaces.len() != 2 => {
                 return Err(format!(
                     "role l2fwd needs exactly 2 interfaces, {} given",
                     self.interfaces.len()
                 ))
             }
-            Role::L2fwd => {}
+            (Role::L2fwd, Some(_)) => return Err("[single_box] is only for role single_box".into()),
+            (Role::L2fwd, None) => {}
+            (Role::SingleBox, None) => return Err("role single_box needs a [single_box] table".into()),
+            (Role::SingleBox, Some(sb)) => {
+                if !self.interfaces.is_empty() {
+                    return Err("role single_box names its interfaces in [single_box], not in `interfaces`".into());
+                }
+                sb.validate()?;
+                if self.workers.iter().any(|w| w.queue != 0) || self.workers.len() > 2 {
+                    return Err("role single_box runs queue 0 with two workers (access, edge): `workers` may set their cores only".into());
+                }
+            }
         }
         for (i, name) in self.interfaces.iter().enumerate() {
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
@@ -252,8 +390,9 @@ impl SwitchConfig {
                 self.kernel.addresses.len()
             ));
         }
+        let names = self.all_interfaces();
         for (interface, impair) in &self.impair {
-            if !self.interfaces.contains(interface) {
+            if !names.contains(interface) {
                 return Err(format!("impair.{interface}: no such interface in `interfaces`"));
             }
             impair.validate().map_err(|e| format!("impair.{interface}: {e}"))?;
@@ -262,6 +401,16 @@ impl SwitchConfig {
             return Err("stats_interval_ms must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+impl SwitchConfig {
+    /// Every interface the switch uses.
+    pub fn all_interfaces(&self) -> Vec<String> {
+        match &self.single_box {
+            Some(sb) => sb.interfaces().iter().map(|s| s.to_string()).collect(),
+            None => self.interfaces.clone(),
+        }
     }
 }
 

@@ -22,11 +22,17 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use mimalloc::MiMalloc;
 
+use mimiq_allocator::lease::Sequenced;
 use mimiq_dataplane::config::{
-    default_stats_path, CopyMode, HugePages, IdleStrategy, KernelConfig, Role, SwitchConfig,
-    WorkerConfig, XdpMode,
+    default_stats_path, parse_hex, parse_mac, parse_prefix, CopyMode, HugePages, IdleStrategy,
+    KernelConfig, Role, SwitchConfig, WorkerConfig, XdpMode,
 };
-use mimiq_dataplane::engine::Worker;
+use mimiq_dataplane::control::{self, RuleSource};
+use mimiq_dataplane::engine::{Rings, Worker};
+use mimiq_dataplane::pipeline::gateway::Gateway;
+use mimiq_dataplane::pipeline::mimiq::{Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, V4Prefix};
+use mimiq_dataplane::slowpath::{self, RelayConfig};
+use mimiq_dataplane::wire::EthernetAddress;
 use mimiq_dataplane::pipeline::impair::ImpairConfig;
 use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
 use mimiq_dataplane::port::xdp_prog::KernelPass;
@@ -166,6 +172,7 @@ impl RunArgs {
                 addresses: self.kernel_addresses,
             },
             impair: self.impair.into_iter().collect(),
+            single_box: None,
         };
         config.validate().map_err(|message| anyhow::anyhow!("{message}"))?;
         Ok(config)
@@ -219,7 +226,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&dump_now))
         .context("signal handler")?;
 
-    let queues: Vec<u32> = config.workers.iter().map(|w| w.queue).collect();
+    let (plans, updates) = plans(&config)?;
+    let queues: Vec<u32> = plans.iter().map(|p| p.queue).collect();
     let telemetry = Telemetry::new(config.role, &queues);
     let mut hlog = match &config.hlog_path {
         Some(path) => Some(
@@ -233,17 +241,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // ones that did start are stopped again.
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut workers = Vec::new();
-    for (index, worker) in config.workers.iter().enumerate() {
-        let (config, worker, stop, telemetry, ready) = (
-            config.clone(),
-            *worker,
-            Arc::clone(&stop),
-            Arc::clone(&telemetry),
-            ready_tx.clone(),
-        );
+    for (index, plan) in plans.into_iter().enumerate() {
+        let (config, stop, telemetry, ready) =
+            (config.clone(), Arc::clone(&stop), Arc::clone(&telemetry), ready_tx.clone());
         let handle = std::thread::Builder::new()
-            .name(format!("mimiq-worker-{}", worker.queue))
-            .spawn(move || worker_main(&config, index, worker, &stop, &telemetry, &ready))
+            .name(format!("mimiq-worker-{index}"))
+            .spawn(move || worker_main(&config, index, plan, &stop, &telemetry, &ready))
             .context("cannot start worker thread")?;
         workers.push(handle);
     }
@@ -260,15 +263,28 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(err);
         }
     }
+    let subscriber = match updates {
+        Some((source, producers)) => {
+            let stop = Arc::clone(&stop);
+            let stats = Arc::new(control::RuleStats::default());
+            Some(
+                std::thread::Builder::new()
+                    .name("mimiq-rules".into())
+                    .spawn(move || control::run_subscriber(source, producers, stop, stats))
+                    .context("cannot start the rule subscriber")?,
+            )
+        }
+        None => None,
+    };
     if let Some(addr) = config.metrics_listen {
         telemetry::serve_metrics(addr, Arc::clone(&telemetry), cpu_time_ms)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         tracing::info!("metrics at http://{addr}/metrics");
     }
     tracing::info!(
-        "forwarding ({:?}) {} with {} worker(s)",
+        "forwarding ({:?}) on {} with {} worker(s)",
         config.role,
-        config.interfaces.join(" <-> "),
+        config.all_interfaces().join(", "),
         workers.len()
     );
 
@@ -289,6 +305,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for w in workers {
         w.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?;
     }
+    if let Some(s) = subscriber {
+        let _ = s.join();
+    }
     let last = telemetry.snapshot(cpu_time_ms());
     telemetry::write_stats_file(&config.stats_path, &last)
         .with_context(|| format!("cannot write {}", config.stats_path.display()))?;
@@ -300,25 +319,124 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What one worker thread runs.
+struct Plan {
+    /// The NIC queue it serves.
+    queue: u32,
+    /// Pinned to this core.
+    core: Option<usize>,
+    /// Its interfaces, in pipeline port order.
+    interfaces: Vec<String>,
+    kind: Kind,
+}
+
+enum Kind {
+    L2fwd,
+    Access(Box<(AccessConfig, Gateway, RelayConfig)>, rtrb::Consumer<Sequenced>),
+    Edge(Box<EdgeConfig>, rtrb::Consumer<Sequenced>),
+}
+
+type Updates = Option<(RuleSource, Vec<rtrb::Producer<Sequenced>>)>;
+
+/// Turns the config into worker plans, and the rule subscriber's source and rings.
+fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
+    let core = |i: usize| config.workers.get(i).and_then(|w| w.core);
+    let Some(sb) = &config.single_box else {
+        let plans = config
+            .workers
+            .iter()
+            .map(|w| Plan { queue: w.queue, core: w.core, interfaces: config.interfaces.clone(), kind: Kind::L2fwd })
+            .collect();
+        return Ok((plans, None));
+    };
+    // validate() checked every value parsed here.
+    let mac = |iface: &str| interface_mac(iface);
+    let (v6_prefix, v6_prefix_len) = parse_prefix(&sb.v6_prefix, 112).map_err(anyhow::Error::msg)?;
+    let v4_pools = sb
+        .v4_pools
+        .iter()
+        .map(|p| parse_prefix(p, 32).map(|(addr, len)| V4Prefix { addr, len }))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let key = parse_hex(&sb.key_hex).map_err(anyhow::Error::msg)?;
+    let gateway_mac = mac(&sb.clients)?;
+    let access = AccessConfig {
+        sid: sb.sid,
+        clients: 0,
+        uplink: 1,
+        gateway_mac,
+        gateway_v4: sb.gateway_v4,
+        gateway_v6: sb.gateway_v6.clone(),
+        uplink_mac: mac(&sb.access_uplink)?,
+        edge_mac: mac(&sb.edge_inside)?,
+        internal: sb.access_internal,
+        edge_internal: sb.edge_internal,
+        v6_prefix_len,
+        alias_bits: sb.alias_bits,
+    };
+    let gateway = Gateway { mac: EthernetAddress(gateway_mac), v4: sb.gateway_v4, v6: sb.gateway_v6.clone() };
+    let relay = RelayConfig { sid: sb.sid, allocator: sb.allocator_relay, key: key.clone() };
+    let edge = EdgeConfig {
+        inside: 0,
+        outside: 1,
+        inside_mac: mac(&sb.edge_inside)?,
+        outside_mac: mac(&sb.outside)?,
+        outside_next_hop_mac: parse_mac(&sb.outside_next_hop_mac).map_err(anyhow::Error::msg)?,
+        internal: sb.edge_internal,
+        access: vec![AccessSwitch { sid: sb.sid, internal: sb.access_internal, mac: mac(&sb.access_uplink)? }],
+        v6_prefix,
+        v6_prefix_len,
+        alias_bits: sb.alias_bits,
+        alias_k: sb.alias_k,
+        v4_pools,
+    };
+    let (access_tx, access_rx) = rtrb::RingBuffer::new(UPDATE_RING);
+    let (edge_tx, edge_rx) = rtrb::RingBuffer::new(UPDATE_RING);
+    let plans = vec![
+        Plan {
+            queue: 0,
+            core: core(0),
+            interfaces: vec![sb.clients.clone(), sb.access_uplink.clone()],
+            kind: Kind::Access(Box::new((access, gateway, relay)), access_rx),
+        },
+        Plan {
+            queue: 0,
+            core: core(1),
+            interfaces: vec![sb.edge_inside.clone(), sb.outside.clone()],
+            kind: Kind::Edge(Box::new(edge), edge_rx),
+        },
+    ];
+    let source = RuleSource { allocator: sb.allocator_rules, switch_id: sb.sid, key };
+    Ok((plans, Some((source, vec![access_tx, edge_tx]))))
+}
+
+/// Updates queued per worker before the subscriber waits.
+const UPDATE_RING: usize = 1 << 16;
+/// Frames queued towards the slow path (and back).
+const SLOW_PATH_RING: usize = 1024;
+
+/// The MAC of one of our interfaces (sysfs of this network namespace).
+fn interface_mac(iface: &str) -> anyhow::Result<[u8; 6]> {
+    let path = format!("/sys/class/net/{iface}/address");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("interface {iface} not found ({path})"))?;
+    parse_mac(&text).map_err(anyhow::Error::msg)
+}
+
 fn worker_main(
     config: &SwitchConfig,
     index: usize,
-    worker: WorkerConfig,
-    stop: &AtomicBool,
+    plan: Plan,
+    stop: &Arc<AtomicBool>,
     telemetry: &Telemetry,
     ready: &mpsc::Sender<anyhow::Result<()>>,
 ) {
-    if let Some(core) = worker.core {
+    if let Some(core) = plan.core {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
             let _ = ready.send(Err(anyhow::anyhow!("cannot pin worker {index} to core {core}")));
             return;
         }
     }
-    let queues: Vec<(String, u32)> = config
-        .interfaces
-        .iter()
-        .map(|iface| (iface.clone(), worker.queue))
-        .collect();
+    let queues: Vec<(String, u32)> = plan.interfaces.iter().map(|iface| (iface.clone(), plan.queue)).collect();
     let xsk_config = XskConfig {
         xdp_mode: config.xdp_mode,
         copy_mode: config.copy_mode,
@@ -339,21 +457,77 @@ fn worker_main(
             return;
         }
     };
-    let _ = ready.send(Ok(()));
-    let mut worker = match config.role {
-        Role::L2fwd => Worker::new(ports, memory, free, L2Fwd),
-    };
-    for (interface, impair) in &config.impair {
-        // validate() checked that every impaired interface is one of `interfaces`.
-        if let Some(port) = config.interfaces.iter().position(|i| i == interface) {
-            worker.set_impair(port, *impair);
+    let every = Duration::from_millis(config.stats_interval_ms);
+    let mut publish = |counters: &_, burst_ns: &_| telemetry.publish(index, counters, burst_ns);
+    let impair: Vec<(usize, ImpairConfig)> = config
+        .impair
+        .iter()
+        .filter_map(|(iface, c)| plan.interfaces.iter().position(|i| i == iface).map(|p| (p, *c)))
+        .collect();
+    match plan.kind {
+        Kind::L2fwd => {
+            let _ = ready.send(Ok(()));
+            let mut worker = Worker::new(ports, memory, free, L2Fwd);
+            impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
+            worker.run(stop, config.idle, every, &mut publish);
+        }
+        Kind::Access(access, updates) => {
+            let (access, gateway, relay) = *access;
+            let (to_slow, from_worker) = rtrb::RingBuffer::new(SLOW_PATH_RING);
+            let (to_worker, from_slow) = rtrb::RingBuffer::new(SLOW_PATH_RING + 64);
+            let slow = {
+                let (shared, stop) = (memory.share(), Arc::clone(stop));
+                let stats = Arc::new(slowpath::SlowPathStats::default());
+                std::thread::Builder::new().name("mimiq-slow-path".into()).spawn(move || {
+                    if let Err(e) = slowpath::run_access(shared, gateway, relay, from_worker, to_worker, stop, stats) {
+                        tracing::error!("access slow path: {e}");
+                    }
+                })
+            };
+            let slow = match slow {
+                Ok(handle) => handle,
+                Err(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("cannot start the slow path: {e}")));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(()));
+            let mut worker = Worker::new(ports, memory, free, Access::new(access)).with_rings(Rings {
+                updates: Some(updates),
+                to_slow_path: Some(to_slow),
+                from_slow_path: Some(from_slow),
+            });
+            impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
+            worker.run(stop, config.idle, every, &mut publish);
+            let _ = slow.join();
+        }
+        Kind::Edge(edge, updates) => {
+            let (to_slow, from_worker) = rtrb::RingBuffer::new(SLOW_PATH_RING);
+            let (to_worker, from_slow) = rtrb::RingBuffer::new(SLOW_PATH_RING);
+            let stop_slow = Arc::clone(stop);
+            let stats = Arc::new(slowpath::SlowPathStats::default());
+            let slow = std::thread::Builder::new()
+                .name("mimiq-edge-slow".into())
+                .spawn(move || slowpath::run_discard(from_worker, to_worker, stop_slow, stats));
+            let slow = match slow {
+                Ok(handle) => handle,
+                Err(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("cannot start the slow path: {e}")));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(()));
+            let mut worker = Worker::new(ports, memory, free, Edge::new(*edge)).with_rings(Rings {
+                updates: Some(updates),
+                to_slow_path: Some(to_slow),
+                from_slow_path: Some(from_slow),
+            });
+            impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
+            worker.run(stop, config.idle, every, &mut publish);
+            let _ = slow.join();
         }
     }
-    let every = Duration::from_millis(config.stats_interval_ms);
-    worker.run(stop, config.idle, every, &mut |counters, burst_ns| {
-        telemetry.publish(index, counters, burst_ns);
-    });
-    // Dropping the worker closes the sockets; libxdp detaches the XDP program it attached.
+    // Dropping the worker closes the sockets; the XDP program is detached with the last one.
 }
 
 fn cpu_time_ms() -> (u64, u64) {

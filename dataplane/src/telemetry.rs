@@ -69,6 +69,8 @@ impl Percentiles {
 /// One worker in the stats file.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerStats {
+    /// The worker's index (its thread is `mimiq-worker-<index>`, its hlog tag `worker<index>`).
+    pub index: usize,
     /// The NIC queue it serves.
     pub queue: u32,
     /// Its counters.
@@ -131,9 +133,11 @@ impl Telemetry {
             .slots
             .iter()
             .zip(&self.queues)
-            .map(|(slot, &queue)| {
+            .enumerate()
+            .map(|(index, (slot, &queue))| {
                 let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
                 WorkerStats {
+                    index,
                     queue,
                     counters: slot.counters.clone(),
                     burst_ns: Percentiles::of(&slot.burst_ns_total),
@@ -187,7 +191,7 @@ pub fn prometheus_text(stats: &StatsFile) -> String {
             .iter()
             .flat_map(move |w| {
                 w.counters.ports.iter().map(move |p| {
-                    (format!("queue=\"{}\",port=\"{}\"", w.queue, p.name), field(p))
+                    (format!("worker=\"{}\",queue=\"{}\",port=\"{}\"", w.index, w.queue, p.name), field(p))
                 })
             })
             .collect::<Vec<_>>()
@@ -209,7 +213,7 @@ pub fn prometheus_text(stats: &StatsFile) -> String {
         .iter()
         .flat_map(|w| {
             crate::pipeline::DropReason::ALL.iter().map(move |r| {
-                (format!("queue=\"{}\",reason=\"{}\"", w.queue, r.name()), w.counters.drops.get(*r))
+                (format!("worker=\"{}\",queue=\"{}\",reason=\"{}\"", w.index, w.queue, r.name()), w.counters.drops.get(*r))
             })
         })
         .collect();
@@ -218,7 +222,7 @@ pub fn prometheus_text(stats: &StatsFile) -> String {
         stats
             .workers
             .iter()
-            .map(|w| (format!("queue=\"{}\"", w.queue), f(w)))
+            .map(|w| (format!("worker=\"{}\",queue=\"{}\"", w.index, w.queue), f(w)))
             .collect::<Vec<_>>()
             .into_iter()
     };
@@ -262,7 +266,7 @@ pub fn serve_metrics(
 }
 
 /// An HdrHistogram interval log of per-worker burst processing time, one tagged histogram per
-/// worker per interval (`worker<queue>`), readable by the standard HdrHistogram log tools.
+/// worker per interval (`worker<index>`), readable by the standard HdrHistogram log tools.
 pub struct HlogWriter {
     out: BufWriter<File>,
     serializer: V2DeflateSerializer,
@@ -289,7 +293,7 @@ impl HlogWriter {
             serializer,
             base,
             last: base,
-            tags: telemetry.queues.iter().map(|q| format!("worker{q}")).collect(),
+            tags: (0..telemetry.queues.len()).map(|i| format!("worker{i}")).collect(),
         })
     }
 
@@ -334,9 +338,9 @@ mod tests {
         h.record(1500).unwrap();
         t.publish(1, &counters(), &h);
         let text = prometheus_text(&t.snapshot((12, 34)));
-        assert!(text.contains("mimiq_switch_rx_packets_total{queue=\"1\",port=\"p0\"} 10\n"), "{text}");
-        assert!(text.contains("mimiq_switch_tx_bytes_total{queue=\"1\",port=\"p1\"} 576\n"));
-        assert!(text.contains("mimiq_switch_drops_total{queue=\"0\",reason=\"tx_ring_full\"} 0\n"));
+        assert!(text.contains("mimiq_switch_rx_packets_total{worker=\"1\",queue=\"1\",port=\"p0\"} 10\n"), "{text}");
+        assert!(text.contains("mimiq_switch_tx_bytes_total{worker=\"1\",queue=\"1\",port=\"p1\"} 576\n"));
+        assert!(text.contains("mimiq_switch_drops_total{worker=\"0\",queue=\"0\",reason=\"tx_ring_full\"} 0\n"));
         assert!(text.contains("mimiq_switch_cpu_ms_total{mode=\"system\"} 34\n"));
         assert!(text.contains("# TYPE mimiq_switch_drops_total counter\n"));
         // Every sample line is `name{labels} integer`.
@@ -376,9 +380,9 @@ mod tests {
             seen,
             [
                 (Some("worker0".into()), 0),
-                (Some("worker3".into()), 3),
+                (Some("worker1".into()), 3),
                 (Some("worker0".into()), 0),
-                (Some("worker3".into()), 0),
+                (Some("worker1".into()), 0),
             ]
         );
         assert_eq!(t.snapshot((0, 0)).workers[1].burst_ns.count, 3, "totals keep counting");

@@ -153,10 +153,10 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
             .sum()
     };
-    let metric_rx = sample("mimiq_switch_rx_packets_total{queue=\"0\",port=\"p0\"}")
-        + sample("mimiq_switch_rx_packets_total{queue=\"1\",port=\"p0\"}");
+    let metric_rx = sample("mimiq_switch_rx_packets_total{worker=\"0\",queue=\"0\",port=\"p0\"}")
+        + sample("mimiq_switch_rx_packets_total{worker=\"1\",queue=\"1\",port=\"p0\"}");
     assert!(metric_rx >= s.port(0, "rx_packets"), "metrics agree with the stats file");
-    assert!(text.contains("mimiq_switch_drops_total{queue=\"1\",reason=\"slow_path_ring_full\"}"));
+    assert!(text.contains("mimiq_switch_drops_total{worker=\"1\",queue=\"1\",reason=\"slow_path_ring_full\"}"));
 
     // SIGUSR1 appends an interval to the hlog at once, one histogram per worker.
     let count_tags = || {

@@ -245,6 +245,17 @@ impl XskMemory {
     pub fn len_bytes(&self) -> usize {
         self.len_bytes
     }
+
+    /// A second handle on the same UMEM, for the slow-path thread. Sound because a handle
+    /// touches a frame's bytes only while it owns the frame's descriptor (module invariant):
+    /// the worker gives a frame up when it pushes it onto the slow-path ring and gets it back
+    /// from the return ring, so no two threads access a frame at once.
+    pub fn share(&self) -> XskMemory {
+        XskMemory {
+            umem: self.umem.clone(),
+            len_bytes: self.len_bytes,
+        }
+    }
 }
 
 impl XskPort {

@@ -80,9 +80,9 @@ pub struct Span {
 }
 
 impl Span {
-    /// The frame's length.
+    /// The frame's length (0 for an inverted span).
     pub const fn len(&self) -> usize {
-        self.end - self.start
+        self.end.saturating_sub(self.start)
     }
 
     /// True for an empty span.

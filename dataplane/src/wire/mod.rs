@@ -28,9 +28,10 @@
 //!   `AsMut`) is the project's style, and one shape for every protocol keeps reviews cheap;
 //!   (3) the hot path reads three fields and rewrites four, which a view does with no copy at
 //!   all, where a `Ref<_, Header>` would add nothing.
-//! - **etherparse is the independent reference in the tests**: every parser here is
-//!   cross-checked against `etherparse::SlicedPacket`, and emitted headers are re-parsed with
-//!   it. It is not used on the hot path: its slicing validates and records every layer
+//! - **etherparse is the independent reference in the tests**: the property tests re-read
+//!   what our emitters write with etherparse's header parsers (Ethernet II, ARP, IPv4, IPv6,
+//!   UDP, ICMPv4/ICMPv6 checksums) and compare fields and checksums, and the IP-in-IP tests
+//!   build their inner packets with its `PacketBuilder`. It is not used on the hot path: its slicing validates and records every layer
 //!   (VLANs, extension headers, lengths) where the switch needs two, and it has no in-place
 //!   rewrite; the pipeline benchmark measures it as the naive baseline
 //!   (`dataplane/benches/pipeline.rs`, figures in `docs/PERFORMANCE.md`).
