@@ -284,6 +284,33 @@ impl Testbed {
         })
     }
 
+    /// Runs `f` on a thread that has joined `host`'s network namespace (only that thread: the
+    /// test's other threads stay where they are), and returns what it returns. For code that
+    /// must run as a host, such as a client library talking to a switch.
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        host: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, TestbedError> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/var/run/netns/{}", self.known(host)?);
+        let file = File::open(&path)?;
+        let handle = std::thread::spawn(move || {
+            // SAFETY: setns(2) with an open namespace file descriptor and CLONE_NEWNET changes
+            // only this thread's network namespace; the fd stays open for the call.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(f())
+        });
+        match handle.join() {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(TestbedError::Io(e)),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
     fn known(&self, host: &str) -> Result<String, TestbedError> {
         if self.hosts.iter().any(|h| h == host) {
             Ok(self.netns(host))

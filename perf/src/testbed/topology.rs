@@ -3,7 +3,7 @@
 use super::{LinkOpts, Testbed, TestbedError};
 
 /// The topologies `mimiq-perf testbed up` can build.
-pub const NAMES: &[&str] = &["line", "bridge"];
+pub const NAMES: &[&str] = &["line", "bridge", "single-box"];
 
 /// Addresses of the two end hosts of [`line`] and [`bridge`].
 pub mod addr {
@@ -52,6 +52,49 @@ pub fn build(tb: &mut Testbed, name: &str) -> Result<(), String> {
     match name {
         "line" => line(tb).map_err(|e| e.to_string()),
         "bridge" => bridge(tb).map_err(|e| e.to_string()),
+        "single-box" => single_box(tb).map_err(|e| e.to_string()),
         _ => Err(format!("unknown topology {name:?}; known: {}", NAMES.join(", "))),
     }
+}
+
+/// Addresses of [`single_box`].
+pub mod single_box_addr {
+    /// The outside host.
+    pub const OUT_V4: &str = "198.18.200.2";
+    /// The edge's outside address (what the outside routes the client pools to).
+    pub const EDGE_OUT_V4: &str = "198.18.200.1";
+    /// The outside host, IPv6.
+    pub const OUT_V6: &str = "fd00:200::2";
+    /// The edge's outside address, IPv6.
+    pub const EDGE_OUT_V6: &str = "fd00:200::1";
+    /// The IPv4 client pool.
+    pub const POOL_V4: &str = "198.18.1.0/24";
+    /// The gateway clients use.
+    pub const GATEWAY_V4: &str = "198.18.1.1";
+    /// The IPv6 client pool.
+    pub const POOL_V6: &str = "fd00:1::/64";
+}
+
+/// The MIMIQ single box (ARCHITECTURE §8): clients `c1`, `c2` on one LAN (a bridge in `lan`)
+/// to the switch host `sw`, whose access role (`cl0` → `int0`) and edge role (`int1` → `out0`)
+/// are joined by an internal veth pair (MTU 1600), and the outside host `out`. The outside routes
+/// the client pools to the edge's outside address; the clients get their addresses from the
+/// allocator through the switch.
+pub fn single_box(tb: &mut Testbed) -> Result<(), TestbedError> {
+    use single_box_addr::*;
+    for host in ["c1", "c2", "lan", "sw", "out"] {
+        tb.add_host(host)?;
+    }
+    tb.add_link(("c1", "eth0"), ("lan", "c1"), LinkOpts::default())?;
+    tb.add_link(("c2", "eth0"), ("lan", "c2"), LinkOpts::default())?;
+    tb.add_link(("lan", "sw"), ("sw", "cl0"), LinkOpts::default())?;
+    tb.add_bridge("lan", "br0", &["c1", "c2", "sw"])?;
+    let internal = LinkOpts { mtu_bytes: 1600, ..LinkOpts::default() };
+    tb.add_link(("sw", "int0"), ("sw", "int1"), internal)?;
+    tb.add_link(("sw", "out0"), ("out", "eth0"), LinkOpts::default())?;
+    tb.add_addr("out", "eth0", &format!("{OUT_V4}/24"))?;
+    tb.add_addr("out", "eth0", &format!("{OUT_V6}/64"))?;
+    tb.add_route("out", POOL_V4, EDGE_OUT_V4)?;
+    tb.add_route("out", POOL_V6, EDGE_OUT_V6)?;
+    Ok(())
 }

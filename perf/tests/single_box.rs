@@ -1,0 +1,183 @@
+//! The MIMIQ single box, for real: clients get addresses from the allocator through the access
+//! switch's relay, the allocator pushes the bindings to both roles over its rule stream, and an
+//! outside host reaches each client at its current address through edge (alias/exact lookup,
+//! IP-in-IP) and access (decapsulation, binding lookup); spoofed sources are dropped.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::time::{Duration, Instant};
+
+use mimiq_allocator::client::AllocClient;
+use mimiq_allocator::Family;
+use mimiq_perf::switch::Switch;
+use mimiq_perf::testbed::topology::{self, single_box_addr as addr};
+use mimiq_perf::testbed::{bin_path, require_root, Testbed};
+use mimiq_perf::traffic::ping;
+
+const KEY: &str = "6d696d69712d73696e676c652d626f782d746573742d6b65792d3332627974657321";
+
+fn allocator_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("allocator.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[server]
+relay_listen = "127.0.0.1:6364"
+publish_listen = "127.0.0.1:6365"
+metrics_listen = "127.0.0.1:9364"
+store = "memory"
+
+[lease]
+t_ip_min_ms = 60000
+t_ip_max_ms = 90000
+t_remove_ms = 5000
+
+[ipv4]
+prefixes = ["{pool}"]
+reserved = ["{gw}"]
+gateway = "{gw}"
+
+[ipv6]
+prefix = "{pool6}"
+alias_bits = 16
+aliases_per_sid = 4
+k = 4
+t_sid_ms = 40000
+gateway = "fe80::1"
+
+[[switch]]
+id = 1
+role = "access"
+key_hex = "{KEY}"
+"#,
+            pool = addr::POOL_V4,
+            gw = addr::GATEWAY_V4,
+            pool6 = addr::POOL_V6,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn switch_config(dir: &std::path::Path, out_mac: &str) -> std::path::PathBuf {
+    let path = dir.join("switch.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+role = "single_box"
+stats_path = "{stats}"
+stats_interval_ms = 50
+
+[single_box]
+sid = 1
+clients = "cl0"
+access_uplink = "int0"
+edge_inside = "int1"
+outside = "out0"
+outside_next_hop_mac = "{out_mac}"
+gateway_v4 = "{gw}"
+gateway_v6 = ["fe80::1"]
+access_internal = "fd00:ffff::a"
+edge_internal = "fd00:ffff::e"
+v6_prefix = "{pool6}"
+v4_pools = ["{pool}"]
+allocator_relay = "127.0.0.1:6364"
+allocator_rules = "127.0.0.1:6365"
+key_hex = "{KEY}"
+"#,
+            stats = dir.join("stats.json").display(),
+            gw = addr::GATEWAY_V4,
+            pool = addr::POOL_V4,
+            pool6 = addr::POOL_V6,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn mac_of(tb: &Testbed, host: &str, ifname: &str) -> String {
+    let out = tb.exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")]).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Asks the allocator for one IPv4 address from inside `host`, through the gateway's
+/// link-local address on its LAN.
+fn allocate_v4(tb: &Testbed, host: &str) -> IpAddr {
+    let name = host.to_string();
+    tb.run_in(host, move || {
+        let ifindex = {
+            let name = std::ffi::CString::new("eth0").unwrap();
+            // SAFETY: a valid C string, for the duration of the call.
+            unsafe { libc::if_nametoindex(name.as_ptr()) }
+        };
+        let gateway = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse::<Ipv6Addr>().unwrap(), 6363, 0, ifindex));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut client = AllocClient::new(gateway).unwrap();
+            match client.allocate(Family::V4, 1) {
+                Ok(a) => return a.addrs[0].0,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("allocation from {name}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Err(e) => panic!("allocation failed: {e}"),
+            }
+        }
+    })
+    .unwrap()
+}
+
+#[test]
+fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_address_and_spoofing_is_dropped() {
+    if !require_root() {
+        return;
+    }
+    let mut tb = Testbed::new().unwrap();
+    topology::single_box(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The outside resolves the edge's address statically (the edge's own neighbour resolution
+    // is not built yet).
+    let out0 = mac_of(&tb, "sw", "out0");
+    tb.exec_ok("out", &["ip", "neigh", "replace", addr::EDGE_OUT_V4, "lladdr", &out0, "dev", "eth0"]).unwrap();
+    let out_mac = mac_of(&tb, "out", "eth0");
+
+    let allocator_bin = bin_path("mimiq-allocator").unwrap();
+    let cfg = allocator_config(dir.path());
+    let mut allocator = tb
+        .spawn("sw", &[allocator_bin.to_str().unwrap(), "run", "--config", cfg.to_str().unwrap()], false)
+        .unwrap();
+    let sw_cfg = switch_config(dir.path(), &out_mac);
+    let switch = Switch::start(&mut tb, "sw", &["--config", sw_cfg.to_str().unwrap()], &dir.path().join("stats.json"))
+        .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
+
+    let mut addrs = Vec::new();
+    for client in ["c1", "c2"] {
+        let a = allocate_v4(&tb, client);
+        assert!(a.to_string().starts_with("198.18.1."), "{a}");
+        tb.exec_ok(client, &["ip", "addr", "add", &format!("{a}/32"), "dev", "eth0"]).unwrap();
+        tb.exec_ok(client, &["ip", "route", "add", addr::GATEWAY_V4, "dev", "eth0"]).unwrap();
+        tb.exec_ok(client, &["ip", "route", "add", "default", "via", addr::GATEWAY_V4]).unwrap();
+        addrs.push(a);
+    }
+    assert_ne!(addrs[0], addrs[1]);
+
+    // The outside reaches each client at its address: edge → IP-in-IP → access → the right
+    // client (the other one does not have the address and would not answer).
+    for a in &addrs {
+        ping(&tb, "out", &a.to_string(), 5).unwrap_or_else(|e| {
+            panic!("{e}; switch: {}; stats: {:?}", switch.proc.describe(), switch.stats().map(|s| s.0))
+        });
+    }
+
+    // A source the allocator did not bind to c1 is dropped at the access switch.
+    let before = switch.stats().unwrap().drops("spoofed_source");
+    tb.exec_ok("c1", &["ip", "addr", "add", "198.18.1.250/32", "dev", "eth0"]).unwrap();
+    let spoofed = tb.exec("c1", &["ping", "-c", "3", "-W", "1", "-I", "198.18.1.250", addr::OUT_V4]).unwrap();
+    assert!(!spoofed.status.success(), "a spoofed source must not get through");
+    let after = switch.stats_after(Duration::from_millis(200)).unwrap().drops("spoofed_source");
+    assert!(after >= before + 3, "spoofed_source {before} -> {after}");
+
+    drop(switch);
+    allocator.stop(Duration::from_secs(5));
+}
