@@ -19,6 +19,10 @@
 //! * [`config`]: the `mimiq-allocator` TOML configuration.
 //! * [`server`]: the I/O shell — UDP request server, TCP rule publisher, metrics endpoint.
 //!
+//! [`config`], [`server`] and [`store::RedbStore`] (and the binary) need the default `server`
+//! feature; without it the crate is the core, the wire formats, [`store::MemStore`], [`publish`]
+//! and [`client`], with no redb, clap or toml.
+//!
 //! # Threading model
 //!
 //! The core is a plain single-threaded value (`Allocator: Send`, no interior locking). The server
@@ -41,12 +45,14 @@
 
 pub mod alias;
 pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
 pub mod lease;
 pub mod pool;
 pub mod proto;
 pub mod publish;
 pub mod rng;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod store;
 

@@ -10,11 +10,13 @@
 //! default, a redb database file). A distributed backend (etcd, ARCHITECTURE §7) implements the
 //! same trait.
 
+#[cfg(feature = "server")]
 mod embedded;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+#[cfg(feature = "server")]
 pub use embedded::{RedbStore, DEFAULT_FOLD_OPS};
 
 use crate::alias::AliasEpoch;
@@ -114,8 +116,10 @@ impl Store for MemStore {
 
 // ---------------------------------------------------------------------------------------------
 // Record encoding shared by the backends (explicit bytes, big-endian; no serde format to drift).
+// Only the redb backend uses it today (the `server` feature).
 
 /// Lease key: family (4 | 6) then the address bytes.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn ip_key(ip: IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(a) => [&[4u8][..], &a.octets()].concat(),
@@ -123,6 +127,7 @@ pub(crate) fn ip_key(ip: IpAddr) -> Vec<u8> {
     }
 }
 
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn ip_from_key(k: &[u8]) -> Option<IpAddr> {
     match (k.first(), k.len()) {
         (Some(4), 5) => Some(IpAddr::V4(Ipv4Addr::new(k[1], k[2], k[3], k[4]))),
@@ -136,6 +141,7 @@ pub(crate) fn ip_from_key(k: &[u8]) -> Option<IpAddr> {
 }
 
 /// Lease value: mac [6] | sid u16 | assigned_ms u64 | expires_ms u64.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn encode_lease(l: &Lease) -> [u8; 24] {
     let mut v = [0u8; 24];
     v[0..6].copy_from_slice(&l.mac.0);
@@ -145,6 +151,7 @@ pub(crate) fn encode_lease(l: &Lease) -> [u8; 24] {
     v
 }
 
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn decode_lease(k: &[u8], v: &[u8]) -> Option<Lease> {
     let ip = ip_from_key(k)?;
     if v.len() != 24 {
@@ -159,6 +166,7 @@ pub(crate) fn decode_lease(k: &[u8], v: &[u8]) -> Option<Lease> {
 }
 
 /// Epoch value: start u64 | valid_until u64 | sids u16 | sids × (sid u16 | n u16 | n × u32).
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn encode_epoch(e: &AliasEpoch) -> Vec<u8> {
     let mut v = Vec::with_capacity(18 + e.aliases.len() * 8);
     v.extend_from_slice(&e.start_ms.to_be_bytes());
@@ -174,6 +182,7 @@ pub(crate) fn encode_epoch(e: &AliasEpoch) -> Vec<u8> {
     v
 }
 
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn decode_epoch(epoch: u64, v: &[u8]) -> Option<AliasEpoch> {
     let mut pos = 0usize;
     let mut take = |n: usize| -> Option<&[u8]> {
@@ -200,6 +209,7 @@ pub(crate) fn decode_epoch(epoch: u64, v: &[u8]) -> Option<AliasEpoch> {
     Some(AliasEpoch { epoch, start_ms, valid_until_ms, aliases })
 }
 
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
