@@ -26,6 +26,8 @@ pub enum Path {
     MimiqSwitch,
     /// `mimiq-switch --role l2fwd --idle busy`.
     MimiqSwitchBusy,
+    /// `mimiq-switch --role l2fwd --xdp-mode skb` (generic XDP).
+    MimiqSwitchSkb,
     /// The middle host's kernel routing between two subnets (ip_forward=1).
     KernelForwarding,
 }
@@ -99,11 +101,12 @@ pub fn compare(seconds: u32, repeat: u32, progress: &mut dyn FnMut(&str)) -> Res
     Ok((runs, md))
 }
 
-const PATHS: [Path; 5] = [
+const PATHS: [Path; 6] = [
     Path::GeneratorCeiling,
     Path::AfXdpReflector,
     Path::MimiqSwitch,
     Path::MimiqSwitchBusy,
+    Path::MimiqSwitchSkb,
     Path::KernelForwarding,
 ];
 
@@ -184,11 +187,13 @@ pub fn run(path: Path, sink: Sink, seconds: u32) -> Result<Run, String> {
             wait_bound(&proc)?;
             (Some(("sw", "p1")), Some(proc), None)
         }
-        Path::MimiqSwitch | Path::MimiqSwitchBusy => {
+        Path::MimiqSwitch | Path::MimiqSwitchBusy | Path::MimiqSwitchSkb => {
             topology::line(&mut tb).map_err(|e| e.to_string())?;
             let mut args = vec!["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "100"];
-            if path == Path::MimiqSwitchBusy {
-                args.extend(["--idle", "busy"]);
+            match path {
+                Path::MimiqSwitchBusy => args.extend(["--idle", "busy"]),
+                Path::MimiqSwitchSkb => args.extend(["--xdp-mode", "skb"]),
+                _ => {}
             }
             commands.push(format!("sw: mimiq-switch run {} --stats-path S", args.join(" ")));
             let sw = Switch::start(&mut tb, "sw", &args, &dir.path().join("switch.json"))?;
