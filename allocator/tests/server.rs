@@ -368,3 +368,77 @@ fn idle_connections_beyond_the_cap_are_refused_and_switches_still_subscribe() {
     let mut sub = Subscriber::connect(s.addrs.publish, 1, ACCESS_KEY);
     sub.read_snapshot();
 }
+
+#[test]
+fn epochs_rotate_and_leases_expire_through_the_server() {
+    // t_ip 400-600 ms, t_remove 200 ms, t_sid 300 ms, k = 4: (k-1)·t_sid = 900 >= 600 + 200.
+    let text = format!(
+        r#"
+[server]
+relay_listen = "127.0.0.1:0"
+publish_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+store = "memory"
+[lease]
+t_ip_min_ms = 400
+t_ip_max_ms = 600
+t_remove_ms = 200
+rate_per_s = 1000
+rate_burst = 1000
+[ipv6]
+prefix = "2001:db8:1:2::/64"
+alias_bits = 8
+aliases_per_sid = 2
+k = 4
+t_sid_ms = 300
+gateway = "fe80::1"
+[[switch]]
+id = 1
+role = "access"
+key_hex = "{ACCESS_KEY}"
+"#
+    );
+    let s = start(Config::parse(&text).unwrap());
+    let mut sub = Subscriber::connect(s.addrs.publish, 1, ACCESS_KEY);
+    sub.read_snapshot();
+    let sw = Switch::new(s.addrs.relay);
+    let mut granted = Vec::new();
+    let mut seen_epochs = BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    let mut txid = 0;
+    while std::time::Instant::now() < deadline {
+        txid += 1;
+        let r = sw.request(txid, mac(1), Family::V6, 1);
+        assert_eq!(r.status, Status::Ok);
+        granted.push(r.addrs[0].0);
+        sub.drain(Duration::from_millis(50));
+        // Valid aliases are unique across the epochs the switch holds, and every granted
+        // address that is still bound carries an alias the switch can route.
+        let mut valid = BTreeSet::new();
+        for (e, aliases) in &sub.epochs {
+            seen_epochs.insert(*e);
+            for (_, l) in aliases {
+                for a in l {
+                    // A switch drops epochs older than newest - k + 1 (see RuleUpdate::AliasEpoch).
+                    if *e + 4 > *sub.epochs.keys().last().unwrap() {
+                        assert!(valid.insert(*a), "alias {a} valid twice");
+                    }
+                }
+            }
+        }
+        for ip in sub.bindings.keys() {
+            let IpAddr::V6(v) = ip else { panic!() };
+            assert!(valid.contains(&u32::from(v.segments()[4] >> 8)), "{v} bound without a valid alias");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(seen_epochs.len() >= 4, "epochs rotate every t_sid: saw {seen_epochs:?}");
+    // Everything granted ends within t_ip_max + t_remove; the switch hears every removal.
+    std::thread::sleep(Duration::from_millis(900));
+    sub.drain(Duration::from_millis(300));
+    assert!(sub.bindings.is_empty(), "bindings left: {:?}", sub.bindings);
+    assert!(leases(s.addrs.metrics).is_empty());
+    let text = http_get(s.addrs.metrics, "/metrics");
+    assert_eq!(metric(&text, "mimiq_allocator_expiries_total"), granted.len() as u64);
+    assert_eq!(metric(&text, "mimiq_allocator_freed_total"), granted.len() as u64);
+}
