@@ -15,7 +15,12 @@ use mimiq_perf::traffic::ping;
 
 const KEY: &str = "6d696d69712d73696e676c652d626f782d746573742d6b65792d3332627974657321";
 
-fn allocator_config(dir: &std::path::Path) -> std::path::PathBuf {
+/// Lifetimes, in ms: t_ip range, t_remove, t_sid; k = 3.
+struct Times(u64, u64, u64, u64);
+
+const LONG: Times = Times(60_000, 90_000, 5_000, 60_000);
+
+fn allocator_config(dir: &std::path::Path, t: &Times) -> std::path::PathBuf {
     let path = dir.join("allocator.toml");
     std::fs::write(
         &path,
@@ -28,9 +33,9 @@ metrics_listen = "127.0.0.1:9364"
 store = "memory"
 
 [lease]
-t_ip_min_ms = 60000
-t_ip_max_ms = 90000
-t_remove_ms = 5000
+t_ip_min_ms = {tmin}
+t_ip_max_ms = {tmax}
+t_remove_ms = {tremove}
 
 [ipv4]
 prefixes = ["{pool}"]
@@ -41,8 +46,8 @@ gateway = "{gw}"
 prefix = "{pool6}"
 alias_bits = 16
 aliases_per_sid = 4
-k = 4
-t_sid_ms = 40000
+k = 3
+t_sid_ms = {tsid}
 gateway = "fe80::1"
 
 [[switch]]
@@ -53,6 +58,10 @@ key_hex = "{KEY}"
             pool = addr::POOL_V4,
             gw = addr::GATEWAY_V4,
             pool6 = addr::POOL_V6,
+            tmin = t.0,
+            tmax = t.1,
+            tremove = t.2,
+            tsid = t.3,
         ),
     )
     .unwrap();
@@ -81,6 +90,7 @@ gateway_v6 = ["fe80::1"]
 access_internal = "fd00:ffff::a"
 edge_internal = "fd00:ffff::e"
 v6_prefix = "{pool6}"
+alias_k = 3
 v4_pools = ["{pool}"]
 allocator_relay = "127.0.0.1:6364"
 allocator_rules = "127.0.0.1:6365"
@@ -101,9 +111,9 @@ fn mac_of(tb: &Testbed, host: &str, ifname: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Asks the allocator for one IPv4 address from inside `host`, through the gateway's
-/// link-local address on its LAN.
-fn allocate_v4(tb: &Testbed, host: &str) -> IpAddr {
+/// Asks the allocator for one address of `family` from inside `host`, through the gateway's
+/// link-local address on its LAN; returns it and its lifetime.
+fn allocate(tb: &Testbed, host: &str, family: Family) -> (IpAddr, Duration) {
     let name = host.to_string();
     tb.run_in(host, move || {
         let ifindex = {
@@ -115,8 +125,8 @@ fn allocate_v4(tb: &Testbed, host: &str) -> IpAddr {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let mut client = AllocClient::new(gateway).unwrap();
-            match client.allocate(Family::V4, 1) {
-                Ok(a) => return a.addrs[0].0,
+            match client.allocate(family, 1) {
+                Ok(a) => return a.addrs[0],
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("allocation from {name}: {e}; retrying");
                     std::thread::sleep(Duration::from_millis(300));
@@ -128,11 +138,15 @@ fn allocate_v4(tb: &Testbed, host: &str) -> IpAddr {
     .unwrap()
 }
 
-#[test]
-fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_address_and_spoofing_is_dropped() {
-    if !require_root() {
-        return;
-    }
+/// The single box with an allocator and a switch running.
+struct Box {
+    tb: Testbed,
+    allocator: mimiq_perf::testbed::Proc,
+    switch: Switch,
+    _dir: tempfile::TempDir,
+}
+
+fn single_box(times: &Times) -> Box {
     let mut tb = Testbed::new().unwrap();
     topology::single_box(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -140,24 +154,45 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
     // is not built yet).
     let out0 = mac_of(&tb, "sw", "out0");
     tb.exec_ok("out", &["ip", "neigh", "replace", addr::EDGE_OUT_V4, "lladdr", &out0, "dev", "eth0"]).unwrap();
+    tb.exec_ok("out", &["ip", "neigh", "replace", addr::EDGE_OUT_V6, "lladdr", &out0, "dev", "eth0"]).unwrap();
     let out_mac = mac_of(&tb, "out", "eth0");
 
     let allocator_bin = bin_path("mimiq-allocator").unwrap();
-    let cfg = allocator_config(dir.path());
-    let mut allocator = tb
+    let cfg = allocator_config(dir.path(), times);
+    let allocator = tb
         .spawn("sw", &[allocator_bin.to_str().unwrap(), "run", "--config", cfg.to_str().unwrap()], false)
         .unwrap();
     let sw_cfg = switch_config(dir.path(), &out_mac);
     let switch = Switch::start(&mut tb, "sw", &["--config", sw_cfg.to_str().unwrap()], &dir.path().join("stats.json"))
         .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
+    Box { tb, allocator, switch, _dir: dir }
+}
+
+fn use_address(tb: &Testbed, client: &str, a: IpAddr) {
+    tb.exec_ok(client, &["ip", "addr", "add", &format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }), "dev", "eth0"]).unwrap();
+    match a {
+        IpAddr::V4(_) => {
+            let _ = tb.exec(client, &["ip", "route", "add", addr::GATEWAY_V4, "dev", "eth0"]);
+            let _ = tb.exec(client, &["ip", "route", "add", "default", "via", addr::GATEWAY_V4]);
+        }
+        IpAddr::V6(_) => {
+            let _ = tb.exec(client, &["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
+        }
+    }
+}
+
+#[test]
+fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_address_and_spoofing_is_dropped() {
+    if !require_root() {
+        return;
+    }
+    let Box { tb, mut allocator, switch, _dir } = single_box(&LONG);
 
     let mut addrs = Vec::new();
     for client in ["c1", "c2"] {
-        let a = allocate_v4(&tb, client);
+        let (a, _) = allocate(&tb, client, Family::V4);
         assert!(a.to_string().starts_with("198.18.1."), "{a}");
-        tb.exec_ok(client, &["ip", "addr", "add", &format!("{a}/32"), "dev", "eth0"]).unwrap();
-        tb.exec_ok(client, &["ip", "route", "add", addr::GATEWAY_V4, "dev", "eth0"]).unwrap();
-        tb.exec_ok(client, &["ip", "route", "add", "default", "via", addr::GATEWAY_V4]).unwrap();
+        use_address(&tb, client, a);
         addrs.push(a);
     }
     assert_ne!(addrs[0], addrs[1]);
@@ -178,6 +213,39 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
     let after = switch.stats_after(Duration::from_millis(200)).unwrap().drops("spoofed_source");
     assert!(after >= before + 3, "spoofed_source {before} -> {after}");
 
+    drop(switch);
+    allocator.stop(Duration::from_secs(5));
+}
+
+#[test]
+fn ipv6_routes_by_alias_across_epochs_and_addresses_stop_routing_after_lifetime_plus_t_remove() {
+    if !require_root() {
+        return;
+    }
+    // t_ip 3–3.5 s, t_remove 1 s, t_sid 2.5 s, k = 3: an epoch routes 7.5 s ≥ t_ip + t_remove.
+    let Box { tb, mut allocator, switch, _dir } = single_box(&Times(3_000, 3_500, 1_000, 2_500));
+    let (v6, life6) = allocate(&tb, "c1", Family::V6);
+    let (v4, life4) = allocate(&tb, "c2", Family::V4);
+    assert!(v6.to_string().starts_with("fd00:1:"), "{v6}");
+    let started = Instant::now();
+    use_address(&tb, "c1", v6);
+    use_address(&tb, "c2", v4);
+    // Return traffic keeps arriving while the alias epochs rotate (every 2.5 s).
+    while started.elapsed() < life6.min(life4) - Duration::from_millis(300) {
+        ping(&tb, "out", &v6.to_string(), 1).unwrap_or_else(|e| panic!("{e}; {:?}", switch.stats().map(|s| s.0)));
+        ping(&tb, "out", &v4.to_string(), 1).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // After lifetime + t_remove, neither routes: the edge drops with no_route.
+    let end = life6.max(life4) + Duration::from_millis(1_000 + 300);
+    if let Some(left) = end.checked_sub(started.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let before = switch.stats().unwrap().drops("no_route");
+    assert!(ping(&tb, "out", &v6.to_string(), 2).is_err(), "{v6} still routes after its lifetime + t_remove");
+    assert!(ping(&tb, "out", &v4.to_string(), 2).is_err(), "{v4} still routes after its lifetime + t_remove");
+    let after = switch.stats_after(Duration::from_millis(200)).unwrap().drops("no_route");
+    assert!(after >= before + 4, "no_route {before} -> {after}");
     drop(switch);
     allocator.stop(Duration::from_secs(5));
 }
