@@ -159,10 +159,17 @@ impl AliasSchedule {
         stored.sort_by_key(|e| e.epoch);
         for e in stored {
             s.next_epoch = s.next_epoch.max(e.epoch + 1);
-            let clash = e.aliases.iter().any(|(sid, list)| {
-                !s.cfg.sids.contains(sid)
-                    || list.iter().any(|a| *a == 0 || *a >> s.cfg.alias_bits != 0 || s.in_use.contains_key(a))
-            });
+            // An epoch is kept only if it fits today's configuration exactly (every SID, n
+            // aliases each, in range, unique): the capacity argument of `advance` relies on it.
+            let mut fresh = std::collections::HashSet::new();
+            let clash = e.aliases.len() != s.cfg.sids.len()
+                || e.aliases.iter().any(|(sid, list)| {
+                    !s.cfg.sids.contains(sid)
+                        || list.len() != s.cfg.aliases_per_sid as usize
+                        || list.iter().any(|a| {
+                            *a == 0 || *a >> s.cfg.alias_bits != 0 || s.in_use.contains_key(a) || !fresh.insert(*a)
+                        })
+                });
             if e.valid_until_ms <= now_ms || clash {
                 changes.expired.push(e.epoch);
                 continue;
@@ -383,5 +390,24 @@ mod tests {
         assert_eq!(ch.expired, vec![9]);
         assert_eq!(r.valid_epochs().count(), 1);
         assert_eq!(r.next_epoch, 10);
+    }
+
+    #[test]
+    fn restore_drops_epochs_that_do_not_fit_the_configuration_and_rotation_still_works() {
+        let mut rng = Csprng::new().unwrap();
+        // Stored under n = 5 on 4 bits (3 SIDs · 5 · 1 = 15): today n = 2, k = 2 (12 <= 15).
+        let mut old = AliasSchedule::new(cfg(4, 5, 1, 3)).unwrap();
+        old.advance(0, &mut rng);
+        let stored: Vec<_> = old.valid_epochs().cloned().collect();
+        let (mut r, ch) = AliasSchedule::restore(cfg(4, 2, 2, 3), stored, 10).unwrap();
+        assert_eq!(ch.expired, vec![1], "an epoch with 5 aliases per SID no longer fits");
+        for t in 0..50u64 {
+            r.advance(10 + t * 1000, &mut rng);
+        }
+        // A duplicated alias inside one stored epoch is refused too.
+        let mut dup = r.current().unwrap().clone();
+        dup.aliases[0].1[1] = dup.aliases[0].1[0];
+        let (_, ch) = AliasSchedule::restore(cfg(4, 2, 2, 3), vec![dup.clone()], dup.start_ms).unwrap();
+        assert_eq!(ch.expired, vec![dup.epoch]);
     }
 }
