@@ -932,4 +932,19 @@ mod tests {
         }
         assert_eq!(b.allocate(now, req(3, 1)), Err(AllocError::PoolExhausted));
     }
+
+    #[test]
+    fn a_stored_lease_on_a_now_reserved_address_never_frees_the_reservation() {
+        let gw: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        let stored = Lease { ip: IpAddr::V4(gw), mac: Mac([2, 0, 0, 0, 0, 1]), sid: 1, assigned_ms: 0, expires_ms: 1_000 };
+        let mut cfg = v4_config("10.0.0.0/29");
+        cfg.ipv4.as_mut().unwrap().reserved = vec![gw];
+        let mut a = Allocator::restore(cfg, Loaded { leases: vec![stored], epochs: vec![] }, 0).unwrap();
+        assert!(a.lease(IpAddr::V4(gw)).is_some(), "the lease is honoured until it drains");
+        a.advance(2_000);
+        assert!(a.lease(IpAddr::V4(gw)).is_none());
+        let all = a.allocate(2_000, req(2, 5)).unwrap();
+        assert!(all.iter().all(|g| g.ip != IpAddr::V4(gw)), "the reserved gateway is never handed out");
+        assert_eq!(a.allocate(2_000, req(3, 1)), Err(AllocError::PoolExhausted));
+    }
 }

@@ -180,6 +180,8 @@ pub struct V4Pool {
     used: Vec<u64>,
     free_count: u64,
     reserved_count: u64,
+    /// Reserved indices, sorted: never freed, whatever a caller (or a stored lease) says.
+    reserved: Vec<u64>,
     /// Free indices, present only while the pool is dense (see module docs).
     dense: Option<Vec<u32>>,
 }
@@ -219,6 +221,7 @@ impl V4Pool {
             used: vec![0u64; words],
             free_count: size,
             reserved_count: 0,
+            reserved: Vec::with_capacity(reserved.len()),
             dense: None,
         };
         for &r in reserved {
@@ -226,8 +229,10 @@ impl V4Pool {
             if pool.set_used(idx) {
                 pool.free_count -= 1;
                 pool.reserved_count += 1;
+                pool.reserved.push(idx);
             }
         }
+        pool.reserved.sort_unstable();
         if pool.free_count == 0 {
             return Err(PoolError::NoUsableAddress);
         }
@@ -313,10 +318,11 @@ impl V4Pool {
         true
     }
 
-    /// Returns an address to the pool. Returns false if it is outside the pool or already free.
+    /// Returns an address to the pool. Returns false if it is outside the pool, reserved or
+    /// already free.
     pub fn release(&mut self, addr: Ipv4Addr) -> bool {
         let Some(idx) = self.index_of(addr) else { return false };
-        if !self.is_used(idx) {
+        if !self.is_used(idx) || self.reserved.binary_search(&idx).is_ok() {
             return false;
         }
         self.used[(idx / 64) as usize] &= !(1u64 << (idx % 64));
@@ -485,6 +491,8 @@ mod tests {
         assert_eq!(got, want, "no network, broadcast or reserved address");
         assert!(pool.release(got[0]));
         assert!(!pool.release(got[0]), "double release is refused");
+        assert!(!pool.release(Ipv4Addr::new(192, 0, 2, 1)), "a reserved address is never freed");
+        assert!(!pool.mark_used(Ipv4Addr::new(192, 0, 2, 1)));
         assert_eq!(pool.allocate(&mut rng), Some(got[0]));
     }
 
