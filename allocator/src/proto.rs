@@ -927,6 +927,32 @@ mod tests {
     }
 
     #[test]
+    fn emit_appends_after_existing_bytes_and_signs_only_its_own() {
+        let k = k1();
+        let mut inner = Vec::new();
+        sample_msgs()[1].emit(5, &mut inner).unwrap();
+        let relay = Relay {
+            txid: 5,
+            info: RelayInfo { sid: 1, ingress_port: 2, mac: Mac([2, 0, 0, 0, 0, 3]), client_port: 4 },
+            timestamp_ms: 6,
+            inner: &inner,
+        };
+        let mut clean = Vec::new();
+        relay.emit(&k, &mut clean).unwrap();
+        let mut poisoned = vec![0xEE; 37];
+        relay.emit(&k, &mut poisoned).unwrap();
+        assert!(poisoned[..37].iter().all(|&b| b == 0xEE), "bytes before the message untouched");
+        assert_eq!(&poisoned[37..], &clean[..]);
+        assert_eq!(Relay::parse(&poisoned[37..], |_| Some(&k)).unwrap(), relay);
+        let mut frame = vec![0xEE; 11];
+        StreamMsg::Hello { switch_id: 1, timestamp_ms: 2 }.emit_frame(&k, &mut frame).unwrap();
+        let mut cur = std::io::Cursor::new(&frame[11..]);
+        let mut buf = Vec::new();
+        assert!(read_frame(&mut cur, &mut buf).unwrap());
+        assert_eq!(StreamMsg::parse(&buf, |_| Some(&k)).unwrap(), StreamMsg::Hello { switch_id: 1, timestamp_ms: 2 });
+    }
+
+    #[test]
     fn stream_messages_round_trip() {
         let k = k1();
         let msgs = vec![
