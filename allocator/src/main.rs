@@ -12,6 +12,8 @@
 //! `listening relay=ADDR publish=ADDR metrics=ADDR`, once the sockets are bound. SIGTERM and
 //! SIGINT stop it cleanly (every answered request is already durable, so SIGKILL loses nothing
 //! acknowledged either). Exit status: 0 success, 1 runtime failure, 2 bad configuration or usage.
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

@@ -101,3 +101,41 @@ fn leases_lists_from_the_server_and_from_the_store_when_stopped() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out2, out, "the store holds exactly what the server listed");
 }
+
+#[test]
+fn leases_that_ended_while_the_allocator_was_down_are_expired_at_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("l.redb");
+    let path = dir.path().join("a.toml");
+    let short = config(store.to_str().unwrap(), "")
+        .replace("t_ip_min_ms = 3600000", "t_ip_min_ms = 200")
+        .replace("t_ip_max_ms = 3600000", "t_ip_max_ms = 300")
+        .replace("t_remove_ms = 1000", "t_remove_ms = 100");
+    std::fs::write(&path, short).unwrap();
+    let start = || {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config", path.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let get = |k: &str| -> std::net::SocketAddr { line.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().parse().unwrap() };
+        (child, get("relay="), get("metrics="))
+    };
+    let (mut child, relay, metrics) = start();
+    let sw = Switch::new(relay);
+    assert_eq!(sw.request(1, mac(1), Family::V4, 5).status, Status::Ok);
+    assert_eq!(leases(metrics).len(), 5);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // Down for longer than t_ip_max + t_remove.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let (mut child, _, metrics) = start();
+    assert!(leases(metrics).is_empty(), "ended leases are not live after restart");
+    let text = http_get(metrics, "/metrics");
+    assert_eq!(metric(&text, "mimiq_allocator_expired_while_down_total"), 5);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
