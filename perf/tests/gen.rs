@@ -217,6 +217,33 @@ fn loss_and_reordering_made_by_the_sender_are_reported_exactly_by_the_receiver()
 }
 
 #[test]
+fn the_sender_holds_the_configured_packet_and_bit_rates() {
+    if !require_root() {
+        return;
+    }
+    let mut tb = direct();
+    let dir = tempfile::tempdir().unwrap();
+    // 40 kpps of 64-byte frames for 1.5 s; 80 Mbit/s of 1000-byte frames (10 kpps) for 1.5 s.
+    let cases: [(&str, &[&str], f64, f64); 2] = [
+        ("pps", &["--size", "64", "--pps", "40k", "--duration", "1.5s"], 40_000.0, 40_000.0 * 64.0 * 8.0),
+        ("bps", &["--size", "1000", "--bps", "80M", "--duration", "1500ms"], 10_000.0, 80e6),
+    ];
+    for (name, args, pps, bps) in cases {
+        let recv = start_recv(&mut tb, "rx", dir.path(), &format!("{name}-recv"));
+        let sent = send(&mut tb, "tx", dir.path(), &format!("{name}-send"), args);
+        let got = stop_recv(recv, dir.path(), &format!("{name}-recv"));
+        let elapsed = sent["elapsed_s"].as_f64().unwrap();
+        assert!((1.4..=1.6).contains(&elapsed), "{name}: ran {elapsed} s");
+        let packets = n(&sent, "sent_packets") as f64;
+        // Within 3 % of the rate over the run (the bucket allows a 2 ms burst, nothing more).
+        assert!((packets / (pps * 1.5) - 1.0).abs() < 0.03, "{name}: {packets} packets in 1.5 s");
+        let bits = n(&sent, "sent_bytes") as f64 * 8.0;
+        assert!((bits / (bps * 1.5) - 1.0).abs() < 0.03, "{name}: {bits} bits in 1.5 s");
+        assert_eq!(n(&got, "received"), n(&sent, "sent_packets"), "{name}");
+    }
+}
+
+#[test]
 fn bad_flags_and_missing_interfaces_are_one_line_errors() {
     if !require_root() {
         return;
