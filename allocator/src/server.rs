@@ -440,7 +440,9 @@ impl Server {
             let now = wall_ms();
             if now >= next_replay_prune {
                 let w = self.settings.replay_window_ms;
-                replay.retain(|_, ts| ts.saturating_add(w) > now);
+                // Keep an entry until its timestamp is stale (now - ts > w), never a moment
+                // less, so a replay is always caught by one check or the other.
+                replay.retain(|_, ts| ts.saturating_add(w) >= now);
                 next_replay_prune = now + 1000;
             }
             for (i, &(n, from)) in batch.iter().enumerate() {
