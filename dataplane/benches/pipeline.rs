@@ -15,6 +15,10 @@
 //!   `fast_stride_2048` / `fast_stride_2112` run `fast` over frames laid out as in a UMEM
 //!   (2048 bytes apart) and 64 bytes off that, to show what the frame layout costs.
 //!
+//! - `ipip`: `encap_v6_then_decap` writes an outer IPv6 header into the headroom of each frame
+//!   (moving its Ethernet header) and takes it off again, per packet, over UMEM-like 2048-byte
+//!   frames with 256 bytes of headroom.
+//!
 //! The rewrite decrements the TTL of the same frames burst after burst, so the TTL is reset
 //! every `BURSTS_PER_TTL_RESET` bursts, outside the timed region (`iter_custom`).
 //!
@@ -197,6 +201,50 @@ fn rewrite_group(c: &mut Criterion) {
     group.finish();
 }
 
+/// Headroom in front of each frame, as an AF_XDP UMEM frame leaves for encapsulation.
+const HEADROOM: usize = 256;
+
+fn ipip_group(c: &mut Criterion) {
+    use mimiq_dataplane::wire::ipip::{decap_frame, encap_frame, Outer, Span};
+    let mut group = c.benchmark_group("ipip");
+    group.throughput(Throughput::Elements(BURST as u64));
+    let outer = Outer::V6 {
+        src: "fd00::e".parse().expect("address"),
+        dst: "fd00::a".parse().expect("address"),
+        hop_limit: 64,
+    };
+    group.bench_function("encap_v6_then_decap", |b| {
+        let stride = rewrite::UMEM_FRAME_BYTES;
+        let mut umem = vec![0u8; BURST * stride];
+        for (i, f) in rewrite::frames().iter().enumerate() {
+            let at = i * stride + HEADROOM;
+            umem[at..at + f.len()].copy_from_slice(f);
+        }
+        let original = umem.clone();
+        b.iter(|| {
+            for i in 0..BURST {
+                let start = i * stride + HEADROOM;
+                let span = Span {
+                    start,
+                    end: start + rewrite::FRAME_LEN,
+                };
+                let encapped = encap_frame(black_box(&mut umem[..]), span, &outer);
+                let back = encapped.and_then(|out| decap_frame(&mut umem[..], out));
+                debug_assert_eq!(back, Ok(span));
+                let _ = black_box(back);
+            }
+        });
+        for i in 0..BURST {
+            let start = i * stride + HEADROOM;
+            assert_eq!(
+                umem[start..start + rewrite::FRAME_LEN],
+                original[start..start + rewrite::FRAME_LEN]
+            );
+        }
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     // Short runs: the machine has 2 cores shared with other builds.
     Criterion::default()
@@ -208,6 +256,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = l2fwd, rewrite_group
+    targets = l2fwd, rewrite_group, ipip_group
 }
 criterion_main!(benches);

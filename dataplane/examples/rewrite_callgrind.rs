@@ -16,7 +16,9 @@
 //! Variants: `fast` (wire views, RFC 1624 incremental checksum), `full` (same views, full
 //! header checksum recompute), `etherparse` (etherparse slicing + recompute); and through the
 //! whole `engine::Worker` over two `MemPort`s: `worker-l2fwd` and `worker-rewrite` (the `fast`
-//! rewrite as a pipeline), counted with `--toggle-collect='*worker_burst*'`.
+//! rewrite as a pipeline), counted with `--toggle-collect='*worker_burst*'`; and `ipip`, an
+//! outer IPv6 header written into each frame's headroom and taken off again, counted with
+//! `--toggle-collect='*ipip_burst*'`.
 
 use std::process::ExitCode;
 
@@ -41,8 +43,9 @@ fn main() -> ExitCode {
         Some("worker-rewrite") => {
             return through_worker(RewritePipeline { next_hop: NEXT_HOP }, packets(args.next()))
         }
+        Some("ipip") => return ipip(packets(args.next())),
         Some(other) => {
-            eprintln!("unknown variant {other:?}: use fast, full, etherparse, worker-l2fwd or worker-rewrite");
+            eprintln!("unknown variant {other:?}: use fast, full, etherparse, worker-l2fwd, worker-rewrite or ipip");
             return ExitCode::FAILURE;
         }
     };
@@ -115,4 +118,50 @@ fn worker_burst<L: Pipeline>(
     }
     std::hint::black_box(worker.poll_once());
     worker.ports_mut()[1].take_sent()
+}
+
+/// Headroom in front of each frame (as in a UMEM frame).
+const HEADROOM: usize = 256;
+
+/// Encapsulates every packet in an outer IPv6 header and decapsulates it again.
+fn ipip(packets: usize) -> ExitCode {
+    let stride = rewrite::UMEM_FRAME_BYTES;
+    let mut umem = vec![0u8; BURST * stride];
+    for (i, f) in rewrite::frames().iter().enumerate() {
+        let at = i * stride + HEADROOM;
+        umem[at..at + f.len()].copy_from_slice(f);
+    }
+    let bursts = packets.div_ceil(BURST);
+    let mut done = 0;
+    for _ in 0..bursts {
+        done += ipip_burst(std::hint::black_box(&mut umem[..]));
+    }
+    println!("ipip: encapsulated and decapsulated {done} packets in {bursts} bursts of {BURST}");
+    if done == bursts * BURST {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// One burst of encap + decap; returns how many round-tripped.
+#[inline(never)]
+fn ipip_burst(umem: &mut [u8]) -> usize {
+    use mimiq_dataplane::wire::ipip::{decap_frame, encap_frame, Outer, Span};
+    let outer = Outer::V6 {
+        src: std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xe),
+        dst: std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xa),
+        hop_limit: 64,
+    };
+    let mut ok = 0;
+    for i in 0..BURST {
+        let start = i * rewrite::UMEM_FRAME_BYTES + HEADROOM;
+        let span = Span {
+            start,
+            end: start + rewrite::FRAME_LEN,
+        };
+        let back = encap_frame(umem, span, &outer).and_then(|out| decap_frame(umem, out));
+        ok += usize::from(back == Ok(span));
+    }
+    ok
 }
