@@ -592,7 +592,9 @@ impl Allocator {
                 .min(alias_end.saturating_sub(self.cfg.t_remove_ms))
                 .max(now);
             let lease = Lease { ip, mac: p.mac, sid: p.sid, assigned_ms: now, expires_ms };
-            self.leases.insert(ip, LeaseEntry { lease, state: LeaseState::Assigned });
+            let previous = self.leases.insert(ip, LeaseEntry { lease, state: LeaseState::Assigned });
+            // The pools hand out only addresses no lease holds (restored leases are marked).
+            debug_assert!(previous.is_none(), "{ip} granted while leased");
             self.timers.push(Reverse((expires_ms, TimerKind::Expire, ip)));
             self.journal.push(JournalOp::PutLease(lease));
             self.emit(RuleUpdate::BindingAdd {
