@@ -15,10 +15,10 @@ use mimiq_perf::traffic::ping;
 
 const KEY: &str = "6d696d69712d73696e676c652d626f782d746573742d6b65792d3332627974657321";
 
-/// Lifetimes, in ms: t_ip range, t_remove, t_sid; k = 3.
-struct Times(u64, u64, u64, u64);
+/// Lifetimes, in ms: t_ip range, t_remove, t_sid; k = 3; and the IPv4 pool.
+struct Times(u64, u64, u64, u64, &'static str);
 
-const LONG: Times = Times(60_000, 90_000, 5_000, 60_000);
+const LONG: Times = Times(60_000, 90_000, 5_000, 60_000, addr::POOL_V4);
 
 fn allocator_config(dir: &std::path::Path, t: &Times) -> std::path::PathBuf {
     let path = dir.join("allocator.toml");
@@ -55,7 +55,7 @@ id = 1
 role = "access"
 key_hex = "{KEY}"
 "#,
-            pool = addr::POOL_V4,
+            pool = t.4,
             gw = addr::GATEWAY_V4,
             pool6 = addr::POOL_V6,
             tmin = t.0,
@@ -223,7 +223,7 @@ fn ipv6_routes_by_alias_across_epochs_and_addresses_stop_routing_after_lifetime_
         return;
     }
     // t_ip 3–3.5 s, t_remove 1 s, t_sid 2.5 s, k = 3: an epoch routes 7.5 s ≥ t_ip + t_remove.
-    let Box { tb, mut allocator, switch, _dir } = single_box(&Times(3_000, 3_500, 1_000, 2_500));
+    let Box { tb, mut allocator, switch, _dir } = single_box(&Times(3_000, 3_500, 1_000, 2_500, addr::POOL_V4));
     let (v6, life6) = allocate(&tb, "c1", Family::V6);
     let (v4, life4) = allocate(&tb, "c2", Family::V4);
     assert!(v6.to_string().starts_with("fd00:1:"), "{v6}");
@@ -246,6 +246,46 @@ fn ipv6_routes_by_alias_across_epochs_and_addresses_stop_routing_after_lifetime_
     assert!(ping(&tb, "out", &v4.to_string(), 2).is_err(), "{v4} still routes after its lifetime + t_remove");
     let after = switch.stats_after(Duration::from_millis(200)).unwrap().drops("no_route");
     assert!(after >= before + 4, "no_route {before} -> {after}");
+    drop(switch);
+    allocator.stop(Duration::from_secs(5));
+}
+
+/// Gives `addr` back to the allocator from inside `host`.
+fn release(tb: &Testbed, host: &str, addr: IpAddr) {
+    tb.run_in(host, move || {
+        let ifindex = {
+            let name = std::ffi::CString::new("eth0").unwrap();
+            // SAFETY: a valid C string, for the duration of the call.
+            unsafe { libc::if_nametoindex(name.as_ptr()) }
+        };
+        let gateway = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse::<Ipv6Addr>().unwrap(), 6363, 0, ifindex));
+        let family = if addr.is_ipv4() { Family::V4 } else { Family::V6 };
+        let released = AllocClient::new(gateway).unwrap().release(family, &[addr]).unwrap();
+        assert_eq!(released, 1);
+    })
+    .unwrap();
+}
+
+#[test]
+fn when_an_address_moves_to_another_client_return_traffic_follows_it() {
+    if !require_root() {
+        return;
+    }
+    // A pool with one usable address (198.18.1.2: .0 and .3 are network and broadcast, .1 the
+    // gateway): the second client can only get the address the first one gave back.
+    let Box { tb, mut allocator, switch, _dir } = single_box(&Times(60_000, 60_000, 1_000, 60_000, "198.18.1.0/30"));
+    let (a, _) = allocate(&tb, "c1", Family::V4);
+    assert_eq!(a.to_string(), "198.18.1.2");
+    use_address(&tb, "c1", a);
+    ping(&tb, "out", "198.18.1.2", 3).unwrap();
+    release(&tb, "c1", a);
+    tb.exec_ok("c1", &["ip", "addr", "del", "198.18.1.2/32", "dev", "eth0"]).unwrap();
+    // Not reissued before t_remove has passed; then it is c2's.
+    std::thread::sleep(Duration::from_millis(1_300));
+    let (b, _) = allocate(&tb, "c2", Family::V4);
+    assert_eq!(b, a, "the only address, now free again");
+    use_address(&tb, "c2", b);
+    ping(&tb, "out", "198.18.1.2", 3).unwrap_or_else(|e| panic!("traffic did not follow the binding to c2: {e}"));
     drop(switch);
     allocator.stop(Duration::from_secs(5));
 }
