@@ -174,7 +174,10 @@ pub fn run(config: &SendConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> R
     };
     let pps = per_s / unit;
     let target = ((pps * 50e-6) as usize).clamp(1, batch);
-    let capacity = (pps * 2e-3).max(2.0 * batch as f64) * unit + max_frame;
+    // The bucket holds 10 ms of tokens: a sender descheduled for up to 10 ms (a loaded machine)
+    // catches up and keeps the average rate; longer stalls are lost rather than sent as one
+    // long burst.
+    let capacity = (pps * 10e-3).max(2.0 * batch as f64) * unit + max_frame;
 
     let start_ns = monotonic_ns();
     let mut bucket = TokenBucket::new(per_s, capacity, start_ns);
