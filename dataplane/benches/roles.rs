@@ -53,7 +53,7 @@ fn edge(rules: &[Sequenced]) -> Edge {
         outside: 1,
         inside_mac: [2, 0, 0, 0, 0, 0xe1],
         outside_mac: [2, 0, 0, 0, 0, 0xe2],
-        outside_next_hop_mac: [2, 0, 0, 0, 0, 0x99],
+        outside_next_hop_mac: Some([2, 0, 0, 0, 0, 0x99]),
         internal: "fd00:ffff::e".parse().unwrap(),
         access: vec![AccessSwitch { sid: SID, internal: "fd00:ffff::a".parse().unwrap(), mac: [2, 0, 0, 0, 0, 0xa1] }],
         v6_prefix: "fd00:1::".parse().unwrap(),
@@ -62,7 +62,7 @@ fn edge(rules: &[Sequenced]) -> Edge {
         alias_k: 4,
         v4_pools: vec![V4Prefix { addr: Ipv4Addr::new(10, 0, 0, 0), len: 8 }],
     });
-    rules.iter().for_each(|r| e.apply(r.clone()));
+    rules.iter().for_each(|r| e.apply(r.clone().into()));
     e.tick(NOW);
     e
 }
@@ -82,7 +82,7 @@ fn access(rules: &[Sequenced]) -> Access {
         v6_prefix_len: 64,
         alias_bits: 16,
     });
-    rules.iter().for_each(|r| a.apply(r.clone()));
+    rules.iter().for_each(|r| a.apply(r.clone().into()));
     a.tick(NOW);
     a
 }
@@ -150,7 +150,7 @@ fn roles(c: &mut Criterion) {
         b.iter(|| {
             seq += 1;
             i = (i + 7919) % BINDINGS;
-            a.apply(Sequenced { seq, update: RuleUpdate::BindingAdd { ip: IpAddr::V4(v4(i)), mac: Mac(CLIENT), sid: SID, valid_until_ms: u64::MAX } });
+            a.apply(Sequenced { seq, update: RuleUpdate::BindingAdd { ip: IpAddr::V4(v4(i)), mac: Mac(CLIENT), sid: SID, valid_until_ms: u64::MAX } }.into());
         })
     });
     g.finish();

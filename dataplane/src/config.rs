@@ -111,8 +111,19 @@ pub struct SingleBoxConfig {
     pub edge_inside: String,
     /// The outside interface (edge).
     pub outside: String,
-    /// MAC of the outside next hop, e.g. `"02:00:00:00:00:99"`.
-    pub outside_next_hop_mac: String,
+    /// The outside next hop's IPv4 address, resolved by ARP from `outside_v4`.
+    #[serde(default)]
+    pub outside_next_hop: Option<std::net::Ipv4Addr>,
+    /// Or its MAC, e.g. `"02:00:00:00:00:99"`, when it is not to be resolved.
+    #[serde(default)]
+    pub outside_next_hop_mac: Option<String>,
+    /// The edge's own IPv4 address on the outside link (ARP for it is answered; ARP requests
+    /// for the next hop are sent from it).
+    #[serde(default)]
+    pub outside_v4: Option<std::net::Ipv4Addr>,
+    /// The edge's own IPv6 addresses on the outside link (neighbour solicitations answered).
+    #[serde(default)]
+    pub outside_v6: Vec<std::net::Ipv6Addr>,
     /// The gateway IPv4 address clients use.
     #[serde(default)]
     pub gateway_v4: Option<std::net::Ipv4Addr>,
@@ -191,7 +202,18 @@ pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
 
 impl SingleBoxConfig {
     fn validate(&self) -> Result<(), String> {
-        parse_mac(&self.outside_next_hop_mac).map_err(|e| format!("single_box.outside_next_hop_mac: {e}"))?;
+        match (&self.outside_next_hop_mac, self.outside_next_hop, self.outside_v4) {
+            (Some(mac), _, _) => {
+                parse_mac(mac).map_err(|e| format!("single_box.outside_next_hop_mac: {e}"))?;
+            }
+            (None, Some(_), Some(_)) => {}
+            (None, Some(_), None) => {
+                return Err("single_box: resolving outside_next_hop needs outside_v4 (the address ARP is sent from)".into())
+            }
+            (None, None, _) => {
+                return Err("single_box: set outside_next_hop (resolved by ARP) or outside_next_hop_mac".into())
+            }
+        }
         let (_, len): (std::net::Ipv6Addr, u8) =
             parse_prefix(&self.v6_prefix, 112).map_err(|e| format!("single_box.v6_prefix: {e}"))?;
         if u32::from(len) + u32::from(self.alias_bits) > 112 || self.alias_bits == 0 || self.alias_bits > 24 {

@@ -41,9 +41,9 @@ pub struct RuleStats {
 }
 
 /// Runs the subscriber until `stop` is set.
-pub fn run_subscriber(
+pub fn run_subscriber<U: From<Sequenced>>(
     source: RuleSource,
-    mut workers: Vec<rtrb::Producer<Sequenced>>,
+    mut workers: Vec<rtrb::Producer<U>>,
     stop: Arc<AtomicBool>,
     stats: Arc<RuleStats>,
 ) {
@@ -62,10 +62,10 @@ pub fn run_subscriber(
     }
 }
 
-fn session(
+fn session<U: From<Sequenced>>(
     source: &RuleSource,
     key: &ring::hmac::Key,
-    workers: &mut [rtrb::Producer<Sequenced>],
+    workers: &mut [rtrb::Producer<U>],
     stop: &AtomicBool,
     stats: &RuleStats,
 ) -> Result<(), String> {
@@ -102,7 +102,7 @@ fn session(
         tracker.check(&update)?;
         stats.seq.store(update.seq, Ordering::Relaxed);
         for ring in workers.iter_mut() {
-            let mut pending = update.clone();
+            let mut pending = U::from(update.clone());
             loop {
                 match ring.push(pending) {
                     Ok(()) => break,
@@ -193,8 +193,8 @@ mod tests {
             s.write_all(&out).unwrap();
             std::thread::sleep(Duration::from_millis(300));
         });
-        let (p1, mut c1) = rtrb::RingBuffer::new(16);
-        let (p2, mut c2) = rtrb::RingBuffer::new(16);
+        let (p1, mut c1) = rtrb::RingBuffer::<Sequenced>::new(16);
+        let (p2, mut c2) = rtrb::RingBuffer::<Sequenced>::new(16);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(RuleStats::default());
         let sub = {

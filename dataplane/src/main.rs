@@ -22,7 +22,6 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use mimalloc::MiMalloc;
 
-use mimiq_allocator::lease::Sequenced;
 use mimiq_dataplane::config::{
     default_stats_path, parse_hex, parse_mac, parse_prefix, CopyMode, HugePages, IdleStrategy,
     KernelConfig, Role, SwitchConfig, WorkerConfig, XdpMode,
@@ -30,8 +29,10 @@ use mimiq_dataplane::config::{
 use mimiq_dataplane::control::{self, RuleSource};
 use mimiq_dataplane::engine::{Rings, Worker};
 use mimiq_dataplane::pipeline::gateway::Gateway;
-use mimiq_dataplane::pipeline::mimiq::{Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, V4Prefix};
-use mimiq_dataplane::slowpath::{self, RelayConfig};
+use mimiq_dataplane::pipeline::mimiq::{
+    Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, SwitchUpdate, V4Prefix,
+};
+use mimiq_dataplane::slowpath::{self, EdgeNeighbors, RelayConfig};
 use mimiq_dataplane::wire::EthernetAddress;
 use mimiq_dataplane::pipeline::impair::ImpairConfig;
 use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
@@ -332,11 +333,11 @@ struct Plan {
 
 enum Kind {
     L2fwd,
-    Access(Box<(AccessConfig, Gateway, RelayConfig)>, rtrb::Consumer<Sequenced>),
-    Edge(Box<EdgeConfig>, rtrb::Consumer<Sequenced>),
+    Access(Box<(AccessConfig, Gateway, RelayConfig)>, rtrb::Consumer<SwitchUpdate>),
+    Edge(Box<(EdgeConfig, EdgeNeighbors)>, rtrb::Consumer<SwitchUpdate>),
 }
 
-type Updates = Option<(RuleSource, Vec<rtrb::Producer<Sequenced>>)>;
+type Updates = Option<(RuleSource, Vec<rtrb::Producer<SwitchUpdate>>)>;
 
 /// Turns the config into worker plans, and the rule subscriber's source and rings.
 fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
@@ -381,7 +382,12 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
         outside: 1,
         inside_mac: mac(&sb.edge_inside)?,
         outside_mac: mac(&sb.outside)?,
-        outside_next_hop_mac: parse_mac(&sb.outside_next_hop_mac).map_err(anyhow::Error::msg)?,
+        outside_next_hop_mac: sb
+            .outside_next_hop_mac
+            .as_deref()
+            .map(parse_mac)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
         internal: sb.edge_internal,
         access: vec![AccessSwitch { sid: sb.sid, internal: sb.access_internal, mac: mac(&sb.access_uplink)? }],
         v6_prefix,
@@ -389,6 +395,11 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
         alias_bits: sb.alias_bits,
         alias_k: sb.alias_k,
         v4_pools,
+    };
+    let neighbors = EdgeNeighbors {
+        own: Gateway { mac: EthernetAddress(mac(&sb.outside)?), v4: sb.outside_v4, v6: sb.outside_v6.clone() },
+        outside: 1,
+        next_hop: if sb.outside_next_hop_mac.is_some() { None } else { sb.outside_next_hop },
     };
     let (access_tx, access_rx) = rtrb::RingBuffer::new(UPDATE_RING);
     let (edge_tx, edge_rx) = rtrb::RingBuffer::new(UPDATE_RING);
@@ -403,7 +414,7 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
             queue: 0,
             core: core(1),
             interfaces: vec![sb.edge_inside.clone(), sb.outside.clone()],
-            kind: Kind::Edge(Box::new(edge), edge_rx),
+            kind: Kind::Edge(Box::new((edge, neighbors)), edge_rx),
         },
     ];
     let source = RuleSource { allocator: sb.allocator_rules, switch_id: sb.sid, key };
@@ -493,7 +504,7 @@ fn worker_main(
             };
             let _ = ready.send(Ok(()));
             let mut worker = Worker::new(ports, memory, free, Access::new(access)).with_rings(Rings {
-                updates: Some(updates),
+                updates: vec![updates],
                 to_slow_path: Some(to_slow),
                 from_slow_path: Some(from_slow),
             });
@@ -502,13 +513,15 @@ fn worker_main(
             let _ = slow.join();
         }
         Kind::Edge(edge, updates) => {
+            let (edge, neighbors) = *edge;
             let (to_slow, from_worker) = rtrb::RingBuffer::new(SLOW_PATH_RING);
-            let (to_worker, from_slow) = rtrb::RingBuffer::new(SLOW_PATH_RING);
-            let stop_slow = Arc::clone(stop);
+            let (to_worker, from_slow) = rtrb::RingBuffer::new(SLOW_PATH_RING + 64);
+            let (learned_tx, learned_rx) = rtrb::RingBuffer::new(16);
+            let (shared, stop_slow) = (memory.share(), Arc::clone(stop));
             let stats = Arc::new(slowpath::SlowPathStats::default());
-            let slow = std::thread::Builder::new()
-                .name("mimiq-edge-slow".into())
-                .spawn(move || slowpath::run_discard(from_worker, to_worker, stop_slow, stats));
+            let slow = std::thread::Builder::new().name("mimiq-edge-slow".into()).spawn(move || {
+                slowpath::run_edge(shared, neighbors, from_worker, to_worker, learned_tx, stop_slow, stats)
+            });
             let slow = match slow {
                 Ok(handle) => handle,
                 Err(e) => {
@@ -517,11 +530,13 @@ fn worker_main(
                 }
             };
             let _ = ready.send(Ok(()));
-            let mut worker = Worker::new(ports, memory, free, Edge::new(*edge)).with_rings(Rings {
-                updates: Some(updates),
+            let mut worker = Worker::new(ports, memory, free, Edge::new(edge)).with_rings(Rings {
+                updates: vec![updates, learned_rx],
                 to_slow_path: Some(to_slow),
                 from_slow_path: Some(from_slow),
             });
+            // Frames for the ARP requests the slow path sends on its own.
+            worker.lend_to_slow_path(4);
             impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
             worker.run(stop, config.idle, every, &mut publish);
             let _ = slow.join();

@@ -18,9 +18,10 @@ use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use mimiq_allocator::proto::{self, Relay, RelayInfo, RelayReply};
 use mimiq_allocator::{Mac, Sid};
 
-use crate::engine::{SlowPathFrame, SlowPathReturn};
+use crate::engine::{SlowPathFrame, SlowPathReturn, SPARE_FRAME};
 use crate::pipeline::gateway::{Answer, Gateway};
-use crate::pipeline::mimiq::ALLOC_PORT;
+use crate::pipeline::mimiq::{SwitchUpdate, ALLOC_PORT};
+use crate::wire::{ArpOperation, ArpPacket, ArpRepr, EtherType, EthernetAddress, EthernetFrame};
 use crate::port::{FrameMemory, PortId};
 
 /// Frames kept to carry allocator replies.
@@ -144,25 +145,124 @@ pub fn run_access<M: FrameMemory>(
     Ok(())
 }
 
-/// Runs a slow path that only gives frames back (roles whose slow-path traffic goes to the
-/// kernel, such as the edge with `[kernel]` set), counting them.
-pub fn run_discard<F>(
-    mut from_worker: rtrb::Consumer<SlowPathFrame<F>>,
-    mut to_worker: rtrb::Producer<SlowPathReturn<F>>,
+/// The edge's neighbours: its own outside addresses (answered like a gateway) and the outside
+/// next hop it resolves.
+#[derive(Debug, Clone)]
+pub struct EdgeNeighbors {
+    /// The edge's outside MAC and addresses; ARP and NS for them are answered.
+    pub own: Gateway,
+    /// The outside port.
+    pub outside: PortId,
+    /// The next hop to resolve by ARP (none: configured statically).
+    pub next_hop: Option<Ipv4Addr>,
+}
+
+/// How often the next hop is asked for while unknown, and refreshed once known.
+const PROBE_UNKNOWN: Duration = Duration::from_secs(1);
+const PROBE_KNOWN: Duration = Duration::from_secs(30);
+
+/// Runs the edge slow path until `stop` is set: answers ARP/ND for the edge's own outside
+/// addresses, resolves the outside next hop (from its ARP replies, or any ARP it sends) and
+/// tells the worker over `learned`.
+pub fn run_edge<M: FrameMemory>(
+    mut memory: M,
+    neighbors: EdgeNeighbors,
+    mut from_worker: rtrb::Consumer<SlowPathFrame<M::Frame>>,
+    mut to_worker: rtrb::Producer<SlowPathReturn<M::Frame>>,
+    mut learned: rtrb::Producer<SwitchUpdate>,
     stop: Arc<AtomicBool>,
     stats: Arc<SlowPathStats>,
 ) {
+    let mut spare: Vec<M::Frame> = Vec::new();
+    let mut known: Option<[u8; 6]> = None;
+    let mut next_probe = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let mut idle = true;
-        while let Ok(SlowPathFrame { frame, .. }) = from_worker.pop() {
+        while let Ok(SlowPathFrame { mut frame, in_port }) = from_worker.pop() {
             idle = false;
+            if in_port == SPARE_FRAME {
+                spare.push(frame);
+                continue;
+            }
+            let len = memory.len(&frame);
+            if let Some(next_hop) = neighbors.next_hop {
+                if let Some(mac) = arp_sender(&memory.data_mut(&mut frame)[..len], next_hop) {
+                    if known != Some(mac) && learned.push(SwitchUpdate::NextHopMac(mac)).is_ok() {
+                        tracing::info!("outside next hop {next_hop} is at {mac:02x?}");
+                        known = Some(mac);
+                        next_probe = Instant::now() + PROBE_KNOWN;
+                    }
+                }
+            }
+            if in_port == neighbors.outside {
+                let room = memory.set_len(&mut frame, 128.max(len));
+                let answer = neighbors.own.answer(&mut memory.data_mut(&mut frame)[..room], len);
+                if let Ok(Answer::Reply(n)) = answer {
+                    memory.set_len(&mut frame, n);
+                    stats.gateway_answers.fetch_add(1, Ordering::Relaxed);
+                    give_back(&mut to_worker, SlowPathReturn::Transmit(frame, in_port));
+                    continue;
+                }
+                memory.set_len(&mut frame, len);
+            }
             stats.ignored.fetch_add(1, Ordering::Relaxed);
-            give_back(&mut to_worker, SlowPathReturn::Free(frame));
+            if spare.len() < STASH {
+                spare.push(frame);
+            } else {
+                give_back(&mut to_worker, SlowPathReturn::Free(frame));
+            }
+        }
+        if let (Some(next_hop), Some(own_v4)) = (neighbors.next_hop, neighbors.own.v4) {
+            if Instant::now() >= next_probe {
+                if let Some(mut frame) = spare.pop() {
+                    let room = memory.set_len(&mut frame, ARP_FRAME_LEN);
+                    if room == ARP_FRAME_LEN {
+                        arp_request(&mut memory.data_mut(&mut frame)[..room], neighbors.own.mac, own_v4, next_hop);
+                        give_back(&mut to_worker, SlowPathReturn::Transmit(frame, neighbors.outside));
+                    } else {
+                        give_back(&mut to_worker, SlowPathReturn::Free(frame));
+                    }
+                    next_probe = Instant::now() + if known.is_some() { PROBE_KNOWN } else { PROBE_UNKNOWN };
+                }
+            }
         }
         if idle {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+    for frame in spare {
+        give_back(&mut to_worker, SlowPathReturn::Free(frame));
+    }
+}
+
+/// Bytes of an Ethernet frame carrying ARP, padded to the minimum.
+const ARP_FRAME_LEN: usize = 60;
+
+/// The sender MAC of an ARP packet (request or reply) sent by `from`.
+fn arp_sender(frame: &[u8], from: Ipv4Addr) -> Option<[u8; 6]> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EtherType::Arp {
+        return None;
+    }
+    let arp = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).ok()?).ok()?;
+    (arp.source_protocol_addr == from).then_some(arp.source_hardware_addr.0)
+}
+
+/// Writes a broadcast ARP request for `target` into `frame` (ARP_FRAME_LEN bytes).
+fn arp_request(frame: &mut [u8], mac: EthernetAddress, ip: Ipv4Addr, target: Ipv4Addr) {
+    frame.fill(0);
+    frame[0..6].copy_from_slice(&[0xff; 6]);
+    frame[6..12].copy_from_slice(&mac.0);
+    frame[12..14].copy_from_slice(&[0x08, 0x06]);
+    let request = ArpRepr {
+        operation: ArpOperation::Request,
+        source_hardware_addr: mac,
+        source_protocol_addr: ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    // 28 bytes of ARP after the Ethernet header; the frame is ARP_FRAME_LEN ≥ 42 bytes.
+    let _ = request.emit(&mut ArpPacket::new_unchecked(&mut frame[14..42]));
 }
 
 fn give_back<F>(ring: &mut rtrb::Producer<SlowPathReturn<F>>, mut ret: SlowPathReturn<F>) {
@@ -236,7 +336,6 @@ fn reply_frame(gateway: &Gateway, reply: &RelayReply<'_>, client: IpAddr) -> Opt
 mod tests {
     use super::*;
     use crate::port::mem::{MemFrame, MemMemory};
-    use crate::wire::EthernetAddress;
 
     const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x42];
     const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];

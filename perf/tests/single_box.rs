@@ -68,7 +68,7 @@ key_hex = "{KEY}"
     path
 }
 
-fn switch_config(dir: &std::path::Path, out_mac: &str) -> std::path::PathBuf {
+fn switch_config(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("switch.toml");
     std::fs::write(
         &path,
@@ -84,7 +84,9 @@ clients = "cl0"
 access_uplink = "int0"
 edge_inside = "int1"
 outside = "out0"
-outside_next_hop_mac = "{out_mac}"
+outside_next_hop = "{out_v4}"
+outside_v4 = "{edge_v4}"
+outside_v6 = ["{edge_v6}"]
 gateway_v4 = "{gw}"
 gateway_v6 = ["fe80::1"]
 access_internal = "fd00:ffff::a"
@@ -97,6 +99,9 @@ allocator_rules = "127.0.0.1:6365"
 key_hex = "{KEY}"
 "#,
             stats = dir.join("stats.json").display(),
+            out_v4 = addr::OUT_V4,
+            edge_v4 = addr::EDGE_OUT_V4,
+            edge_v6 = addr::EDGE_OUT_V6,
             gw = addr::GATEWAY_V4,
             pool = addr::POOL_V4,
             pool6 = addr::POOL_V6,
@@ -104,11 +109,6 @@ key_hex = "{KEY}"
     )
     .unwrap();
     path
-}
-
-fn mac_of(tb: &Testbed, host: &str, ifname: &str) -> String {
-    let out = tb.exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")]).unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Asks the allocator for one address of `family` from inside `host`, through the gateway's
@@ -150,19 +150,16 @@ fn single_box(times: &Times) -> Box {
     let mut tb = Testbed::new().unwrap();
     topology::single_box(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // The outside resolves the edge's address statically (the edge's own neighbour resolution
-    // is not built yet).
-    let out0 = mac_of(&tb, "sw", "out0");
-    tb.exec_ok("out", &["ip", "neigh", "replace", addr::EDGE_OUT_V4, "lladdr", &out0, "dev", "eth0"]).unwrap();
-    tb.exec_ok("out", &["ip", "neigh", "replace", addr::EDGE_OUT_V6, "lladdr", &out0, "dev", "eth0"]).unwrap();
-    let out_mac = mac_of(&tb, "out", "eth0");
+    // Neighbour resolution on the outside link is real both ways: the outside host resolves the
+    // edge's addresses (ARP, NS answered by the edge's slow path), and the edge resolves the
+    // outside host, its next hop, by ARP.
 
     let allocator_bin = bin_path("mimiq-allocator").unwrap();
     let cfg = allocator_config(dir.path(), times);
     let allocator = tb
         .spawn("sw", &[allocator_bin.to_str().unwrap(), "run", "--config", cfg.to_str().unwrap()], false)
         .unwrap();
-    let sw_cfg = switch_config(dir.path(), &out_mac);
+    let sw_cfg = switch_config(dir.path());
     let switch = Switch::start(&mut tb, "sw", &["--config", sw_cfg.to_str().unwrap()], &dir.path().join("stats.json"))
         .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
     Box { tb, allocator, switch, _dir: dir }

@@ -98,6 +98,9 @@ pub enum SlowPathReturn<F> {
     Free(F),
 }
 
+/// `in_port` of a frame lent to the slow path for frames of its own (requests it originates).
+pub const SPARE_FRAME: PortId = PortId::MAX;
+
 /// A frame on its way to the slow path, with the port it arrived on.
 pub struct SlowPathFrame<F> {
     /// The frame (ownership moves with it).
@@ -108,8 +111,9 @@ pub struct SlowPathFrame<F> {
 
 /// The worker's ends of its SPSC rings.
 pub struct Rings<F, U> {
-    /// Table updates from the control thread.
-    pub updates: Option<rtrb::Consumer<U>>,
+    /// Table updates, one ring per producer (the control thread's rule subscriber, the slow
+    /// path's neighbour resolution, ...).
+    pub updates: Vec<rtrb::Consumer<U>>,
     /// Frames to the slow-path thread.
     pub to_slow_path: Option<rtrb::Producer<SlowPathFrame<F>>>,
     /// Frames back from the slow-path thread.
@@ -119,7 +123,7 @@ pub struct Rings<F, U> {
 impl<F, U> Default for Rings<F, U> {
     fn default() -> Self {
         Rings {
-            updates: None,
+            updates: Vec::new(),
             to_slow_path: None,
             from_slow_path: None,
         }
@@ -204,6 +208,23 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
         }
     }
 
+    /// Lends up to `n` free frames to the slow path (marked [`SPARE_FRAME`]), for packets it
+    /// originates itself (neighbour solicitations). Returns how many it lent.
+    pub fn lend_to_slow_path(&mut self, n: usize) -> usize {
+        let Some(ring) = &mut self.rings.to_slow_path else { return 0 };
+        let mut lent = 0;
+        while lent < n {
+            let Some(frame) = self.free.pop() else { break };
+            if let Err(rtrb::PushError::Full(back)) = ring.push(SlowPathFrame { frame, in_port: SPARE_FRAME }) {
+                self.free.push(back.frame);
+                break;
+            }
+            lent += 1;
+        }
+        self.counters.to_slow_path += lent as u64;
+        lent
+    }
+
     /// Connects the worker's rings.
     pub fn with_rings(mut self, rings: Rings<P::Frame, L::Update>) -> Self {
         self.rings = rings;
@@ -280,7 +301,7 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     /// amount of work done (so an idle strategy does not sleep while rings are busy).
     fn drain_rings(&mut self) -> usize {
         let mut work = 0;
-        if let Some(updates) = &mut self.rings.updates {
+        for updates in &mut self.rings.updates {
             let n = updates.slots().min(UPDATES_PER_PASS);
             for _ in 0..n {
                 let Ok(update) = updates.pop() else { break };
@@ -581,7 +602,7 @@ mod tests {
         let ports = vec![MemPort::new("a", 1 << 20), MemPort::new("b", 1 << 20)];
         let w = Worker::new(ports, MemMemory, Vec::new(), Tagger { slow_tag: 0xee, updates_seen: 0 })
             .with_rings(Rings {
-                updates: Some(update_rx),
+                updates: vec![update_rx],
                 to_slow_path: Some(slow_tx),
                 from_slow_path: Some(back_rx),
             });

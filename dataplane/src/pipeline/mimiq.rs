@@ -41,6 +41,21 @@ const PROTO_ICMPV6: u8 = 58;
 /// UDP port of allocator requests to the gateway (ARCHITECTURE §5).
 pub const ALLOC_PORT: u16 = 6363;
 
+/// A change to a MIMIQ switch's state, applied by its worker between bursts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwitchUpdate {
+    /// A rule from the allocator's stream.
+    Rule(Sequenced),
+    /// The slow path resolved the (outside) next hop to this MAC.
+    NextHopMac([u8; 6]),
+}
+
+impl From<Sequenced> for SwitchUpdate {
+    fn from(s: Sequenced) -> Self {
+        SwitchUpdate::Rule(s)
+    }
+}
+
 /// An IPv4 prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct V4Prefix {
@@ -79,8 +94,9 @@ pub struct EdgeConfig {
     pub inside_mac: [u8; 6],
     /// Our MAC on the outside link.
     pub outside_mac: [u8; 6],
-    /// The outside next hop's MAC.
-    pub outside_next_hop_mac: [u8; 6],
+    /// The outside next hop's MAC, if known from the config; else the slow path resolves it
+    /// and upstream traffic is dropped (`no_neighbor`) until it has.
+    pub outside_next_hop_mac: Option<[u8; 6]>,
     /// Our internal address (outer source).
     pub internal: Ipv6Addr,
     /// The access switches.
@@ -136,6 +152,10 @@ impl Edge {
         let (sid, inner_proto) = match [data[12], data[13]] {
             ETHERTYPE_IPV6 => {
                 let dst = ipv6_dst(data, len)?;
+                if is_neighbor_discovery(&data[ETH_LEN..len]) {
+                    // Resolution of the edge's own outside addresses: the slow path's.
+                    return Err(DropReason::NotIp);
+                }
                 if dst & self.v6_mask != self.v6_prefix {
                     return Err(DropReason::NotInPool);
                 }
@@ -177,18 +197,24 @@ impl Edge {
             ETHERTYPE_IPV6 => PROTO_IPV6_IN,
             _ => return Err(DropReason::NotIp),
         };
+        let next_hop = self.cfg.outside_next_hop_mac.ok_or(DropReason::NoNeighbor)?;
         hop(&mut data[ETH_LEN..len], proto)?;
         let ethertype = [data[12], data[13]];
-        write_eth(data, self.cfg.outside_next_hop_mac, self.cfg.outside_mac, ethertype);
+        write_eth(data, next_hop, self.cfg.outside_mac, ethertype);
         Ok(())
     }
 }
 
 impl Pipeline for Edge {
-    type Update = Sequenced;
+    type Update = SwitchUpdate;
 
-    fn apply(&mut self, update: Sequenced) {
-        self.tables.apply(&update);
+    fn apply(&mut self, update: SwitchUpdate) {
+        match update {
+            SwitchUpdate::Rule(rule) => {
+                self.tables.apply(&rule);
+            }
+            SwitchUpdate::NextHopMac(mac) => self.cfg.outside_next_hop_mac = Some(mac),
+        }
     }
 
     fn tick(&mut self, now_ms: u64) {
@@ -363,10 +389,13 @@ impl Access {
 }
 
 impl Pipeline for Access {
-    type Update = Sequenced;
+    type Update = SwitchUpdate;
 
-    fn apply(&mut self, update: Sequenced) {
-        self.tables.apply(&update);
+    fn apply(&mut self, update: SwitchUpdate) {
+        // The access switch's next hop (the edge) is configured, not resolved.
+        if let SwitchUpdate::Rule(rule) = update {
+            self.tables.apply(&rule);
+        }
     }
 
     fn tick(&mut self, now_ms: u64) {
@@ -412,6 +441,12 @@ fn non_ip_to_slow_path(reason: DropReason) -> Verdict {
     } else {
         Verdict::Drop(reason)
     }
+}
+
+/// ICMPv6 router/neighbour solicitation, advertisement or redirect (133..=137), without
+/// extension headers.
+fn is_neighbor_discovery(ipv6: &[u8]) -> bool {
+    ipv6.len() > IPV6_LEN && ipv6[6] == PROTO_ICMPV6 && (133..=137).contains(&ipv6[IPV6_LEN])
 }
 
 /// Decrements the TTL or hop limit of the IP packet at the start of `packet`.
@@ -517,7 +552,7 @@ mod tests {
             outside: 1,
             inside_mac: EDGE_IN,
             outside_mac: EDGE_OUT,
-            outside_next_hop_mac: OUT_HOP,
+            outside_next_hop_mac: Some(OUT_HOP),
             internal: edge_internal(),
             access: vec![AccessSwitch { sid: SID, internal: access_internal(), mac: ACCESS_UP }],
             v6_prefix: "fd00:1::".parse().unwrap(),
@@ -526,7 +561,7 @@ mod tests {
             alias_k: 3,
             v4_pools: vec![V4Prefix { addr: Ipv4Addr::new(198, 18, 1, 0), len: 24 }],
         });
-        rules().into_iter().for_each(|r| e.apply(r));
+        rules().into_iter().for_each(|r| e.apply(r.into()));
         e.tick(NOW);
         e
     }
@@ -546,7 +581,7 @@ mod tests {
             v6_prefix_len: 64,
             alias_bits: 16,
         });
-        rules().into_iter().for_each(|r| a.apply(r));
+        rules().into_iter().for_each(|r| a.apply(r.into()));
         a.tick(NOW);
         a
     }

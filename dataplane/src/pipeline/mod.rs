@@ -59,11 +59,13 @@ pub enum DropReason {
     NotFromEdge,
     /// The frame cannot grow by an outer header.
     TooBig,
+    /// The next hop's MAC is not resolved yet.
+    NoNeighbor,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Runt,
         DropReason::TxRingFull,
         DropReason::NoSuchPort,
@@ -80,6 +82,7 @@ impl DropReason {
         DropReason::SpoofedSource,
         DropReason::NotFromEdge,
         DropReason::TooBig,
+        DropReason::NoNeighbor,
     ];
 
     /// The counter index of this reason.
@@ -106,6 +109,7 @@ impl DropReason {
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::NotFromEdge => "not_from_edge",
             DropReason::TooBig => "too_big",
+            DropReason::NoNeighbor => "no_neighbor",
         }
     }
 }
