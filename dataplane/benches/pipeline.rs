@@ -15,9 +15,11 @@
 //!   `fast_stride_2048` / `fast_stride_2112` run `fast` over frames laid out as in a UMEM
 //!   (2048 bytes apart) and 64 bytes off that, to show what the frame layout costs.
 //!
-//! - `ipip`: `encap_v6_then_decap` writes an outer IPv6 header into the headroom of each frame
-//!   (moving its Ethernet header) and takes it off again, per packet, over UMEM-like 2048-byte
-//!   frames with 256 bytes of headroom.
+//! - `ipip`: `headroom_encap_v6_then_decap/{64,1514}` writes an outer IPv6 header into the
+//!   headroom of each frame (moving only its Ethernet header) and takes it off again, per
+//!   packet, over UMEM-like 2048-byte frames with 256 bytes of headroom; the baseline
+//!   `move_packet_encap_v6_then_decap/{64,1514}` moves the whole inner packet 40 bytes right
+//!   and back instead (what a pipeline does while it cannot move a frame's start).
 //!
 //! The rewrite decrements the TTL of the same frames burst after burst, so the TTL is reset
 //! every `BURSTS_PER_TTL_RESET` bursts, outside the timed region (`iter_custom`).
@@ -213,35 +215,58 @@ fn ipip_group(c: &mut Criterion) {
         dst: "fd00::a".parse().expect("address"),
         hop_limit: 64,
     };
-    group.bench_function("encap_v6_then_decap", |b| {
-        let stride = rewrite::UMEM_FRAME_BYTES;
+    let stride = rewrite::UMEM_FRAME_BYTES;
+    for len in [64usize, 1514] {
+        // Frames `stride` apart, each behind `HEADROOM` bytes, as in a UMEM.
         let mut umem = vec![0u8; BURST * stride];
-        for (i, f) in rewrite::frames().iter().enumerate() {
+        let frames = rewrite::frames_of_len(len);
+        for (i, f) in frames.iter().enumerate() {
             let at = i * stride + HEADROOM;
-            umem[at..at + f.len()].copy_from_slice(f);
+            umem[at..at + len].copy_from_slice(f);
         }
-        let original = umem.clone();
-        b.iter(|| {
-            for i in 0..BURST {
-                let start = i * stride + HEADROOM;
-                let span = Span {
-                    start,
-                    end: start + rewrite::FRAME_LEN,
-                };
-                let encapped = encap_frame(black_box(&mut umem[..]), span, &outer);
-                let back = encapped.and_then(|out| decap_frame(&mut umem[..], out));
-                debug_assert_eq!(back, Ok(span));
-                let _ = black_box(back);
+        let check = |umem: &[u8]| {
+            for (i, f) in frames.iter().enumerate() {
+                let at = i * stride + HEADROOM;
+                assert_eq!(&umem[at..at + len], &f[..], "frame {i} restored");
             }
+        };
+
+        group.bench_function(format!("headroom_encap_v6_then_decap/{len}"), |b| {
+            b.iter(|| {
+                for i in 0..BURST {
+                    let start = i * stride + HEADROOM;
+                    let span = Span {
+                        start,
+                        end: start + len,
+                    };
+                    let encapped = encap_frame(black_box(&mut umem[..]), span, &outer);
+                    let back = encapped.and_then(|out| decap_frame(&mut umem[..], out));
+                    debug_assert_eq!(back, Ok(span));
+                    let _ = black_box(back);
+                }
+            });
+            check(&umem);
         });
-        for i in 0..BURST {
-            let start = i * stride + HEADROOM;
-            assert_eq!(
-                umem[start..start + rewrite::FRAME_LEN],
-                original[start..start + rewrite::FRAME_LEN]
-            );
-        }
-    });
+
+        group.bench_function(format!("move_packet_encap_v6_then_decap/{len}"), |b| {
+            b.iter(|| {
+                for i in 0..BURST {
+                    let start = i * stride + HEADROOM;
+                    let end = rewrite::encap_by_moving_packet(
+                        black_box(&mut umem[..]),
+                        start,
+                        start + len,
+                        &outer,
+                    );
+                    let back = end
+                        .and_then(|end| rewrite::decap_by_moving_packet(&mut umem[..], start, end));
+                    debug_assert_eq!(back, Ok(start + len));
+                    let _ = black_box(back);
+                }
+            });
+            check(&umem);
+        });
+    }
     group.finish();
 }
 

@@ -39,6 +39,18 @@ pub const NEXT_HOP: NextHop = NextHop {
 /// etherparse (the slow-path way to build a packet; it also makes the bench's input
 /// independent of the code under test).
 pub fn frames() -> Vec<[u8; FRAME_LEN]> {
+    frames_of_len(FRAME_LEN)
+        .into_iter()
+        .map(|f| {
+            let mut frame = [0u8; FRAME_LEN];
+            frame.copy_from_slice(&f);
+            frame
+        })
+        .collect()
+}
+
+/// `BURST` Ethernet/IPv4/UDP frames of `len` (≥ 42) bytes over 16 flows.
+pub fn frames_of_len(len: usize) -> Vec<Vec<u8>> {
     (0..BURST)
         .map(|i| {
             let flow = (i % 16) as u8;
@@ -46,16 +58,53 @@ pub fn frames() -> Vec<[u8; FRAME_LEN]> {
                 etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
                     .ipv4([10, 0, 0, 1 + flow], [10, 1, 0, 1 + flow], START_TTL)
                     .udp(1024 + u16::from(flow), 9);
-            let payload = [flow; FRAME_LEN - 14 - 20 - 8];
-            let mut out = Vec::with_capacity(FRAME_LEN);
-            builder
-                .write(&mut out, &payload)
-                .expect("a 64-byte frame fits");
-            let mut frame = [0u8; FRAME_LEN];
-            frame.copy_from_slice(&out);
-            frame
+            let payload = vec![flow; len - 14 - 20 - 8];
+            let mut out = Vec::with_capacity(len);
+            builder.write(&mut out, &payload).expect("the frame fits");
+            out
         })
         .collect()
+}
+
+/// Baseline for encapsulation without headroom: move the inner packet `outer.header_len()`
+/// bytes right inside the frame and write the outer header where it was (what a pipeline must
+/// do while it cannot move a frame's start). `frame` is `start..end` in `buf`; returns the new
+/// end.
+pub fn encap_by_moving_packet(
+    buf: &mut [u8],
+    start: usize,
+    end: usize,
+    outer: &mimiq_dataplane::wire::ipip::Outer,
+) -> wire::Result<usize> {
+    let shift = outer.header_len();
+    let ip_start = start + 14;
+    if buf.len() < end + shift || end < ip_start {
+        return Err(wire::Error::Truncated);
+    }
+    buf.copy_within(ip_start..end, ip_start + shift);
+    mimiq_dataplane::wire::ipip::encap(buf, ip_start + shift, end + shift, outer)?;
+    let ethertype = match outer {
+        mimiq_dataplane::wire::ipip::Outer::V6 { .. } => EtherType::Ipv6,
+        mimiq_dataplane::wire::ipip::Outer::V4 { .. } => EtherType::Ipv4,
+    };
+    EthernetFrame::new_unchecked(&mut buf[start..]).set_ethertype(ethertype);
+    Ok(end + shift)
+}
+
+/// Its inverse: validate, move the inner packet left over the outer header; returns the new
+/// end.
+pub fn decap_by_moving_packet(buf: &mut [u8], start: usize, end: usize) -> wire::Result<usize> {
+    let ip_start = start + 14;
+    let inner =
+        mimiq_dataplane::wire::ipip::decap(buf.get(ip_start..end).ok_or(wire::Error::Truncated)?)?;
+    let from = ip_start + inner.offset;
+    buf.copy_within(from..from + inner.len, ip_start);
+    let ethertype = match inner.protocol {
+        wire::IpProtocol::Ipv4 => EtherType::Ipv4,
+        _ => EtherType::Ipv6,
+    };
+    EthernetFrame::new_unchecked(&mut buf[start..]).set_ethertype(ethertype);
+    Ok(ip_start + inner.len)
 }
 
 /// Puts the TTL back to [`START_TTL`] (with a full checksum) so a run can go on.
