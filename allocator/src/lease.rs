@@ -20,7 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::alias::{AliasConfig, AliasConfigError, AliasEpoch, AliasSchedule};
 use crate::pool::{Ipv4Prefix, Ipv6Prefix, PoolError, V4Pool, V6Pool};
@@ -287,10 +287,71 @@ pub struct CoreStats {
     pub expired_while_down: u64,
 }
 
+/// A lease as the table keeps it: the address is the key (32 bytes instead of 56).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct LeaseEntry {
-    lease: Lease,
+    mac: Mac,
+    sid: Sid,
     state: LeaseState,
+    assigned_ms: u64,
+    expires_ms: u64,
+}
+
+impl LeaseEntry {
+    fn new(l: &Lease, state: LeaseState) -> Self {
+        LeaseEntry { mac: l.mac, sid: l.sid, state, assigned_ms: l.assigned_ms, expires_ms: l.expires_ms }
+    }
+
+    fn lease(&self, ip: IpAddr) -> Lease {
+        Lease { ip, mac: self.mac, sid: self.sid, assigned_ms: self.assigned_ms, expires_ms: self.expires_ms }
+    }
+}
+
+/// Leases by address, one map per family with integer keys: an IPv4 bucket is 40 bytes, so the
+/// table of a full /8 stays within one cache line per lookup.
+#[derive(Debug, Default)]
+struct LeaseTable {
+    v4: HashMap<u32, LeaseEntry, BuildHasherDefault<AddrHasher>>,
+    v6: HashMap<u128, LeaseEntry, BuildHasherDefault<AddrHasher>>,
+}
+
+impl LeaseTable {
+    fn get(&self, ip: IpAddr) -> Option<&LeaseEntry> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&u32::from(a)),
+            IpAddr::V6(a) => self.v6.get(&u128::from(a)),
+        }
+    }
+
+    fn get_mut(&mut self, ip: IpAddr) -> Option<&mut LeaseEntry> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get_mut(&u32::from(a)),
+            IpAddr::V6(a) => self.v6.get_mut(&u128::from(a)),
+        }
+    }
+
+    fn insert(&mut self, ip: IpAddr, e: LeaseEntry) -> Option<LeaseEntry> {
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(u32::from(a), e),
+            IpAddr::V6(a) => self.v6.insert(u128::from(a), e),
+        }
+    }
+
+    fn remove(&mut self, ip: IpAddr) -> Option<LeaseEntry> {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(&u32::from(a)),
+            IpAddr::V6(a) => self.v6.remove(&u128::from(a)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (IpAddr, &LeaseEntry)> {
+        let v4 = self.v4.iter().map(|(k, e)| (IpAddr::V4(Ipv4Addr::from(*k)), e));
+        v4.chain(self.v6.iter().map(|(k, e)| (IpAddr::V6(Ipv6Addr::from(*k)), e)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -314,7 +375,7 @@ pub struct Allocator {
     v4: Option<V4Pool>,
     v6: Option<V6Pool>,
     aliases: Option<AliasSchedule>,
-    leases: HashMap<IpAddr, LeaseEntry, BuildHasherDefault<AddrHasher>>,
+    leases: LeaseTable,
     timers: BinaryHeap<Reverse<(u64, TimerKind, IpAddr)>>,
     clients: HashMap<Mac, Client>,
     next_client_gc_ms: u64,
@@ -362,7 +423,7 @@ impl Allocator {
             v4,
             v6,
             aliases,
-            leases: HashMap::default(),
+            leases: LeaseTable::default(),
             timers: BinaryHeap::new(),
             clients: HashMap::new(),
             next_client_gc_ms: now_ms.saturating_add(CLIENT_GC_INTERVAL_MS),
@@ -375,7 +436,9 @@ impl Allocator {
         for e in alias_changes.expired {
             a.journal.push(JournalOp::DeleteEpoch(e));
         }
-        a.leases.reserve(loaded.leases.len());
+        let n4 = loaded.leases.iter().filter(|l| l.ip.is_ipv4()).count();
+        a.leases.v4.reserve(n4);
+        a.leases.v6.reserve(loaded.leases.len() - n4);
         let mut timers = Vec::with_capacity(loaded.leases.len());
         for lease in loaded.leases {
             let drain_end = lease.expires_ms.saturating_add(a.cfg.t_remove_ms);
@@ -405,7 +468,7 @@ impl Allocator {
             } else {
                 timers.push(Reverse((drain_end, TimerKind::Free, lease.ip)));
             }
-            a.leases.insert(lease.ip, LeaseEntry { lease, state });
+            a.leases.insert(lease.ip, LeaseEntry::new(&lease, state));
         }
         // Heapify once: O(n) instead of n pushes.
         a.timers = BinaryHeap::from(timers);
@@ -456,13 +519,13 @@ impl Allocator {
     }
 
     /// Every lease with its state, in no particular order.
-    pub fn leases(&self) -> impl Iterator<Item = (&Lease, LeaseState)> {
-        self.leases.values().map(|e| (&e.lease, e.state))
+    pub fn leases(&self) -> impl Iterator<Item = (Lease, LeaseState)> + '_ {
+        self.leases.iter().map(|(ip, e)| (e.lease(ip), e.state))
     }
 
     /// The lease of `ip`, if any.
-    pub fn lease(&self, ip: IpAddr) -> Option<(&Lease, LeaseState)> {
-        self.leases.get(&ip).map(|e| (&e.lease, e.state))
+    pub fn lease(&self, ip: IpAddr) -> Option<(Lease, LeaseState)> {
+        self.leases.get(ip).map(|e| (e.lease(ip), e.state))
     }
 
     /// Moves the state to `now_ms` (times before the last one are treated as the last one):
@@ -485,13 +548,13 @@ impl Allocator {
                 break;
             }
             self.timers.pop();
-            let Some(entry) = self.leases.get_mut(&ip) else { continue };
+            let Some(entry) = self.leases.get_mut(ip) else { continue };
             match kind {
                 TimerKind::Expire => {
                     // Stale if the lease was released (state already Draining) or replaced.
-                    if entry.state == LeaseState::Assigned && entry.lease.expires_ms == t {
+                    if entry.state == LeaseState::Assigned && entry.expires_ms == t {
                         entry.state = LeaseState::Draining;
-                        let mac = entry.lease.mac;
+                        let mac = entry.mac;
                         // One timer per lease at a time: the drain's end is scheduled now.
                         let free_at = t.saturating_add(self.cfg.t_remove_ms);
                         self.timers.push(Reverse((free_at, TimerKind::Free, ip)));
@@ -500,14 +563,14 @@ impl Allocator {
                     }
                 }
                 TimerKind::Free => {
-                    if entry.lease.expires_ms.saturating_add(self.cfg.t_remove_ms) == t {
+                    if entry.expires_ms.saturating_add(self.cfg.t_remove_ms) == t {
                         if entry.state == LeaseState::Assigned {
                             // Cannot happen (Free timers are pushed only once a lease drains),
                             // but keep the client count right regardless.
-                            let mac = entry.lease.mac;
+                            let mac = entry.mac;
                             self.client_entry(mac).live -= 1;
                         }
-                        self.leases.remove(&ip);
+                        self.leases.remove(ip);
                         self.release_addr(ip);
                         self.stats.freed += 1;
                         self.journal.push(JournalOp::DeleteLease(ip));
@@ -592,7 +655,7 @@ impl Allocator {
                 .min(alias_end.saturating_sub(self.cfg.t_remove_ms))
                 .max(now);
             let lease = Lease { ip, mac: p.mac, sid: p.sid, assigned_ms: now, expires_ms };
-            let previous = self.leases.insert(ip, LeaseEntry { lease, state: LeaseState::Assigned });
+            let previous = self.leases.insert(ip, LeaseEntry::new(&lease, LeaseState::Assigned));
             // The pools hand out only addresses no lease holds (restored leases are marked).
             debug_assert!(previous.is_none(), "{ip} granted while leased");
             self.timers.push(Reverse((expires_ms, TimerKind::Expire, ip)));
@@ -618,13 +681,13 @@ impl Allocator {
         let now = self.now_ms;
         let mut n = 0;
         for &ip in ips {
-            let Some(entry) = self.leases.get_mut(&ip) else { continue };
-            if entry.lease.mac != mac || entry.state != LeaseState::Assigned {
+            let Some(entry) = self.leases.get_mut(ip) else { continue };
+            if entry.mac != mac || entry.state != LeaseState::Assigned {
                 continue;
             }
             entry.state = LeaseState::Draining;
-            entry.lease.expires_ms = now;
-            let lease = entry.lease;
+            entry.expires_ms = now;
+            let lease = entry.lease(ip);
             let drain_end = now.saturating_add(self.cfg.t_remove_ms);
             self.timers.push(Reverse((drain_end, TimerKind::Free, ip)));
             self.journal.push(JournalOp::PutLease(lease));
@@ -640,14 +703,14 @@ impl Allocator {
     /// switches' state (every binding, then every valid epoch).
     pub fn snapshot(&self) -> (u64, Vec<RuleUpdate>) {
         let mut out = Vec::with_capacity(self.leases.len() + 4);
-        let mut leases: Vec<&LeaseEntry> = self.leases.values().collect();
-        leases.sort_by_key(|e| e.lease.ip);
-        for e in leases {
+        let mut leases: Vec<(IpAddr, &LeaseEntry)> = self.leases.iter().collect();
+        leases.sort_by_key(|(ip, _)| *ip);
+        for (ip, e) in leases {
             out.push(RuleUpdate::BindingAdd {
-                ip: e.lease.ip,
-                mac: e.lease.mac,
-                sid: e.lease.sid,
-                valid_until_ms: e.lease.expires_ms.saturating_add(self.cfg.t_remove_ms),
+                ip,
+                mac: e.mac,
+                sid: e.sid,
+                valid_until_ms: e.expires_ms.saturating_add(self.cfg.t_remove_ms),
             });
         }
         if let Some(s) = &self.aliases {
@@ -914,7 +977,7 @@ mod tests {
     fn restore_keeps_live_leases_and_drops_ended_ones() {
         let mut a = Allocator::new(v4_config("10.0.0.0/28")).unwrap();
         let g = a.allocate(0, req(1, 5)).unwrap();
-        let leases: Vec<Lease> = a.leases().map(|(l, _)| *l).collect();
+        let leases: Vec<Lease> = a.leases().map(|(l, _)| l).collect();
         let earliest = g.iter().map(|g| g.expires_ms).min().unwrap();
         // Restart just after the earliest lease drained.
         let now = earliest + 500;

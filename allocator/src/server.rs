@@ -478,11 +478,11 @@ impl Server {
                         fanout.attach(&self.core, tx);
                     }
                     CoreRequest::Leases(tx) => {
-                        let mut rows: Vec<(&Lease, LeaseState)> = self.core.leases().collect();
+                        let mut rows: Vec<(Lease, LeaseState)> = self.core.leases().collect();
                         rows.sort_by_key(|(l, _)| l.ip);
                         let mut s = String::new();
                         for (l, st) in rows {
-                            s.push_str(&format_lease(l, st));
+                            s.push_str(&format_lease(&l, st));
                             s.push('\n');
                         }
                         let _ = tx.send(s);
