@@ -15,8 +15,12 @@ use crate::pipeline::impair::ImpairConfig;
 pub enum Role {
     /// Forward every frame between two ports, unchanged.
     L2fwd,
-    /// The MIMIQ single box: an access switch and an edge switch in one process, joined by an
-    /// internal veth pair (`[single_box]`).
+    /// The MIMIQ access switch (`[access]`).
+    Access,
+    /// The MIMIQ edge switch (`[edge]`).
+    Edge,
+    /// The MIMIQ single box: the access and edge roles in one process, joined by an internal
+    /// veth pair (`[access]` and `[edge]`).
     SingleBox,
 }
 
@@ -97,43 +101,74 @@ pub struct KernelConfig {
     pub addresses: Vec<IpAddr>,
 }
 
-/// The single box: access and edge roles in one process (`role = "single_box"`).
+/// The access role (`role = "access"` or `"single_box"`): `[access]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SingleBoxConfig {
-    /// The access switch's SID (also its switch ID at the allocator).
+pub struct AccessSection {
+    /// This access switch's SID (also its switch ID and key at the allocator).
     pub sid: u16,
-    /// The client-facing interface (access).
+    /// The client-facing interface.
     pub clients: String,
-    /// The access switch's end of the internal link.
-    pub access_uplink: String,
-    /// The edge switch's end of the internal link.
-    pub edge_inside: String,
-    /// The outside interface (edge).
-    pub outside: String,
-    /// The outside next hop's IPv4 address, resolved by ARP from `outside_v4`.
+    /// The interface towards the edge.
+    pub uplink: String,
+    /// The edge's MAC on that link (`role = "access"`; the single box reads it locally).
     #[serde(default)]
-    pub outside_next_hop: Option<std::net::Ipv4Addr>,
-    /// Or its MAC, e.g. `"02:00:00:00:00:99"`, when it is not to be resolved.
-    #[serde(default)]
-    pub outside_next_hop_mac: Option<String>,
-    /// The edge's own IPv4 address on the outside link (ARP for it is answered; ARP requests
-    /// for the next hop are sent from it).
-    #[serde(default)]
-    pub outside_v4: Option<std::net::Ipv4Addr>,
-    /// The edge's own IPv6 addresses on the outside link (neighbour solicitations answered).
-    #[serde(default)]
-    pub outside_v6: Vec<std::net::Ipv6Addr>,
+    pub edge_mac: Option<String>,
     /// The gateway IPv4 address clients use.
     #[serde(default)]
     pub gateway_v4: Option<std::net::Ipv4Addr>,
     /// The gateway IPv6 addresses (link-local first; default `["fe80::1"]`).
     #[serde(default = "default_gateway_v6")]
     pub gateway_v6: Vec<std::net::Ipv6Addr>,
-    /// The access switch's internal address (outer destination).
-    pub access_internal: std::net::Ipv6Addr,
-    /// The edge switch's internal address (outer source).
+    /// Our internal address (outer destination of the return path).
+    pub internal: std::net::Ipv6Addr,
+    /// The edge's internal address (the only accepted outer source).
     pub edge_internal: std::net::Ipv6Addr,
+    /// The allocator's relay address (`relay_listen`).
+    pub allocator_relay: SocketAddr,
+    /// The allocator's rule-stream address (`publish_listen`).
+    pub allocator_rules: SocketAddr,
+    /// The key shared with the allocator for this SID, hex (≥ 32 bytes).
+    pub key_hex: String,
+}
+
+/// An access switch as the edge knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessPeer {
+    /// Its SID.
+    pub sid: u16,
+    /// Its internal address.
+    pub internal: std::net::Ipv6Addr,
+    /// Its MAC on the internal link.
+    pub mac: String,
+}
+
+/// The edge role (`role = "edge"` or `"single_box"`): `[edge]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSection {
+    /// The interface towards the access switches.
+    pub inside: String,
+    /// The outside interface.
+    pub outside: String,
+    /// Our internal address (outer source).
+    pub internal: std::net::Ipv6Addr,
+    /// The access switches (`role = "edge"`; the single box knows its own).
+    #[serde(default)]
+    pub access: Vec<AccessPeer>,
+    /// The outside next hop's IPv4 address, resolved by ARP from `outside_v4`.
+    #[serde(default)]
+    pub outside_next_hop: Option<std::net::Ipv4Addr>,
+    /// Or its MAC, e.g. `"02:00:00:00:00:99"`, when it is not to be resolved.
+    #[serde(default)]
+    pub outside_next_hop_mac: Option<String>,
+    /// Our IPv4 address on the outside link (ARP for it answered; ARP requests sent from it).
+    #[serde(default)]
+    pub outside_v4: Option<std::net::Ipv4Addr>,
+    /// Our IPv6 addresses on the outside link (neighbour solicitations answered).
+    #[serde(default)]
+    pub outside_v6: Vec<std::net::Ipv6Addr>,
     /// The IPv6 client pool, e.g. `"fd00:1::/64"`; the alias bits follow the prefix.
     pub v6_prefix: String,
     /// Alias bits (default 16).
@@ -145,12 +180,15 @@ pub struct SingleBoxConfig {
     /// The IPv4 client pools, e.g. `["198.18.1.0/24"]`.
     #[serde(default)]
     pub v4_pools: Vec<String>,
-    /// The allocator's relay address (`relay_listen`).
-    pub allocator_relay: SocketAddr,
-    /// The allocator's rule-stream address (`publish_listen`).
-    pub allocator_rules: SocketAddr,
-    /// The key shared with the allocator for this SID, hex (≥ 32 bytes).
-    pub key_hex: String,
+    /// The allocator's rule-stream address (`role = "edge"`).
+    #[serde(default)]
+    pub allocator_rules: Option<SocketAddr>,
+    /// Our switch ID at the allocator (`role = "edge"`).
+    #[serde(default)]
+    pub switch_id: Option<u16>,
+    /// The key shared with the allocator, hex (`role = "edge"`).
+    #[serde(default)]
+    pub key_hex: Option<String>,
 }
 
 fn default_gateway_v6() -> Vec<std::net::Ipv6Addr> {
@@ -200,42 +238,65 @@ pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-impl SingleBoxConfig {
-    fn validate(&self) -> Result<(), String> {
-        match (&self.outside_next_hop_mac, self.outside_next_hop, self.outside_v4) {
-            (Some(mac), _, _) => {
-                parse_mac(mac).map_err(|e| format!("single_box.outside_next_hop_mac: {e}"))?;
-            }
-            (None, Some(_), Some(_)) => {}
-            (None, Some(_), None) => {
-                return Err("single_box: resolving outside_next_hop needs outside_v4 (the address ARP is sent from)".into())
-            }
-            (None, None, _) => {
-                return Err("single_box: set outside_next_hop (resolved by ARP) or outside_next_hop_mac".into())
-            }
-        }
-        let (_, len): (std::net::Ipv6Addr, u8) =
-            parse_prefix(&self.v6_prefix, 112).map_err(|e| format!("single_box.v6_prefix: {e}"))?;
-        if u32::from(len) + u32::from(self.alias_bits) > 112 || self.alias_bits == 0 || self.alias_bits > 24 {
-            return Err("single_box: prefix length + alias_bits must be ≤ 112, alias_bits 1..=24".into());
-        }
-        for p in &self.v4_pools {
-            parse_prefix::<std::net::Ipv4Addr>(p, 32).map_err(|e| format!("single_box.v4_pools: {e}"))?;
-        }
-        let key = parse_hex(&self.key_hex).map_err(|e| format!("single_box.key_hex: {e}"))?;
-        if key.len() < 32 {
-            return Err("single_box.key_hex: the key must be at least 32 bytes".into());
-        }
+impl AccessSection {
+    fn validate(&self, standalone: bool) -> Result<(), String> {
+        check_key(&self.key_hex, "access.key_hex")?;
         if self.gateway_v4.is_none() && self.gateway_v6.is_empty() {
-            return Err("single_box: a gateway address (gateway_v4 or gateway_v6) is needed".into());
+            return Err("access: a gateway address (gateway_v4 or gateway_v6) is needed".into());
+        }
+        match (&self.edge_mac, standalone) {
+            (Some(mac), _) => {
+                parse_mac(mac).map_err(|e| format!("access.edge_mac: {e}"))?;
+            }
+            (None, true) => return Err("access.edge_mac is needed when the edge runs elsewhere".into()),
+            (None, false) => {}
         }
         Ok(())
     }
+}
 
-    /// The four interfaces: clients, access uplink, edge inside, outside.
-    pub fn interfaces(&self) -> [&str; 4] {
-        [&self.clients, &self.access_uplink, &self.edge_inside, &self.outside]
+impl EdgeSection {
+    fn validate(&self, standalone: bool) -> Result<(), String> {
+        match (&self.outside_next_hop_mac, self.outside_next_hop, self.outside_v4) {
+            (Some(mac), _, _) => {
+                parse_mac(mac).map_err(|e| format!("edge.outside_next_hop_mac: {e}"))?;
+            }
+            (None, Some(_), Some(_)) => {}
+            (None, Some(_), None) => {
+                return Err("edge: resolving outside_next_hop needs outside_v4 (the address ARP is sent from)".into())
+            }
+            (None, None, _) => return Err("edge: set outside_next_hop (resolved by ARP) or outside_next_hop_mac".into()),
+        }
+        let (_, len): (std::net::Ipv6Addr, u8) =
+            parse_prefix(&self.v6_prefix, 112).map_err(|e| format!("edge.v6_prefix: {e}"))?;
+        if u32::from(len) + u32::from(self.alias_bits) > 112 || self.alias_bits == 0 || self.alias_bits > 24 {
+            return Err("edge: v6_prefix length + alias_bits must be ≤ 112, alias_bits 1..=24".into());
+        }
+        for p in &self.v4_pools {
+            parse_prefix::<std::net::Ipv4Addr>(p, 32).map_err(|e| format!("edge.v4_pools: {e}"))?;
+        }
+        for (i, peer) in self.access.iter().enumerate() {
+            parse_mac(&peer.mac).map_err(|e| format!("edge.access[{i}].mac: {e}"))?;
+        }
+        if standalone {
+            if self.access.is_empty() {
+                return Err("edge.access: list the access switches".into());
+            }
+            if self.allocator_rules.is_none() || self.switch_id.is_none() {
+                return Err("edge: allocator_rules and switch_id are needed when the edge runs alone".into());
+            }
+            check_key(self.key_hex.as_deref().unwrap_or(""), "edge.key_hex")?;
+        }
+        Ok(())
     }
+}
+
+fn check_key(hex: &str, field: &str) -> Result<(), String> {
+    let key = parse_hex(hex).map_err(|e| format!("{field}: {e}"))?;
+    if key.len() < 32 {
+        return Err(format!("{field}: the key must be at least 32 bytes"));
+    }
+    Ok(())
 }
 
 /// `mimiq-switch` configuration.
@@ -289,9 +350,12 @@ pub struct SwitchConfig {
     /// What reaches the kernel instead of the switch; by default nothing does.
     #[serde(default)]
     pub kernel: KernelConfig,
-    /// The single box's settings (`role = "single_box"`).
+    /// The access role's settings (`role = "access"` or `"single_box"`).
     #[serde(default)]
-    pub single_box: Option<SingleBoxConfig>,
+    pub access: Option<AccessSection>,
+    /// The edge role's settings (`role = "edge"` or `"single_box"`).
+    #[serde(default)]
+    pub edge: Option<EdgeSection>,
     /// Impairments (delay, jitter, loss, rate) in front of an interface's TX ring, by
     /// interface name (`[impair.p1]`); none by default.
     #[serde(default)]
@@ -353,23 +417,36 @@ impl SwitchConfig {
 
     /// Checks the values against each other.
     pub fn validate(&self) -> Result<(), String> {
-        match (self.role, &self.single_box) {
-            (Role::L2fwd, _) if self.interfaces.len() != 2 => {
+        let (access, edge) = (self.access.as_ref(), self.edge.as_ref());
+        match self.role {
+            Role::L2fwd if self.interfaces.len() != 2 => {
                 return Err(format!(
                     "role l2fwd needs exactly 2 interfaces, {} given",
                     self.interfaces.len()
                 ))
             }
-            (Role::L2fwd, Some(_)) => return Err("[single_box] is only for role single_box".into()),
-            (Role::L2fwd, None) => {}
-            (Role::SingleBox, None) => return Err("role single_box needs a [single_box] table".into()),
-            (Role::SingleBox, Some(sb)) => {
+            Role::L2fwd if access.is_some() || edge.is_some() => {
+                return Err("[access] and [edge] are not for role l2fwd".into())
+            }
+            Role::L2fwd => {}
+            mimiq => {
                 if !self.interfaces.is_empty() {
-                    return Err("role single_box names its interfaces in [single_box], not in `interfaces`".into());
+                    return Err("the MIMIQ roles name their interfaces in [access] and [edge], not in `interfaces`".into());
                 }
-                sb.validate()?;
-                if self.workers.iter().any(|w| w.queue != 0) || self.workers.len() > 2 {
-                    return Err("role single_box runs queue 0 with two workers (access, edge): `workers` may set their cores only".into());
+                let single = mimiq == Role::SingleBox;
+                match (mimiq, access, edge) {
+                    (Role::Access, Some(a), None) => a.validate(true)?,
+                    (Role::Edge, None, Some(e)) => e.validate(true)?,
+                    (Role::SingleBox, Some(a), Some(e)) => {
+                        a.validate(false)?;
+                        e.validate(false)?;
+                    }
+                    (Role::Access, _, _) => return Err("role access needs [access] (and no [edge])".into()),
+                    (Role::Edge, _, _) => return Err("role edge needs [edge] (and no [access])".into()),
+                    _ => return Err("role single_box needs both [access] and [edge]".into()),
+                }
+                if self.workers.iter().any(|w| w.queue != 0) || self.workers.len() > if single { 2 } else { 1 } {
+                    return Err("the MIMIQ roles run queue 0 with one worker per role: `workers` may set their cores only".into());
                 }
             }
         }
@@ -429,10 +506,14 @@ impl SwitchConfig {
 impl SwitchConfig {
     /// Every interface the switch uses.
     pub fn all_interfaces(&self) -> Vec<String> {
-        match &self.single_box {
-            Some(sb) => sb.interfaces().iter().map(|s| s.to_string()).collect(),
-            None => self.interfaces.clone(),
+        let mut names = self.interfaces.clone();
+        if let Some(a) = &self.access {
+            names.extend([a.clients.clone(), a.uplink.clone()]);
         }
+        if let Some(e) = &self.edge {
+            names.extend([e.inside.clone(), e.outside.clone()]);
+        }
+        names
     }
 }
 
@@ -473,6 +554,16 @@ mod tests {
         SwitchConfig::parse(text, Path::new("t.toml")).map_err(|e| e.to_string())
     }
 
+    const ACCESS: &str = "[access]\nsid = 1\nclients = \"c\"\nuplink = \"u\"\ninternal = \"fd00::a\"\nedge_internal = \"fd00::e\"\nallocator_relay = \"127.0.0.1:1\"\nallocator_rules = \"127.0.0.1:2\"\nkey_hex = \"6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d\"\n";
+    const EDGE: &str = "[edge]\ninside = \"i\"\noutside = \"o\"\ninternal = \"fd00::e\"\noutside_next_hop = \"198.18.200.2\"\noutside_v4 = \"198.18.200.1\"\nv6_prefix = \"fd00:1::/64\"\n";
+
+    #[test]
+    fn a_complete_single_box_config_parses() {
+        let c = parse(&format!("role = \"single_box\"\n{ACCESS}{EDGE}")).unwrap();
+        assert_eq!(c.all_interfaces(), ["c", "u", "i", "o"]);
+        assert_eq!(c.edge.unwrap().alias_bits, 16);
+    }
+
     const MINIMAL: &str = "role = \"l2fwd\"\ninterfaces = [\"p0\", \"p1\"]\n";
 
     #[test]
@@ -502,6 +593,15 @@ mod tests {
             (&format!("{MINIMAL}[kernel]\naddresses = [\"198.18.0.300\"]\n"), "line 4"),
             (&format!("{MINIMAL}[kernel]\nmdns = true\n"), "unknown field `mdns`"),
             (&format!("{MINIMAL}[impair.p9]\ndelay_us = 5\n"), "impair.p9: no such interface"),
+            ("role = \"access\"\n", "role access needs [access]"),
+            ("role = \"single_box\"\n", "needs both [access] and [edge]"),
+            (&format!("role = \"access\"\n{ACCESS}"), "access.edge_mac is needed"),
+            (&format!("role = \"access\"\n{ACCESS}edge_mac = \"zz\"\n"), "access.edge_mac"),
+            (&format!("role = \"access\"\n{}", ACCESS.replace("6d6d", "6d")), "at least 32 bytes"),
+            (&format!("role = \"edge\"\n{EDGE}"), "edge.access: list the access switches"),
+            (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("outside_next_hop = \"198.18.200.2\"\n", "")), "outside_next_hop"),
+            (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("fd00:1::/64", "fd00:1::/100")), "alias_bits must be"),
+            (&format!("role = \"single_box\"\ninterfaces = [\"x\"]\n{ACCESS}{EDGE}"), "not in `interfaces`"),
             (&format!("{MINIMAL}[impair.p1]\nloss = 2.0\n"), "impair.p1: loss 2 must be between"),
             (&format!("{MINIMAL}[impair.p1]\ndelay = 5\n"), "unknown field `delay`"),
             (&format!("{MINIMAL}workers = [{{ queue = 1 }}, {{ queue = 1, core = 0 }}]\n"), "two workers"),

@@ -173,7 +173,8 @@ impl RunArgs {
                 addresses: self.kernel_addresses,
             },
             impair: self.impair.into_iter().collect(),
-            single_box: None,
+            access: None,
+            edge: None,
         };
         config.validate().map_err(|message| anyhow::anyhow!("{message}"))?;
         Ok(config)
@@ -342,83 +343,107 @@ type Updates = Option<(RuleSource, Vec<rtrb::Producer<SwitchUpdate>>)>;
 /// Turns the config into worker plans, and the rule subscriber's source and rings.
 fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
     let core = |i: usize| config.workers.get(i).and_then(|w| w.core);
-    let Some(sb) = &config.single_box else {
+    if config.role == Role::L2fwd {
         let plans = config
             .workers
             .iter()
             .map(|w| Plan { queue: w.queue, core: w.core, interfaces: config.interfaces.clone(), kind: Kind::L2fwd })
             .collect();
         return Ok((plans, None));
-    };
-    // validate() checked every value parsed here.
-    let mac = |iface: &str| interface_mac(iface);
-    let (v6_prefix, v6_prefix_len) = parse_prefix(&sb.v6_prefix, 112).map_err(anyhow::Error::msg)?;
-    let v4_pools = sb
-        .v4_pools
-        .iter()
-        .map(|p| parse_prefix(p, 32).map(|(addr, len)| V4Prefix { addr, len }))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
-    let key = parse_hex(&sb.key_hex).map_err(anyhow::Error::msg)?;
-    let gateway_mac = mac(&sb.clients)?;
-    let access = AccessConfig {
-        sid: sb.sid,
-        clients: 0,
-        uplink: 1,
-        gateway_mac,
-        gateway_v4: sb.gateway_v4,
-        gateway_v6: sb.gateway_v6.clone(),
-        uplink_mac: mac(&sb.access_uplink)?,
-        edge_mac: mac(&sb.edge_inside)?,
-        internal: sb.access_internal,
-        edge_internal: sb.edge_internal,
-        v6_prefix_len,
-        alias_bits: sb.alias_bits,
-    };
-    let gateway = Gateway { mac: EthernetAddress(gateway_mac), v4: sb.gateway_v4, v6: sb.gateway_v6.clone() };
-    let relay = RelayConfig { sid: sb.sid, allocator: sb.allocator_relay, key: key.clone() };
-    let edge = EdgeConfig {
-        inside: 0,
-        outside: 1,
-        inside_mac: mac(&sb.edge_inside)?,
-        outside_mac: mac(&sb.outside)?,
-        outside_next_hop_mac: sb
-            .outside_next_hop_mac
-            .as_deref()
-            .map(parse_mac)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
-        internal: sb.edge_internal,
-        access: vec![AccessSwitch { sid: sb.sid, internal: sb.access_internal, mac: mac(&sb.access_uplink)? }],
-        v6_prefix,
-        v6_prefix_len,
-        alias_bits: sb.alias_bits,
-        alias_k: sb.alias_k,
-        v4_pools,
-    };
-    let neighbors = EdgeNeighbors {
-        own: Gateway { mac: EthernetAddress(mac(&sb.outside)?), v4: sb.outside_v4, v6: sb.outside_v6.clone() },
-        outside: 1,
-        next_hop: if sb.outside_next_hop_mac.is_some() { None } else { sb.outside_next_hop },
-    };
-    let (access_tx, access_rx) = rtrb::RingBuffer::new(UPDATE_RING);
-    let (edge_tx, edge_rx) = rtrb::RingBuffer::new(UPDATE_RING);
-    let plans = vec![
-        Plan {
+    }
+    // validate() checked that the role's sections are there and that every value parses.
+    let msg = anyhow::Error::msg;
+    let mut plans = Vec::new();
+    let mut producers = Vec::new();
+    let mut source = None;
+    if let Some(a) = &config.access {
+        let edge_mac = match (&a.edge_mac, &config.edge) {
+            (Some(mac), _) => parse_mac(mac).map_err(msg)?,
+            (None, Some(e)) => interface_mac(&e.inside)?,
+            (None, None) => bail!("access.edge_mac is needed"),
+        };
+        let key = parse_hex(&a.key_hex).map_err(msg)?;
+        let gateway_mac = interface_mac(&a.clients)?;
+        let access = AccessConfig {
+            sid: a.sid,
+            clients: 0,
+            uplink: 1,
+            gateway_mac,
+            gateway_v4: a.gateway_v4,
+            gateway_v6: a.gateway_v6.clone(),
+            uplink_mac: interface_mac(&a.uplink)?,
+            edge_mac,
+            internal: a.internal,
+            edge_internal: a.edge_internal,
+            // The access switch looks up whole addresses, never aliases.
+            v6_prefix_len: 64,
+            alias_bits: 1,
+        };
+        let gateway = Gateway { mac: EthernetAddress(gateway_mac), v4: a.gateway_v4, v6: a.gateway_v6.clone() };
+        let relay = RelayConfig { sid: a.sid, allocator: a.allocator_relay, key: key.clone() };
+        let (tx, rx) = rtrb::RingBuffer::new(UPDATE_RING);
+        producers.push(tx);
+        plans.push(Plan {
             queue: 0,
-            core: core(0),
-            interfaces: vec![sb.clients.clone(), sb.access_uplink.clone()],
-            kind: Kind::Access(Box::new((access, gateway, relay)), access_rx),
-        },
-        Plan {
+            core: core(plans.len()),
+            interfaces: vec![a.clients.clone(), a.uplink.clone()],
+            kind: Kind::Access(Box::new((access, gateway, relay)), rx),
+        });
+        source = Some(RuleSource { allocator: a.allocator_rules, switch_id: a.sid, key });
+    }
+    if let Some(e) = &config.edge {
+        let (v6_prefix, v6_prefix_len) = parse_prefix(&e.v6_prefix, 112).map_err(msg)?;
+        let v4_pools = e
+            .v4_pools
+            .iter()
+            .map(|p| parse_prefix(p, 32).map(|(addr, len)| V4Prefix { addr, len }))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(msg)?;
+        let mut peers = e
+            .access
+            .iter()
+            .map(|p| Ok(AccessSwitch { sid: p.sid, internal: p.internal, mac: parse_mac(&p.mac).map_err(msg)? }))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if let Some(a) = &config.access {
+            peers.push(AccessSwitch { sid: a.sid, internal: a.internal, mac: interface_mac(&a.uplink)? });
+        }
+        let outside_mac = interface_mac(&e.outside)?;
+        let edge = EdgeConfig {
+            inside: 0,
+            outside: 1,
+            inside_mac: interface_mac(&e.inside)?,
+            outside_mac,
+            outside_next_hop_mac: e.outside_next_hop_mac.as_deref().map(parse_mac).transpose().map_err(msg)?,
+            internal: e.internal,
+            access: peers,
+            v6_prefix,
+            v6_prefix_len,
+            alias_bits: e.alias_bits,
+            alias_k: e.alias_k,
+            v4_pools,
+        };
+        let neighbors = EdgeNeighbors {
+            own: Gateway { mac: EthernetAddress(outside_mac), v4: e.outside_v4, v6: e.outside_v6.clone() },
+            outside: 1,
+            next_hop: if e.outside_next_hop_mac.is_some() { None } else { e.outside_next_hop },
+        };
+        let (tx, rx) = rtrb::RingBuffer::new(UPDATE_RING);
+        producers.push(tx);
+        plans.push(Plan {
             queue: 0,
-            core: core(1),
-            interfaces: vec![sb.edge_inside.clone(), sb.outside.clone()],
-            kind: Kind::Edge(Box::new((edge, neighbors)), edge_rx),
-        },
-    ];
-    let source = RuleSource { allocator: sb.allocator_rules, switch_id: sb.sid, key };
-    Ok((plans, Some((source, vec![access_tx, edge_tx]))))
+            core: core(plans.len()),
+            interfaces: vec![e.inside.clone(), e.outside.clone()],
+            kind: Kind::Edge(Box::new((edge, neighbors)), rx),
+        });
+        if source.is_none() {
+            // A standalone edge subscribes with its own ID and key (validate() checked them).
+            let (Some(allocator), Some(switch_id), Some(key)) = (e.allocator_rules, e.switch_id, &e.key_hex) else {
+                bail!("edge: allocator_rules, switch_id and key_hex are needed");
+            };
+            source = Some(RuleSource { allocator, switch_id, key: parse_hex(key).map_err(msg)? });
+        }
+    }
+    Ok((plans, source.map(|s| (s, producers))))
 }
 
 /// Updates queued per worker before the subscriber waits.

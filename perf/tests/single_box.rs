@@ -78,25 +78,28 @@ role = "single_box"
 stats_path = "{stats}"
 stats_interval_ms = 50
 
-[single_box]
+[access]
 sid = 1
 clients = "cl0"
-access_uplink = "int0"
-edge_inside = "int1"
-outside = "out0"
-outside_next_hop = "{out_v4}"
-outside_v4 = "{edge_v4}"
-outside_v6 = ["{edge_v6}"]
+uplink = "int0"
 gateway_v4 = "{gw}"
 gateway_v6 = ["fe80::1"]
-access_internal = "fd00:ffff::a"
+internal = "fd00:ffff::a"
 edge_internal = "fd00:ffff::e"
-v6_prefix = "{pool6}"
-alias_k = 3
-v4_pools = ["{pool}"]
 allocator_relay = "127.0.0.1:6364"
 allocator_rules = "127.0.0.1:6365"
 key_hex = "{KEY}"
+
+[edge]
+inside = "int1"
+outside = "out0"
+internal = "fd00:ffff::e"
+outside_next_hop = "{out_v4}"
+outside_v4 = "{edge_v4}"
+outside_v6 = ["{edge_v6}"]
+v6_prefix = "{pool6}"
+alias_k = 3
+v4_pools = ["{pool}"]
 "#,
             stats = dir.join("stats.json").display(),
             out_v4 = addr::OUT_V4,
