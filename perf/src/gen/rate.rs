@@ -22,6 +22,7 @@ pub struct TokenBucket {
     tokens: f64,
     capacity: f64,
     last_ns: u64,
+    discarded: f64,
 }
 
 impl TokenBucket {
@@ -32,6 +33,7 @@ impl TokenBucket {
             tokens: 0.0,
             capacity,
             last_ns: now_ns,
+            discarded: 0.0,
         }
     }
 
@@ -40,7 +42,15 @@ impl TokenBucket {
     pub fn refill(&mut self, now_ns: u64) {
         let dt = now_ns.saturating_sub(self.last_ns);
         self.last_ns = self.last_ns.max(now_ns);
-        self.tokens = (self.tokens + dt as f64 * self.per_ns).min(self.capacity);
+        let tokens = self.tokens + dt as f64 * self.per_ns;
+        self.discarded += (tokens - self.capacity).max(0.0);
+        self.tokens = tokens.min(self.capacity);
+    }
+
+    /// Tokens earned that did not fit in the bucket: what a sender that was not scheduled (or
+    /// had no free frames) for longer than the bucket covers could not send.
+    pub fn discarded(&self) -> f64 {
+        self.discarded
     }
 
     /// Takes `cost` tokens if there are that many.
@@ -172,6 +182,8 @@ mod tests {
         }
         assert_eq!(burst, 64);
         assert_eq!(b.wait_ns(1.0), 1000);
+        // The rest of the second is accounted as discarded: earned = sent + held + discarded.
+        assert!((b.discarded() + (sent + burst) as f64 - 1_010_000.0).abs() < 2.0, "{}", b.discarded());
     }
 
     #[test]

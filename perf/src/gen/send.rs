@@ -87,6 +87,9 @@ pub struct SendReport {
     pub mean_frame_bytes: f64,
     /// Times the TX ring had no room for a whole burst.
     pub tx_ring_full: u64,
+    /// Packets the rate asked for that the sender could not send, because it was not scheduled
+    /// (or had no free frame) for longer than its 10 ms token bucket covers. 0 when unlimited.
+    pub rate_deficit_packets: u64,
     /// Frames that arrived on the sender's queue (returned unread).
     pub rx_ignored: u64,
     /// Frames the kernel had not completed when the sender gave up waiting (should be 0).
@@ -296,6 +299,7 @@ pub fn run(config: &SendConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> R
         flows: config.flows,
         mean_frame_bytes: mean_frame,
         tx_ring_full,
+        rate_deficit_packets: if per_s > 0.0 { (bucket.discarded() / unit).round() as u64 } else { 0 },
         rx_ignored,
         tx_unfinished: port.tx_in_flight(),
         faults,
