@@ -14,6 +14,7 @@ use mimiq_perf::testbed::{bin_path, require_root, Testbed};
 use mimiq_perf::traffic::ping;
 
 const KEY: &str = "6d696d69712d73696e676c652d626f782d746573742d6b65792d3332627974657321";
+const EDGE_KEY: &str = "6d696d69712d656467652d3130302d746573742d6b65792d33322d62797465732121";
 
 /// Lifetimes, in ms: t_ip range, t_remove, t_sid; k = 3; and the IPv4 pool.
 struct Times(u64, u64, u64, u64, &'static str);
@@ -28,7 +29,7 @@ fn allocator_config(dir: &std::path::Path, t: &Times) -> std::path::PathBuf {
             r#"
 [server]
 relay_listen = "127.0.0.1:6364"
-publish_listen = "127.0.0.1:6365"
+publish_listen = "0.0.0.0:6365"
 metrics_listen = "127.0.0.1:9364"
 store = "memory"
 
@@ -54,6 +55,11 @@ gateway = "fe80::1"
 id = 1
 role = "access"
 key_hex = "{KEY}"
+
+[[switch]]
+id = 100
+role = "edge"
+key_hex = "{EDGE_KEY}"
 "#,
             pool = t.4,
             gw = addr::GATEWAY_V4,
@@ -207,8 +213,10 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
 
     // A source the allocator did not bind to c1 is dropped at the access switch.
     let before = switch.stats().unwrap().drops("spoofed_source");
-    tb.exec_ok("c1", &["ip", "addr", "add", "198.18.1.250/32", "dev", "eth0"]).unwrap();
-    let spoofed = tb.exec("c1", &["ping", "-c", "3", "-W", "1", "-I", "198.18.1.250", addr::OUT_V4]).unwrap();
+    // An address of the pool that is neither client's.
+    let spoof = (250..255).map(|i| format!("198.18.1.{i}")).find(|a| addrs.iter().all(|x| x.to_string() != *a)).unwrap();
+    tb.exec_ok("c1", &["ip", "addr", "add", &format!("{spoof}/32"), "dev", "eth0"]).unwrap();
+    let spoofed = tb.exec("c1", &["ping", "-c", "3", "-W", "1", "-I", &spoof, addr::OUT_V4]).unwrap();
     assert!(!spoofed.status.success(), "a spoofed source must not get through");
     let after = switch.stats_after(Duration::from_millis(200)).unwrap().drops("spoofed_source");
     assert!(after >= before + 3, "spoofed_source {before} -> {after}");
@@ -285,7 +293,98 @@ fn when_an_address_moves_to_another_client_return_traffic_follows_it() {
     let (b, _) = allocate(&tb, "c2", Family::V4);
     assert_eq!(b, a, "the only address, now free again");
     use_address(&tb, "c2", b);
-    ping(&tb, "out", "198.18.1.2", 3).unwrap_or_else(|e| panic!("traffic did not follow the binding to c2: {e}"));
+    // c1 no longer has the address, so an answer can only come from c2. (c2 resolves its
+    // gateway on its first reply; give that a moment on a loaded machine.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = ping(&tb, "out", "198.18.1.2", 3) {
+        assert!(Instant::now() < deadline, "traffic did not follow the binding to c2: {e}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(switch);
+    allocator.stop(Duration::from_secs(5));
+}
+
+fn mac(tb: &Testbed, host: &str, ifname: &str) -> String {
+    let out = tb.exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")]).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn access_and_edge_run_as_separate_processes_on_separate_hosts() {
+    if !require_root() {
+        return;
+    }
+    let mut tb = Testbed::new().unwrap();
+    topology::split(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let allocator_bin = bin_path("mimiq-allocator").unwrap();
+    let cfg = allocator_config(dir.path(), &LONG);
+    let mut allocator = tb
+        .spawn("swa", &[allocator_bin.to_str().unwrap(), "run", "--config", cfg.to_str().unwrap()], false)
+        .unwrap();
+    let access_cfg = dir.path().join("access.toml");
+    std::fs::write(
+        &access_cfg,
+        format!(
+            r#"role = "access"
+stats_path = "{stats}"
+stats_interval_ms = 50
+[access]
+sid = 1
+clients = "cl0"
+uplink = "up0"
+edge_mac = "{edge_mac}"
+gateway_v4 = "{gw}"
+internal = "fd00:ffff::a"
+edge_internal = "fd00:ffff::e"
+allocator_relay = "127.0.0.1:6364"
+allocator_rules = "127.0.0.1:6365"
+key_hex = "{KEY}"
+"#,
+            stats = dir.path().join("a.json").display(),
+            edge_mac = mac(&tb, "swe", "in0"),
+            gw = addr::GATEWAY_V4,
+        ),
+    )
+    .unwrap();
+    let edge_cfg = dir.path().join("edge.toml");
+    std::fs::write(
+        &edge_cfg,
+        format!(
+            r#"role = "edge"
+stats_path = "{stats}"
+stats_interval_ms = 50
+[edge]
+inside = "in0"
+outside = "out0"
+internal = "fd00:ffff::e"
+access = [{{ sid = 1, internal = "fd00:ffff::a", mac = "{access_mac}" }}]
+outside_next_hop = "{out_v4}"
+outside_v4 = "{edge_v4}"
+v6_prefix = "{pool6}"
+alias_k = 3
+v4_pools = ["{pool}"]
+allocator_rules = "198.18.250.1:6365"
+switch_id = 100
+key_hex = "{EDGE_KEY}"
+"#,
+            stats = dir.path().join("e.json").display(),
+            access_mac = mac(&tb, "swa", "up0"),
+            out_v4 = addr::OUT_V4,
+            edge_v4 = addr::EDGE_OUT_V4,
+            pool6 = addr::POOL_V6,
+            pool = addr::POOL_V4,
+        ),
+    )
+    .unwrap();
+    let access = Switch::start(&mut tb, "swa", &["--config", access_cfg.to_str().unwrap()], &dir.path().join("a.json"))
+        .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
+    let edge = Switch::start(&mut tb, "swe", &["--config", edge_cfg.to_str().unwrap()], &dir.path().join("e.json")).unwrap();
+    let (a, _) = allocate(&tb, "c1", Family::V4);
+    use_address(&tb, "c1", a);
+    ping(&tb, "out", &a.to_string(), 5).unwrap_or_else(|e| {
+        panic!("{e}; access {:?}; edge {:?}", access.stats().map(|s| s.0), edge.stats().map(|s| s.0))
+    });
+    drop((access, edge));
     allocator.stop(Duration::from_secs(5));
 }

@@ -3,7 +3,7 @@
 use super::{LinkOpts, Testbed, TestbedError};
 
 /// The topologies `mimiq-perf testbed up` can build.
-pub const NAMES: &[&str] = &["line", "bridge", "single-box"];
+pub const NAMES: &[&str] = &["line", "bridge", "single-box", "split"];
 
 /// Addresses of the two end hosts of [`line`] and [`bridge`].
 pub mod addr {
@@ -53,6 +53,7 @@ pub fn build(tb: &mut Testbed, name: &str) -> Result<(), String> {
         "line" => line(tb).map_err(|e| e.to_string()),
         "bridge" => bridge(tb).map_err(|e| e.to_string()),
         "single-box" => single_box(tb).map_err(|e| e.to_string()),
+        "split" => split(tb).map_err(|e| e.to_string()),
         _ => Err(format!("unknown topology {name:?}; known: {}", NAMES.join(", "))),
     }
 }
@@ -92,6 +93,28 @@ pub fn single_box(tb: &mut Testbed) -> Result<(), TestbedError> {
     let internal = LinkOpts { mtu_bytes: 1600, ..LinkOpts::default() };
     tb.add_link(("sw", "int0"), ("sw", "int1"), internal)?;
     tb.add_link(("sw", "out0"), ("out", "eth0"), LinkOpts::default())?;
+    tb.add_addr("out", "eth0", &format!("{OUT_V4}/24"))?;
+    tb.add_addr("out", "eth0", &format!("{OUT_V6}/64"))?;
+    tb.add_route("out", POOL_V4, EDGE_OUT_V4)?;
+    tb.add_route("out", POOL_V6, EDGE_OUT_V6)?;
+    Ok(())
+}
+
+/// The access and edge roles on two hosts: client `c1` — `swa` (access: `cl0`, `up0`) —
+/// `swe` (edge: `in0`, `out0`) — `out`, with a management link (`mgmt0`, 198.18.250.1 on
+/// `swa`, .2 on `swe`, no XDP) for the edge's rule stream from the allocator on `swa`.
+pub fn split(tb: &mut Testbed) -> Result<(), TestbedError> {
+    use single_box_addr::*;
+    for host in ["c1", "swa", "swe", "out"] {
+        tb.add_host(host)?;
+    }
+    tb.add_link(("c1", "eth0"), ("swa", "cl0"), LinkOpts::default())?;
+    let internal = LinkOpts { mtu_bytes: 1600, ..LinkOpts::default() };
+    tb.add_link(("swa", "up0"), ("swe", "in0"), internal)?;
+    tb.add_link(("swe", "out0"), ("out", "eth0"), LinkOpts::default())?;
+    tb.add_link(("swa", "mgmt0"), ("swe", "mgmt0"), LinkOpts::default())?;
+    tb.add_addr("swa", "mgmt0", "198.18.250.1/24")?;
+    tb.add_addr("swe", "mgmt0", "198.18.250.2/24")?;
     tb.add_addr("out", "eth0", &format!("{OUT_V4}/24"))?;
     tb.add_addr("out", "eth0", &format!("{OUT_V6}/64"))?;
     tb.add_route("out", POOL_V4, EDGE_OUT_V4)?;
