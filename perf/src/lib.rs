@@ -7,6 +7,7 @@
 pub mod demo;
 pub mod experiments;
 pub mod gen;
+pub mod singlebox;
 pub mod switch;
 pub mod testbed;
 pub mod traffic;

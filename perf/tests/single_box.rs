@@ -3,196 +3,21 @@
 //! outside host reaches each client at its current address through edge (alias/exact lookup,
 //! IP-in-IP) and access (decapsulation, binding lookup); spoofed sources are dropped.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
-use mimiq_allocator::client::AllocClient;
 use mimiq_allocator::Family;
+use mimiq_perf::singlebox::{allocate, allocator_config, mac, release, start, use_address, SingleBox, Times, EDGE_KEY, KEY, LONG};
 use mimiq_perf::switch::Switch;
 use mimiq_perf::testbed::topology::{self, single_box_addr as addr};
 use mimiq_perf::testbed::{bin_path, require_root, Testbed};
 use mimiq_perf::traffic::ping;
-
-const KEY: &str = "6d696d69712d73696e676c652d626f782d746573742d6b65792d3332627974657321";
-const EDGE_KEY: &str = "6d696d69712d656467652d3130302d746573742d6b65792d33322d62797465732121";
-
-/// Lifetimes, in ms: t_ip range, t_remove, t_sid; k = 3; and the IPv4 pool.
-struct Times(u64, u64, u64, u64, &'static str);
-
-const LONG: Times = Times(60_000, 90_000, 5_000, 60_000, addr::POOL_V4);
-
-fn allocator_config(dir: &std::path::Path, t: &Times) -> std::path::PathBuf {
-    let path = dir.join("allocator.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[server]
-relay_listen = "127.0.0.1:6364"
-publish_listen = "0.0.0.0:6365"
-metrics_listen = "127.0.0.1:9364"
-store = "memory"
-
-[lease]
-t_ip_min_ms = {tmin}
-t_ip_max_ms = {tmax}
-t_remove_ms = {tremove}
-
-[ipv4]
-prefixes = ["{pool}"]
-reserved = ["{gw}"]
-gateway = "{gw}"
-
-[ipv6]
-prefix = "{pool6}"
-alias_bits = 16
-aliases_per_sid = 4
-k = 3
-t_sid_ms = {tsid}
-gateway = "fe80::1"
-
-[[switch]]
-id = 1
-role = "access"
-key_hex = "{KEY}"
-
-[[switch]]
-id = 100
-role = "edge"
-key_hex = "{EDGE_KEY}"
-"#,
-            pool = t.4,
-            gw = addr::GATEWAY_V4,
-            pool6 = addr::POOL_V6,
-            tmin = t.0,
-            tmax = t.1,
-            tremove = t.2,
-            tsid = t.3,
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn switch_config(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("switch.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-role = "single_box"
-stats_path = "{stats}"
-stats_interval_ms = 50
-
-[access]
-sid = 1
-clients = "cl0"
-uplink = "int0"
-gateway_v4 = "{gw}"
-gateway_v6 = ["fe80::1"]
-internal = "fd00:ffff::a"
-edge_internal = "fd00:ffff::e"
-allocator_relay = "127.0.0.1:6364"
-allocator_rules = "127.0.0.1:6365"
-key_hex = "{KEY}"
-
-[edge]
-inside = "int1"
-outside = "out0"
-internal = "fd00:ffff::e"
-outside_next_hop = "{out_v4}"
-outside_v4 = "{edge_v4}"
-outside_v6 = ["{edge_v6}"]
-v6_prefix = "{pool6}"
-alias_k = 3
-v4_pools = ["{pool}"]
-"#,
-            stats = dir.join("stats.json").display(),
-            out_v4 = addr::OUT_V4,
-            edge_v4 = addr::EDGE_OUT_V4,
-            edge_v6 = addr::EDGE_OUT_V6,
-            gw = addr::GATEWAY_V4,
-            pool = addr::POOL_V4,
-            pool6 = addr::POOL_V6,
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// Asks the allocator for one address of `family` from inside `host`, through the gateway's
-/// link-local address on its LAN; returns it and its lifetime.
-fn allocate(tb: &Testbed, host: &str, family: Family) -> (IpAddr, Duration) {
-    let name = host.to_string();
-    tb.run_in(host, move || {
-        let ifindex = {
-            let name = std::ffi::CString::new("eth0").unwrap();
-            // SAFETY: a valid C string, for the duration of the call.
-            unsafe { libc::if_nametoindex(name.as_ptr()) }
-        };
-        let gateway = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse::<Ipv6Addr>().unwrap(), 6363, 0, ifindex));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut client = AllocClient::new(gateway).unwrap();
-            match client.allocate(family, 1) {
-                Ok(a) => return a.addrs[0],
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("allocation from {name}: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(300));
-                }
-                Err(e) => panic!("allocation failed: {e}"),
-            }
-        }
-    })
-    .unwrap()
-}
-
-/// The single box with an allocator and a switch running.
-struct Box {
-    tb: Testbed,
-    allocator: mimiq_perf::testbed::Proc,
-    switch: Switch,
-    _dir: tempfile::TempDir,
-}
-
-fn single_box(times: &Times) -> Box {
-    let mut tb = Testbed::new().unwrap();
-    topology::single_box(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    // Neighbour resolution on the outside link is real both ways: the outside host resolves the
-    // edge's addresses (ARP, NS answered by the edge's slow path), and the edge resolves the
-    // outside host, its next hop, by ARP.
-
-    let allocator_bin = bin_path("mimiq-allocator").unwrap();
-    let cfg = allocator_config(dir.path(), times);
-    let allocator = tb
-        .spawn("sw", &[allocator_bin.to_str().unwrap(), "run", "--config", cfg.to_str().unwrap()], false)
-        .unwrap();
-    let sw_cfg = switch_config(dir.path());
-    let switch = Switch::start(&mut tb, "sw", &["--config", sw_cfg.to_str().unwrap()], &dir.path().join("stats.json"))
-        .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
-    Box { tb, allocator, switch, _dir: dir }
-}
-
-fn use_address(tb: &Testbed, client: &str, a: IpAddr) {
-    tb.exec_ok(client, &["ip", "addr", "add", &format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }), "dev", "eth0"]).unwrap();
-    match a {
-        IpAddr::V4(_) => {
-            let _ = tb.exec(client, &["ip", "route", "add", addr::GATEWAY_V4, "dev", "eth0"]);
-            let _ = tb.exec(client, &["ip", "route", "add", "default", "via", addr::GATEWAY_V4]);
-        }
-        IpAddr::V6(_) => {
-            let _ = tb.exec(client, &["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
-        }
-    }
-}
 
 #[test]
 fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_address_and_spoofing_is_dropped() {
     if !require_root() {
         return;
     }
-    let Box { tb, mut allocator, switch, _dir } = single_box(&LONG);
+    let SingleBox { tb, mut allocator, switch, dir: _dir } = start(&LONG);
 
     let mut addrs = Vec::new();
     for client in ["c1", "c2"] {
@@ -231,7 +56,7 @@ fn ipv6_routes_by_alias_across_epochs_and_addresses_stop_routing_after_lifetime_
         return;
     }
     // t_ip 3–3.5 s, t_remove 1 s, t_sid 2.5 s, k = 3: an epoch routes 7.5 s ≥ t_ip + t_remove.
-    let Box { tb, mut allocator, switch, _dir } = single_box(&Times(3_000, 3_500, 1_000, 2_500, addr::POOL_V4));
+    let SingleBox { tb, mut allocator, switch, dir: _dir } = start(&Times(3_000, 3_500, 1_000, 2_500, addr::POOL_V4));
     let (v6, life6) = allocate(&tb, "c1", Family::V6);
     let (v4, life4) = allocate(&tb, "c2", Family::V4);
     assert!(v6.to_string().starts_with("fd00:1:"), "{v6}");
@@ -258,22 +83,6 @@ fn ipv6_routes_by_alias_across_epochs_and_addresses_stop_routing_after_lifetime_
     allocator.stop(Duration::from_secs(5));
 }
 
-/// Gives `addr` back to the allocator from inside `host`.
-fn release(tb: &Testbed, host: &str, addr: IpAddr) {
-    tb.run_in(host, move || {
-        let ifindex = {
-            let name = std::ffi::CString::new("eth0").unwrap();
-            // SAFETY: a valid C string, for the duration of the call.
-            unsafe { libc::if_nametoindex(name.as_ptr()) }
-        };
-        let gateway = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse::<Ipv6Addr>().unwrap(), 6363, 0, ifindex));
-        let family = if addr.is_ipv4() { Family::V4 } else { Family::V6 };
-        let released = AllocClient::new(gateway).unwrap().release(family, &[addr]).unwrap();
-        assert_eq!(released, 1);
-    })
-    .unwrap();
-}
-
 #[test]
 fn when_an_address_moves_to_another_client_return_traffic_follows_it() {
     if !require_root() {
@@ -281,7 +90,7 @@ fn when_an_address_moves_to_another_client_return_traffic_follows_it() {
     }
     // A pool with one usable address (198.18.1.2: .0 and .3 are network and broadcast, .1 the
     // gateway): the second client can only get the address the first one gave back.
-    let Box { tb, mut allocator, switch, _dir } = single_box(&Times(60_000, 60_000, 1_000, 60_000, "198.18.1.0/30"));
+    let SingleBox { tb, mut allocator, switch, dir: _dir } = start(&Times(60_000, 60_000, 1_000, 60_000, "198.18.1.0/30"));
     let (a, _) = allocate(&tb, "c1", Family::V4);
     assert_eq!(a.to_string(), "198.18.1.2");
     use_address(&tb, "c1", a);
@@ -302,11 +111,6 @@ fn when_an_address_moves_to_another_client_return_traffic_follows_it() {
     }
     drop(switch);
     allocator.stop(Duration::from_secs(5));
-}
-
-fn mac(tb: &Testbed, host: &str, ifname: &str) -> String {
-    let out = tb.exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")]).unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]

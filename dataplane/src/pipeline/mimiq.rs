@@ -341,6 +341,12 @@ impl Access {
                 if to_gateway && (h[6] == PROTO_ICMPV6 || (h[6] == PROTO_UDP && udp_dst_port(h, IPV6_LEN) == Some(ALLOC_PORT))) {
                     return Ok(Verdict::ToSlowPath);
                 }
+                // Link-local sources and multicast destinations (MLD reports, router
+                // solicitations with extension headers...) stay on the link: not forwarded,
+                // and not spoofing either.
+                if h[8] == 0xfe && h[9] & 0xc0 == 0x80 || h[24] == 0xff {
+                    return Err(DropReason::LinkLocal);
+                }
                 let src = u128::from_be_bytes(h[8..24].try_into().unwrap_or_default());
                 match self.tables.binding_v6(src, self.now_ms) {
                     Some(b) if b.mac == src_mac && b.sid == self.cfg.sid => {}

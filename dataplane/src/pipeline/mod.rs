@@ -61,11 +61,14 @@ pub enum DropReason {
     TooBig,
     /// The next hop's MAC is not resolved yet.
     NoNeighbor,
+    /// Link-scoped traffic (IPv6 link-local source or multicast destination) that a router
+    /// does not forward.
+    LinkLocal,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::Runt,
         DropReason::TxRingFull,
         DropReason::NoSuchPort,
@@ -83,6 +86,7 @@ impl DropReason {
         DropReason::NotFromEdge,
         DropReason::TooBig,
         DropReason::NoNeighbor,
+        DropReason::LinkLocal,
     ];
 
     /// The counter index of this reason.
@@ -110,6 +114,7 @@ impl DropReason {
             DropReason::NotFromEdge => "not_from_edge",
             DropReason::TooBig => "too_big",
             DropReason::NoNeighbor => "no_neighbor",
+            DropReason::LinkLocal => "link_local",
         }
     }
 }

@@ -1,0 +1,221 @@
+//! The MIMIQ single box in a testbed: the allocator and `mimiq-switch --role single_box` on
+//! host `sw` of [`topology::single_box`], and clients that get their addresses through the
+//! switch. Shared by the demo and the namespace tests.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::time::{Duration, Instant};
+
+use mimiq_allocator::client::AllocClient;
+use mimiq_allocator::Family;
+
+use crate::switch::Switch;
+use crate::testbed::topology::{self, single_box_addr as addr};
+use crate::testbed::{bin_path, Proc, Testbed};
+
+/// The access switch's key (test material, not a secret).
+pub const KEY: &str = "6d696d69712d73696e676c652d626f782d746573742d6b65792d3332627974657321";
+/// The edge switch's key (test material).
+pub const EDGE_KEY: &str = "6d696d69712d656467652d3130302d746573742d6b65792d33322d62797465732121";
+
+/// Lifetimes, in ms: t_ip range, t_remove, t_sid; k = 3; and the IPv4 pool.
+pub struct Times(pub u64, pub u64, pub u64, pub u64, pub &'static str);
+
+/// Minutes-long leases on the /24 pool.
+pub const LONG: Times = Times(60_000, 90_000, 5_000, 60_000, addr::POOL_V4);
+
+/// Writes the allocator's config into `dir`.
+pub fn allocator_config(dir: &std::path::Path, t: &Times) -> std::path::PathBuf {
+    let path = dir.join("allocator.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[server]
+relay_listen = "127.0.0.1:6364"
+publish_listen = "0.0.0.0:6365"
+metrics_listen = "127.0.0.1:9364"
+store = "memory"
+
+[lease]
+t_ip_min_ms = {tmin}
+t_ip_max_ms = {tmax}
+t_remove_ms = {tremove}
+
+[ipv4]
+prefixes = ["{pool}"]
+reserved = ["{gw}"]
+gateway = "{gw}"
+
+[ipv6]
+prefix = "{pool6}"
+alias_bits = 16
+aliases_per_sid = 4
+k = 3
+t_sid_ms = {tsid}
+gateway = "fe80::1"
+
+[[switch]]
+id = 1
+role = "access"
+key_hex = "{KEY}"
+
+[[switch]]
+id = 100
+role = "edge"
+key_hex = "{EDGE_KEY}"
+"#,
+            pool = t.4,
+            gw = addr::GATEWAY_V4,
+            pool6 = addr::POOL_V6,
+            tmin = t.0,
+            tmax = t.1,
+            tremove = t.2,
+            tsid = t.3,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Writes the single box switch's config into `dir`.
+pub fn switch_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("switch.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+role = "single_box"
+stats_path = "{stats}"
+stats_interval_ms = 50
+
+[access]
+sid = 1
+clients = "cl0"
+uplink = "int0"
+gateway_v4 = "{gw}"
+gateway_v6 = ["fe80::1"]
+internal = "fd00:ffff::a"
+edge_internal = "fd00:ffff::e"
+allocator_relay = "127.0.0.1:6364"
+allocator_rules = "127.0.0.1:6365"
+key_hex = "{KEY}"
+
+[edge]
+inside = "int1"
+outside = "out0"
+internal = "fd00:ffff::e"
+outside_next_hop = "{out_v4}"
+outside_v4 = "{edge_v4}"
+outside_v6 = ["{edge_v6}"]
+v6_prefix = "{pool6}"
+alias_k = 3
+v4_pools = ["{pool}"]
+"#,
+            stats = dir.join("stats.json").display(),
+            out_v4 = addr::OUT_V4,
+            edge_v4 = addr::EDGE_OUT_V4,
+            edge_v6 = addr::EDGE_OUT_V6,
+            gw = addr::GATEWAY_V4,
+            pool = addr::POOL_V4,
+            pool6 = addr::POOL_V6,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Asks the allocator for one address of `family` from inside `host`, through the gateway's
+/// link-local address on its LAN; returns it and its lifetime.
+pub fn allocate(tb: &Testbed, host: &str, family: Family) -> (IpAddr, Duration) {
+    let name = host.to_string();
+    tb.run_in(host, move || {
+        let ifindex = {
+            let name = std::ffi::CString::new("eth0").unwrap();
+            // SAFETY: a valid C string, for the duration of the call.
+            unsafe { libc::if_nametoindex(name.as_ptr()) }
+        };
+        let gateway = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse::<Ipv6Addr>().unwrap(), 6363, 0, ifindex));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut client = AllocClient::new(gateway).unwrap();
+            match client.allocate(family, 1) {
+                Ok(a) => return a.addrs[0],
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("allocation from {name}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Err(e) => panic!("allocation failed: {e}"),
+            }
+        }
+    })
+    .unwrap()
+}
+
+/// The single box with an allocator and a switch running.
+pub struct SingleBox {
+    /// The testbed.
+    pub tb: Testbed,
+    /// The allocator process.
+    pub allocator: Proc,
+    /// The switch process.
+    pub switch: Switch,
+    /// Where the configs and stats live.
+    pub dir: tempfile::TempDir,
+}
+
+/// Builds the topology and starts the allocator and the switch.
+pub fn start(times: &Times) -> SingleBox {
+    let mut tb = Testbed::new().unwrap();
+    topology::single_box(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Neighbour resolution on the outside link is real both ways: the outside host resolves the
+    // edge's addresses (ARP, NS answered by the edge's slow path), and the edge resolves the
+    // outside host, its next hop, by ARP.
+
+    let allocator_bin = bin_path("mimiq-allocator").unwrap();
+    let cfg = allocator_config(dir.path(), times);
+    let allocator = tb
+        .spawn("sw", &[allocator_bin.to_str().unwrap(), "run", "--config", cfg.to_str().unwrap()], false)
+        .unwrap();
+    let sw_cfg = switch_config(dir.path());
+    let switch = Switch::start(&mut tb, "sw", &["--config", sw_cfg.to_str().unwrap()], &dir.path().join("stats.json"))
+        .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
+    SingleBox { tb, allocator, switch, dir }
+}
+
+/// Puts `a` on the client's `eth0` with a route through the gateway.
+pub fn use_address(tb: &Testbed, client: &str, a: IpAddr) {
+    tb.exec_ok(client, &["ip", "addr", "add", &format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }), "dev", "eth0"]).unwrap();
+    match a {
+        IpAddr::V4(_) => {
+            let _ = tb.exec(client, &["ip", "route", "add", addr::GATEWAY_V4, "dev", "eth0"]);
+            let _ = tb.exec(client, &["ip", "route", "add", "default", "via", addr::GATEWAY_V4]);
+        }
+        IpAddr::V6(_) => {
+            let _ = tb.exec(client, &["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
+        }
+    }
+}
+
+/// Gives `addr` back to the allocator from inside `host`.
+pub fn release(tb: &Testbed, host: &str, addr: IpAddr) {
+    tb.run_in(host, move || {
+        let ifindex = {
+            let name = std::ffi::CString::new("eth0").unwrap();
+            // SAFETY: a valid C string, for the duration of the call.
+            unsafe { libc::if_nametoindex(name.as_ptr()) }
+        };
+        let gateway = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse::<Ipv6Addr>().unwrap(), 6363, 0, ifindex));
+        let family = if addr.is_ipv4() { Family::V4 } else { Family::V6 };
+        let released = AllocClient::new(gateway).unwrap().release(family, &[addr]).unwrap();
+        assert_eq!(released, 1);
+    })
+    .unwrap();
+}
+
+/// The MAC of `ifname` on `host`.
+pub fn mac(tb: &Testbed, host: &str, ifname: &str) -> String {
+    let out = tb.exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")]).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
