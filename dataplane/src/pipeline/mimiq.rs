@@ -723,6 +723,37 @@ mod tests {
         assert_eq!(run(&mut a, 1, &encapsulated).0, Verdict::Drop(DropReason::NoRoute));
     }
 
+    #[test]
+    fn every_other_drop_reason_of_the_roles_is_counted_not_panicked() {
+        let (mut e, mut a) = (edge(), access());
+        // TTL 1: not forwarded.
+        let mut ttl1 = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
+        ttl1[14 + 8] = 1;
+        assert_eq!(run(&mut e, 1, &ttl1).0, Verdict::Drop(DropReason::HopLimitExceeded));
+        // A truncated IPv4 header.
+        let short = &udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1)[..20];
+        assert_eq!(run(&mut e, 1, short).0, Verdict::Drop(DropReason::Malformed));
+        // Shorter than an Ethernet header.
+        assert_eq!(run(&mut e, 1, &[0u8; 10]).0, Verdict::Drop(DropReason::Runt));
+        // No room for the outer header (a frame as large as the in-memory frame).
+        let mut big = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
+        big.resize(crate::port::mem::MEM_FRAME_BYTES, 0);
+        let total = (big.len() - 14) as u16;
+        big[16..18].copy_from_slice(&total.to_be_bytes());
+        assert_eq!(run(&mut e, 1, &big).0, Verdict::Drop(DropReason::TooBig));
+        // Upstream before the next hop is resolved.
+        let mut unresolved = Edge::new(EdgeConfig { outside_next_hop_mac: None, ..e.cfg.clone() });
+        let up = udp_v4(ACCESS_UP, EDGE_IN, [198, 18, 1, 10], [203, 0, 113, 5], 443);
+        assert_eq!(run(&mut unresolved, 0, &up).0, Verdict::Drop(DropReason::NoNeighbor));
+        unresolved.apply(SwitchUpdate::NextHopMac(OUT_HOP));
+        assert_eq!(run(&mut unresolved, 0, &up).0, Verdict::Forward(1), "forwards once resolved");
+        // Link-scoped IPv6 from a client is not forwarded, and not counted as spoofing.
+        let ll = udp_v6(CLIENT, GW, "fe80::42".parse().unwrap(), "2001:db8::5".parse().unwrap());
+        assert_eq!(run(&mut a, 0, &ll).0, Verdict::Drop(DropReason::LinkLocal));
+        // A port the role does not have.
+        assert_eq!(run(&mut a, 5, &up).0, Verdict::Drop(DropReason::NoSuchPort));
+    }
+
     proptest::proptest! {
         #[test]
         fn random_frames_never_panic_either_role(
