@@ -126,6 +126,9 @@ pub struct SendArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Print a line of figures every second.
+    #[arg(long)]
+    progress: bool,
     /// Test only: every N-th packet of a flow skips a sequence number (N ≥ 2).
     #[arg(long, hide = true, value_parser = clap::value_parser!(u64).range(2..), conflicts_with = "fault_swap_every")]
     fault_skip_every: Option<u64>,
@@ -166,6 +169,9 @@ pub struct RecvArgs {
     /// Interval of the histograms in the log (e.g. 1s).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     hlog_interval: Duration,
+    /// Print a line of figures every second.
+    #[arg(long)]
+    progress: bool,
 }
 
 /// `gen reflect`
@@ -192,8 +198,9 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
     }
     match command {
         GenCommand::Send(args) => {
+            let show = args.progress;
             let config = send_config(args)?;
-            let report = send::run(&config, &stop, &mut || ready(&config.iface))?;
+            let report = send::run(&config, &stop, &mut || ready(&config.iface), &mut |l| progress(show, l))?;
             println!(
                 "sent {} packets, {} bytes in {:.3} s: {:.0} pps, {:.1} Mbit/s ({} flows, mean frame {:.0} B)",
                 report.sent_packets,
@@ -207,8 +214,9 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
             write_json(config.json.as_ref(), &report)?;
         }
         GenCommand::Recv(args) => {
+            let show = args.progress;
             let config = recv_config(args)?;
-            let report = recv::run(&config, &stop, &mut || ready(&config.iface))?;
+            let report = recv::run(&config, &stop, &mut || ready(&config.iface), &mut |l| progress(show, l))?;
             let l = report.latency;
             println!(
                 "received {} packets, {} bytes in {:.3} s: {:.0} pps, {:.1} Mbit/s; lost {} ({:.4} %), reordered {}, duplicates {}, other frames {}",
@@ -249,6 +257,15 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A progress line, when asked for.
+fn progress(show: bool, line: &str) {
+    if show {
+        use std::io::Write;
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    }
 }
 
 /// Printed (and flushed) once the socket is bound; scripts and tests wait for it.

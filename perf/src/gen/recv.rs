@@ -113,8 +113,14 @@ pub enum RecvError {
 /// Highest latency recorded (larger values are clamped): 60 s.
 const MAX_LATENCY_NS: u64 = 60_000_000_000;
 
-/// Runs the receiver until a stop condition or `stop`; `ready` is called once it is bound.
-pub fn run(config: &RecvConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> Result<RecvReport, RecvError> {
+/// Runs the receiver until a stop condition or `stop`; `ready` is called once it is bound,
+/// `progress` once a second with a line of figures.
+pub fn run(
+    config: &RecvConfig,
+    stop: &AtomicBool,
+    ready: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(&str),
+) -> Result<RecvReport, RecvError> {
     let (mut ports, mut memory, mut free) = xsk::open(&[(config.iface.clone(), config.queue)], &config.xsk)?;
     let hlog_err = |e: &dyn std::fmt::Display| RecvError::Hlog {
         path: config.hlog.as_ref().map_or(String::new(), |p| p.display().to_string()),
@@ -148,6 +154,7 @@ pub fn run(config: &RecvConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> R
     let (mut first_ns, mut last_ns) = (0u64, 0u64);
     let mut idle_polls = 0u32;
     let cpu0 = cpu_time_ms();
+    let (mut progress_at_ns, mut progress_received) = (start_ns + 1_000_000_000, 0u64);
 
     loop {
         let n = port.rx_burst(&mut rx, 64);
@@ -181,6 +188,18 @@ pub fn run(config: &RecvConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> R
             interval_start = now;
         }
         let received = tracker.counters().received;
+        if now >= progress_at_ns {
+            let c = tracker.counters();
+            let t = (now - start_ns) / 1_000_000_000;
+            progress(&format!(
+                "t={t}s received {} pps, {received} total, lost {}, reordered {}",
+                received - progress_received,
+                c.lost,
+                c.reordered
+            ));
+            progress_at_ns += 1_000_000_000;
+            progress_received = received;
+        }
         let finished = stop.load(Ordering::Relaxed)
             || config.duration.is_some_and(|d| now - start_ns >= d.as_nanos() as u64)
             || config.count.is_some_and(|c| received >= c)

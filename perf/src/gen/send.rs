@@ -155,8 +155,13 @@ fn add_to_ip(ip: IpAddr, i: u32) -> IpAddr {
 }
 
 /// Runs the sender until its count or duration is reached or `stop` is set. `ready` is called
-/// once the socket is bound.
-pub fn run(config: &SendConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> Result<SendReport, SendError> {
+/// once the socket is bound, `progress` once a second with a line of figures.
+pub fn run(
+    config: &SendConfig,
+    stop: &AtomicBool,
+    ready: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(&str),
+) -> Result<SendReport, SendError> {
     let templates = templates(config)?;
     let nsizes = config.sizes.sizes.len();
     let flows = config.flows as usize;
@@ -198,6 +203,7 @@ pub fn run(config: &SendConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> R
     let mut round = 0usize; // position in the size pattern, advanced once per round of flows
     let mut flow = 0usize;
     let cpu0 = cpu_time_ms();
+    let (mut progress_at_ns, mut progress_sent) = (start_ns + 1_000_000_000, 0u64);
 
     loop {
         port.reclaim(&mut free);
@@ -206,6 +212,12 @@ pub fn run(config: &SendConfig, stop: &AtomicBool, ready: &mut dyn FnMut()) -> R
             free.append(&mut rx);
         }
         let now = monotonic_ns();
+        if now >= progress_at_ns {
+            let t = (now - start_ns) / 1_000_000_000;
+            progress(&format!("t={t}s sent {} pps, {} total", sent - progress_sent, sent));
+            progress_at_ns += 1_000_000_000;
+            progress_sent = sent;
+        }
         let hard_stop = stop.load(Ordering::Relaxed) || deadline_ns.is_some_and(|d| now >= d);
         let count_done = config.count.is_some_and(|c| generated >= c);
         if hard_stop || (count_done && tx.is_empty()) {
