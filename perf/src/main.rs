@@ -73,13 +73,26 @@ enum Bench {
         #[arg(long, default_value = "target/experiments/forwarding")]
         out: std::path::PathBuf,
     },
+    /// 64-byte forwarding rate through the MIMIQ single box with full tables (1M IPv4
+    /// bindings, 64k aliases), next to l2fwd, with `mimiq-perf gen`.
+    SingleBox {
+        /// Seconds of traffic per path.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        seconds: u32,
+        /// IPv4 bindings in the tables.
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(64..=4_000_000))]
+        bindings: u32,
+        /// Directory for results.json and results.md.
+        #[arg(long, default_value = "target/experiments/single-box")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum TestbedAction {
     /// Build a topology (namespaces `mq-<topology>-<host>`) and leave it up.
     Up {
-        /// One of: line, bridge.
+        /// One of: line, bridge, single-box, split.
         topology: String,
     },
     /// Remove a topology built with `up`, and every process inside it.
@@ -132,23 +145,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { seconds } => {
             mimiq_perf::demo::run(seconds).map_err(anyhow::Error::msg)?;
         }
+        Command::Bench { bench: Bench::SingleBox { seconds, bindings, out } } => {
+            let (runs, md) = mimiq_perf::experiments::single_box::compare(seconds, bindings, &mut |l| println!("{l}"))
+                .map_err(anyhow::Error::msg)?;
+            write_results(&out, &runs, &md)?;
+        }
         Command::Bench { bench: Bench::L2fwd { seconds, out } } => {
             let (runs, md) = mimiq_perf::experiments::l2fwd::compare(seconds, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(&runs)?)?;
-            std::fs::write(out.join("results.md"), &md)?;
-            println!("{md}");
-            println!("written to {}", out.display());
+            write_results(&out, &runs, &md)?;
         }
         Command::Bench { bench: Bench::Forwarding { seconds, repeat, out } } => {
             let (runs, md) = mimiq_perf::experiments::forwarding::compare(seconds, repeat, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(&runs)?)?;
-            std::fs::write(out.join("results.md"), &md)?;
-            println!("{md}");
-            println!("written to {}", out.display());
+            write_results(&out, &runs, &md)?;
         }
         Command::Testbed { action } => match action {
             TestbedAction::Up { topology } => {
@@ -187,5 +197,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     }
+    Ok(())
+}
+
+/// Writes an experiment's rows as `results.json` and its table as `results.md` into `out`, and
+/// prints the table.
+fn write_results(out: &std::path::Path, runs: &impl serde::Serialize, md: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(runs)?)?;
+    std::fs::write(out.join("results.md"), md)?;
+    println!("{md}");
+    println!("written to {}", out.display());
     Ok(())
 }

@@ -3,3 +3,4 @@
 
 pub mod forwarding;
 pub mod l2fwd;
+pub mod single_box;

@@ -16,6 +16,7 @@ use mimiq_dataplane::port::xsk::XskConfig;
 use super::probe::{self, FlowAddrs};
 use super::rate::{Rate, SizeMix};
 use super::recv::{self, RecvConfig};
+use super::reflect;
 use super::send::{self, SendConfig, Vary};
 use super::seq::Fault;
 
@@ -246,7 +247,7 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
                 bail!("--port given {} times; the reflector takes one or two", args.ports.len());
             }
             let ports = args.ports.clone();
-            let report = recv::reflect(&args.ports, &args.socket.xsk(), args.busy, &stop, &mut || {
+            let report = reflect::run(&args.ports, &args.socket.xsk(), args.busy, &stop, &mut || {
                 ready(&ports.join(","))
             })?;
             println!(

@@ -8,7 +8,7 @@
 //!   sequence numbers, records one-way latency from the send time into an HdrHistogram; prints a
 //!   summary, writes JSON and an HdrHistogram interval log ([`recv`]).
 //! - `gen reflect`: a bare AF_XDP reflector, the ceiling any forwarding pipeline is measured
-//!   against ([`recv::reflect`]).
+//!   against ([`reflect`]).
 //!
 //! The cores are sans-IO and tested without root: frame templates and the probe
 //! ([`probe`]), the token bucket and size mixes ([`rate`]), numbering and the sequence tracker
@@ -21,6 +21,7 @@ pub mod cli;
 pub mod probe;
 pub mod rate;
 pub mod recv;
+pub mod reflect;
 pub mod send;
 pub mod seq;
 

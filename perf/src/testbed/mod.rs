@@ -292,10 +292,24 @@ impl Testbed {
         host: &str,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, TestbedError> {
+        match self.spawn_in(host, f)?.join() {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(TestbedError::Io(e)),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// Starts `f` on a thread that joins `host`'s network namespace first (a server inside a
+    /// host, say); the handle gives back what `f` returned, or why the thread could not join.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        host: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<std::io::Result<T>>, TestbedError> {
         use std::os::fd::AsRawFd;
         let path = format!("/var/run/netns/{}", self.known(host)?);
         let file = File::open(&path)?;
-        let handle = std::thread::spawn(move || {
+        Ok(std::thread::spawn(move || {
             // SAFETY: setns(2) with an open namespace file descriptor and CLONE_NEWNET changes
             // only this thread's network namespace; the fd stays open for the call.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -303,12 +317,7 @@ impl Testbed {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(f())
-        });
-        match handle.join() {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(TestbedError::Io(e)),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+        }))
     }
 
     fn known(&self, host: &str) -> Result<String, TestbedError> {

@@ -1,0 +1,231 @@
+//! Forwarding through the MIMIQ single box with full tables (1M IPv4 bindings, 64k aliases),
+//! next to the engine's l2fwd on the same machine, in the same run, with the same generator.
+//!
+//! Both paths: `mimiq-perf gen send` of 64-byte frames over 64 flows for the given time from the
+//! sending host; the forwarded rate is the switch's own TX counter on its last port (l2fwd:
+//! `p1` towards h2; single box: the access switch's client port), and the sinks' kernels drop
+//! what arrives (l2fwd: a destination MAC nobody has; single box: destinations c1 does not
+//! own). The single box's tables come from a rule stream this experiment serves itself (a
+//! snapshot of `bindings` IPv4 bindings and one alias epoch of 65,535 aliases), not from the
+//! allocator: a million leases through the relay would measure the allocator, not the switch.
+//! The 64 flows' destinations are bound to c1; the rest of the bindings (in 100.64.0.0/10,
+//! table entries only, never configured on any host or sent to) make the table full size.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mimiq_allocator::lease::{RuleUpdate, Sequenced};
+use mimiq_allocator::proto::{self, StreamMsg};
+use mimiq_allocator::Mac;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::singlebox::{mac, KEY};
+use crate::switch::Switch;
+use crate::testbed::topology::{self, single_box_addr as addr};
+use crate::testbed::{bin_path, Testbed};
+
+/// One path's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `l2fwd` or `single_box`.
+    pub path: &'static str,
+    /// Bindings in the tables.
+    pub bindings: u64,
+    /// Packets the generator sent per second.
+    pub sent_pps: f64,
+    /// Packets the switch forwarded per second (last hop's TX counter).
+    pub forwarded_pps: f64,
+    /// CPU time of the switch process per forwarded packet, ns.
+    pub switch_cpu_ns_per_packet: f64,
+}
+
+/// Both paths, l2fwd first; returns the rows and a Markdown table.
+pub fn compare(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Row>, String), String> {
+    progress("l2fwd:");
+    let l2fwd = l2fwd(seconds)?;
+    progress(&format!("single box with {bindings} bindings and 65535 aliases:"));
+    let single = single_box(seconds, bindings, progress)?;
+    let mut md = String::from(
+        "| path | bindings | sent pps | forwarded pps | ÷ l2fwd | switch CPU ns/packet |\n|---|---|---|---|---|---|\n",
+    );
+    for r in [&l2fwd, &single] {
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} |\n",
+            r.path,
+            r.bindings,
+            r.sent_pps,
+            r.forwarded_pps,
+            r.forwarded_pps / l2fwd.forwarded_pps.max(1.0),
+            r.switch_cpu_ns_per_packet
+        ));
+    }
+    Ok((vec![l2fwd, single], md))
+}
+
+fn l2fwd(seconds: u32) -> Result<Row, String> {
+    let mut tb = Testbed::new().map_err(|e| e.to_string())?;
+    topology::line(&mut tb).map_err(|e| e.to_string())?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let args = ["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "100"];
+    let switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("s.json"))?;
+    // A destination MAC nobody has: h2's kernel drops the frames on arrival.
+    let send = ["--dst-mac", "02:00:00:00:00:ee", "--src", "198.18.0.1", "--dst", "198.18.0.2", "--vary", "src-port"];
+    let (sent_pps, forwarded, cpu_ms, elapsed) = measure(&mut tb, "h1", &send, seconds, &switch, |s| s.port(1, "tx_packets"), dir.path())?;
+    Ok(Row {
+        path: "l2fwd",
+        bindings: 0,
+        sent_pps,
+        forwarded_pps: forwarded as f64 / elapsed,
+        switch_cpu_ns_per_packet: cpu_ms * 1e6 / forwarded.max(1) as f64,
+    })
+}
+
+fn single_box(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Result<Row, String> {
+    let mut tb = Testbed::new().map_err(|e| e.to_string())?;
+    topology::single_box(&mut tb).map_err(|e| e.to_string())?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let c1_mac = mimiq_dataplane::config::parse_mac(&mac(&tb, "c1", "eth0"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let stop = Arc::clone(&stop);
+        tb.spawn_in("sw", move || serve_rules(c1_mac, bindings, &stop)).map_err(|e| e.to_string())?
+    };
+    let config = dir.path().join("switch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"role = "single_box"
+stats_path = "{stats}"
+stats_interval_ms = 100
+[access]
+sid = 1
+clients = "cl0"
+uplink = "int0"
+gateway_v4 = "{gw}"
+internal = "fd00:ffff::a"
+edge_internal = "fd00:ffff::e"
+allocator_relay = "127.0.0.1:6364"
+allocator_rules = "127.0.0.1:6365"
+key_hex = "{KEY}"
+[edge]
+inside = "int1"
+outside = "out0"
+internal = "fd00:ffff::e"
+outside_next_hop = "{out}"
+outside_v4 = "{edge}"
+v6_prefix = "{pool6}"
+v4_pools = ["{pool}"]
+"#,
+            stats = dir.path().join("s.json").display(),
+            gw = addr::GATEWAY_V4,
+            out = addr::OUT_V4,
+            edge = addr::EDGE_OUT_V4,
+            pool6 = addr::POOL_V6,
+            pool = addr::POOL_V4,
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let config = config.to_string_lossy().into_owned();
+    let switch = Switch::start(&mut tb, "sw", &["--config", &config], &dir.path().join("s.json"))?;
+    // Both workers apply the whole snapshot before traffic starts.
+    let want = u64::from(bindings) + 2;
+    let loaded = Instant::now();
+    loop {
+        let s = switch.stats()?;
+        let applied: Vec<u64> = (0..2).map(|i| s.0["workers"][i]["updates_applied"].as_u64().unwrap_or(0)).collect();
+        if applied.iter().all(|&n| n >= want) {
+            progress(&format!("  tables loaded in {:.1} s", loaded.elapsed().as_secs_f64()));
+            break;
+        }
+        if loaded.elapsed() > Duration::from_secs(120) {
+            return Err(format!("tables not loaded after 120 s: {applied:?} of {want}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let edge_mac = mac(&tb, "sw", "out0");
+    let send = ["--dst-mac", edge_mac.as_str(), "--src", addr::OUT_V4, "--dst", "198.18.1.2", "--vary", "dst-ip"];
+    let (sent_pps, forwarded, cpu_ms, elapsed) =
+        measure(&mut tb, "out", &send, seconds, &switch, |s| s.0["workers"][0]["ports"][0]["tx_packets"].as_u64().unwrap_or(0), dir.path())?;
+    stop.store(true, Ordering::Relaxed);
+    drop(switch);
+    let _ = publisher.join();
+    Ok(Row {
+        path: "single_box",
+        bindings: u64::from(bindings),
+        sent_pps,
+        forwarded_pps: forwarded as f64 / elapsed,
+        switch_cpu_ns_per_packet: cpu_ms * 1e6 / forwarded.max(1) as f64,
+    })
+}
+
+/// Runs the generator on `host` and returns (sent pps, forwarded packets, switch CPU ms, seconds).
+fn measure(
+    tb: &mut Testbed,
+    host: &str,
+    send: &[&str],
+    seconds: u32,
+    switch: &Switch,
+    forwarded: impl Fn(&crate::switch::SwitchStats) -> u64,
+    dir: &std::path::Path,
+) -> Result<(f64, u64, f64, f64), String> {
+    let perf = bin_path("mimiq-perf")?;
+    let report = dir.join("send.json");
+    let secs = seconds.to_string();
+    let mut cmd = vec![perf.to_str().unwrap_or("mimiq-perf"), "gen", "send", "--iface", "eth0", "--size", "64", "--flows", "64", "--duration", &secs];
+    cmd.extend_from_slice(send);
+    let report_s = report.to_string_lossy().into_owned();
+    cmd.extend(["--json", report_s.as_str()]);
+    let before = switch.stats()?;
+    let mut sender = tb.spawn(host, &cmd, true).map_err(|e| e.to_string())?;
+    let status = sender.wait_timeout(Duration::from_secs(u64::from(seconds) + 60)).ok_or("sender did not finish")?;
+    if !status.success() {
+        return Err(format!("sender failed: {}", sender.describe()));
+    }
+    let after = switch.stats_after(Duration::from_millis(300))?;
+    let sent: Value = serde_json::from_str(&std::fs::read_to_string(&report).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let elapsed = sent["elapsed_s"].as_f64().unwrap_or(f64::from(seconds));
+    let sent_pps = sent["sent_packets"].as_u64().unwrap_or(0) as f64 / elapsed;
+    Ok((sent_pps, forwarded(&after) - forwarded(&before), (after.cpu_ms() - before.cpu_ms()) as f64, elapsed))
+}
+
+/// Serves one rule-stream subscriber (the switch) on 127.0.0.1:6365 of the current namespace:
+/// a snapshot with the 64 flow destinations bound to c1, filler bindings, and 65,535 aliases.
+fn serve_rules(c1: [u8; 6], bindings: u32, stop: &AtomicBool) -> Result<(), String> {
+    let listener = TcpListener::bind("127.0.0.1:6365").map_err(|e| e.to_string())?;
+    let (mut stream, _) = listener.accept().map_err(|e| e.to_string())?;
+    let secret = mimiq_dataplane::config::parse_hex(KEY)?;
+    let key = proto::key(&secret);
+    let mut buf = Vec::new();
+    proto::read_frame(&mut stream, &mut buf).map_err(|e| e.to_string())?;
+    StreamMsg::parse(&buf, |_| Some(&key)).map_err(|e| format!("hello: {e:?}"))?;
+    let mut updates = Vec::with_capacity(bindings as usize + 1);
+    for i in 0..bindings {
+        let ip = if i < 64 {
+            Ipv4Addr::new(198, 18, 1, 2 + i as u8)
+        } else {
+            Ipv4Addr::from(0x6440_0000 | i) // 100.64.0.0/10, table filler
+        };
+        updates.push(RuleUpdate::BindingAdd { ip: IpAddr::V4(ip), mac: Mac(c1), sid: 1, valid_until_ms: u64::MAX });
+    }
+    updates.push(RuleUpdate::AliasEpoch { epoch: 1, aliases: vec![(1, (1..65536).collect())], valid_until_ms: u64::MAX });
+    let mut out = Vec::with_capacity(64 << 20);
+    StreamMsg::Update(Sequenced { seq: 1, update: RuleUpdate::Snapshot { seq: 1, count: updates.len() as u32 } })
+        .emit_frame(&key, &mut out)
+        .map_err(|e| format!("{e:?}"))?;
+    for update in updates {
+        StreamMsg::Update(Sequenced { seq: 1, update }).emit_frame(&key, &mut out).map_err(|e| format!("{e:?}"))?;
+        if out.len() > 1 << 20 {
+            stream.write_all(&out).map_err(|e| e.to_string())?;
+            out.clear();
+        }
+    }
+    stream.write_all(&out).map_err(|e| e.to_string())?;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
