@@ -162,8 +162,12 @@ pub struct Worker<P: Port, L: Pipeline> {
     burst_ns: Histogram<u64>,
     /// Per output port, an impair stage in front of the TX ring.
     impair: Vec<Option<Impair<P::Frame>>>,
-    /// Origin of the worker's clock for the impair stages.
+    /// Origin of the worker's clock, and the wall-clock time then (ms since the Unix epoch);
+    /// re-read at every publication so the derived wall clock cannot drift far.
     epoch: Instant,
+    epoch_wall_ms: u64,
+    /// The clock at the start of the current pass, ns since `epoch` (one read per pass).
+    now_ns: u64,
 }
 
 /// How long a stopping worker keeps polling to let the kernel complete what it was given.
@@ -199,6 +203,8 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             burst_ns: duration_histogram(),
             impair: Vec::new(),
             epoch: Instant::now(),
+            epoch_wall_ms: wall_clock_ms(),
+            now_ns: 0,
         }
     }
 
@@ -237,14 +243,17 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     /// number of frames received.
     pub fn poll_once(&mut self) -> usize {
         let mut received = 0;
-        self.pipeline.tick(wall_clock_ms());
+        // One clock read per pass serves the pipeline's wall clock, the impair stages and the
+        // first burst's timing; each burst then costs one read, at its end.
+        let mut mark = Instant::now();
+        self.now_ns = mark.duration_since(self.epoch).as_nanos() as u64;
+        self.pipeline.tick(self.epoch_wall_ms + self.now_ns / 1_000_000);
         for in_port in 0..self.ports.len() {
             self.rx.clear();
             let n = self.ports[in_port].rx_burst(&mut self.rx, BURST);
             if n == 0 {
                 continue;
             }
-            let burst_start = Instant::now();
             received += n;
             self.counters.bursts += 1;
             let rx_bytes: usize = self.rx.iter().map(|f| self.memory.len(f)).sum();
@@ -287,7 +296,10 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
                 self.free.push(frame);
             }
             self.flush_tx();
-            self.burst_ns.saturating_record(burst_start.elapsed().as_nanos() as u64);
+            // Receive, process and transmit of this burst (and any empty polls since the last).
+            let end = Instant::now();
+            self.burst_ns.saturating_record(end.duration_since(mark).as_nanos() as u64);
+            mark = end;
         }
         received += self.drain_rings();
         if self.impair.iter().any(|i| matches!(i, Some(s) if s.held() > 0)) {
@@ -397,6 +409,9 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     }
 
     fn publish(&mut self, publish: &mut dyn FnMut(&WorkerCounters, &Histogram<u64>)) {
+        // Re-anchor the derived wall clock (NTP may have moved the real one).
+        let elapsed_ms = self.epoch.elapsed().as_millis() as u64;
+        self.epoch_wall_ms = wall_clock_ms().saturating_sub(elapsed_ms);
         self.refresh_xdp_stats();
         publish(&self.counters, &self.burst_ns);
         self.burst_ns.reset();
@@ -428,7 +443,7 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     }
 
     fn flush_tx(&mut self) {
-        let now_ns = self.clock_ns();
+        let now_ns = self.now_ns;
         for out in 0..self.tx.len() {
             if let Some(Some(stage)) = self.impair.get_mut(out) {
                 let mut queue = std::mem::take(&mut self.tx[out]);
