@@ -4,6 +4,7 @@
 //! Threading: plain blocking code; every process it starts runs in its own namespace.
 //! Panics: none on bad input; testbed failures are `TestbedError`s naming the failed command.
 
+pub mod capture;
 pub mod demo;
 pub mod experiments;
 pub mod gen;

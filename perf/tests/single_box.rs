@@ -28,6 +28,22 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
     }
     assert_ne!(addrs[0], addrs[1]);
 
+    // Passive learning: while the outside reaches the clients, the switch never asks who has a
+    // client address (no ARP request, no neighbour solicitation sent by the gateway MAC).
+    let gateway = mimiq_dataplane::config::parse_mac(&mac(&tb, "sw", "cl0")).unwrap();
+    let asked = move |f: &[u8]| {
+        let from_switch = f.len() > 54 && f[6..12] == gateway;
+        let arp_request = f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1];
+        let solicitation = f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == 135;
+        from_switch && (arp_request || solicitation)
+    };
+    let answered = move |f: &[u8]| f.len() > 22 && f[6..12] == gateway && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2];
+    let asked = mimiq_perf::capture::count_frames(&tb, "lan", "sw", Duration::from_secs(3), asked).unwrap();
+    let answers = mimiq_perf::capture::count_frames(&tb, "lan", "sw", Duration::from_secs(3), answered).unwrap();
+    // The clients ask for the gateway afresh, so there are answers to see.
+    for c in ["c1", "c2"] {
+        tb.exec_ok(c, &["ip", "neigh", "flush", "all"]).unwrap();
+    }
     // The outside reaches each client at its address: edge → IP-in-IP → access → the right
     // client (the other one does not have the address and would not answer).
     for a in &addrs {
@@ -35,6 +51,9 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
             panic!("{e}; switch: {}; stats: {:?}", switch.proc.describe(), switch.stats().map(|s| s.0))
         });
     }
+
+    assert_eq!(asked.join().unwrap().unwrap().unwrap(), 0, "the switch resolved a client address");
+    assert!(answers.join().unwrap().unwrap().unwrap() >= 1, "the gateway answered ARP");
 
     // A source the allocator did not bind to c1 is dropped at the access switch.
     let before = switch.stats().unwrap().drops("spoofed_source");
