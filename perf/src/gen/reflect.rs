@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mimiq_dataplane::port::xsk::{self, XskConfig};
-use mimiq_dataplane::port::Port;
+use mimiq_dataplane::port::{Port, XdpStats};
 use serde::Serialize;
 
 use super::cpu_time_ms;
@@ -60,6 +60,7 @@ pub fn run(
     Ok(ReflectReport {
         forwarded_packets: forwarded,
         dropped_packets: dropped,
+        xdp: ports.iter().map(Port::xdp_stats).collect(),
         cpu_user_ms: cpu1.0 - cpu0.0,
         cpu_sys_ms: cpu1.1 - cpu0.1,
     })
@@ -72,6 +73,8 @@ pub struct ReflectReport {
     pub forwarded_packets: u64,
     /// Frames dropped because the TX ring was full.
     pub dropped_packets: u64,
+    /// Kernel socket statistics per port, in `--port` order.
+    pub xdp: Vec<Option<XdpStats>>,
     /// CPU time, user, ms.
     pub cpu_user_ms: u64,
     /// CPU time, system, ms.
