@@ -27,7 +27,7 @@ use mimiq_dataplane::config::{
     KernelConfig, Role, SwitchConfig, WorkerConfig, XdpMode,
 };
 use mimiq_dataplane::control::{self, RuleSource};
-use mimiq_dataplane::engine::{Rings, Worker};
+use mimiq_dataplane::engine::{Rings, SlowPathFrame, SlowPathReturn, Worker};
 use mimiq_dataplane::pipeline::gateway::Gateway;
 use mimiq_dataplane::pipeline::mimiq::{
     Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, SwitchUpdate, V4Prefix,
@@ -38,6 +38,7 @@ use mimiq_dataplane::pipeline::impair::ImpairConfig;
 use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
 use mimiq_dataplane::port::xdp_prog::KernelPass;
 use mimiq_dataplane::port::xsk::{self, XskConfig};
+use xsk_rs::FrameDesc;
 use mimiq_dataplane::telemetry::{self, HlogWriter, Telemetry};
 
 #[global_allocator]
@@ -451,6 +452,25 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
     Ok((plans, source.map(|s| (s, producers))))
 }
 
+type SlowPathEnds = (
+    rtrb::Producer<SlowPathFrame<FrameDesc>>,
+    rtrb::Consumer<SlowPathReturn<FrameDesc>>,
+    std::thread::JoinHandle<()>,
+);
+
+/// Creates the rings between a worker and its slow path and starts the slow-path thread on the
+/// far ends; returns the worker's ends and the thread.
+fn start_slow_path(
+    name: &str,
+    run: impl FnOnce(rtrb::Consumer<SlowPathFrame<FrameDesc>>, rtrb::Producer<SlowPathReturn<FrameDesc>>) + Send + 'static,
+) -> std::io::Result<SlowPathEnds> {
+    let (to_slow, from_worker) = rtrb::RingBuffer::new(SLOW_PATH_RING);
+    // Room for every frame the slow path can hold, so giving one back never waits for long.
+    let (to_worker, from_slow) = rtrb::RingBuffer::new(SLOW_PATH_RING + 64);
+    let thread = std::thread::Builder::new().name(name.into()).spawn(move || run(from_worker, to_worker))?;
+    Ok((to_slow, from_slow, thread))
+}
+
 /// Updates queued per worker before the subscriber waits.
 const UPDATE_RING: usize = 1 << 16;
 /// Frames queued towards the slow path (and back).
@@ -514,23 +534,18 @@ fn worker_main(
         }
         Kind::Access(access, updates) => {
             let (access, gateway, relay) = *access;
-            let (to_slow, from_worker) = rtrb::RingBuffer::new(SLOW_PATH_RING);
-            let (to_worker, from_slow) = rtrb::RingBuffer::new(SLOW_PATH_RING + 64);
-            let slow = {
-                let (shared, stop) = (memory.share(), Arc::clone(stop));
+            let shared = memory.share();
+            let slow_stop = Arc::clone(stop);
+            let slow = start_slow_path("mimiq-slow-path", move |from_worker, to_worker| {
                 let stats = Arc::new(slowpath::SlowPathStats::default());
-                std::thread::Builder::new().name("mimiq-slow-path".into()).spawn(move || {
-                    if let Err(e) = slowpath::run_access(shared, gateway, relay, from_worker, to_worker, stop, stats) {
-                        tracing::error!("access slow path: {e}");
-                    }
-                })
-            };
-            let slow = match slow {
-                Ok(handle) => handle,
-                Err(e) => {
-                    let _ = ready.send(Err(anyhow::anyhow!("cannot start the slow path: {e}")));
-                    return;
+                if let Err(e) = slowpath::run_access(shared, gateway, relay, from_worker, to_worker, slow_stop, stats) {
+                    tracing::error!("access slow path: {e}");
                 }
+            });
+            let Ok((to_slow, from_slow, slow)) = slow.map_err(|e| {
+                let _ = ready.send(Err(anyhow::anyhow!("cannot start the slow path: {e}")));
+            }) else {
+                return;
             };
             let _ = ready.send(Ok(()));
             let mut worker = Worker::new(ports, memory, free, Access::new(access)).with_rings(Rings {
@@ -544,20 +559,17 @@ fn worker_main(
         }
         Kind::Edge(edge, updates) => {
             let (edge, neighbors) = *edge;
-            let (to_slow, from_worker) = rtrb::RingBuffer::new(SLOW_PATH_RING);
-            let (to_worker, from_slow) = rtrb::RingBuffer::new(SLOW_PATH_RING + 64);
             let (learned_tx, learned_rx) = rtrb::RingBuffer::new(16);
-            let (shared, stop_slow) = (memory.share(), Arc::clone(stop));
-            let stats = Arc::new(slowpath::SlowPathStats::default());
-            let slow = std::thread::Builder::new().name("mimiq-edge-slow".into()).spawn(move || {
-                slowpath::run_edge(shared, neighbors, from_worker, to_worker, learned_tx, stop_slow, stats)
+            let shared = memory.share();
+            let slow_stop = Arc::clone(stop);
+            let slow = start_slow_path("mimiq-edge-slow", move |from_worker, to_worker| {
+                let stats = Arc::new(slowpath::SlowPathStats::default());
+                slowpath::run_edge(shared, neighbors, from_worker, to_worker, learned_tx, slow_stop, stats)
             });
-            let slow = match slow {
-                Ok(handle) => handle,
-                Err(e) => {
-                    let _ = ready.send(Err(anyhow::anyhow!("cannot start the slow path: {e}")));
-                    return;
-                }
+            let Ok((to_slow, from_slow, slow)) = slow.map_err(|e| {
+                let _ = ready.send(Err(anyhow::anyhow!("cannot start the slow path: {e}")));
+            }) else {
+                return;
             };
             let _ = ready.send(Ok(()));
             let mut worker = Worker::new(ports, memory, free, Edge::new(edge)).with_rings(Rings {

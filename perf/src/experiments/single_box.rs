@@ -94,43 +94,10 @@ fn single_box(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Re
         let stop = Arc::clone(&stop);
         tb.spawn_in("sw", move || serve_rules(c1_mac, bindings, &stop)).map_err(|e| e.to_string())?
     };
-    let config = dir.path().join("switch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"role = "single_box"
-stats_path = "{stats}"
-stats_interval_ms = 100
-[access]
-sid = 1
-clients = "cl0"
-uplink = "int0"
-gateway_v4 = "{gw}"
-internal = "fd00:ffff::a"
-edge_internal = "fd00:ffff::e"
-allocator_relay = "127.0.0.1:6364"
-allocator_rules = "127.0.0.1:6365"
-key_hex = "{KEY}"
-[edge]
-inside = "int1"
-outside = "out0"
-internal = "fd00:ffff::e"
-outside_next_hop = "{out}"
-outside_v4 = "{edge}"
-v6_prefix = "{pool6}"
-v4_pools = ["{pool}"]
-"#,
-            stats = dir.path().join("s.json").display(),
-            gw = addr::GATEWAY_V4,
-            out = addr::OUT_V4,
-            edge = addr::EDGE_OUT_V4,
-            pool6 = addr::POOL_V6,
-            pool = addr::POOL_V4,
-        ),
-    )
-    .map_err(|e| e.to_string())?;
+    // The single box's usual config: relay and rule stream on the switch host's loopback.
+    let config = crate::singlebox::switch_config(dir.path());
     let config = config.to_string_lossy().into_owned();
-    let switch = Switch::start(&mut tb, "sw", &["--config", &config], &dir.path().join("s.json"))?;
+    let switch = Switch::start(&mut tb, "sw", &["--config", &config], &dir.path().join("stats.json"))?;
     // Both workers apply the whole snapshot before traffic starts.
     let want = u64::from(bindings) + 2;
     let loaded = Instant::now();
