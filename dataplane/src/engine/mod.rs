@@ -443,7 +443,9 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     }
 
     fn flush_tx(&mut self) {
-        let now_ns = self.now_ns;
+        // The pass's clock reading may predate this burst's arrival (a worker preempted between
+        // the two would let delayed frames leave early): impair stages read the clock afresh.
+        let now_ns = if self.impair.is_empty() { self.now_ns } else { self.clock_ns() };
         for out in 0..self.tx.len() {
             if let Some(Some(stage)) = self.impair.get_mut(out) {
                 let mut queue = std::mem::take(&mut self.tx[out]);
