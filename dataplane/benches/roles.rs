@@ -14,132 +14,36 @@
 //! changes them.
 //! Run: `cargo bench -p mimiq-dataplane --bench roles`
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use etherparse::PacketBuilder;
 use mimiq_allocator::lease::{RuleUpdate, Sequenced};
 use mimiq_allocator::Mac;
 use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
-use mimiq_dataplane::pipeline::mimiq::{Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, V4Prefix};
 use mimiq_dataplane::pipeline::Pipeline;
-use mimiq_dataplane::port::mem::{MemFrame, MemMemory};
 
-const BURST: usize = 64;
-const BINDINGS: u32 = 1_000_000;
-const SID: u16 = 1;
-const CLIENT: [u8; 6] = [2, 0, 0, 0, 0, 0xc1];
-const NOW: u64 = 1_000;
+#[path = "support/roles.rs"]
+mod roles_support;
 
-fn v4(i: u32) -> Ipv4Addr {
-    // 198.18.0.0/15 holds 131072 addresses; spread a million over 10.0.0.0/8 for the table.
-    Ipv4Addr::from(0x0a00_0000 | (i + 1))
-}
-
-fn rules() -> Vec<Sequenced> {
-    let mut updates: Vec<RuleUpdate> = (0..BINDINGS)
-        .map(|i| RuleUpdate::BindingAdd { ip: IpAddr::V4(v4(i)), mac: Mac(CLIENT), sid: SID, valid_until_ms: u64::MAX })
-        .collect();
-    // 64k aliases over 16 SIDs... all of them ours (SID 1) for the lookup to succeed.
-    updates.push(RuleUpdate::AliasEpoch { epoch: 1, aliases: vec![(SID, (1..65536).collect())], valid_until_ms: u64::MAX });
-    let mut out = vec![Sequenced { seq: 1, update: RuleUpdate::Snapshot { seq: 1, count: updates.len() as u32 } }];
-    out.extend(updates.into_iter().map(|update| Sequenced { seq: 1, update }));
-    out
-}
-
-fn edge(rules: &[Sequenced]) -> Edge {
-    let mut e = Edge::new(EdgeConfig {
-        inside: 0,
-        outside: 1,
-        inside_mac: [2, 0, 0, 0, 0, 0xe1],
-        outside_mac: [2, 0, 0, 0, 0, 0xe2],
-        outside_next_hop_mac: Some([2, 0, 0, 0, 0, 0x99]),
-        internal: "fd00:ffff::e".parse().unwrap(),
-        access: vec![AccessSwitch { sid: SID, internal: "fd00:ffff::a".parse().unwrap(), mac: [2, 0, 0, 0, 0, 0xa1] }],
-        v6_prefix: "fd00:1::".parse().unwrap(),
-        v6_prefix_len: 64,
-        alias_bits: 16,
-        alias_k: 4,
-        v4_pools: vec![V4Prefix { addr: Ipv4Addr::new(10, 0, 0, 0), len: 8 }],
-    });
-    rules.iter().for_each(|r| e.apply(r.clone().into()));
-    e.tick(NOW);
-    e
-}
-
-fn access(rules: &[Sequenced]) -> Access {
-    let mut a = Access::new(AccessConfig {
-        sid: SID,
-        clients: 0,
-        uplink: 1,
-        gateway_mac: [2, 0, 0, 0, 0, 1],
-        gateway_v4: Some(Ipv4Addr::new(10, 0, 0, 1)),
-        gateway_v6: vec!["fe80::1".parse().unwrap()],
-        uplink_mac: [2, 0, 0, 0, 0, 0xa1],
-        edge_mac: [2, 0, 0, 0, 0, 0xe1],
-        internal: "fd00:ffff::a".parse().unwrap(),
-        edge_internal: "fd00:ffff::e".parse().unwrap(),
-        v6_prefix_len: 64,
-        alias_bits: 16,
-    });
-    rules.iter().for_each(|r| a.apply(r.clone().into()));
-    a.tick(NOW);
-    a
-}
-
-/// 64-byte frames (with the Ethernet header, without FCS) to `dst` from `src`.
-fn udp_v4(src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(src_mac, [2, 0, 0, 0, 0, 1]).ipv4(src.octets(), dst.octets(), 64).udp(1, 2).write(&mut out, &[0; 22]).unwrap();
-    out
-}
-
-fn udp_v6(dst: Ipv6Addr) -> Vec<u8> {
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x99], [2, 0, 0, 0, 0, 0xe2]).ipv6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5], dst.octets(), 64).udp(1, 2).write(&mut out, &[0; 2]).unwrap();
-    out
-}
-
-fn burst(make: impl Fn(u32) -> Vec<u8>) -> Vec<Vec<u8>> {
-    // Destinations spread over the table, so lookups miss the caches as a real mix would.
-    (0..BURST as u32).map(|i| make(i.wrapping_mul(15_485_863) % BINDINGS)).collect()
-}
-
-fn frames(bytes: &[Vec<u8>]) -> Vec<MemFrame> {
-    bytes.iter().map(|b| MemFrame::from_bytes(b)).collect()
-}
-
-fn run<P: Pipeline>(p: &mut P, port: u16, f: &mut Vec<MemFrame>) -> usize {
-    let mut verdicts = Vec::with_capacity(BURST);
-    p.process(port, &mut MemMemory, f, &mut verdicts);
-    verdicts.len()
-}
+use roles_support::*;
 
 fn roles(c: &mut Criterion) {
     let rules = rules();
     let mut e = edge(&rules);
     let mut a = access(&rules);
-    let down_v4 = burst(|i| udp_v4([2, 0, 0, 0, 0, 0x99], Ipv4Addr::new(203, 0, 113, 5), v4(i)));
-    let down_v6 = burst(|i| udp_v6(Ipv6Addr::from(0xfd00_0001_0000_0000_0000_0000_0000_0000u128 | (u128::from(i % 65535 + 1) << 48) | 0x10)));
-    let up = burst(|i| udp_v4(CLIENT, v4(i), Ipv4Addr::new(203, 0, 113, 5)));
-    // What the edge sends the access switch.
-    let encapsulated: Vec<Vec<u8>> = down_v4
-        .iter()
-        .map(|b| {
-            let mut f = vec![MemFrame::from_bytes(b)];
-            let mut v = Vec::new();
-            e.process(1, &mut MemMemory, &mut f, &mut v);
-            f[0].bytes().to_vec()
-        })
-        .collect();
+    let work = workloads(&mut e);
+    let baseline = work[1].2.clone();
 
     let mut g = c.benchmark_group("roles");
     g.throughput(Throughput::Elements(BURST as u64));
-    g.bench_function("l2fwd", |b| b.iter_batched_ref(|| frames(&down_v4), |f| run(&mut L2Fwd, 0, f), BatchSize::SmallInput));
-    g.bench_function("edge_down_v6_alias", |b| b.iter_batched_ref(|| frames(&down_v6), |f| run(&mut e, 1, f), BatchSize::SmallInput));
-    g.bench_function("edge_down_v4_exact_1m", |b| b.iter_batched_ref(|| frames(&down_v4), |f| run(&mut e, 1, f), BatchSize::SmallInput));
-    g.bench_function("access_down", |b| b.iter_batched_ref(|| frames(&encapsulated), |f| run(&mut a, 1, f), BatchSize::SmallInput));
-    g.bench_function("access_up", |b| b.iter_batched_ref(|| frames(&up), |f| run(&mut a, 0, f), BatchSize::SmallInput));
+    g.bench_function("l2fwd", |b| b.iter_batched_ref(|| frames(&baseline), |f| run(&mut L2Fwd, 0, f), BatchSize::SmallInput));
+    for (name, port, input) in &work {
+        if name.starts_with("edge") {
+            g.bench_function(*name, |b| b.iter_batched_ref(|| frames(input), |f| run(&mut e, *port, f), BatchSize::SmallInput));
+        } else {
+            g.bench_function(*name, |b| b.iter_batched_ref(|| frames(input), |f| run(&mut a, *port, f), BatchSize::SmallInput));
+        }
+    }
     g.finish();
 
     let mut g = c.benchmark_group("updates");
