@@ -60,8 +60,15 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
     // An address of the pool that is neither client's.
     let spoof = (250..255).map(|i| format!("198.18.1.{i}")).find(|a| addrs.iter().all(|x| x.to_string() != *a)).unwrap();
     tb.exec_ok("c1", &["ip", "addr", "add", &format!("{spoof}/32"), "dev", "eth0"]).unwrap();
+    // Watch the outside link: nothing from the spoofed source may leave the edge.
+    let spoof_ip: std::net::Ipv4Addr = spoof.parse().unwrap();
+    let leaked = mimiq_perf::capture::count_frames(&tb, "out", "eth0", Duration::from_secs(4), move |f| {
+        f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[26..30] == spoof_ip.octets()
+    })
+    .unwrap();
     let spoofed = tb.exec("c1", &["ping", "-c", "3", "-W", "1", "-I", &spoof, addr::OUT_V4]).unwrap();
     assert!(!spoofed.status.success(), "a spoofed source must not get through");
+    assert_eq!(leaked.join().unwrap().unwrap().unwrap(), 0, "a spoofed packet left the outside port");
     let after = switch.stats_after(Duration::from_millis(200)).unwrap().drops("spoofed_source");
     assert!(after >= before + 3, "spoofed_source {before} -> {after}");
 
@@ -88,6 +95,13 @@ fn ipv6_routes_by_alias_across_epochs_and_addresses_stop_routing_after_lifetime_
         ping(&tb, "out", &v4.to_string(), 1).unwrap();
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Between the end of the lifetime and t_remove later, packets in flight are still delivered.
+    let grace = life6.max(life4) + Duration::from_millis(200);
+    if let Some(left) = grace.checked_sub(started.elapsed()) {
+        std::thread::sleep(left);
+    }
+    ping(&tb, "out", &v4.to_string(), 1).unwrap_or_else(|e| panic!("within t_remove after the lifetime: {e}"));
+    ping(&tb, "out", &v6.to_string(), 1).unwrap_or_else(|e| panic!("within t_remove after the lifetime: {e}"));
     // After lifetime + t_remove, neither routes: the edge drops with no_route.
     let end = life6.max(life4) + Duration::from_millis(1_000 + 300);
     if let Some(left) = end.checked_sub(started.elapsed()) {
