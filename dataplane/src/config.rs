@@ -120,10 +120,11 @@ pub struct AccessSection {
     /// The gateway IPv6 addresses (link-local first; default `["fe80::1"]`).
     #[serde(default = "default_gateway_v6")]
     pub gateway_v6: Vec<std::net::Ipv6Addr>,
-    /// Our internal address (outer destination of the return path).
-    pub internal: std::net::Ipv6Addr,
-    /// The edge's internal address (the only accepted outer source).
-    pub edge_internal: std::net::Ipv6Addr,
+    /// Our internal address (outer destination of the return path): IPv6, or IPv4 for an
+    /// IPv4-only internal network (the outer header follows the family).
+    pub internal: IpAddr,
+    /// The edge's internal address (the only accepted outer source), of the same family.
+    pub edge_internal: IpAddr,
     /// The allocator's relay address (`relay_listen`).
     pub allocator_relay: SocketAddr,
     /// The allocator's rule-stream address (`publish_listen`).
@@ -138,8 +139,8 @@ pub struct AccessSection {
 pub struct AccessPeer {
     /// Its SID.
     pub sid: u16,
-    /// Its internal address.
-    pub internal: std::net::Ipv6Addr,
+    /// Its internal address (same family as the edge's).
+    pub internal: IpAddr,
     /// Its MAC on the internal link.
     pub mac: String,
 }
@@ -152,8 +153,8 @@ pub struct EdgeSection {
     pub inside: String,
     /// The outside interface.
     pub outside: String,
-    /// Our internal address (outer source).
-    pub internal: std::net::Ipv6Addr,
+    /// Our internal address (outer source): IPv6, or IPv4 for an IPv4-only internal network.
+    pub internal: IpAddr,
     /// The access switches (`role = "edge"`; the single box knows its own).
     #[serde(default)]
     pub access: Vec<AccessPeer>,
@@ -240,6 +241,9 @@ pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
 
 impl AccessSection {
     fn validate(&self, standalone: bool) -> Result<(), String> {
+        if self.internal.is_ipv4() != self.edge_internal.is_ipv4() {
+            return Err("access: internal and edge_internal must be of one family (the outer header's)".into());
+        }
         check_key(&self.key_hex, "access.key_hex")?;
         if self.gateway_v4.is_none() && self.gateway_v6.is_empty() {
             return Err("access: a gateway address (gateway_v4 or gateway_v6) is needed".into());
@@ -277,6 +281,9 @@ impl EdgeSection {
         }
         for (i, peer) in self.access.iter().enumerate() {
             parse_mac(&peer.mac).map_err(|e| format!("edge.access[{i}].mac: {e}"))?;
+            if peer.internal.is_ipv4() != self.internal.is_ipv4() {
+                return Err(format!("edge.access[{i}].internal: not of the family of edge.internal"));
+            }
         }
         if standalone {
             if self.access.is_empty() {
@@ -440,6 +447,9 @@ impl SwitchConfig {
                     (Role::SingleBox, Some(a), Some(e)) => {
                         a.validate(false)?;
                         e.validate(false)?;
+                        if a.edge_internal != e.internal {
+                            return Err("single_box: access.edge_internal must be edge.internal".into());
+                        }
                     }
                     (Role::Access, _, _) => return Err("role access needs [access] (and no [edge])".into()),
                     (Role::Edge, _, _) => return Err("role edge needs [edge] (and no [access])".into()),
@@ -602,6 +612,7 @@ mod tests {
             (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("outside_next_hop = \"198.18.200.2\"\n", "")), "outside_next_hop"),
             (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("fd00:1::/64", "fd00:1::/100")), "alias_bits must be"),
             (&format!("role = \"single_box\"\ninterfaces = [\"x\"]\n{ACCESS}{EDGE}"), "not in `interfaces`"),
+            (&format!("role = \"single_box\"\n{}{EDGE}", ACCESS.replace("internal = \"fd00::a\"", "internal = \"198.18.250.2\"")), "one family"),
             (&format!("{MINIMAL}[impair.p1]\nloss = 2.0\n"), "impair.p1: loss 2 must be between"),
             (&format!("{MINIMAL}[impair.p1]\ndelay = 5\n"), "unknown field `delay`"),
             (&format!("{MINIMAL}workers = [{{ queue = 1 }}, {{ queue = 1, core = 0 }}]\n"), "two workers"),

@@ -19,7 +19,7 @@
 //! encapsulation moves the inner packet 40 bytes right inside its frame and decapsulation 40
 //! bytes left (`copy_within`), instead of moving the frame's start into the headroom.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use mimiq_allocator::lease::Sequenced;
 use mimiq_allocator::Sid;
@@ -77,8 +77,8 @@ impl V4Prefix {
 pub struct AccessSwitch {
     /// Its SID.
     pub sid: Sid,
-    /// Its internal address (outer destination).
-    pub internal: Ipv6Addr,
+    /// Its internal address (outer destination; its family picks the outer header).
+    pub internal: IpAddr,
     /// Its MAC on the internal link.
     pub mac: [u8; 6],
 }
@@ -97,8 +97,9 @@ pub struct EdgeConfig {
     /// The outside next hop's MAC, if known from the config; else the slow path resolves it
     /// and upstream traffic is dropped (`no_neighbor`) until it has.
     pub outside_next_hop_mac: Option<[u8; 6]>,
-    /// Our internal address (outer source).
-    pub internal: Ipv6Addr,
+    /// Our internal address (outer source): IPv6 by default, IPv4 for IPv4-only internal
+    /// networks (ARCHITECTURE §4); the access switches' addresses are of the same family.
+    pub internal: IpAddr,
     /// The access switches.
     pub access: Vec<AccessSwitch>,
     /// The IPv6 client pool prefix.
@@ -175,19 +176,27 @@ impl Edge {
             .map(|i| self.cfg.access[i])
             .ok_or(DropReason::NoRoute)?;
         hop(&mut data[ETH_LEN..len], inner_proto)?;
-        let new_len = len + IPV6_LEN;
-        if data.len() < new_len {
+        let outer_len = match access.internal { IpAddr::V6(_) => IPV6_LEN, IpAddr::V4(_) => IPV4_MIN };
+        let new_len = len + outer_len;
+        if data.len() < new_len || len - ETH_LEN + outer_len > usize::from(u16::MAX) {
             return Err(DropReason::TooBig);
         }
-        data.copy_within(ETH_LEN..len, ETH_LEN + IPV6_LEN);
-        write_outer_ipv6(
-            &mut data[ETH_LEN..ETH_LEN + IPV6_LEN],
-            (len - ETH_LEN) as u16,
-            inner_proto,
-            self.cfg.internal,
-            access.internal,
-        );
-        write_eth(data, access.mac, self.cfg.inside_mac, ETHERTYPE_IPV6);
+        data.copy_within(ETH_LEN..len, ETH_LEN + outer_len);
+        let inner_len = (len - ETH_LEN) as u16;
+        let outer = &mut data[ETH_LEN..ETH_LEN + outer_len];
+        let ethertype = match (self.cfg.internal, access.internal) {
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                write_outer_ipv6(outer, inner_len, inner_proto, src, dst);
+                ETHERTYPE_IPV6
+            }
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                write_outer_ipv4(outer, inner_len, inner_proto, src, dst);
+                ETHERTYPE_IPV4
+            }
+            // Config validation keeps the families equal.
+            _ => return Err(DropReason::NoRoute),
+        };
+        write_eth(data, access.mac, self.cfg.inside_mac, ethertype);
         Ok((new_len, usize::from(self.cfg.inside)))
     }
 
@@ -281,9 +290,9 @@ pub struct AccessConfig {
     /// The edge's MAC on the uplink (next hop upstream).
     pub edge_mac: [u8; 6],
     /// Our internal address (outer destination of what the edge sends us).
-    pub internal: Ipv6Addr,
-    /// The edge's internal address (the only accepted outer source).
-    pub edge_internal: Ipv6Addr,
+    pub internal: IpAddr,
+    /// The edge's internal address (the only accepted outer source), of the same family.
+    pub edge_internal: IpAddr,
     /// IPv6 pool prefix length and alias bits (for the tables' alias index; unused here).
     pub v6_prefix_len: u8,
     /// Alias bits.
@@ -295,6 +304,7 @@ pub struct Access {
     cfg: AccessConfig,
     tables: Tables,
     now_ms: u64,
+    /// Our and the edge's internal addresses as 16 bytes (IPv4 as IPv4-mapped: the last four).
     internal: [u8; 16],
     edge_internal: [u8; 16],
 }
@@ -305,8 +315,8 @@ impl Access {
         Access {
             tables: Tables::new(u32::from(cfg.v6_prefix_len), u32::from(cfg.alias_bits), 1),
             now_ms: 0,
-            internal: cfg.internal.octets(),
-            edge_internal: cfg.edge_internal.octets(),
+            internal: as_16(cfg.internal),
+            edge_internal: as_16(cfg.edge_internal),
             cfg,
         }
     }
@@ -364,18 +374,39 @@ impl Access {
 
     /// Returns the decapsulated length.
     fn downstream(&self, data: &mut [u8], len: usize) -> Result<usize, DropReason> {
-        if [data[12], data[13]] != ETHERTYPE_IPV6 {
-            return Err(DropReason::NotIp);
-        }
-        let outer = data.get(ETH_LEN..len).filter(|h| h.len() >= IPV6_LEN).ok_or(DropReason::Malformed)?;
-        let inner_proto = outer[6];
-        if inner_proto != PROTO_IPV4_IN && inner_proto != PROTO_IPV6_IN {
-            return Err(DropReason::NotIp);
-        }
-        if outer[8..24] != self.edge_internal || outer[24..40] != self.internal {
-            return Err(DropReason::NotFromEdge);
-        }
-        let inner = &data[ETH_LEN + IPV6_LEN..len];
+        let outer = data.get(ETH_LEN..len).ok_or(DropReason::Malformed)?;
+        let (outer_len, inner_proto) = match ([data[12], data[13]], self.cfg.internal) {
+            (ETHERTYPE_IPV6, IpAddr::V6(_)) => {
+                if outer.len() < IPV6_LEN {
+                    return Err(DropReason::Malformed);
+                }
+                if !is_tunnel(outer[6]) {
+                    return Err(DropReason::NotIp);
+                }
+                if outer[8..24] != self.edge_internal[..] || outer[24..40] != self.internal[..] {
+                    return Err(DropReason::NotFromEdge);
+                }
+                (IPV6_LEN, outer[6])
+            }
+            (ETHERTYPE_IPV4, IpAddr::V4(_)) => {
+                if outer.len() < IPV4_MIN {
+                    return Err(DropReason::Malformed);
+                }
+                if !is_tunnel(outer[9]) {
+                    return Err(DropReason::NotIp);
+                }
+                let header_len = usize::from(outer[0] & 0x0f) * 4;
+                if outer[0] >> 4 != 4 || header_len < IPV4_MIN || outer.len() < header_len {
+                    return Err(DropReason::Malformed);
+                }
+                if outer[12..16] != self.edge_internal[12..] || outer[16..20] != self.internal[12..] {
+                    return Err(DropReason::NotFromEdge);
+                }
+                (header_len, outer[9])
+            }
+            _ => return Err(DropReason::NotIp),
+        };
+        let inner = &data[ETH_LEN + outer_len..len];
         let binding = if inner_proto == PROTO_IPV4_IN {
             let dst = ipv4_dst_of(inner).ok_or(DropReason::Malformed)?;
             self.tables.binding_v4(dst, self.now_ms)
@@ -385,13 +416,18 @@ impl Access {
         };
         let binding = binding.filter(|b| b.sid == self.cfg.sid).ok_or(DropReason::NoRoute)?;
         let mac = binding.mac;
-        data.copy_within(ETH_LEN + IPV6_LEN..len, ETH_LEN);
-        let new_len = len - IPV6_LEN;
+        data.copy_within(ETH_LEN + outer_len..len, ETH_LEN);
+        let new_len = len - outer_len;
         hop(&mut data[ETH_LEN..new_len], inner_proto)?;
         let ethertype = if inner_proto == PROTO_IPV4_IN { ETHERTYPE_IPV4 } else { ETHERTYPE_IPV6 };
         write_eth(data, mac, self.cfg.gateway_mac, ethertype);
         Ok(new_len)
     }
+}
+
+/// IPv4-in or IPv6-in (protocol / next header 4 or 41).
+fn is_tunnel(proto: u8) -> bool {
+    proto == PROTO_IPV4_IN || proto == PROTO_IPV6_IN
 }
 
 impl Pipeline for Access {
@@ -491,6 +527,28 @@ fn udp_dst_port(ip: &[u8], header_len: usize) -> Option<u16> {
     Some(u16::from_be_bytes([p[0], p[1]]))
 }
 
+fn as_16(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn write_outer_ipv4(h: &mut [u8], payload_len: u16, protocol: u8, src: Ipv4Addr, dst: Ipv4Addr) {
+    let total = payload_len + IPV4_MIN as u16;
+    h[0] = 0x45;
+    h[1] = 0;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[4..8].copy_from_slice(&[0, 0, 0x40, 0]); // id 0, don't fragment
+    h[8] = 64;
+    h[9] = protocol;
+    h[10..12].copy_from_slice(&[0, 0]);
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let sum = crate::wire::checksum::checksum(&h[..IPV4_MIN]);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
 fn write_outer_ipv6(h: &mut [u8], payload_len: u16, next_header: u8, src: Ipv6Addr, dst: Ipv6Addr) {
     h[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
     h[4..6].copy_from_slice(&payload_len.to_be_bytes());
@@ -524,10 +582,10 @@ mod tests {
     const SID: Sid = 7;
     const NOW: u64 = 1_000_000;
 
-    fn edge_internal() -> Ipv6Addr {
+    fn edge_internal() -> IpAddr {
         "fd00:ffff::e".parse().unwrap()
     }
-    fn access_internal() -> Ipv6Addr {
+    fn access_internal() -> IpAddr {
         "fd00:ffff::a".parse().unwrap()
     }
     /// A client IPv6 address: pool fd00:1::/64, alias 0x0101 in the 16 bits after it.
@@ -721,6 +779,40 @@ mod tests {
         // Inner destination unknown.
         encapsulated[14 + 40 + 19] = 99;
         assert_eq!(run(&mut a, 1, &encapsulated).0, Verdict::Drop(DropReason::NoRoute));
+    }
+
+    #[test]
+    fn an_ipv4_outer_header_carries_the_return_path_on_ipv4_only_internal_networks() {
+        let (e_int, a_int): (IpAddr, IpAddr) = ("198.18.250.1".parse().unwrap(), "198.18.250.2".parse().unwrap());
+        let mut e = edge();
+        e.cfg.internal = e_int;
+        e.cfg.access[0].internal = a_int;
+        let mut a = access();
+        a.cfg.internal = a_int;
+        a.cfg.edge_internal = e_int;
+        a.internal = as_16(a_int);
+        a.edge_internal = as_16(e_int);
+        for original in [
+            udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
+            udp_v6(OUT_HOP, EDGE_OUT, "2001:db8::5".parse().unwrap(), client_v6()),
+        ] {
+            let (v, encapsulated) = run(&mut e, 1, &original);
+            assert_eq!(v, Verdict::Forward(0));
+            assert_eq!(encapsulated.len(), original.len() + 20);
+            let outer = SlicedPacket::from_ethernet(&encapsulated).unwrap();
+            let Some(NetSlice::Ipv4(o)) = outer.net else { panic!("outer IPv4") };
+            let h = o.header().to_header();
+            assert_eq!(h.header_checksum, h.calc_header_checksum(), "outer checksum");
+            assert_eq!(IpAddr::from(o.header().source_addr()), e_int);
+            assert_eq!(IpAddr::from(o.header().destination_addr()), a_int);
+            let (v, delivered) = run(&mut a, 1, &encapsulated);
+            assert_eq!(v, Verdict::Forward(0));
+            assert_eq!(delivered.len(), original.len());
+            assert_eq!(&delivered[0..6], &CLIENT);
+            let mut forged = encapsulated.clone();
+            forged[14 + 15] ^= 1; // outer source: not the edge
+            assert_eq!(run(&mut a, 1, &forged).0, Verdict::Drop(DropReason::NotFromEdge));
+        }
     }
 
     #[test]
