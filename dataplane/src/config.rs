@@ -230,7 +230,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 
 /// Parses a hex string into bytes.
 pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err("hex key has an odd number of digits".into());
     }
     (0..s.len())

@@ -54,7 +54,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a switch until SIGINT or SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the counters a running (or stopped) switch last wrote.
     Stats {
         /// The switch's stats file.
@@ -193,7 +193,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Stats { stats_path } => print_stats(&stats_path),
         Command::CheckConfig { path } => SwitchConfig::load(&path)
             .map(|_| println!("{}: ok", path.display()))

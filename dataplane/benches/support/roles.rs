@@ -97,7 +97,7 @@ pub fn frames(bytes: &[Vec<u8>]) -> Vec<MemFrame> {
     bytes.iter().map(|b| MemFrame::from_bytes(b)).collect()
 }
 
-pub fn run<P: Pipeline>(p: &mut P, port: u16, f: &mut Vec<MemFrame>) -> usize {
+pub fn run<P: Pipeline>(p: &mut P, port: u16, f: &mut [MemFrame]) -> usize {
     let mut verdicts = Vec::with_capacity(BURST);
     p.process(port, &mut MemMemory, f, &mut verdicts);
     verdicts.len()

@@ -113,7 +113,7 @@ impl XdpProgram {
             queue: 0,
             reason,
         };
-        let lock = take_lock(ifindex).map_err(|e| busy(e))?;
+        let lock = take_lock(ifindex).map_err(busy)?;
         remove_leftover(ifname, ifindex)?;
 
         // SAFETY: OBJECT is a static byte slice that outlives the object; NULL opts are allowed.

@@ -183,7 +183,7 @@ impl FlowNumbering {
             return held;
         }
         match fault {
-            Fault::SkipEvery(n) if self.packets % n == 0 => {
+            Fault::SkipEvery(n) if self.packets.is_multiple_of(n) => {
                 self.next = self.next.wrapping_add(1);
                 counters.skipped += 1;
             }

@@ -499,9 +499,9 @@ fn check_test_range(cidr: &str) -> Result<IpAddr, TestbedError> {
     let inside = match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
-            o[0] == 198 && (o[1] & 0xfe) == 18 && len >= 15 && len <= 32
+            o[0] == 198 && (o[1] & 0xfe) == 18 && (15..=32).contains(&len)
         }
-        IpAddr::V6(v6) => v6.octets()[0] == 0xfd && len >= 8 && len <= 128,
+        IpAddr::V6(v6) => v6.octets()[0] == 0xfd && (8..=128).contains(&len),
     };
     if inside {
         Ok(ip)
