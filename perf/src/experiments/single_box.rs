@@ -31,8 +31,10 @@ use crate::testbed::{bin_path, Testbed};
 /// One path's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    /// `l2fwd` or `single_box`.
+    /// `l2fwd`, `single_box`, or `single_box + updates` (while the rule stream carries updates).
     pub path: &'static str,
+    /// Rule updates applied per second during the measurement.
+    pub updates_per_s: f64,
     /// Bindings in the tables.
     pub bindings: u64,
     /// Packets the generator sent per second.
@@ -43,27 +45,32 @@ pub struct Row {
     pub switch_cpu_ns_per_packet: f64,
 }
 
-/// Both paths, l2fwd first; returns the rows and a Markdown table.
+/// Rule updates per second streamed during the third measurement.
+pub const UPDATES_PER_S: u64 = 100_000;
+
+/// Both paths, l2fwd first, then the single box quiet and while the rule stream carries
+/// [`UPDATES_PER_S`]; returns the rows and a Markdown table.
 pub fn compare(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Row>, String), String> {
     progress("l2fwd:");
     let l2fwd = l2fwd(seconds)?;
-    progress(&format!("single box with {bindings} bindings and 65535 aliases:"));
-    let single = single_box(seconds, bindings, progress)?;
+    progress(&format!("single box with {bindings} bindings and 65535 aliases, then with {UPDATES_PER_S} updates/s:"));
+    let (single, streaming) = single_box(seconds, bindings, progress)?;
     let mut md = String::from(
-        "| path | bindings | sent pps | forwarded pps | ÷ l2fwd | switch CPU ns/packet |\n|---|---|---|---|---|---|\n",
+        "| path | bindings | updates/s | sent pps | forwarded pps | ÷ l2fwd | switch CPU ns/packet |\n|---|---|---|---|---|---|---|\n",
     );
-    for r in [&l2fwd, &single] {
+    for r in [&l2fwd, &single, &streaming] {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} |\n",
             r.path,
             r.bindings,
+            r.updates_per_s,
             r.sent_pps,
             r.forwarded_pps,
             r.forwarded_pps / l2fwd.forwarded_pps.max(1.0),
             r.switch_cpu_ns_per_packet
         ));
     }
-    Ok((vec![l2fwd, single], md))
+    Ok((vec![l2fwd, single, streaming], md))
 }
 
 fn l2fwd(seconds: u32) -> Result<Row, String> {
@@ -77,6 +84,7 @@ fn l2fwd(seconds: u32) -> Result<Row, String> {
     let (sent_pps, forwarded, cpu_ms, elapsed) = measure(&mut tb, "h1", &send, seconds, &switch, |s| s.port(1, "tx_packets"), dir.path())?;
     Ok(Row {
         path: "l2fwd",
+        updates_per_s: 0.0,
         bindings: 0,
         sent_pps,
         forwarded_pps: forwarded as f64 / elapsed,
@@ -84,15 +92,16 @@ fn l2fwd(seconds: u32) -> Result<Row, String> {
     })
 }
 
-fn single_box(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Result<Row, String> {
+fn single_box(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Result<(Row, Row), String> {
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
     topology::single_box(&mut tb).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let c1_mac = mimiq_dataplane::config::parse_mac(&mac(&tb, "c1", "eth0"))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let stream = Arc::new(AtomicBool::new(false));
     let publisher = {
-        let stop = Arc::clone(&stop);
-        tb.spawn_in("sw", move || serve_rules(c1_mac, bindings, &stop)).map_err(|e| e.to_string())?
+        let (stop, stream) = (Arc::clone(&stop), Arc::clone(&stream));
+        tb.spawn_in("sw", move || serve_rules(c1_mac, bindings, &stop, &stream)).map_err(|e| e.to_string())?
     };
     // The single box's usual config: relay and rule stream on the switch host's loopback.
     let config = crate::singlebox::switch_config(dir.path());
@@ -115,18 +124,29 @@ fn single_box(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Re
     }
     let edge_mac = mac(&tb, "sw", "out0");
     let send = ["--dst-mac", edge_mac.as_str(), "--src", addr::OUT_V4, "--dst", "198.18.1.2", "--vary", "dst-ip"];
-    let (sent_pps, forwarded, cpu_ms, elapsed) =
-        measure(&mut tb, "out", &send, seconds, &switch, |s| s.0["workers"][0]["ports"][0]["tx_packets"].as_u64().unwrap_or(0), dir.path())?;
+    let delivered = |s: &crate::switch::SwitchStats| s.0["workers"][0]["ports"][0]["tx_packets"].as_u64().unwrap_or(0);
+    let applied = |s: &crate::switch::SwitchStats| s.0["workers"][1]["updates_applied"].as_u64().unwrap_or(0);
+    let mut rows = Vec::new();
+    for (path, streaming) in [("single_box", false), ("single_box + updates", true)] {
+        stream.store(streaming, Ordering::Relaxed);
+        let before = applied(&switch.stats()?);
+        let (sent_pps, forwarded, cpu_ms, elapsed) = measure(&mut tb, "out", &send, seconds, &switch, delivered, dir.path())?;
+        let updates = applied(&switch.stats()?) - before;
+        rows.push(Row {
+            path,
+            updates_per_s: updates as f64 / elapsed,
+            bindings: u64::from(bindings),
+            sent_pps,
+            forwarded_pps: forwarded as f64 / elapsed,
+            switch_cpu_ns_per_packet: cpu_ms * 1e6 / forwarded.max(1) as f64,
+        });
+    }
     stop.store(true, Ordering::Relaxed);
     drop(switch);
     let _ = publisher.join();
-    Ok(Row {
-        path: "single_box",
-        bindings: u64::from(bindings),
-        sent_pps,
-        forwarded_pps: forwarded as f64 / elapsed,
-        switch_cpu_ns_per_packet: cpu_ms * 1e6 / forwarded.max(1) as f64,
-    })
+    let streaming = rows.pop().ok_or("no row")?;
+    let quiet = rows.pop().ok_or("no row")?;
+    Ok((quiet, streaming))
 }
 
 /// Runs the generator on `host` and returns (sent pps, forwarded packets, switch CPU ms, seconds).
@@ -160,14 +180,16 @@ fn measure(
 }
 
 /// Serves one rule-stream subscriber (the switch) on 127.0.0.1:6365 of the current namespace:
-/// a snapshot with the 64 flow destinations bound to c1, filler bindings, and 65,535 aliases.
-fn serve_rules(c1: [u8; 6], bindings: u32, stop: &AtomicBool) -> Result<(), String> {
+/// a snapshot with the 64 flow destinations bound to c1, filler bindings, and 65,535 aliases;
+/// then, while `stream` is set, numbered `BindingAdd`s of filler addresses at
+/// [`UPDATES_PER_S`] (in batches every 10 ms).
+fn serve_rules(c1: [u8; 6], bindings: u32, stop: &AtomicBool, stream: &AtomicBool) -> Result<(), String> {
     let listener = TcpListener::bind("127.0.0.1:6365").map_err(|e| e.to_string())?;
-    let (mut stream, _) = listener.accept().map_err(|e| e.to_string())?;
+    let (mut stream_socket, _) = listener.accept().map_err(|e| e.to_string())?;
     let secret = mimiq_dataplane::config::parse_hex(KEY)?;
     let key = proto::key(&secret);
     let mut buf = Vec::new();
-    proto::read_frame(&mut stream, &mut buf).map_err(|e| e.to_string())?;
+    proto::read_frame(&mut stream_socket, &mut buf).map_err(|e| e.to_string())?;
     StreamMsg::parse(&buf, |_| Some(&key)).map_err(|e| format!("hello: {e:?}"))?;
     let mut updates = Vec::with_capacity(bindings as usize + 1);
     for i in 0..bindings {
@@ -186,13 +208,34 @@ fn serve_rules(c1: [u8; 6], bindings: u32, stop: &AtomicBool) -> Result<(), Stri
     for update in updates {
         StreamMsg::Update(Sequenced { seq: 1, update }).emit_frame(&key, &mut out).map_err(|e| format!("{e:?}"))?;
         if out.len() > 1 << 20 {
-            stream.write_all(&out).map_err(|e| e.to_string())?;
+            stream_socket.write_all(&out).map_err(|e| e.to_string())?;
             out.clear();
         }
     }
-    stream.write_all(&out).map_err(|e| e.to_string())?;
+    let mut tcp = stream_socket;
+    tcp.write_all(&out).map_err(|e| e.to_string())?;
+    let mut seq = 1u64;
+    let mut filler = 64u32;
+    let batch = (UPDATES_PER_S / 100) as u32;
+    let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(50));
+        if !stream.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+            next = Instant::now();
+            continue;
+        }
+        out.clear();
+        for _ in 0..batch {
+            seq += 1;
+            filler = if filler + 1 >= bindings { 64 } else { filler + 1 };
+            let update = RuleUpdate::BindingAdd { ip: IpAddr::V4(Ipv4Addr::from(0x6440_0000 | filler)), mac: Mac(c1), sid: 1, valid_until_ms: u64::MAX - u64::from(filler) };
+            StreamMsg::Update(Sequenced { seq, update }).emit_frame(&key, &mut out).map_err(|e| format!("{e:?}"))?;
+        }
+        tcp.write_all(&out).map_err(|e| e.to_string())?;
+        next += Duration::from_millis(10);
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
     }
     Ok(())
 }
