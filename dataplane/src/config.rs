@@ -158,9 +158,10 @@ pub struct EdgeSection {
     /// The access switches (`role = "edge"`; the single box knows its own).
     #[serde(default)]
     pub access: Vec<AccessPeer>,
-    /// The outside next hop's IPv4 address, resolved by ARP from `outside_v4`.
+    /// The outside next hop's address: IPv4, resolved by ARP from `outside_v4`, or IPv6,
+    /// resolved by neighbour solicitation from the first of `outside_v6`.
     #[serde(default)]
-    pub outside_next_hop: Option<std::net::Ipv4Addr>,
+    pub outside_next_hop: Option<IpAddr>,
     /// Or its MAC, e.g. `"02:00:00:00:00:99"`, when it is not to be resolved.
     #[serde(default)]
     pub outside_next_hop_mac: Option<String>,
@@ -261,15 +262,18 @@ impl AccessSection {
 
 impl EdgeSection {
     fn validate(&self, standalone: bool) -> Result<(), String> {
-        match (&self.outside_next_hop_mac, self.outside_next_hop, self.outside_v4) {
-            (Some(mac), _, _) => {
+        match (&self.outside_next_hop_mac, self.outside_next_hop) {
+            (Some(mac), _) => {
                 parse_mac(mac).map_err(|e| format!("edge.outside_next_hop_mac: {e}"))?;
             }
-            (None, Some(_), Some(_)) => {}
-            (None, Some(_), None) => {
-                return Err("edge: resolving outside_next_hop needs outside_v4 (the address ARP is sent from)".into())
+            (None, Some(IpAddr::V4(_))) if self.outside_v4.is_none() => {
+                return Err("edge: resolving an IPv4 outside_next_hop needs outside_v4 (the address ARP is sent from)".into())
             }
-            (None, None, _) => return Err("edge: set outside_next_hop (resolved by ARP) or outside_next_hop_mac".into()),
+            (None, Some(IpAddr::V6(_))) if self.outside_v6.is_empty() => {
+                return Err("edge: resolving an IPv6 outside_next_hop needs outside_v6 (the address solicitations are sent from)".into())
+            }
+            (None, Some(_)) => {}
+            (None, None) => return Err("edge: set outside_next_hop (resolved) or outside_next_hop_mac".into()),
         }
         let (_, len): (std::net::Ipv6Addr, u8) =
             parse_prefix(&self.v6_prefix, 112).map_err(|e| format!("edge.v6_prefix: {e}"))?;
@@ -611,6 +615,7 @@ mod tests {
             (&format!("role = \"edge\"\n{EDGE}"), "edge.access: list the access switches"),
             (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("outside_next_hop = \"198.18.200.2\"\n", "")), "outside_next_hop"),
             (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("fd00:1::/64", "fd00:1::/100")), "alias_bits must be"),
+            (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("\"198.18.200.2\"", "\"fd00:200::2\"")), "needs outside_v6"),
             (&format!("role = \"single_box\"\ninterfaces = [\"x\"]\n{ACCESS}{EDGE}"), "not in `interfaces`"),
             (&format!("role = \"single_box\"\n{}{EDGE}", ACCESS.replace("internal = \"fd00::a\"", "internal = \"198.18.250.2\"")), "one family"),
             (&format!("{MINIMAL}[impair.p1]\nloss = 2.0\n"), "impair.p1: loss 2 must be between"),

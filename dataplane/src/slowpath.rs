@@ -21,7 +21,11 @@ use mimiq_allocator::{Mac, Sid};
 use crate::engine::{SlowPathFrame, SlowPathReturn, SPARE_FRAME};
 use crate::pipeline::gateway::{Answer, Gateway};
 use crate::pipeline::mimiq::{SwitchUpdate, ALLOC_PORT};
-use crate::wire::{ArpOperation, ArpPacket, ArpRepr, EtherType, EthernetAddress, EthernetFrame};
+use crate::wire::checksum::PseudoHeader;
+use crate::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EtherType, EthernetAddress, EthernetFrame, EthernetRepr, Icmpv6Packet,
+    Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr, NdiscRepr,
+};
 use crate::port::{FrameMemory, PortId};
 
 /// Frames kept to carry allocator replies.
@@ -153,8 +157,8 @@ pub struct EdgeNeighbors {
     pub own: Gateway,
     /// The outside port.
     pub outside: PortId,
-    /// The next hop to resolve by ARP (none: configured statically).
-    pub next_hop: Option<Ipv4Addr>,
+    /// The next hop to resolve, by ARP or neighbour solicitation (none: configured statically).
+    pub next_hop: Option<IpAddr>,
 }
 
 /// How often the next hop is asked for while unknown, and refreshed once known.
@@ -186,7 +190,12 @@ pub fn run_edge<M: FrameMemory>(
             }
             let len = memory.len(&frame);
             if let Some(next_hop) = neighbors.next_hop {
-                if let Some(mac) = arp_sender(&memory.data_mut(&mut frame)[..len], next_hop) {
+                let bytes = &memory.data_mut(&mut frame)[..len];
+                let heard = match next_hop {
+                    IpAddr::V4(v4) => arp_sender(bytes, v4),
+                    IpAddr::V6(v6) => nd_sender(bytes, v6),
+                };
+                if let Some(mac) = heard {
                     if known != Some(mac) && learned.push(SwitchUpdate::NextHopMac(mac)).is_ok() {
                         tracing::info!("outside next hop {next_hop} is at {mac:02x?}");
                         known = Some(mac);
@@ -212,15 +221,27 @@ pub fn run_edge<M: FrameMemory>(
                 give_back(&mut to_worker, SlowPathReturn::Free(frame));
             }
         }
-        if let (Some(next_hop), Some(own_v4)) = (neighbors.next_hop, neighbors.own.v4) {
+        if let Some(next_hop) = neighbors.next_hop {
             if Instant::now() >= next_probe {
                 if let Some(mut frame) = spare.pop() {
-                    let room = memory.set_len(&mut frame, ARP_FRAME_LEN);
-                    if room == ARP_FRAME_LEN {
-                        arp_request(&mut memory.data_mut(&mut frame)[..room], neighbors.own.mac, own_v4, next_hop);
-                        give_back(&mut to_worker, SlowPathReturn::Transmit(frame, neighbors.outside));
-                    } else {
-                        give_back(&mut to_worker, SlowPathReturn::Free(frame));
+                    let room = memory.set_len(&mut frame, NS_FRAME_LEN);
+                    let own = &neighbors.own;
+                    let written = match (next_hop, own.v4, own.v6.first()) {
+                        (IpAddr::V4(target), Some(from), _) if room >= ARP_FRAME_LEN => {
+                            arp_request(&mut memory.data_mut(&mut frame)[..ARP_FRAME_LEN], own.mac, from, target);
+                            Some(ARP_FRAME_LEN)
+                        }
+                        (IpAddr::V6(target), _, Some(from)) if room >= NS_FRAME_LEN => {
+                            neighbor_solicitation(&mut memory.data_mut(&mut frame)[..NS_FRAME_LEN], own.mac, *from, target)
+                        }
+                        _ => None,
+                    };
+                    match written {
+                        Some(n) => {
+                            memory.set_len(&mut frame, n);
+                            give_back(&mut to_worker, SlowPathReturn::Transmit(frame, neighbors.outside));
+                        }
+                        None => give_back(&mut to_worker, SlowPathReturn::Free(frame)),
                     }
                     next_probe = Instant::now() + if known.is_some() { PROBE_KNOWN } else { PROBE_UNKNOWN };
                 }
@@ -237,6 +258,58 @@ pub fn run_edge<M: FrameMemory>(
 
 /// Bytes of an Ethernet frame carrying ARP, padded to the minimum.
 const ARP_FRAME_LEN: usize = 60;
+/// Bytes of a neighbour solicitation with a source link-layer address option.
+const NS_FRAME_LEN: usize = 14 + 40 + 32;
+
+/// The MAC a neighbour advertisement for `of` gives (or a solicitation `of` sends).
+fn nd_sender(frame: &[u8], of: Ipv6Addr) -> Option<[u8; 6]> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EtherType::Ipv6 {
+        return None;
+    }
+    let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+    let ip_repr = Ipv6Repr::parse(&ip).ok()?;
+    if ip_repr.next_header != IpProtocol::Icmpv6 || ip_repr.hop_limit != 255 {
+        return None;
+    }
+    let pseudo = PseudoHeader::V6 { src: ip_repr.src_addr, dst: ip_repr.dst_addr };
+    let icmp = Icmpv6Packet::new_checked(ip.payload()).ok()?;
+    match Icmpv6Repr::parse(&icmp, &pseudo).ok()? {
+        Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert { target_addr, lladdr, .. }) if target_addr == of => {
+            Some(lladdr.unwrap_or(eth.src_addr()).0)
+        }
+        Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { lladdr: Some(mac), .. }) if ip_repr.src_addr == of => Some(mac.0),
+        _ => None,
+    }
+}
+
+/// Writes a neighbour solicitation for `target` from `ip` (with our MAC as the source
+/// link-layer option) into `frame` (NS_FRAME_LEN bytes); returns its length.
+fn neighbor_solicitation(frame: &mut [u8], mac: EthernetAddress, ip: Ipv6Addr, target: Ipv6Addr) -> Option<usize> {
+    let t = target.octets();
+    // RFC 4861 §4.3: to the solicited-node multicast address of the target.
+    let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(t[13]), u16::from_be_bytes([t[14], t[15]]));
+    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr: target, lladdr: Some(mac) });
+    let icmp_len = ns.buffer_len();
+    let total = 14 + 40 + icmp_len;
+    let frame = frame.get_mut(..total)?;
+    EthernetRepr { src_addr: mac, dst_addr: EthernetAddress::ipv6_multicast(&dst), vlan_tci: None, ethertype: EtherType::Ipv6 }
+        .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]))
+        .ok()?;
+    Ipv6Repr {
+        src_addr: ip,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: icmp_len as u16,
+        hop_limit: 255,
+        traffic_class: 0,
+        flow_label: 0,
+    }
+    .emit(&mut Ipv6Packet::new_unchecked(&mut frame[14..54]))
+    .ok()?;
+    ns.emit(&mut Icmpv6Packet::new_unchecked(&mut frame[54..total]), &PseudoHeader::V6 { src: ip, dst }).ok()?;
+    Some(total)
+}
 
 /// The sender MAC of an ARP packet (request or reply) sent by `from`.
 fn arp_sender(frame: &[u8], from: Ipv4Addr) -> Option<[u8; 6]> {
@@ -411,5 +484,23 @@ mod tests {
         assert_eq!(stats.relayed.load(Ordering::Relaxed), 1);
         assert_eq!(stats.replies.load(Ordering::Relaxed), 1);
         assert!(stats.replies_dropped.load(Ordering::Relaxed) >= 1, "the forged reply");
+    }
+
+    #[test]
+    fn a_solicitation_for_the_next_hop_is_answered_and_the_answer_names_its_mac() {
+        let me = EthernetAddress([2, 0, 0, 0, 0, 0xe2]);
+        let router_mac = [2, 0, 0, 0, 0, 0x99];
+        let (mine, router): (Ipv6Addr, Ipv6Addr) = ("fd00:200::1".parse().unwrap(), "fd00:200::2".parse().unwrap());
+        let mut frame = vec![0u8; 128];
+        let n = neighbor_solicitation(&mut frame, me, mine, router).unwrap();
+        assert_eq!(n, NS_FRAME_LEN);
+        assert_eq!(&frame[0..6], &[0x33, 0x33, 0xff, 0, 0, 2], "solicited-node multicast");
+        // The router (played by a gateway that owns the address) answers it ...
+        let router_side = Gateway { mac: EthernetAddress(router_mac), v4: None, v6: vec![router] };
+        let Ok(Answer::Reply(m)) = router_side.answer(&mut frame, n) else { panic!("not answered") };
+        // ... and the answer gives the edge the router's MAC; nothing else does.
+        assert_eq!(nd_sender(&frame[..m], router), Some(router_mac));
+        assert_eq!(nd_sender(&frame[..m], mine), None);
+        assert_eq!(nd_sender(&frame[..20], router), None, "truncated");
     }
 }

@@ -146,6 +146,7 @@ fn when_an_address_moves_to_another_client_return_traffic_follows_it() {
     allocator.stop(Duration::from_secs(5));
 }
 
+/// Also: this edge resolves its outside next hop by IPv6 neighbour discovery.
 #[test]
 fn access_and_edge_run_as_separate_processes_on_separate_hosts() {
     if !require_root() {
@@ -196,8 +197,9 @@ inside = "in0"
 outside = "out0"
 internal = "fd00:ffff::e"
 access = [{{ sid = 1, internal = "fd00:ffff::a", mac = "{access_mac}" }}]
-outside_next_hop = "{out_v4}"
+outside_next_hop = "{out_v6}"
 outside_v4 = "{edge_v4}"
+outside_v6 = ["{edge_v6}"]
 v6_prefix = "{pool6}"
 alias_k = 3
 v4_pools = ["{pool}"]
@@ -207,8 +209,9 @@ key_hex = "{EDGE_KEY}"
 "#,
             stats = dir.path().join("e.json").display(),
             access_mac = mac(&tb, "swa", "up0"),
-            out_v4 = addr::OUT_V4,
+            out_v6 = addr::OUT_V6,
             edge_v4 = addr::EDGE_OUT_V4,
+            edge_v6 = addr::EDGE_OUT_V6,
             pool6 = addr::POOL_V6,
             pool = addr::POOL_V4,
         ),
