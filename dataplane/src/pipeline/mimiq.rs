@@ -237,16 +237,12 @@ impl Pipeline for Edge {
         frames: &mut [M::Frame],
         verdicts: &mut Vec<Verdict>,
     ) {
-        for frame in frames.iter_mut() {
-            let len = memory.len(frame);
-            if len < ETH_LEN {
-                verdicts.push(Verdict::Drop(DropReason::Runt));
-                continue;
-            }
-            let verdict = if in_port == self.cfg.outside {
+        let this = &*self;
+        each_frame(memory, frames, verdicts, |memory, frame, len| {
+            if in_port == this.cfg.outside {
                 // Grow first so the view covers the room the outer header needs.
                 let room = memory.set_len(frame, len + IPV6_LEN);
-                let result = self.downstream(&mut memory.data_mut(frame)[..room], len);
+                let result = this.downstream(&mut memory.data_mut(frame)[..room], len);
                 match result {
                     Ok((new_len, out)) => {
                         memory.set_len(frame, new_len);
@@ -257,16 +253,15 @@ impl Pipeline for Edge {
                         non_ip_to_slow_path(reason)
                     }
                 }
-            } else if in_port == self.cfg.inside {
-                match self.upstream(&mut memory.data_mut(frame), len) {
-                    Ok(()) => Verdict::Forward(self.cfg.outside),
+            } else if in_port == this.cfg.inside {
+                match this.upstream(&mut memory.data_mut(frame), len) {
+                    Ok(()) => Verdict::Forward(this.cfg.outside),
                     Err(reason) => non_ip_to_slow_path(reason),
                 }
             } else {
                 Verdict::Drop(DropReason::NoSuchPort)
-            };
-            verdicts.push(verdict);
-        }
+            }
+        });
     }
 }
 
@@ -451,28 +446,37 @@ impl Pipeline for Access {
         frames: &mut [M::Frame],
         verdicts: &mut Vec<Verdict>,
     ) {
-        for frame in frames.iter_mut() {
-            let len = memory.len(frame);
-            if len < ETH_LEN {
-                verdicts.push(Verdict::Drop(DropReason::Runt));
-                continue;
-            }
-            let verdict = if in_port == self.cfg.clients {
-                self.upstream(&mut memory.data_mut(frame), len).unwrap_or_else(Verdict::Drop)
-            } else if in_port == self.cfg.uplink {
-                let result = self.downstream(&mut memory.data_mut(frame), len);
+        let this = &*self;
+        each_frame(memory, frames, verdicts, |memory, frame, len| {
+            if in_port == this.cfg.clients {
+                this.upstream(&mut memory.data_mut(frame), len).unwrap_or_else(Verdict::Drop)
+            } else if in_port == this.cfg.uplink {
+                let result = this.downstream(&mut memory.data_mut(frame), len);
                 match result {
                     Ok(new_len) => {
                         memory.set_len(frame, new_len);
-                        Verdict::Forward(self.cfg.clients)
+                        Verdict::Forward(this.cfg.clients)
                     }
                     Err(reason) => non_ip_to_slow_path(reason),
                 }
             } else {
                 Verdict::Drop(DropReason::NoSuchPort)
-            };
-            verdicts.push(verdict);
-        }
+            }
+        });
+    }
+}
+
+/// Gives every frame of a burst its verdict: runts are dropped, the rest go through `verdict`
+/// with their length.
+fn each_frame<M: FrameMemory>(
+    memory: &mut M,
+    frames: &mut [M::Frame],
+    verdicts: &mut Vec<Verdict>,
+    mut verdict: impl FnMut(&mut M, &mut M::Frame, usize) -> Verdict,
+) {
+    for frame in frames.iter_mut() {
+        let len = memory.len(frame);
+        verdicts.push(if len < ETH_LEN { Verdict::Drop(DropReason::Runt) } else { verdict(memory, frame, len) });
     }
 }
 
