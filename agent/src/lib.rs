@@ -1,4 +1,21 @@
 //! mimiq-agent: the client agent (address sets, hop strategies, QUIC connection migration).
 //!
-//! Not built yet: this crate holds the place that ARCHITECTURE.md §2 gives it.
+//! Built so far: the sans-IO core that decides *when* a connection hops ([`strategy`]) and
+//! *which* address it hops to, when to ask the allocator for more addresses and when to release
+//! and drop them ([`addrset`]), and the agent's config file ([`config`]). These never read a
+//! clock, open a socket or spawn a thread: time is an argument and the results are plain data,
+//! so they are tested on a virtual clock. Each value is owned by one thread (the agent's event
+//! loop); none is shared. Nothing here panics on input: bad configs are errors.
+//!
+//! Not built yet (ARCHITECTURE.md §2): the allocator client, netlink address management, the
+//! quiche migration driver, tunnel and direct modes; the `mimiq-agent` binary is a placeholder.
 #![forbid(unsafe_code)]
+
+pub mod addrset;
+pub mod config;
+pub mod rng;
+pub mod strategy;
+
+pub use addrset::{AddressSet, AddressSetConfig};
+pub use config::AgentConfig;
+pub use strategy::{Decision, HopStrategy, HopStrategyConfig};

@@ -1,0 +1,448 @@
+//! The client's address set (seed 000 §3.2; issue 7): which addresses it holds and until when,
+//! which one is current, which one to hop to, when to ask the allocator for more, and which to
+//! release and drop.
+//!
+//! Sans-IO: the caller passes its monotonic clock (`now_ms`) into every call and acts on what
+//! comes back — it sends the allocator request, adds and removes addresses on the interface,
+//! migrates connections. Nothing here reads a clock or touches the host.
+//!
+//! Times, for an address that expires at `E` (allocation time + lifetime):
+//! - it is *usable* (may be chosen, or stay current) while `now + expiry_margin_ms < E`;
+//! - after that it is only *draining*: packets already in flight may still arrive on it, but the
+//!   set never hands it out again, and once nothing uses it [`AddressSet::poll_release`] returns it
+//!   so the agent can tell the allocator;
+//! - at `E` it is dropped ([`AddressSet::drain_expired`]) and no call returns it any more.
+//!
+//! The set asks for the next allocation `refill_lead_ms` before it would hold fewer usable
+//! addresses than it needs (`min_usable`, or one more than the connections it serves), so
+//! traffic never waits for the allocator (the seed's prototype blocked on DHCP).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::rng::SplitMix64;
+
+/// Address-set settings (the agent config's `[addresses]` table). Unknown fields are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AddressSetConfig {
+    /// Stop choosing an address this long before it expires, in milliseconds, so a connection
+    /// never migrates onto an address about to vanish and in-flight replies still reach it.
+    /// Default 2,000.
+    pub expiry_margin_ms: u64,
+    /// Ask the allocator for the next set this long, in milliseconds, before the set would run
+    /// short of usable addresses. Must cover the allocator's round trip. Default 10,000.
+    pub refill_lead_ms: u64,
+    /// Ask again if no set arrived this long, in milliseconds, after a request. Default 1,000.
+    pub refill_retry_ms: u64,
+    /// Addresses asked for in one request. 1 ..= 1024. Default 8.
+    pub set_size: u16,
+    /// Usable addresses to keep on hand (the current one and spares to hop to). At least 2.
+    /// Default 2.
+    pub min_usable: usize,
+}
+
+impl Default for AddressSetConfig {
+    fn default() -> Self {
+        Self {
+            expiry_margin_ms: 2_000,
+            refill_lead_ms: 10_000,
+            refill_retry_ms: 1_000,
+            set_size: 8,
+            min_usable: 2,
+        }
+    }
+}
+
+/// Why an address-set config was refused. Each message is one line naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressSetConfigError {
+    /// `set_size` is 0 or above 1024.
+    #[error("addresses: set_size must be between 1 and 1024, got {0}")]
+    SetSize(u16),
+    /// `min_usable` is below 2: with one address there is nothing to hop to.
+    #[error(
+        "addresses: min_usable must be at least 2 (the current address and one to hop to), got {0}"
+    )]
+    MinUsable(usize),
+    /// `refill_retry_ms` is 0, which would resend the request on every poll.
+    #[error("addresses: refill_retry_ms must be at least 1, got 0")]
+    RefillRetry,
+}
+
+impl AddressSetConfig {
+    /// Refuses settings the set cannot follow.
+    pub fn validate(&self) -> Result<(), AddressSetConfigError> {
+        if self.set_size == 0 || self.set_size > 1024 {
+            return Err(AddressSetConfigError::SetSize(self.set_size));
+        }
+        if self.min_usable < 2 {
+            return Err(AddressSetConfigError::MinUsable(self.min_usable));
+        }
+        if self.refill_retry_ms == 0 {
+            return Err(AddressSetConfigError::RefillRetry);
+        }
+        Ok(())
+    }
+}
+
+/// A request the agent should send to the allocator now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefillRequest {
+    /// Addresses to ask for.
+    pub count: u16,
+}
+
+/// A hop of the set's current address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    /// The address left, if there was a usable-or-draining current one.
+    pub from: Option<IpAddr>,
+    /// The new current address.
+    pub to: IpAddr,
+}
+
+/// No address can be handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChooseError {
+    /// Every address is expired, within the expiry margin, or the one being left.
+    #[error("no spare address: {usable} usable address(es), none other than the current one")]
+    NoSpareAddress {
+        /// Usable addresses, counting the one being left.
+        usable: usize,
+    },
+}
+
+/// Identifies a connection for per-connection assignment (the caller's own numbering).
+pub type ConnectionId = u64;
+
+/// The addresses the client holds. See the module docs for the life of an address.
+#[derive(Debug, Clone)]
+pub struct AddressSet {
+    config: AddressSetConfig,
+    /// In allocation order, so choices under a seed are reproducible.
+    entries: Vec<Entry>,
+    current: Option<IpAddr>,
+    connections: BTreeMap<ConnectionId, IpAddr>,
+    /// When the outstanding refill request was sent.
+    refill_sent_ms: Option<u64>,
+    rng: SplitMix64,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    addr: IpAddr,
+    expires_ms: u64,
+    released: bool,
+}
+
+impl AddressSet {
+    /// An empty set; `seed` fixes which address each hop picks.
+    pub fn new(config: AddressSetConfig, seed: u64) -> Result<Self, AddressSetConfigError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            entries: Vec::new(),
+            current: None,
+            connections: BTreeMap::new(),
+            refill_sent_ms: None,
+            rng: SplitMix64::new(seed),
+        })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &AddressSetConfig {
+        &self.config
+    }
+
+    /// Adds an allocation received at `now_ms`: each address with its lifetime. Answers the
+    /// outstanding refill request. An address already held takes the later expiry; one with a
+    /// zero lifetime is ignored. Returns how many addresses were new or extended.
+    pub fn add_allocation(&mut self, now_ms: u64, addresses: &[(IpAddr, Duration)]) -> usize {
+        self.refill_sent_ms = None;
+        let mut accepted = 0;
+        for &(addr, lifetime) in addresses {
+            let lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+            if lifetime_ms == 0 {
+                continue;
+            }
+            let expires_ms = now_ms.saturating_add(lifetime_ms);
+            match self.entries.iter_mut().find(|e| e.addr == addr) {
+                Some(entry) => {
+                    if expires_ms > entry.expires_ms {
+                        entry.expires_ms = expires_ms;
+                        entry.released = false;
+                        accepted += 1;
+                    }
+                }
+                None => {
+                    self.entries.push(Entry {
+                        addr,
+                        expires_ms,
+                        released: false,
+                    });
+                    accepted += 1;
+                }
+            }
+        }
+        accepted
+    }
+
+    /// The current address, unless there is none or it has expired.
+    pub fn current(&self, now_ms: u64) -> Option<IpAddr> {
+        self.current
+            .filter(|&a| self.expires_ms(a).is_some_and(|e| now_ms < e))
+    }
+
+    /// Whether the current address must be left now (missing, or within the expiry margin),
+    /// whatever the hop strategy says.
+    pub fn must_leave_current(&self, now_ms: u64) -> bool {
+        self.current.is_none_or(|a| !self.is_usable(a, now_ms))
+    }
+
+    /// Moves the current address to a usable one other than the current, chosen uniformly.
+    /// Fails (and keeps the current one) when there is no such address.
+    pub fn hop(&mut self, now_ms: u64) -> Result<Hop, ChooseError> {
+        let from = self.current(now_ms);
+        let to = self.choose(now_ms, from, &[])?;
+        self.current = Some(to);
+        Ok(Hop { from, to })
+    }
+
+    /// Usable addresses at `now_ms` (including the current one).
+    pub fn usable_count(&self, now_ms: u64) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| self.entry_usable(e, now_ms))
+            .count()
+    }
+
+    /// Every address held and its expiry (ms on the caller's clock), in allocation order.
+    pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
+        self.entries.iter().map(|e| (e.addr, e.expires_ms))
+    }
+
+    /// The time (ms) from which the set would hold fewer usable addresses than it needs if no
+    /// allocation arrived; 0 when it already holds too few addresses.
+    pub fn runs_out_ms(&self) -> u64 {
+        let need = self.needed();
+        let mut until: Vec<u64> = self
+            .entries
+            .iter()
+            .map(|e| e.expires_ms.saturating_sub(self.config.expiry_margin_ms))
+            .collect();
+        if until.len() < need {
+            return 0;
+        }
+        until.sort_unstable_by(|a, b| b.cmp(a));
+        until[need - 1]
+    }
+
+    /// A request to send to the allocator now, if the set will run short within the refill
+    /// lead and no request is outstanding (one unanswered for `refill_retry_ms` is resent).
+    pub fn poll_refill(&mut self, now_ms: u64) -> Option<RefillRequest> {
+        if now_ms.saturating_add(self.config.refill_lead_ms) < self.runs_out_ms() {
+            return None;
+        }
+        if let Some(sent) = self.refill_sent_ms {
+            if now_ms < sent.saturating_add(self.config.refill_retry_ms) {
+                return None;
+            }
+        }
+        self.refill_sent_ms = Some(now_ms);
+        Some(RefillRequest {
+            count: self.config.set_size,
+        })
+    }
+
+    /// Addresses that will never be handed out again (within the expiry margin), that neither the
+    /// current address nor any connection uses, and that were not returned before: tell the
+    /// allocator it may recycle them. They stay on the interface until they expire.
+    pub fn poll_release(&mut self, now_ms: u64) -> Vec<IpAddr> {
+        let margin = self.config.expiry_margin_ms;
+        let mut released = Vec::new();
+        for entry in &mut self.entries {
+            let draining = now_ms.saturating_add(margin) >= entry.expires_ms;
+            let in_use = self.current == Some(entry.addr)
+                || self.connections.values().any(|&a| a == entry.addr);
+            if draining && !in_use && !entry.released && now_ms < entry.expires_ms {
+                entry.released = true;
+                released.push(entry.addr);
+            }
+        }
+        released
+    }
+
+    /// Drops the addresses that have expired at `now_ms` and returns them, for the agent to take
+    /// off the interface. The current address and connection assignments on them are cleared.
+    pub fn drain_expired(&mut self, now_ms: u64) -> Vec<IpAddr> {
+        let mut expired = Vec::new();
+        self.entries.retain(|e| {
+            let keep = now_ms < e.expires_ms;
+            if !keep {
+                expired.push(e.addr);
+            }
+            keep
+        });
+        if self.current.is_some_and(|a| expired.contains(&a)) {
+            self.current = None;
+        }
+        self.connections.retain(|_, a| !expired.contains(a));
+        expired
+    }
+
+    /// Every unexpired address not released before (on exit: send them in one `Release`).
+    pub fn release_all(&mut self, now_ms: u64) -> Vec<IpAddr> {
+        let mut released = Vec::new();
+        for entry in &mut self.entries {
+            if !entry.released && now_ms < entry.expires_ms {
+                entry.released = true;
+                released.push(entry.addr);
+            }
+        }
+        released
+    }
+
+    /// The next time at which a poll can return something new (an address leaves its usable
+    /// window or expires, a refill falls due or is resent), so the driver can arm one timer.
+    pub fn next_timeout_ms(&self, now_ms: u64) -> Option<u64> {
+        let margin = self.config.expiry_margin_ms;
+        let mut next = self
+            .entries
+            .iter()
+            .flat_map(|e| [e.expires_ms.saturating_sub(margin), e.expires_ms])
+            .filter(|&t| t > now_ms)
+            .min();
+        let refill = match self.refill_sent_ms {
+            Some(sent) => sent.saturating_add(self.config.refill_retry_ms),
+            None => self
+                .runs_out_ms()
+                .saturating_sub(self.config.refill_lead_ms),
+        };
+        let refill = refill.max(now_ms);
+        next = Some(next.map_or(refill, |n| n.min(refill)));
+        next
+    }
+
+    /// Gives connection `conn` a usable address of its own ("a different address per
+    /// simultaneous connection", seed 000 §3.2): one no other connection holds if there is one,
+    /// else the least shared; never the address `conn` held before, unless that is the only
+    /// usable one. Call again to move the connection (its address nears expiry, or a hop).
+    pub fn assign_connection(
+        &mut self,
+        conn: ConnectionId,
+        now_ms: u64,
+    ) -> Result<IpAddr, ChooseError> {
+        let previous = self.connections.get(&conn).copied();
+        let mut load: BTreeMap<IpAddr, usize> = BTreeMap::new();
+        for (&other, &addr) in &self.connections {
+            if other != conn {
+                *load.entry(addr).or_default() += 1;
+            }
+        }
+        let least = self
+            .entries
+            .iter()
+            .filter(|e| self.entry_usable(e, now_ms) && Some(e.addr) != previous)
+            .map(|e| load.get(&e.addr).copied().unwrap_or(0))
+            .min();
+        let chosen = match least {
+            Some(least) => {
+                let busier: Vec<IpAddr> = load
+                    .iter()
+                    .filter(|&(_, &n)| n > least)
+                    .map(|(&a, _)| a)
+                    .collect();
+                self.choose(now_ms, previous, &busier)?
+            }
+            // Only the previous address (or nothing) is usable: keep it if it is.
+            None => match previous.filter(|&a| self.is_usable(a, now_ms)) {
+                Some(a) => a,
+                None => return Err(ChooseError::NoSpareAddress { usable: 0 }),
+            },
+        };
+        self.connections.insert(conn, chosen);
+        Ok(chosen)
+    }
+
+    /// The address assigned to `conn`, unless it has expired.
+    pub fn connection_address(&self, conn: ConnectionId, now_ms: u64) -> Option<IpAddr> {
+        let addr = *self.connections.get(&conn)?;
+        self.expires_ms(addr).filter(|&e| now_ms < e).map(|_| addr)
+    }
+
+    /// Connections whose address is missing or within the expiry margin: move them with
+    /// [`Self::assign_connection`].
+    pub fn connections_to_move(&self, now_ms: u64) -> Vec<ConnectionId> {
+        self.connections
+            .iter()
+            .filter(|&(_, &a)| !self.is_usable(a, now_ms))
+            .map(|(&c, _)| c)
+            .collect()
+    }
+
+    /// Forgets a closed connection; its address becomes free for others.
+    pub fn remove_connection(&mut self, conn: ConnectionId) {
+        self.connections.remove(&conn);
+    }
+
+    /// Usable addresses the set wants on hand: `min_usable`, or one more than the connections
+    /// with an address of their own, so each can still move.
+    fn needed(&self) -> usize {
+        self.config.min_usable.max(self.connections.len() + 1)
+    }
+
+    /// A uniformly chosen usable address other than `avoid` and outside `exclude` (if that
+    /// leaves any), else any usable one other than `avoid`.
+    fn choose(
+        &mut self,
+        now_ms: u64,
+        avoid: Option<IpAddr>,
+        exclude: &[IpAddr],
+    ) -> Result<IpAddr, ChooseError> {
+        let usable: Vec<IpAddr> = self
+            .entries
+            .iter()
+            .filter(|e| self.entry_usable(e, now_ms))
+            .map(|e| e.addr)
+            .collect();
+        let mut candidates: Vec<IpAddr> = usable
+            .iter()
+            .copied()
+            .filter(|&a| Some(a) != avoid && !exclude.contains(&a))
+            .collect();
+        if candidates.is_empty() {
+            candidates = usable
+                .iter()
+                .copied()
+                .filter(|&a| Some(a) != avoid)
+                .collect();
+        }
+        if candidates.is_empty() {
+            return Err(ChooseError::NoSpareAddress {
+                usable: usable.len(),
+            });
+        }
+        Ok(candidates[self.rng.index(candidates.len())])
+    }
+
+    fn expires_ms(&self, addr: IpAddr) -> Option<u64> {
+        self.entries
+            .iter()
+            .find(|e| e.addr == addr)
+            .map(|e| e.expires_ms)
+    }
+
+    fn is_usable(&self, addr: IpAddr, now_ms: u64) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.addr == addr && self.entry_usable(e, now_ms))
+    }
+
+    fn entry_usable(&self, entry: &Entry, now_ms: u64) -> bool {
+        now_ms.saturating_add(self.config.expiry_margin_ms) < entry.expires_ms
+    }
+}
