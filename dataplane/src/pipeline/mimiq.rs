@@ -119,8 +119,10 @@ pub struct Edge {
     cfg: EdgeConfig,
     tables: Tables,
     now_ms: u64,
-    /// Index by SID into `cfg.access`.
+    /// Index by SID into `tunnels`.
     by_sid: Vec<Option<usize>>,
+    /// Per access switch: its MAC and the outer header towards it, prebuilt.
+    tunnels: Vec<Tunnel>,
     v6_prefix: u128,
     v6_mask: u128,
 }
@@ -138,6 +140,7 @@ impl Edge {
             tables: Tables::new(plen, u32::from(cfg.alias_bits), cfg.alias_k),
             now_ms: 0,
             by_sid,
+            tunnels: cfg.access.iter().map(|a| Tunnel::new(cfg.internal, a)).collect(),
             v6_prefix: u128::from(cfg.v6_prefix) & v6_mask,
             v6_mask,
             cfg,
@@ -172,31 +175,17 @@ impl Edge {
             }
             _ => return Err(DropReason::NotIp),
         };
-        let access = self.by_sid[usize::from(sid)]
-            .map(|i| self.cfg.access[i])
+        let tunnel = self.by_sid[usize::from(sid)]
+            .and_then(|i| self.tunnels.get(i))
             .ok_or(DropReason::NoRoute)?;
         hop(&mut data[ETH_LEN..len], inner_proto)?;
-        let outer_len = match access.internal { IpAddr::V6(_) => IPV6_LEN, IpAddr::V4(_) => IPV4_MIN };
-        let new_len = len + outer_len;
-        if data.len() < new_len || len - ETH_LEN + outer_len > usize::from(u16::MAX) {
+        let new_len = len + tunnel.len;
+        if data.len() < new_len || len - ETH_LEN + tunnel.len > usize::from(u16::MAX) {
             return Err(DropReason::TooBig);
         }
-        data.copy_within(ETH_LEN..len, ETH_LEN + outer_len);
-        let inner_len = (len - ETH_LEN) as u16;
-        let outer = &mut data[ETH_LEN..ETH_LEN + outer_len];
-        let ethertype = match (self.cfg.internal, access.internal) {
-            (IpAddr::V6(src), IpAddr::V6(dst)) => {
-                write_outer_ipv6(outer, inner_len, inner_proto, src, dst);
-                ETHERTYPE_IPV6
-            }
-            (IpAddr::V4(src), IpAddr::V4(dst)) => {
-                write_outer_ipv4(outer, inner_len, inner_proto, src, dst);
-                ETHERTYPE_IPV4
-            }
-            // Config validation keeps the families equal.
-            _ => return Err(DropReason::NoRoute),
-        };
-        write_eth(data, access.mac, self.cfg.inside_mac, ethertype);
+        data.copy_within(ETH_LEN..len, ETH_LEN + tunnel.len);
+        tunnel.write(&mut data[ETH_LEN..ETH_LEN + tunnel.len], (len - ETH_LEN) as u16, inner_proto);
+        write_eth(data, tunnel.mac, self.cfg.inside_mac, tunnel.ethertype);
         Ok((new_len, usize::from(self.cfg.inside)))
     }
 
@@ -302,6 +291,8 @@ pub struct Access {
     /// Our and the edge's internal addresses as 16 bytes (IPv4 as IPv4-mapped: the last four).
     internal: [u8; 16],
     edge_internal: [u8; 16],
+    /// The outer header is IPv4 (IPv4-only internal network).
+    outer_v4: bool,
 }
 
 impl Access {
@@ -312,6 +303,7 @@ impl Access {
             now_ms: 0,
             internal: as_16(cfg.internal),
             edge_internal: as_16(cfg.edge_internal),
+            outer_v4: cfg.internal.is_ipv4(),
             cfg,
         }
     }
@@ -370,34 +362,32 @@ impl Access {
     /// Returns the decapsulated length.
     fn downstream(&self, data: &mut [u8], len: usize) -> Result<usize, DropReason> {
         let outer = data.get(ETH_LEN..len).ok_or(DropReason::Malformed)?;
-        let (outer_len, inner_proto) = match ([data[12], data[13]], self.cfg.internal) {
-            (ETHERTYPE_IPV6, IpAddr::V6(_)) => {
-                if outer.len() < IPV6_LEN {
-                    return Err(DropReason::Malformed);
-                }
-                if !is_tunnel(outer[6]) {
+        let (outer_len, inner_proto) = match [data[12], data[13]] {
+            ETHERTYPE_IPV6 if !self.outer_v4 => {
+                let h: &[u8; IPV6_LEN] = outer.get(..IPV6_LEN).and_then(|h| h.try_into().ok()).ok_or(DropReason::Malformed)?;
+                if !is_tunnel(h[6]) {
                     return Err(DropReason::NotIp);
                 }
-                if outer[8..24] != self.edge_internal[..] || outer[24..40] != self.internal[..] {
+                // Fixed-size comparisons: a few vector compares, no memcmp call.
+                let (src, dst): (&[u8; 16], &[u8; 16]) = (h[8..24].try_into().unwrap_or(&[0; 16]), h[24..40].try_into().unwrap_or(&[0; 16]));
+                if *src != self.edge_internal || *dst != self.internal {
                     return Err(DropReason::NotFromEdge);
                 }
-                (IPV6_LEN, outer[6])
+                (IPV6_LEN, h[6])
             }
-            (ETHERTYPE_IPV4, IpAddr::V4(_)) => {
-                if outer.len() < IPV4_MIN {
-                    return Err(DropReason::Malformed);
-                }
-                if !is_tunnel(outer[9]) {
+            ETHERTYPE_IPV4 if self.outer_v4 => {
+                let h: &[u8; IPV4_MIN] = outer.get(..IPV4_MIN).and_then(|h| h.try_into().ok()).ok_or(DropReason::Malformed)?;
+                if !is_tunnel(h[9]) {
                     return Err(DropReason::NotIp);
                 }
-                let header_len = usize::from(outer[0] & 0x0f) * 4;
-                if outer[0] >> 4 != 4 || header_len < IPV4_MIN || outer.len() < header_len {
+                let header_len = usize::from(h[0] & 0x0f) * 4;
+                if h[0] >> 4 != 4 || header_len < IPV4_MIN || outer.len() < header_len {
                     return Err(DropReason::Malformed);
                 }
-                if outer[12..16] != self.edge_internal[12..] || outer[16..20] != self.internal[12..] {
+                if h[12..16] != self.edge_internal[12..] || h[16..20] != self.internal[12..] {
                     return Err(DropReason::NotFromEdge);
                 }
-                (header_len, outer[9])
+                (header_len, h[9])
             }
             _ => return Err(DropReason::NotIp),
         };
@@ -538,28 +528,57 @@ fn as_16(a: IpAddr) -> [u8; 16] {
     }
 }
 
-fn write_outer_ipv4(h: &mut [u8], payload_len: u16, protocol: u8, src: Ipv4Addr, dst: Ipv4Addr) {
-    let total = payload_len + IPV4_MIN as u16;
-    h[0] = 0x45;
-    h[1] = 0;
-    h[2..4].copy_from_slice(&total.to_be_bytes());
-    h[4..8].copy_from_slice(&[0, 0, 0x40, 0]); // id 0, don't fragment
-    h[8] = 64;
-    h[9] = protocol;
-    h[10..12].copy_from_slice(&[0, 0]);
-    h[12..16].copy_from_slice(&src.octets());
-    h[16..20].copy_from_slice(&dst.octets());
-    let sum = crate::wire::checksum::checksum(&h[..IPV4_MIN]);
-    h[10..12].copy_from_slice(&sum.to_be_bytes());
+/// The outer header towards one access switch, built once: per packet only the length, the
+/// inner protocol and (IPv4) the checksum change.
+#[derive(Debug, Clone, Copy)]
+struct Tunnel {
+    mac: [u8; 6],
+    header: [u8; IPV6_LEN],
+    len: usize,
+    ethertype: [u8; 2],
 }
 
-fn write_outer_ipv6(h: &mut [u8], payload_len: u16, next_header: u8, src: Ipv6Addr, dst: Ipv6Addr) {
-    h[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
-    h[4..6].copy_from_slice(&payload_len.to_be_bytes());
-    h[6] = next_header;
-    h[7] = 64;
-    h[8..24].copy_from_slice(&src.octets());
-    h[24..40].copy_from_slice(&dst.octets());
+impl Tunnel {
+    fn new(src: IpAddr, access: &AccessSwitch) -> Tunnel {
+        let mut header = [0u8; IPV6_LEN];
+        let (len, ethertype) = match (src, access.internal) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                header[0] = 0x45;
+                header[6] = 0x40; // don't fragment
+                header[8] = 64;
+                header[12..16].copy_from_slice(&src.octets());
+                header[16..20].copy_from_slice(&dst.octets());
+                (IPV4_MIN, ETHERTYPE_IPV4)
+            }
+            // Config validation keeps the families equal; IPv6 otherwise.
+            (src, dst) => {
+                header[0] = 0x60;
+                header[7] = 64;
+                header[8..24].copy_from_slice(&as_16(src));
+                header[24..40].copy_from_slice(&as_16(dst));
+                (IPV6_LEN, ETHERTYPE_IPV6)
+            }
+        };
+        Tunnel { mac: access.mac, header, len, ethertype }
+    }
+
+    /// Writes the outer header for an inner packet of `inner_len` bytes and protocol `proto`.
+    /// `outer` is `self.len` bytes long (the caller slices it so).
+    #[inline(always)]
+    fn write(&self, outer: &mut [u8], inner_len: u16, proto: u8) {
+        // Fixed-size copies, so they compile to a few vector moves rather than a memcpy call.
+        if let Ok(v6) = <&mut [u8; IPV6_LEN]>::try_from(&mut *outer) {
+            *v6 = self.header;
+            v6[4..6].copy_from_slice(&inner_len.to_be_bytes());
+            v6[6] = proto;
+        } else if let Ok(v4) = <&mut [u8; IPV4_MIN]>::try_from(outer) {
+            v4.copy_from_slice(&self.header[..IPV4_MIN]);
+            v4[2..4].copy_from_slice(&(inner_len + IPV4_MIN as u16).to_be_bytes());
+            v4[9] = proto;
+            let sum = crate::wire::checksum::checksum(&v4[..]);
+            v4[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+    }
 }
 
 fn write_eth(data: &mut [u8], dst: [u8; 6], src: [u8; 6], ethertype: [u8; 2]) {
@@ -788,14 +807,18 @@ mod tests {
     #[test]
     fn an_ipv4_outer_header_carries_the_return_path_on_ipv4_only_internal_networks() {
         let (e_int, a_int): (IpAddr, IpAddr) = ("198.18.250.1".parse().unwrap(), "198.18.250.2".parse().unwrap());
-        let mut e = edge();
-        e.cfg.internal = e_int;
-        e.cfg.access[0].internal = a_int;
+        let mut cfg = edge().cfg.clone();
+        cfg.internal = e_int;
+        cfg.access[0].internal = a_int;
+        let mut e = Edge::new(cfg);
+        rules().into_iter().for_each(|r| e.apply(r.into()));
+        e.tick(NOW);
         let mut a = access();
         a.cfg.internal = a_int;
         a.cfg.edge_internal = e_int;
         a.internal = as_16(a_int);
         a.edge_internal = as_16(e_int);
+        a.outer_v4 = true;
         for original in [
             udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
             udp_v6(OUT_HOP, EDGE_OUT, "2001:db8::5".parse().unwrap(), client_v6()),
