@@ -277,7 +277,8 @@ impl AddressSet {
     }
 
     /// Drops the addresses that have expired at `now_ms` and returns them, for the agent to take
-    /// off the interface. The current address and connection assignments on them are cleared.
+    /// off the interface. The current address is cleared if it was one of them; connections on
+    /// them show up in [`Self::connections_to_move`].
     pub fn drain_expired(&mut self, now_ms: u64) -> Vec<IpAddr> {
         let mut expired = Vec::new();
         self.entries.retain(|e| {
@@ -290,7 +291,8 @@ impl AddressSet {
         if self.current.is_some_and(|a| expired.contains(&a)) {
             self.current = None;
         }
-        self.connections.retain(|_, a| !expired.contains(a));
+        // Connections on an expired address keep their entry, so that
+        // `connections_to_move` still reports them; `connection_address` returns `None`.
         expired
     }
 
@@ -444,5 +446,295 @@ impl AddressSet {
 
     fn entry_usable(&self, entry: &Entry, now_ms: u64) -> bool {
         now_ms.saturating_add(self.config.expiry_margin_ms) < entry.expires_ms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    fn ip(n: u16) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, n))
+    }
+
+    fn config() -> AddressSetConfig {
+        AddressSetConfig {
+            expiry_margin_ms: 100,
+            refill_lead_ms: 1_000,
+            refill_retry_ms: 200,
+            set_size: 4,
+            min_usable: 2,
+        }
+    }
+
+    /// A set holding addresses 1..=n, each living `lifetime_ms` from t = 0.
+    fn set_with(n: u16, lifetime_ms: u64) -> AddressSet {
+        let mut set = AddressSet::new(config(), 1).unwrap();
+        let addrs: Vec<_> = (1..=n)
+            .map(|i| (ip(i), Duration::from_millis(lifetime_ms)))
+            .collect();
+        assert_eq!(set.add_allocation(0, &addrs), usize::from(n));
+        set
+    }
+
+    #[test]
+    fn hop_never_returns_the_current_address() {
+        let mut set = set_with(3, 10_000);
+        let first = set.hop(0).unwrap();
+        assert_eq!(first.from, None);
+        let mut previous = first.to;
+        for t in 1..1_000 {
+            let hop = set.hop(t).unwrap();
+            assert_eq!(hop.from, Some(previous));
+            assert_ne!(hop.to, previous);
+            assert_eq!(set.current(t), Some(hop.to));
+            previous = hop.to;
+        }
+    }
+
+    #[test]
+    fn hop_picks_every_other_address_uniformly() {
+        let mut set = set_with(5, u64::MAX / 2);
+        let mut seen = BTreeMap::new();
+        for t in 0..10_000 {
+            *seen.entry(set.hop(t).unwrap().to).or_insert(0u32) += 1;
+        }
+        assert_eq!(seen.len(), 5);
+        // 2,000 expected each; 1,700 is > 7 sigma below.
+        assert!(seen.values().all(|&n| n > 1_700), "{seen:?}");
+    }
+
+    #[test]
+    fn hops_are_fixed_by_the_seed() {
+        let run = |seed| {
+            let mut set = AddressSet::new(config(), seed).unwrap();
+            let addrs: Vec<_> = (1..=6).map(|i| (ip(i), Duration::from_secs(60))).collect();
+            set.add_allocation(0, &addrs);
+            (0..20).map(|t| set.hop(t).unwrap().to).collect::<Vec<_>>()
+        };
+        assert_eq!(run(3), run(3));
+        assert_ne!(run(3), run(4));
+    }
+
+    #[test]
+    fn hop_without_a_spare_fails_and_keeps_the_current_address() {
+        let mut set = set_with(1, 10_000);
+        let only = set.hop(0).unwrap().to;
+        assert_eq!(set.hop(1), Err(ChooseError::NoSpareAddress { usable: 1 }));
+        assert_eq!(set.current(1), Some(only));
+        assert_eq!(
+            set.hop(1).unwrap_err().to_string(),
+            "no spare address: 1 usable address(es), none other than the current one"
+        );
+    }
+
+    #[test]
+    fn addresses_within_the_expiry_margin_are_never_chosen() {
+        let mut set = AddressSet::new(config(), 0).unwrap();
+        set.add_allocation(
+            0,
+            &[
+                (ip(1), Duration::from_millis(1_000)),
+                (ip(2), Duration::from_millis(5_000)),
+            ],
+        );
+        set.add_allocation(0, &[(ip(3), Duration::from_millis(5_000))]);
+        // At t = 900, ip(1) expires in 100 ms = the margin: unusable.
+        assert_eq!(set.usable_count(899), 3);
+        assert_eq!(set.usable_count(900), 2);
+        for t in 900..1_500 {
+            assert_ne!(set.hop(t).unwrap().to, ip(1));
+        }
+    }
+
+    #[test]
+    fn current_address_is_left_at_the_margin_and_gone_at_expiry() {
+        let mut set = AddressSet::new(config(), 0).unwrap();
+        set.add_allocation(0, &[(ip(1), Duration::from_millis(1_000))]);
+        assert!(set.must_leave_current(0), "no current address yet");
+        set.hop(0).unwrap();
+        assert!(!set.must_leave_current(899));
+        assert!(set.must_leave_current(900));
+        assert_eq!(set.current(999), Some(ip(1)));
+        // Never handed out past its expiry, drained or not.
+        assert_eq!(set.current(1_000), None);
+        assert_eq!(set.drain_expired(999), Vec::<IpAddr>::new());
+        assert_eq!(set.drain_expired(1_000), vec![ip(1)]);
+        assert_eq!(set.addresses().count(), 0);
+    }
+
+    #[test]
+    fn reallocated_addresses_take_the_later_expiry_and_zero_lifetimes_are_ignored() {
+        let mut set = set_with(2, 1_000);
+        assert_eq!(
+            set.add_allocation(500, &[(ip(1), Duration::from_millis(2_000))]),
+            1
+        );
+        assert_eq!(
+            set.add_allocation(500, &[(ip(2), Duration::from_millis(100))]),
+            0
+        );
+        assert_eq!(set.add_allocation(500, &[(ip(9), Duration::ZERO)]), 0);
+        let held: Vec<_> = set.addresses().collect();
+        assert_eq!(held, vec![(ip(1), 2_500), (ip(2), 1_000)]);
+    }
+
+    #[test]
+    fn an_empty_set_asks_for_addresses_at_once() {
+        let mut set = AddressSet::new(config(), 0).unwrap();
+        assert_eq!(set.runs_out_ms(), 0);
+        assert_eq!(set.poll_refill(0), Some(RefillRequest { count: 4 }));
+        assert_eq!(
+            set.poll_refill(1),
+            None,
+            "one outstanding request at a time"
+        );
+    }
+
+    #[test]
+    fn refill_is_requested_the_lead_time_before_the_set_runs_short() {
+        // Two addresses usable until 10,000 - 100 and 20,000 - 100: with min_usable = 2 the set
+        // runs short at 9,900, so it asks at 9,900 - 1,000.
+        let mut set = AddressSet::new(config(), 0).unwrap();
+        set.add_allocation(
+            0,
+            &[
+                (ip(1), Duration::from_secs(10)),
+                (ip(2), Duration::from_secs(20)),
+            ],
+        );
+        assert_eq!(set.runs_out_ms(), 9_900);
+        assert_eq!(set.next_timeout_ms(0), Some(8_900));
+        assert_eq!(set.poll_refill(8_899), None);
+        assert_eq!(set.poll_refill(8_900), Some(RefillRequest { count: 4 }));
+        // Unanswered: asked again after refill_retry_ms, not before.
+        assert_eq!(set.poll_refill(9_099), None);
+        assert_eq!(set.next_timeout_ms(9_000), Some(9_100));
+        assert_eq!(set.poll_refill(9_100), Some(RefillRequest { count: 4 }));
+        // Answered: nothing more until the new set runs short.
+        set.add_allocation(9_200, &[(ip(3), Duration::from_secs(30))]);
+        assert_eq!(set.runs_out_ms(), 19_900);
+        assert_eq!(set.poll_refill(9_300), None);
+    }
+
+    #[test]
+    fn connections_with_their_own_addresses_raise_the_refill_need() {
+        let mut set = set_with(3, 60_000);
+        assert_eq!(set.poll_refill(0), None);
+        for conn in 0..3 {
+            set.assign_connection(conn, 0).unwrap();
+        }
+        // Three connections want four usable addresses: the set is short already.
+        assert_eq!(set.runs_out_ms(), 0);
+        assert!(set.poll_refill(0).is_some());
+    }
+
+    #[test]
+    fn draining_unused_addresses_are_released_once_and_dropped_at_expiry() {
+        let mut set = AddressSet::new(config(), 0).unwrap();
+        set.add_allocation(
+            0,
+            &[
+                (ip(1), Duration::from_millis(1_000)),
+                (ip(2), Duration::from_millis(1_000)),
+                (ip(3), Duration::from_millis(1_000)),
+                (ip(4), Duration::from_millis(9_000)),
+            ],
+        );
+        while set.current(0) != Some(ip(1)) {
+            set.hop(0).unwrap();
+        }
+        let conn_addr = set.assign_connection(7, 0).unwrap();
+        assert!(set.poll_release(899).is_empty(), "all still usable");
+        let released = set.poll_release(900);
+        // Neither the current address nor the connection's is released while in use.
+        let mut expected: Vec<IpAddr> = [ip(2), ip(3), ip(4)]
+            .into_iter()
+            .filter(|&a| a != conn_addr && a != ip(4))
+            .collect();
+        expected.sort();
+        assert_eq!(released, expected);
+        assert!(set.poll_release(901).is_empty(), "released once");
+        let mut dropped = set.drain_expired(1_000);
+        dropped.sort();
+        assert_eq!(dropped, vec![ip(1), ip(2), ip(3)]);
+        assert_eq!(set.current(1_000), None);
+        if conn_addr != ip(4) {
+            assert_eq!(set.connection_address(7, 1_000), None);
+        }
+        assert_eq!(set.release_all(1_000), vec![ip(4)]);
+        assert!(set.release_all(1_000).is_empty());
+    }
+
+    #[test]
+    fn each_connection_gets_its_own_address_while_there_are_enough() {
+        let mut set = set_with(4, 60_000);
+        let mut given: Vec<IpAddr> = (0..4)
+            .map(|conn| set.assign_connection(conn, 0).unwrap())
+            .collect();
+        given.sort();
+        given.dedup();
+        assert_eq!(given.len(), 4, "four connections, four addresses");
+        // A fifth shares, with a connection that has no other company.
+        let fifth = set.assign_connection(4, 0).unwrap();
+        assert!((1..=4).map(ip).any(|a| a == fifth));
+        // Moving a connection never keeps its address when another is usable.
+        for t in 0..100 {
+            let before = set.connection_address(2, t).unwrap();
+            assert_ne!(set.assign_connection(2, t).unwrap(), before);
+        }
+        // A closed connection frees its address for the next one.
+        set.remove_connection(4);
+        set.remove_connection(0);
+        let free: Vec<IpAddr> = (1..=4)
+            .map(ip)
+            .filter(|a| (1..4).all(|c| set.connection_address(c, 0) != Some(*a)))
+            .collect();
+        assert_eq!(free.len(), 1);
+        assert_eq!(set.assign_connection(9, 0).unwrap(), free[0]);
+    }
+
+    #[test]
+    fn connections_on_draining_addresses_are_reported_for_moving() {
+        let mut set = AddressSet::new(config(), 0).unwrap();
+        set.add_allocation(0, &[(ip(1), Duration::from_millis(1_000))]);
+        assert_eq!(set.assign_connection(1, 0), Ok(ip(1)));
+        // Re-assigning with no other address keeps the only usable one.
+        assert_eq!(set.assign_connection(1, 10), Ok(ip(1)));
+        set.add_allocation(500, &[(ip(2), Duration::from_millis(5_000))]);
+        assert!(set.connections_to_move(899).is_empty());
+        assert_eq!(set.connections_to_move(900), vec![1]);
+        assert_eq!(set.assign_connection(1, 900), Ok(ip(2)));
+        assert!(set.connections_to_move(900).is_empty());
+        set.drain_expired(5_500);
+        assert_eq!(
+            set.assign_connection(1, 5_500),
+            Err(ChooseError::NoSpareAddress { usable: 0 })
+        );
+    }
+
+    #[test]
+    fn config_validation_refuses_impossible_values() {
+        let bad = |f: fn(&mut AddressSetConfig)| {
+            let mut c = AddressSetConfig::default();
+            f(&mut c);
+            AddressSet::new(c, 0).unwrap_err()
+        };
+        assert_eq!(bad(|c| c.set_size = 0), AddressSetConfigError::SetSize(0));
+        assert_eq!(
+            bad(|c| c.set_size = 2_000),
+            AddressSetConfigError::SetSize(2_000)
+        );
+        assert_eq!(
+            bad(|c| c.min_usable = 1),
+            AddressSetConfigError::MinUsable(1)
+        );
+        assert_eq!(
+            bad(|c| c.refill_retry_ms = 0),
+            AddressSetConfigError::RefillRetry
+        );
+        assert!(AddressSetConfig::default().validate().is_ok());
     }
 }
