@@ -126,7 +126,10 @@ impl IpPrefix {
     /// A single address (/32 or /128).
     pub fn host(addr: IpAddr) -> Self {
         // Invariant: a full-length prefix has no host bits.
-        IpPrefix { addr, len: addr_bits(addr) as u8 }
+        IpPrefix {
+            addr,
+            len: addr_bits(addr) as u8,
+        }
     }
 
     /// The network address.
@@ -195,7 +198,9 @@ impl<'a> Capsule<'a> {
     pub fn parse_value(capsule_type: CapsuleType, value: &'a [u8]) -> Result<Option<Self>, Error> {
         Ok(Some(match capsule_type {
             CapsuleType::Datagram => Capsule::Datagram(value),
-            CapsuleType::AddressAssign => Capsule::AddressAssign(AddressAssign::new_checked(value)?),
+            CapsuleType::AddressAssign => {
+                Capsule::AddressAssign(AddressAssign::new_checked(value)?)
+            }
             CapsuleType::AddressRequest => {
                 Capsule::AddressRequest(AddressRequest::new_checked(value)?)
             }
@@ -238,7 +243,10 @@ impl<'a> AddressAssign<'a> {
 
     /// The Assigned Addresses, in wire order. An empty list withdraws every address.
     pub fn iter(&self) -> AddressEntries<'a> {
-        AddressEntries { value: self.value, pos: 0 }
+        AddressEntries {
+            value: self.value,
+            pos: 0,
+        }
     }
 }
 
@@ -273,7 +281,10 @@ impl<'a> AddressRequest<'a> {
     /// The Requested Addresses, in wire order (which carries no meaning). An all-zero address asks
     /// for any address of that family with the given prefix length.
     pub fn iter(&self) -> AddressEntries<'a> {
-        AddressEntries { value: self.value, pos: 0 }
+        AddressEntries {
+            value: self.value,
+            pos: 0,
+        }
     }
 }
 
@@ -323,7 +334,10 @@ impl<'a> RouteAdvertisement<'a> {
 
     /// The ranges, in wire order.
     pub fn iter(&self) -> IpAddressRanges<'a> {
-        IpAddressRanges { value: self.value, pos: 0 }
+        IpAddressRanges {
+            value: self.value,
+            pos: 0,
+        }
     }
 }
 
@@ -391,7 +405,10 @@ impl CapsuleDecoder {
     /// drops DATAGRAM capsules that long), so a caller never needs more than the capsule header
     /// plus `max_value_len` bytes buffered.
     pub fn new(max_value_len: usize) -> Self {
-        CapsuleDecoder { max_value_len, skipping: None }
+        CapsuleDecoder {
+            max_value_len,
+            skipping: None,
+        }
     }
 
     /// True between capsules (nothing of a capsule has been consumed without finishing it).
@@ -407,8 +424,15 @@ impl CapsuleDecoder {
             }
             let consumed = usize::try_from(remaining).map_or(buf.len(), |r| r.min(buf.len()));
             let left = remaining - consumed as u64;
-            self.skipping = if left == 0 { None } else { Some((capsule_type, left)) };
-            return Ok(Decoded::Skipped { capsule_type, consumed });
+            self.skipping = if left == 0 {
+                None
+            } else {
+                Some((capsule_type, left))
+            };
+            return Ok(Decoded::Skipped {
+                capsule_type,
+                consumed,
+            });
         }
 
         let Ok((raw_type, type_len)) = varint::decode(buf) else {
@@ -433,10 +457,16 @@ impl CapsuleDecoder {
         if skip {
             if len <= available {
                 // len <= available <= buf.len(), so it fits usize.
-                return Ok(Decoded::Skipped { capsule_type, consumed: header + len as usize });
+                return Ok(Decoded::Skipped {
+                    capsule_type,
+                    consumed: header + len as usize,
+                });
             }
             self.skipping = Some((capsule_type, len - available));
-            return Ok(Decoded::Skipped { capsule_type, consumed: buf.len() });
+            return Ok(Decoded::Skipped {
+                capsule_type,
+                consumed: buf.len(),
+            });
         }
         if too_long {
             return Err(Error::CapsuleTooLong);
@@ -444,12 +474,20 @@ impl CapsuleDecoder {
         // len <= max_value_len, a usize.
         let len = len as usize;
         let Some(value) = buf.get(header..header + len) else {
-            return Ok(Decoded::NeedMore { at_least: header + len - buf.len() });
+            return Ok(Decoded::NeedMore {
+                at_least: header + len - buf.len(),
+            });
         };
         match Capsule::parse_value(capsule_type, value)? {
-            Some(capsule) => Ok(Decoded::Capsule { capsule, consumed: header + len }),
+            Some(capsule) => Ok(Decoded::Capsule {
+                capsule,
+                consumed: header + len,
+            }),
             // Unknown types took the skip branch above.
-            None => Ok(Decoded::Skipped { capsule_type, consumed: header + len }),
+            None => Ok(Decoded::Skipped {
+                capsule_type,
+                consumed: header + len,
+            }),
         }
     }
 
@@ -665,7 +703,11 @@ fn read_range(buf: &[u8], pos: &mut usize) -> Result<IpAddressRange, Error> {
     if addr_to_u128(start) > addr_to_u128(end) {
         return Err(Error::RangeStartAfterEnd);
     }
-    Ok(IpAddressRange { start, end, ip_protocol })
+    Ok(IpAddressRange {
+        start,
+        end,
+        ip_protocol,
+    })
 }
 
 //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.3
@@ -679,13 +721,21 @@ fn check_range_order(a: &IpAddressRange, b: &IpAddressRange) -> Result<(), Error
     //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.3
     //# IP Version of A MUST be less than or equal to IP Version of B
     if va != vb {
-        return if va < vb { Ok(()) } else { Err(Error::RangesOutOfOrder) };
+        return if va < vb {
+            Ok(())
+        } else {
+            Err(Error::RangesOutOfOrder)
+        };
     }
     //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.3
     //# If the IP Version of A and B are equal, the IP Protocol of A MUST be less
     //# than or equal to IP Protocol of B.
     if a.ip_protocol != b.ip_protocol {
-        return if a.ip_protocol < b.ip_protocol { Ok(()) } else { Err(Error::RangesOutOfOrder) };
+        return if a.ip_protocol < b.ip_protocol {
+            Ok(())
+        } else {
+            Err(Error::RangesOutOfOrder)
+        };
     }
     //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.3
     //# If the IP Version and IP Protocol of A and B are both equal, the End IP
@@ -724,15 +774,27 @@ fn map_varint(e: varint::Error) -> Error {
 }
 
 fn ip_version(addr: IpAddr) -> u8 {
-    if addr.is_ipv4() { 4 } else { 6 }
+    if addr.is_ipv4() {
+        4
+    } else {
+        6
+    }
 }
 
 fn addr_bytes(addr: IpAddr) -> usize {
-    if addr.is_ipv4() { 4 } else { 16 }
+    if addr.is_ipv4() {
+        4
+    } else {
+        16
+    }
 }
 
 fn addr_bits(addr: IpAddr) -> u32 {
-    if addr.is_ipv4() { 32 } else { 128 }
+    if addr.is_ipv4() {
+        32
+    } else {
+        128
+    }
 }
 
 pub(crate) fn addr_to_u128(addr: IpAddr) -> u128 {
@@ -744,9 +806,17 @@ pub(crate) fn addr_to_u128(addr: IpAddr) -> u128 {
 
 /// Mask of the first `len` bits of a `bits`-bit address, right-aligned in a u128. `len <= bits`.
 fn prefix_mask(len: u8, bits: u32) -> u128 {
-    let all = if bits == 128 { u128::MAX } else { (1u128 << bits) - 1 };
+    let all = if bits == 128 {
+        u128::MAX
+    } else {
+        (1u128 << bits) - 1
+    };
     let host = bits.saturating_sub(u32::from(len));
-    if host >= 128 { 0 } else { all & !((1u128 << host) - 1) }
+    if host >= 128 {
+        0
+    } else {
+        all & !((1u128 << host) - 1)
+    }
 }
 
 #[cfg(test)]

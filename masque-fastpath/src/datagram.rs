@@ -70,7 +70,10 @@ impl<'a> H3Datagram<'a> {
         if qsid > MAX_QUARTER_STREAM_ID {
             return Err(Error::QuarterStreamIdTooLarge);
         }
-        Ok(H3Datagram { quarter_stream_id: qsid, payload: &buf[n..] })
+        Ok(H3Datagram {
+            quarter_stream_id: qsid,
+            payload: &buf[n..],
+        })
     }
 
     /// The request stream ID this datagram belongs to.
@@ -94,7 +97,10 @@ impl<'a> ContextPayload<'a> {
     /// Reads the Context ID from the front of an HTTP Datagram Payload.
     pub fn parse(buf: &'a [u8]) -> Result<Self, Error> {
         let (context_id, n) = varint::decode(buf).map_err(|_| Error::TruncatedContextId)?;
-        Ok(ContextPayload { context_id, payload: &buf[n..] })
+        Ok(ContextPayload {
+            context_id,
+            payload: &buf[n..],
+        })
     }
 
     /// Bytes [`ContextPayload::emit`] writes.
@@ -105,7 +111,9 @@ impl<'a> ContextPayload<'a> {
     /// Writes Context ID and payload at the front of `buf`; returns the bytes written.
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize, Error> {
         let n = varint::encode(self.context_id, buf).map_err(map_varint)?;
-        let out = buf.get_mut(n..n + self.payload.len()).ok_or(Error::BufferTooSmall)?;
+        let out = buf
+            .get_mut(n..n + self.payload.len())
+            .ok_or(Error::BufferTooSmall)?;
         out.copy_from_slice(self.payload);
         Ok(n + self.payload.len())
     }
@@ -144,7 +152,9 @@ impl<'a> Datagram<'a> {
     /// Writes the datagram at the front of `buf`; returns the bytes written.
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize, Error> {
         let n = emit_header(self.quarter_stream_id, self.context_id, buf)?;
-        let out = buf.get_mut(n..n + self.payload.len()).ok_or(Error::BufferTooSmall)?;
+        let out = buf
+            .get_mut(n..n + self.payload.len())
+            .ok_or(Error::BufferTooSmall)?;
         out.copy_from_slice(self.payload);
         Ok(n + self.payload.len())
     }
@@ -169,7 +179,11 @@ pub fn header_len(quarter_stream_id: u64, context_id: u64) -> usize {
 
 /// Writes Quarter Stream ID and Context ID at the front of `buf`, leaving the payload to the
 /// caller (who can then read a packet straight behind it); returns the header length.
-pub fn emit_header(quarter_stream_id: u64, context_id: u64, buf: &mut [u8]) -> Result<usize, Error> {
+pub fn emit_header(
+    quarter_stream_id: u64,
+    context_id: u64,
+    buf: &mut [u8],
+) -> Result<usize, Error> {
     if quarter_stream_id > MAX_QUARTER_STREAM_ID {
         return Err(Error::QuarterStreamIdTooLarge);
     }
@@ -215,7 +229,11 @@ mod tests {
 
     #[test]
     fn emit_into_poisoned_buffer_matches_capture() {
-        let d = Datagram { quarter_stream_id: 1, context_id: 0, payload: &CAPTURE[2..] };
+        let d = Datagram {
+            quarter_stream_id: 1,
+            context_id: 0,
+            payload: &CAPTURE[2..],
+        };
         let mut buf = [POISON; 30];
         assert_eq!(d.buffer_len(), CAPTURE.len());
         assert_eq!(d.emit(&mut buf), Ok(CAPTURE.len()));
@@ -231,7 +249,10 @@ mod tests {
             0xde, 0xad, // payload
         ];
         let d = Datagram::parse(&bytes).unwrap();
-        assert_eq!((d.quarter_stream_id, d.context_id, d.payload), (15_293, 3, &[0xde, 0xad][..]));
+        assert_eq!(
+            (d.quarter_stream_id, d.context_id, d.payload),
+            (15_293, 3, &[0xde, 0xad][..])
+        );
     }
 
     //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
@@ -242,7 +263,11 @@ mod tests {
     fn truncated_at_every_length_names_the_field() {
         let bytes = [0x7b, 0xbd, 0x80, 0x00, 0x00, 0x03];
         for cut in 0..bytes.len() {
-            let want = if cut < 2 { Error::TruncatedQuarterStreamId } else { Error::TruncatedContextId };
+            let want = if cut < 2 {
+                Error::TruncatedQuarterStreamId
+            } else {
+                Error::TruncatedContextId
+            };
             assert_eq!(Datagram::parse(&bytes[..cut]), Err(want), "cut {cut}");
         }
         // Empty payload after a complete header is legal.
@@ -256,10 +281,19 @@ mod tests {
     fn quarter_stream_id_above_2_60_minus_1_is_rejected() {
         let mut buf = [0u8; 9];
         varint::encode(MAX_QUARTER_STREAM_ID, &mut buf).unwrap();
-        assert_eq!(H3Datagram::parse(&buf[..8]).unwrap().quarter_stream_id, MAX_QUARTER_STREAM_ID);
+        assert_eq!(
+            H3Datagram::parse(&buf[..8]).unwrap().quarter_stream_id,
+            MAX_QUARTER_STREAM_ID
+        );
         varint::encode(MAX_QUARTER_STREAM_ID + 1, &mut buf).unwrap();
-        assert_eq!(H3Datagram::parse(&buf[..8]), Err(Error::QuarterStreamIdTooLarge));
-        assert_eq!(emit_header(MAX_QUARTER_STREAM_ID + 1, 0, &mut buf), Err(Error::QuarterStreamIdTooLarge));
+        assert_eq!(
+            H3Datagram::parse(&buf[..8]),
+            Err(Error::QuarterStreamIdTooLarge)
+        );
+        assert_eq!(
+            emit_header(MAX_QUARTER_STREAM_ID + 1, 0, &mut buf),
+            Err(Error::QuarterStreamIdTooLarge)
+        );
     }
 
     #[test]
@@ -267,18 +301,36 @@ mod tests {
         assert_eq!(quarter_stream_id(0), Ok(0));
         assert_eq!(quarter_stream_id(8), Ok(2));
         assert_eq!(quarter_stream_id(2), Err(Error::NotARequestStream));
-        assert_eq!(quarter_stream_id(u64::MAX - 3), Err(Error::QuarterStreamIdTooLarge));
+        assert_eq!(
+            quarter_stream_id(u64::MAX - 3),
+            Err(Error::QuarterStreamIdTooLarge)
+        );
     }
 
     #[test]
     fn emit_reports_short_buffers() {
-        let d = Datagram { quarter_stream_id: 1, context_id: 0, payload: &[1, 2, 3] };
+        let d = Datagram {
+            quarter_stream_id: 1,
+            context_id: 0,
+            payload: &[1, 2, 3],
+        };
         for len in 0..d.buffer_len() {
-            assert_eq!(d.emit(&mut vec![0; len]), Err(Error::BufferTooSmall), "len {len}");
+            assert_eq!(
+                d.emit(&mut vec![0; len]),
+                Err(Error::BufferTooSmall),
+                "len {len}"
+            );
         }
-        let c = ContextPayload { context_id: 70, payload: &[9] };
+        let c = ContextPayload {
+            context_id: 70,
+            payload: &[9],
+        };
         for len in 0..c.buffer_len() {
-            assert_eq!(c.emit(&mut vec![0; len]), Err(Error::BufferTooSmall), "len {len}");
+            assert_eq!(
+                c.emit(&mut vec![0; len]),
+                Err(Error::BufferTooSmall),
+                "len {len}"
+            );
         }
     }
 

@@ -29,7 +29,10 @@ fn emit_poisoned(repr: &CapsuleRepr<'_>) -> Vec<u8> {
     let mut buf = vec![POISON; repr.buffer_len() + 8];
     let n = repr.emit(&mut buf).unwrap();
     assert_eq!(n, repr.buffer_len());
-    assert!(buf[n..].iter().all(|&b| b == POISON), "emit wrote past its length");
+    assert!(
+        buf[n..].iter().all(|&b| b == POISON),
+        "emit wrote past its length"
+    );
     buf.truncate(n);
     buf
 }
@@ -51,7 +54,9 @@ const ADDRESS_ASSIGN: [u8; 28] = [
 
 #[test]
 fn address_assign_capture_parses_field_by_field() {
-    let Capsule::AddressAssign(assign) = decode_one(&ADDRESS_ASSIGN) else { panic!() };
+    let Capsule::AddressAssign(assign) = decode_one(&ADDRESS_ASSIGN) else {
+        panic!()
+    };
     let entries: Vec<_> = assign.iter().collect();
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[0].request_id, 0);
@@ -68,10 +73,19 @@ fn address_assign_capture_parses_field_by_field() {
 #[test]
 fn address_assign_emits_the_capture() {
     let entries = [
-        AddressEntry { request_id: 0, prefix: IpPrefix::host(v4(192, 0, 2, 10)) },
-        AddressEntry { request_id: 7, prefix: IpPrefix::new(v6("2001:db8:1::"), 48).unwrap() },
+        AddressEntry {
+            request_id: 0,
+            prefix: IpPrefix::host(v4(192, 0, 2, 10)),
+        },
+        AddressEntry {
+            request_id: 7,
+            prefix: IpPrefix::new(v6("2001:db8:1::"), 48).unwrap(),
+        },
     ];
-    assert_eq!(emit_poisoned(&CapsuleRepr::AddressAssign(&entries)), ADDRESS_ASSIGN);
+    assert_eq!(
+        emit_poisoned(&CapsuleRepr::AddressAssign(&entries)),
+        ADDRESS_ASSIGN
+    );
 }
 
 //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.1
@@ -79,9 +93,14 @@ fn address_assign_emits_the_capture() {
 //# all addresses have been removed.
 #[test]
 fn empty_address_assign_is_legal() {
-    let Capsule::AddressAssign(a) = decode_one(&[0x01, 0x00]) else { panic!() };
+    let Capsule::AddressAssign(a) = decode_one(&[0x01, 0x00]) else {
+        panic!()
+    };
     assert_eq!(a.iter().count(), 0);
-    assert_eq!(emit_poisoned(&CapsuleRepr::AddressAssign(&[])), [0x01, 0x00]);
+    assert_eq!(
+        emit_poisoned(&CapsuleRepr::AddressAssign(&[])),
+        [0x01, 0x00]
+    );
 }
 
 // ADDRESS_REQUEST asking for any IPv4 address (request 1) and any IPv6 /64 (request 2).
@@ -101,13 +120,24 @@ const ADDRESS_REQUEST: [u8; 28] = [
 
 #[test]
 fn address_request_capture_round_trips() {
-    let Capsule::AddressRequest(req) = decode_one(&ADDRESS_REQUEST) else { panic!() };
+    let Capsule::AddressRequest(req) = decode_one(&ADDRESS_REQUEST) else {
+        panic!()
+    };
     let entries: Vec<_> = req.iter().collect();
-    assert_eq!(entries[0], AddressEntry { request_id: 1, prefix: IpPrefix::host(v4(0, 0, 0, 0)) });
+    assert_eq!(
+        entries[0],
+        AddressEntry {
+            request_id: 1,
+            prefix: IpPrefix::host(v4(0, 0, 0, 0))
+        }
+    );
     assert_eq!(entries[1].request_id, 2);
     assert_eq!(entries[1].prefix.addr(), v6("::"));
     assert_eq!(entries[1].prefix.len(), 64);
-    assert_eq!(emit_poisoned(&CapsuleRepr::AddressRequest(&entries)), ADDRESS_REQUEST);
+    assert_eq!(
+        emit_poisoned(&CapsuleRepr::AddressRequest(&entries)),
+        ADDRESS_REQUEST
+    );
 }
 
 //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.2
@@ -115,8 +145,14 @@ fn address_request_capture_round_trips() {
 //# Addresses, it MUST abort the IP proxying request stream.
 #[test]
 fn empty_address_request_is_rejected_both_ways() {
-    assert_eq!(CapsuleDecoder::default().decode(&[0x02, 0x00]), Err(Error::EmptyAddressRequest));
-    assert_eq!(CapsuleRepr::AddressRequest(&[]).emit(&mut [0; 8]), Err(Error::EmptyAddressRequest));
+    assert_eq!(
+        CapsuleDecoder::default().decode(&[0x02, 0x00]),
+        Err(Error::EmptyAddressRequest)
+    );
+    assert_eq!(
+        CapsuleRepr::AddressRequest(&[]).emit(&mut [0; 8]),
+        Err(Error::EmptyAddressRequest)
+    );
 }
 
 //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.2
@@ -126,9 +162,18 @@ fn empty_address_request_is_rejected_both_ways() {
 fn zero_request_id_in_a_request_is_rejected() {
     let mut bytes = ADDRESS_REQUEST;
     bytes[2] = 0x00;
-    assert_eq!(CapsuleDecoder::default().decode(&bytes), Err(Error::ZeroRequestId));
-    let e = [AddressEntry { request_id: 0, prefix: IpPrefix::host(v4(0, 0, 0, 0)) }];
-    assert_eq!(CapsuleRepr::AddressRequest(&e).emit(&mut [0; 32]), Err(Error::ZeroRequestId));
+    assert_eq!(
+        CapsuleDecoder::default().decode(&bytes),
+        Err(Error::ZeroRequestId)
+    );
+    let e = [AddressEntry {
+        request_id: 0,
+        prefix: IpPrefix::host(v4(0, 0, 0, 0)),
+    }];
+    assert_eq!(
+        CapsuleRepr::AddressRequest(&e).emit(&mut [0; 32]),
+        Err(Error::ZeroRequestId)
+    );
 }
 
 //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.1
@@ -139,7 +184,10 @@ fn ip_version_other_than_4_or_6_is_rejected() {
     for version in [0u8, 5, 7, 41, 255] {
         let mut bytes = ADDRESS_ASSIGN;
         bytes[3] = version;
-        assert_eq!(CapsuleDecoder::default().decode(&bytes), Err(Error::InvalidIpVersion));
+        assert_eq!(
+            CapsuleDecoder::default().decode(&bytes),
+            Err(Error::InvalidIpVersion)
+        );
     }
 }
 
@@ -150,11 +198,20 @@ fn ip_version_other_than_4_or_6_is_rejected() {
 fn prefix_longer_than_the_address_is_rejected() {
     let mut bytes = ADDRESS_ASSIGN;
     bytes[8] = 33;
-    assert_eq!(CapsuleDecoder::default().decode(&bytes), Err(Error::PrefixLengthTooLong));
+    assert_eq!(
+        CapsuleDecoder::default().decode(&bytes),
+        Err(Error::PrefixLengthTooLong)
+    );
     let mut bytes = ADDRESS_ASSIGN;
     bytes[27] = 129;
-    assert_eq!(CapsuleDecoder::default().decode(&bytes), Err(Error::PrefixLengthTooLong));
-    assert_eq!(IpPrefix::new(v4(0, 0, 0, 0), 33), Err(Error::PrefixLengthTooLong));
+    assert_eq!(
+        CapsuleDecoder::default().decode(&bytes),
+        Err(Error::PrefixLengthTooLong)
+    );
+    assert_eq!(
+        IpPrefix::new(v4(0, 0, 0, 0), 33),
+        Err(Error::PrefixLengthTooLong)
+    );
 }
 
 //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.1
@@ -166,8 +223,14 @@ fn prefix_longer_than_the_address_is_rejected() {
 fn host_bits_past_the_prefix_are_rejected() {
     let mut bytes = ADDRESS_ASSIGN;
     bytes[8] = 24; // 192.0.2.10/24 has host bits set
-    assert_eq!(CapsuleDecoder::default().decode(&bytes), Err(Error::HostBitsSet));
-    assert_eq!(IpPrefix::new(v6("2001:db8::1"), 64), Err(Error::HostBitsSet));
+    assert_eq!(
+        CapsuleDecoder::default().decode(&bytes),
+        Err(Error::HostBitsSet)
+    );
+    assert_eq!(
+        IpPrefix::new(v6("2001:db8::1"), 64),
+        Err(Error::HostBitsSet)
+    );
     assert!(IpPrefix::new(v6("2001:db8::"), 32).is_ok());
     assert!(IpPrefix::new(v4(255, 255, 255, 255), 0).is_err());
     assert!(IpPrefix::new(v4(0, 0, 0, 0), 0).is_ok());
@@ -201,9 +264,21 @@ const ROUTE_ADVERTISEMENT: [u8; 67] = [
 
 fn route_ranges() -> [IpAddressRange; 4] {
     [
-        IpAddressRange { start: v4(10, 0, 0, 0), end: v4(10, 255, 255, 255), ip_protocol: 0 },
-        IpAddressRange { start: v4(192, 0, 2, 0), end: v4(192, 0, 2, 127), ip_protocol: 17 },
-        IpAddressRange { start: v4(192, 0, 2, 128), end: v4(192, 0, 2, 255), ip_protocol: 17 },
+        IpAddressRange {
+            start: v4(10, 0, 0, 0),
+            end: v4(10, 255, 255, 255),
+            ip_protocol: 0,
+        },
+        IpAddressRange {
+            start: v4(192, 0, 2, 0),
+            end: v4(192, 0, 2, 127),
+            ip_protocol: 17,
+        },
+        IpAddressRange {
+            start: v4(192, 0, 2, 128),
+            end: v4(192, 0, 2, 255),
+            ip_protocol: 17,
+        },
         IpAddressRange {
             start: v6("2001:db8::"),
             end: v6("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"),
@@ -214,10 +289,15 @@ fn route_ranges() -> [IpAddressRange; 4] {
 
 #[test]
 fn route_advertisement_capture_parses_and_emits() {
-    let Capsule::RouteAdvertisement(adv) = decode_one(&ROUTE_ADVERTISEMENT) else { panic!() };
+    let Capsule::RouteAdvertisement(adv) = decode_one(&ROUTE_ADVERTISEMENT) else {
+        panic!()
+    };
     let ranges: Vec<_> = adv.iter().collect();
     assert_eq!(ranges, route_ranges());
-    assert_eq!(emit_poisoned(&CapsuleRepr::RouteAdvertisement(&route_ranges())), ROUTE_ADVERTISEMENT);
+    assert_eq!(
+        emit_poisoned(&CapsuleRepr::RouteAdvertisement(&route_ranges())),
+        ROUTE_ADVERTISEMENT
+    );
 }
 
 //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.3
@@ -233,10 +313,19 @@ fn ranges_out_of_order_are_rejected_both_ways() {
     // Same version and protocol, overlapping or touching (end of A not below start of B).
     let overlap = [
         r[1],
-        IpAddressRange { start: v4(192, 0, 2, 127), end: v4(192, 0, 2, 200), ip_protocol: 17 },
+        IpAddressRange {
+            start: v4(192, 0, 2, 127),
+            end: v4(192, 0, 2, 200),
+            ip_protocol: 17,
+        },
     ];
     let swapped = [r[2], r[1]];
-    for bad in [&bad_version[..], &bad_protocol[..], &overlap[..], &swapped[..]] {
+    for bad in [
+        &bad_version[..],
+        &bad_protocol[..],
+        &overlap[..],
+        &swapped[..],
+    ] {
         let repr = CapsuleRepr::RouteAdvertisement(bad);
         assert_eq!(repr.emit(&mut [0; 128]), Err(Error::RangesOutOfOrder));
         // Write the same ranges without the check and feed them to the decoder.
@@ -246,9 +335,15 @@ fn ranges_out_of_order_are_rejected_both_ways() {
             let bytes = emit_poisoned(&CapsuleRepr::RouteAdvertisement(&one));
             value.extend_from_slice(&bytes[2..]);
         }
-        let unknown = CapsuleRepr::Unknown { capsule_type: 0x03, value: &value };
+        let unknown = CapsuleRepr::Unknown {
+            capsule_type: 0x03,
+            value: &value,
+        };
         let bytes = emit_poisoned(&unknown);
-        assert_eq!(CapsuleDecoder::default().decode(&bytes), Err(Error::RangesOutOfOrder));
+        assert_eq!(
+            CapsuleDecoder::default().decode(&bytes),
+            Err(Error::RangesOutOfOrder)
+        );
     }
 }
 
@@ -258,18 +353,41 @@ fn ranges_out_of_order_are_rejected_both_ways() {
 fn range_start_after_end_is_rejected() {
     let mut bytes = ROUTE_ADVERTISEMENT;
     bytes[4] = 0x0b; // start 11.0.0.0 > end 10.255.255.255
-    assert_eq!(CapsuleDecoder::default().decode(&bytes), Err(Error::RangeStartAfterEnd));
-    let r = [IpAddressRange { start: v4(10, 0, 0, 2), end: v4(10, 0, 0, 1), ip_protocol: 0 }];
-    assert_eq!(CapsuleRepr::RouteAdvertisement(&r).emit(&mut [0; 32]), Err(Error::RangeStartAfterEnd));
-    let r = [IpAddressRange { start: v4(10, 0, 0, 2), end: v6("::1"), ip_protocol: 0 }];
-    assert_eq!(CapsuleRepr::RouteAdvertisement(&r).emit(&mut [0; 64]), Err(Error::MixedAddressFamilies));
+    assert_eq!(
+        CapsuleDecoder::default().decode(&bytes),
+        Err(Error::RangeStartAfterEnd)
+    );
+    let r = [IpAddressRange {
+        start: v4(10, 0, 0, 2),
+        end: v4(10, 0, 0, 1),
+        ip_protocol: 0,
+    }];
+    assert_eq!(
+        CapsuleRepr::RouteAdvertisement(&r).emit(&mut [0; 32]),
+        Err(Error::RangeStartAfterEnd)
+    );
+    let r = [IpAddressRange {
+        start: v4(10, 0, 0, 2),
+        end: v6("::1"),
+        ip_protocol: 0,
+    }];
+    assert_eq!(
+        CapsuleRepr::RouteAdvertisement(&r).emit(&mut [0; 64]),
+        Err(Error::MixedAddressFamilies)
+    );
 }
 
 #[test]
 fn single_address_range_is_legal() {
-    let r = [IpAddressRange { start: v4(10, 0, 0, 1), end: v4(10, 0, 0, 1), ip_protocol: 6 }];
+    let r = [IpAddressRange {
+        start: v4(10, 0, 0, 1),
+        end: v4(10, 0, 0, 1),
+        ip_protocol: 6,
+    }];
     let bytes = emit_poisoned(&CapsuleRepr::RouteAdvertisement(&r));
-    let Capsule::RouteAdvertisement(adv) = decode_one(&bytes) else { panic!() };
+    let Capsule::RouteAdvertisement(adv) = decode_one(&bytes) else {
+        panic!()
+    };
     assert_eq!(adv.iter().collect::<Vec<_>>(), r);
 }
 
@@ -283,11 +401,16 @@ const DATAGRAM: [u8; 7] = [
 
 #[test]
 fn datagram_capsule_capture() {
-    let Capsule::Datagram(value) = decode_one(&DATAGRAM) else { panic!() };
+    let Capsule::Datagram(value) = decode_one(&DATAGRAM) else {
+        panic!()
+    };
     let inner = crate::datagram::ContextPayload::parse(value).unwrap();
     assert_eq!(inner.context_id, 0);
     assert_eq!(inner.payload, &[0x45, 0x00, 0x00, 0x14]);
-    assert_eq!(emit_poisoned(&CapsuleRepr::Datagram(&DATAGRAM[2..])), DATAGRAM);
+    assert_eq!(
+        emit_poisoned(&CapsuleRepr::Datagram(&DATAGRAM[2..])),
+        DATAGRAM
+    );
 }
 
 //= https://www.rfc-editor.org/rfc/rfc9297#section-3.2
@@ -296,7 +419,8 @@ fn datagram_capsule_capture() {
 #[test]
 fn unknown_capsule_is_skipped_and_the_next_one_parsed() {
     let mut stream = vec![
-        0x80, 0xff, 0xf1, 0x00, // Capsule Type = 0xfff100 (draft ADDRESS_ASSIGN), 4-byte varint
+        0x80, 0xff, 0xf1,
+        0x00, // Capsule Type = 0xfff100 (draft ADDRESS_ASSIGN), 4-byte varint
         0x03, // Capsule Length = 3
         0xaa, 0xbb, 0xcc, // value, ignored
     ];
@@ -304,9 +428,15 @@ fn unknown_capsule_is_skipped_and_the_next_one_parsed() {
     let mut dec = CapsuleDecoder::default();
     assert_eq!(
         dec.decode(&stream),
-        Ok(Decoded::Skipped { capsule_type: CapsuleType::Unknown(0xfff100), consumed: 8 })
+        Ok(Decoded::Skipped {
+            capsule_type: CapsuleType::Unknown(0xfff100),
+            consumed: 8
+        })
     );
-    let Ok(Decoded::Capsule { capsule: Capsule::Datagram(_), consumed: 7 }) = dec.decode(&stream[8..])
+    let Ok(Decoded::Capsule {
+        capsule: Capsule::Datagram(_),
+        consumed: 7,
+    }) = dec.decode(&stream[8..])
     else {
         panic!()
     };
@@ -321,13 +451,17 @@ fn huge_unknown_capsule_is_skipped_without_buffering() {
     let n = varint::encode(1 << 40, &mut header[1..]).unwrap();
     let mut dec = CapsuleDecoder::new(1024);
     let mut left: u64 = (1 << 40) + 1 + n as u64;
-    let Ok(Decoded::Skipped { consumed, .. }) = dec.decode(&header[..1 + n]) else { panic!() };
+    let Ok(Decoded::Skipped { consumed, .. }) = dec.decode(&header[..1 + n]) else {
+        panic!()
+    };
     left -= consumed as u64;
     assert!(!dec.is_idle());
     let chunk = [0u8; 4096];
     // Skip a few chunks, then check the count the decoder still expects.
     for _ in 0..3 {
-        let Ok(Decoded::Skipped { consumed, .. }) = dec.decode(&chunk) else { panic!() };
+        let Ok(Decoded::Skipped { consumed, .. }) = dec.decode(&chunk) else {
+            panic!()
+        };
         assert_eq!(consumed, chunk.len());
         left -= consumed as u64;
     }
@@ -342,11 +476,17 @@ fn oversize_datagram_capsule_is_discarded_but_oversize_known_capsule_is_an_error
     // DATAGRAM of 5 bytes against a bound of 4: dropped, decoder carries on.
     assert_eq!(
         dec.decode(&DATAGRAM[..3]),
-        Ok(Decoded::Skipped { capsule_type: CapsuleType::Datagram, consumed: 3 })
+        Ok(Decoded::Skipped {
+            capsule_type: CapsuleType::Datagram,
+            consumed: 3
+        })
     );
     assert_eq!(
         dec.decode(&DATAGRAM[3..]),
-        Ok(Decoded::Skipped { capsule_type: CapsuleType::Datagram, consumed: 4 })
+        Ok(Decoded::Skipped {
+            capsule_type: CapsuleType::Datagram,
+            consumed: 4
+        })
     );
     assert!(dec.is_idle());
     // ADDRESS_ASSIGN of 28 bytes against a bound of 4: an error, before any value is buffered.
@@ -355,16 +495,28 @@ fn oversize_datagram_capsule_is_discarded_but_oversize_known_capsule_is_an_error
 
 #[test]
 fn truncation_at_every_length_needs_more_then_decodes() {
-    for capture in [&ADDRESS_ASSIGN[..], &ADDRESS_REQUEST[..], &ROUTE_ADVERTISEMENT[..], &DATAGRAM[..]] {
+    for capture in [
+        &ADDRESS_ASSIGN[..],
+        &ADDRESS_REQUEST[..],
+        &ROUTE_ADVERTISEMENT[..],
+        &DATAGRAM[..],
+    ] {
         for cut in 0..capture.len() {
             let mut dec = CapsuleDecoder::default();
             match dec.decode(&capture[..cut]) {
                 Ok(Decoded::NeedMore { at_least }) => {
-                    assert!(at_least >= 1 && cut + at_least <= capture.len(), "cut {cut}")
+                    assert!(
+                        at_least >= 1 && cut + at_least <= capture.len(),
+                        "cut {cut}"
+                    )
                 }
                 other => panic!("cut {cut}: {other:?}"),
             }
-            let want = if cut == 0 { Ok(()) } else { Err(Error::TruncatedAtEndOfStream) };
+            let want = if cut == 0 {
+                Ok(())
+            } else {
+                Err(Error::TruncatedAtEndOfStream)
+            };
             assert_eq!(dec.finish(&capture[..cut]), want, "cut {cut}");
         }
         decode_one(capture);
@@ -380,23 +532,37 @@ fn value_cut_inside_an_entry_is_malformed() {
         }
         let mut bytes = vec![0x01, value_len as u8];
         bytes.extend_from_slice(&ADDRESS_ASSIGN[2..2 + value_len]);
-        assert_eq!(CapsuleDecoder::default().decode(&bytes), Err(Error::TruncatedValue), "len {value_len}");
+        assert_eq!(
+            CapsuleDecoder::default().decode(&bytes),
+            Err(Error::TruncatedValue),
+            "len {value_len}"
+        );
     }
 }
 
 #[test]
 fn emit_reports_short_buffers_at_every_length() {
-    let entries = [AddressEntry { request_id: 300, prefix: IpPrefix::host(v6("2001:db8::1")) }];
+    let entries = [AddressEntry {
+        request_id: 300,
+        prefix: IpPrefix::host(v6("2001:db8::1")),
+    }];
     let ranges = route_ranges();
     for repr in [
         CapsuleRepr::AddressAssign(&entries),
         CapsuleRepr::AddressRequest(&entries),
         CapsuleRepr::RouteAdvertisement(&ranges),
         CapsuleRepr::Datagram(&[1, 2, 3]),
-        CapsuleRepr::Unknown { capsule_type: 1 << 40, value: &[9] },
+        CapsuleRepr::Unknown {
+            capsule_type: 1 << 40,
+            value: &[9],
+        },
     ] {
         for len in 0..repr.buffer_len() {
-            assert_eq!(repr.emit(&mut vec![0; len]), Err(Error::BufferTooSmall), "{repr:?} len {len}");
+            assert_eq!(
+                repr.emit(&mut vec![0; len]),
+                Err(Error::BufferTooSmall),
+                "{repr:?} len {len}"
+            );
         }
     }
 }
@@ -432,35 +598,51 @@ fn arb_prefix() -> impl Strategy<Value = IpPrefix> {
 }
 
 fn arb_entry() -> impl Strategy<Value = AddressEntry> {
-    (1..=varint::MAX, arb_prefix()).prop_map(|(request_id, prefix)| AddressEntry { request_id, prefix })
+    (1..=varint::MAX, arb_prefix())
+        .prop_map(|(request_id, prefix)| AddressEntry { request_id, prefix })
 }
 
 /// Sorted, disjoint ranges: sort (version, protocol, start) and drop any overlapping the previous.
 fn arb_ranges() -> impl Strategy<Value = Vec<IpAddressRange>> {
-    proptest::collection::vec((arb_addr(), any::<u64>(), prop::sample::select(vec![0u8, 6, 17])), 0..8)
-        .prop_map(|raw| {
-            let mut ranges: Vec<IpAddressRange> = raw
-                .into_iter()
-                .map(|(start, span, ip_protocol)| {
-                    let s = addr_to_u128(start);
-                    let max = if start.is_ipv4() { u128::from(u32::MAX) } else { u128::MAX };
-                    let e = s.saturating_add(u128::from(span % 1000)).min(max);
-                    let end = match start {
-                        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(e as u32)),
-                        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(e)),
-                    };
-                    IpAddressRange { start, end, ip_protocol }
-                })
-                .collect();
-            ranges.sort_by_key(|r| (ip_version(r.start), r.ip_protocol, addr_to_u128(r.start)));
-            let mut out: Vec<IpAddressRange> = Vec::new();
-            for r in ranges {
-                if out.last().is_none_or(|p| check_range_order(p, &r).is_ok()) {
-                    out.push(r);
+    proptest::collection::vec(
+        (
+            arb_addr(),
+            any::<u64>(),
+            prop::sample::select(vec![0u8, 6, 17]),
+        ),
+        0..8,
+    )
+    .prop_map(|raw| {
+        let mut ranges: Vec<IpAddressRange> = raw
+            .into_iter()
+            .map(|(start, span, ip_protocol)| {
+                let s = addr_to_u128(start);
+                let max = if start.is_ipv4() {
+                    u128::from(u32::MAX)
+                } else {
+                    u128::MAX
+                };
+                let e = s.saturating_add(u128::from(span % 1000)).min(max);
+                let end = match start {
+                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(e as u32)),
+                    IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(e)),
+                };
+                IpAddressRange {
+                    start,
+                    end,
+                    ip_protocol,
                 }
+            })
+            .collect();
+        ranges.sort_by_key(|r| (ip_version(r.start), r.ip_protocol, addr_to_u128(r.start)));
+        let mut out: Vec<IpAddressRange> = Vec::new();
+        for r in ranges {
+            if out.last().is_none_or(|p| check_range_order(p, &r).is_ok()) {
+                out.push(r);
             }
-            out
-        })
+        }
+        out
+    })
 }
 
 /// Feeds `stream` to a decoder in pieces cut at `cuts`, like reads from a stream, and records each
@@ -482,7 +664,10 @@ fn feed(stream: &[u8], cuts: &[usize], max: usize) -> Result<Vec<(u8, Vec<u8>)>,
             match dec.decode(&buffered)? {
                 Decoded::NeedMore { .. } => break,
                 Decoded::Capsule { capsule, consumed } => {
-                    out.push((u64::from(capsule.capsule_type()) as u8, buffered[..consumed].to_vec()));
+                    out.push((
+                        u64::from(capsule.capsule_type()) as u8,
+                        buffered[..consumed].to_vec(),
+                    ));
                     buffered.drain(..consumed);
                 }
                 Decoded::Skipped { consumed, .. } => {
