@@ -212,6 +212,13 @@ impl AddressSet {
         Ok(Hop { from, to })
     }
 
+    /// Whether `addr` is held and may still be handed out at `now_ms` (outside the margin).
+    pub fn is_usable(&self, addr: IpAddr, now_ms: u64) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.addr == addr && self.entry_usable(e, now_ms))
+    }
+
     /// Usable addresses at `now_ms` (including the current one).
     pub fn usable_count(&self, now_ms: u64) -> usize {
         self.entries
@@ -436,12 +443,6 @@ impl AddressSet {
             .iter()
             .find(|e| e.addr == addr)
             .map(|e| e.expires_ms)
-    }
-
-    fn is_usable(&self, addr: IpAddr, now_ms: u64) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.addr == addr && self.entry_usable(e, now_ms))
     }
 
     fn entry_usable(&self, entry: &Entry, now_ms: u64) -> bool {

@@ -2,7 +2,9 @@
 //!
 //! Built so far: the sans-IO core that decides *when* a connection hops ([`strategy`]) and
 //! *which* address it hops to, when to ask the allocator for more addresses and when to release
-//! and drop them ([`addrset`]), and the agent's config file ([`config`]). These never read a
+//! and drop them ([`addrset`]), the two put together per connection with expiry-forced hops and
+//! counters ([`hopper`]: what the migration driver calls before each packet), and the agent's
+//! config file ([`config`]). These never read a
 //! clock, open a socket or spawn a thread: time is an argument and the results are plain data,
 //! so they are tested on a virtual clock. Each value is owned by one thread (the agent's event
 //! loop); none is shared. Nothing here panics on input: bad configs are errors.
@@ -13,9 +15,11 @@
 
 pub mod addrset;
 pub mod config;
+pub mod hopper;
 pub mod rng;
 pub mod strategy;
 
 pub use addrset::{AddressSet, AddressSetConfig};
 pub use config::AgentConfig;
+pub use hopper::{ConnectionHopper, PacketAction};
 pub use strategy::{Decision, HopStrategy, HopStrategyConfig};

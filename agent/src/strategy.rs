@@ -149,6 +149,17 @@ impl HopStrategyConfig {
         }
     }
 
+    /// The fixed schedule of the seed's Figure 3 for `migrations` migrations per 100 packets:
+    /// 0 is [`Self::Never`], else [`Self::EveryPackets`] with `100 / migrations` packets. `None`
+    /// unless `migrations` divides 100 (1, 2, 4, 5, 10, 20, 25, 50, 100).
+    pub fn migrations_per_100_packets(migrations: u64) -> Option<Self> {
+        match migrations {
+            0 => Some(Self::Never),
+            m if 100 % m == 0 => Some(Self::EveryPackets { packets: 100 / m }),
+            _ => None,
+        }
+    }
+
     /// Whether each simultaneous connection should get its own address.
     pub fn distinct_address_per_connection(&self) -> bool {
         matches!(self, Self::PerConnection)
@@ -362,6 +373,21 @@ mod tests {
     fn every_one_packet_hops_before_every_packet_but_the_first() {
         let mut s = strategy(HopStrategyConfig::EveryPackets { packets: 1 }, 0);
         assert_eq!(hop_positions(&mut s, 5), vec![2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn figure_3_frequencies_give_that_many_migrations_per_100_packets_in_steady_state() {
+        for m in [0u64, 1, 2, 4, 10, 25, 50] {
+            let config = HopStrategyConfig::migrations_per_100_packets(m).unwrap();
+            let mut s = strategy(config, 0);
+            // Skip the first address, then count hops over 10,000 packets.
+            let _ = hop_positions(&mut s, 100);
+            let hops = (101..=10_100)
+                .filter(|&i| s.on_packet(i) == Decision::Hop)
+                .count();
+            assert_eq!(hops as u64, m * 100, "{m} per 100 packets");
+        }
+        assert_eq!(HopStrategyConfig::migrations_per_100_packets(3), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use mimiq_agent::addrset::{AddressSet, AddressSetConfig, ChooseError};
+use mimiq_agent::hopper::{ConnectionHopper, PacketAction};
 use mimiq_agent::strategy::{Decision, HopStrategy, HopStrategyConfig};
 use proptest::prelude::*;
 
@@ -217,6 +218,68 @@ proptest! {
                 pending = Some(now + latency);
             }
             now += tick;
+        }
+    }
+
+    /// Connections hopping under any strategy, with allocations of any lifetime arriving at
+    /// random times, never send a packet from an address that has expired or that the set does
+    /// not hold, and a migration never lands on the address it leaves.
+    #[test]
+    fn hopping_connections_never_send_from_an_expired_address(
+        kind in 0u8..6,
+        a in 1u64..20,
+        width in 0u64..20,
+        margin in 0u64..200,
+        connections in 1u64..4,
+        steps in prop::collection::vec((1u64..50, 0u8..4, 1u64..3_000), 1..300),
+        seed in any::<u64>(),
+    ) {
+        let config = match kind {
+            0 => HopStrategyConfig::Never,
+            1 => HopStrategyConfig::EveryPackets { packets: a },
+            2 => HopStrategyConfig::RandomPackets { min_packets: a, max_packets: a + width },
+            3 => HopStrategyConfig::RandomTime { min_ms: a, max_ms: a + width },
+            4 => HopStrategyConfig::OnceAfter { packets: a },
+            _ => HopStrategyConfig::PerConnection,
+        };
+        let set_config = AddressSetConfig { expiry_margin_ms: margin, ..AddressSetConfig::default() };
+        let mut set = AddressSet::new(set_config, seed).unwrap();
+        let mut hoppers: Vec<_> = (0..connections)
+            .map(|c| ConnectionHopper::new(c, HopStrategy::for_connection(&config, seed, c).unwrap()))
+            .collect();
+        let mut now = 0;
+        let mut next_ip = 1u32;
+        let mut on: Vec<Option<IpAddr>> = vec![None; connections as usize];
+        for (advance, new_addresses, lifetime_ms) in steps {
+            now += advance;
+            let addrs: Vec<_> = (0..new_addresses)
+                .map(|_| {
+                    next_ip += 1;
+                    (IpAddr::V4(Ipv4Addr::from(next_ip)), Duration::from_millis(lifetime_ms))
+                })
+                .collect();
+            set.add_allocation(now, &addrs);
+            set.drain_expired(now);
+            for (i, h) in hoppers.iter_mut().enumerate() {
+                let sent_from = match h.on_packet(&mut set, now) {
+                    PacketAction::Send { from } => {
+                        prop_assert_eq!(Some(from), on[i]);
+                        Some(from)
+                    }
+                    PacketAction::Migrate { from, to, .. } => {
+                        prop_assert_ne!(Some(to), from);
+                        let e = expiry(&set, to).unwrap();
+                        prop_assert!(now + margin < e, "migrated onto {} expiring at {} at {}", to, e, now);
+                        on[i] = Some(to);
+                        Some(to)
+                    }
+                    PacketAction::NoAddress => None,
+                };
+                if let Some(addr) = sent_from {
+                    let e = expiry(&set, addr);
+                    prop_assert!(e.is_some_and(|e| now < e), "sent from {} (expiry {:?}) at {}", addr, e, now);
+                }
+            }
         }
     }
 
