@@ -94,6 +94,9 @@ pub enum Error {
     RangeStartAfterEnd,
     /// Two ranges that break the order RFC 9484 §4.7.3 requires (or overlap).
     RangesOutOfOrder,
+    /// A range for one protocol that overlaps a range for all protocols (IP Protocol 0) of the
+    /// same IP version.
+    OverlapsAllProtocolsRange,
     /// Emit: a range whose start and end are of different IP versions.
     MixedAddressFamilies,
     /// Emit: a varint field above 2^62 - 1.
@@ -322,11 +325,18 @@ impl<'a> RouteAdvertisement<'a> {
         //# Ranges.
         let mut pos = 0;
         let mut prev: Option<IpAddressRange> = None;
+        let mut overlap = ZeroProtocolOverlap::default();
+        let fetch = |at: usize| {
+            let mut next = at;
+            read_range(value, &mut next).ok().map(|r| (r, next))
+        };
         while pos < value.len() {
+            let at = pos;
             let range = read_range(value, &mut pos)?;
             if let Some(prev) = prev {
                 check_range_order(&prev, &range)?;
             }
+            overlap.step(&range, at, pos, fetch)?;
             prev = Some(range);
         }
         Ok(RouteAdvertisement { value })
@@ -618,6 +628,10 @@ impl CapsuleRepr<'_> {
                 for pair in ranges.windows(2) {
                     check_range_order(&pair[0], &pair[1])?;
                 }
+                let mut overlap = ZeroProtocolOverlap::default();
+                for (i, r) in ranges.iter().enumerate() {
+                    overlap.step(r, i, i + 1, |j| ranges.get(j).map(|r| (*r, j + 1)))?;
+                }
             }
         }
         if let CapsuleRepr::AddressAssign(e) | CapsuleRepr::AddressRequest(e) = self {
@@ -744,6 +758,72 @@ fn check_range_order(a: &IpAddressRange, b: &IpAddressRange) -> Result<(), Error
         Ok(())
     } else {
         Err(Error::RangesOutOfOrder)
+    }
+}
+
+/// Checks, range by range in wire order (already checked by [`check_range_order`]), that no range
+/// for one protocol overlaps a range for all protocols of the same IP version. Ranges are sorted,
+/// so each protocol group walks the protocol-0 ranges once: linear in the ranges plus (groups ×
+/// protocol-0 ranges), never quadratic in the capsule.
+///
+/// Positions are opaque cursors (byte offsets in a capsule value, or slice indices); `fetch(at)`
+/// returns the range at `at` and the cursor after it.
+#[derive(Debug, Default)]
+struct ZeroProtocolOverlap {
+    version: u8,
+    zero_start: usize,
+    zero_end: usize,
+    group: Option<u8>,
+    cursor: usize,
+}
+
+impl ZeroProtocolOverlap {
+    //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.3
+    //# Endpoints MUST NOT send a
+    //# ROUTE_ADVERTISEMENT capsule with routes that overlap in such a way. Validating
+    //# this requirement is OPTIONAL, but if an endpoint detects the violation, it MUST
+    //# abort the IP proxying request stream.
+    fn step(
+        &mut self,
+        range: &IpAddressRange,
+        at: usize,
+        next: usize,
+        fetch: impl Fn(usize) -> Option<(IpAddressRange, usize)>,
+    ) -> Result<(), Error> {
+        let version = ip_version(range.start);
+        if version != self.version {
+            *self = ZeroProtocolOverlap {
+                version,
+                zero_start: at,
+                zero_end: at,
+                group: None,
+                cursor: at,
+            };
+        }
+        if range.ip_protocol == 0 {
+            // Protocol-0 ranges come first within a version, so they form one block.
+            self.zero_end = next;
+            return Ok(());
+        }
+        if self.group != Some(range.ip_protocol) {
+            self.group = Some(range.ip_protocol);
+            self.cursor = self.zero_start;
+        }
+        let (start, end) = (addr_to_u128(range.start), addr_to_u128(range.end));
+        while self.cursor < self.zero_end {
+            let Some((zero, after)) = fetch(self.cursor) else {
+                break;
+            };
+            if addr_to_u128(zero.end) < start {
+                self.cursor = after;
+                continue;
+            }
+            if addr_to_u128(zero.start) <= end {
+                return Err(Error::OverlapsAllProtocolsRange);
+            }
+            break;
+        }
+        Ok(())
     }
 }
 
