@@ -16,6 +16,10 @@
 //! The set asks for the next allocation `refill_lead_ms` before it would hold fewer usable
 //! addresses than it needs (`min_usable`, or one more than the connections it serves), so
 //! traffic never waits for the allocator (the seed's prototype blocked on DHCP).
+//!
+//! Cost: every call is linear in the addresses held (a set holds tens, `set_size` ≤ 1024) and
+//! does not allocate except where it returns a `Vec`; the per-packet call
+//! ([`crate::hopper::ConnectionHopper::on_packet`]) allocates only when it hops.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

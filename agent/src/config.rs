@@ -82,7 +82,7 @@ mod tests {
     #[test]
     fn parses_every_strategy_kind() {
         let cases = [
-            ("kind = \"never\"", HopStrategyConfig::Never),
+            ("kind = \"never\"", HopStrategyConfig::Never {}),
             (
                 "kind = \"every_packets\"\npackets = 25",
                 HopStrategyConfig::EveryPackets { packets: 25 },
@@ -107,7 +107,7 @@ mod tests {
             ),
             (
                 "kind = \"per_connection\"",
-                HopStrategyConfig::PerConnection,
+                HopStrategyConfig::PerConnection {},
             ),
         ];
         for (hop, expected) in cases {
@@ -175,6 +175,10 @@ mod tests {
         assert!(addresses.starts_with("config line 4:"), "{addresses}");
         let top = error("colour = 1\n[hop]\nkind = \"never\"\n");
         assert!(top.starts_with("config line 1:"), "{top}");
+        let extra = error("[hop]\nkind = \"never\"\npackets = 5\n");
+        assert!(extra.contains("packets"), "{extra}");
+        let extra = error("[hop]\nkind = \"per_connection\"\nmin_ms = 5\n");
+        assert!(extra.contains("min_ms"), "{extra}");
         let missing = error("seed = 1\n");
         assert!(missing.contains("hop"), "{missing}");
         let negative = error("[hop]\nkind = \"every_packets\"\npackets = -3\n");

@@ -233,7 +233,7 @@ mod tests {
     fn an_address_reaching_its_margin_forces_a_hop_even_when_the_strategy_never_hops() {
         let mut set = set(1_000, 1);
         set.add_allocation(0, &[(ip(9), Duration::from_millis(50_000))]);
-        let mut h = hopper(HopStrategyConfig::Never);
+        let mut h = hopper(HopStrategyConfig::Never {});
         // Whichever address it starts on, it is on ip(9) from the margin of the short one on.
         let _ = h.on_packet(&mut set, 0);
         for t in 900..1_000 {
@@ -265,7 +265,7 @@ mod tests {
     #[test]
     fn without_any_address_packets_are_held_and_counted() {
         let mut set = set(1_000, 1);
-        let mut h = hopper(HopStrategyConfig::Never);
+        let mut h = hopper(HopStrategyConfig::Never {});
         let _ = h.on_packet(&mut set, 0);
         // Within the margin, no other address: stays on the old one until it expires.
         assert_eq!(
@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn simultaneous_per_connection_hoppers_use_different_addresses() {
         let mut set = set(1_000_000, 4);
-        let config = HopStrategyConfig::PerConnection;
+        let config = HopStrategyConfig::PerConnection {};
         let mut hoppers: Vec<_> = (0..4)
             .map(|c| ConnectionHopper::new(c, HopStrategy::for_connection(&config, 1, c).unwrap()))
             .collect();

@@ -41,7 +41,7 @@ pub enum Decision {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HopStrategyConfig {
     /// Never hop within a connection (the baseline, 0 migrations per 100 packets).
-    Never,
+    Never {},
     /// Hop every `packets` packets: each address carries exactly `packets` packets.
     /// 1 ..= 2^32. 50 migrations per 100 packets is `packets = 2`.
     EveryPackets {
@@ -72,7 +72,7 @@ pub enum HopStrategyConfig {
     },
     /// Never hop within a connection, but give each simultaneous connection its own address
     /// ([`crate::addrset::AddressSet::assign_connection`]; seed 000 §3.2).
-    PerConnection,
+    PerConnection {},
 }
 
 /// Why a hop strategy config was refused. Each message is one line naming the field.
@@ -118,12 +118,12 @@ impl HopStrategyConfig {
     /// The config's `kind` tag.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Never => "never",
+            Self::Never {} => "never",
             Self::EveryPackets { .. } => "every_packets",
             Self::RandomPackets { .. } => "random_packets",
             Self::RandomTime { .. } => "random_time",
             Self::OnceAfter { .. } => "once_after",
-            Self::PerConnection => "per_connection",
+            Self::PerConnection {} => "per_connection",
         }
     }
 
@@ -131,7 +131,7 @@ impl HopStrategyConfig {
     pub fn validate(&self) -> Result<(), StrategyConfigError> {
         let kind = self.kind();
         match *self {
-            Self::Never | Self::PerConnection => Ok(()),
+            Self::Never {} | Self::PerConnection {} => Ok(()),
             Self::EveryPackets { packets } | Self::OnceAfter { packets } => {
                 check_value(kind, "packets", packets)
             }
@@ -154,7 +154,7 @@ impl HopStrategyConfig {
     /// unless `migrations` divides 100 (1, 2, 4, 5, 10, 20, 25, 50, 100).
     pub fn migrations_per_100_packets(migrations: u64) -> Option<Self> {
         match migrations {
-            0 => Some(Self::Never),
+            0 => Some(Self::Never {}),
             m if 100 % m == 0 => Some(Self::EveryPackets { packets: 100 / m }),
             _ => None,
         }
@@ -162,7 +162,7 @@ impl HopStrategyConfig {
 
     /// Whether each simultaneous connection should get its own address.
     pub fn distinct_address_per_connection(&self) -> bool {
-        matches!(self, Self::PerConnection)
+        matches!(self, Self::PerConnection {})
     }
 }
 
@@ -233,7 +233,7 @@ impl HopStrategy {
     pub fn new(config: &HopStrategyConfig, seed: u64) -> Result<Self, StrategyConfigError> {
         config.validate()?;
         let rule = match *config {
-            HopStrategyConfig::Never | HopStrategyConfig::PerConnection => Rule::Never,
+            HopStrategyConfig::Never {} | HopStrategyConfig::PerConnection {} => Rule::Never,
             HopStrategyConfig::EveryPackets { packets } => Rule::Every(packets),
             HopStrategyConfig::RandomPackets {
                 min_packets,
@@ -392,12 +392,15 @@ mod tests {
 
     #[test]
     fn never_and_per_connection_do_not_hop() {
-        for config in [HopStrategyConfig::Never, HopStrategyConfig::PerConnection] {
+        for config in [
+            HopStrategyConfig::Never {},
+            HopStrategyConfig::PerConnection {},
+        ] {
             let mut s = strategy(config, 3);
             assert!(hop_positions(&mut s, 10_000).is_empty());
         }
-        assert!(HopStrategyConfig::PerConnection.distinct_address_per_connection());
-        assert!(!HopStrategyConfig::Never.distinct_address_per_connection());
+        assert!(HopStrategyConfig::PerConnection {}.distinct_address_per_connection());
+        assert!(!HopStrategyConfig::Never {}.distinct_address_per_connection());
     }
 
     #[test]

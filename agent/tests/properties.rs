@@ -235,12 +235,12 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let config = match kind {
-            0 => HopStrategyConfig::Never,
+            0 => HopStrategyConfig::Never {},
             1 => HopStrategyConfig::EveryPackets { packets: a },
             2 => HopStrategyConfig::RandomPackets { min_packets: a, max_packets: a + width },
             3 => HopStrategyConfig::RandomTime { min_ms: a, max_ms: a + width },
             4 => HopStrategyConfig::OnceAfter { packets: a },
-            _ => HopStrategyConfig::PerConnection,
+            _ => HopStrategyConfig::PerConnection {},
         };
         let set_config = AddressSetConfig { expiry_margin_ms: margin, ..AddressSetConfig::default() };
         let mut set = AddressSet::new(set_config, seed).unwrap();
