@@ -12,7 +12,8 @@
 //! refill_lead_ms = 10000
 //! ```
 //!
-//! Unknown fields are refused, and every error is one line naming the line of the file.
+//! Unknown fields are refused, and every error is one line, naming the line of the file where
+//! the parser knows it. `agent.example.toml` documents every field and is parsed by the tests.
 
 use serde::Deserialize;
 
@@ -77,6 +78,20 @@ mod tests {
         let message = AgentConfig::from_toml_str(text).unwrap_err().to_string();
         assert!(!message.contains('\n'), "multi-line error: {message}");
         message
+    }
+
+    #[test]
+    fn the_example_config_parses_with_its_stated_defaults() {
+        let config = AgentConfig::from_toml_str(include_str!("../agent.example.toml")).unwrap();
+        assert_eq!(config.seed, None);
+        assert_eq!(
+            config.hop,
+            HopStrategyConfig::RandomPackets {
+                min_packets: 25,
+                max_packets: 100
+            }
+        );
+        assert_eq!(config.addresses, AddressSetConfig::default());
     }
 
     #[test]
