@@ -105,6 +105,29 @@ pub enum Error {
     BufferTooSmall,
 }
 
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Error::CapsuleTooLong => "capsule longer than the bound",
+            Error::TruncatedAtEndOfStream => "stream ended inside a capsule",
+            Error::TruncatedValue => "capsule value ends inside a field",
+            Error::InvalidIpVersion => "IP version not 4 or 6",
+            Error::PrefixLengthTooLong => "prefix length longer than the address",
+            Error::HostBitsSet => "address bits past the prefix length are set",
+            Error::ZeroRequestId => "requested address with request ID 0",
+            Error::EmptyAddressRequest => "ADDRESS_REQUEST with no requested address",
+            Error::RangeStartAfterEnd => "range start after its end",
+            Error::RangesOutOfOrder => "ranges out of the required order or overlapping",
+            Error::OverlapsAllProtocolsRange => "range overlaps a range for all protocols",
+            Error::MixedAddressFamilies => "range start and end of different IP versions",
+            Error::ValueTooLarge => "value above 2^62-1",
+            Error::BufferTooSmall => "output buffer too small",
+        })
+    }
+}
+
+impl std::error::Error for Error {}
+
 /// An IP prefix: an address and a prefix length no longer than the address, with every bit past
 /// the prefix zero (RFC 9484 §4.7.1, §4.7.2, §4.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -44,6 +44,21 @@ pub enum Error {
     BufferTooSmall,
 }
 
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Error::TruncatedQuarterStreamId => "datagram too short for its quarter stream ID",
+            Error::QuarterStreamIdTooLarge => "quarter stream ID above 2^60-1",
+            Error::TruncatedContextId => "datagram too short for its context ID",
+            Error::ValueTooLarge => "value above 2^62-1",
+            Error::NotARequestStream => "stream ID is not a client-initiated bidirectional stream",
+            Error::BufferTooSmall => "output buffer too small",
+        })
+    }
+}
+
+impl std::error::Error for Error {}
+
 /// The HTTP/3 layer of an HTTP datagram (RFC 9297 §2.1): the request stream it belongs to and the
 /// HTTP Datagram Payload, borrowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

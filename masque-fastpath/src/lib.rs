@@ -13,8 +13,12 @@
 //!
 //! Threading: plain functions and values; nothing shared, nothing blocks, every type is `Send`.
 //! What may panic: nothing on input. Every parser returns a small `Copy` error enum on any byte
-//! sequence (property tests over random bytes check it). The sessions and the quiche glue land
-//! with the rest of issue 6.
+//! sequence or path (property tests over random input check it); errors implement `Display` and
+//! `std::error::Error` for the control-path glue.
+//!
+//! Not built yet (the rest of issue 6): the sessions (CONNECT-IP address pools, scope checks on
+//! inner packets, ICMP), the quiche glue, the proxy and client, and configurable (non-default) URI
+//! templates; the codec parses only the well-known default paths.
 #![forbid(unsafe_code)]
 
 pub mod capsule;

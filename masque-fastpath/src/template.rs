@@ -59,6 +59,28 @@ pub enum Error {
     InvalidIpProtocol,
 }
 
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Error::WrongPrefix => "path does not match the template prefix",
+            Error::QueryOrFragment => "path has a query or fragment",
+            Error::WrongSegments => "path does not have the template segments",
+            Error::BadPercentEncoding => "bad percent-encoding or character in a path segment",
+            Error::UnencodedColon => "IPv6 colon not percent-encoded",
+            Error::ZoneIdUnsupported => "IPv6 zone identifiers are not supported",
+            Error::InvalidIpLiteral => "invalid IP literal",
+            Error::InvalidHostname => "invalid hostname",
+            Error::WildcardNotAllowed => "wildcard where a host is required",
+            Error::InvalidPort => "port not a number from 1 to 65535",
+            Error::InvalidPrefixLength => "invalid prefix length",
+            Error::HostBitsSet => "address bits past the prefix length are set",
+            Error::InvalidIpProtocol => "ipproto not a number from 0 to 255 or *",
+        })
+    }
+}
+
+impl std::error::Error for Error {}
+
 /// A CONNECT-UDP or CONNECT-IP host: an IP address or a DNS name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Host {

@@ -24,6 +24,19 @@ pub enum Error {
     BufferTooSmall,
 }
 
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Error::Truncated => "varint truncated",
+            Error::ValueTooLarge => "value above 2^62-1",
+            Error::InvalidLength => "invalid varint length for this value",
+            Error::BufferTooSmall => "output buffer too small",
+        })
+    }
+}
+
+impl std::error::Error for Error {}
+
 //= https://www.rfc-editor.org/rfc/rfc9000#section-16
 //# The QUIC variable-length integer encoding reserves the two most
 //# significant bits of the first byte to encode the base-2 logarithm of
