@@ -285,16 +285,31 @@ fn parse_host(raw: &str) -> Result<Host, Error> {
     {
         return Ok(Host::Ip(IpAddr::V4(a)));
     }
-    let valid = !decoded.is_empty()
-        && decoded.len() <= MAX_HOSTNAME_LEN
-        && decoded
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.');
-    if !valid {
+    if !is_hostname(&decoded) {
         return Err(Error::InvalidHostname);
     }
     // Every byte is ASCII, checked just above.
     Ok(Host::Name(decoded.iter().map(|&c| c as char).collect()))
+}
+
+/// A DNS name in text form: 1–253 bytes of labels of 1–63 letters, digits, `-` or `_`, separated
+/// by dots, the last label not all digits (so `010.0.0.1`, which `Ipv4Addr` refuses, is not
+/// handed to a resolver that might read it as an address).
+fn is_hostname(name: &[u8]) -> bool {
+    if name.is_empty() || name.len() > MAX_HOSTNAME_LEN {
+        return false;
+    }
+    let labels_ok = name.split(|&c| c == b'.').all(|label| {
+        (1..=63).contains(&label.len())
+            && label
+                .iter()
+                .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    });
+    let last_numeric = name
+        .rsplit(|&c| c == b'.')
+        .next()
+        .is_some_and(|last| last.iter().all(u8::is_ascii_digit));
+    labels_ok && !last_numeric
 }
 
 fn parse_port(raw: &str) -> Result<u16, Error> {
@@ -370,8 +385,7 @@ fn parse_ipproto(raw: &str) -> Result<IpProtocolScope, Error> {
         .map_err(|_| Error::InvalidIpProtocol)
 }
 
-/// Writes a host into a path segment: IPv6 colons as `%3A`, any other byte outside RFC 3986's
-/// unreserved set percent-encoded.
+/// Writes a host into a path segment: IPv6 colons as `%3A`; a hostname must be valid.
 fn push_host(path: &mut String, host: &Host) -> Result<(), Error> {
     match host {
         Host::Ip(IpAddr::V4(a)) => {
@@ -387,16 +401,11 @@ fn push_host(path: &mut String, host: &Host) -> Result<(), Error> {
             }
         }
         Host::Name(name) => {
-            if name.is_empty() || name.len() > MAX_HOSTNAME_LEN {
+            // A valid hostname holds only unreserved characters: nothing to percent-encode.
+            if !is_hostname(name.as_bytes()) {
                 return Err(Error::InvalidHostname);
             }
-            for b in name.bytes() {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    path.push(b as char);
-                } else {
-                    let _ = write!(path, "%{b:02X}");
-                }
-            }
+            path.push_str(name);
         }
     }
     Ok(())
@@ -505,6 +514,27 @@ mod tests {
                 "/.well-known/masque/udp/exa%20mple/443/",
                 Error::InvalidHostname,
             ),
+            (
+                "/.well-known/masque/udp/010.0.0.1/443/",
+                Error::InvalidHostname,
+            ),
+            (
+                "/.well-known/masque/udp/10.0.0.256/443/",
+                Error::InvalidHostname,
+            ),
+            (
+                "/.well-known/masque/udp/a..example/443/",
+                Error::InvalidHostname,
+            ),
+            (
+                "/.well-known/masque/udp/.example/443/",
+                Error::InvalidHostname,
+            ),
+            (
+                "/.well-known/masque/udp/%C3%A9.example/443/",
+                Error::InvalidHostname,
+            ),
+            ("/.well-known/masque/udp/%2A/443/", Error::InvalidHostname),
             ("/.well-known/masque/udp/*/443/", Error::WildcardNotAllowed),
             ("/.well-known/masque/udp//443/", Error::WildcardNotAllowed),
             ("/.well-known/masque/udp/192.0.2.6/0/", Error::InvalidPort),
@@ -530,6 +560,11 @@ mod tests {
             port: 0,
         };
         assert_eq!(t.to_path(), Err(Error::InvalidPort));
+        let spaced = UdpTarget {
+            host: Host::Name("a b".into()),
+            port: 1,
+        };
+        assert_eq!(spaced.to_path(), Err(Error::InvalidHostname));
         let too_long = UdpTarget {
             host: Host::Name("a".repeat(254)),
             port: 1,
@@ -660,7 +695,10 @@ mod tests {
             any::<[u8; 4]>().prop_map(|b| Host::Ip(IpAddr::from(b))),
             any::<[u8; 16]>().prop_map(|b| Host::Ip(IpAddr::from(b))),
             "[a-z0-9_-]{1,20}(\\.[a-z0-9_-]{1,20}){0,3}".prop_filter_map("looks like IPv4", |s| {
-                if s.parse::<Ipv4Addr>().is_ok() {
+                if s.rsplit('.')
+                    .next()
+                    .is_some_and(|l| l.bytes().all(|c| c.is_ascii_digit()))
+                {
                     None
                 } else {
                     Some(Host::Name(s))
