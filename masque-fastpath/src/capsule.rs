@@ -164,13 +164,8 @@ impl IpPrefix {
     }
 
     /// The prefix length in bits.
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
-    }
-
-    /// True for a /0 (the whole address family).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Whether `addr` falls inside this prefix (false across address families).
@@ -504,11 +499,15 @@ impl CapsuleDecoder {
         if too_long {
             return Err(Error::CapsuleTooLong);
         }
-        // len <= max_value_len, a usize.
-        let len = len as usize;
-        let Some(value) = buf.get(header..header + len) else {
+        // len <= max_value_len, a usize; the sum can only overflow on a 32-bit target with a
+        // bound near usize::MAX, which is then too long.
+        let end = header
+            .checked_add(len as usize)
+            .ok_or(Error::CapsuleTooLong)?;
+        let len = end - header;
+        let Some(value) = buf.get(header..end) else {
             return Ok(Decoded::NeedMore {
-                at_least: header + len - buf.len(),
+                at_least: end - buf.len(),
             });
         };
         match Capsule::parse_value(capsule_type, value)? {

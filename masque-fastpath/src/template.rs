@@ -168,8 +168,8 @@ impl IpScope {
             IpTarget::Any => path.push('*'),
             IpTarget::Prefix(p) => {
                 push_host(&mut path, &Host::Ip(p.addr()))?;
-                if u32::from(p.len()) < addr_bits(p.addr()) {
-                    let _ = write!(path, "%2F{}", p.len());
+                if u32::from(p.prefix_len()) < addr_bits(p.addr()) {
+                    let _ = write!(path, "%2F{}", p.prefix_len());
                 }
             }
             IpTarget::Name(name) => push_host(&mut path, &Host::Name(name.clone()))?,

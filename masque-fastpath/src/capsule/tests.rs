@@ -61,10 +61,10 @@ fn address_assign_capture_parses_field_by_field() {
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[0].request_id, 0);
     assert_eq!(entries[0].prefix.addr(), v4(192, 0, 2, 10));
-    assert_eq!(entries[0].prefix.len(), 32);
+    assert_eq!(entries[0].prefix.prefix_len(), 32);
     assert_eq!(entries[1].request_id, 7);
     assert_eq!(entries[1].prefix.addr(), v6("2001:db8:1::"));
-    assert_eq!(entries[1].prefix.len(), 48);
+    assert_eq!(entries[1].prefix.prefix_len(), 48);
     assert!(entries[1].prefix.contains(v6("2001:db8:1:ffff::1")));
     assert!(!entries[1].prefix.contains(v6("2001:db8:2::1")));
     assert!(!entries[1].prefix.contains(v4(192, 0, 2, 10)));
@@ -133,7 +133,7 @@ fn address_request_capture_round_trips() {
     );
     assert_eq!(entries[1].request_id, 2);
     assert_eq!(entries[1].prefix.addr(), v6("::"));
-    assert_eq!(entries[1].prefix.len(), 64);
+    assert_eq!(entries[1].prefix.prefix_len(), 64);
     assert_eq!(
         emit_poisoned(&CapsuleRepr::AddressRequest(&entries)),
         ADDRESS_REQUEST
