@@ -121,12 +121,13 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
     ];
     let mut switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("s.json")).unwrap();
 
-    // Eight TCP streams: the senders' queue selection spreads them over both queues.
+    // Sixteen TCP streams: the sender's queue selection (a flow hash) spreads them over both
+    // queues (all on one: a chance of 2 in 65536).
     let mut server = tb.spawn("h2", &["iperf3", "-s", "-1", "-p", "5201"], false).unwrap();
     let mut ok = false;
     for _ in 0..50 {
         let out = tb
-            .exec("h1", &["iperf3", "-c", topology::addr::H2_V4, "-p", "5201", "-t", "2", "-P", "8"])
+            .exec("h1", &["iperf3", "-c", topology::addr::H2_V4, "-p", "5201", "-t", "2", "-P", "16"])
             .unwrap();
         if out.status.success() {
             ok = true;
