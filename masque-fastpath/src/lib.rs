@@ -10,18 +10,20 @@
 //! - [`datagram`]: HTTP datagram framing (RFC 9297 §2.1 quarter stream ID, RFC 9298/9484 context
 //!   ID).
 //! - [`template`]: the CONNECT-UDP and CONNECT-IP URI templates (RFC 9298 §2, RFC 9484 §4.6).
+//! - [`session`]: sans-IO session state; [`session::connect_ip`] is the proxy side of a CONNECT-IP
+//!   session (address assignment, routes, inner-packet checks, ICMP errors).
 //!
 //! Threading: plain functions and values; nothing shared, nothing blocks, every type is `Send`.
 //! What may panic: nothing on input. Every parser returns a small `Copy` error enum on any byte
 //! sequence or path (property tests over random input check it); errors implement `Display` and
 //! `std::error::Error` for the control-path glue.
 //!
-//! Not built yet (the rest of issue 6): the sessions (CONNECT-IP address pools, scope checks on
-//! inner packets, ICMP), the quiche glue, the proxy and client, and configurable (non-default) URI
-//! templates; the codec parses only the well-known default paths.
+//! Not built yet (the rest of issue 6): the CONNECT-UDP session, the quiche glue, the proxy and
+//! client, and configurable (non-default) URI templates; the codec parses only the well-known default paths.
 #![forbid(unsafe_code)]
 
 pub mod capsule;
 pub mod datagram;
+pub mod session;
 pub mod template;
 pub mod varint;
