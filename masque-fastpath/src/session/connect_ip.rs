@@ -13,7 +13,7 @@
 //!   (the packet rewritten in place), reply with an ICMP error built into a caller buffer, or drop
 //!   with a [`DropReason`], counted in [`Counters`].
 //!
-//! Hop limits follow RFC 9484 §8: the TTL / Hop Limit is decremented when a packet is encapsulated
+//! Hop limits follow RFC 9484 §7: the TTL / Hop Limit is decremented when a packet is encapsulated
 //! (egress → client), not when it is decapsulated, because the proxy's egress (the kernel behind
 //! a TUN device) routes, and so decrements, the packet itself. A proxy whose egress does not route
 //! (an AF_XDP port writing frames straight to a link) sets
@@ -23,7 +23,13 @@
 //!
 //! No ICMP error is sent about an ICMP error or about a non-initial IPv4 fragment (RFC 1122
 //! §3.2.2, RFC 4443 §2.4 (e)); such packets are counted drops. Spoofed sources are dropped without
-//! an ICMP answer (RFC 9484 §10 allows either; the answer could only go back into this tunnel).
+//! an ICMP answer: RFC 9484 §7 lists Destination Unreachable code 5 as one choice the endpoint is
+//! free to make, and an error addressed to a forged source has no one to inform.
+//!
+//! Scope: destinations (and protocols) are checked with [`IpScope::allows`]; ICMP to a target
+//! address is allowed whatever the scoped protocol (RFC 9484 §4.7.3). A hostname target cannot be
+//! checked here (the proxy resolves it): its packets are counted [`DropReason::ScopeUnresolved`]
+//! drops and no route is advertised for it.
 //!
 //! Threading: plain values, `Send`, no interior mutability. Per packet: no allocation, no panic on
 //! any input (a property test feeds random bytes). ADDRESS_REQUEST handling allocates a small
@@ -198,7 +204,7 @@ pub enum DropReason {
     /// The scope names a host the session cannot match addresses against.
     ScopeUnresolved,
     /// Link-local destination (or link-local source from the egress): never forwarded off-link
-    /// (RFC 9484 §8).
+    /// (RFC 9484 §7).
     LinkLocal,
     /// Larger than the tunnel MTU (answered with Packet Too Big / Fragmentation Needed when
     /// allowed; an IPv4 packet without DF is dropped, as this session does not fragment).
@@ -318,9 +324,10 @@ impl ConnectIpSession {
             if let Some(prefix) = pool.allocate(IpPrefix::host(any)) {
                 if prefix.addr().is_ipv4() == any.is_ipv4() {
                     //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.1
-                    //# If this address assignment is in response to an Address Request
-                    //# (see Section 4.7.2), then this field SHALL contain the value of the
-                    //# corresponding field in the request. Otherwise, this field SHALL be zero.
+                    //# If this address
+                    //# assignment is in response to an Address Request (see Section 4.7.2), then
+                    //# this field SHALL contain the value of the corresponding field in the
+                    //# request. Otherwise, this field SHALL be zero.
                     assigned.push(AddressEntry {
                         request_id: 0,
                         prefix,
@@ -435,9 +442,13 @@ impl ConnectIpSession {
             let prefix = match granted {
                 Some(p) => p,
                 //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.2
-                //# If the requested address was not assigned, the IP address SHALL be all-zero,
-                //# and the IP Prefix Length SHALL be the maximum length (0.0.0.0/32 or ::/128)
-                //# to indicate that no address was assigned.
+                //# If the requested address was not assigned, the IP address
+                //# SHALL be all-zero and the IP Prefix Length SHALL be the maximum length
+                //# (0.0.0.0/32 or ::/128) to indicate that no address was assigned.
+                //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.2
+                //# These address
+                //# rejections SHOULD NOT be included in subsequent ADDRESS_ASSIGN capsules.
+                // (Refusals are not stored in `assigned`.)
                 None => IpPrefix::host(if v4 {
                     IpAddr::V4(Ipv4Addr::UNSPECIFIED)
                 } else {
@@ -451,8 +462,12 @@ impl ConnectIpSession {
         }
         // A newly assigned family may widen the routes.
         self.routes = self.compute_routes();
-        // The capsule carries the full list of what the client holds: held addresses not already
-        // answered above keep their own request ID.
+        //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.1
+        //# If an ADDRESS_ASSIGN capsule does not contain an address that was previously
+        //# transmitted in another ADDRESS_ASSIGN capsule, that indicates that the address
+        //# has been removed.
+        // So the capsule carries the full list of what the client holds: held addresses not
+        // already answered above keep their own request ID.
         let mut out: Vec<AddressEntry> = self
             .assigned
             .iter()
@@ -513,34 +528,47 @@ impl ConnectIpSession {
 
     fn check_from_client(&self, packet: &mut [u8], reply: &mut [u8]) -> Result<usize, Refusal> {
         let ip = IpView::parse(packet)?;
-        //= https://www.rfc-editor.org/rfc/rfc9484#section-8
-        //# If a received IP packet fails any correctness or policy checks, that is a forwarding
-        //# error, not a protocol violation, as far as IP proxying is concerned
+        //= https://www.rfc-editor.org/rfc/rfc9484#section-7
+        //# If a received IP packet fails any correctness or policy
+        //# checks, that is a forwarding error, not a protocol violation as far as IP
+        //# proxying is concerned
         if !self.assigned.iter().any(|a| a.prefix.contains(ip.src)) {
             return Err(Refusal::drop(DropReason::SpoofedSource));
         }
-        //= https://www.rfc-editor.org/rfc/rfc9484#section-8
+        //= https://www.rfc-editor.org/rfc/rfc9484#section-7
         //# Implementers need to ensure that they do not forward any link-local traffic beyond
         //# the IP proxying interface that it was received on.
         if is_link_local(ip.dst) {
             return Err(Refusal::drop(DropReason::LinkLocal));
         }
-        match self.scope.allows(ip.dst, ip.protocol) {
+        //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.3
+        //# ICMP traffic is always allowed, regardless of the value of this field.
+        let is_icmp = is_icmp(ip.v4, ip.protocol);
+        let allowed = if is_icmp {
+            IpScope {
+                target: self.scope.target.clone(),
+                ipproto: IpProtocolScope::Any,
+            }
+            .allows(ip.dst, ip.protocol)
+        } else {
+            self.scope.allows(ip.dst, ip.protocol)
+        };
+        match allowed {
             Some(true) => {}
             None => return Err(Refusal::drop(DropReason::ScopeUnresolved)),
             Some(false) => {
-                //= https://www.rfc-editor.org/rfc/rfc9484#section-9
+                //= https://www.rfc-editor.org/rfc/rfc9484#section-7
                 //# For unroutable destination addresses, send Destination Unreachable
-                //# [ICMPv6] with code 0, "No route to destination", or code 1,
-                //# "Communication with destination administratively prohibited".
+                //# (Section 3.1 of [ICMPv6]) with a code 0, "No route to destination", or code
+                //# 1, "Communication with destination administratively prohibited".
                 let kind = IcmpKind::Prohibited;
                 return Err(self.icmp_refusal(DropReason::OutOfScope, kind, &ip, packet, reply));
             }
         }
         if ip.len > self.config.tunnel_mtu_bytes {
-            //= https://www.rfc-editor.org/rfc/rfc9484#section-9
+            //= https://www.rfc-editor.org/rfc/rfc9484#section-7
             //# For packets that cannot fit within the MTU of the outgoing link, send Packet
-            //# Too Big [ICMPv6].
+            //# Too Big (Section 3.2 of [ICMPv6]).
             return Err(self.too_big(&ip, packet, reply));
         }
         if self.config.decrement_ttl_from_client {
@@ -557,12 +585,11 @@ impl ConnectIpSession {
         if is_link_local(ip.src) {
             return Err(Refusal::drop(DropReason::LinkLocal));
         }
-        //= https://www.rfc-editor.org/rfc/rfc9484#section-9
-        //# Note that ICMP messages can originate from a source address different from that of
-        //# the IP proxying peer and also from outside the target if scoping is in use (see
-        //# Section 4.6).
-        let is_icmp = ip.protocol == PROTO_ICMP || ip.protocol == PROTO_ICMPV6;
-        if !is_icmp {
+        //= https://www.rfc-editor.org/rfc/rfc9484#section-7
+        //# Note that ICMP messages
+        //# can originate from a source address different from that of the IP proxying
+        //# peer, and also from outside the target if scoping is in use (see Section 4.6).
+        if !is_icmp(ip.v4, ip.protocol) {
             match self.scope.allows(ip.src, ip.protocol) {
                 Some(true) => {}
                 None => return Err(Refusal::drop(DropReason::ScopeUnresolved)),
@@ -572,9 +599,10 @@ impl ConnectIpSession {
         if ip.len > self.config.tunnel_mtu_bytes {
             return Err(self.too_big(&ip, packet, reply));
         }
-        //= https://www.rfc-editor.org/rfc/rfc9484#section-8
-        //# In other words, the Hop Count is decremented right before an IP packet is
-        //# transmitted in an HTTP Datagram.
+        //= https://www.rfc-editor.org/rfc/rfc9484#section-7
+        //# Note that endpoints will decrement the IP Hop Count (or TTL) upon encapsulation
+        //# but not decapsulation. In other words, the Hop Count is decremented right
+        //# before an IP packet is transmitted in an HTTP Datagram.
         self.decrement(&ip, packet, reply)?;
         Ok(ip.len)
     }
@@ -986,6 +1014,10 @@ fn fold(mut acc: u64) -> u16 {
         acc = (acc & 0xffff) + (acc >> 16);
     }
     !(acc as u16)
+}
+
+fn is_icmp(v4: bool, protocol: u8) -> bool {
+    protocol == if v4 { PROTO_ICMP } else { PROTO_ICMPV6 }
 }
 
 fn is_link_local(addr: IpAddr) -> bool {

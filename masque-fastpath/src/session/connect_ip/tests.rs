@@ -210,9 +210,9 @@ fn address_request_is_answered_with_matching_request_ids() {
                 prefix: IpPrefix::host("10.1.0.1".parse().unwrap())
             },
             //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.2
-            //# If the requested address was not assigned, the IP address SHALL be all-zero,
-            //# and the IP Prefix Length SHALL be the maximum length (0.0.0.0/32 or ::/128)
-            //# to indicate that no address was assigned.
+            //# If the requested address was not assigned, the IP address
+            //# SHALL be all-zero and the IP Prefix Length SHALL be the maximum length
+            //# (0.0.0.0/32 or ::/128) to indicate that no address was assigned.
             AddressEntry {
                 request_id: 8,
                 prefix: IpPrefix::host("::".parse().unwrap())
@@ -332,10 +332,10 @@ fn spoofed_sources_are_counted_drops() {
     assert_eq!(s.counters().drops(DropReason::SpoofedSource), 2);
 }
 
-//= https://www.rfc-editor.org/rfc/rfc9484#section-9
+//= https://www.rfc-editor.org/rfc/rfc9484#section-7
 //# For unroutable destination addresses, send Destination Unreachable
-//# [ICMPv6] with code 0, "No route to destination", or code 1,
-//# "Communication with destination administratively prohibited".
+//# (Section 3.1 of [ICMPv6]) with a code 0, "No route to destination", or code
+//# 1, "Communication with destination administratively prohibited".
 #[test]
 fn out_of_scope_v4_destination_gets_unreachable_quoting_the_packet() {
     let scope = IpScope::parse_path("/.well-known/masque/ip/198.51.100.0%2F24/17/").unwrap();
@@ -397,9 +397,9 @@ fn out_of_scope_v6_destination_gets_unreachable_with_valid_checksum() {
     ));
 }
 
-//= https://www.rfc-editor.org/rfc/rfc9484#section-9
+//= https://www.rfc-editor.org/rfc/rfc9484#section-7
 //# For packets that cannot fit within the MTU of the outgoing link, send Packet
-//# Too Big [ICMPv6].
+//# Too Big (Section 3.2 of [ICMPv6]).
 #[test]
 fn too_large_packets_get_packet_too_big() {
     let mut s = any_session();
@@ -624,4 +624,46 @@ proptest! {
         let _ = s.on_datagram(&mut p.clone(), &mut reply);
         let _ = s.on_egress(&mut p, &mut reply);
     }
+}
+
+//= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.3
+//# ICMP traffic is always allowed, regardless of the value of this field.
+#[test]
+fn icmp_to_the_target_is_allowed_whatever_the_scoped_protocol() {
+    let scope = IpScope::parse_path("/.well-known/masque/ip/198.51.100.7/17/").unwrap();
+    let mut s = ConnectIpSession::new(scope, SessionConfig::default(), &mut pool());
+    let mut reply = [0u8; 1500];
+    let b = PacketBuilder::ipv4(CLIENT_V4, SERVER_V4, 64).icmpv4_echo_request(1, 1);
+    let mut p = Vec::new();
+    b.write(&mut p, &[0; 8]).unwrap();
+    assert_eq!(s.on_datagram(&mut p, &mut reply), Verdict::Forward(p.len()));
+    // But not to another host.
+    let b = PacketBuilder::ipv4(CLIENT_V4, [198, 51, 100, 8], 64).icmpv4_echo_request(1, 1);
+    let mut p = Vec::new();
+    b.write(&mut p, &[0; 8]).unwrap();
+    assert!(matches!(
+        s.on_datagram(&mut p, &mut reply),
+        Verdict::Reply(_)
+    ));
+}
+
+//= https://www.rfc-editor.org/rfc/rfc9484#section-7
+//# Note that endpoints will decrement the IP Hop Count (or TTL) upon encapsulation
+//# but not decapsulation.
+#[test]
+fn hop_count_is_decremented_on_encapsulation_only_by_default() {
+    let mut s = any_session();
+    let mut reply = [0u8; 1500];
+    let mut up = udp_v6(CLIENT_V6, SERVER_V6, 9, 10);
+    assert!(matches!(
+        s.on_datagram(&mut up, &mut reply),
+        Verdict::Forward(_)
+    ));
+    assert_eq!(up[7], 9);
+    let mut down = udp_v6(SERVER_V6, CLIENT_V6, 9, 10);
+    assert!(matches!(
+        s.on_egress(&mut down, &mut reply),
+        Verdict::Forward(_)
+    ));
+    assert_eq!(down[7], 8);
 }
