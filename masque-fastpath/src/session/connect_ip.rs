@@ -429,8 +429,10 @@ impl ConnectIpSession {
                     .allocate(wanted)
                     .filter(|p| p.addr().is_ipv4() == v4)
                     .inspect(|&prefix| {
+                        // Stored with Request ID 0: later ADDRESS_ASSIGN capsules list it
+                        // unprompted; this request's answer carries the ID.
                         self.assigned.push(AddressEntry {
-                            request_id: entry.request_id,
+                            request_id: 0,
                             prefix,
                         });
                         self.assigned.sort_by_key(|a| !a.prefix.addr().is_ipv4());

@@ -667,3 +667,53 @@ fn hop_count_is_decremented_on_encapsulation_only_by_default() {
     ));
     assert_eq!(down[7], 8);
 }
+
+#[test]
+fn v6_extension_headers_are_walked_to_the_upper_layer_protocol() {
+    let scope = IpScope::parse_path("/.well-known/masque/ip/2001%3Adb8%3A%3A7/17/").unwrap();
+    let mut s = ConnectIpSession::new(scope, SessionConfig::default(), &mut pool());
+    let mut reply = [0u8; 1500];
+    // UDP behind an 8-byte Hop-by-Hop Options header (next header 17, length 0, PadN).
+    let udp = udp_v6(CLIENT_V6, SERVER_V6, 64, 10);
+    let mut p = udp[..40].to_vec();
+    p[6] = 0; // Hop-by-Hop
+    let payload_len = udp.len() - 40 + 8;
+    p[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+    p.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+    p.extend_from_slice(&udp[40..]);
+    assert_eq!(s.on_datagram(&mut p, &mut reply), Verdict::Forward(p.len()));
+    // An extension header running past the payload is a truncation.
+    let mut bad = p.clone();
+    bad[41] = 200;
+    assert_eq!(
+        s.on_datagram(&mut bad, &mut reply),
+        Verdict::Drop(DropReason::Truncated)
+    );
+}
+
+#[test]
+fn egress_packets_too_big_for_the_tunnel_get_packet_too_big_towards_their_source() {
+    let mut s = any_session();
+    let mut reply = [0u8; 1500];
+    let mut p = udp_v6(SERVER_V6, CLIENT_V6, 64, 1300);
+    let Verdict::Reply(n) = s.on_egress(&mut p, &mut reply) else {
+        panic!("no reply")
+    };
+    assert_eq!(&reply[24..40], &SERVER_V6, "back to the egress source");
+    let icmp = Icmpv6Slice::from_slice(&reply[40..n]).unwrap();
+    assert_eq!((icmp.type_u8(), icmp.code_u8()), (2, 0));
+    assert_eq!(icmp.bytes5to8(), 1280u32.to_be_bytes());
+    let src: [u8; 16] = reply[8..24].try_into().unwrap();
+    assert!(icmp.is_checksum_valid(src, SERVER_V6));
+    assert_eq!(s.counters().drops(DropReason::TooBig), 1);
+    assert_eq!(s.counters().forwarded_to_client, 0);
+}
+
+#[test]
+fn counters_label_every_reason_distinctly() {
+    let labels: HashSet<_> = DropReason::ALL.iter().map(|r| r.label()).collect();
+    assert_eq!(labels.len(), DropReason::ALL.len());
+    for (i, r) in DropReason::ALL.iter().enumerate() {
+        assert_eq!(r.index(), i);
+    }
+}
