@@ -50,6 +50,14 @@ fn check_accepts_the_example_config() {
 }
 
 #[test]
+fn check_accepts_the_shipped_single_box_config() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/allocator.toml");
+    let (code, out, err) = run(&["check", "--config", shipped]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("253 usable addresses"), "{out}");
+}
+
+#[test]
 fn bad_configs_exit_2_with_the_problem_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.toml");
