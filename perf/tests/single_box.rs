@@ -222,7 +222,20 @@ key_hex = "{EDGE_KEY}"
     let edge = Switch::start(&mut tb, "swe", &["--config", edge_cfg.to_str().unwrap()], &dir.path().join("e.json")).unwrap();
     let (a, _) = allocate(&tb, "c1", Family::V4);
     use_address(&tb, "c1", a);
-    ping(&tb, "out", &a.to_string(), 5).unwrap_or_else(|e| {
+    // The edge is another process on another host with a rule stream of its own, started just
+    // now: it may get the new binding (and resolve its next hop) a moment after the access
+    // switch does. Once it has, every ping crosses.
+    let updates = |s: &Switch| s.stats().map_or(0, |s| s.0["workers"][0]["updates_applied"].as_u64().unwrap_or(0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while updates(&edge) < updates(&access) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut result = ping(&tb, "out", &a.to_string(), 5);
+    while result.is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        result = ping(&tb, "out", &a.to_string(), 5);
+    }
+    result.unwrap_or_else(|e| {
         panic!("{e}; access {:?}; edge {:?}", access.stats().map(|s| s.0), edge.stats().map(|s| s.0))
     });
     drop((access, edge));
