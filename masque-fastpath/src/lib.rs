@@ -18,12 +18,31 @@
 //! sequence or path (property tests over random input check it); errors implement `Display` and
 //! `std::error::Error` for the control-path glue.
 //!
-//! Not built yet (the rest of issue 6): the CONNECT-UDP session, the quiche glue, the proxy and
-//! client, and configurable (non-default) URI templates; the codec parses only the well-known default paths.
-#![forbid(unsafe_code)]
+//! - [`request`]: the extended CONNECT request both protocols share, and its validation with the
+//!   HTTP status of each failure.
+//! - [`quic`]: quiche settings shared by proxy and client (datagrams, extended CONNECT, the UDP
+//!   payload for 1280-byte inner packets, spare connection IDs for migration, qlog, key log).
+//! - [`udp`]: the QUIC socket in bursts (`recvmmsg`, `sendmmsg` with UDP GSO trains).
+//! - [`tundev`]: TUN devices; [`netcfg`]: addresses and routes over rtnetlink.
+//! - [`server`]: the proxy (`mimiq-proxy run`); [`client`]: the client (`mimiq-proxy client`).
+//!
+//! `unsafe` is confined to [`udp`] and the `poll(2)` calls of the two event loops.
+//! Not built: configurable (non-default) URI templates; the codec parses the well-known paths.
+#![deny(unsafe_code)]
 
 pub mod capsule;
+#[allow(unsafe_code)]
+pub mod client;
 pub mod datagram;
+/// Host network configuration over rtnetlink: links, addresses, routes (synchronous handle).
+pub mod netcfg;
+pub mod quic;
+pub mod request;
+#[allow(unsafe_code)]
+pub mod server;
 pub mod session;
 pub mod template;
+pub mod tundev;
+#[allow(unsafe_code)]
+pub mod udp;
 pub mod varint;

@@ -1,10 +1,227 @@
-//! `mimiq-proxy`: the MASQUE proxy binary. Not built yet; it says so and exits non-zero.
+//! `mimiq-proxy`: the MASQUE proxy (`run`, `check`), its client (`client ip`, `client udp`), and
+//! a self-signed certificate maker for test setups (`cert`). Errors are one line on stderr and
+//! exit status 1.
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
 use mimalloc::MiMalloc;
+use mimiq_masque::client::{Client, ClientConfig, Mode};
+use mimiq_masque::quic::QuicSettings;
+use mimiq_masque::server::config::parse_prefix;
+use mimiq_masque::server::{self, ProxyConfig};
+use mimiq_masque::template::{IpScope, UdpTarget};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+#[derive(Parser)]
+#[command(name = "mimiq-proxy", version, about = "MASQUE CONNECT-IP / CONNECT-UDP proxy over HTTP/3")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve until SIGINT/SIGTERM.
+    Run {
+        /// Proxy config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config file and exit.
+    Check {
+        /// Proxy config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write a self-signed certificate and key (PEM) for test setups.
+    Cert {
+        /// Output directory (files proxy-cert.pem, proxy-key.pem).
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names and IP addresses the certificate is valid for.
+        #[arg(long, required = true)]
+        name: Vec<String>,
+    },
+    /// Run a client.
+    #[command(subcommand)]
+    Client(ClientCmd),
+}
+
+#[derive(Subcommand)]
+enum ClientCmd {
+    /// CONNECT-IP into a TUN device.
+    Ip {
+        #[command(flatten)]
+        common: Common,
+        /// TUN device name.
+        #[arg(long, default_value = "mqtun0")]
+        tun: String,
+        /// Request path scope, as in the template: `*/*`, `198.18.3.2/17`, `fd00::/64/*`.
+        #[arg(long, default_value = "*/*")]
+        scope: String,
+        /// Route only these prefixes through the tunnel (repeatable; `none` for no routes)
+        /// instead of the advertised ranges.
+        #[arg(long)]
+        route: Vec<String>,
+    },
+    /// CONNECT-UDP exposed on a local UDP port.
+    Udp {
+        #[command(flatten)]
+        common: Common,
+        /// Target host:port (IP literal or name; IPv6 in brackets).
+        #[arg(long)]
+        target: String,
+        /// Local address applications send to.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// The proxy's UDP address.
+    #[arg(long)]
+    proxy: SocketAddr,
+    /// TLS server name and :authority.
+    #[arg(long, default_value = "proxy")]
+    server_name: String,
+    /// Local addresses (comma-separated); more than one lets --hop-every-ms move between them.
+    #[arg(long, value_delimiter = ',')]
+    bind: Vec<IpAddr>,
+    /// Bearer token.
+    #[arg(long)]
+    token: Option<String>,
+    /// CA file to verify the proxy; without it the proxy is not verified.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Largest UDP payload sent (>= 1350).
+    #[arg(long, default_value_t = 1452)]
+    max_udp_payload: usize,
+    /// Migrate the connection to the next --bind address (new port) this often.
+    #[arg(long)]
+    hop_every_ms: Option<u64>,
+    /// Directory for a qlog file.
+    #[arg(long)]
+    qlog_dir: Option<PathBuf>,
+    /// Give up when the tunnel is not up within this many seconds.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_s: u64,
+}
+
+impl Common {
+    fn config(self) -> ClientConfig {
+        let bind = if self.bind.is_empty() {
+            vec![if self.proxy.is_ipv4() {
+                IpAddr::from([0, 0, 0, 0])
+            } else {
+                IpAddr::from([0u16; 8])
+            }]
+        } else {
+            self.bind
+        };
+        ClientConfig {
+            proxy: self.proxy,
+            server_name: self.server_name,
+            bind,
+            token: self.token,
+            ca: self.ca,
+            quic: QuicSettings {
+                max_udp_payload_bytes: self.max_udp_payload,
+                qlog_dir: self.qlog_dir,
+                ..QuicSettings::default()
+            },
+            hop_every: self.hop_every_ms.map(Duration::from_millis),
+            connect_timeout: Duration::from_secs(self.connect_timeout_s),
+        }
+    }
+}
+
 fn main() {
-    eprintln!("mimiq-proxy: error: the MASQUE proxy is not built yet");
-    std::process::exit(2);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main(Cli::parse()) {
+        eprintln!("mimiq-proxy: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<(), String> {
+    match cli.cmd {
+        Cmd::Run { config } => server::run_from_file(&config),
+        Cmd::Check { config } => {
+            ProxyConfig::load(&config)?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Cmd::Cert { out, name } => {
+            let ck = rcgen::generate_simple_self_signed(name).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            let cert = out.join("proxy-cert.pem");
+            let key = out.join("proxy-key.pem");
+            std::fs::write(&cert, ck.cert.pem()).map_err(|e| format!("{}: {e}", cert.display()))?;
+            std::fs::write(&key, ck.signing_key.serialize_pem())
+                .map_err(|e| format!("{}: {e}", key.display()))?;
+            println!("wrote {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Cmd::Client(c) => {
+            let (cfg, mode) = match c {
+                ClientCmd::Ip {
+                    common,
+                    tun,
+                    scope,
+                    route,
+                } => {
+                    let routes = if route.is_empty() {
+                        None
+                    } else {
+                        let mut v = Vec::new();
+                        for r in route.iter().filter(|r| *r != "none") {
+                            let v4 = !r.contains(':');
+                            v.push(parse_prefix(r, v4).map_err(|e| format!("--route: {e}"))?);
+                        }
+                        Some(v)
+                    };
+                    let path = format!("{}{}/", mimiq_masque::template::IP_PATH_PREFIX, scope.trim_end_matches('/'));
+                    let scope = IpScope::parse_path(&path).map_err(|e| format!("--scope {scope:?}: {e}"))?;
+                    (common.config(), Mode::Ip { scope, tun, routes })
+                }
+                ClientCmd::Udp {
+                    common,
+                    target,
+                    listen,
+                } => {
+                    let (host, port) = target
+                        .rsplit_once(':')
+                        .ok_or_else(|| format!("--target {target:?}: expected host:port"))?;
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let path = format!("{}{}/{}/", mimiq_masque::template::UDP_PATH_PREFIX, host.replace(':', "%3A"), port);
+                    let target = UdpTarget::parse_path(&path).map_err(|e| format!("--target: {e}"))?;
+                    (common.config(), Mode::Udp { target, listen })
+                }
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| e.to_string())?;
+            }
+            let mut client = Client::new(cfg, mode).map_err(|e| e.to_string())?;
+            let stats = client
+                .run(&stop, |s| {
+                    println!("ready addresses={} mtu={}", s.addresses.join(","), s.mtu);
+                })
+                .map_err(|e| e.to_string())?;
+            println!("{}", serde_json::to_string(&stats).unwrap_or_default());
+            Ok(())
+        }
+    }
 }

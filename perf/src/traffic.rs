@@ -27,11 +27,25 @@ pub fn iperf3(
     server_addr: &str,
     seconds: u32,
 ) -> Result<IperfResult, String> {
+    iperf3_with(tb, client, server, server_addr, seconds, &[])
+}
+
+/// [`iperf3`] with extra client arguments (e.g. `-u -b 50M -l 1200` for UDP, whose result
+/// reports the bytes received in `received_bytes` and the datagrams lost in `retransmits`).
+pub fn iperf3_with(
+    tb: &mut Testbed,
+    client: &str,
+    server: &str,
+    server_addr: &str,
+    seconds: u32,
+    extra: &[&str],
+) -> Result<IperfResult, String> {
     let mut srv = tb
         .spawn(server, &["iperf3", "-s", "-1", "-p", "5201"], false)
         .map_err(|e| e.to_string())?;
     let secs = seconds.to_string();
-    let args = ["iperf3", "-c", server_addr, "-p", "5201", "-t", &secs, "-J"];
+    let mut args = vec!["iperf3", "-c", server_addr, "-p", "5201", "-t", &secs, "-J"];
+    args.extend_from_slice(extra);
     let mut last_err = String::new();
     for _ in 0..50 {
         let out = tb.exec(client, &args).map_err(|e| e.to_string())?;
@@ -39,6 +53,18 @@ pub fn iperf3(
         if out.status.success() && v["error"].is_null() {
             srv.stop(Duration::from_secs(3));
             let end = &v["end"];
+            if extra.contains(&"-u") {
+                let sum = &end["sum"];
+                return Ok(IperfResult {
+                    sent_bytes: sum["bytes"].as_u64().unwrap_or(0),
+                    received_bytes: (sum["bytes"].as_f64().unwrap_or(0.0)
+                        * (1.0 - sum["lost_percent"].as_f64().unwrap_or(100.0) / 100.0))
+                        as u64,
+                    received_bps: sum["bits_per_second"].as_f64().unwrap_or(0.0)
+                        * (1.0 - sum["lost_percent"].as_f64().unwrap_or(100.0) / 100.0),
+                    retransmits: sum["lost_packets"].as_u64().unwrap_or(0),
+                });
+            }
             return Ok(IperfResult {
                 sent_bytes: end["sum_sent"]["bytes"].as_u64().unwrap_or(0),
                 received_bytes: end["sum_received"]["bytes"].as_u64().unwrap_or(0),

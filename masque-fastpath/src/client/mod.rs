@@ -1,0 +1,712 @@
+//! The MASQUE client: one QUIC connection to the proxy, one CONNECT-IP or CONNECT-UDP request on
+//! it, and a relay between HTTP/3 datagrams and the host.
+//!
+//! - CONNECT-IP: a TUN device configured from ADDRESS_ASSIGN (its addresses) and
+//!   ROUTE_ADVERTISEMENT (routes through it, minus the proxy's own address so the tunnel never
+//!   carries itself), with the MTU one datagram can carry.
+//! - CONNECT-UDP: a local UDP port; whatever an application sends there reaches the target, and
+//!   the target's answers go back to the last local sender.
+//!
+//! The client can move its connection between local addresses while the tunnel runs
+//! ([`ClientConfig::hop_every`]): each hop binds a new socket, validates the new path with
+//! `probe_path` while traffic continues on the current one, then migrates (RFC 9000 §9). The
+//! agent's migration driver does the same with its hop strategies; this one is the proxy's own
+//! test of serving a migrating client.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use quiche::h3::NameValue;
+use ring::rand::SystemRandom;
+use serde::Serialize;
+
+use crate::capsule::{Capsule, CapsuleDecoder, Decoded, IpAddressRange, IpPrefix};
+use crate::datagram::{self, Datagram};
+use crate::netcfg::{NetConfig, Route};
+use crate::quic::{self, QuicSettings, Tls};
+use crate::request::{self, Target};
+use crate::tundev::TunDevice;
+use crate::udp::UdpIo;
+
+const HEADROOM: usize = 16;
+const MAX_INNER: usize = 65_535;
+const BURST: usize = 64;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The proxy's UDP address.
+    pub proxy: SocketAddr,
+    /// TLS server name and `:authority`.
+    pub server_name: String,
+    /// Local addresses to use, first one first; more than one lets the client hop.
+    pub bind: Vec<IpAddr>,
+    /// Bearer token for `proxy-authorization`.
+    pub token: Option<String>,
+    /// CA to verify the proxy with; `None`: no verification (test setups).
+    pub ca: Option<PathBuf>,
+    /// QUIC settings.
+    pub quic: QuicSettings,
+    /// Move the connection to the next local address (new port) this often.
+    pub hop_every: Option<Duration>,
+    /// Give up if the tunnel is not up within this time.
+    pub connect_timeout: Duration,
+}
+
+/// What to tunnel.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// CONNECT-IP with this scope into a TUN device of this name.
+    Ip {
+        /// The request's scope.
+        scope: crate::template::IpScope,
+        /// TUN device name.
+        tun: String,
+        /// Routes through the TUN device: `None` installs the advertised ones (minus the proxy's
+        /// address); `Some(list)` installs only these prefixes (empty: none).
+        routes: Option<Vec<IpPrefix>>,
+    },
+    /// CONNECT-UDP to this target, exposed on a local UDP address.
+    Udp {
+        /// The target.
+        target: crate::template::UdpTarget,
+        /// Local address applications send to.
+        listen: SocketAddr,
+    },
+}
+
+/// Client counters, printed as JSON at exit.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ClientStats {
+    /// HTTP/3 datagrams sent / received.
+    pub dgram_tx: u64,
+    /// HTTP/3 datagrams received.
+    pub dgram_rx: u64,
+    /// Inner bytes sent / received.
+    pub bytes_tx: u64,
+    /// Inner bytes received.
+    pub bytes_rx: u64,
+    /// Datagrams dropped: send queue full or too big.
+    pub dgram_dropped: u64,
+    /// Datagrams received for another stream or context.
+    pub dgram_unknown: u64,
+    /// Hops started / completed / failed.
+    pub hops_started: u64,
+    /// Hops completed (migrated to the validated path).
+    pub hops_done: u64,
+    /// Hops that failed (no spare CID, validation failed).
+    pub hops_failed: u64,
+    /// Assigned addresses.
+    pub addresses: Vec<String>,
+    /// Tunnel MTU used.
+    pub mtu: usize,
+}
+
+/// Errors that end the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Settings or local setup.
+    #[error("{0}")]
+    Setup(String),
+    /// The proxy refused the request with this status.
+    #[error("proxy refused the request: HTTP {0}")]
+    Refused(u16),
+    /// The connection failed or closed.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// Socket or device I/O.
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+struct Path {
+    io: UdpIo,
+}
+
+/// A running client.
+pub struct Client {
+    cfg: ClientConfig,
+    conn: quiche::Connection,
+    h3: Option<quiche::h3::Connection>,
+    h3cfg: quiche::h3::Config,
+    paths: Vec<Path>,
+    next_bind: usize,
+    pending_hop: Option<SocketAddr>,
+    last_hop: Instant,
+    stream: Option<u64>,
+    status: Option<u16>,
+    decoder: CapsuleDecoder,
+    inbuf: Vec<u8>,
+    assigned: Vec<IpPrefix>,
+    routes: Vec<IpAddressRange>,
+    got_routes: bool,
+    tun: Option<TunDevice>,
+    local_udp: Option<(UdpSocket, Option<SocketAddr>)>,
+    mode: Mode,
+    stats: ClientStats,
+    buf: Vec<u8>,
+    tmp: Vec<u8>,
+}
+
+impl Client {
+    /// Connects (the handshake runs in [`Client::run`]).
+    pub fn new(cfg: ClientConfig, mode: Mode) -> Result<Client, ClientError> {
+        let mut qc = cfg
+            .quic
+            .transport_config(Tls::Client { ca: cfg.ca.as_deref() })
+            .map_err(ClientError::Setup)?;
+        let first = *cfg
+            .bind
+            .first()
+            .ok_or_else(|| ClientError::Setup("no local address to bind".into()))?;
+        let mut io = UdpIo::bind(SocketAddr::new(first, 0))?;
+        io.set_max_payload(cfg.quic.max_udp_payload_bytes);
+        let (scid, _) = quic::new_cid(&SystemRandom::new());
+        let mut conn = quiche::connect(
+            Some(&cfg.server_name),
+            &scid,
+            io.local_addr(),
+            cfg.proxy,
+            &mut qc,
+        )
+        .map_err(|e| ClientError::Connection(e.to_string()))?;
+        cfg.quic
+            .instrument(&mut conn, "client")
+            .map_err(|e| ClientError::Setup(format!("qlog/keylog: {e}")))?;
+        Ok(Client {
+            h3cfg: quic::h3_config().map_err(ClientError::Setup)?,
+            conn,
+            h3: None,
+            paths: vec![Path { io }],
+            next_bind: 1,
+            pending_hop: None,
+            last_hop: Instant::now(),
+            stream: None,
+            status: None,
+            decoder: CapsuleDecoder::default(),
+            inbuf: Vec::new(),
+            assigned: Vec::new(),
+            routes: Vec::new(),
+            got_routes: false,
+            tun: None,
+            local_udp: None,
+            mode,
+            stats: ClientStats::default(),
+            buf: vec![0; HEADROOM + MAX_INNER],
+            tmp: vec![0; 65_536],
+            cfg,
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// Runs until `stop` is set or the connection ends; `on_ready` is called once when the tunnel
+    /// carries traffic (TUN configured, or the local UDP port bound).
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        mut on_ready: impl FnMut(&ClientStats),
+    ) -> Result<ClientStats, ClientError> {
+        let started = Instant::now();
+        let mut ready = false;
+        let mut pollfds: Vec<libc::pollfd> = Vec::new();
+        self.flush();
+        while !stop.load(Ordering::Relaxed) {
+            if self.conn.is_closed() {
+                break;
+            }
+            if !ready && started.elapsed() > self.cfg.connect_timeout {
+                return Err(ClientError::Connection(format!(
+                    "tunnel not up after {:?} (handshake {}, status {:?})",
+                    self.cfg.connect_timeout,
+                    if self.conn.is_established() { "done" } else { "not done" },
+                    self.status
+                )));
+            }
+            let timeout = self
+                .conn
+                .timeout()
+                .unwrap_or(Duration::from_millis(50))
+                .min(Duration::from_millis(50));
+            pollfds.clear();
+            for p in &self.paths {
+                pollfds.push(pollfd(p.io.socket().as_raw_fd()));
+            }
+            if let Some(t) = &self.tun {
+                pollfds.push(pollfd(t.as_raw_fd()));
+            }
+            if let Some((s, _)) = &self.local_udp {
+                pollfds.push(pollfd(s.as_raw_fd()));
+            }
+            // SAFETY: pollfds is a live array of initialised pollfd structs.
+            unsafe {
+                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, timeout.as_millis() as i32)
+            };
+            self.recv_quic()?;
+            if self.conn.timeout() == Some(Duration::ZERO) {
+                self.conn.on_timeout();
+            }
+            self.on_quic_events()?;
+            if !ready && self.tunnel_ready() {
+                self.setup_local()?;
+                ready = true;
+                on_ready(&self.stats);
+            }
+            if ready {
+                self.from_local();
+                self.maybe_hop();
+            }
+            self.flush();
+        }
+        if !self.conn.is_closed() {
+            let _ = self.conn.close(true, 0x100, b"client done");
+            self.flush();
+        }
+        if let Some(e) = self.conn.peer_error() {
+            if !ready {
+                return Err(ClientError::Connection(format!("peer closed: {e:?}")));
+            }
+        }
+        if let Some(s) = self.status.filter(|&s| s != 200) {
+            return Err(ClientError::Refused(s));
+        }
+        Ok(self.stats.clone())
+    }
+
+    fn tunnel_ready(&self) -> bool {
+        match self.mode {
+            Mode::Ip { .. } => self.status == Some(200) && !self.assigned.is_empty() && self.got_routes,
+            Mode::Udp { .. } => self.status == Some(200),
+        }
+    }
+
+    fn recv_quic(&mut self) -> Result<(), ClientError> {
+        for p in &mut self.paths {
+            loop {
+                let n = p.io.recv_burst()?;
+                let to = p.io.local_addr();
+                for i in 0..n {
+                    let (pkt, from) = p.io.datagram(i);
+                    let _ = self.conn.recv(pkt, quiche::RecvInfo { from, to });
+                }
+                if n < crate::udp::BURST {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_quic_events(&mut self) -> Result<(), ClientError> {
+        if self.h3.is_none() && self.conn.is_established() {
+            let h3 = quiche::h3::Connection::with_transport(&mut self.conn, &self.h3cfg)
+                .map_err(|e| ClientError::Connection(e.to_string()))?;
+            self.h3 = Some(h3);
+        }
+        let Some(h3) = self.h3.as_mut() else {
+            return Ok(());
+        };
+        if self.stream.is_none() {
+            let target = match &self.mode {
+                Mode::Ip { scope, .. } => Target::Ip(scope.clone()),
+                Mode::Udp { target, .. } => Target::Udp(target.clone()),
+            };
+            let hdrs =
+                request::request_headers(&target, &self.cfg.server_name, self.cfg.token.as_deref());
+            match h3.send_request(&mut self.conn, &hdrs, false) {
+                Ok(sid) => self.stream = Some(sid),
+                Err(quiche::h3::Error::StreamBlocked) => {}
+                Err(e) => return Err(ClientError::Connection(e.to_string())),
+            }
+        }
+        let mut capsule_data = false;
+        loop {
+            match h3.poll(&mut self.conn) {
+                Ok((sid, quiche::h3::Event::Headers { list, .. })) if Some(sid) == self.stream => {
+                    self.status = request::response_status(&list);
+                    let capsules = list
+                        .iter()
+                        .any(|h| h.name() == b"capsule-protocol" && h.value() == b"?1");
+                    if self.status != Some(200) || !capsules {
+                        let s = self.status.unwrap_or(0);
+                        let _ = self.conn.close(true, 0x100, b"request refused");
+                        return Err(ClientError::Refused(s));
+                    }
+                }
+                Ok((sid, quiche::h3::Event::Data)) if Some(sid) == self.stream => {
+                    while let Ok(n) = h3.recv_body(&mut self.conn, sid, &mut self.tmp) {
+                        if n == 0 {
+                            break;
+                        }
+                        self.inbuf.extend_from_slice(&self.tmp[..n]);
+                    }
+                    capsule_data = true;
+                }
+                Ok((sid, quiche::h3::Event::Finished | quiche::h3::Event::Reset(_)))
+                    if Some(sid) == self.stream =>
+                {
+                    let _ = self.conn.close(true, 0x100, b"request stream ended");
+                    return Err(ClientError::Connection("the proxy ended the request stream".into()));
+                }
+                Ok(_) => {}
+                Err(quiche::h3::Error::Done) => break,
+                Err(e) => return Err(ClientError::Connection(e.to_string())),
+            }
+        }
+        if capsule_data {
+            self.on_capsules()?;
+        }
+        // Datagrams from the proxy.
+        let Some(sid) = self.stream else {
+            return Ok(());
+        };
+        while let Ok(len) = self.conn.dgram_recv(&mut self.buf) {
+            let Ok(d) = Datagram::parse(&self.buf[..len]) else {
+                self.stats.dgram_unknown += 1;
+                continue;
+            };
+            if d.quarter_stream_id * 4 != sid || d.context_id != datagram::CONTEXT_ID_PAYLOAD {
+                self.stats.dgram_unknown += 1;
+                continue;
+            }
+            self.stats.dgram_rx += 1;
+            self.stats.bytes_rx += d.payload.len() as u64;
+            match (&self.tun, &self.local_udp) {
+                (Some(t), _) => {
+                    let _ = t.send(d.payload);
+                }
+                (None, Some((s, Some(app)))) => {
+                    let _ = s.send_to(d.payload, app);
+                }
+                _ => {}
+            }
+        }
+        // Path events: a validated probe becomes the active path.
+        while let Some(ev) = self.conn.path_event_next() {
+            match ev {
+                quiche::PathEvent::Validated(local, peer) => {
+                    if self.pending_hop == Some(local) {
+                        match self.conn.migrate(local, peer) {
+                            Ok(_) => self.stats.hops_done += 1,
+                            Err(_) => self.stats.hops_failed += 1,
+                        }
+                        self.pending_hop = None;
+                    }
+                }
+                quiche::PathEvent::FailedValidation(local, _) => {
+                    if self.pending_hop == Some(local) {
+                        self.stats.hops_failed += 1;
+                        self.pending_hop = None;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_capsules(&mut self) -> Result<(), ClientError> {
+        loop {
+            match self.decoder.decode(&self.inbuf) {
+                Ok(Decoded::NeedMore { .. }) => return Ok(()),
+                Ok(Decoded::Skipped { consumed, .. }) => {
+                    self.inbuf.drain(..consumed);
+                }
+                Ok(Decoded::Capsule { capsule, consumed }) => {
+                    match capsule {
+                        Capsule::AddressAssign(a) => {
+                            self.assigned = a
+                                .iter()
+                                .map(|e| e.prefix)
+                                .filter(|p| !p.addr().is_unspecified())
+                                .collect();
+                        }
+                        Capsule::RouteAdvertisement(r) => {
+                            self.routes = r.iter().collect();
+                            self.got_routes = true;
+                        }
+                        _ => {}
+                    }
+                    self.inbuf.drain(..consumed);
+                }
+                Err(e) => {
+                    let _ = self.conn.close(true, 0x10c, b"malformed capsule");
+                    return Err(ClientError::Connection(format!("malformed capsule: {e}")));
+                }
+            }
+        }
+    }
+
+    /// Opens the TUN device or the local UDP socket.
+    fn setup_local(&mut self) -> Result<(), ClientError> {
+        let qsid = self.stream.unwrap_or(0) / 4;
+        let fits = quic::max_datagram_payload(&self.conn, qsid).unwrap_or(1280);
+        match &self.mode {
+            Mode::Ip { tun, routes, .. } => {
+                let mtu = fits;
+                if mtu < 1280 {
+                    tracing::warn!(mtu, "a datagram carries less than 1280 bytes: raise quic.max_udp_payload_bytes");
+                }
+                let dev = TunDevice::create(tun, mtu)?;
+                let nc = NetConfig::new().map_err(|e| ClientError::Setup(e.to_string()))?;
+                let link = nc.link(tun).map_err(|e| ClientError::Setup(e.to_string()))?;
+                for p in &self.assigned {
+                    nc.add_address(&link, p.addr(), p.prefix_len(), None)
+                        .map_err(|e| ClientError::Setup(e.to_string()))?;
+                    self.stats.addresses.push(format!("{}/{}", p.addr(), p.prefix_len()));
+                }
+                let prefixes: Vec<(IpAddr, u8)> = match routes {
+                    None => self
+                        .routes
+                        .iter()
+                        .flat_map(|r| range_to_prefixes(r.start, r.end, Some(self.cfg.proxy.ip())))
+                        .collect(),
+                    Some(list) => list.iter().map(|p| (p.addr(), p.prefix_len())).collect(),
+                };
+                for (destination, prefix_len) in prefixes {
+                    let route = Route {
+                        destination,
+                        prefix_len,
+                        gateway: None,
+                    };
+                    nc.add_route(&link, &route)
+                        .map_err(|e| ClientError::Setup(e.to_string()))?;
+                }
+                self.stats.mtu = mtu;
+                self.tun = Some(dev);
+            }
+            Mode::Udp { listen, .. } => {
+                let s = UdpSocket::bind(listen)
+                    .map_err(|e| ClientError::Setup(format!("bind {listen}: {e}")))?;
+                s.set_nonblocking(true)?;
+                self.stats.mtu = fits;
+                self.stats.addresses.push(s.local_addr()?.to_string());
+                self.local_udp = Some((s, None));
+            }
+        }
+        Ok(())
+    }
+
+    /// Packets from the TUN device or the local UDP socket into datagrams.
+    fn from_local(&mut self) {
+        let Some(sid) = self.stream else {
+            return;
+        };
+        let qsid = sid / 4;
+        let hl = datagram::header_len(qsid, 0);
+        let start = HEADROOM - hl;
+        for _ in 0..BURST {
+            let r = match (&self.tun, &mut self.local_udp) {
+                (Some(t), _) => t.recv(&mut self.buf[HEADROOM..]),
+                (None, Some((s, app))) => s.recv_from(&mut self.buf[HEADROOM..]).map(|(n, from)| {
+                    *app = Some(from);
+                    n
+                }),
+                _ => return,
+            };
+            let Ok(n) = r else {
+                break;
+            };
+            let _ = datagram::emit_header(qsid, 0, &mut self.buf[start..HEADROOM]);
+            match self.conn.dgram_send(&self.buf[start..HEADROOM + n]) {
+                Ok(()) => {
+                    self.stats.dgram_tx += 1;
+                    self.stats.bytes_tx += n as u64;
+                }
+                Err(_) => self.stats.dgram_dropped += 1,
+            }
+        }
+    }
+
+    /// Starts a hop when one is due: a new socket on the next local address, probed; the
+    /// migration happens when the probe is validated.
+    fn maybe_hop(&mut self) {
+        let Some(every) = self.cfg.hop_every else {
+            return;
+        };
+        if self.pending_hop.is_some() || self.last_hop.elapsed() < every {
+            return;
+        }
+        self.last_hop = Instant::now();
+        let addr = self.cfg.bind[self.next_bind % self.cfg.bind.len()];
+        self.next_bind += 1;
+        let io = match UdpIo::bind(SocketAddr::new(addr, 0)) {
+            Ok(mut io) => {
+                io.set_max_payload(self.cfg.quic.max_udp_payload_bytes);
+                io
+            }
+            Err(e) => {
+                tracing::warn!("hop: {e}");
+                self.stats.hops_failed += 1;
+                return;
+            }
+        };
+        let local = io.local_addr();
+        match self.conn.probe_path(local, self.cfg.proxy) {
+            Ok(_) => {
+                self.stats.hops_started += 1;
+                self.pending_hop = Some(local);
+                self.paths.push(Path { io });
+                // Keep the active path, the one being probed and the one before (its packets
+                // may still be in flight).
+                if self.paths.len() > 3 {
+                    let active = self.conn.path_stats().find(|p| p.active).map(|p| p.local_addr);
+                    let victim = self
+                        .paths
+                        .iter()
+                        .position(|p| Some(p.io.local_addr()) != active && p.io.local_addr() != local);
+                    if let Some(i) = victim {
+                        self.paths.remove(i);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("hop: probe_path: {e}");
+                self.stats.hops_failed += 1;
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let mut by_local: HashMap<SocketAddr, usize> = HashMap::new();
+        for (i, p) in self.paths.iter().enumerate() {
+            by_local.insert(p.io.local_addr(), i);
+        }
+        loop {
+            match self.conn.send(&mut self.tmp) {
+                Ok((len, info)) => {
+                    let Some(&i) = by_local.get(&info.from) else {
+                        continue;
+                    };
+                    let io = &mut self.paths[i].io;
+                    let out = io.send_buf();
+                    out[..len].copy_from_slice(&self.tmp[..len]);
+                    io.commit(len, info.to);
+                }
+                Err(_) => break,
+            }
+        }
+        for p in &mut self.paths {
+            p.io.flush();
+        }
+    }
+}
+
+fn pollfd(fd: i32) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// The CIDR blocks covering `start..=end` (one family), leaving out `exclude`.
+pub fn range_to_prefixes(start: IpAddr, end: IpAddr, exclude: Option<IpAddr>) -> Vec<(IpAddr, u8)> {
+    let v4 = start.is_ipv4();
+    if v4 != end.is_ipv4() {
+        return Vec::new();
+    }
+    let bits: u32 = if v4 { 32 } else { 128 };
+    let to_u = |a: IpAddr| match a {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let from_u = |u: u128| -> IpAddr {
+        if v4 {
+            IpAddr::V4((u as u32).into())
+        } else {
+            IpAddr::V6(u.into())
+        }
+    };
+    let (s, e) = (to_u(start), to_u(end));
+    if s > e {
+        return Vec::new();
+    }
+    let mut spans = vec![(s, e)];
+    if let Some(x) = exclude.filter(|x| x.is_ipv4() == v4).map(to_u) {
+        if (s..=e).contains(&x) {
+            spans.clear();
+            if x > s {
+                spans.push((s, x - 1));
+            }
+            if x < e {
+                spans.push((x + 1, e));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (mut lo, hi) in spans {
+        loop {
+            // The largest aligned block starting at lo that stays within hi.
+            let mut size_bits = if lo == 0 { bits } else { lo.trailing_zeros().min(bits) };
+            while size_bits > 0 {
+                let span = if size_bits >= 128 { u128::MAX } else { (1u128 << size_bits) - 1 };
+                if lo.checked_add(span).is_some_and(|last| last <= hi) {
+                    break;
+                }
+                size_bits -= 1;
+            }
+            out.push((from_u(lo), (bits - size_bits) as u8));
+            let span = if size_bits >= 128 { u128::MAX } else { (1u128 << size_bits) - 1 };
+            match lo.checked_add(span) {
+                Some(last) if last < hi => lo = last + 1,
+                _ => break,
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn whole_space_minus_one_address() {
+        let v = range_to_prefixes(p("0.0.0.0"), p("255.255.255.255"), Some(p("198.18.0.1")));
+        assert_eq!(v.len(), 32);
+        // Nothing covers the excluded address; everything else is covered exactly once.
+        let cover = |a: u32| {
+            v.iter()
+                .filter(|(n, l)| {
+                    let n = match n {
+                        IpAddr::V4(n) => u32::from(*n),
+                        _ => unreachable!(),
+                    };
+                    let mask = if *l == 0 { 0 } else { u32::MAX << (32 - l) };
+                    a & mask == n
+                })
+                .count()
+        };
+        let x = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(cover(x), 0);
+        for a in [0, x - 1, x + 1, u32::MAX, 1 << 31] {
+            assert_eq!(cover(a), 1, "{a:#x}");
+        }
+    }
+
+    #[test]
+    fn aligned_and_odd_ranges() {
+        assert_eq!(range_to_prefixes(p("10.0.0.0"), p("10.0.0.255"), None), vec![(p("10.0.0.0"), 24)]);
+        assert_eq!(
+            range_to_prefixes(p("10.0.0.1"), p("10.0.0.2"), None),
+            vec![(p("10.0.0.1"), 32), (p("10.0.0.2"), 32)]
+        );
+        assert_eq!(range_to_prefixes(p("::"), p("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), None), vec![(p("::"), 0)]);
+        assert_eq!(range_to_prefixes(p("::"), p("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), Some(p("fd00::1"))).len(), 128);
+        assert!(range_to_prefixes(p("10.0.0.2"), p("10.0.0.1"), None).is_empty());
+        assert!(range_to_prefixes(p("10.0.0.2"), p("::1"), None).is_empty());
+    }
+}

@@ -1,0 +1,217 @@
+//! quiche settings, connection IDs, and the batched UDP socket shared by the proxy and its client.
+//!
+//! One place decides the transport parameters both ends run with: extended CONNECT and HTTP/3
+//! datagrams on, a UDP payload large enough for 1280-byte inner packets (RFC 9484 §10.1), room for
+//! spare connection IDs so a hopping client can migrate (`active_connection_id_limit` ≥ 4, never
+//! `disable_active_migration`), and bounded datagram queues (overflow is a counted drop).
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Deserialize;
+
+/// Connection ID length used by mimiq endpoints.
+pub const CID_LEN: usize = quiche::MAX_CONN_ID_LEN;
+
+/// The largest UDP datagram read from the socket.
+pub const MAX_UDP_RECV: usize = 65_535;
+
+/// Transport settings (the `[quic]` table of the proxy and client configs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicSettings {
+    /// Largest UDP payload this endpoint sends, bytes. 1350 at least so 1280-byte inner packets
+    /// fit (the default, 1452, fills a 1500-byte IPv6 link).
+    pub max_udp_payload_bytes: usize,
+    /// Idle timeout, milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Connection IDs the peer may keep issued to us (≥ 4 for migration).
+    pub active_connection_id_limit: u64,
+    /// Received and queued-to-send QUIC datagrams per connection; more is a counted drop.
+    pub dgram_queue_len: usize,
+    /// Connection-level flow-control window, bytes.
+    pub max_data_bytes: u64,
+    /// Per-stream flow-control window, bytes.
+    pub max_stream_data_bytes: u64,
+    /// Concurrent request streams the peer may open.
+    pub max_streams_bidi: u64,
+    /// Congestion control: `cubic`, `reno` or `bbr2`.
+    pub congestion_control: String,
+    /// Directory for one qlog file per connection (empty: none).
+    pub qlog_dir: Option<PathBuf>,
+    /// Append TLS secrets here (NSS key log format) so Wireshark can decrypt a capture; the
+    /// `SSLKEYLOGFILE` environment variable does the same.
+    pub keylog_file: Option<PathBuf>,
+}
+
+impl Default for QuicSettings {
+    fn default() -> Self {
+        QuicSettings {
+            max_udp_payload_bytes: 1452,
+            idle_timeout_ms: 30_000,
+            active_connection_id_limit: 8,
+            dgram_queue_len: 4096,
+            max_data_bytes: 64 << 20,
+            max_stream_data_bytes: 16 << 20,
+            max_streams_bidi: 128,
+            congestion_control: "cubic".into(),
+            qlog_dir: None,
+            keylog_file: None,
+        }
+    }
+}
+
+/// Smallest `max_udp_payload_bytes` accepted: 1280-byte inner packets plus QUIC and HTTP/3
+/// datagram overhead.
+pub const MIN_UDP_PAYLOAD: usize = 1350;
+
+impl QuicSettings {
+    /// Checks the settings; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_UDP_PAYLOAD..=65_527).contains(&self.max_udp_payload_bytes) {
+            return Err(format!(
+                "quic.max_udp_payload_bytes = {}: must be in {MIN_UDP_PAYLOAD}..=65527 so 1280-byte inner packets fit",
+                self.max_udp_payload_bytes
+            ));
+        }
+        if self.active_connection_id_limit < 4 {
+            return Err(format!(
+                "quic.active_connection_id_limit = {}: must be at least 4 so clients can migrate",
+                self.active_connection_id_limit
+            ));
+        }
+        if self.dgram_queue_len == 0 {
+            return Err("quic.dgram_queue_len must be at least 1".into());
+        }
+        if self.congestion_control.parse::<quiche::CongestionControlAlgorithm>().is_err() {
+            return Err(format!(
+                "quic.congestion_control = {:?}: expected cubic, reno or bbr2",
+                self.congestion_control
+            ));
+        }
+        Ok(())
+    }
+
+    /// The quiche configuration for one side. The server loads its certificate and key; the
+    /// client verifies the proxy against `ca` (a PEM file) or not at all when `ca` is `None`.
+    pub fn transport_config(&self, tls: Tls<'_>) -> Result<quiche::Config, String> {
+        self.validate()?;
+        let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|e| e.to_string())?;
+        match tls {
+            Tls::Server { cert, key } => {
+                c.load_cert_chain_from_pem_file(&path_str(cert)?)
+                    .map_err(|e| format!("certificate {}: {e}", cert.display()))?;
+                c.load_priv_key_from_pem_file(&path_str(key)?)
+                    .map_err(|e| format!("private key {}: {e}", key.display()))?;
+            }
+            Tls::Client { ca: Some(ca) } => {
+                c.load_verify_locations_from_file(&path_str(ca)?)
+                    .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+                c.verify_peer(true);
+            }
+            Tls::Client { ca: None } => c.verify_peer(false),
+        }
+        c.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)
+            .map_err(|e| e.to_string())?;
+        c.set_max_idle_timeout(self.idle_timeout_ms);
+        c.set_max_recv_udp_payload_size(MAX_UDP_RECV);
+        c.set_max_send_udp_payload_size(self.max_udp_payload_bytes);
+        c.set_initial_max_data(self.max_data_bytes);
+        c.set_initial_max_stream_data_bidi_local(self.max_stream_data_bytes);
+        c.set_initial_max_stream_data_bidi_remote(self.max_stream_data_bytes);
+        c.set_initial_max_stream_data_uni(self.max_stream_data_bytes);
+        c.set_initial_max_streams_bidi(self.max_streams_bidi);
+        c.set_initial_max_streams_uni(16);
+        c.set_active_connection_id_limit(self.active_connection_id_limit);
+        c.set_disable_active_migration(false);
+        c.enable_dgram(true, self.dgram_queue_len, self.dgram_queue_len);
+        c.enable_pacing(false);
+        if let Ok(cc) = self.congestion_control.parse() {
+            c.set_cc_algorithm(cc);
+        }
+        if self.keylog_path().is_some() {
+            c.log_keys();
+        }
+        Ok(c)
+    }
+
+    fn keylog_path(&self) -> Option<PathBuf> {
+        self.keylog_file
+            .clone()
+            .or_else(|| std::env::var_os("SSLKEYLOGFILE").map(PathBuf::from))
+    }
+
+    /// Attaches the key log and a qlog file (when configured) to a new connection.
+    pub fn instrument(&self, conn: &mut quiche::Connection, role: &str) -> io::Result<()> {
+        if let Some(path) = self.keylog_path() {
+            let f = File::options().create(true).append(true).open(&path)?;
+            conn.set_keylog(Box::new(f));
+        }
+        if let Some(dir) = &self.qlog_dir {
+            std::fs::create_dir_all(dir)?;
+            let name = format!("{role}-{}.sqlog", hex(conn.source_id().as_ref()));
+            let f = File::create(dir.join(name))?;
+            conn.set_qlog(Box::new(f), format!("mimiq {role}"), String::new());
+        }
+        Ok(())
+    }
+}
+
+/// TLS material for [`QuicSettings::transport_config`].
+pub enum Tls<'a> {
+    /// The proxy: certificate chain and private key, PEM.
+    Server {
+        /// Certificate chain.
+        cert: &'a Path,
+        /// Private key.
+        key: &'a Path,
+    },
+    /// A client: verify the proxy against this CA (PEM), or not at all.
+    Client {
+        /// Trusted CA file.
+        ca: Option<&'a Path>,
+    },
+}
+
+fn path_str(p: &Path) -> Result<String, String> {
+    if !p.exists() {
+        return Err(format!("{}: no such file", p.display()));
+    }
+    p.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{}: path is not UTF-8", p.display()))
+}
+
+/// HTTP/3 settings: extended CONNECT (RFC 9220) on; datagrams follow the transport's setting.
+pub fn h3_config() -> Result<quiche::h3::Config, String> {
+    let mut h3 = quiche::h3::Config::new().map_err(|e| e.to_string())?;
+    h3.enable_extended_connect(true);
+    Ok(h3)
+}
+
+/// A fresh random connection ID and its stateless reset token.
+pub fn new_cid(rng: &SystemRandom) -> (quiche::ConnectionId<'static>, u128) {
+    let mut id = [0u8; CID_LEN];
+    let mut token = [0u8; 16];
+    // SystemRandom only fails when the OS has no randomness source, which quiche needs too.
+    rng.fill(&mut id).expect("OS randomness");
+    rng.fill(&mut token).expect("OS randomness");
+    (
+        quiche::ConnectionId::from_vec(id.to_vec()),
+        u128::from_be_bytes(token),
+    )
+}
+
+/// Lower-case hex of a byte string (connection IDs in logs and file names).
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The largest inner payload one HTTP datagram can carry on `conn` right now, after the
+/// Quarter Stream ID and Context ID fields.
+pub fn max_datagram_payload(conn: &quiche::Connection, quarter_stream_id: u64) -> Option<usize> {
+    conn.dgram_max_writable_len()
+        .map(|n| n.saturating_sub(crate::datagram::header_len(quarter_stream_id, 0)))
+}

@@ -1,0 +1,212 @@
+//! The proxy's TOML configuration (`mimiq-proxy run --config proxy.toml`), checked as a whole
+//! before anything starts: every error names the field.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::capsule::IpPrefix;
+use crate::quic::QuicSettings;
+
+/// `proxy.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// UDP address the HTTP/3 server listens on.
+    pub listen: SocketAddr,
+    /// TLS certificate chain, PEM.
+    pub cert: PathBuf,
+    /// TLS private key, PEM.
+    pub key: PathBuf,
+    /// Accepted bearer tokens (`proxy-authorization: Bearer <token>`); empty: no authentication.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// Connections served at once; more are refused at the handshake (counted).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// CONNECT-IP and CONNECT-UDP sessions per connection; more get 429.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions_per_connection: usize,
+    /// Write counters and latency percentiles as JSON here every second and at exit.
+    #[serde(default)]
+    pub stats_file: Option<PathBuf>,
+    /// QUIC transport settings.
+    #[serde(default)]
+    pub quic: QuicSettings,
+    /// CONNECT-IP; absent: CONNECT-IP requests get 501.
+    #[serde(default)]
+    pub ip: Option<IpConfig>,
+    /// CONNECT-UDP settings.
+    #[serde(default)]
+    pub udp: UdpConfig,
+}
+
+/// `[ip]`: CONNECT-IP egress through a TUN device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpConfig {
+    /// TUN device name (created; routes to the pools point at it).
+    #[serde(default = "default_tun")]
+    pub tun: String,
+    /// IPv4 pool clients get one address from, e.g. "198.18.200.0/24".
+    #[serde(default)]
+    pub pool_v4: Option<String>,
+    /// IPv6 pool, e.g. "fd00:200::/64".
+    #[serde(default)]
+    pub pool_v6: Option<String>,
+    /// Largest inner packet, bytes (≥ 1280); also the TUN MTU. Default: what the QUIC payload
+    /// size allows.
+    #[serde(default)]
+    pub tunnel_mtu: Option<usize>,
+    /// Source address of ICMPv4 errors the proxy generates.
+    #[serde(default = "default_icmp_v4")]
+    pub icmp_source_v4: Ipv4Addr,
+    /// Source address of ICMPv6 errors the proxy generates.
+    #[serde(default = "default_icmp_v6")]
+    pub icmp_source_v6: Ipv6Addr,
+}
+
+/// `[udp]`: CONNECT-UDP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UdpConfig {
+    /// Serve CONNECT-UDP.
+    pub enabled: bool,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig { enabled: true }
+    }
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_sessions() -> usize {
+    16
+}
+fn default_tun() -> String {
+    "mqproxy0".into()
+}
+fn default_icmp_v4() -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 1)
+}
+fn default_icmp_v6() -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)
+}
+
+impl ProxyConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<ProxyConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let c: ProxyConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        c.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        self.quic.validate()?;
+        if self.max_sessions_per_connection == 0 || self.max_connections == 0 {
+            return Err("max_connections and max_sessions_per_connection must be at least 1".into());
+        }
+        if let Some(ip) = &self.ip {
+            ip.pools()?;
+            if ip.pool_v4.is_none() && ip.pool_v6.is_none() {
+                return Err("[ip] needs pool_v4 or pool_v6".into());
+            }
+            if ip.tun.is_empty() || ip.tun.len() > 15 {
+                return Err(format!("ip.tun = {:?}: 1 to 15 characters", ip.tun));
+            }
+            if let Some(m) = ip.tunnel_mtu {
+                if !(1280..=65_535).contains(&m) {
+                    return Err(format!("ip.tunnel_mtu = {m}: must be in 1280..=65535"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl IpConfig {
+    /// The pools, parsed.
+    pub fn pools(&self) -> Result<(Option<IpPrefix>, Option<IpPrefix>), String> {
+        let v4 = self
+            .pool_v4
+            .as_deref()
+            .map(|s| parse_prefix(s, true).map_err(|e| format!("ip.pool_v4: {e}")))
+            .transpose()?;
+        let v6 = self
+            .pool_v6
+            .as_deref()
+            .map(|s| parse_prefix(s, false).map_err(|e| format!("ip.pool_v6: {e}")))
+            .transpose()?;
+        Ok((v4, v6))
+    }
+}
+
+/// Parses "address/length" of the given family.
+pub fn parse_prefix(s: &str, v4: bool) -> Result<IpPrefix, String> {
+    let (a, l) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected address/length"))?;
+    let addr: IpAddr = a.parse().map_err(|_| format!("{s:?}: bad address"))?;
+    if addr.is_ipv4() != v4 {
+        return Err(format!("{s:?}: wrong address family"));
+    }
+    let len: u8 = l.parse().map_err(|_| format!("{s:?}: bad prefix length"))?;
+    IpPrefix::new(addr, len).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ProxyConfig, String> {
+        let c: ProxyConfig = toml::from_str(s).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    const BASE: &str = "listen = \"0.0.0.0:4433\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+
+    #[test]
+    fn shipped_config_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/proxy.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let c: ProxyConfig = toml::from_str(&text).unwrap();
+        c.validate().unwrap();
+        assert!(c.ip.is_some());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("[quic]\nmax_udp_payload_bytes = 1200\n", "max_udp_payload_bytes"),
+            ("[quic]\nactive_connection_id_limit = 2\n", "active_connection_id_limit"),
+            ("[quic]\ncongestion_control = \"vegas\"\n", "congestion_control"),
+            ("[ip]\npool_v4 = \"198.18.0.0\"\n", "pool_v4"),
+            ("[ip]\npool_v4 = \"fd00::/64\"\n", "pool_v4"),
+            ("[ip]\npool_v6 = \"fd00::/129\"\n", "pool_v6"),
+            ("[ip]\ntun = \"x\"\n", "pool_v4 or pool_v6"),
+            ("[ip]\npool_v4 = \"198.18.0.0/24\"\ntunnel_mtu = 1000\n", "tunnel_mtu"),
+            ("bogus = 1\n", "bogus"),
+            ("max_sessions_per_connection = 0\n", "max_sessions_per_connection"),
+        ];
+        for (extra, want) in cases {
+            let err = parse(&format!("{BASE}{extra}")).unwrap_err();
+            assert!(err.contains(want), "{extra:?}: {err}");
+        }
+        assert!(parse(BASE).is_ok());
+    }
+
+    #[test]
+    fn unreadable_file_is_one_clear_error() {
+        let e = ProxyConfig::load(Path::new("/nonexistent/proxy.toml")).unwrap_err();
+        assert!(e.contains("cannot read"), "{e}");
+    }
+}

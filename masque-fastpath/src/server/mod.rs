@@ -1,0 +1,1044 @@
+//! The proxy: an HTTP/3 server on quiche that serves CONNECT-IP (egress through a TUN device) and
+//! CONNECT-UDP (one connected UDP socket per session), built to serve hopping clients.
+//!
+//! One thread runs a poll loop over the QUIC socket, the TUN device and the CONNECT-UDP sockets.
+//! Each pass: a burst of QUIC datagrams in (`recvmmsg`), each routed to its connection by
+//! destination connection ID (never by address: a hopping client changes address every few
+//! packets); then, per connection touched, HTTP/3 events, QUIC datagrams through the sessions, new
+//! connection IDs while `scids_left() > 0`; then a burst from the TUN device and the UDP sockets;
+//! then every connection's packets out (`sendmmsg` with GSO trains).
+//!
+//! Bad input never stops the loop: a malformed datagram, capsule or request is a counted drop, an
+//! HTTP error status or a stream reset, as the RFCs say, and other clients are served on.
+
+pub mod config;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use ring::rand::SystemRandom;
+use serde::Serialize;
+
+use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded};
+use crate::datagram::{self, Datagram, H3Datagram};
+use crate::netcfg::{NetConfig, Route};
+use crate::quic::{self, Tls};
+use crate::request::{self, Rejection, Target};
+use crate::session::connect_ip::{self, AddressPool, ConnectIpSession, HostPool, SessionConfig, Verdict};
+use crate::session::connect_udp::{self, ConnectUdpSession};
+use crate::template::Host;
+use crate::tundev::TunDevice;
+use crate::udp::UdpIo;
+
+pub use config::ProxyConfig;
+
+/// Bytes of headroom kept in front of an inner packet so the datagram header is written in place.
+const HEADROOM: usize = 16;
+/// Largest inner packet handled (TUN reads, UDP payloads).
+const MAX_INNER: usize = 65_535;
+/// Packets read from the TUN device or one UDP socket per pass.
+const EGRESS_BURST: usize = 64;
+
+/// Proxy-wide counters (`stats_file`, the log at exit).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Stats {
+    /// QUIC datagrams received.
+    pub udp_rx: u64,
+    /// QUIC datagrams sent (GSO segments counted one by one).
+    pub udp_tx: u64,
+    /// Received datagrams quiche refused (undecryptable, malformed).
+    pub quic_recv_errors: u64,
+    /// Datagrams for no known connection that were not a valid Initial.
+    pub unknown_connection: u64,
+    /// Connections accepted / refused at `max_connections` / closed.
+    pub connections_accepted: u64,
+    /// Handshakes refused because `max_connections` were open.
+    pub connections_refused: u64,
+    /// Connections that ended.
+    pub connections_closed: u64,
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Client address changes seen on a live connection (migrations).
+    pub peer_migrations: u64,
+    /// Connection IDs issued after the handshake.
+    pub cids_issued: u64,
+    /// Sessions started, by protocol.
+    pub sessions_ip: u64,
+    /// CONNECT-UDP sessions started.
+    pub sessions_udp: u64,
+    /// Requests refused, by HTTP status.
+    pub refused: HashMap<u16, u64>,
+    /// HTTP/3 datagrams received / sent.
+    pub dgram_rx: u64,
+    /// HTTP/3 datagrams sent.
+    pub dgram_tx: u64,
+    /// Datagrams with a bad Quarter Stream ID or for no session.
+    pub dgram_unknown_stream: u64,
+    /// Datagrams dropped because the connection's send queue was full (back-pressure).
+    pub dgram_queue_full: u64,
+    /// Inner packets larger than the connection can carry in a datagram.
+    pub dgram_too_big: u64,
+    /// Capsule-stream errors (the request stream is reset).
+    pub capsule_errors: u64,
+    /// Capsules of unknown types skipped.
+    pub capsules_skipped: u64,
+    /// Packets written to / read from the TUN device.
+    pub tun_tx: u64,
+    /// Packets read from the TUN device.
+    pub tun_rx: u64,
+    /// TUN packets for no session's address.
+    pub tun_no_session: u64,
+    /// TUN write errors.
+    pub tun_errors: u64,
+    /// CONNECT-IP drops by reason (sum over sessions, including closed ones).
+    pub ip_drops: HashMap<&'static str, u64>,
+    /// ICMP errors generated.
+    pub icmp_errors: u64,
+    /// CONNECT-UDP drops by reason.
+    pub udp_drops: HashMap<&'static str, u64>,
+    /// CONNECT-UDP payloads to targets / to clients.
+    pub udp_to_target: u64,
+    /// CONNECT-UDP payloads from targets.
+    pub udp_to_client: u64,
+    /// Socket send failures and drops (full buffers).
+    pub socket_send_errors: u64,
+    /// Datagrams dropped by a full socket send buffer.
+    pub socket_send_dropped: u64,
+    /// Nanoseconds per burst of QUIC datagrams through the proxy (recv → sessions), percentiles.
+    pub burst_ns: Percentiles,
+}
+
+/// A latency summary.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        Percentiles {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+        }
+    }
+}
+
+enum Kind {
+    Ip(ConnectIpSession),
+    Udp {
+        session: ConnectUdpSession,
+        socket: UdpSocket,
+    },
+}
+
+struct Session {
+    kind: Kind,
+    decoder: CapsuleDecoder,
+    /// Capsule bytes received and not yet consumed.
+    inbuf: Vec<u8>,
+    /// Capsule bytes waiting for stream capacity.
+    outbuf: Vec<u8>,
+}
+
+struct Client {
+    conn: quiche::Connection,
+    h3: Option<quiche::h3::Connection>,
+    sessions: HashMap<u64, Session>,
+    /// Connection IDs routed to this client.
+    cids: Vec<quiche::ConnectionId<'static>>,
+    peer: SocketAddr,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    cfg: ProxyConfig,
+    io: UdpIo,
+    quic: quiche::Config,
+    h3: quiche::h3::Config,
+    rng: SystemRandom,
+    clients: HashMap<u64, Client>,
+    next_client: u64,
+    by_cid: HashMap<quiche::ConnectionId<'static>, u64>,
+    tun: Option<TunDevice>,
+    pool: HostPool,
+    tunnel_mtu: usize,
+    /// Assigned inner address → (client, request stream).
+    by_addr: HashMap<IpAddr, (u64, u64)>,
+    /// CONNECT-UDP socket fd → (client, request stream).
+    by_fd: HashMap<RawFd, (u64, u64)>,
+    stats: Stats,
+    burst_hist: Histogram<u64>,
+    buf: Vec<u8>,
+    reply: Vec<u8>,
+    dirty: Vec<u64>,
+}
+
+impl Proxy {
+    /// Binds the socket, creates the TUN device and its routes; fails with a message naming what
+    /// could not be set up.
+    pub fn new(cfg: ProxyConfig) -> Result<Proxy, String> {
+        cfg.validate()?;
+        let quic = cfg.quic.transport_config(Tls::Server {
+            cert: &cfg.cert,
+            key: &cfg.key,
+        })?;
+        let mut io = UdpIo::bind(cfg.listen).map_err(|e| e.to_string())?;
+        io.set_max_payload(cfg.quic.max_udp_payload_bytes);
+        // What one datagram can carry on this configuration: UDP payload minus the QUIC short
+        // header (1 + CID + 4-byte packet number), the AEAD tag (16), the DATAGRAM frame header
+        // (1 + 2-byte length) and the HTTP datagram header (up to 8 + 1).
+        let fits = cfg.quic.max_udp_payload_bytes - (1 + quic::CID_LEN + 4) - 16 - 3 - 9;
+        let (mut pool, mut tun, mut tunnel_mtu) = (HostPool::default(), None, fits);
+        if let Some(ip) = &cfg.ip {
+            tunnel_mtu = ip.tunnel_mtu.unwrap_or(fits);
+            if tunnel_mtu > fits {
+                tracing::warn!(
+                    tunnel_mtu,
+                    fits,
+                    "ip.tunnel_mtu is larger than one QUIC datagram carries; larger packets get Packet Too Big"
+                );
+            }
+            let (v4, v6) = ip.pools()?;
+            pool = HostPool::new(v4, v6);
+            // The ICMP source addresses are the proxy's own: never hand them to a client.
+            for a in [IpAddr::V4(ip.icmp_source_v4), IpAddr::V6(ip.icmp_source_v6)] {
+                pool.allocate(crate::capsule::IpPrefix::host(a));
+            }
+            let dev = TunDevice::create(&ip.tun, tunnel_mtu).map_err(|e| e.to_string())?;
+            let nc = NetConfig::new().map_err(|e| e.to_string())?;
+            let link = nc.link(&ip.tun).map_err(|e| e.to_string())?;
+            for p in [v4, v6].into_iter().flatten() {
+                let route = Route {
+                    destination: p.addr(),
+                    prefix_len: p.prefix_len(),
+                    gateway: None,
+                };
+                nc.add_route(&link, &route).map_err(|e| e.to_string())?;
+            }
+            tun = Some(dev);
+        }
+        Ok(Proxy {
+            h3: quic::h3_config()?,
+            quic,
+            io,
+            rng: SystemRandom::new(),
+            clients: HashMap::new(),
+            next_client: 0,
+            by_cid: HashMap::new(),
+            tun,
+            pool,
+            tunnel_mtu,
+            by_addr: HashMap::new(),
+            by_fd: HashMap::new(),
+            stats: Stats::default(),
+            burst_hist: Histogram::new(3).expect("3 significant figures is valid"),
+            buf: vec![0; HEADROOM + MAX_INNER],
+            reply: vec![0; 2048],
+            dirty: Vec::new(),
+            cfg,
+        })
+    }
+
+    /// The address the proxy listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.io.local_addr()
+    }
+
+    /// The inner MTU the proxy enforces.
+    pub fn tunnel_mtu(&self) -> usize {
+        self.tunnel_mtu
+    }
+
+    /// Counters so far.
+    pub fn stats(&mut self) -> Stats {
+        self.stats.connections_open = self.clients.len() as u64;
+        self.stats.socket_send_errors = self.io.send_errors;
+        self.stats.socket_send_dropped = self.io.send_dropped;
+        self.stats.burst_ns = Percentiles::of(&self.burst_hist);
+        let mut ip = HashMap::new();
+        let mut udp = HashMap::new();
+        let (mut icmp, mut to_t, mut to_c) = (0, 0, 0);
+        for c in self.clients.values() {
+            for s in c.sessions.values() {
+                match &s.kind {
+                    Kind::Ip(x) => {
+                        for r in connect_ip::DropReason::ALL {
+                            *ip.entry(r.label()).or_insert(0) += x.counters().drops(r);
+                        }
+                        icmp += x.counters().icmp_errors;
+                    }
+                    Kind::Udp { session, .. } => {
+                        for r in connect_udp::DropReason::ALL {
+                            *udp.entry(r.label()).or_insert(0) += session.counters().drops[r as usize];
+                        }
+                        to_t += session.counters().to_target;
+                        to_c += session.counters().to_client;
+                    }
+                }
+            }
+        }
+        let mut s = self.stats.clone();
+        for (k, v) in ip {
+            *s.ip_drops.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in udp {
+            *s.udp_drops.entry(k).or_insert(0) += v;
+        }
+        s.icmp_errors += icmp;
+        s.udp_to_target += to_t;
+        s.udp_to_client += to_c;
+        s
+    }
+
+    /// Serves until `stop` is set; then closes every connection and returns the final counters.
+    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<Stats> {
+        let mut pollfds: Vec<libc::pollfd> = Vec::new();
+        let mut last_stats = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let timeout = self
+                .clients
+                .values()
+                .filter_map(|c| c.conn.timeout())
+                .min()
+                .unwrap_or(Duration::from_millis(100))
+                .min(Duration::from_millis(100));
+            pollfds.clear();
+            pollfds.push(pollfd(self.io.socket().as_raw_fd()));
+            if let Some(t) = &self.tun {
+                pollfds.push(pollfd(t.as_raw_fd()));
+            }
+            pollfds.extend(self.by_fd.keys().map(|&fd| pollfd(fd)));
+            // SAFETY: pollfds is a live array of initialised pollfd structs.
+            let n = unsafe {
+                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, timeout.as_millis() as i32)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            self.pass()?;
+            if last_stats.elapsed() >= Duration::from_secs(1) {
+                last_stats = Instant::now();
+                self.write_stats();
+            }
+        }
+        for c in self.clients.values_mut() {
+            let _ = c.conn.close(true, 0x100, b"proxy shutting down");
+        }
+        self.flush_all();
+        let s = self.stats();
+        self.write_stats();
+        Ok(s)
+    }
+
+    /// One pass of the loop: everything ready is handled, nothing blocks.
+    pub fn pass(&mut self) -> io::Result<()> {
+        loop {
+            let n = self.io.recv_burst()?;
+            if n == 0 {
+                break;
+            }
+            let t0 = Instant::now();
+            for i in 0..n {
+                self.on_udp(i);
+            }
+            self.stats.udp_rx += n as u64;
+            self.service_dirty();
+            let _ = self.burst_hist.record(t0.elapsed().as_nanos() as u64);
+            if n < crate::udp::BURST {
+                break;
+            }
+        }
+        self.on_tun();
+        self.on_udp_targets();
+        for c in self.clients.values_mut() {
+            if c.conn.timeout() == Some(Duration::ZERO) {
+                c.conn.on_timeout();
+            }
+        }
+        self.flush_all();
+        self.collect_closed();
+        Ok(())
+    }
+
+    fn on_udp(&mut self, i: usize) {
+        let local = self.io.local_addr();
+        let (pkt, from) = self.io.datagram(i);
+        let hdr = match quiche::Header::from_slice(pkt, quic::CID_LEN) {
+            Ok(h) => h,
+            Err(_) => {
+                self.stats.unknown_connection += 1;
+                return;
+            }
+        };
+        let id = match self.by_cid.get(&hdr.dcid) {
+            Some(&id) => id,
+            None => {
+                if hdr.ty != quiche::Type::Initial {
+                    self.stats.unknown_connection += 1;
+                    return;
+                }
+                if !quiche::version_is_supported(hdr.version) {
+                    let (scid, dcid) = (hdr.scid.clone(), hdr.dcid.clone());
+                    let out = self.io.send_buf();
+                    if let Ok(len) = quiche::negotiate_version(&scid, &dcid, out) {
+                        self.io.commit(len, from);
+                    }
+                    return;
+                }
+                if self.clients.len() >= self.cfg.max_connections {
+                    self.stats.connections_refused += 1;
+                    return;
+                }
+                let (scid, _) = quic::new_cid(&self.rng);
+                let conn = match quiche::accept(&scid, None, local, from, &mut self.quic) {
+                    Ok(c) => c,
+                    Err(_) => {
+                        self.stats.quic_recv_errors += 1;
+                        return;
+                    }
+                };
+                let id = self.next_client;
+                self.next_client += 1;
+                let mut client = Client {
+                    conn,
+                    h3: None,
+                    sessions: HashMap::new(),
+                    cids: vec![scid.clone()],
+                    peer: from,
+                };
+                if let Err(e) = self.cfg.quic.instrument(&mut client.conn, "proxy") {
+                    tracing::warn!("qlog/keylog: {e}");
+                }
+                self.by_cid.insert(scid, id);
+                self.clients.insert(id, client);
+                self.stats.connections_accepted += 1;
+                id
+            }
+        };
+        let (pkt, from) = self.io.datagram(i);
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if c.conn.recv(pkt, quiche::RecvInfo { from, to: local }).is_err() {
+            self.stats.quic_recv_errors += 1;
+        }
+        if from != c.peer && c.conn.is_established() {
+            c.peer = from;
+            self.stats.peer_migrations += 1;
+        }
+        if self.dirty.last() != Some(&id) {
+            self.dirty.push(id);
+        }
+    }
+
+    fn service_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for &id in &dirty {
+            self.service(id);
+        }
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    /// HTTP/3 events, datagrams, and connection IDs for one client.
+    fn service(&mut self, id: u64) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        // New connection IDs so a hopping client always has spares.
+        while c.conn.is_established() && c.conn.scids_left() > 0 {
+            let (cid, token) = quic::new_cid(&self.rng);
+            if c.conn.new_scid(&cid, token, false).is_err() {
+                break;
+            }
+            self.by_cid.insert(cid.clone(), id);
+            c.cids.push(cid);
+            self.stats.cids_issued += 1;
+        }
+        while let Some(old) = c.conn.retired_scid_next() {
+            self.by_cid.remove(&old);
+            c.cids.retain(|x| *x != old);
+        }
+        if c.h3.is_none() && (c.conn.is_established() || c.conn.is_in_early_data()) {
+            match quiche::h3::Connection::with_transport(&mut c.conn, &self.h3) {
+                Ok(h) => c.h3 = Some(h),
+                Err(e) => {
+                    tracing::debug!("h3 setup failed: {e}");
+                    let _ = c.conn.close(true, 0x101, b"h3 setup failed");
+                    return;
+                }
+            }
+        }
+        self.h3_events(id);
+        self.datagrams(id);
+    }
+
+    fn h3_events(&mut self, id: u64) {
+        loop {
+            let Some(c) = self.clients.get_mut(&id) else {
+                return;
+            };
+            let Some(h3) = c.h3.as_mut() else {
+                return;
+            };
+            let (sid, ev) = match h3.poll(&mut c.conn) {
+                Ok(x) => x,
+                Err(quiche::h3::Error::Done) => break,
+                Err(e) => {
+                    tracing::debug!("h3 error: {e}");
+                    // H3_GENERAL_PROTOCOL_ERROR (RFC 9114 §8.1).
+                    let _ = c.conn.close(true, 0x101, b"h3 error");
+                    break;
+                }
+            };
+            match ev {
+                quiche::h3::Event::Headers { list, .. } => self.on_request(id, sid, &list),
+                quiche::h3::Event::Data => self.on_stream_data(id, sid),
+                quiche::h3::Event::Finished | quiche::h3::Event::Reset(_) => {
+                    self.end_session(id, sid)
+                }
+                _ => {}
+            }
+        }
+        // Capsules that waited for stream capacity.
+        if let Some(c) = self.clients.get_mut(&id) {
+            if let Some(h3) = c.h3.as_mut() {
+                for (&sid, s) in c.sessions.iter_mut() {
+                    if !s.outbuf.is_empty() {
+                        if let Ok(n) = h3.send_body(&mut c.conn, sid, &s.outbuf, false) {
+                            s.outbuf.drain(..n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_request(&mut self, id: u64, sid: u64, list: &[quiche::h3::Header]) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let verdict = request::validate(list, &self.cfg.tokens).and_then(|t| {
+            if c.sessions.len() >= self.cfg.max_sessions_per_connection {
+                Err(Rejection {
+                    status: 429,
+                    reason: "max_sessions_per_connection reached",
+                })
+            } else if datagram::quarter_stream_id(sid).is_err() {
+                Err(Rejection {
+                    status: 400,
+                    reason: "not a request stream",
+                })
+            } else {
+                Ok(t)
+            }
+        });
+        let session = verdict.and_then(|t| match t {
+            Target::Ip(scope) => {
+                let Some(ip) = &self.cfg.ip else {
+                    return Err(Rejection {
+                        status: 501,
+                        reason: "CONNECT-IP is not configured",
+                    });
+                };
+                let scfg = SessionConfig {
+                    tunnel_mtu_bytes: self.tunnel_mtu,
+                    decrement_ttl_from_client: false,
+                    icmp_source_v4: ip.icmp_source_v4,
+                    icmp_source_v6: ip.icmp_source_v6,
+                };
+                let s = ConnectIpSession::new(scope, scfg, &mut self.pool);
+                if s.assigned().is_empty() {
+                    s.close(&mut self.pool);
+                    return Err(Rejection {
+                        status: 503,
+                        reason: "address pool exhausted",
+                    });
+                }
+                Ok(Kind::Ip(s))
+            }
+            Target::Udp(t) => {
+                if !self.cfg.udp.enabled {
+                    return Err(Rejection {
+                        status: 501,
+                        reason: "CONNECT-UDP is disabled",
+                    });
+                }
+                let socket = connect_udp_target(&t.host, t.port).map_err(|e| {
+                    tracing::info!("CONNECT-UDP to {:?}:{}: {e}", t.host, t.port);
+                    Rejection {
+                        status: 502,
+                        reason: "target unreachable or unresolvable",
+                    }
+                })?;
+                Ok(Kind::Udp {
+                    session: ConnectUdpSession::new(),
+                    socket,
+                })
+            }
+        });
+        let h3 = c.h3.as_mut().expect("events come from h3");
+        match session {
+            Err(r) => {
+                *self.stats.refused.entry(r.status).or_insert(0) += 1;
+                tracing::info!(stream = sid, "request refused: {r}");
+                let status = r.status.to_string();
+                let hdrs = [quiche::h3::Header::new(b":status", status.as_bytes())];
+                let _ = h3.send_response(&mut c.conn, sid, &hdrs, true);
+            }
+            Ok(kind) => {
+                let hdrs = [
+                    quiche::h3::Header::new(b":status", b"200"),
+                    quiche::h3::Header::new(b"capsule-protocol", b"?1"),
+                ];
+                if h3.send_response(&mut c.conn, sid, &hdrs, false).is_err() {
+                    // Stream blocked or gone: nothing started; the client will retry or reset.
+                    if let Kind::Ip(s) = kind {
+                        s.close(&mut self.pool);
+                    }
+                    return;
+                }
+                let mut session = Session {
+                    kind,
+                    decoder: CapsuleDecoder::default(),
+                    inbuf: Vec::new(),
+                    outbuf: Vec::new(),
+                };
+                match &session.kind {
+                    Kind::Ip(s) => {
+                        self.stats.sessions_ip += 1;
+                        for a in s.assigned() {
+                            self.by_addr.insert(a.prefix.addr(), (id, sid));
+                        }
+                        let mut out = vec![0u8; 4096];
+                        if let Ok(n) = s.emit_start(&mut out) {
+                            session.outbuf.extend_from_slice(&out[..n]);
+                        }
+                        tracing::info!(stream = sid, assigned = ?s.assigned(), "CONNECT-IP session");
+                    }
+                    Kind::Udp { socket, .. } => {
+                        self.stats.sessions_udp += 1;
+                        self.by_fd.insert(socket.as_raw_fd(), (id, sid));
+                        tracing::info!(stream = sid, target = ?socket.peer_addr().ok(), "CONNECT-UDP session");
+                    }
+                }
+                if let Ok(n) = h3.send_body(&mut c.conn, sid, &session.outbuf, false) {
+                    session.outbuf.drain(..n);
+                }
+                c.sessions.insert(sid, session);
+            }
+        }
+    }
+
+    fn on_stream_data(&mut self, id: u64, sid: u64) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let h3 = c.h3.as_mut().expect("events come from h3");
+        let Some(s) = c.sessions.get_mut(&sid) else {
+            // Body on a refused request: read and discard.
+            while let Ok(n) = h3.recv_body(&mut c.conn, sid, &mut self.reply) {
+                if n == 0 {
+                    break;
+                }
+            }
+            return;
+        };
+        let mut error = false;
+        while let Ok(n) = h3.recv_body(&mut c.conn, sid, &mut self.reply) {
+            if n == 0 {
+                break;
+            }
+            s.inbuf.extend_from_slice(&self.reply[..n]);
+            // Decode every whole capsule buffered.
+            loop {
+                match s.decoder.decode(&s.inbuf) {
+                    Ok(Decoded::NeedMore { .. }) => break,
+                    Ok(Decoded::Skipped { consumed, .. }) => {
+                        self.stats.capsules_skipped += 1;
+                        s.inbuf.drain(..consumed);
+                    }
+                    Ok(Decoded::Capsule { capsule, consumed }) => {
+                        let mut answer: Option<Vec<u8>> = None;
+                        match (&mut s.kind, capsule) {
+                            (Kind::Ip(ip), Capsule::AddressRequest(req)) => {
+                                match ip.on_address_request(&req, &mut self.pool) {
+                                    Ok(entries) => {
+                                        let mut out = vec![0u8; 64 + 40 * entries.len()];
+                                        if let Ok(n) =
+                                            CapsuleRepr::AddressAssign(&entries).emit(&mut out)
+                                        {
+                                            out.truncate(n);
+                                            answer = Some(out);
+                                        }
+                                        for a in ip.assigned() {
+                                            self.by_addr.insert(a.prefix.addr(), (id, sid));
+                                        }
+                                    }
+                                    Err(_) => error = true,
+                                }
+                            }
+                            // DATAGRAM capsules: datagrams over the stream (RFC 9297 §3.5).
+                            (_, Capsule::Datagram(_)) => {}
+                            // A client may not assign addresses or routes to the proxy in
+                            // mimiq's deployment; ignore them.
+                            _ => {}
+                        }
+                        s.inbuf.drain(..consumed);
+                        if let Some(a) = answer {
+                            s.outbuf.extend_from_slice(&a);
+                        }
+                    }
+                    Err(_) => {
+                        error = true;
+                        break;
+                    }
+                }
+                if error {
+                    break;
+                }
+            }
+            if error {
+                break;
+            }
+        }
+        if error {
+            // A malformed capsule is a stream error (RFC 9297 §3.3): reset this request only.
+            self.stats.capsule_errors += 1;
+            let _ = c
+                .conn
+                .stream_shutdown(sid, quiche::Shutdown::Write, 0x10c);
+            let _ = c.conn.stream_shutdown(sid, quiche::Shutdown::Read, 0x10c);
+            self.end_session(id, sid);
+        }
+    }
+
+    fn end_session(&mut self, id: u64, sid: u64) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let Some(s) = c.sessions.remove(&sid) else {
+            return;
+        };
+        retire_session(s, &mut self.pool, &mut self.by_addr, &mut self.by_fd, &mut self.stats);
+    }
+
+    fn datagrams(&mut self, id: u64) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let tun = self.tun.as_ref();
+        loop {
+            let buf = &mut self.buf[HEADROOM..];
+            let len = match c.conn.dgram_recv(buf) {
+                Ok(n) => n,
+                Err(_) => break,
+            };
+            self.stats.dgram_rx += 1;
+            let Ok(h) = H3Datagram::parse(&buf[..len]) else {
+                self.stats.dgram_unknown_stream += 1;
+                continue;
+            };
+            let sid = h.stream_id();
+            let qsid = h.quarter_stream_id;
+            let off = len - h.payload.len();
+            let Some(s) = c.sessions.get_mut(&sid) else {
+                // RFC 9297 §2.1: datagrams for unknown streams are dropped (or buffered).
+                self.stats.dgram_unknown_stream += 1;
+                continue;
+            };
+            match &mut s.kind {
+                Kind::Ip(ip) => {
+                    let Ok(ctx) = crate::datagram::ContextPayload::parse(&buf[off..len]) else {
+                        *self.stats.ip_drops.entry("truncated_context_id").or_insert(0) += 1;
+                        continue;
+                    };
+                    if ctx.context_id != datagram::CONTEXT_ID_PAYLOAD {
+                        *self.stats.ip_drops.entry("unknown_context").or_insert(0) += 1;
+                        continue;
+                    }
+                    let start = len - ctx.payload.len();
+                    let pkt = &mut buf[start..len];
+                    match ip.on_datagram(pkt, &mut self.reply) {
+                        Verdict::Forward(n) => {
+                            if let Some(t) = tun {
+                                match t.send(&pkt[..n]) {
+                                    Ok(_) => self.stats.tun_tx += 1,
+                                    Err(_) => self.stats.tun_errors += 1,
+                                }
+                            }
+                        }
+                        Verdict::Reply(n) => {
+                            send_datagram(&mut c.conn, qsid, &self.reply[..n], &mut self.stats)
+                        }
+                        Verdict::Drop(_) => {}
+                    }
+                }
+                Kind::Udp { session, socket } => {
+                    if let Ok(p) = session.on_datagram(&buf[off..len]) {
+                        let _ = socket.send(p);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_tun(&mut self) {
+        let Some(tun) = self.tun.as_ref() else {
+            return;
+        };
+        for _ in 0..EGRESS_BURST {
+            let n = match tun.recv(&mut self.buf[HEADROOM..]) {
+                Ok(n) => n,
+                Err(_) => break,
+            };
+            self.stats.tun_rx += 1;
+            let pkt = &self.buf[HEADROOM..HEADROOM + n];
+            let dst = match pkt.first().map(|b| b >> 4) {
+                Some(4) if n >= 20 => IpAddr::from(<[u8; 4]>::try_from(&pkt[16..20]).unwrap()),
+                Some(6) if n >= 40 => IpAddr::from(<[u8; 16]>::try_from(&pkt[24..40]).unwrap()),
+                _ => {
+                    self.stats.tun_no_session += 1;
+                    continue;
+                }
+            };
+            let Some(&(id, sid)) = self.by_addr.get(&dst) else {
+                self.stats.tun_no_session += 1;
+                continue;
+            };
+            let Some(c) = self.clients.get_mut(&id) else {
+                continue;
+            };
+            let Some(Session {
+                kind: Kind::Ip(ip), ..
+            }) = c.sessions.get_mut(&sid)
+            else {
+                continue;
+            };
+            let qsid = sid / 4;
+            match ip.on_egress(&mut self.buf[HEADROOM..HEADROOM + n], &mut self.reply) {
+                Verdict::Forward(len) => {
+                    // Write the datagram header into the headroom: no copy of the packet here.
+                    let hl = datagram::header_len(qsid, 0);
+                    let start = HEADROOM - hl;
+                    let _ = datagram::emit_header(qsid, 0, &mut self.buf[start..HEADROOM]);
+                    send_datagram(&mut c.conn, u64::MAX, &self.buf[start..HEADROOM + len], &mut self.stats);
+                }
+                Verdict::Reply(len) => {
+                    if tun.send(&self.reply[..len]).is_err() {
+                        self.stats.tun_errors += 1;
+                    }
+                }
+                Verdict::Drop(_) => {}
+            }
+        }
+    }
+
+    fn on_udp_targets(&mut self) {
+        let targets: Vec<(u64, u64)> = self.by_fd.values().copied().collect();
+        for (id, sid) in targets {
+            let Some(c) = self.clients.get_mut(&id) else {
+                continue;
+            };
+            let Some(Session {
+                kind: Kind::Udp { session, socket },
+                ..
+            }) = c.sessions.get_mut(&sid)
+            else {
+                continue;
+            };
+            let qsid = sid / 4;
+            let hl = datagram::header_len(qsid, 0);
+            for _ in 0..EGRESS_BURST {
+                let n = match socket.recv(&mut self.buf[HEADROOM..]) {
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                let start = HEADROOM - hl;
+                let _ = datagram::emit_header(qsid, 0, &mut self.buf[start..HEADROOM]);
+                session.on_target_payload();
+                send_datagram(&mut c.conn, u64::MAX, &self.buf[start..HEADROOM + n], &mut self.stats);
+            }
+        }
+    }
+
+    fn flush_all(&mut self) {
+        let dirty: Vec<u64> = std::mem::take(&mut self.dirty);
+        for id in dirty {
+            self.service(id);
+        }
+        for c in self.clients.values_mut() {
+            loop {
+                let out = self.io.send_buf();
+                match c.conn.send(out) {
+                    Ok((len, info)) => {
+                        self.io.commit(len, info.to);
+                        self.stats.udp_tx += 1;
+                    }
+                    Err(quiche::Error::Done) => break,
+                    Err(_) => {
+                        let _ = c.conn.close(false, 0x1, b"send failed");
+                        break;
+                    }
+                }
+            }
+        }
+        self.io.flush();
+    }
+
+    fn collect_closed(&mut self) {
+        let closed: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.conn.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in closed {
+            let Some(c) = self.clients.remove(&id) else {
+                continue;
+            };
+            for cid in &c.cids {
+                self.by_cid.remove(cid);
+            }
+            for (_, s) in c.sessions {
+                retire_session(s, &mut self.pool, &mut self.by_addr, &mut self.by_fd, &mut self.stats);
+            }
+            self.stats.connections_closed += 1;
+            tracing::info!(stats = ?c.conn.stats(), "connection closed");
+        }
+    }
+
+    fn write_stats(&mut self) {
+        let Some(path) = self.cfg.stats_file.clone() else {
+            return;
+        };
+        let s = self.stats();
+        if let Ok(json) = serde_json::to_string_pretty(&s) {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, json).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+    }
+}
+
+/// Sends one HTTP datagram. `qsid` `u64::MAX` means `payload` is already framed; otherwise the
+/// header is prepended (control-path replies only).
+fn send_datagram(conn: &mut quiche::Connection, qsid: u64, payload: &[u8], stats: &mut Stats) {
+    let r = if qsid == u64::MAX {
+        conn.dgram_send(payload)
+    } else {
+        let mut v = vec![0u8; payload.len() + 16];
+        match (Datagram {
+            quarter_stream_id: qsid,
+            context_id: 0,
+            payload,
+        })
+        .emit(&mut v)
+        {
+            Ok(n) => conn.dgram_send(&v[..n]),
+            Err(_) => return,
+        }
+    };
+    match r {
+        Ok(()) => stats.dgram_tx += 1,
+        Err(quiche::Error::BufferTooShort) => stats.dgram_too_big += 1,
+        Err(_) => stats.dgram_queue_full += 1,
+    }
+}
+
+fn retire_session(
+    s: Session,
+    pool: &mut HostPool,
+    by_addr: &mut HashMap<IpAddr, (u64, u64)>,
+    by_fd: &mut HashMap<RawFd, (u64, u64)>,
+    stats: &mut Stats,
+) {
+    match s.kind {
+        Kind::Ip(ip) => {
+            for a in ip.assigned() {
+                by_addr.remove(&a.prefix.addr());
+            }
+            for r in connect_ip::DropReason::ALL {
+                *stats.ip_drops.entry(r.label()).or_insert(0) += ip.counters().drops(r);
+            }
+            stats.icmp_errors += ip.counters().icmp_errors;
+            ip.close(pool);
+        }
+        Kind::Udp { session, socket } => {
+            by_fd.remove(&socket.as_raw_fd());
+            for r in connect_udp::DropReason::ALL {
+                *stats.udp_drops.entry(r.label()).or_insert(0) += session.counters().drops[r as usize];
+            }
+            stats.udp_to_target += session.counters().to_target;
+            stats.udp_to_client += session.counters().to_client;
+        }
+    }
+}
+
+fn connect_udp_target(host: &Host, port: u16) -> io::Result<UdpSocket> {
+    let addr = match host {
+        Host::Ip(ip) => SocketAddr::new(*ip, port),
+        Host::Name(n) => (n.as_str(), port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?,
+    };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = UdpSocket::bind(bind)?;
+    s.connect(addr)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Runs a proxy from a config file until SIGINT/SIGTERM; prints the final counters.
+pub fn run_from_file(path: &Path) -> Result<(), String> {
+    let cfg = ProxyConfig::load(path)?;
+    let mut proxy = Proxy::new(cfg)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| e.to_string())?;
+    }
+    println!(
+        "mimiq-proxy listening on {} (tunnel MTU {}, GSO {})",
+        proxy.local_addr(),
+        proxy.tunnel_mtu(),
+        proxy.io.gso()
+    );
+    let stats = proxy.run(&stop).map_err(|e| e.to_string())?;
+    println!("{}", serde_json::to_string(&stats).unwrap_or_default());
+    Ok(())
+}

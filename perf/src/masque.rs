@@ -1,0 +1,176 @@
+//! MASQUE testbeds: a client host, a proxy host (`mimiq-proxy`) and a server host, each a real
+//! kernel in its own namespace, and helpers to start the proxy and its clients.
+//!
+//! ```text
+//!  c (client) ── c0 ─── p0 ── p (proxy) ── p1 ─── s0 ── s (server)
+//!   198.18.10.2..5/24     198.18.10.1/24   198.18.20.1/24     198.18.20.2/24
+//!   fd00:10::2..5/64      fd00:10::1/64    fd00:20::1/64      fd00:20::2/64
+//! ```
+//!
+//! The client has no route to the server: only the tunnel reaches it. The server routes the
+//! proxy's client pools (198.18.200.0/24, fd00:200::/64) back through the proxy, which forwards
+//! between its TUN device and `p1`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::testbed::{bin_path, LinkOpts, Proc, Testbed, TestbedError};
+
+/// Addresses of [`build`]'s hosts.
+pub mod addr {
+    /// The proxy on the client side.
+    pub const PROXY_V4: &str = "198.18.10.1";
+    /// The proxy on the client side, IPv6.
+    pub const PROXY_V6: &str = "fd00:10::1";
+    /// The client's addresses (it may hop between them).
+    pub const CLIENT_V4: [&str; 4] = ["198.18.10.2", "198.18.10.3", "198.18.10.4", "198.18.10.5"];
+    /// The server.
+    pub const SERVER_V4: &str = "198.18.20.2";
+    /// The server, IPv6.
+    pub const SERVER_V6: &str = "fd00:20::2";
+    /// The proxy's client pools.
+    pub const POOL_V4: &str = "198.18.200.0/24";
+    /// IPv6 pool.
+    pub const POOL_V6: &str = "fd00:200::/64";
+}
+
+/// Builds the three hosts and their links; the proxy forwards IPv4 and IPv6.
+pub fn build(tb: &mut Testbed) -> Result<(), TestbedError> {
+    for h in ["c", "p", "s"] {
+        tb.add_host(h)?;
+    }
+    tb.add_link(("c", "c0"), ("p", "p0"), LinkOpts::default())?;
+    tb.add_link(("p", "p1"), ("s", "s0"), LinkOpts::default())?;
+    for a in addr::CLIENT_V4 {
+        tb.add_addr("c", "c0", &format!("{a}/24"))?;
+    }
+    for i in 2..=5 {
+        tb.add_addr("c", "c0", &format!("fd00:10::{i}/64"))?;
+    }
+    tb.add_addr("p", "p0", "198.18.10.1/24")?;
+    tb.add_addr("p", "p0", "fd00:10::1/64")?;
+    tb.add_addr("p", "p1", "198.18.20.1/24")?;
+    tb.add_addr("p", "p1", "fd00:20::1/64")?;
+    tb.add_addr("s", "s0", "198.18.20.2/24")?;
+    tb.add_addr("s", "s0", "fd00:20::2/64")?;
+    tb.add_route("s", addr::POOL_V4, "198.18.20.1")?;
+    tb.add_route("s", addr::POOL_V6, "fd00:20::1")?;
+    tb.sysctl("p", "net.ipv4.ip_forward", "1")?;
+    tb.sysctl("p", "net.ipv6.conf.all.forwarding", "1")?;
+    Ok(())
+}
+
+/// Writes a self-signed certificate for the proxy into `dir` (no namespace needed).
+pub fn make_cert(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let bin = bin_path("mimiq-proxy")?;
+    let out = std::process::Command::new(bin)
+        .args(["cert", "--out"])
+        .arg(dir)
+        .args(["--name", "proxy"])
+        .output()
+        .map_err(|e| format!("mimiq-proxy cert: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("mimiq-proxy cert: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok((dir.join("proxy-cert.pem"), dir.join("proxy-key.pem")))
+}
+
+/// A running `mimiq-proxy run`.
+pub struct ProxyProc {
+    /// The process.
+    pub proc: Proc,
+    /// Its stats file.
+    pub stats_file: PathBuf,
+}
+
+impl ProxyProc {
+    /// Writes a config into `dir` (listening on `listen`, `extra` TOML appended) and starts the
+    /// proxy on `host`; returns once its stats file exists (it is serving).
+    pub fn start(
+        tb: &mut Testbed,
+        host: &str,
+        dir: &Path,
+        listen: &str,
+        extra: &str,
+    ) -> Result<ProxyProc, String> {
+        let (cert, key) = make_cert(dir)?;
+        let stats_file = dir.join("proxy-stats.json");
+        let cfg = format!(
+            "listen = \"{listen}\"\ncert = \"{}\"\nkey = \"{}\"\nstats_file = \"{}\"\n{extra}",
+            cert.display(),
+            key.display(),
+            stats_file.display()
+        );
+        let cfg = if cfg.contains("[ip]") {
+            cfg
+        } else {
+            format!(
+                "{cfg}\n[ip]\ntun = \"mqp0\"\npool_v4 = \"{}\"\npool_v6 = \"{}\"\nicmp_source_v4 = \"198.18.200.1\"\nicmp_source_v6 = \"fd00:200::1\"\n",
+                addr::POOL_V4,
+                addr::POOL_V6
+            )
+        };
+        let path = dir.join("proxy.toml");
+        std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
+        let bin = bin_path("mimiq-proxy")?;
+        let bin = bin.to_string_lossy().into_owned();
+        let path_s = path.to_string_lossy().into_owned();
+        let mut proc = tb
+            .spawn(host, &[&bin, "run", "--config", &path_s], false)
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stats_file.exists() {
+            if proc.try_status().is_some() || Instant::now() > deadline {
+                return Err(format!("proxy did not start: {}", proc.describe()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(ProxyProc { proc, stats_file })
+    }
+
+    /// The proxy's current counters.
+    pub fn stats(&self) -> Result<Value, String> {
+        let text = std::fs::read_to_string(&self.stats_file).map_err(|e| e.to_string())?;
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    }
+
+    /// Waits a little over the stats interval and reads the counters.
+    pub fn stats_after_interval(&self) -> Result<Value, String> {
+        std::thread::sleep(Duration::from_millis(1200));
+        self.stats()
+    }
+}
+
+/// Starts `mimiq-proxy client <args>` on `host` and waits for its `ready` line (the tunnel is up);
+/// returns the process and that line.
+pub fn start_client(tb: &mut Testbed, host: &str, args: &[&str]) -> Result<(Proc, String), String> {
+    let bin = bin_path("mimiq-proxy")?;
+    let bin = bin.to_string_lossy().into_owned();
+    let mut cmd = vec![bin.as_str(), "client"];
+    cmd.extend_from_slice(args);
+    let mut proc = tb.spawn(host, &cmd, false).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(line) = proc.stdout().lines().find(|l| l.starts_with("ready")) {
+            return Ok((proc, line.to_owned()));
+        }
+        if proc.try_status().is_some() || Instant::now() > deadline {
+            return Err(format!("client not ready: {}", proc.describe()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops a client with SIGTERM and returns the JSON counters it printed.
+pub fn stop_client(proc: &mut Proc) -> Result<Value, String> {
+    proc.stop(Duration::from_secs(5));
+    let out = proc.stdout();
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("client printed no counters: {}", proc.describe()))?;
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
