@@ -1,0 +1,570 @@
+//! Direct mode (ARCHITECTURE.md §1; issue 7): makes any quiche client connection hop between
+//! the host's local addresses, against an unmodified QUIC server.
+//!
+//! [`DirectConnection`] is the I/O shell around [`Migrator`]: it owns one UDP socket per local
+//! address (each bound to that address), hands every datagram received on any of them to the
+//! migrator with the right `RecvInfo` (`to` = the socket's address), sends each outgoing
+//! datagram from the socket that `SendInfo::from` names, and asks a [`HopStrategy`] before every
+//! datagram it sends whether to hop; on `Hop` it picks another local address (at random, from
+//! the run's seed) and requests the hop. The application drives it with [`DirectConnection::poll`]
+//! and uses the quiche connection for its streams (`connection_mut`), e.g. with quiche's h3.
+//!
+//! # Threads and sockets
+//!
+//! This crate is `#![forbid(unsafe_code)]`, and std has no safe way to wait on several sockets at
+//! once (`poll(2)` needs `unsafe`). So each socket gets a reader thread that blocks in
+//! `recv_from` (with a short read timeout so it notices shutdown) and passes datagrams over a
+//! bounded channel to the connection's thread, which does everything else — quiche, sends,
+//! hop decisions — and hands the buffers back for reuse (no allocation per datagram in steady
+//! state). Sends go straight out of the connection's thread on the shared socket. The reader
+//! threads stop and are joined when the `DirectConnection` is dropped.
+//!
+//! Nothing here panics on input: malformed datagrams are counted ([`DirectStats`]), a hop to an
+//! address without a socket is a [`DirectError`], a refused migration is counted by the
+//! migrator and the connection carries on from its current address.
+
+pub mod h3;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::migrate::{HopError, MigrationConfig, MigrationStats, Migrator};
+use crate::rng::SplitMix64;
+use crate::strategy::{Decision, HopStrategy, HopStrategyConfig, StrategyConfigError};
+
+/// Largest UDP payload read from a socket.
+pub const MAX_DATAGRAM_BYTES: usize = 65_535;
+
+/// How long a reader thread blocks before checking for shutdown.
+const READER_TICK: Duration = Duration::from_millis(50);
+
+/// Mixed into the seed for the stream that picks the next address ("direct").
+const ADDRESS_STREAM: u64 = 0x6469_7265_6374;
+
+/// Datagrams queued from the reader threads to the connection's thread before readers wait.
+const RX_QUEUE: usize = 1_024;
+
+/// Direct-mode settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectConfig {
+    /// When to hop (every N packets, random \[a, b\] packets, random time, once after N, never).
+    pub strategy: HopStrategyConfig,
+    /// Seeds the strategy and the choice of the next address; fixes a run hop for hop.
+    pub seed: u64,
+    /// The connection's number in the run (each gets its own random stream).
+    pub connection: u64,
+    /// Hop deadlines and latency sampling.
+    pub migration: MigrationConfig,
+}
+
+/// Why the direct mode could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectError {
+    /// No local addresses were given.
+    #[error("direct mode needs at least one local address")]
+    NoAddresses,
+    /// The same local address was given twice.
+    #[error("local address {0} given twice")]
+    DuplicateAddress(SocketAddr),
+    /// A socket could not be bound to a local address (not on this host?).
+    #[error("cannot bind a UDP socket to {addr}: {error}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the kernel said.
+        error: std::io::Error,
+    },
+    /// A socket option or the reader thread could not be set up.
+    #[error("socket setup for {addr}: {error}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        error: std::io::Error,
+    },
+    /// The hop strategy config is invalid.
+    #[error(transparent)]
+    Strategy(#[from] StrategyConfigError),
+    /// quiche refused to create the connection.
+    #[error("quiche connect: {0}")]
+    Connect(quiche::Error),
+    /// A hop to a local address this connection has no socket for.
+    #[error("no socket bound to {0}: add the address first")]
+    UnknownAddress(SocketAddr),
+    /// The migrator refused the hop.
+    #[error(transparent)]
+    Hop(#[from] HopError),
+    /// quiche failed the connection while sending (it is closed now).
+    #[error("connection failed: {0}")]
+    Connection(quiche::Error),
+    /// All reader threads are gone.
+    #[error("every socket reader stopped")]
+    ReadersGone,
+}
+
+/// Counters of the I/O shell (the migrator keeps the hop counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirectStats {
+    /// Datagrams sent.
+    pub tx_datagrams: u64,
+    /// Datagrams received and handed to quiche.
+    pub rx_datagrams: u64,
+    /// Datagrams quiche refused (malformed, undecryptable, not for this connection).
+    pub rx_rejected: u64,
+    /// Datagrams quiche wanted to send from an address without a socket (dropped).
+    pub tx_unroutable: u64,
+    /// `send_to` failures (the datagram is lost; QUIC recovers).
+    pub tx_errors: u64,
+    /// Hops the strategy asked for.
+    pub strategy_hops: u64,
+    /// Strategy hops not started (one in progress, migration disabled, ...).
+    pub strategy_hops_not_started: u64,
+}
+
+/// A quiche client connection that hops between local addresses. See the module docs.
+pub struct DirectConnection {
+    migrator: Migrator,
+    sockets: Vec<LocalSocket>,
+    rx: Receiver<Received>,
+    strategy: HopStrategy,
+    rng: SplitMix64,
+    stats: DirectStats,
+    started: Instant,
+    out: Vec<u8>,
+    /// Last field: dropped (stopped and joined) after everything else.
+    _readers: Readers,
+}
+
+struct LocalSocket {
+    addr: SocketAddr,
+    socket: Arc<UdpSocket>,
+    /// Hands buffers back to this socket's reader.
+    recycle: Sender<Vec<u8>>,
+}
+
+struct Received {
+    socket: usize,
+    buf: Vec<u8>,
+    len: usize,
+    from: SocketAddr,
+}
+
+impl DirectConnection {
+    /// Binds one socket to each of `locals` (specific ports, or port 0 for any), and starts a
+    /// connection to `peer` from the first one with `quic` (the application's quiche config:
+    /// ALPN, verification, and an `active_connection_id_limit` of at least
+    /// [`crate::migrate::recommended_active_cid_limit`]`(locals.len())`). `server_name` is the
+    /// TLS SNI.
+    pub fn connect(
+        locals: &[SocketAddr],
+        peer: SocketAddr,
+        server_name: Option<&str>,
+        quic: &mut quiche::Config,
+        config: &DirectConfig,
+    ) -> Result<Self, DirectError> {
+        if locals.is_empty() {
+            return Err(DirectError::NoAddresses);
+        }
+        let strategy =
+            HopStrategy::for_connection(&config.strategy, config.seed, config.connection)?;
+        let mut readers = Readers {
+            stop: Arc::new(AtomicBool::new(false)),
+            handles: Vec::new(),
+        };
+        let (tx, rx) = mpsc::sync_channel(RX_QUEUE);
+        let mut sockets: Vec<LocalSocket> = Vec::with_capacity(locals.len());
+        for &addr in locals {
+            if sockets.iter().any(|s| s.addr == addr) {
+                return Err(DirectError::DuplicateAddress(addr));
+            }
+            let socket = bind_socket(sockets.len(), addr, &tx, &mut readers)?;
+            sockets.push(socket);
+        }
+        drop(tx);
+        let first = sockets[0].addr;
+        let rng = ring::rand::SystemRandom::new();
+        let scid = h3::random_cid(&rng, quiche::MAX_CONN_ID_LEN)
+            .ok_or(DirectError::Connect(quiche::Error::CryptoFail))?;
+        let conn =
+            quiche::connect(server_name, &scid, first, peer, quic).map_err(DirectError::Connect)?;
+        Ok(Self {
+            migrator: Migrator::new(conn, first, peer, config.migration),
+            sockets,
+            rx,
+            strategy,
+            rng: SplitMix64::new(crate::rng::derive_seed(
+                config.seed ^ ADDRESS_STREAM,
+                config.connection,
+            )),
+            stats: DirectStats::default(),
+            started: Instant::now(),
+            out: vec![0; MAX_DATAGRAM_BYTES],
+            _readers: readers,
+        })
+    }
+
+    /// The migration driver (hop counters, latencies, current address).
+    pub fn migrator(&self) -> &Migrator {
+        &self.migrator
+    }
+
+    /// The quiche connection, for the application's streams (and quiche's h3).
+    pub fn connection(&self) -> &quiche::Connection {
+        self.migrator.connection()
+    }
+
+    /// The quiche connection, for the application's streams (and quiche's h3). Leave `recv`,
+    /// `send` and the path calls to the shell.
+    pub fn connection_mut(&mut self) -> &mut quiche::Connection {
+        self.migrator.connection_mut()
+    }
+
+    /// The bound local addresses (with the ports the kernel chose for port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.sockets.iter().map(|s| s.addr).collect()
+    }
+
+    /// Shell counters.
+    pub fn stats(&self) -> DirectStats {
+        self.stats
+    }
+
+    /// Hop counters.
+    pub fn migration_stats(&self) -> MigrationStats {
+        self.migrator.stats()
+    }
+
+    /// Moves the connection to `to` now, whatever the strategy says (it must be one of the
+    /// bound addresses).
+    pub fn hop_to(&mut self, to: SocketAddr) -> Result<(), DirectError> {
+        if !self.sockets.iter().any(|s| s.addr == to) {
+            return Err(DirectError::UnknownAddress(to));
+        }
+        self.migrator.request_hop(to, Instant::now())?;
+        Ok(())
+    }
+
+    /// One turn of the event loop: sends everything quiche has (asking the strategy before
+    /// each datagram), waits up to `max_wait` (or the connection's timer, if sooner) for
+    /// datagrams, feeds all that arrived, runs timers, and sends again.
+    pub fn poll(&mut self, max_wait: Duration) -> Result<(), DirectError> {
+        self.flush()?;
+        let wait = self
+            .migrator
+            .timeout(Instant::now())
+            .map_or(max_wait, |t| t.min(max_wait));
+        match self.rx.recv_timeout(wait) {
+            Ok(first) => {
+                self.feed(first);
+                while let Ok(more) = self.rx.try_recv() {
+                    self.feed(more);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Err(DirectError::ReadersGone),
+        }
+        self.migrator.on_timeout(Instant::now());
+        self.flush()
+    }
+
+    /// Closes the connection (application close, code 0) and sends the CONNECTION_CLOSE.
+    pub fn close(&mut self) -> Result<(), DirectError> {
+        match self.connection_mut().close(true, 0, b"") {
+            Ok(()) | Err(quiche::Error::Done) => {}
+            Err(e) => return Err(DirectError::Connection(e)),
+        }
+        self.flush()
+    }
+
+    fn feed(&mut self, mut d: Received) {
+        let Some(to) = self.sockets.get(d.socket).map(|s| s.addr) else {
+            return;
+        };
+        let len = d.len.min(d.buf.len());
+        match self.migrator.recv(&mut d.buf[..len], d.from, to, Instant::now()) {
+            Ok(_) => self.stats.rx_datagrams += 1,
+            Err(_) => self.stats.rx_rejected += 1,
+        }
+        // The reader may be gone (shutting down); then the buffer is simply freed.
+        let _ = self.sockets[d.socket].recycle.send(d.buf);
+    }
+
+    fn flush(&mut self) -> Result<(), DirectError> {
+        loop {
+            let now = Instant::now();
+            // Elapsed ms since the connection started: the strategy's clock.
+            let now_ms = u64::try_from(now.duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
+            let (len, info) = match self.migrator.send(&mut self.out, now) {
+                Ok(Some(v)) => v,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(DirectError::Connection(e)),
+            };
+            if self.connection().is_established()
+                && self.strategy.on_packet(now_ms) == Decision::Hop
+            {
+                self.stats.strategy_hops += 1;
+                let started = match self.next_address() {
+                    Some(to) => self.migrator.request_hop(to, now).is_ok(),
+                    None => false,
+                };
+                if !started {
+                    self.stats.strategy_hops_not_started += 1;
+                }
+            }
+            match self.sockets.iter().find(|s| s.addr == info.from) {
+                Some(s) => match s.socket.send_to(&self.out[..len], info.to) {
+                    Ok(_) => self.stats.tx_datagrams += 1,
+                    Err(_) => self.stats.tx_errors += 1,
+                },
+                None => self.stats.tx_unroutable += 1,
+            }
+        }
+    }
+
+    /// A bound address other than the current one, chosen at random.
+    fn next_address(&mut self) -> Option<SocketAddr> {
+        let current = self.migrator.local_addr();
+        let others: Vec<SocketAddr> = self
+            .sockets
+            .iter()
+            .map(|s| s.addr)
+            .filter(|&a| a != current && a.is_ipv4() == current.is_ipv4())
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        Some(others[self.rng.index(others.len())])
+    }
+}
+
+/// The reader threads; stopped and joined when dropped (also when `connect` fails halfway).
+struct Readers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for reader in self.handles.drain(..) {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// Binds a socket to `addr` and starts its reader thread (socket number `index`).
+fn bind_socket(
+    index: usize,
+    addr: SocketAddr,
+    tx: &SyncSender<Received>,
+    readers: &mut Readers,
+) -> Result<LocalSocket, DirectError> {
+    let socket = UdpSocket::bind(addr).map_err(|error| DirectError::Bind { addr, error })?;
+    let addr = socket
+        .local_addr()
+        .map_err(|error| DirectError::Socket { addr, error })?;
+    socket
+        .set_read_timeout(Some(READER_TICK))
+        .map_err(|error| DirectError::Socket { addr, error })?;
+    let socket = Arc::new(socket);
+    let (recycle, pool) = mpsc::channel();
+    let reader = {
+        let socket = Arc::clone(&socket);
+        let stop = Arc::clone(&readers.stop);
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("mimiq-rx-{index}"))
+            .spawn(move || read_loop(index, &socket, &pool, &tx, &stop))
+            .map_err(|error| DirectError::Socket { addr, error })?
+    };
+    readers.handles.push(reader);
+    Ok(LocalSocket {
+        addr,
+        socket,
+        recycle,
+    })
+}
+
+/// A reader thread: blocks on one socket and passes datagrams on, until told to stop or the
+/// connection's thread is gone.
+fn read_loop(
+    socket_index: usize,
+    socket: &UdpSocket,
+    pool: &Receiver<Vec<u8>>,
+    tx: &SyncSender<Received>,
+    stop: &AtomicBool,
+) {
+    let mut buf = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if buf.is_empty() {
+            buf = pool.try_recv().unwrap_or_else(|_| vec![0; MAX_DATAGRAM_BYTES]);
+        }
+        match socket.recv_from(&mut buf) {
+            Ok((len, from)) => {
+                let d = Received {
+                    socket: socket_index,
+                    buf: std::mem::take(&mut buf),
+                    len,
+                    from,
+                };
+                if tx.send(d).is_err() {
+                    return;
+                }
+            }
+            // Timeouts (WouldBlock/TimedOut) and transient errors (ICMP-induced
+            // ConnectionRefused on Linux): check `stop` and read again.
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use super::h3::{client_config, run_gets, H3Server, H3ServerConfig, H3ServerStats, TestCert};
+    use super::*;
+
+    /// An `H3Server` on 127.0.0.1 on its own thread; stopped and joined by `finish`.
+    struct Server {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<H3ServerStats>,
+    }
+
+    impl Server {
+        fn start(config: H3ServerConfig) -> Self {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (tx, rx) = mpsc::channel();
+            let thread = {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let cert = TestCert::new().unwrap();
+                    let mut server =
+                        H3Server::bind("127.0.0.1:0".parse().unwrap(), &cert, config).unwrap();
+                    tx.send(server.local_addr()).unwrap();
+                    server.run(&stop).unwrap();
+                    server.stats()
+                })
+            };
+            let addr = rx.recv().unwrap();
+            Self { addr, stop, thread }
+        }
+
+        fn finish(self) -> H3ServerStats {
+            self.stop.store(true, Ordering::Relaxed);
+            self.thread.join().unwrap()
+        }
+    }
+
+    /// Three loopback addresses (all of 127/8 is local on Linux, no root needed).
+    fn locals() -> Vec<SocketAddr> {
+        ["127.0.0.2:0", "127.0.0.3:0", "127.0.0.4:0"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect()
+    }
+
+    fn direct(server: SocketAddr, strategy: HopStrategyConfig) -> DirectConnection {
+        let mut quic = client_config(3).unwrap();
+        let config = DirectConfig {
+            strategy,
+            seed: 7,
+            connection: 0,
+            migration: MigrationConfig::default(),
+        };
+        DirectConnection::connect(&locals(), server, Some("quic.tech"), &mut quic, &config)
+            .unwrap()
+    }
+
+    /// Body sizes from tiny to a few dozen packets, so hops land between requests and
+    /// inside responses.
+    fn sizes(n: usize) -> Vec<u64> {
+        (0..n as u64).map(|i| 1 + (i * 7_919) % 40_000).collect()
+    }
+
+    #[test]
+    fn gets_over_loopback_hop_hundreds_of_times_and_stay_byte_exact() {
+        let server = Server::start(H3ServerConfig::default());
+        let mut client = direct(
+            server.addr,
+            HopStrategyConfig::RandomPackets {
+                min_packets: 3,
+                max_packets: 10,
+            },
+        );
+        let sizes = sizes(300);
+        let report = run_gets(&mut client, "quic.tech", &sizes, Duration::from_secs(60)).unwrap();
+        client.close().unwrap();
+        let hops = client.migration_stats();
+        let shell = client.stats();
+        let summary = client.migrator().latency_summary();
+        drop(client);
+        let server_stats = server.finish();
+        eprintln!("{report:?}\n{hops:?}\n{shell:?}\nhop latency: {summary}\n{server_stats:?}");
+        assert_eq!(report.responses, 300);
+        assert_eq!(report.body_bytes, sizes.iter().sum::<u64>());
+        assert!(hops.hops_completed >= 100, "{hops:?}");
+        assert_eq!(hops.hops_failed, 0, "{hops:?}");
+        assert_eq!(shell.tx_unroutable, 0);
+        assert_eq!(server_stats.client_addresses, 3, "the server saw every address");
+        assert!(server_stats.peer_migrations >= hops.hops_completed / 2, "{server_stats:?}");
+        assert_eq!(server_stats.responses_completed, 300);
+    }
+
+    #[test]
+    fn a_server_without_migration_gets_no_hop_and_the_gets_complete() {
+        let server = Server::start(H3ServerConfig {
+            disable_active_migration: true,
+            ..H3ServerConfig::default()
+        });
+        let mut client = direct(server.addr, HopStrategyConfig::EveryPackets { packets: 4 });
+        let report = run_gets(&mut client, "quic.tech", &sizes(40), Duration::from_secs(30)).unwrap();
+        let hops = client.migration_stats();
+        let shell = client.stats();
+        drop(client);
+        let server_stats = server.finish();
+        assert_eq!(report.responses, 40);
+        assert_eq!(hops.hops_completed, 0);
+        assert!(hops.hops_refused > 10, "{hops:?}");
+        assert_eq!(shell.strategy_hops_not_started, shell.strategy_hops);
+        assert_eq!(server_stats.client_addresses, 1);
+        assert_eq!(server_stats.peer_migrations, 0);
+    }
+
+    #[test]
+    fn bad_addresses_are_errors() {
+        let server = Server::start(H3ServerConfig::default());
+        let mut quic = client_config(3).unwrap();
+        let config = DirectConfig {
+            strategy: HopStrategyConfig::Never {},
+            seed: 1,
+            connection: 0,
+            migration: MigrationConfig::default(),
+        };
+        let none = DirectConnection::connect(&[], server.addr, None, &mut quic, &config);
+        assert!(matches!(none, Err(DirectError::NoAddresses)));
+        let twice: Vec<SocketAddr> = vec!["127.0.0.2:41999".parse().unwrap(); 2];
+        let dup = DirectConnection::connect(&twice, server.addr, None, &mut quic, &config);
+        assert!(matches!(dup, Err(DirectError::DuplicateAddress(_))));
+        // 198.18.255.254 is not on this host: binding fails with an error.
+        let foreign = ["198.18.255.254:0".parse().unwrap()];
+        let bind = DirectConnection::connect(&foreign, server.addr, None, &mut quic, &config);
+        assert!(matches!(bind, Err(DirectError::Bind { .. })));
+        let mut client = direct(server.addr, HopStrategyConfig::Never {});
+        let stranger: SocketAddr = "127.0.0.9:5555".parse().unwrap();
+        assert!(matches!(client.hop_to(stranger), Err(DirectError::UnknownAddress(a)) if a == stranger));
+        let report = run_gets(&mut client, "quic.tech", &[10, 20], Duration::from_secs(10)).unwrap();
+        assert_eq!(report.responses, 2);
+        let other = client.local_addrs()[1];
+        client.hop_to(other).unwrap();
+        run_gets(&mut client, "quic.tech", &[], Duration::from_secs(10)).unwrap();
+        drop(client);
+        server.finish();
+    }
+}
