@@ -1,0 +1,134 @@
+//! The seed's experiment (seed 000 §4.2) in direct mode: many HTTP/3 GETs over one QUIC
+//! connection that hops between local addresses, against an unmodified quiche HTTP/3 server
+//! (`examples/h3_server.rs`). Every body is checked byte for byte.
+//!
+//! ```text
+//! cargo run -p mimiq-agent --example direct_h3 -- --server 198.18.0.1:4433 \
+//!     --local 198.18.0.10:0 --local 198.18.0.11:0 [--local ...] \
+//!     [--requests 1000] [--size 2700] [--strategy every:25] [--seed 1]
+//! ```
+//!
+//! Strategies: `never`, `every:N` (packets), `random:A:B` (packets), `time:A:B` (ms),
+//! `once:N` (packets). The local addresses must be on the host (`ip addr add ... nodad`).
+//! Prints one line of results: responses, bytes, time, hops, failures, refusals and the hop
+//! latency distribution.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mimiq_agent::direct::h3::{client_config, run_gets};
+use mimiq_agent::direct::{DirectConfig, DirectConnection};
+use mimiq_agent::migrate::MigrationConfig;
+use mimiq_agent::strategy::HopStrategyConfig;
+
+struct Args {
+    server: SocketAddr,
+    locals: Vec<SocketAddr>,
+    requests: usize,
+    size: u64,
+    strategy: HopStrategyConfig,
+    seed: u64,
+}
+
+fn main() {
+    let args = match parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!(
+                "direct_h3: {msg}\nusage: direct_h3 --server ADDR:PORT --local ADDR:PORT... \
+                 [--requests N] [--size BYTES] [--strategy never|every:N|random:A:B|time:A:B|once:N] [--seed N]"
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Err(msg) = run(&args) {
+        eprintln!("direct_h3: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let mut quic = client_config(args.locals.len()).map_err(|e| format!("quiche config: {e}"))?;
+    let config = DirectConfig {
+        strategy: args.strategy.clone(),
+        seed: args.seed,
+        connection: 0,
+        migration: MigrationConfig::default(),
+    };
+    let mut direct =
+        DirectConnection::connect(&args.locals, args.server, Some("quic.tech"), &mut quic, &config)
+            .map_err(|e| e.to_string())?;
+    let sizes = vec![args.size; args.requests];
+    let report = run_gets(&mut direct, "quic.tech", &sizes, Duration::from_secs(600))
+        .map_err(|e| format!("{e} ({:?})", direct.migration_stats()))?;
+    let _ = direct.close();
+    let hops = direct.migration_stats();
+    let secs = report.elapsed.as_secs_f64();
+    println!(
+        "responses={} body_bytes={} elapsed_ms={:.1} goodput_mbps={:.2} hops={} failed={} refused={} busy={} \
+         hop_latency: {}",
+        report.responses,
+        report.body_bytes,
+        secs * 1e3,
+        if secs > 0.0 { report.body_bytes as f64 * 8.0 / secs / 1e6 } else { 0.0 },
+        hops.hops_completed,
+        hops.hops_failed,
+        hops.hops_refused,
+        hops.hops_busy,
+        direct.migrator().latency_summary(),
+    );
+    Ok(())
+}
+
+fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut server = None;
+    let mut args = Args {
+        server: SocketAddr::from(([127, 0, 0, 1], 4433)),
+        locals: Vec::new(),
+        requests: 1_000,
+        size: 2_700,
+        strategy: HopStrategyConfig::EveryPackets { packets: 25 },
+        seed: 1,
+    };
+    let value = |it: &mut dyn Iterator<Item = String>, flag: &str| {
+        it.next().ok_or(format!("{flag} needs a value"))
+    };
+    while let Some(flag) = it.next() {
+        let v = value(&mut it, &flag)?;
+        let bad = || format!("{flag} {v}: invalid");
+        match flag.as_str() {
+            "--server" => server = Some(v.parse().map_err(|_| bad())?),
+            "--local" => args.locals.push(v.parse().map_err(|_| bad())?),
+            "--requests" => args.requests = v.parse().map_err(|_| bad())?,
+            "--size" => args.size = v.parse().map_err(|_| bad())?,
+            "--seed" => args.seed = v.parse().map_err(|_| bad())?,
+            "--strategy" => args.strategy = parse_strategy(&v).ok_or_else(bad)?,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    args.server = server.ok_or("--server is required")?;
+    if args.locals.is_empty() {
+        return Err("at least one --local is required".into());
+    }
+    args.strategy.validate().map_err(|e| e.to_string())?;
+    Ok(args)
+}
+
+fn parse_strategy(s: &str) -> Option<HopStrategyConfig> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let n = |i: usize| parts.get(i).and_then(|p| p.parse::<u64>().ok());
+    Some(match parts[0] {
+        "never" => HopStrategyConfig::Never {},
+        "every" => HopStrategyConfig::EveryPackets { packets: n(1)? },
+        "random" => HopStrategyConfig::RandomPackets {
+            min_packets: n(1)?,
+            max_packets: n(2)?,
+        },
+        "time" => HopStrategyConfig::RandomTime {
+            min_ms: n(1)?,
+            max_ms: n(2)?,
+        },
+        "once" => HopStrategyConfig::OnceAfter { packets: n(1)? },
+        _ => return None,
+    })
+}
