@@ -13,7 +13,11 @@
 //! quiche migration driver, tunnel and direct modes; the `mimiq-agent` binary is a placeholder.
 #![forbid(unsafe_code)]
 
+/// The agent's addresses on the host interface (netlink; IPv6 /128 nodad, IPv4 /32).
+pub mod addr;
 pub mod addrset;
+/// The allocator client: keeps the address set supplied, releases, backs off on failure.
+pub mod alloc_client;
 pub mod config;
 /// Direct mode: a hopping quiche client connection over one UDP socket per local address.
 pub mod direct;
