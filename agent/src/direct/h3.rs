@@ -643,6 +643,11 @@ pub struct GetReport {
     pub elapsed: Duration,
     /// Until the handshake completed.
     pub handshake: Duration,
+    /// Hops that completed after a request was sent and before its first body byte arrived
+    /// (between one response and the next).
+    pub hops_between_bodies: u64,
+    /// Hops that completed while a response body was partly received.
+    pub hops_during_bodies: u64,
 }
 
 /// Why a run of GETs stopped.
@@ -785,7 +790,14 @@ pub fn run_gets(
             }
             if !finished {
                 check_alive(direct, start, deadline, report.responses)?;
+                let before = direct.migration_stats().hops_completed;
                 direct.poll(tick)?;
+                let hops = direct.migration_stats().hops_completed - before;
+                if got == 0 {
+                    report.hops_between_bodies += hops;
+                } else {
+                    report.hops_during_bodies += hops;
+                }
             }
         }
         if got != size {

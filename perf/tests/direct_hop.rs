@@ -1,0 +1,225 @@
+//! Direct mode between real network namespaces (seed 000 §4): a client host with several
+//! addresses on its veth runs many HTTP/3 GETs over one QUIC connection that hops between its
+//! addresses, against an HTTP/3 server on quiche's h3 API in another host. The kernel's own
+//! stack carries every datagram; client and server run in-process on threads that joined
+//! their hosts' namespaces.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mimiq_agent::direct::h3::{
+    client_config, run_gets, GetReport, H3Server, H3ServerConfig, H3ServerStats, TestCert,
+};
+use mimiq_agent::direct::{DirectConfig, DirectConnection, DirectStats};
+use mimiq_agent::migrate::{LatencySummary, MigrationConfig, MigrationStats};
+use mimiq_agent::strategy::HopStrategyConfig;
+use mimiq_perf::testbed::{require_root, Testbed};
+
+const PORT: u16 = 4433;
+
+/// `cli:eth0 — eth0:srv`, one subnet; the client holds `client_ips` on its veth, the server
+/// `server_ip`. `prefix` is the subnet length.
+fn topology(server_ip: &str, client_ips: &[String], prefix: u8) -> Testbed {
+    let mut tb = Testbed::new().expect("testbed");
+    tb.add_host("cli").unwrap();
+    tb.add_host("srv").unwrap();
+    tb.add_link(("cli", "eth0"), ("srv", "eth0"), Default::default()).unwrap();
+    tb.add_addr("srv", "eth0", &format!("{server_ip}/{prefix}")).unwrap();
+    for ip in client_ips {
+        // `add_addr` adds `nodad` for IPv6, so every address is usable at once.
+        tb.add_addr("cli", "eth0", &format!("{ip}/{prefix}")).unwrap();
+    }
+    tb
+}
+
+/// The server on a thread inside `srv`; `finish` stops it and returns its counters.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<std::io::Result<H3ServerStats>>,
+}
+
+impl Server {
+    fn start(tb: &Testbed, addr: SocketAddr, config: H3ServerConfig) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = Arc::clone(&stop);
+            tb.spawn_in("srv", move || {
+                let cert = TestCert::new().expect("test certificate");
+                let mut server = H3Server::bind(addr, &cert, config).expect("server bind");
+                ready_tx.send(()).expect("test thread waits");
+                server.run(&stop).expect("server loop");
+                server.stats()
+            })
+            .unwrap()
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the server started");
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> H3ServerStats {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("server thread").expect("setns")
+    }
+}
+
+struct ClientRun {
+    report: GetReport,
+    hops: MigrationStats,
+    shell: DirectStats,
+    latency: LatencySummary,
+}
+
+/// Runs `sizes` GETs from `cli` over one connection bound to all of `locals`.
+fn client_run(
+    tb: &Testbed,
+    locals: Vec<SocketAddr>,
+    server: SocketAddr,
+    strategy: HopStrategyConfig,
+    sizes: Vec<u64>,
+) -> ClientRun {
+    tb.run_in("cli", move || {
+        let mut quic = client_config(locals.len()).expect("client config");
+        let config = DirectConfig {
+            strategy,
+            seed: 0x5eed,
+            connection: 0,
+            migration: MigrationConfig::default(),
+        };
+        let mut direct =
+            DirectConnection::connect(&locals, server, Some("quic.tech"), &mut quic, &config)
+                .expect("sockets on every client address");
+        let report = run_gets(&mut direct, "quic.tech", &sizes, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{e}; hops {:?}", direct.migration_stats()));
+        let _ = direct.close();
+        ClientRun {
+            report,
+            hops: direct.migration_stats(),
+            shell: direct.stats(),
+            latency: direct.migrator().latency_summary(),
+        }
+    })
+    .unwrap()
+}
+
+/// Body sizes from 1 byte to ~20 KB (up to ~15 packets), so that hops land both between
+/// responses and inside them.
+fn sizes(n: usize) -> Vec<u64> {
+    (0..n as u64).map(|i| 1 + (i * 7_919) % 20_000).collect()
+}
+
+fn v4_clients(n: u8) -> Vec<String> {
+    (0..n).map(|i| format!("198.18.0.{}", 10 + i)).collect()
+}
+
+fn sockets(ips: &[String]) -> Vec<SocketAddr> {
+    ips.iter()
+        .map(|ip| SocketAddr::new(ip.parse::<IpAddr>().unwrap(), 0))
+        .collect()
+}
+
+#[test]
+fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_hops() {
+    if !require_root() {
+        return;
+    }
+    let clients = v4_clients(5);
+    let tb = topology("198.18.0.1", &clients, 24);
+    let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
+    let server = Server::start(&tb, server_addr, H3ServerConfig::default());
+    let sizes = sizes(1_000);
+    let expected_bytes: u64 = sizes.iter().sum();
+    let run = client_run(
+        &tb,
+        sockets(&clients),
+        server_addr,
+        HopStrategyConfig::RandomPackets {
+            min_packets: 3,
+            max_packets: 12,
+        },
+        sizes,
+    );
+    let srv = server.finish();
+    eprintln!(
+        "{:?}\n{:?}\n{:?}\nhop latency (request -> switch): {}\nserver: {:?}",
+        run.report, run.hops, run.shell, run.latency, srv
+    );
+    assert_eq!(run.report.responses, 1_000, "every GET answered, byte-exact");
+    assert_eq!(run.report.body_bytes, expected_bytes);
+    assert!(run.hops.hops_completed >= 200, "hundreds of hops: {:?}", run.hops);
+    assert!(run.report.hops_during_bodies > 0, "hops inside responses: {:?}", run.report);
+    assert!(run.report.hops_between_bodies > 0, "hops between responses: {:?}", run.report);
+    assert_eq!(run.hops.hops_failed, 0, "{:?}", run.hops);
+    assert_eq!(run.hops.dcids_retired, run.hops.hops_completed, "one retired CID per hop");
+    assert_eq!(run.shell.tx_unroutable + run.shell.tx_errors, 0, "{:?}", run.shell);
+    assert_eq!(run.latency.count as u64, run.hops.hops_completed);
+    // The server saw the client at every address and followed each move.
+    assert_eq!(srv.client_addresses, 5, "{srv:?}");
+    assert_eq!(srv.responses_completed, 1_000);
+    assert!(
+        srv.peer_migrations * 10 >= run.hops.hops_completed * 9,
+        "the server followed the hops: {srv:?} vs {:?}",
+        run.hops
+    );
+}
+
+#[test]
+fn gets_over_ipv6_hop_between_nodad_addresses() {
+    if !require_root() {
+        return;
+    }
+    let clients: Vec<String> = (0..4).map(|i| format!("fd00::{:x}", 0x10 + i)).collect();
+    let tb = topology("fd00::1", &clients, 64);
+    let server_addr = SocketAddr::new("fd00::1".parse().unwrap(), PORT);
+    let server = Server::start(&tb, server_addr, H3ServerConfig::default());
+    let run = client_run(
+        &tb,
+        sockets(&clients),
+        server_addr,
+        HopStrategyConfig::EveryPackets { packets: 5 },
+        sizes(300),
+    );
+    let srv = server.finish();
+    eprintln!("{:?}\n{:?}\nhop latency: {}\nserver: {srv:?}", run.report, run.hops, run.latency);
+    assert_eq!(run.report.responses, 300);
+    assert!(run.hops.hops_completed >= 100, "{:?}", run.hops);
+    assert_eq!(run.hops.hops_failed, 0, "{:?}", run.hops);
+    assert_eq!(srv.client_addresses, 4);
+}
+
+#[test]
+fn a_server_that_disables_active_migration_gets_no_hop_and_the_transfer_completes() {
+    if !require_root() {
+        return;
+    }
+    let clients = v4_clients(3);
+    let tb = topology("198.18.0.1", &clients, 24);
+    let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
+    let config = H3ServerConfig {
+        disable_active_migration: true,
+        ..H3ServerConfig::default()
+    };
+    let server = Server::start(&tb, server_addr, config);
+    let sizes = sizes(200);
+    let expected_bytes: u64 = sizes.iter().sum();
+    let run = client_run(
+        &tb,
+        sockets(&clients),
+        server_addr,
+        HopStrategyConfig::EveryPackets { packets: 4 },
+        sizes,
+    );
+    let srv = server.finish();
+    assert_eq!(run.report.responses, 200);
+    assert_eq!(run.report.body_bytes, expected_bytes);
+    assert_eq!(run.hops.hops_completed, 0, "{:?}", run.hops);
+    assert!(run.hops.hops_refused >= 50, "every strategy hop refused and counted: {:?}", run.hops);
+    assert_eq!(run.shell.strategy_hops_not_started, run.shell.strategy_hops);
+    assert_eq!(srv.client_addresses, 1, "the server only ever saw the first address");
+    assert_eq!(srv.peer_migrations, 0);
+}
