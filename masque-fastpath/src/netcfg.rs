@@ -749,6 +749,13 @@ mod tests {
     }
 
     #[test]
+    fn the_handle_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<NetConfig>();
+        shareable::<NetConfigError>();
+    }
+
+    #[test]
     fn mask_clears_host_bits_at_every_length() {
         assert_eq!(mask(ip("255.255.255.255"), 0), ip("0.0.0.0"));
         assert_eq!(mask(ip("255.255.255.255"), 9), ip("255.128.0.0"));

@@ -450,3 +450,34 @@ fn operations_on_a_vanished_interface_say_it_is_missing() {
         }
     });
 }
+
+#[test]
+fn one_handle_serves_several_threads_at_once() {
+    in_netns(|net, link| {
+        net.set_link_up(link).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u16 {
+                s.spawn(move || {
+                    for i in 0..25u16 {
+                        let a =
+                            IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, t, i));
+                        net.add_address(link, a, 128, None).unwrap();
+                    }
+                });
+            }
+        });
+        let shown = ip_addrs();
+        assert_eq!(shown.len(), 100, "{shown:?}");
+        assert!(shown
+            .iter()
+            .all(|a| a["nodad"] == true && a.get("tentative").is_none()));
+        assert_eq!(
+            net.addresses(link)
+                .unwrap()
+                .iter()
+                .filter(|a| a.addr.is_ipv6() && a.prefix_len == 128)
+                .count(),
+            100
+        );
+    });
+}
