@@ -356,11 +356,21 @@ impl AllocDriver {
             return Ok(0);
         }
         let gateway = self.gateway;
-        let io_err = |source| AllocError::Io { gateway, source };
+        let io_err = move |source| AllocError::Io { gateway, source };
         let sock = self.sock.try_clone().map_err(io_err)?;
-        // The clone shares the file's flags: blocking for the library, non-blocking after.
+        // The clone shares the file's flags: blocking while the library waits, and non-blocking
+        // again afterwards, whatever happened, for the event loop.
         sock.set_nonblocking(false).map_err(io_err)?;
-        let mut client = AllocClient::with_socket(sock, gateway)?;
+        let result = self.release_blocking(sock, &addrs);
+        let restored = self.sock.set_nonblocking(true).map_err(io_err);
+        let released = result?;
+        restored?;
+        Ok(released)
+    }
+
+    /// The exit-time release through the library's blocking client.
+    fn release_blocking(&mut self, sock: UdpSocket, addrs: &[IpAddr]) -> Result<usize, AllocError> {
+        let mut client = AllocClient::with_socket(sock, self.gateway)?;
         client.set_retry(
             Duration::from_millis(self.config.release_timeout_ms),
             self.config.release_attempts,
@@ -371,6 +381,7 @@ impl AllocDriver {
             self.counters.releases_total += 1;
             match client.release(self.family, chunk) {
                 Ok(n) => released += usize::from(n),
+                // Go on with the other chunks; report the (last) failure.
                 Err(e) => {
                     self.count_client_error(&e);
                     result = Err(AllocError::Client(e));
@@ -378,7 +389,6 @@ impl AllocDriver {
             }
         }
         self.counters.released_total += released as u64;
-        self.sock.set_nonblocking(true).map_err(io_err)?;
         result.map(|()| released)
     }
 
@@ -966,5 +976,9 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(driver.counters().unreachable_total, 1);
+        // Non-blocking again after the failure too.
+        let mut buf = [0u8; 8];
+        let e = driver.socket().recv_from(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 }
