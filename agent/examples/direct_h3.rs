@@ -55,9 +55,14 @@ fn run(args: &Args) -> Result<(), String> {
         connection: 0,
         migration: MigrationConfig::default(),
     };
-    let mut direct =
-        DirectConnection::connect(&args.locals, args.server, Some("quic.tech"), &mut quic, &config)
-            .map_err(|e| e.to_string())?;
+    let mut direct = DirectConnection::connect(
+        &args.locals,
+        args.server,
+        Some("quic.tech"),
+        &mut quic,
+        &config,
+    )
+    .map_err(|e| e.to_string())?;
     let sizes = vec![args.size; args.requests];
     let report = run_gets(&mut direct, "quic.tech", &sizes, Duration::from_secs(600))
         .map_err(|e| format!("{e} ({:?})", direct.migration_stats()))?;
@@ -65,7 +70,7 @@ fn run(args: &Args) -> Result<(), String> {
     let hops = direct.migration_stats();
     let secs = report.elapsed.as_secs_f64();
     println!(
-        "responses={} body_bytes={} elapsed_ms={:.1} goodput_mbps={:.2} hops={} failed={} refused={} busy={} \
+        "responses={} body_bytes={} elapsed_ms={:.1} goodput_mbps={:.2} hops={} failed={} (validation {} timeout {} quiche {}) refused={} busy={} \
          hop_latency: {}",
         report.responses,
         report.body_bytes,
@@ -73,6 +78,9 @@ fn run(args: &Args) -> Result<(), String> {
         if secs > 0.0 { report.body_bytes as f64 * 8.0 / secs / 1e6 } else { 0.0 },
         hops.hops_completed,
         hops.hops_failed,
+        hops.failed_validation,
+        hops.failed_timeout,
+        hops.failed_refused,
         hops.hops_refused,
         hops.hops_busy,
         direct.migrator().latency_summary(),

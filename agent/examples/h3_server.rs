@@ -38,7 +38,10 @@ fn run(args: &Args) -> Result<(), String> {
         ..H3ServerConfig::default()
     };
     let mut server = H3Server::bind(args.listen, &cert, config).map_err(|e| e.to_string())?;
-    eprintln!("h3_server: listening on {} ({config:?})", server.local_addr());
+    eprintln!(
+        "h3_server: listening on {} ({config:?})",
+        server.local_addr()
+    );
     let mut last = Instant::now();
     loop {
         server
@@ -71,7 +74,9 @@ mod cli {
             match flag.as_str() {
                 "--listen" => {
                     let v = it.next().ok_or("--listen needs ADDR:PORT")?;
-                    args.listen = v.parse().map_err(|_| format!("--listen {v}: not ADDR:PORT"))?;
+                    args.listen = v
+                        .parse()
+                        .map_err(|_| format!("--listen {v}: not ADDR:PORT"))?;
                 }
                 "--disable-active-migration" => args.disable_active_migration = true,
                 "--cid-limit" => {

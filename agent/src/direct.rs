@@ -19,6 +19,10 @@
 //! state). Sends go straight out of the connection's thread on the shared socket. The reader
 //! threads stop and are joined when the `DirectConnection` is dropped.
 //!
+//! Addresses leave: [`DirectConnection::withdraw_address`] (an address that expired) stops
+//! using one and moves the connection off it; an address that vanished from the host is
+//! noticed on the first failed send from it and withdrawn the same way.
+//!
 //! Nothing here panics on input: malformed datagrams are counted ([`DirectStats`]), a hop to an
 //! address without a socket is a [`DirectError`], a refused migration is counted by the
 //! migrator and the connection carries on from its current address.
@@ -67,6 +71,9 @@ pub enum DirectError {
     /// No local addresses were given.
     #[error("direct mode needs at least one local address")]
     NoAddresses,
+    /// The connection must leave `0` but has no other usable address.
+    #[error("no usable address other than {0}")]
+    NoOtherAddress(SocketAddr),
     /// The same local address was given twice.
     #[error("local address {0} given twice")]
     DuplicateAddress(SocketAddr),
@@ -95,6 +102,9 @@ pub enum DirectError {
     /// A hop to a local address this connection has no socket for.
     #[error("no socket bound to {0}: add the address first")]
     UnknownAddress(SocketAddr),
+    /// A hop to an address that was withdrawn.
+    #[error("{0} was withdrawn")]
+    Withdrawn(SocketAddr),
     /// The migrator refused the hop.
     #[error(transparent)]
     Hop(#[from] HopError),
@@ -123,6 +133,10 @@ pub struct DirectStats {
     pub strategy_hops: u64,
     /// Strategy hops not started (one in progress, migration disabled, ...).
     pub strategy_hops_not_started: u64,
+    /// Local addresses withdrawn (by the caller, or because sending from them failed).
+    pub addresses_withdrawn: u64,
+    /// Hops forced because the current address was withdrawn.
+    pub forced_hops: u64,
 }
 
 /// A quiche client connection that hops between local addresses. See the module docs.
@@ -133,6 +147,7 @@ pub struct DirectConnection {
     strategy: HopStrategy,
     rng: SplitMix64,
     stats: DirectStats,
+    withdrawn: Vec<SocketAddr>,
     started: Instant,
     out: Vec<u8>,
     /// Last field: dropped (stopped and joined) after everything else.
@@ -201,6 +216,7 @@ impl DirectConnection {
                 config.connection,
             )),
             stats: DirectStats::default(),
+            withdrawn: Vec::new(),
             started: Instant::now(),
             out: vec![0; MAX_DATAGRAM_BYTES],
             _readers: readers,
@@ -238,11 +254,48 @@ impl DirectConnection {
         self.migrator.stats()
     }
 
+    /// Stops using local address `addr` (it expired, or is about to be removed from the
+    /// host): it is never chosen again, a hop to it in progress is abandoned, and if the
+    /// connection is on it, it hops to another address now. Its socket stays open so that
+    /// datagrams still in flight to it are received. `false` if it was already withdrawn.
+    pub fn withdraw_address(&mut self, addr: SocketAddr) -> Result<bool, DirectError> {
+        if !self.sockets.iter().any(|s| s.addr == addr) {
+            return Err(DirectError::UnknownAddress(addr));
+        }
+        if self.withdrawn.contains(&addr) {
+            return Ok(false);
+        }
+        self.withdrawn.push(addr);
+        self.stats.addresses_withdrawn += 1;
+        if self.migrator.hop_in_progress() == Some(addr) {
+            self.migrator.abandon_hop();
+        }
+        if self.migrator.local_addr() == addr {
+            self.stats.forced_hops += 1;
+            // A hop already under way moves the connection off it anyway.
+            if self.migrator.hop_in_progress().is_none() {
+                let to = self
+                    .next_address()
+                    .ok_or(DirectError::NoOtherAddress(addr))?;
+                self.migrator.request_hop(to, Instant::now())?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The local addresses withdrawn so far.
+    pub fn withdrawn_addresses(&self) -> &[SocketAddr] {
+        &self.withdrawn
+    }
+
     /// Moves the connection to `to` now, whatever the strategy says (it must be one of the
     /// bound addresses).
     pub fn hop_to(&mut self, to: SocketAddr) -> Result<(), DirectError> {
         if !self.sockets.iter().any(|s| s.addr == to) {
             return Err(DirectError::UnknownAddress(to));
+        }
+        if self.withdrawn.contains(&to) {
+            return Err(DirectError::Withdrawn(to));
         }
         self.migrator.request_hop(to, Instant::now())?;
         Ok(())
@@ -285,7 +338,10 @@ impl DirectConnection {
             return;
         };
         let len = d.len.min(d.buf.len());
-        match self.migrator.recv(&mut d.buf[..len], d.from, to, Instant::now()) {
+        match self
+            .migrator
+            .recv(&mut d.buf[..len], d.from, to, Instant::now())
+        {
             Ok(_) => self.stats.rx_datagrams += 1,
             Err(_) => self.stats.rx_rejected += 1,
         }
@@ -297,7 +353,8 @@ impl DirectConnection {
         loop {
             let now = Instant::now();
             // Elapsed ms since the connection started: the strategy's clock.
-            let now_ms = u64::try_from(now.duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
+            let now_ms =
+                u64::try_from(now.duration_since(self.started).as_millis()).unwrap_or(u64::MAX);
             let (len, info) = match self.migrator.send(&mut self.out, now) {
                 Ok(Some(v)) => v,
                 Ok(None) => return Ok(()),
@@ -318,14 +375,25 @@ impl DirectConnection {
             match self.sockets.iter().find(|s| s.addr == info.from) {
                 Some(s) => match s.socket.send_to(&self.out[..len], info.to) {
                     Ok(_) => self.stats.tx_datagrams += 1,
-                    Err(_) => self.stats.tx_errors += 1,
+                    Err(_) => {
+                        self.stats.tx_errors += 1;
+                        // Linux says ENETUNREACH when the source address has left the host,
+                        // which a downed link says too: ask the kernel whether the address
+                        // is still there. If not, stop using it. Other errors (a full
+                        // buffer, a link flap) lose one datagram, which QUIC recovers.
+                        if !self.withdrawn.contains(&info.from) && address_gone(info.from) {
+                            // `info.from` is a bound address, so this cannot fail.
+                            let _ = self.withdraw_address(info.from);
+                        }
+                    }
                 },
                 None => self.stats.tx_unroutable += 1,
             }
         }
     }
 
-    /// A bound address other than the current one, chosen at random.
+    /// A bound address other than the current one, chosen at random among those within the
+    /// connection's path budget (the first ones it visits; see `Migrator::path_budget`).
     fn next_address(&mut self) -> Option<SocketAddr> {
         let current = self.migrator.local_addr();
         let others: Vec<SocketAddr> = self
@@ -333,11 +401,23 @@ impl DirectConnection {
             .iter()
             .map(|s| s.addr)
             .filter(|&a| a != current && a.is_ipv4() == current.is_ipv4())
+            .filter(|&a| self.migrator.can_use(a) && !self.withdrawn.contains(&a))
             .collect();
         if others.is_empty() {
             return None;
         }
         Some(others[self.rng.index(others.len())])
+    }
+}
+
+/// Whether `addr`'s IP is no longer an address of this host (a fresh socket cannot bind it).
+fn address_gone(addr: SocketAddr) -> bool {
+    match UdpSocket::bind(SocketAddr::new(addr.ip(), 0)) {
+        Ok(_) => false,
+        Err(e) => {
+            e.kind() == std::io::ErrorKind::AddrNotAvailable
+                || e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+        }
     }
 }
 
@@ -401,23 +481,22 @@ fn read_loop(
     let mut buf = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         if buf.is_empty() {
-            buf = pool.try_recv().unwrap_or_else(|_| vec![0; MAX_DATAGRAM_BYTES]);
+            buf = pool
+                .try_recv()
+                .unwrap_or_else(|_| vec![0; MAX_DATAGRAM_BYTES]);
         }
-        match socket.recv_from(&mut buf) {
-            Ok((len, from)) => {
-                let d = Received {
-                    socket: socket_index,
-                    buf: std::mem::take(&mut buf),
-                    len,
-                    from,
-                };
-                if tx.send(d).is_err() {
-                    return;
-                }
+        // Timeouts (WouldBlock/TimedOut) and transient errors (ICMP-induced ConnectionRefused
+        // on Linux) just come back here: check `stop` and read again.
+        if let Ok((len, from)) = socket.recv_from(&mut buf) {
+            let d = Received {
+                socket: socket_index,
+                buf: std::mem::take(&mut buf),
+                len,
+                from,
+            };
+            if tx.send(d).is_err() {
+                return;
             }
-            // Timeouts (WouldBlock/TimedOut) and transient errors (ICMP-induced
-            // ConnectionRefused on Linux): check `stop` and read again.
-            Err(_) => {}
         }
     }
 }
@@ -478,8 +557,7 @@ mod tests {
             connection: 0,
             migration: MigrationConfig::default(),
         };
-        DirectConnection::connect(&locals(), server, Some("quic.tech"), &mut quic, &config)
-            .unwrap()
+        DirectConnection::connect(&locals(), server, Some("quic.tech"), &mut quic, &config).unwrap()
     }
 
     /// Body sizes from tiny to a few dozen packets, so hops land between requests and
@@ -512,8 +590,14 @@ mod tests {
         assert!(hops.hops_completed >= 100, "{hops:?}");
         assert_eq!(hops.hops_failed, 0, "{hops:?}");
         assert_eq!(shell.tx_unroutable, 0);
-        assert_eq!(server_stats.client_addresses, 3, "the server saw every address");
-        assert!(server_stats.peer_migrations >= hops.hops_completed / 2, "{server_stats:?}");
+        assert_eq!(
+            server_stats.client_addresses, 3,
+            "the server saw every address"
+        );
+        assert!(
+            server_stats.peer_migrations >= hops.hops_completed / 2,
+            "{server_stats:?}"
+        );
         assert_eq!(server_stats.responses_completed, 300);
     }
 
@@ -524,7 +608,13 @@ mod tests {
             ..H3ServerConfig::default()
         });
         let mut client = direct(server.addr, HopStrategyConfig::EveryPackets { packets: 4 });
-        let report = run_gets(&mut client, "quic.tech", &sizes(40), Duration::from_secs(30)).unwrap();
+        let report = run_gets(
+            &mut client,
+            "quic.tech",
+            &sizes(40),
+            Duration::from_secs(30),
+        )
+        .unwrap();
         let hops = client.migration_stats();
         let shell = client.stats();
         drop(client);
@@ -535,6 +625,124 @@ mod tests {
         assert_eq!(shell.strategy_hops_not_started, shell.strategy_hops);
         assert_eq!(server_stats.client_addresses, 1);
         assert_eq!(server_stats.peer_migrations, 0);
+    }
+
+    #[test]
+    fn more_addresses_than_the_server_gives_cids_for_stay_within_its_limit() {
+        let server = Server::start(H3ServerConfig {
+            active_cid_limit: 4,
+            ..H3ServerConfig::default()
+        });
+        let locals: Vec<SocketAddr> = (2..=8)
+            .map(|i| SocketAddr::from(([127, 0, 0, i], 0)))
+            .collect();
+        let mut quic = client_config(locals.len()).unwrap();
+        let config = DirectConfig {
+            strategy: HopStrategyConfig::EveryPackets { packets: 3 },
+            seed: 3,
+            connection: 0,
+            migration: MigrationConfig::default(),
+        };
+        let mut client =
+            DirectConnection::connect(&locals, server.addr, None, &mut quic, &config).unwrap();
+        let report = run_gets(
+            &mut client,
+            "quic.tech",
+            &sizes(100),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(client.migrator().path_budget(), 4);
+        let hops = client.migration_stats();
+        // A hop beyond the budget is refused with an error and counted.
+        while client.migrator().hop_in_progress().is_some() {
+            client.poll(Duration::from_millis(10)).unwrap();
+        }
+        let unused = client
+            .local_addrs()
+            .into_iter()
+            .find(|a| !client.migrator().has_path(*a))
+            .unwrap();
+        let refused = client.hop_to(unused);
+        assert!(
+            matches!(
+                refused,
+                Err(DirectError::Hop(HopError::PathBudget { budget: 4, .. }))
+            ),
+            "{refused:?}"
+        );
+        drop(client);
+        let server_stats = server.finish();
+        assert_eq!(report.responses, 100);
+        assert!(hops.hops_completed >= 30, "{hops:?}");
+        assert_eq!(hops.hops_failed, 0, "{hops:?}");
+        assert_eq!(server_stats.client_addresses, 4, "{server_stats:?}");
+    }
+
+    #[test]
+    fn garbage_datagrams_on_a_client_socket_are_counted_and_ignored() {
+        let server = Server::start(H3ServerConfig::default());
+        let mut client = direct(server.addr, HopStrategyConfig::EveryPackets { packets: 5 });
+        let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for target in client.local_addrs() {
+            for garbage in [
+                &[0u8; 0][..],
+                &[0xc0; 1][..],
+                &[0x41; 60][..],
+                &[0xff; 1400][..],
+            ] {
+                attacker.send_to(garbage, target).unwrap();
+            }
+        }
+        let report = run_gets(
+            &mut client,
+            "quic.tech",
+            &sizes(50),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(report.responses, 50);
+        assert!(client.stats().rx_rejected >= 1, "{:?}", client.stats());
+        drop(client);
+        server.finish();
+    }
+
+    #[test]
+    fn withdrawing_the_current_address_forces_a_hop_and_it_is_never_used_again() {
+        let server = Server::start(H3ServerConfig::default());
+        let mut client = direct(server.addr, HopStrategyConfig::Never {});
+        run_gets(&mut client, "quic.tech", &[1_000], Duration::from_secs(10)).unwrap();
+        let first = client.migrator().local_addr();
+        assert!(client.withdraw_address(first).unwrap());
+        assert!(!client.withdraw_address(first).unwrap(), "once");
+        for _ in 0..200 {
+            if client.migrator().local_addr() != first {
+                break;
+            }
+            client.poll(Duration::from_millis(5)).unwrap();
+        }
+        assert_ne!(
+            client.migrator().local_addr(),
+            first,
+            "forced off the withdrawn address"
+        );
+        assert!(matches!(client.hop_to(first), Err(DirectError::Withdrawn(a)) if a == first));
+        let stats = client.stats();
+        assert_eq!((stats.addresses_withdrawn, stats.forced_hops), (1, 1));
+        // Withdrawing the rest leaves nowhere to go: an error, and the connection stays.
+        let second = client.migrator().local_addr();
+        let third = client
+            .local_addrs()
+            .into_iter()
+            .find(|a| *a != first && *a != second)
+            .unwrap();
+        client.withdraw_address(third).unwrap();
+        assert!(matches!(
+            client.withdraw_address(second),
+            Err(DirectError::NoOtherAddress(a)) if a == second
+        ));
+        drop(client);
+        server.finish();
     }
 
     #[test]
@@ -558,12 +766,21 @@ mod tests {
         assert!(matches!(bind, Err(DirectError::Bind { .. })));
         let mut client = direct(server.addr, HopStrategyConfig::Never {});
         let stranger: SocketAddr = "127.0.0.9:5555".parse().unwrap();
-        assert!(matches!(client.hop_to(stranger), Err(DirectError::UnknownAddress(a)) if a == stranger));
-        let report = run_gets(&mut client, "quic.tech", &[10, 20], Duration::from_secs(10)).unwrap();
+        assert!(
+            matches!(client.hop_to(stranger), Err(DirectError::UnknownAddress(a)) if a == stranger)
+        );
+        let report =
+            run_gets(&mut client, "quic.tech", &[10, 20], Duration::from_secs(10)).unwrap();
         assert_eq!(report.responses, 2);
         let other = client.local_addrs()[1];
         client.hop_to(other).unwrap();
-        run_gets(&mut client, "quic.tech", &[], Duration::from_secs(10)).unwrap();
+        for _ in 0..100 {
+            if client.migrator().local_addr() == other {
+                break;
+            }
+            client.poll(Duration::from_millis(10)).unwrap();
+        }
+        assert_eq!(client.migrator().local_addr(), other, "a manual hop");
         drop(client);
         server.finish();
     }

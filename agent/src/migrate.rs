@@ -31,10 +31,12 @@
 //!   (RETIRE_CONNECTION_ID), so a CID seen on the wire from one address never appears from
 //!   another; quiche gives the abandoned path a fresh, never-sent CID (now or when the server's
 //!   replacement arrives), which is what a later hop back to that address uses.
-//! - Paths are kept, one per local address, up to quiche's path limit (the local
-//!   `active_connection_id_limit`): a connection hops among at most that many addresses, and
-//!   the server must offer about as many spare IDs. [`recommended_active_cid_limit`] says how
-//!   much to configure for a number of addresses.
+//! - quiche keeps every path for the life of the connection, one per local address, and a
+//!   quiche server keeps one of the client's CIDs on each: a connection hops among at most the
+//!   server's `active_connection_id_limit` addresses ([`Migrator::path_budget`]; a hop to one
+//!   more is refused with [`HopError::PathBudget`]), and the client's own limit must be at least
+//!   that ([`recommended_active_cid_limit`]). With more addresses than that, give each
+//!   connection its own subset.
 //!
 //! Threading: one `Migrator` belongs to one thread (the connection's event loop). Nothing here
 //! panics on input: malformed datagrams are quiche errors returned to the caller, refused or
@@ -91,6 +93,15 @@ pub enum HopError {
     /// A hop is still validating; one hop at a time.
     #[error("a hop to {0} is still in progress")]
     HopInProgress(SocketAddr),
+    /// The connection already has a path on as many addresses as the server gives it
+    /// connection IDs for ([`Migrator::path_budget`]); hop to one of those instead.
+    #[error("no path budget left for {to}: the server's active_connection_id_limit is {budget}")]
+    PathBudget {
+        /// The requested local address.
+        to: SocketAddr,
+        /// Addresses the connection can use.
+        budget: usize,
+    },
     /// The new local address and the server's address are of different families.
     #[error("{to} cannot reach the server at {peer} (address family)")]
     FamilyMismatch {
@@ -131,6 +142,8 @@ pub enum HopFailure {
     TimedOut,
     /// quiche refused to probe or to migrate (its error).
     Refused(quiche::Error),
+    /// The caller could not send from the new address ([`Migrator::abandon_hop`]).
+    SendFailed,
 }
 
 /// Counters for one connection.
@@ -140,12 +153,22 @@ pub struct MigrationStats {
     pub hops_requested: u64,
     /// Hops that switched the connection to the new address.
     pub hops_completed: u64,
-    /// Hops started and abandoned (validation failed, timed out, quiche refused).
+    /// Hops started and abandoned: the sum of the four `failed_*` counters.
     pub hops_failed: u64,
+    /// ... because quiche reported the path validation failed.
+    pub failed_validation: u64,
+    /// ... because the hop deadline passed.
+    pub failed_timeout: u64,
+    /// ... because quiche refused to probe or migrate.
+    pub failed_refused: u64,
+    /// ... because the caller could not send from the new address.
+    pub failed_send: u64,
     /// Hops refused because the server sent `disable_active_migration`.
     pub hops_refused: u64,
     /// Requests that arrived while another hop was in progress (not started).
     pub hops_busy: u64,
+    /// Requests for a new address beyond [`Migrator::path_budget`] (not started).
+    pub hops_over_budget: u64,
     /// Times a hop had to wait for a spare connection ID before it could probe.
     pub cid_waits: u64,
     /// Source CIDs issued to the server after the handshake.
@@ -204,7 +227,13 @@ impl std::fmt::Display for LatencySummary {
         write!(
             f,
             "n={} min={}us p50={}us p90={}us p99={}us max={}us mean={}us",
-            self.count, self.min_us, self.p50_us, self.p90_us, self.p99_us, self.max_us, self.mean_us
+            self.count,
+            self.min_us,
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.max_us,
+            self.mean_us
         )
     }
 }
@@ -218,6 +247,8 @@ pub struct Migrator {
     /// Sequence number of the destination CID the active path uses (0: the server's first).
     dcid_seq: u64,
     pending: Option<PendingHop>,
+    /// Local addresses the connection has a quiche path on (it never gives one up).
+    paths: Vec<SocketAddr>,
     rng: SystemRandom,
     scid_len: usize,
     stats: MigrationStats,
@@ -259,6 +290,7 @@ impl Migrator {
             peer,
             dcid_seq: 0,
             pending: None,
+            paths: vec![local],
             rng: SystemRandom::new(),
             scid_len,
             stats: MigrationStats::default(),
@@ -311,6 +343,31 @@ impl Migrator {
         self.stats
     }
 
+    /// Whether the connection has a path on local address `addr` (it has been there, or a
+    /// probe from it is under way).
+    pub fn has_path(&self, addr: SocketAddr) -> bool {
+        self.paths.contains(&addr)
+    }
+
+    /// How many local addresses the connection can use. quiche keeps a path (and, on the
+    /// server, one of the client's CIDs) per address for the life of the connection, so a
+    /// connection hops among at most the server's `active_connection_id_limit` addresses
+    /// (its client's limit must be at least as large: [`recommended_active_cid_limit`]).
+    /// 1 until the handshake has completed.
+    pub fn path_budget(&self) -> usize {
+        self.conn
+            .peer_transport_params()
+            .map_or(1, |tp| {
+                usize::try_from(tp.active_conn_id_limit).unwrap_or(usize::MAX)
+            })
+            .max(1)
+    }
+
+    /// Whether a hop to `addr` would stay within [`Self::path_budget`].
+    pub fn can_use(&self, addr: SocketAddr) -> bool {
+        self.has_path(addr) || self.paths.len() < self.path_budget()
+    }
+
     /// Hop latencies sampled so far (request → switch), in microseconds, in hop order.
     pub fn latencies_us(&self) -> &[u32] {
         &self.latencies_us
@@ -324,6 +381,15 @@ impl Migrator {
     /// The next hop event, if any.
     pub fn poll_event(&mut self) -> Option<HopEvent> {
         self.events.pop_front()
+    }
+
+    /// Gives up the hop in progress (the caller could not send its probe: the address is gone
+    /// from the host). Counted as failed with [`HopFailure::SendFailed`]; `false` if no hop
+    /// was in progress.
+    pub fn abandon_hop(&mut self) -> bool {
+        let pending = self.pending.is_some();
+        self.fail_hop(HopFailure::SendFailed);
+        pending
     }
 
     /// Asks the connection to move to the local address `to` (the caller must be able to send
@@ -357,6 +423,13 @@ impl Migrator {
             return Err(HopError::FamilyMismatch {
                 to,
                 peer: self.peer,
+            });
+        }
+        if !self.can_use(to) {
+            self.stats.hops_over_budget += 1;
+            return Err(HopError::PathBudget {
+                to,
+                budget: self.path_budget(),
             });
         }
         self.pending = Some(PendingHop {
@@ -431,7 +504,10 @@ impl Migrator {
         while self.conn.retired_scid_next().is_some() {}
         while let Some(event) = self.conn.path_event_next() {
             if let quiche::PathEvent::FailedValidation(local, peer) = event {
-                if self.pending.is_some_and(|p| p.to == local && peer == self.peer) {
+                if self
+                    .pending
+                    .is_some_and(|p| p.to == local && peer == self.peer)
+                {
                     self.fail_hop(HopFailure::ValidationFailed);
                 }
             }
@@ -448,14 +524,23 @@ impl Migrator {
         if let PendingState::AwaitingIds = pending.state {
             match self.conn.probe_path(pending.to, self.peer) {
                 Ok(_dcid_seq) => {
+                    if !self.paths.contains(&pending.to) {
+                        self.paths.push(pending.to);
+                    }
                     pending.state = PendingState::Probing {
                         recv_before: self.path_recv(pending.to),
                     };
                     self.pending = Some(pending);
                 }
-                Err(quiche::Error::OutOfIdentifiers) => {
-                    // Spare IDs arrive with the peer's next NEW_CONNECTION_ID; retried on
-                    // every call until the deadline. Counted once per hop.
+                // No spare CID for a new path (OutOfIdentifiers), or a path we left has none
+                // yet: its CID was retired when we left and the server's replacement has not
+                // arrived (InvalidState). Either way the ID comes with the server's next
+                // NEW_CONNECTION_ID; retried on every call until the deadline, counted once.
+                Err(e)
+                    if e == quiche::Error::OutOfIdentifiers
+                        || (e == quiche::Error::InvalidState
+                            && self.paths.contains(&pending.to)) =>
+                {
                     if !pending.waited {
                         pending.waited = true;
                         self.stats.cid_waits += 1;
@@ -520,6 +605,12 @@ impl Migrator {
     fn fail_hop(&mut self, reason: HopFailure) {
         if let Some(p) = self.pending.take() {
             self.stats.hops_failed += 1;
+            match reason {
+                HopFailure::ValidationFailed => self.stats.failed_validation += 1,
+                HopFailure::TimedOut => self.stats.failed_timeout += 1,
+                HopFailure::Refused(_) => self.stats.failed_refused += 1,
+                HopFailure::SendFailed => self.stats.failed_send += 1,
+            }
             self.events.push_back(HopEvent::Failed { to: p.to, reason });
         }
     }
@@ -617,9 +708,14 @@ mod tests {
             scfg.set_disable_active_migration(disable_migration);
             let cscid = random_cid(&rng, 16).unwrap();
             let sscid = random_cid(&rng, 16).unwrap();
-            let conn =
-                quiche::connect(Some("quic.tech"), &cscid, client_addr(0), server_addr, &mut ccfg)
-                    .unwrap();
+            let conn = quiche::connect(
+                Some("quic.tech"),
+                &cscid,
+                client_addr(0),
+                server_addr,
+                &mut ccfg,
+            )
+            .unwrap();
             let server =
                 quiche::accept(&sscid, None, server_addr, client_addr(0), &mut scfg).unwrap();
             let mut pair = Self {
@@ -685,7 +781,9 @@ mod tests {
                 if self.blackholed.contains(&info.to) {
                     continue;
                 }
-                let _ = self.client.recv(&mut out[..len], info.from, info.to, Instant::now());
+                let _ = self
+                    .client
+                    .recv(&mut out[..len], info.from, info.to, Instant::now());
             }
             if moved == 0 {
                 let wait = [self.client.timeout(Instant::now()), self.server.timeout()]
@@ -708,7 +806,11 @@ mod tests {
             for id in [0u64, 4] {
                 loop {
                     while self.backlog_sent < self.backlog.len() {
-                        match self.server.stream_send(id, &self.backlog[self.backlog_sent..], self.backlog_fin) {
+                        match self.server.stream_send(
+                            id,
+                            &self.backlog[self.backlog_sent..],
+                            self.backlog_fin,
+                        ) {
                             Ok(k) if k > 0 => self.backlog_sent += k,
                             _ => return,
                         }
@@ -731,7 +833,12 @@ mod tests {
 
         /// Sends `len` pattern bytes on stream 0, reads the echo, checks it byte for byte;
         /// `hop_every` client packets, asks for a hop to the next of `addresses` addresses.
-        fn transfer(&mut self, len: usize, hop_every: u64, addresses: usize) -> Vec<Result<(), HopError>> {
+        fn transfer(
+            &mut self,
+            len: usize,
+            hop_every: u64,
+            addresses: usize,
+        ) -> Vec<Result<(), HopError>> {
             let data: Vec<u8> = (0..len as u64).map(crate::direct::h3::body_byte).collect();
             let mut sent = 0;
             let mut received = Vec::with_capacity(len);
@@ -740,9 +847,16 @@ mod tests {
             let mut next = 1;
             let started = Instant::now();
             while !fin {
-                assert!(started.elapsed() < Duration::from_secs(60), "transfer stalled");
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "transfer stalled"
+                );
                 if sent < len {
-                    match self.client.connection_mut().stream_send(0, &data[sent..], true) {
+                    match self
+                        .client
+                        .connection_mut()
+                        .stream_send(0, &data[sent..], true)
+                    {
                         Ok(n) => sent += n,
                         Err(quiche::Error::Done) => {}
                         Err(e) => panic!("stream_send: {e:?}"),
@@ -751,7 +865,7 @@ mod tests {
                 let mut hop = |p: &mut Pair| {
                     if hop_every > 0
                         && p.client_sent > 0
-                        && p.client_sent % hop_every == 0
+                        && p.client_sent.is_multiple_of(hop_every)
                         && p.client.hop_in_progress().is_none()
                     {
                         let to = client_addr(next % addresses);
@@ -789,8 +903,14 @@ mod tests {
         assert!(stats.hops_completed >= 200, "{stats:?}");
         assert_eq!(stats.hops_failed, 0, "{stats:?}");
         assert_eq!(stats.retire_errors, 0, "{stats:?}");
-        assert_eq!(stats.dcids_retired, stats.hops_completed, "one retirement per hop");
-        assert!(results.iter().all(|r| r.is_ok()), "every hop requested was started");
+        assert_eq!(
+            stats.dcids_retired, stats.hops_completed,
+            "one retirement per hop"
+        );
+        assert!(
+            results.iter().all(|r| r.is_ok()),
+            "every hop requested was started"
+        );
         let distinct: HashSet<_> = pair.seen_from.iter().collect();
         assert_eq!(distinct.len(), 4, "the server saw all four addresses");
         assert_eq!(summary.count as u64, stats.hops_completed);
@@ -808,7 +928,11 @@ mod tests {
         let mut sent = 0;
         for round in 0..4_000 {
             if sent < data.len() {
-                if let Ok(n) = pair.client.connection_mut().stream_send(4, &data[sent..], true) {
+                if let Ok(n) = pair
+                    .client
+                    .connection_mut()
+                    .stream_send(4, &data[sent..], true)
+                {
                     sent += n;
                 }
             }
@@ -822,16 +946,27 @@ mod tests {
                 let dcid = hdr.dcid.to_vec();
                 let from = *owner.entry(dcid.clone()).or_insert(info.from);
                 assert_eq!(from, info.from, "DCID {dcid:02x?} sent from two addresses");
-                let ri = quiche::RecvInfo { from: info.from, to: info.to };
+                let ri = quiche::RecvInfo {
+                    from: info.from,
+                    to: info.to,
+                };
                 let _ = pair.server.recv(&mut out[..len], ri);
             }
             pair.exchange(&mut |_| {});
             let mut buf = [0u8; 65_535];
-            while pair.client.connection_mut().stream_recv(4, &mut buf).is_ok() {}
+            while pair
+                .client
+                .connection_mut()
+                .stream_recv(4, &mut buf)
+                .is_ok()
+            {}
         }
         let stats = pair.client.stats();
         assert!(stats.hops_completed >= 100, "{stats:?}");
-        assert!(owner.len() as u64 > stats.hops_completed, "a fresh DCID per hop");
+        assert!(
+            owner.len() as u64 > stats.hops_completed,
+            "a fresh DCID per hop"
+        );
     }
 
     #[test]
@@ -841,10 +976,15 @@ mod tests {
         let results = pair.transfer(300_000, 5, 3);
         let stats = pair.client.stats();
         assert!(!results.is_empty());
-        assert!(results.iter().all(|r| *r == Err(HopError::MigrationDisabled)));
+        assert!(results
+            .iter()
+            .all(|r| *r == Err(HopError::MigrationDisabled)));
         assert_eq!(stats.hops_refused, results.len() as u64);
         assert_eq!(stats.hops_completed, 0);
-        assert!(pair.seen_from.iter().all(|&a| a == client_addr(0)), "never left its address");
+        assert!(
+            pair.seen_from.iter().all(|&a| a == client_addr(0)),
+            "never left its address"
+        );
     }
 
     #[test]
@@ -855,7 +995,9 @@ mod tests {
         };
         let mut pair = Pair::new(false, config);
         pair.blackholed.insert(client_addr(1));
-        pair.client.request_hop(client_addr(1), Instant::now()).unwrap();
+        pair.client
+            .request_hop(client_addr(1), Instant::now())
+            .unwrap();
         let started = Instant::now();
         let mut failed = None;
         while failed.is_none() && started.elapsed() < Duration::from_secs(5) {
@@ -866,13 +1008,18 @@ mod tests {
         }
         let (to, reason) = failed.expect("the hop fails");
         assert_eq!(to, client_addr(1));
-        assert!(matches!(reason, HopFailure::TimedOut | HopFailure::ValidationFailed), "{reason:?}");
+        assert!(
+            matches!(reason, HopFailure::TimedOut | HopFailure::ValidationFailed),
+            "{reason:?}"
+        );
         assert_eq!(pair.client.local_addr(), client_addr(0));
         assert_eq!(pair.client.stats().hops_failed, 1);
         // The connection still works, and can hop elsewhere.
         pair.blackholed.clear();
         pair.transfer(50_000, 0, 1);
-        pair.client.request_hop(client_addr(2), Instant::now()).unwrap();
+        pair.client
+            .request_hop(client_addr(2), Instant::now())
+            .unwrap();
         for _ in 0..20 {
             pair.exchange(&mut |_| {});
         }
@@ -886,8 +1033,16 @@ mod tests {
         let mut cfg = quic_config(4);
         let cid = random_cid(&rng, 16).unwrap();
         let conn = quiche::connect(None, &cid, client_addr(0), server_addr, &mut cfg).unwrap();
-        let mut early = Migrator::new(conn, client_addr(0), server_addr, MigrationConfig::default());
-        assert_eq!(early.request_hop(client_addr(1), Instant::now()), Err(HopError::NotEstablished));
+        let mut early = Migrator::new(
+            conn,
+            client_addr(0),
+            server_addr,
+            MigrationConfig::default(),
+        );
+        assert_eq!(
+            early.request_hop(client_addr(1), Instant::now()),
+            Err(HopError::NotEstablished)
+        );
 
         let mut pair = Pair::new(false, MigrationConfig::default());
         let now = Instant::now();
@@ -896,8 +1051,16 @@ mod tests {
             Err(HopError::AlreadyThere(client_addr(0)))
         );
         let v6: SocketAddr = "[fd00::1]:4000".parse().unwrap();
-        assert!(matches!(pair.client.request_hop(v6, now), Err(HopError::FamilyMismatch { .. })));
-        for garbage in [&[][..], &[0u8; 1][..], &[0xffu8; 1200][..], &[0x40u8; 40][..]] {
+        assert!(matches!(
+            pair.client.request_hop(v6, now),
+            Err(HopError::FamilyMismatch { .. })
+        ));
+        for garbage in [
+            &[][..],
+            &[0u8; 1][..],
+            &[0xffu8; 1200][..],
+            &[0x40u8; 40][..],
+        ] {
             let mut g = garbage.to_vec();
             // quiche drops what it cannot use (an error, or Ok for a packet it discards).
             let _ = pair.client.recv(&mut g, server_addr, client_addr(0), now);
@@ -917,7 +1080,10 @@ mod tests {
     fn latency_summary_uses_nearest_rank_percentiles() {
         let samples: Vec<u32> = (1..=100).rev().collect();
         let s = LatencySummary::from_samples(&samples);
-        assert_eq!((s.count, s.min_us, s.p50_us, s.p90_us, s.p99_us, s.max_us), (100, 1, 50, 90, 99, 100));
+        assert_eq!(
+            (s.count, s.min_us, s.p50_us, s.p90_us, s.p99_us, s.max_us),
+            (100, 1, 50, 90, 99, 100)
+        );
         assert_eq!(s.mean_us, 50);
         assert_eq!(LatencySummary::from_samples(&[]), LatencySummary::default());
     }

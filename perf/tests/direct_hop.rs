@@ -26,11 +26,14 @@ fn topology(server_ip: &str, client_ips: &[String], prefix: u8) -> Testbed {
     let mut tb = Testbed::new().expect("testbed");
     tb.add_host("cli").unwrap();
     tb.add_host("srv").unwrap();
-    tb.add_link(("cli", "eth0"), ("srv", "eth0"), Default::default()).unwrap();
-    tb.add_addr("srv", "eth0", &format!("{server_ip}/{prefix}")).unwrap();
+    tb.add_link(("cli", "eth0"), ("srv", "eth0"), Default::default())
+        .unwrap();
+    tb.add_addr("srv", "eth0", &format!("{server_ip}/{prefix}"))
+        .unwrap();
     for ip in client_ips {
         // `add_addr` adds `nodad` for IPv6, so every address is usable at once.
-        tb.add_addr("cli", "eth0", &format!("{ip}/{prefix}")).unwrap();
+        tb.add_addr("cli", "eth0", &format!("{ip}/{prefix}"))
+            .unwrap();
     }
     tb
 }
@@ -73,6 +76,7 @@ struct ClientRun {
     hops: MigrationStats,
     shell: DirectStats,
     latency: LatencySummary,
+    withdrawn: Vec<SocketAddr>,
 }
 
 /// Runs `sizes` GETs from `cli` over one connection bound to all of `locals`.
@@ -102,6 +106,7 @@ fn client_run(
             hops: direct.migration_stats(),
             shell: direct.stats(),
             latency: direct.migrator().latency_summary(),
+            withdrawn: direct.withdrawn_addresses().to_vec(),
         }
     })
     .unwrap()
@@ -149,14 +154,37 @@ fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_h
         "{:?}\n{:?}\n{:?}\nhop latency (request -> switch): {}\nserver: {:?}",
         run.report, run.hops, run.shell, run.latency, srv
     );
-    assert_eq!(run.report.responses, 1_000, "every GET answered, byte-exact");
+    assert_eq!(
+        run.report.responses, 1_000,
+        "every GET answered, byte-exact"
+    );
     assert_eq!(run.report.body_bytes, expected_bytes);
-    assert!(run.hops.hops_completed >= 200, "hundreds of hops: {:?}", run.hops);
-    assert!(run.report.hops_during_bodies > 0, "hops inside responses: {:?}", run.report);
-    assert!(run.report.hops_between_bodies > 0, "hops between responses: {:?}", run.report);
+    assert!(
+        run.hops.hops_completed >= 200,
+        "hundreds of hops: {:?}",
+        run.hops
+    );
+    assert!(
+        run.report.hops_during_bodies > 0,
+        "hops inside responses: {:?}",
+        run.report
+    );
+    assert!(
+        run.report.hops_between_bodies > 0,
+        "hops between responses: {:?}",
+        run.report
+    );
     assert_eq!(run.hops.hops_failed, 0, "{:?}", run.hops);
-    assert_eq!(run.hops.dcids_retired, run.hops.hops_completed, "one retired CID per hop");
-    assert_eq!(run.shell.tx_unroutable + run.shell.tx_errors, 0, "{:?}", run.shell);
+    assert_eq!(
+        run.hops.dcids_retired, run.hops.hops_completed,
+        "one retired CID per hop"
+    );
+    assert_eq!(
+        run.shell.tx_unroutable + run.shell.tx_errors,
+        0,
+        "{:?}",
+        run.shell
+    );
     assert_eq!(run.latency.count as u64, run.hops.hops_completed);
     // The server saw the client at every address and followed each move.
     assert_eq!(srv.client_addresses, 5, "{srv:?}");
@@ -185,7 +213,10 @@ fn gets_over_ipv6_hop_between_nodad_addresses() {
         sizes(300),
     );
     let srv = server.finish();
-    eprintln!("{:?}\n{:?}\nhop latency: {}\nserver: {srv:?}", run.report, run.hops, run.latency);
+    eprintln!(
+        "{:?}\n{:?}\nhop latency: {}\nserver: {srv:?}",
+        run.report, run.hops, run.latency
+    );
     assert_eq!(run.report.responses, 300);
     assert!(run.hops.hops_completed >= 100, "{:?}", run.hops);
     assert_eq!(run.hops.hops_failed, 0, "{:?}", run.hops);
@@ -218,8 +249,64 @@ fn a_server_that_disables_active_migration_gets_no_hop_and_the_transfer_complete
     assert_eq!(run.report.responses, 200);
     assert_eq!(run.report.body_bytes, expected_bytes);
     assert_eq!(run.hops.hops_completed, 0, "{:?}", run.hops);
-    assert!(run.hops.hops_refused >= 50, "every strategy hop refused and counted: {:?}", run.hops);
+    assert!(
+        run.hops.hops_refused >= 50,
+        "every strategy hop refused and counted: {:?}",
+        run.hops
+    );
     assert_eq!(run.shell.strategy_hops_not_started, run.shell.strategy_hops);
-    assert_eq!(srv.client_addresses, 1, "the server only ever saw the first address");
+    assert_eq!(
+        srv.client_addresses, 1,
+        "the server only ever saw the first address"
+    );
     assert_eq!(srv.peer_migrations, 0);
+}
+
+#[test]
+fn an_address_removed_from_the_host_mid_run_is_withdrawn_and_the_gets_complete() {
+    if !require_root() {
+        return;
+    }
+    let clients = v4_clients(3);
+    let tb = topology("198.18.0.1", &clients, 24);
+    let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
+    let server = Server::start(&tb, server_addr, H3ServerConfig::default());
+    let (run, removed) = std::thread::scope(|scope| {
+        let remover = scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(150));
+            // A secondary address: removing the primary would take the others with it.
+            let cidr = format!("{}/24", clients[1]);
+            tb.exec_ok("cli", &["ip", "addr", "del", &cidr, "dev", "eth0"])
+                .expect("ip addr del");
+        });
+        let run = client_run(
+            &tb,
+            sockets(&clients),
+            server_addr,
+            HopStrategyConfig::RandomPackets {
+                min_packets: 3,
+                max_packets: 12,
+            },
+            sizes(1_000),
+        );
+        remover.join().unwrap();
+        (run, clients[1].parse::<IpAddr>().unwrap())
+    });
+    let srv = server.finish();
+    eprintln!(
+        "{:?}\n{:?}\n{:?}\nserver: {srv:?}",
+        run.report, run.hops, run.shell
+    );
+    assert_eq!(
+        run.report.responses, 1_000,
+        "every GET answered, byte-exact"
+    );
+    assert_eq!(run.shell.addresses_withdrawn, 1, "{:?}", run.shell);
+    assert!(run.shell.tx_errors >= 1, "{:?}", run.shell);
+    assert!(run.hops.hops_completed >= 100, "{:?}", run.hops);
+    assert!(
+        run.withdrawn.iter().all(|a| a.ip() == removed),
+        "{:?}",
+        run.withdrawn
+    );
 }

@@ -132,7 +132,10 @@ pub fn issue_server_scids(
             break;
         }
         let scid = quiche::ConnectionId::from_vec(cid[..len].to_vec());
-        if conn.new_scid(&scid, u128::from_be_bytes(token), false).is_err() {
+        if conn
+            .new_scid(&scid, u128::from_be_bytes(token), false)
+            .is_err()
+        {
             break;
         }
         issued.push(scid);
@@ -612,7 +615,9 @@ fn write_response(
         if r.status == 200 {
             fill_body(r.written, &mut scratch[..chunk]);
         } else {
-            let start = usize::try_from(r.written).unwrap_or(0).min(NOT_FOUND_BODY.len());
+            let start = usize::try_from(r.written)
+                .unwrap_or(0)
+                .min(NOT_FOUND_BODY.len());
             scratch[..chunk].copy_from_slice(&NOT_FOUND_BODY[start..start + chunk]);
         }
         let fin = r.written + chunk as u64 == r.len;
