@@ -6,7 +6,10 @@
 //! migrator with the right `RecvInfo` (`to` = the socket's address), sends each outgoing
 //! datagram from the socket that `SendInfo::from` names, and asks a [`HopStrategy`] before every
 //! datagram it sends whether to hop; on `Hop` it picks another local address (at random, from
-//! the run's seed) and requests the hop. The application drives it with [`DirectConnection::poll`]
+//! the run's seed) and requests the hop. The hop starts at once (a probe from the new
+//! address) and the connection switches when the probe is answered, about one round trip
+//! later (see [`crate::migrate`]); strategy hops that come while one is in progress are
+//! counted as not started. The application drives it with [`DirectConnection::poll`]
 //! and uses the quiche connection for its streams (`connection_mut`), e.g. with quiche's h3.
 //!
 //! # Threads and sockets
@@ -19,9 +22,14 @@
 //! state). Sends go straight out of the connection's thread on the shared socket. The reader
 //! threads stop and are joined when the `DirectConnection` is dropped.
 //!
-//! Addresses leave: [`DirectConnection::withdraw_address`] (an address that expired) stops
-//! using one and moves the connection off it; an address that vanished from the host is
-//! noticed on the first failed send from it and withdrawn the same way.
+//! Addresses leave: [`DirectConnection::withdraw_address`] (or [`DirectControl::withdraw`] from
+//! another thread) stops using one and moves the connection off it. Keep the address on the
+//! host for a drain period after that (the allocator's t_remove): quiche 0.30 retransmits data
+//! that was in flight on a path only when that path's packets are acknowledged or declared
+//! lost, and it declares them lost only from that path's acknowledgements, so data in flight
+//! towards an address that vanished at once can stall until the idle timeout. As a fallback,
+//! an address that vanished from the host anyway is noticed (a failed send from it, or a check
+//! while nothing arrives) and withdrawn the same way.
 //!
 //! Nothing here panics on input: malformed datagrams are counted ([`DirectStats`]), a hop to an
 //! address without a socket is a [`DirectError`], a refused migration is counted by the
@@ -45,6 +53,9 @@ pub const MAX_DATAGRAM_BYTES: usize = 65_535;
 
 /// How long a reader thread blocks before checking for shutdown.
 const READER_TICK: Duration = Duration::from_millis(50);
+
+/// While nothing arrives, how often the shell checks that its addresses are still on the host.
+const ADDRESS_CHECK: Duration = Duration::from_millis(100);
 
 /// Mixed into the seed for the stream that picks the next address ("direct").
 const ADDRESS_STREAM: u64 = 0x6469_7265_6374;
@@ -149,7 +160,13 @@ pub struct DirectConnection {
     stats: DirectStats,
     withdrawn: Vec<SocketAddr>,
     started: Instant,
+    /// When datagrams last arrived.
+    last_rx: Instant,
+    /// When [`Self::check_addresses`] last looked.
+    last_address_check: Instant,
     out: Vec<u8>,
+    control_tx: Sender<ControlRequest>,
+    control_rx: Receiver<ControlRequest>,
     /// Last field: dropped (stopped and joined) after everything else.
     _readers: Readers,
 }
@@ -201,6 +218,7 @@ impl DirectConnection {
         }
         drop(tx);
         let first = sockets[0].addr;
+        let (control_tx, control_rx) = mpsc::channel();
         let rng = ring::rand::SystemRandom::new();
         let scid = h3::random_cid(&rng, quiche::MAX_CONN_ID_LEN)
             .ok_or(DirectError::Connect(quiche::Error::CryptoFail))?;
@@ -218,7 +236,11 @@ impl DirectConnection {
             stats: DirectStats::default(),
             withdrawn: Vec::new(),
             started: Instant::now(),
+            last_rx: Instant::now(),
+            last_address_check: Instant::now(),
             out: vec![0; MAX_DATAGRAM_BYTES],
+            control_tx,
+            control_rx,
             _readers: readers,
         })
     }
@@ -288,6 +310,14 @@ impl DirectConnection {
         &self.withdrawn
     }
 
+    /// A handle for other threads (the agent's address manager) to withdraw addresses or
+    /// request hops; the requests are carried out by the next [`Self::poll`].
+    pub fn control(&self) -> DirectControl {
+        DirectControl {
+            tx: self.control_tx.clone(),
+        }
+    }
+
     /// Moves the connection to `to` now, whatever the strategy says (it must be one of the
     /// bound addresses).
     pub fn hop_to(&mut self, to: SocketAddr) -> Result<(), DirectError> {
@@ -316,10 +346,20 @@ impl DirectConnection {
                 while let Ok(more) = self.rx.try_recv() {
                     self.feed(more);
                 }
+                self.last_rx = Instant::now();
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Err(DirectError::ReadersGone),
         }
+        while let Ok(request) = self.control_rx.try_recv() {
+            // Errors here are the caller's (an unknown address, a refused hop) and are
+            // counted by the migrator; the connection carries on.
+            let _ = match request {
+                ControlRequest::Withdraw(addr) => self.withdraw_address(addr).map(|_| ()),
+                ControlRequest::HopTo(addr) => self.hop_to(addr),
+            };
+        }
+        self.check_addresses(Instant::now());
         self.migrator.on_timeout(Instant::now());
         self.flush()
     }
@@ -331,6 +371,29 @@ impl DirectConnection {
             Err(e) => return Err(DirectError::Connection(e)),
         }
         self.flush()
+    }
+
+    /// While nothing arrives, checks now and then that the address in use (and the one a hop
+    /// is moving to) are still on the host: a connection that only waits for data sends
+    /// nothing, so a send error would never tell it that its address is gone.
+    fn check_addresses(&mut self, now: Instant) {
+        if now.duration_since(self.last_rx) < ADDRESS_CHECK
+            || now.duration_since(self.last_address_check) < ADDRESS_CHECK
+        {
+            return;
+        }
+        self.last_address_check = now;
+        let candidates = [
+            Some(self.migrator.local_addr()),
+            self.migrator.hop_in_progress(),
+        ];
+        for addr in candidates.into_iter().flatten() {
+            if !self.withdrawn.contains(&addr) && address_gone(addr) {
+                // A bound address, so this cannot fail for want of a socket; with no other
+                // address left there is nothing to do but wait.
+                let _ = self.withdraw_address(addr);
+            }
+        }
     }
 
     fn feed(&mut self, mut d: Received) {
@@ -418,6 +481,30 @@ fn address_gone(addr: SocketAddr) -> bool {
             e.kind() == std::io::ErrorKind::AddrNotAvailable
                 || e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
         }
+    }
+}
+
+/// Requests to a [`DirectConnection`] from other threads ([`DirectConnection::control`]).
+#[derive(Debug, Clone)]
+pub struct DirectControl {
+    tx: Sender<ControlRequest>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ControlRequest {
+    Withdraw(SocketAddr),
+    HopTo(SocketAddr),
+}
+
+impl DirectControl {
+    /// Asks for [`DirectConnection::withdraw_address`]; `false` if the connection is gone.
+    pub fn withdraw(&self, addr: SocketAddr) -> bool {
+        self.tx.send(ControlRequest::Withdraw(addr)).is_ok()
+    }
+
+    /// Asks for [`DirectConnection::hop_to`]; `false` if the connection is gone.
+    pub fn hop_to(&self, addr: SocketAddr) -> bool {
+        self.tx.send(ControlRequest::HopTo(addr)).is_ok()
     }
 }
 
@@ -594,6 +681,7 @@ mod tests {
             server_stats.client_addresses, 3,
             "the server saw every address"
         );
+        assert_eq!(server_stats.reused_cids, 0, "no CID from two addresses");
         assert!(
             server_stats.peer_migrations >= hops.hops_completed / 2,
             "{server_stats:?}"

@@ -27,10 +27,14 @@
 //!   `SystemRandom`, with a random stateless-reset token) while `scids_left() > 0`; the server
 //!   must do the same (a quiche server does it in its application loop, as quiche-server does).
 //! - Each local address gets its own quiche path, and each path its own destination CID. When
-//!   the connection leaves an address, the destination CID it used there is retired at once
-//!   (RETIRE_CONNECTION_ID), so a CID seen on the wire from one address never appears from
-//!   another; quiche gives the abandoned path a fresh, never-sent CID (now or when the server's
-//!   replacement arrives), which is what a later hop back to that address uses.
+//!   the connection leaves an address, the destination CID it used there is retired
+//!   (RETIRE_CONNECTION_ID) after a grace of two RTTs (at least 10 ms), so a CID seen on the wire
+//!   from one address never appears from another; quiche gives the abandoned path a fresh,
+//!   never-sent CID (now or when the server's replacement arrives), which is what a later hop
+//!   back to that address uses. The grace is there because datagrams sent just before the hop
+//!   can arrive after the RETIRE_CONNECTION_ID (the kernel reorders datagrams of different
+//!   sockets), and a quiche server that receives a retired CID closes the connection. A hop
+//!   back within the grace uses the CID again, from the same address.
 //! - quiche keeps every path for the life of the connection, one per local address, and a
 //!   quiche server keeps one of the client's CIDs on each: a connection hops among at most the
 //!   server's `active_connection_id_limit` addresses ([`Migrator::path_budget`]; a hop to one
@@ -57,6 +61,9 @@ pub struct MigrationConfig {
     /// The most hop latencies kept for [`Migrator::latency_summary`]; later hops are counted
     /// but not sampled. Default 1,000,000 (4 MB).
     pub max_latency_samples: usize,
+    /// The least time between leaving an address and retiring the CID used there, in
+    /// milliseconds; the grace is the larger of this and two smoothed RTTs. Default 10.
+    pub retire_grace_min_ms: u64,
 }
 
 impl Default for MigrationConfig {
@@ -64,6 +71,7 @@ impl Default for MigrationConfig {
         Self {
             hop_timeout_ms: 2_000,
             max_latency_samples: 1_000_000,
+            retire_grace_min_ms: 10,
         }
     }
 }
@@ -173,8 +181,11 @@ pub struct MigrationStats {
     pub cid_waits: u64,
     /// Source CIDs issued to the server after the handshake.
     pub scids_issued: u64,
-    /// Destination CIDs retired when leaving an address.
+    /// Destination CIDs retired after leaving an address.
     pub dcids_retired: u64,
+    /// Retirements dropped because the connection came back to the address (and its CID)
+    /// within the grace period.
+    pub retires_cancelled: u64,
     /// Retirements quiche refused (the CID was already gone).
     pub retire_errors: u64,
 }
@@ -247,6 +258,8 @@ pub struct Migrator {
     /// Sequence number of the destination CID the active path uses (0: the server's first).
     dcid_seq: u64,
     pending: Option<PendingHop>,
+    /// CIDs of addresses left, to retire once their grace has passed (in due order).
+    retirements: VecDeque<Retirement>,
     /// Local addresses the connection has a quiche path on (it never gives one up).
     paths: Vec<SocketAddr>,
     rng: SystemRandom,
@@ -263,6 +276,14 @@ struct PendingHop {
     state: PendingState,
     /// Already counted in `cid_waits`.
     waited: bool,
+}
+
+/// A destination CID to retire: `seq` was used from `addr`, which the connection left.
+#[derive(Debug, Clone, Copy)]
+struct Retirement {
+    seq: u64,
+    addr: SocketAddr,
+    due: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -290,6 +311,7 @@ impl Migrator {
             peer,
             dcid_seq: 0,
             pending: None,
+            retirements: VecDeque::new(),
             paths: vec![local],
             rng: SystemRandom::new(),
             scid_len,
@@ -473,23 +495,28 @@ impl Migrator {
         }
     }
 
-    /// When to call [`Self::on_timeout`]: the connection's timer or a hop's deadline.
+    /// When to call [`Self::on_timeout`]: the connection's timer, a hop's deadline or a CID
+    /// retirement.
     pub fn timeout(&self, now: Instant) -> Option<Duration> {
         let hop = self.pending.map(|p| {
             (p.requested + Duration::from_millis(self.config.hop_timeout_ms))
                 .saturating_duration_since(now)
         });
-        match (self.conn.timeout(), hop) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retire = self
+            .retirements
+            .iter()
+            .map(|r| r.due.saturating_duration_since(now))
+            .min();
+        [self.conn.timeout(), hop, retire]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Runs the connection's timers (if due) and the hop deadline.
+    /// Runs the connection's timers (quiche ignores the call when none is due) and the hop
+    /// deadline.
     pub fn on_timeout(&mut self, now: Instant) {
-        if self.conn.timeout() == Some(Duration::ZERO) {
-            self.conn.on_timeout();
-        }
+        self.conn.on_timeout();
         self.drive(now);
     }
 
@@ -512,6 +539,7 @@ impl Migrator {
                 }
             }
         }
+        self.retire_due(now);
         let Some(mut pending) = self.pending else {
             return;
         };
@@ -573,18 +601,34 @@ impl Migrator {
                 self.pending = None;
                 self.local = pending.to;
                 self.dcid_seq = dcid_seq;
+                //= https://www.rfc-editor.org/rfc/rfc9000#section-9.2
+                //# An endpoint can migrate a connection to a new local address by sending
+                //# packets containing non-probing frames from that address.
+                // Make sure one goes out now (a PING if there is nothing else): a client that
+                // only waits for the server's data would otherwise send nothing, and the server
+                // would keep sending to the address it left (maybe gone from the host).
+                let _ = self.conn.send_ack_eliciting();
                 //= https://www.rfc-editor.org/rfc/rfc9000#section-9.5
                 //# An endpoint MUST NOT reuse a connection ID when sending from more than one
                 //# local address -- for example, when initiating connection migration as
                 //# described in Section 9.2 or when probing a new network path as described
                 //# in Section 9.1.
-                // The CID used from `from` is retired, so it can never be sent from another
-                // address; the path keeps a fresh one for a later return.
+                // Only the path of `from` uses the CID it used (quiche keeps one per path), and
+                // it is retired after a grace period, so that it can never be sent from another
+                // address; the path then gets a fresh one for a later return. The grace lets
+                // the datagrams already sent with it arrive first: a quiche server that gets
+                // one after the RETIRE_CONNECTION_ID closes the connection (PROTOCOL_VIOLATION).
+                // Coming back within the grace keeps the CID on its own address.
+                let before = self.retirements.len();
+                self.retirements.retain(|r| r.seq != dcid_seq);
+                self.stats.retires_cancelled += (before - self.retirements.len()) as u64;
                 if old_dcid_seq != dcid_seq {
-                    match self.conn.retire_dcid(old_dcid_seq) {
-                        Ok(()) => self.stats.dcids_retired += 1,
-                        Err(_) => self.stats.retire_errors += 1,
-                    }
+                    let grace = self.retire_grace();
+                    self.retirements.push_back(Retirement {
+                        seq: old_dcid_seq,
+                        addr: from,
+                        due: now + grace,
+                    });
                 }
                 let latency = now.saturating_duration_since(pending.requested);
                 self.stats.hops_completed += 1;
@@ -600,6 +644,39 @@ impl Migrator {
             }
             Err(e) => self.fail_hop(HopFailure::Refused(e)),
         }
+    }
+
+    /// Two smoothed RTTs of the active path, at least `retire_grace_min_ms`.
+    fn retire_grace(&self) -> Duration {
+        let rtt = self
+            .conn
+            .path_stats()
+            .find(|p| p.local_addr == self.local && p.peer_addr == self.peer)
+            .map_or(Duration::ZERO, |p| p.rtt);
+        (rtt * 2).max(Duration::from_millis(self.config.retire_grace_min_ms))
+    }
+
+    /// Retires the CIDs whose grace has passed, except one whose address a hop is probing
+    /// (it waits for the hop's outcome).
+    fn retire_due(&mut self, now: Instant) {
+        let probing = self.pending.map(|p| p.to);
+        let mut keep = VecDeque::new();
+        while let Some(r) = self.retirements.pop_front() {
+            if r.due > now || probing == Some(r.addr) {
+                keep.push_back(r);
+                continue;
+            }
+            match self.conn.retire_dcid(r.seq) {
+                Ok(()) => self.stats.dcids_retired += 1,
+                Err(_) => self.stats.retire_errors += 1,
+            }
+        }
+        self.retirements = keep;
+    }
+
+    /// CIDs waiting for their grace period before retirement.
+    pub fn pending_retirements(&self) -> usize {
+        self.retirements.len()
     }
 
     fn fail_hop(&mut self, reason: HopFailure) {
@@ -904,7 +981,10 @@ mod tests {
         assert_eq!(stats.hops_failed, 0, "{stats:?}");
         assert_eq!(stats.retire_errors, 0, "{stats:?}");
         assert_eq!(
-            stats.dcids_retired, stats.hops_completed,
+            stats.dcids_retired
+                + stats.retires_cancelled
+                + pair.client.pending_retirements() as u64,
+            stats.hops_completed,
             "one retirement per hop"
         );
         assert!(
@@ -920,7 +1000,13 @@ mod tests {
     fn each_destination_cid_is_sent_from_one_address_only() {
         // Record (DCID, source address) of every client datagram while hopping among three
         // addresses: a DCID must never appear from two addresses.
-        let mut pair = Pair::new(false, MigrationConfig::default());
+        // No grace (beyond two in-memory RTTs): retire as soon as possible, so that many
+        // CIDs are retired and replaced while the hops go on.
+        let config = MigrationConfig {
+            retire_grace_min_ms: 0,
+            ..MigrationConfig::default()
+        };
+        let mut pair = Pair::new(false, config);
         let mut owner: std::collections::HashMap<Vec<u8>, SocketAddr> = Default::default();
         let mut out = [0u8; 1500];
         let mut next = 1;
@@ -963,9 +1049,11 @@ mod tests {
         }
         let stats = pair.client.stats();
         assert!(stats.hops_completed >= 100, "{stats:?}");
+        assert!(stats.dcids_retired > 0, "{stats:?}");
         assert!(
-            owner.len() as u64 > stats.hops_completed,
-            "a fresh DCID per hop"
+            owner.len() as u64 > stats.dcids_retired,
+            "each retirement brings a fresh DCID: {} seen, {stats:?}",
+            owner.len()
         );
     }
 

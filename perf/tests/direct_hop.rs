@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use mimiq_agent::direct::h3::{
     client_config, run_gets, GetReport, H3Server, H3ServerConfig, H3ServerStats, TestCert,
 };
-use mimiq_agent::direct::{DirectConfig, DirectConnection, DirectStats};
+use mimiq_agent::direct::{DirectConfig, DirectConnection, DirectControl, DirectStats};
 use mimiq_agent::migrate::{LatencySummary, MigrationConfig, MigrationStats};
 use mimiq_agent::strategy::HopStrategyConfig;
 use mimiq_perf::testbed::{require_root, Testbed};
@@ -55,6 +56,7 @@ impl Server {
                 let mut server = H3Server::bind(addr, &cert, config).expect("server bind");
                 ready_tx.send(()).expect("test thread waits");
                 server.run(&stop).expect("server loop");
+                eprintln!("server: connections closed: {:?}", server.closes());
                 server.stats()
             })
             .unwrap()
@@ -77,6 +79,7 @@ struct ClientRun {
     shell: DirectStats,
     latency: LatencySummary,
     withdrawn: Vec<SocketAddr>,
+    pending_retirements: u64,
 }
 
 /// Runs `sizes` GETs from `cli` over one connection bound to all of `locals`.
@@ -86,7 +89,19 @@ fn client_run(
     server: SocketAddr,
     strategy: HopStrategyConfig,
     sizes: Vec<u64>,
-) -> ClientRun {
+) -> Result<ClientRun, String> {
+    client_run_with(tb, locals, server, strategy, sizes, None)
+}
+
+/// [`client_run`], handing the connection's control handle and bound addresses to `control`.
+fn client_run_with(
+    tb: &Testbed,
+    locals: Vec<SocketAddr>,
+    server: SocketAddr,
+    strategy: HopStrategyConfig,
+    sizes: Vec<u64>,
+    control: Option<Sender<(DirectControl, Vec<SocketAddr>)>>,
+) -> Result<ClientRun, String> {
     tb.run_in("cli", move || {
         let mut quic = client_config(locals.len()).expect("client config");
         let config = DirectConfig {
@@ -98,16 +113,38 @@ fn client_run(
         let mut direct =
             DirectConnection::connect(&locals, server, Some("quic.tech"), &mut quic, &config)
                 .expect("sockets on every client address");
-        let report = run_gets(&mut direct, "quic.tech", &sizes, Duration::from_secs(120))
-            .unwrap_or_else(|e| panic!("{e}; hops {:?}", direct.migration_stats()));
+        if let Some(control) = control {
+            let _ = control.send((direct.control(), direct.local_addrs()));
+        }
+        let report =
+            run_gets(&mut direct, "quic.tech", &sizes, Duration::from_secs(120)).map_err(|e| {
+                let paths: Vec<String> = direct
+                    .connection()
+                    .path_stats()
+                    .map(|p| {
+                        format!(
+                            "{}: {:?} active={} sent={} recv={} lost={}",
+                            p.local_addr, p.validation_state, p.active, p.sent, p.recv, p.lost
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{e}; hops {:?}; shell {:?}; on {} withdrawn {:?}; paths {paths:?}",
+                    direct.migration_stats(),
+                    direct.stats(),
+                    direct.migrator().local_addr(),
+                    direct.withdrawn_addresses()
+                )
+            })?;
         let _ = direct.close();
-        ClientRun {
+        Ok(ClientRun {
             report,
             hops: direct.migration_stats(),
             shell: direct.stats(),
             latency: direct.migrator().latency_summary(),
             withdrawn: direct.withdrawn_addresses().to_vec(),
-        }
+            pending_retirements: direct.migrator().pending_retirements() as u64,
+        })
     })
     .unwrap()
 }
@@ -150,6 +187,7 @@ fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_h
         sizes,
     );
     let srv = server.finish();
+    let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     eprintln!(
         "{:?}\n{:?}\n{:?}\nhop latency (request -> switch): {}\nserver: {:?}",
         run.report, run.hops, run.shell, run.latency, srv
@@ -176,9 +214,11 @@ fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_h
     );
     assert_eq!(run.hops.hops_failed, 0, "{:?}", run.hops);
     assert_eq!(
-        run.hops.dcids_retired, run.hops.hops_completed,
-        "one retired CID per hop"
+        run.hops.dcids_retired + run.hops.retires_cancelled + run.pending_retirements,
+        run.hops.hops_completed,
+        "every CID left behind is retired (or used again from its own address)"
     );
+    assert_eq!(run.hops.retire_errors, 0);
     assert_eq!(
         run.shell.tx_unroutable + run.shell.tx_errors,
         0,
@@ -188,6 +228,14 @@ fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_h
     assert_eq!(run.latency.count as u64, run.hops.hops_completed);
     // The server saw the client at every address and followed each move.
     assert_eq!(srv.client_addresses, 5, "{srv:?}");
+    //= https://www.rfc-editor.org/rfc/rfc9000#section-9.5
+    //# An endpoint MUST NOT reuse a connection ID when sending from more than one local
+    //# address -- for example, when initiating connection migration as described in Section
+    //# 9.2 or when probing a new network path as described in Section 9.1.
+    assert_eq!(
+        srv.reused_cids, 0,
+        "quiche saw a CID come from a second address"
+    );
     assert_eq!(srv.responses_completed, 1_000);
     assert!(
         srv.peer_migrations * 10 >= run.hops.hops_completed * 9,
@@ -213,6 +261,7 @@ fn gets_over_ipv6_hop_between_nodad_addresses() {
         sizes(300),
     );
     let srv = server.finish();
+    let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     eprintln!(
         "{:?}\n{:?}\nhop latency: {}\nserver: {srv:?}",
         run.report, run.hops, run.latency
@@ -246,6 +295,7 @@ fn a_server_that_disables_active_migration_gets_no_hop_and_the_transfer_complete
         sizes,
     );
     let srv = server.finish();
+    let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     assert_eq!(run.report.responses, 200);
     assert_eq!(run.report.body_bytes, expected_bytes);
     assert_eq!(run.hops.hops_completed, 0, "{:?}", run.hops);
@@ -262,8 +312,29 @@ fn a_server_that_disables_active_migration_gets_no_hop_and_the_transfer_complete
     assert_eq!(srv.peer_migrations, 0);
 }
 
+/// Starts `sizes` GETs on `cli` bound to `order` (the connection starts on the first), and
+/// runs `during` on the test thread with the connection's control handle and bound addresses.
+fn run_with_control(
+    tb: &Testbed,
+    order: Vec<SocketAddr>,
+    server: SocketAddr,
+    strategy: HopStrategyConfig,
+    sizes: Vec<u64>,
+    during: impl FnOnce(DirectControl, Vec<SocketAddr>) + Send,
+) -> Result<ClientRun, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let client = scope.spawn(|| client_run_with(tb, order, server, strategy, sizes, Some(tx)));
+        let (control, bound) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the client connected");
+        during(control, bound);
+        client.join().expect("client thread")
+    })
+}
+
 #[test]
-fn an_address_removed_from_the_host_mid_run_is_withdrawn_and_the_gets_complete() {
+fn an_address_withdrawn_then_removed_after_a_drain_is_left_and_the_gets_complete() {
     if !require_root() {
         return;
     }
@@ -271,28 +342,32 @@ fn an_address_removed_from_the_host_mid_run_is_withdrawn_and_the_gets_complete()
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
     let server = Server::start(&tb, server_addr, H3ServerConfig::default());
-    let (run, removed) = std::thread::scope(|scope| {
-        let remover = scope.spawn(|| {
+    // Start on a secondary address (removing the primary would take the others with it).
+    let order = sockets(&[clients[1].clone(), clients[0].clone(), clients[2].clone()]);
+    let gone = clients[1].parse::<IpAddr>().unwrap();
+    let run = run_with_control(
+        &tb,
+        order,
+        server_addr,
+        HopStrategyConfig::RandomPackets {
+            min_packets: 3,
+            max_packets: 12,
+        },
+        sizes(1_000),
+        |control, bound| {
             std::thread::sleep(Duration::from_millis(150));
-            // A secondary address: removing the primary would take the others with it.
-            let cidr = format!("{}/24", clients[1]);
+            // The agent's sequence when an address expires: withdraw it (the connection
+            // leaves), then remove it from the host after a drain period (t_remove).
+            let addr = bound.iter().copied().find(|a| a.ip() == gone).unwrap();
+            assert!(control.withdraw(addr));
+            std::thread::sleep(Duration::from_millis(100));
+            let cidr = format!("{gone}/24");
             tb.exec_ok("cli", &["ip", "addr", "del", &cidr, "dev", "eth0"])
                 .expect("ip addr del");
-        });
-        let run = client_run(
-            &tb,
-            sockets(&clients),
-            server_addr,
-            HopStrategyConfig::RandomPackets {
-                min_packets: 3,
-                max_packets: 12,
-            },
-            sizes(1_000),
-        );
-        remover.join().unwrap();
-        (run, clients[1].parse::<IpAddr>().unwrap())
-    });
+        },
+    );
     let srv = server.finish();
+    let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     eprintln!(
         "{:?}\n{:?}\n{:?}\nserver: {srv:?}",
         run.report, run.hops, run.shell
@@ -302,11 +377,67 @@ fn an_address_removed_from_the_host_mid_run_is_withdrawn_and_the_gets_complete()
         "every GET answered, byte-exact"
     );
     assert_eq!(run.shell.addresses_withdrawn, 1, "{:?}", run.shell);
-    assert!(run.shell.tx_errors >= 1, "{:?}", run.shell);
-    assert!(run.hops.hops_completed >= 100, "{:?}", run.hops);
     assert!(
-        run.withdrawn.iter().all(|a| a.ip() == removed),
+        run.withdrawn.iter().all(|a| a.ip() == gone),
         "{:?}",
         run.withdrawn
+    );
+    assert!(run.hops.hops_completed >= 100, "{:?}", run.hops);
+    // At most the hop that was probing the address when it was withdrawn.
+    assert!(run.hops.hops_failed <= 1, "{:?}", run.hops);
+}
+
+#[test]
+fn a_hop_to_an_address_already_gone_from_the_host_fails_and_the_address_is_withdrawn() {
+    if !require_root() {
+        return;
+    }
+    let clients = v4_clients(3);
+    let tb = topology("198.18.0.1", &clients, 24);
+    let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
+    let server = Server::start(&tb, server_addr, H3ServerConfig::default());
+    let gone = clients[1].parse::<IpAddr>().unwrap();
+    let run = run_with_control(
+        &tb,
+        sockets(&clients),
+        server_addr,
+        HopStrategyConfig::Never {},
+        sizes(1_000),
+        |control, bound| {
+            std::thread::sleep(Duration::from_millis(150));
+            let cidr = format!("{gone}/24");
+            tb.exec_ok("cli", &["ip", "addr", "del", &cidr, "dev", "eth0"])
+                .expect("ip addr del");
+            // The socket is still bound to it; the probe cannot leave.
+            let addr = bound.iter().copied().find(|a| a.ip() == gone).unwrap();
+            assert!(control.hop_to(addr));
+        },
+    );
+    let srv = server.finish();
+    let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
+    eprintln!(
+        "{:?}\n{:?}\n{:?}\nserver: {srv:?}",
+        run.report, run.hops, run.shell
+    );
+    assert_eq!(
+        run.report.responses, 1_000,
+        "every GET answered, byte-exact"
+    );
+    assert!(run.shell.tx_errors >= 1, "{:?}", run.shell);
+    assert_eq!(run.shell.addresses_withdrawn, 1, "{:?}", run.shell);
+    assert!(
+        run.withdrawn.iter().all(|a| a.ip() == gone),
+        "{:?}",
+        run.withdrawn
+    );
+    assert_eq!(run.hops.hops_completed, 0, "{:?}", run.hops);
+    assert_eq!(
+        run.hops.failed_send, 1,
+        "the hop was abandoned: {:?}",
+        run.hops
+    );
+    assert_eq!(
+        srv.client_addresses, 1,
+        "the server never saw the vanished address"
     );
 }

@@ -217,6 +217,9 @@ pub struct H3ServerStats {
     pub peer_migrations: u64,
     /// Distinct client addresses seen.
     pub client_addresses: u64,
+    /// `ReusedSourceConnectionId` events: a client sent with one of the server's CIDs from a
+    /// second address (RFC 9000 §9.5 forbids it; a MIMIQ client must never do it).
+    pub reused_cids: u64,
 }
 
 /// Why the server could not start.
@@ -251,6 +254,8 @@ pub struct H3Server {
     config: H3ServerConfig,
     peers: HashSet<SocketAddr>,
     stats: H3ServerStats,
+    /// Why each closed connection closed, in order.
+    closes: Vec<String>,
     buf: Vec<u8>,
     out: Vec<u8>,
     scratch: Vec<u8>,
@@ -317,6 +322,7 @@ impl H3Server {
             config,
             peers: HashSet::new(),
             stats: H3ServerStats::default(),
+            closes: Vec::new(),
             buf: vec![0; 65_535],
             out: vec![0; 1_500],
             scratch: vec![0; 64 * 1024],
@@ -331,6 +337,11 @@ impl H3Server {
     /// Counters so far.
     pub fn stats(&self) -> H3ServerStats {
         self.stats
+    }
+
+    /// Why each connection closed so far (see [`close_reason`]), oldest first.
+    pub fn closes(&self) -> &[String] {
+        &self.closes
     }
 
     /// Serves until `stop` is set (checked at least every 50 ms).
@@ -463,8 +474,10 @@ impl H3Server {
             c.cids.retain(|x| *x != retired);
         }
         while let Some(event) = c.conn.path_event_next() {
-            if let quiche::PathEvent::PeerMigrated(..) = event {
-                self.stats.peer_migrations += 1;
+            match event {
+                quiche::PathEvent::PeerMigrated(..) => self.stats.peer_migrations += 1,
+                quiche::PathEvent::ReusedSourceConnectionId(..) => self.stats.reused_cids += 1,
+                _ => {}
             }
         }
         if (c.conn.is_established() || c.conn.is_in_early_data()) && c.h3.is_none() {
@@ -523,8 +536,10 @@ impl H3Server {
             let (n, info) = match c.conn.send(&mut self.out) {
                 Ok(v) => v,
                 Err(quiche::Error::Done) => break,
-                Err(_) => {
-                    let _ = c.conn.close(false, 0x1, b"send failed");
+                Err(e) => {
+                    // As quiche's servers do: a failed send ends the connection.
+                    let reason = format!("send failed: {e:?}");
+                    let _ = c.conn.close(false, 0x1, reason.as_bytes());
                     break;
                 }
             };
@@ -550,6 +565,7 @@ impl H3Server {
                 for cid in &c.cids {
                     self.routes.remove(cid);
                 }
+                self.closes.push(close_reason(&c.conn));
             }
         }
     }
@@ -671,10 +687,12 @@ pub enum GetError {
         completed: u64,
     },
     /// The connection closed under the run.
-    #[error("connection closed after {completed} responses")]
+    #[error("connection closed after {completed} responses: {reason}")]
     Closed {
         /// Responses completed.
         completed: u64,
+        /// Who closed it and why (quiche's local or peer error), or "idle timeout".
+        reason: String,
     },
     /// A response had another status than 200.
     #[error("request {request}: status {status}")]
@@ -725,7 +743,10 @@ pub fn run_gets(
     let tick = Duration::from_millis(20);
     while !direct.connection().is_established() {
         if direct.connection().is_closed() {
-            return Err(GetError::Closed { completed: 0 });
+            return Err(GetError::Closed {
+                completed: 0,
+                reason: close_reason(direct.connection()),
+            });
         }
         if start.elapsed() > deadline {
             return Err(GetError::TimedOut { completed: 0 });
@@ -826,12 +847,36 @@ fn check_alive(
     completed: u64,
 ) -> Result<(), GetError> {
     if direct.connection().is_closed() {
-        return Err(GetError::Closed { completed });
+        return Err(GetError::Closed {
+            completed,
+            reason: close_reason(direct.connection()),
+        });
     }
     if start.elapsed() > deadline {
         return Err(GetError::TimedOut { completed });
     }
     Ok(())
+}
+
+/// Why a closed connection closed, for error messages.
+pub fn close_reason(conn: &quiche::Connection) -> String {
+    let describe = |side: &str, e: &quiche::ConnectionError| {
+        format!(
+            "{side} {} error 0x{:x} {:?}",
+            if e.is_app { "application" } else { "transport" },
+            e.error_code,
+            String::from_utf8_lossy(&e.reason)
+        )
+    };
+    if let Some(e) = conn.local_error() {
+        describe("local", e)
+    } else if let Some(e) = conn.peer_error() {
+        describe("peer", e)
+    } else if conn.is_timed_out() {
+        "idle timeout".to_string()
+    } else {
+        "closed".to_string()
+    }
 }
 
 /// A quiche client config for [`run_gets`] against [`H3Server`]: h3 ALPN, the server's
