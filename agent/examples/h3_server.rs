@@ -38,6 +38,8 @@ fn run(args: &Args) -> Result<(), String> {
         ..H3ServerConfig::default()
     };
     let mut server = H3Server::bind(args.listen, &cert, config).map_err(|e| e.to_string())?;
+    // Loaded: the files can go (so a killed server leaves nothing behind).
+    drop(cert);
     eprintln!(
         "h3_server: listening on {} ({config:?})",
         server.local_addr()

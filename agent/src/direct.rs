@@ -613,6 +613,7 @@ mod tests {
                     let cert = TestCert::new().unwrap();
                     let mut server =
                         H3Server::bind("127.0.0.1:0".parse().unwrap(), &cert, config).unwrap();
+                    drop(cert);
                     tx.send(server.local_addr()).unwrap();
                     server.run(&stop).unwrap();
                     server.stats()

@@ -54,6 +54,8 @@ impl Server {
             tb.spawn_in("srv", move || {
                 let cert = TestCert::new().expect("test certificate");
                 let mut server = H3Server::bind(addr, &cert, config).expect("server bind");
+                // Loaded into quiche: the files can go now.
+                drop(cert);
                 ready_tx.send(()).expect("test thread waits");
                 server.run(&stop).expect("server loop");
                 eprintln!("server: connections closed: {:?}", server.closes());

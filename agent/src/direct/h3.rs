@@ -78,7 +78,7 @@ xGaH0/H/TZxpLCogVP9npUkj\n\
 -----END PRIVATE KEY-----\n";
 
 /// [`TEST_CERT_PEM`] and [`TEST_KEY_PEM`] written to files (quiche loads PEM from paths), and
-/// removed again when dropped.
+/// removed again when dropped — which can be as soon as a config has loaded them.
 pub struct TestCert {
     cert: PathBuf,
     key: PathBuf,
