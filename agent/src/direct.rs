@@ -217,6 +217,7 @@ impl DirectConnection {
             sockets.push(socket);
         }
         drop(tx);
+        // `locals` is not empty and each one was bound, so there is a first socket.
         let first = sockets[0].addr;
         let (control_tx, control_rx) = mpsc::channel();
         let rng = ring::rand::SystemRandom::new();

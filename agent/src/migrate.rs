@@ -19,7 +19,10 @@
 //! once the new path has answered, so a hop never stalls a transfer on an unreachable or
 //! amplification-limited path: if the probe fails or times out the connection simply stays
 //! where it was and the hop is counted as failed. The cost is one round trip between the
-//! request and the switch, which is what [`MigrationStats`] reports as hop latency.
+//! request and the switch, which is what [`MigrationStats`] reports as hop latency. Right after
+//! the switch the driver queues an ack-eliciting packet (a PING if nothing else is due), so the
+//! server sees a non-probing packet from the new address and follows at once (RFC 9000 §9.2),
+//! even when the client is only waiting for data.
 //!
 //! # Connection IDs
 //!
@@ -28,13 +31,16 @@
 //!   must do the same (a quiche server does it in its application loop, as quiche-server does).
 //! - Each local address gets its own quiche path, and each path its own destination CID. When
 //!   the connection leaves an address, the destination CID it used there is retired
-//!   (RETIRE_CONNECTION_ID) after a grace of two RTTs (at least 10 ms), so a CID seen on the wire
+//!   (RETIRE_CONNECTION_ID) after a grace of two smoothed RTTs of the path left (at least
+//!   [`MigrationConfig::retire_grace_min_ms`], 10 ms), so a CID seen on the wire
 //!   from one address never appears from another; quiche gives the abandoned path a fresh,
 //!   never-sent CID (now or when the server's replacement arrives), which is what a later hop
 //!   back to that address uses. The grace is there because datagrams sent just before the hop
 //!   can arrive after the RETIRE_CONNECTION_ID (the kernel reorders datagrams of different
 //!   sockets), and a quiche server that receives a retired CID closes the connection. A hop
-//!   back within the grace uses the CID again, from the same address.
+//!   back within the grace uses the CID again, from the same address (allowed: RFC 9000 §9.5
+//!   forbids one CID from two addresses, not twice from one). In the other direction a quiche
+//!   server keeps the client CID it chose for each client address for the whole connection.
 //! - quiche keeps every path for the life of the connection, one per local address, and a
 //!   quiche server keeps one of the client's CIDs on each: a connection hops among at most the
 //!   server's `active_connection_id_limit` addresses ([`Migrator::path_budget`]; a hop to one
