@@ -27,7 +27,8 @@ pub struct QuicSettings {
     pub max_udp_payload_bytes: usize,
     /// Idle timeout, milliseconds.
     pub idle_timeout_ms: u64,
-    /// Connection IDs the peer may keep issued to us (≥ 4 for migration).
+    /// Connection IDs the peer may keep issued to us: ≥ 4 on the proxy so hopping clients find
+    /// spares; a hopping client uses 2 (see `client`).
     pub active_connection_id_limit: u64,
     /// Received and queued-to-send QUIC datagrams per connection; more is a counted drop.
     pub dgram_queue_len: usize,
@@ -76,9 +77,9 @@ impl QuicSettings {
                 self.max_udp_payload_bytes
             ));
         }
-        if self.active_connection_id_limit < 4 {
+        if self.active_connection_id_limit < 2 {
             return Err(format!(
-                "quic.active_connection_id_limit = {}: must be at least 4 so clients can migrate",
+                "quic.active_connection_id_limit = {}: must be at least 2 (RFC 9000 §18.2)",
                 self.active_connection_id_limit
             ));
         }
@@ -209,9 +210,11 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// The largest inner payload one HTTP datagram can carry on `conn` right now, after the
-/// Quarter Stream ID and Context ID fields.
-pub fn max_datagram_payload(conn: &quiche::Connection, quarter_stream_id: u64) -> Option<usize> {
-    conn.dgram_max_writable_len()
-        .map(|n| n.saturating_sub(crate::datagram::header_len(quarter_stream_id, 0)))
+/// The largest inner packet both ends carry for a UDP payload size, whatever the connection's
+/// state: the payload minus the QUIC short header at its largest (1 + 20-byte CID + 4-byte packet
+/// number), the AEAD tag (16), the DATAGRAM frame header (1 + 2-byte length) and the HTTP
+/// datagram header at its largest (8 + 1). The proxy enforces it and the client sizes its TUN
+/// device by it, so the two agree without negotiating.
+pub fn tunnel_mtu(max_udp_payload: usize) -> usize {
+    max_udp_payload.saturating_sub((1 + quiche::MAX_CONN_ID_LEN + 4) + 16 + 3 + 9)
 }

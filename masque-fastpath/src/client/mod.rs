@@ -12,6 +12,15 @@
 //! `probe_path` while traffic continues on the current one, then migrates (RFC 9000 §9). The
 //! agent's migration driver does the same with its hop strategies; this one is the proxy's own
 //! test of serving a migrating client.
+//!
+//! Connection IDs on a hopping client: quiche keeps a path, and the IDs linked to it, until the
+//! path holds no destination ID, and only then reuses its slot. So a hopping client asks for
+//! exactly two IDs each way (`active_connection_id_limit` 2): the active one and one spare. A hop
+//! probes with the spare, migrates, then retires the ID of the path it left; with no spare left
+//! at that moment, the old path is left without an ID and is recycled, and the proxy sends a
+//! fresh spare. On our side every hop issues a fresh source ID with Retire Prior To, so the
+//! proxy drops the oldest. The result: any number of hops to fresh addresses, and no ID ever
+//! sent from two addresses.
 
 use std::collections::HashMap;
 use std::io;
@@ -36,6 +45,8 @@ use crate::udp::UdpIo;
 const HEADROOM: usize = 16;
 const MAX_INNER: usize = 65_535;
 const BURST: usize = 64;
+/// How long a hop's probe may go unanswered before the hop is given up.
+const HOP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -101,6 +112,10 @@ pub struct ClientStats {
     pub hops_done: u64,
     /// Hops that failed (no spare CID, validation failed).
     pub hops_failed: u64,
+    /// Hops postponed because no spare connection ID had arrived yet.
+    pub hops_deferred: u64,
+    /// Paths forgotten after hops (their connection IDs retired).
+    pub paths_abandoned: u64,
     /// Assigned addresses.
     pub addresses: Vec<String>,
     /// Tunnel MTU used.
@@ -134,6 +149,7 @@ pub struct Client {
     conn: quiche::Connection,
     h3: Option<quiche::h3::Connection>,
     h3cfg: quiche::h3::Config,
+    rng: SystemRandom,
     paths: Vec<Path>,
     next_bind: usize,
     pending_hop: Option<SocketAddr>,
@@ -180,6 +196,7 @@ impl Client {
             .map_err(|e| ClientError::Setup(format!("qlog/keylog: {e}")))?;
         Ok(Client {
             h3cfg: quic::h3_config().map_err(ClientError::Setup)?,
+            rng: SystemRandom::new(),
             conn,
             h3: None,
             paths: vec![Path { io }],
@@ -263,6 +280,7 @@ impl Client {
             if ready {
                 self.from_local();
                 self.maybe_hop();
+                self.abandon_old_paths();
             }
             self.flush();
         }
@@ -306,6 +324,14 @@ impl Client {
     }
 
     fn on_quic_events(&mut self) -> Result<(), ClientError> {
+        // Spare source connection IDs: each new path needs one of ours as well as one of the
+        // proxy's.
+        while self.conn.is_established() && self.conn.scids_left() > 0 {
+            let (cid, token) = quic::new_cid(&self.rng);
+            if self.conn.new_scid(&cid, token, false).is_err() {
+                break;
+            }
+        }
         if self.h3.is_none() && self.conn.is_established() {
             let h3 = quiche::h3::Connection::with_transport(&mut self.conn, &self.h3cfg)
                 .map_err(|e| ClientError::Connection(e.to_string()))?;
@@ -448,7 +474,11 @@ impl Client {
     /// Opens the TUN device or the local UDP socket.
     fn setup_local(&mut self) -> Result<(), ClientError> {
         let qsid = self.stream.unwrap_or(0) / 4;
-        let fits = quic::max_datagram_payload(&self.conn, qsid).unwrap_or(1280);
+        let now = self
+            .conn
+            .dgram_max_writable_len()
+            .map_or(0, |n| n.saturating_sub(datagram::header_len(qsid, 0)));
+        let fits = quic::tunnel_mtu(self.cfg.quic.max_udp_payload_bytes).min(now);
         match &self.mode {
             Mode::Ip { tun, routes, .. } => {
                 let mtu = fits;
@@ -532,7 +562,23 @@ impl Client {
         let Some(every) = self.cfg.hop_every else {
             return;
         };
-        if self.pending_hop.is_some() || self.last_hop.elapsed() < every {
+        if let Some(local) = self.pending_hop {
+            // A probe that is neither validated nor failed within the hop timeout is given up;
+            // the connection stays where it is.
+            if self.last_hop.elapsed() > HOP_TIMEOUT {
+                tracing::info!("hop to {local}: no answer to the probe in {HOP_TIMEOUT:?}");
+                self.stats.hops_failed += 1;
+                self.pending_hop = None;
+            }
+            return;
+        }
+        if self.last_hop.elapsed() < every {
+            return;
+        }
+        if self.conn.available_dcids() == 0 {
+            // No spare connection ID from the proxy yet (it replaces retired ones within a round
+            // trip): try again on the next pass.
+            self.stats.hops_deferred += 1;
             return;
         }
         self.last_hop = Instant::now();
@@ -555,24 +601,47 @@ impl Client {
                 self.stats.hops_started += 1;
                 self.pending_hop = Some(local);
                 self.paths.push(Path { io });
-                // Keep the active path, the one being probed and the one before (its packets
-                // may still be in flight).
-                if self.paths.len() > 3 {
-                    let active = self.conn.path_stats().find(|p| p.active).map(|p| p.local_addr);
-                    let victim = self
-                        .paths
-                        .iter()
-                        .position(|p| Some(p.io.local_addr()) != active && p.io.local_addr() != local);
-                    if let Some(i) = victim {
-                        self.paths.remove(i);
-                    }
-                }
             }
             Err(e) => {
-                tracing::debug!("hop: probe_path: {e}");
+                tracing::info!(
+                    "hop to {local}: probe_path: {e} (spare proxy IDs {}, our IDs active {}, paths {})",
+                    self.conn.available_dcids(),
+                    self.conn.active_scids(),
+                    self.conn.path_stats().count()
+                );
                 self.stats.hops_failed += 1;
             }
         }
+    }
+
+    /// Forgets the paths the connection left once nothing is in flight on them: quiche then
+    /// retires their connection IDs (never to be used from another address) and frees their
+    /// slots for the next hops (`abandon_path`, vendor/quiche/MIMIQ-PATCH.md).
+    fn abandon_old_paths(&mut self) {
+        if self.paths.len() <= 1 {
+            return;
+        }
+        let active = self.conn.path_stats().find(|p| p.active).map(|p| p.local_addr);
+        let proxy = self.cfg.proxy;
+        let pending = self.pending_hop;
+        let conn = &mut self.conn;
+        let stats = &mut self.stats;
+        self.paths.retain(|p| {
+            let local = p.io.local_addr();
+            if Some(local) == active || Some(local) == pending {
+                return true;
+            }
+            match conn.abandon_path(local, proxy) {
+                Ok(()) => {
+                    stats.paths_abandoned += 1;
+                    false
+                }
+                // Bytes still in flight there: keep the socket for their acknowledgements.
+                Err(quiche::Error::Done) => true,
+                // quiche no longer knows the path (a probe that failed): drop the socket.
+                Err(_) => false,
+            }
+        });
     }
 
     fn flush(&mut self) {

@@ -111,6 +111,12 @@ impl ProxyConfig {
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), String> {
         self.quic.validate()?;
+        if self.quic.active_connection_id_limit < 4 {
+            return Err(format!(
+                "quic.active_connection_id_limit = {}: must be at least 4 so hopping clients find spare connection IDs",
+                self.quic.active_connection_id_limit
+            ));
+        }
         if self.max_sessions_per_connection == 0 || self.max_connections == 0 {
             return Err("max_connections and max_sessions_per_connection must be at least 1".into());
         }
@@ -187,7 +193,8 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             ("[quic]\nmax_udp_payload_bytes = 1200\n", "max_udp_payload_bytes"),
-            ("[quic]\nactive_connection_id_limit = 2\n", "active_connection_id_limit"),
+            ("[quic]\nactive_connection_id_limit = 3\n", "active_connection_id_limit"),
+            ("[quic]\nactive_connection_id_limit = 1\n", "active_connection_id_limit"),
             ("[quic]\ncongestion_control = \"vegas\"\n", "congestion_control"),
             ("[ip]\npool_v4 = \"198.18.0.0\"\n", "pool_v4"),
             ("[ip]\npool_v4 = \"fd00::/64\"\n", "pool_v4"),

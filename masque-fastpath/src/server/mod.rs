@@ -69,6 +69,8 @@ pub struct Stats {
     pub peer_migrations: u64,
     /// Connection IDs issued after the handshake.
     pub cids_issued: u64,
+    /// Paths forgotten after a client migrated away from them.
+    pub paths_abandoned: u64,
     /// Sessions started, by protocol.
     pub sessions_ip: u64,
     /// CONNECT-UDP sessions started.
@@ -163,6 +165,8 @@ struct Client {
     /// Connection IDs routed to this client.
     cids: Vec<quiche::ConnectionId<'static>>,
     peer: SocketAddr,
+    /// Paths the client migrated away from may still be known to quiche.
+    old_paths: bool,
 }
 
 /// A running proxy.
@@ -200,10 +204,7 @@ impl Proxy {
         })?;
         let mut io = UdpIo::bind(cfg.listen).map_err(|e| e.to_string())?;
         io.set_max_payload(cfg.quic.max_udp_payload_bytes);
-        // What one datagram can carry on this configuration: UDP payload minus the QUIC short
-        // header (1 + CID + 4-byte packet number), the AEAD tag (16), the DATAGRAM frame header
-        // (1 + 2-byte length) and the HTTP datagram header (up to 8 + 1).
-        let fits = cfg.quic.max_udp_payload_bytes - (1 + quic::CID_LEN + 4) - 16 - 3 - 9;
+        let fits = quic::tunnel_mtu(cfg.quic.max_udp_payload_bytes);
         let (mut pool, mut tun, mut tunnel_mtu) = (HostPool::default(), None, fits);
         if let Some(ip) = &cfg.ip {
             tunnel_mtu = ip.tunnel_mtu.unwrap_or(fits);
@@ -418,12 +419,17 @@ impl Proxy {
                 };
                 let id = self.next_client;
                 self.next_client += 1;
+                // The client's retransmitted Initials still carry the DCID it chose: route them
+                // to this connection too, or each would open another.
+                let odcid = hdr.dcid.clone().into_owned();
+                self.by_cid.insert(odcid.clone(), id);
                 let mut client = Client {
                     conn,
                     h3: None,
                     sessions: HashMap::new(),
-                    cids: vec![scid.clone()],
+                    cids: vec![scid.clone(), odcid],
                     peer: from,
+                    old_paths: false,
                 };
                 if let Err(e) = self.cfg.quic.instrument(&mut client.conn, "proxy") {
                     tracing::warn!("qlog/keylog: {e}");
@@ -479,6 +485,31 @@ impl Proxy {
         while let Some(old) = c.conn.retired_scid_next() {
             self.by_cid.remove(&old);
             c.cids.retain(|x| *x != old);
+        }
+        // A hopping client leaves a path behind at every hop: forget those with nothing in
+        // flight, which retires the client's connection ID used there and frees the slot
+        // (vendor/quiche/MIMIQ-PATCH.md). Without it the connection stops accepting new
+        // addresses after `active_connection_id_limit` of them.
+        while let Some(ev) = c.conn.path_event_next() {
+            if let quiche::PathEvent::PeerMigrated(..) = ev {
+                c.old_paths = true;
+            }
+        }
+        if c.old_paths {
+            let old: Vec<(SocketAddr, SocketAddr)> = c
+                .conn
+                .path_stats()
+                .filter(|p| !p.active)
+                .map(|p| (p.local_addr, p.peer_addr))
+                .collect();
+            let mut left = 0;
+            for (local, peer) in old {
+                match c.conn.abandon_path(local, peer) {
+                    Ok(()) => self.stats.paths_abandoned += 1,
+                    Err(_) => left += 1,
+                }
+            }
+            c.old_paths = left > 0;
         }
         if c.h3.is_none() && (c.conn.is_established() || c.conn.is_in_early_data()) {
             match quiche::h3::Connection::with_transport(&mut c.conn, &self.h3) {
