@@ -9,8 +9,12 @@
 //! so they are tested on a virtual clock. Each value is owned by one thread (the agent's event
 //! loop); none is shared. Nothing here panics on input: bad configs are errors.
 //!
-//! Not built yet (ARCHITECTURE.md §2): the allocator client, netlink address management, the
-//! quiche migration driver, tunnel and direct modes; the `mimiq-agent` binary is a placeholder.
+//! The I/O shells around it: [`addr`] (addresses on the host over netlink), [`alloc_client`]
+//! (the allocator through the access switch's relay), [`migrate`] (the quiche migration driver)
+//! and [`direct`] (direct mode: any quiche client connection hops between local addresses).
+//!
+//! Not built yet: tunnel mode (the agent as CONNECT-IP client), the config wiring of these
+//! pieces, and the `mimiq-agent` binary, which is still a placeholder.
 #![forbid(unsafe_code)]
 
 /// The agent's addresses on the host interface (netlink; IPv6 /128 nodad, IPv4 /32).
