@@ -45,6 +45,8 @@ const HEADROOM: usize = 16;
 const MAX_INNER: usize = 65_535;
 /// Packets read from the TUN device or one UDP socket per pass.
 const EGRESS_BURST: usize = 64;
+/// H3_MESSAGE_ERROR (RFC 9114 §8.1): the stream error for a malformed request.
+const H3_MESSAGE_ERROR: u64 = 0x10e;
 
 /// Proxy-wide counters (`stats_file`, the log at exit).
 #[derive(Debug, Default, Clone, Serialize)]
@@ -85,6 +87,9 @@ pub struct Stats {
     pub dgram_unknown_stream: u64,
     /// Datagrams dropped because the connection's send queue was full (back-pressure).
     pub dgram_queue_full: u64,
+    /// Datagrams quiche discarded because the connection's receive queue (`quic.dgram_queue_len`)
+    /// was full: the oldest waiting one goes. A packet can carry hundreds of small datagrams.
+    pub dgram_recv_queue_full: u64,
     /// Inner packets larger than the connection can carry in a datagram.
     pub dgram_too_big: u64,
     /// Capsule-stream errors (the request stream is reset).
@@ -191,6 +196,8 @@ pub struct Proxy {
     buf: Vec<u8>,
     reply: Vec<u8>,
     dirty: Vec<u64>,
+    /// Datagrams quiche received on connections that have closed (for `dgram_recv_queue_full`).
+    closed_dgram_recv: u64,
 }
 
 impl Proxy {
@@ -252,6 +259,7 @@ impl Proxy {
             buf: vec![0; HEADROOM + MAX_INNER],
             reply: vec![0; 2048],
             dirty: Vec::new(),
+            closed_dgram_recv: 0,
             cfg,
         })
     }
@@ -269,6 +277,12 @@ impl Proxy {
     /// Counters so far.
     pub fn stats(&mut self) -> Stats {
         self.stats.connections_open = self.clients.len() as u64;
+        // quiche drops datagrams from a full receive queue without telling: what it received,
+        // less what was read and what still waits, is what it dropped.
+        let (received, waiting) = self.clients.values().fold((self.closed_dgram_recv, 0), |(r, w), c| {
+            (r + c.conn.stats().dgram_recv as u64, w + c.conn.dgram_recv_queue_len() as u64)
+        });
+        self.stats.dgram_recv_queue_full = received.saturating_sub(self.stats.dgram_rx + waiting);
         self.stats.socket_send_errors = self.io.send_errors;
         self.stats.socket_send_dropped = self.io.send_dropped;
         self.stats.burst_ns = Percentiles::of(&self.burst_hist);
@@ -546,9 +560,8 @@ impl Proxy {
             match ev {
                 quiche::h3::Event::Headers { list, .. } => self.on_request(id, sid, &list),
                 quiche::h3::Event::Data => self.on_stream_data(id, sid),
-                quiche::h3::Event::Finished | quiche::h3::Event::Reset(_) => {
-                    self.end_session(id, sid)
-                }
+                quiche::h3::Event::Finished => self.on_finished(id, sid),
+                quiche::h3::Event::Reset(_) => self.end_session(id, sid),
                 _ => {}
             }
         }
@@ -756,13 +769,41 @@ impl Proxy {
         }
         if error {
             // A malformed capsule is a stream error (RFC 9297 §3.3): reset this request only.
+            //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1.2
+            //# Malformed requests or responses that are
+            //# detected MUST be treated as a stream error of type H3_MESSAGE_ERROR.
             self.stats.capsule_errors += 1;
             let _ = c
                 .conn
-                .stream_shutdown(sid, quiche::Shutdown::Write, 0x10c);
-            let _ = c.conn.stream_shutdown(sid, quiche::Shutdown::Read, 0x10c);
+                .stream_shutdown(sid, quiche::Shutdown::Write, H3_MESSAGE_ERROR);
+            let _ = c.conn.stream_shutdown(sid, quiche::Shutdown::Read, H3_MESSAGE_ERROR);
             self.end_session(id, sid);
         }
+    }
+
+    /// The client ended its request stream: the session ends, and a capsule cut short by the end
+    /// of the stream is a malformed request.
+    fn on_finished(&mut self, id: u64, sid: u64) {
+        let truncated = self
+            .clients
+            .get(&id)
+            .and_then(|c| c.sessions.get(&sid))
+            .is_some_and(|s| s.decoder.finish(&s.inbuf).is_err());
+        if truncated {
+            //= https://www.rfc-editor.org/rfc/rfc9297#section-3.3
+            //# If the receive side of a stream carrying capsules is terminated
+            //# cleanly (for example, in HTTP/3 this is defined as receiving a QUIC
+            //# STREAM frame with the FIN bit set) and the last capsule on the stream
+            //# was truncated, this MUST be treated as if it were a malformed or
+            //# incomplete message.
+            self.stats.capsule_errors += 1;
+            if let Some(c) = self.clients.get_mut(&id) {
+                let _ = c
+                    .conn
+                    .stream_shutdown(sid, quiche::Shutdown::Write, H3_MESSAGE_ERROR);
+            }
+        }
+        self.end_session(id, sid);
     }
 
     fn end_session(&mut self, id: u64, sid: u64) {
@@ -956,6 +997,7 @@ impl Proxy {
                 retire_session(s, &mut self.pool, &mut self.by_addr, &mut self.by_fd, &mut self.stats);
             }
             self.stats.connections_closed += 1;
+            self.closed_dgram_recv += c.conn.stats().dgram_recv as u64;
             tracing::info!(stats = ?c.conn.stats(), "connection closed");
         }
     }
