@@ -17,10 +17,51 @@ pub fn count_frames(
     matches: impl Fn(&[u8]) -> bool + Send + 'static,
 ) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<usize>>>, TestbedError> {
     let ifname = std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
-    tb.spawn_in(host, move || capture(&ifname, duration, &matches))
+    tb.spawn_in(host, move || {
+        let mut count = 0;
+        capture(&ifname, duration, &mut |frame: &[u8]| {
+            if matches(frame) {
+                count += 1;
+            }
+        })
+        .map(|()| count)
+    })
 }
 
-fn capture(ifname: &std::ffi::CStr, duration: Duration, matches: &dyn Fn(&[u8]) -> bool) -> std::io::Result<usize> {
+/// One frame that [`record_frames`] kept.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// When it was read, since the capture started.
+    pub at: Duration,
+    /// The frame, Ethernet header first, as the socket returned it (at most 2048 bytes; veths
+    /// in a testbed have offloads off, so frames are never larger than the MTU).
+    pub bytes: Vec<u8>,
+}
+
+/// Starts recording, on `host`'s `ifname`, the frames (in both directions) for which `matches`
+/// holds, for `duration`; join the handle for them, in the order they were read. For sizing
+/// packets from a capture: one allocation per frame kept, so keep the traffic light.
+pub fn record_frames(
+    tb: &Testbed,
+    host: &str,
+    ifname: &str,
+    duration: Duration,
+    matches: impl Fn(&[u8]) -> bool + Send + 'static,
+) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<Vec<Frame>>>>, TestbedError> {
+    let ifname = std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
+    tb.spawn_in(host, move || {
+        let started = Instant::now();
+        let mut frames = Vec::new();
+        capture(&ifname, duration, &mut |frame: &[u8]| {
+            if matches(frame) {
+                frames.push(Frame { at: started.elapsed(), bytes: frame.to_vec() });
+            }
+        })
+        .map(|()| frames)
+    })
+}
+
+fn capture(ifname: &std::ffi::CStr, duration: Duration, on_frame: &mut dyn FnMut(&[u8])) -> std::io::Result<()> {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2) call; the result is checked and closed below.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
@@ -51,16 +92,15 @@ fn capture(ifname: &std::ffi::CStr, duration: Duration, matches: &dyn Fn(&[u8]) 
             libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&timeout as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
         }
         let mut buf = [0u8; 2048];
-        let mut count = 0;
         let deadline = Instant::now() + duration;
         while Instant::now() < deadline {
             // SAFETY: `buf` is a live buffer of the length passed.
             let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 && matches(&buf[..n as usize]) {
-                count += 1;
+            if n > 0 {
+                on_frame(&buf[..n as usize]);
             }
         }
-        Ok(count)
+        Ok(())
     })();
     // SAFETY: `fd` is ours and closed once.
     unsafe { libc::close(fd) };

@@ -86,6 +86,17 @@ enum Bench {
         #[arg(long, default_value = "target/experiments/single-box")]
         out: std::path::PathBuf,
     },
+    /// The MASQUE proxy (issue 6): overhead per packet from captures, the largest inner packet,
+    /// goodput, packets per second and proxy CPU per GB for CONNECT-IP and CONNECT-UDP, next to
+    /// the kernel's forwarding between the same namespaces.
+    Masque {
+        /// Seconds of traffic per throughput run.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        seconds: u32,
+        /// Directory for results.json and results.md.
+        #[arg(long, default_value = "target/experiments/masque")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -149,6 +160,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (runs, md) = mimiq_perf::experiments::single_box::compare(seconds, bindings, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;
             write_results(&out, &runs, &md)?;
+        }
+        Command::Bench { bench: Bench::Masque { seconds, out } } => {
+            let (results, md) = mimiq_perf::experiments::masque::compare(seconds, &mut |l| println!("{l}"))
+                .map_err(anyhow::Error::msg)?;
+            write_results(&out, &results, &md)?;
         }
         Command::Bench { bench: Bench::L2fwd { seconds, out } } => {
             let (runs, md) = mimiq_perf::experiments::l2fwd::compare(seconds, &mut |l| println!("{l}"))

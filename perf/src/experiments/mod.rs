@@ -3,4 +3,5 @@
 
 pub mod forwarding;
 pub mod l2fwd;
+pub mod masque;
 pub mod single_box;

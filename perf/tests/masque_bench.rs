@@ -1,0 +1,33 @@
+//! `mimiq-perf bench masque` end to end with one second per throughput run: the captures find
+//! the tunnel's framing, the MTU checks hold, and every path moves traffic.
+
+use mimiq_perf::experiments::masque::{compare, Path, Proto};
+use mimiq_perf::testbed::require_root;
+
+#[test]
+fn masque_bench_measures_framing_mtu_and_throughput_for_both_tunnels() {
+    if !require_root() {
+        return;
+    }
+    let (r, md) = compare(1, &mut |_| {}).unwrap();
+    // Every size in both directions was seen once inside and once outside per exchange, and the
+    // smallest framing (no ACK riding along) fits the formula's worst case.
+    assert_eq!(r.overhead.len(), 24, "{md}");
+    for o in &r.overhead {
+        assert_eq!(o.inner_packets, o.outer_packets, "{o:?}\n{md}");
+        assert!(o.inner_packets >= 20, "{o:?}");
+        assert!(o.framing_min_bytes > 0 && o.framing_min_bytes <= r.formula_overhead_bytes, "{o:?}");
+    }
+    for m in &r.mtu {
+        assert!(m.at_mtu_ok, "{m:?}");
+        if m.proto == Proto::ConnectIp {
+            assert!(m.above_mtu_refused, "{m:?}");
+        }
+    }
+    for t in &r.throughput {
+        assert!(t.payload_bytes > 0, "{t:?}");
+        if t.path != Path::KernelForwarding {
+            assert!(t.proxy_cpu_s_per_gb.is_some_and(|c| c > 0.0), "{t:?}");
+        }
+    }
+}
