@@ -47,6 +47,8 @@ const MAX_INNER: usize = 65_535;
 const EGRESS_BURST: usize = 64;
 /// H3_MESSAGE_ERROR (RFC 9114 §8.1): the stream error for a malformed request.
 const H3_MESSAGE_ERROR: u64 = 0x10e;
+/// H3_DATAGRAM_ERROR (RFC 9297 §2.1): the connection error for a malformed HTTP/3 datagram.
+const H3_DATAGRAM_ERROR: u64 = 0x33;
 
 /// Proxy-wide counters (`stats_file`, the log at exit).
 #[derive(Debug, Default, Clone, Serialize)]
@@ -83,12 +85,14 @@ pub struct Stats {
     pub dgram_rx: u64,
     /// HTTP/3 datagrams sent.
     pub dgram_tx: u64,
-    /// Datagrams with a bad Quarter Stream ID or for no session.
+    /// Datagrams with a bad Quarter Stream ID (the connection is closed with H3_DATAGRAM_ERROR)
+    /// or for no session (dropped).
     pub dgram_unknown_stream: u64,
     /// Datagrams dropped because the connection's send queue was full (back-pressure).
     pub dgram_queue_full: u64,
-    /// Datagrams quiche discarded because the connection's receive queue (`quic.dgram_queue_len`)
-    /// was full: the oldest waiting one goes. A packet can carry hundreds of small datagrams.
+    /// Datagrams quiche received that were never read: discarded because the connection's
+    /// receive queue (`quic.dgram_queue_len`) was full (the oldest waiting one goes; a packet can
+    /// carry hundreds of small datagrams), or still queued when the connection closed.
     pub dgram_recv_queue_full: u64,
     /// Inner packets larger than the connection can carry in a datagram.
     pub dgram_too_big: u64,
@@ -829,8 +833,14 @@ impl Proxy {
             };
             self.stats.dgram_rx += 1;
             let Ok(h) = H3Datagram::parse(&buf[..len]) else {
+                //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+                //# Receipt of a QUIC DATAGRAM frame whose payload is too short to allow
+                //# parsing the Quarter Stream ID field MUST be treated as an HTTP/3
+                //# connection error of type H3_DATAGRAM_ERROR (0x33).
+                // (A Quarter Stream ID above 2^60-1 too: `H3Datagram::parse`.)
                 self.stats.dgram_unknown_stream += 1;
-                continue;
+                let _ = c.conn.close(true, H3_DATAGRAM_ERROR, b"malformed HTTP/3 datagram");
+                break;
             };
             let sid = h.stream_id();
             let qsid = h.quarter_stream_id;
