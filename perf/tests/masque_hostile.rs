@@ -35,6 +35,8 @@ const TUNNEL_MTU: usize = 1280;
 const ICMP_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
 /// H3_MESSAGE_ERROR (RFC 9114 §8.1): the code a malformed request is reset with.
 const H3_MESSAGE_ERROR: u64 = 0x10e;
+/// H3_DATAGRAM_ERROR (RFC 9297 §2.1): the connection error for a malformed HTTP/3 datagram.
+const H3_DATAGRAM_ERROR: u64 = 0x33;
 /// How long the flood runs.
 const FLOOD: Duration = Duration::from_secs(3);
 /// Growth of the proxy's resident memory that the flood may cause, at most.
@@ -57,6 +59,11 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     );
     let mut proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", &ip).unwrap();
     echo_server(&tb, "s", SocketAddr::new(addr::SERVER_V4.parse().unwrap(), ECHO_PORT));
+
+    // The client host's kernel sends nothing of its own through the tunnel (router solicitations,
+    // link-local chatter): the proxy would count it as spoofed, next to the hostile client's.
+    tb.sysctl("c", "net.ipv6.conf.default.router_solicitations", "0").unwrap();
+    tb.sysctl("c", "net.ipv6.conf.default.addr_gen_mode", "1").unwrap();
 
     // The well-behaved client, up before the attack and pinging through it.
     let url = format!("{}:4433", addr::PROXY_V4);
@@ -342,6 +349,35 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
         "the proxy grew from {rss_before} to {rss_after} kB under the flood"
     );
 
+    // ---- Datagrams without a valid Quarter Stream ID: each costs its sender the connection ----
+    let mut closed = Vec::new();
+    for (what, bytes) in [
+        ("no Quarter Stream ID", Vec::new()),
+        // 2^62-1 in an 8-byte varint, then Context ID 0.
+        ("Quarter Stream ID above 2^60-1", vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00]),
+    ] {
+        let sock = tb
+            .run_in("c", || UdpSocket::bind(format!("{HOSTILE_V4}:0")))
+            .unwrap()
+            .unwrap();
+        let mut bad = Hostile::connect(sock, proxy_addr);
+        bad.pump_until(Duration::from_secs(5), |h| h.h3.is_some());
+        bad.send_raw_datagram(&bytes);
+        bad.pump_until(Duration::from_secs(3), |h| h.conn.is_closed() || h.conn.peer_error().is_some());
+        closed.push((what, bad.conn.peer_error().map(|e| (e.is_app, e.error_code))));
+    }
+    //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+    //# Receipt of a QUIC DATAGRAM frame whose payload is too short to allow
+    //# parsing the Quarter Stream ID field MUST be treated as an HTTP/3
+    //# connection error of type H3_DATAGRAM_ERROR (0x33).
+    //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+    //# Receipt of an
+    //# HTTP/3 Datagram that includes a larger value MUST be treated as an
+    //# HTTP/3 connection error of type H3_DATAGRAM_ERROR (0x33).
+    for (what, error) in closed {
+        assert_eq!(error, Some((true, H3_DATAGRAM_ERROR)), "{what}");
+    }
+
     // ---- After: both clients are served; the hostile one's healthy session still works ----
     ping(&tb, "c", addr::SERVER_V4, 10).unwrap_or_else(|e| panic!("after the flood: {e}; {}", good.describe()));
     ping(&tb, "c", addr::SERVER_V6, 5).unwrap_or_else(|e| panic!("after the flood (IPv6): {e}"));
@@ -349,7 +385,9 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     h.pump_until(Duration::from_secs(3), |h| h.dgrams.iter().any(|d| is_echo(d)));
     assert!(h.dgrams.iter().any(|d| is_echo(d)), "the hostile client's healthy session stopped");
     let end = proxy.stats_after_interval().unwrap();
-    assert_eq!(delta(&before, &end, &["connections_closed"]), 0, "{end}");
+    assert_eq!(delta(&flooded, &end, &["connections_closed"]), 2, "{end}");
+    assert_eq!(delta(&flooded, &end, &["dgram_unknown_stream"]), 2, "{end}");
+    assert_eq!(delta(&flooded, &end, &["connections_accepted"]), 2, "{end}");
     assert_eq!(end["sessions_ip"], before["sessions_ip"].as_u64().unwrap() + sessions_opened, "{end}");
     stop_client(&mut good).unwrap();
     eprintln!("masque_hostile took {:?}", started.elapsed());
@@ -583,13 +621,8 @@ impl Hostile {
     }
 
     fn flush(&mut self) {
-        loop {
-            match self.conn.send(&mut self.out) {
-                Ok((n, info)) => {
-                    let _ = self.sock.send_to(&self.out[..n], info.to);
-                }
-                Err(_) => break,
-            }
+        while let Ok((n, info)) = self.conn.send(&mut self.out) {
+            let _ = self.sock.send_to(&self.out[..n], info.to);
         }
     }
 }
