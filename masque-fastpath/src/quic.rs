@@ -7,6 +7,8 @@
 
 use std::fs::File;
 use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 use std::path::{Path, PathBuf};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -217,4 +219,89 @@ pub fn hex(b: &[u8]) -> String {
 /// device by it, so the two agree without negotiating.
 pub fn tunnel_mtu(max_udp_payload: usize) -> usize {
     max_udp_payload.saturating_sub((1 + quiche::MAX_CONN_ID_LEN + 4) + 16 + 3 + 9)
+}
+
+/// The paths a connection left, forgotten once nothing is in flight on them
+/// (`Connection::abandon_path`, vendor/quiche/MIMIQ-PATCH.md): that retires the connection ID used
+/// there, so it is never seen from another address, and frees quiche's path slot for the next one.
+/// Without it a connection stops accepting new addresses after `active_connection_id_limit` of
+/// them. Both ends of a hopping connection keep one.
+///
+/// Only paths that were active and were left, or whose validation failed, are forgotten: a path
+/// being probed is not active either, and forgetting it would drop the PATH_RESPONSE the probe
+/// waits for. A path whose last packets are never acknowledged (sent to an address the peer had
+/// already left) is forced out after [`LeftPaths::FORCE_AFTER_RTTS`] round trips; its
+/// unacknowledged frames are retransmitted on the active path.
+#[derive(Debug, Default)]
+pub struct LeftPaths {
+    active: Option<(SocketAddr, SocketAddr)>,
+    left: Vec<(SocketAddr, SocketAddr, Instant)>,
+}
+
+impl LeftPaths {
+    /// Round trips of the active path (at least [`LeftPaths::FORCE_AFTER_MIN`]) after which a
+    /// path left is forgotten even with packets in flight.
+    pub const FORCE_AFTER_RTTS: u32 = 4;
+    /// The least time before a path left is forced out.
+    pub const FORCE_AFTER_MIN: Duration = Duration::from_millis(100);
+
+    /// Notes a path event that `path_event_next` returned.
+    pub fn on_event(&mut self, ev: &quiche::PathEvent, now: Instant) {
+        if let quiche::PathEvent::FailedValidation(local, peer) = *ev {
+            self.push(local, peer, now);
+        }
+    }
+
+    /// Notes the active path and forgets the paths left that are done; returns how many were
+    /// forgotten. Call after every burst of `recv`.
+    pub fn forget(&mut self, conn: &mut quiche::Connection, now: Instant) -> usize {
+        let active = conn.path_stats().find(|p| p.active);
+        let force_after = active
+            .as_ref()
+            .map_or(Duration::ZERO, |p| p.rtt * Self::FORCE_AFTER_RTTS)
+            .max(Self::FORCE_AFTER_MIN);
+        let active = active.map(|p| (p.local_addr, p.peer_addr));
+        if active != self.active {
+            if let Some((local, peer)) = self.active {
+                self.push(local, peer, now);
+            }
+            self.active = active;
+        }
+        let mut forgotten = 0;
+        self.left.retain(|&(local, peer, since)| {
+            if Some((local, peer)) == active {
+                // The connection came back to it.
+                return false;
+            }
+            let force = now.saturating_duration_since(since) >= force_after;
+            match conn.abandon_path(local, peer, force) {
+                Ok(()) => {
+                    forgotten += 1;
+                    false
+                }
+                // Bytes in flight there: try again later.
+                Err(quiche::Error::Done) => true,
+                // quiche no longer knows it.
+                Err(_) => false,
+            }
+        });
+        forgotten
+    }
+
+    /// Paths left and not forgotten yet.
+    pub fn pending(&self) -> usize {
+        self.left.len()
+    }
+
+    /// Whether `local` (to any peer) is a path left and not forgotten yet: its socket must stay
+    /// open for the acknowledgements still due there.
+    pub fn holds(&self, local: SocketAddr) -> bool {
+        self.left.iter().any(|&(l, _, _)| l == local)
+    }
+
+    fn push(&mut self, local: SocketAddr, peer: SocketAddr, now: Instant) {
+        if !self.left.iter().any(|&(l, p, _)| (l, p) == (local, peer)) {
+            self.left.push((local, peer, now));
+        }
+    }
 }

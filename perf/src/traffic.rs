@@ -44,7 +44,11 @@ pub fn iperf3_with(
         .spawn(server, &["iperf3", "-s", "-1", "-p", "5201"], false)
         .map_err(|e| e.to_string())?;
     let secs = seconds.to_string();
-    let mut args = vec!["iperf3", "-c", server_addr, "-p", "5201", "-t", &secs, "-J"];
+    // A tunnel that dies under iperf3 leaves it spinning forever: bound it.
+    let limit = (seconds + 30).to_string();
+    let mut args = vec![
+        "timeout", "-k", "5", &limit, "iperf3", "-c", server_addr, "-p", "5201", "-t", &secs, "-J",
+    ];
     args.extend_from_slice(extra);
     let mut last_err = String::new();
     for _ in 0..50 {

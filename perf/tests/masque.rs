@@ -123,7 +123,6 @@ fn connect_udp_exchanges_datagrams_with_a_target() {
 }
 
 #[test]
-#[ignore = "open: after the first hop the probe of the second is never answered and the tunnel stalls (issue 6 note)"]
 fn a_client_that_migrates_every_200_ms_keeps_its_tunnel_through_a_tcp_transfer() {
     if !require_root() {
         return;

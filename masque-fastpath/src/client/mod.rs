@@ -153,6 +153,8 @@ pub struct Client {
     paths: Vec<Path>,
     next_bind: usize,
     pending_hop: Option<SocketAddr>,
+    /// Paths left, to forget.
+    left_paths: quic::LeftPaths,
     last_hop: Instant,
     stream: Option<u64>,
     status: Option<u16>,
@@ -202,6 +204,7 @@ impl Client {
             paths: vec![Path { io }],
             next_bind: 1,
             pending_hop: None,
+            left_paths: quic::LeftPaths::default(),
             last_hop: Instant::now(),
             stream: None,
             status: None,
@@ -417,6 +420,7 @@ impl Client {
         }
         // Path events: a validated probe becomes the active path.
         while let Some(ev) = self.conn.path_event_next() {
+            self.left_paths.on_event(&ev, Instant::now());
             match ev {
                 quiche::PathEvent::Validated(local, peer) => {
                     if self.pending_hop == Some(local) {
@@ -614,33 +618,14 @@ impl Client {
         }
     }
 
-    /// Forgets the paths the connection left once nothing is in flight on them: quiche then
-    /// retires their connection IDs (never to be used from another address) and frees their
-    /// slots for the next hops (`abandon_path`, vendor/quiche/MIMIQ-PATCH.md).
+    /// Forgets the paths the connection left (quic::LeftPaths) and closes their sockets.
     fn abandon_old_paths(&mut self) {
-        if self.paths.len() <= 1 {
-            return;
-        }
+        self.stats.paths_abandoned += self.left_paths.forget(&mut self.conn, Instant::now()) as u64;
         let active = self.conn.path_stats().find(|p| p.active).map(|p| p.local_addr);
-        let proxy = self.cfg.proxy;
-        let pending = self.pending_hop;
-        let conn = &mut self.conn;
-        let stats = &mut self.stats;
+        let (pending, left) = (self.pending_hop, &self.left_paths);
         self.paths.retain(|p| {
             let local = p.io.local_addr();
-            if Some(local) == active || Some(local) == pending {
-                return true;
-            }
-            match conn.abandon_path(local, proxy) {
-                Ok(()) => {
-                    stats.paths_abandoned += 1;
-                    false
-                }
-                // Bytes still in flight there: keep the socket for their acknowledgements.
-                Err(quiche::Error::Done) => true,
-                // quiche no longer knows the path (a probe that failed): drop the socket.
-                Err(_) => false,
-            }
+            Some(local) == active || Some(local) == pending || left.holds(local)
         });
     }
 

@@ -174,8 +174,8 @@ struct Client {
     /// Connection IDs routed to this client.
     cids: Vec<quiche::ConnectionId<'static>>,
     peer: SocketAddr,
-    /// Paths the client migrated away from may still be known to quiche.
-    old_paths: bool,
+    /// Paths the client migrated away from, to forget.
+    left_paths: quic::LeftPaths,
 }
 
 /// A running proxy.
@@ -447,7 +447,7 @@ impl Proxy {
                     sessions: HashMap::new(),
                     cids: vec![scid.clone(), odcid],
                     peer: from,
-                    old_paths: false,
+                    left_paths: quic::LeftPaths::default(),
                 };
                 if let Err(e) = self.cfg.quic.instrument(&mut client.conn, "proxy") {
                     tracing::warn!("qlog/keylog: {e}");
@@ -490,6 +490,7 @@ impl Proxy {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
+        let now = Instant::now();
         // New connection IDs so a hopping client always has spares.
         while c.conn.is_established() && c.conn.scids_left() > 0 {
             let (cid, token) = quic::new_cid(&self.rng);
@@ -505,30 +506,11 @@ impl Proxy {
             c.cids.retain(|x| *x != old);
         }
         // A hopping client leaves a path behind at every hop: forget those with nothing in
-        // flight, which retires the client's connection ID used there and frees the slot
-        // (vendor/quiche/MIMIQ-PATCH.md). Without it the connection stops accepting new
-        // addresses after `active_connection_id_limit` of them.
+        // flight (quic::LeftPaths).
         while let Some(ev) = c.conn.path_event_next() {
-            if let quiche::PathEvent::PeerMigrated(..) = ev {
-                c.old_paths = true;
-            }
+            c.left_paths.on_event(&ev, now);
         }
-        if c.old_paths {
-            let old: Vec<(SocketAddr, SocketAddr)> = c
-                .conn
-                .path_stats()
-                .filter(|p| !p.active)
-                .map(|p| (p.local_addr, p.peer_addr))
-                .collect();
-            let mut left = 0;
-            for (local, peer) in old {
-                match c.conn.abandon_path(local, peer) {
-                    Ok(()) => self.stats.paths_abandoned += 1,
-                    Err(_) => left += 1,
-                }
-            }
-            c.old_paths = left > 0;
-        }
+        self.stats.paths_abandoned += c.left_paths.forget(&mut c.conn, now) as u64;
         if c.h3.is_none() && (c.conn.is_established() || c.conn.is_in_early_data()) {
             match quiche::h3::Connection::with_transport(&mut c.conn, &self.h3) {
                 Ok(h) => c.h3 = Some(h),

@@ -628,6 +628,23 @@ impl ConnectionIdentifiers {
         Ok(())
     }
 
+    /// Unlinks every Source and Destination Connection ID entry from the path
+    /// `path_id`, which is being removed (mimiq patch: a removed path's ID is
+    /// reused by the next path inserted, so a stale link would point at the
+    /// wrong path or at none).
+    pub fn unlink_path_id(&mut self, path_id: usize) {
+        for e in self.scids.inner.iter_mut() {
+            if e.path_id == Some(path_id) {
+                e.path_id = None;
+            }
+        }
+        for e in self.dcids.inner.iter_mut() {
+            if e.path_id == Some(path_id) {
+                e.path_id = None;
+            }
+        }
+    }
+
     /// Updates the Destination Connection ID entry with the provided sequence
     /// number to indicate that it is now linked to the provided path ID.
     pub fn link_dcid_to_path_id(

@@ -7825,14 +7825,16 @@ impl<F: BufFactory> Connection<F> {
     /// A client hopping between fresh addresses, or a server serving one,
     /// calls this for each path it left once nothing is in flight there.
     ///
-    /// Returns [`Done`] while the path still has bytes in flight or lost
-    /// frames to retransmit (their frames would otherwise be lost for good),
-    /// and [`InvalidState`] for the active path or an unknown 4-tuple.
+    /// Without `force`, returns [`Done`] while the path still has bytes in
+    /// flight or lost frames to retransmit; with `force`, those frames are
+    /// queued for retransmission on the active path and the path goes at
+    /// once. Returns [`InvalidState`] for the active path or an unknown
+    /// 4-tuple.
     ///
     /// [`Done`]: enum.Error.html#variant.Done
     /// [`InvalidState`]: enum.Error.html#variant.InvalidState
     pub fn abandon_path(
-        &mut self, local_addr: SocketAddr, peer_addr: SocketAddr,
+        &mut self, local_addr: SocketAddr, peer_addr: SocketAddr, force: bool,
     ) -> Result<()> {
         let pid = self
             .paths
@@ -7842,15 +7844,37 @@ impl<F: BufFactory> Connection<F> {
         if path.active() {
             return Err(Error::InvalidState);
         }
-        if path.recovery.bytes_in_flight() > 0 ||
-            path.recovery.has_lost_frames(packet::Epoch::Application)
-        {
+        let busy = path.recovery.bytes_in_flight() > 0 ||
+            path.recovery.has_lost_frames(packet::Epoch::Application);
+        if busy && !force {
             return Err(Error::Done);
         }
         let dcid_seq = path.active_dcid_seq;
-        self.paths.remove_path(pid)?;
+        let mut removed = self.paths.remove_path(pid)?;
+        if busy {
+            // What was sent there and never acknowledged is retransmitted on
+            // the active path (a packet sent to an address the peer has left
+            // is never acknowledged, and quiche only declares a path's packets
+            // lost when later ones on the same path are acknowledged).
+            let epoch = packet::Epoch::Application;
+            let frames = removed.recovery.take_unacked_frames(epoch);
+            self.paths
+                .get_active_mut()?
+                .recovery
+                .add_lost_frames(epoch, frames);
+        }
+        self.ids.unlink_path_id(pid);
         if let Some(seq) = dcid_seq {
-            if !self.ids.zero_length_dcid() {
+            // A server whose peer migrated without a spare ID for the new path
+            // keeps the old path's ID there (`on_peer_migrated`): still in use.
+            let shared = self
+                .paths
+                .iter()
+                .find(|(_, p)| p.active_dcid_seq == Some(seq))
+                .map(|(id, _)| id);
+            if let Some(other) = shared {
+                let _ = self.ids.link_dcid_to_path_id(seq, other);
+            } else if !self.ids.zero_length_dcid() {
                 // The ID was seen from the abandoned address: never reuse it.
                 let _ = self.ids.retire_dcid(seq);
             }

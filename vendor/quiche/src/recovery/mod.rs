@@ -200,6 +200,15 @@ pub trait RecoveryOps {
 
     fn get_largest_acked_on_epoch(&self, epoch: packet::Epoch) -> Option<u64>;
     fn has_lost_frames(&self, epoch: packet::Epoch) -> bool;
+
+    /// Takes the frames of every packet neither acknowledged nor declared
+    /// lost, and the lost frames not retransmitted yet (mimiq patch: the
+    /// path is being abandoned; they go to another path's recovery).
+    fn take_unacked_frames(&mut self, epoch: packet::Epoch) -> Vec<frame::Frame>;
+
+    /// Queues `frames` for retransmission as if lost on this path (mimiq
+    /// patch).
+    fn add_lost_frames(&mut self, epoch: packet::Epoch, frames: Vec<frame::Frame>);
     fn loss_probes(&self, epoch: packet::Epoch) -> usize;
     #[cfg(test)]
     fn inc_loss_probes(&mut self, epoch: packet::Epoch);

@@ -716,6 +716,26 @@ impl RecoveryOps for GRecovery {
         self.epochs[epoch].has_lost_frames()
     }
 
+    fn take_unacked_frames(
+        &mut self, epoch: packet::Epoch,
+    ) -> Vec<frame::Frame> {
+        let e = &mut self.epochs[epoch];
+        let mut frames: Vec<frame::Frame> = e.lost_frames_ack.drain(..).collect();
+        frames.extend(e.lost_frames_pto.drain(..));
+        for p in e.sent_packets.iter_mut() {
+            if let SentStatus::Sent { frames: f, .. } = &mut p.status {
+                frames.extend(f.drain(..));
+            }
+        }
+        frames
+    }
+
+    fn add_lost_frames(
+        &mut self, epoch: packet::Epoch, frames: Vec<frame::Frame>,
+    ) {
+        self.epochs[epoch].lost_frames_ack.extend(frames);
+    }
+
     fn loss_probes(&self, epoch: packet::Epoch) -> usize {
         self.epochs[epoch].loss_probes
     }
