@@ -70,7 +70,7 @@ fn run(args: &Args) -> Result<(), String> {
     let hops = direct.migration_stats();
     let secs = report.elapsed.as_secs_f64();
     println!(
-        "responses={} body_bytes={} elapsed_ms={:.1} goodput_mbps={:.2} hops={} failed={} (validation {} timeout {} quiche {}) refused={} busy={} cids_retired={} retires_cancelled={} \
+        "responses={} body_bytes={} elapsed_ms={:.1} goodput_mbps={:.2} hops={} failed={} (validation {} timeout {} quiche {}) refused={} busy={} paths_forgotten={} paths_returned={} \
          hop_latency: {}",
         report.responses,
         report.body_bytes,
@@ -83,8 +83,8 @@ fn run(args: &Args) -> Result<(), String> {
         hops.failed_refused,
         hops.hops_refused,
         hops.hops_busy,
-        hops.dcids_retired,
-        hops.retires_cancelled,
+        hops.paths_forgotten,
+        hops.paths_returned,
         direct.migrator().latency_summary(),
     );
     Ok(())

@@ -232,18 +232,48 @@ pub fn tunnel_mtu(max_udp_payload: usize) -> usize {
 /// waits for. A path whose last packets are never acknowledged (sent to an address the peer had
 /// already left) is forced out after [`LeftPaths::FORCE_AFTER_RTTS`] round trips; its
 /// unacknowledged frames are retransmitted on the active path.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LeftPaths {
     active: Option<(SocketAddr, SocketAddr)>,
     left: Vec<(SocketAddr, SocketAddr, Instant)>,
+    force_after_min: Duration,
+    returned: u64,
+}
+
+impl Default for LeftPaths {
+    fn default() -> Self {
+        Self::new(Self::FORCE_AFTER_MIN)
+    }
 }
 
 impl LeftPaths {
-    /// Round trips of the active path (at least [`LeftPaths::FORCE_AFTER_MIN`]) after which a
-    /// path left is forgotten even with packets in flight.
+    /// Round trips of the path left (at least the minimum given to [`LeftPaths::new`]) after
+    /// which it is forgotten even with packets in flight.
     pub const FORCE_AFTER_RTTS: u32 = 4;
-    /// The least time before a path left is forced out.
+    /// Round trips of a path left during which it is kept whatever is in flight.
+    pub const HOLD_RTTS: u32 = 2;
+    /// The default least time before a path left is forced out: long enough for datagrams sent
+    /// just before a hop to arrive (the kernel reorders datagrams of different sockets), after
+    /// which a quiche peer that gets one with the retired connection ID closes the connection.
     pub const FORCE_AFTER_MIN: Duration = Duration::from_millis(100);
+
+    /// Forces a path left out after at least `force_after_min`.
+    pub fn new(force_after_min: Duration) -> Self {
+        Self {
+            active: None,
+            left: Vec::new(),
+            force_after_min,
+            returned: 0,
+        }
+    }
+
+    /// When [`LeftPaths::forget`] may have something to force out next (a lower bound).
+    pub fn timeout(&self, now: Instant) -> Option<Duration> {
+        self.left
+            .iter()
+            .map(|&(_, _, since)| (since + self.force_after_min).saturating_duration_since(now))
+            .min()
+    }
 
     /// Notes a path event that `path_event_next` returned.
     pub fn on_event(&mut self, ev: &quiche::PathEvent, now: Instant) {
@@ -254,26 +284,48 @@ impl LeftPaths {
 
     /// Notes the active path and forgets the paths left that are done; returns how many were
     /// forgotten. Call after every burst of `recv`.
+    ///
+    /// A path left is kept for at least [`LeftPaths::HOLD_RTTS`] of its round trips even when
+    /// nothing of ours is in flight there: the peer keeps sending there until it sees our first
+    /// packet from the new address, and what arrives on a forgotten path is dropped unread.
     pub fn forget(&mut self, conn: &mut quiche::Connection, now: Instant) -> usize {
-        let active = conn.path_stats().find(|p| p.active);
-        let force_after = active
-            .as_ref()
-            .map_or(Duration::ZERO, |p| p.rtt * Self::FORCE_AFTER_RTTS)
-            .max(Self::FORCE_AFTER_MIN);
-        let active = active.map(|p| (p.local_addr, p.peer_addr));
+        let active = conn
+            .path_stats()
+            .find(|p| p.active)
+            .map(|p| (p.local_addr, p.peer_addr));
         if active != self.active {
             if let Some((local, peer)) = self.active {
                 self.push(local, peer, now);
             }
             self.active = active;
         }
+        if self.left.is_empty() {
+            return 0;
+        }
+        // Round trips measured on each path left (a path just moved to has no sample yet).
+        let rtts: Vec<(SocketAddr, SocketAddr, Duration)> = conn
+            .path_stats()
+            .filter(|p| !p.active)
+            .map(|p| (p.local_addr, p.peer_addr, p.rtt))
+            .collect();
         let mut forgotten = 0;
+        let mut returned = 0;
+        let force_after_min = self.force_after_min;
         self.left.retain(|&(local, peer, since)| {
             if Some((local, peer)) == active {
                 // The connection came back to it.
+                returned += 1;
                 return false;
             }
-            let force = now.saturating_duration_since(since) >= force_after;
+            let rtt = rtts
+                .iter()
+                .find(|&&(l, p, _)| (l, p) == (local, peer))
+                .map_or(Duration::ZERO, |&(_, _, rtt)| rtt);
+            let age = now.saturating_duration_since(since);
+            if age < rtt * Self::HOLD_RTTS {
+                return true;
+            }
+            let force = age >= (rtt * Self::FORCE_AFTER_RTTS).max(force_after_min);
             match conn.abandon_path(local, peer, force) {
                 Ok(()) => {
                     forgotten += 1;
@@ -285,7 +337,13 @@ impl LeftPaths {
                 Err(_) => false,
             }
         });
+        self.returned += returned;
         forgotten
+    }
+
+    /// Paths left that became active again before they were forgotten.
+    pub fn returned(&self) -> u64 {
+        self.returned
     }
 
     /// Paths left and not forgotten yet.
