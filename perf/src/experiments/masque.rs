@@ -14,8 +14,13 @@
 //!   local port with a sink behind the proxy, 64-byte and 1200-byte payloads. The proxy's CPU
 //!   time is its own (utime + stime from `/proc/<pid>/stat`, all threads) before and after each
 //!   run, divided by the inner payload the receiver got, so the figure holds whatever else shares
-//!   the machine. The kernel's forwarding has no process to charge (softirq): its row has
-//!   throughput only, and the proxy's throughput is given as a ratio to it.
+//!   the machine. The proxy's throughput is given as a ratio to the kernel's.
+//! - **Whose CPU a receive is**: veth by default runs the receiving host's stack in the sender's
+//!   context, so a TUN write on p is charged for s's TCP receive. TCP bulk is measured that way
+//!   ([`PeerRx::InSenderContext`]) and with threaded NAPI on every veth end
+//!   ([`PeerRx::ThreadedNapi`]), where each host receives in its own kthread; the other runs use
+//!   threaded NAPI only. There p's kthreads (its receive, and for the baseline its whole
+//!   forwarding) are counted beside the proxy process, and the target is judged on the sum.
 //!
 //! Threading: blocking; the captures, the blaster and the sinks are threads that joined a host's
 //! namespace. Panics: none; every failure is an error string naming what failed.
@@ -143,6 +148,36 @@ pub enum Path {
     ConnectUdp,
 }
 
+/// How the receiving end of each veth processes a packet, which decides whose CPU time the
+/// receive is charged to. Both testbeds (tunnel and kernel baseline) are set the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRx {
+    /// veth's default: no NAPI on the receiving peer. `veth_xmit` queues the packet on the
+    /// peer's backlog and the softirq runs when the sender re-enables bottom halves, in the
+    /// sender's context: a TUN write on p carries p's forwarding *and* s's whole TCP receive,
+    /// charged to the proxy; the client's `sendmmsg` carries p's UDP receive, charged to the
+    /// client.
+    InSenderContext,
+    /// NAPI on every veth end (c0, p0, p1, s0: `ethtool -K <dev> gro on`), threaded
+    /// (`echo 1 > /sys/class/net/<dev>/threaded`): each host's receive runs in its own
+    /// `napi/<dev>-<id>` kthread, so a sender is charged for its own transmit only. p's
+    /// kthreads (p0, p1) are p's receive and forwarding, counted beside the proxy process.
+    ThreadedNapi,
+}
+
+/// The veth ends [`PeerRx`] switches, host and device.
+const VETH_ENDS: [(&str, &str); 4] = [("c", "c0"), ("p", "p0"), ("p", "p1"), ("s", "s0")];
+
+/// The NAPI kthreads of one testbed under [`PeerRx::ThreadedNapi`]: p's and the others'.
+#[derive(Debug, Default, Clone)]
+struct NapiThreads {
+    /// p0's and p1's: the proxy host's receive (kernel baseline: its forwarding).
+    proxy_host: Vec<u32>,
+    /// c0's and s0's: the client's and the server's receive.
+    peers: Vec<u32>,
+}
+
 /// What kind of traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -162,6 +197,8 @@ pub enum Traffic {
 pub struct Throughput {
     /// Path.
     pub path: Path,
+    /// How the veth ends received (whose CPU a receive is charged to).
+    pub peer_rx: PeerRx,
     /// Traffic.
     pub traffic: Traffic,
     /// Inner family.
@@ -183,9 +220,17 @@ pub struct Throughput {
     /// Proxy CPU seconds per GB (10⁹ bytes) of inner payload delivered.
     pub proxy_cpu_s_per_gb: Option<f64>,
     /// The user-space part of it (utime alone): the proxy's own code, quiche and the crypto.
-    /// The rest is system time, which on veth includes the kernel carrying each packet written
-    /// to the TUN device on to the server, up to the server's TCP receive, in the same syscall.
+    /// The rest is system time: its syscalls, p's forwarding of what it writes to the TUN
+    /// device and, under [`PeerRx::InSenderContext`], the server's and the client's receive of
+    /// what it sends.
     pub proxy_user_cpu_s_per_gb: Option<f64>,
+    /// [`PeerRx::ThreadedNapi`]: CPU seconds per GB of p's NAPI kthreads (p0, p1): through the
+    /// tunnel the proxy host's receive of QUIC packets and TCP ACKs; for the kernel baseline its
+    /// whole forwarding.
+    pub proxy_host_napi_cpu_s_per_gb: Option<f64>,
+    /// [`PeerRx::ThreadedNapi`]: the client's and server's NAPI kthreads (c0, s0), the receive
+    /// work that [`PeerRx::InSenderContext`] charges to their senders.
+    pub peers_napi_cpu_s_per_gb: Option<f64>,
     /// Proxy CPU per inner packet forwarded, µs.
     pub proxy_cpu_us_per_packet: Option<f64>,
     /// The client's CPU seconds per GB, for comparison (it encrypts what the proxy decrypts).
@@ -234,6 +279,8 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
     )?;
     let url = format!("{}:{PROXY_PORT}", addr::PROXY_V4);
     let (mut overhead, mut mtu) = (Vec::new(), Vec::new());
+    let mut mode = PeerRx::InSenderContext;
+    let (mut knapi, mut napi) = (NapiThreads::default(), NapiThreads::default());
 
     progress("CONNECT-IP:");
     {
@@ -258,29 +305,43 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
             }
         }
         progress(&format!("  RQ1 done (TUN MTU {tun_mtu})"));
+        // RQ1 ran with veth's default receive (the captures see packets as sent). TCP bulk is
+        // measured both ways, the rest with threaded NAPI only.
+        let mut runs = vec![(PeerRx::InSenderContext, Family::V4, Traffic::TcpBulk)];
+        runs.push((PeerRx::InSenderContext, Family::V6, Traffic::TcpBulk));
         for family in [Family::V4, Family::V6] {
             for traffic in [Traffic::TcpBulk, Traffic::Iperf3Udp64] {
-                let base = iperf_run(
-                    &mut ktb,
-                    Path::KernelForwarding,
-                    traffic,
-                    family,
-                    seconds,
-                    None,
-                )?;
-                progress(&line(&base));
-                throughput.push(base);
-                let run = iperf_run(
-                    &mut tb,
-                    Path::ConnectIp,
-                    traffic,
-                    family,
-                    seconds,
-                    Some((&proxy, &client)),
-                )?;
-                progress(&line(&run));
-                throughput.push(run);
+                runs.push((PeerRx::ThreadedNapi, family, traffic));
             }
+        }
+        for (rx, family, traffic) in runs {
+            if rx != mode {
+                (knapi, napi) = (set_peer_rx(&ktb, rx)?, set_peer_rx(&tb, rx)?);
+                mode = rx;
+                progress(&format!("  receive: {rx:?}"));
+            }
+            let base = iperf_run(
+                &mut ktb,
+                Path::KernelForwarding,
+                traffic,
+                family,
+                seconds,
+                None,
+                (rx, &knapi),
+            )?;
+            progress(&line(&base));
+            throughput.push(base);
+            let run = iperf_run(
+                &mut tb,
+                Path::ConnectIp,
+                traffic,
+                family,
+                seconds,
+                Some((&proxy, &client)),
+                (rx, &napi),
+            )?;
+            progress(&line(&run));
+            throughput.push(run);
         }
         stop_client(&mut client)?;
     }
@@ -343,6 +404,7 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
                 &kernel_sink,
                 seconds,
                 None,
+                (mode, &knapi),
             )?;
             progress(&line(&base));
             throughput.push(base);
@@ -355,6 +417,7 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
                 &sink_peer,
                 seconds,
                 Some((&proxy, &client)),
+                (mode, &napi),
             )?;
             progress(&line(&run));
             throughput.push(run);
@@ -367,7 +430,10 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
         .iter()
         .map(|r| {
             let base = throughput.iter().find(|k| {
-                k.path == Path::KernelForwarding && k.family == r.family && k.traffic == r.traffic
+                k.path == Path::KernelForwarding
+                    && k.family == r.family
+                    && k.traffic == r.traffic
+                    && k.peer_rx == r.peer_rx
             })?;
             Some(r.goodput_mbps / base.goodput_mbps.max(f64::MIN_POSITIVE))
         })
@@ -400,6 +466,65 @@ fn kernel_testbed() -> Result<Testbed, String> {
         .map_err(e)?;
     tb.add_route("s", "fd00:10::/64", "fd00:20::1").map_err(e)?;
     Ok(tb)
+}
+
+/// Switches every veth end of `tb` ([`VETH_ENDS`]) to `rx` and returns the NAPI kthreads it
+/// started (none for [`PeerRx::InSenderContext`]). A device's kthreads are the `napi/*` threads
+/// that appear when its `threaded` is set: the name alone (`napi/s0-<id>`) is the same in both
+/// testbeds.
+fn set_peer_rx(tb: &Testbed, rx: PeerRx) -> Result<NapiThreads, String> {
+    let mut threads = NapiThreads::default();
+    for (host, dev) in VETH_ENDS {
+        let sysfs = format!("/sys/class/net/{dev}/threaded");
+        let exec = |cmd: &[&str]| tb.exec_ok(host, cmd).map_err(|e| format!("{host}: {e}"));
+        match rx {
+            PeerRx::InSenderContext => {
+                exec(&["sh", "-c", &format!("echo 0 > {sysfs}")])?;
+                exec(&["ethtool", "-K", dev, "gro", "off"])?;
+            }
+            PeerRx::ThreadedNapi => {
+                let before = napi_kthreads()?;
+                // GRO on is what makes veth run NAPI on its receive side (veth_set_features).
+                exec(&["ethtool", "-K", dev, "gro", "on"])?;
+                exec(&["sh", "-c", &format!("echo 1 > {sysfs}")])?;
+                let new: Vec<u32> = napi_kthreads()?
+                    .into_iter()
+                    .filter(|pid| !before.contains(pid))
+                    .collect();
+                if new.is_empty() {
+                    return Err(format!("{host}: no napi kthread appeared for {dev}"));
+                }
+                if host == "p" {
+                    threads.proxy_host.extend(new);
+                } else {
+                    threads.peers.extend(new);
+                }
+            }
+        }
+    }
+    Ok(threads)
+}
+
+/// Pids of every `napi/*` kthread on the machine.
+fn napi_kthreads() -> Result<Vec<u32>, String> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A thread that exits between read_dir and here has no comm: skipped.
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            if comm.starts_with("napi/") {
+                pids.push(pid);
+            }
+        }
+    }
+    Ok(pids)
 }
 
 fn server_ip(family: Family) -> IpAddr {
@@ -668,6 +793,7 @@ fn iperf_run(
     family: Family,
     seconds: u32,
     tunnel: Option<(&ProxyProc, &Proc)>,
+    (rx, napi): (PeerRx, &NapiThreads),
 ) -> Result<Throughput, String> {
     let dst = server_ip(family).to_string();
     let extra: &[&str] = match traffic {
@@ -678,9 +804,9 @@ fn iperf_run(
         "c: iperf3 -c {dst} -p 5201 -t {seconds} -J {}",
         extra.join(" ")
     );
-    let before = Sample::take(tunnel)?;
+    let before = Sample::take(tunnel, napi)?;
     let r = iperf3_with(tb, "c", "s", &dst, seconds, extra)?;
-    let after = Sample::take(tunnel)?;
+    let after = Sample::take(tunnel, napi)?;
     let secs = f64::from(seconds);
     let (loss, delivered_pps) = match traffic {
         Traffic::Iperf3Udp64 => {
@@ -705,6 +831,7 @@ fn iperf_run(
     };
     Ok(finish(
         path,
+        rx,
         traffic,
         family,
         secs,
@@ -729,6 +856,7 @@ fn blast_run(
     sink: &UdpPeer,
     seconds: u32,
     tunnel: Option<(&ProxyProc, &Proc)>,
+    (rx, napi): (PeerRx, &NapiThreads),
 ) -> Result<Throughput, String> {
     let len = match traffic {
         Traffic::Blast1200 => 1200,
@@ -738,7 +866,7 @@ fn blast_run(
         format!("c: blaster, {len}-byte UDP payloads to {to} for {seconds} s, one thread");
     let duration = Duration::from_secs(u64::from(seconds));
     let (p0, b0) = sink.counts();
-    let before = Sample::take(tunnel)?;
+    let before = Sample::take(tunnel, napi)?;
     let sent = tb
         .run_in("c", move || -> std::io::Result<u64> {
             let bind = if to.is_ipv4() && !to.ip().is_loopback() {
@@ -765,13 +893,14 @@ fn blast_run(
         .map_err(|e| format!("blaster to {to}: {e}"))?;
     // What is still queued drains (a slow tunnel delivers after the sender stops).
     std::thread::sleep(Duration::from_millis(500));
-    let after = Sample::take(tunnel)?;
+    let after = Sample::take(tunnel, napi)?;
     let (p1, b1) = sink.counts();
     let got = p1 - p0;
     let secs = f64::from(seconds);
     let loss = Some(100.0 * (1.0 - got as f64 / (sent.max(1)) as f64));
     Ok(finish(
         path,
+        rx,
         traffic,
         family,
         secs,
@@ -788,6 +917,7 @@ fn blast_run(
 #[allow(clippy::too_many_arguments)]
 fn finish(
     path: Path,
+    peer_rx: PeerRx,
     traffic: Traffic,
     family: Family,
     secs: f64,
@@ -803,8 +933,10 @@ fn finish(
     let tunnelled = tunnel.is_some();
     let proxy_cpu_s = after.proxy_cpu_s - before.proxy_cpu_s;
     let proxy_packets = after.packets.saturating_sub(before.packets);
+    let napi = peer_rx == PeerRx::ThreadedNapi;
     Throughput {
         path,
+        peer_rx,
         traffic,
         family,
         seconds: secs,
@@ -817,6 +949,9 @@ fn finish(
         proxy_cpu_s_per_gb: tunnelled.then_some(proxy_cpu_s / gb),
         proxy_user_cpu_s_per_gb: tunnelled
             .then_some((after.proxy_user_s - before.proxy_user_s) / gb),
+        proxy_host_napi_cpu_s_per_gb: napi
+            .then_some((after.proxy_host_napi_s - before.proxy_host_napi_s) / gb),
+        peers_napi_cpu_s_per_gb: napi.then_some((after.peers_napi_s - before.peers_napi_s) / gb),
         proxy_cpu_us_per_packet: tunnelled
             .then_some(proxy_cpu_s * 1e6 / proxy_packets.max(1) as f64),
         client_cpu_s_per_gb: tunnelled.then_some((after.client_cpu_s - before.client_cpu_s) / gb),
@@ -831,6 +966,9 @@ struct Sample {
     proxy_cpu_s: f64,
     proxy_user_s: f64,
     client_cpu_s: f64,
+    /// CPU time of p's NAPI kthreads, and of c's and s's.
+    proxy_host_napi_s: f64,
+    peers_napi_s: f64,
     /// Inner packets forwarded, both directions: TUN writes + reads, CONNECT-UDP payloads.
     packets: u64,
     /// TUN writes alone (inner packets towards the server).
@@ -838,9 +976,19 @@ struct Sample {
 }
 
 impl Sample {
-    fn take(tunnel: Option<(&ProxyProc, &Proc)>) -> Result<Sample, String> {
+    fn take(tunnel: Option<(&ProxyProc, &Proc)>, napi: &NapiThreads) -> Result<Sample, String> {
+        let sum = |pids: &[u32]| -> Result<f64, String> {
+            pids.iter()
+                .map(|&pid| cpu_times(pid).map(|(u, s)| u + s))
+                .sum()
+        };
+        let (proxy_host_napi_s, peers_napi_s) = (sum(&napi.proxy_host)?, sum(&napi.peers)?);
         let Some((proxy, client)) = tunnel else {
-            return Ok(Sample::default());
+            return Ok(Sample {
+                proxy_host_napi_s,
+                peers_napi_s,
+                ..Sample::default()
+            });
         };
         // The stats file is rewritten every second; waiting for a fresh one brackets the run.
         let s = proxy.stats_after_interval()?;
@@ -851,6 +999,8 @@ impl Sample {
             proxy_cpu_s: user + system,
             proxy_user_s: user,
             client_cpu_s: cu + cs,
+            proxy_host_napi_s,
+            peers_napi_s,
             packets: n("tun_tx") + n("tun_rx") + n("udp_to_target") + n("udp_to_client"),
             tun_tx: n("tun_tx"),
         })
@@ -991,8 +1141,9 @@ impl Packet {
 
 fn line(r: &Throughput) -> String {
     format!(
-        "  {:?} {:?} {:?}: {:.1} Mbit/s, {:.0} pps{}{}",
+        "  {:?} {:?} {:?} {:?}: {:.1} Mbit/s, {:.0} pps{}{}{}",
         r.path,
+        r.peer_rx,
         r.traffic,
         r.family,
         r.goodput_mbps,
@@ -1001,6 +1152,8 @@ fn line(r: &Throughput) -> String {
             .map_or(String::new(), |l| format!(", loss {l:.1} %")),
         r.proxy_cpu_s_per_gb
             .map_or(String::new(), |c| format!(", proxy {c:.2} CPU-s/GB")),
+        r.proxy_host_napi_cpu_s_per_gb
+            .map_or(String::new(), |c| format!(", p napi {c:.2} CPU-s/GB")),
     )
 }
 
@@ -1055,14 +1208,16 @@ fn markdown(r: &Results) -> String {
         ));
     }
     md.push_str(
-        "\nRQ2 — goodput, packets per second and CPU (proxy CPU = its utime + stime over the run).\n\n\
-         | path | traffic | inner | goodput Mbit/s | ratio to kernel | delivered kpps | loss % | proxy CPU-s/GB | of which user | proxy CPU µs/pkt | client CPU-s/GB |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "\nRQ2 — goodput, packets per second and CPU (proxy CPU = its utime + stime over the run; \
+         napi = the CPU of the hosts' NAPI kthreads, threaded receive only).\n\n\
+         | path | receive | traffic | inner | goodput Mbit/s | ratio to kernel | delivered kpps | loss % | proxy CPU-s/GB | of which user | p napi CPU-s/GB | c0+s0 napi CPU-s/GB | proxy CPU µs/pkt | client CPU-s/GB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for t in &r.throughput {
         md.push_str(&format!(
-            "| {:?} | {:?} | {:?} | {:.1} | {} | {:.1} | {} | {} | {} | {} | {} |\n",
+            "| {:?} | {:?} | {:?} | {:?} | {:.1} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
             t.path,
+            t.peer_rx,
             t.traffic,
             t.family,
             t.goodput_mbps,
@@ -1071,6 +1226,8 @@ fn markdown(r: &Results) -> String {
             opt(t.loss_percent, 1),
             opt(t.proxy_cpu_s_per_gb, 2),
             opt(t.proxy_user_cpu_s_per_gb, 2),
+            opt(t.proxy_host_napi_cpu_s_per_gb, 2),
+            opt(t.peers_napi_cpu_s_per_gb, 2),
             opt(t.proxy_cpu_us_per_packet, 2),
             opt(t.client_cpu_s_per_gb, 2),
         ));
@@ -1082,13 +1239,19 @@ fn markdown(r: &Results) -> String {
         .collect();
     for t in bulk {
         let v = t.proxy_cpu_s_per_gb.unwrap_or(f64::INFINITY);
+        // Under threaded NAPI the proxy host's receive is in p's kthreads, not in the process:
+        // the target is judged on both together.
+        let host = v + t.proxy_host_napi_cpu_s_per_gb.unwrap_or(0.0);
         md.push_str(&format!(
-            "\nCONNECT-IP bulk {:?}: {:.2} proxy CPU-s/GB ({:.2} of it user time) against the target of ≤ {:.1}: {}.",
+            "\nCONNECT-IP bulk {:?}, {:?}: {:.2} proxy CPU-s/GB ({:.2} of it user time){} against the target of ≤ {:.1}: {}.",
             t.family,
+            t.peer_rx,
             v,
             t.proxy_user_cpu_s_per_gb.unwrap_or(f64::INFINITY),
+            t.proxy_host_napi_cpu_s_per_gb
+                .map_or(String::new(), |n| format!(", {host:.2} with p's napi kthreads ({n:.2})")),
             r.target_cpu_s_per_gb,
-            if v <= r.target_cpu_s_per_gb { "met" } else { "**not met**" }
+            if host <= r.target_cpu_s_per_gb { "met" } else { "**not met**" }
         ));
     }
     md.push('\n');
