@@ -34,7 +34,7 @@ use crate::request::{self, Rejection, Target};
 use crate::session::connect_ip::{self, AddressPool, ConnectIpSession, HostPool, SessionConfig, Verdict};
 use crate::session::connect_udp::{self, ConnectUdpSession};
 use crate::template::Host;
-use crate::tundev::TunDevice;
+use crate::tundev::{TcpCoalescer, TunDevice, VNET_HDR_LEN};
 use crate::udp::UdpIo;
 
 pub use config::ProxyConfig;
@@ -75,6 +75,9 @@ pub struct Stats {
     pub cids_issued: u64,
     /// Paths forgotten after a client migrated away from them.
     pub paths_abandoned: u64,
+    /// The most paths one connection had at once (quiche's limit is `active_connection_id_limit`;
+    /// a probe beyond it is dropped unanswered).
+    pub paths_peak: u64,
     /// Sessions started, by protocol.
     pub sessions_ip: u64,
     /// CONNECT-UDP sessions started.
@@ -199,6 +202,8 @@ pub struct Proxy {
     burst_hist: Histogram<u64>,
     buf: Vec<u8>,
     reply: Vec<u8>,
+    /// Consecutive TCP segments for the TUN device, written as one GSO packet (`datagrams`).
+    coalescer: TcpCoalescer,
     dirty: Vec<u64>,
     /// Datagrams quiche received on connections that have closed (for `dgram_recv_queue_full`).
     closed_dgram_recv: u64,
@@ -232,7 +237,8 @@ impl Proxy {
             for a in [IpAddr::V4(ip.icmp_source_v4), IpAddr::V6(ip.icmp_source_v6)] {
                 pool.allocate(crate::capsule::IpPrefix::host(a));
             }
-            let dev = TunDevice::create(&ip.tun, tunnel_mtu).map_err(|e| e.to_string())?;
+            let dev = TunDevice::create_with_vnet_hdr(&ip.tun, tunnel_mtu)
+                .map_err(|e| e.to_string())?;
             let nc = NetConfig::new().map_err(|e| e.to_string())?;
             let link = nc.link(&ip.tun).map_err(|e| e.to_string())?;
             for p in [v4, v6].into_iter().flatten() {
@@ -262,6 +268,7 @@ impl Proxy {
             burst_hist: Histogram::new(3).expect("3 significant figures is valid"),
             buf: vec![0; HEADROOM + MAX_INNER],
             reply: vec![0; 2048],
+            coalescer: TcpCoalescer::default(),
             dirty: Vec::new(),
             closed_dgram_recv: 0,
             cfg,
@@ -511,6 +518,7 @@ impl Proxy {
             c.left_paths.on_event(&ev, now);
         }
         self.stats.paths_abandoned += c.left_paths.forget(&mut c.conn, now) as u64;
+        self.stats.paths_peak = self.stats.paths_peak.max(c.conn.path_stats().count() as u64);
         if c.h3.is_none() && (c.conn.is_established() || c.conn.is_in_early_data()) {
             match quiche::h3::Connection::with_transport(&mut c.conn, &self.h3) {
                 Ok(h) => c.h3 = Some(h),
@@ -846,11 +854,23 @@ impl Proxy {
                     let pkt = &mut buf[start..len];
                     match ip.on_datagram(pkt, &mut self.reply) {
                         Verdict::Forward(n) => {
-                            if let Some(t) = tun {
-                                match t.send(&pkt[..n]) {
-                                    Ok(_) => self.stats.tun_tx += 1,
-                                    Err(_) => self.stats.tun_errors += 1,
-                                }
+                            let Some(t) = tun else { continue };
+                            let co = &mut self.coalescer;
+                            if co.push(&pkt[..n]) {
+                                continue;
+                            }
+                            write_batch(t, co, &mut self.stats);
+                            if co.push(&pkt[..n]) {
+                                continue;
+                            }
+                            // Not TCP data: written on its own, its vnet header (all zero) in
+                            // the datagram framing just consumed (at least HEADROOM bytes).
+                            let at = HEADROOM + start;
+                            let out = &mut self.buf[at - VNET_HDR_LEN..at + n];
+                            out[..VNET_HDR_LEN].fill(0);
+                            match t.send(out) {
+                                Ok(_) => self.stats.tun_tx += 1,
+                                Err(_) => self.stats.tun_errors += 1,
                             }
                         }
                         Verdict::Reply(n) => {
@@ -866,6 +886,9 @@ impl Proxy {
                 }
             }
         }
+        if let Some(t) = tun {
+            write_batch(t, &mut self.coalescer, &mut self.stats);
+        }
     }
 
     fn on_tun(&mut self) {
@@ -873,8 +896,11 @@ impl Proxy {
             return;
         };
         for _ in 0..EGRESS_BURST {
-            let n = match tun.recv(&mut self.buf[HEADROOM..]) {
-                Ok(n) => n,
+            // The vnet header lands in the headroom, the packet at HEADROOM. Without
+            // TUNSETOFFLOAD the kernel sends whole packets with their checksums done.
+            let n = match tun.recv(&mut self.buf[HEADROOM - VNET_HDR_LEN..]) {
+                Ok(n) if n > VNET_HDR_LEN => n - VNET_HDR_LEN,
+                Ok(_) => continue,
                 Err(_) => break,
             };
             self.stats.tun_rx += 1;
@@ -910,7 +936,8 @@ impl Proxy {
                     send_datagram(&mut c.conn, u64::MAX, &self.buf[start..HEADROOM + len], &mut self.stats);
                 }
                 Verdict::Reply(len) => {
-                    if tun.send(&self.reply[..len]).is_err() {
+                    // An ICMP error the proxy built: rare, copied behind a vnet header.
+                    if tun.send(&vnet_framed(&self.reply[..len])).is_err() {
                         self.stats.tun_errors += 1;
                     }
                 }
@@ -1006,6 +1033,24 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Writes the coalescer's pending batch, if any; `tun_tx` counts its segments.
+fn write_batch(tun: &TunDevice, co: &mut TcpCoalescer, stats: &mut Stats) {
+    let segments = co.segments() as u64;
+    if let Some(out) = co.take() {
+        match tun.send(out) {
+            Ok(_) => stats.tun_tx += segments,
+            Err(_) => stats.tun_errors += segments,
+        }
+    }
+}
+
+/// `pkt` behind an all-zero vnet header (control path: ICMP errors the proxy builds).
+fn vnet_framed(pkt: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8; VNET_HDR_LEN + pkt.len()];
+    v[VNET_HDR_LEN..].copy_from_slice(pkt);
+    v
 }
 
 /// Sends one HTTP datagram. `qsid` `u64::MAX` means `payload` is already framed; otherwise the
