@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::addrset::{AddressSetConfig, AddressSetConfigError};
 use crate::strategy::{HopStrategyConfig, StrategyConfigError};
+use crate::tunnel::{AddressSource, TunnelConfig};
 
 /// The whole agent config.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -32,6 +33,12 @@ pub struct AgentConfig {
     /// Address-set bookkeeping; defaults when absent.
     #[serde(default)]
     pub addresses: AddressSetConfig,
+    /// Tunnel mode: the MASQUE proxy and the TUN device (required by `mimiq-agent run`).
+    #[serde(default)]
+    pub tunnel: Option<TunnelConfig>,
+    /// Where the addresses come from (required by `mimiq-agent run`).
+    #[serde(default)]
+    pub source: Option<AddressSource>,
 }
 
 /// Why a config file was refused. The message is one line.

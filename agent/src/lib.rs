@@ -30,6 +30,7 @@ pub mod hopper;
 pub mod migrate;
 pub mod rng;
 pub mod strategy;
+pub mod tunnel;
 
 pub use addrset::{AddressSet, AddressSetConfig};
 pub use config::AgentConfig;

@@ -1,10 +1,118 @@
-//! `mimiq-agent`: the client agent binary. Not built yet; it says so and exits non-zero.
+//! `mimiq-agent`: the client agent. `run` starts tunnel mode (the agent is the CONNECT-IP client
+//! and its connection hops between the agent's addresses; see `mimiq_agent::tunnel`), `check`
+//! validates a config file. Errors are one line on stderr: exit 1 for a failed run, 2 for a bad
+//! command line or config.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
+use mimiq_agent::AgentConfig;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+#[derive(Parser)]
+#[command(name = "mimiq-agent", version, about = "mimiq client agent: hops a client's address mid-connection")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run tunnel mode until SIGINT/SIGTERM; prints a `ready` line, then the counters as JSON.
+    Run {
+        /// The agent config (TOML; see agent/agent.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit.
+    Check {
+        /// The agent config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
 fn main() {
-    eprintln!("mimiq-agent: error: the client agent is not built yet");
-    std::process::exit(2);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            print!("{e}");
+            return;
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("bad arguments");
+            eprintln!("mimiq-agent: {}", first.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+    };
+    let code = match cli.cmd {
+        Cmd::Check { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("mimiq-agent: error: {e}");
+                2
+            }
+        },
+        Cmd::Run { config } => match load(&config) {
+            Err(e) => {
+                eprintln!("mimiq-agent: error: {e}");
+                2
+            }
+            Ok(cfg) => match run(&cfg) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("mimiq-agent: error: {e}");
+                    1
+                }
+            },
+        },
+    };
+    std::process::exit(code);
+}
+
+fn load(path: &PathBuf) -> Result<AgentConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg = AgentConfig::from_toml_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    mimiq_agent::tunnel::check(&cfg).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(cfg)
+}
+
+fn run(cfg: &AgentConfig) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| format!("signal: {e}"))?;
+    }
+    let seed = match cfg.seed {
+        Some(s) => s,
+        None => {
+            use ring::rand::SecureRandom;
+            let mut b = [0u8; 8];
+            ring::rand::SystemRandom::new()
+                .fill(&mut b)
+                .map_err(|_| "seed: no OS randomness".to_string())?;
+            u64::from_le_bytes(b)
+        }
+    };
+    let report = mimiq_agent::tunnel::run(cfg, seed, &stop, |s| {
+        println!("ready addresses={} mtu={}", s.addresses.join(","), s.mtu);
+    })
+    .map_err(|e| e.to_string())?;
+    stop.store(true, Ordering::Relaxed);
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    Ok(())
 }

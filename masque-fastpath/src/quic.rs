@@ -235,9 +235,19 @@ pub fn tunnel_mtu(max_udp_payload: usize) -> usize {
 #[derive(Debug)]
 pub struct LeftPaths {
     active: Option<(SocketAddr, SocketAddr)>,
-    left: Vec<(SocketAddr, SocketAddr, Instant)>,
+    left: Vec<Left>,
     force_after_min: Duration,
     returned: u64,
+}
+
+/// A path left: when, and when a packet last arrived on it.
+#[derive(Debug, Clone, Copy)]
+struct Left {
+    local: SocketAddr,
+    peer: SocketAddr,
+    since: Instant,
+    recv: usize,
+    last_recv: Instant,
 }
 
 impl Default for LeftPaths {
@@ -250,7 +260,7 @@ impl LeftPaths {
     /// Round trips of the path left (at least the minimum given to [`LeftPaths::new`]) after
     /// which it is forgotten even with packets in flight.
     pub const FORCE_AFTER_RTTS: u32 = 4;
-    /// Round trips of a path left during which it is kept whatever is in flight.
+    /// Round trips of a path left without a packet arriving there before it may go.
     pub const HOLD_RTTS: u32 = 2;
     /// The default least time before a path left is forced out: long enough for datagrams sent
     /// just before a hop to arrive (the kernel reorders datagrams of different sockets), after
@@ -271,7 +281,7 @@ impl LeftPaths {
     pub fn timeout(&self, now: Instant) -> Option<Duration> {
         self.left
             .iter()
-            .map(|&(_, _, since)| (since + self.force_after_min).saturating_duration_since(now))
+            .map(|l| (l.since + self.force_after_min).saturating_duration_since(now))
             .min()
     }
 
@@ -285,9 +295,10 @@ impl LeftPaths {
     /// Notes the active path and forgets the paths left that are done; returns how many were
     /// forgotten. Call after every burst of `recv`.
     ///
-    /// A path left is kept for at least [`LeftPaths::HOLD_RTTS`] of its round trips even when
-    /// nothing of ours is in flight there: the peer keeps sending there until it sees our first
-    /// packet from the new address, and what arrives on a forgotten path is dropped unread.
+    /// A path left is kept until nothing arrived on it for [`LeftPaths::HOLD_RTTS`] of its round
+    /// trips, even when nothing of ours is in flight there: the peer keeps sending there until it
+    /// sees our first packet from the new address, and what arrives on a forgotten path is
+    /// dropped unread (and stays in flight at the peer until it forces its side out).
     pub fn forget(&mut self, conn: &mut quiche::Connection, now: Instant) -> usize {
         let active = conn
             .path_stats()
@@ -302,27 +313,34 @@ impl LeftPaths {
         if self.left.is_empty() {
             return 0;
         }
-        // Round trips measured on each path left (a path just moved to has no sample yet).
-        let rtts: Vec<(SocketAddr, SocketAddr, Duration)> = conn
+        // Round trips measured on each path left (a path just moved to has no sample yet), and
+        // what arrived there.
+        let stats: Vec<(SocketAddr, SocketAddr, Duration, usize)> = conn
             .path_stats()
             .filter(|p| !p.active)
-            .map(|p| (p.local_addr, p.peer_addr, p.rtt))
+            .map(|p| (p.local_addr, p.peer_addr, p.rtt, p.recv))
             .collect();
         let mut forgotten = 0;
         let mut returned = 0;
         let force_after_min = self.force_after_min;
-        self.left.retain(|&(local, peer, since)| {
+        self.left.retain_mut(|left| {
+            let (local, peer) = (left.local, left.peer);
             if Some((local, peer)) == active {
                 // The connection came back to it.
                 returned += 1;
                 return false;
             }
-            let rtt = rtts
+            let (rtt, recv) = stats
                 .iter()
-                .find(|&&(l, p, _)| (l, p) == (local, peer))
-                .map_or(Duration::ZERO, |&(_, _, rtt)| rtt);
-            let age = now.saturating_duration_since(since);
-            if age < rtt * Self::HOLD_RTTS {
+                .find(|&&(l, p, _, _)| (l, p) == (local, peer))
+                .map_or((Duration::ZERO, 0), |&(_, _, rtt, recv)| (rtt, recv));
+            if recv != left.recv {
+                left.recv = recv;
+                left.last_recv = now;
+            }
+            let age = now.saturating_duration_since(left.since);
+            let quiet = now.saturating_duration_since(left.last_recv);
+            if quiet < rtt * Self::HOLD_RTTS && age < rtt * Self::FORCE_AFTER_RTTS {
                 return true;
             }
             let force = age >= (rtt * Self::FORCE_AFTER_RTTS).max(force_after_min);
@@ -354,12 +372,18 @@ impl LeftPaths {
     /// Whether `local` (to any peer) is a path left and not forgotten yet: its socket must stay
     /// open for the acknowledgements still due there.
     pub fn holds(&self, local: SocketAddr) -> bool {
-        self.left.iter().any(|&(l, _, _)| l == local)
+        self.left.iter().any(|l| l.local == local)
     }
 
     fn push(&mut self, local: SocketAddr, peer: SocketAddr, now: Instant) {
-        if !self.left.iter().any(|&(l, p, _)| (l, p) == (local, peer)) {
-            self.left.push((local, peer, now));
+        if !self.left.iter().any(|l| (l.local, l.peer) == (local, peer)) {
+            self.left.push(Left {
+                local,
+                peer,
+                since: now,
+                recv: usize::MAX,
+                last_recv: now,
+            });
         }
     }
 }

@@ -7,19 +7,12 @@
 //! - CONNECT-UDP: a local UDP port; whatever an application sends there reaches the target, and
 //!   the target's answers go back to the last local sender.
 //!
-//! The client can move its connection between local addresses while the tunnel runs
-//! ([`ClientConfig::hop_every`]): each hop binds a new socket, validates the new path with
-//! `probe_path` while traffic continues on the current one, then migrates (RFC 9000 §9). The
-//! agent's migration driver does the same with its hop strategies; this one is the proxy's own
-//! test of serving a migrating client.
-//!
-//! Connection IDs on a hopping client: quiche keeps a path, and the IDs linked to it, until the
-//! path holds no destination ID, and only then reuses its slot. So a hopping client asks for
-//! exactly two IDs each way (`active_connection_id_limit` 2): the active one and one spare. A hop
-//! probes with the spare, migrates, then retires the ID of the path it left; with no spare left
-//! at that moment, the old path is left without an ID and is recycled, and the proxy sends a
-//! fresh spare. On our side every hop issues a fresh source ID with Retire Prior To, so the
-//! proxy drops the oldest. The result: any number of hops to fresh addresses, and no ID ever
+//! The client can move its connection between local addresses while the tunnel runs, when and
+//! where a [`hop::HopPolicy`] says ([`hop::TimerHops`] from [`ClientConfig::hop_every`] for the
+//! CLI; the agent's hop strategies in its tunnel mode): each hop binds a new socket (a fresh
+//! port), validates the new path with `probe_path` while traffic continues on the current one,
+//! then migrates (RFC 9000 §9). Both ends forget the path left ([`quic::LeftPaths`]), which
+//! retires the connection IDs used there: any number of hops to fresh addresses, and no ID ever
 //! sent from two addresses.
 
 use std::collections::HashMap;
@@ -41,6 +34,10 @@ use crate::quic::{self, QuicSettings, Tls};
 use crate::request::{self, Target};
 use crate::tundev::TunDevice;
 use crate::udp::UdpIo;
+
+pub mod hop;
+
+use hop::{HopOutcome, HopPolicy};
 
 const HEADROOM: usize = 16;
 const MAX_INNER: usize = 65_535;
@@ -141,6 +138,9 @@ pub enum ClientError {
 
 struct Path {
     io: UdpIo,
+    /// Datagrams read from the socket / refused by quiche.
+    rx: u64,
+    rx_errors: u64,
 }
 
 /// A running client.
@@ -151,7 +151,11 @@ pub struct Client {
     h3cfg: quiche::h3::Config,
     rng: SystemRandom,
     paths: Vec<Path>,
-    next_bind: usize,
+    policy: Box<dyn HopPolicy>,
+    /// QUIC datagrams sent since the policy was last asked.
+    sent_since_poll: u64,
+    /// An address the policy asked for that could not be probed yet (no spare ID).
+    wanted_hop: Option<IpAddr>,
     pending_hop: Option<SocketAddr>,
     /// Paths left, to forget.
     left_paths: quic::LeftPaths,
@@ -172,8 +176,23 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects (the handshake runs in [`Client::run`]).
+    /// Connects (the handshake runs in [`Client::run`]); hops as [`ClientConfig::hop_every`]
+    /// says, over [`ClientConfig::bind`].
     pub fn new(cfg: ClientConfig, mode: Mode) -> Result<Client, ClientError> {
+        let policy: Box<dyn HopPolicy> = match cfg.hop_every {
+            Some(every) => Box::new(hop::TimerHops::new(cfg.bind.clone(), every)),
+            None => Box::new(hop::NoHops),
+        };
+        Self::with_policy(cfg, mode, policy)
+    }
+
+    /// Connects from the first of [`ClientConfig::bind`] and hops when and where `policy` says
+    /// ([`ClientConfig::hop_every`] is ignored).
+    pub fn with_policy(
+        cfg: ClientConfig,
+        mode: Mode,
+        policy: Box<dyn HopPolicy>,
+    ) -> Result<Client, ClientError> {
         let mut qc = cfg
             .quic
             .transport_config(Tls::Client { ca: cfg.ca.as_deref() })
@@ -201,8 +220,10 @@ impl Client {
             rng: SystemRandom::new(),
             conn,
             h3: None,
-            paths: vec![Path { io }],
-            next_bind: 1,
+            paths: vec![Path { io, rx: 0, rx_errors: 0 }],
+            policy,
+            sent_since_poll: 0,
+            wanted_hop: None,
             pending_hop: None,
             left_paths: quic::LeftPaths::default(),
             last_hop: Instant::now(),
@@ -251,9 +272,11 @@ impl Client {
                     self.status
                 )));
             }
-            let timeout = self
-                .conn
-                .timeout()
+            let policy_timeout = self.policy.poll(Instant::now());
+            let timeout = [self.conn.timeout(), policy_timeout]
+                .into_iter()
+                .flatten()
+                .min()
                 .unwrap_or(Duration::from_millis(50))
                 .min(Duration::from_millis(50));
             pollfds.clear();
@@ -309,21 +332,31 @@ impl Client {
         }
     }
 
+    /// Reads every socket, one burst each in turn, newest first (a probe's answer arrives on
+    /// the newest), until all are drained. Draining the active socket first would let hundreds
+    /// of newer packets through before the answer, and quiche decodes a packet's truncated
+    /// number against the largest received: an answer that late decodes to the wrong number,
+    /// fails to decrypt and is dropped without a word (the hop then times out).
     fn recv_quic(&mut self) -> Result<(), ClientError> {
-        for p in &mut self.paths {
-            loop {
+        loop {
+            let mut more = false;
+            for p in self.paths.iter_mut().rev() {
                 let n = p.io.recv_burst()?;
                 let to = p.io.local_addr();
+                p.rx += n as u64;
                 for i in 0..n {
                     let (pkt, from) = p.io.datagram(i);
-                    let _ = self.conn.recv(pkt, quiche::RecvInfo { from, to });
+                    if let Err(e) = self.conn.recv(pkt, quiche::RecvInfo { from, to }) {
+                        p.rx_errors += 1;
+                        tracing::debug!("recv on {to}: {e}");
+                    }
                 }
-                if n < crate::udp::BURST {
-                    break;
-                }
+                more |= n == crate::udp::BURST;
+            }
+            if !more {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     fn on_quic_events(&mut self) -> Result<(), ClientError> {
@@ -424,10 +457,26 @@ impl Client {
             match ev {
                 quiche::PathEvent::Validated(local, peer) => {
                     if self.pending_hop == Some(local) {
-                        match self.conn.migrate(local, peer) {
-                            Ok(_) => self.stats.hops_done += 1,
-                            Err(_) => self.stats.hops_failed += 1,
-                        }
+                        let from = self.conn.path_stats().find(|p| p.active).map(|p| p.local_addr);
+                        let now = Instant::now();
+                        let outcome = match (self.conn.migrate(local, peer), from) {
+                            (Ok(_), Some(from)) => {
+                                self.stats.hops_done += 1;
+                                // Make sure a non-probing packet goes out from the new address
+                                // now, so the proxy follows (RFC 9000 §9.2).
+                                let _ = self.conn.send_ack_eliciting();
+                                HopOutcome::Done {
+                                    from: from.ip(),
+                                    to: local.ip(),
+                                    latency: now.saturating_duration_since(self.last_hop),
+                                }
+                            }
+                            _ => {
+                                self.stats.hops_failed += 1;
+                                HopOutcome::Failed { to: local.ip() }
+                            }
+                        };
+                        self.policy.on_hop(outcome, now);
                         self.pending_hop = None;
                     }
                 }
@@ -435,6 +484,7 @@ impl Client {
                     if self.pending_hop == Some(local) {
                         self.stats.hops_failed += 1;
                         self.pending_hop = None;
+                        self.policy.on_hop(HopOutcome::Failed { to: local.ip() }, Instant::now());
                     }
                 }
                 _ => {}
@@ -560,34 +610,53 @@ impl Client {
         }
     }
 
-    /// Starts a hop when one is due: a new socket on the next local address, probed; the
+    /// Starts a hop when the policy asks for one: a new socket on that address, probed; the
     /// migration happens when the probe is validated.
     fn maybe_hop(&mut self) {
-        let Some(every) = self.cfg.hop_every else {
-            return;
-        };
+        let now = Instant::now();
         if let Some(local) = self.pending_hop {
             // A probe that is neither validated nor failed within the hop timeout is given up;
             // the connection stays where it is.
-            if self.last_hop.elapsed() > HOP_TIMEOUT {
-                tracing::info!("hop to {local}: no answer to the probe in {HOP_TIMEOUT:?}");
+            if now.saturating_duration_since(self.last_hop) > HOP_TIMEOUT {
+                let path = self
+                    .conn
+                    .path_stats()
+                    .find(|p| p.local_addr == local)
+                    .map(|p| format!("sent {} recv {} {:?}", p.sent, p.recv, p.validation_state));
+                let sock = self
+                    .paths
+                    .iter()
+                    .find(|p| p.io.local_addr() == local)
+                    .map(|p| (p.rx, p.rx_errors));
+                tracing::info!(
+                    "hop to {local}: no answer to the probe in {HOP_TIMEOUT:?} (path: {path:?}, socket read/refused {sock:?}, spare proxy IDs {})",
+                    self.conn.available_dcids()
+                );
                 self.stats.hops_failed += 1;
                 self.pending_hop = None;
+                self.policy.on_hop(HopOutcome::Failed { to: local.ip() }, now);
             }
             return;
         }
-        if self.last_hop.elapsed() < every {
+        let current = self.conn.path_stats().find(|p| p.active).map(|p| p.local_addr.ip());
+        let Some(current) = current else { return };
+        let sent = std::mem::take(&mut self.sent_since_poll);
+        let asked = self.policy.poll_hop(now, current, sent);
+        let Some(addr) = asked.or(self.wanted_hop.take()) else {
             return;
-        }
-        if self.conn.available_dcids() == 0 {
+        };
+        // Every path left holds one connection ID each way until both ends forget it (a few
+        // round trips); a probe the proxy has no spare ID for goes unanswered for a second.
+        // So at most half the IDs may be held by paths left: beyond that the hop waits.
+        let held_limit = (self.cfg.quic.active_connection_id_limit / 2).max(1) as usize;
+        if self.conn.available_dcids() == 0 || self.left_paths.pending() >= held_limit {
             // No spare connection ID from the proxy yet (it replaces retired ones within a round
-            // trip): try again on the next pass.
+            // trip), or too many paths left still held: try again on the next pass.
             self.stats.hops_deferred += 1;
+            self.wanted_hop = Some(addr);
             return;
         }
-        self.last_hop = Instant::now();
-        let addr = self.cfg.bind[self.next_bind % self.cfg.bind.len()];
-        self.next_bind += 1;
+        self.last_hop = now;
         let io = match UdpIo::bind(SocketAddr::new(addr, 0)) {
             Ok(mut io) => {
                 io.set_max_payload(self.cfg.quic.max_udp_payload_bytes);
@@ -596,6 +665,7 @@ impl Client {
             Err(e) => {
                 tracing::warn!("hop: {e}");
                 self.stats.hops_failed += 1;
+                self.policy.on_hop(HopOutcome::Failed { to: addr }, now);
                 return;
             }
         };
@@ -604,7 +674,7 @@ impl Client {
             Ok(_) => {
                 self.stats.hops_started += 1;
                 self.pending_hop = Some(local);
-                self.paths.push(Path { io });
+                self.paths.push(Path { io, rx: 0, rx_errors: 0 });
             }
             Err(e) => {
                 tracing::info!(
@@ -614,6 +684,7 @@ impl Client {
                     self.conn.path_stats().count()
                 );
                 self.stats.hops_failed += 1;
+                self.policy.on_hop(HopOutcome::Failed { to: addr }, now);
             }
         }
     }
@@ -644,6 +715,7 @@ impl Client {
                     let out = io.send_buf();
                     out[..len].copy_from_slice(&self.tmp[..len]);
                     io.commit(len, info.to);
+                    self.sent_since_poll += 1;
                 }
                 Err(_) => break,
             }

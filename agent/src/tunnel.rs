@@ -1,0 +1,467 @@
+//! Tunnel mode (seed 000 §3.1 with seed 004; issue 7): the agent is the CONNECT-IP client, all
+//! host traffic routed into its TUN device goes through one QUIC connection to the MASQUE proxy,
+//! and that connection hops between the agent's addresses as its [`HopStrategy`] says.
+//!
+//! The MASQUE client ([`mimiq_masque::client`]) does the hops (a new socket on the address,
+//! `probe_path`, `migrate` once the probe is answered, and both ends forget the path left);
+//! [`TunnelHops`] is its [`HopPolicy`]: it counts the QUIC datagrams sent, asks the connection's
+//! [`ConnectionHopper`] where the next one should leave from, and keeps the [`AddressSet`]
+//! supplied — from a fixed list of addresses already on the host ([`AddressSource::Static`]), or
+//! from the allocator through the access switch's relay ([`AddressSource::Allocator`]), with the
+//! addresses put on the host interface over netlink ([`HostAddresses`]) and released on exit.
+//!
+//! Threading: everything runs on the caller's thread (the MASQUE client's event loop); the
+//! policy's state is shared with [`run`] through an `Rc<RefCell<_>>` so that `run` can release
+//! the addresses and report once the client returns. Nothing here panics on input: a bad config
+//! is a [`TunnelError`], a failed hop is counted and logged and the connection stays where it was.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use mimiq_masque::capsule::IpPrefix;
+use mimiq_masque::client::hop::{HopOutcome, HopPolicy};
+use mimiq_masque::client::{Client, ClientConfig, ClientStats, Mode};
+use mimiq_masque::quic::QuicSettings;
+use mimiq_masque::template::{IpScope, IP_PATH_PREFIX};
+use serde::{Deserialize, Serialize};
+
+use crate::addr::HostAddresses;
+use crate::addrset::AddressSet;
+use crate::alloc_client::{AllocClientConfig, AllocDriver, AllocEvent};
+use crate::config::AgentConfig;
+use crate::hopper::{ConnectionHopper, HopStats, PacketAction};
+use crate::strategy::HopStrategy;
+
+/// The `[tunnel]` table: where the proxy is and how the tunnel looks on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// The proxy's UDP address.
+    pub proxy: SocketAddr,
+    /// TLS server name and `:authority`. Default "proxy".
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// TUN device name. Default "mqagent0".
+    #[serde(default = "default_tun")]
+    pub tun: String,
+    /// Bearer token for `proxy-authorization`; none by default.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// CA file to verify the proxy with; without it the proxy is not verified (test setups).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Prefixes routed into the tunnel ("198.18.20.0/24", "fd00:20::/64"); absent: the ranges
+    /// the proxy advertises (minus the proxy's own address).
+    #[serde(default)]
+    pub routes: Option<Vec<String>>,
+    /// Largest UDP payload sent, bytes (≥ 1350). Default 1452.
+    #[serde(default = "default_payload")]
+    pub max_udp_payload_bytes: usize,
+    /// Give up when the tunnel is not up within this long, milliseconds. Default 10,000.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Counters as JSON, written at exit; none by default.
+    #[serde(default)]
+    pub stats_file: Option<PathBuf>,
+    /// One line per hop (`time_ms,outcome,from,to,latency_us`); none by default.
+    #[serde(default)]
+    pub hop_log: Option<PathBuf>,
+}
+
+fn default_server_name() -> String {
+    "proxy".into()
+}
+fn default_tun() -> String {
+    "mqagent0".into()
+}
+fn default_payload() -> usize {
+    1452
+}
+fn default_connect_timeout() -> u64 {
+    10_000
+}
+
+/// The `[source]` table: where the agent's addresses come from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AddressSource {
+    /// Addresses already on the host, used for as long as the agent runs.
+    Static {
+        /// The addresses (at least one; all of the proxy's family).
+        addresses: Vec<IpAddr>,
+    },
+    /// Address sets from the allocator, through the access switch's relay.
+    Allocator {
+        /// The gateway's relay address (the access switch, UDP port 6363).
+        gateway: SocketAddr,
+        /// The host interface the addresses go on.
+        interface: String,
+        /// The family of the addresses asked for: "v4" or "v6".
+        family: FamilyName,
+        /// How long to wait for the first allocation, milliseconds. Default 10,000.
+        #[serde(default = "default_connect_timeout")]
+        first_allocation_timeout_ms: u64,
+        /// The allocator client's timers.
+        #[serde(default)]
+        client: AllocClientConfig,
+    },
+}
+
+/// An address family in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FamilyName {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// Why the tunnel could not run. Each message is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The config has no `[tunnel]` or `[source]` table, or a value there is impossible.
+    #[error("config: {0}")]
+    Config(String),
+    /// No address to start from (the allocator did not answer in time, or the list is empty).
+    #[error("no address: {0}")]
+    NoAddress(String),
+    /// The host interface could not be managed.
+    #[error("interface: {0}")]
+    Interface(String),
+    /// The MASQUE client failed.
+    #[error("{0}")]
+    Client(#[from] mimiq_masque::client::ClientError),
+}
+
+/// What the agent did, written to `stats_file` and returned by [`run`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TunnelReport {
+    /// The tunnel's own counters (datagrams, bytes, hops started/done/failed by the client).
+    pub client: ClientStats,
+    /// QUIC datagrams the hop strategy counted.
+    pub datagrams_counted: u64,
+    /// Times the client asked the policy.
+    pub polls: u64,
+    /// Hops the strategy asked for and that completed.
+    pub hops_done: u64,
+    /// Hops that failed (the connection stayed where it was).
+    pub hops_failed: u64,
+    /// Hops the strategy wanted but no other usable address was there.
+    pub hops_without_address: u64,
+    /// Distinct local addresses the connection sent from.
+    pub addresses_used: u64,
+    /// Addresses received from the allocator (0 for a static source).
+    pub addresses_allocated: u64,
+    /// Allocations that failed (unreachable, pool exhausted, bad reply).
+    pub allocation_failures: u64,
+    /// Addresses the allocator acknowledged as released on exit.
+    pub addresses_released: u64,
+    /// Hop latency (request to switch), microseconds: median and largest.
+    pub hop_latency_p50_us: u64,
+    /// Largest hop latency, microseconds.
+    pub hop_latency_max_us: u64,
+}
+
+/// Validates the tunnel part of `config` without touching the host (for `mimiq-agent check`).
+pub fn check(config: &AgentConfig) -> Result<(), TunnelError> {
+    let (tunnel, source) = parts(config)?;
+    routes(tunnel)?;
+    if let AddressSource::Static { addresses } = source {
+        if addresses.is_empty() {
+            return Err(TunnelError::Config("source.addresses: empty".into()));
+        }
+        if let Some(a) = addresses.iter().find(|a| a.is_ipv4() != tunnel.proxy.is_ipv4()) {
+            return Err(TunnelError::Config(format!(
+                "source.addresses: {a} cannot reach the proxy at {} (address family)",
+                tunnel.proxy
+            )));
+        }
+    }
+    let quic = quic_settings(tunnel);
+    quic.validate().map_err(TunnelError::Config)?;
+    Ok(())
+}
+
+/// Runs the tunnel until `stop` is set or the connection ends; `on_ready` gets the tunnel's
+/// counters once it carries traffic. Releases allocated addresses on the way out.
+pub fn run(
+    config: &AgentConfig,
+    seed: u64,
+    stop: &AtomicBool,
+    on_ready: impl FnMut(&ClientStats),
+) -> Result<TunnelReport, TunnelError> {
+    check(config)?;
+    let (tunnel, source) = parts(config)?;
+    let epoch = Instant::now();
+    let set = AddressSet::new(config.addresses.clone(), seed)
+        .map_err(|e| TunnelError::Config(e.to_string()))?;
+    let strategy = HopStrategy::new(&config.hop, seed).map_err(|e| TunnelError::Config(e.to_string()))?;
+    let mut state = TunnelState {
+        set,
+        hopper: ConnectionHopper::new(0, strategy),
+        alloc: None,
+        host: None,
+        epoch,
+        used: Vec::new(),
+        latencies_us: Vec::new(),
+        report: TunnelReport::default(),
+        hop_log: match &tunnel.hop_log {
+            Some(p) => Some(File::create(p).map_err(|e| TunnelError::Config(format!("hop_log {}: {e}", p.display())))?),
+            None => None,
+        },
+    };
+    match source {
+        AddressSource::Static { addresses } => {
+            // Held for as long as the agent runs (a century, in the set's milliseconds).
+            let forever = Duration::from_secs(100 * 365 * 24 * 3600);
+            let list: Vec<(IpAddr, Duration)> = addresses.iter().map(|&a| (a, forever)).collect();
+            state.set.add_allocation(0, &list);
+        }
+        AddressSource::Allocator {
+            gateway,
+            interface,
+            family,
+            first_allocation_timeout_ms,
+            client,
+        } => {
+            let family = match family {
+                FamilyName::V4 => mimiq_allocator::Family::V4,
+                FamilyName::V6 => mimiq_allocator::Family::V6,
+            };
+            let driver = AllocDriver::new(*gateway, family, client.clone())
+                .map_err(|e| TunnelError::NoAddress(e.to_string()))?;
+            state.alloc = Some(driver);
+            state.host = Some(
+                HostAddresses::open(interface).map_err(|e| TunnelError::Interface(format!("{interface}: {e}")))?,
+            );
+            let deadline = Instant::now() + Duration::from_millis(*first_allocation_timeout_ms);
+            while state.set.usable_count(state.now_ms(Instant::now())) == 0 {
+                if Instant::now() > deadline {
+                    let c = state.alloc.as_ref().map(|a| a.counters());
+                    state.release();
+                    return Err(TunnelError::NoAddress(format!(
+                        "no allocation from {gateway} within {first_allocation_timeout_ms} ms ({c:?})"
+                    )));
+                }
+                state.housekeeping(Instant::now());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    let now_ms = state.now_ms(Instant::now());
+    let first = match state.hopper.on_packet(&mut state.set, now_ms) {
+        PacketAction::Migrate { to, .. } => to,
+        PacketAction::Send { from } => from,
+        PacketAction::NoAddress => {
+            state.release();
+            return Err(TunnelError::NoAddress("the address set holds no usable address".into()));
+        }
+    };
+    state.used.push(first);
+    let client_cfg = ClientConfig {
+        proxy: tunnel.proxy,
+        server_name: tunnel.server_name.clone(),
+        bind: vec![first],
+        token: tunnel.token.clone(),
+        ca: tunnel.ca.clone(),
+        quic: quic_settings(tunnel),
+        hop_every: None,
+        connect_timeout: Duration::from_millis(tunnel.connect_timeout_ms),
+    };
+    let scope = IpScope::parse_path(&format!("{IP_PATH_PREFIX}*/*/"))
+        .map_err(|e| TunnelError::Config(format!("scope: {e}")))?;
+    let mode = Mode::Ip {
+        scope,
+        tun: tunnel.tun.clone(),
+        routes: routes(tunnel)?,
+    };
+    let state = Rc::new(RefCell::new(state));
+    let policy = TunnelHops(Rc::clone(&state));
+    let result = Client::with_policy(client_cfg, mode, Box::new(policy))
+        .and_then(|mut client| client.run(stop, on_ready));
+    let mut state = state.borrow_mut();
+    state.release();
+    let client = result?;
+    let mut report = state.finish();
+    report.client = client;
+    if let Some(path) = &tunnel.stats_file {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json) {
+            tracing::warn!("stats_file {}: {e}", path.display());
+        }
+    }
+    Ok(report)
+}
+
+/// The MASQUE client's hop policy in tunnel mode (see the module docs).
+pub struct TunnelHops(Rc<RefCell<TunnelState>>);
+
+/// What [`TunnelHops`] and [`run`] share.
+pub struct TunnelState {
+    set: AddressSet,
+    hopper: ConnectionHopper,
+    alloc: Option<AllocDriver>,
+    host: Option<HostAddresses>,
+    epoch: Instant,
+    used: Vec<IpAddr>,
+    latencies_us: Vec<u64>,
+    report: TunnelReport,
+    hop_log: Option<File>,
+}
+
+impl HopPolicy for TunnelHops {
+    fn poll_hop(&mut self, now: Instant, current: IpAddr, sent: u64) -> Option<IpAddr> {
+        let mut guard = self.0.borrow_mut();
+        let s = &mut *guard;
+        let now_ms = s.now_ms(now);
+        s.report.datagrams_counted += sent;
+        s.report.polls += 1;
+        // One decision per datagram sent since the last pass; the first hop asked for wins
+        // (the client probes it while the datagrams keep leaving from `current`).
+        for _ in 0..sent {
+            match s.hopper.on_packet(&mut s.set, now_ms) {
+                PacketAction::Migrate { to, .. } if to != current => return Some(to),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn on_hop(&mut self, outcome: HopOutcome, now: Instant) {
+        let mut s = self.0.borrow_mut();
+        let t = s.now_ms(now);
+        let line = match outcome {
+            HopOutcome::Done { from, to, latency } => {
+                s.report.hops_done += 1;
+                let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+                if s.latencies_us.len() < 1_000_000 {
+                    s.latencies_us.push(us);
+                }
+                if !s.used.contains(&to) {
+                    s.used.push(to);
+                }
+                format!("{t},done,{from},{to},{us}\n")
+            }
+            HopOutcome::Failed { to } => {
+                s.report.hops_failed += 1;
+                tracing::info!("hop to {to} failed; the connection stays where it was");
+                format!("{t},failed,,{to},\n")
+            }
+        };
+        if let Some(f) = s.hop_log.as_mut() {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+
+    fn poll(&mut self, now: Instant) -> Option<Duration> {
+        self.0.borrow_mut().housekeeping(now)
+    }
+}
+
+impl TunnelState {
+    fn now_ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Allocator replies and requests, expired addresses off the host; when to come back.
+    fn housekeeping(&mut self, now: Instant) -> Option<Duration> {
+        let now_ms = self.now_ms(now);
+        if let Some(alloc) = self.alloc.as_mut() {
+            for ev in alloc.poll(now_ms, &mut self.set) {
+                match ev {
+                    AllocEvent::Allocated { addrs, .. } => {
+                        self.report.addresses_allocated += addrs.len() as u64;
+                        tracing::info!("allocated {} addresses", addrs.len());
+                    }
+                    AllocEvent::Failed { error, retry_at_ms } => {
+                        self.report.allocation_failures += 1;
+                        tracing::warn!("allocation failed: {error}; next attempt at {retry_at_ms} ms");
+                    }
+                    AllocEvent::Released { .. } => {}
+                }
+            }
+        }
+        if let Some(host) = self.host.as_mut() {
+            let report = host.sync(now_ms, &mut self.set);
+            if !report.errors.is_empty() {
+                tracing::warn!("host addresses: {:?}", report.errors);
+            }
+        }
+        let next = [
+            self.set.next_timeout_ms(now_ms),
+            self.alloc.as_ref().and_then(|a| a.next_timeout_ms()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
+        Some(Duration::from_millis(next.saturating_sub(now_ms)))
+    }
+
+    /// Gives allocated addresses back and takes them off the host.
+    fn release(&mut self) {
+        let now_ms = self.now_ms(Instant::now());
+        if let Some(alloc) = self.alloc.as_mut() {
+            match alloc.release_all(now_ms, &mut self.set) {
+                Ok(n) => self.report.addresses_released += n as u64,
+                Err(e) => tracing::warn!("release: {e}"),
+            }
+        }
+        if let Some(host) = self.host.as_mut() {
+            host.remove_all();
+        }
+    }
+
+    fn finish(&mut self) -> TunnelReport {
+        let HopStats { failed_hops, .. } = self.hopper.stats();
+        let mut r = self.report.clone();
+        r.hops_without_address = failed_hops;
+        r.addresses_used = self.used.len() as u64;
+        let mut l = self.latencies_us.clone();
+        l.sort_unstable();
+        r.hop_latency_p50_us = l.get(l.len() / 2).copied().unwrap_or(0);
+        r.hop_latency_max_us = l.last().copied().unwrap_or(0);
+        r
+    }
+}
+
+fn parts(config: &AgentConfig) -> Result<(&TunnelConfig, &AddressSource), TunnelError> {
+    let tunnel = config
+        .tunnel
+        .as_ref()
+        .ok_or_else(|| TunnelError::Config("no [tunnel] table".into()))?;
+    let source = config
+        .source
+        .as_ref()
+        .ok_or_else(|| TunnelError::Config("no [source] table".into()))?;
+    Ok((tunnel, source))
+}
+
+fn quic_settings(tunnel: &TunnelConfig) -> QuicSettings {
+    QuicSettings {
+        max_udp_payload_bytes: tunnel.max_udp_payload_bytes,
+        ..QuicSettings::default()
+    }
+}
+
+/// The configured routes as prefixes (`None`: the advertised ones).
+fn routes(tunnel: &TunnelConfig) -> Result<Option<Vec<IpPrefix>>, TunnelError> {
+    let Some(list) = &tunnel.routes else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for r in list {
+        let bad = |why: &str| TunnelError::Config(format!("tunnel.routes: {r:?}: {why}"));
+        let (addr, len) = r.split_once('/').ok_or_else(|| bad("expected address/length"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad("not an IP address"))?;
+        let len: u8 = len.parse().map_err(|_| bad("bad prefix length"))?;
+        out.push(IpPrefix::new(addr, len).map_err(|e| bad(&e.to_string()))?);
+    }
+    Ok(Some(out))
+}

@@ -1,0 +1,202 @@
+//! `mimiq-agent run` in tunnel mode between real kernel hosts: the agent on the client host is
+//! the CONNECT-IP client of a real `mimiq-proxy` (client — proxy — server namespaces,
+//! `mimiq_perf::masque`), and its QUIC connection hops between the client's addresses (a fresh
+//! port every hop) while a TCP download runs through the tunnel.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mimiq_agent::direct::h3::body_byte;
+use mimiq_perf::masque::{self, addr, ProxyProc};
+use mimiq_perf::testbed::{bin_path, require_root, Proc, Testbed};
+use serde_json::Value;
+
+/// Starts `mimiq-agent run` on `c` with a static source (the four client addresses), a hop
+/// every `packets` QUIC datagrams, and the server's subnet routed into the tunnel; returns once
+/// it printed its `ready` line.
+fn start_agent(tb: &mut Testbed, dir: &Path, packets: u32) -> Result<Proc, String> {
+    let addresses: Vec<String> = addr::CLIENT_V4.iter().map(|a| format!("\"{a}\"")).collect();
+    let cfg = format!(
+        "seed = 7\n[hop]\nkind = \"every_packets\"\npackets = {packets}\n\
+         [tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\nroutes = [\"198.18.20.0/24\"]\n\
+         stats_file = \"{}\"\nhop_log = \"{}\"\n\
+         [source]\nkind = \"static\"\naddresses = [{}]\n",
+        addr::PROXY_V4,
+        dir.join("agent-stats.json").display(),
+        dir.join("hops.csv").display(),
+        addresses.join(", ")
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
+    let bin = bin_path("mimiq-agent")?.to_string_lossy().into_owned();
+    let path = path.to_string_lossy().into_owned();
+    let mut proc = tb
+        .spawn("c", &[&bin, "run", "--config", &path], false)
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !proc.stdout().lines().any(|l| l.starts_with("ready")) {
+        if proc.try_status().is_some() || Instant::now() > deadline {
+            return Err(format!("agent not ready: {}", proc.describe()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(proc)
+}
+
+/// Stops the agent with SIGTERM; its report (the JSON line it printed).
+fn stop_agent(proc: &mut Proc) -> Result<Value, String> {
+    proc.stop(Duration::from_secs(5));
+    let out = proc.stdout();
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("agent printed no report: {}", proc.describe()))?;
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
+
+/// Serves `len` pattern bytes to one TCP client on the server host, and downloads them on the
+/// client host through the tunnel; returns the bytes that arrived in order and whether every
+/// one matched the pattern.
+fn download(tb: &Testbed, len: u64) -> Result<(u64, bool), String> {
+    let listener = tb
+        .run_in("s", || TcpListener::bind("198.18.20.2:9000"))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        while off < len {
+            let n = buf.len().min((len - off) as usize);
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = body_byte(off + i as u64);
+            }
+            conn.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+        Ok(())
+    });
+    let got = tb
+        .run_in("c", move || -> std::io::Result<(u64, bool)> {
+            let mut conn = TcpStream::connect("198.18.20.2:9000")?;
+            conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut off, mut exact) = (0u64, true);
+            loop {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                exact &= buf[..n]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == body_byte(off + i as u64));
+                off += n as u64;
+            }
+            Ok((off, exact))
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("download: {e}"))?;
+    server
+        .join()
+        .map_err(|_| "server thread panicked".to_string())?
+        .map_err(|e| format!("server: {e}"))?;
+    Ok(got)
+}
+
+#[test]
+fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact() {
+    if !require_root() {
+        return;
+    }
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let mut agent = start_agent(&mut tb, dir.path(), 25).unwrap();
+    let len = 100 * 1024 * 1024;
+    let result = download(&tb, len);
+    let report = stop_agent(&mut agent).unwrap();
+    let s = proxy.stats_after_interval().unwrap();
+    let (got, exact) = result.unwrap_or_else(|e| panic!("{e}; agent {report}; proxy {s}"));
+    assert_eq!(got, len, "{report}");
+    assert!(exact, "every byte matches the pattern");
+    // The strategy counts the QUIC datagrams the client sends (the TCP ACKs of the download,
+    // several to a QUIC packet) and asks for a hop every 25; while a hop validates (one round
+    // trip) the count goes on, so at least half of those become hops.
+    let done = report["hops_done"].as_u64().unwrap();
+    let counted = report["datagrams_counted"].as_u64().unwrap();
+    assert!(done >= 50, "{report}; {}; proxy {s}", agent.describe());
+    assert!(done * 25 * 2 >= counted, "{report}");
+    assert!(
+        report["hops_failed"].as_u64().unwrap() * 20 <= done,
+        "at most 5% failed: {report}; {}",
+        agent.describe()
+    );
+    assert_eq!(report["addresses_used"], 4, "{report}");
+    // One connection, one session at the proxy: the tunnel stayed up through every hop, and
+    // the proxy forgot the paths left.
+    assert_eq!(s["connections_accepted"], 1, "{s}");
+    assert_eq!(s["sessions_ip"], 1, "{s}");
+    assert!(s["paths_abandoned"].as_u64().unwrap() + 8 >= done, "{s}");
+    let log = std::fs::read_to_string(dir.path().join("hops.csv")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains(",done,")).count() as u64, done);
+}
+
+#[test]
+fn hopping_every_2_packets_still_completes_the_download() {
+    if !require_root() {
+        return;
+    }
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let mut agent = start_agent(&mut tb, dir.path(), 2).unwrap();
+    let len = 10 * 1024 * 1024;
+    let result = download(&tb, len);
+    let report = stop_agent(&mut agent).unwrap();
+    let (got, exact) = result.unwrap_or_else(|e| panic!("{e}; agent {report}; proxy {}", proxy.proc.describe()));
+    assert_eq!(got, len, "{report}");
+    assert!(exact);
+    // A hop is due after every second datagram, so one is always in progress: the connection
+    // hops back to back, one round trip each.
+    let done = report["hops_done"].as_u64().unwrap();
+    assert!(done >= 200, "{report}");
+    assert!(report["hops_failed"].as_u64().unwrap() * 20 <= done, "at most 5% failed: {report}");
+}
+
+#[test]
+fn a_bad_agent_config_is_one_error_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = bin_path("mimiq-agent").unwrap();
+    for (text, needle) in [
+        ("[hop]\nkind = \"never\"\n", "no [tunnel] table"),
+        ("[hop]\nkind = \"bogus\"\n", "config"),
+        (
+            "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\n[source]\nkind = \"static\"\naddresses = [\"fd00::1\"]\n",
+            "address family",
+        ),
+        (
+            "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\nroutes = [\"10.0.0.1/8\"]\n[source]\nkind = \"static\"\naddresses = [\"198.18.10.2\"]\n",
+            "tunnel.routes",
+        ),
+    ] {
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(&bin)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains(needle), "{text}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let out = std::process::Command::new(&bin).arg("--nonsense").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
