@@ -159,13 +159,17 @@ fn hopping_every_2_packets_still_completes_the_download() {
     let len = 10 * 1024 * 1024;
     let result = download(&tb, len);
     let report = stop_agent(&mut agent).unwrap();
-    let (got, exact) = result.unwrap_or_else(|e| panic!("{e}; agent {report}; proxy {}", proxy.proc.describe()));
+    let (got, exact) = result.unwrap_or_else(|e| {
+        panic!("{e}; agent {report}; {}; proxy {}", agent.describe(), proxy.proc.describe())
+    });
     assert_eq!(got, len, "{report}");
     assert!(exact);
-    // A hop is due after every second datagram, so one is always in progress: the connection
-    // hops back to back, one round trip each.
+    // A hop is due after every second datagram, so one is always in progress or waiting for
+    // the paths left to be forgotten (`hops_deferred`): the connection hops back to back, and
+    // at least a third of the hops the strategy asks for happen.
     let done = report["hops_done"].as_u64().unwrap();
-    assert!(done >= 200, "{report}");
+    let counted = report["datagrams_counted"].as_u64().unwrap();
+    assert!(done >= 100 && done * 2 * 3 >= counted, "{report}; {}", agent.describe());
     assert!(report["hops_failed"].as_u64().unwrap() * 20 <= done, "at most 5% failed: {report}");
 }
 

@@ -113,6 +113,8 @@ pub struct ClientStats {
     pub hops_deferred: u64,
     /// Paths forgotten after hops (their connection IDs retired).
     pub paths_abandoned: u64,
+    /// QUIC packets quiche built for a path whose socket was already closed (dropped).
+    pub tx_unroutable: u64,
     /// Assigned addresses.
     pub addresses: Vec<String>,
     /// Tunnel MTU used.
@@ -138,9 +140,6 @@ pub enum ClientError {
 
 struct Path {
     io: UdpIo,
-    /// Datagrams read from the socket / refused by quiche.
-    rx: u64,
-    rx_errors: u64,
 }
 
 /// A running client.
@@ -220,7 +219,7 @@ impl Client {
             rng: SystemRandom::new(),
             conn,
             h3: None,
-            paths: vec![Path { io, rx: 0, rx_errors: 0 }],
+            paths: vec![Path { io }],
             policy,
             sent_since_poll: 0,
             wanted_hop: None,
@@ -343,11 +342,9 @@ impl Client {
             for p in self.paths.iter_mut().rev() {
                 let n = p.io.recv_burst()?;
                 let to = p.io.local_addr();
-                p.rx += n as u64;
                 for i in 0..n {
                     let (pkt, from) = p.io.datagram(i);
                     if let Err(e) = self.conn.recv(pkt, quiche::RecvInfo { from, to }) {
-                        p.rx_errors += 1;
                         tracing::debug!("recv on {to}: {e}");
                     }
                 }
@@ -618,20 +615,10 @@ impl Client {
             // A probe that is neither validated nor failed within the hop timeout is given up;
             // the connection stays where it is.
             if now.saturating_duration_since(self.last_hop) > HOP_TIMEOUT {
-                let path = self
-                    .conn
-                    .path_stats()
-                    .find(|p| p.local_addr == local)
-                    .map(|p| format!("sent {} recv {} {:?}", p.sent, p.recv, p.validation_state));
-                let sock = self
-                    .paths
-                    .iter()
-                    .find(|p| p.io.local_addr() == local)
-                    .map(|p| (p.rx, p.rx_errors));
-                tracing::info!(
-                    "hop to {local}: no answer to the probe in {HOP_TIMEOUT:?} (path: {path:?}, socket read/refused {sock:?}, spare proxy IDs {})",
-                    self.conn.available_dcids()
-                );
+                tracing::info!("hop to {local}: no answer to the probe in {HOP_TIMEOUT:?}");
+                // Forget the path now: quiche would go on probing it, and put frames of the
+                // active path into those probes, from a socket that is about to close.
+                let _ = self.conn.abandon_path(local, self.cfg.proxy, true);
                 self.stats.hops_failed += 1;
                 self.pending_hop = None;
                 self.policy.on_hop(HopOutcome::Failed { to: local.ip() }, now);
@@ -647,8 +634,9 @@ impl Client {
         };
         // Every path left holds one connection ID each way until both ends forget it (a few
         // round trips); a probe the proxy has no spare ID for goes unanswered for a second.
-        // So at most half the IDs may be held by paths left: beyond that the hop waits.
-        let held_limit = (self.cfg.quic.active_connection_id_limit / 2).max(1) as usize;
+        // So at most a quarter of the IDs may be held by paths left (the proxy holds its side
+        // of each a little longer): beyond that the hop waits.
+        let held_limit = (self.cfg.quic.active_connection_id_limit / 4).max(1) as usize;
         if self.conn.available_dcids() == 0 || self.left_paths.pending() >= held_limit {
             // No spare connection ID from the proxy yet (it replaces retired ones within a round
             // trip), or too many paths left still held: try again on the next pass.
@@ -674,7 +662,7 @@ impl Client {
             Ok(_) => {
                 self.stats.hops_started += 1;
                 self.pending_hop = Some(local);
-                self.paths.push(Path { io, rx: 0, rx_errors: 0 });
+                self.paths.push(Path { io });
             }
             Err(e) => {
                 tracing::info!(
@@ -709,6 +697,8 @@ impl Client {
             match self.conn.send(&mut self.tmp) {
                 Ok((len, info)) => {
                     let Some(&i) = by_local.get(&info.from) else {
+                        // A path whose socket is gone (a failed probe quiche still retries).
+                        self.stats.tx_unroutable += 1;
                         continue;
                     };
                     let io = &mut self.paths[i].io;
