@@ -209,4 +209,27 @@ mod tests {
         let wrong_type = error("seed = \"x\"\n[hop]\nkind = \"never\"\n");
         assert!(wrong_type.starts_with("config line 1:"), "{wrong_type}");
     }
+
+    #[test]
+    fn the_shipped_tunnel_config_parses_and_checks() {
+        let text = include_str!("../../configs/agent.toml");
+        let config = AgentConfig::from_toml_str(text).unwrap();
+        crate::tunnel::check(&config).unwrap();
+        // The allocator source, as commented out in the file.
+        let start = text.find("[source]\nkind = \"static\"").unwrap();
+        let end = text.find("# ...or the allocator").unwrap();
+        let commented = &text[end..];
+        let uncommented: String = commented
+            .lines()
+            .filter(|l| l.starts_with("# [") || l.starts_with("# kind") || l.contains(" = "))
+            .map(|l| l.trim_start_matches("# ").to_string() + "\n")
+            .collect();
+        let alloc = format!("{}{}", &text[..start], uncommented);
+        let config = AgentConfig::from_toml_str(&alloc).unwrap();
+        crate::tunnel::check(&config).unwrap();
+        assert!(matches!(
+            config.source,
+            Some(crate::tunnel::AddressSource::Allocator { .. })
+        ));
+    }
 }
