@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mimiq_agent::direct::h3::body_byte;
-use mimiq_perf::masque::{self, addr, ProxyProc};
+// `stop_client` stops any of our processes that print their counters as a JSON line at exit.
+use mimiq_perf::masque::{self, addr, stop_client, ProxyProc};
 use mimiq_perf::testbed::{bin_path, require_root, Proc, Testbed};
-use serde_json::Value;
 
 /// Starts `mimiq-agent run` on `c` with a static source (the four client addresses), a hop
 /// every `packets` QUIC datagrams, and the server's subnet routed into the tunnel; returns once
@@ -43,18 +43,6 @@ fn start_agent(tb: &mut Testbed, dir: &Path, packets: u32) -> Result<Proc, Strin
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(proc)
-}
-
-/// Stops the agent with SIGTERM; its report (the JSON line it printed).
-fn stop_agent(proc: &mut Proc) -> Result<Value, String> {
-    proc.stop(Duration::from_secs(5));
-    let out = proc.stdout();
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .ok_or_else(|| format!("agent printed no report: {}", proc.describe()))?;
-    serde_json::from_str(line).map_err(|e| e.to_string())
 }
 
 /// Serves `len` pattern bytes to one TCP client on the server host, and downloads them on the
@@ -119,7 +107,7 @@ fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact()
     let mut agent = start_agent(&mut tb, dir.path(), 25).unwrap();
     let len = 100 * 1024 * 1024;
     let result = download(&tb, len);
-    let report = stop_agent(&mut agent).unwrap();
+    let report = stop_client(&mut agent).unwrap();
     let s = proxy.stats_after_interval().unwrap();
     let (got, exact) = result.unwrap_or_else(|e| panic!("{e}; agent {report}; proxy {s}"));
     assert_eq!(got, len, "{report}");
@@ -158,7 +146,7 @@ fn hopping_every_2_packets_still_completes_the_download() {
     let mut agent = start_agent(&mut tb, dir.path(), 2).unwrap();
     let len = 10 * 1024 * 1024;
     let result = download(&tb, len);
-    let report = stop_agent(&mut agent).unwrap();
+    let report = stop_client(&mut agent).unwrap();
     let (got, exact) = result.unwrap_or_else(|e| {
         panic!("{e}; agent {report}; {}; proxy {}", agent.describe(), proxy.proc.describe())
     });
