@@ -515,7 +515,13 @@ impl Client {
                     self.inbuf.drain(..consumed);
                 }
                 Err(e) => {
-                    let _ = self.conn.close(true, 0x10c, b"malformed capsule");
+                    // The request stream is the whole tunnel: a malformed capsule from the proxy
+                    // ends the connection, with the code of a malformed message.
+                    //= https://www.rfc-editor.org/rfc/rfc9114#section-4.1.2
+                    //# Malformed requests or responses that are
+                    //# detected MUST be treated as a stream error of type H3_MESSAGE_ERROR.
+                    let code = quiche::h3::WireErrorCode::MessageError as u64;
+                    let _ = self.conn.close(true, code, b"malformed capsule");
                     return Err(ClientError::Connection(format!("malformed capsule: {e}")));
                 }
             }

@@ -46,7 +46,7 @@ const MAX_INNER: usize = 65_535;
 /// Packets read from the TUN device or one UDP socket per pass.
 const EGRESS_BURST: usize = 64;
 /// H3_MESSAGE_ERROR (RFC 9114 §8.1): the stream error for a malformed request.
-const H3_MESSAGE_ERROR: u64 = 0x10e;
+const H3_MESSAGE_ERROR: u64 = quiche::h3::WireErrorCode::MessageError as u64;
 /// H3_DATAGRAM_ERROR (RFC 9297 §2.1): the connection error for a malformed HTTP/3 datagram.
 const H3_DATAGRAM_ERROR: u64 = 0x33;
 
