@@ -143,16 +143,10 @@ pub enum TunnelError {
 /// What the agent did, written to `stats_file` and returned by [`run`].
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TunnelReport {
-    /// The tunnel's own counters (datagrams, bytes, hops started/done/failed by the client).
+    /// The tunnel's own counters (datagrams, bytes, hops started/done/failed/deferred).
     pub client: ClientStats,
     /// QUIC datagrams the hop strategy counted.
     pub datagrams_counted: u64,
-    /// Times the client asked the policy.
-    pub polls: u64,
-    /// Hops the strategy asked for and that completed.
-    pub hops_done: u64,
-    /// Hops that failed (the connection stayed where it was).
-    pub hops_failed: u64,
     /// Hops the strategy wanted but no other usable address was there.
     pub hops_without_address: u64,
     /// Distinct local addresses the connection sent from.
@@ -322,7 +316,6 @@ impl HopPolicy for TunnelHops {
         let s = &mut *guard;
         let now_ms = s.now_ms(now);
         s.report.datagrams_counted += sent;
-        s.report.polls += 1;
         // One decision per datagram sent since the last pass; the first hop asked for wins
         // (the client probes it while the datagrams keep leaving from `current`).
         for _ in 0..sent {
@@ -339,7 +332,6 @@ impl HopPolicy for TunnelHops {
         let t = s.now_ms(now);
         let line = match outcome {
             HopOutcome::Done { from, to, latency } => {
-                s.report.hops_done += 1;
                 let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
                 if s.latencies_us.len() < 1_000_000 {
                     s.latencies_us.push(us);
@@ -350,7 +342,6 @@ impl HopPolicy for TunnelHops {
                 format!("{t},done,{from},{to},{us}\n")
             }
             HopOutcome::Failed { to } => {
-                s.report.hops_failed += 1;
                 tracing::info!("hop to {to} failed; the connection stays where it was");
                 format!("{t},failed,,{to},\n")
             }

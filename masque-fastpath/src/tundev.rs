@@ -20,21 +20,7 @@ pub struct TunDevice {
 impl TunDevice {
     /// Creates (or attaches to) the TUN device `name`, sets its MTU and brings it up.
     pub fn create(name: &str, mtu: usize) -> io::Result<TunDevice> {
-        let mtu16 = u16::try_from(mtu).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("TUN MTU {mtu} > 65535"),
-            )
-        })?;
-        let mut cfg = tun::Configuration::default();
-        cfg.tun_name(name).mtu(mtu16).up();
-        let dev = tun::create(&cfg)
-            .map_err(|e| io::Error::other(format!("create TUN device {name}: {e}")))?;
-        dev.set_nonblock()?;
-        Ok(TunDevice {
-            dev,
-            name: name.to_owned(),
-        })
+        Self::open(name, mtu, false)
     }
 
     /// Like [`TunDevice::create`], with `IFF_VNET_HDR`: every packet read or written starts with
@@ -42,6 +28,10 @@ impl TunDevice {
     /// over whole packets with their checksums done (header all zero); writes may be GSO
     /// packets ([`TcpCoalescer`]).
     pub fn create_with_vnet_hdr(name: &str, mtu: usize) -> io::Result<TunDevice> {
+        Self::open(name, mtu, true)
+    }
+
+    fn open(name: &str, mtu: usize, vnet_hdr: bool) -> io::Result<TunDevice> {
         let mtu16 = u16::try_from(mtu).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -50,9 +40,11 @@ impl TunDevice {
         })?;
         let mut cfg = tun::Configuration::default();
         cfg.tun_name(name).mtu(mtu16).up();
-        cfg.platform_config(|p| {
-            p.vnet_hdr(true);
-        });
+        if vnet_hdr {
+            cfg.platform_config(|p| {
+                p.vnet_hdr(true);
+            });
+        }
         let dev = tun::create(&cfg)
             .map_err(|e| io::Error::other(format!("create TUN device {name}: {e}")))?;
         dev.set_nonblock()?;

@@ -12,6 +12,7 @@ use mimiq_agent::direct::h3::body_byte;
 // `stop_client` stops any of our processes that print their counters as a JSON line at exit.
 use mimiq_perf::masque::{self, addr, stop_client, ProxyProc};
 use mimiq_perf::testbed::{bin_path, require_root, Proc, Testbed};
+use serde_json::Value;
 
 /// Starts `mimiq-agent run` on `c` with a static source (the four client addresses), a hop
 /// every `packets` QUIC datagrams, and the server's subnet routed into the tunnel; returns once
@@ -95,34 +96,52 @@ fn download(tb: &Testbed, len: u64) -> Result<(u64, bool), String> {
     Ok(got)
 }
 
+/// What one download through a hopping agent left behind.
+struct Run {
+    /// The agent's report.
+    report: Value,
+    /// The proxy's counters after the run.
+    proxy: Value,
+    /// The agent's stderr (hop failures are logged there).
+    agent_log: String,
+    /// Where the configs, stats and hop log are.
+    dir: tempfile::TempDir,
+}
+
+/// Starts the proxy and an agent hopping every `packets` datagrams, downloads `len` bytes
+/// through the tunnel (checked byte for byte) and stops the agent.
+fn download_while_hopping(packets: u32, len: u64) -> Run {
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let mut agent = start_agent(&mut tb, dir.path(), packets).unwrap();
+    let result = download(&tb, len);
+    let report = stop_client(&mut agent).unwrap();
+    let stats = proxy.stats_after_interval().unwrap();
+    let agent_log = agent.describe();
+    let (got, exact) = result.unwrap_or_else(|e| panic!("{e}; agent {report}; {agent_log}; proxy {stats}"));
+    assert_eq!(got, len, "{report}");
+    assert!(exact, "every byte matches the pattern");
+    Run { report, proxy: stats, agent_log, dir }
+}
+
 #[test]
 fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact() {
     if !require_root() {
         return;
     }
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
-    let mut agent = start_agent(&mut tb, dir.path(), 25).unwrap();
-    let len = 100 * 1024 * 1024;
-    let result = download(&tb, len);
-    let report = stop_client(&mut agent).unwrap();
-    let s = proxy.stats_after_interval().unwrap();
-    let (got, exact) = result.unwrap_or_else(|e| panic!("{e}; agent {report}; proxy {s}"));
-    assert_eq!(got, len, "{report}");
-    assert!(exact, "every byte matches the pattern");
+    let Run { report, proxy: s, agent_log, dir } = download_while_hopping(25, 100 * 1024 * 1024);
     // The strategy counts the QUIC datagrams the client sends (the TCP ACKs of the download,
     // several to a QUIC packet) and asks for a hop every 25; while a hop validates (one round
     // trip) the count goes on, so at least half of those become hops.
-    let done = report["hops_done"].as_u64().unwrap();
+    let done = report["client"]["hops_done"].as_u64().unwrap();
     let counted = report["datagrams_counted"].as_u64().unwrap();
-    assert!(done >= 50, "{report}; {}; proxy {s}", agent.describe());
+    assert!(done >= 50, "{report}; {agent_log}; proxy {s}");
     assert!(done * 25 * 2 >= counted, "{report}");
     assert!(
-        report["hops_failed"].as_u64().unwrap() * 20 <= done,
-        "at most 5% failed: {report}; {}",
-        agent.describe()
+        report["client"]["hops_failed"].as_u64().unwrap() * 20 <= done,
+        "at most 5% failed: {report}; {agent_log}"
     );
     assert_eq!(report["addresses_used"], 4, "{report}");
     // One connection, one session at the proxy: the tunnel stayed up through every hop, and
@@ -139,26 +158,17 @@ fn hopping_every_2_packets_still_completes_the_download() {
     if !require_root() {
         return;
     }
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
-    let mut agent = start_agent(&mut tb, dir.path(), 2).unwrap();
-    let len = 10 * 1024 * 1024;
-    let result = download(&tb, len);
-    let report = stop_client(&mut agent).unwrap();
-    let (got, exact) = result.unwrap_or_else(|e| {
-        panic!("{e}; agent {report}; {}; proxy {}", agent.describe(), proxy.proc.describe())
-    });
-    assert_eq!(got, len, "{report}");
-    assert!(exact);
+    let Run { report, agent_log, .. } = download_while_hopping(2, 10 * 1024 * 1024);
     // A hop is due after every second datagram, so one is always in progress or waiting for
     // the paths left to be forgotten (`hops_deferred`): the connection hops back to back, and
     // at least a third of the hops the strategy asks for happen.
-    let done = report["hops_done"].as_u64().unwrap();
+    let done = report["client"]["hops_done"].as_u64().unwrap();
     let counted = report["datagrams_counted"].as_u64().unwrap();
-    assert!(done >= 100 && done * 2 * 3 >= counted, "{report}; {}", agent.describe());
-    assert!(report["hops_failed"].as_u64().unwrap() * 20 <= done, "at most 5% failed: {report}");
+    assert!(done >= 100 && done * 2 * 3 >= counted, "{report}; {agent_log}");
+    assert!(
+        report["client"]["hops_failed"].as_u64().unwrap() * 20 <= done,
+        "at most 5% failed: {report}; {agent_log}"
+    );
 }
 
 #[test]
