@@ -86,6 +86,24 @@ enum Bench {
         #[arg(long, default_value = "target/experiments/single-box")]
         out: std::path::PathBuf,
     },
+    /// Seed 000 Figure 3 (issue 7): throughput of one hopping QUIC connection (sequential GETs)
+    /// at 0-50 migrations per 100 packets and 10-50 ms RTT (the switch's impair stage), loss
+    /// against no migration, and the latency each hop adds (HdrHistogram per RTT). Writes
+    /// results.json, results.md, results.csv, figure3.svg and hop-latency-rtt<N>ms.hgrm.
+    Figure3 {
+        /// Seconds of GETs per cell (7 rates + a second baseline, per RTT).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=600))]
+        seconds: u32,
+        /// Round-trip times in ms, comma-separated.
+        #[arg(long = "rtt-ms", value_delimiter = ',', default_values_t = mimiq_perf::experiments::figure3::RTTS_MS.to_vec(), value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rtt_ms: Vec<u32>,
+        /// Migrations per 100 packets, comma-separated (0, the baseline, is always run).
+        #[arg(long, value_delimiter = ',', default_values_t = mimiq_perf::experiments::figure3::RATES.to_vec(), value_parser = clap::value_parser!(u32).range(0..=50))]
+        rates: Vec<u32>,
+        /// Directory for the results.
+        #[arg(long, default_value = "target/experiments/figure3")]
+        out: std::path::PathBuf,
+    },
     /// The MASQUE proxy (issue 6): overhead per packet from captures, the largest inner packet,
     /// goodput, packets per second and proxy CPU per GB for CONNECT-IP and CONNECT-UDP, next to
     /// the kernel's forwarding between the same namespaces.
@@ -160,6 +178,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (runs, md) = mimiq_perf::experiments::single_box::compare(seconds, bindings, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;
             write_results(&out, &runs, &md)?;
+        }
+        Command::Bench { bench: Bench::Figure3 { seconds, rtt_ms, rates, out } } => {
+            use mimiq_perf::experiments::figure3;
+            let params = figure3::Params {
+                rtts_ms: rtt_ms,
+                rates,
+                per_cell: std::time::Duration::from_secs(u64::from(seconds)),
+                ..figure3::Params::default()
+            };
+            let fig = figure3::run(&params, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
+            figure3::write_files(&out, &fig).map_err(anyhow::Error::msg)?;
+            write_results(&out, &fig, &figure3::markdown(&fig))?;
         }
         Command::Bench { bench: Bench::Masque { seconds, out } } => {
             let (results, md) = mimiq_perf::experiments::masque::compare(seconds, &mut |l| println!("{l}"))

@@ -740,6 +740,96 @@ pub fn run_gets(
 ) -> Result<GetReport, GetError> {
     let start = Instant::now();
     let mut report = GetReport::default();
+    let mut h3 = handshake(direct, start, deadline, &mut report)?;
+    let first_request = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    for (request, &size) in sizes.iter().enumerate() {
+        let mut get = Get {
+            h3: &mut h3,
+            buf: &mut buf,
+            authority,
+            start,
+            deadline,
+        };
+        get.one(direct, request, size, &mut report, &mut |_| {})?;
+    }
+    report.elapsed = first_request.elapsed();
+    Ok(report)
+}
+
+/// One GET of [`run_timed_gets`]: when it was sent and when its body had arrived complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedGet {
+    /// Just before the request was handed to quiche.
+    pub sent: Instant,
+    /// When the response's `Finished` event was read.
+    pub finished: Instant,
+}
+
+/// What [`run_timed_gets`] measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TimedGets {
+    /// The totals, as [`run_gets`] reports them.
+    pub report: GetReport,
+    /// Every GET, in order.
+    pub gets: Vec<TimedGet>,
+    /// When each completed hop was seen to have switched the connection (right after the
+    /// [`DirectConnection::poll`] in which the migrator switched), in order.
+    pub switches: Vec<Instant>,
+}
+
+/// GETs `/size` again and again, one after the other, for `run_for` (the last GET started
+/// before then is completed), timing each one; `before_request(direct, i)` runs just before
+/// GET number `i` is sent (to request hops at request boundaries, say) and ends the run early
+/// by returning `false`. Bodies are checked byte for byte. Gives up after `deadline` from the
+/// start (handshake included).
+pub fn run_timed_gets(
+    direct: &mut DirectConnection,
+    authority: &str,
+    size: u64,
+    run_for: Duration,
+    deadline: Duration,
+    before_request: &mut dyn FnMut(&mut DirectConnection, usize) -> bool,
+) -> Result<TimedGets, GetError> {
+    let start = Instant::now();
+    let mut out = TimedGets::default();
+    let mut h3 = handshake(direct, start, deadline, &mut out.report)?;
+    let first_request = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut request = 0;
+    while first_request.elapsed() < run_for {
+        if !before_request(direct, request) {
+            break;
+        }
+        let sent = Instant::now();
+        let mut get = Get {
+            h3: &mut h3,
+            buf: &mut buf,
+            authority,
+            start,
+            deadline,
+        };
+        let switches = &mut out.switches;
+        get.one(direct, request, size, &mut out.report, &mut |at| {
+            switches.push(at)
+        })?;
+        out.gets.push(TimedGet {
+            sent,
+            finished: Instant::now(),
+        });
+        request += 1;
+    }
+    out.report.elapsed = first_request.elapsed();
+    Ok(out)
+}
+
+/// Waits for the handshake and opens HTTP/3 on the connection.
+fn handshake(
+    direct: &mut DirectConnection,
+    start: Instant,
+    deadline: Duration,
+    report: &mut GetReport,
+) -> Result<quiche::h3::Connection, GetError> {
     let tick = Duration::from_millis(20);
     while !direct.connection().is_established() {
         if direct.connection().is_closed() {
@@ -755,27 +845,54 @@ pub fn run_gets(
     }
     report.handshake = start.elapsed();
     let h3_config = quiche::h3::Config::new().map_err(GetError::H3)?;
-    let mut h3 = quiche::h3::Connection::with_transport(direct.connection_mut(), &h3_config)
-        .map_err(GetError::H3)?;
-    let first_request = Instant::now();
-    let mut buf = vec![0u8; 64 * 1024];
-    for (request, &size) in sizes.iter().enumerate() {
+    quiche::h3::Connection::with_transport(direct.connection_mut(), &h3_config)
+        .map_err(GetError::H3)
+}
+
+/// What one GET needs besides the connection.
+struct Get<'a> {
+    h3: &'a mut quiche::h3::Connection,
+    buf: &'a mut Vec<u8>,
+    authority: &'a str,
+    start: Instant,
+    deadline: Duration,
+}
+
+impl Get<'_> {
+    /// GETs `/size` (request number `request`), checks the body, counts it in `report`, and
+    /// calls `on_switch(now)` for each hop that completed meanwhile.
+    fn one(
+        &mut self,
+        direct: &mut DirectConnection,
+        request: usize,
+        size: u64,
+        report: &mut GetReport,
+        on_switch: &mut dyn FnMut(Instant),
+    ) -> Result<(), GetError> {
+        let tick = Duration::from_millis(20);
         let path = format!("/{size}");
         let headers = [
             quiche::h3::Header::new(b":method", b"GET"),
             quiche::h3::Header::new(b":scheme", b"https"),
-            quiche::h3::Header::new(b":authority", authority.as_bytes()),
+            quiche::h3::Header::new(b":authority", self.authority.as_bytes()),
             quiche::h3::Header::new(b":path", path.as_bytes()),
             quiche::h3::Header::new(b"user-agent", b"mimiq-direct"),
         ];
+        let h3 = &mut *self.h3;
+        let buf = &mut *self.buf;
         let stream = loop {
             match h3.send_request(direct.connection_mut(), &headers, true) {
                 Ok(id) => break id,
                 Err(quiche::h3::Error::StreamBlocked)
                 | Err(quiche::h3::Error::TransportError(quiche::Error::StreamLimit))
                 | Err(quiche::h3::Error::Done) => {
-                    check_alive(direct, start, deadline, report.responses)?;
+                    check_alive(direct, self.start, self.deadline, report.responses)?;
+                    let before = direct.migration_stats().hops_completed;
                     direct.poll(tick)?;
+                    let now = Instant::now();
+                    for _ in before..direct.migration_stats().hops_completed {
+                        on_switch(now);
+                    }
                 }
                 Err(e) => return Err(GetError::H3(e)),
             }
@@ -796,7 +913,7 @@ pub fn run_gets(
                         }
                     }
                     Ok((id, quiche::h3::Event::Data)) if id == stream => {
-                        while let Ok(n) = h3.recv_body(direct.connection_mut(), stream, &mut buf) {
+                        while let Ok(n) = h3.recv_body(direct.connection_mut(), stream, buf) {
                             if let Some(offset) = body_mismatch(got, &buf[..n]) {
                                 return Err(GetError::Mismatch { request, offset });
                             }
@@ -815,10 +932,14 @@ pub fn run_gets(
                 }
             }
             if !finished {
-                check_alive(direct, start, deadline, report.responses)?;
+                check_alive(direct, self.start, self.deadline, report.responses)?;
                 let before = direct.migration_stats().hops_completed;
                 direct.poll(tick)?;
+                let now = Instant::now();
                 let hops = direct.migration_stats().hops_completed - before;
+                for _ in 0..hops {
+                    on_switch(now);
+                }
                 if got == 0 {
                     report.hops_between_bodies += hops;
                 } else {
@@ -835,9 +956,8 @@ pub fn run_gets(
         }
         report.responses += 1;
         report.body_bytes += got;
+        Ok(())
     }
-    report.elapsed = first_request.elapsed();
-    Ok(report)
 }
 
 fn check_alive(

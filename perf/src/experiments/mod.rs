@@ -1,6 +1,7 @@
 //! Reproducible experiments. Each one builds its topology, measures a baseline and mimiq in the
 //! same run, and reports ratios, so figures survive a shared, drifting machine.
 
+pub mod figure3;
 pub mod forwarding;
 pub mod l2fwd;
 pub mod masque;
