@@ -25,13 +25,14 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use mimiq_masque::capsule::IpPrefix;
+use mimiq_masque::netcfg::Route;
 use mimiq_masque::client::hop::{HopOutcome, HopPolicy};
 use mimiq_masque::client::{Client, ClientConfig, ClientStats, Mode};
 use mimiq_masque::quic::QuicSettings;
 use mimiq_masque::template::{IpScope, IP_PATH_PREFIX};
 use serde::{Deserialize, Serialize};
 
-use crate::addr::HostAddresses;
+use crate::addr::{host_prefix_len, HostAddresses};
 use crate::addrset::AddressSet;
 use crate::alloc_client::{AllocClientConfig, AllocDriver, AllocEvent};
 use crate::config::AgentConfig;
@@ -66,12 +67,21 @@ pub struct TunnelConfig {
     /// Give up when the tunnel is not up within this long, milliseconds. Default 10,000.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
-    /// Counters as JSON, written at exit; none by default.
+    /// Counters as JSON ([`TunnelReport`]), rewritten every `stats_interval_ms` while the
+    /// tunnel is up and at exit; none by default.
     #[serde(default)]
     pub stats_file: Option<PathBuf>,
+    /// How often `stats_file` is rewritten, milliseconds (≥ 10). Default 1,000.
+    #[serde(default = "default_stats_interval")]
+    pub stats_interval_ms: u64,
     /// One line per hop (`time_ms,outcome,from,to,latency_us`); none by default.
     #[serde(default)]
     pub hop_log: Option<PathBuf>,
+    /// One line per address event (`unix_ms,event,address,expires_unix_ms`; events
+    /// `allocated`, `removed`, `released`), so a capture can be checked against the
+    /// addresses' lifetimes; none by default.
+    #[serde(default)]
+    pub address_log: Option<PathBuf>,
 }
 
 fn default_server_name() -> String {
@@ -86,6 +96,12 @@ fn default_payload() -> usize {
 fn default_connect_timeout() -> u64 {
     10_000
 }
+fn default_stats_interval() -> u64 {
+    1_000
+}
+fn default_true() -> bool {
+    true
+}
 
 /// The `[source]` table: where the agent's addresses come from.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -98,10 +114,15 @@ pub enum AddressSource {
     },
     /// Address sets from the allocator, through the access switch's relay.
     Allocator {
-        /// The gateway's relay address (the access switch, UDP port 6363).
+        /// The gateway's relay address (the access switch, UDP port 6363). A link-local IPv6
+        /// address without a scope (`"[fe80::1]:6363"`) is taken on `interface`.
         gateway: SocketAddr,
         /// The host interface the addresses go on.
         interface: String,
+        /// Route the proxy through the gateway the allocator names (a host route on
+        /// `interface`, removed on exit), as a DHCP client installs its router. Default true.
+        #[serde(default = "default_true")]
+        route_proxy: bool,
         /// The family of the addresses asked for: "v4" or "v6".
         family: FamilyName,
         /// How long to wait for the first allocation, milliseconds. Default 10,000.
@@ -157,6 +178,8 @@ pub struct TunnelReport {
     pub allocation_failures: u64,
     /// Addresses the allocator acknowledged as released on exit.
     pub addresses_released: u64,
+    /// Addresses on the host interface now (allocator source) or held (static source).
+    pub addresses_in_use: u64,
     /// Hop latency (request to switch), microseconds: median and largest.
     pub hop_latency_p50_us: u64,
     /// Largest hop latency, microseconds.
@@ -167,16 +190,32 @@ pub struct TunnelReport {
 pub fn check(config: &AgentConfig) -> Result<(), TunnelError> {
     let (tunnel, source) = parts(config)?;
     routes(tunnel)?;
-    if let AddressSource::Static { addresses } = source {
-        if addresses.is_empty() {
-            return Err(TunnelError::Config("source.addresses: empty".into()));
+    match source {
+        AddressSource::Static { addresses } => {
+            if addresses.is_empty() {
+                return Err(TunnelError::Config("source.addresses: empty".into()));
+            }
+            if let Some(a) = addresses.iter().find(|a| a.is_ipv4() != tunnel.proxy.is_ipv4()) {
+                return Err(TunnelError::Config(format!(
+                    "source.addresses: {a} cannot reach the proxy at {} (address family)",
+                    tunnel.proxy
+                )));
+            }
         }
-        if let Some(a) = addresses.iter().find(|a| a.is_ipv4() != tunnel.proxy.is_ipv4()) {
-            return Err(TunnelError::Config(format!(
-                "source.addresses: {a} cannot reach the proxy at {} (address family)",
-                tunnel.proxy
-            )));
+        AddressSource::Allocator { family, .. } => {
+            if (*family == FamilyName::V4) != tunnel.proxy.is_ipv4() {
+                return Err(TunnelError::Config(format!(
+                    "source.family: {family:?} addresses cannot reach the proxy at {} (address family)",
+                    tunnel.proxy
+                )));
+            }
         }
+    }
+    if tunnel.stats_interval_ms < 10 {
+        return Err(TunnelError::Config(format!(
+            "tunnel.stats_interval_ms: {} is below 10",
+            tunnel.stats_interval_ms
+        )));
     }
     let quic = quic_settings(tunnel);
     quic.validate().map_err(TunnelError::Config)?;
@@ -206,10 +245,14 @@ pub fn run(
         used: Vec::new(),
         latencies_us: Vec::new(),
         report: TunnelReport::default(),
-        hop_log: match &tunnel.hop_log {
-            Some(p) => Some(File::create(p).map_err(|e| TunnelError::Config(format!("hop_log {}: {e}", p.display())))?),
-            None => None,
-        },
+        client: ClientStats::default(),
+        hop_log: create_log(&tunnel.hop_log, "hop_log")?,
+        address_log: create_log(&tunnel.address_log, "address_log")?,
+        stats_file: tunnel.stats_file.clone(),
+        stats_every: Duration::from_millis(tunnel.stats_interval_ms),
+        next_stats: epoch,
+        route_proxy: None,
+        routes: Vec::new(),
     };
     match source {
         AddressSource::Static { addresses } => {
@@ -221,6 +264,7 @@ pub fn run(
         AddressSource::Allocator {
             gateway,
             interface,
+            route_proxy,
             family,
             first_allocation_timeout_ms,
             client,
@@ -229,12 +273,22 @@ pub fn run(
                 FamilyName::V4 => mimiq_allocator::Family::V4,
                 FamilyName::V6 => mimiq_allocator::Family::V6,
             };
-            let driver = AllocDriver::new(*gateway, family, client.clone())
+            let host = HostAddresses::open(interface)
+                .map_err(|e| TunnelError::Interface(format!("{interface}: {e}")))?;
+            let mut gateway = *gateway;
+            if let SocketAddr::V6(g) = &mut gateway {
+                // fe80::/10 needs a scope; the relay is on the interface the addresses go on.
+                if g.scope_id() == 0 && (g.ip().segments()[0] & 0xffc0) == 0xfe80 {
+                    g.set_scope_id(host.backend().link().index());
+                }
+            }
+            let driver = AllocDriver::new(gateway, family, client.clone())
                 .map_err(|e| TunnelError::NoAddress(e.to_string()))?;
             state.alloc = Some(driver);
-            state.host = Some(
-                HostAddresses::open(interface).map_err(|e| TunnelError::Interface(format!("{interface}: {e}")))?,
-            );
+            state.host = Some(host);
+            if *route_proxy {
+                state.route_proxy = Some(tunnel.proxy.ip());
+            }
             let deadline = Instant::now() + Duration::from_millis(*first_allocation_timeout_ms);
             while state.set.usable_count(state.now_ms(Instant::now())) == 0 {
                 if Instant::now() > deadline {
@@ -282,16 +336,27 @@ pub fn run(
         .and_then(|mut client| client.run(stop, on_ready));
     let mut state = state.borrow_mut();
     state.release();
-    let client = result?;
-    let mut report = state.finish();
-    report.client = client;
-    if let Some(path) = &tunnel.stats_file {
-        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-        if let Err(e) = std::fs::write(path, json) {
-            tracing::warn!("stats_file {}: {e}", path.display());
-        }
-    }
+    state.client = result?;
+    let report = state.snapshot();
+    state.write_stats(&report);
     Ok(report)
+}
+
+fn create_log(path: &Option<PathBuf>, what: &str) -> Result<Option<File>, TunnelError> {
+    match path {
+        Some(p) => File::create(p)
+            .map(Some)
+            .map_err(|e| TunnelError::Config(format!("{what} {}: {e}", p.display()))),
+        None => Ok(None),
+    }
+}
+
+/// Milliseconds since the Unix epoch (the address log's clock, comparable with a capture's).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// The MASQUE client's hop policy in tunnel mode (see the module docs).
@@ -307,7 +372,17 @@ pub struct TunnelState {
     used: Vec<IpAddr>,
     latencies_us: Vec<u64>,
     report: TunnelReport,
+    /// The client's counters, as last published.
+    client: ClientStats,
     hop_log: Option<File>,
+    address_log: Option<File>,
+    stats_file: Option<PathBuf>,
+    stats_every: Duration,
+    next_stats: Instant,
+    /// The proxy, to be routed through the allocator's gateway (allocator source only).
+    route_proxy: Option<IpAddr>,
+    /// The routes put on the host interface, taken off on exit.
+    routes: Vec<Route>,
 }
 
 impl HopPolicy for TunnelHops {
@@ -354,6 +429,17 @@ impl HopPolicy for TunnelHops {
     fn poll(&mut self, now: Instant) -> Option<Duration> {
         self.0.borrow_mut().housekeeping(now)
     }
+
+    fn on_stats(&mut self, stats: &ClientStats, now: Instant) {
+        let mut s = self.0.borrow_mut();
+        if s.stats_file.is_none() || now < s.next_stats {
+            return;
+        }
+        s.next_stats = now + s.stats_every;
+        s.client = stats.clone();
+        let report = s.snapshot();
+        s.write_stats(&report);
+    }
 }
 
 impl TunnelState {
@@ -367,9 +453,15 @@ impl TunnelState {
         if let Some(alloc) = self.alloc.as_mut() {
             for ev in alloc.poll(now_ms, &mut self.set) {
                 match ev {
-                    AllocEvent::Allocated { addrs, .. } => {
+                    AllocEvent::Allocated { addrs, gateway, .. } => {
                         self.report.addresses_allocated += addrs.len() as u64;
                         tracing::info!("allocated {} addresses", addrs.len());
+                        let now_unix = unix_ms();
+                        for (a, life) in &addrs {
+                            let until = now_unix.saturating_add(u64::try_from(life.as_millis()).unwrap_or(u64::MAX));
+                            self.log_address(&format!("{now_unix},allocated,{a},{until}\n"));
+                        }
+                        self.install_routes(gateway);
                     }
                     AllocEvent::Failed { error, retry_at_ms } => {
                         self.report.allocation_failures += 1;
@@ -384,6 +476,7 @@ impl TunnelState {
             if !report.errors.is_empty() {
                 tracing::warn!("host addresses: {:?}", report.errors);
             }
+            self.log_removed(&report.removed);
         }
         let next = [
             self.set.next_timeout_ms(now_ms),
@@ -405,20 +498,83 @@ impl TunnelState {
             }
         }
         if let Some(host) = self.host.as_mut() {
-            host.remove_all();
+            for r in std::mem::take(&mut self.routes) {
+                if let Err(e) = host.backend().net().delete_route(host.backend().link(), &r) {
+                    tracing::warn!("{r}: {e}");
+                }
+            }
+            let removed = host.remove_all().removed;
+            self.log_removed(&removed);
         }
     }
 
-    fn finish(&mut self) -> TunnelReport {
+    /// Routes the proxy through `gateway` on the host interface, once (see
+    /// [`AddressSource::Allocator`]'s `route_proxy`). An IPv4 gateway gets an on-link host
+    /// route first: the interface holds only /32 addresses, so no subnet route reaches it.
+    fn install_routes(&mut self, gateway: IpAddr) {
+        let (Some(proxy), Some(host)) = (self.route_proxy, self.host.as_ref()) else {
+            return;
+        };
+        if !self.routes.is_empty() {
+            return;
+        }
+        let mut wanted = Vec::new();
+        if gateway.is_ipv4() {
+            wanted.push(Route { destination: gateway, prefix_len: 32, gateway: None });
+        }
+        wanted.push(Route { destination: proxy, prefix_len: host_prefix_len(proxy), gateway: Some(gateway) });
+        for r in wanted {
+            match host.backend().net().add_route(host.backend().link(), &r) {
+                Ok(()) => {
+                    tracing::info!("{r} on {}", host.backend().link().name());
+                    self.routes.push(r);
+                }
+                Err(e) => tracing::warn!("{r}: {e}; the proxy may be unreachable"),
+            }
+        }
+    }
+
+    fn log_address(&mut self, line: &str) {
+        if let Some(f) = self.address_log.as_mut() {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+
+    fn log_removed(&mut self, removed: &[IpAddr]) {
+        let now_unix = unix_ms();
+        for a in removed {
+            self.log_address(&format!("{now_unix},removed,{a},\n"));
+        }
+    }
+
+    /// The report as of now (the client's counters as last published).
+    fn snapshot(&self) -> TunnelReport {
         let HopStats { failed_hops, .. } = self.hopper.stats();
         let mut r = self.report.clone();
+        r.client = self.client.clone();
         r.hops_without_address = failed_hops;
         r.addresses_used = self.used.len() as u64;
+        r.addresses_in_use = match &self.host {
+            Some(host) => host.installed().count() as u64,
+            None => self.set.addresses().count() as u64,
+        };
         let mut l = self.latencies_us.clone();
         l.sort_unstable();
         r.hop_latency_p50_us = l.get(l.len() / 2).copied().unwrap_or(0);
         r.hop_latency_max_us = l.last().copied().unwrap_or(0);
         r
+    }
+
+    /// Writes `report` to the stats file (whole: a temporary file renamed over it).
+    fn write_stats(&self, report: &TunnelReport) {
+        let Some(path) = &self.stats_file else {
+            return;
+        };
+        let tmp = path.with_extension("tmp");
+        let json = serde_json::to_string_pretty(report).unwrap_or_default();
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, path)) {
+            tracing::warn!("stats_file {}: {e}", path.display());
+        }
     }
 }
 

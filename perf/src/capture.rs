@@ -3,6 +3,8 @@
 //! a package more for a single check.) The one syscall-heavy module of this crate besides the
 //! testbed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::testbed::{Testbed, TestbedError};
@@ -19,7 +21,8 @@ pub fn count_frames(
     let ifname = std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
     tb.spawn_in(host, move || {
         let mut count = 0;
-        capture(&ifname, duration, &mut |frame: &[u8]| {
+        let deadline = Instant::now() + duration;
+        capture(&ifname, &mut || Instant::now() < deadline, &mut |frame: &[u8]| {
             if matches(frame) {
                 count += 1;
             }
@@ -51,8 +54,9 @@ pub fn record_frames(
     let ifname = std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
     tb.spawn_in(host, move || {
         let started = Instant::now();
+        let deadline = started + duration;
         let mut frames = Vec::new();
-        capture(&ifname, duration, &mut |frame: &[u8]| {
+        capture(&ifname, &mut || Instant::now() < deadline, &mut |frame: &[u8]| {
             if matches(frame) {
                 frames.push(Frame { at: started.elapsed(), bytes: frame.to_vec() });
             }
@@ -61,7 +65,29 @@ pub fn record_frames(
     })
 }
 
-fn capture(ifname: &std::ffi::CStr, duration: Duration, on_frame: &mut dyn FnMut(&[u8])) -> std::io::Result<()> {
+/// Hands every frame (both directions) on `host`'s `ifname` to `on_frame(&mut watcher, frame)`
+/// until `stop` is set; join the handle for the watcher. For a capture point that runs as long
+/// as an experiment.
+pub fn watch<W: Send + 'static>(
+    tb: &Testbed,
+    host: &str,
+    ifname: &str,
+    stop: Arc<AtomicBool>,
+    mut watcher: W,
+    on_frame: fn(&mut W, &[u8]),
+) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<W>>>, TestbedError> {
+    let ifname = std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
+    tb.spawn_in(host, move || {
+        capture(&ifname, &mut || !stop.load(Ordering::Relaxed), &mut |f: &[u8]| on_frame(&mut watcher, f))
+            .map(|()| watcher)
+    })
+}
+
+fn capture(
+    ifname: &std::ffi::CStr,
+    keep_going: &mut dyn FnMut() -> bool,
+    on_frame: &mut dyn FnMut(&[u8]),
+) -> std::io::Result<()> {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2) call; the result is checked and closed below.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
@@ -92,8 +118,7 @@ fn capture(ifname: &std::ffi::CStr, duration: Duration, on_frame: &mut dyn FnMut
             libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&timeout as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
         }
         let mut buf = [0u8; 2048];
-        let deadline = Instant::now() + duration;
-        while Instant::now() < deadline {
+        while keep_going() {
             // SAFETY: `buf` is a live buffer of the length passed.
             let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n > 0 {

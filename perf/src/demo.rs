@@ -1,83 +1,127 @@
-//! The main job, as far as the project has come: the MIMIQ single box in network namespaces.
-//! Two clients get random addresses from the allocator through the access switch's gateway, the
-//! allocator pushes the bindings to the switch, the outside reaches each client at its current
-//! address through the edge (alias or exact lookup, IP-in-IP) and the access switch
-//! (decapsulation, binding lookup), a TCP transfer runs with live counters, and a spoofed
-//! source is dropped. Then everything is torn down. It grows into the full MIMIQ demo (clients
-//! that hop addresses mid-connection through a MASQUE proxy) with the agent.
+//! The main job (issue 7): MIMIQ end to end in network namespaces. Two clients run
+//! `mimiq-agent`: each gets address sets from the allocator through the single box's access
+//! switch (the relay on the gateway's link-local address), puts them on its interface, and
+//! tunnels its traffic (CONNECT-IP) through one QUIC connection to `mimiq-proxy` on the outside
+//! host, hopping addresses every few dozen packets; the switch (access + edge roles on AF_XDP)
+//! carries the hops out and routes the answers back to whichever address the client holds now.
+//! Each client downloads from a server behind the proxy, checked byte for byte, with live
+//! progress; a capture point on the outside link checks that no connection ID is seen from two
+//! client addresses and that no address is used outside its lease (+ t_remove); a spoofed
+//! source is dropped. Then everything is torn down; any failed check is an error (exit 1).
+//!
+//! ```text
+//!  c1, c2 (mimiq-agent) ── lan ── cl0 [access ⇄ edge] out0 ── out (mimiq-proxy) ── srv
+//!  198.18.1.0/24, from the allocator       198.18.200.2:4433   TUN  198.18.220.2
+//! ```
 
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mimiq_allocator::Family;
 use serde_json::Value;
 
-use crate::singlebox::{self, SingleBox};
+use crate::capture;
+use crate::hopwatch::{leases_from_log, HopWatch, Lease};
+use crate::masque::{stop_client, ProxyProc};
+use crate::singlebox::{self, SingleBox, Times};
 use crate::testbed::topology::single_box_addr as addr;
-use crate::traffic::ping;
+use crate::testbed::{bin_path, LinkOpts, Proc, Testbed};
+use crate::traffic::pattern_download;
 
-/// Runs the demo with `seconds` of TCP traffic; prints as it goes.
+/// Short leases, so that addresses expire and are replaced while the demo runs: t_ip 6–9 s,
+/// t_remove 2 s, t_sid 6 s (k = 3: (k-1)·t_sid covers t_ip + t_remove), the usual pool.
+const TIMES: Times = Times(6_000, 9_000, 2_000, 6_000, addr::POOL_V4);
+/// The proxy's address on the outside host.
+const PROXY: &str = "198.18.200.2:4433";
+/// The server behind the proxy.
+const SERVER_V4: &str = "198.18.220.2";
+/// The clients.
+const CLIENTS: [&str; 2] = ["c1", "c2"];
+
+/// Runs the demo with `seconds` of downloads; prints as it goes.
 pub fn run(seconds: u32) -> Result<(), String> {
-    println!("mimiq demo: the MIMIQ single box, in network namespaces with the kernel's own stacks");
-    println!("  c1, c2 ── lan ── cl0 [access ⇄ int0/int1 ⇄ edge] out0 ── out ({})", addr::OUT_V4);
+    println!("mimiq demo: clients that hop addresses mid-connection, in network namespaces with the kernel's own stacks");
+    println!("  c1, c2 (mimiq-agent) ── lan ── cl0 [access ⇄ edge] out0 ── out (mimiq-proxy {PROXY}) ── srv ({SERVER_V4})");
     println!("  host sw runs mimiq-allocator and mimiq-switch (role single_box, AF_XDP on every port)");
-    let SingleBox { mut tb, mut allocator, switch, dir: _dir } = singlebox::start(&singlebox::LONG);
+    let SingleBox { mut tb, mut allocator, switch, dir } = singlebox::start(&TIMES);
+    let result = demo(&mut tb, dir.path(), &switch, seconds);
+    drop(switch);
+    allocator.stop(Duration::from_secs(5));
+    drop(tb);
+    println!("   testbed torn down");
+    result
+}
 
-    println!("1. the clients ask for addresses through the switch's gateway (relayed to the allocator):");
-    let mut clients = Vec::new();
-    for client in ["c1", "c2"] {
-        let (v4, life4) = singlebox::allocate(&tb, client, Family::V4);
-        let (v6, _) = singlebox::allocate(&tb, client, Family::V6);
-        singlebox::use_address(&tb, client, v4);
-        singlebox::use_address(&tb, client, v6);
-        println!("   {client}: {v4} and {v6}, for {} s", life4.as_secs());
-        clients.push((client, v4, v6));
+fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u32) -> Result<(), String> {
+    add_server(tb).map_err(|e| e.to_string())?;
+    let extra = "[ip]\ntun = \"mqp0\"\npool_v4 = \"198.18.210.0/24\"\npool_v6 = \"fd00:210::/64\"\n\
+                 icmp_source_v4 = \"198.18.210.1\"\nicmp_source_v6 = \"fd00:210::1\"\n";
+    let mut proxy = ProxyProc::start(tb, "out", dir, PROXY, extra)?;
+    println!("1. mimiq-proxy serves CONNECT-IP on {PROXY}; each agent asks the allocator for addresses and connects:");
+    let mut agents = Vec::new();
+    for (i, client) in CLIENTS.iter().enumerate() {
+        let agent = start_agent(tb, dir, client, i as u64 + 1)?;
+        agents.push(agent);
+    }
+    for (client, agent) in CLIENTS.iter().zip(&agents) {
+        let ready = agent.stdout().lines().find(|l| l.starts_with("ready")).unwrap_or_default().to_string();
+        println!("   {client}: {ready}");
     }
 
-    println!("2. the outside reaches each client at its current address (edge → IP-in-IP → access):");
-    for (client, v4, v6) in &clients {
-        for a in [v4.to_string(), v6.to_string()] {
-            let rtts = ping(&tb, "out", &a, 5)?;
-            let mean = rtts.iter().sum::<f64>() / rtts.len() as f64;
-            println!("   out → {client} at {a}: 5 of 5 answered, mean RTT {mean:.2} ms");
-        }
-    }
-
-    let (_, c1_v4, _) = clients[0];
-    println!("3. TCP from the outside to c1 ({c1_v4}) for {seconds} s; switch counters per second:");
-    let mut server = tb.spawn("c1", &["iperf3", "-s", "-1", "-p", "5201"], false).map_err(|e| e.to_string())?;
-    std::thread::sleep(Duration::from_millis(300));
-    let secs = seconds.to_string();
-    let c1 = c1_v4.to_string();
-    let mut client = tb
-        .spawn("out", &["iperf3", "-c", &c1, "-p", "5201", "-t", &secs, "-J"], false)
+    let stop = Arc::new(AtomicBool::new(false));
+    let proxy_addr: SocketAddr = PROXY.parse().map_err(|e| format!("{e}"))?;
+    let capture = capture::watch(tb, "out", "eth0", Arc::clone(&stop), HopWatch::new(proxy_addr), HopWatch::frame)
         .map_err(|e| e.to_string())?;
-    let started = Instant::now();
-    while client.try_status().is_none() {
-        std::thread::sleep(Duration::from_secs(1));
-        let s = switch.stats()?;
-        let worker = |i: usize| &s.0["workers"][i];
-        let n = |v: &Value| v.as_u64().unwrap_or(0);
-        println!(
-            "   t={:>2}s  edge: {:>8} in from outside, {:>8} encapsulated to access   access: {:>8} delivered to clients, {:>6} up   drops {}",
-            started.elapsed().as_secs(),
-            n(&worker(1)["ports"][1]["rx_packets"]),
-            n(&worker(1)["ports"][0]["tx_packets"]),
-            n(&worker(0)["ports"][0]["tx_packets"]),
-            n(&worker(0)["ports"][1]["tx_packets"]),
-            s.total_drops(),
-        );
-        if started.elapsed() > Duration::from_secs(u64::from(seconds) + 30) {
-            return Err("iperf3 did not finish".into());
-        }
-    }
-    server.stop(Duration::from_secs(3));
-    let report: Value = serde_json::from_str(&client.stdout()).map_err(|e| format!("iperf3: {e}; {}", client.describe()))?;
-    let gbps = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
-    println!("   {gbps:.2} Gbit/s received by c1 through edge and access");
 
-    println!("4. c1 sends from an address the allocator did not give it:");
-    let taken: Vec<String> = clients.iter().map(|(_, v4, _)| v4.to_string()).collect();
-    let spoof = (250..255).map(|i| format!("198.18.1.{i}")).find(|a| !taken.contains(a)).unwrap_or_default();
+    println!("2. each client downloads from {SERVER_V4} through its tunnel for {seconds} s while it hops; per second:");
+    let until = Instant::now() + Duration::from_secs(u64::from(seconds));
+    let started = Instant::now();
+    let downloads: Vec<Result<(u64, bool), String>> = std::thread::scope(|scope| {
+        let tb = &*tb;
+        let handles: Vec<_> = CLIENTS
+            .iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let listen: SocketAddr = format!("{SERVER_V4}:{}", 9000 + i).parse().expect("a socket address");
+                scope.spawn(move || pattern_download(tb, "srv", listen, client, u64::MAX, Some(until)))
+            })
+            .collect();
+        let mut last = vec![0u64; CLIENTS.len()];
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            if handles.iter().all(|h| h.is_finished()) {
+                break;
+            }
+            let mut line = format!("   t={:>2}s", started.elapsed().as_secs());
+            for (i, client) in CLIENTS.iter().enumerate() {
+                let r = agent_stats(dir, client);
+                let rx = r["client"]["bytes_rx"].as_u64().unwrap_or(0);
+                line += &format!(
+                    "  {client}: {:>4} hops, {:>2} addresses, {:>7.1} MB, {:>6.1} Mbit/s",
+                    r["client"]["hops_done"].as_u64().unwrap_or(0),
+                    r["addresses_in_use"].as_u64().unwrap_or(0),
+                    rx as f64 / 1e6,
+                    rx.saturating_sub(last[i]) as f64 * 8.0 / 1e6,
+                );
+                last[i] = rx;
+            }
+            let drops = switch.stats().map(|s| s.total_drops()).unwrap_or(0);
+            println!("{line}  switch drops {drops}");
+        }
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("download thread panicked".into()))).collect()
+    });
+    // The downloads stop at `until`.
+    let elapsed = until.saturating_duration_since(started).as_secs_f64();
+
+    println!("3. while the agents run, c1 sends from an address the allocator did not give it:");
+    // The allocator's addresses are random in the pool; take one no agent holds.
+    let held = (CLIENTS.iter())
+        .map(|c| tb.exec(c, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()))
+        .collect::<Result<String, _>>()
+        .map_err(|e| e.to_string())?;
+    let spoof = (250..255).map(|i| format!("198.18.1.{i}")).find(|a| !held.contains(&format!("{a}/"))).unwrap_or_default();
     let before = switch.stats()?.drops("spoofed_source");
     tb.exec_ok("c1", &["ip", "addr", "add", &format!("{spoof}/32"), "dev", "eth0"]).map_err(|e| e.to_string())?;
     let out = tb.exec("c1", &["ping", "-c", "3", "-W", "1", "-I", &spoof, addr::OUT_V4]).map_err(|e| e.to_string())?;
@@ -87,18 +131,156 @@ pub fn run(seconds: u32) -> Result<(), String> {
         if out.status.success() { "got through (unexpected)" } else { "no answer" },
         after - before
     );
+    let spoof_dropped = !out.status.success() && after > before;
+
+
+    let mut reports = Vec::new();
+    for (client, agent) in CLIENTS.iter().zip(agents.iter_mut()) {
+        let report = stop_client(agent).map_err(|e| format!("{client}: {e}"))?;
+        reports.push(report);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let watcher = capture
+        .join()
+        .map_err(|_| "capture thread panicked".to_string())?
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("capture: {e}"))?;
+    let proxy_stats = proxy.stats_after_interval()?;
+    proxy.proc.stop(Duration::from_secs(3));
+
+    let mut failures = Vec::new();
+    if !spoof_dropped {
+        failures.push("the spoofed source was not dropped".into());
+    }
+    println!("4. what each client did:");
+    let mut leases: Vec<Lease> = Vec::new();
+    for ((client, report), download) in CLIENTS.iter().zip(&reports).zip(&downloads) {
+        let c = &report["client"];
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        match download {
+            Ok((bytes, exact)) => {
+                println!(
+                    "   {client}: {:.1} MB in {elapsed:.1} s ({:.1} Mbit/s){}; {} hops done, {} failed; {} addresses allocated, {} used, {} released",
+                    *bytes as f64 / 1e6,
+                    *bytes as f64 * 8.0 / elapsed / 1e6,
+                    if *exact { ", every byte as sent" } else { ", CORRUPTED" },
+                    n(&c["hops_done"]),
+                    n(&c["hops_failed"]),
+                    n(&report["addresses_allocated"]),
+                    n(&report["addresses_used"]),
+                    n(&report["addresses_released"]),
+                );
+                if !exact {
+                    failures.push(format!("{client}: the download was corrupted"));
+                }
+                if *bytes == 0 {
+                    failures.push(format!("{client}: nothing downloaded"));
+                }
+            }
+            Err(e) => failures.push(format!("{client}: download failed: {e}")),
+        }
+        if n(&c["hops_done"]) == 0 {
+            failures.push(format!("{client}: never hopped"));
+        }
+        let log = std::fs::read_to_string(dir.join(format!("{client}-addresses.csv"))).map_err(|e| e.to_string())?;
+        leases.extend(leases_from_log(client, &log)?);
+    }
+
+    println!("5. the capture on the outside link ({} client packets to the proxy):", watcher.sources.values().map(|s| s.2).sum::<u64>());
+    let check = watcher.check(&leases, TIMES.2, 200);
+    println!(
+        "   {} client addresses, {} connection IDs; {} connection IDs seen from two addresses; {} packets outside their address's lease + t_remove",
+        check.addresses, check.cids, check.cids_from_two_addresses, check.outside_lease
+    );
+    failures.extend(check.violations.iter().cloned());
+    if check.packets == 0 {
+        failures.push("the capture saw no client packets".into());
+    }
 
     let s = switch.stats()?;
     println!("summary");
-    println!("   clients served: 2, addresses in use: 4 (IPv4 and IPv6 each), TCP {gbps:.2} Gbit/s");
+    println!(
+        "   proxy: {} connections, {} CONNECT-IP sessions, {} paths forgotten after hops",
+        proxy_stats["connections_accepted"], proxy_stats["sessions_ip"], proxy_stats["paths_abandoned"]
+    );
     println!("   switch CPU: {} ms over its lifetime; drops by reason: {}", s.cpu_ms(), drops(&s.0));
-    drop(switch);
-    allocator.stop(Duration::from_secs(5));
-    println!("   testbed torn down");
-    if out.status.success() || after == before {
-        return Err("the spoofed source was not dropped".into());
+    println!("   logs, counters and configs were in {}", dir.display());
+    if failures.is_empty() {
+        println!("   every check passed");
+        Ok(())
+    } else {
+        Err(format!("{} checks failed: {}", failures.len(), failures.join("; ")))
     }
-    Ok(())
+}
+
+/// The server host behind the proxy: `out` eth1 198.18.220.1/24 ── srv 198.18.220.2/24.
+fn add_server(tb: &mut Testbed) -> Result<(), crate::testbed::TestbedError> {
+    tb.add_host("srv")?;
+    tb.add_link(("out", "eth1"), ("srv", "eth0"), LinkOpts::default())?;
+    tb.add_addr("out", "eth1", "198.18.220.1/24")?;
+    tb.add_addr("srv", "eth0", &format!("{SERVER_V4}/24"))?;
+    tb.add_route("srv", "198.18.210.0/24", "198.18.220.1")?;
+    tb.sysctl("out", "net.ipv4.ip_forward", "1")
+}
+
+/// Starts `mimiq-agent run` on `client` with the allocator source (the relay on the gateway's
+/// link-local address), a random hop every 20–60 QUIC datagrams, the server's subnet routed into
+/// the tunnel, and its counters, hop log and address log in `dir`; waits for its `ready` line.
+fn start_agent(tb: &mut Testbed, dir: &Path, client: &str, seed: u64) -> Result<Proc, String> {
+    let file = |what: &str| dir.join(format!("{client}-{what}")).display().to_string();
+    let cfg = format!(
+        r#"seed = {seed}
+[hop]
+kind = "random_packets"
+min_packets = 20
+max_packets = 60
+
+[addresses]
+set_size = 4
+refill_lead_ms = 3000
+expiry_margin_ms = 1000
+
+[tunnel]
+proxy = "{PROXY}"
+tun = "mqa0"
+routes = ["198.18.220.0/24"]
+stats_file = "{stats}"
+stats_interval_ms = 500
+hop_log = "{hops}"
+address_log = "{addresses}"
+
+[source]
+kind = "allocator"
+gateway = "[fe80::1]:6363"
+interface = "eth0"
+family = "v4"
+"#,
+        stats = file("stats.json"),
+        hops = file("hops.csv"),
+        addresses = file("addresses.csv"),
+    );
+    let path = dir.join(format!("{client}-agent.toml"));
+    std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
+    let bin = bin_path("mimiq-agent")?.to_string_lossy().into_owned();
+    let path = path.to_string_lossy().into_owned();
+    let mut proc = tb.spawn(client, &[&bin, "run", "--config", &path], false).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !proc.stdout().lines().any(|l| l.starts_with("ready")) {
+        if proc.try_status().is_some() || Instant::now() > deadline {
+            return Err(format!("{client}: agent not ready: {}", proc.describe()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(proc)
+}
+
+/// The agent's live counters (`Value::Null` until the first write).
+fn agent_stats(dir: &Path, client: &str) -> Value {
+    std::fs::read_to_string(dir.join(format!("{client}-stats.json")))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
 }
 
 fn drops(stats: &Value) -> String {

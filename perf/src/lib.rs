@@ -8,6 +8,7 @@ pub mod capture;
 pub mod demo;
 pub mod experiments;
 pub mod gen;
+pub mod hopwatch;
 pub mod masque;
 pub mod singlebox;
 pub mod switch;

@@ -26,10 +26,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The demo: kernel hosts talking through mimiq-switch, with live counters.
+    /// The demo: clients that hop addresses mid-connection (mimiq-agent through the single box
+    /// to mimiq-proxy), with live progress and checks.
     Demo {
-        /// Seconds of TCP traffic.
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        /// Seconds of downloads.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
     },
     /// Benchmarks that compare mimiq with a baseline in the same run.

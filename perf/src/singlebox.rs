@@ -174,12 +174,15 @@ pub fn start(times: &Times) -> SingleBox {
 
     let allocator_bin = bin_path("mimiq-allocator").unwrap();
     let cfg = allocator_config(dir.path(), times);
-    let allocator = tb
+    let mut allocator = tb
         .spawn("sw", &[allocator_bin.to_str().unwrap(), "run", "--config", cfg.to_str().unwrap()], false)
         .unwrap();
     let sw_cfg = switch_config(dir.path());
     let switch = Switch::start(&mut tb, "sw", &["--config", sw_cfg.to_str().unwrap()], &dir.path().join("stats.json"))
         .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
+    if allocator.try_status().is_some() {
+        panic!("the allocator exited: {}", allocator.describe());
+    }
     SingleBox { tb, allocator, switch, dir }
 }
 

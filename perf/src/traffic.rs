@@ -1,7 +1,11 @@
-//! Traffic with the kernel's own tools between testbed hosts: iperf3 and ping.
+//! Traffic with the kernel's own tools between testbed hosts: iperf3, ping, and a TCP download
+//! checked byte for byte.
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
 
+use mimiq_agent::direct::h3::{body_byte, fill_body};
 use serde_json::Value;
 
 use crate::testbed::Testbed;
@@ -101,4 +105,71 @@ pub fn ping(tb: &Testbed, host: &str, addr: &str, count: u32) -> Result<Vec<f64>
         return Err(format!("ping {addr} from {host}: {} of {count} answered", rtts.len()));
     }
     Ok(rtts)
+}
+
+/// Serves pattern bytes ([`body_byte`] of the offset) to one TCP client from `server` at
+/// `listen`, and downloads them on `client`, checking every byte, until `len` bytes arrived or
+/// `until` passed (then the client closes and the server's broken pipe is the normal end).
+/// Returns the bytes that arrived in order and whether every one matched.
+pub fn pattern_download(
+    tb: &Testbed,
+    server: &str,
+    listen: SocketAddr,
+    client: &str,
+    len: u64,
+    until: Option<Instant>,
+) -> Result<(u64, bool), String> {
+    let listener = tb
+        .run_in(server, move || TcpListener::bind(listen))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("listen on {listen}: {e}"))?;
+    let served = std::thread::spawn(move || -> std::io::Result<()> {
+        // Bounded, so a client that never connects does not leave this thread behind.
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        while off < len {
+            let n = buf.len().min((len - off) as usize);
+            fill_body(off, &mut buf[..n]);
+            conn.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+        Ok(())
+    });
+    let got = tb
+        .run_in(client, move || -> std::io::Result<(u64, bool)> {
+            let mut conn = TcpStream::connect_timeout(&listen, Duration::from_secs(10))?;
+            conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut off, mut exact) = (0u64, true);
+            while until.map_or(true, |u| Instant::now() < u) {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                exact &= buf[..n].iter().enumerate().all(|(i, &b)| b == body_byte(off + i as u64));
+                off += n as u64;
+            }
+            Ok((off, exact))
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("download from {listen}: {e}"))?;
+    let served = served.join().map_err(|_| "server thread panicked".to_string())?;
+    match served {
+        Ok(()) => {}
+        Err(_) if got.0 < len && until.is_some() => {} // the client stopped at `until`
+        Err(e) => return Err(format!("serving on {listen}: {e}")),
+    }
+    Ok(got)
 }

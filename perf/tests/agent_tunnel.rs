@@ -3,15 +3,13 @@
 //! `mimiq_perf::masque`), and its QUIC connection hops between the client's addresses (a fresh
 //! port every hop) while a TCP download runs through the tunnel.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mimiq_agent::direct::h3::body_byte;
 // `stop_client` stops any of our processes that print their counters as a JSON line at exit.
 use mimiq_perf::masque::{self, addr, stop_client, ProxyProc};
 use mimiq_perf::testbed::{bin_path, require_root, Proc, Testbed};
+use mimiq_perf::traffic;
 use serde_json::Value;
 
 /// Starts `mimiq-agent run` on `c` with a static source (the four client addresses), a hop
@@ -46,56 +44,6 @@ fn start_agent(tb: &mut Testbed, dir: &Path, packets: u32) -> Result<Proc, Strin
     Ok(proc)
 }
 
-/// Serves `len` pattern bytes to one TCP client on the server host, and downloads them on the
-/// client host through the tunnel; returns the bytes that arrived in order and whether every
-/// one matched the pattern.
-fn download(tb: &Testbed, len: u64) -> Result<(u64, bool), String> {
-    let listener = tb
-        .run_in("s", || TcpListener::bind("198.18.20.2:9000"))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut conn, _) = listener.accept()?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut off = 0u64;
-        while off < len {
-            let n = buf.len().min((len - off) as usize);
-            for (i, b) in buf[..n].iter_mut().enumerate() {
-                *b = body_byte(off + i as u64);
-            }
-            conn.write_all(&buf[..n])?;
-            off += n as u64;
-        }
-        Ok(())
-    });
-    let got = tb
-        .run_in("c", move || -> std::io::Result<(u64, bool)> {
-            let mut conn = TcpStream::connect("198.18.20.2:9000")?;
-            conn.set_read_timeout(Some(Duration::from_secs(20)))?;
-            let mut buf = vec![0u8; 64 * 1024];
-            let (mut off, mut exact) = (0u64, true);
-            loop {
-                let n = conn.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                exact &= buf[..n]
-                    .iter()
-                    .enumerate()
-                    .all(|(i, &b)| b == body_byte(off + i as u64));
-                off += n as u64;
-            }
-            Ok((off, exact))
-        })
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("download: {e}"))?;
-    server
-        .join()
-        .map_err(|_| "server thread panicked".to_string())?
-        .map_err(|e| format!("server: {e}"))?;
-    Ok(got)
-}
-
 /// What one download through a hopping agent left behind.
 struct Run {
     /// The agent's report.
@@ -116,7 +64,7 @@ fn download_while_hopping(packets: u32, len: u64) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
     let mut agent = start_agent(&mut tb, dir.path(), packets).unwrap();
-    let result = download(&tb, len);
+    let result = traffic::pattern_download(&tb, "s", "198.18.20.2:9000".parse().unwrap(), "c", len, None);
     let report = stop_client(&mut agent).unwrap();
     let stats = proxy.stats_after_interval().unwrap();
     let agent_log = agent.describe();

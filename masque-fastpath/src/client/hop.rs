@@ -8,6 +8,8 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use super::ClientStats;
+
 /// What the client reports about a hop the policy asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HopOutcome {
@@ -42,6 +44,10 @@ pub trait HopPolicy {
     fn poll(&mut self, _now: Instant) -> Option<Duration> {
         None
     }
+
+    /// The client's counters, once per pass while the tunnel is up (the policy may publish
+    /// them; nothing here may block).
+    fn on_stats(&mut self, _stats: &ClientStats, _now: Instant) {}
 }
 
 /// Never hops.

@@ -308,6 +308,9 @@ impl Client {
                 self.abandon_old_paths();
             }
             self.flush();
+            if ready {
+                self.policy.on_stats(&self.stats, Instant::now());
+            }
         }
         if !self.conn.is_closed() {
             let _ = self.conn.close(true, 0x100, b"client done");
