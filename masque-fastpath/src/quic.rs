@@ -42,6 +42,9 @@ pub struct QuicSettings {
     pub max_streams_bidi: u64,
     /// Congestion control: `cubic`, `reno` or `bbr2`.
     pub congestion_control: String,
+    /// Send `disable_active_migration` (RFC 9000 §18.2): clients must not hop. Off by default
+    /// (the proxy serves hopping clients); for an operator who wants clients to stay put.
+    pub disable_active_migration: bool,
     /// Directory for one qlog file per connection (empty: none).
     pub qlog_dir: Option<PathBuf>,
     /// Append TLS secrets here (NSS key log format) so Wireshark can decrypt a capture; the
@@ -60,6 +63,7 @@ impl Default for QuicSettings {
             max_stream_data_bytes: 16 << 20,
             max_streams_bidi: 128,
             congestion_control: "cubic".into(),
+            disable_active_migration: false,
             qlog_dir: None,
             keylog_file: None,
         }
@@ -128,7 +132,7 @@ impl QuicSettings {
         c.set_initial_max_streams_bidi(self.max_streams_bidi);
         c.set_initial_max_streams_uni(16);
         c.set_active_connection_id_limit(self.active_connection_id_limit);
-        c.set_disable_active_migration(false);
+        c.set_disable_active_migration(self.disable_active_migration);
         c.enable_dgram(true, self.dgram_queue_len, self.dgram_queue_len);
         c.enable_pacing(false);
         if let Ok(cc) = self.congestion_control.parse() {

@@ -56,15 +56,20 @@ struct Run {
     dir: tempfile::TempDir,
 }
 
-/// Starts the proxy and an agent hopping every `packets` datagrams, downloads `len` bytes
-/// through the tunnel (checked byte for byte) and stops the agent.
-fn download_while_hopping(packets: u32, len: u64) -> Run {
+/// Starts the proxy (`proxy_extra` appended to its config) and an agent hopping every
+/// `packets` datagrams, downloads `len` bytes through the tunnel (checked byte for byte) while
+/// `during` runs on another thread, and stops the agent.
+fn download_while_hopping(packets: u32, len: u64, proxy_extra: &str, during: impl FnOnce(&Testbed) + Send) -> Run {
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", proxy_extra).unwrap();
     let mut agent = start_agent(&mut tb, dir.path(), packets).unwrap();
-    let result = traffic::pattern_download(&tb, "s", "198.18.20.2:9000".parse().unwrap(), "c", len, None);
+    let result = std::thread::scope(|scope| {
+        let tb = &tb;
+        scope.spawn(move || during(tb));
+        traffic::pattern_download(tb, "s", "198.18.20.2:9000".parse().unwrap(), "c", len, None)
+    });
     let report = stop_client(&mut agent).unwrap();
     let stats = proxy.stats_after_interval().unwrap();
     let agent_log = agent.describe();
@@ -79,7 +84,7 @@ fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact()
     if !require_root() {
         return;
     }
-    let Run { report, proxy: s, agent_log, dir } = download_while_hopping(25, 100 * 1024 * 1024);
+    let Run { report, proxy: s, agent_log, dir } = download_while_hopping(25, 100 * 1024 * 1024, "", |_| {});
     // The strategy counts the QUIC datagrams the client sends (the TCP ACKs of the download,
     // several to a QUIC packet) and asks for a hop every 25; while a hop validates (one round
     // trip) the count goes on, so at least half of those become hops.
@@ -106,7 +111,7 @@ fn hopping_every_2_packets_still_completes_the_download() {
     if !require_root() {
         return;
     }
-    let Run { report, agent_log, .. } = download_while_hopping(2, 10 * 1024 * 1024);
+    let Run { report, agent_log, .. } = download_while_hopping(2, 10 * 1024 * 1024, "", |_| {});
     // A hop is due after every second datagram, so one is always in progress or waiting for
     // the paths left to be forgotten (`hops_deferred`): the connection hops back to back, and
     // at least a third of the hops the strategy asks for happen.
@@ -117,6 +122,71 @@ fn hopping_every_2_packets_still_completes_the_download() {
         report["client"]["hops_failed"].as_u64().unwrap() * 20 <= done,
         "at most 5% failed: {report}; {agent_log}"
     );
+}
+
+#[test]
+fn a_proxy_that_disables_migration_keeps_the_tunnel_on_one_address() {
+    if !require_root() {
+        return;
+    }
+    let extra = "[quic]\ndisable_active_migration = true\n";
+    let Run { report, proxy, agent_log, .. } = download_while_hopping(25, 20 * 1024 * 1024, extra, |_| {});
+    // RFC 9000 §9: no packet, not even a probe, from another local address.
+    let c = &report["client"];
+    assert_eq!((c["hops_started"].as_u64(), c["hops_done"].as_u64()), (Some(0), Some(0)), "{report}");
+    assert!(c["hops_refused"].as_u64().unwrap() >= 5, "{report}");
+    assert_eq!(report["addresses_used"], 1, "{report}");
+    assert!(agent_log.contains("the proxy sent disable_active_migration"), "{agent_log}");
+    assert_eq!(agent_log.matches("disable_active_migration").count(), 1, "logged once: {agent_log}");
+    assert_eq!(proxy["connections_accepted"], 1, "{proxy}");
+}
+
+#[test]
+fn an_address_withdrawn_mid_transfer_fails_its_hops_and_the_download_goes_on() {
+    if !require_root() {
+        return;
+    }
+    // The static source keeps offering 198.18.10.5 after it left the host: each hop to it fails
+    // at once (no socket can bind it), is counted and logged, and the connection hops on
+    // between the other three; if it was on .5 at that moment, the next hop moves it off.
+    let gone = addr::CLIENT_V4[3];
+    let Run { report, agent_log, dir, .. } = download_while_hopping(25, 60 * 1024 * 1024, "", |tb| {
+        std::thread::sleep(Duration::from_millis(700));
+        tb.exec_ok("c", &["ip", "addr", "del", &format!("{gone}/24"), "dev", "c0"]).unwrap();
+    });
+    let c = &report["client"];
+    assert!(c["hops_failed"].as_u64().unwrap() >= 1, "{report}; {agent_log}");
+    assert!(agent_log.contains(&format!("hop to {gone} failed")), "{agent_log}");
+    assert!(c["hops_done"].as_u64().unwrap() >= 10, "{report}");
+    let log = std::fs::read_to_string(dir.path().join("hops.csv")).unwrap();
+    assert!(log.lines().any(|l| l.contains(&format!(",failed,,{gone},"))), "{log}");
+}
+
+#[test]
+fn an_unreachable_allocator_is_one_error_line_and_exit_1() {
+    if !require_root() {
+        return;
+    }
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on the proxy host's port 6363.
+    let cfg = format!(
+        "[hop]\nkind = \"every_packets\"\npackets = 25\n[tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\n\
+         [source]\nkind = \"allocator\"\ngateway = \"{}:6363\"\ninterface = \"c0\"\nfamily = \"v4\"\n\
+         first_allocation_timeout_ms = 1500\n",
+        addr::PROXY_V4,
+        addr::PROXY_V4
+    );
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let bin = bin_path("mimiq-agent").unwrap().to_string_lossy().into_owned();
+    let out = tb.exec("c", &[&bin, "run", "--config", path.to_str().unwrap()]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(last.contains("no allocation from 198.18.10.1:6363 within 1500 ms"), "{err}");
+    assert!(err.contains("allocation failed"), "each failure is logged: {err}");
 }
 
 #[test]

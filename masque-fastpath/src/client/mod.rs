@@ -111,6 +111,8 @@ pub struct ClientStats {
     pub hops_failed: u64,
     /// Hops postponed because no spare connection ID had arrived yet.
     pub hops_deferred: u64,
+    /// Hops not made because the proxy sent `disable_active_migration`.
+    pub hops_refused: u64,
     /// Paths forgotten after hops (their connection IDs retired).
     pub paths_abandoned: u64,
     /// QUIC packets quiche built for a path whose socket was already closed (dropped).
@@ -641,6 +643,16 @@ impl Client {
         let Some(addr) = asked.or(self.wanted_hop.take()) else {
             return;
         };
+        //# RFC 9000 §9: If the peer sent the disable_active_migration transport parameter, an
+        //# endpoint also MUST NOT send packets (including probing packets) from a different
+        //# local address to the address the peer used during the handshake.
+        if self.conn.peer_transport_params().is_some_and(|tp| tp.disable_active_migration) {
+            if self.stats.hops_refused == 0 {
+                tracing::warn!("the proxy sent disable_active_migration: no hops, the connection stays on {current}");
+            }
+            self.stats.hops_refused += 1;
+            return;
+        }
         // Every path left holds one connection ID each way until both ends forget it (a few
         // round trips); a probe the proxy has no spare ID for goes unanswered for a second.
         // So at most a quarter of the IDs may be held by paths left (the proxy holds its side
