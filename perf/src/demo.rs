@@ -32,11 +32,11 @@ use crate::traffic::pattern_download;
 
 /// Short leases, so that addresses expire and are replaced while the demo runs: t_ip 6–9 s,
 /// t_remove 2 s, t_sid 6 s (k = 3: (k-1)·t_sid covers t_ip + t_remove), the usual pool.
-const TIMES: Times = Times(6_000, 9_000, 2_000, 6_000, addr::POOL_V4);
+pub const TIMES: Times = Times(6_000, 9_000, 2_000, 6_000, addr::POOL_V4);
 /// The proxy's address on the outside host.
-const PROXY: &str = "198.18.200.2:4433";
+pub const PROXY: &str = "198.18.200.2:4433";
 /// The server behind the proxy.
-const SERVER_V4: &str = "198.18.220.2";
+pub const SERVER_V4: &str = "198.18.220.2";
 /// The clients.
 const CLIENTS: [&str; 2] = ["c1", "c2"];
 
@@ -55,10 +55,7 @@ pub fn run(seconds: u32) -> Result<(), String> {
 }
 
 fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u32) -> Result<(), String> {
-    add_server(tb).map_err(|e| e.to_string())?;
-    let extra = "[ip]\ntun = \"mqp0\"\npool_v4 = \"198.18.210.0/24\"\npool_v6 = \"fd00:210::/64\"\n\
-                 icmp_source_v4 = \"198.18.210.1\"\nicmp_source_v6 = \"fd00:210::1\"\n";
-    let mut proxy = ProxyProc::start(tb, "out", dir, PROXY, extra)?;
+    let mut proxy = start_outside(tb, dir)?;
     println!("1. mimiq-proxy serves CONNECT-IP on {PROXY}; each agent asks the allocator for addresses and connects:");
     let mut agents = Vec::new();
     for (i, client) in CLIENTS.iter().enumerate() {
@@ -214,20 +211,28 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
     }
 }
 
-/// The server host behind the proxy: `out` eth1 198.18.220.1/24 ── srv 198.18.220.2/24.
-fn add_server(tb: &mut Testbed) -> Result<(), crate::testbed::TestbedError> {
-    tb.add_host("srv")?;
-    tb.add_link(("out", "eth1"), ("srv", "eth0"), LinkOpts::default())?;
-    tb.add_addr("out", "eth1", "198.18.220.1/24")?;
-    tb.add_addr("srv", "eth0", &format!("{SERVER_V4}/24"))?;
-    tb.add_route("srv", "198.18.210.0/24", "198.18.220.1")?;
-    tb.sysctl("out", "net.ipv4.ip_forward", "1")
+/// The outside of the single box's testbed: the server host behind the proxy (`out` eth1
+/// 198.18.220.1/24 ── srv 198.18.220.2/24) and `mimiq-proxy` on `out` at [`PROXY`], its
+/// tunnel clients in 198.18.210.0/24.
+pub fn start_outside(tb: &mut Testbed, dir: &Path) -> Result<ProxyProc, String> {
+    (|| {
+        tb.add_host("srv")?;
+        tb.add_link(("out", "eth1"), ("srv", "eth0"), LinkOpts::default())?;
+        tb.add_addr("out", "eth1", "198.18.220.1/24")?;
+        tb.add_addr("srv", "eth0", &format!("{SERVER_V4}/24"))?;
+        tb.add_route("srv", "198.18.210.0/24", "198.18.220.1")?;
+        tb.sysctl("out", "net.ipv4.ip_forward", "1")
+    })()
+    .map_err(|e| e.to_string())?;
+    let extra = "[ip]\ntun = \"mqp0\"\npool_v4 = \"198.18.210.0/24\"\npool_v6 = \"fd00:210::/64\"\n\
+                 icmp_source_v4 = \"198.18.210.1\"\nicmp_source_v6 = \"fd00:210::1\"\n";
+    ProxyProc::start(tb, "out", dir, PROXY, extra)
 }
 
 /// Starts `mimiq-agent run` on `client` with the allocator source (the relay on the gateway's
 /// link-local address), a random hop every 20–60 QUIC datagrams, the server's subnet routed into
 /// the tunnel, and its counters, hop log and address log in `dir`; waits for its `ready` line.
-fn start_agent(tb: &mut Testbed, dir: &Path, client: &str, seed: u64) -> Result<Proc, String> {
+pub fn start_agent(tb: &mut Testbed, dir: &Path, client: &str, seed: u64) -> Result<Proc, String> {
     let file = |what: &str| dir.join(format!("{client}-{what}")).display().to_string();
     let cfg = format!(
         r#"seed = {seed}
@@ -276,7 +281,7 @@ family = "v4"
 }
 
 /// The agent's live counters (`Value::Null` until the first write).
-fn agent_stats(dir: &Path, client: &str) -> Value {
+pub fn agent_stats(dir: &Path, client: &str) -> Value {
     std::fs::read_to_string(dir.join(format!("{client}-stats.json")))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
