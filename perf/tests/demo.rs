@@ -42,11 +42,12 @@ fn the_allocator_going_away_mid_transfer_is_counted_and_the_transfer_goes_on() {
         return;
     }
     let (mut sb, proxy, mut agent) = one_agent(&demo::TIMES);
-    // The agent's first set lasts t_ip (6-9 s) minus the expiry margin: the connection goes on
-    // hopping between those addresses while every refill fails.
+    // The agent's first set is usable for t_ip (6-9 s) minus the expiry margin (1 s): the
+    // connection goes on hopping between those addresses while the refill (asked 3 s before the
+    // set runs short, at 2-5 s) fails.
     let (result, hops_at_stop) = std::thread::scope(|scope| {
         let tb = &sb.tb;
-        let download = scope.spawn(move || download(tb, 4_000));
+        let download = scope.spawn(move || download(tb, 5_500));
         std::thread::sleep(Duration::from_millis(800));
         sb.allocator.stop(Duration::from_secs(3));
         let at_stop = demo::agent_stats(sb.dir.path(), "c1")["client"]["hops_done"].as_u64().unwrap_or(0);
