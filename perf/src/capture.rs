@@ -22,7 +22,7 @@ pub fn count_frames(
     tb.spawn_in(host, move || {
         let mut count = 0;
         let deadline = Instant::now() + duration;
-        capture(&ifname, &mut || Instant::now() < deadline, &mut |frame: &[u8]| {
+        capture(&ifname, false, &mut || Instant::now() < deadline, &mut |frame: &[u8]| {
             if matches(frame) {
                 count += 1;
             }
@@ -56,7 +56,7 @@ pub fn record_frames(
         let started = Instant::now();
         let deadline = started + duration;
         let mut frames = Vec::new();
-        capture(&ifname, &mut || Instant::now() < deadline, &mut |frame: &[u8]| {
+        capture(&ifname, false, &mut || Instant::now() < deadline, &mut |frame: &[u8]| {
             if matches(frame) {
                 frames.push(Frame { at: started.elapsed(), bytes: frame.to_vec() });
             }
@@ -65,10 +65,11 @@ pub fn record_frames(
     })
 }
 
-/// Hands every frame (both directions) on `host`'s `ifname` to `on_frame(&mut watcher, frame)`
-/// until `stop` is set; join the handle for the watcher. For a capture point that runs as long
-/// as an experiment.
-pub fn watch<W: Send + 'static>(
+/// Hands every frame `host`'s `ifname` receives (not the ones it sends: a capture point that
+/// watches one direction of a busy link stays cheap) to `on_frame(&mut watcher, frame)` until
+/// `stop` is set; join the handle for the watcher. For a capture point that runs as long as an
+/// experiment.
+pub fn watch_incoming<W: Send + 'static>(
     tb: &Testbed,
     host: &str,
     ifname: &str,
@@ -78,13 +79,14 @@ pub fn watch<W: Send + 'static>(
 ) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<W>>>, TestbedError> {
     let ifname = std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
     tb.spawn_in(host, move || {
-        capture(&ifname, &mut || !stop.load(Ordering::Relaxed), &mut |f: &[u8]| on_frame(&mut watcher, f))
+        capture(&ifname, true, &mut || !stop.load(Ordering::Relaxed), &mut |f: &[u8]| on_frame(&mut watcher, f))
             .map(|()| watcher)
     })
 }
 
 fn capture(
     ifname: &std::ffi::CStr,
+    incoming_only: bool,
     keep_going: &mut dyn FnMut() -> bool,
     on_frame: &mut dyn FnMut(&[u8]),
 ) -> std::io::Result<()> {
@@ -111,6 +113,16 @@ fn capture(
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
+        }
+        if incoming_only {
+            let one: libc::c_int = 1;
+            // SAFETY: `one` lives for the call and its size is passed.
+            let rc = unsafe {
+                libc::setsockopt(fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, (&one as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as u32)
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
         let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
         // SAFETY: `timeout` lives for the call and its size is passed.

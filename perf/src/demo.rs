@@ -69,7 +69,13 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
 
     let stop = Arc::new(AtomicBool::new(false));
     let proxy_addr: SocketAddr = PROXY.parse().map_err(|e| format!("{e}"))?;
-    let capture = capture::watch(tb, "out", "eth0", Arc::clone(&stop), HopWatch::new(proxy_addr), HopWatch::frame)
+    // The outside link, and each client's port of the LAN bridge (where a packet's sender is
+    // known whatever its source address).
+    let mut points = vec![("out", "eth0")];
+    points.extend(CLIENTS.iter().map(|c| ("lan", *c)));
+    let captures = (points.iter())
+        .map(|(host, ifname)| capture::watch_incoming(tb, host, ifname, Arc::clone(&stop), HopWatch::new(proxy_addr), HopWatch::frame))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
 
     println!("2. each client downloads from {SERVER_V4} through its tunnel for {seconds} s while it hops; per second:");
@@ -138,11 +144,11 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let watcher = capture
-        .join()
-        .map_err(|_| "capture thread panicked".to_string())?
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("capture: {e}"))?;
+    let mut watchers = Vec::new();
+    for c in captures {
+        let w = c.join().map_err(|_| "capture thread panicked".to_string())?.map_err(|e| e.to_string())?;
+        watchers.push(w.map_err(|e| format!("capture: {e}"))?);
+    }
     let proxy_stats = proxy.stats_after_interval()?;
     proxy.proc.stop(Duration::from_secs(3));
 
@@ -184,8 +190,9 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
         leases.extend(leases_from_log(client, &log)?);
     }
 
-    println!("5. the capture on the outside link ({} client packets to the proxy):", watcher.sources.values().map(|s| s.2).sum::<u64>());
-    let check = watcher.check(&leases, TIMES.2, 200);
+    let outside = &watchers[0];
+    println!("5. the capture on the outside link ({} client packets to the proxy):", outside.sources.values().map(|s| s.2).sum::<u64>());
+    let check = outside.check(&leases, TIMES.2, 200);
     println!(
         "   {} client addresses, {} connection IDs; {} connection IDs seen from two addresses; {} packets outside their address's lease + t_remove",
         check.addresses, check.cids, check.cids_from_two_addresses, check.outside_lease
@@ -193,6 +200,19 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
     failures.extend(check.violations.iter().cloned());
     if check.packets == 0 {
         failures.push("the capture saw no client packets".into());
+    }
+    println!("6. the captures at each client's port of the LAN: every packet to the proxy left from an address of that client's, within its lease + t_remove:");
+    for (client, watcher) in CLIENTS.iter().zip(&watchers[1..]) {
+        let own: Vec<Lease> = leases.iter().filter(|l| l.client == *client).cloned().collect();
+        let check = watcher.check(&own, TIMES.2, 200);
+        println!(
+            "   {client}: {} packets from {} addresses; {} outside this client's leases",
+            check.packets, check.addresses, check.outside_lease
+        );
+        failures.extend(check.violations.iter().map(|v| format!("{client}: {v}")));
+        if check.packets == 0 {
+            failures.push(format!("the capture at {client}'s port saw no packets"));
+        }
     }
 
     let s = switch.stats()?;
