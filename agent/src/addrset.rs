@@ -397,6 +397,12 @@ impl AddressSet {
             .collect()
     }
 
+    /// Records that `conn` is on `addr`: the I/O shell's truth when a hop the set chose did not
+    /// happen (the connection stayed where it was).
+    pub fn set_connection_address(&mut self, conn: ConnectionId, addr: IpAddr) {
+        self.connections.insert(conn, addr);
+    }
+
     /// Forgets a closed connection; its address becomes free for others.
     pub fn remove_connection(&mut self, conn: ConnectionId) {
         self.connections.remove(&conn);

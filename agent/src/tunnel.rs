@@ -391,6 +391,11 @@ impl HopPolicy for TunnelHops {
         let s = &mut *guard;
         let now_ms = s.now_ms(now);
         s.report.datagrams_counted += sent;
+        // After a failed hop the set still believes the connection moved: it is on `current`.
+        let conn = s.hopper.connection();
+        if s.set.connection_address(conn, now_ms) != Some(current) {
+            s.set.set_connection_address(conn, current);
+        }
         // One decision per datagram sent since the last pass; the first hop asked for wins
         // (the client probes it while the datagrams keep leaving from `current`).
         for _ in 0..sent {

@@ -139,9 +139,17 @@ impl HopWatch {
         }
         for (addr, times) in &self.seen {
             let held: Vec<&Lease> = leases.iter().filter(|l| l.addr == *addr).collect();
-            let owners: BTreeSet<&str> = held.iter().map(|l| l.client.as_str()).collect();
-            if owners.len() > 1 {
-                note(&mut c, format!("{addr} was allocated to {owners:?}"));
+            // The allocator gives an address again once its lease and t_remove are over; two
+            // clients holding it at once would be a fault.
+            for (i, a) in held.iter().enumerate() {
+                for b in &held[i + 1..] {
+                    if a.client != b.client
+                        && a.from_ms < b.until_ms + t_remove_ms
+                        && b.from_ms < a.until_ms + t_remove_ms
+                    {
+                        note(&mut c, format!("{addr} was held by {} and {} at once: {a:?} {b:?}", a.client, b.client));
+                    }
+                }
             }
             for &t in times {
                 let inside = held
@@ -203,6 +211,14 @@ mod tests {
         let late = w.check(&expired, 100, 0);
         assert_eq!(late.outside_lease, 1, "{late:?}");
         assert!(w.check(&expired, 1000, 0).violations.is_empty(), "t_remove covers it");
+
+        // An address given to another client after the first one's lease + t_remove is fine;
+        // held by two at once it is not.
+        let c2 = |from: u64, until: u64| Lease { client: "c2".into(), addr: "198.18.1.10".parse().unwrap(), from_ms: from, until_ms: until };
+        let again = [lease("198.18.1.10", now + 1000), lease("198.18.1.11", now + 1000), c2(now + 1500, now + 9000)];
+        assert!(w.check(&again, 400, 0).violations.is_empty());
+        let twice = [lease("198.18.1.10", now + 1000), lease("198.18.1.11", now + 1000), c2(now + 500, now + 9000)];
+        assert_eq!(w.check(&twice, 0, 0).violations.len(), 1);
 
         w.frame(&udp_frame([198, 18, 1, 11], &short(1)));
         let linked = w.check(&leases, 0, 0);
