@@ -8,7 +8,9 @@
 //!   ([`body_byte`]). It runs on one blocking UDP socket on the caller's thread.
 //! - [`run_gets`]: the client side: GETs of the given sizes, one after the other, over a
 //!   [`DirectConnection`] that hops as its strategy says (between requests and during
-//!   responses), each body checked byte for byte.
+//!   responses), each body checked byte for byte. [`run_timed_gets`]: GETs of one size for a
+//!   given time, each one timed, with a hook before each request (`mimiq-perf bench figure3`
+//!   requests its hops there, at request boundaries as the seed did).
 //! - [`TestCert`]: a TLS identity for test servers.
 //!
 //! Used by `examples/h3_server.rs`, `examples/direct_h3.rs` and the namespace tests in
