@@ -1,6 +1,13 @@
-//! The QUIC socket, in bursts: `recvmmsg` fills up to [`BURST`] datagrams per call, and sends are
+//! The QUIC socket, in bursts: `recvmmsg` fills up to [`BURST`] messages per call, and sends are
 //! queued and flushed with one `sendmmsg` per burst, consecutive same-size datagrams to one peer
 //! coalesced into a single UDP GSO message (`UDP_SEGMENT`) when the kernel supports it.
+//!
+//! Receives use UDP GRO (`UDP_GRO`) when the kernel supports it: the kernel then hands over a
+//! train of same-size datagrams from one sender as one message of up to 64 KB (a GSO send
+//! arrives whole instead of being segmented for the socket, and GRO on the interface merges
+//! the rest), with the segment size in a `UDP_GRO` control message; [`UdpIo::recv_burst`] splits
+//! each message back into its datagrams. `MIMIQ_NO_GRO` in the environment turns it off (as
+//! `MIMIQ_NO_GSO` does GSO), for comparisons.
 //!
 //! The buffers are allocated once; nothing here allocates per packet.
 
@@ -9,10 +16,15 @@ use std::mem::MaybeUninit;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 
-/// Datagrams per `recvmmsg` / `sendmmsg` call.
+/// Messages per `recvmmsg` / `sendmmsg` call.
 pub const BURST: usize = 64;
-/// Bytes per receive slot (a QUIC datagram on a 1500-byte link, with room for jumbo paths).
+/// Bytes per receive slot without GRO (a QUIC datagram on a 1500-byte link, with room for jumbo
+/// paths).
 pub const SLOT: usize = 2048;
+/// Bytes per receive slot with GRO: the largest UDP payload, one coalesced train.
+const GRO_SLOT: usize = 65_536;
+/// Messages per `recvmmsg` with GRO (1 MiB of buffers).
+const GRO_BURST: usize = 16;
 /// Most segments the kernel accepts in one GSO send.
 const MAX_GSO_SEGMENTS: usize = 64;
 /// Bytes of outgoing datagrams queued between flushes.
@@ -23,8 +35,14 @@ pub struct UdpIo {
     sock: UdpSocket,
     local: SocketAddr,
     rx: Vec<u8>,
-    rx_len: [usize; BURST],
-    rx_from: [SocketAddr; BURST],
+    /// Bytes per receive slot and slots per call ([`SLOT`]·[`BURST`], or the GRO sizes).
+    rx_slot: usize,
+    rx_msgs: usize,
+    /// The datagrams of the last burst: (offset in rx, length, sender).
+    rx_dgrams: Vec<(usize, usize, SocketAddr)>,
+    /// Whether the last receive filled every slot (more may be waiting).
+    rx_full: bool,
+    gro: bool,
     tx: Vec<u8>,
     tx_used: usize,
     /// Room reserved for one outgoing datagram.
@@ -36,6 +54,8 @@ pub struct UdpIo {
     pub send_errors: u64,
     /// Datagrams dropped because the socket buffer was full.
     pub send_dropped: u64,
+    /// Messages received that carried a GRO train (more than one datagram).
+    pub rx_trains: u64,
 }
 
 impl UdpIo {
@@ -54,13 +74,20 @@ impl UdpIo {
             setsockopt_int(fd, libc::SOL_SOCKET, opt, 8 << 20);
         }
         let gso = std::env::var_os("MIMIQ_NO_GSO").is_none() && probe_gso(fd);
+        let gro = std::env::var_os("MIMIQ_NO_GRO").is_none()
+            && setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1);
+        let (rx_slot, rx_msgs) = if gro { (GRO_SLOT, GRO_BURST) } else { (SLOT, BURST) };
         let local = sock.local_addr()?;
         Ok(UdpIo {
             sock,
             local,
-            rx: vec![0; BURST * SLOT],
-            rx_len: [0; BURST],
-            rx_from: [local; BURST],
+            rx: vec![0; rx_msgs * rx_slot],
+            rx_slot,
+            rx_msgs,
+            // The kernel merges at most 64 datagrams into one train.
+            rx_dgrams: Vec::with_capacity(rx_msgs * 64),
+            rx_full: false,
+            gro,
             tx: vec![0; SEND_BUFFER],
             tx_used: 0,
             max_payload: SLOT,
@@ -68,6 +95,7 @@ impl UdpIo {
             gso,
             send_errors: 0,
             send_dropped: 0,
+            rx_trains: 0,
         })
     }
 
@@ -81,6 +109,11 @@ impl UdpIo {
         self.gso
     }
 
+    /// Whether receives use UDP GRO.
+    pub fn gro(&self) -> bool {
+        self.gro
+    }
+
     /// Sets the largest datagram [`UdpIo::send_buf`] must hold (the QUIC max UDP payload).
     pub fn set_max_payload(&mut self, bytes: usize) {
         self.max_payload = bytes.clamp(1, SEND_BUFFER / 4);
@@ -91,17 +124,21 @@ impl UdpIo {
         &self.sock
     }
 
-    /// Receives up to [`BURST`] datagrams; returns how many (0 when none are waiting). Read them
-    /// with [`UdpIo::datagram`].
+    /// Receives a burst (up to [`BURST`] datagrams, or with GRO up to 16 trains of them);
+    /// returns how many datagrams (0 when none are waiting). Read them with
+    /// [`UdpIo::datagram`].
     pub fn recv_burst(&mut self) -> io::Result<usize> {
+        let (slot, msgs) = (self.rx_slot, self.rx_msgs);
         let mut iov: [MaybeUninit<libc::iovec>; BURST] = [const { MaybeUninit::uninit() }; BURST];
         let mut names: [MaybeUninit<libc::sockaddr_storage>; BURST] =
             [const { MaybeUninit::zeroed() }; BURST];
+        // u64 words keep the control buffers aligned for cmsghdr.
+        let mut cmsgs = [[0u64; 4]; GRO_BURST];
         let mut hdrs: [MaybeUninit<libc::mmsghdr>; BURST] = [const { MaybeUninit::zeroed() }; BURST];
-        for i in 0..BURST {
+        for i in 0..msgs {
             iov[i].write(libc::iovec {
-                iov_base: self.rx[i * SLOT..].as_mut_ptr().cast(),
-                iov_len: SLOT,
+                iov_base: self.rx[i * slot..].as_mut_ptr().cast(),
+                iov_len: slot,
             });
             // SAFETY: zeroed mmsghdr is valid; the pointers stay alive for the call below.
             let h = unsafe { hdrs[i].assume_init_mut() };
@@ -109,17 +146,23 @@ impl UdpIo {
             h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
             h.msg_hdr.msg_iov = iov[i].as_mut_ptr();
             h.msg_hdr.msg_iovlen = 1;
+            if self.gro {
+                h.msg_hdr.msg_control = cmsgs[i].as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = std::mem::size_of_val(&cmsgs[i]);
+            }
         }
-        // SAFETY: hdrs holds BURST initialised headers pointing at live buffers of SLOT bytes.
+        // SAFETY: hdrs holds `msgs` initialised headers pointing at live buffers of `slot` bytes.
         let n = unsafe {
             libc::recvmmsg(
                 self.sock.as_raw_fd(),
                 hdrs.as_mut_ptr().cast(),
-                BURST as u32,
+                msgs as u32,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
         };
+        self.rx_dgrams.clear();
+        self.rx_full = n == msgs as i32;
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::WouldBlock {
@@ -128,21 +171,39 @@ impl UdpIo {
                 Err(e)
             };
         }
-        let n = n as usize;
-        for i in 0..n {
+        for i in 0..n as usize {
             // SAFETY: the kernel filled the first n headers and their names.
             let h = unsafe { hdrs[i].assume_init_ref() };
-            self.rx_len[i] = h.msg_len as usize;
-            self.rx_from[i] = unsafe { sockaddr_to_std(names[i].assume_init_ref()) }
-                .unwrap_or(self.local);
+            let from = unsafe { sockaddr_to_std(names[i].assume_init_ref()) }.unwrap_or(self.local);
+            let len = (h.msg_len as usize).min(slot);
+            // SAFETY: the header's control buffer is ours and the kernel set its length.
+            let seg = if self.gro { unsafe { gro_segment(&h.msg_hdr) } } else { None };
+            let seg = seg.filter(|&s| s > 0).unwrap_or(len.max(1));
+            if len > seg {
+                self.rx_trains += 1;
+            }
+            let mut off = 0;
+            while off < len {
+                let l = seg.min(len - off);
+                self.rx_dgrams.push((i * slot + off, l, from));
+                off += l;
+            }
+            if len == 0 {
+                self.rx_dgrams.push((i * slot, 0, from));
+            }
         }
-        Ok(n)
+        Ok(self.rx_dgrams.len())
+    }
+
+    /// Whether the last [`UdpIo::recv_burst`] filled every slot, so more may be waiting.
+    pub fn burst_full(&self) -> bool {
+        self.rx_full
     }
 
     /// The `i`-th datagram of the last burst, mutable (quiche decrypts in place), and its sender.
     pub fn datagram(&mut self, i: usize) -> (&mut [u8], SocketAddr) {
-        let len = self.rx_len[i].min(SLOT);
-        (&mut self.rx[i * SLOT..i * SLOT + len], self.rx_from[i])
+        let (off, len, from) = self.rx_dgrams[i];
+        (&mut self.rx[off..off + len], from)
     }
 
     /// A buffer to write the next outgoing datagram into (the max payload set with
@@ -260,6 +321,25 @@ fn setsockopt_int(fd: i32, level: i32, opt: i32, v: i32) -> bool {
     }
 }
 
+/// The segment size of a GRO train, from its `UDP_GRO` control message; `None` when the message
+/// is one datagram.
+///
+/// # Safety
+/// `h` must be a header the kernel filled, its control buffer alive.
+unsafe fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+    if h.msg_controllen == 0 || h.msg_control.is_null() {
+        return None;
+    }
+    let mut c = libc::CMSG_FIRSTHDR(h);
+    while !c.is_null() {
+        if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+            return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as usize);
+        }
+        c = libc::CMSG_NXTHDR(h, c);
+    }
+    None
+}
+
 fn probe_gso(fd: i32) -> bool {
     let mut v: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as u32;
@@ -353,8 +433,12 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let want: Vec<_> = (0..11u8).map(|i| (if i == 10 { 100 } else { 1200 }, i)).collect();
-        assert_eq!(got, want, "gso={}", a.gso());
+        assert_eq!(got, want, "gso={} gro={}", a.gso(), b.gro());
         assert_eq!(a.send_errors + a.send_dropped, 0);
+        // Over loopback a GSO send reaches a GRO socket whole: one message, split here.
+        if a.gso() && b.gro() {
+            assert_eq!(b.rx_trains, 1);
+        }
     }
 
     #[test]

@@ -353,7 +353,7 @@ impl Client {
                         tracing::debug!("recv on {to}: {e}");
                     }
                 }
-                more |= n == crate::udp::BURST;
+                more |= p.io.burst_full();
             }
             if !more {
                 return Ok(());

@@ -125,6 +125,8 @@ pub struct Stats {
     pub socket_send_errors: u64,
     /// Datagrams dropped by a full socket send buffer.
     pub socket_send_dropped: u64,
+    /// Received messages that carried a UDP GRO train (several QUIC datagrams); 0 without GRO.
+    pub socket_rx_trains: u64,
     /// Nanoseconds per burst of QUIC datagrams through the proxy (recv → sessions), percentiles.
     pub burst_ns: Percentiles,
 }
@@ -296,6 +298,7 @@ impl Proxy {
         self.stats.dgram_recv_queue_full = received.saturating_sub(self.stats.dgram_rx + waiting);
         self.stats.socket_send_errors = self.io.send_errors;
         self.stats.socket_send_dropped = self.io.send_dropped;
+        self.stats.socket_rx_trains = self.io.rx_trains;
         self.stats.burst_ns = Percentiles::of(&self.burst_hist);
         let mut ip = HashMap::new();
         let mut udp = HashMap::new();
@@ -389,7 +392,7 @@ impl Proxy {
             self.stats.udp_rx += n as u64;
             self.service_dirty();
             let _ = self.burst_hist.record(t0.elapsed().as_nanos() as u64);
-            if n < crate::udp::BURST {
+            if !self.io.burst_full() {
                 break;
             }
         }
