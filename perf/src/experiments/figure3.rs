@@ -1075,7 +1075,7 @@ mod tests {
     }
 
     #[test]
-    fn hgrm_and_svg_are_well_formed() {
+    fn hgrm_is_well_formed_and_axis_steps_are_round() {
         let mut h = Histogram::<u64>::new(3).unwrap();
         for v in [0, 100, 250, 900, 4_000] {
             h.record(v).unwrap();
