@@ -764,7 +764,10 @@ mod tests {
         drop(client);
         let server_stats = server.finish();
         assert_eq!(report.responses, 100);
-        assert!(hops.hops_completed >= 30, "{hops:?}");
+        // About 60 hops are due; one waits while the previous is validated or for a spare
+        // connection ID, so on busy cores far fewer complete (12 seen under a parallel test
+        // run). The budget is the point here: enough hops to reach it, none failed.
+        assert!(hops.hops_completed >= 8, "{hops:?}");
         assert_eq!(hops.hops_failed, 0, "{hops:?}");
         assert_eq!(server_stats.client_addresses, 4, "{server_stats:?}");
     }

@@ -18,8 +18,9 @@
 //! - **Whose CPU a receive is**: veth by default runs the receiving host's stack in the sender's
 //!   context, so a TUN write on p is charged for s's TCP receive. TCP bulk is measured that way
 //!   ([`PeerRx::InSenderContext`]) and with threaded NAPI on every veth end
-//!   ([`PeerRx::ThreadedNapi`]), where each host receives in its own kthread; the other runs use
-//!   threaded NAPI only. There p's kthreads (its receive, and for the baseline its whole
+//!   ([`PeerRx::ThreadedNapi`]), where each host receives in its own kthread, and once more with
+//!   a NIC's segmentation and checksum offloads on top ([`PeerRx::NicOffloads`]); the other runs
+//!   use threaded NAPI only. There p's kthreads (its receive, and for the baseline its whole
 //!   forwarding) are counted beside the proxy process, and the target is judged on the sum.
 //!
 //! Threading: blocking; the captures, the blaster and the sinks are threads that joined a host's
@@ -164,6 +165,18 @@ pub enum PeerRx {
     /// `napi/<dev>-<id>` kthread, so a sender is charged for its own transmit only. p's
     /// kthreads (p0, p1) are p's receive and forwarding, counted beside the proxy process.
     ThreadedNapi,
+    /// [`PeerRx::ThreadedNapi`] plus a NIC's segmentation and checksum offloads on every veth
+    /// end (`ethtool -K <dev> tso on gso on tx on`): a GSO packet (the proxy's TUN write, the
+    /// client's UDP GSO send, the kernel baseline's GRO) leaves p1 or c0 whole, as it would
+    /// through a NIC with TSO, instead of being segmented in software on the way out.
+    NicOffloads,
+}
+
+impl PeerRx {
+    /// Whether the receive runs in NAPI kthreads (counted beside the process).
+    fn threaded(self) -> bool {
+        self != PeerRx::InSenderContext
+    }
 }
 
 /// The veth ends [`PeerRx`] switches, host and device.
@@ -307,8 +320,12 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
         progress(&format!("  RQ1 done (TUN MTU {tun_mtu})"));
         // RQ1 ran with veth's default receive (the captures see packets as sent). TCP bulk is
         // measured both ways, the rest with threaded NAPI only.
+        // The CONNECT-UDP runs below keep the last mode, threaded NAPI.
         let mut runs = vec![(PeerRx::InSenderContext, Family::V4, Traffic::TcpBulk)];
         runs.push((PeerRx::InSenderContext, Family::V6, Traffic::TcpBulk));
+        for family in [Family::V4, Family::V6] {
+            runs.push((PeerRx::NicOffloads, family, Traffic::TcpBulk));
+        }
         for family in [Family::V4, Family::V6] {
             for traffic in [Traffic::TcpBulk, Traffic::Iperf3Udp64] {
                 runs.push((PeerRx::ThreadedNapi, family, traffic));
@@ -316,7 +333,7 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
         }
         for (rx, family, traffic) in runs {
             if rx != mode {
-                (knapi, napi) = (set_peer_rx(&ktb, rx)?, set_peer_rx(&tb, rx)?);
+                (knapi, napi) = (set_peer_rx(&ktb, rx, &knapi)?, set_peer_rx(&tb, rx, &napi)?);
                 mode = rx;
                 progress(&format!("  receive: {rx:?}"));
             }
@@ -472,17 +489,23 @@ fn kernel_testbed() -> Result<Testbed, String> {
 /// started (none for [`PeerRx::InSenderContext`]). A device's kthreads are the `napi/*` threads
 /// that appear when its `threaded` is set: the name alone (`napi/s0-<id>`) is the same in both
 /// testbeds.
-fn set_peer_rx(tb: &Testbed, rx: PeerRx) -> Result<NapiThreads, String> {
+/// `current` is what the last switch returned: going from one threaded mode to the other only
+/// changes the offloads and keeps the kthreads.
+fn set_peer_rx(tb: &Testbed, rx: PeerRx, current: &NapiThreads) -> Result<NapiThreads, String> {
     let mut threads = NapiThreads::default();
+    let keep_threads = rx.threaded() && !(current.proxy_host.is_empty() && current.peers.is_empty());
     for (host, dev) in VETH_ENDS {
         let sysfs = format!("/sys/class/net/{dev}/threaded");
         let exec = |cmd: &[&str]| tb.exec_ok(host, cmd).map_err(|e| format!("{host}: {e}"));
+        let offloads = if rx == PeerRx::NicOffloads { "on" } else { "off" };
+        exec(&["ethtool", "-K", dev, "tso", offloads, "gso", offloads, "tx", offloads])?;
         match rx {
             PeerRx::InSenderContext => {
                 exec(&["sh", "-c", &format!("echo 0 > {sysfs}")])?;
                 exec(&["ethtool", "-K", dev, "gro", "off"])?;
             }
-            PeerRx::ThreadedNapi => {
+            PeerRx::ThreadedNapi | PeerRx::NicOffloads if keep_threads => {}
+            PeerRx::ThreadedNapi | PeerRx::NicOffloads => {
                 let before = napi_kthreads()?;
                 // GRO on is what makes veth run NAPI on its receive side (veth_set_features).
                 exec(&["ethtool", "-K", dev, "gro", "on"])?;
@@ -501,6 +524,9 @@ fn set_peer_rx(tb: &Testbed, rx: PeerRx) -> Result<NapiThreads, String> {
                 }
             }
         }
+    }
+    if keep_threads {
+        return Ok(current.clone());
     }
     Ok(threads)
 }
@@ -933,7 +959,7 @@ fn finish(
     let tunnelled = tunnel.is_some();
     let proxy_cpu_s = after.proxy_cpu_s - before.proxy_cpu_s;
     let proxy_packets = after.packets.saturating_sub(before.packets);
-    let napi = peer_rx == PeerRx::ThreadedNapi;
+    let napi = peer_rx.threaded();
     Throughput {
         path,
         peer_rx,
