@@ -1,6 +1,6 @@
 //! `mimiq-perf bench masque` end to end with one second per throughput run: the captures find
-//! the tunnel's framing, the MTU checks hold, and every path moves traffic. About 75 s (24
-//! captured exchanges, 16 one-second runs, each bracketed by the proxy's 1-second stats file).
+//! the tunnel's framing, the MTU checks hold, and every path moves traffic. About 85 s (24
+//! captured exchanges, 20 one-second runs, each bracketed by the proxy's 1-second stats file).
 
 use mimiq_perf::experiments::masque::{compare, Path, Proto};
 use mimiq_perf::testbed::require_root;
