@@ -189,7 +189,7 @@ mod tests {
 
     fn short(cid: u8) -> Vec<u8> {
         let mut p = vec![0x40];
-        p.extend(std::iter::repeat(cid).take(mimiq_masque::quic::CID_LEN));
+        p.extend(std::iter::repeat_n(cid, mimiq_masque::quic::CID_LEN));
         p.extend([0; 20]);
         p
     }

@@ -153,7 +153,7 @@ pub fn pattern_download(
             conn.set_read_timeout(Some(Duration::from_secs(20)))?;
             let mut buf = vec![0u8; 64 * 1024];
             let (mut off, mut exact) = (0u64, true);
-            while until.map_or(true, |u| Instant::now() < u) {
+            while until.is_none_or(|u| Instant::now() < u) {
                 let n = conn.read(&mut buf)?;
                 if n == 0 {
                     break;
