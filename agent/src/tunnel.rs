@@ -96,6 +96,17 @@ fn default_payload() -> usize {
 fn default_connect_timeout() -> u64 {
     10_000
 }
+/// `[source] gateway`, with an error that says what is expected (serde's names neither the
+/// field nor the form inside the tagged `[source]` table).
+fn gateway_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "source.gateway = {text:?}: expected address:port, e.g. \"198.18.1.1:6363\" or \"[fe80::1]:6363\" (a link-local address takes its scope from `interface`)"
+        ))
+    })
+}
+
 fn default_stats_interval() -> u64 {
     1_000
 }
@@ -116,6 +127,7 @@ pub enum AddressSource {
     Allocator {
         /// The gateway's relay address (the access switch, UDP port 6363). A link-local IPv6
         /// address without a scope (`"[fe80::1]:6363"`) is taken on `interface`.
+        #[serde(deserialize_with = "gateway_addr")]
         gateway: SocketAddr,
         /// The host interface the addresses go on.
         interface: String,

@@ -204,6 +204,18 @@ fn a_bad_agent_config_is_one_error_line_and_exit_2() {
             "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\nroutes = [\"10.0.0.1/8\"]\n[source]\nkind = \"static\"\naddresses = [\"198.18.10.2\"]\n",
             "tunnel.routes",
         ),
+        (
+            "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\nstats_interval_ms = 5\n[source]\nkind = \"static\"\naddresses = [\"198.18.10.2\"]\n",
+            "stats_interval_ms",
+        ),
+        (
+            "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\n[source]\nkind = \"allocator\"\ngateway = \"[fe80::1]:6363\"\ninterface = \"eth0\"\nfamily = \"v6\"\n",
+            "source.family",
+        ),
+        (
+            "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\n[source]\nkind = \"allocator\"\ngateway = \"fe80::1%eth0:6363\"\ninterface = \"eth0\"\nfamily = \"v4\"\n",
+            "source.gateway = \"fe80::1%eth0:6363\": expected address:port",
+        ),
     ] {
         let path = dir.path().join("a.toml");
         std::fs::write(&path, text).unwrap();
