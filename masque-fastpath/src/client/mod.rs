@@ -474,8 +474,8 @@ impl Client {
                                 }
                             }
                             _ => {
-                                self.stats.hops_failed += 1;
-                                HopOutcome::Failed { to: local.ip() }
+                                self.hop_failed(local.ip(), now);
+                                continue;
                             }
                         };
                         self.policy.on_hop(outcome, now);
@@ -484,9 +484,7 @@ impl Client {
                 }
                 quiche::PathEvent::FailedValidation(local, _) => {
                     if self.pending_hop == Some(local) {
-                        self.stats.hops_failed += 1;
-                        self.pending_hop = None;
-                        self.policy.on_hop(HopOutcome::Failed { to: local.ip() }, Instant::now());
+                        self.hop_failed(local.ip(), Instant::now());
                     }
                 }
                 _ => {}
@@ -630,9 +628,7 @@ impl Client {
                 // Forget the path now: quiche would go on probing it, and put frames of the
                 // active path into those probes, from a socket that is about to close.
                 let _ = self.conn.abandon_path(local, self.cfg.proxy, true);
-                self.stats.hops_failed += 1;
-                self.pending_hop = None;
-                self.policy.on_hop(HopOutcome::Failed { to: local.ip() }, now);
+                self.hop_failed(local.ip(), now);
             }
             return;
         }
@@ -696,6 +692,19 @@ impl Client {
                 self.policy.on_hop(HopOutcome::Failed { to: addr }, now);
             }
         }
+    }
+
+    /// A hop that did not happen: counted, told to the policy, and a non-probing packet goes
+    /// out from the active path at once. A probe timeout on the path being probed makes quiche
+    /// send a PING there, which is not a probing frame (RFC 9000 §9.1), so the proxy may have
+    /// taken it for a migration (§9.3) and be sending to the address given up; only a
+    /// non-probing packet from the active address brings it back, and a client that is only
+    /// receiving might send none for a while.
+    fn hop_failed(&mut self, to: IpAddr, now: Instant) {
+        self.stats.hops_failed += 1;
+        self.pending_hop = None;
+        let _ = self.conn.send_ack_eliciting();
+        self.policy.on_hop(HopOutcome::Failed { to }, now);
     }
 
     /// Forgets the paths the connection left (quic::LeftPaths) and closes their sockets.
