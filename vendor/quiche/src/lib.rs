@@ -4724,7 +4724,16 @@ impl<F: BufFactory> Connection<F> {
         if pkt_type == Type::Short && !is_closing {
             // Create NEW_CONNECTION_ID frames as needed.
             while let Some(seq_num) = self.ids.next_advertise_new_scid_seq() {
-                let frame = self.ids.get_new_connection_id_frame_for(seq_num)?;
+                // MIMIQ-PATCH: an ID queued for advertising again (its frame
+                // declared lost, or moved off an abandoned path) may have been
+                // retired by the peer meanwhile, which means the peer had it.
+                // It is dropped from the queue; failing here failed every send
+                // of the connection with InvalidState, for good.
+                let Ok(frame) = self.ids.get_new_connection_id_frame_for(seq_num)
+                else {
+                    self.ids.mark_advertise_new_scid_seq(seq_num, false);
+                    continue;
+                };
 
                 if push_frame_to_pkt!(b, frames, frame, left) {
                     self.ids.mark_advertise_new_scid_seq(seq_num, false);
