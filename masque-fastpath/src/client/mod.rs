@@ -117,6 +117,8 @@ pub struct ClientStats {
     pub paths_abandoned: u64,
     /// QUIC packets quiche built for a path whose socket was already closed (dropped).
     pub tx_unroutable: u64,
+    /// Passes where quiche's `send` failed with an error other than `Done` (nothing was sent).
+    pub quic_send_errors: u64,
     /// Assigned addresses.
     pub addresses: Vec<String>,
     /// Tunnel MTU used.
@@ -737,7 +739,15 @@ impl Client {
                     io.commit(len, info.to);
                     self.sent_since_poll += 1;
                 }
-                Err(_) => break,
+                Err(quiche::Error::Done) => break,
+                Err(e) => {
+                    // Nothing goes out while this lasts: counted, and said once.
+                    if self.stats.quic_send_errors == 0 {
+                        tracing::warn!("quiche send: {e}");
+                    }
+                    self.stats.quic_send_errors += 1;
+                    break;
+                }
             }
         }
         for p in &mut self.paths {
