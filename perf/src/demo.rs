@@ -24,10 +24,10 @@ use serde_json::Value;
 
 use crate::capture;
 use crate::hopwatch::{leases_from_log, HopWatch, Lease};
-use crate::masque::{stop_client, ProxyProc};
+use crate::masque::{self, stop_client, ProxyProc};
 use crate::singlebox::{self, SingleBox, Times};
 use crate::testbed::topology::single_box_addr as addr;
-use crate::testbed::{bin_path, LinkOpts, Proc, Testbed};
+use crate::testbed::{LinkOpts, Proc, Testbed};
 use crate::traffic::pattern_download;
 
 /// Short leases, so that addresses expire and are replaced while the demo runs: t_ip 6–9 s,
@@ -59,12 +59,9 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
     println!("1. mimiq-proxy serves CONNECT-IP on {PROXY}; each agent asks the allocator for addresses and connects:");
     let mut agents = Vec::new();
     for (i, client) in CLIENTS.iter().enumerate() {
-        let agent = start_agent(tb, dir, client, i as u64 + 1)?;
-        agents.push(agent);
-    }
-    for (client, agent) in CLIENTS.iter().zip(&agents) {
-        let ready = agent.stdout().lines().find(|l| l.starts_with("ready")).unwrap_or_default().to_string();
+        let (agent, ready) = start_agent(tb, dir, client, i as u64 + 1)?;
         println!("   {client}: {ready}");
+        agents.push(agent);
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -251,8 +248,9 @@ pub fn start_outside(tb: &mut Testbed, dir: &Path) -> Result<ProxyProc, String> 
 
 /// Starts `mimiq-agent run` on `client` with the allocator source (the relay on the gateway's
 /// link-local address), a random hop every 20–60 QUIC datagrams, the server's subnet routed into
-/// the tunnel, and its counters, hop log and address log in `dir`; waits for its `ready` line.
-pub fn start_agent(tb: &mut Testbed, dir: &Path, client: &str, seed: u64) -> Result<Proc, String> {
+/// the tunnel, and its counters, hop log and address log in `dir`; returns once it printed its
+/// `ready` line, with that line.
+pub fn start_agent(tb: &mut Testbed, dir: &Path, client: &str, seed: u64) -> Result<(Proc, String), String> {
     let file = |what: &str| dir.join(format!("{client}-{what}")).display().to_string();
     let cfg = format!(
         r#"seed = {seed}
@@ -287,17 +285,7 @@ family = "v4"
     );
     let path = dir.join(format!("{client}-agent.toml"));
     std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
-    let bin = bin_path("mimiq-agent")?.to_string_lossy().into_owned();
-    let path = path.to_string_lossy().into_owned();
-    let mut proc = tb.spawn(client, &[&bin, "run", "--config", &path], false).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !proc.stdout().lines().any(|l| l.starts_with("ready")) {
-        if proc.try_status().is_some() || Instant::now() > deadline {
-            return Err(format!("{client}: agent not ready: {}", proc.describe()));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(proc)
+    masque::start_agent(tb, client, &path)
 }
 
 /// The agent's live counters (`Value::Null` until the first write).

@@ -151,13 +151,30 @@ pub fn start_client(tb: &mut Testbed, host: &str, args: &[&str]) -> Result<(Proc
     let mut cmd = vec![bin.as_str(), "client"];
     cmd.extend_from_slice(args);
     let mut proc = tb.spawn(host, &cmd, false).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let line = wait_ready(&mut proc, "client", Duration::from_secs(15))?;
+    Ok((proc, line))
+}
+
+/// Starts `mimiq-agent run --config <config>` on `host` and waits for its `ready` line (the
+/// tunnel is up); returns the process and that line.
+pub fn start_agent(tb: &mut Testbed, host: &str, config: &Path) -> Result<(Proc, String), String> {
+    let bin = bin_path("mimiq-agent")?.to_string_lossy().into_owned();
+    let config = config.to_string_lossy().into_owned();
+    let mut proc = tb.spawn(host, &[&bin, "run", "--config", &config], false).map_err(|e| e.to_string())?;
+    let line = wait_ready(&mut proc, &format!("{host}: agent"), Duration::from_secs(20))?;
+    Ok((proc, line))
+}
+
+/// Waits up to `timeout` for `proc` to print its `ready` line and returns it; an error naming
+/// `what` when it exits first or the time runs out.
+fn wait_ready(proc: &mut Proc, what: &str, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(line) = proc.stdout().lines().find(|l| l.starts_with("ready")) {
-            return Ok((proc, line.to_owned()));
+            return Ok(line.to_owned());
         }
         if proc.try_status().is_some() || Instant::now() > deadline {
-            return Err(format!("client not ready: {}", proc.describe()));
+            return Err(format!("{what} not ready: {}", proc.describe()));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

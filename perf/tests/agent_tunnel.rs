@@ -4,7 +4,7 @@
 //! port every hop) while a TCP download runs through the tunnel.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 // `stop_client` stops any of our processes that print their counters as a JSON line at exit.
 use mimiq_perf::masque::{self, addr, stop_client, ProxyProc};
@@ -29,19 +29,7 @@ fn start_agent(tb: &mut Testbed, dir: &Path, packets: u32) -> Result<Proc, Strin
     );
     let path = dir.join("agent.toml");
     std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
-    let bin = bin_path("mimiq-agent")?.to_string_lossy().into_owned();
-    let path = path.to_string_lossy().into_owned();
-    let mut proc = tb
-        .spawn("c", &[&bin, "run", "--config", &path], false)
-        .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !proc.stdout().lines().any(|l| l.starts_with("ready")) {
-        if proc.try_status().is_some() || Instant::now() > deadline {
-            return Err(format!("agent not ready: {}", proc.describe()));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(proc)
+    masque::start_agent(tb, "c", &path).map(|(proc, _)| proc)
 }
 
 /// What one download through a hopping agent left behind.
