@@ -40,8 +40,10 @@ pub const SERVER_V4: &str = "198.18.220.2";
 /// The clients.
 const CLIENTS: [&str; 2] = ["c1", "c2"];
 
-/// Runs the demo with `seconds` of downloads; prints as it goes.
-pub fn run(seconds: u32) -> Result<(), String> {
+/// Runs the demo with `seconds` of downloads; prints as it goes. The configs, counters, hop
+/// logs and address logs of every process are copied into `out` at the end (if given), also
+/// when a check failed.
+pub fn run(seconds: u32, out: Option<&Path>) -> Result<(), String> {
     println!("mimiq demo: clients that hop addresses mid-connection, in network namespaces with the kernel's own stacks");
     println!("  c1, c2 (mimiq-agent) ── lan ── cl0 [access ⇄ edge] out0 ── out (mimiq-proxy {PROXY}) ── srv ({SERVER_V4})");
     println!("  host sw runs mimiq-allocator and mimiq-switch (role single_box, AF_XDP on every port)");
@@ -51,7 +53,24 @@ pub fn run(seconds: u32) -> Result<(), String> {
     allocator.stop(Duration::from_secs(5));
     drop(tb);
     println!("   testbed torn down");
+    if let Some(out) = out {
+        keep_files(dir.path(), out)?;
+        println!("   configs, counters and logs kept in {}", out.display());
+    }
     result
+}
+
+/// Copies the files of `dir` (not its directories) into `out`, created if needed.
+fn keep_files(dir: &Path, out: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?.flatten() {
+        let path = entry.path();
+        if path.is_file() {
+            let to = out.join(entry.file_name());
+            std::fs::copy(&path, &to).map_err(|e| format!("{} → {}: {e}", path.display(), to.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u32) -> Result<(), String> {
@@ -219,7 +238,6 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
         proxy_stats["connections_accepted"], proxy_stats["sessions_ip"], proxy_stats["paths_abandoned"]
     );
     println!("   switch CPU: {} ms over its lifetime; drops by reason: {}", s.cpu_ms(), drops(&s.0));
-    println!("   logs, counters and configs were in {}", dir.display());
     if failures.is_empty() {
         println!("   every check passed");
         Ok(())

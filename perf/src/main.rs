@@ -32,6 +32,9 @@ enum Command {
         /// Seconds of downloads.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
+        /// Where the processes' configs, counters, hop logs and address logs are kept.
+        #[arg(long, default_value = "target/demo")]
+        out: std::path::PathBuf,
     },
     /// Benchmarks that compare mimiq with a baseline in the same run.
     Bench {
@@ -172,8 +175,8 @@ fn exit_on_bad_usage(err: clap::Error) -> ! {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Gen { command } => mimiq_perf::gen::cli::run(*command)?,
-        Command::Demo { seconds } => {
-            mimiq_perf::demo::run(seconds).map_err(anyhow::Error::msg)?;
+        Command::Demo { seconds, out } => {
+            mimiq_perf::demo::run(seconds, Some(&out)).map_err(anyhow::Error::msg)?;
         }
         Command::Bench { bench: Bench::SingleBox { seconds, bindings, out } } => {
             let (runs, md) = mimiq_perf::experiments::single_box::compare(seconds, bindings, &mut |l| println!("{l}"))

@@ -18,7 +18,13 @@ fn two_hopping_clients_end_to_end_pass_every_check_of_the_demo() {
     if !require_root() {
         return;
     }
-    demo::run(8).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    demo::run(8, Some(out.path())).unwrap();
+    // What an operator finds afterwards: every process's counters and the agents' logs.
+    for file in ["c1-stats.json", "c2-hops.csv", "c1-addresses.csv", "proxy-stats.json", "stats.json"] {
+        let text = std::fs::read_to_string(out.path().join(file)).unwrap_or_default();
+        assert!(!text.is_empty(), "{file} kept and not empty");
+    }
 }
 
 /// The single box with `times`, the proxy and its server outside, and an agent on `c1`.
