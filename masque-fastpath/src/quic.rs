@@ -211,6 +211,13 @@ pub fn new_cid(rng: &SystemRandom) -> (quiche::ConnectionId<'static>, u128) {
     )
 }
 
+/// A timer's wait as `poll(2)`'s milliseconds, rounded up: rounding down made every timer
+/// less than a millisecond away a `poll` that returns at once, a spin until it expired.
+pub fn poll_timeout_ms(wait: Duration) -> i32 {
+    let ms = wait.as_nanos().div_ceil(1_000_000);
+    i32::try_from(ms).unwrap_or(i32::MAX)
+}
+
 /// Lower-case hex of a byte string (connection IDs in logs and file names).
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -389,5 +396,20 @@ impl LeftPaths {
                 last_recv: now,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_timeouts_round_up_so_a_short_timer_sleeps() {
+        assert_eq!(poll_timeout_ms(Duration::ZERO), 0);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(1)), 1);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(999)), 1);
+        assert_eq!(poll_timeout_ms(Duration::from_millis(25)), 25);
+        assert_eq!(poll_timeout_ms(Duration::from_micros(25_001)), 26);
+        assert_eq!(poll_timeout_ms(Duration::MAX), i32::MAX);
     }
 }

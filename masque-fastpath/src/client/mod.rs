@@ -294,7 +294,7 @@ impl Client {
             }
             // SAFETY: pollfds is a live array of initialised pollfd structs.
             unsafe {
-                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, timeout.as_millis() as i32)
+                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, quic::poll_timeout_ms(timeout))
             };
             self.recv_quic()?;
             if self.conn.timeout() == Some(Duration::ZERO) {

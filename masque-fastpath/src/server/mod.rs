@@ -355,7 +355,7 @@ impl Proxy {
             pollfds.extend(self.by_fd.keys().map(|&fd| pollfd(fd)));
             // SAFETY: pollfds is a live array of initialised pollfd structs.
             let n = unsafe {
-                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, timeout.as_millis() as i32)
+                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, quic::poll_timeout_ms(timeout))
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
