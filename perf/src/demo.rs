@@ -202,6 +202,10 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
         if n(&c["hops_done"]) == 0 {
             failures.push(format!("{client}: never hopped"));
         }
+        // Released on exit: what the agent still held went back to the allocator.
+        if n(&report["addresses_released"]) == 0 {
+            failures.push(format!("{client}: released no address on exit"));
+        }
         let log = std::fs::read_to_string(dir.join(format!("{client}-addresses.csv"))).map_err(|e| e.to_string())?;
         leases.extend(leases_from_log(client, &log)?);
     }
@@ -237,7 +241,7 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
         "   proxy: {} connections, {} CONNECT-IP sessions, {} paths forgotten after hops",
         proxy_stats["connections_accepted"], proxy_stats["sessions_ip"], proxy_stats["paths_abandoned"]
     );
-    println!("   switch CPU: {} ms over its lifetime; drops by reason: {}", s.cpu_ms(), drops(&s.0));
+    println!("   switch CPU: {} ms over its lifetime; drops by reason: {}", s.cpu_ms(), s.drops_summary());
     if failures.is_empty() {
         println!("   every check passed");
         Ok(())
@@ -312,15 +316,4 @@ pub fn agent_stats(dir: &Path, client: &str) -> Value {
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null)
-}
-
-fn drops(stats: &Value) -> String {
-    let mut total = std::collections::BTreeMap::new();
-    for w in stats["workers"].as_array().into_iter().flatten() {
-        for (k, v) in w["drops"].as_object().into_iter().flatten() {
-            *total.entry(k.clone()).or_insert(0) += v.as_u64().unwrap_or(0);
-        }
-    }
-    let nonzero: Vec<String> = total.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
-    if nonzero.is_empty() { "none".into() } else { nonzero.join(" ") }
 }

@@ -90,6 +90,18 @@ impl SwitchStats {
             .sum()
     }
 
+    /// The reasons with drops, summed over the workers: `reason=n …`, or `none`.
+    pub fn drops_summary(&self) -> String {
+        let mut total = std::collections::BTreeMap::new();
+        for d in self.workers().filter_map(|w| w["drops"].as_object()) {
+            for (k, v) in d {
+                *total.entry(k.as_str()).or_insert(0) += v.as_u64().unwrap_or(0);
+            }
+        }
+        let nonzero: Vec<String> = total.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+        if nonzero.is_empty() { "none".into() } else { nonzero.join(" ") }
+    }
+
     fn workers(&self) -> impl Iterator<Item = &Value> {
         self.0["workers"].as_array().into_iter().flatten()
     }
