@@ -115,6 +115,13 @@ enum Bench {
         /// Seconds of traffic per throughput run.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
+        /// Only CONNECT-IP TCP bulk with a NIC's offloads and with threaded NAPI (the CPU
+        /// target's runs): no captures, no CONNECT-UDP.
+        #[arg(long)]
+        bulk_only: bool,
+        /// Times each TCP bulk run is repeated, each beside its own kernel run.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        repeat: u32,
         /// Directory for results.json and results.md.
         #[arg(long, default_value = "target/experiments/masque")]
         out: std::path::PathBuf,
@@ -195,8 +202,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             figure3::write_files(&out, &fig).map_err(anyhow::Error::msg)?;
             write_results(&out, &fig, &figure3::markdown(&fig))?;
         }
-        Command::Bench { bench: Bench::Masque { seconds, out } } => {
-            let (results, md) = mimiq_perf::experiments::masque::compare(seconds, &mut |l| println!("{l}"))
+        Command::Bench { bench: Bench::Masque { seconds, bulk_only, repeat, out } } => {
+            let params = mimiq_perf::experiments::masque::Params { seconds, bulk_only, repeat };
+            let (results, md) = mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;
             write_results(&out, &results, &md)?;
         }

@@ -275,7 +275,27 @@ pub struct Results {
 pub const TARGET_CPU_S_PER_GB: f64 = 1.6;
 
 /// Runs RQ1 and RQ2 with `seconds` of traffic per throughput run, and the Markdown report.
-pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results, String), String> {
+/// What [`compare`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    /// Seconds of traffic per throughput run.
+    pub seconds: u32,
+    /// Only CONNECT-IP TCP bulk under [`PeerRx::NicOffloads`] and [`PeerRx::ThreadedNapi`] (the
+    /// runs the CPU target is judged on): no RQ1 captures, no CONNECT-UDP.
+    pub bulk_only: bool,
+    /// Times each TCP bulk run is repeated (each next to its own kernel run), to show the spread.
+    pub repeat: u32,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { seconds: 10, bulk_only: false, repeat: 1 }
+    }
+}
+
+/// Runs the bench; returns the results and their markdown.
+pub fn compare(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<(Results, String), String> {
+    let seconds = params.seconds;
     let mut throughput = Vec::new();
     // Both testbeds stay up side by side, and each tunnel run comes right after the kernel run
     // it is compared with, so the ratio holds while the machine's load drifts.
@@ -311,24 +331,34 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
             ],
         )?;
         let tun_mtu = ready_mtu(&ready)?;
-        for family in [Family::V4, Family::V6] {
-            mtu.push(ip_mtu_check(&tb, family, tun_mtu)?);
-            for len in [100, 1000, tun_mtu] {
-                overhead.extend(ip_overhead(&tb, family, len)?);
+        if !params.bulk_only {
+            for family in [Family::V4, Family::V6] {
+                mtu.push(ip_mtu_check(&tb, family, tun_mtu)?);
+                for len in [100, 1000, tun_mtu] {
+                    overhead.extend(ip_overhead(&tb, family, len)?);
+                }
             }
+            progress(&format!("  RQ1 done (TUN MTU {tun_mtu})"));
         }
-        progress(&format!("  RQ1 done (TUN MTU {tun_mtu})"));
         // RQ1 ran with veth's default receive (the captures see packets as sent). TCP bulk is
-        // measured both ways, the rest with threaded NAPI only.
+        // measured in every mode, the rest with threaded NAPI only.
         // The CONNECT-UDP runs below keep the last mode, threaded NAPI.
-        let mut runs = vec![(PeerRx::InSenderContext, Family::V4, Traffic::TcpBulk)];
-        runs.push((PeerRx::InSenderContext, Family::V6, Traffic::TcpBulk));
-        for family in [Family::V4, Family::V6] {
-            runs.push((PeerRx::NicOffloads, family, Traffic::TcpBulk));
+        let bulk = |rx, runs: &mut Vec<_>| {
+            for family in [Family::V4, Family::V6] {
+                for _ in 0..params.repeat.max(1) {
+                    runs.push((rx, family, Traffic::TcpBulk));
+                }
+            }
+        };
+        let mut runs = Vec::new();
+        if !params.bulk_only {
+            bulk(PeerRx::InSenderContext, &mut runs);
         }
-        for family in [Family::V4, Family::V6] {
-            for traffic in [Traffic::TcpBulk, Traffic::Iperf3Udp64] {
-                runs.push((PeerRx::ThreadedNapi, family, traffic));
+        bulk(PeerRx::NicOffloads, &mut runs);
+        bulk(PeerRx::ThreadedNapi, &mut runs);
+        if !params.bulk_only {
+            for family in [Family::V4, Family::V6] {
+                runs.push((PeerRx::ThreadedNapi, family, Traffic::Iperf3Udp64));
             }
         }
         for (rx, family, traffic) in runs {
@@ -347,7 +377,6 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
                 (rx, &knapi),
             )?;
             progress(&line(&base));
-            throughput.push(base);
             let run = iperf_run(
                 &mut tb,
                 Path::ConnectIp,
@@ -357,15 +386,17 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
                 Some((&proxy, &client)),
                 (rx, &napi),
             )?;
-            progress(&line(&run));
-            throughput.push(run);
+            push_pair(&mut throughput, base, run, progress);
         }
         stop_client(&mut client)?;
     }
 
-    progress("CONNECT-UDP:");
     let stop = Arc::new(AtomicBool::new(false));
-    for family in [Family::V4, Family::V6] {
+    let udp_families: &[Family] = if params.bulk_only { &[] } else { &[Family::V4, Family::V6] };
+    if !udp_families.is_empty() {
+        progress("CONNECT-UDP:");
+    }
+    for &family in udp_families {
         let server_ip = server_ip(family);
         let echo = SocketAddr::new(server_ip, ECHO_PORT);
         let sink = SocketAddr::new(server_ip, SINK_PORT);
@@ -424,7 +455,6 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
                 (mode, &knapi),
             )?;
             progress(&line(&base));
-            throughput.push(base);
             let run = blast_run(
                 &tb,
                 Path::ConnectUdp,
@@ -436,28 +466,12 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
                 Some((&proxy, &client)),
                 (mode, &napi),
             )?;
-            progress(&line(&run));
-            throughput.push(run);
+            push_pair(&mut throughput, base, run, progress);
         }
         stop_client(&mut client)?;
     }
     stop.store(true, Ordering::Relaxed);
 
-    let ratios: Vec<Option<f64>> = throughput
-        .iter()
-        .map(|r| {
-            let base = throughput.iter().find(|k| {
-                k.path == Path::KernelForwarding
-                    && k.family == r.family
-                    && k.traffic == r.traffic
-                    && k.peer_rx == r.peer_rx
-            })?;
-            Some(r.goodput_mbps / base.goodput_mbps.max(f64::MIN_POSITIVE))
-        })
-        .collect();
-    for (r, ratio) in throughput.iter_mut().zip(ratios) {
-        r.ratio_to_kernel = ratio;
-    }
     let results = Results {
         max_udp_payload_bytes: MAX_UDP_PAYLOAD_BYTES,
         formula_overhead_bytes: FORMULA_OVERHEAD_BYTES,
@@ -468,6 +482,19 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Results,
     };
     let md = markdown(&results);
     Ok((results, md))
+}
+
+/// Records a tunnel run beside the kernel run just before it, with its ratio to that run.
+fn push_pair(
+    throughput: &mut Vec<Throughput>,
+    base: Throughput,
+    mut run: Throughput,
+    progress: &mut dyn FnMut(&str),
+) {
+    run.ratio_to_kernel = Some(run.goodput_mbps / base.goodput_mbps.max(f64::MIN_POSITIVE));
+    progress(&line(&run));
+    throughput.push(base);
+    throughput.push(run);
 }
 
 /// The baseline: the same three namespaces with routes c ↔ s through p's kernel, no proxy.
