@@ -119,6 +119,10 @@ enum Bench {
         /// target's runs): no captures, no CONNECT-UDP.
         #[arg(long)]
         bulk_only: bool,
+        /// TCP congestion controls of the bulk runs (iperf3 -C), comma-separated; each bulk run
+        /// is made with each. "default" alone: the hosts' default, no -C.
+        #[arg(long, value_delimiter = ',', default_values_t = mimiq_perf::experiments::masque::DEFAULT_CONGESTION.map(String::from).to_vec())]
+        congestion: Vec<String>,
         /// Times each TCP bulk run is repeated, each beside its own kernel run.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
         repeat: u32,
@@ -202,8 +206,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             figure3::write_files(&out, &fig).map_err(anyhow::Error::msg)?;
             write_results(&out, &fig, &figure3::markdown(&fig))?;
         }
-        Command::Bench { bench: Bench::Masque { seconds, bulk_only, repeat, out } } => {
-            let params = mimiq_perf::experiments::masque::Params { seconds, bulk_only, repeat };
+        Command::Bench { bench: Bench::Masque { seconds, bulk_only, congestion, repeat, out } } => {
+            let congestion = congestion.into_iter().filter(|c| c != "default").collect();
+            let params = mimiq_perf::experiments::masque::Params { seconds, bulk_only, repeat, congestion };
             let (results, md) = mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;
             write_results(&out, &results, &md)?;

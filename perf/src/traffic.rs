@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::testbed::Testbed;
 
 /// What one iperf3 TCP run moved.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct IperfResult {
     /// Bytes the client sent.
     pub sent_bytes: u64,
@@ -21,6 +21,8 @@ pub struct IperfResult {
     pub received_bps: f64,
     /// TCP retransmissions.
     pub retransmits: u64,
+    /// The sender's TCP congestion control, as iperf3 reports it (`None` for UDP).
+    pub congestion: Option<String>,
 }
 
 /// Runs an iperf3 TCP test from `client` to `server_addr` on `server` for `seconds`.
@@ -71,6 +73,7 @@ pub fn iperf3_with(
                     received_bps: sum["bits_per_second"].as_f64().unwrap_or(0.0)
                         * (1.0 - sum["lost_percent"].as_f64().unwrap_or(100.0) / 100.0),
                     retransmits: sum["lost_packets"].as_u64().unwrap_or(0),
+                    congestion: None,
                 });
             }
             return Ok(IperfResult {
@@ -78,6 +81,7 @@ pub fn iperf3_with(
                 received_bytes: end["sum_received"]["bytes"].as_u64().unwrap_or(0),
                 received_bps: end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0),
                 retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+                congestion: end["sender_tcp_congestion"].as_str().map(str::to_owned),
             });
         }
         last_err = String::from_utf8_lossy(&out.stdout).chars().take(300).collect();

@@ -248,6 +248,8 @@ pub struct Throughput {
     pub proxy_cpu_us_per_packet: Option<f64>,
     /// The client's CPU seconds per GB, for comparison (it encrypts what the proxy decrypts).
     pub client_cpu_s_per_gb: Option<f64>,
+    /// TCP runs: the sender's congestion control (iperf3's `sender_tcp_congestion`).
+    pub tcp_congestion: Option<String>,
     /// Goodput over the kernel forwarding's for the same traffic and family.
     pub ratio_to_kernel: Option<f64>,
     /// The command that made the traffic (host: command).
@@ -276,7 +278,7 @@ pub const TARGET_CPU_S_PER_GB: f64 = 1.6;
 
 /// Runs RQ1 and RQ2 with `seconds` of traffic per throughput run, and the Markdown report.
 /// What [`compare`] runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Params {
     /// Seconds of traffic per throughput run.
     pub seconds: u32,
@@ -285,17 +287,50 @@ pub struct Params {
     pub bulk_only: bool,
     /// Times each TCP bulk run is repeated (each next to its own kernel run), to show the spread.
     pub repeat: u32,
+    /// The end hosts' TCP congestion controls for the bulk runs (iperf3 `-C`), each run with
+    /// every one of them; empty: the hosts' default alone. The proxy's cost per GB depends on
+    /// it: a paced sender (BBR) spreads its packets, so fewer arrive per wake-up.
+    pub congestion: Vec<String>,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { seconds: 10, bulk_only: false, repeat: 1 }
+        Params {
+            seconds: 10,
+            bulk_only: false,
+            repeat: 1,
+            congestion: DEFAULT_CONGESTION.iter().map(|&c| c.to_owned()).collect(),
+        }
     }
+}
+
+/// [`Params::congestion`] by default: Linux's default and the paced one.
+pub const DEFAULT_CONGESTION: [&str; 2] = ["cubic", "bbr"];
+
+/// Checks that every congestion control in `names` is available to TCP on this machine.
+fn check_congestion(names: &[String]) -> Result<(), String> {
+    let path = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+    let have = std::fs::read_to_string(path).map_err(|e| format!("read {path}: {e}"))?;
+    for n in names {
+        if !have.split_whitespace().any(|h| h == n) {
+            return Err(format!(
+                "TCP congestion control {n:?} is not available here (have: {}); load its module or pick another",
+                have.trim()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs the bench; returns the results and their markdown.
 pub fn compare(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<(Results, String), String> {
     let seconds = params.seconds;
+    check_congestion(&params.congestion)?;
+    let ccs: Vec<Option<&str>> = if params.congestion.is_empty() {
+        vec![None]
+    } else {
+        params.congestion.iter().map(|c| Some(c.as_str())).collect()
+    };
     let mut throughput = Vec::new();
     // Both testbeds stay up side by side, and each tunnel run comes right after the kernel run
     // it is compared with, so the ratio holds while the machine's load drifts.
@@ -344,9 +379,11 @@ pub fn compare(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<(Resul
         // measured in every mode, the rest with threaded NAPI only.
         // The CONNECT-UDP runs below keep the last mode, threaded NAPI.
         let bulk = |rx, runs: &mut Vec<_>| {
-            for family in [Family::V4, Family::V6] {
-                for _ in 0..params.repeat.max(1) {
-                    runs.push((rx, family, Traffic::TcpBulk));
+            for &cc in &ccs {
+                for family in [Family::V4, Family::V6] {
+                    for _ in 0..params.repeat.max(1) {
+                        runs.push((rx, family, Traffic::TcpBulk, cc));
+                    }
                 }
             }
         };
@@ -358,10 +395,10 @@ pub fn compare(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<(Resul
         bulk(PeerRx::ThreadedNapi, &mut runs);
         if !params.bulk_only {
             for family in [Family::V4, Family::V6] {
-                runs.push((PeerRx::ThreadedNapi, family, Traffic::Iperf3Udp64));
+                runs.push((PeerRx::ThreadedNapi, family, Traffic::Iperf3Udp64, None));
             }
         }
-        for (rx, family, traffic) in runs {
+        for (rx, family, traffic, cc) in runs {
             if rx != mode {
                 (knapi, napi) = (set_peer_rx(&ktb, rx, &knapi)?, set_peer_rx(&tb, rx, &napi)?);
                 mode = rx;
@@ -371,6 +408,7 @@ pub fn compare(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<(Resul
                 &mut ktb,
                 Path::KernelForwarding,
                 traffic,
+                cc,
                 family,
                 seconds,
                 None,
@@ -381,6 +419,7 @@ pub fn compare(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<(Resul
                 &mut tb,
                 Path::ConnectIp,
                 traffic,
+                cc,
                 family,
                 seconds,
                 Some((&proxy, &client)),
@@ -843,22 +882,26 @@ fn iperf_run(
     tb: &mut Testbed,
     path: Path,
     traffic: Traffic,
+    cc: Option<&str>,
     family: Family,
     seconds: u32,
     tunnel: Option<(&ProxyProc, &Proc)>,
     (rx, napi): (PeerRx, &NapiThreads),
 ) -> Result<Throughput, String> {
     let dst = server_ip(family).to_string();
-    let extra: &[&str] = match traffic {
-        Traffic::Iperf3Udp64 => &["-u", "-b", "0", "-l", "64"],
-        _ => &[],
+    let mut extra: Vec<&str> = match traffic {
+        Traffic::Iperf3Udp64 => vec!["-u", "-b", "0", "-l", "64"],
+        _ => vec![],
     };
+    if let Some(cc) = cc {
+        extra.extend(["-C", cc]);
+    }
     let command = format!(
         "c: iperf3 -c {dst} -p 5201 -t {seconds} -J {}",
         extra.join(" ")
     );
     let before = Sample::take(tunnel, napi)?;
-    let r = iperf3_with(tb, "c", "s", &dst, seconds, extra)?;
+    let r = iperf3_with(tb, "c", "s", &dst, seconds, &extra)?;
     let after = Sample::take(tunnel, napi)?;
     let secs = f64::from(seconds);
     let (loss, delivered_pps) = match traffic {
@@ -882,7 +925,7 @@ fn iperf_run(
             )
         }
     };
-    Ok(finish(
+    let mut t = finish(
         path,
         rx,
         traffic,
@@ -895,7 +938,9 @@ fn iperf_run(
         &after,
         tunnel,
         command,
-    ))
+    );
+    t.tcp_congestion = r.congestion;
+    Ok(t)
 }
 
 /// A blaster run: one thread on c sends payloads to `to` for `seconds`; the sink on s counts.
@@ -1008,6 +1053,7 @@ fn finish(
         proxy_cpu_us_per_packet: tunnelled
             .then_some(proxy_cpu_s * 1e6 / proxy_packets.max(1) as f64),
         client_cpu_s_per_gb: tunnelled.then_some((after.client_cpu_s - before.client_cpu_s) / gb),
+        tcp_congestion: None,
         ratio_to_kernel: None,
         command,
     }
@@ -1194,10 +1240,11 @@ impl Packet {
 
 fn line(r: &Throughput) -> String {
     format!(
-        "  {:?} {:?} {:?} {:?}: {:.1} Mbit/s, {:.0} pps{}{}{}",
+        "  {:?} {:?} {:?}{} {:?}: {:.1} Mbit/s, {:.0} pps{}{}{}",
         r.path,
         r.peer_rx,
         r.traffic,
+        r.tcp_congestion.as_ref().map_or(String::new(), |c| format!(" ({c})")),
         r.family,
         r.goodput_mbps,
         r.delivered_pps,
@@ -1263,15 +1310,16 @@ fn markdown(r: &Results) -> String {
     md.push_str(
         "\nRQ2 — goodput, packets per second and CPU (proxy CPU = its utime + stime over the run; \
          napi = the CPU of the hosts' NAPI kthreads, threaded receive only).\n\n\
-         | path | receive | traffic | inner | goodput Mbit/s | ratio to kernel | delivered kpps | loss % | proxy CPU-s/GB | of which user | p napi CPU-s/GB | c0+s0 napi CPU-s/GB | proxy CPU µs/pkt | client CPU-s/GB |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | path | receive | traffic | TCP CC | inner | goodput Mbit/s | ratio to kernel | delivered kpps | loss % | proxy CPU-s/GB | of which user | p napi CPU-s/GB | c0+s0 napi CPU-s/GB | proxy CPU µs/pkt | client CPU-s/GB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for t in &r.throughput {
         md.push_str(&format!(
-            "| {:?} | {:?} | {:?} | {:?} | {:.1} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {:?} | {:?} | {:?} | {} | {:?} | {:.1} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
             t.path,
             t.peer_rx,
             t.traffic,
+            t.tcp_congestion.as_deref().unwrap_or("–"),
             t.family,
             t.goodput_mbps,
             opt(t.ratio_to_kernel, 2),
@@ -1296,9 +1344,10 @@ fn markdown(r: &Results) -> String {
         // the target is judged on both together.
         let host = v + t.proxy_host_napi_cpu_s_per_gb.unwrap_or(0.0);
         md.push_str(&format!(
-            "\nCONNECT-IP bulk {:?}, {:?}: {:.2} proxy CPU-s/GB ({:.2} of it user time){} against the target of ≤ {:.1}: {}.",
+            "\nCONNECT-IP bulk {:?}, {:?}, TCP {}: {:.2} proxy CPU-s/GB ({:.2} of it user time){} against the target of ≤ {:.1}: {}.",
             t.family,
             t.peer_rx,
+            t.tcp_congestion.as_deref().unwrap_or("?"),
             v,
             t.proxy_user_cpu_s_per_gb.unwrap_or(f64::INFINITY),
             t.proxy_host_napi_cpu_s_per_gb
