@@ -1,7 +1,7 @@
 //! The proxy's CONNECT-IP receive path in memory, for instruction counts under callgrind: a
 //! quiche client sends inner TCP segments of one bulk flow as HTTP/3 datagrams; the server side
 //! does per burst what the proxy's loop does with the QUIC datagrams of one pass
-//! (`server::Proxy::pass`): `Connection::recv` for each, then `dgram_recv`, the HTTP datagram and
+//! (`server::Proxy::pass`): `Connection::recv` for each, then `dgram_recv_buf`, the HTTP datagram and
 //! context ID parse, `ConnectIpSession::on_datagram`, `TcpCoalescer::push`/`take` (the GSO write
 //! to the TUN device, here into a byte counter), and the connection's outgoing packets (the ACKs).
 //! No syscalls: what it counts is the proxy's user-space work per packet, exact and repeatable.
@@ -51,7 +51,6 @@ fn proxy_burst(
     peer: SocketAddr,
     session: &mut ConnectIpSession,
     co: &mut TcpCoalescer,
-    scratch: &mut [u8],
     reply: &mut [u8],
     sink: &mut Sink,
     acks: &mut Vec<Vec<u8>>,
@@ -61,18 +60,19 @@ fn proxy_burst(
             sink.refused += 1;
         }
     }
-    while let Ok(len) = conn.dgram_recv(scratch) {
-        let Ok(h) = H3Datagram::parse(&scratch[..len]) else {
+    while let Ok(mut d) = conn.dgram_recv_buf() {
+        let len = d.len();
+        let Ok(h) = H3Datagram::parse(&d) else {
             sink.refused += 1;
             continue;
         };
         let off = len - h.payload.len();
-        let Ok(ctx) = ContextPayload::parse(&scratch[off..len]) else {
+        let Ok(ctx) = ContextPayload::parse(&d[off..]) else {
             sink.refused += 1;
             continue;
         };
         let start = len - ctx.payload.len();
-        let pkt = &mut scratch[start..len];
+        let pkt = &mut d[start..];
         match session.on_datagram(pkt, reply) {
             Verdict::Forward(n) => {
                 if !co.push(&pkt[..n]) {
@@ -156,7 +156,7 @@ fn main() -> Result<(), String> {
     let mut seq = 1u32;
 
     let mut co = TcpCoalescer::default();
-    let (mut scratch, mut reply) = (vec![0u8; 65_536], vec![0u8; 2048]);
+    let mut reply = vec![0u8; 2048];
     let mut sink = Sink::default();
     let mut sent = 0u64;
     let t0 = Instant::now();
@@ -186,7 +186,7 @@ fn main() -> Result<(), String> {
         }
         idle = if rx.is_empty() { idle + 1 } else { 0 };
         let mut acks = Vec::new();
-        proxy_burst(&mut server, &mut rx, saddr, caddr, &mut session, &mut co, &mut scratch, &mut reply, &mut sink, &mut acks);
+        proxy_burst(&mut server, &mut rx, saddr, caddr, &mut session, &mut co, &mut reply, &mut sink, &mut acks);
         for mut a in acks {
             let _ = client.recv(&mut a, quiche::RecvInfo { from: saddr, to: caddr });
         }

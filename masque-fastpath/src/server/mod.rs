@@ -818,12 +818,10 @@ impl Proxy {
             return;
         };
         let tun = self.tun.as_ref();
-        loop {
-            let buf = &mut self.buf[HEADROOM..];
-            let len = match c.conn.dgram_recv(buf) {
-                Ok(n) => n,
-                Err(_) => break,
-            };
+        // Each datagram is taken as the buffer quiche already holds it in (no copy out); the
+        // coalescer copies TCP payloads into its batch.
+        while let Ok(mut buf) = c.conn.dgram_recv_buf() {
+            let len = buf.len();
             self.stats.dgram_rx += 1;
             let Ok(h) = H3Datagram::parse(&buf[..len]) else {
                 //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
@@ -866,11 +864,10 @@ impl Proxy {
                             if co.push(&pkt[..n]) {
                                 continue;
                             }
-                            // Not TCP data: written on its own, its vnet header (all zero) in
-                            // the datagram framing just consumed (at least HEADROOM bytes).
-                            let at = HEADROOM + start;
-                            let out = &mut self.buf[at - VNET_HDR_LEN..at + n];
+                            // Not TCP data: written on its own behind an all-zero vnet header.
+                            let out = &mut self.buf[..VNET_HDR_LEN + n];
                             out[..VNET_HDR_LEN].fill(0);
+                            out[VNET_HDR_LEN..].copy_from_slice(&pkt[..n]);
                             match t.send(out) {
                                 Ok(_) => self.stats.tun_tx += 1,
                                 Err(_) => self.stats.tun_errors += 1,
