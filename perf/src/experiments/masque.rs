@@ -1365,6 +1365,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_unknown_congestion_control_is_refused_by_name() {
+        let e = check_congestion(&["no-such-cc".into()]).unwrap_err();
+        assert!(e.contains("\"no-such-cc\" is not available"), "{e}");
+        // Whatever the machine offers passes (reno is built into every kernel).
+        check_congestion(&["reno".into()]).unwrap();
+    }
+
+    #[test]
     fn formula_matches_the_proxy_default_tunnel_mtu() {
         // 1452 − (1 + 20 + 4) − 16 − 3 − 9.
         assert_eq!(tunnel_mtu_formula(1452), 1399);
