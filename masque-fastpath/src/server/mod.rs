@@ -357,13 +357,23 @@ impl Proxy {
             let n = unsafe {
                 libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, quic::poll_timeout_ms(timeout))
             };
-            if n < 0 {
+            let ready = if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
                 }
-            }
-            self.pass()?;
+                Ready::ALL
+            } else {
+                // Only what poll found readable is read: no read per pass that can only say
+                // EAGAIN (error and hang-up events count as readable, so the read reports them).
+                let tun = usize::from(self.tun.is_some());
+                Ready {
+                    quic: pollfds[0].revents != 0,
+                    tun: tun == 1 && pollfds[1].revents != 0,
+                    targets: pollfds[1 + tun..].iter().any(|p| p.revents != 0),
+                }
+            };
+            self.pass(ready)?;
             if last_stats.elapsed() >= Duration::from_secs(1) {
                 last_stats = Instant::now();
                 self.write_stats();
@@ -378,9 +388,10 @@ impl Proxy {
         Ok(s)
     }
 
-    /// One pass of the loop: everything ready is handled, nothing blocks.
-    pub fn pass(&mut self) -> io::Result<()> {
-        loop {
+    /// One pass of the loop: everything `ready` says is readable is read, every connection's
+    /// timers run and its packets go out; nothing blocks.
+    fn pass(&mut self, ready: Ready) -> io::Result<()> {
+        while ready.quic {
             let n = self.io.recv_burst()?;
             if n == 0 {
                 break;
@@ -396,8 +407,12 @@ impl Proxy {
                 break;
             }
         }
-        self.on_tun();
-        self.on_udp_targets();
+        if ready.tun {
+            self.on_tun();
+        }
+        if ready.targets {
+            self.on_udp_targets();
+        }
         for c in self.clients.values_mut() {
             if c.conn.timeout() == Some(Duration::ZERO) {
                 c.conn.on_timeout();
@@ -1124,6 +1139,22 @@ fn connect_udp_target(host: &Host, port: u16) -> io::Result<UdpSocket> {
     s.connect(addr)?;
     s.set_nonblocking(true)?;
     Ok(s)
+}
+
+/// Which of the proxy's descriptors to read in a pass.
+#[derive(Debug, Clone, Copy)]
+struct Ready {
+    /// The QUIC socket.
+    quic: bool,
+    /// The TUN device.
+    tun: bool,
+    /// Any CONNECT-UDP target socket.
+    targets: bool,
+}
+
+impl Ready {
+    /// Everything (when poll said nothing useful, e.g. interrupted).
+    const ALL: Ready = Ready { quic: true, tun: true, targets: true };
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {
