@@ -41,10 +41,10 @@ use hop::{HopOutcome, HopPolicy};
 
 const HEADROOM: usize = 16;
 const MAX_INNER: usize = 65_535;
-/// Packets read from the TUN device (or the local UDP socket) per pass. More per pass means
-/// longer GSO trains and fewer, fuller passes at the proxy: 256 against 64 took its CPU per GB
-/// of TCP bulk from 1.40–1.75 to 1.20–1.55 in three paired runs (docs/PERFORMANCE.md).
-const BURST: usize = 256;
+/// Packets read from the TUN device (or the local UDP socket) per pass. 256 would give the proxy
+/// longer trains and cost it less per GB, but then a third of the hops' probes go unanswered
+/// for a second under bulk load (docs/PERFORMANCE.md): 64 until that is understood.
+const BURST: usize = 64;
 /// How long a hop's probe may go unanswered before the hop is given up.
 const HOP_TIMEOUT: Duration = Duration::from_secs(1);
 
