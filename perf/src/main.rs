@@ -207,7 +207,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             write_results(&out, &fig, &figure3::markdown(&fig))?;
         }
         Command::Bench { bench: Bench::Masque { seconds, bulk_only, congestion, repeat, out } } => {
-            let congestion = congestion.into_iter().filter(|c| c != "default").collect();
+            // "default" means no -C at all, so it cannot be combined with named ones.
+            let congestion = match congestion.as_slice() {
+                [d] if d == "default" => Vec::new(),
+                list if list.iter().any(|c| c == "default") => {
+                    anyhow::bail!("--congestion: \"default\" (the hosts' own) cannot be combined with named controls")
+                }
+                _ => congestion,
+            };
             let params = mimiq_perf::experiments::masque::Params { seconds, bulk_only, repeat, congestion };
             let (results, md) = mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;

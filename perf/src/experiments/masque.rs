@@ -276,7 +276,6 @@ pub struct Results {
 /// The target: at most 1.6 proxy CPU-seconds per GB of inner payload, CONNECT-IP bulk.
 pub const TARGET_CPU_S_PER_GB: f64 = 1.6;
 
-/// Runs RQ1 and RQ2 with `seconds` of traffic per throughput run, and the Markdown report.
 /// What [`compare`] runs.
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -322,7 +321,7 @@ fn check_congestion(names: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the bench; returns the results and their markdown.
+/// Runs RQ1 and RQ2 as `params` say; returns the results and the Markdown report.
 pub fn compare(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<(Results, String), String> {
     let seconds = params.seconds;
     check_congestion(&params.congestion)?;
