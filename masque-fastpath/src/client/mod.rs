@@ -41,10 +41,9 @@ use hop::{HopOutcome, HopPolicy};
 
 const HEADROOM: usize = 16;
 const MAX_INNER: usize = 65_535;
-/// Packets read from the TUN device (or the local UDP socket) per pass. 256 would give the proxy
-/// longer trains and cost it less per GB, but then a third of the hops' probes go unanswered
-/// for a second under bulk load (docs/PERFORMANCE.md): 64 until that is understood.
-const BURST: usize = 64;
+/// Packets read from the TUN device (or the local UDP socket) per pass: longer GSO trains, so
+/// the proxy gets more per wake-up and costs less per GB (docs/PERFORMANCE.md).
+const BURST: usize = 256;
 /// How long a hop's probe may go unanswered before the hop is given up.
 const HOP_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -343,9 +342,9 @@ impl Client {
 
     /// Reads every socket, one burst each in turn, newest first (a probe's answer arrives on
     /// the newest), until all are drained. Draining the active socket first would let hundreds
-    /// of newer packets through before the answer, and quiche decodes a packet's truncated
-    /// number against the largest received: an answer that late decodes to the wrong number,
-    /// fails to decrypt and is dropped without a word (the hop then times out).
+    /// of newer packets through before the answer, and quiche drops a packet more than 128
+    /// numbers older than the newest it received as a duplicate, without a word (the hop then
+    /// times out). [`Client::flush`] keeps the same order on the way out.
     fn recv_quic(&mut self) -> Result<(), ClientError> {
         loop {
             let mut more = false;
@@ -723,11 +722,14 @@ impl Client {
         });
     }
 
+    /// Sends what quiche has, each packet from its path's socket, in quiche's order.
     fn flush(&mut self) {
         let mut by_local: HashMap<SocketAddr, usize> = HashMap::new();
         for (i, p) in self.paths.iter().enumerate() {
             by_local.insert(p.io.local_addr(), i);
         }
+        // The path whose socket queued the last packet.
+        let mut last: Option<usize> = None;
         loop {
             match self.conn.send(&mut self.tmp) {
                 Ok((len, info)) => {
@@ -736,6 +738,18 @@ impl Client {
                         self.stats.tx_unroutable += 1;
                         continue;
                     };
+                    // Packets leave in the order quiche numbered them: what one socket queued
+                    // goes out before another socket's packet. All paths share one packet
+                    // number space, and quiche takes a packet more than 128 numbers older than
+                    // the newest it received for a duplicate and drops it unread
+                    // (`PktNumWindow`). quiche builds a probe before the active path's packets;
+                    // had the active socket's burst of a few hundred gone out first, the probe
+                    // would have been dropped, and every probe sent again as well: the hop
+                    // timed out. Only a change of path costs a flush.
+                    if let Some(j) = last.filter(|&j| j != i) {
+                        self.paths[j].io.flush();
+                    }
+                    last = Some(i);
                     let io = &mut self.paths[i].io;
                     let out = io.send_buf();
                     out[..len].copy_from_slice(&self.tmp[..len]);
