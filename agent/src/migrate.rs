@@ -3,7 +3,10 @@
 //!
 //! [`Migrator`] wraps the connection. The caller owns the sockets: it hands every received
 //! datagram to [`Migrator::recv`] with the addresses it travelled between, sends what
-//! [`Migrator::send`] returns from the socket named by `SendInfo::from`, calls
+//! [`Migrator::send`] returns from the socket named by `SendInfo::from`, in the order returned
+//! (all paths share one packet number space, and a quiche peer drops a packet more than 128
+//! numbers older than the newest it has as a duplicate: a probe batched behind the active
+//! socket's burst is lost that way), calls
 //! [`Migrator::on_timeout`] when [`Migrator::timeout`] expires, and asks for hops with
 //! [`Migrator::request_hop`]. Time is passed in (`now`) for everything the driver measures
 //! itself (hop latency, hop deadlines); quiche keeps reading its own clock for recovery, so the
