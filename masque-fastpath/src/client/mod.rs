@@ -41,11 +41,10 @@ use hop::{HopOutcome, HopPolicy};
 
 const HEADROOM: usize = 16;
 const MAX_INNER: usize = 65_535;
-/// Packets read from the TUN device (or the local UDP socket) per pass. 256 gives the proxy
-/// longer trains and costs it less per GB, and since `flush` keeps quiche's order it no longer
-/// breaks hops; but the test of an agent hopping every 2 packets, run beside another transfer,
-/// then got too few hops (docs/PERFORMANCE.md): 64 until that is understood.
-const BURST: usize = 64;
+/// Packets read from the TUN device (or the local UDP socket) per pass: longer GSO trains, so
+/// the proxy gets more per wake-up and costs less per GB (docs/PERFORMANCE.md). It takes
+/// `flush` keeping quiche's order: a probe sent behind a burst this long was dropped.
+const BURST: usize = 256;
 /// How long a hop's probe may go unanswered before the hop is given up.
 const HOP_TIMEOUT: Duration = Duration::from_secs(1);
 
