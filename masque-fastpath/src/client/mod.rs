@@ -739,14 +739,10 @@ impl Client {
                         self.stats.tx_unroutable += 1;
                         continue;
                     };
-                    // Packets leave in the order quiche numbered them: what one socket queued
-                    // goes out before another socket's packet. All paths share one packet
-                    // number space, and quiche takes a packet more than 128 numbers older than
-                    // the newest it received for a duplicate and drops it unread
-                    // (`PktNumWindow`). quiche builds a probe before the active path's packets;
-                    // had the active socket's burst of a few hundred gone out first, the probe
-                    // would have been dropped, and every probe sent again as well: the hop
-                    // timed out. Only a change of path costs a flush.
+                    // What one socket queued goes out before another socket's packet, so the
+                    // peer sees quiche's numbering (see `recv_quic`): a probe built before the
+                    // active path's burst would otherwise leave behind it and be dropped as a
+                    // duplicate. Only a change of path costs a flush.
                     if let Some(j) = last.filter(|&j| j != i) {
                         self.paths[j].io.flush();
                     }
