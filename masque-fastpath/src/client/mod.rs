@@ -15,7 +15,6 @@
 //! retires the connection IDs used there: any number of hops to fresh addresses, and no ID ever
 //! sent from two addresses.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -124,7 +123,9 @@ pub struct ClientStats {
     pub quic_send_errors: u64,
     /// Assigned addresses.
     pub addresses: Vec<String>,
-    /// Tunnel MTU used.
+    /// Tunnel MTU: CONNECT-IP, the TUN device's (`quic::tunnel_mtu`, which the proxy enforces
+    /// too); CONNECT-UDP, the largest UDP payload the connection carries now (one more byte is
+    /// refused by quiche's `dgram_send` and counted in `dgram_dropped`).
     pub mtu: usize,
 }
 
@@ -582,7 +583,7 @@ impl Client {
                 let s = UdpSocket::bind(listen)
                     .map_err(|e| ClientError::Setup(format!("bind {listen}: {e}")))?;
                 s.set_nonblocking(true)?;
-                self.stats.mtu = fits;
+                self.stats.mtu = now;
                 self.stats.addresses.push(s.local_addr()?.to_string());
                 self.local_udp = Some((s, None));
             }
@@ -725,16 +726,13 @@ impl Client {
 
     /// Sends what quiche has, each packet from its path's socket, in quiche's order.
     fn flush(&mut self) {
-        let mut by_local: HashMap<SocketAddr, usize> = HashMap::new();
-        for (i, p) in self.paths.iter().enumerate() {
-            by_local.insert(p.io.local_addr(), i);
-        }
         // The path whose socket queued the last packet.
         let mut last: Option<usize> = None;
         loop {
             match self.conn.send(&mut self.tmp) {
                 Ok((len, info)) => {
-                    let Some(&i) = by_local.get(&info.from) else {
+                    // A handful of paths: a scan, no map built per pass.
+                    let Some(i) = self.paths.iter().position(|p| p.io.local_addr() == info.from) else {
                         // A path whose socket is gone (a failed probe quiche still retries).
                         self.stats.tx_unroutable += 1;
                         continue;

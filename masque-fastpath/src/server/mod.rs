@@ -57,6 +57,8 @@ pub struct Stats {
     pub udp_rx: u64,
     /// QUIC datagrams sent (GSO segments counted one by one).
     pub udp_tx: u64,
+    /// Passes of the loop: one per return from `poll` (a wake-up or a timer).
+    pub passes: u64,
     /// Received datagrams quiche refused (undecryptable, malformed).
     pub quic_recv_errors: u64,
     /// Datagrams for no known connection that were not a valid Initial.
@@ -391,6 +393,7 @@ impl Proxy {
     /// One pass of the loop: everything `ready` says is readable is read, every connection's
     /// timers run and its packets go out; nothing blocks.
     fn pass(&mut self, ready: Ready) -> io::Result<()> {
+        self.stats.passes += 1;
         while ready.quic {
             let n = self.io.recv_burst()?;
             if n == 0 {

@@ -248,10 +248,20 @@ pub struct Throughput {
     pub proxy_cpu_us_per_packet: Option<f64>,
     /// The client's CPU seconds per GB, for comparison (it encrypts what the proxy decrypts).
     pub client_cpu_s_per_gb: Option<f64>,
+    /// QUIC datagrams the proxy received per pass of its loop (per wake-up): how much work each
+    /// wake-up found.
+    pub proxy_quic_rx_per_pass: Option<f64>,
+    /// QUIC datagrams the proxy sent per pass.
+    pub proxy_quic_tx_per_pass: Option<f64>,
     /// TCP runs: the sender's congestion control (iperf3's `sender_tcp_congestion`).
     pub tcp_congestion: Option<String>,
     /// Goodput over the kernel forwarding's for the same traffic and family.
     pub ratio_to_kernel: Option<f64>,
+    /// [`PeerRx::ThreadedNapi`] tunnel runs: the proxy host's CPU per GB (the process and p's
+    /// napi kthreads) over the kernel forwarding's (p's napi kthreads) in the run just before:
+    /// what the tunnel costs the host against the kernel on the same machine, a figure that
+    /// carries over between machines where CPU-s/GB does not.
+    pub host_cpu_ratio_to_kernel: Option<f64>,
     /// The command that made the traffic (host: command).
     pub command: String,
 }
@@ -530,6 +540,11 @@ fn push_pair(
     progress: &mut dyn FnMut(&str),
 ) {
     run.ratio_to_kernel = Some(run.goodput_mbps / base.goodput_mbps.max(f64::MIN_POSITIVE));
+    let host = run.proxy_cpu_s_per_gb.zip(run.proxy_host_napi_cpu_s_per_gb);
+    run.host_cpu_ratio_to_kernel = match (host, base.proxy_host_napi_cpu_s_per_gb) {
+        (Some((p, n)), Some(k)) if k > 0.0 => Some((p + n) / k),
+        _ => None,
+    };
     progress(&line(&run));
     throughput.push(base);
     throughput.push(run);
@@ -1031,6 +1046,7 @@ fn finish(
     let proxy_cpu_s = after.proxy_cpu_s - before.proxy_cpu_s;
     let proxy_packets = after.packets.saturating_sub(before.packets);
     let napi = peer_rx.threaded();
+    let per_pass = |n: u64| n as f64 / after.passes.saturating_sub(before.passes).max(1) as f64;
     Throughput {
         path,
         peer_rx,
@@ -1052,8 +1068,11 @@ fn finish(
         proxy_cpu_us_per_packet: tunnelled
             .then_some(proxy_cpu_s * 1e6 / proxy_packets.max(1) as f64),
         client_cpu_s_per_gb: tunnelled.then_some((after.client_cpu_s - before.client_cpu_s) / gb),
+        proxy_quic_rx_per_pass: tunnelled.then_some(per_pass(after.udp_rx - before.udp_rx)),
+        proxy_quic_tx_per_pass: tunnelled.then_some(per_pass(after.udp_tx - before.udp_tx)),
         tcp_congestion: None,
         ratio_to_kernel: None,
+        host_cpu_ratio_to_kernel: None,
         command,
     }
 }
@@ -1071,6 +1090,10 @@ struct Sample {
     packets: u64,
     /// TUN writes alone (inner packets towards the server).
     tun_tx: u64,
+    /// QUIC datagrams received and sent, and loop passes.
+    udp_rx: u64,
+    udp_tx: u64,
+    passes: u64,
 }
 
 impl Sample {
@@ -1101,6 +1124,9 @@ impl Sample {
             peers_napi_s,
             packets: n("tun_tx") + n("tun_rx") + n("udp_to_target") + n("udp_to_client"),
             tun_tx: n("tun_tx"),
+            udp_rx: n("udp_rx"),
+            udp_tx: n("udp_tx"),
+            passes: n("passes"),
         })
     }
 }
@@ -1239,7 +1265,7 @@ impl Packet {
 
 fn line(r: &Throughput) -> String {
     format!(
-        "  {:?} {:?} {:?}{} {:?}: {:.1} Mbit/s, {:.0} pps{}{}{}",
+        "  {:?} {:?} {:?}{} {:?}: {:.1} Mbit/s, {:.0} pps{}{}{}{}",
         r.path,
         r.peer_rx,
         r.traffic,
@@ -1253,6 +1279,9 @@ fn line(r: &Throughput) -> String {
             .map_or(String::new(), |c| format!(", proxy {c:.2} CPU-s/GB")),
         r.proxy_host_napi_cpu_s_per_gb
             .map_or(String::new(), |c| format!(", p napi {c:.2} CPU-s/GB")),
+        r.proxy_quic_rx_per_pass.zip(r.proxy_quic_tx_per_pass).map_or(String::new(), |(i, o)| {
+            format!(", QUIC {i:.1} in / {o:.1} out per pass")
+        }),
     )
 }
 
@@ -1309,12 +1338,12 @@ fn markdown(r: &Results) -> String {
     md.push_str(
         "\nRQ2 — goodput, packets per second and CPU (proxy CPU = its utime + stime over the run; \
          napi = the CPU of the hosts' NAPI kthreads, threaded receive only).\n\n\
-         | path | receive | traffic | TCP CC | inner | goodput Mbit/s | ratio to kernel | delivered kpps | loss % | proxy CPU-s/GB | of which user | p napi CPU-s/GB | c0+s0 napi CPU-s/GB | proxy CPU µs/pkt | client CPU-s/GB |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | path | receive | traffic | TCP CC | inner | goodput Mbit/s | ratio to kernel | delivered kpps | loss % | proxy CPU-s/GB | of which user | p napi CPU-s/GB | c0+s0 napi CPU-s/GB | proxy CPU µs/pkt | client CPU-s/GB | QUIC in / out per pass |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for t in &r.throughput {
         md.push_str(&format!(
-            "| {:?} | {:?} | {:?} | {} | {:?} | {:.1} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {:?} | {:?} | {:?} | {} | {:?} | {:.1} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
             t.path,
             t.peer_rx,
             t.traffic,
@@ -1330,6 +1359,8 @@ fn markdown(r: &Results) -> String {
             opt(t.peers_napi_cpu_s_per_gb, 2),
             opt(t.proxy_cpu_us_per_packet, 2),
             opt(t.client_cpu_s_per_gb, 2),
+            opt(t.proxy_quic_rx_per_pass, 1),
+            opt(t.proxy_quic_tx_per_pass, 1),
         ));
     }
     let bulk: Vec<&Throughput> = r
@@ -1343,7 +1374,7 @@ fn markdown(r: &Results) -> String {
         // the target is judged on both together.
         let host = v + t.proxy_host_napi_cpu_s_per_gb.unwrap_or(0.0);
         md.push_str(&format!(
-            "\nCONNECT-IP bulk {:?}, {:?}, TCP {}: {:.2} proxy CPU-s/GB ({:.2} of it user time){} against the target of ≤ {:.1}: {}.",
+            "\nCONNECT-IP bulk {:?}, {:?}, TCP {}: {:.2} proxy CPU-s/GB ({:.2} of it user time){}{} against the target of ≤ {:.1}: {}.",
             t.family,
             t.peer_rx,
             t.tcp_congestion.as_deref().unwrap_or("?"),
@@ -1351,6 +1382,8 @@ fn markdown(r: &Results) -> String {
             t.proxy_user_cpu_s_per_gb.unwrap_or(f64::INFINITY),
             t.proxy_host_napi_cpu_s_per_gb
                 .map_or(String::new(), |n| format!(", {host:.2} with p's napi kthreads ({n:.2})")),
+            t.host_cpu_ratio_to_kernel
+                .map_or(String::new(), |x| format!(", {x:.2}× the kernel's forwarding")),
             r.target_cpu_s_per_gb,
             if host <= r.target_cpu_s_per_gb { "met" } else { "**not met**" }
         ));
