@@ -4,9 +4,9 @@
 //! [`Migrator`] wraps the connection. The caller owns the sockets: it hands every received
 //! datagram to [`Migrator::recv`] with the addresses it travelled between, sends what
 //! [`Migrator::send`] returns from the socket named by `SendInfo::from`, in the order returned
-//! (all paths share one packet number space, and a quiche peer drops a packet more than 128
-//! numbers older than the newest it has as a duplicate: a probe batched behind the active
-//! socket's burst is lost that way), calls
+//! (all paths share one packet number space, and a quiche peer takes a packet more than 4096
+//! numbers older than the newest it has for a duplicate, 128 in upstream quiche: a probe batched
+//! behind the active socket's burst was lost that way), calls
 //! [`Migrator::on_timeout`] when [`Migrator::timeout`] expires, and asks for hops with
 //! [`Migrator::request_hop`]. Time is passed in (`now`) for everything the driver measures
 //! itself (hop latency, hop deadlines); quiche keeps reading its own clock for recovery, so the
@@ -1197,6 +1197,66 @@ mod tests {
         );
         pair.transfer(100_000, 0, 1);
         assert!(pair.server.local_error().is_none());
+    }
+
+    #[test]
+    fn a_packet_overtaken_by_hundreds_of_newer_ones_is_still_read() {
+        // All paths share one packet number space, so what a slower old path delivers after a
+        // hop arrives behind the new path's packets. Upstream quiche takes a packet more than
+        // 128 numbers older than the newest for a duplicate and drops it unread; the vendored
+        // copy remembers 4096 (vendor/quiche/MIMIQ-PATCH.md).
+        let cert = TestCert::new().unwrap();
+        let rng = SystemRandom::new();
+        let server_addr: SocketAddr = SERVER.parse().unwrap();
+        let (to_server, to_client) = (
+            quiche::RecvInfo { from: client_addr(0), to: server_addr },
+            quiche::RecvInfo { from: server_addr, to: client_addr(0) },
+        );
+        let mut ccfg = quic_config(4);
+        ccfg.verify_peer(false);
+        let mut scfg = quic_config(4);
+        cert.load_into(&mut scfg).unwrap();
+        let cid = random_cid(&rng, 16).unwrap();
+        let mut client =
+            quiche::connect(Some("quic.tech"), &cid, client_addr(0), server_addr, &mut ccfg)
+                .unwrap();
+        let cid = random_cid(&rng, 16).unwrap();
+        let mut server =
+            quiche::accept(&cid, None, server_addr, client_addr(0), &mut scfg).unwrap();
+        let (mut out, mut sink) = ([0u8; 1500], vec![0u8; 1 << 20]);
+        let data = vec![7u8; 1 << 20];
+        for _ in 0..100 {
+            if client.is_established() {
+                // Slow start doubles the window per round: rounds grow to hundreds of packets.
+                let _ = client.stream_send(4, &data, false);
+            }
+            let mut round = Vec::new();
+            while let Ok((len, _)) = client.send(&mut out) {
+                round.push(out[..len].to_vec());
+            }
+            if round.len() >= 400 {
+                // The 200th packet of the round arrives after the 200 sent behind it. Its packet
+                // number is long enough to decode that far back (RFC 9000 §17.1: the sender
+                // sizes it by what is unacknowledged).
+                let mut late = round.remove(199);
+                for mut p in round {
+                    let _ = server.recv(&mut p, to_server);
+                }
+                let read = server.stats().recv;
+                let _ = server.recv(&mut late, to_server);
+                assert_eq!(server.stats().recv, read + 1, "the late packet was dropped");
+                assert!(!server.is_closed());
+                return;
+            }
+            for mut p in round {
+                let _ = server.recv(&mut p, to_server);
+            }
+            while server.stream_recv(4, &mut sink).is_ok() {}
+            while let Ok((len, _)) = server.send(&mut out) {
+                let _ = client.recv(&mut out[..len], to_client);
+            }
+        }
+        panic!("no round of 400 packets: the congestion window never grew");
     }
 
     #[test]

@@ -344,9 +344,10 @@ impl Client {
 
     /// Reads every socket, one burst each in turn, newest first (a probe's answer arrives on
     /// the newest), until all are drained. Draining the active socket first would let hundreds
-    /// of newer packets through before the answer, and quiche drops a packet more than 128
-    /// numbers older than the newest it received as a duplicate, without a word (the hop then
-    /// times out). [`Client::flush`] keeps the same order on the way out.
+    /// of newer packets through before the answer, and quiche drops a packet more than 4096
+    /// numbers older than the newest it received as a duplicate, without a word (128 in
+    /// upstream quiche, where the hop then timed out; vendor/quiche/MIMIQ-PATCH.md).
+    /// [`Client::flush`] keeps the same order on the way out.
     fn recv_quic(&mut self) -> Result<(), ClientError> {
         loop {
             let mut more = false;
