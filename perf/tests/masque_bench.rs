@@ -2,7 +2,7 @@
 //! the tunnel's framing, the MTU checks hold, and every path moves traffic. About 85 s (24
 //! captured exchanges, 20 one-second runs, each bracketed by the proxy's 1-second stats file).
 
-use mimiq_perf::experiments::masque::{compare, Params, Path, Traffic};
+use mimiq_perf::experiments::masque::{compare, Params, Path, PeerRx, Traffic};
 use mimiq_perf::testbed::require_root;
 
 #[test]
@@ -36,6 +36,12 @@ fn masque_bench_measures_framing_mtu_and_throughput_for_both_tunnels() {
         }
         if t.path != Path::KernelForwarding {
             assert!(t.proxy_cpu_s_per_gb.is_some_and(|c| c > 0.0), "{t:?}");
+            // Every run moved QUIC datagrams through the proxy's loop.
+            assert!(t.proxy_quic_rx_per_pass.is_some_and(|x| x > 0.0), "{t:?}");
+            assert!(t.proxy_quic_tx_per_pass.is_some_and(|x| x > 0.0), "{t:?}");
+            // Under threaded NAPI the host's CPU is set against the kernel's in the paired run.
+            let threaded = t.peer_rx == PeerRx::ThreadedNapi;
+            assert_eq!(t.host_cpu_ratio_to_kernel.is_some(), threaded, "{t:?}");
         }
     }
 }

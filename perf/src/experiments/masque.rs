@@ -1068,8 +1068,8 @@ fn finish(
         proxy_cpu_us_per_packet: tunnelled
             .then_some(proxy_cpu_s * 1e6 / proxy_packets.max(1) as f64),
         client_cpu_s_per_gb: tunnelled.then_some((after.client_cpu_s - before.client_cpu_s) / gb),
-        proxy_quic_rx_per_pass: tunnelled.then_some(per_pass(after.udp_rx - before.udp_rx)),
-        proxy_quic_tx_per_pass: tunnelled.then_some(per_pass(after.udp_tx - before.udp_tx)),
+        proxy_quic_rx_per_pass: tunnelled.then_some(per_pass(after.udp_rx.saturating_sub(before.udp_rx))),
+        proxy_quic_tx_per_pass: tunnelled.then_some(per_pass(after.udp_tx.saturating_sub(before.udp_tx))),
         tcp_congestion: None,
         ratio_to_kernel: None,
         host_cpu_ratio_to_kernel: None,
