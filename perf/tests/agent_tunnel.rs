@@ -46,16 +46,22 @@ struct Run {
 
 /// Starts the proxy (`proxy_extra` appended to its config) and an agent hopping every
 /// `packets` datagrams, downloads `len` bytes through the tunnel (checked byte for byte) while
-/// `during` runs on another thread, and stops the agent.
-fn download_while_hopping(packets: u32, len: u64, proxy_extra: &str, during: impl FnOnce(&Testbed) + Send) -> Run {
+/// `during` runs on another thread (given the run's directory, where the agent writes
+/// `hops.csv` as it goes), and stops the agent.
+fn download_while_hopping(
+    packets: u32,
+    len: u64,
+    proxy_extra: &str,
+    during: impl FnOnce(&Testbed, &Path) + Send,
+) -> Run {
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", proxy_extra).unwrap();
     let mut agent = start_agent(&mut tb, dir.path(), packets).unwrap();
     let result = std::thread::scope(|scope| {
-        let tb = &tb;
-        scope.spawn(move || during(tb));
+        let (tb, at) = (&tb, dir.path());
+        scope.spawn(move || during(tb, at));
         traffic::pattern_download(tb, "s", "198.18.20.2:9000".parse().unwrap(), "c", len, None)
     });
     let report = stop_client(&mut agent).unwrap();
@@ -74,7 +80,7 @@ fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact()
     if !require_root() {
         return;
     }
-    let Run { report, proxy: s, agent_log, dir } = download_while_hopping(25, 100 * 1024 * 1024, "", |_| {});
+    let Run { report, proxy: s, agent_log, dir } = download_while_hopping(25, 100 * 1024 * 1024, "", |_, _| {});
     // The strategy counts the QUIC datagrams the client sends (the TCP ACKs of the download,
     // several to a QUIC packet) and asks for a hop every 25; while a hop validates (one round
     // trip) the count goes on, so at least half of those become hops.
@@ -101,7 +107,7 @@ fn hopping_every_2_packets_still_completes_the_download() {
     if !require_root() {
         return;
     }
-    let Run { report, agent_log, .. } = download_while_hopping(2, 40 * 1024 * 1024, "", |_| {});
+    let Run { report, agent_log, .. } = download_while_hopping(2, 40 * 1024 * 1024, "", |_, _| {});
     // A hop is due after every second datagram, so one is always in progress or waiting for
     // the paths left to be forgotten (`hops_deferred`): the connection hops back to back. How
     // many hops that makes is bound by that wait, not by packets, and moves with the other
@@ -122,7 +128,7 @@ fn a_proxy_that_disables_migration_keeps_the_tunnel_on_one_address() {
         return;
     }
     let extra = "[quic]\ndisable_active_migration = true\n";
-    let Run { report, proxy, agent_log, .. } = download_while_hopping(25, 20 * 1024 * 1024, extra, |_| {});
+    let Run { report, proxy, agent_log, .. } = download_while_hopping(25, 20 * 1024 * 1024, extra, |_, _| {});
     // RFC 9000 §9: no packet, not even a probe, from another local address.
     let c = &report["client"];
     assert_eq!((c["hops_started"].as_u64(), c["hops_done"].as_u64()), (Some(0), Some(0)), "{report}");
@@ -141,9 +147,15 @@ fn an_address_withdrawn_mid_transfer_fails_its_hops_and_the_download_goes_on() {
     // The static source keeps offering 198.18.10.5 after it left the host: each hop to it fails
     // at once (no socket can bind it), is counted and logged, and the connection hops on
     // between the other three; if it was on .5 at that moment, the next hop moves it off.
+    // The address goes after the third hop, not after a fixed time: on a fast machine the
+    // download was over before 700 ms, and no hop was left to fail.
     let gone = addr::CLIENT_V4[3];
-    let Run { report, agent_log, dir, .. } = download_while_hopping(25, 60 * 1024 * 1024, "", |tb| {
-        std::thread::sleep(Duration::from_millis(700));
+    let Run { report, agent_log, dir, .. } = download_while_hopping(25, 60 * 1024 * 1024, "", |tb, at| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::fs::read_to_string(at.join("hops.csv")).map_or(0, |l| l.matches(",done,").count()) < 3 {
+            assert!(std::time::Instant::now() < deadline, "no third hop in 20 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         tb.exec_ok("c", &["ip", "addr", "del", &format!("{gone}/24"), "dev", "c0"]).unwrap();
     });
     let c = &report["client"];
