@@ -42,7 +42,8 @@ const HEADROOM: usize = 16;
 const MAX_INNER: usize = 65_535;
 /// Packets read from the TUN device (or the local UDP socket) per pass: longer GSO trains, so
 /// the proxy gets more per wake-up and costs less per GB (docs/PERFORMANCE.md). It takes
-/// `flush` keeping quiche's order: a probe sent behind a burst this long was dropped.
+/// `flush` keeping quiche's order: with upstream quiche's 128-packet duplicate window a probe
+/// sent behind a burst this long was dropped (the vendored window is 4096).
 const BURST: usize = 256;
 /// How long a hop's probe may go unanswered before the hop is given up.
 const HOP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -740,8 +741,9 @@ impl Client {
                     };
                     // What one socket queued goes out before another socket's packet, so the
                     // peer sees quiche's numbering (see `recv_quic`): a probe built before the
-                    // active path's burst would otherwise leave behind it and be dropped as a
-                    // duplicate. Only a change of path costs a flush.
+                    // active path's burst would otherwise leave behind it, and a peer with a
+                    // narrow duplicate window (upstream quiche: 128) drops it. Only a change of
+                    // path costs a flush.
                     if let Some(j) = last.filter(|&j| j != i) {
                         self.paths[j].io.flush();
                     }
