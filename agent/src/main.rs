@@ -14,7 +14,11 @@ use mimiq_agent::AgentConfig;
 static GLOBAL: MiMalloc = MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "mimiq-agent", version, about = "mimiq client agent: hops a client's address mid-connection")]
+#[command(
+    name = "mimiq-agent",
+    version,
+    about = "mimiq client agent: hops a client's address mid-connection"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

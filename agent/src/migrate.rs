@@ -1044,7 +1044,11 @@ mod tests {
         // Both ends keep only the paths still waiting, however many addresses were used.
         let waiting = pair.client.pending_forgets();
         assert!(pair.client.connection().path_stats().count() <= waiting + 2);
-        assert_eq!(stats.paths_forgotten + waiting as u64, stats.hops_completed, "{stats:?}");
+        assert_eq!(
+            stats.paths_forgotten + waiting as u64,
+            stats.hops_completed,
+            "{stats:?}"
+        );
     }
 
     #[test]
@@ -1209,17 +1213,28 @@ mod tests {
         let rng = SystemRandom::new();
         let server_addr: SocketAddr = SERVER.parse().unwrap();
         let (to_server, to_client) = (
-            quiche::RecvInfo { from: client_addr(0), to: server_addr },
-            quiche::RecvInfo { from: server_addr, to: client_addr(0) },
+            quiche::RecvInfo {
+                from: client_addr(0),
+                to: server_addr,
+            },
+            quiche::RecvInfo {
+                from: server_addr,
+                to: client_addr(0),
+            },
         );
         let mut ccfg = quic_config(4);
         ccfg.verify_peer(false);
         let mut scfg = quic_config(4);
         cert.load_into(&mut scfg).unwrap();
         let cid = random_cid(&rng, 16).unwrap();
-        let mut client =
-            quiche::connect(Some("quic.tech"), &cid, client_addr(0), server_addr, &mut ccfg)
-                .unwrap();
+        let mut client = quiche::connect(
+            Some("quic.tech"),
+            &cid,
+            client_addr(0),
+            server_addr,
+            &mut ccfg,
+        )
+        .unwrap();
         let cid = random_cid(&rng, 16).unwrap();
         let mut server =
             quiche::accept(&cid, None, server_addr, client_addr(0), &mut scfg).unwrap();

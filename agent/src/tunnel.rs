@@ -25,9 +25,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use mimiq_masque::capsule::IpPrefix;
-use mimiq_masque::netcfg::Route;
 use mimiq_masque::client::hop::{HopOutcome, HopPolicy};
 use mimiq_masque::client::{Client, ClientConfig, ClientStats, Mode};
+use mimiq_masque::netcfg::Route;
 use mimiq_masque::quic::QuicSettings;
 use mimiq_masque::template::{IpScope, IP_PATH_PREFIX};
 use serde::{Deserialize, Serialize};
@@ -207,7 +207,10 @@ pub fn check(config: &AgentConfig) -> Result<(), TunnelError> {
             if addresses.is_empty() {
                 return Err(TunnelError::Config("source.addresses: empty".into()));
             }
-            if let Some(a) = addresses.iter().find(|a| a.is_ipv4() != tunnel.proxy.is_ipv4()) {
+            if let Some(a) = addresses
+                .iter()
+                .find(|a| a.is_ipv4() != tunnel.proxy.is_ipv4())
+            {
                 return Err(TunnelError::Config(format!(
                     "source.addresses: {a} cannot reach the proxy at {} (address family)",
                     tunnel.proxy
@@ -247,7 +250,8 @@ pub fn run(
     let epoch = Instant::now();
     let set = AddressSet::new(config.addresses.clone(), seed)
         .map_err(|e| TunnelError::Config(e.to_string()))?;
-    let strategy = HopStrategy::new(&config.hop, seed).map_err(|e| TunnelError::Config(e.to_string()))?;
+    let strategy =
+        HopStrategy::new(&config.hop, seed).map_err(|e| TunnelError::Config(e.to_string()))?;
     let mut state = TunnelState {
         set,
         hopper: ConnectionHopper::new(0, strategy),
@@ -321,7 +325,9 @@ pub fn run(
         PacketAction::Send { from } => from,
         PacketAction::NoAddress => {
             state.release();
-            return Err(TunnelError::NoAddress("the address set holds no usable address".into()));
+            return Err(TunnelError::NoAddress(
+                "the address set holds no usable address".into(),
+            ));
         }
     };
     state.used.push(first);
@@ -475,14 +481,18 @@ impl TunnelState {
                         tracing::info!("allocated {} addresses", addrs.len());
                         let now_unix = unix_ms();
                         for (a, life) in &addrs {
-                            let until = now_unix.saturating_add(u64::try_from(life.as_millis()).unwrap_or(u64::MAX));
+                            let until = now_unix.saturating_add(
+                                u64::try_from(life.as_millis()).unwrap_or(u64::MAX),
+                            );
                             self.log_address(&format!("{now_unix},allocated,{a},{until}\n"));
                         }
                         self.install_routes(gateway);
                     }
                     AllocEvent::Failed { error, retry_at_ms } => {
                         self.report.allocation_failures += 1;
-                        tracing::warn!("allocation failed: {error}; next attempt at {retry_at_ms} ms");
+                        tracing::warn!(
+                            "allocation failed: {error}; next attempt at {retry_at_ms} ms"
+                        );
                     }
                     AllocEvent::Released { .. } => {}
                 }
@@ -537,9 +547,17 @@ impl TunnelState {
         }
         let mut wanted = Vec::new();
         if gateway.is_ipv4() {
-            wanted.push(Route { destination: gateway, prefix_len: 32, gateway: None });
+            wanted.push(Route {
+                destination: gateway,
+                prefix_len: 32,
+                gateway: None,
+            });
         }
-        wanted.push(Route { destination: proxy, prefix_len: host_prefix_len(proxy), gateway: Some(gateway) });
+        wanted.push(Route {
+            destination: proxy,
+            prefix_len: host_prefix_len(proxy),
+            gateway: Some(gateway),
+        });
         for r in wanted {
             match host.backend().net().add_route(host.backend().link(), &r) {
                 Ok(()) => {
@@ -622,7 +640,9 @@ fn routes(tunnel: &TunnelConfig) -> Result<Option<Vec<IpPrefix>>, TunnelError> {
     let mut out = Vec::with_capacity(list.len());
     for r in list {
         let bad = |why: &str| TunnelError::Config(format!("tunnel.routes: {r:?}: {why}"));
-        let (addr, len) = r.split_once('/').ok_or_else(|| bad("expected address/length"))?;
+        let (addr, len) = r
+            .split_once('/')
+            .ok_or_else(|| bad("expected address/length"))?;
         let addr: IpAddr = addr.parse().map_err(|_| bad("not an IP address"))?;
         let len: u8 = len.parse().map_err(|_| bad("bad prefix length"))?;
         out.push(IpPrefix::new(addr, len).map_err(|e| bad(&e.to_string()))?);

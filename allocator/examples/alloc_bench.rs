@@ -37,8 +37,17 @@ fn config(v4: &str) -> Config {
         rate_per_s: u32::MAX,
         rate_burst: u32::MAX / 1000,
         sids: vec![1, 2, 3, 4],
-        ipv4: Some(V4Config { prefixes: vec![v4.parse().unwrap()], reserved: vec![] }),
-        ipv6: Some(V6Config { prefix: "2001:db8::/64".parse().unwrap(), alias_bits: 16, aliases_per_sid: 4, k: 4, t_sid_ms: 3_600_000 }),
+        ipv4: Some(V4Config {
+            prefixes: vec![v4.parse().unwrap()],
+            reserved: vec![],
+        }),
+        ipv6: Some(V6Config {
+            prefix: "2001:db8::/64".parse().unwrap(),
+            alias_bits: 16,
+            aliases_per_sid: 4,
+            k: 4,
+            t_sid_ms: 3_600_000,
+        }),
     }
 }
 
@@ -52,7 +61,12 @@ fn mac(i: u64) -> Mac {
 fn churn(a: &mut Allocator, family: Family, n: u64, start: u64) -> f64 {
     let t = Instant::now();
     for i in 0..n {
-        let p = AllocParams { mac: mac(start + i), sid: 1 + (i % 4) as u16, family, count: 1 };
+        let p = AllocParams {
+            mac: mac(start + i),
+            sid: 1 + (i % 4) as u16,
+            family,
+            count: 1,
+        };
         a.allocate(1_000, p).expect("allocation");
         if i % 1024 == 0 {
             a.take_journal();
@@ -68,7 +82,16 @@ fn fill(a: &mut Allocator, family: Family, n: u64) {
     let mut i = 0;
     while i < n {
         let count = 16.min(n - i) as u32;
-        a.allocate(1_000, AllocParams { mac: mac(i), sid: 1, family, count }).expect("fill");
+        a.allocate(
+            1_000,
+            AllocParams {
+                mac: mac(i),
+                sid: 1,
+                family,
+                count,
+            },
+        )
+        .expect("fill");
         i += u64::from(count);
         if i % (1 << 16) < 16 {
             a.take_journal();
@@ -121,10 +144,19 @@ fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     // `mem`: only the in-memory table (for profiling).
     let mem_only = std::env::args().any(|a| a == "mem");
-    let (v4_prefix, n) = if quick { ("10.0.0.0/16", 5_000u64) } else { ("10.0.0.0/8", 500_000u64) };
-    println!("# mimiq-allocator benchmarks ({})", if quick { "quick" } else { "full" });
+    let (v4_prefix, n) = if quick {
+        ("10.0.0.0/16", 5_000u64)
+    } else {
+        ("10.0.0.0/8", 500_000u64)
+    };
+    println!(
+        "# mimiq-allocator benchmarks ({})",
+        if quick { "quick" } else { "full" }
+    );
     println!();
-    println!("## 1. In-memory allocations/s, one thread (Allocator::allocate, 1 address per request)");
+    println!(
+        "## 1. In-memory allocations/s, one thread (Allocator::allocate, 1 address per request)"
+    );
     println!();
     println!("| pool | utilisation | allocator (allocs/s) | pool only (allocs/s) | naive rejection sampling (allocs/s) |");
     println!("|---|---|---|---|---|");
@@ -137,7 +169,10 @@ fn main() {
         let rate = churn(&mut a, Family::V4, n, 1 << 32);
         let pool = pool_only(v4_prefix, util, n);
         let naive = rejection_only(size, util, n / 2);
-        println!("| IPv4 {v4_prefix} | {:.0} % | {rate:.0} | {pool:.0} | {naive:.0} |", util * 100.0);
+        println!(
+            "| IPv4 {v4_prefix} | {:.0} % | {rate:.0} | {pool:.0} | {naive:.0} |",
+            util * 100.0
+        );
     }
     {
         let util_leases = if quick { 10_000u64 } else { 1_000_000 };
@@ -158,12 +193,25 @@ fn main() {
         let mut store = RedbStore::open(&path).unwrap();
         let mut a = Allocator::new(config(v4_prefix)).unwrap();
         a.take_journal();
-        let total = if batch == 1 { n.min(2_000) } else { n.min(200_000) };
+        let total = if batch == 1 {
+            n.min(2_000)
+        } else {
+            n.min(200_000)
+        };
         let t = Instant::now();
         let mut i = 0u64;
         while i < total {
             for _ in 0..batch {
-                a.allocate(1_000, AllocParams { mac: mac(i), sid: 1, family: Family::V4, count: 1 }).unwrap();
+                a.allocate(
+                    1_000,
+                    AllocParams {
+                        mac: mac(i),
+                        sid: 1,
+                        family: Family::V4,
+                        count: 1,
+                    },
+                )
+                .unwrap();
                 i += 1;
             }
             store.commit(&a.take_journal()).unwrap();
@@ -183,7 +231,16 @@ fn main() {
         let mut i = 0;
         while i < leases {
             let count = 16.min(leases - i) as u32;
-            a.allocate(1_000, AllocParams { mac: mac(i), sid: 1, family: Family::V4, count }).unwrap();
+            a.allocate(
+                1_000,
+                AllocParams {
+                    mac: mac(i),
+                    sid: 1,
+                    family: Family::V4,
+                    count,
+                },
+            )
+            .unwrap();
             i += u64::from(count);
             if i % 65_536 < 16 || i >= leases {
                 store.commit(&a.take_journal()).unwrap();

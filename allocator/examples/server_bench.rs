@@ -56,16 +56,25 @@ key_hex = "{KEY}"
     ))
     .unwrap();
     let store = RedbStore::open_with(&cfg.server.store, cfg.server.store_fold_ops).unwrap();
-    let server = Server::start(Settings::from_config(&cfg).unwrap(), cfg.core().unwrap(), Box::new(store)).unwrap();
+    let server = Server::start(
+        Settings::from_config(&cfg).unwrap(),
+        cfg.core().unwrap(),
+        Box::new(store),
+    )
+    .unwrap();
     let addrs = server.local_addrs().unwrap();
     let stop = server.stop_flag();
     let metrics = server.metrics();
     let join = std::thread::spawn(move || server.run().unwrap());
 
-    let secret: Vec<u8> = (0..KEY.len()).step_by(2).map(|i| u8::from_str_radix(&KEY[i..i + 2], 16).unwrap()).collect();
+    let secret: Vec<u8> = (0..KEY.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&KEY[i..i + 2], 16).unwrap())
+        .collect();
     let key = proto::key(&secret);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut in_flight = 0usize;
     let mut txid = 0u32;
     let mut granted = 0u64;
@@ -79,12 +88,23 @@ key_hex = "{KEY}"
         while in_flight < 512 {
             txid += 1;
             inner.clear();
-            ClientMsg::AllocRequest(AllocRequest { family: Family::V4, count: per_req, nonce: [0; 16] }).emit(txid, &mut inner).unwrap();
+            ClientMsg::AllocRequest(AllocRequest {
+                family: Family::V4,
+                count: per_req,
+                nonce: [0; 16],
+            })
+            .emit(txid, &mut inner)
+            .unwrap();
             let b = (txid / 16).to_be_bytes();
             out.clear();
             Relay {
                 txid,
-                info: RelayInfo { sid: 1, ingress_port: 1, mac: Mac([2, 0, b[0], b[1], b[2], b[3]]), client_port: 1 },
+                info: RelayInfo {
+                    sid: 1,
+                    ingress_port: 1,
+                    mac: Mac([2, 0, b[0], b[1], b[2], b[3]]),
+                    client_port: 1,
+                },
                 timestamp_ms: wall_ms(),
                 inner: &inner,
             }
@@ -113,7 +133,10 @@ key_hex = "{KEY}"
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     join.join().unwrap();
     let text = metrics.render();
-    let commits = text.lines().find_map(|l| l.strip_prefix("mimiq_allocator_store_commits_total ")).unwrap_or("?");
+    let commits = text
+        .lines()
+        .find_map(|l| l.strip_prefix("mimiq_allocator_store_commits_total "))
+        .unwrap_or("?");
     println!(
         "server, loopback, redb group commit, {per_req} address(es)/request: {:.0} durable addresses/s ({granted} in {elapsed:.1} s, {commits} commits)",
         granted as f64 / elapsed

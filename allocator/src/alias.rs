@@ -146,14 +146,24 @@ impl AliasSchedule {
     /// An empty schedule; the first [`advance`](Self::advance) starts epoch 1.
     pub fn new(cfg: AliasConfig) -> Result<Self, AliasConfigError> {
         cfg.validate()?;
-        Ok(AliasSchedule { cfg, epochs: VecDeque::new(), in_use: HashMap::new(), next_epoch: 1, next_rotation_ms: 0 })
+        Ok(AliasSchedule {
+            cfg,
+            epochs: VecDeque::new(),
+            in_use: HashMap::new(),
+            next_epoch: 1,
+            next_rotation_ms: 0,
+        })
     }
 
     /// Rebuilds a schedule from stored epochs (any order). Epochs no longer valid at `now_ms` are
     /// returned in `AliasChanges::expired` for the journal; the next `advance` rotates if due.
     /// Epochs whose aliases clash with an earlier one or that name an unknown SID are dropped and
     /// reported as expired too (the configuration changed), so uniqueness holds after any restart.
-    pub fn restore(cfg: AliasConfig, mut stored: Vec<AliasEpoch>, now_ms: u64) -> Result<(Self, AliasChanges), AliasConfigError> {
+    pub fn restore(
+        cfg: AliasConfig,
+        mut stored: Vec<AliasEpoch>,
+        now_ms: u64,
+    ) -> Result<(Self, AliasChanges), AliasConfigError> {
         let mut s = AliasSchedule::new(cfg)?;
         let mut changes = AliasChanges::default();
         stored.sort_by_key(|e| e.epoch);
@@ -167,7 +177,10 @@ impl AliasSchedule {
                     !s.cfg.sids.contains(sid)
                         || list.len() != s.cfg.aliases_per_sid as usize
                         || list.iter().any(|a| {
-                            *a == 0 || *a >> s.cfg.alias_bits != 0 || s.in_use.contains_key(a) || !fresh.insert(*a)
+                            *a == 0
+                                || *a >> s.cfg.alias_bits != 0
+                                || s.in_use.contains_key(a)
+                                || !fresh.insert(*a)
                         })
                 });
             if e.valid_until_ms <= now_ms || clash {
@@ -203,7 +216,11 @@ impl AliasSchedule {
     /// since the newest began (or none exists).
     pub fn advance(&mut self, now_ms: u64, rng: &mut Csprng) -> AliasChanges {
         let mut changes = AliasChanges::default();
-        while self.epochs.front().is_some_and(|e| e.valid_until_ms <= now_ms) {
+        while self
+            .epochs
+            .front()
+            .is_some_and(|e| e.valid_until_ms <= now_ms)
+        {
             if let Some(old) = self.epochs.pop_front() {
                 self.forget(&old);
                 changes.expired.push(old.epoch);
@@ -273,7 +290,9 @@ impl AliasSchedule {
         // is drawn): list the free values and pick without replacement. Both are uniform.
         let dense = (self.in_use.len() as u64 + needed) * 2 > space;
         let mut free: Vec<u32> = if dense {
-            (1..space as u32).filter(|a| !self.in_use.contains_key(a)).collect()
+            (1..space as u32)
+                .filter(|a| !self.in_use.contains_key(a))
+                .collect()
         } else {
             Vec::new()
         };
@@ -298,7 +317,12 @@ impl AliasSchedule {
             }
             aliases.push((sid, list));
         }
-        AliasEpoch { epoch, start_ms: now_ms, valid_until_ms: now_ms.saturating_add(self.cfg.validity_ms()), aliases }
+        AliasEpoch {
+            epoch,
+            start_ms: now_ms,
+            valid_until_ms: now_ms.saturating_add(self.cfg.validity_ms()),
+            aliases,
+        }
     }
 }
 
@@ -308,7 +332,13 @@ mod tests {
     use std::collections::HashSet;
 
     fn cfg(bits: u8, n: u32, k: u32, sids: u16) -> AliasConfig {
-        AliasConfig { alias_bits: bits, aliases_per_sid: n, k, t_sid_ms: 1000, sids: (1..=sids).collect() }
+        AliasConfig {
+            alias_bits: bits,
+            aliases_per_sid: n,
+            k,
+            t_sid_ms: 1000,
+            sids: (1..=sids).collect(),
+        }
     }
 
     #[test]
@@ -317,15 +347,34 @@ mod tests {
         assert!(cfg(4, 5, 1, 3).validate().is_ok());
         // 4 · 2 · 2 = 16 > 15.
         let err = cfg(4, 2, 2, 4).validate().unwrap_err();
-        assert!(matches!(err, AliasConfigError::Bound { need: 16, have: 15, .. }));
+        assert!(matches!(
+            err,
+            AliasConfigError::Bound {
+                need: 16,
+                have: 15,
+                ..
+            }
+        ));
         let msg = err.to_string();
         assert!(msg.contains("SIDs·n·k < 2^a"), "{msg}");
-        assert!(matches!(cfg(0, 1, 1, 1).validate(), Err(AliasConfigError::AliasBits(0))));
-        assert!(matches!(cfg(8, 0, 1, 1).validate(), Err(AliasConfigError::Zero(_))));
-        assert!(matches!(cfg(8, 1, 0, 1).validate(), Err(AliasConfigError::Zero(_))));
+        assert!(matches!(
+            cfg(0, 1, 1, 1).validate(),
+            Err(AliasConfigError::AliasBits(0))
+        ));
+        assert!(matches!(
+            cfg(8, 0, 1, 1).validate(),
+            Err(AliasConfigError::Zero(_))
+        ));
+        assert!(matches!(
+            cfg(8, 1, 0, 1).validate(),
+            Err(AliasConfigError::Zero(_))
+        ));
         let mut dup = cfg(8, 1, 1, 2);
         dup.sids.push(1);
-        assert!(matches!(dup.validate(), Err(AliasConfigError::DuplicateSid(1))));
+        assert!(matches!(
+            dup.validate(),
+            Err(AliasConfigError::DuplicateSid(1))
+        ));
     }
 
     #[test]
@@ -386,7 +435,8 @@ mod tests {
         assert_eq!(r.next_rotation_ms(), 3000);
         let mut clash = stored[2].clone();
         clash.epoch = 9;
-        let (r, ch) = AliasSchedule::restore(cfg(16, 2, 3, 2), vec![stored[2].clone(), clash], 2500).unwrap();
+        let (r, ch) =
+            AliasSchedule::restore(cfg(16, 2, 3, 2), vec![stored[2].clone(), clash], 2500).unwrap();
         assert_eq!(ch.expired, vec![9]);
         assert_eq!(r.valid_epochs().count(), 1);
         assert_eq!(r.next_epoch, 10);
@@ -400,14 +450,19 @@ mod tests {
         old.advance(0, &mut rng);
         let stored: Vec<_> = old.valid_epochs().cloned().collect();
         let (mut r, ch) = AliasSchedule::restore(cfg(4, 2, 2, 3), stored, 10).unwrap();
-        assert_eq!(ch.expired, vec![1], "an epoch with 5 aliases per SID no longer fits");
+        assert_eq!(
+            ch.expired,
+            vec![1],
+            "an epoch with 5 aliases per SID no longer fits"
+        );
         for t in 0..50u64 {
             r.advance(10 + t * 1000, &mut rng);
         }
         // A duplicated alias inside one stored epoch is refused too.
         let mut dup = r.current().unwrap().clone();
         dup.aliases[0].1[1] = dup.aliases[0].1[0];
-        let (_, ch) = AliasSchedule::restore(cfg(4, 2, 2, 3), vec![dup.clone()], dup.start_ms).unwrap();
+        let (_, ch) =
+            AliasSchedule::restore(cfg(4, 2, 2, 3), vec![dup.clone()], dup.start_ms).unwrap();
         assert_eq!(ch.expired, vec![dup.epoch]);
     }
 }

@@ -53,7 +53,11 @@ pub struct PendingRequest {
 
 impl PendingRequest {
     /// A new request for `count` addresses; returns it and the datagram to send.
-    pub fn new(rng: &mut Csprng, family: Family, count: u8) -> Result<(Self, Vec<u8>), ClientError> {
+    pub fn new(
+        rng: &mut Csprng,
+        family: Family,
+        count: u8,
+    ) -> Result<(Self, Vec<u8>), ClientError> {
         if count == 0 {
             return Err(ClientError::BadArgument("count must be 1..=255"));
         }
@@ -61,9 +65,13 @@ impl PendingRequest {
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill(&mut nonce);
         let mut out = Vec::new();
-        ClientMsg::AllocRequest(AllocRequest { family, count, nonce })
-            .emit(txid, &mut out)
-            .map_err(|_| ClientError::BadArgument("request"))?;
+        ClientMsg::AllocRequest(AllocRequest {
+            family,
+            count,
+            nonce,
+        })
+        .emit(txid, &mut out)
+        .map_err(|_| ClientError::BadArgument("request"))?;
         Ok((PendingRequest { txid, nonce }, out))
     }
 
@@ -75,15 +83,23 @@ impl PendingRequest {
     /// `None` if `datagram` is not the reply to this request (ignore it); otherwise the outcome.
     pub fn accept(&self, datagram: &[u8]) -> Option<Result<Allocation, ClientError>> {
         match ClientMsg::parse(datagram) {
-            Ok((txid, ClientMsg::AllocReply(r))) if txid == self.txid && r.nonce == self.nonce => Some(match r.status {
-                Status::Ok => Ok(Allocation {
-                    gateway: r.gateway,
-                    prefix_len: r.prefix_len,
-                    addrs: r.addrs.iter().map(|&(a, ms)| (a, Duration::from_millis(u64::from(ms)))).collect(),
-                }),
-                s => Err(ClientError::Refused(s)),
-            }),
-            Ok((txid, ClientMsg::ReleaseReply(r))) if txid == self.txid && r.status != Status::Ok => {
+            Ok((txid, ClientMsg::AllocReply(r))) if txid == self.txid && r.nonce == self.nonce => {
+                Some(match r.status {
+                    Status::Ok => Ok(Allocation {
+                        gateway: r.gateway,
+                        prefix_len: r.prefix_len,
+                        addrs: r
+                            .addrs
+                            .iter()
+                            .map(|&(a, ms)| (a, Duration::from_millis(u64::from(ms))))
+                            .collect(),
+                    }),
+                    s => Err(ClientError::Refused(s)),
+                })
+            }
+            Ok((txid, ClientMsg::ReleaseReply(r)))
+                if txid == self.txid && r.status != Status::Ok =>
+            {
                 Some(Err(ClientError::Refused(r.status)))
             }
             _ => None,
@@ -99,12 +115,19 @@ pub struct PendingRelease {
 
 impl PendingRelease {
     /// A release of `addrs` (all of `family`, at most 255); returns it and the datagram.
-    pub fn new(rng: &mut Csprng, family: Family, addrs: &[IpAddr]) -> Result<(Self, Vec<u8>), ClientError> {
+    pub fn new(
+        rng: &mut Csprng,
+        family: Family,
+        addrs: &[IpAddr],
+    ) -> Result<(Self, Vec<u8>), ClientError> {
         let txid = rng.next_u64() as u32;
         let mut out = Vec::new();
-        ClientMsg::Release(Release { family, addrs: addrs.to_vec() })
-            .emit(txid, &mut out)
-            .map_err(|_| ClientError::BadArgument("at most 255 addresses, all of the given family"))?;
+        ClientMsg::Release(Release {
+            family,
+            addrs: addrs.to_vec(),
+        })
+        .emit(txid, &mut out)
+        .map_err(|_| ClientError::BadArgument("at most 255 addresses, all of the given family"))?;
         Ok((PendingRelease { txid }, out))
     }
 
@@ -112,7 +135,11 @@ impl PendingRelease {
     pub fn accept(&self, datagram: &[u8]) -> Option<Result<u8, ClientError>> {
         match ClientMsg::parse(datagram) {
             Ok((txid, ClientMsg::ReleaseReply(r))) if txid == self.txid => {
-                Some(if r.status == Status::Ok { Ok(r.released) } else { Err(ClientError::Refused(r.status)) })
+                Some(if r.status == Status::Ok {
+                    Ok(r.released)
+                } else {
+                    Err(ClientError::Refused(r.status))
+                })
             }
             _ => None,
         }
@@ -132,14 +159,24 @@ pub struct AllocClient {
 impl AllocClient {
     /// A client on an ephemeral port of the gateway's family.
     pub fn new(gateway: SocketAddr) -> Result<Self, ClientError> {
-        let local: SocketAddr = if gateway.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }
-            .map_err(|_| ClientError::BadArgument("gateway"))?;
+        let local: SocketAddr = if gateway.is_ipv4() {
+            "0.0.0.0:0".parse()
+        } else {
+            "[::]:0".parse()
+        }
+        .map_err(|_| ClientError::BadArgument("gateway"))?;
         Self::with_socket(UdpSocket::bind(local)?, gateway)
     }
 
     /// A client on a socket the caller bound (e.g. to one of its addresses).
     pub fn with_socket(sock: UdpSocket, gateway: SocketAddr) -> Result<Self, ClientError> {
-        Ok(AllocClient { sock, gateway, rng: Csprng::new()?, timeout: Duration::from_millis(500), attempts: 4 })
+        Ok(AllocClient {
+            sock,
+            gateway,
+            rng: Csprng::new()?,
+            timeout: Duration::from_millis(500),
+            attempts: 4,
+        })
     }
 
     /// Per-attempt timeout (default 500 ms) and number of attempts (default 4).
@@ -177,7 +214,10 @@ impl AllocClient {
         Err(ClientError::Timeout(self.attempts))
     }
 
-    fn wait<T>(&self, mut accept: impl FnMut(&[u8]) -> Option<T>) -> Result<Option<T>, ClientError> {
+    fn wait<T>(
+        &self,
+        mut accept: impl FnMut(&[u8]) -> Option<T>,
+    ) -> Result<Option<T>, ClientError> {
         let deadline = std::time::Instant::now() + self.timeout;
         let mut buf = [0u8; 4096];
         loop {
@@ -193,7 +233,14 @@ impl AllocClient {
                     }
                 }
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return Ok(None),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
                 Err(e) => return Err(e.into()),
             }
@@ -210,7 +257,9 @@ mod tests {
     fn pending_request_accepts_only_its_own_reply() {
         let mut rng = Csprng::new().unwrap();
         let (p, bytes) = PendingRequest::new(&mut rng, Family::V4, 2).unwrap();
-        let (txid, ClientMsg::AllocRequest(req)) = ClientMsg::parse(&bytes).unwrap() else { panic!("not a request") };
+        let (txid, ClientMsg::AllocRequest(req)) = ClientMsg::parse(&bytes).unwrap() else {
+            panic!("not a request")
+        };
         let reply = |txid: u32, nonce, status| {
             let mut out = Vec::new();
             ClientMsg::AllocReply(AllocReply {
@@ -219,17 +268,33 @@ mod tests {
                 prefix_len: 32,
                 nonce,
                 gateway: "10.0.0.1".parse().unwrap(),
-                addrs: if status == Status::Ok { vec![("10.0.0.9".parse().unwrap(), 1500)] } else { vec![] },
+                addrs: if status == Status::Ok {
+                    vec![("10.0.0.9".parse().unwrap(), 1500)]
+                } else {
+                    vec![]
+                },
             })
             .emit(txid, &mut out)
             .unwrap();
             out
         };
-        assert!(p.accept(&reply(txid ^ 1, req.nonce, Status::Ok)).is_none(), "other txid");
-        assert!(p.accept(&reply(txid, [0; 16], Status::Ok)).is_none(), "other nonce");
+        assert!(
+            p.accept(&reply(txid ^ 1, req.nonce, Status::Ok)).is_none(),
+            "other txid"
+        );
+        assert!(
+            p.accept(&reply(txid, [0; 16], Status::Ok)).is_none(),
+            "other nonce"
+        );
         assert!(p.accept(b"garbage").is_none());
-        let got = p.accept(&reply(txid, req.nonce, Status::Ok)).unwrap().unwrap();
-        assert_eq!(got.addrs, vec![("10.0.0.9".parse().unwrap(), Duration::from_millis(1500))]);
+        let got = p
+            .accept(&reply(txid, req.nonce, Status::Ok))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got.addrs,
+            vec![("10.0.0.9".parse().unwrap(), Duration::from_millis(1500))]
+        );
         assert!(matches!(
             p.accept(&reply(txid, req.nonce, Status::PoolExhausted)),
             Some(Err(ClientError::Refused(Status::PoolExhausted)))

@@ -191,9 +191,15 @@ impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
         let cfg = Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: shown.clone(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: shown.clone(),
+                message,
+            },
             e => e,
         })?;
         Ok(cfg)
@@ -201,7 +207,10 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<config>".into(), message: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            message: e.to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -223,7 +232,10 @@ impl Config {
             return inv("server.replay_window_ms must be at least 1".into());
         }
         if self.lease.max_per_request > 255 {
-            return inv(format!("lease.max_per_request = {}: at most 255 addresses fit in one reply", self.lease.max_per_request));
+            return inv(format!(
+                "lease.max_per_request = {}: at most 255 addresses fit in one reply",
+                self.lease.max_per_request
+            ));
         }
         if let Some(v4) = &self.ipv4 {
             if v4.client_prefix_len > 32 {
@@ -256,15 +268,24 @@ impl Config {
                 let prefixes = v4
                     .prefixes
                     .iter()
-                    .map(|p| p.parse::<Ipv4Prefix>().map_err(|e| ConfigError::Invalid(format!("ipv4.prefixes: {e}"))))
+                    .map(|p| {
+                        p.parse::<Ipv4Prefix>()
+                            .map_err(|e| ConfigError::Invalid(format!("ipv4.prefixes: {e}")))
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
-                Some(lease::V4Config { prefixes, reserved: v4.reserved.clone() })
+                Some(lease::V4Config {
+                    prefixes,
+                    reserved: v4.reserved.clone(),
+                })
             }
             None => None,
         };
         let ipv6 = match &self.ipv6 {
             Some(v6) => Some(lease::V6Config {
-                prefix: v6.prefix.parse::<Ipv6Prefix>().map_err(|e| ConfigError::Invalid(format!("ipv6.prefix: {e}")))?,
+                prefix: v6
+                    .prefix
+                    .parse::<Ipv6Prefix>()
+                    .map_err(|e| ConfigError::Invalid(format!("ipv6.prefix: {e}")))?,
                 alias_bits: v6.alias_bits,
                 aliases_per_sid: v6.aliases_per_sid,
                 k: v6.k,
@@ -280,7 +301,12 @@ impl Config {
             max_live_per_client: self.lease.max_live_per_client,
             rate_per_s: self.lease.rate_per_s,
             rate_burst: self.lease.rate_burst,
-            sids: self.switches.iter().filter(|s| s.role == Role::Access).map(|s| s.id).collect(),
+            sids: self
+                .switches
+                .iter()
+                .filter(|s| s.role == Role::Access)
+                .map(|s| s.id)
+                .collect(),
             ipv4,
             ipv6,
         })
@@ -292,12 +318,23 @@ impl Config {
         for s in &self.switches {
             let hex = match (&s.key_hex, &s.key_file) {
                 (Some(h), None) => h.clone(),
-                (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|e| ConfigError::Invalid(format!("switch {}: cannot read key_file {}: {e}", s.id, f.display())))?,
-                _ => return Err(ConfigError::Invalid(format!("switch {}: set exactly one of key_hex and key_file", s.id))),
+                (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "switch {}: cannot read key_file {}: {e}",
+                        s.id,
+                        f.display()
+                    ))
+                })?,
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "switch {}: set exactly one of key_hex and key_file",
+                        s.id
+                    )))
+                }
             };
-            let secret = decode_hex(hex.trim())
-                .ok_or_else(|| ConfigError::Invalid(format!("switch {}: the key is not hex", s.id)))?;
+            let secret = decode_hex(hex.trim()).ok_or_else(|| {
+                ConfigError::Invalid(format!("switch {}: the key is not hex", s.id))
+            })?;
             if secret.len() < 32 {
                 return Err(ConfigError::Invalid(format!(
                     "switch {}: the key has {} bytes; HMAC-SHA256 keys need at least 32",
@@ -305,7 +342,11 @@ impl Config {
                     secret.len()
                 )));
             }
-            out.push(SwitchKey { id: s.id, role: s.role, secret });
+            out.push(SwitchKey {
+                id: s.id,
+                role: s.role,
+                secret,
+            });
         }
         Ok(out)
     }
@@ -318,8 +359,12 @@ impl Config {
     /// Gateway and client prefix length per family (IPv4, IPv6), as told to clients.
     pub fn gateways(&self) -> (Option<Gateway>, Option<Gateway>) {
         (
-            self.ipv4.as_ref().map(|v| (IpAddr::V4(v.gateway), v.client_prefix_len)),
-            self.ipv6.as_ref().map(|v| (IpAddr::V6(v.gateway), v.client_prefix_len)),
+            self.ipv4
+                .as_ref()
+                .map(|v| (IpAddr::V4(v.gateway), v.client_prefix_len)),
+            self.ipv6
+                .as_ref()
+                .map(|v| (IpAddr::V6(v.gateway), v.client_prefix_len)),
         )
     }
 }
@@ -328,7 +373,10 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 || !s.is_ascii() {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
 }
 
 fn default_relay() -> SocketAddr {
@@ -436,16 +484,26 @@ key_hex = "{KEY}"
 
     #[test]
     fn semantic_errors_are_clear() {
-        let e = Config::parse(&base().replace("10.0.0.0/16", "10.0.0.1/16")).unwrap_err().to_string();
+        let e = Config::parse(&base().replace("10.0.0.0/16", "10.0.0.1/16"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("host bits"), "{e}");
-        let e = Config::parse(&base().replace(KEY, "abcd")).unwrap_err().to_string();
+        let e = Config::parse(&base().replace(KEY, "abcd"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("at least 32"), "{e}");
-        let e = Config::parse(&base().replace(KEY, "zz")).unwrap_err().to_string();
+        let e = Config::parse(&base().replace(KEY, "zz"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not hex"), "{e}");
-        let e = Config::parse(&base().replace("t_ip_min_ms = 60000", "t_ip_min_ms = 600000")).unwrap_err().to_string();
+        let e = Config::parse(&base().replace("t_ip_min_ms = 60000", "t_ip_min_ms = 600000"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("t_ip"), "{e}");
         let v6 = "[ipv6]\nprefix = \"2001:db8::/64\"\nalias_bits = 4\naliases_per_sid = 8\nk = 4\nt_sid_ms = 100000\ngateway = \"fe80::1\"\n[[switch]]";
-        let e = Config::parse(&base().replacen("[[switch]]", v6, 1)).unwrap_err().to_string();
+        let e = Config::parse(&base().replacen("[[switch]]", v6, 1))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("SIDs·n·k < 2^a"), "{e}");
     }
 }

@@ -299,11 +299,23 @@ struct LeaseEntry {
 
 impl LeaseEntry {
     fn new(l: &Lease, state: LeaseState) -> Self {
-        LeaseEntry { mac: l.mac, sid: l.sid, state, assigned_ms: l.assigned_ms, expires_ms: l.expires_ms }
+        LeaseEntry {
+            mac: l.mac,
+            sid: l.sid,
+            state,
+            assigned_ms: l.assigned_ms,
+            expires_ms: l.expires_ms,
+        }
     }
 
     fn lease(&self, ip: IpAddr) -> Lease {
-        Lease { ip, mac: self.mac, sid: self.sid, assigned_ms: self.assigned_ms, expires_ms: self.expires_ms }
+        Lease {
+            ip,
+            mac: self.mac,
+            sid: self.sid,
+            assigned_ms: self.assigned_ms,
+            expires_ms: self.expires_ms,
+        }
     }
 }
 
@@ -349,8 +361,15 @@ impl LeaseTable {
     }
 
     fn iter(&self) -> impl Iterator<Item = (IpAddr, &LeaseEntry)> {
-        let v4 = self.v4.iter().map(|(k, e)| (IpAddr::V4(Ipv4Addr::from(*k)), e));
-        v4.chain(self.v6.iter().map(|(k, e)| (IpAddr::V6(Ipv6Addr::from(*k)), e)))
+        let v4 = self
+            .v4
+            .iter()
+            .map(|(k, e)| (IpAddr::V4(Ipv4Addr::from(*k)), e));
+        v4.chain(
+            self.v6
+                .iter()
+                .map(|(k, e)| (IpAddr::V6(Ipv6Addr::from(*k)), e)),
+        )
     }
 }
 
@@ -461,7 +480,11 @@ impl Allocator {
                     }
                 }
             }
-            let state = if lease.expires_ms > now_ms { LeaseState::Assigned } else { LeaseState::Draining };
+            let state = if lease.expires_ms > now_ms {
+                LeaseState::Assigned
+            } else {
+                LeaseState::Draining
+            };
             if state == LeaseState::Assigned {
                 timers.push(Reverse((lease.expires_ms, TimerKind::Expire, lease.ip)));
                 a.client_entry(lease.mac).live += 1;
@@ -540,7 +563,11 @@ impl Allocator {
             }
             if let Some(e) = ch.started {
                 self.journal.push(JournalOp::PutEpoch(e.clone()));
-                self.emit(RuleUpdate::AliasEpoch { epoch: e.epoch, aliases: e.aliases, valid_until_ms: e.valid_until_ms });
+                self.emit(RuleUpdate::AliasEpoch {
+                    epoch: e.epoch,
+                    aliases: e.aliases,
+                    valid_until_ms: e.valid_until_ms,
+                });
             }
         }
         while let Some(&Reverse((t, kind, ip))) = self.timers.peek() {
@@ -548,7 +575,9 @@ impl Allocator {
                 break;
             }
             self.timers.pop();
-            let Some(entry) = self.leases.get_mut(ip) else { continue };
+            let Some(entry) = self.leases.get_mut(ip) else {
+                continue;
+            };
             match kind {
                 TimerKind::Expire => {
                     // Stale if the lease was released (state already Draining) or replaced.
@@ -593,7 +622,11 @@ impl Allocator {
     pub fn allocate(&mut self, now_ms: u64, p: AllocParams) -> Result<Vec<Grant>, AllocError> {
         self.advance(now_ms);
         let now = self.now_ms;
-        let (rate, burst, cap) = (self.cfg.rate_per_s, self.cfg.rate_burst, self.cfg.max_live_per_client);
+        let (rate, burst, cap) = (
+            self.cfg.rate_per_s,
+            self.cfg.rate_burst,
+            self.cfg.max_live_per_client,
+        );
         let client = self.client_entry(p.mac);
         refill(client, now, rate, burst);
         if client.tokens_milli < 1000 {
@@ -608,13 +641,20 @@ impl Allocator {
             return Err(AllocError::UnknownSid(p.sid));
         }
         if live.saturating_add(p.count) > cap {
-            return Err(AllocError::ClientCap { live, asked: p.count, cap });
+            return Err(AllocError::ClientCap {
+                live,
+                asked: p.count,
+                cap,
+            });
         }
         let mut ips = Vec::with_capacity(p.count as usize);
         let mut alias_end = u64::MAX;
         match p.family {
             Family::V4 => {
-                let pool = self.v4.as_mut().ok_or(AllocError::FamilyNotConfigured(Family::V4))?;
+                let pool = self
+                    .v4
+                    .as_mut()
+                    .ok_or(AllocError::FamilyNotConfigured(Family::V4))?;
                 if pool.free() < u64::from(p.count) {
                     return Err(AllocError::PoolExhausted);
                 }
@@ -627,11 +667,19 @@ impl Allocator {
                 }
             }
             Family::V6 => {
-                let pool = self.v6.as_mut().ok_or(AllocError::FamilyNotConfigured(Family::V6))?;
-                let sched = self.aliases.as_ref().ok_or(AllocError::FamilyNotConfigured(Family::V6))?;
+                let pool = self
+                    .v6
+                    .as_mut()
+                    .ok_or(AllocError::FamilyNotConfigured(Family::V6))?;
+                let sched = self
+                    .aliases
+                    .as_ref()
+                    .ok_or(AllocError::FamilyNotConfigured(Family::V6))?;
                 alias_end = sched.current().map_or(0, |e| e.valid_until_ms);
                 for _ in 0..p.count {
-                    let got = sched.pick(p.sid, &mut self.rng).and_then(|a| pool.allocate(a, &mut self.rng));
+                    let got = sched
+                        .pick(p.sid, &mut self.rng)
+                        .and_then(|a| pool.allocate(a, &mut self.rng));
                     match got {
                         Some(ip) => ips.push(IpAddr::V6(ip)),
                         None => break,
@@ -647,18 +695,29 @@ impl Allocator {
         }
         let mut grants = Vec::with_capacity(ips.len());
         for ip in ips {
-            let t_ip = self.rng.in_range(self.cfg.t_ip_min_ms, self.cfg.t_ip_max_ms);
+            let t_ip = self
+                .rng
+                .in_range(self.cfg.t_ip_min_ms, self.cfg.t_ip_max_ms);
             // An IPv6 lease never outlives its alias: its drain ends by the epoch's end. The
             // configuration bound makes this a no-op unless the clock jumped.
             let expires_ms = now
                 .saturating_add(t_ip)
                 .min(alias_end.saturating_sub(self.cfg.t_remove_ms))
                 .max(now);
-            let lease = Lease { ip, mac: p.mac, sid: p.sid, assigned_ms: now, expires_ms };
-            let previous = self.leases.insert(ip, LeaseEntry::new(&lease, LeaseState::Assigned));
+            let lease = Lease {
+                ip,
+                mac: p.mac,
+                sid: p.sid,
+                assigned_ms: now,
+                expires_ms,
+            };
+            let previous = self
+                .leases
+                .insert(ip, LeaseEntry::new(&lease, LeaseState::Assigned));
             // The pools hand out only addresses no lease holds (restored leases are marked).
             debug_assert!(previous.is_none(), "{ip} granted while leased");
-            self.timers.push(Reverse((expires_ms, TimerKind::Expire, ip)));
+            self.timers
+                .push(Reverse((expires_ms, TimerKind::Expire, ip)));
             self.journal.push(JournalOp::PutLease(lease));
             self.emit(RuleUpdate::BindingAdd {
                 ip,
@@ -666,7 +725,11 @@ impl Allocator {
                 sid: p.sid,
                 valid_until_ms: expires_ms.saturating_add(self.cfg.t_remove_ms),
             });
-            grants.push(Grant { ip, expires_ms, lifetime_ms: expires_ms - now });
+            grants.push(Grant {
+                ip,
+                expires_ms,
+                lifetime_ms: expires_ms - now,
+            });
         }
         self.client_entry(p.mac).live += p.count;
         self.stats.allocations += u64::from(p.count);
@@ -681,7 +744,9 @@ impl Allocator {
         let now = self.now_ms;
         let mut n = 0;
         for &ip in ips {
-            let Some(entry) = self.leases.get_mut(ip) else { continue };
+            let Some(entry) = self.leases.get_mut(ip) else {
+                continue;
+            };
             if entry.mac != mac || entry.state != LeaseState::Assigned {
                 continue;
             }
@@ -691,7 +756,12 @@ impl Allocator {
             let drain_end = now.saturating_add(self.cfg.t_remove_ms);
             self.timers.push(Reverse((drain_end, TimerKind::Free, ip)));
             self.journal.push(JournalOp::PutLease(lease));
-            self.emit(RuleUpdate::BindingAdd { ip, mac, sid: lease.sid, valid_until_ms: drain_end });
+            self.emit(RuleUpdate::BindingAdd {
+                ip,
+                mac,
+                sid: lease.sid,
+                valid_until_ms: drain_end,
+            });
             self.client_entry(mac).live -= 1;
             n += 1;
         }
@@ -715,7 +785,11 @@ impl Allocator {
         }
         if let Some(s) = &self.aliases {
             for e in s.valid_epochs() {
-                out.push(RuleUpdate::AliasEpoch { epoch: e.epoch, aliases: e.aliases.clone(), valid_until_ms: e.valid_until_ms });
+                out.push(RuleUpdate::AliasEpoch {
+                    epoch: e.epoch,
+                    aliases: e.aliases.clone(),
+                    valid_until_ms: e.valid_until_ms,
+                });
             }
         }
         (self.seq, out)
@@ -743,7 +817,10 @@ impl Allocator {
 
     fn emit(&mut self, update: RuleUpdate) {
         self.seq += 1;
-        self.updates.push(Sequenced { seq: self.seq, update });
+        self.updates.push(Sequenced {
+            seq: self.seq,
+            update,
+        });
     }
 
     fn release_addr(&mut self, ip: IpAddr) {
@@ -763,9 +840,11 @@ impl Allocator {
 
     fn client_entry(&mut self, mac: Mac) -> &mut Client {
         let (now, burst) = (self.now_ms, self.cfg.rate_burst);
-        self.clients
-            .entry(mac)
-            .or_insert(Client { live: 0, tokens_milli: u64::from(burst) * 1000, last_ms: now })
+        self.clients.entry(mac).or_insert(Client {
+            live: 0,
+            tokens_milli: u64::from(burst) * 1000,
+            last_ms: now,
+        })
     }
 }
 
@@ -781,7 +860,8 @@ impl Hasher for AddrHasher {
         for chunk in bytes.chunks(8) {
             let mut w = [0u8; 8];
             w[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x517c_c1b7_2722_0a95);
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x517c_c1b7_2722_0a95);
         }
     }
 
@@ -808,7 +888,10 @@ fn refill(c: &mut Client, now: u64, rate_per_s: u32, burst: u32) {
 
 fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if cfg.t_ip_min_ms == 0 || cfg.t_ip_min_ms > cfg.t_ip_max_ms {
-        return Err(ConfigError::Lifetime { min: cfg.t_ip_min_ms, max: cfg.t_ip_max_ms });
+        return Err(ConfigError::Lifetime {
+            min: cfg.t_ip_min_ms,
+            max: cfg.t_ip_max_ms,
+        });
     }
     for (v, name) in [
         (cfg.max_per_request, "max_per_request"),
@@ -828,7 +911,10 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
     }
     if let Some(c) = &cfg.ipv6 {
         let have = c.t_sid_ms.saturating_mul(u64::from(c.k));
-        let need = c.t_sid_ms.saturating_add(cfg.t_ip_max_ms).saturating_add(cfg.t_remove_ms);
+        let need = c
+            .t_sid_ms
+            .saturating_add(cfg.t_ip_max_ms)
+            .saturating_add(cfg.t_remove_ms);
         if c.k > 0 && c.t_sid_ms > 0 && need > have {
             return Err(ConfigError::AliasOutlived { need, have });
         }
@@ -850,13 +936,21 @@ mod tests {
             rate_per_s: 1000,
             rate_burst: 1000,
             sids: vec![1, 2],
-            ipv4: Some(V4Config { prefixes: vec![prefix.parse().unwrap()], reserved: vec![] }),
+            ipv4: Some(V4Config {
+                prefixes: vec![prefix.parse().unwrap()],
+                reserved: vec![],
+            }),
             ipv6: None,
         }
     }
 
     fn req(mac: u8, count: u32) -> AllocParams {
-        AllocParams { mac: Mac([2, 0, 0, 0, 0, mac]), sid: 1, family: Family::V4, count }
+        AllocParams {
+            mac: Mac([2, 0, 0, 0, 0, mac]),
+            sid: 1,
+            family: Family::V4,
+            count,
+        }
     }
 
     #[test]
@@ -867,7 +961,9 @@ mod tests {
         assert!((11_000..=12_000).contains(&g.expires_ms));
         assert_eq!(a.lease(g.ip).unwrap().1, LeaseState::Assigned);
         let ups = a.take_updates();
-        assert!(matches!(&ups[..], [Sequenced { seq: 1, update: RuleUpdate::BindingAdd { valid_until_ms, .. } }] if *valid_until_ms == g.expires_ms + 500));
+        assert!(
+            matches!(&ups[..], [Sequenced { seq: 1, update: RuleUpdate::BindingAdd { valid_until_ms, .. } }] if *valid_until_ms == g.expires_ms + 500)
+        );
         a.advance(g.expires_ms);
         assert_eq!(a.lease(g.ip).unwrap().1, LeaseState::Draining);
         a.advance(g.expires_ms + 499);
@@ -875,7 +971,13 @@ mod tests {
         assert!(a.take_updates().is_empty());
         a.advance(g.expires_ms + 500);
         assert!(a.lease(g.ip).is_none());
-        assert_eq!(a.take_updates(), vec![Sequenced { seq: 2, update: RuleUpdate::BindingRemove { ip: g.ip } }]);
+        assert_eq!(
+            a.take_updates(),
+            vec![Sequenced {
+                seq: 2,
+                update: RuleUpdate::BindingRemove { ip: g.ip }
+            }]
+        );
         assert_eq!(a.take_journal().last(), Some(&JournalOp::DeleteLease(g.ip)));
         assert_eq!(a.stats().expiries, 1);
         assert_eq!(a.stats().freed, 1);
@@ -898,9 +1000,20 @@ mod tests {
         cfg.max_live_per_client = 3;
         let mut a = Allocator::new(cfg).unwrap();
         let g = a.allocate(0, req(1, 3)).unwrap();
-        assert_eq!(a.allocate(0, req(1, 1)), Err(AllocError::ClientCap { live: 3, asked: 1, cap: 3 }));
+        assert_eq!(
+            a.allocate(0, req(1, 1)),
+            Err(AllocError::ClientCap {
+                live: 3,
+                asked: 1,
+                cap: 3
+            })
+        );
         assert!(a.allocate(0, req(2, 1)).is_ok(), "other clients unaffected");
-        assert_eq!(a.release(1, Mac([2, 0, 0, 0, 0, 9]), &[g[0].ip]), 0, "not the owner");
+        assert_eq!(
+            a.release(1, Mac([2, 0, 0, 0, 0, 9]), &[g[0].ip]),
+            0,
+            "not the owner"
+        );
         assert_eq!(a.release(1, req(1, 0).mac, &[g[0].ip, g[0].ip]), 1);
         assert_eq!(a.lease(g[0].ip).unwrap().1, LeaseState::Draining);
         assert!(a.allocate(2, req(1, 1)).is_ok());
@@ -918,7 +1031,10 @@ mod tests {
         assert_eq!(a.allocate(0, req(1, 1)), Err(AllocError::RateLimited));
         assert!(a.allocate(0, req(2, 1)).is_ok());
         assert_eq!(a.allocate(499, req(1, 1)), Err(AllocError::RateLimited));
-        assert!(a.allocate(500, req(1, 1)).is_ok(), "one token after 500 ms at 2/s");
+        assert!(
+            a.allocate(500, req(1, 1)).is_ok(),
+            "one token after 500 ms at 2/s"
+        );
     }
 
     #[test]
@@ -931,19 +1047,34 @@ mod tests {
         assert_eq!(a.allocate(0, r), Err(AllocError::UnknownSid(77)));
         r.sid = 1;
         r.family = Family::V6;
-        assert_eq!(a.allocate(0, r), Err(AllocError::FamilyNotConfigured(Family::V6)));
+        assert_eq!(
+            a.allocate(0, r),
+            Err(AllocError::FamilyNotConfigured(Family::V6))
+        );
     }
 
     #[test]
     fn config_errors_name_the_problem() {
         let mut c = v4_config("10.0.0.0/24");
         c.t_ip_min_ms = 5000;
-        assert!(matches!(Allocator::new(c).unwrap_err(), ConfigError::Lifetime { .. }));
+        assert!(matches!(
+            Allocator::new(c).unwrap_err(),
+            ConfigError::Lifetime { .. }
+        ));
         let mut c = v4_config("10.0.0.0/24");
-        c.ipv6 = Some(V6Config { prefix: "2001:db8::/64".parse().unwrap(), alias_bits: 16, aliases_per_sid: 4, k: 2, t_sid_ms: 1000 });
+        c.ipv6 = Some(V6Config {
+            prefix: "2001:db8::/64".parse().unwrap(),
+            alias_bits: 16,
+            aliases_per_sid: 4,
+            k: 2,
+            t_sid_ms: 1000,
+        });
         // (k-1)·t_sid = 1000 < t_ip_max + t_remove = 2500
         let e = Allocator::new(c.clone()).unwrap_err();
-        assert!(e.to_string().contains("(k-1)·t_sid >= t_ip_max + t_remove"), "{e}");
+        assert!(
+            e.to_string().contains("(k-1)·t_sid >= t_ip_max + t_remove"),
+            "{e}"
+        );
         c.ipv6.as_mut().unwrap().k = 4;
         assert!(Allocator::new(c.clone()).is_ok());
         c.ipv6.as_mut().unwrap().aliases_per_sid = 10_000;
@@ -954,19 +1085,36 @@ mod tests {
     #[test]
     fn v6_addresses_use_the_newest_alias_of_the_sid_and_never_outlive_it() {
         let mut c = v4_config("10.0.0.0/24");
-        c.ipv6 = Some(V6Config { prefix: "2001:db8::/64".parse().unwrap(), alias_bits: 16, aliases_per_sid: 4, k: 4, t_sid_ms: 1000 });
+        c.ipv6 = Some(V6Config {
+            prefix: "2001:db8::/64".parse().unwrap(),
+            alias_bits: 16,
+            aliases_per_sid: 4,
+            k: 4,
+            t_sid_ms: 1000,
+        });
         let mut a = Allocator::new(c).unwrap();
         let first = a.take_updates();
-        assert!(matches!(first[0].update, RuleUpdate::AliasEpoch { epoch: 1, .. }));
+        assert!(matches!(
+            first[0].update,
+            RuleUpdate::AliasEpoch { epoch: 1, .. }
+        ));
         for t in (0..10_000).step_by(250) {
             let mut r = req(1, 2);
             r.family = Family::V6;
             r.sid = 2;
             for g in a.allocate(t, r).unwrap() {
-                let IpAddr::V6(ip) = g.ip else { panic!("v4 address for a v6 request") };
+                let IpAddr::V6(ip) = g.ip else {
+                    panic!("v4 address for a v6 request")
+                };
                 let alias = a.v6_pool().unwrap().alias_of(ip);
                 let cur = a.aliases().unwrap().current().unwrap();
-                assert!(cur.aliases.iter().find(|(s, _)| *s == 2).unwrap().1.contains(&alias));
+                assert!(cur
+                    .aliases
+                    .iter()
+                    .find(|(s, _)| *s == 2)
+                    .unwrap()
+                    .1
+                    .contains(&alias));
                 assert!(g.expires_ms + 500 <= cur.valid_until_ms);
             }
             a.release(t, r.mac, &a.leases().map(|(l, _)| l.ip).collect::<Vec<_>>());
@@ -981,15 +1129,31 @@ mod tests {
         let earliest = g.iter().map(|g| g.expires_ms).min().unwrap();
         // Restart just after the earliest lease drained.
         let now = earliest + 500;
-        let mut b = Allocator::restore(v4_config("10.0.0.0/28"), Loaded { leases: leases.clone(), epochs: vec![] }, now).unwrap();
+        let mut b = Allocator::restore(
+            v4_config("10.0.0.0/28"),
+            Loaded {
+                leases: leases.clone(),
+                epochs: vec![],
+            },
+            now,
+        )
+        .unwrap();
         let gone: Vec<_> = b.take_journal();
-        assert!(gone.contains(&JournalOp::DeleteLease(g.iter().find(|g| g.expires_ms == earliest).unwrap().ip)));
+        assert!(gone.contains(&JournalOp::DeleteLease(
+            g.iter().find(|g| g.expires_ms == earliest).unwrap().ip
+        )));
         assert!(b.stats().expired_while_down >= 1);
         let restored = b.lease_count();
         assert_eq!(b.v4_pool().unwrap().in_use() as usize, restored);
         let (_, snap) = b.snapshot();
-        assert_eq!(snap.len(), restored, "every live binding is in the snapshot");
-        assert!(snap.iter().all(|u| matches!(u, RuleUpdate::BindingAdd { ip, .. } if b.lease(*ip).is_some())));
+        assert_eq!(
+            snap.len(),
+            restored,
+            "every live binding is in the snapshot"
+        );
+        assert!(snap
+            .iter()
+            .all(|u| matches!(u, RuleUpdate::BindingAdd { ip, .. } if b.lease(*ip).is_some())));
         // The remaining free addresses are exactly the pool minus restored leases.
         let more = b.allocate(now, req(2, (14 - restored) as u32)).unwrap();
         for m in &more {
@@ -1001,15 +1165,35 @@ mod tests {
     #[test]
     fn a_stored_lease_on_a_now_reserved_address_never_frees_the_reservation() {
         let gw: Ipv4Addr = "10.0.0.1".parse().unwrap();
-        let stored = Lease { ip: IpAddr::V4(gw), mac: Mac([2, 0, 0, 0, 0, 1]), sid: 1, assigned_ms: 0, expires_ms: 1_000 };
+        let stored = Lease {
+            ip: IpAddr::V4(gw),
+            mac: Mac([2, 0, 0, 0, 0, 1]),
+            sid: 1,
+            assigned_ms: 0,
+            expires_ms: 1_000,
+        };
         let mut cfg = v4_config("10.0.0.0/29");
         cfg.ipv4.as_mut().unwrap().reserved = vec![gw];
-        let mut a = Allocator::restore(cfg, Loaded { leases: vec![stored], epochs: vec![] }, 0).unwrap();
-        assert!(a.lease(IpAddr::V4(gw)).is_some(), "the lease is honoured until it drains");
+        let mut a = Allocator::restore(
+            cfg,
+            Loaded {
+                leases: vec![stored],
+                epochs: vec![],
+            },
+            0,
+        )
+        .unwrap();
+        assert!(
+            a.lease(IpAddr::V4(gw)).is_some(),
+            "the lease is honoured until it drains"
+        );
         a.advance(2_000);
         assert!(a.lease(IpAddr::V4(gw)).is_none());
         let all = a.allocate(2_000, req(2, 5)).unwrap();
-        assert!(all.iter().all(|g| g.ip != IpAddr::V4(gw)), "the reserved gateway is never handed out");
+        assert!(
+            all.iter().all(|g| g.ip != IpAddr::V4(gw)),
+            "the reserved gateway is never handed out"
+        );
         assert_eq!(a.allocate(2_000, req(3, 1)), Err(AllocError::PoolExhausted));
     }
 }

@@ -34,7 +34,11 @@ static GLOBAL: MiMalloc = MiMalloc;
 const DEFAULT_CONFIG: &str = "/etc/mimiq/allocator.toml";
 
 #[derive(Parser)]
-#[command(name = "mimiq-allocator", version, about = "mimiq address allocator: random address sets, SID aliases, rule publisher")]
+#[command(
+    name = "mimiq-allocator",
+    version,
+    about = "mimiq address allocator: random address sets, SID aliases, rule publisher"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -78,7 +82,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .try_init();
@@ -112,10 +117,18 @@ fn run(path: &Path) -> anyhow::Result<()> {
         tracing::warn!("store = \"memory\": leases do not survive a restart");
         Box::new(MemStore::new())
     } else {
-        if let Some(dir) = cfg.server.store.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = cfg
+            .server
+            .store
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        Box::new(RedbStore::open_with(&cfg.server.store, cfg.server.store_fold_ops)?)
+        Box::new(RedbStore::open_with(
+            &cfg.server.store,
+            cfg.server.store_fold_ops,
+        )?)
     };
     let server = Server::start(settings, core_cfg, store)?;
     let addrs = server.local_addrs()?;
@@ -123,7 +136,10 @@ fn run(path: &Path) -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
-    println!("listening relay={} publish={} metrics={}", addrs.relay, addrs.publish, addrs.metrics);
+    println!(
+        "listening relay={} publish={} metrics={}",
+        addrs.relay, addrs.publish, addrs.metrics
+    );
     std::io::stdout().flush()?;
     tracing::info!(relay = %addrs.relay, publish = %addrs.publish, metrics = %addrs.metrics, "allocator serving");
     server.run()?;
@@ -136,8 +152,13 @@ fn check(path: &Path) -> anyhow::Result<()> {
     let core = cfg.core().map_err(|e| BadConfig(e.to_string()))?;
     println!("{}: ok", path.display());
     if let Some(v4) = &core.ipv4 {
-        let pool = mimiq_allocator::pool::V4Pool::new(&v4.prefixes, &v4.reserved).map_err(|e| BadConfig(e.to_string()))?;
-        println!("  ipv4: {} prefixes, {} usable addresses", v4.prefixes.len(), pool.capacity());
+        let pool = mimiq_allocator::pool::V4Pool::new(&v4.prefixes, &v4.reserved)
+            .map_err(|e| BadConfig(e.to_string()))?;
+        println!(
+            "  ipv4: {} prefixes, {} usable addresses",
+            v4.prefixes.len(),
+            pool.capacity()
+        );
     }
     if let Some(v6) = &core.ipv6 {
         println!(
@@ -150,8 +171,18 @@ fn check(path: &Path) -> anyhow::Result<()> {
             128 - u32::from(v6.prefix.len) - u32::from(v6.alias_bits)
         );
     }
-    println!("  access switches (SIDs): {:?}; switches: {}", core.sids, cfg.switches.len());
-    println!("  t_ip {}..={} ms, t_remove {} ms, store {}", core.t_ip_min_ms, core.t_ip_max_ms, core.t_remove_ms, cfg.server.store.display());
+    println!(
+        "  access switches (SIDs): {:?}; switches: {}",
+        core.sids,
+        cfg.switches.len()
+    );
+    println!(
+        "  t_ip {}..={} ms, t_remove {} ms, store {}",
+        core.t_ip_min_ms,
+        core.t_ip_max_ms,
+        core.t_remove_ms,
+        cfg.server.store.display()
+    );
     Ok(())
 }
 
@@ -159,7 +190,11 @@ fn leases(path: &Path) -> anyhow::Result<()> {
     let cfg = load(path)?;
     let mut at: SocketAddr = cfg.server.metrics_listen;
     if at.ip().is_unspecified() {
-        at.set_ip(if at.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        at.set_ip(if at.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
     }
     match http_get(at, "/leases") {
         Ok(body) => {
@@ -169,25 +204,40 @@ fn leases(path: &Path) -> anyhow::Result<()> {
         Err(e) => tracing::debug!("server not reachable at {at}: {e}; reading the store"),
     }
     if cfg.store_is_memory() {
-        anyhow::bail!("the server is not reachable at {at} and store = \"memory\" keeps nothing on disk");
+        anyhow::bail!(
+            "the server is not reachable at {at} and store = \"memory\" keeps nothing on disk"
+        );
     }
     if !cfg.server.store.exists() {
-        anyhow::bail!("the server is not reachable at {at} and {} does not exist", cfg.server.store.display());
+        anyhow::bail!(
+            "the server is not reachable at {at} and {} does not exist",
+            cfg.server.store.display()
+        );
     }
     let mut store = match RedbStore::open(&cfg.server.store) {
         Ok(s) => s,
         Err(OpenError::InUse(p)) => {
-            anyhow::bail!("{p} is held by a running allocator whose metrics endpoint {at} does not answer")
+            anyhow::bail!(
+                "{p} is held by a running allocator whose metrics endpoint {at} does not answer"
+            )
         }
         Err(e) => return Err(e.into()),
     };
     let loaded = store.load()?;
     let now = server::wall_ms();
     let t_remove = cfg.lease.t_remove_ms;
-    let mut rows: Vec<_> = loaded.leases.into_iter().filter(|l| l.expires_ms.saturating_add(t_remove) > now).collect();
+    let mut rows: Vec<_> = loaded
+        .leases
+        .into_iter()
+        .filter(|l| l.expires_ms.saturating_add(t_remove) > now)
+        .collect();
     rows.sort_by_key(|l| l.ip);
     for l in rows {
-        let st = if l.expires_ms > now { LeaseState::Assigned } else { LeaseState::Draining };
+        let st = if l.expires_ms > now {
+            LeaseState::Assigned
+        } else {
+            LeaseState::Draining
+        };
         println!("{}", server::format_lease(&l, st));
     }
     Ok(())
@@ -196,10 +246,15 @@ fn leases(path: &Path) -> anyhow::Result<()> {
 fn http_get(at: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    let (head, body) = resp.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
     if !head.starts_with("HTTP/1.1 200") {
         anyhow::bail!("{}", head.lines().next().unwrap_or("HTTP error"));
     }

@@ -76,7 +76,9 @@ impl std::str::FromStr for Ipv4Prefix {
         let (a, l) = s
             .split_once('/')
             .ok_or_else(|| PrefixParseError::MissingLength(s.into()))?;
-        let addr: Ipv4Addr = a.parse().map_err(|_| PrefixParseError::BadAddress(a.into()))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| PrefixParseError::BadAddress(a.into()))?;
         let len: u8 = l
             .parse()
             .ok()
@@ -100,13 +102,19 @@ impl std::str::FromStr for Ipv6Prefix {
         let (a, l) = s
             .split_once('/')
             .ok_or_else(|| PrefixParseError::MissingLength(s.into()))?;
-        let addr: Ipv6Addr = a.parse().map_err(|_| PrefixParseError::BadAddress(a.into()))?;
+        let addr: Ipv6Addr = a
+            .parse()
+            .map_err(|_| PrefixParseError::BadAddress(a.into()))?;
         let len: u8 = l
             .parse()
             .ok()
             .filter(|&l| l <= 128)
             .ok_or_else(|| PrefixParseError::BadLength(l.into(), 128))?;
-        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
         let net = u128::from(addr) & mask;
         if net != u128::from(addr) {
             return Err(PrefixParseError::HostBitsSet(
@@ -206,10 +214,18 @@ impl V4Pool {
             let base = u64::from(u32::from(p.addr));
             let span = 1u64 << (32 - p.len);
             // Network and broadcast addresses are not host addresses on prefixes up to /30.
-            let (first, len) = if p.len <= 30 { (base + 1, span - 2) } else { (base, span) };
+            let (first, len) = if p.len <= 30 {
+                (base + 1, span - 2)
+            } else {
+                (base, span)
+            };
             // first + len <= 2^32, so both fit in u32 except len == 2^32 (impossible: /0 gives
             // 2^32 - 2).
-            ranges.push(Range { first: first as u32, len: len as u32, offset });
+            ranges.push(Range {
+                first: first as u32,
+                len: len as u32,
+                offset,
+            });
             offset += len;
         }
         let size = offset;
@@ -308,7 +324,9 @@ impl V4Pool {
     /// Marks a specific address in use (restoring leases after a restart). Returns false if it is
     /// outside the pool or already in use.
     pub fn mark_used(&mut self, addr: Ipv4Addr) -> bool {
-        let Some(idx) = self.index_of(addr) else { return false };
+        let Some(idx) = self.index_of(addr) else {
+            return false;
+        };
         if !self.set_used(idx) {
             return false;
         }
@@ -321,7 +339,9 @@ impl V4Pool {
     /// Returns an address to the pool. Returns false if it is outside the pool, reserved or
     /// already free.
     pub fn release(&mut self, addr: Ipv4Addr) -> bool {
-        let Some(idx) = self.index_of(addr) else { return false };
+        let Some(idx) = self.index_of(addr) else {
+            return false;
+        };
         if !self.is_used(idx) || self.reserved.binary_search(&idx).is_ok() {
             return false;
         }
@@ -405,7 +425,12 @@ impl V6Pool {
                 random_bits: 128u16.saturating_sub(taken) as u8,
             });
         }
-        Ok(V6Pool { prefix, alias_bits, random_bits: (128 - taken) as u8, used: HashSet::new() })
+        Ok(V6Pool {
+            prefix,
+            alias_bits,
+            random_bits: (128 - taken) as u8,
+            used: HashSet::new(),
+        })
     }
 
     /// The prefix.
@@ -425,7 +450,11 @@ impl V6Pool {
 
     /// Whether `addr` is inside the prefix.
     pub fn contains(&self, addr: Ipv6Addr) -> bool {
-        let mask = if self.prefix.len == 0 { 0 } else { u128::MAX << (128 - self.prefix.len) };
+        let mask = if self.prefix.len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - self.prefix.len)
+        };
         u128::from(addr) & mask == u128::from(self.prefix.addr)
     }
 
@@ -470,12 +499,26 @@ mod tests {
 
     #[test]
     fn prefix_parse_errors_are_clear() {
-        assert!(matches!("10.0.0.0".parse::<Ipv4Prefix>(), Err(PrefixParseError::MissingLength(_))));
-        assert!(matches!("10.0.0.1/24".parse::<Ipv4Prefix>(), Err(PrefixParseError::HostBitsSet(_, s)) if s == "10.0.0.0/24"));
-        assert!(matches!("10.0.0.0/33".parse::<Ipv4Prefix>(), Err(PrefixParseError::BadLength(..))));
-        assert!(matches!("x/8".parse::<Ipv4Prefix>(), Err(PrefixParseError::BadAddress(_))));
+        assert!(matches!(
+            "10.0.0.0".parse::<Ipv4Prefix>(),
+            Err(PrefixParseError::MissingLength(_))
+        ));
+        assert!(
+            matches!("10.0.0.1/24".parse::<Ipv4Prefix>(), Err(PrefixParseError::HostBitsSet(_, s)) if s == "10.0.0.0/24")
+        );
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Ipv4Prefix>(),
+            Err(PrefixParseError::BadLength(..))
+        ));
+        assert!(matches!(
+            "x/8".parse::<Ipv4Prefix>(),
+            Err(PrefixParseError::BadAddress(_))
+        ));
         assert_eq!("2001:db8::/64".parse::<Ipv6Prefix>().unwrap().len, 64);
-        assert!(matches!("2001:db8::1/64".parse::<Ipv6Prefix>(), Err(PrefixParseError::HostBitsSet(..))));
+        assert!(matches!(
+            "2001:db8::1/64".parse::<Ipv6Prefix>(),
+            Err(PrefixParseError::HostBitsSet(..))
+        ));
     }
 
     #[test]
@@ -491,7 +534,10 @@ mod tests {
         assert_eq!(got, want, "no network, broadcast or reserved address");
         assert!(pool.release(got[0]));
         assert!(!pool.release(got[0]), "double release is refused");
-        assert!(!pool.release(Ipv4Addr::new(192, 0, 2, 1)), "a reserved address is never freed");
+        assert!(
+            !pool.release(Ipv4Addr::new(192, 0, 2, 1)),
+            "a reserved address is never freed"
+        );
         assert!(!pool.mark_used(Ipv4Addr::new(192, 0, 2, 1)));
         assert_eq!(pool.allocate(&mut rng), Some(got[0]));
     }
@@ -516,7 +562,11 @@ mod tests {
     #[test]
     fn multi_prefix_pool_maps_indices_across_prefixes() {
         let mut rng = Csprng::new().unwrap();
-        let mut pool = V4Pool::new(&[p4("10.0.1.0/31"), p4("10.0.0.0/30"), p4("10.9.9.9/32")], &[]).unwrap();
+        let mut pool = V4Pool::new(
+            &[p4("10.0.1.0/31"), p4("10.0.0.0/30"), p4("10.9.9.9/32")],
+            &[],
+        )
+        .unwrap();
         assert_eq!(pool.size(), 2 + 2 + 1);
         let mut got: Vec<Ipv4Addr> = std::iter::from_fn(|| pool.allocate(&mut rng)).collect();
         got.sort();
@@ -582,10 +632,16 @@ mod tests {
             assert_eq!(a.segments()[4], 0xbeef);
         }
         assert_eq!(pool.in_use(), 100);
-        assert_eq!(V6Pool::new("::/0".parse().unwrap(), 0).unwrap_err(), PoolError::AliasBits(0));
+        assert_eq!(
+            V6Pool::new("::/0".parse().unwrap(), 0).unwrap_err(),
+            PoolError::AliasBits(0)
+        );
         assert!(matches!(
             V6Pool::new("2001:db8::/100".parse().unwrap(), 16),
-            Err(PoolError::TooFewRandomBits { random_bits: 12, .. })
+            Err(PoolError::TooFewRandomBits {
+                random_bits: 12,
+                ..
+            })
         ));
     }
 

@@ -268,7 +268,10 @@ pub fn check_len(buf: &[u8]) -> Result<Header, ParseError> {
     }
     let mut txid = [0u8; 4];
     txid.copy_from_slice(&buf[field::TXID]);
-    Ok(Header { msg_type: MsgType::from(buf[field::TYPE]), txid: u32::from_be_bytes(txid) })
+    Ok(Header {
+        msg_type: MsgType::from(buf[field::TYPE]),
+        txid: u32::from_be_bytes(txid),
+    })
 }
 
 /// An HMAC-SHA256 key shared with one switch.
@@ -350,7 +353,11 @@ impl ClientMsg {
                 if count == 0 {
                     return Err(ParseError::BadField);
                 }
-                ClientMsg::AllocRequest(AllocRequest { family, count, nonce: r.array()? })
+                ClientMsg::AllocRequest(AllocRequest {
+                    family,
+                    count,
+                    nonce: r.array()?,
+                })
             }
             MsgType::AllocReply => {
                 let status = Status::from(r.u8()?);
@@ -363,7 +370,14 @@ impl ClientMsg {
                 for _ in 0..count {
                     addrs.push((r.addr(family)?, r.u32()?));
                 }
-                ClientMsg::AllocReply(AllocReply { status, family, prefix_len, nonce, gateway, addrs })
+                ClientMsg::AllocReply(AllocReply {
+                    status,
+                    family,
+                    prefix_len,
+                    nonce,
+                    gateway,
+                    addrs,
+                })
             }
             MsgType::Release => {
                 let family = r.family()?;
@@ -374,7 +388,10 @@ impl ClientMsg {
                 }
                 ClientMsg::Release(Release { family, addrs })
             }
-            MsgType::ReleaseReply => ClientMsg::ReleaseReply(ReleaseReply { status: Status::from(r.u8()?), released: r.u8()? }),
+            MsgType::ReleaseReply => ClientMsg::ReleaseReply(ReleaseReply {
+                status: Status::from(r.u8()?),
+                released: r.u8()?,
+            }),
             _ => return Err(ParseError::UnexpectedType),
         };
         r.finish()?;
@@ -394,7 +411,12 @@ impl ClientMsg {
             ClientMsg::AllocReply(m) => {
                 let count = u8::try_from(m.addrs.len()).map_err(|_| EmitError::TooMany)?;
                 header(out, MsgType::AllocReply, txid);
-                out.extend_from_slice(&[m.status.into(), family_byte(m.family), m.prefix_len, count]);
+                out.extend_from_slice(&[
+                    m.status.into(),
+                    family_byte(m.family),
+                    m.prefix_len,
+                    count,
+                ]);
                 out.extend_from_slice(&m.nonce);
                 put_addr(out, m.family, m.gateway)?;
                 for (a, life) in &m.addrs {
@@ -461,7 +483,10 @@ pub struct Relay<'a> {
 
 impl<'a> Relay<'a> {
     /// Parses and authenticates a relay message. `key_for` gives the key of a SID.
-    pub fn parse<'k>(buf: &'a [u8], key_for: impl Fn(Sid) -> Option<&'k hmac::Key>) -> Result<Self, ParseError> {
+    pub fn parse<'k>(
+        buf: &'a [u8],
+        key_for: impl Fn(Sid) -> Option<&'k hmac::Key>,
+    ) -> Result<Self, ParseError> {
         let h = check_len(buf)?;
         if h.msg_type != MsgType::Relay {
             return Err(ParseError::UnexpectedType);
@@ -476,7 +501,12 @@ impl<'a> Relay<'a> {
         let n = r.u16()? as usize;
         let inner = r.bytes(n)?;
         r.finish()?;
-        Ok(Relay { txid: h.txid, info, timestamp_ms, inner })
+        Ok(Relay {
+            txid: h.txid,
+            info,
+            timestamp_ms,
+            inner,
+        })
     }
 
     /// Appends the message, tagged with `key`.
@@ -517,7 +547,11 @@ impl<'a> RelayReply<'a> {
         let n = r.u16()? as usize;
         let inner = r.bytes(n)?;
         r.finish()?;
-        Ok(RelayReply { txid: h.txid, info, inner })
+        Ok(RelayReply {
+            txid: h.txid,
+            info,
+            inner,
+        })
     }
 
     /// Appends the message, tagged with `key`.
@@ -557,7 +591,10 @@ impl StreamMsg {
         out.extend_from_slice(&[0; 4]);
         let start = out.len();
         match self {
-            StreamMsg::Hello { switch_id, timestamp_ms } => {
+            StreamMsg::Hello {
+                switch_id,
+                timestamp_ms,
+            } => {
                 header(out, MsgType::Hello, 0);
                 out.extend_from_slice(&switch_id.to_be_bytes());
                 out.extend_from_slice(&timestamp_ms.to_be_bytes());
@@ -572,15 +609,26 @@ impl StreamMsg {
                 header(out, t, 0);
                 out.extend_from_slice(&seq.to_be_bytes());
                 match update {
-                    RuleUpdate::Snapshot { seq: _, count } => out.extend_from_slice(&count.to_be_bytes()),
-                    RuleUpdate::BindingAdd { ip, mac, sid, valid_until_ms } => {
+                    RuleUpdate::Snapshot { seq: _, count } => {
+                        out.extend_from_slice(&count.to_be_bytes())
+                    }
+                    RuleUpdate::BindingAdd {
+                        ip,
+                        mac,
+                        sid,
+                        valid_until_ms,
+                    } => {
                         put_family_addr(out, *ip);
                         out.extend_from_slice(&mac.0);
                         out.extend_from_slice(&sid.to_be_bytes());
                         out.extend_from_slice(&valid_until_ms.to_be_bytes());
                     }
                     RuleUpdate::BindingRemove { ip } => put_family_addr(out, *ip),
-                    RuleUpdate::AliasEpoch { epoch, aliases, valid_until_ms } => {
+                    RuleUpdate::AliasEpoch {
+                        epoch,
+                        aliases,
+                        valid_until_ms,
+                    } => {
                         out.extend_from_slice(&epoch.to_be_bytes());
                         out.extend_from_slice(&valid_until_ms.to_be_bytes());
                         let n = u16::try_from(aliases.len()).map_err(|_| EmitError::TooMany)?;
@@ -606,7 +654,10 @@ impl StreamMsg {
     /// Parses one message (the bytes after the length prefix). `key_for` gives the key of a
     /// switch ID: for `Hello` the ID in the message, for updates the caller's own ID (the
     /// closure receives `u16::MAX` then; return the connection's key).
-    pub fn parse<'k>(buf: &[u8], key_for: impl Fn(u16) -> Option<&'k hmac::Key>) -> Result<StreamMsg, ParseError> {
+    pub fn parse<'k>(
+        buf: &[u8],
+        key_for: impl Fn(u16) -> Option<&'k hmac::Key>,
+    ) -> Result<StreamMsg, ParseError> {
         let h = check_len(buf)?;
         let key = match h.msg_type {
             MsgType::Hello => key_for(Reader::new(&buf[HEADER_LEN..]).u16()?),
@@ -616,10 +667,19 @@ impl StreamMsg {
         let mut r = Reader::new(verify(buf, key)?);
         r.skip(HEADER_LEN)?;
         let msg = match h.msg_type {
-            MsgType::Hello => StreamMsg::Hello { switch_id: r.u16()?, timestamp_ms: r.u64()? },
+            MsgType::Hello => StreamMsg::Hello {
+                switch_id: r.u16()?,
+                timestamp_ms: r.u64()?,
+            },
             MsgType::Snapshot => {
                 let seq = r.u64()?;
-                StreamMsg::Update(Sequenced { seq, update: RuleUpdate::Snapshot { seq, count: r.u32()? } })
+                StreamMsg::Update(Sequenced {
+                    seq,
+                    update: RuleUpdate::Snapshot {
+                        seq,
+                        count: r.u32()?,
+                    },
+                })
             }
             MsgType::BindingAdd => {
                 let seq = r.u64()?;
@@ -627,11 +687,24 @@ impl StreamMsg {
                 let mac = Mac(r.array()?);
                 let sid = r.u16()?;
                 let valid_until_ms = r.u64()?;
-                StreamMsg::Update(Sequenced { seq, update: RuleUpdate::BindingAdd { ip, mac, sid, valid_until_ms } })
+                StreamMsg::Update(Sequenced {
+                    seq,
+                    update: RuleUpdate::BindingAdd {
+                        ip,
+                        mac,
+                        sid,
+                        valid_until_ms,
+                    },
+                })
             }
             MsgType::BindingRemove => {
                 let seq = r.u64()?;
-                StreamMsg::Update(Sequenced { seq, update: RuleUpdate::BindingRemove { ip: r.family_addr()? } })
+                StreamMsg::Update(Sequenced {
+                    seq,
+                    update: RuleUpdate::BindingRemove {
+                        ip: r.family_addr()?,
+                    },
+                })
             }
             MsgType::AliasEpoch => {
                 let seq = r.u64()?;
@@ -652,7 +725,14 @@ impl StreamMsg {
                     }
                     aliases.push((sid, list));
                 }
-                StreamMsg::Update(Sequenced { seq, update: RuleUpdate::AliasEpoch { epoch, aliases, valid_until_ms } })
+                StreamMsg::Update(Sequenced {
+                    seq,
+                    update: RuleUpdate::AliasEpoch {
+                        epoch,
+                        aliases,
+                        valid_until_ms,
+                    },
+                })
             }
             _ => return Err(ParseError::UnexpectedType),
         };
@@ -672,7 +752,10 @@ pub fn read_frame(r: &mut impl std::io::Read, buf: &mut Vec<u8>) -> std::io::Res
     }
     let len = u32::from_be_bytes(len) as usize;
     if !(HEADER_LEN + TAG_LEN..=MAX_FRAME_LEN).contains(&len) {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "rule-stream frame length out of range"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "rule-stream frame length out of range",
+        ));
     }
     buf.clear();
     buf.resize(len, 0);
@@ -742,7 +825,12 @@ fn put_info(out: &mut Vec<u8>, i: &RelayInfo) {
 }
 
 fn read_info(r: &mut Reader<'_>) -> Result<RelayInfo, ParseError> {
-    Ok(RelayInfo { sid: r.u16()?, ingress_port: r.u16()?, mac: Mac(r.array()?), client_port: r.u16()? })
+    Ok(RelayInfo {
+        sid: r.u16()?,
+        ingress_port: r.u16()?,
+        mac: Mac(r.array()?),
+        client_port: r.u16()?,
+    })
 }
 
 /// A bounds-checked big-endian cursor.
@@ -824,7 +912,13 @@ mod tests {
     #[test]
     fn alloc_request_bytes_field_by_field() {
         let mut out = Vec::new();
-        ClientMsg::AllocRequest(AllocRequest { family: Family::V6, count: 3, nonce: NONCE }).emit(0x01020304, &mut out).unwrap();
+        ClientMsg::AllocRequest(AllocRequest {
+            family: Family::V6,
+            count: 3,
+            nonce: NONCE,
+        })
+        .emit(0x01020304, &mut out)
+        .unwrap();
         let mut want = vec![
             b'M', b'Q', // magic
             1,    // version
@@ -837,7 +931,14 @@ mod tests {
         assert_eq!(out, want);
         assert_eq!(
             ClientMsg::parse(&out).unwrap(),
-            (0x01020304, ClientMsg::AllocRequest(AllocRequest { family: Family::V6, count: 3, nonce: NONCE }))
+            (
+                0x01020304,
+                ClientMsg::AllocRequest(AllocRequest {
+                    family: Family::V6,
+                    count: 3,
+                    nonce: NONCE
+                })
+            )
         );
     }
 
@@ -845,24 +946,49 @@ mod tests {
     fn header_errors() {
         assert_eq!(check_len(b"MQ\x01\x01\0\0\0"), Err(ParseError::Truncated));
         assert_eq!(check_len(b"XQ\x01\x01\0\0\0\0"), Err(ParseError::BadMagic));
-        assert_eq!(check_len(b"MQ\x02\x01\0\0\0\0"), Err(ParseError::BadVersion));
-        assert_eq!(check_len(b"MQ\x01\x7f\0\0\0\x09").unwrap(), Header { msg_type: MsgType::Unknown(0x7f), txid: 9 });
-        assert_eq!(ClientMsg::parse(b"MQ\x01\x7f\0\0\0\x09"), Err(ParseError::UnexpectedType));
+        assert_eq!(
+            check_len(b"MQ\x02\x01\0\0\0\0"),
+            Err(ParseError::BadVersion)
+        );
+        assert_eq!(
+            check_len(b"MQ\x01\x7f\0\0\0\x09").unwrap(),
+            Header {
+                msg_type: MsgType::Unknown(0x7f),
+                txid: 9
+            }
+        );
+        assert_eq!(
+            ClientMsg::parse(b"MQ\x01\x7f\0\0\0\x09"),
+            Err(ParseError::UnexpectedType)
+        );
     }
 
     fn sample_msgs() -> Vec<ClientMsg> {
         vec![
-            ClientMsg::AllocRequest(AllocRequest { family: Family::V4, count: 2, nonce: NONCE }),
+            ClientMsg::AllocRequest(AllocRequest {
+                family: Family::V4,
+                count: 2,
+                nonce: NONCE,
+            }),
             ClientMsg::AllocReply(AllocReply {
                 status: Status::Ok,
                 family: Family::V4,
                 prefix_len: 8,
                 nonce: NONCE,
                 gateway: "10.0.0.1".parse().unwrap(),
-                addrs: vec![("10.1.2.3".parse().unwrap(), 60_000), ("10.9.9.9".parse().unwrap(), 1)],
+                addrs: vec![
+                    ("10.1.2.3".parse().unwrap(), 60_000),
+                    ("10.9.9.9".parse().unwrap(), 1),
+                ],
             }),
-            ClientMsg::Release(Release { family: Family::V6, addrs: vec!["2001:db8::1".parse().unwrap()] }),
-            ClientMsg::ReleaseReply(ReleaseReply { status: Status::Ok, released: 1 }),
+            ClientMsg::Release(Release {
+                family: Family::V6,
+                addrs: vec!["2001:db8::1".parse().unwrap()],
+            }),
+            ClientMsg::ReleaseReply(ReleaseReply {
+                status: Status::Ok,
+                released: 1,
+            }),
         ]
     }
 
@@ -873,7 +999,10 @@ mod tests {
             m.emit(7, &mut out).unwrap();
             assert_eq!(ClientMsg::parse(&out).unwrap(), (7, m.clone()));
             for n in 0..out.len() {
-                assert!(ClientMsg::parse(&out[..n]).is_err(), "{m:?} truncated to {n} parsed");
+                assert!(
+                    ClientMsg::parse(&out[..n]).is_err(),
+                    "{m:?} truncated to {n} parsed"
+                );
             }
             out.push(0);
             assert_eq!(ClientMsg::parse(&out), Err(ParseError::Trailing));
@@ -882,7 +1011,10 @@ mod tests {
 
     #[test]
     fn family_mismatch_is_an_emit_error() {
-        let m = ClientMsg::Release(Release { family: Family::V4, addrs: vec!["2001:db8::1".parse().unwrap()] });
+        let m = ClientMsg::Release(Release {
+            family: Family::V4,
+            addrs: vec!["2001:db8::1".parse().unwrap()],
+        });
         assert_eq!(m.emit(1, &mut Vec::new()), Err(EmitError::FamilyMismatch));
     }
 
@@ -892,7 +1024,12 @@ mod tests {
         sample_msgs()[0].emit(42, &mut inner).unwrap();
         let relay = Relay {
             txid: 42,
-            info: RelayInfo { sid: 1, ingress_port: 3, mac: Mac([2, 0, 0, 0, 0, 1]), client_port: 40000 },
+            info: RelayInfo {
+                sid: 1,
+                ingress_port: 3,
+                mac: Mac([2, 0, 0, 0, 0, 1]),
+                client_port: 40000,
+            },
             timestamp_ms: 1_700_000_000_000,
             inner: &inner,
         };
@@ -903,20 +1040,33 @@ mod tests {
         assert_eq!(Relay::parse(&out, keys).unwrap(), relay);
         // Wrong key for the SID.
         let other = key(b"other");
-        assert_eq!(Relay::parse(&out, |_| Some(&other)), Err(ParseError::BadTag));
+        assert_eq!(
+            Relay::parse(&out, |_| Some(&other)),
+            Err(ParseError::BadTag)
+        );
         // Unknown SID.
         assert_eq!(Relay::parse(&out, |_| None), Err(ParseError::UnknownSwitch));
         // Any flipped bit breaks the tag (or the header).
         for i in 0..out.len() {
             let mut bad = out.clone();
             bad[i] ^= 0x10;
-            assert!(Relay::parse(&bad, keys).is_err(), "bit flip at {i} accepted");
+            assert!(
+                Relay::parse(&bad, keys).is_err(),
+                "bit flip at {i} accepted"
+            );
         }
         for n in 0..out.len() {
-            assert!(Relay::parse(&out[..n], keys).is_err(), "truncated to {n} accepted");
+            assert!(
+                Relay::parse(&out[..n], keys).is_err(),
+                "truncated to {n} accepted"
+            );
         }
         // Reply.
-        let reply = RelayReply { txid: 42, info: relay.info, inner: &inner };
+        let reply = RelayReply {
+            txid: 42,
+            info: relay.info,
+            inner: &inner,
+        };
         let mut out = Vec::new();
         reply.emit(&k, &mut out).unwrap();
         assert_eq!(RelayReply::parse(&out, &k).unwrap(), reply);
@@ -933,7 +1083,12 @@ mod tests {
         sample_msgs()[1].emit(5, &mut inner).unwrap();
         let relay = Relay {
             txid: 5,
-            info: RelayInfo { sid: 1, ingress_port: 2, mac: Mac([2, 0, 0, 0, 0, 3]), client_port: 4 },
+            info: RelayInfo {
+                sid: 1,
+                ingress_port: 2,
+                mac: Mac([2, 0, 0, 0, 0, 3]),
+                client_port: 4,
+            },
             timestamp_ms: 6,
             inner: &inner,
         };
@@ -941,31 +1096,65 @@ mod tests {
         relay.emit(&k, &mut clean).unwrap();
         let mut poisoned = vec![0xEE; 37];
         relay.emit(&k, &mut poisoned).unwrap();
-        assert!(poisoned[..37].iter().all(|&b| b == 0xEE), "bytes before the message untouched");
+        assert!(
+            poisoned[..37].iter().all(|&b| b == 0xEE),
+            "bytes before the message untouched"
+        );
         assert_eq!(&poisoned[37..], &clean[..]);
         assert_eq!(Relay::parse(&poisoned[37..], |_| Some(&k)).unwrap(), relay);
         let mut frame = vec![0xEE; 11];
-        StreamMsg::Hello { switch_id: 1, timestamp_ms: 2 }.emit_frame(&k, &mut frame).unwrap();
+        StreamMsg::Hello {
+            switch_id: 1,
+            timestamp_ms: 2,
+        }
+        .emit_frame(&k, &mut frame)
+        .unwrap();
         let mut cur = std::io::Cursor::new(&frame[11..]);
         let mut buf = Vec::new();
         assert!(read_frame(&mut cur, &mut buf).unwrap());
-        assert_eq!(StreamMsg::parse(&buf, |_| Some(&k)).unwrap(), StreamMsg::Hello { switch_id: 1, timestamp_ms: 2 });
+        assert_eq!(
+            StreamMsg::parse(&buf, |_| Some(&k)).unwrap(),
+            StreamMsg::Hello {
+                switch_id: 1,
+                timestamp_ms: 2
+            }
+        );
     }
 
     #[test]
     fn stream_messages_round_trip() {
         let k = k1();
         let msgs = vec![
-            StreamMsg::Hello { switch_id: 1, timestamp_ms: 5 },
-            StreamMsg::Update(Sequenced { seq: 9, update: RuleUpdate::Snapshot { seq: 9, count: 2 } }),
+            StreamMsg::Hello {
+                switch_id: 1,
+                timestamp_ms: 5,
+            },
             StreamMsg::Update(Sequenced {
                 seq: 9,
-                update: RuleUpdate::BindingAdd { ip: "10.0.0.7".parse().unwrap(), mac: Mac([1, 2, 3, 4, 5, 6]), sid: 1, valid_until_ms: 77 },
+                update: RuleUpdate::Snapshot { seq: 9, count: 2 },
             }),
-            StreamMsg::Update(Sequenced { seq: 10, update: RuleUpdate::BindingRemove { ip: "2001:db8::7".parse().unwrap() } }),
+            StreamMsg::Update(Sequenced {
+                seq: 9,
+                update: RuleUpdate::BindingAdd {
+                    ip: "10.0.0.7".parse().unwrap(),
+                    mac: Mac([1, 2, 3, 4, 5, 6]),
+                    sid: 1,
+                    valid_until_ms: 77,
+                },
+            }),
+            StreamMsg::Update(Sequenced {
+                seq: 10,
+                update: RuleUpdate::BindingRemove {
+                    ip: "2001:db8::7".parse().unwrap(),
+                },
+            }),
             StreamMsg::Update(Sequenced {
                 seq: 11,
-                update: RuleUpdate::AliasEpoch { epoch: 3, aliases: vec![(1, vec![5, 6]), (2, vec![7, 8])], valid_until_ms: 99 },
+                update: RuleUpdate::AliasEpoch {
+                    epoch: 3,
+                    aliases: vec![(1, vec![5, 6]), (2, vec![7, 8])],
+                    valid_until_ms: 99,
+                },
             }),
         ];
         for m in msgs {
@@ -975,12 +1164,18 @@ mod tests {
             let mut buf = Vec::new();
             assert!(read_frame(&mut cur, &mut buf).unwrap());
             assert_eq!(StreamMsg::parse(&buf, |_| Some(&k)).unwrap(), m);
-            assert!(!read_frame(&mut cur, &mut buf).unwrap(), "clean end of stream");
+            assert!(
+                !read_frame(&mut cur, &mut buf).unwrap(),
+                "clean end of stream"
+            );
             for n in 0..buf.len() {
                 assert!(StreamMsg::parse(&buf[..n], |_| Some(&k)).is_err());
             }
             let other = key(b"x");
-            assert_eq!(StreamMsg::parse(&buf, |_| Some(&other)), Err(ParseError::BadTag));
+            assert_eq!(
+                StreamMsg::parse(&buf, |_| Some(&other)),
+                Err(ParseError::BadTag)
+            );
         }
     }
 

@@ -32,7 +32,11 @@ pub struct Fanout {
 impl Fanout {
     /// A fan-out whose queues hold `queue_batches` batches (at least 1).
     pub fn new(queue_batches: usize) -> Self {
-        Fanout { subs: Vec::new(), queue_batches: queue_batches.max(1), dropped: 0 }
+        Fanout {
+            subs: Vec::new(),
+            queue_batches: queue_batches.max(1),
+            dropped: 0,
+        }
     }
 
     /// A new subscriber; its queue starts with a snapshot of `core`.
@@ -93,7 +97,13 @@ impl Fanout {
 pub fn snapshot_batch(core: &Allocator) -> Vec<Sequenced> {
     let (seq, snap) = core.snapshot();
     let mut out = Vec::with_capacity(snap.len() + 1);
-    out.push(Sequenced { seq, update: RuleUpdate::Snapshot { seq, count: snap.len() as u32 } });
+    out.push(Sequenced {
+        seq,
+        update: RuleUpdate::Snapshot {
+            seq,
+            count: snap.len() as u32,
+        },
+    });
     out.extend(snap.into_iter().map(|update| Sequenced { seq, update }));
     out
 }
@@ -116,7 +126,10 @@ mod tests {
             rate_per_s: 1000,
             rate_burst: 1000,
             sids: vec![1],
-            ipv4: Some(V4Config { prefixes: vec!["10.0.0.0/24".parse().unwrap()], reserved: vec![] }),
+            ipv4: Some(V4Config {
+                prefixes: vec!["10.0.0.0/24".parse().unwrap()],
+                reserved: vec![],
+            }),
             ipv6: None,
         })
         .unwrap()
@@ -169,13 +182,30 @@ mod tests {
         let mut core = core();
         let mut fan = Fanout::new(4);
         let mut now = 0;
-        core.allocate(now, AllocParams { mac: Mac([2, 0, 0, 0, 0, 1]), sid: 1, family: Family::V4, count: 3 }).unwrap();
+        core.allocate(
+            now,
+            AllocParams {
+                mac: Mac([2, 0, 0, 0, 0, 1]),
+                sid: 1,
+                family: Family::V4,
+                count: 3,
+            },
+        )
+        .unwrap();
         fan.publish(core.take_updates());
         let rx = fan.subscribe(&core);
         let mut table = Table::default();
         for i in 0..20u8 {
             now += 150;
-            let _ = core.allocate(now, AllocParams { mac: Mac([2, 0, 0, 0, 0, i]), sid: 1, family: Family::V4, count: 2 });
+            let _ = core.allocate(
+                now,
+                AllocParams {
+                    mac: Mac([2, 0, 0, 0, 0, i]),
+                    sid: 1,
+                    family: Family::V4,
+                    count: 2,
+                },
+            );
             assert_eq!(fan.publish(core.take_updates()), 1);
             assert!(table.drain(&rx));
             assert_eq!(table.bindings, truth(&core));
@@ -183,15 +213,30 @@ mod tests {
         // The switch stalls: its queue overflows and it is dropped.
         for i in 0..10u8 {
             now += 150;
-            let _ = core.allocate(now, AllocParams { mac: Mac([2, 0, 0, 0, 1, i]), sid: 1, family: Family::V4, count: 1 });
+            let _ = core.allocate(
+                now,
+                AllocParams {
+                    mac: Mac([2, 0, 0, 0, 1, i]),
+                    sid: 1,
+                    family: Family::V4,
+                    count: 1,
+                },
+            );
             fan.publish(core.take_updates());
         }
         assert_eq!(fan.len(), 0);
         assert_eq!(fan.dropped(), 1);
-        assert!(!table.drain(&rx), "a dropped subscriber sees its queue disconnect");
+        assert!(
+            !table.drain(&rx),
+            "a dropped subscriber sees its queue disconnect"
+        );
         assert_ne!(table.bindings, truth(&core));
         let rx = fan.subscribe(&core);
         assert!(table.drain(&rx));
-        assert_eq!(table.bindings, truth(&core), "resubscribing resyncs from a snapshot");
+        assert_eq!(
+            table.bindings,
+            truth(&core),
+            "resubscribing resyncs from a snapshot"
+        );
     }
 }

@@ -30,8 +30,10 @@ use ring::hmac;
 
 use crate::config::{self, Role, SwitchKey};
 use crate::lease::{self, AllocError, AllocParams, Allocator, Lease, LeaseState};
+use crate::proto::{
+    self, AllocReply, ClientMsg, ParseError, Relay, RelayReply, ReleaseReply, Status, StreamMsg,
+};
 use crate::publish::{Batch, Fanout};
-use crate::proto::{self, AllocReply, ClientMsg, ParseError, Relay, RelayReply, ReleaseReply, Status, StreamMsg};
 use crate::store::{CommitError, LoadError, Store};
 use crate::{Family, Sid};
 
@@ -201,7 +203,13 @@ impl From<ParseError> for DropReason {
     }
 }
 
-const STATUSES: [Status; 5] = [Status::Ok, Status::PoolExhausted, Status::RateLimited, Status::BadRequest, Status::ClientCap];
+const STATUSES: [Status; 5] = [
+    Status::Ok,
+    Status::PoolExhausted,
+    Status::RateLimited,
+    Status::BadRequest,
+    Status::ClientCap,
+];
 
 /// Counters and gauges, written by the server threads, read by the metrics endpoint.
 #[derive(Debug, Default)]
@@ -239,7 +247,10 @@ impl Metrics {
 
     /// Replies sent with `s` so far.
     pub fn replies(&self, s: Status) -> u64 {
-        STATUSES.iter().position(|x| *x == s).map_or(0, |i| self.replies[i].load(Ordering::Relaxed))
+        STATUSES
+            .iter()
+            .position(|x| *x == s)
+            .map_or(0, |i| self.replies[i].load(Ordering::Relaxed))
     }
 
     /// Prometheus text exposition format.
@@ -261,33 +272,92 @@ impl Metrics {
             "mimiq_allocator_allocations_total",
             "counter",
             "Addresses granted.",
-            &[("family=\"4\"", g(&self.allocations[0])), ("family=\"6\"", g(&self.allocations[1]))],
+            &[
+                ("family=\"4\"", g(&self.allocations[0])),
+                ("family=\"6\"", g(&self.allocations[1])),
+            ],
         );
-        metric("mimiq_allocator_releases_total", "counter", "Addresses released by their client.", &[("", g(&self.releases))]);
-        metric("mimiq_allocator_expiries_total", "counter", "Leases whose lifetime ended.", &[("", g(&self.expiries))]);
-        metric("mimiq_allocator_freed_total", "counter", "Addresses returned to the pool after t_remove.", &[("", g(&self.freed))]);
+        metric(
+            "mimiq_allocator_releases_total",
+            "counter",
+            "Addresses released by their client.",
+            &[("", g(&self.releases))],
+        );
+        metric(
+            "mimiq_allocator_expiries_total",
+            "counter",
+            "Leases whose lifetime ended.",
+            &[("", g(&self.expiries))],
+        );
+        metric(
+            "mimiq_allocator_freed_total",
+            "counter",
+            "Addresses returned to the pool after t_remove.",
+            &[("", g(&self.freed))],
+        );
         metric(
             "mimiq_allocator_expired_while_down_total",
             "counter",
             "Leases found ended at restart.",
             &[("", g(&self.expired_while_down))],
         );
-        let labels: Vec<String> = STATUSES.iter().map(|s| format!("code=\"{}\"", s.label())).collect();
-        let rows: Vec<(&str, u64)> = labels.iter().zip(&self.replies).map(|(l, v)| (l.as_str(), g(v))).collect();
-        metric("mimiq_allocator_replies_total", "counter", "Replies sent, by status code.", &rows);
-        let labels: Vec<String> = DROP_REASONS.iter().map(|r| format!("reason=\"{}\"", r.label())).collect();
-        let rows: Vec<(&str, u64)> = labels.iter().zip(&self.drops).map(|(l, v)| (l.as_str(), g(v))).collect();
-        metric("mimiq_allocator_drops_total", "counter", "Messages dropped unanswered, by reason.", &rows);
-        metric("mimiq_allocator_leases", "gauge", "Leases assigned or draining.", &[("", g(&self.leases))]);
-        metric("mimiq_allocator_pool_size", "gauge", "Usable IPv4 pool addresses.", &[("family=\"4\"", g(&self.pool_size_v4))]);
+        let labels: Vec<String> = STATUSES
+            .iter()
+            .map(|s| format!("code=\"{}\"", s.label()))
+            .collect();
+        let rows: Vec<(&str, u64)> = labels
+            .iter()
+            .zip(&self.replies)
+            .map(|(l, v)| (l.as_str(), g(v)))
+            .collect();
+        metric(
+            "mimiq_allocator_replies_total",
+            "counter",
+            "Replies sent, by status code.",
+            &rows,
+        );
+        let labels: Vec<String> = DROP_REASONS
+            .iter()
+            .map(|r| format!("reason=\"{}\"", r.label()))
+            .collect();
+        let rows: Vec<(&str, u64)> = labels
+            .iter()
+            .zip(&self.drops)
+            .map(|(l, v)| (l.as_str(), g(v)))
+            .collect();
+        metric(
+            "mimiq_allocator_drops_total",
+            "counter",
+            "Messages dropped unanswered, by reason.",
+            &rows,
+        );
+        metric(
+            "mimiq_allocator_leases",
+            "gauge",
+            "Leases assigned or draining.",
+            &[("", g(&self.leases))],
+        );
+        metric(
+            "mimiq_allocator_pool_size",
+            "gauge",
+            "Usable IPv4 pool addresses.",
+            &[("family=\"4\"", g(&self.pool_size_v4))],
+        );
         metric(
             "mimiq_allocator_pool_in_use",
             "gauge",
             "Pool addresses assigned or draining.",
-            &[("family=\"4\"", g(&self.pool_in_use_v4)), ("family=\"6\"", g(&self.pool_in_use_v6))],
+            &[
+                ("family=\"4\"", g(&self.pool_in_use_v4)),
+                ("family=\"6\"", g(&self.pool_in_use_v6)),
+            ],
         );
         let size = g(&self.pool_size_v4);
-        let util = if size == 0 { 0.0 } else { g(&self.pool_in_use_v4) as f64 / size as f64 };
+        let util = if size == 0 {
+            0.0
+        } else {
+            g(&self.pool_in_use_v4) as f64 / size as f64
+        };
         let _ = writeln!(
             s,
             "# HELP mimiq_allocator_pool_utilisation Fraction of the IPv4 pool in use.\n# TYPE mimiq_allocator_pool_utilisation gauge\nmimiq_allocator_pool_utilisation{{family=\"4\"}} {util}"
@@ -295,13 +365,48 @@ impl Metrics {
         let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        metric("mimiq_allocator_subscribers", "gauge", "Rule-stream subscribers.", g(&self.subscribers));
-        metric("mimiq_allocator_subscribers_dropped_total", "counter", "Subscribers dropped for a full queue.", g(&self.subscribers_dropped));
-        metric("mimiq_allocator_rule_updates_total", "counter", "Rule updates published.", g(&self.rule_updates));
-        metric("mimiq_allocator_rule_seq", "gauge", "Sequence number of the latest rule update.", g(&self.seq));
-        metric("mimiq_allocator_store_commits_total", "counter", "Store commits (one per batch).", g(&self.commits));
-        metric("mimiq_allocator_store_ops_total", "counter", "Journal operations committed.", g(&self.commit_ops));
-        metric("mimiq_allocator_store_commit_microseconds_total", "counter", "Time spent committing.", g(&self.commit_us));
+        metric(
+            "mimiq_allocator_subscribers",
+            "gauge",
+            "Rule-stream subscribers.",
+            g(&self.subscribers),
+        );
+        metric(
+            "mimiq_allocator_subscribers_dropped_total",
+            "counter",
+            "Subscribers dropped for a full queue.",
+            g(&self.subscribers_dropped),
+        );
+        metric(
+            "mimiq_allocator_rule_updates_total",
+            "counter",
+            "Rule updates published.",
+            g(&self.rule_updates),
+        );
+        metric(
+            "mimiq_allocator_rule_seq",
+            "gauge",
+            "Sequence number of the latest rule update.",
+            g(&self.seq),
+        );
+        metric(
+            "mimiq_allocator_store_commits_total",
+            "counter",
+            "Store commits (one per batch).",
+            g(&self.commits),
+        );
+        metric(
+            "mimiq_allocator_store_ops_total",
+            "counter",
+            "Journal operations committed.",
+            g(&self.commit_ops),
+        );
+        metric(
+            "mimiq_allocator_store_commit_microseconds_total",
+            "counter",
+            "Time spent committing.",
+            g(&self.commit_us),
+        );
         s
     }
 }
@@ -312,12 +417,17 @@ pub fn format_lease(l: &Lease, state: LeaseState) -> String {
         LeaseState::Assigned => "assigned",
         LeaseState::Draining => "draining",
     };
-    format!("{} {} sid={} {} assigned_ms={} expires_ms={}", l.ip, l.mac, l.sid, st, l.assigned_ms, l.expires_ms)
+    format!(
+        "{} {} sid={} {} assigned_ms={} expires_ms={}",
+        l.ip, l.mac, l.sid, st, l.assigned_ms, l.expires_ms
+    )
 }
 
 /// Milliseconds since the Unix epoch (the allocator's clock).
 pub fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Relays seen within the window: (SID, MAC, txid, timestamp) → timestamp.
@@ -355,24 +465,51 @@ pub struct Server {
 impl Server {
     /// Loads the store, rebuilds the core at the current time (committing the deletion of leases
     /// that ended while the allocator was down) and binds the sockets.
-    pub fn start(settings: Settings, core_cfg: lease::Config, mut store: Box<dyn Store>) -> Result<Self, StartError> {
+    pub fn start(
+        settings: Settings,
+        core_cfg: lease::Config,
+        mut store: Box<dyn Store>,
+    ) -> Result<Self, StartError> {
         let loaded = store.load()?;
         let mut core = Allocator::restore(core_cfg, loaded, wall_ms())?;
         let journal = core.take_journal();
         store.commit(&journal)?;
         let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
-        let udp = UdpSocket::bind(settings.relay_listen).map_err(bind_err("relay (UDP)", settings.relay_listen))?;
-        let tcp = TcpListener::bind(settings.publish_listen).map_err(bind_err("rule stream (TCP)", settings.publish_listen))?;
-        let http = TcpListener::bind(settings.metrics_listen).map_err(bind_err("metrics (HTTP)", settings.metrics_listen))?;
-        let keys = settings.switches.iter().map(|s| (s.id, (s.role, proto::key(&s.secret)))).collect();
+        let udp = UdpSocket::bind(settings.relay_listen)
+            .map_err(bind_err("relay (UDP)", settings.relay_listen))?;
+        let tcp = TcpListener::bind(settings.publish_listen)
+            .map_err(bind_err("rule stream (TCP)", settings.publish_listen))?;
+        let http = TcpListener::bind(settings.metrics_listen)
+            .map_err(bind_err("metrics (HTTP)", settings.metrics_listen))?;
+        let keys = settings
+            .switches
+            .iter()
+            .map(|s| (s.id, (s.role, proto::key(&s.secret))))
+            .collect();
         let metrics = Arc::new(Metrics::default());
-        metrics.expired_while_down.store(core.stats().expired_while_down, Ordering::Relaxed);
-        Ok(Server { settings, keys: Arc::new(keys), udp, tcp, http, core, store, metrics, stop: Arc::new(AtomicBool::new(false)) })
+        metrics
+            .expired_while_down
+            .store(core.stats().expired_while_down, Ordering::Relaxed);
+        Ok(Server {
+            settings,
+            keys: Arc::new(keys),
+            udp,
+            tcp,
+            http,
+            core,
+            store,
+            metrics,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// The bound addresses.
     pub fn local_addrs(&self) -> std::io::Result<BoundAddrs> {
-        Ok(BoundAddrs { relay: self.udp.local_addr()?, publish: self.tcp.local_addr()?, metrics: self.http.local_addr()? })
+        Ok(BoundAddrs {
+            relay: self.udp.local_addr()?,
+            publish: self.tcp.local_addr()?,
+            metrics: self.http.local_addr()?,
+        })
     }
 
     /// Set it to stop the server (within about 10 ms).
@@ -391,16 +528,30 @@ impl Server {
         self.tcp.set_nonblocking(true)?;
         self.http.set_nonblocking(true)?;
         let acceptor = {
-            let (tcp, keys, stop, metrics, req_tx) =
-                (self.tcp.try_clone()?, self.keys.clone(), self.stop.clone(), self.metrics.clone(), req_tx.clone());
-            let (window, queue) = (self.settings.replay_window_ms, self.settings.subscriber_queue);
+            let (tcp, keys, stop, metrics, req_tx) = (
+                self.tcp.try_clone()?,
+                self.keys.clone(),
+                self.stop.clone(),
+                self.metrics.clone(),
+                req_tx.clone(),
+            );
+            let (window, queue) = (
+                self.settings.replay_window_ms,
+                self.settings.subscriber_queue,
+            );
             std::thread::Builder::new()
                 .name("alloc-accept".into())
                 .spawn(move || accept_loop(tcp, keys, stop, metrics, req_tx, window, queue))?
         };
         let http = {
-            let (http, stop, metrics) = (self.http.try_clone()?, self.stop.clone(), self.metrics.clone());
-            std::thread::Builder::new().name("alloc-metrics".into()).spawn(move || http_loop(http, stop, metrics, req_tx))?
+            let (http, stop, metrics) = (
+                self.http.try_clone()?,
+                self.stop.clone(),
+                self.metrics.clone(),
+            );
+            std::thread::Builder::new()
+                .name("alloc-metrics".into())
+                .spawn(move || http_loop(http, stop, metrics, req_tx))?
         };
         let result = self.core_loop(req_rx);
         self.stop.store(true, Ordering::Relaxed);
@@ -421,7 +572,13 @@ impl Server {
             batch.clear();
             match self.udp.recv_from(&mut bufs[0]) {
                 Ok((n, from)) => batch.push((n, from)),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
                 // ICMP errors of earlier sends surface here on Linux; they are not fatal.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
                 Err(e) => return Err(e.into()),
@@ -457,15 +614,23 @@ impl Server {
                 let t = Instant::now();
                 self.store.commit(&journal)?;
                 self.metrics.commits.fetch_add(1, Ordering::Relaxed);
-                self.metrics.commit_ops.fetch_add(journal.len() as u64, Ordering::Relaxed);
-                self.metrics.commit_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.metrics
+                    .commit_ops
+                    .fetch_add(journal.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .commit_us
+                    .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
             // Publish before answering, so switches learn a binding before its client uses it.
             let updates = self.core.take_updates();
-            self.metrics.rule_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .rule_updates
+                .fetch_add(updates.len() as u64, Ordering::Relaxed);
             fanout.publish(updates);
             // Gauges before replies, so a client that saw its reply sees the metrics after it.
-            self.metrics.subscribers_dropped.store(fanout.dropped(), Ordering::Relaxed);
+            self.metrics
+                .subscribers_dropped
+                .store(fanout.dropped(), Ordering::Relaxed);
             self.export_gauges(fanout.len());
             for (bytes, to) in replies.drain(..) {
                 // A failed send (e.g. the switch vanished) loses one reply; the client retries.
@@ -474,7 +639,10 @@ impl Server {
             while let Ok(req) = req_rx.try_recv() {
                 match req {
                     CoreRequest::Subscribe { switch_id, tx } => {
-                        tracing::info!(switch_id, "rule-stream subscriber connected; sending snapshot");
+                        tracing::info!(
+                            switch_id,
+                            "rule-stream subscriber connected; sending snapshot"
+                        );
                         fanout.attach(&self.core, tx);
                     }
                     CoreRequest::Leases(tx) => {
@@ -489,7 +657,9 @@ impl Server {
                     }
                 }
             }
-            self.metrics.subscribers.store(fanout.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .subscribers
+                .store(fanout.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -497,7 +667,11 @@ impl Server {
     /// Handles one datagram; returns the reply to send, if any.
     fn handle(&mut self, buf: &[u8], now: u64, replay: &mut ReplayCache) -> Option<Vec<u8>> {
         let keys = &self.keys;
-        let relay = match Relay::parse(buf, |sid| keys.get(&sid).filter(|(r, _)| *r == Role::Access).map(|(_, k)| k)) {
+        let relay = match Relay::parse(buf, |sid| {
+            keys.get(&sid)
+                .filter(|(r, _)| *r == Role::Access)
+                .map(|(_, k)| k)
+        }) {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.count_drop(e.into());
@@ -508,7 +682,12 @@ impl Server {
             self.metrics.count_drop(DropReason::Stale);
             return None;
         }
-        let id = (relay.info.sid, relay.info.mac.0, relay.txid, relay.timestamp_ms);
+        let id = (
+            relay.info.sid,
+            relay.info.mac.0,
+            relay.txid,
+            relay.timestamp_ms,
+        );
         if replay.insert(id, relay.timestamp_ms).is_some() {
             self.metrics.count_drop(DropReason::Replay);
             return None;
@@ -517,7 +696,12 @@ impl Server {
             Ok((_, ClientMsg::AllocRequest(req))) => {
                 let res = self.core.allocate(
                     now,
-                    AllocParams { mac: relay.info.mac, sid: relay.info.sid, family: req.family, count: u32::from(req.count) },
+                    AllocParams {
+                        mac: relay.info.mac,
+                        sid: relay.info.sid,
+                        family: req.family,
+                        count: u32::from(req.count),
+                    },
                 );
                 let (gateway, prefix_len) = match req.family {
                     Family::V4 => self.settings.v4_gateway,
@@ -533,20 +717,37 @@ impl Server {
                 let (status, addrs) = match res {
                     Ok(grants) => {
                         let fam = usize::from(req.family == Family::V6);
-                        self.metrics.allocations[fam].fetch_add(grants.len() as u64, Ordering::Relaxed);
-                        let addrs = grants.iter().map(|g| (g.ip, u32::try_from(g.lifetime_ms).unwrap_or(u32::MAX))).collect();
+                        self.metrics.allocations[fam]
+                            .fetch_add(grants.len() as u64, Ordering::Relaxed);
+                        let addrs = grants
+                            .iter()
+                            .map(|g| (g.ip, u32::try_from(g.lifetime_ms).unwrap_or(u32::MAX)))
+                            .collect();
                         (Status::Ok, addrs)
                     }
                     Err(e) => (status_of(e), Vec::new()),
                 };
-                ClientMsg::AllocReply(AllocReply { status, family: req.family, prefix_len, nonce: req.nonce, gateway, addrs })
+                ClientMsg::AllocReply(AllocReply {
+                    status,
+                    family: req.family,
+                    prefix_len,
+                    nonce: req.nonce,
+                    gateway,
+                    addrs,
+                })
             }
             Ok((_, ClientMsg::Release(rel))) => {
                 let n = self.core.release(now, relay.info.mac, &rel.addrs);
-                ClientMsg::ReleaseReply(ReleaseReply { status: Status::Ok, released: n as u8 })
+                ClientMsg::ReleaseReply(ReleaseReply {
+                    status: Status::Ok,
+                    released: n as u8,
+                })
             }
             // Authentic relay, malformed or unexpected client message: say so (no state).
-            Ok(_) | Err(_) => ClientMsg::ReleaseReply(ReleaseReply { status: Status::BadRequest, released: 0 }),
+            Ok(_) | Err(_) => ClientMsg::ReleaseReply(ReleaseReply {
+                status: Status::BadRequest,
+                released: 0,
+            }),
         };
         let status = match &inner_reply {
             ClientMsg::AllocReply(r) => r.status,
@@ -561,7 +762,13 @@ impl Server {
         inner_reply.emit(relay.txid, &mut inner).ok()?;
         let key = &self.keys.get(&relay.info.sid)?.1;
         let mut out = Vec::new();
-        RelayReply { txid: relay.txid, info: relay.info, inner: &inner }.emit(key, &mut out).ok()?;
+        RelayReply {
+            txid: relay.txid,
+            info: relay.info,
+            inner: &inner,
+        }
+        .emit(key, &mut out)
+        .ok()?;
         Some(out)
     }
 
@@ -571,7 +778,8 @@ impl Server {
         m.releases.store(st.releases, Ordering::Relaxed);
         m.expiries.store(st.expiries, Ordering::Relaxed);
         m.freed.store(st.freed, Ordering::Relaxed);
-        m.leases.store(self.core.lease_count() as u64, Ordering::Relaxed);
+        m.leases
+            .store(self.core.lease_count() as u64, Ordering::Relaxed);
         if let Some(p) = self.core.v4_pool() {
             m.pool_size_v4.store(p.capacity(), Ordering::Relaxed);
             m.pool_in_use_v4.store(p.in_use(), Ordering::Relaxed);
@@ -586,7 +794,9 @@ impl Server {
 
 fn status_of(e: AllocError) -> Status {
     match e {
-        AllocError::BadCount(_) | AllocError::FamilyNotConfigured(_) | AllocError::UnknownSid(_) => Status::BadRequest,
+        AllocError::BadCount(_)
+        | AllocError::FamilyNotConfigured(_)
+        | AllocError::UnknownSid(_) => Status::BadRequest,
         AllocError::RateLimited => Status::RateLimited,
         AllocError::ClientCap { .. } => Status::ClientCap,
         AllocError::PoolExhausted => Status::PoolExhausted,
@@ -614,11 +824,20 @@ fn accept_loop(
                     continue;
                 }
                 live.fetch_add(1, Ordering::Relaxed);
-                let (keys, stop, metrics, req_tx, done) = (keys.clone(), stop.clone(), metrics.clone(), req_tx.clone(), live.clone());
-                let spawned = std::thread::Builder::new().name("alloc-sub".into()).spawn(move || {
-                    subscriber(stream, keys, stop, metrics, req_tx, window_ms, queue);
-                    done.fetch_sub(1, Ordering::Relaxed);
-                });
+                let (keys, stop, metrics, req_tx, done) = (
+                    keys.clone(),
+                    stop.clone(),
+                    metrics.clone(),
+                    req_tx.clone(),
+                    live.clone(),
+                );
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("alloc-sub".into())
+                        .spawn(move || {
+                            subscriber(stream, keys, stop, metrics, req_tx, window_ms, queue);
+                            done.fetch_sub(1, Ordering::Relaxed);
+                        });
                 if spawned.is_err() {
                     // Out of threads: the connection closes; the switch retries later.
                     live.fetch_sub(1, Ordering::Relaxed);
@@ -648,7 +867,10 @@ fn subscriber(
         _ => Err(ParseError::Truncated),
     };
     let switch_id = match hello {
-        Ok(StreamMsg::Hello { switch_id, timestamp_ms }) if timestamp_ms.abs_diff(wall_ms()) <= window_ms => switch_id,
+        Ok(StreamMsg::Hello {
+            switch_id,
+            timestamp_ms,
+        }) if timestamp_ms.abs_diff(wall_ms()) <= window_ms => switch_id,
         Ok(StreamMsg::Hello { .. }) => {
             metrics.count_drop(DropReason::Stale);
             return;
@@ -658,9 +880,14 @@ fn subscriber(
             return;
         }
     };
-    let Some((_, key)) = keys.get(&switch_id) else { return };
+    let Some((_, key)) = keys.get(&switch_id) else {
+        return;
+    };
     let (tx, rx) = channel::bounded(queue);
-    if req_tx.send(CoreRequest::Subscribe { switch_id, tx }).is_err() {
+    if req_tx
+        .send(CoreRequest::Subscribe { switch_id, tx })
+        .is_err()
+    {
         return;
     }
     let mut out = Vec::new();
@@ -669,7 +896,10 @@ fn subscriber(
             Ok(batch) => {
                 out.clear();
                 for u in batch.iter() {
-                    if StreamMsg::Update(u.clone()).emit_frame(key, &mut out).is_err() {
+                    if StreamMsg::Update(u.clone())
+                        .emit_frame(key, &mut out)
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -683,7 +913,12 @@ fn subscriber(
     }
 }
 
-fn http_loop(http: TcpListener, stop: Arc<AtomicBool>, metrics: Arc<Metrics>, req_tx: Sender<CoreRequest>) {
+fn http_loop(
+    http: TcpListener,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    req_tx: Sender<CoreRequest>,
+) {
     while !stop.load(Ordering::Relaxed) {
         let mut stream = match http.accept() {
             Ok((s, _)) => s,

@@ -38,7 +38,11 @@ key_hex = "{ACCESS_KEY}"
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -84,25 +88,57 @@ fn leases_lists_from_the_server_and_from_the_store_when_stopped() {
     let path = dir.path().join("a.toml");
     std::fs::write(&path, config(store.to_str().unwrap(), "")).unwrap();
     let p = path.to_str().unwrap();
-    let mut child = Command::new(BIN).args(["run", "--config", p]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", p])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let relay = line.split_whitespace().find_map(|w| w.strip_prefix("relay=")).unwrap().parse().unwrap();
-    let metrics: std::net::SocketAddr = line.split_whitespace().find_map(|w| w.strip_prefix("metrics=")).unwrap().parse().unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let relay = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("relay="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let metrics: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("metrics="))
+        .unwrap()
+        .parse()
+        .unwrap();
     let sw = Switch::new(relay);
     let r = sw.request(1, mac(7), Family::V4, 3);
     assert_eq!(r.status, Status::Ok);
     // `leases` asks the running server (the config's metrics port is 0, so point it at the
     // bound one).
     let live_cfg = dir.path().join("live.toml");
-    std::fs::write(&live_cfg, config(store.to_str().unwrap(), "").replace("metrics_listen = \"127.0.0.1:0\"", &format!("metrics_listen = \"{metrics}\""))).unwrap();
+    std::fs::write(
+        &live_cfg,
+        config(store.to_str().unwrap(), "").replace(
+            "metrics_listen = \"127.0.0.1:0\"",
+            &format!("metrics_listen = \"{metrics}\""),
+        ),
+    )
+    .unwrap();
     let (code, out, err) = run(&["leases", "--config", live_cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 3, "{out}");
-    assert!(out.lines().all(|l| l.contains("02:00:00:00:00:07") && l.contains("assigned")), "{out}");
+    assert!(
+        out.lines()
+            .all(|l| l.contains("02:00:00:00:00:07") && l.contains("assigned")),
+        "{out}"
+    );
     // SIGTERM stops it cleanly; then `leases` reads the store.
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let (code, out2, err) = run(&["leases", "--config", p]);
@@ -128,8 +164,16 @@ fn leases_that_ended_while_the_allocator_was_down_are_expired_at_restart() {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let get = |k: &str| -> std::net::SocketAddr { line.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().parse().unwrap() };
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let get = |k: &str| -> std::net::SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
         (child, get("relay="), get("metrics="))
     };
     let (mut child, relay, metrics) = start();
@@ -141,7 +185,10 @@ fn leases_that_ended_while_the_allocator_was_down_are_expired_at_restart() {
     // Down for longer than t_ip_max + t_remove.
     std::thread::sleep(std::time::Duration::from_millis(600));
     let (mut child, _, metrics) = start();
-    assert!(leases(metrics).is_empty(), "ended leases are not live after restart");
+    assert!(
+        leases(metrics).is_empty(),
+        "ended leases are not live after restart"
+    );
     let text = http_get(metrics, "/metrics");
     assert_eq!(metric(&text, "mimiq_allocator_expired_while_down_total"), 5);
     child.kill().unwrap();

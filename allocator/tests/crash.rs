@@ -42,11 +42,22 @@ fn spawn(config: &std::path::Path) -> Child_ {
         .spawn()
         .expect("spawn mimiq-allocator");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let addr = |key: &str| -> SocketAddr {
-        line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {line:?}")).parse().unwrap()
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            .parse()
+            .unwrap()
     };
-    Child_ { relay: addr("relay="), publish: addr("publish="), metrics: addr("metrics="), child }
+    Child_ {
+        relay: addr("relay="),
+        publish: addr("publish="),
+        metrics: addr("metrics="),
+        child,
+    }
 }
 
 #[test]
@@ -120,7 +131,9 @@ key_hex = "{ACCESS_KEY}"
                     }
                     match sw.recv(Duration::from_millis(200)) {
                         Some((id, ClientMsg::AllocReply(r))) => {
-                            let Some(m) = pending.remove(&id) else { continue };
+                            let Some(m) = pending.remove(&id) else {
+                                continue;
+                            };
                             assert_eq!(r.status, Status::Ok, "unexpected refusal {r:?}");
                             let mut a = acked.lock().unwrap();
                             for (ip, _) in r.addrs {
@@ -144,15 +157,24 @@ key_hex = "{ACCESS_KEY}"
         c.child.kill().unwrap();
         c.child.wait().unwrap();
         stop.store(true, Ordering::Relaxed);
-        txid = loader.join().expect("loader saw a double assignment or a refusal") + 1000;
+        txid = loader
+            .join()
+            .expect("loader saw a double assignment or a refusal")
+            + 1000;
         let n = acked.lock().unwrap().len();
-        assert!(n > total_acked_before_kill || round == 0 || n > 0, "the load made progress");
+        assert!(
+            n > total_acked_before_kill || round == 0 || n > 0,
+            "the load made progress"
+        );
         total_acked_before_kill = n;
         eprintln!("round {round}: killed after {run_ms} ms; {n} addresses acknowledged so far");
     }
     let c = spawn(&config);
     check_state(&c, &acked.lock().unwrap());
-    assert!(acked.lock().unwrap().len() > 100, "the test must actually exercise the allocator");
+    assert!(
+        acked.lock().unwrap().len() > 100,
+        "the test must actually exercise the allocator"
+    );
 }
 
 fn check_state(c: &Child_, acked: &HashMap<IpAddr, Mac>) {
@@ -160,16 +182,31 @@ fn check_state(c: &Child_, acked: &HashMap<IpAddr, Mac>) {
     let live_ips: HashMap<IpAddr, Mac> = live.iter().copied().collect();
     assert_eq!(live_ips.len(), live.len(), "an address is live twice");
     for (ip, m) in acked {
-        assert_eq!(live_ips.get(ip), Some(m), "acknowledged lease {ip} → {m} missing after restart");
+        assert_eq!(
+            live_ips.get(ip),
+            Some(m),
+            "acknowledged lease {ip} → {m} missing after restart"
+        );
     }
     let mut sub = Subscriber::connect(c.publish, 1, ACCESS_KEY);
     sub.read_snapshot();
-    assert_eq!(sub.binding_set(), live, "rule snapshot differs from the leases");
+    assert_eq!(
+        sub.binding_set(),
+        live,
+        "rule snapshot differs from the leases"
+    );
     // Every IPv6 lease carries an alias that a valid epoch maps to its SID.
-    let aliases: BTreeSet<u32> = sub.epochs.values().flat_map(|l| l.iter().flat_map(|(_, a)| a.clone())).collect();
+    let aliases: BTreeSet<u32> = sub
+        .epochs
+        .values()
+        .flat_map(|l| l.iter().flat_map(|(_, a)| a.clone()))
+        .collect();
     for (ip, _) in &live {
         if let IpAddr::V6(v) = ip {
-            assert!(aliases.contains(&u32::from(v.segments()[4])), "{v} has no valid alias");
+            assert!(
+                aliases.contains(&u32::from(v.segments()[4])),
+                "{v} has no valid alias"
+            );
         }
     }
     let _ = Instant::now();

@@ -3,7 +3,9 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use mimiq_allocator::lease::{AllocError, AllocParams, Allocator, Config, LeaseState, RuleUpdate, V4Config, V6Config};
+use mimiq_allocator::lease::{
+    AllocError, AllocParams, Allocator, Config, LeaseState, RuleUpdate, V4Config, V6Config,
+};
 use mimiq_allocator::pool::V4Pool;
 use mimiq_allocator::rng::Csprng;
 use mimiq_allocator::{Family, Mac};
@@ -22,18 +24,37 @@ fn config() -> Config {
         rate_burst: 20,
         sids: vec![1, 2],
         // 14 usable addresses: small enough that exhaustion and reuse happen constantly.
-        ipv4: Some(V4Config { prefixes: vec!["10.0.0.0/28".parse().unwrap()], reserved: vec![] }),
+        ipv4: Some(V4Config {
+            prefixes: vec!["10.0.0.0/28".parse().unwrap()],
+            reserved: vec![],
+        }),
         // 4 alias bits: 2 SIDs · n=1 · k=4 = 8 of 15 values valid at once, and a small random part
         // (/100 + 4 = 104: 24 random bits).
-        ipv6: Some(V6Config { prefix: "2001:db8::/100".parse().unwrap(), alias_bits: 4, aliases_per_sid: 1, k: 4, t_sid_ms: 1_000 }),
+        ipv6: Some(V6Config {
+            prefix: "2001:db8::/100".parse().unwrap(),
+            alias_bits: 4,
+            aliases_per_sid: 1,
+            k: 4,
+            t_sid_ms: 1_000,
+        }),
     }
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Alloc { mac: u8, sid: u16, v6: bool, count: u32 },
-    Release { mac: u8, pick: usize },
-    Advance { dt_ms: u64 },
+    Alloc {
+        mac: u8,
+        sid: u16,
+        v6: bool,
+        count: u32,
+    },
+    Release {
+        mac: u8,
+        pick: usize,
+    },
+    Advance {
+        dt_ms: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -181,7 +202,9 @@ struct RealPool(V4Pool, Csprng);
 
 impl Picker for RealPool {
     fn alloc(&mut self) -> Option<u32> {
-        self.0.allocate(&mut self.1).map(|a| u32::from(a.octets()[3]) - 1)
+        self.0
+            .allocate(&mut self.1)
+            .map(|a| u32::from(a.octets()[3]) - 1)
     }
     fn free(&mut self, i: u32) {
         assert!(self.0.release(Ipv4Addr::new(10, 0, 0, i as u8 + 1)));
@@ -224,7 +247,10 @@ fn chi2_critical(df: f64) -> f64 {
 fn chi2(counts: &[u64]) -> f64 {
     let total: u64 = counts.iter().sum();
     let expected = total as f64 / counts.len() as f64;
-    counts.iter().map(|&c| (c as f64 - expected).powi(2) / expected).sum()
+    counts
+        .iter()
+        .map(|&c| (c as f64 - expected).powi(2) / expected)
+        .sum()
 }
 
 /// Holds `held` addresses, then repeatedly allocates one address and frees it again. Checks
@@ -250,7 +276,10 @@ fn uniformity(p: &mut dyn Picker, held: usize, draws: usize) -> (bool, bool) {
         last = Some(i);
         p.free(i);
     }
-    let free_counts: Vec<u64> = (0..N).filter(|i| !held_set.contains(i)).map(|i| freq[i as usize]).collect();
+    let free_counts: Vec<u64> = (0..N)
+        .filter(|i| !held_set.contains(i))
+        .map(|i| freq[i as usize])
+        .collect();
     let freq_ok = chi2(&free_counts) < chi2_critical(free_counts.len() as f64 - 1.0);
     // Serial: with no held addresses every distance 0..N is equally likely.
     let serial_ok = held > 0 || chi2(&serial) < chi2_critical(N as f64 - 1.0);
@@ -258,7 +287,10 @@ fn uniformity(p: &mut dyn Picker, held: usize, draws: usize) -> (bool, bool) {
 }
 
 fn real() -> RealPool {
-    RealPool(V4Pool::new(&["10.0.0.0/24".parse().unwrap()], &[]).unwrap(), Csprng::new().unwrap())
+    RealPool(
+        V4Pool::new(&["10.0.0.0/24".parse().unwrap()], &[]).unwrap(),
+        Csprng::new().unwrap(),
+    )
 }
 
 #[test]
@@ -278,16 +310,28 @@ fn chi_square_accepts_the_pool_in_sparse_mode() {
 fn chi_square_accepts_the_pool_in_dense_mode() {
     let mut p = real();
     let r = uniformity(&mut p, 240, 100_000);
-    assert!(p.0.is_dense(), "240/254 in use must use the dense free list");
+    assert!(
+        p.0.is_dense(),
+        "240/254 in use must use the dense free list"
+    );
     assert!(r.0, "frequency test failed in dense mode");
 }
 
 #[test]
 fn chi_square_rejects_a_sequential_allocator() {
-    let mut seq = NextFit { used: vec![false; N as usize], cursor: 0 };
+    let mut seq = NextFit {
+        used: vec![false; N as usize],
+        cursor: 0,
+    };
     let (freq_ok, serial_ok) = uniformity(&mut seq, 0, 200_000);
-    assert!(!(freq_ok && serial_ok), "the test cannot tell a sequential allocator from a random one");
-    assert!(!serial_ok, "next-fit is perfectly predictable: consecutive picks are 1 apart");
+    assert!(
+        !(freq_ok && serial_ok),
+        "the test cannot tell a sequential allocator from a random one"
+    );
+    assert!(
+        !serial_ok,
+        "next-fit is perfectly predictable: consecutive picks are 1 apart"
+    );
 }
 
 #[test]
@@ -310,5 +354,8 @@ fn allocation_stays_fast_at_99_percent_of_a_slash_8() {
     let per_op = start.elapsed() / 200_000;
     // Generous bound for an unoptimised build on a shared machine; a scan of the pool would take
     // milliseconds per address.
-    assert!(per_op < std::time::Duration::from_micros(50), "{per_op:?} per allocate+release");
+    assert!(
+        per_op < std::time::Duration::from_micros(50),
+        "{per_op:?} per allocate+release"
+    );
 }

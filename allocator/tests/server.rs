@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use mimiq_allocator::client::{AllocClient, ClientError};
 use mimiq_allocator::config::Config;
-use mimiq_allocator::proto::{self, ClientMsg, Release, RelayReply, Status};
+use mimiq_allocator::proto::{self, ClientMsg, RelayReply, Release, Status};
 use mimiq_allocator::server::{BoundAddrs, DropReason, Metrics, Server, Settings};
 use mimiq_allocator::store::MemStore;
 use mimiq_allocator::Family;
@@ -68,16 +68,29 @@ key_hex = "{EDGE_KEY}"
 }
 
 fn start(cfg: Config) -> Running {
-    let server = Server::start(Settings::from_config(&cfg).unwrap(), cfg.core().unwrap(), Box::new(MemStore::new())).unwrap();
+    let server = Server::start(
+        Settings::from_config(&cfg).unwrap(),
+        cfg.core().unwrap(),
+        Box::new(MemStore::new()),
+    )
+    .unwrap();
     let addrs = server.local_addrs().unwrap();
     let metrics = server.metrics();
     let stop = server.stop_flag();
     let join = std::thread::spawn(move || server.run().unwrap());
-    Running { addrs, metrics, stop, join: Some(join) }
+    Running {
+        addrs,
+        metrics,
+        stop,
+        join: Some(join),
+    }
 }
 
 fn default_server() -> Running {
-    start(config("rate_per_s = 1000\nrate_burst = 1000", "10.0.0.0/16"))
+    start(config(
+        "rate_per_s = 1000\nrate_burst = 1000",
+        "10.0.0.0/16",
+    ))
 }
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -88,7 +101,11 @@ fn allocation_over_udp_grants_addresses_and_publishes_bindings() {
     let mut sub = Subscriber::connect(s.addrs.publish, 100, EDGE_KEY);
     sub.read_snapshot();
     assert!(sub.bindings.is_empty());
-    assert_eq!(sub.epochs.len(), 1, "the snapshot carries the current alias epoch");
+    assert_eq!(
+        sub.epochs.len(),
+        1,
+        "the snapshot carries the current alias epoch"
+    );
     let sw = Switch::new(s.addrs.relay);
     let r = sw.request(1, mac(1), Family::V4, 3);
     assert_eq!(r.status, Status::Ok);
@@ -101,14 +118,31 @@ fn allocation_over_udp_grants_addresses_and_publishes_bindings() {
     }
     let r6 = sw.request(2, mac(1), Family::V6, 2);
     assert_eq!(r6.status, Status::Ok);
-    let alias_set: BTreeSet<u32> = sub.epochs.values().next().unwrap().iter().flat_map(|(_, l)| l.clone()).collect();
+    let alias_set: BTreeSet<u32> = sub
+        .epochs
+        .values()
+        .next()
+        .unwrap()
+        .iter()
+        .flat_map(|(_, l)| l.clone())
+        .collect();
     for (a, _) in &r6.addrs {
-        let IpAddr::V6(v) = a else { panic!("v4 for a v6 request") };
+        let IpAddr::V6(v) = a else {
+            panic!("v4 for a v6 request")
+        };
         assert_eq!(&v.segments()[..4], &[0x2001, 0xdb8, 1, 2]);
-        assert!(alias_set.contains(&u32::from(v.segments()[4])), "alias of the current epoch");
+        assert!(
+            alias_set.contains(&u32::from(v.segments()[4])),
+            "alias of the current epoch"
+        );
     }
     sub.drain(QUIET);
-    let want: BTreeSet<_> = r.addrs.iter().chain(&r6.addrs).map(|(a, _)| (*a, mac(1))).collect();
+    let want: BTreeSet<_> = r
+        .addrs
+        .iter()
+        .chain(&r6.addrs)
+        .map(|(a, _)| (*a, mac(1)))
+        .collect();
     assert_eq!(sub.binding_set(), want);
     assert_eq!(leases(s.addrs.metrics), want);
 }
@@ -147,7 +181,14 @@ fn truncation_at_every_length_is_dropped_and_the_server_keeps_serving() {
         sw.send(&bytes[..n]);
     }
     assert!(sw.recv(QUIET).is_none(), "no truncated message is answered");
-    let dropped: u64 = [DropReason::Truncated, DropReason::BadHmac, DropReason::BadMagic].iter().map(|r| s.metrics.drops(*r)).sum();
+    let dropped: u64 = [
+        DropReason::Truncated,
+        DropReason::BadHmac,
+        DropReason::BadMagic,
+    ]
+    .iter()
+    .map(|r| s.metrics.drops(*r))
+    .sum();
     assert_eq!(dropped, bytes.len() as u64, "every truncation counted");
     assert!(leases(s.addrs.metrics).is_empty());
     assert_eq!(sw.request(2, mac(1), Family::V4, 1).status, Status::Ok);
@@ -161,9 +202,25 @@ fn wrong_version_and_stale_timestamps_are_dropped() {
     bytes[2] = 2;
     sw.send(&bytes);
     let mut inner = Vec::new();
-    ClientMsg::AllocRequest(proto::AllocRequest { family: Family::V4, count: 1, nonce: [0; 16] }).emit(2, &mut inner).unwrap();
-    sw.send(&sw.wrap(2, mac(1), &inner, mimiq_allocator::server::wall_ms() - 60_000));
-    sw.send(&sw.wrap(3, mac(1), &inner, mimiq_allocator::server::wall_ms() + 60_000));
+    ClientMsg::AllocRequest(proto::AllocRequest {
+        family: Family::V4,
+        count: 1,
+        nonce: [0; 16],
+    })
+    .emit(2, &mut inner)
+    .unwrap();
+    sw.send(&sw.wrap(
+        2,
+        mac(1),
+        &inner,
+        mimiq_allocator::server::wall_ms() - 60_000,
+    ));
+    sw.send(&sw.wrap(
+        3,
+        mac(1),
+        &inner,
+        mimiq_allocator::server::wall_ms() + 60_000,
+    ));
     assert!(sw.recv(QUIET).is_none());
     assert_eq!(s.metrics.drops(DropReason::BadVersion), 1);
     assert_eq!(s.metrics.drops(DropReason::Stale), 2);
@@ -176,7 +233,9 @@ fn replayed_transaction_is_dropped_and_changes_nothing() {
     let sw = Switch::new(s.addrs.relay);
     let bytes = sw.alloc_bytes(9, mac(1), Family::V4, 2);
     sw.send(&bytes);
-    let Some((9, ClientMsg::AllocReply(r))) = sw.recv(Duration::from_secs(5)) else { panic!("first copy must be answered") };
+    let Some((9, ClientMsg::AllocReply(r))) = sw.recv(Duration::from_secs(5)) else {
+        panic!("first copy must be answered")
+    };
     assert_eq!(r.status, Status::Ok);
     let before = leases(s.addrs.metrics);
     sw.send(&bytes);
@@ -189,7 +248,10 @@ fn replayed_transaction_is_dropped_and_changes_nothing() {
 #[test]
 fn pool_exhausted_is_reported_and_nothing_is_half_granted() {
     // /29: 6 usable addresses.
-    let s = start(config("rate_per_s = 1000\nrate_burst = 1000", "10.0.0.0/29"));
+    let s = start(config(
+        "rate_per_s = 1000\nrate_burst = 1000",
+        "10.0.0.0/29",
+    ));
     let sw = Switch::new(s.addrs.relay);
     assert_eq!(sw.request(1, mac(1), Family::V4, 4).status, Status::Ok);
     let r = sw.request(2, mac(2), Family::V4, 3);
@@ -198,8 +260,17 @@ fn pool_exhausted_is_reported_and_nothing_is_half_granted() {
     assert_eq!(leases(s.addrs.metrics).len(), 4);
     assert_eq!(sw.request(3, mac(2), Family::V4, 2).status, Status::Ok);
     let text = http_get(s.addrs.metrics, "/metrics");
-    assert_eq!(metric(&text, "mimiq_allocator_replies_total{code=\"pool_exhausted\"}"), 1);
-    assert_eq!(metric(&text, "mimiq_allocator_pool_in_use{family=\"4\"}"), 6);
+    assert_eq!(
+        metric(
+            &text,
+            "mimiq_allocator_replies_total{code=\"pool_exhausted\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(&text, "mimiq_allocator_pool_in_use{family=\"4\"}"),
+        6
+    );
     assert_eq!(metric(&text, "mimiq_allocator_pool_size{family=\"4\"}"), 6);
 }
 
@@ -209,8 +280,15 @@ fn rate_limit_is_reported_per_client() {
     let sw = Switch::new(s.addrs.relay);
     assert_eq!(sw.request(1, mac(1), Family::V4, 1).status, Status::Ok);
     assert_eq!(sw.request(2, mac(1), Family::V4, 1).status, Status::Ok);
-    assert_eq!(sw.request(3, mac(1), Family::V4, 1).status, Status::RateLimited);
-    assert_eq!(sw.request(4, mac(2), Family::V4, 1).status, Status::Ok, "other clients are not limited");
+    assert_eq!(
+        sw.request(3, mac(1), Family::V4, 1).status,
+        Status::RateLimited
+    );
+    assert_eq!(
+        sw.request(4, mac(2), Family::V4, 1).status,
+        Status::Ok,
+        "other clients are not limited"
+    );
     assert_eq!(s.metrics.replies(Status::RateLimited), 1);
     assert_eq!(leases(s.addrs.metrics).len(), 3);
 }
@@ -219,10 +297,21 @@ fn rate_limit_is_reported_per_client() {
 fn bad_requests_get_bad_request_replies() {
     let s = default_server();
     let sw = Switch::new(s.addrs.relay);
-    assert_eq!(sw.request(1, mac(1), Family::V4, 17).status, Status::BadRequest, "over max_per_request");
+    assert_eq!(
+        sw.request(1, mac(1), Family::V4, 17).status,
+        Status::BadRequest,
+        "over max_per_request"
+    );
     // An authentic relay carrying garbage.
-    sw.send(&sw.wrap(2, mac(1), b"MQ\x01\x01\0\0\0\x02\x09", mimiq_allocator::server::wall_ms()));
-    let Some((2, ClientMsg::ReleaseReply(r))) = sw.recv(Duration::from_secs(5)) else { panic!("expected an answer") };
+    sw.send(&sw.wrap(
+        2,
+        mac(1),
+        b"MQ\x01\x01\0\0\0\x02\x09",
+        mimiq_allocator::server::wall_ms(),
+    ));
+    let Some((2, ClientMsg::ReleaseReply(r))) = sw.recv(Duration::from_secs(5)) else {
+        panic!("expected an answer")
+    };
     assert_eq!(r.status, Status::BadRequest);
 }
 
@@ -235,13 +324,22 @@ fn release_drains_then_publishes_the_removal() {
     let r = sw.request(1, mac(1), Family::V4, 2);
     let ips: Vec<IpAddr> = r.addrs.iter().map(|(a, _)| *a).collect();
     let mut inner = Vec::new();
-    ClientMsg::Release(Release { family: Family::V4, addrs: ips.clone() }).emit(2, &mut inner).unwrap();
+    ClientMsg::Release(Release {
+        family: Family::V4,
+        addrs: ips.clone(),
+    })
+    .emit(2, &mut inner)
+    .unwrap();
     // Another client cannot release them.
     sw.send(&sw.wrap(3, mac(2), &inner, mimiq_allocator::server::wall_ms()));
-    let Some((3, ClientMsg::ReleaseReply(r))) = sw.recv(Duration::from_secs(5)) else { panic!() };
+    let Some((3, ClientMsg::ReleaseReply(r))) = sw.recv(Duration::from_secs(5)) else {
+        panic!()
+    };
     assert_eq!(r.released, 0);
     sw.send(&sw.wrap(2, mac(1), &inner, mimiq_allocator::server::wall_ms()));
-    let Some((2, ClientMsg::ReleaseReply(r))) = sw.recv(Duration::from_secs(5)) else { panic!() };
+    let Some((2, ClientMsg::ReleaseReply(r))) = sw.recv(Duration::from_secs(5)) else {
+        panic!()
+    };
     assert_eq!((r.status, r.released), (Status::Ok, 2));
     sub.drain(QUIET);
     assert_eq!(sub.bindings.len(), 2, "rules stay for t_remove (1 s)");
@@ -272,7 +370,12 @@ fn publisher_reconnect_ends_with_exactly_the_allocators_rules() {
         released.push(r.addrs[0].0);
     }
     let mut inner = Vec::new();
-    ClientMsg::Release(Release { family: Family::V6, addrs: vec![released[0]] }).emit(99, &mut inner).unwrap();
+    ClientMsg::Release(Release {
+        family: Family::V6,
+        addrs: vec![released[0]],
+    })
+    .emit(99, &mut inner)
+    .unwrap();
     sw.send(&sw.wrap(99, mac(20), &inner, mimiq_allocator::server::wall_ms()));
     assert!(sw.recv(Duration::from_secs(5)).is_some());
     let mut sub = Subscriber::connect(s.addrs.publish, 1, ACCESS_KEY);
@@ -293,7 +396,10 @@ fn bad_hello_is_refused() {
     let s = default_server();
     // Signed with the wrong key.
     let mut sub = Subscriber::connect(s.addrs.publish, 1, EDGE_KEY);
-    assert!(sub.next(Duration::from_secs(2)).is_none(), "no rules for an unauthenticated switch");
+    assert!(
+        sub.next(Duration::from_secs(2)).is_none(),
+        "no rules for an unauthenticated switch"
+    );
     assert_eq!(s.metrics.drops(DropReason::BadHello), 1);
 }
 
@@ -304,10 +410,19 @@ fn metrics_endpoint_serves_prometheus_text() {
     sw.request(1, mac(1), Family::V4, 3);
     sw.request(2, mac(1), Family::V6, 2);
     let text = http_get(s.addrs.metrics, "/metrics");
-    assert_eq!(metric(&text, "mimiq_allocator_allocations_total{family=\"4\"}"), 3);
-    assert_eq!(metric(&text, "mimiq_allocator_allocations_total{family=\"6\"}"), 2);
+    assert_eq!(
+        metric(&text, "mimiq_allocator_allocations_total{family=\"4\"}"),
+        3
+    );
+    assert_eq!(
+        metric(&text, "mimiq_allocator_allocations_total{family=\"6\"}"),
+        2
+    );
     assert_eq!(metric(&text, "mimiq_allocator_leases"), 5);
-    assert_eq!(metric(&text, "mimiq_allocator_replies_total{code=\"ok\"}"), 2);
+    assert_eq!(
+        metric(&text, "mimiq_allocator_replies_total{code=\"ok\"}"),
+        2
+    );
     assert!(metric(&text, "mimiq_allocator_store_commits_total") >= 1);
     assert!(text.contains("# TYPE mimiq_allocator_drops_total counter"));
 }
@@ -322,9 +437,16 @@ fn spawn_relay(allocator: SocketAddr) -> SocketAddr {
         gw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         while let Ok((n, from)) = gw.recv_from(&mut buf) {
             let txid = proto::check_len(&buf[..n]).map(|h| h.txid).unwrap_or(0);
-            sw.send(&sw.wrap(txid, mac(from.port().into()), &buf[..n], mimiq_allocator::server::wall_ms()));
+            sw.send(&sw.wrap(
+                txid,
+                mac(from.port().into()),
+                &buf[..n],
+                mimiq_allocator::server::wall_ms(),
+            ));
             let mut rb = [0u8; 4096];
-            sw.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            sw.sock
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
             if let Ok((m, _)) = sw.sock.recv_from(&mut rb) {
                 if let Ok(r) = RelayReply::parse(&rb[..m], &sw.key) {
                     let _ = gw.send_to(r.inner, from);
@@ -337,14 +459,20 @@ fn spawn_relay(allocator: SocketAddr) -> SocketAddr {
 
 #[test]
 fn client_library_allocates_and_releases_through_a_relay() {
-    let s = start(config("rate_per_s = 1000\nrate_burst = 1000\nmax_live_per_client = 4", "10.0.0.0/16"));
+    let s = start(config(
+        "rate_per_s = 1000\nrate_burst = 1000\nmax_live_per_client = 4",
+        "10.0.0.0/16",
+    ));
     let gw = spawn_relay(s.addrs.relay);
     let mut c = AllocClient::new(gw).unwrap();
     let a = c.allocate(Family::V4, 3).unwrap();
     assert_eq!(a.addrs.len(), 3);
     assert_eq!(a.gateway, "10.0.0.1".parse::<IpAddr>().unwrap());
     assert_eq!(a.prefix_len, 32);
-    assert!(matches!(c.allocate(Family::V4, 2), Err(ClientError::Refused(Status::ClientCap))));
+    assert!(matches!(
+        c.allocate(Family::V4, 2),
+        Err(ClientError::Refused(Status::ClientCap))
+    ));
     let ips: Vec<IpAddr> = a.addrs.iter().map(|(ip, _)| *ip).collect();
     assert_eq!(c.release(Family::V4, &ips).unwrap(), 3);
     assert_eq!(c.allocate(Family::V4, 4).unwrap().addrs.len(), 4);
@@ -352,14 +480,19 @@ fn client_library_allocates_and_releases_through_a_relay() {
     let dead = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut c = AllocClient::new(dead.local_addr().unwrap()).unwrap();
     c.set_retry(Duration::from_millis(50), 2);
-    assert!(matches!(c.allocate(Family::V4, 1), Err(ClientError::Timeout(2))));
+    assert!(matches!(
+        c.allocate(Family::V4, 1),
+        Err(ClientError::Timeout(2))
+    ));
 }
 
 #[test]
 fn idle_connections_beyond_the_cap_are_refused_and_switches_still_subscribe() {
     let s = default_server();
     // 2 switches configured: cap = 2·4 + 16 = 24 unauthenticated connections.
-    let idle: Vec<_> = (0..30).map(|_| std::net::TcpStream::connect(s.addrs.publish).unwrap()).collect();
+    let idle: Vec<_> = (0..30)
+        .map(|_| std::net::TcpStream::connect(s.addrs.publish).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.metrics.drops(DropReason::TooManyConnections), 6);
     drop(idle);
@@ -428,17 +561,29 @@ key_hex = "{ACCESS_KEY}"
         }
         for ip in sub.bindings.keys() {
             let IpAddr::V6(v) = ip else { panic!() };
-            assert!(valid.contains(&u32::from(v.segments()[4] >> 8)), "{v} bound without a valid alias");
+            assert!(
+                valid.contains(&u32::from(v.segments()[4] >> 8)),
+                "{v} bound without a valid alias"
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(seen_epochs.len() >= 4, "epochs rotate every t_sid: saw {seen_epochs:?}");
+    assert!(
+        seen_epochs.len() >= 4,
+        "epochs rotate every t_sid: saw {seen_epochs:?}"
+    );
     // Everything granted ends within t_ip_max + t_remove; the switch hears every removal.
     std::thread::sleep(Duration::from_millis(900));
     sub.drain(Duration::from_millis(300));
     assert!(sub.bindings.is_empty(), "bindings left: {:?}", sub.bindings);
     assert!(leases(s.addrs.metrics).is_empty());
     let text = http_get(s.addrs.metrics, "/metrics");
-    assert_eq!(metric(&text, "mimiq_allocator_expiries_total"), granted.len() as u64);
-    assert_eq!(metric(&text, "mimiq_allocator_freed_total"), granted.len() as u64);
+    assert_eq!(
+        metric(&text, "mimiq_allocator_expiries_total"),
+        granted.len() as u64
+    );
+    assert_eq!(
+        metric(&text, "mimiq_allocator_freed_total"),
+        granted.len() as u64
+    );
 }

@@ -61,7 +61,9 @@ fn rings(c: &mut Criterion) {
     let mut g = c.benchmark_group("spsc_cross_thread");
     g.throughput(Throughput::Elements(ITEMS));
     g.sample_size(10);
-    g.bench_function("rtrb", |b| b.iter_custom(|iters| (0..iters).map(|_| rtrb_pair(ITEMS)).sum()));
+    g.bench_function("rtrb", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| rtrb_pair(ITEMS)).sum())
+    });
     g.bench_function("crossbeam_array_queue", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| crossbeam_pair(ITEMS)).sum())
     });

@@ -36,12 +36,30 @@ fn roles(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("roles");
     g.throughput(Throughput::Elements(BURST as u64));
-    g.bench_function("l2fwd", |b| b.iter_batched_ref(|| frames(&baseline), |f| run(&mut L2Fwd, 0, f), BatchSize::SmallInput));
+    g.bench_function("l2fwd", |b| {
+        b.iter_batched_ref(
+            || frames(&baseline),
+            |f| run(&mut L2Fwd, 0, f),
+            BatchSize::SmallInput,
+        )
+    });
     for (name, port, input) in &work {
         if name.starts_with("edge") {
-            g.bench_function(*name, |b| b.iter_batched_ref(|| frames(input), |f| run(&mut e, *port, f), BatchSize::SmallInput));
+            g.bench_function(*name, |b| {
+                b.iter_batched_ref(
+                    || frames(input),
+                    |f| run(&mut e, *port, f),
+                    BatchSize::SmallInput,
+                )
+            });
         } else {
-            g.bench_function(*name, |b| b.iter_batched_ref(|| frames(input), |f| run(&mut a, *port, f), BatchSize::SmallInput));
+            g.bench_function(*name, |b| {
+                b.iter_batched_ref(
+                    || frames(input),
+                    |f| run(&mut a, *port, f),
+                    BatchSize::SmallInput,
+                )
+            });
         }
     }
     g.finish();
@@ -54,7 +72,18 @@ fn roles(c: &mut Criterion) {
         b.iter(|| {
             seq += 1;
             i = (i + 7919) % BINDINGS;
-            a.apply(Sequenced { seq, update: RuleUpdate::BindingAdd { ip: IpAddr::V4(v4(i)), mac: Mac(CLIENT), sid: SID, valid_until_ms: u64::MAX } }.into());
+            a.apply(
+                Sequenced {
+                    seq,
+                    update: RuleUpdate::BindingAdd {
+                        ip: IpAddr::V4(v4(i)),
+                        mac: Mac(CLIENT),
+                        sid: SID,
+                        valid_until_ms: u64::MAX,
+                    },
+                }
+                .into(),
+            );
         })
     });
     g.finish();

@@ -24,7 +24,12 @@ mod roles_support;
 use roles_support::*;
 
 #[inline(never)]
-fn roles_burst<P: Pipeline>(p: &mut P, port: u16, frames: &mut [MemFrame], verdicts: &mut Vec<Verdict>) -> usize {
+fn roles_burst<P: Pipeline>(
+    p: &mut P,
+    port: u16,
+    frames: &mut [MemFrame],
+    verdicts: &mut Vec<Verdict>,
+) -> usize {
     verdicts.clear();
     p.process(port, &mut MemMemory, frames, verdicts);
     verdicts.len()
@@ -33,7 +38,11 @@ fn roles_burst<P: Pipeline>(p: &mut P, port: u16, frames: &mut [MemFrame], verdi
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let name = args.next().unwrap_or_else(|| "access_down".into());
-    let Ok(bursts) = args.next().unwrap_or_else(|| "2000".into()).parse::<usize>() else {
+    let Ok(bursts) = args
+        .next()
+        .unwrap_or_else(|| "2000".into())
+        .parse::<usize>()
+    else {
         eprintln!("roles_callgrind: error: bursts must be a number");
         return ExitCode::from(2);
     };
@@ -44,7 +53,11 @@ fn main() -> ExitCode {
     let (port, input, role) = match name.as_str() {
         "l2fwd" => (0, work[1].2.clone(), 'l'),
         other => match work.iter().find(|(n, _, _)| *n == other) {
-            Some((n, port, input)) => (*port, input.clone(), if n.starts_with("edge") { 'e' } else { 'a' }),
+            Some((n, port, input)) => (
+                *port,
+                input.clone(),
+                if n.starts_with("edge") { 'e' } else { 'a' },
+            ),
             None => {
                 eprintln!("roles_callgrind: error: unknown workload {other:?}");
                 return ExitCode::from(2);

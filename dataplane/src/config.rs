@@ -207,7 +207,9 @@ fn default_alias_k() -> u64 {
 
 /// Parses `"addr/len"`.
 pub fn parse_prefix<A: std::str::FromStr>(s: &str, max_len: u8) -> Result<(A, u8), String> {
-    let (a, l) = s.split_once('/').ok_or_else(|| format!("{s:?} is not addr/len"))?;
+    let (a, l) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not addr/len"))?;
     let addr = a.parse().map_err(|_| format!("{s:?}: bad address"))?;
     let len: u8 = l.parse().map_err(|_| format!("{s:?}: bad prefix length"))?;
     if len > max_len {
@@ -236,14 +238,20 @@ pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("x"), 16).map_err(|_| "hex key has a non-hex digit".to_string()))
+        .map(|i| {
+            u8::from_str_radix(s.get(i..i + 2).unwrap_or("x"), 16)
+                .map_err(|_| "hex key has a non-hex digit".to_string())
+        })
         .collect()
 }
 
 impl AccessSection {
     fn validate(&self, standalone: bool) -> Result<(), String> {
         if self.internal.is_ipv4() != self.edge_internal.is_ipv4() {
-            return Err("access: internal and edge_internal must be of one family (the outer header's)".into());
+            return Err(
+                "access: internal and edge_internal must be of one family (the outer header's)"
+                    .into(),
+            );
         }
         check_key(&self.key_hex, "access.key_hex")?;
         if self.gateway_v4.is_none() && self.gateway_v6.is_empty() {
@@ -253,7 +261,9 @@ impl AccessSection {
             (Some(mac), _) => {
                 parse_mac(mac).map_err(|e| format!("access.edge_mac: {e}"))?;
             }
-            (None, true) => return Err("access.edge_mac is needed when the edge runs elsewhere".into()),
+            (None, true) => {
+                return Err("access.edge_mac is needed when the edge runs elsewhere".into())
+            }
             (None, false) => {}
         }
         Ok(())
@@ -277,8 +287,13 @@ impl EdgeSection {
         }
         let (_, len): (std::net::Ipv6Addr, u8) =
             parse_prefix(&self.v6_prefix, 112).map_err(|e| format!("edge.v6_prefix: {e}"))?;
-        if u32::from(len) + u32::from(self.alias_bits) > 112 || self.alias_bits == 0 || self.alias_bits > 24 {
-            return Err("edge: v6_prefix length + alias_bits must be ≤ 112, alias_bits 1..=24".into());
+        if u32::from(len) + u32::from(self.alias_bits) > 112
+            || self.alias_bits == 0
+            || self.alias_bits > 24
+        {
+            return Err(
+                "edge: v6_prefix length + alias_bits must be ≤ 112, alias_bits 1..=24".into(),
+            );
         }
         for p in &self.v4_pools {
             parse_prefix::<std::net::Ipv4Addr>(p, 32).map_err(|e| format!("edge.v4_pools: {e}"))?;
@@ -286,7 +301,9 @@ impl EdgeSection {
         for (i, peer) in self.access.iter().enumerate() {
             parse_mac(&peer.mac).map_err(|e| format!("edge.access[{i}].mac: {e}"))?;
             if peer.internal.is_ipv4() != self.internal.is_ipv4() {
-                return Err(format!("edge.access[{i}].internal: not of the family of edge.internal"));
+                return Err(format!(
+                    "edge.access[{i}].internal: not of the family of edge.internal"
+                ));
             }
         }
         if standalone {
@@ -294,7 +311,10 @@ impl EdgeSection {
                 return Err("edge.access: list the access switches".into());
             }
             if self.allocator_rules.is_none() || self.switch_id.is_none() {
-                return Err("edge: allocator_rules and switch_id are needed when the edge runs alone".into());
+                return Err(
+                    "edge: allocator_rules and switch_id are needed when the edge runs alone"
+                        .into(),
+                );
             }
             check_key(self.key_hex.as_deref().unwrap_or(""), "edge.key_hex")?;
         }
@@ -452,14 +472,22 @@ impl SwitchConfig {
                         a.validate(false)?;
                         e.validate(false)?;
                         if a.edge_internal != e.internal {
-                            return Err("single_box: access.edge_internal must be edge.internal".into());
+                            return Err(
+                                "single_box: access.edge_internal must be edge.internal".into()
+                            );
                         }
                     }
-                    (Role::Access, _, _) => return Err("role access needs [access] (and no [edge])".into()),
-                    (Role::Edge, _, _) => return Err("role edge needs [edge] (and no [access])".into()),
+                    (Role::Access, _, _) => {
+                        return Err("role access needs [access] (and no [edge])".into())
+                    }
+                    (Role::Edge, _, _) => {
+                        return Err("role edge needs [edge] (and no [access])".into())
+                    }
                     _ => return Err("role single_box needs both [access] and [edge]".into()),
                 }
-                if self.workers.iter().any(|w| w.queue != 0) || self.workers.len() > if single { 2 } else { 1 } {
+                if self.workers.iter().any(|w| w.queue != 0)
+                    || self.workers.len() > if single { 2 } else { 1 }
+                {
                     return Err("the MIMIQ roles run queue 0 with one worker per role: `workers` may set their cores only".into());
                 }
             }
@@ -495,7 +523,10 @@ impl SwitchConfig {
             ));
         }
         if self.busy_poll_budget == Some(0) {
-            return Err("busy_poll_budget must be at least 1 (leave it out to switch busy polling off)".into());
+            return Err(
+                "busy_poll_budget must be at least 1 (leave it out to switch busy polling off)"
+                    .into(),
+            );
         }
         if self.kernel.addresses.len() > 64 {
             return Err(format!(
@@ -506,9 +537,13 @@ impl SwitchConfig {
         let names = self.all_interfaces();
         for (interface, impair) in &self.impair {
             if !names.contains(interface) {
-                return Err(format!("impair.{interface}: no such interface in `interfaces`"));
+                return Err(format!(
+                    "impair.{interface}: no such interface in `interfaces`"
+                ));
             }
-            impair.validate().map_err(|e| format!("impair.{interface}: {e}"))?;
+            impair
+                .validate()
+                .map_err(|e| format!("impair.{interface}: {e}"))?;
         }
         if self.stats_interval_ms == 0 {
             return Err("stats_interval_ms must be at least 1".into());
@@ -533,7 +568,10 @@ impl SwitchConfig {
 
 /// One unpinned worker on queue 0.
 pub fn default_workers() -> Vec<WorkerConfig> {
-    vec![WorkerConfig { queue: 0, core: None }]
+    vec![WorkerConfig {
+        queue: 0,
+        core: None,
+    }]
 }
 
 fn default_ring_size() -> u32 {
@@ -584,47 +622,131 @@ mod tests {
     fn minimal_config_gets_documented_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.interfaces, ["p0", "p1"]);
-        assert_eq!(c.workers, [WorkerConfig { queue: 0, core: None }]);
+        assert_eq!(
+            c.workers,
+            [WorkerConfig {
+                queue: 0,
+                core: None
+            }]
+        );
         assert_eq!(c.huge_pages, HugePages::Auto);
-        assert_eq!((c.busy_poll_budget, c.hlog_path.as_ref(), c.metrics_listen), (None, None, None));
+        assert_eq!(
+            (c.busy_poll_budget, c.hlog_path.as_ref(), c.metrics_listen),
+            (None, None, None)
+        );
         assert_eq!(c.xdp_mode, XdpMode::Native);
         assert_eq!(c.copy_mode, CopyMode::Auto);
         assert_eq!(c.idle, IdleStrategy::Adaptive);
-        assert_eq!((c.ring_size, c.frame_size_bytes, c.stats_interval_ms), (1024, 4096, 500));
+        assert_eq!(
+            (c.ring_size, c.frame_size_bytes, c.stats_interval_ms),
+            (1024, 4096, 500)
+        );
     }
 
     #[test]
     fn bad_configs_get_one_line_errors_that_say_where() {
         let cases = [
-            ("role = \"l2fwd\"\ninterfaces = [\"p0\"]\n", "exactly 2 interfaces"),
+            (
+                "role = \"l2fwd\"\ninterfaces = [\"p0\"]\n",
+                "exactly 2 interfaces",
+            ),
             (&format!("{MINIMAL}colour = 1\n"), "line 3"),
             (&format!("{MINIMAL}ring_size = 1000\n"), "power of two"),
-            (&format!("{MINIMAL}frame_size_bytes = 1500\n"), "2048 or 4096"),
+            (
+                &format!("{MINIMAL}frame_size_bytes = 1500\n"),
+                "2048 or 4096",
+            ),
             (&format!("{MINIMAL}busy_poll_budget = 0\n"), "at least 1"),
             (&format!("{MINIMAL}busy_poll_budget = 70000\n"), "line 3"),
-            (&format!("{MINIMAL}metrics_listen = \"nonsense\"\n"), "line 3"),
+            (
+                &format!("{MINIMAL}metrics_listen = \"nonsense\"\n"),
+                "line 3",
+            ),
             (&format!("{MINIMAL}workers = []\n"), "at least one worker"),
-            (&format!("{MINIMAL}[kernel]\naddresses = [\"198.18.0.300\"]\n"), "line 4"),
-            (&format!("{MINIMAL}[kernel]\nmdns = true\n"), "unknown field `mdns`"),
-            (&format!("{MINIMAL}[impair.p9]\ndelay_us = 5\n"), "impair.p9: no such interface"),
+            (
+                &format!("{MINIMAL}[kernel]\naddresses = [\"198.18.0.300\"]\n"),
+                "line 4",
+            ),
+            (
+                &format!("{MINIMAL}[kernel]\nmdns = true\n"),
+                "unknown field `mdns`",
+            ),
+            (
+                &format!("{MINIMAL}[impair.p9]\ndelay_us = 5\n"),
+                "impair.p9: no such interface",
+            ),
             ("role = \"access\"\n", "role access needs [access]"),
             ("role = \"single_box\"\n", "needs both [access] and [edge]"),
-            (&format!("role = \"access\"\n{ACCESS}"), "access.edge_mac is needed"),
-            (&format!("role = \"access\"\n{ACCESS}edge_mac = \"zz\"\n"), "access.edge_mac"),
-            (&format!("role = \"access\"\n{}", ACCESS.replace("6d6d", "6d")), "at least 32 bytes"),
-            (&format!("role = \"edge\"\n{EDGE}"), "edge.access: list the access switches"),
-            (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("outside_next_hop = \"198.18.200.2\"\n", "")), "outside_next_hop"),
-            (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("fd00:1::/64", "fd00:1::/100")), "alias_bits must be"),
-            (&format!("role = \"single_box\"\n{ACCESS}{}", EDGE.replace("\"198.18.200.2\"", "\"fd00:200::2\"")), "needs outside_v6"),
-            (&format!("role = \"single_box\"\ninterfaces = [\"x\"]\n{ACCESS}{EDGE}"), "not in `interfaces`"),
-            (&format!("role = \"single_box\"\n{}{EDGE}", ACCESS.replace("internal = \"fd00::a\"", "internal = \"198.18.250.2\"")), "one family"),
-            (&format!("{MINIMAL}[impair.p1]\nloss = 2.0\n"), "impair.p1: loss 2 must be between"),
-            (&format!("{MINIMAL}[impair.p1]\ndelay = 5\n"), "unknown field `delay`"),
-            (&format!("{MINIMAL}workers = [{{ queue = 1 }}, {{ queue = 1, core = 0 }}]\n"), "two workers"),
-            (&format!("{MINIMAL}workers = [{{ queue = 1, cpu = 0 }}]\n"), "unknown field `cpu`"),
+            (
+                &format!("role = \"access\"\n{ACCESS}"),
+                "access.edge_mac is needed",
+            ),
+            (
+                &format!("role = \"access\"\n{ACCESS}edge_mac = \"zz\"\n"),
+                "access.edge_mac",
+            ),
+            (
+                &format!("role = \"access\"\n{}", ACCESS.replace("6d6d", "6d")),
+                "at least 32 bytes",
+            ),
+            (
+                &format!("role = \"edge\"\n{EDGE}"),
+                "edge.access: list the access switches",
+            ),
+            (
+                &format!(
+                    "role = \"single_box\"\n{ACCESS}{}",
+                    EDGE.replace("outside_next_hop = \"198.18.200.2\"\n", "")
+                ),
+                "outside_next_hop",
+            ),
+            (
+                &format!(
+                    "role = \"single_box\"\n{ACCESS}{}",
+                    EDGE.replace("fd00:1::/64", "fd00:1::/100")
+                ),
+                "alias_bits must be",
+            ),
+            (
+                &format!(
+                    "role = \"single_box\"\n{ACCESS}{}",
+                    EDGE.replace("\"198.18.200.2\"", "\"fd00:200::2\"")
+                ),
+                "needs outside_v6",
+            ),
+            (
+                &format!("role = \"single_box\"\ninterfaces = [\"x\"]\n{ACCESS}{EDGE}"),
+                "not in `interfaces`",
+            ),
+            (
+                &format!(
+                    "role = \"single_box\"\n{}{EDGE}",
+                    ACCESS.replace("internal = \"fd00::a\"", "internal = \"198.18.250.2\"")
+                ),
+                "one family",
+            ),
+            (
+                &format!("{MINIMAL}[impair.p1]\nloss = 2.0\n"),
+                "impair.p1: loss 2 must be between",
+            ),
+            (
+                &format!("{MINIMAL}[impair.p1]\ndelay = 5\n"),
+                "unknown field `delay`",
+            ),
+            (
+                &format!("{MINIMAL}workers = [{{ queue = 1 }}, {{ queue = 1, core = 0 }}]\n"),
+                "two workers",
+            ),
+            (
+                &format!("{MINIMAL}workers = [{{ queue = 1, cpu = 0 }}]\n"),
+                "unknown field `cpu`",
+            ),
             ("role = \"router\"\ninterfaces = []\n", "line 1"),
             ("role = \n", "line 1"),
-            ("role = \"l2fwd\"\ninterfaces = [\"p0\", \"p0\"]\n", "listed twice"),
+            (
+                "role = \"l2fwd\"\ninterfaces = [\"p0\", \"p0\"]\n",
+                "listed twice",
+            ),
             (
                 "role = \"l2fwd\"\ninterfaces = [\"p0\", \"waytoolonginterfacename\"]\n",
                 "not a valid interface name",
@@ -632,7 +754,10 @@ mod tests {
         ];
         for (text, want) in cases {
             let err = parse(text).expect_err(text);
-            assert!(err.contains(want), "{text:?}: {err:?} should mention {want:?}");
+            assert!(
+                err.contains(want),
+                "{text:?}: {err:?} should mention {want:?}"
+            );
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
     }

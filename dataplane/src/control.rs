@@ -75,12 +75,19 @@ fn session<U: From<Sequenced>>(
     stream
         .set_read_timeout(Some(Duration::from_millis(200)))
         .map_err(|e| e.to_string())?;
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let mut hello = Vec::new();
-    StreamMsg::Hello { switch_id: source.switch_id, timestamp_ms: now_ms }
-        .emit_frame(key, &mut hello)
-        .map_err(|e| format!("hello: {e:?}"))?;
-    stream.write_all(&hello).map_err(|e| format!("hello: {e}"))?;
+    StreamMsg::Hello {
+        switch_id: source.switch_id,
+        timestamp_ms: now_ms,
+    }
+    .emit_frame(key, &mut hello)
+    .map_err(|e| format!("hello: {e:?}"))?;
+    stream
+        .write_all(&hello)
+        .map_err(|e| format!("hello: {e}"))?;
     stats.connects.fetch_add(1, Ordering::Relaxed);
     tracing::info!("subscribed to the rule stream of {}", source.allocator);
 
@@ -90,12 +97,18 @@ fn session<U: From<Sequenced>>(
         match proto::read_frame(&mut stream, &mut buf) {
             Ok(true) => {}
             Ok(false) => return Err("the allocator closed the stream".into()),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 continue
             }
             Err(e) => return Err(format!("read: {e}")),
         }
-        let msg = StreamMsg::parse(&buf, |_| Some(key)).map_err(|e| format!("bad message: {e:?}"))?;
+        let msg =
+            StreamMsg::parse(&buf, |_| Some(key)).map_err(|e| format!("bad message: {e:?}"))?;
         let StreamMsg::Update(update) = msg else {
             return Err("unexpected Hello from the allocator".into());
         };
@@ -133,7 +146,11 @@ struct SeqTracker {
 impl SeqTracker {
     fn check(&mut self, s: &Sequenced) -> Result<(), String> {
         if let RuleUpdate::Snapshot { seq, count } = s.update {
-            *self = SeqTracker { started: true, seq, snapshot_left: count };
+            *self = SeqTracker {
+                started: true,
+                seq,
+                snapshot_left: count,
+            };
             return Ok(());
         }
         if !self.started {
@@ -141,10 +158,21 @@ impl SeqTracker {
         }
         if self.snapshot_left > 0 {
             self.snapshot_left -= 1;
-            return if s.seq == self.seq { Ok(()) } else { Err(format!("snapshot entry numbered {} in snapshot {}", s.seq, self.seq)) };
+            return if s.seq == self.seq {
+                Ok(())
+            } else {
+                Err(format!(
+                    "snapshot entry numbered {} in snapshot {}",
+                    s.seq, self.seq
+                ))
+            };
         }
         if s.seq != self.seq + 1 {
-            return Err(format!("gap: expected update {}, got {}", self.seq + 1, s.seq));
+            return Err(format!(
+                "gap: expected update {}, got {}",
+                self.seq + 1,
+                s.seq
+            ));
         }
         self.seq = s.seq;
         Ok(())
@@ -156,14 +184,23 @@ mod tests {
     use super::*;
 
     fn up(seq: u64) -> Sequenced {
-        Sequenced { seq, update: RuleUpdate::BindingRemove { ip: "198.18.0.1".parse().unwrap() } }
+        Sequenced {
+            seq,
+            update: RuleUpdate::BindingRemove {
+                ip: "198.18.0.1".parse().unwrap(),
+            },
+        }
     }
 
     #[test]
     fn the_tracker_accepts_a_snapshot_then_consecutive_updates_and_refuses_gaps() {
         let mut t = SeqTracker::default();
         assert!(t.check(&up(1)).is_err(), "nothing before a snapshot");
-        t.check(&Sequenced { seq: 5, update: RuleUpdate::Snapshot { seq: 5, count: 2 } }).unwrap();
+        t.check(&Sequenced {
+            seq: 5,
+            update: RuleUpdate::Snapshot { seq: 5, count: 2 },
+        })
+        .unwrap();
         t.check(&up(5)).unwrap();
         t.check(&up(5)).unwrap();
         t.check(&up(6)).unwrap();
@@ -184,7 +221,10 @@ mod tests {
             assert!(matches!(hello, StreamMsg::Hello { switch_id: 7, .. }));
             let mut out = Vec::new();
             for m in [
-                Sequenced { seq: 1, update: RuleUpdate::Snapshot { seq: 1, count: 0 } },
+                Sequenced {
+                    seq: 1,
+                    update: RuleUpdate::Snapshot { seq: 1, count: 0 },
+                },
                 up(2),
                 up(3),
             ] {
@@ -200,7 +240,16 @@ mod tests {
         let sub = {
             let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
             std::thread::spawn(move || {
-                run_subscriber(RuleSource { allocator: addr, switch_id: 7, key: secret }, vec![p1, p2], stop, stats)
+                run_subscriber(
+                    RuleSource {
+                        allocator: addr,
+                        switch_id: 7,
+                        key: secret,
+                    },
+                    vec![p1, p2],
+                    stop,
+                    stats,
+                )
             })
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

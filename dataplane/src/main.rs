@@ -29,17 +29,17 @@ use mimiq_dataplane::config::{
 use mimiq_dataplane::control::{self, RuleSource};
 use mimiq_dataplane::engine::{Rings, SlowPathFrame, SlowPathReturn, Worker};
 use mimiq_dataplane::pipeline::gateway::Gateway;
+use mimiq_dataplane::pipeline::impair::ImpairConfig;
+use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
 use mimiq_dataplane::pipeline::mimiq::{
     Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, SwitchUpdate, V4Prefix,
 };
-use mimiq_dataplane::slowpath::{self, EdgeNeighbors, RelayConfig};
-use mimiq_dataplane::wire::EthernetAddress;
-use mimiq_dataplane::pipeline::impair::ImpairConfig;
-use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
 use mimiq_dataplane::port::xdp_prog::KernelPass;
 use mimiq_dataplane::port::xsk::{self, XskConfig};
-use xsk_rs::FrameDesc;
+use mimiq_dataplane::slowpath::{self, EdgeNeighbors, RelayConfig};
 use mimiq_dataplane::telemetry::{self, HlogWriter, Telemetry};
+use mimiq_dataplane::wire::EthernetAddress;
+use xsk_rs::FrameDesc;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -145,7 +145,11 @@ impl RunArgs {
             return Ok(SwitchConfig::load(path)?);
         }
         if !self.cores.is_empty() && self.cores.len() != self.queues as usize {
-            bail!("--cores lists {} cores for {} queues", self.cores.len(), self.queues);
+            bail!(
+                "--cores lists {} cores for {} queues",
+                self.cores.len(),
+                self.queues
+            );
         }
         let config = SwitchConfig {
             // clap enforces `--role` when there is no `--config`.
@@ -177,7 +181,9 @@ impl RunArgs {
             access: None,
             edge: None,
         };
-        config.validate().map_err(|message| anyhow::anyhow!("{message}"))?;
+        config
+            .validate()
+            .map_err(|message| anyhow::anyhow!("{message}"))?;
         Ok(config)
     }
 }
@@ -212,7 +218,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for w in &config.workers {
         if let Some(core) = w.core {
             if !cores.iter().any(|c| c.id == core) {
-                bail!("core {core} does not exist (this machine has {} cores)", cores.len());
+                bail!(
+                    "core {core} does not exist (this machine has {} cores)",
+                    cores.len()
+                );
             }
         }
     }
@@ -245,8 +254,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut workers = Vec::new();
     for (index, plan) in plans.into_iter().enumerate() {
-        let (config, stop, telemetry, ready) =
-            (config.clone(), Arc::clone(&stop), Arc::clone(&telemetry), ready_tx.clone());
+        let (config, stop, telemetry, ready) = (
+            config.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&telemetry),
+            ready_tx.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name(format!("mimiq-worker-{index}"))
             .spawn(move || worker_main(&config, index, plan, &stop, &telemetry, &ready))
@@ -304,14 +317,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(log) = &mut hlog {
             // On the interval, and at once on SIGUSR1.
             if dump_now.swap(false, Ordering::Relaxed) || Instant::now() >= next_hlog {
-                log.write_interval(&telemetry).context("cannot write the hlog")?;
+                log.write_interval(&telemetry)
+                    .context("cannot write the hlog")?;
                 next_hlog = Instant::now() + interval;
             }
         }
         std::thread::sleep(interval.min(Duration::from_millis(50)));
     }
     for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?;
+        w.join()
+            .map_err(|_| anyhow::anyhow!("worker thread panicked"))?;
     }
     if let Some(s) = subscriber {
         let _ = s.join();
@@ -320,7 +335,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::write_stats_file(&config.stats_path, &last)
         .with_context(|| format!("cannot write {}", config.stats_path.display()))?;
     if let Some(log) = &mut hlog {
-        log.write_interval(&telemetry).context("cannot write the hlog")?;
+        log.write_interval(&telemetry)
+            .context("cannot write the hlog")?;
     }
     println!("{}", serde_json::to_string(&last)?);
     tracing::info!("stopped");
@@ -340,8 +356,14 @@ struct Plan {
 
 enum Kind {
     L2fwd,
-    Access(Box<(AccessConfig, Gateway, RelayConfig)>, rtrb::Consumer<SwitchUpdate>),
-    Edge(Box<(EdgeConfig, EdgeNeighbors)>, rtrb::Consumer<SwitchUpdate>),
+    Access(
+        Box<(AccessConfig, Gateway, RelayConfig)>,
+        rtrb::Consumer<SwitchUpdate>,
+    ),
+    Edge(
+        Box<(EdgeConfig, EdgeNeighbors)>,
+        rtrb::Consumer<SwitchUpdate>,
+    ),
 }
 
 type Updates = Option<(RuleSource, Vec<rtrb::Producer<SwitchUpdate>>)>;
@@ -353,7 +375,12 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
         let plans = config
             .workers
             .iter()
-            .map(|w| Plan { queue: w.queue, core: w.core, interfaces: config.interfaces.clone(), kind: Kind::L2fwd })
+            .map(|w| Plan {
+                queue: w.queue,
+                core: w.core,
+                interfaces: config.interfaces.clone(),
+                kind: Kind::L2fwd,
+            })
             .collect();
         return Ok((plans, None));
     }
@@ -385,8 +412,16 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
             v6_prefix_len: 64,
             alias_bits: 1,
         };
-        let gateway = Gateway { mac: EthernetAddress(gateway_mac), v4: a.gateway_v4, v6: a.gateway_v6.clone() };
-        let relay = RelayConfig { sid: a.sid, allocator: a.allocator_relay, key: key.clone() };
+        let gateway = Gateway {
+            mac: EthernetAddress(gateway_mac),
+            v4: a.gateway_v4,
+            v6: a.gateway_v6.clone(),
+        };
+        let relay = RelayConfig {
+            sid: a.sid,
+            allocator: a.allocator_relay,
+            key: key.clone(),
+        };
         let (tx, rx) = rtrb::RingBuffer::new(UPDATE_RING);
         producers.push(tx);
         plans.push(Plan {
@@ -395,7 +430,11 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
             interfaces: vec![a.clients.clone(), a.uplink.clone()],
             kind: Kind::Access(Box::new((access, gateway, relay)), rx),
         });
-        source = Some(RuleSource { allocator: a.allocator_rules, switch_id: a.sid, key });
+        source = Some(RuleSource {
+            allocator: a.allocator_rules,
+            switch_id: a.sid,
+            key,
+        });
     }
     if let Some(e) = &config.edge {
         let (v6_prefix, v6_prefix_len) = parse_prefix(&e.v6_prefix, 112).map_err(msg)?;
@@ -408,10 +447,20 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
         let mut peers = e
             .access
             .iter()
-            .map(|p| Ok(AccessSwitch { sid: p.sid, internal: p.internal, mac: parse_mac(&p.mac).map_err(msg)? }))
+            .map(|p| {
+                Ok(AccessSwitch {
+                    sid: p.sid,
+                    internal: p.internal,
+                    mac: parse_mac(&p.mac).map_err(msg)?,
+                })
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         if let Some(a) = &config.access {
-            peers.push(AccessSwitch { sid: a.sid, internal: a.internal, mac: interface_mac(&a.uplink)? });
+            peers.push(AccessSwitch {
+                sid: a.sid,
+                internal: a.internal,
+                mac: interface_mac(&a.uplink)?,
+            });
         }
         let outside_mac = interface_mac(&e.outside)?;
         let edge = EdgeConfig {
@@ -419,7 +468,12 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
             outside: 1,
             inside_mac: interface_mac(&e.inside)?,
             outside_mac,
-            outside_next_hop_mac: e.outside_next_hop_mac.as_deref().map(parse_mac).transpose().map_err(msg)?,
+            outside_next_hop_mac: e
+                .outside_next_hop_mac
+                .as_deref()
+                .map(parse_mac)
+                .transpose()
+                .map_err(msg)?,
             internal: e.internal,
             access: peers,
             v6_prefix,
@@ -429,9 +483,17 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
             v4_pools,
         };
         let neighbors = EdgeNeighbors {
-            own: Gateway { mac: EthernetAddress(outside_mac), v4: e.outside_v4, v6: e.outside_v6.clone() },
+            own: Gateway {
+                mac: EthernetAddress(outside_mac),
+                v4: e.outside_v4,
+                v6: e.outside_v6.clone(),
+            },
             outside: 1,
-            next_hop: if e.outside_next_hop_mac.is_some() { None } else { e.outside_next_hop },
+            next_hop: if e.outside_next_hop_mac.is_some() {
+                None
+            } else {
+                e.outside_next_hop
+            },
         };
         let (tx, rx) = rtrb::RingBuffer::new(UPDATE_RING);
         producers.push(tx);
@@ -443,10 +505,16 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
         });
         if source.is_none() {
             // A standalone edge subscribes with its own ID and key (validate() checked them).
-            let (Some(allocator), Some(switch_id), Some(key)) = (e.allocator_rules, e.switch_id, &e.key_hex) else {
+            let (Some(allocator), Some(switch_id), Some(key)) =
+                (e.allocator_rules, e.switch_id, &e.key_hex)
+            else {
                 bail!("edge: allocator_rules, switch_id and key_hex are needed");
             };
-            source = Some(RuleSource { allocator, switch_id, key: parse_hex(key).map_err(msg)? });
+            source = Some(RuleSource {
+                allocator,
+                switch_id,
+                key: parse_hex(key).map_err(msg)?,
+            });
         }
     }
     Ok((plans, source.map(|s| (s, producers))))
@@ -462,12 +530,16 @@ type SlowPathEnds = (
 /// far ends; returns the worker's ends and the thread.
 fn start_slow_path(
     name: &str,
-    run: impl FnOnce(rtrb::Consumer<SlowPathFrame<FrameDesc>>, rtrb::Producer<SlowPathReturn<FrameDesc>>) + Send + 'static,
+    run: impl FnOnce(rtrb::Consumer<SlowPathFrame<FrameDesc>>, rtrb::Producer<SlowPathReturn<FrameDesc>>)
+        + Send
+        + 'static,
 ) -> std::io::Result<SlowPathEnds> {
     let (to_slow, from_worker) = rtrb::RingBuffer::new(SLOW_PATH_RING);
     // Room for every frame the slow path can hold, so giving one back never waits for long.
     let (to_worker, from_slow) = rtrb::RingBuffer::new(SLOW_PATH_RING + 64);
-    let thread = std::thread::Builder::new().name(name.into()).spawn(move || run(from_worker, to_worker))?;
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || run(from_worker, to_worker))?;
     Ok((to_slow, from_slow, thread))
 }
 
@@ -479,7 +551,8 @@ const SLOW_PATH_RING: usize = 1024;
 /// The MAC of one of our interfaces (sysfs of this network namespace).
 fn interface_mac(iface: &str) -> anyhow::Result<[u8; 6]> {
     let path = format!("/sys/class/net/{iface}/address");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("interface {iface} not found ({path})"))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("interface {iface} not found ({path})"))?;
     parse_mac(&text).map_err(anyhow::Error::msg)
 }
 
@@ -493,11 +566,17 @@ fn worker_main(
 ) {
     if let Some(core) = plan.core {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            let _ = ready.send(Err(anyhow::anyhow!("cannot pin worker {index} to core {core}")));
+            let _ = ready.send(Err(anyhow::anyhow!(
+                "cannot pin worker {index} to core {core}"
+            )));
             return;
         }
     }
-    let queues: Vec<(String, u32)> = plan.interfaces.iter().map(|iface| (iface.clone(), plan.queue)).collect();
+    let queues: Vec<(String, u32)> = plan
+        .interfaces
+        .iter()
+        .map(|iface| (iface.clone(), plan.queue))
+        .collect();
     let xsk_config = XskConfig {
         xdp_mode: config.xdp_mode,
         copy_mode: config.copy_mode,
@@ -523,7 +602,12 @@ fn worker_main(
     let impair: Vec<(usize, ImpairConfig)> = config
         .impair
         .iter()
-        .filter_map(|(iface, c)| plan.interfaces.iter().position(|i| i == iface).map(|p| (p, *c)))
+        .filter_map(|(iface, c)| {
+            plan.interfaces
+                .iter()
+                .position(|i| i == iface)
+                .map(|p| (p, *c))
+        })
         .collect();
     match plan.kind {
         Kind::L2fwd => {
@@ -538,7 +622,15 @@ fn worker_main(
             let slow_stop = Arc::clone(stop);
             let slow = start_slow_path("mimiq-slow-path", move |from_worker, to_worker| {
                 let stats = Arc::new(slowpath::SlowPathStats::default());
-                if let Err(e) = slowpath::run_access(shared, gateway, relay, from_worker, to_worker, slow_stop, stats) {
+                if let Err(e) = slowpath::run_access(
+                    shared,
+                    gateway,
+                    relay,
+                    from_worker,
+                    to_worker,
+                    slow_stop,
+                    stats,
+                ) {
                     tracing::error!("access slow path: {e}");
                 }
             });
@@ -548,11 +640,12 @@ fn worker_main(
                 return;
             };
             let _ = ready.send(Ok(()));
-            let mut worker = Worker::new(ports, memory, free, Access::new(access)).with_rings(Rings {
-                updates: vec![updates],
-                to_slow_path: Some(to_slow),
-                from_slow_path: Some(from_slow),
-            });
+            let mut worker =
+                Worker::new(ports, memory, free, Access::new(access)).with_rings(Rings {
+                    updates: vec![updates],
+                    to_slow_path: Some(to_slow),
+                    from_slow_path: Some(from_slow),
+                });
             impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
             worker.run(stop, config.idle, every, &mut publish);
             let _ = slow.join();
@@ -564,7 +657,15 @@ fn worker_main(
             let slow_stop = Arc::clone(stop);
             let slow = start_slow_path("mimiq-edge-slow", move |from_worker, to_worker| {
                 let stats = Arc::new(slowpath::SlowPathStats::default());
-                slowpath::run_edge(shared, neighbors, from_worker, to_worker, learned_tx, slow_stop, stats)
+                slowpath::run_edge(
+                    shared,
+                    neighbors,
+                    from_worker,
+                    to_worker,
+                    learned_tx,
+                    slow_stop,
+                    stats,
+                )
             });
             let Ok((to_slow, from_slow, slow)) = slow.map_err(|e| {
                 let _ = ready.send(Err(anyhow::anyhow!("cannot start the slow path: {e}")));
@@ -601,10 +702,13 @@ fn cpu_time_ms() -> (u64, u64) {
 
 fn print_stats(path: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| {
-        format!("cannot read {} (is a switch running with this --stats-path?)", path.display())
+        format!(
+            "cannot read {} (is a switch running with this --stats-path?)",
+            path.display()
+        )
     })?;
-    let stats: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not a stats file", path.display()))?;
+    let stats: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a stats file", path.display()))?;
     println!(
         "role {}  pid {}  uptime {} ms  cpu {} ms user + {} ms sys",
         stats["role"], stats["pid"], stats["uptime_ms"], stats["cpu_user_ms"], stats["cpu_sys_ms"]

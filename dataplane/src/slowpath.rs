@@ -21,12 +21,12 @@ use mimiq_allocator::{Mac, Sid};
 use crate::engine::{SlowPathFrame, SlowPathReturn, SPARE_FRAME};
 use crate::pipeline::gateway::{Answer, Gateway};
 use crate::pipeline::mimiq::{SwitchUpdate, ALLOC_PORT};
+use crate::port::{FrameMemory, PortId};
 use crate::wire::checksum::PseudoHeader;
 use crate::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EtherType, EthernetAddress, EthernetFrame, EthernetRepr, Icmpv6Packet,
-    Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr, NdiscRepr,
+    ArpOperation, ArpPacket, ArpRepr, EtherType, EthernetAddress, EthernetFrame, EthernetRepr,
+    Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr, NdiscRepr,
 };
-use crate::port::{FrameMemory, PortId};
 
 /// Frames kept to carry allocator replies.
 const STASH: usize = 64;
@@ -70,7 +70,13 @@ pub fn run_access<M: FrameMemory>(
     stop: Arc<AtomicBool>,
     stats: Arc<SlowPathStats>,
 ) -> std::io::Result<()> {
-    let bind: SocketAddr = if relay.allocator.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("constant");
+    let bind: SocketAddr = if relay.allocator.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("constant");
     let socket = UdpSocket::bind(bind)?;
     socket.connect(relay.allocator)?;
     socket.set_nonblocking(true)?;
@@ -93,7 +99,13 @@ pub fn run_access<M: FrameMemory>(
                 continue;
             }
             memory.set_len(&mut frame, len);
-            let relayed = relay_request(&memory.data_mut(&mut frame)[..len], relay.sid, in_port, &key, &mut out);
+            let relayed = relay_request(
+                &memory.data_mut(&mut frame)[..len],
+                relay.sid,
+                in_port,
+                &key,
+                &mut out,
+            );
             if let Some((txid, client)) = relayed {
                 if socket.send(&out).is_ok() {
                     stats.relayed.fetch_add(1, Ordering::Relaxed);
@@ -120,7 +132,9 @@ pub fn run_access<M: FrameMemory>(
                 stats.replies_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let (Some((client, port, _)), Some(mut frame)) = (pending.remove(&reply.txid), stash.pop()) else {
+            let (Some((client, port, _)), Some(mut frame)) =
+                (pending.remove(&reply.txid), stash.pop())
+            else {
                 stats.replies_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
@@ -205,7 +219,9 @@ pub fn run_edge<M: FrameMemory>(
             }
             if in_port == neighbors.outside {
                 let room = memory.set_len(&mut frame, 128.max(len));
-                let answer = neighbors.own.answer(&mut memory.data_mut(&mut frame)[..room], len);
+                let answer = neighbors
+                    .own
+                    .answer(&mut memory.data_mut(&mut frame)[..room], len);
                 if let Ok(Answer::Reply(n)) = answer {
                     memory.set_len(&mut frame, n);
                     stats.gateway_answers.fetch_add(1, Ordering::Relaxed);
@@ -228,22 +244,40 @@ pub fn run_edge<M: FrameMemory>(
                     let own = &neighbors.own;
                     let written = match (next_hop, own.v4, own.v6.first()) {
                         (IpAddr::V4(target), Some(from), _) if room >= ARP_FRAME_LEN => {
-                            arp_request(&mut memory.data_mut(&mut frame)[..ARP_FRAME_LEN], own.mac, from, target);
+                            arp_request(
+                                &mut memory.data_mut(&mut frame)[..ARP_FRAME_LEN],
+                                own.mac,
+                                from,
+                                target,
+                            );
                             Some(ARP_FRAME_LEN)
                         }
                         (IpAddr::V6(target), _, Some(from)) if room >= NS_FRAME_LEN => {
-                            neighbor_solicitation(&mut memory.data_mut(&mut frame)[..NS_FRAME_LEN], own.mac, *from, target)
+                            neighbor_solicitation(
+                                &mut memory.data_mut(&mut frame)[..NS_FRAME_LEN],
+                                own.mac,
+                                *from,
+                                target,
+                            )
                         }
                         _ => None,
                     };
                     match written {
                         Some(n) => {
                             memory.set_len(&mut frame, n);
-                            give_back(&mut to_worker, SlowPathReturn::Transmit(frame, neighbors.outside));
+                            give_back(
+                                &mut to_worker,
+                                SlowPathReturn::Transmit(frame, neighbors.outside),
+                            );
                         }
                         None => give_back(&mut to_worker, SlowPathReturn::Free(frame)),
                     }
-                    next_probe = Instant::now() + if known.is_some() { PROBE_KNOWN } else { PROBE_UNKNOWN };
+                    next_probe = Instant::now()
+                        + if known.is_some() {
+                            PROBE_KNOWN
+                        } else {
+                            PROBE_UNKNOWN
+                        };
                 }
             }
         }
@@ -272,30 +306,59 @@ fn nd_sender(frame: &[u8], of: Ipv6Addr) -> Option<[u8; 6]> {
     if ip_repr.next_header != IpProtocol::Icmpv6 || ip_repr.hop_limit != 255 {
         return None;
     }
-    let pseudo = PseudoHeader::V6 { src: ip_repr.src_addr, dst: ip_repr.dst_addr };
+    let pseudo = PseudoHeader::V6 {
+        src: ip_repr.src_addr,
+        dst: ip_repr.dst_addr,
+    };
     let icmp = Icmpv6Packet::new_checked(ip.payload()).ok()?;
     match Icmpv6Repr::parse(&icmp, &pseudo).ok()? {
-        Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert { target_addr, lladdr, .. }) if target_addr == of => {
-            Some(lladdr.unwrap_or(eth.src_addr()).0)
-        }
-        Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { lladdr: Some(mac), .. }) if ip_repr.src_addr == of => Some(mac.0),
+        Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+            target_addr,
+            lladdr,
+            ..
+        }) if target_addr == of => Some(lladdr.unwrap_or(eth.src_addr()).0),
+        Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+            lladdr: Some(mac), ..
+        }) if ip_repr.src_addr == of => Some(mac.0),
         _ => None,
     }
 }
 
 /// Writes a neighbour solicitation for `target` from `ip` (with our MAC as the source
 /// link-layer option) into `frame` (NS_FRAME_LEN bytes); returns its length.
-fn neighbor_solicitation(frame: &mut [u8], mac: EthernetAddress, ip: Ipv6Addr, target: Ipv6Addr) -> Option<usize> {
+fn neighbor_solicitation(
+    frame: &mut [u8],
+    mac: EthernetAddress,
+    ip: Ipv6Addr,
+    target: Ipv6Addr,
+) -> Option<usize> {
     let t = target.octets();
     // RFC 4861 §4.3: to the solicited-node multicast address of the target.
-    let dst = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(t[13]), u16::from_be_bytes([t[14], t[15]]));
-    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr: target, lladdr: Some(mac) });
+    let dst = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(t[13]),
+        u16::from_be_bytes([t[14], t[15]]),
+    );
+    let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+        target_addr: target,
+        lladdr: Some(mac),
+    });
     let icmp_len = ns.buffer_len();
     let total = 14 + 40 + icmp_len;
     let frame = frame.get_mut(..total)?;
-    EthernetRepr { src_addr: mac, dst_addr: EthernetAddress::ipv6_multicast(&dst), vlan_tci: None, ethertype: EtherType::Ipv6 }
-        .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]))
-        .ok()?;
+    EthernetRepr {
+        src_addr: mac,
+        dst_addr: EthernetAddress::ipv6_multicast(&dst),
+        vlan_tci: None,
+        ethertype: EtherType::Ipv6,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]))
+    .ok()?;
     Ipv6Repr {
         src_addr: ip,
         dst_addr: dst,
@@ -307,7 +370,11 @@ fn neighbor_solicitation(frame: &mut [u8], mac: EthernetAddress, ip: Ipv6Addr, t
     }
     .emit(&mut Ipv6Packet::new_unchecked(&mut frame[14..54]))
     .ok()?;
-    ns.emit(&mut Icmpv6Packet::new_unchecked(&mut frame[54..total]), &PseudoHeader::V6 { src: ip, dst }).ok()?;
+    ns.emit(
+        &mut Icmpv6Packet::new_unchecked(&mut frame[54..total]),
+        &PseudoHeader::V6 { src: ip, dst },
+    )
+    .ok()?;
     Some(total)
 }
 
@@ -354,7 +421,13 @@ fn give_back<F>(ring: &mut rtrb::Producer<SlowPathReturn<F>>, mut ret: SlowPathR
 
 /// If `frame` is a UDP datagram to the allocator port, writes its `Relay` into `out` and
 /// returns the transaction ID and the client's address.
-fn relay_request(frame: &[u8], sid: Sid, in_port: PortId, key: &ring::hmac::Key, out: &mut Vec<u8>) -> Option<(u32, IpAddr)> {
+fn relay_request(
+    frame: &[u8],
+    sid: Sid,
+    in_port: PortId,
+    key: &ring::hmac::Key,
+    out: &mut Vec<u8>,
+) -> Option<(u32, IpAddr)> {
     let packet = SlicedPacket::from_ethernet(frame).ok()?;
     let src_mac: [u8; 6] = frame.get(6..12)?.try_into().ok()?;
     let client: IpAddr = match packet.net? {
@@ -362,7 +435,9 @@ fn relay_request(frame: &[u8], sid: Sid, in_port: PortId, key: &ring::hmac::Key,
         NetSlice::Ipv6(ip) => ip.header().source_addr().into(),
         _ => return None,
     };
-    let TransportSlice::Udp(udp) = packet.transport? else { return None };
+    let TransportSlice::Udp(udp) = packet.transport? else {
+        return None;
+    };
     if udp.destination_port() != ALLOC_PORT {
         return None;
     }
@@ -370,8 +445,15 @@ fn relay_request(frame: &[u8], sid: Sid, in_port: PortId, key: &ring::hmac::Key,
     let header = proto::check_len(inner).ok()?;
     let relay = Relay {
         txid: header.txid,
-        info: RelayInfo { sid, ingress_port: in_port, mac: Mac(src_mac), client_port: udp.source_port() },
-        timestamp_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        info: RelayInfo {
+            sid,
+            ingress_port: in_port,
+            mac: Mac(src_mac),
+            client_port: udp.source_port(),
+        },
+        timestamp_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
         inner,
     };
     out.clear();
@@ -386,7 +468,11 @@ fn reply_frame(gateway: &Gateway, reply: &RelayReply<'_>, client: IpAddr) -> Opt
     match client {
         IpAddr::V4(c) => {
             // A client without an address yet asked from 0.0.0.0: answer by broadcast.
-            let dst = if c.is_unspecified() { Ipv4Addr::BROADCAST } else { c };
+            let dst = if c.is_unspecified() {
+                Ipv4Addr::BROADCAST
+            } else {
+                c
+            };
             builder
                 .ipv4(gateway.v4?.octets(), dst.octets(), 64)
                 .udp(ALLOC_PORT, reply.info.client_port)
@@ -422,43 +508,87 @@ mod tests {
             v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
             v6: vec!["fe80::1".parse().unwrap()],
         };
-        let relay = RelayConfig { sid: 7, allocator: allocator.local_addr().unwrap(), key: SECRET.to_vec() };
+        let relay = RelayConfig {
+            sid: 7,
+            allocator: allocator.local_addr().unwrap(),
+            key: SECRET.to_vec(),
+        };
         let (mut to_slow, from_worker) = rtrb::RingBuffer::new(64);
         let (to_worker, mut back) = rtrb::RingBuffer::new(64);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(SlowPathStats::default());
         let thread = {
             let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
-            std::thread::spawn(move || run_access(MemMemory, gateway, relay, from_worker, to_worker, stop, stats))
+            std::thread::spawn(move || {
+                run_access(
+                    MemMemory,
+                    gateway,
+                    relay,
+                    from_worker,
+                    to_worker,
+                    stop,
+                    stats,
+                )
+            })
         };
 
         // A client message as the agent sends it: header magic "MQ", version, type, txid.
-        let inner = [b'M', b'Q', 1, 0x01, 0xde, 0xad, 0xbe, 0xef, 4, 1, 0, 0, 0, 0, 0, 0, 0, 9];
+        let inner = [
+            b'M', b'Q', 1, 0x01, 0xde, 0xad, 0xbe, 0xef, 4, 1, 0, 0, 0, 0, 0, 0, 0, 9,
+        ];
         let mut request = Vec::new();
         PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC)
             .ipv4([0, 0, 0, 0], [198, 18, 1, 1], 64)
             .udp(41000, ALLOC_PORT)
             .write(&mut request, &inner)
             .unwrap();
-        to_slow.push(SlowPathFrame { frame: MemFrame::from_bytes(&request), in_port: 0 }).unwrap();
+        to_slow
+            .push(SlowPathFrame {
+                frame: MemFrame::from_bytes(&request),
+                in_port: 0,
+            })
+            .unwrap();
 
         // The allocator side: one relayed request, authenticated with the switch's key.
-        allocator.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        allocator
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut buf = [0u8; 2048];
         let (n, from) = allocator.recv_from(&mut buf).unwrap();
         let key = proto::key(SECRET);
         let relayed = Relay::parse(&buf[..n], |sid| (sid == 7).then_some(&key)).unwrap();
         assert_eq!(relayed.txid, 0xdeadbeef);
-        assert_eq!(relayed.info, RelayInfo { sid: 7, ingress_port: 0, mac: Mac(CLIENT_MAC), client_port: 41000 });
+        assert_eq!(
+            relayed.info,
+            RelayInfo {
+                sid: 7,
+                ingress_port: 0,
+                mac: Mac(CLIENT_MAC),
+                client_port: 41000
+            }
+        );
         assert_eq!(relayed.inner, &inner);
         let mut reply = Vec::new();
-        RelayReply { txid: relayed.txid, info: relayed.info, inner: b"MQ-reply-bytes" }.emit(&key, &mut reply).unwrap();
+        RelayReply {
+            txid: relayed.txid,
+            info: relayed.info,
+            inner: b"MQ-reply-bytes",
+        }
+        .emit(&key, &mut reply)
+        .unwrap();
         allocator.send_to(&reply, from).unwrap();
         // A forged reply (wrong key) is dropped.
         let mut forged = Vec::new();
-        RelayReply { txid: relayed.txid, info: relayed.info, inner: b"evil" }
-            .emit(&proto::key(b"some-other-key-some-other-key-1234"), &mut forged)
-            .unwrap();
+        RelayReply {
+            txid: relayed.txid,
+            info: relayed.info,
+            inner: b"evil",
+        }
+        .emit(
+            &proto::key(b"some-other-key-some-other-key-1234"),
+            &mut forged,
+        )
+        .unwrap();
         allocator.send_to(&forged, from).unwrap();
 
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -475,29 +605,56 @@ mod tests {
         assert_eq!(port, 0, "back out of the client port");
         let p = SlicedPacket::from_ethernet(frame.bytes()).unwrap();
         assert_eq!(&frame.bytes()[0..6], &CLIENT_MAC);
-        let Some(NetSlice::Ipv4(ip)) = p.net else { panic!("IPv4") };
-        assert_eq!(ip.header().destination_addr(), Ipv4Addr::BROADCAST, "the client had no address");
+        let Some(NetSlice::Ipv4(ip)) = p.net else {
+            panic!("IPv4")
+        };
+        assert_eq!(
+            ip.header().destination_addr(),
+            Ipv4Addr::BROADCAST,
+            "the client had no address"
+        );
         assert_eq!(ip.header().source_addr(), Ipv4Addr::new(198, 18, 1, 1));
-        let Some(TransportSlice::Udp(udp)) = p.transport else { panic!("UDP") };
-        assert_eq!((udp.source_port(), udp.destination_port()), (ALLOC_PORT, 41000));
+        let Some(TransportSlice::Udp(udp)) = p.transport else {
+            panic!("UDP")
+        };
+        assert_eq!(
+            (udp.source_port(), udp.destination_port()),
+            (ALLOC_PORT, 41000)
+        );
         assert_eq!(udp.payload(), b"MQ-reply-bytes");
         assert_eq!(stats.relayed.load(Ordering::Relaxed), 1);
         assert_eq!(stats.replies.load(Ordering::Relaxed), 1);
-        assert!(stats.replies_dropped.load(Ordering::Relaxed) >= 1, "the forged reply");
+        assert!(
+            stats.replies_dropped.load(Ordering::Relaxed) >= 1,
+            "the forged reply"
+        );
     }
 
     #[test]
     fn a_solicitation_for_the_next_hop_is_answered_and_the_answer_names_its_mac() {
         let me = EthernetAddress([2, 0, 0, 0, 0, 0xe2]);
         let router_mac = [2, 0, 0, 0, 0, 0x99];
-        let (mine, router): (Ipv6Addr, Ipv6Addr) = ("fd00:200::1".parse().unwrap(), "fd00:200::2".parse().unwrap());
+        let (mine, router): (Ipv6Addr, Ipv6Addr) = (
+            "fd00:200::1".parse().unwrap(),
+            "fd00:200::2".parse().unwrap(),
+        );
         let mut frame = vec![0u8; 128];
         let n = neighbor_solicitation(&mut frame, me, mine, router).unwrap();
         assert_eq!(n, NS_FRAME_LEN);
-        assert_eq!(&frame[0..6], &[0x33, 0x33, 0xff, 0, 0, 2], "solicited-node multicast");
+        assert_eq!(
+            &frame[0..6],
+            &[0x33, 0x33, 0xff, 0, 0, 2],
+            "solicited-node multicast"
+        );
         // The router (played by a gateway that owns the address) answers it ...
-        let router_side = Gateway { mac: EthernetAddress(router_mac), v4: None, v6: vec![router] };
-        let Ok(Answer::Reply(m)) = router_side.answer(&mut frame, n) else { panic!("not answered") };
+        let router_side = Gateway {
+            mac: EthernetAddress(router_mac),
+            v4: None,
+            v6: vec![router],
+        };
+        let Ok(Answer::Reply(m)) = router_side.answer(&mut frame, n) else {
+            panic!("not answered")
+        };
         // ... and the answer gives the edge the router's MAC; nothing else does.
         assert_eq!(nd_sender(&frame[..m], router), Some(router_mac));
         assert_eq!(nd_sender(&frame[..m], mine), None);

@@ -119,7 +119,9 @@ impl Telemetry {
 
     /// Worker `i` publishes its counters and the burst times of its last interval.
     pub fn publish(&self, i: usize, counters: &WorkerCounters, burst_ns: &Histogram<u64>) {
-        let Some(slot) = self.slots.get(i) else { return };
+        let Some(slot) = self.slots.get(i) else {
+            return;
+        };
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         slot.counters.clone_from(counters);
         // Same bounds on both sides, so `add` cannot fail.
@@ -179,32 +181,69 @@ pub fn write_stats_file(path: &Path, stats: &StatsFile) -> std::io::Result<()> {
 /// Renders `stats` in the Prometheus text exposition format.
 pub fn prometheus_text(stats: &StatsFile) -> String {
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: &mut dyn Iterator<Item = (String, u64)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, value) in samples {
-            out.push_str(&format!("{name}{{{labels}}} {value}\n"));
-        }
-    };
+    let mut family =
+        |name: &str, kind: &str, help: &str, samples: &mut dyn Iterator<Item = (String, u64)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, value) in samples {
+                out.push_str(&format!("{name}{{{labels}}} {value}\n"));
+            }
+        };
     let port_counter = |field: fn(&crate::engine::PortCounters) -> u64| {
         stats
             .workers
             .iter()
             .flat_map(move |w| {
                 w.counters.ports.iter().map(move |p| {
-                    (format!("worker=\"{}\",queue=\"{}\",port=\"{}\"", w.index, w.queue, p.name), field(p))
+                    (
+                        format!(
+                            "worker=\"{}\",queue=\"{}\",port=\"{}\"",
+                            w.index, w.queue, p.name
+                        ),
+                        field(p),
+                    )
                 })
             })
             .collect::<Vec<_>>()
     };
     for (name, help, field) in [
-        ("mimiq_switch_rx_packets_total", "Frames received.", (|p| p.rx_packets) as fn(&crate::engine::PortCounters) -> u64),
-        ("mimiq_switch_rx_bytes_total", "Bytes received.", |p| p.rx_bytes),
-        ("mimiq_switch_tx_packets_total", "Frames queued for transmission.", |p| p.tx_packets),
-        ("mimiq_switch_tx_bytes_total", "Bytes queued for transmission.", |p| p.tx_bytes),
-        ("mimiq_switch_xdp_rx_dropped_total", "Kernel: frames dropped before the RX ring.", |p| p.xdp.map_or(0, |x| x.rx_dropped)),
-        ("mimiq_switch_xdp_rx_ring_full_total", "Kernel: frames dropped on a full RX ring.", |p| p.xdp.map_or(0, |x| x.rx_ring_full)),
-        ("mimiq_switch_xdp_fill_ring_empty_total", "Kernel: times the fill ring was empty.", |p| p.xdp.map_or(0, |x| x.rx_fill_ring_empty_descs)),
-        ("mimiq_switch_xdp_invalid_descs_total", "Kernel and mimiq: invalid RX and TX descriptors.", |p| p.xdp.map_or(0, |x| x.rx_invalid_descs + x.tx_invalid_descs)),
+        (
+            "mimiq_switch_rx_packets_total",
+            "Frames received.",
+            (|p| p.rx_packets) as fn(&crate::engine::PortCounters) -> u64,
+        ),
+        ("mimiq_switch_rx_bytes_total", "Bytes received.", |p| {
+            p.rx_bytes
+        }),
+        (
+            "mimiq_switch_tx_packets_total",
+            "Frames queued for transmission.",
+            |p| p.tx_packets,
+        ),
+        (
+            "mimiq_switch_tx_bytes_total",
+            "Bytes queued for transmission.",
+            |p| p.tx_bytes,
+        ),
+        (
+            "mimiq_switch_xdp_rx_dropped_total",
+            "Kernel: frames dropped before the RX ring.",
+            |p| p.xdp.map_or(0, |x| x.rx_dropped),
+        ),
+        (
+            "mimiq_switch_xdp_rx_ring_full_total",
+            "Kernel: frames dropped on a full RX ring.",
+            |p| p.xdp.map_or(0, |x| x.rx_ring_full),
+        ),
+        (
+            "mimiq_switch_xdp_fill_ring_empty_total",
+            "Kernel: times the fill ring was empty.",
+            |p| p.xdp.map_or(0, |x| x.rx_fill_ring_empty_descs),
+        ),
+        (
+            "mimiq_switch_xdp_invalid_descs_total",
+            "Kernel and mimiq: invalid RX and TX descriptors.",
+            |p| p.xdp.map_or(0, |x| x.rx_invalid_descs + x.tx_invalid_descs),
+        ),
     ] {
         family(name, "counter", help, &mut port_counter(field).into_iter());
     }
@@ -213,26 +252,77 @@ pub fn prometheus_text(stats: &StatsFile) -> String {
         .iter()
         .flat_map(|w| {
             crate::pipeline::DropReason::ALL.iter().map(move |r| {
-                (format!("worker=\"{}\",queue=\"{}\",reason=\"{}\"", w.index, w.queue, r.name()), w.counters.drops.get(*r))
+                (
+                    format!(
+                        "worker=\"{}\",queue=\"{}\",reason=\"{}\"",
+                        w.index,
+                        w.queue,
+                        r.name()
+                    ),
+                    w.counters.drops.get(*r),
+                )
             })
         })
         .collect();
-    family("mimiq_switch_drops_total", "counter", "Frames dropped, by reason.", &mut drops.into_iter());
+    family(
+        "mimiq_switch_drops_total",
+        "counter",
+        "Frames dropped, by reason.",
+        &mut drops.into_iter(),
+    );
     let per_worker = |f: fn(&WorkerStats) -> u64| {
         stats
             .workers
             .iter()
-            .map(|w| (format!("worker=\"{}\",queue=\"{}\"", w.index, w.queue), f(w)))
+            .map(|w| {
+                (
+                    format!("worker=\"{}\",queue=\"{}\"", w.index, w.queue),
+                    f(w),
+                )
+            })
             .collect::<Vec<_>>()
             .into_iter()
     };
-    family("mimiq_switch_bursts_total", "counter", "Non-empty bursts processed.", &mut per_worker(|w| w.counters.bursts));
-    family("mimiq_switch_slow_path_frames_total", "counter", "Frames handed to the slow path.", &mut per_worker(|w| w.counters.to_slow_path));
-    family("mimiq_switch_updates_applied_total", "counter", "Table updates applied.", &mut per_worker(|w| w.counters.updates_applied));
-    family("mimiq_switch_burst_ns_p99", "gauge", "99th percentile of burst processing time since start, ns.", &mut per_worker(|w| w.burst_ns.p99));
-    family("mimiq_switch_burst_ns_max", "gauge", "Longest burst processing time since start, ns.", &mut per_worker(|w| w.burst_ns.max));
-    let cpu = [("mode=\"user\"".to_string(), stats.cpu_user_ms), ("mode=\"system\"".to_string(), stats.cpu_sys_ms)];
-    family("mimiq_switch_cpu_ms_total", "counter", "CPU time of the switch process, ms.", &mut cpu.into_iter());
+    family(
+        "mimiq_switch_bursts_total",
+        "counter",
+        "Non-empty bursts processed.",
+        &mut per_worker(|w| w.counters.bursts),
+    );
+    family(
+        "mimiq_switch_slow_path_frames_total",
+        "counter",
+        "Frames handed to the slow path.",
+        &mut per_worker(|w| w.counters.to_slow_path),
+    );
+    family(
+        "mimiq_switch_updates_applied_total",
+        "counter",
+        "Table updates applied.",
+        &mut per_worker(|w| w.counters.updates_applied),
+    );
+    family(
+        "mimiq_switch_burst_ns_p99",
+        "gauge",
+        "99th percentile of burst processing time since start, ns.",
+        &mut per_worker(|w| w.burst_ns.p99),
+    );
+    family(
+        "mimiq_switch_burst_ns_max",
+        "gauge",
+        "Longest burst processing time since start, ns.",
+        &mut per_worker(|w| w.burst_ns.max),
+    );
+    let cpu = [
+        ("mode=\"user\"".to_string(), stats.cpu_user_ms),
+        ("mode=\"system\"".to_string(), stats.cpu_sys_ms),
+    ];
+    family(
+        "mimiq_switch_cpu_ms_total",
+        "counter",
+        "CPU time of the switch process, ms.",
+        &mut cpu.into_iter(),
+    );
     out
 }
 
@@ -242,7 +332,8 @@ pub fn serve_metrics(
     telemetry: Arc<Telemetry>,
     cpu_ms: fn() -> (u64, u64),
 ) -> Result<(), String> {
-    let server = tiny_http::Server::http(addr).map_err(|e| format!("metrics endpoint {addr}: {e}"))?;
+    let server =
+        tiny_http::Server::http(addr).map_err(|e| format!("metrics endpoint {addr}: {e}"))?;
     std::thread::Builder::new()
         .name("mimiq-metrics".into())
         .spawn(move || {
@@ -256,7 +347,8 @@ pub fn serve_metrics(
                     .expect("constant header is valid");
                     tiny_http::Response::from_string(body).with_header(header)
                 } else {
-                    tiny_http::Response::from_string("not found: try /metrics\n").with_status_code(404)
+                    tiny_http::Response::from_string("not found: try /metrics\n")
+                        .with_status_code(404)
                 };
                 let _ = request.respond(response);
             }
@@ -293,7 +385,9 @@ impl HlogWriter {
             serializer,
             base,
             last: base,
-            tags: (0..telemetry.queues.len()).map(|i| format!("worker{i}")).collect(),
+            tags: (0..telemetry.queues.len())
+                .map(|i| format!("worker{i}"))
+                .collect(),
         })
     }
 
@@ -304,7 +398,8 @@ impl HlogWriter {
         let length = now.duration_since(self.last).max(Duration::from_millis(1));
         self.last = now;
         let intervals = telemetry.take_intervals();
-        let mut log = IntervalLogWriterBuilder::new().begin_log_with(&mut self.out, &mut self.serializer)?;
+        let mut log =
+            IntervalLogWriterBuilder::new().begin_log_with(&mut self.out, &mut self.serializer)?;
         for (h, tag) in intervals.iter().zip(&self.tags) {
             log.write_histogram(h, start, length, Tag::new(tag))
                 .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
@@ -316,15 +411,25 @@ impl HlogWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
     use base64::Engine;
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
     use hdrhistogram::serialization::Deserializer;
 
     fn counters() -> WorkerCounters {
         WorkerCounters {
             ports: vec![
-                crate::engine::PortCounters { name: "p0".into(), rx_packets: 10, rx_bytes: 640, ..Default::default() },
-                crate::engine::PortCounters { name: "p1".into(), tx_packets: 9, tx_bytes: 576, ..Default::default() },
+                crate::engine::PortCounters {
+                    name: "p0".into(),
+                    rx_packets: 10,
+                    rx_bytes: 640,
+                    ..Default::default()
+                },
+                crate::engine::PortCounters {
+                    name: "p1".into(),
+                    tx_packets: 9,
+                    tx_bytes: 576,
+                    ..Default::default()
+                },
             ],
             bursts: 2,
             ..Default::default()
@@ -338,9 +443,17 @@ mod tests {
         h.record(1500).unwrap();
         t.publish(1, &counters(), &h);
         let text = prometheus_text(&t.snapshot((12, 34)));
-        assert!(text.contains("mimiq_switch_rx_packets_total{worker=\"1\",queue=\"1\",port=\"p0\"} 10\n"), "{text}");
-        assert!(text.contains("mimiq_switch_tx_bytes_total{worker=\"1\",queue=\"1\",port=\"p1\"} 576\n"));
-        assert!(text.contains("mimiq_switch_drops_total{worker=\"0\",queue=\"0\",reason=\"tx_ring_full\"} 0\n"));
+        assert!(
+            text.contains(
+                "mimiq_switch_rx_packets_total{worker=\"1\",queue=\"1\",port=\"p0\"} 10\n"
+            ),
+            "{text}"
+        );
+        assert!(text
+            .contains("mimiq_switch_tx_bytes_total{worker=\"1\",queue=\"1\",port=\"p1\"} 576\n"));
+        assert!(text.contains(
+            "mimiq_switch_drops_total{worker=\"0\",queue=\"0\",reason=\"tx_ring_full\"} 0\n"
+        ));
         assert!(text.contains("mimiq_switch_cpu_ms_total{mode=\"system\"} 34\n"));
         assert!(text.contains("# TYPE mimiq_switch_drops_total counter\n"));
         // Every sample line is `name{labels} integer`.
@@ -372,7 +485,8 @@ mod tests {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(ilh.encoded_histogram())
                     .unwrap();
-                let hist: Histogram<u64> = deserializer.deserialize(&mut decoded.as_slice()).unwrap();
+                let hist: Histogram<u64> =
+                    deserializer.deserialize(&mut decoded.as_slice()).unwrap();
                 seen.push((ilh.tag().map(|t| t.as_str().to_string()), hist.len()));
             }
         }
@@ -385,6 +499,10 @@ mod tests {
                 (Some("worker1".into()), 0),
             ]
         );
-        assert_eq!(t.snapshot((0, 0)).workers[1].burst_ns.count, 3, "totals keep counting");
+        assert_eq!(
+            t.snapshot((0, 0)).workers[1].burst_ns.count,
+            3,
+            "totals keep counting"
+        );
     }
 }

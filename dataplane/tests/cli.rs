@@ -22,7 +22,10 @@ fn assert_one_error_line(args: &[&str], want: &str) {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{args:?}: exactly one line, got {stderr:?}");
     assert!(lines[0].starts_with("mimiq-switch: error: "), "{stderr:?}");
-    assert!(lines[0].contains(want), "{args:?}: {stderr:?} should mention {want:?}");
+    assert!(
+        lines[0].contains(want),
+        "{args:?}: {stderr:?} should mention {want:?}"
+    );
 }
 
 #[test]
@@ -40,7 +43,10 @@ fn unreadable_or_invalid_configs_are_one_error_line() {
     std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x80]).unwrap();
     let dir_path = dir.path().to_str().unwrap();
     for (path, want) in [
-        ("/nonexistent/switch.toml", "cannot read config /nonexistent/switch.toml"),
+        (
+            "/nonexistent/switch.toml",
+            "cannot read config /nonexistent/switch.toml",
+        ),
         (dir_path, "cannot read config"),
         (garbage.to_str().unwrap(), "line 1"),
         (unknown.to_str().unwrap(), "unknown field `speed`"),
@@ -53,24 +59,61 @@ fn unreadable_or_invalid_configs_are_one_error_line() {
 
 #[test]
 fn invalid_flags_are_refused_before_touching_any_interface() {
-    assert_one_error_line(&["run", "--role", "l2fwd", "--port", "p0"], "exactly 2 interfaces");
     assert_one_error_line(
-        &["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--ring-size", "1000"],
+        &["run", "--role", "l2fwd", "--port", "p0"],
+        "exactly 2 interfaces",
+    );
+    assert_one_error_line(
+        &[
+            "run",
+            "--role",
+            "l2fwd",
+            "--port",
+            "a",
+            "--port",
+            "b",
+            "--ring-size",
+            "1000",
+        ],
         "power of two",
     );
     assert_one_error_line(
-        &["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--cores", "4096"],
+        &[
+            "run", "--role", "l2fwd", "--port", "a", "--port", "b", "--cores", "4096",
+        ],
         "core 4096 does not exist",
     );
     assert_one_error_line(
-        &["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--queues", "2", "--cores", "0"],
+        &[
+            "run", "--role", "l2fwd", "--port", "a", "--port", "b", "--queues", "2", "--cores", "0",
+        ],
         "1 cores for 2 queues",
     );
     assert_one_error_line(
-        &["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--busy-poll-budget", "0"],
+        &[
+            "run",
+            "--role",
+            "l2fwd",
+            "--port",
+            "a",
+            "--port",
+            "b",
+            "--busy-poll-budget",
+            "0",
+        ],
         "at least 1",
     );
-    let (ok, _, stderr) = switch(&["run", "--role", "l2fwd", "--port", "a", "--port", "b", "--metrics-listen", "nope"]);
+    let (ok, _, stderr) = switch(&[
+        "run",
+        "--role",
+        "l2fwd",
+        "--port",
+        "a",
+        "--port",
+        "b",
+        "--metrics-listen",
+        "nope",
+    ]);
     assert!(!ok && stderr.contains("invalid value 'nope'"), "{stderr}");
 }
 
@@ -80,5 +123,8 @@ fn shipped_config_checks_ok_and_stats_of_a_missing_file_is_an_error() {
     let (ok, stdout, stderr) = switch(&["check-config", config]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains(": ok"));
-    assert_one_error_line(&["stats", "--stats-path", "/nonexistent/s.json"], "cannot read");
+    assert_one_error_line(
+        &["stats", "--stats-path", "/nonexistent/s.json"],
+        "cannot read",
+    );
 }

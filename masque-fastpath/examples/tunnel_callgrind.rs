@@ -56,7 +56,16 @@ fn proxy_burst(
     acks: &mut Vec<Vec<u8>>,
 ) {
     for pkt in rx.iter_mut() {
-        if conn.recv(pkt, quiche::RecvInfo { from: peer, to: local }).is_err() {
+        if conn
+            .recv(
+                pkt,
+                quiche::RecvInfo {
+                    from: peer,
+                    to: local,
+                },
+            )
+            .is_err()
+        {
             sink.refused += 1;
         }
     }
@@ -103,8 +112,14 @@ fn write(co: &mut TcpCoalescer, sink: &mut Sink) {
 
 fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
-    let total: u64 = args.next().map_or(Ok(100_000), |a| a.parse()).map_err(|e| format!("packets: {e}"))?;
-    let burst: usize = args.next().map_or(Ok(32), |a| a.parse()).map_err(|e| format!("burst: {e}"))?;
+    let total: u64 = args
+        .next()
+        .map_or(Ok(100_000), |a| a.parse())
+        .map_err(|e| format!("packets: {e}"))?;
+    let burst: usize = args
+        .next()
+        .map_or(Ok(32), |a| a.parse())
+        .map_err(|e| format!("burst: {e}"))?;
     if burst == 0 || burst > 1000 {
         return Err("burst must be 1..=1000".into());
     }
@@ -116,17 +131,24 @@ fn main() -> Result<(), String> {
     std::fs::write(&cert, ck.cert.pem()).map_err(|e| e.to_string())?;
     std::fs::write(&key, ck.signing_key.serialize_pem()).map_err(|e| e.to_string())?;
     let settings = QuicSettings::default();
-    let mut scfg = settings.transport_config(Tls::Server { cert: &cert, key: &key })?;
+    let mut scfg = settings.transport_config(Tls::Server {
+        cert: &cert,
+        key: &key,
+    })?;
     let mut ccfg = settings.transport_config(Tls::Client { ca: None })?;
     let _ = std::fs::remove_dir_all(&dir);
 
-    let (caddr, saddr): (SocketAddr, SocketAddr) = ("10.0.0.1:5000".parse().unwrap(), "10.0.0.2:4433".parse().unwrap());
+    let (caddr, saddr): (SocketAddr, SocketAddr) = (
+        "10.0.0.1:5000".parse().unwrap(),
+        "10.0.0.2:4433".parse().unwrap(),
+    );
     let rng = ring::rand::SystemRandom::new();
     let (ccid, _) = quic::new_cid(&rng);
     let (scid, _) = quic::new_cid(&rng);
-    let mut client =
-        quiche::connect(Some("proxy"), &ccid, caddr, saddr, &mut ccfg).map_err(|e| e.to_string())?;
-    let mut server = quiche::accept(&scid, None, saddr, caddr, &mut scfg).map_err(|e| e.to_string())?;
+    let mut client = quiche::connect(Some("proxy"), &ccid, caddr, saddr, &mut ccfg)
+        .map_err(|e| e.to_string())?;
+    let mut server =
+        quiche::accept(&scid, None, saddr, caddr, &mut scfg).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 65_536];
     // The handshake, packets handed across in memory.
     for _ in 0..100 {
@@ -141,12 +163,18 @@ fn main() -> Result<(), String> {
     }
 
     let mut pool = HostPool::new(
-        Some(IpPrefix::new(IpAddr::V4(Ipv4Addr::new(10, 77, 0, 0)), 16).map_err(|e| e.to_string())?),
+        Some(
+            IpPrefix::new(IpAddr::V4(Ipv4Addr::new(10, 77, 0, 0)), 16)
+                .map_err(|e| e.to_string())?,
+        ),
         None,
     );
     // The proxy's tunnel MTU for its default UDP payload, as `server::Proxy` configures it.
     let mtu = quic::tunnel_mtu(settings.max_udp_payload_bytes);
-    let config = SessionConfig { tunnel_mtu_bytes: mtu, ..SessionConfig::default() };
+    let config = SessionConfig {
+        tunnel_mtu_bytes: mtu,
+        ..SessionConfig::default()
+    };
     let mut session = ConnectIpSession::new(IpScope::ANY, config, &mut pool);
     let IpAddr::V4(client_ip) = session.assigned()[0].prefix.addr() else {
         return Err("no IPv4 address assigned".into());
@@ -177,7 +205,9 @@ fn main() -> Result<(), String> {
             dgram.resize(hl, 0);
             datagram::emit_header(0, 0, &mut dgram).map_err(|e| format!("{e:?}"))?;
             b.write(&mut dgram, &payload).map_err(|e| e.to_string())?;
-            client.dgram_send_buf(dgram).map_err(|e| format!("dgram_send: {e}"))?;
+            client
+                .dgram_send_buf(dgram)
+                .map_err(|e| format!("dgram_send: {e}"))?;
             seq = seq.wrapping_add(payload.len() as u32);
         }
         let mut rx = Vec::with_capacity(n);
@@ -186,9 +216,25 @@ fn main() -> Result<(), String> {
         }
         idle = if rx.is_empty() { idle + 1 } else { 0 };
         let mut acks = Vec::new();
-        proxy_burst(&mut server, &mut rx, saddr, caddr, &mut session, &mut co, &mut reply, &mut sink, &mut acks);
+        proxy_burst(
+            &mut server,
+            &mut rx,
+            saddr,
+            caddr,
+            &mut session,
+            &mut co,
+            &mut reply,
+            &mut sink,
+            &mut acks,
+        );
         for mut a in acks {
-            let _ = client.recv(&mut a, quiche::RecvInfo { from: saddr, to: caddr });
+            let _ = client.recv(
+                &mut a,
+                quiche::RecvInfo {
+                    from: saddr,
+                    to: caddr,
+                },
+            );
         }
         sent += n as u64;
     }
@@ -198,7 +244,10 @@ fn main() -> Result<(), String> {
         sink.packets, sink.bytes, sink.writes, sink.refused, secs
     );
     if sink.packets != total || sink.refused != 0 {
-        return Err(format!("forwarded {} of {total}, {} refused", sink.packets, sink.refused));
+        return Err(format!(
+            "forwarded {} of {total}, {} refused",
+            sink.packets, sink.refused
+        ));
     }
     Ok(())
 }
@@ -212,6 +261,12 @@ fn relay(
     buf: &mut [u8],
 ) {
     while let Ok((len, _)) = from.send(buf) {
-        let _ = to.recv(&mut buf[..len], quiche::RecvInfo { from: from_addr, to: to_addr });
+        let _ = to.recv(
+            &mut buf[..len],
+            quiche::RecvInfo {
+                from: from_addr,
+                to: to_addr,
+            },
+        );
     }
 }

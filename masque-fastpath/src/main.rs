@@ -19,7 +19,11 @@ use mimiq_masque::template::{IpScope, UdpTarget};
 static GLOBAL: MiMalloc = MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "mimiq-proxy", version, about = "MASQUE CONNECT-IP / CONNECT-UDP proxy over HTTP/3")]
+#[command(
+    name = "mimiq-proxy",
+    version,
+    about = "MASQUE CONNECT-IP / CONNECT-UDP proxy over HTTP/3"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -192,8 +196,13 @@ fn real_main(cli: Cli) -> Result<(), String> {
                         }
                         Some(v)
                     };
-                    let path = format!("{}{}/", mimiq_masque::template::IP_PATH_PREFIX, scope.trim_end_matches('/'));
-                    let scope = IpScope::parse_path(&path).map_err(|e| format!("--scope {scope:?}: {e}"))?;
+                    let path = format!(
+                        "{}{}/",
+                        mimiq_masque::template::IP_PATH_PREFIX,
+                        scope.trim_end_matches('/')
+                    );
+                    let scope = IpScope::parse_path(&path)
+                        .map_err(|e| format!("--scope {scope:?}: {e}"))?;
                     (common.config(), Mode::Ip { scope, tun, routes })
                 }
                 ClientCmd::Udp {
@@ -205,8 +214,14 @@ fn real_main(cli: Cli) -> Result<(), String> {
                         .rsplit_once(':')
                         .ok_or_else(|| format!("--target {target:?}: expected host:port"))?;
                     let host = host.trim_start_matches('[').trim_end_matches(']');
-                    let path = format!("{}{}/{}/", mimiq_masque::template::UDP_PATH_PREFIX, host.replace(':', "%3A"), port);
-                    let target = UdpTarget::parse_path(&path).map_err(|e| format!("--target: {e}"))?;
+                    let path = format!(
+                        "{}{}/{}/",
+                        mimiq_masque::template::UDP_PATH_PREFIX,
+                        host.replace(':', "%3A"),
+                        port
+                    );
+                    let target =
+                        UdpTarget::parse_path(&path).map_err(|e| format!("--target: {e}"))?;
                     (common.config(), Mode::Udp { target, listen })
                 }
             };

@@ -8,8 +8,8 @@
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Deserialize;
@@ -92,7 +92,11 @@ impl QuicSettings {
         if self.dgram_queue_len == 0 {
             return Err("quic.dgram_queue_len must be at least 1".into());
         }
-        if self.congestion_control.parse::<quiche::CongestionControlAlgorithm>().is_err() {
+        if self
+            .congestion_control
+            .parse::<quiche::CongestionControlAlgorithm>()
+            .is_err()
+        {
             return Err(format!(
                 "quic.congestion_control = {:?}: expected cubic, reno or bbr2",
                 self.congestion_control

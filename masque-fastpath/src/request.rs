@@ -57,7 +57,10 @@ pub fn request_headers(target: &Target, authority: &str, token: Option<&str>) ->
         Header::new(b"capsule-protocol", b"?1"),
     ];
     if let Some(t) = token {
-        h.push(Header::new(AUTH_HEADER.as_bytes(), format!("Bearer {t}").as_bytes()));
+        h.push(Header::new(
+            AUTH_HEADER.as_bytes(),
+            format!("Bearer {t}").as_bytes(),
+        ));
     }
     h
 }
@@ -76,7 +79,10 @@ pub fn validate(headers: &[Header], tokens: &[String]) -> Result<Target, Rejecti
         return Err(reject(405, "method is not CONNECT"));
     }
     let Some(protocol) = get(":protocol") else {
-        return Err(reject(400, "CONNECT without :protocol (classic CONNECT is not served)"));
+        return Err(reject(
+            400,
+            "CONNECT without :protocol (classic CONNECT is not served)",
+        ));
     };
     //= https://www.rfc-editor.org/rfc/rfc9298#section-3.4
     //# The :scheme and :path pseudo-header fields SHALL NOT be empty.
@@ -153,7 +159,11 @@ mod tests {
     }
 
     fn with(h: &[Header], name: &str, value: Option<&str>) -> Vec<Header> {
-        let mut v: Vec<Header> = h.iter().filter(|x| x.name() != name.as_bytes()).cloned().collect();
+        let mut v: Vec<Header> = h
+            .iter()
+            .filter(|x| x.name() != name.as_bytes())
+            .cloned()
+            .collect();
         if let Some(val) = value {
             v.push(Header::new(name.as_bytes(), val.as_bytes()));
         }

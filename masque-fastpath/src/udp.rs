@@ -76,7 +76,11 @@ impl UdpIo {
         let gso = std::env::var_os("MIMIQ_NO_GSO").is_none() && probe_gso(fd);
         let gro = std::env::var_os("MIMIQ_NO_GRO").is_none()
             && setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1);
-        let (rx_slot, rx_msgs) = if gro { (GRO_SLOT, GRO_BURST) } else { (SLOT, BURST) };
+        let (rx_slot, rx_msgs) = if gro {
+            (GRO_SLOT, GRO_BURST)
+        } else {
+            (SLOT, BURST)
+        };
         let local = sock.local_addr()?;
         Ok(UdpIo {
             sock,
@@ -134,7 +138,8 @@ impl UdpIo {
             [const { MaybeUninit::zeroed() }; BURST];
         // u64 words keep the control buffers aligned for cmsghdr.
         let mut cmsgs = [[0u64; 4]; GRO_BURST];
-        let mut hdrs: [MaybeUninit<libc::mmsghdr>; BURST] = [const { MaybeUninit::zeroed() }; BURST];
+        let mut hdrs: [MaybeUninit<libc::mmsghdr>; BURST] =
+            [const { MaybeUninit::zeroed() }; BURST];
         for i in 0..msgs {
             iov[i].write(libc::iovec {
                 iov_base: self.rx[i * slot..].as_mut_ptr().cast(),
@@ -177,7 +182,11 @@ impl UdpIo {
             let from = unsafe { sockaddr_to_std(names[i].assume_init_ref()) }.unwrap_or(self.local);
             let len = (h.msg_len as usize).min(slot);
             // SAFETY: the header's control buffer is ours and the kernel set its length.
-            let seg = if self.gro { unsafe { gro_segment(&h.msg_hdr) } } else { None };
+            let seg = if self.gro {
+                unsafe { gro_segment(&h.msg_hdr) }
+            } else {
+                None
+            };
             let seg = seg.filter(|&s| s > 0).unwrap_or(len.max(1));
             if len > seg {
                 self.rx_trains += 1;
@@ -291,7 +300,8 @@ impl UdpIo {
             };
             if r < 0 {
                 let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS) {
+                if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
+                {
                     self.send_dropped += (self.tx_msgs.len() - sent) as u64;
                 } else {
                     // One bad destination (unreachable, EINVAL) must not block the others.
@@ -333,7 +343,9 @@ unsafe fn gro_segment(h: &libc::msghdr) -> Option<usize> {
     let mut c = libc::CMSG_FIRSTHDR(h);
     while !c.is_null() {
         if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
-            return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as usize);
+            return Some(
+                std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as usize,
+            );
         }
         c = libc::CMSG_NXTHDR(h, c);
     }
@@ -432,7 +444,9 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let want: Vec<_> = (0..11u8).map(|i| (if i == 10 { 100 } else { 1200 }, i)).collect();
+        let want: Vec<_> = (0..11u8)
+            .map(|i| (if i == 10 { 100 } else { 1200 }, i))
+            .collect();
         assert_eq!(got, want, "gso={} gro={}", a.gso(), b.gro());
         assert_eq!(a.send_errors + a.send_dropped, 0);
         // Over loopback a GSO send reaches a GRO socket whole: one message, split here.

@@ -18,15 +18,21 @@ pub fn count_frames(
     duration: Duration,
     matches: impl Fn(&[u8]) -> bool + Send + 'static,
 ) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<usize>>>, TestbedError> {
-    let ifname = std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
+    let ifname =
+        std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
     tb.spawn_in(host, move || {
         let mut count = 0;
         let deadline = Instant::now() + duration;
-        capture(&ifname, false, &mut || Instant::now() < deadline, &mut |frame: &[u8]| {
-            if matches(frame) {
-                count += 1;
-            }
-        })
+        capture(
+            &ifname,
+            false,
+            &mut || Instant::now() < deadline,
+            &mut |frame: &[u8]| {
+                if matches(frame) {
+                    count += 1;
+                }
+            },
+        )
         .map(|()| count)
     })
 }
@@ -51,16 +57,25 @@ pub fn record_frames(
     duration: Duration,
     matches: impl Fn(&[u8]) -> bool + Send + 'static,
 ) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<Vec<Frame>>>>, TestbedError> {
-    let ifname = std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
+    let ifname =
+        std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
     tb.spawn_in(host, move || {
         let started = Instant::now();
         let deadline = started + duration;
         let mut frames = Vec::new();
-        capture(&ifname, false, &mut || Instant::now() < deadline, &mut |frame: &[u8]| {
-            if matches(frame) {
-                frames.push(Frame { at: started.elapsed(), bytes: frame.to_vec() });
-            }
-        })
+        capture(
+            &ifname,
+            false,
+            &mut || Instant::now() < deadline,
+            &mut |frame: &[u8]| {
+                if matches(frame) {
+                    frames.push(Frame {
+                        at: started.elapsed(),
+                        bytes: frame.to_vec(),
+                    });
+                }
+            },
+        )
         .map(|()| frames)
     })
 }
@@ -77,10 +92,16 @@ pub fn watch_incoming<W: Send + 'static>(
     mut watcher: W,
     on_frame: fn(&mut W, &[u8]),
 ) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<W>>>, TestbedError> {
-    let ifname = std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
+    let ifname =
+        std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
     tb.spawn_in(host, move || {
-        capture(&ifname, true, &mut || !stop.load(Ordering::Relaxed), &mut |f: &[u8]| on_frame(&mut watcher, f))
-            .map(|()| watcher)
+        capture(
+            &ifname,
+            true,
+            &mut || !stop.load(Ordering::Relaxed),
+            &mut |f: &[u8]| on_frame(&mut watcher, f),
+        )
+        .map(|()| watcher)
     })
 }
 
@@ -109,7 +130,11 @@ fn capture(
         addr.sll_ifindex = index as i32;
         // SAFETY: `addr` lives for the call and its size is passed.
         let rc = unsafe {
-            libc::bind(fd, (&addr as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
@@ -118,16 +143,31 @@ fn capture(
             let one: libc::c_int = 1;
             // SAFETY: `one` lives for the call and its size is passed.
             let rc = unsafe {
-                libc::setsockopt(fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, (&one as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as u32)
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_PACKET,
+                    libc::PACKET_IGNORE_OUTGOING,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
             };
             if rc != 0 {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
         // SAFETY: `timeout` lives for the call and its size is passed.
         unsafe {
-            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&timeout as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
         }
         let mut buf = [0u8; 2048];
         while keep_going() {

@@ -46,8 +46,15 @@ const CLIENTS: [&str; 2] = ["c1", "c2"];
 pub fn run(seconds: u32, out: Option<&Path>) -> Result<(), String> {
     println!("mimiq demo: clients that hop addresses mid-connection, in network namespaces with the kernel's own stacks");
     println!("  c1, c2 (mimiq-agent) ── lan ── cl0 [access ⇄ edge] out0 ── out (mimiq-proxy {PROXY}) ── srv ({SERVER_V4})");
-    println!("  host sw runs mimiq-allocator and mimiq-switch (role single_box, AF_XDP on every port)");
-    let SingleBox { mut tb, mut allocator, switch, dir } = singlebox::start(&TIMES);
+    println!(
+        "  host sw runs mimiq-allocator and mimiq-switch (role single_box, AF_XDP on every port)"
+    );
+    let SingleBox {
+        mut tb,
+        mut allocator,
+        switch,
+        dir,
+    } = singlebox::start(&TIMES);
     let result = demo(&mut tb, dir.path(), &switch, seconds);
     drop(switch);
     allocator.stop(Duration::from_secs(5));
@@ -63,17 +70,26 @@ pub fn run(seconds: u32, out: Option<&Path>) -> Result<(), String> {
 /// Copies the files of `dir` (not its directories) into `out`, created if needed.
 fn keep_files(dir: &Path, out: &Path) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?.flatten() {
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .flatten()
+    {
         let path = entry.path();
         if path.is_file() {
             let to = out.join(entry.file_name());
-            std::fs::copy(&path, &to).map_err(|e| format!("{} → {}: {e}", path.display(), to.display()))?;
+            std::fs::copy(&path, &to)
+                .map_err(|e| format!("{} → {}: {e}", path.display(), to.display()))?;
         }
     }
     Ok(())
 }
 
-fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u32) -> Result<(), String> {
+fn demo(
+    tb: &mut Testbed,
+    dir: &Path,
+    switch: &crate::switch::Switch,
+    seconds: u32,
+) -> Result<(), String> {
     let mut proxy = start_outside(tb, dir)?;
     println!("1. mimiq-proxy serves CONNECT-IP on {PROXY}; each agent asks the allocator for addresses and connects:");
     let mut agents = Vec::new();
@@ -90,7 +106,16 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
     let mut points = vec![("out", "eth0")];
     points.extend(CLIENTS.iter().map(|c| ("lan", *c)));
     let captures = (points.iter())
-        .map(|(host, ifname)| capture::watch_incoming(tb, host, ifname, Arc::clone(&stop), HopWatch::new(proxy_addr), HopWatch::frame))
+        .map(|(host, ifname)| {
+            capture::watch_incoming(
+                tb,
+                host,
+                ifname,
+                Arc::clone(&stop),
+                HopWatch::new(proxy_addr),
+                HopWatch::frame,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
 
@@ -103,8 +128,12 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
             .iter()
             .enumerate()
             .map(|(i, client)| {
-                let listen: SocketAddr = format!("{SERVER_V4}:{}", 9000 + i).parse().expect("a socket address");
-                scope.spawn(move || pattern_download(tb, "srv", listen, client, u64::MAX, Some(until)))
+                let listen: SocketAddr = format!("{SERVER_V4}:{}", 9000 + i)
+                    .parse()
+                    .expect("a socket address");
+                scope.spawn(move || {
+                    pattern_download(tb, "srv", listen, client, u64::MAX, Some(until))
+                })
             })
             .collect();
         let mut last = vec![0u64; CLIENTS.len()];
@@ -129,7 +158,13 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
             let drops = switch.stats().map(|s| s.total_drops()).unwrap_or(0);
             println!("{line}  switch drops {drops}");
         }
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("download thread panicked".into()))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("download thread panicked".into()))
+            })
+            .collect()
     });
     // The downloads stop at `until`.
     let elapsed = until.saturating_duration_since(started).as_secs_f64();
@@ -137,21 +172,41 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
     println!("3. while the agents run, c1 sends from an address the allocator did not give it:");
     // The allocator's addresses are random in the pool; take one no agent holds.
     let held = (CLIENTS.iter())
-        .map(|c| tb.exec(c, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()))
+        .map(|c| {
+            tb.exec(c, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        })
         .collect::<Result<String, _>>()
         .map_err(|e| e.to_string())?;
-    let spoof = (250..255).map(|i| format!("198.18.1.{i}")).find(|a| !held.contains(&format!("{a}/"))).unwrap_or_default();
+    let spoof = (250..255)
+        .map(|i| format!("198.18.1.{i}"))
+        .find(|a| !held.contains(&format!("{a}/")))
+        .unwrap_or_default();
     let before = switch.stats()?.drops("spoofed_source");
-    tb.exec_ok("c1", &["ip", "addr", "add", &format!("{spoof}/32"), "dev", "eth0"]).map_err(|e| e.to_string())?;
-    let out = tb.exec("c1", &["ping", "-c", "3", "-W", "1", "-I", &spoof, addr::OUT_V4]).map_err(|e| e.to_string())?;
-    let after = switch.stats_after(Duration::from_millis(300))?.drops("spoofed_source");
+    tb.exec_ok(
+        "c1",
+        &["ip", "addr", "add", &format!("{spoof}/32"), "dev", "eth0"],
+    )
+    .map_err(|e| e.to_string())?;
+    let out = tb
+        .exec(
+            "c1",
+            &["ping", "-c", "3", "-W", "1", "-I", &spoof, addr::OUT_V4],
+        )
+        .map_err(|e| e.to_string())?;
+    let after = switch
+        .stats_after(Duration::from_millis(300))?
+        .drops("spoofed_source");
     println!(
         "   from {spoof}: {} — the access switch dropped {} frames as spoofed_source",
-        if out.status.success() { "got through (unexpected)" } else { "no answer" },
+        if out.status.success() {
+            "got through (unexpected)"
+        } else {
+            "no answer"
+        },
         after - before
     );
     let spoof_dropped = !out.status.success() && after > before;
-
 
     let mut reports = Vec::new();
     for (client, agent) in CLIENTS.iter().zip(agents.iter_mut()) {
@@ -162,7 +217,10 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut watchers = Vec::new();
     for c in captures {
-        let w = c.join().map_err(|_| "capture thread panicked".to_string())?.map_err(|e| e.to_string())?;
+        let w = c
+            .join()
+            .map_err(|_| "capture thread panicked".to_string())?
+            .map_err(|e| e.to_string())?;
         watchers.push(w.map_err(|e| format!("capture: {e}"))?);
     }
     let proxy_stats = proxy.stats_after_interval()?;
@@ -206,12 +264,16 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
         if n(&report["addresses_released"]) == 0 {
             failures.push(format!("{client}: released no address on exit"));
         }
-        let log = std::fs::read_to_string(dir.join(format!("{client}-addresses.csv"))).map_err(|e| e.to_string())?;
+        let log = std::fs::read_to_string(dir.join(format!("{client}-addresses.csv")))
+            .map_err(|e| e.to_string())?;
         leases.extend(leases_from_log(client, &log)?);
     }
 
     let outside = &watchers[0];
-    println!("5. the capture on the outside link ({} client packets to the proxy):", outside.sources.values().map(|s| s.2).sum::<u64>());
+    println!(
+        "5. the capture on the outside link ({} client packets to the proxy):",
+        outside.sources.values().map(|s| s.2).sum::<u64>()
+    );
     let check = outside.check(&leases, TIMES.2, 200);
     println!(
         "   {} client addresses, {} connection IDs; {} connection IDs seen from two addresses; {} packets outside their address's lease + t_remove",
@@ -223,7 +285,11 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
     }
     println!("6. the captures at each client's port of the LAN: every packet to the proxy left from an address of that client's, within its lease + t_remove:");
     for (client, watcher) in CLIENTS.iter().zip(&watchers[1..]) {
-        let own: Vec<Lease> = leases.iter().filter(|l| l.client == *client).cloned().collect();
+        let own: Vec<Lease> = leases
+            .iter()
+            .filter(|l| l.client == *client)
+            .cloned()
+            .collect();
         let check = watcher.check(&own, TIMES.2, 200);
         println!(
             "   {client}: {} packets from {} addresses; {} outside this client's leases",
@@ -239,14 +305,24 @@ fn demo(tb: &mut Testbed, dir: &Path, switch: &crate::switch::Switch, seconds: u
     println!("summary");
     println!(
         "   proxy: {} connections, {} CONNECT-IP sessions, {} paths forgotten after hops",
-        proxy_stats["connections_accepted"], proxy_stats["sessions_ip"], proxy_stats["paths_abandoned"]
+        proxy_stats["connections_accepted"],
+        proxy_stats["sessions_ip"],
+        proxy_stats["paths_abandoned"]
     );
-    println!("   switch CPU: {} ms over its lifetime; drops by reason: {}", s.cpu_ms(), s.drops_summary());
+    println!(
+        "   switch CPU: {} ms over its lifetime; drops by reason: {}",
+        s.cpu_ms(),
+        s.drops_summary()
+    );
     if failures.is_empty() {
         println!("   every check passed");
         Ok(())
     } else {
-        Err(format!("{} checks failed: {}", failures.len(), failures.join("; ")))
+        Err(format!(
+            "{} checks failed: {}",
+            failures.len(),
+            failures.join("; ")
+        ))
     }
 }
 
@@ -263,7 +339,8 @@ pub fn start_outside(tb: &mut Testbed, dir: &Path) -> Result<ProxyProc, String> 
         tb.sysctl("out", "net.ipv4.ip_forward", "1")
     })()
     .map_err(|e| e.to_string())?;
-    let extra = "[ip]\ntun = \"mqp0\"\npool_v4 = \"198.18.210.0/24\"\npool_v6 = \"fd00:210::/64\"\n\
+    let extra =
+        "[ip]\ntun = \"mqp0\"\npool_v4 = \"198.18.210.0/24\"\npool_v6 = \"fd00:210::/64\"\n\
                  icmp_source_v4 = \"198.18.210.1\"\nicmp_source_v6 = \"fd00:210::1\"\n";
     ProxyProc::start(tb, "out", dir, PROXY, extra)
 }
@@ -272,7 +349,12 @@ pub fn start_outside(tb: &mut Testbed, dir: &Path) -> Result<ProxyProc, String> 
 /// link-local address), a random hop every 20–60 QUIC datagrams, the server's subnet routed into
 /// the tunnel, and its counters, hop log and address log in `dir`; returns once it printed its
 /// `ready` line, with that line.
-pub fn start_agent(tb: &mut Testbed, dir: &Path, client: &str, seed: u64) -> Result<(Proc, String), String> {
+pub fn start_agent(
+    tb: &mut Testbed,
+    dir: &Path,
+    client: &str,
+    seed: u64,
+) -> Result<(Proc, String), String> {
     let file = |what: &str| dir.join(format!("{client}-{what}")).display().to_string();
     let cfg = format!(
         r#"seed = {seed}

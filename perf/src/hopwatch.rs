@@ -89,18 +89,34 @@ pub struct HopCheck {
 impl HopWatch {
     /// Watches for packets to `proxy`.
     pub fn new(proxy: SocketAddr) -> Self {
-        Self { proxy, sources: BTreeMap::new(), cids: BTreeMap::new(), seen: BTreeMap::new(), malformed: 0 }
+        Self {
+            proxy,
+            sources: BTreeMap::new(),
+            cids: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            malformed: 0,
+        }
     }
 
     /// One frame from the capture (Ethernet first).
     pub fn frame(&mut self, frame: &[u8]) {
-        let Ok(p) = SlicedPacket::from_ethernet(frame) else { return };
+        let Ok(p) = SlicedPacket::from_ethernet(frame) else {
+            return;
+        };
         let (src, dst) = match &p.net {
-            Some(NetSlice::Ipv4(ip)) => (IpAddr::V4(ip.header().source_addr()), IpAddr::V4(ip.header().destination_addr())),
-            Some(NetSlice::Ipv6(ip)) => (IpAddr::V6(ip.header().source_addr()), IpAddr::V6(ip.header().destination_addr())),
+            Some(NetSlice::Ipv4(ip)) => (
+                IpAddr::V4(ip.header().source_addr()),
+                IpAddr::V4(ip.header().destination_addr()),
+            ),
+            Some(NetSlice::Ipv6(ip)) => (
+                IpAddr::V6(ip.header().source_addr()),
+                IpAddr::V6(ip.header().destination_addr()),
+            ),
             _ => return,
         };
-        let Some(TransportSlice::Udp(udp)) = &p.transport else { return };
+        let Some(TransportSlice::Udp(udp)) = &p.transport else {
+            return;
+        };
         if dst != self.proxy.ip() || udp.destination_port() != self.proxy.port() {
             return;
         }
@@ -108,7 +124,10 @@ impl HopWatch {
             self.malformed += 1;
             return;
         };
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let e = self.sources.entry(src).or_insert((now, now, 0));
         e.1 = now;
         e.2 += 1;
@@ -147,7 +166,13 @@ impl HopWatch {
                         && a.from_ms < b.until_ms + t_remove_ms
                         && b.from_ms < a.until_ms + t_remove_ms
                     {
-                        note(&mut c, format!("{addr} was held by {} and {} at once: {a:?} {b:?}", a.client, b.client));
+                        note(
+                            &mut c,
+                            format!(
+                                "{addr} was held by {} and {} at once: {a:?} {b:?}",
+                                a.client, b.client
+                            ),
+                        );
                     }
                 }
             }
@@ -157,7 +182,10 @@ impl HopWatch {
                     .any(|l| t + slack_ms >= l.from_ms && t <= l.until_ms + t_remove_ms + slack_ms);
                 if !inside {
                     c.outside_lease += 1;
-                    note(&mut c, format!("{addr} sent at {t} ms, outside its leases {held:?}"));
+                    note(
+                        &mut c,
+                        format!("{addr} sent at {t} ms, outside its leases {held:?}"),
+                    );
                 }
             }
         }
@@ -181,7 +209,9 @@ mod tests {
     use super::*;
 
     fn udp_frame(src: [u8; 4], payload: &[u8]) -> Vec<u8> {
-        let b = etherparse::PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(src, [198, 18, 200, 2], 64).udp(50_000, 4433);
+        let b = etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4(src, [198, 18, 200, 2], 64)
+            .udp(50_000, 4433);
         let mut out = Vec::new();
         b.write(&mut out, payload).unwrap();
         out
@@ -200,24 +230,57 @@ mod tests {
         w.frame(&udp_frame([198, 18, 1, 10], &short(1)));
         w.frame(&udp_frame([198, 18, 1, 11], &short(2)));
         w.frame(&udp_frame([198, 18, 1, 11], &[0x40, 1])); // too short for a CID
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-        let lease = |a: &str, until: u64| Lease { client: "c1".into(), addr: a.parse().unwrap(), from_ms: now - 1000, until_ms: until };
-        let leases = [lease("198.18.1.10", now + 1000), lease("198.18.1.11", now + 1000)];
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let lease = |a: &str, until: u64| Lease {
+            client: "c1".into(),
+            addr: a.parse().unwrap(),
+            from_ms: now - 1000,
+            until_ms: until,
+        };
+        let leases = [
+            lease("198.18.1.10", now + 1000),
+            lease("198.18.1.11", now + 1000),
+        ];
         let ok = w.check(&leases, 0, 0);
-        assert_eq!((ok.packets, ok.addresses, ok.cids, w.malformed), (2, 2, 2, 1));
+        assert_eq!(
+            (ok.packets, ok.addresses, ok.cids, w.malformed),
+            (2, 2, 2, 1)
+        );
         assert!(ok.violations.is_empty(), "{:?}", ok.violations);
 
-        let expired = [lease("198.18.1.10", now + 1000), lease("198.18.1.11", now - 500)];
+        let expired = [
+            lease("198.18.1.10", now + 1000),
+            lease("198.18.1.11", now - 500),
+        ];
         let late = w.check(&expired, 100, 0);
         assert_eq!(late.outside_lease, 1, "{late:?}");
-        assert!(w.check(&expired, 1000, 0).violations.is_empty(), "t_remove covers it");
+        assert!(
+            w.check(&expired, 1000, 0).violations.is_empty(),
+            "t_remove covers it"
+        );
 
         // An address given to another client after the first one's lease + t_remove is fine;
         // held by two at once it is not.
-        let c2 = |from: u64, until: u64| Lease { client: "c2".into(), addr: "198.18.1.10".parse().unwrap(), from_ms: from, until_ms: until };
-        let again = [lease("198.18.1.10", now + 1000), lease("198.18.1.11", now + 1000), c2(now + 1500, now + 9000)];
+        let c2 = |from: u64, until: u64| Lease {
+            client: "c2".into(),
+            addr: "198.18.1.10".parse().unwrap(),
+            from_ms: from,
+            until_ms: until,
+        };
+        let again = [
+            lease("198.18.1.10", now + 1000),
+            lease("198.18.1.11", now + 1000),
+            c2(now + 1500, now + 9000),
+        ];
         assert!(w.check(&again, 400, 0).violations.is_empty());
-        let twice = [lease("198.18.1.10", now + 1000), lease("198.18.1.11", now + 1000), c2(now + 500, now + 9000)];
+        let twice = [
+            lease("198.18.1.10", now + 1000),
+            lease("198.18.1.11", now + 1000),
+            c2(now + 500, now + 9000),
+        ];
         assert_eq!(w.check(&twice, 0, 0).violations.len(), 1);
 
         w.frame(&udp_frame([198, 18, 1, 11], &short(1)));
@@ -229,8 +292,18 @@ mod tests {
     fn address_logs_parse_and_bad_lines_are_errors() {
         let log = "100,allocated,198.18.1.9,900\n950,removed,198.18.1.9,\n";
         let l = leases_from_log("c2", log).unwrap();
-        assert_eq!(l, vec![Lease { client: "c2".into(), addr: "198.18.1.9".parse().unwrap(), from_ms: 100, until_ms: 900 }]);
-        assert!(leases_from_log("c2", "100,allocated,nope,900\n").unwrap_err().contains("line 1"));
+        assert_eq!(
+            l,
+            vec![Lease {
+                client: "c2".into(),
+                addr: "198.18.1.9".parse().unwrap(),
+                from_ms: 100,
+                until_ms: 900
+            }]
+        );
+        assert!(leases_from_log("c2", "100,allocated,nope,900\n")
+            .unwrap_err()
+            .contains("line 1"));
         assert!(leases_from_log("c2", "garbage\n").is_err());
     }
 }

@@ -18,7 +18,11 @@ use mimiq_perf::testbed::{self, topology, Testbed};
 static GLOBAL: MiMalloc = MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "mimiq-perf", version, about = "mimiq testbeds, demo and benchmarks")]
+#[command(
+    name = "mimiq-perf",
+    version,
+    about = "mimiq testbeds, demo and benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -189,12 +193,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { seconds, out } => {
             mimiq_perf::demo::run(seconds, Some(&out)).map_err(anyhow::Error::msg)?;
         }
-        Command::Bench { bench: Bench::SingleBox { seconds, bindings, out } } => {
-            let (runs, md) = mimiq_perf::experiments::single_box::compare(seconds, bindings, &mut |l| println!("{l}"))
+        Command::Bench {
+            bench:
+                Bench::SingleBox {
+                    seconds,
+                    bindings,
+                    out,
+                },
+        } => {
+            let (runs, md) =
+                mimiq_perf::experiments::single_box::compare(seconds, bindings, &mut |l| {
+                    println!("{l}")
+                })
                 .map_err(anyhow::Error::msg)?;
             write_results(&out, &runs, &md)?;
         }
-        Command::Bench { bench: Bench::Figure3 { seconds, rtt_ms, rates, out } } => {
+        Command::Bench {
+            bench:
+                Bench::Figure3 {
+                    seconds,
+                    rtt_ms,
+                    rates,
+                    out,
+                },
+        } => {
             use mimiq_perf::experiments::figure3;
             let params = figure3::Params {
                 rtts_ms: rtt_ms,
@@ -202,11 +224,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 per_cell: std::time::Duration::from_secs(u64::from(seconds)),
                 ..figure3::Params::default()
             };
-            let fig = figure3::run(&params, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
+            let fig =
+                figure3::run(&params, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
             figure3::write_files(&out, &fig).map_err(anyhow::Error::msg)?;
             write_results(&out, &fig, &figure3::markdown(&fig))?;
         }
-        Command::Bench { bench: Bench::Masque { seconds, bulk_only, congestion, repeat, out } } => {
+        Command::Bench {
+            bench:
+                Bench::Masque {
+                    seconds,
+                    bulk_only,
+                    congestion,
+                    repeat,
+                    out,
+                },
+        } => {
             // "default" means no -C at all, so it cannot be combined with named ones.
             let congestion = match congestion.as_slice() {
                 [d] if d == "default" => Vec::new(),
@@ -215,18 +247,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => congestion,
             };
-            let params = mimiq_perf::experiments::masque::Params { seconds, bulk_only, repeat, congestion };
-            let (results, md) = mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
-                .map_err(anyhow::Error::msg)?;
+            let params = mimiq_perf::experiments::masque::Params {
+                seconds,
+                bulk_only,
+                repeat,
+                congestion,
+            };
+            let (results, md) =
+                mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
+                    .map_err(anyhow::Error::msg)?;
             write_results(&out, &results, &md)?;
         }
-        Command::Bench { bench: Bench::L2fwd { seconds, out } } => {
-            let (runs, md) = mimiq_perf::experiments::l2fwd::compare(seconds, &mut |l| println!("{l}"))
-                .map_err(anyhow::Error::msg)?;
+        Command::Bench {
+            bench: Bench::L2fwd { seconds, out },
+        } => {
+            let (runs, md) =
+                mimiq_perf::experiments::l2fwd::compare(seconds, &mut |l| println!("{l}"))
+                    .map_err(anyhow::Error::msg)?;
             write_results(&out, &runs, &md)?;
         }
-        Command::Bench { bench: Bench::Forwarding { seconds, repeat, out } } => {
-            let (runs, md) = mimiq_perf::experiments::forwarding::compare(seconds, repeat, &mut |l| println!("{l}"))
+        Command::Bench {
+            bench:
+                Bench::Forwarding {
+                    seconds,
+                    repeat,
+                    out,
+                },
+        } => {
+            let (runs, md) =
+                mimiq_perf::experiments::forwarding::compare(seconds, repeat, &mut |l| {
+                    println!("{l}")
+                })
                 .map_err(anyhow::Error::msg)?;
             write_results(&out, &runs, &md)?;
         }
@@ -251,7 +302,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             TestbedAction::Down { topology } => {
                 let prefix = format!("{}{topology}-", testbed::NETNS_PREFIX);
                 let mut removed = 0;
-                for ns in testbed::list_netns()?.iter().filter(|n| n.starts_with(&prefix)) {
+                for ns in testbed::list_netns()?
+                    .iter()
+                    .filter(|n| n.starts_with(&prefix))
+                {
                     testbed::remove_netns(ns).with_context(|| format!("removing {ns}"))?;
                     removed += 1;
                 }
@@ -272,7 +326,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Writes an experiment's rows as `results.json` and its table as `results.md` into `out`, and
 /// prints the table.
-fn write_results(out: &std::path::Path, runs: &impl serde::Serialize, md: &str) -> anyhow::Result<()> {
+fn write_results(
+    out: &std::path::Path,
+    runs: &impl serde::Serialize,
+    md: &str,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("results.json"), serde_json::to_vec_pretty(runs)?)?;
     std::fs::write(out.join("results.md"), md)?;

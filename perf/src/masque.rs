@@ -72,7 +72,10 @@ pub fn make_cert(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
         .output()
         .map_err(|e| format!("mimiq-proxy cert: {e}"))?;
     if !out.status.success() {
-        return Err(format!("mimiq-proxy cert: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "mimiq-proxy cert: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok((dir.join("proxy-cert.pem"), dir.join("proxy-key.pem")))
 }
@@ -160,8 +163,14 @@ pub fn start_client(tb: &mut Testbed, host: &str, args: &[&str]) -> Result<(Proc
 pub fn start_agent(tb: &mut Testbed, host: &str, config: &Path) -> Result<(Proc, String), String> {
     let bin = bin_path("mimiq-agent")?.to_string_lossy().into_owned();
     let config = config.to_string_lossy().into_owned();
-    let mut proc = tb.spawn(host, &[&bin, "run", "--config", &config], false).map_err(|e| e.to_string())?;
-    let line = wait_ready(&mut proc, &format!("{host}: agent"), Duration::from_secs(20))?;
+    let mut proc = tb
+        .spawn(host, &[&bin, "run", "--config", &config], false)
+        .map_err(|e| e.to_string())?;
+    let line = wait_ready(
+        &mut proc,
+        &format!("{host}: agent"),
+        Duration::from_secs(20),
+    )?;
     Ok((proc, line))
 }
 

@@ -134,7 +134,12 @@ pub fn allocate(tb: &Testbed, host: &str, family: Family) -> (IpAddr, Duration) 
             // SAFETY: a valid C string, for the duration of the call.
             unsafe { libc::if_nametoindex(name.as_ptr()) }
         };
-        let gateway = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse::<Ipv6Addr>().unwrap(), 6363, 0, ifindex));
+        let gateway = SocketAddr::V6(SocketAddrV6::new(
+            "fe80::1".parse::<Ipv6Addr>().unwrap(),
+            6363,
+            0,
+            ifindex,
+        ));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let mut client = AllocClient::new(gateway).unwrap();
@@ -175,27 +180,68 @@ pub fn start(times: &Times) -> SingleBox {
     let allocator_bin = bin_path("mimiq-allocator").unwrap();
     let cfg = allocator_config(dir.path(), times);
     let mut allocator = tb
-        .spawn("sw", &[allocator_bin.to_str().unwrap(), "run", "--config", cfg.to_str().unwrap()], false)
+        .spawn(
+            "sw",
+            &[
+                allocator_bin.to_str().unwrap(),
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+            ],
+            false,
+        )
         .unwrap();
     let sw_cfg = switch_config(dir.path());
-    let switch = Switch::start(&mut tb, "sw", &["--config", sw_cfg.to_str().unwrap()], &dir.path().join("stats.json"))
-        .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
+    let switch = Switch::start(
+        &mut tb,
+        "sw",
+        &["--config", sw_cfg.to_str().unwrap()],
+        &dir.path().join("stats.json"),
+    )
+    .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
     if allocator.try_status().is_some() {
         panic!("the allocator exited: {}", allocator.describe());
     }
-    SingleBox { tb, allocator, switch, dir }
+    SingleBox {
+        tb,
+        allocator,
+        switch,
+        dir,
+    }
 }
 
 /// Puts `a` on the client's `eth0` with a route through the gateway.
 pub fn use_address(tb: &Testbed, client: &str, a: IpAddr) {
-    tb.exec_ok(client, &["ip", "addr", "add", &format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }), "dev", "eth0"]).unwrap();
+    tb.exec_ok(
+        client,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
     match a {
         IpAddr::V4(_) => {
-            let _ = tb.exec(client, &["ip", "route", "add", addr::GATEWAY_V4, "dev", "eth0"]);
-            let _ = tb.exec(client, &["ip", "route", "add", "default", "via", addr::GATEWAY_V4]);
+            let _ = tb.exec(
+                client,
+                &["ip", "route", "add", addr::GATEWAY_V4, "dev", "eth0"],
+            );
+            let _ = tb.exec(
+                client,
+                &["ip", "route", "add", "default", "via", addr::GATEWAY_V4],
+            );
         }
         IpAddr::V6(_) => {
-            let _ = tb.exec(client, &["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
+            let _ = tb.exec(
+                client,
+                &[
+                    "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+                ],
+            );
         }
     }
 }
@@ -208,9 +254,21 @@ pub fn release(tb: &Testbed, host: &str, addr: IpAddr) {
             // SAFETY: a valid C string, for the duration of the call.
             unsafe { libc::if_nametoindex(name.as_ptr()) }
         };
-        let gateway = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse::<Ipv6Addr>().unwrap(), 6363, 0, ifindex));
-        let family = if addr.is_ipv4() { Family::V4 } else { Family::V6 };
-        let released = AllocClient::new(gateway).unwrap().release(family, &[addr]).unwrap();
+        let gateway = SocketAddr::V6(SocketAddrV6::new(
+            "fe80::1".parse::<Ipv6Addr>().unwrap(),
+            6363,
+            0,
+            ifindex,
+        ));
+        let family = if addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        };
+        let released = AllocClient::new(gateway)
+            .unwrap()
+            .release(family, &[addr])
+            .unwrap();
         assert_eq!(released, 1);
     })
     .unwrap();
@@ -218,7 +276,8 @@ pub fn release(tb: &Testbed, host: &str, addr: IpAddr) {
 
 /// The MAC of `ifname` on `host`.
 pub fn mac(tb: &Testbed, host: &str, ifname: &str) -> String {
-    let out = tb.exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")]).unwrap();
+    let out = tb
+        .exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")])
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
-

@@ -33,7 +33,10 @@ impl Switch {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !stats_path.exists() {
             if let Some(status) = proc.try_status() {
-                return Err(format!("switch exited ({status}) before binding: {}", proc.describe()));
+                return Err(format!(
+                    "switch exited ({status}) before binding: {}",
+                    proc.describe()
+                ));
             }
             if Instant::now() > deadline {
                 return Err(format!("switch not up after 20 s: {}", proc.describe()));
@@ -69,17 +72,23 @@ pub struct SwitchStats(pub Value);
 impl SwitchStats {
     /// A counter of port `port` (`rx_packets`, `tx_bytes`, ...), summed over the workers.
     pub fn port(&self, port: usize, field: &str) -> u64 {
-        self.workers().map(|w| w["ports"][port][field].as_u64().unwrap_or(0)).sum()
+        self.workers()
+            .map(|w| w["ports"][port][field].as_u64().unwrap_or(0))
+            .sum()
     }
 
     /// The same counter of port `port` of each worker, in worker order.
     pub fn port_per_worker(&self, port: usize, field: &str) -> Vec<u64> {
-        self.workers().map(|w| w["ports"][port][field].as_u64().unwrap_or(0)).collect()
+        self.workers()
+            .map(|w| w["ports"][port][field].as_u64().unwrap_or(0))
+            .collect()
     }
 
     /// Drops by `reason`, summed over the workers.
     pub fn drops(&self, reason: &str) -> u64 {
-        self.workers().map(|w| w["drops"][reason].as_u64().unwrap_or(0)).sum()
+        self.workers()
+            .map(|w| w["drops"][reason].as_u64().unwrap_or(0))
+            .sum()
     }
 
     /// Drops of all reasons and workers.
@@ -98,8 +107,16 @@ impl SwitchStats {
                 *total.entry(k.as_str()).or_insert(0) += v.as_u64().unwrap_or(0);
             }
         }
-        let nonzero: Vec<String> = total.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
-        if nonzero.is_empty() { "none".into() } else { nonzero.join(" ") }
+        let nonzero: Vec<String> = total
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if nonzero.is_empty() {
+            "none".into()
+        } else {
+            nonzero.join(" ")
+        }
     }
 
     fn workers(&self) -> impl Iterator<Item = &Value> {

@@ -53,7 +53,18 @@ pub fn iperf3_with(
     // A tunnel that dies under iperf3 leaves it spinning forever: bound it.
     let limit = (seconds + 30).to_string();
     let mut args = vec![
-        "timeout", "-k", "5", &limit, "iperf3", "-c", server_addr, "-p", "5201", "-t", &secs, "-J",
+        "timeout",
+        "-k",
+        "5",
+        &limit,
+        "iperf3",
+        "-c",
+        server_addr,
+        "-p",
+        "5201",
+        "-t",
+        &secs,
+        "-J",
     ];
     args.extend_from_slice(extra);
     let mut last_err = String::new();
@@ -79,16 +90,24 @@ pub fn iperf3_with(
             return Ok(IperfResult {
                 sent_bytes: end["sum_sent"]["bytes"].as_u64().unwrap_or(0),
                 received_bytes: end["sum_received"]["bytes"].as_u64().unwrap_or(0),
-                received_bps: end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0),
+                received_bps: end["sum_received"]["bits_per_second"]
+                    .as_f64()
+                    .unwrap_or(0.0),
                 retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
                 congestion: end["sender_tcp_congestion"].as_str().map(str::to_owned),
             });
         }
-        last_err = String::from_utf8_lossy(&out.stdout).chars().take(300).collect();
+        last_err = String::from_utf8_lossy(&out.stdout)
+            .chars()
+            .take(300)
+            .collect();
         // The server may not listen yet.
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("iperf3 client never succeeded: {last_err}; server: {}", srv.describe()))
+    Err(format!(
+        "iperf3 client never succeeded: {last_err}; server: {}",
+        srv.describe()
+    ))
 }
 
 /// Round-trip times of `count` pings from `host` to `addr`, in milliseconds; an error when
@@ -97,7 +116,12 @@ pub fn ping(tb: &Testbed, host: &str, addr: &str, count: u32) -> Result<Vec<f64>
     let count_s = count.to_string();
     let family = if addr.contains(':') { "-6" } else { "-4" };
     let out = tb
-        .exec(host, &["ping", family, "-c", &count_s, "-i", "0.05", "-W", "2", addr])
+        .exec(
+            host,
+            &[
+                "ping", family, "-c", &count_s, "-i", "0.05", "-W", "2", addr,
+            ],
+        )
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout);
     let rtts: Vec<f64> = text
@@ -106,7 +130,10 @@ pub fn ping(tb: &Testbed, host: &str, addr: &str, count: u32) -> Result<Vec<f64>
         .filter_map(|t| t.split_whitespace().next()?.parse().ok())
         .collect();
     if !out.status.success() || rtts.len() != count as usize {
-        return Err(format!("ping {addr} from {host}: {} of {count} answered", rtts.len()));
+        return Err(format!(
+            "ping {addr} from {host}: {} of {count} answered",
+            rtts.len()
+        ));
     }
     Ok(rtts)
 }
@@ -134,7 +161,9 @@ pub fn pattern_download(
         let mut conn = loop {
             match listener.accept() {
                 Ok((c, _)) => break c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => return Err(e),
@@ -162,14 +191,19 @@ pub fn pattern_download(
                 if n == 0 {
                     break;
                 }
-                exact &= buf[..n].iter().enumerate().all(|(i, &b)| b == body_byte(off + i as u64));
+                exact &= buf[..n]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == body_byte(off + i as u64));
                 off += n as u64;
             }
             Ok((off, exact))
         })
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("download from {listen}: {e}"))?;
-    let served = served.join().map_err(|_| "server thread panicked".to_string())?;
+    let served = served
+        .join()
+        .map_err(|_| "server thread panicked".to_string())?;
     match served {
         Ok(()) => {}
         Err(_) if got.0 < len && until.is_some() => {} // the client stopped at `until`

@@ -67,20 +67,32 @@ fn download_while_hopping(
     let report = stop_client(&mut agent).unwrap();
     let stats = proxy.stats_after_interval().unwrap();
     let agent_log = agent.describe();
-    let (got, exact) = result.unwrap_or_else(|e| panic!("{e}; agent {report}; {agent_log}; proxy {stats}"));
+    let (got, exact) =
+        result.unwrap_or_else(|e| panic!("{e}; agent {report}; {agent_log}; proxy {stats}"));
     assert_eq!(got, len, "{report}");
     assert!(exact, "every byte matches the pattern");
     // quiche refused no send (a refusal used to last for good: vendor/quiche/MIMIQ-PATCH.md).
-    assert_eq!(report["client"]["quic_send_errors"], 0, "{report}; {agent_log}");
-    Run { report, proxy: stats, agent_log, dir }
+    assert_eq!(
+        report["client"]["quic_send_errors"], 0,
+        "{report}; {agent_log}"
+    );
+    Run {
+        report,
+        proxy: stats,
+        agent_log,
+        dir,
+    }
 }
 
 #[test]
 fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact() {
-    if !require_root() {
-        return;
-    }
-    let Run { report, proxy: s, agent_log, dir } = download_while_hopping(25, 100 * 1024 * 1024, "", |_, _| {});
+    require_root();
+    let Run {
+        report,
+        proxy: s,
+        agent_log,
+        dir,
+    } = download_while_hopping(25, 100 * 1024 * 1024, "", |_, _| {});
     // The strategy counts the QUIC datagrams the client sends (the TCP ACKs of the download,
     // several to a QUIC packet) and asks for a hop every 25; while a hop validates (one round
     // trip) the count goes on, so at least half of those become hops.
@@ -99,15 +111,18 @@ fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact()
     assert_eq!(s["sessions_ip"], 1, "{s}");
     assert!(s["paths_abandoned"].as_u64().unwrap() + 8 >= done, "{s}");
     let log = std::fs::read_to_string(dir.path().join("hops.csv")).unwrap();
-    assert_eq!(log.lines().filter(|l| l.contains(",done,")).count() as u64, done);
+    assert_eq!(
+        log.lines().filter(|l| l.contains(",done,")).count() as u64,
+        done
+    );
 }
 
 #[test]
 fn hopping_every_2_packets_still_completes_the_download() {
-    if !require_root() {
-        return;
-    }
-    let Run { report, agent_log, .. } = download_while_hopping(2, 40 * 1024 * 1024, "", |_, _| {});
+    require_root();
+    let Run {
+        report, agent_log, ..
+    } = download_while_hopping(2, 40 * 1024 * 1024, "", |_, _| {});
     // A hop is due after every second datagram, so one is always in progress or waiting for
     // the paths left to be forgotten (`hops_deferred`): the connection hops back to back. How
     // many hops that makes is bound by that wait, not by packets, and moves with the other
@@ -124,53 +139,85 @@ fn hopping_every_2_packets_still_completes_the_download() {
 
 #[test]
 fn a_proxy_that_disables_migration_keeps_the_tunnel_on_one_address() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let extra = "[quic]\ndisable_active_migration = true\n";
-    let Run { report, proxy, agent_log, .. } = download_while_hopping(25, 20 * 1024 * 1024, extra, |_, _| {});
+    let Run {
+        report,
+        proxy,
+        agent_log,
+        ..
+    } = download_while_hopping(25, 20 * 1024 * 1024, extra, |_, _| {});
     // RFC 9000 §9: no packet, not even a probe, from another local address.
     let c = &report["client"];
-    assert_eq!((c["hops_started"].as_u64(), c["hops_done"].as_u64()), (Some(0), Some(0)), "{report}");
+    assert_eq!(
+        (c["hops_started"].as_u64(), c["hops_done"].as_u64()),
+        (Some(0), Some(0)),
+        "{report}"
+    );
     assert!(c["hops_refused"].as_u64().unwrap() >= 5, "{report}");
     assert_eq!(report["addresses_used"], 1, "{report}");
-    assert!(agent_log.contains("the proxy sent disable_active_migration"), "{agent_log}");
-    assert_eq!(agent_log.matches("disable_active_migration").count(), 1, "logged once: {agent_log}");
+    assert!(
+        agent_log.contains("the proxy sent disable_active_migration"),
+        "{agent_log}"
+    );
+    assert_eq!(
+        agent_log.matches("disable_active_migration").count(),
+        1,
+        "logged once: {agent_log}"
+    );
     assert_eq!(proxy["connections_accepted"], 1, "{proxy}");
 }
 
 #[test]
 fn an_address_withdrawn_mid_transfer_fails_its_hops_and_the_download_goes_on() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     // The static source keeps offering 198.18.10.5 after it left the host: each hop to it fails
     // at once (no socket can bind it), is counted and logged, and the connection hops on
     // between the other three; if it was on .5 at that moment, the next hop moves it off.
     // The address goes after the third hop, not after a fixed time: on a fast machine the
     // download was over before 700 ms, and no hop was left to fail.
     let gone = addr::CLIENT_V4[3];
-    let Run { report, agent_log, dir, .. } = download_while_hopping(25, 60 * 1024 * 1024, "", |tb, at| {
+    let Run {
+        report,
+        agent_log,
+        dir,
+        ..
+    } = download_while_hopping(25, 60 * 1024 * 1024, "", |tb, at| {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::fs::read_to_string(at.join("hops.csv")).map_or(0, |l| l.matches(",done,").count()) < 3 {
+        while std::fs::read_to_string(at.join("hops.csv"))
+            .map_or(0, |l| l.matches(",done,").count())
+            < 3
+        {
             assert!(std::time::Instant::now() < deadline, "no third hop in 20 s");
             std::thread::sleep(Duration::from_millis(5));
         }
-        tb.exec_ok("c", &["ip", "addr", "del", &format!("{gone}/24"), "dev", "c0"]).unwrap();
+        tb.exec_ok(
+            "c",
+            &["ip", "addr", "del", &format!("{gone}/24"), "dev", "c0"],
+        )
+        .unwrap();
     });
     let c = &report["client"];
-    assert!(c["hops_failed"].as_u64().unwrap() >= 1, "{report}; {agent_log}");
-    assert!(agent_log.contains(&format!("hop to {gone} failed")), "{agent_log}");
+    assert!(
+        c["hops_failed"].as_u64().unwrap() >= 1,
+        "{report}; {agent_log}"
+    );
+    assert!(
+        agent_log.contains(&format!("hop to {gone} failed")),
+        "{agent_log}"
+    );
     assert!(c["hops_done"].as_u64().unwrap() >= 10, "{report}");
     let log = std::fs::read_to_string(dir.path().join("hops.csv")).unwrap();
-    assert!(log.lines().any(|l| l.contains(&format!(",failed,,{gone},"))), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!(",failed,,{gone},"))),
+        "{log}"
+    );
 }
 
 #[test]
 fn an_unreachable_allocator_is_one_error_line_and_exit_1() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -184,13 +231,24 @@ fn an_unreachable_allocator_is_one_error_line_and_exit_1() {
     );
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, cfg).unwrap();
-    let bin = bin_path("mimiq-agent").unwrap().to_string_lossy().into_owned();
-    let out = tb.exec("c", &[&bin, "run", "--config", path.to_str().unwrap()]).unwrap();
+    let bin = bin_path("mimiq-agent")
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let out = tb
+        .exec("c", &[&bin, "run", "--config", path.to_str().unwrap()])
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let last = err.trim().lines().last().unwrap_or_default();
-    assert!(last.contains("no allocation from 198.18.10.1:6363 within 1500 ms"), "{err}");
-    assert!(err.contains("allocation failed"), "each failure is logged: {err}");
+    assert!(
+        last.contains("no allocation from 198.18.10.1:6363 within 1500 ms"),
+        "{err}"
+    );
+    assert!(
+        err.contains("allocation failed"),
+        "each failure is logged: {err}"
+    );
 }
 
 #[test]
@@ -233,6 +291,9 @@ fn a_bad_agent_config_is_one_error_line_and_exit_2() {
         assert!(err.contains(needle), "{text}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
-    let out = std::process::Command::new(&bin).arg("--nonsense").output().unwrap();
+    let out = std::process::Command::new(&bin)
+        .arg("--nonsense")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

@@ -15,13 +15,17 @@ use mimiq_perf::traffic;
 
 #[test]
 fn two_hopping_clients_end_to_end_pass_every_check_of_the_demo() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let out = tempfile::tempdir().unwrap();
     demo::run(8, Some(out.path())).unwrap();
     // What an operator finds afterwards: every process's counters and the agents' logs.
-    for file in ["c1-stats.json", "c2-hops.csv", "c1-addresses.csv", "proxy-stats.json", "stats.json"] {
+    for file in [
+        "c1-stats.json",
+        "c2-hops.csv",
+        "c1-addresses.csv",
+        "proxy-stats.json",
+        "stats.json",
+    ] {
         let text = std::fs::read_to_string(out.path().join(file)).unwrap_or_default();
         assert!(!text.is_empty(), "{file} kept and not empty");
     }
@@ -44,9 +48,7 @@ fn download(tb: &Testbed, ms: u64) -> Result<(u64, bool), String> {
 
 #[test]
 fn the_allocator_going_away_mid_transfer_is_counted_and_the_transfer_goes_on() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let (mut sb, proxy, mut agent) = one_agent(&demo::TIMES);
     // The agent's first set is usable for t_ip (6-9 s) minus the expiry margin (1 s): the
     // connection goes on hopping between those addresses while the refill (asked 3 s before the
@@ -56,37 +58,58 @@ fn the_allocator_going_away_mid_transfer_is_counted_and_the_transfer_goes_on() {
         let download = scope.spawn(move || download(tb, 5_500));
         std::thread::sleep(Duration::from_millis(800));
         sb.allocator.stop(Duration::from_secs(3));
-        let at_stop = demo::agent_stats(sb.dir.path(), "c1")["client"]["hops_done"].as_u64().unwrap_or(0);
+        let at_stop = demo::agent_stats(sb.dir.path(), "c1")["client"]["hops_done"]
+            .as_u64()
+            .unwrap_or(0);
         (download.join().unwrap(), at_stop)
     });
     let report = stop_client(&mut agent).unwrap();
     let log = agent.describe();
     let (bytes, exact) = result.unwrap_or_else(|e| panic!("{e}; {report}; {log}"));
     assert!(exact && bytes > 1_000_000, "{bytes} bytes; {report}");
-    assert!(report["allocation_failures"].as_u64().unwrap() >= 1, "{report}; {log}");
-    assert!(log.contains("allocation failed: allocator unreachable"), "{log}");
-    assert!(report["client"]["hops_done"].as_u64().unwrap() > hops_at_stop + 5, "hops went on: {report}");
+    assert!(
+        report["allocation_failures"].as_u64().unwrap() >= 1,
+        "{report}; {log}"
+    );
+    assert!(
+        log.contains("allocation failed: allocator unreachable"),
+        "{log}"
+    );
+    assert!(
+        report["client"]["hops_done"].as_u64().unwrap() > hops_at_stop + 5,
+        "hops went on: {report}"
+    );
     drop(proxy);
 }
 
 #[test]
 fn an_exhausted_pool_is_counted_and_the_transfer_goes_on_with_the_addresses_held() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     // A /29 holds fewer than two sets of 4: the first request succeeds, the refill (asked
     // refill_lead_ms = 3 s before the set runs short, at 2-5 s) finds the pool exhausted. The
     // first set is usable for at least t_ip_min - expiry_margin = 5 s.
-    let times = Times(demo::TIMES.0, demo::TIMES.1, demo::TIMES.2, demo::TIMES.3, "198.18.1.0/29");
+    let times = Times(
+        demo::TIMES.0,
+        demo::TIMES.1,
+        demo::TIMES.2,
+        demo::TIMES.3,
+        "198.18.1.0/29",
+    );
     let (sb, proxy, mut agent) = one_agent(&times);
     let result = download(&sb.tb, 5_500);
     let report = stop_client(&mut agent).unwrap();
     let log = agent.describe();
     let (bytes, exact) = result.unwrap_or_else(|e| panic!("{e}; {report}; {log}"));
     assert!(exact && bytes > 1_000_000, "{bytes} bytes; {report}");
-    assert!(report["allocation_failures"].as_u64().unwrap() >= 1, "{report}; {log}");
+    assert!(
+        report["allocation_failures"].as_u64().unwrap() >= 1,
+        "{report}; {log}"
+    );
     assert!(log.contains("allocator out of addresses"), "{log}");
     assert_eq!(report["addresses_allocated"], 4, "{report}");
-    assert!(report["client"]["hops_done"].as_u64().unwrap() >= 10, "{report}");
+    assert!(
+        report["client"]["hops_done"].as_u64().unwrap() >= 10,
+        "{report}"
+    );
     drop(proxy);
 }

@@ -169,9 +169,7 @@ fn sockets(ips: &[String]) -> Vec<SocketAddr> {
 
 #[test]
 fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_hops() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let clients = v4_clients(5);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
@@ -250,9 +248,7 @@ fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_h
 
 #[test]
 fn gets_over_ipv6_hop_between_nodad_addresses() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let clients: Vec<String> = (0..4).map(|i| format!("fd00::{:x}", 0x10 + i)).collect();
     let tb = topology("fd00::1", &clients, 64);
     let server_addr = SocketAddr::new("fd00::1".parse().unwrap(), PORT);
@@ -278,9 +274,7 @@ fn gets_over_ipv6_hop_between_nodad_addresses() {
 
 #[test]
 fn a_server_that_disables_active_migration_gets_no_hop_and_the_transfer_completes() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let clients = v4_clients(3);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
@@ -339,9 +333,7 @@ fn run_with_control(
 
 #[test]
 fn an_address_withdrawn_then_removed_after_a_drain_is_left_and_the_gets_complete() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let clients = v4_clients(3);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
@@ -393,9 +385,7 @@ fn an_address_withdrawn_then_removed_after_a_drain_is_left_and_the_gets_complete
 
 #[test]
 fn a_hop_to_an_address_already_gone_from_the_host_fails_and_the_address_is_withdrawn() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let clients = v4_clients(3);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);

@@ -9,9 +9,7 @@ use mimiq_perf::testbed::require_root;
 
 #[test]
 fn a_reduced_figure3_grid_measures_every_cell_and_writes_its_files() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let params = Params {
         rtts_ms: vec![10, 30],
         rates: vec![4, 25],
@@ -28,16 +26,28 @@ fn a_reduced_figure3_grid_measures_every_cell_and_writes_its_files() {
         assert!(c.requests > 0 && c.requests_per_s > 0.0, "{c:?}");
         // One GET per RTT at most: the switch's delay is in force.
         let ceiling = 1000.0 / f64::from(c.rtt_ms);
-        assert!(c.requests_per_s <= ceiling * 1.01, "faster than the RTT allows: {c:?}");
-        assert!(c.requests_per_s >= ceiling * 0.7, "far below one GET per RTT: {c:?}");
+        assert!(
+            c.requests_per_s <= ceiling * 1.01,
+            "faster than the RTT allows: {c:?}"
+        );
+        assert!(
+            c.requests_per_s >= ceiling * 0.7,
+            "far below one GET per RTT: {c:?}"
+        );
         assert_eq!(c.hops_failed, 0, "{c:?}");
         if c.rate == 0 {
             assert_eq!(c.hops_completed, 0, "{c:?}");
         } else {
             // Hops are due at the seed's packet count (2 per request); each one completes.
             let expected = c.requests * 2 * u64::from(c.rate) / 100;
-            assert!(c.hops_due + 1 >= expected && c.hops_due <= expected + 1, "{c:?}");
-            assert!(c.hops_completed + 1 >= c.hops_due, "hops at the rate asked: {c:?}");
+            assert!(
+                c.hops_due + 1 >= expected && c.hops_due <= expected + 1,
+                "{c:?}"
+            );
+            assert!(
+                c.hops_completed + 1 >= c.hops_due,
+                "hops at the rate asked: {c:?}"
+            );
             let rate = f64::from(c.rate);
             assert!(
                 (c.achieved_rate - rate).abs() <= rate * 0.25 + 2.0,
@@ -56,7 +66,10 @@ fn a_reduced_figure3_grid_measures_every_cell_and_writes_its_files() {
     assert_eq!(fig.hop_latency.len(), 2);
     for h in &fig.hop_latency {
         assert!(h.hops > 0, "{h:?}");
-        assert!(h.baseline_request_p50_us >= u64::from(h.rtt_ms) * 1000, "{h:?}");
+        assert!(
+            h.baseline_request_p50_us >= u64::from(h.rtt_ms) * 1000,
+            "{h:?}"
+        );
     }
     assert_eq!(fig.switch_impair_full_drops, 0);
     assert_eq!(fig.server.reused_cids, 0);
@@ -69,7 +82,10 @@ fn a_reduced_figure3_grid_measures_every_cell_and_writes_its_files() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 1 + fig.cells.len());
     let fields = lines[0].split(',').count();
-    let rps_col = lines[0].split(',').position(|f| f == "requests_per_s").unwrap();
+    let rps_col = lines[0]
+        .split(',')
+        .position(|f| f == "requests_per_s")
+        .unwrap();
     for line in &lines[1..] {
         let cols: Vec<&str> = line.split(',').collect();
         assert_eq!(cols.len(), fields, "{line}");
@@ -82,8 +98,17 @@ fn a_reduced_figure3_grid_measures_every_cell_and_writes_its_files() {
     assert_eq!(svg.matches("<svg").count(), 1);
     for rtt in [10, 30] {
         let tag = format!("data-rtt-ms=\"{rtt}\"");
-        let line = svg.lines().find(|l| l.contains(&tag)).expect("a line per RTT");
-        let points = line.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        let line = svg
+            .lines()
+            .find(|l| l.contains(&tag))
+            .expect("a line per RTT");
+        let points = line
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
         let pairs: Vec<(f64, f64)> = points
             .split(' ')
             .map(|p| {
@@ -92,12 +117,17 @@ fn a_reduced_figure3_grid_measures_every_cell_and_writes_its_files() {
             })
             .collect();
         assert_eq!(pairs.len(), 3, "{line}");
-        assert!(pairs.iter().all(|&(x, y)| (0.0..=760.0).contains(&x) && (0.0..=460.0).contains(&y)));
+        assert!(pairs
+            .iter()
+            .all(|&(x, y)| (0.0..=760.0).contains(&x) && (0.0..=460.0).contains(&y)));
     }
     // The histograms: HdrHistogram's percentile text, counts rising to the number of hops.
     for h in &fig.hop_latency {
         let text = std::fs::read_to_string(dir.path().join(&h.hgrm_file)).unwrap();
-        assert!(text.starts_with("       Value     Percentile TotalCount"), "{text}");
+        assert!(
+            text.starts_with("       Value     Percentile TotalCount"),
+            "{text}"
+        );
         let last = text
             .lines()
             .filter(|l| !l.trim().is_empty() && !l.starts_with('#') && !l.contains("Value"))

@@ -14,15 +14,21 @@ fn direct() -> Testbed {
     let mut tb = Testbed::new().unwrap();
     tb.add_host("tx").unwrap();
     tb.add_host("rx").unwrap();
-    tb.add_link(("tx", "eth0"), ("rx", "eth0"), LinkOpts::default()).unwrap();
+    tb.add_link(("tx", "eth0"), ("rx", "eth0"), LinkOpts::default())
+        .unwrap();
     for host in ["tx", "rx"] {
-        tb.sysctl(host, "net.ipv6.conf.all.disable_ipv6", "1").unwrap();
+        tb.sysctl(host, "net.ipv6.conf.all.disable_ipv6", "1")
+            .unwrap();
     }
     tb
 }
 
 fn perf() -> String {
-    bin_path("mimiq-perf").unwrap().to_str().unwrap().to_string()
+    bin_path("mimiq-perf")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Starts `gen recv` on `host`'s eth0 and waits until its socket is bound.
@@ -50,8 +56,16 @@ fn start_recv(tb: &mut Testbed, host: &str, dir: &Path, name: &str) -> Proc {
     let mut proc = tb.spawn(host, &cmd, true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !proc.stdout().contains("bound eth0") {
-        assert!(proc.try_status().is_none(), "receiver exited: {}", proc.describe());
-        assert!(Instant::now() < deadline, "receiver not bound after 20 s: {}", proc.describe());
+        assert!(
+            proc.try_status().is_none(),
+            "receiver exited: {}",
+            proc.describe()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "receiver not bound after 20 s: {}",
+            proc.describe()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     proc
@@ -70,10 +84,20 @@ fn stop_recv(mut proc: Proc, dir: &Path, name: &str) -> Value {
 fn send(tb: &mut Testbed, host: &str, dir: &Path, name: &str, args: &[&str]) -> Value {
     let bin = perf();
     let json = dir.join(format!("{name}.json"));
-    let mut cmd = vec![bin.as_str(), "gen", "send", "--iface", "eth0", "--json", json.to_str().unwrap()];
+    let mut cmd = vec![
+        bin.as_str(),
+        "gen",
+        "send",
+        "--iface",
+        "eth0",
+        "--json",
+        json.to_str().unwrap(),
+    ];
     cmd.extend_from_slice(args);
     let mut proc = tb.spawn(host, &cmd, true).unwrap();
-    let status = proc.wait_timeout(Duration::from_secs(60)).expect("sender finishes");
+    let status = proc
+        .wait_timeout(Duration::from_secs(60))
+        .expect("sender finishes");
     assert!(status.success(), "sender: {status}; {}", proc.describe());
     read_json(&json)
 }
@@ -99,10 +123,15 @@ fn switch_socket_drops(before: &SwitchStats, after: &SwitchStats, port: usize) -
 
 /// Frames the veths of topology `line` dropped (TX to a full peer queue, RX drops).
 fn line_veth_drops(tb: &Testbed) -> u64 {
-    [("h1", "eth0", "tx_dropped"), ("sw", "p0", "rx_dropped"), ("sw", "p1", "tx_dropped"), ("h2", "eth0", "rx_dropped")]
-        .iter()
-        .map(|(host, iface, counter)| link_counter(tb, host, iface, counter))
-        .sum()
+    [
+        ("h1", "eth0", "tx_dropped"),
+        ("sw", "p0", "rx_dropped"),
+        ("sw", "p1", "tx_dropped"),
+        ("h2", "eth0", "rx_dropped"),
+    ]
+    .iter()
+    .map(|(host, iface, counter)| link_counter(tb, host, iface, counter))
+    .sum()
 }
 
 /// Frames the kernel dropped in front of the receiver's socket (no free frame, RX ring full):
@@ -118,16 +147,33 @@ fn json_obj(xdp: &Value) -> Value {
 
 #[test]
 fn the_receiver_counts_exactly_what_the_sender_sent_over_a_direct_link() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = direct();
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&str, &[&str], u64, u64); 2] = [
-        ("v4-imix", &["--imix", "imix", "--flows", "4", "--count", "20000", "--pps", "100k"], 20_000, 4),
+        (
+            "v4-imix",
+            &[
+                "--imix", "imix", "--flows", "4", "--count", "20000", "--pps", "100k",
+            ],
+            20_000,
+            4,
+        ),
         (
             "v6-128",
-            &["-6", "--size", "128", "--flows", "3", "--vary", "src-ip,dst-port", "--count", "6000", "--bps", "200M"],
+            &[
+                "-6",
+                "--size",
+                "128",
+                "--flows",
+                "3",
+                "--vary",
+                "src-ip,dst-port",
+                "--count",
+                "6000",
+                "--bps",
+                "200M",
+            ],
             6_000,
             3,
         ),
@@ -140,28 +186,40 @@ fn the_receiver_counts_exactly_what_the_sender_sent_over_a_direct_link() {
         assert_eq!(n(&sent, "tx_unfinished"), 0, "{name}");
         // Every probe is counted by the receiver, or by the kernel as dropped before its socket.
         let drops = socket_drops(&got);
-        assert!(drops * 10 < count, "{name}: the kernel dropped {drops} of {count}: {got}");
+        assert!(
+            drops * 10 < count,
+            "{name}: the kernel dropped {drops} of {count}: {got}"
+        );
         assert_eq!(n(&got, "received") + drops, count, "{name}: receiver {got}");
         if drops == 0 {
             assert_eq!(n(&got, "received_bytes"), n(&sent, "sent_bytes"), "{name}");
         }
         assert!(n(&got, "lost") <= drops, "{name}: {got}");
-        assert_eq!((n(&got, "reordered"), n(&got, "duplicates")), (0, 0), "{name}");
+        assert_eq!(
+            (n(&got, "reordered"), n(&got, "duplicates")),
+            (0, 0),
+            "{name}"
+        );
         assert_eq!(n(&got, "flows"), flows, "{name}");
         let latency = &got["latency"];
         assert_eq!(n(latency, "samples"), n(&got, "received"), "{name}");
-        assert!(n(latency, "p50_ns") > 0 && n(latency, "p50_ns") < 1_000_000_000, "{name}: {latency}");
+        assert!(
+            n(latency, "p50_ns") > 0 && n(latency, "p50_ns") < 1_000_000_000,
+            "{name}: {latency}"
+        );
         assert!(n(latency, "max_ns") >= n(latency, "p999_ns"));
 
         // The interval log is readable by an HdrHistogram log reader and holds every sample.
         let hlog = std::fs::read(dir.path().join(format!("{name}-recv.hlog"))).unwrap();
         let mut samples = 0;
         for item in hdrhistogram::serialization::interval_log::IntervalLogIterator::new(&hlog) {
-            if let hdrhistogram::serialization::interval_log::LogEntry::Interval(h) = item.unwrap() {
+            if let hdrhistogram::serialization::interval_log::LogEntry::Interval(h) = item.unwrap()
+            {
                 let bytes = base64_decode(h.encoded_histogram());
-                let hist: hdrhistogram::Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
-                    .deserialize(&mut bytes.as_slice())
-                    .unwrap();
+                let hist: hdrhistogram::Histogram<u64> =
+                    hdrhistogram::serialization::Deserializer::new()
+                        .deserialize(&mut bytes.as_slice())
+                        .unwrap();
                 samples += hist.len();
             }
         }
@@ -171,17 +229,30 @@ fn the_receiver_counts_exactly_what_the_sender_sent_over_a_direct_link() {
 
 #[test]
 fn every_probe_through_mimiq_switch_l2fwd_is_counted_by_the_switch_and_the_receiver() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     topology::line(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let args = ["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "50"];
+    let args = [
+        "--role",
+        "l2fwd",
+        "--port",
+        "p0",
+        "--port",
+        "p1",
+        "--stats-interval-ms",
+        "50",
+    ];
     let switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("switch.json")).unwrap();
     let recv = start_recv(&mut tb, "h2", dir.path(), "recv");
     let before = switch.stats().unwrap();
-    let sent = send(&mut tb, "h1", dir.path(), "send", &["--flows", "8", "--count", "30000", "--pps", "50k"]);
+    let sent = send(
+        &mut tb,
+        "h1",
+        dir.path(),
+        "send",
+        &["--flows", "8", "--count", "30000", "--pps", "50k"],
+    );
     let got = stop_recv(recv, dir.path(), "recv");
     let after = switch.stats_after(Duration::from_millis(300)).unwrap();
 
@@ -199,8 +270,15 @@ fn every_probe_through_mimiq_switch_l2fwd_is_counted_by_the_switch_and_the_recei
         (sent_packets..=sent_packets + 50).contains(&(rx + switch_socket_drops)),
         "switch p0 received {rx} (+{switch_socket_drops} dropped by the kernel) of {sent_packets}"
     );
-    assert_eq!(rx, tx + drops, "every frame forwarded or dropped with a reason");
-    assert!(tx + switch_socket_drops >= sent_packets, "switch forwarded {tx} of {sent_packets}");
+    assert_eq!(
+        rx,
+        tx + drops,
+        "every frame forwarded or dropped with a reason"
+    );
+    assert!(
+        tx + switch_socket_drops >= sent_packets,
+        "switch forwarded {tx} of {sent_packets}"
+    );
     // Every probe the switch forwarded reached the receiver, or the kernel counted its drop.
     let received = n(&got, "received");
     assert_eq!(received + n(&got, "lost"), sent_packets, "receiver: {got}");
@@ -222,23 +300,41 @@ fn link_counter(tb: &Testbed, host: &str, iface: &str, counter: &str) -> u64 {
 
 #[test]
 fn the_bare_reflector_carries_every_probe_between_its_two_ports() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     topology::line(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bin = perf();
     let json = dir.path().join("reflect.json");
-    let cmd = [bin.as_str(), "gen", "reflect", "--port", "p0", "--port", "p1", "--json", json.to_str().unwrap()];
+    let cmd = [
+        bin.as_str(),
+        "gen",
+        "reflect",
+        "--port",
+        "p0",
+        "--port",
+        "p1",
+        "--json",
+        json.to_str().unwrap(),
+    ];
     let mut reflector = tb.spawn("sw", &cmd, true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !reflector.stdout().contains("bound p0,p1") {
-        assert!(reflector.try_status().is_none() && Instant::now() < deadline, "{}", reflector.describe());
+        assert!(
+            reflector.try_status().is_none() && Instant::now() < deadline,
+            "{}",
+            reflector.describe()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let recv = start_recv(&mut tb, "h2", dir.path(), "recv");
-    let sent = send(&mut tb, "h1", dir.path(), "send", &["--flows", "3", "--count", "20000", "--pps", "50k"]);
+    let sent = send(
+        &mut tb,
+        "h1",
+        dir.path(),
+        "send",
+        &["--flows", "3", "--count", "20000", "--pps", "50k"],
+    );
     let got = stop_recv(recv, dir.path(), "recv");
     let status = reflector.stop(Duration::from_secs(10)).unwrap();
     assert!(status.success(), "{}", reflector.describe());
@@ -246,24 +342,38 @@ fn the_bare_reflector_carries_every_probe_between_its_two_ports() {
 
     let sent_packets = n(&sent, "sent_packets");
     let socket_drops_p0 = socket_drops(&json_obj(&reflected["xdp"][0]));
-    let lost_on_the_way = socket_drops(&got) + n(&reflected, "dropped_packets") + line_veth_drops(&tb) + socket_drops_p0;
-    assert_eq!(n(&got, "received") + lost_on_the_way, sent_packets, "receiver {got}, reflector {reflected}");
+    let lost_on_the_way = socket_drops(&got)
+        + n(&reflected, "dropped_packets")
+        + line_veth_drops(&tb)
+        + socket_drops_p0;
+    assert_eq!(
+        n(&got, "received") + lost_on_the_way,
+        sent_packets,
+        "receiver {got}, reflector {reflected}"
+    );
     // Everything h1 sent crossed, plus the few frames of h1's and h2's own kernels.
     let forwarded = n(&reflected, "forwarded_packets");
-    assert!((sent_packets..=sent_packets + 50).contains(&(forwarded + lost_on_the_way)), "{reflected}");
+    assert!(
+        (sent_packets..=sent_packets + 50).contains(&(forwarded + lost_on_the_way)),
+        "{reflected}"
+    );
     let links = tb.exec_ok("sw", &["ip", "link", "show"]).unwrap();
-    assert!(!String::from_utf8_lossy(&links.stdout).contains("xdp"), "XDP detached on exit");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("xdp"),
+        "XDP detached on exit"
+    );
 }
 
 #[test]
 fn loss_and_reordering_made_by_the_sender_are_reported_exactly_by_the_receiver() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = direct();
     let dir = tempfile::tempdir().unwrap();
     let base = ["--flows", "5", "--count", "10000", "--pps", "100k"];
-    for (name, fault) in [("skip", ["--fault-skip-every", "37"]), ("swap", ["--fault-swap-every", "41"])] {
+    for (name, fault) in [
+        ("skip", ["--fault-skip-every", "37"]),
+        ("swap", ["--fault-swap-every", "41"]),
+    ] {
         let recv = start_recv(&mut tb, "rx", dir.path(), &format!("{name}-recv"));
         let mut args = base.to_vec();
         args.extend_from_slice(&fault);
@@ -274,10 +384,23 @@ fn loss_and_reordering_made_by_the_sender_are_reported_exactly_by_the_receiver()
         // Exact when the kernel dropped nothing in front of the receiver (the usual case); a
         // kernel drop adds one loss, and can undo one swap.
         let drops = socket_drops(&got);
-        assert!(drops * 10 < n(&sent, "sent_packets"), "{name}: the kernel dropped {drops}: {got}");
-        assert_eq!(n(&got, "received") + drops, n(&sent, "sent_packets"), "{name}");
-        assert!((skipped..=skipped + drops).contains(&n(&got, "lost")), "{name}: {got}");
-        assert!((swapped.saturating_sub(drops)..=swapped).contains(&n(&got, "reordered")), "{name}: {got}");
+        assert!(
+            drops * 10 < n(&sent, "sent_packets"),
+            "{name}: the kernel dropped {drops}: {got}"
+        );
+        assert_eq!(
+            n(&got, "received") + drops,
+            n(&sent, "sent_packets"),
+            "{name}"
+        );
+        assert!(
+            (skipped..=skipped + drops).contains(&n(&got, "lost")),
+            "{name}: {got}"
+        );
+        assert!(
+            (swapped.saturating_sub(drops)..=swapped).contains(&n(&got, "reordered")),
+            "{name}: {got}"
+        );
         assert_eq!(n(&got, "duplicates"), 0);
         match name {
             // 2000 packets per flow: numbers 37, 74, ... skipped (54 per flow).
@@ -290,20 +413,34 @@ fn loss_and_reordering_made_by_the_sender_are_reported_exactly_by_the_receiver()
 
 #[test]
 fn loss_and_delay_made_by_the_switch_impair_stage_show_exactly_in_the_receiver() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     topology::line(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
     // 5 % loss and 3 ms delay on the way to h2: a real path that drops, and a latency to find.
-    let args = ["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "50",
-        "--impair", "p1:loss=0.05,seed=7,delay_us=3000"];
+    let args = [
+        "--role",
+        "l2fwd",
+        "--port",
+        "p0",
+        "--port",
+        "p1",
+        "--stats-interval-ms",
+        "50",
+        "--impair",
+        "p1:loss=0.05,seed=7,delay_us=3000",
+    ];
     let switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("switch.json")).unwrap();
     let recv = start_recv(&mut tb, "h2", dir.path(), "recv");
     let before = switch.stats().unwrap();
     let flows = 4;
-    let sent = send(&mut tb, "h1", dir.path(), "send", &["--flows", "4", "--count", "20000", "--pps", "20k"]);
+    let sent = send(
+        &mut tb,
+        "h1",
+        dir.path(),
+        "send",
+        &["--flows", "4", "--count", "20000", "--pps", "20k"],
+    );
     let got = stop_recv(recv, dir.path(), "recv");
     let after = switch.stats_after(Duration::from_millis(300)).unwrap();
 
@@ -317,11 +454,15 @@ fn loss_and_delay_made_by_the_switch_impair_stage_show_exactly_in_the_receiver()
         + socket_drops(&got)
         + line_veth_drops(&tb);
     // Binomial(20000, 0.05): 1000 ± 31 (1σ); allow 5σ.
-    assert!((845..=1155).contains(&impair_loss), "{impair_loss} of {sent_packets} lost at 5 %");
+    assert!(
+        (845..=1155).contains(&impair_loss),
+        "{impair_loss} of {sent_packets} lost at 5 %"
+    );
     // Frames h1's kernel sent on its own (neighbour discovery) cross the switch too, and the
     // stage may drop them: they are the slack in the equalities below (a handful).
-    let kernel_frames =
-        (after.port(0, "rx_packets") - before.port(0, "rx_packets") + socket_drops_p0).saturating_sub(sent_packets);
+    let kernel_frames = (after.port(0, "rx_packets") - before.port(0, "rx_packets")
+        + socket_drops_p0)
+        .saturating_sub(sent_packets);
     let accounted = n(&got, "received") + impair_loss + other_drops;
     assert!(
         (sent_packets..=sent_packets + kernel_frames).contains(&accounted),
@@ -329,28 +470,49 @@ fn loss_and_delay_made_by_the_switch_impair_stage_show_exactly_in_the_receiver()
     );
     // The receiver sees every drop as a gap, except drops after a flow's last received probe.
     let lost = n(&got, "lost");
-    assert!(lost <= impair_loss + other_drops, "lost {lost} > {impair_loss} dropped: {got}");
-    assert!(lost + flows + kernel_frames >= impair_loss, "lost {lost} misses drops ({impair_loss}): {got}");
-    assert_eq!((n(&got, "reordered"), n(&got, "duplicates")), (0, 0), "the delay line is FIFO");
+    assert!(
+        lost <= impair_loss + other_drops,
+        "lost {lost} > {impair_loss} dropped: {got}"
+    );
+    assert!(
+        lost + flows + kernel_frames >= impair_loss,
+        "lost {lost} misses drops ({impair_loss}): {got}"
+    );
+    assert_eq!(
+        (n(&got, "reordered"), n(&got, "duplicates")),
+        (0, 0),
+        "the delay line is FIFO"
+    );
     // One-way latency: the 3 ms the stage holds each frame, plus the path. Not the minimum: the
     // worker reads the clock once per pass, before its RX bursts, so a worker preempted between
     // that read and the burst stamps frames that arrived meanwhile as older than they are, and
     // releases them early (seen here: a 2.6 ms minimum on a loaded machine).
     let latency = &got["latency"];
-    assert!((3_000_000..20_000_000).contains(&n(latency, "p50_ns")), "median not ~3 ms: {latency}");
+    assert!(
+        (3_000_000..20_000_000).contains(&n(latency, "p50_ns")),
+        "median not ~3 ms: {latency}"
+    );
 }
 
 #[test]
 fn the_sender_holds_the_configured_packet_and_bit_rates() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = direct();
     let dir = tempfile::tempdir().unwrap();
     // 20 kpps of 64-byte frames for 1.5 s; 80 Mbit/s of 1000-byte frames (10 kpps) for 1.5 s.
     let cases: [(&str, &[&str], f64, f64); 2] = [
-        ("pps", &["--size", "64", "--pps", "20k", "--duration", "1.5s"], 20_000.0, 20_000.0 * 64.0 * 8.0),
-        ("bps", &["--size", "1000", "--bps", "80M", "--duration", "1500ms"], 10_000.0, 80e6),
+        (
+            "pps",
+            &["--size", "64", "--pps", "20k", "--duration", "1.5s"],
+            20_000.0,
+            20_000.0 * 64.0 * 8.0,
+        ),
+        (
+            "bps",
+            &["--size", "1000", "--bps", "80M", "--duration", "1500ms"],
+            10_000.0,
+            80e6,
+        ),
     ];
     for (name, args, pps, bps) in cases {
         let recv = start_recv(&mut tb, "rx", dir.path(), &format!("{name}-recv"));
@@ -363,36 +525,99 @@ fn the_sender_holds_the_configured_packet_and_bit_rates() {
         // machine is sometimes not scheduled for longer (0 on a quiet machine).
         let deficit = n(&sent, "rate_deficit_packets");
         let packets = (n(&sent, "sent_packets") + deficit) as f64;
-        assert!((packets / (pps * 1.5) - 1.0).abs() < 0.03, "{name}: {packets} packets in 1.5 s: {sent}");
+        assert!(
+            (packets / (pps * 1.5) - 1.0).abs() < 0.03,
+            "{name}: {packets} packets in 1.5 s: {sent}"
+        );
         let frame_bits = n(&sent, "sent_bytes") as f64 * 8.0 / n(&sent, "sent_packets") as f64;
         let bits = packets * frame_bits;
-        assert!((bits / (bps * 1.5) - 1.0).abs() < 0.03, "{name}: {bits} bits in 1.5 s: {sent}");
-        assert!(deficit as f64 <= 0.25 * pps * 1.5, "{name}: the sender was starved: {sent}");
-        assert_eq!(n(&got, "received") + socket_drops(&got), n(&sent, "sent_packets"), "{name}");
+        assert!(
+            (bits / (bps * 1.5) - 1.0).abs() < 0.03,
+            "{name}: {bits} bits in 1.5 s: {sent}"
+        );
+        assert!(
+            deficit as f64 <= 0.25 * pps * 1.5,
+            "{name}: the sender was starved: {sent}"
+        );
+        assert_eq!(
+            n(&got, "received") + socket_drops(&got),
+            n(&sent, "sent_packets"),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn bad_flags_and_missing_interfaces_are_one_line_errors() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = direct();
     let bin = perf();
     let cases: &[(&[&str], &str)] = &[
-        (&["gen", "send", "--iface", "eth0", "--pps", "0"], "positive rate"),
-        (&["gen", "send", "--iface", "eth0", "--pps", "1M", "--bps", "1G"], "cannot be used with"),
-        (&["gen", "send", "--iface", "eth0", "--size", "63"], "frame size 63"),
-        (&["gen", "send", "--iface", "eth0", "-6", "--size", "64"], "for IPv6"),
-        (&["gen", "send", "--iface", "eth0", "--imix", "64:0"], "bad size mix"),
-        (&["gen", "send", "--iface", "eth0", "--flows", "0"], "--flows"),
-        (&["gen", "send", "--iface", "eth0", "--src", "198.18.0.1", "--dst", "fd00::2"], "same IP version"),
-        (&["gen", "send", "--iface", "eth0", "--dst-mac", "zz"], "not a MAC address"),
-        (&["gen", "send", "--iface", "eth0", "--duration", "1h"], "not a duration"),
-        (&["gen", "send", "--iface", "eth0", "--ring-size", "1000"], "power of two"),
-        (&["gen", "send", "--iface", "nosuch0"], "interface nosuch0 not found"),
-        (&["gen", "recv", "--iface", "nosuch0"], "interface nosuch0 not found"),
-        (&["gen", "reflect", "--port", "eth0", "--port", "a", "--port", "b"], "one or two"),
+        (
+            &["gen", "send", "--iface", "eth0", "--pps", "0"],
+            "positive rate",
+        ),
+        (
+            &[
+                "gen", "send", "--iface", "eth0", "--pps", "1M", "--bps", "1G",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &["gen", "send", "--iface", "eth0", "--size", "63"],
+            "frame size 63",
+        ),
+        (
+            &["gen", "send", "--iface", "eth0", "-6", "--size", "64"],
+            "for IPv6",
+        ),
+        (
+            &["gen", "send", "--iface", "eth0", "--imix", "64:0"],
+            "bad size mix",
+        ),
+        (
+            &["gen", "send", "--iface", "eth0", "--flows", "0"],
+            "--flows",
+        ),
+        (
+            &[
+                "gen",
+                "send",
+                "--iface",
+                "eth0",
+                "--src",
+                "198.18.0.1",
+                "--dst",
+                "fd00::2",
+            ],
+            "same IP version",
+        ),
+        (
+            &["gen", "send", "--iface", "eth0", "--dst-mac", "zz"],
+            "not a MAC address",
+        ),
+        (
+            &["gen", "send", "--iface", "eth0", "--duration", "1h"],
+            "not a duration",
+        ),
+        (
+            &["gen", "send", "--iface", "eth0", "--ring-size", "1000"],
+            "power of two",
+        ),
+        (
+            &["gen", "send", "--iface", "nosuch0"],
+            "interface nosuch0 not found",
+        ),
+        (
+            &["gen", "recv", "--iface", "nosuch0"],
+            "interface nosuch0 not found",
+        ),
+        (
+            &[
+                "gen", "reflect", "--port", "eth0", "--port", "a", "--port", "b",
+            ],
+            "one or two",
+        ),
         (&["gen", "send"], "--iface"),
         (&["gen", "bogus"], "bogus"),
     ];
@@ -400,13 +625,21 @@ fn bad_flags_and_missing_interfaces_are_one_line_errors() {
         let mut cmd = vec![bin.as_str()];
         cmd.extend_from_slice(args);
         let mut proc = tb.spawn("tx", &cmd, true).unwrap();
-        let status = proc.wait_timeout(Duration::from_secs(20)).expect("exits by itself");
+        let status = proc
+            .wait_timeout(Duration::from_secs(20))
+            .expect("exits by itself");
         assert!(!status.success(), "{args:?} succeeded");
         let stderr = proc.stderr();
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{args:?}: exactly one line: {stderr:?}");
-        assert!(lines[0].starts_with("mimiq-perf: error: "), "{args:?}: {stderr:?}");
-        assert!(lines[0].contains(want), "{args:?}: {stderr:?} should say {want:?}");
+        assert!(
+            lines[0].starts_with("mimiq-perf: error: "),
+            "{args:?}: {stderr:?}"
+        );
+        assert!(
+            lines[0].contains(want),
+            "{args:?}: {stderr:?} should say {want:?}"
+        );
     }
 }
 

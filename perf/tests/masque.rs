@@ -15,9 +15,7 @@ fn proxy_url() -> String {
 
 #[test]
 fn connect_ip_carries_ping_and_iperf3_tcp_and_udp_over_ipv4_and_ipv6() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -30,7 +28,15 @@ fn connect_ip_carries_ping_and_iperf3_tcp_and_udp_over_ipv4_and_ipv6() {
     let (mut client, ready) = start_client(
         &mut tb,
         "c",
-        &["ip", "--proxy", &url, "--bind", addr::CLIENT_V4[0], "--tun", "mq0"],
+        &[
+            "ip",
+            "--proxy",
+            &url,
+            "--bind",
+            addr::CLIENT_V4[0],
+            "--tun",
+            "mq0",
+        ],
     )
     .unwrap();
     // One IPv4 and one IPv6 address from the pools (the first hosts after the ICMP source).
@@ -41,11 +47,30 @@ fn connect_ip_carries_ping_and_iperf3_tcp_and_udp_over_ipv4_and_ipv6() {
     ping(&tb, "c", addr::SERVER_V6, 20).unwrap_or_else(|e| panic!("{e}; {}", client.describe()));
 
     let tcp = iperf3(&mut tb, "c", "s", addr::SERVER_V4, 3).unwrap();
-    assert!(tcp.received_bytes > 5_000_000, "TCP over CONNECT-IP moved only {} bytes", tcp.received_bytes);
+    assert!(
+        tcp.received_bytes > 5_000_000,
+        "TCP over CONNECT-IP moved only {} bytes",
+        tcp.received_bytes
+    );
     let tcp6 = iperf3(&mut tb, "c", "s", addr::SERVER_V6, 2).unwrap();
-    assert!(tcp6.received_bytes > 2_000_000, "TCP/IPv6 moved only {} bytes", tcp6.received_bytes);
-    let udp = iperf3_with(&mut tb, "c", "s", addr::SERVER_V4, 2, &["-u", "-b", "20M", "-l", "1200"]).unwrap();
-    assert!(udp.received_bytes > 2_000_000, "UDP over CONNECT-IP: {udp:?}");
+    assert!(
+        tcp6.received_bytes > 2_000_000,
+        "TCP/IPv6 moved only {} bytes",
+        tcp6.received_bytes
+    );
+    let udp = iperf3_with(
+        &mut tb,
+        "c",
+        "s",
+        addr::SERVER_V4,
+        2,
+        &["-u", "-b", "20M", "-l", "1200"],
+    )
+    .unwrap();
+    assert!(
+        udp.received_bytes > 2_000_000,
+        "UDP over CONNECT-IP: {udp:?}"
+    );
 
     let s = proxy.stats_after_interval().unwrap();
     assert_eq!(s["sessions_ip"], 1, "{s}");
@@ -77,7 +102,8 @@ fn echo_server(tb: &Testbed, host: &str, bind: &'static str) {
 fn udp_exchange(tb: &Testbed, host: &str, to: &'static str, count: u32, size: usize) -> u32 {
     tb.run_in(host, move || {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         let mut ok = 0;
         let mut buf = vec![0u8; 65536];
         for i in 0..count {
@@ -97,9 +123,7 @@ fn udp_exchange(tb: &Testbed, host: &str, to: &'static str, count: u32, size: us
 
 #[test]
 fn connect_udp_exchanges_datagrams_with_a_target() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -109,7 +133,15 @@ fn connect_udp_exchanges_datagrams_with_a_target() {
     let (mut client, _) = start_client(
         &mut tb,
         "c",
-        &["udp", "--proxy", &url, "--target", "198.18.20.2:7007", "--listen", "127.0.0.1:6000"],
+        &[
+            "udp",
+            "--proxy",
+            &url,
+            "--target",
+            "198.18.20.2:7007",
+            "--listen",
+            "127.0.0.1:6000",
+        ],
     )
     .unwrap();
     // Small and large payloads (1200 bytes fits one datagram).
@@ -124,9 +156,7 @@ fn connect_udp_exchanges_datagrams_with_a_target() {
 
 #[test]
 fn a_client_that_migrates_every_200_ms_keeps_its_tunnel_through_a_tcp_transfer() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -136,17 +166,36 @@ fn a_client_that_migrates_every_200_ms_keeps_its_tunnel_through_a_tcp_transfer()
     let (mut client, _) = start_client(
         &mut tb,
         "c",
-        &["ip", "--proxy", &url, "--bind", &binds, "--tun", "mq0", "--hop-every-ms", "200"],
+        &[
+            "ip",
+            "--proxy",
+            &url,
+            "--bind",
+            &binds,
+            "--tun",
+            "mq0",
+            "--hop-every-ms",
+            "200",
+        ],
     )
     .unwrap();
-    let run = iperf3(&mut tb, "c", "s", addr::SERVER_V4, 5)
-        .unwrap_or_else(|e| panic!("{e}; client {}; proxy {}", client.describe(), proxy.proc.describe()));
+    let run = iperf3(&mut tb, "c", "s", addr::SERVER_V4, 5).unwrap_or_else(|e| {
+        panic!(
+            "{e}; client {}; proxy {}",
+            client.describe(),
+            proxy.proc.describe()
+        )
+    });
     let s = proxy.stats_after_interval().unwrap();
     let c = stop_client(&mut client).unwrap();
     assert!(run.received_bytes > 2_000_000, "{run:?}; {c}");
     let hops = c["hops_done"].as_u64().unwrap();
     // ~25 hops in 5 s of transfer (plus the setup); a few may still be validating at the end.
-    assert!(hops >= 15, "only {hops} hops: {c}; proxy {s}; {}", client.describe());
+    assert!(
+        hops >= 15,
+        "only {hops} hops: {c}; proxy {s}; {}",
+        client.describe()
+    );
     assert!(c["hops_failed"].as_u64().unwrap() <= 1, "{c}");
     // The proxy saw the address changes on one connection and one session: the tunnel stayed.
     assert!(s["peer_migrations"].as_u64().unwrap() >= hops - 1, "{s}");
@@ -157,9 +206,7 @@ fn a_client_that_migrates_every_200_ms_keeps_its_tunnel_through_a_tcp_transfer()
 
 #[test]
 fn nested_proxies_carry_connect_udp_and_connect_ip() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     // client (c) → proxy A (p) → proxy B (on s) → target (s). The inner client's QUIC connection
     // to B runs through an outer CONNECT-UDP session to A.
     let mut tb = Testbed::new().unwrap();
@@ -167,21 +214,38 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     let a = ProxyProc::start(&mut tb, "p", dir_a.path(), "0.0.0.0:4433", "").unwrap();
-    let b_ip = "[ip]\ntun = \"mqb0\"\npool_v4 = \"198.18.201.0/24\"\nicmp_source_v4 = \"198.18.201.1\"\n";
+    let b_ip =
+        "[ip]\ntun = \"mqb0\"\npool_v4 = \"198.18.201.0/24\"\nicmp_source_v4 = \"198.18.201.1\"\n";
     let b = ProxyProc::start(&mut tb, "s", dir_b.path(), "198.18.20.2:4434", b_ip).unwrap();
     echo_server(&tb, "s", "198.18.20.2:7007");
     let url = proxy_url();
     let (mut outer, _) = start_client(
         &mut tb,
         "c",
-        &["udp", "--proxy", &url, "--target", "198.18.20.2:4434", "--listen", "127.0.0.1:5000"],
+        &[
+            "udp",
+            "--proxy",
+            &url,
+            "--target",
+            "198.18.20.2:4434",
+            "--listen",
+            "127.0.0.1:5000",
+        ],
     )
     .unwrap();
     // CONNECT-UDP inside CONNECT-UDP.
     let (mut inner_udp, _) = start_client(
         &mut tb,
         "c",
-        &["udp", "--proxy", "127.0.0.1:5000", "--target", "198.18.20.2:7007", "--listen", "127.0.0.1:6001"],
+        &[
+            "udp",
+            "--proxy",
+            "127.0.0.1:5000",
+            "--target",
+            "198.18.20.2:7007",
+            "--listen",
+            "127.0.0.1:6001",
+        ],
     )
     .unwrap();
     assert_eq!(udp_exchange(&tb, "c", "127.0.0.1:6001", 100, 200), 100);
@@ -190,7 +254,15 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
     let (mut inner_ip, ready) = start_client(
         &mut tb,
         "c",
-        &["ip", "--proxy", "127.0.0.1:5000", "--tun", "mqin0", "--route", "198.18.20.2/32"],
+        &[
+            "ip",
+            "--proxy",
+            "127.0.0.1:5000",
+            "--tun",
+            "mqin0",
+            "--route",
+            "198.18.20.2/32",
+        ],
     )
     .unwrap();
     assert!(ready.contains("198.18.201."), "{ready}");
@@ -210,13 +282,18 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
 
 #[test]
 fn missing_or_wrong_tokens_get_407_and_403_and_no_tunnel() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "tokens = [\"s3cret\"]\n").unwrap();
+    let proxy = ProxyProc::start(
+        &mut tb,
+        "p",
+        dir.path(),
+        "0.0.0.0:4433",
+        "tokens = [\"s3cret\"]\n",
+    )
+    .unwrap();
     let url = proxy_url();
     let bin = mimiq_perf::testbed::bin_path("mimiq-proxy").unwrap();
     let bin = bin.to_str().unwrap();
@@ -228,12 +305,23 @@ fn missing_or_wrong_tokens_get_407_and_403_and_no_tunnel() {
         let out = tb.exec("c", &cmd).unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains(&format!("HTTP {status}")), "token {token:?}: {err}");
+        assert!(
+            err.contains(&format!("HTTP {status}")),
+            "token {token:?}: {err}"
+        );
         // No tunnel device was left behind.
         let links = tb.exec("c", &["ip", "link", "show", "mq0"]).unwrap();
-        assert!(!links.status.success(), "mq0 exists after a refused request");
+        assert!(
+            !links.status.success(),
+            "mq0 exists after a refused request"
+        );
     }
-    let (mut ok, ready) = start_client(&mut tb, "c", &["ip", "--proxy", &url, "--tun", "mq0", "--token", "s3cret"]).unwrap();
+    let (mut ok, ready) = start_client(
+        &mut tb,
+        "c",
+        &["ip", "--proxy", &url, "--tun", "mq0", "--token", "s3cret"],
+    )
+    .unwrap();
     assert!(ready.contains("198.18.200."), "{ready}");
     let s = proxy.stats_after_interval().unwrap();
     assert_eq!(s["refused"]["407"], 1, "{s}");

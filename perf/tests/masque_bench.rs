@@ -7,11 +7,13 @@ use mimiq_perf::testbed::require_root;
 
 #[test]
 fn masque_bench_measures_framing_mtu_and_throughput_for_both_tunnels() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     // One congestion control keeps it short; the bench's default runs each bulk run twice.
-    let params = Params { seconds: 1, congestion: vec!["cubic".into()], ..Params::default() };
+    let params = Params {
+        seconds: 1,
+        congestion: vec!["cubic".into()],
+        ..Params::default()
+    };
     let (r, md) = compare(&params, &mut |_| {}).unwrap();
     // Every size in both directions was seen once inside and once outside per exchange, and the
     // smallest framing (no ACK riding along) fits the formula's worst case.

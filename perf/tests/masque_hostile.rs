@@ -43,10 +43,9 @@ const FLOOD: Duration = Duration::from_secs(3);
 const RSS_GROWTH_LIMIT_KB: u64 = 32 * 1024;
 
 #[test]
-fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_while_others_are_served() {
-    if !require_root() {
-        return;
-    }
+fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_while_others_are_served(
+) {
+    require_root();
     let started = Instant::now();
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
@@ -58,19 +57,33 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
         addr::POOL_V6
     );
     let mut proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", &ip).unwrap();
-    echo_server(&tb, "s", SocketAddr::new(addr::SERVER_V4.parse().unwrap(), ECHO_PORT));
+    echo_server(
+        &tb,
+        "s",
+        SocketAddr::new(addr::SERVER_V4.parse().unwrap(), ECHO_PORT),
+    );
 
     // The client host's kernel sends nothing of its own through the tunnel (router solicitations,
     // link-local chatter): the proxy would count it as spoofed, next to the hostile client's.
-    tb.sysctl("c", "net.ipv6.conf.default.router_solicitations", "0").unwrap();
-    tb.sysctl("c", "net.ipv6.conf.default.addr_gen_mode", "1").unwrap();
+    tb.sysctl("c", "net.ipv6.conf.default.router_solicitations", "0")
+        .unwrap();
+    tb.sysctl("c", "net.ipv6.conf.default.addr_gen_mode", "1")
+        .unwrap();
 
     // The well-behaved client, up before the attack and pinging through it.
     let url = format!("{}:4433", addr::PROXY_V4);
     let (mut good, ready) = start_client(
         &mut tb,
         "c",
-        &["ip", "--proxy", &url, "--bind", addr::CLIENT_V4[0], "--tun", "mq0"],
+        &[
+            "ip",
+            "--proxy",
+            &url,
+            "--bind",
+            addr::CLIENT_V4[0],
+            "--tun",
+            "mq0",
+        ],
     )
     .unwrap();
     assert!(ready.contains("198.18.200."), "{ready}");
@@ -97,8 +110,17 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     let truncated = h.open_ip(&any);
     let zero_id = h.open_ip(&any);
     let cut_by_fin = h.open_ip(&any);
-    let sessions = [greased, empty_request, oversized, truncated, zero_id, cut_by_fin];
-    h.pump_until(Duration::from_secs(5), |h| sessions.iter().all(|s| h.status.contains_key(s)));
+    let sessions = [
+        greased,
+        empty_request,
+        oversized,
+        truncated,
+        zero_id,
+        cut_by_fin,
+    ];
+    h.pump_until(Duration::from_secs(5), |h| {
+        sessions.iter().all(|s| h.status.contains_key(s))
+    });
     for s in sessions {
         assert_eq!(h.status.get(&s), Some(&200), "stream {s}: {:?}", h.status);
     }
@@ -116,7 +138,11 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     h.send_body(empty_request, &[0x02, 0x00], false);
     // ADDRESS_REQUEST whose Length (1 000 000, a 4-byte varint) is past any bound the proxy keeps:
     // it is refused before any of the value is buffered.
-    h.send_body(oversized, &[0x02, 0x80, 0x0f, 0x42, 0x40, 0x01, 0x04], false);
+    h.send_body(
+        oversized,
+        &[0x02, 0x80, 0x0f, 0x42, 0x40, 0x01, 0x04],
+        false,
+    );
     // ADDRESS_REQUEST of Length 5 that ends inside its IPv4 address: Request ID 1, IP Version 4,
     // three of the four address bytes.
     h.send_body(truncated, &[0x02, 0x05, 0x01, 0x04, 198, 18, 200], false);
@@ -125,13 +151,19 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     // The first bytes of an ADDRESS_REQUEST (Length 7, one byte of value), then FIN.
     h.send_body(cut_by_fin, &[0x02, 0x07, 0x01], true);
     let malformed = [empty_request, oversized, truncated, zero_id, cut_by_fin];
-    h.pump_until(Duration::from_secs(5), |h| malformed.iter().all(|s| h.resets.contains_key(s)));
+    h.pump_until(Duration::from_secs(5), |h| {
+        malformed.iter().all(|s| h.resets.contains_key(s))
+    });
 
     //= https://www.rfc-editor.org/rfc/rfc9297#section-3.2
     //# Endpoints that receive a Capsule with an unknown Capsule Type MUST
     //# silently drop that Capsule and skip over it to parse the next
     //# Capsule.
-    assert!(!h.resets.contains_key(&greased), "an unknown capsule reset its stream: {:?}", h.resets);
+    assert!(
+        !h.resets.contains_key(&greased),
+        "an unknown capsule reset its stream: {:?}",
+        h.resets
+    );
     //= https://www.rfc-editor.org/rfc/rfc9297#section-3.3
     //# When a receiver encounters an error processing the Capsule Protocol,
     //# the receiver MUST treat it as if it had received a malformed or
@@ -149,7 +181,12 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     //# Malformed requests or responses that are
     //# detected MUST be treated as a stream error of type H3_MESSAGE_ERROR.
     for s in malformed {
-        assert_eq!(h.resets.get(&s), Some(&H3_MESSAGE_ERROR), "stream {s}: {:?}", h.resets);
+        assert_eq!(
+            h.resets.get(&s),
+            Some(&H3_MESSAGE_ERROR),
+            "stream {s}: {:?}",
+            h.resets
+        );
     }
 
     // ---- Datagrams: two healthy sessions, one scoped to the echo server ----
@@ -173,21 +210,41 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     let hello = ipv4_udp(a4, server4, ECHO_PORT, b"hostile hello", true);
     h.send_datagram(q_scoped, 0, &hello);
     // Context ID 5 (never registered) in front of a packet that would otherwise be forwarded.
-    h.send_datagram(q_scoped, 5, &ipv4_udp(a4, server4, ECHO_PORT, b"context 5", true));
+    h.send_datagram(
+        q_scoped,
+        5,
+        &ipv4_udp(a4, server4, ECHO_PORT, b"context 5", true),
+    );
     // A Quarter Stream ID and nothing else: no Context ID.
     h.send_raw_datagram(&encode_varint(q_scoped));
     // A stream that was never opened (client bidi stream 400) and one whose session was reset.
-    h.send_datagram(100, 0, &ipv4_udp(a4, server4, ECHO_PORT, b"no stream", true));
-    h.send_datagram(empty_request / 4, 0, &ipv4_udp(a4, server4, ECHO_PORT, b"reset", true));
+    h.send_datagram(
+        100,
+        0,
+        &ipv4_udp(a4, server4, ECHO_PORT, b"no stream", true),
+    );
+    h.send_datagram(
+        empty_request / 4,
+        0,
+        &ipv4_udp(a4, server4, ECHO_PORT, b"reset", true),
+    );
     // Spoofed sources: addresses of the pool that are not this session's.
-    h.send_datagram(q_scoped, 0, &ipv4_udp(any_v4, server4, ECHO_PORT, b"spoofed", true));
+    h.send_datagram(
+        q_scoped,
+        0,
+        &ipv4_udp(any_v4, server4, ECHO_PORT, b"spoofed", true),
+    );
     let other6: Ipv6Addr = "fd00:200::99".parse().unwrap();
     h.send_datagram(q_any, 0, &ipv6_udp(other6, server6, ECHO_PORT, b"spoofed6"));
     // Out of scope: the scoped session to another host, over IPv4 and IPv6.
     let oos4 = ipv4_udp(a4, outside4, ECHO_PORT, b"out of scope", true);
     h.send_datagram(q_scoped, 0, &oos4);
     let a6_scoped = h.v6(s_scoped);
-    h.send_datagram(q_scoped, 0, &ipv6_udp(a6_scoped, server6, ECHO_PORT, b"out of scope 6"));
+    h.send_datagram(
+        q_scoped,
+        0,
+        &ipv6_udp(a6_scoped, server6, ECHO_PORT, b"out of scope 6"),
+    );
     // Oversize: 1300-byte packets (they fit a QUIC datagram, not the 1280-byte tunnel).
     let big = vec![0xab; 1300 - 28];
     let big4_df = ipv4_udp(a4, server4, ECHO_PORT, &big, true);
@@ -196,7 +253,9 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     let big6 = ipv6_udp(a6, server6, ECHO_PORT, &vec![0xcd; 1300 - 48]);
     h.send_datagram(q_any, 0, &big6);
     let expect_from_proxy = 5; // the echo and four ICMP errors
-    h.pump_until(Duration::from_secs(5), |h| h.dgrams.len() >= expect_from_proxy);
+    h.pump_until(Duration::from_secs(5), |h| {
+        h.dgrams.len() >= expect_from_proxy
+    });
     // Anything more (an answer to a dropped packet) would arrive within this.
     h.pump(Duration::from_millis(300));
 
@@ -224,9 +283,17 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     assert_eq!(kinds.get("icmp4_prohibited"), Some(&1), "{kinds:?}");
     assert_eq!(kinds.get("icmp6_prohibited"), Some(&1), "{kinds:?}");
     let unreachable = &by_kind["icmp4_prohibited"][0];
-    assert_eq!(&unreachable[12..16], &ICMP_SOURCE_V4.octets(), "ICMP source");
+    assert_eq!(
+        &unreachable[12..16],
+        &ICMP_SOURCE_V4.octets(),
+        "ICMP source"
+    );
     assert_eq!(&unreachable[16..20], &a4.octets(), "ICMP destination");
-    assert_eq!(&unreachable[28..48], &oos4[..20], "the ICMP error quotes the packet");
+    assert_eq!(
+        &unreachable[28..48],
+        &oos4[..20],
+        "the ICMP error quotes the packet"
+    );
     //= https://www.rfc-editor.org/rfc/rfc9484#section-10.1
     //# In this scenario, the endpoint SHOULD drop the IP packet and send an
     //# ICMP Packet Too Big message to the sender of the dropped packet; see
@@ -234,9 +301,15 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     assert_eq!(kinds.get("icmp4_too_big"), Some(&1), "{kinds:?}");
     assert_eq!(kinds.get("icmp6_too_big"), Some(&1), "{kinds:?}");
     let frag_needed = &by_kind["icmp4_too_big"][0];
-    assert_eq!(u16::from_be_bytes([frag_needed[26], frag_needed[27]]) as usize, TUNNEL_MTU);
+    assert_eq!(
+        u16::from_be_bytes([frag_needed[26], frag_needed[27]]) as usize,
+        TUNNEL_MTU
+    );
     let ptb = &by_kind["icmp6_too_big"][0];
-    assert_eq!(u32::from_be_bytes([ptb[44], ptb[45], ptb[46], ptb[47]]) as usize, TUNNEL_MTU);
+    assert_eq!(
+        u32::from_be_bytes([ptb[44], ptb[45], ptb[46], ptb[47]]) as usize,
+        TUNNEL_MTU
+    );
     assert_eq!(replies.len(), 5, "{kinds:?}");
 
     let after = proxy.stats_after_interval().unwrap();
@@ -325,9 +398,19 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
         f(&["dgram_recv_queue_full"]),
         h.conn.stats().lost
     );
-    assert!(proxy.proc.try_status().is_none(), "the proxy died: {}", proxy.proc.describe());
-    assert!(flood_sent > 10_000, "the flood sent only {flood_sent} datagrams");
-    assert!(during >= 10, "the real client got {during}/20 pings through during the flood");
+    assert!(
+        proxy.proc.try_status().is_none(),
+        "the proxy died: {}",
+        proxy.proc.describe()
+    );
+    assert!(
+        flood_sent > 10_000,
+        "the flood sent only {flood_sent} datagrams"
+    );
+    assert!(
+        during >= 10,
+        "the real client got {during}/20 pings through during the flood"
+    );
     // Every flood datagram that reached the proxy was read and counted, or counted as dropped at
     // the bounded receive queue (a packet lost on the way carried at most ~40 of them).
     let reached = f(&["dgram_rx"]) + f(&["dgram_recv_queue_full"]);
@@ -337,11 +420,17 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
         "{flood_sent} flood datagrams sent, {reached} received or counted as dropped: {flooded}"
     );
     let hit = f(&["ip_drops", "out_of_scope"]);
-    assert!(hit > 0 && hit <= flood_sent, "{hit} of {flood_sent} counted: {flooded}");
+    assert!(
+        hit > 0 && hit <= flood_sent,
+        "{hit} of {flood_sent} counted: {flooded}"
+    );
     // Every datagram refused got its ICMP error built; each was sent or counted as a drop
     // at the bounded send queue.
     assert_eq!(f(&["icmp_errors"]), hit, "{flooded}");
-    assert!(f(&["dgram_tx"]) + f(&["dgram_queue_full"]) >= hit, "{flooded}");
+    assert!(
+        f(&["dgram_tx"]) + f(&["dgram_queue_full"]) >= hit,
+        "{flooded}"
+    );
     assert!(flood_back <= f(&["dgram_tx"]), "{flooded}");
     assert_all_datagrams_accounted(&after, &flooded);
     assert!(
@@ -354,7 +443,10 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     for (what, bytes) in [
         ("no Quarter Stream ID", Vec::new()),
         // 2^62-1 in an 8-byte varint, then Context ID 0.
-        ("Quarter Stream ID above 2^60-1", vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00]),
+        (
+            "Quarter Stream ID above 2^60-1",
+            vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00],
+        ),
     ] {
         let sock = tb
             .run_in("c", || UdpSocket::bind(format!("{HOSTILE_V4}:0")))
@@ -363,8 +455,13 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
         let mut bad = Hostile::connect(sock, proxy_addr);
         bad.pump_until(Duration::from_secs(5), |h| h.h3.is_some());
         bad.send_raw_datagram(&bytes);
-        bad.pump_until(Duration::from_secs(3), |h| h.conn.is_closed() || h.conn.peer_error().is_some());
-        closed.push((what, bad.conn.peer_error().map(|e| (e.is_app, e.error_code))));
+        bad.pump_until(Duration::from_secs(3), |h| {
+            h.conn.is_closed() || h.conn.peer_error().is_some()
+        });
+        closed.push((
+            what,
+            bad.conn.peer_error().map(|e| (e.is_app, e.error_code)),
+        ));
     }
     //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
     //# Receipt of a QUIC DATAGRAM frame whose payload is too short to allow
@@ -379,16 +476,26 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     }
 
     // ---- After: both clients are served; the hostile one's healthy session still works ----
-    ping(&tb, "c", addr::SERVER_V4, 10).unwrap_or_else(|e| panic!("after the flood: {e}; {}", good.describe()));
+    ping(&tb, "c", addr::SERVER_V4, 10)
+        .unwrap_or_else(|e| panic!("after the flood: {e}; {}", good.describe()));
     ping(&tb, "c", addr::SERVER_V6, 5).unwrap_or_else(|e| panic!("after the flood (IPv6): {e}"));
     h.send_datagram(q_scoped, 0, &hello);
-    h.pump_until(Duration::from_secs(3), |h| h.dgrams.iter().any(|d| is_echo(d)));
-    assert!(h.dgrams.iter().any(|d| is_echo(d)), "the hostile client's healthy session stopped");
+    h.pump_until(Duration::from_secs(3), |h| {
+        h.dgrams.iter().any(|d| is_echo(d))
+    });
+    assert!(
+        h.dgrams.iter().any(|d| is_echo(d)),
+        "the hostile client's healthy session stopped"
+    );
     let end = proxy.stats_after_interval().unwrap();
     assert_eq!(delta(&flooded, &end, &["connections_closed"]), 2, "{end}");
     assert_eq!(delta(&flooded, &end, &["dgram_unknown_stream"]), 2, "{end}");
     assert_eq!(delta(&flooded, &end, &["connections_accepted"]), 2, "{end}");
-    assert_eq!(end["sessions_ip"], before["sessions_ip"].as_u64().unwrap() + sessions_opened, "{end}");
+    assert_eq!(
+        end["sessions_ip"],
+        before["sessions_ip"].as_u64().unwrap() + sessions_opened,
+        "{end}"
+    );
     stop_client(&mut good).unwrap();
     eprintln!("masque_hostile took {:?}", started.elapsed());
 }
@@ -402,7 +509,11 @@ fn assert_all_datagrams_accounted(a: &Value, b: &Value) {
         .map(|m| m.keys().map(|k| d(&["ip_drops", k])).sum())
         .unwrap_or(0);
     let accounted = d(&["tun_tx"]) + d(&["tun_errors"]) + d(&["dgram_unknown_stream"]) + drops;
-    assert_eq!(d(&["dgram_rx"]), accounted, "datagrams received vs accounted for: {b}");
+    assert_eq!(
+        d(&["dgram_rx"]),
+        accounted,
+        "datagrams received vs accounted for: {b}"
+    );
 }
 
 /// `b - a` at a JSON path (a missing value is 0; a map counts its values' sum).
@@ -442,13 +553,17 @@ struct Hostile {
 impl Hostile {
     fn connect(sock: UdpSocket, peer: SocketAddr) -> Hostile {
         let local = sock.local_addr().unwrap();
-        let mut cfg = QuicSettings::default().transport_config(Tls::Client { ca: None }).unwrap();
+        let mut cfg = QuicSettings::default()
+            .transport_config(Tls::Client { ca: None })
+            .unwrap();
         // Any unique ID will do for a test client: the clock's nanoseconds, spread.
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
-        let id: Vec<u8> = (0..quic::CID_LEN).map(|i| (seed >> (i % 16 * 8)) as u8 ^ i as u8).collect();
+        let id: Vec<u8> = (0..quic::CID_LEN)
+            .map(|i| (seed >> (i % 16 * 8)) as u8 ^ i as u8)
+            .collect();
         let scid = quiche::ConnectionId::from_vec(id);
         let conn = quiche::connect(Some("proxy"), &scid, local, peer, &mut cfg).unwrap();
         Hostile {
@@ -484,7 +599,10 @@ impl Hostile {
     }
 
     fn send_datagram(&mut self, qsid: u64, context_id: u64, payload: &[u8]) {
-        assert!(self.try_send_datagram(qsid, context_id, payload), "datagram refused locally");
+        assert!(
+            self.try_send_datagram(qsid, context_id, payload),
+            "datagram refused locally"
+        );
         self.flush();
     }
 
@@ -572,11 +690,17 @@ impl Hostile {
                 .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
                 .unwrap();
             if let Ok((n, from)) = self.sock.recv_from(&mut self.buf) {
-                let info = quiche::RecvInfo { from, to: self.local };
+                let info = quiche::RecvInfo {
+                    from,
+                    to: self.local,
+                };
                 let _ = self.conn.recv(&mut self.buf[..n], info);
                 self.sock.set_nonblocking(true).unwrap();
                 while let Ok((n, from)) = self.sock.recv_from(&mut self.buf) {
-                    let info = quiche::RecvInfo { from, to: self.local };
+                    let info = quiche::RecvInfo {
+                        from,
+                        to: self.local,
+                    };
                     let _ = self.conn.recv(&mut self.buf[..n], info);
                 }
                 self.sock.set_nonblocking(false).unwrap();
@@ -588,7 +712,8 @@ impl Hostile {
 
     fn events(&mut self) {
         if self.h3.is_none() && self.conn.is_established() {
-            self.h3 = Some(quiche::h3::Connection::with_transport(&mut self.conn, &self.h3cfg).unwrap());
+            self.h3 =
+                Some(quiche::h3::Connection::with_transport(&mut self.conn, &self.h3cfg).unwrap());
         }
         if let Some(h3) = self.h3.as_mut() {
             loop {
@@ -603,7 +728,10 @@ impl Hostile {
                             if n == 0 {
                                 break;
                             }
-                            self.body.entry(sid).or_default().extend_from_slice(&self.buf[..n]);
+                            self.body
+                                .entry(sid)
+                                .or_default()
+                                .extend_from_slice(&self.buf[..n]);
                         }
                     }
                     Ok((sid, quiche::h3::Event::Reset(code))) => {
@@ -656,7 +784,13 @@ fn is_echo(p: &[u8]) -> bool {
 }
 
 /// An IPv4 + UDP packet (UDP checksum 0, which IPv4 allows).
-fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, payload: &[u8], dont_fragment: bool) -> Vec<u8> {
+fn ipv4_udp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+    dont_fragment: bool,
+) -> Vec<u8> {
     let total = 20 + 8 + payload.len();
     let mut p = vec![0u8; total];
     p[0] = 0x45;
@@ -729,9 +863,15 @@ fn echo_server(tb: &Testbed, host: &str, bind: SocketAddr) {
 fn ping_answered(tb: &Testbed, addr: &str, count: u32) -> usize {
     let count = count.to_string();
     let out = tb
-        .exec("c", &["ping", "-4", "-c", &count, "-i", "0.1", "-W", "2", addr])
+        .exec(
+            "c",
+            &["ping", "-4", "-c", &count, "-i", "0.1", "-W", "2", addr],
+        )
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("time=")).count()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("time="))
+        .count()
 }
 
 /// Resident memory of a process, kB.

@@ -9,20 +9,30 @@ use mimiq_perf::switch::Switch;
 use mimiq_perf::testbed::{bin_path, require_root, topology, Testbed};
 use mimiq_perf::traffic::{iperf3, ping};
 
-const L2FWD: &[&str] = &["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "50"];
+const L2FWD: &[&str] = &[
+    "--role",
+    "l2fwd",
+    "--port",
+    "p0",
+    "--port",
+    "p1",
+    "--stats-interval-ms",
+    "50",
+];
 const SETTLE: Duration = Duration::from_millis(300);
 
 #[test]
 fn switch_carries_ping_and_iperf3_between_kernel_hosts_and_stopping_it_stops_traffic() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     topology::line(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
 
     // Before the switch runs, h1 cannot reach h2: the switch is the only path.
-    assert!(ping(&tb, "h1", topology::addr::H2_V4, 1).is_err(), "h2 reachable without the switch");
+    assert!(
+        ping(&tb, "h1", topology::addr::H2_V4, 1).is_err(),
+        "h2 reachable without the switch"
+    );
     // Forget the failed ARP resolution, or h1 waits out its retry timer.
     tb.exec_ok("h1", &["ip", "neigh", "flush", "all"]).unwrap();
 
@@ -30,25 +40,44 @@ fn switch_carries_ping_and_iperf3_between_kernel_hosts_and_stopping_it_stops_tra
     let s0 = switch.stats().unwrap();
 
     // ICMP over IPv4 and IPv6 (ARP and neighbour discovery cross the switch too).
-    ping(&tb, "h1", topology::addr::H2_V4, 20).unwrap_or_else(|e| panic!("{e}; {}", switch.proc.describe()));
-    ping(&tb, "h1", topology::addr::H2_V6, 20).unwrap_or_else(|e| panic!("{e}; {}", switch.proc.describe()));
+    ping(&tb, "h1", topology::addr::H2_V4, 20)
+        .unwrap_or_else(|e| panic!("{e}; {}", switch.proc.describe()));
+    ping(&tb, "h1", topology::addr::H2_V6, 20)
+        .unwrap_or_else(|e| panic!("{e}; {}", switch.proc.describe()));
     let s1 = switch.stats_after(SETTLE).unwrap();
     let requests_in = s1.port(0, "rx_packets") - s0.port(0, "rx_packets");
     let requests_out = s1.port(1, "tx_packets") - s0.port(1, "tx_packets");
     let replies_in = s1.port(1, "rx_packets") - s0.port(1, "rx_packets");
     // 40 echo requests and 40 replies plus a few ARP/ND frames; nothing else runs on these hosts.
-    assert!((40..=60).contains(&requests_in), "p0 received {requests_in} frames for 40 pings");
-    assert!((40..=60).contains(&replies_in), "p1 received {replies_in} frames for 40 replies");
-    assert_eq!(requests_in, requests_out, "every frame from h1 left towards h2");
+    assert!(
+        (40..=60).contains(&requests_in),
+        "p0 received {requests_in} frames for 40 pings"
+    );
+    assert!(
+        (40..=60).contains(&replies_in),
+        "p1 received {replies_in} frames for 40 replies"
+    );
+    assert_eq!(
+        requests_in, requests_out,
+        "every frame from h1 left towards h2"
+    );
 
     // A few seconds of TCP with the kernel's own stacks at both ends.
     let run = iperf3(&mut tb, "h1", "h2", topology::addr::H2_V4, 3).unwrap();
-    assert!(run.sent_bytes > 10_000_000, "only {} bytes in 3 s", run.sent_bytes);
+    assert!(
+        run.sent_bytes > 10_000_000,
+        "only {} bytes in 3 s",
+        run.sent_bytes
+    );
     let s2 = switch.stats_after(SETTLE).unwrap();
     let forwarded = s2.port(1, "tx_bytes") - s1.port(1, "tx_bytes");
     // The frames carry the TCP payload plus ~5 % of headers (66 of ~1514 bytes) and the
     // retransmissions: the switch counted what iperf3 moved, not something else.
-    assert!(forwarded >= run.received_bytes, "forwarded {forwarded} < {} received", run.received_bytes);
+    assert!(
+        forwarded >= run.received_bytes,
+        "forwarded {forwarded} < {} received",
+        run.received_bytes
+    );
     assert!(
         forwarded <= run.sent_bytes + run.sent_bytes / 10 + 1_000_000,
         "forwarded {forwarded}, far more than the {} iperf3 sent",
@@ -58,23 +87,35 @@ fn switch_carries_ping_and_iperf3_between_kernel_hosts_and_stopping_it_stops_tra
 
     // Stopping the switch stops the traffic, and its XDP programs are gone.
     let status = switch.proc.stop(Duration::from_secs(10)).unwrap();
-    assert!(status.success(), "clean exit on SIGTERM: {status}; {}", switch.proc.describe());
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status}; {}",
+        switch.proc.describe()
+    );
     let stdout = switch.proc.stdout();
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(last["workers"][0]["ports"][1]["tx_bytes"].as_u64().unwrap() >= s2.port(1, "tx_bytes"));
     // Every UMEM frame came back: free, in the fill rings, or completed.
-    assert_eq!(last["workers"][0]["frames_total"], 2 * 2 * 1024, "2 ports × 2 × ring_size");
+    assert_eq!(
+        last["workers"][0]["frames_total"],
+        2 * 2 * 1024,
+        "2 ports × 2 × ring_size"
+    );
     assert_eq!(last["workers"][0]["frames_unaccounted"], 0, "{last}");
     let links = tb.exec_ok("sw", &["ip", "link", "show"]).unwrap();
-    assert!(!String::from_utf8_lossy(&links.stdout).contains("xdp"), "XDP detached on exit");
-    assert!(ping(&tb, "h1", topology::addr::H2_V4, 2).is_err(), "h2 reachable after the switch stopped");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("xdp"),
+        "XDP detached on exit"
+    );
+    assert!(
+        ping(&tb, "h1", topology::addr::H2_V4, 2).is_err(),
+        "h2 reachable after the switch stopped"
+    );
 }
 
 #[test]
 fn a_queue_already_bound_and_a_missing_interface_are_one_clear_error_line() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     topology::line(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -85,13 +126,18 @@ fn a_queue_already_bound_and_a_missing_interface_are_one_clear_error_line() {
     let second_stats = second_stats.to_str().unwrap();
     let cases: [(&[&str], &str); 2] = [
         (&["--port", "p0", "--port", "p1"], "already in use"),
-        (&["--port", "nosuch0", "--port", "p1"], "interface nosuch0 not found"),
+        (
+            &["--port", "nosuch0", "--port", "p1"],
+            "interface nosuch0 not found",
+        ),
     ];
     for (ports, want) in cases {
         let mut cmd = vec![bin, "run", "--role", "l2fwd", "--stats-path", second_stats];
         cmd.extend_from_slice(ports);
         let mut proc = tb.spawn("sw", &cmd, true).unwrap();
-        let status = proc.wait_timeout(Duration::from_secs(20)).expect("exits by itself");
+        let status = proc
+            .wait_timeout(Duration::from_secs(20))
+            .expect("exits by itself");
         assert!(!status.success());
         let stderr = proc.stderr();
         let lines: Vec<&str> = stderr.lines().collect();
@@ -105,29 +151,58 @@ fn a_queue_already_bound_and_a_missing_interface_are_one_clear_error_line() {
 
 #[test]
 fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
-    let opts = mimiq_perf::testbed::LinkOpts { queues: 2, ..Default::default() };
+    let opts = mimiq_perf::testbed::LinkOpts {
+        queues: 2,
+        ..Default::default()
+    };
     topology::line_with(&mut tb, opts).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let hlog = dir.path().join("s.hlog");
     // The metrics endpoint listens inside the switch's namespace, on its loopback.
     let args = [
-        "--role", "l2fwd", "--port", "p0", "--port", "p1", "--queues", "2", "--cores", "0,1",
-        "--stats-interval-ms", "50", "--hlog-path", hlog.to_str().unwrap(),
-        "--metrics-listen", "127.0.0.1:9464",
+        "--role",
+        "l2fwd",
+        "--port",
+        "p0",
+        "--port",
+        "p1",
+        "--queues",
+        "2",
+        "--cores",
+        "0,1",
+        "--stats-interval-ms",
+        "50",
+        "--hlog-path",
+        hlog.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:9464",
     ];
     let mut switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("s.json")).unwrap();
 
     // Sixteen TCP streams: the sender's queue selection (a flow hash) spreads them over both
     // queues (all on one: a chance of 2 in 65536).
-    let mut server = tb.spawn("h2", &["iperf3", "-s", "-1", "-p", "5201"], false).unwrap();
+    let mut server = tb
+        .spawn("h2", &["iperf3", "-s", "-1", "-p", "5201"], false)
+        .unwrap();
     let mut ok = false;
     for _ in 0..50 {
         let out = tb
-            .exec("h1", &["iperf3", "-c", topology::addr::H2_V4, "-p", "5201", "-t", "2", "-P", "16"])
+            .exec(
+                "h1",
+                &[
+                    "iperf3",
+                    "-c",
+                    topology::addr::H2_V4,
+                    "-p",
+                    "5201",
+                    "-t",
+                    "2",
+                    "-P",
+                    "16",
+                ],
+            )
             .unwrap();
         if out.status.success() {
             ok = true;
@@ -140,14 +215,20 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
     let s = switch.stats_after(SETTLE).unwrap();
     let per_worker = s.port_per_worker(0, "rx_packets");
     assert_eq!(per_worker.len(), 2);
-    assert!(per_worker.iter().all(|&n| n > 100), "both queues carried traffic: {per_worker:?}");
+    assert!(
+        per_worker.iter().all(|&n| n > 100),
+        "both queues carried traffic: {per_worker:?}"
+    );
 
     // Prometheus text, scraped from inside the namespace with a plain HTTP/1.0 request.
     let scrape = tb
         .exec_ok("sw", &["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"])
         .unwrap_or_else(|e| panic!("scrape: {e}"));
     let text = String::from_utf8_lossy(&scrape.stdout);
-    assert!(text.starts_with("HTTP/1.") && text.contains(" 200 "), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.") && text.contains(" 200 "),
+        "{text}"
+    );
     let sample = |name: &str| -> u64 {
         text.lines()
             .filter(|l| l.starts_with(name))
@@ -156,45 +237,92 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
     };
     let metric_rx = sample("mimiq_switch_rx_packets_total{worker=\"0\",queue=\"0\",port=\"p0\"}")
         + sample("mimiq_switch_rx_packets_total{worker=\"1\",queue=\"1\",port=\"p0\"}");
-    assert!(metric_rx >= s.port(0, "rx_packets"), "metrics agree with the stats file");
-    assert!(text.contains("mimiq_switch_drops_total{worker=\"1\",queue=\"1\",reason=\"slow_path_ring_full\"}"));
+    assert!(
+        metric_rx >= s.port(0, "rx_packets"),
+        "metrics agree with the stats file"
+    );
+    assert!(text.contains(
+        "mimiq_switch_drops_total{worker=\"1\",queue=\"1\",reason=\"slow_path_ring_full\"}"
+    ));
 
     // SIGUSR1 appends an interval to the hlog at once, one histogram per worker.
     let count_tags = || {
         let text = std::fs::read_to_string(&hlog).unwrap_or_default();
-        (text.matches("Tag=worker0,").count(), text.matches("Tag=worker1,").count())
+        (
+            text.matches("Tag=worker0,").count(),
+            text.matches("Tag=worker1,").count(),
+        )
     };
     let before = count_tags();
     switch.proc.signal(libc::SIGUSR1);
     std::thread::sleep(Duration::from_millis(200));
     let after = count_tags();
-    assert!(after.0 > before.0 && after.1 > before.1, "{before:?} -> {after:?}");
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "{before:?} -> {after:?}"
+    );
     let status = switch.proc.stop(Duration::from_secs(10)).unwrap();
     assert!(status.success(), "{}", switch.proc.describe());
 }
 
 fn mac_of(tb: &Testbed, host: &str, ifname: &str) -> String {
-    let out = tb.exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")]).unwrap();
+    let out = tb
+        .exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")])
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]
-fn the_xdp_program_leaves_arp_and_own_addresses_to_the_kernel_and_replaces_a_killed_switchs_leftover() {
-    if !require_root() {
-        return;
-    }
+fn the_xdp_program_leaves_arp_and_own_addresses_to_the_kernel_and_replaces_a_killed_switchs_leftover(
+) {
+    require_root();
     let mut tb = Testbed::new().unwrap();
     topology::line(&mut tb).unwrap();
     // The switch host has an address of its own on p0; ARP goes to its kernel, so h1 and h2
     // know each other statically.
     tb.add_addr("sw", "p0", "198.18.0.9/24").unwrap();
     let (mac1, mac2) = (mac_of(&tb, "h1", "eth0"), mac_of(&tb, "h2", "eth0"));
-    tb.exec_ok("h1", &["ip", "neigh", "replace", topology::addr::H2_V4, "lladdr", &mac2, "dev", "eth0"]).unwrap();
-    tb.exec_ok("h2", &["ip", "neigh", "replace", topology::addr::H1_V4, "lladdr", &mac1, "dev", "eth0"]).unwrap();
+    tb.exec_ok(
+        "h1",
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            topology::addr::H2_V4,
+            "lladdr",
+            &mac2,
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    tb.exec_ok(
+        "h2",
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            topology::addr::H1_V4,
+            "lladdr",
+            &mac1,
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let args = [
-        "--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "50",
-        "--kernel-arp", "--kernel-address", "198.18.0.9",
+        "--role",
+        "l2fwd",
+        "--port",
+        "p0",
+        "--port",
+        "p1",
+        "--stats-interval-ms",
+        "50",
+        "--kernel-arp",
+        "--kernel-address",
+        "198.18.0.9",
     ];
     let mut switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("a.json")).unwrap();
     let s0 = switch.stats().unwrap();
@@ -203,45 +331,101 @@ fn the_xdp_program_leaves_arp_and_own_addresses_to_the_kernel_and_replaces_a_kil
     // Ten echo requests went to the kernel; at most some IPv6 housekeeping of h1's reached the
     // switch meanwhile.
     let seen = s1.port(0, "rx_packets") - s0.port(0, "rx_packets");
-    assert!(seen < 5, "the switch saw {seen} frames of the pings to the host");
+    assert!(
+        seen < 5,
+        "the switch saw {seen} frames of the pings to the host"
+    );
     ping(&tb, "h1", topology::addr::H2_V4, 10).unwrap();
     let s2 = switch.stats_after(SETTLE).unwrap();
-    assert!(s2.port(0, "rx_packets") - s1.port(0, "rx_packets") >= 10, "h1 → h2 crosses the switch");
+    assert!(
+        s2.port(0, "rx_packets") - s1.port(0, "rx_packets") >= 10,
+        "h1 → h2 crosses the switch"
+    );
 
     // SIGKILL leaves the program attached; the next switch replaces it and forwards again.
     switch.proc.signal(libc::SIGKILL);
-    switch.proc.wait_timeout(Duration::from_secs(5)).expect("killed");
+    switch
+        .proc
+        .wait_timeout(Duration::from_secs(5))
+        .expect("killed");
     let links = tb.exec_ok("sw", &["ip", "link", "show", "p0"]).unwrap();
-    assert!(String::from_utf8_lossy(&links.stdout).contains("xdp"), "leftover program");
-    assert!(ping(&tb, "h1", topology::addr::H2_V4, 2).is_err(), "nothing forwards while it is dead");
+    assert!(
+        String::from_utf8_lossy(&links.stdout).contains("xdp"),
+        "leftover program"
+    );
+    assert!(
+        ping(&tb, "h1", topology::addr::H2_V4, 2).is_err(),
+        "nothing forwards while it is dead"
+    );
     let mut again = Switch::start(&mut tb, "sw", &args, &dir.path().join("b.json")).unwrap();
-    ping(&tb, "h1", topology::addr::H2_V4, 5).unwrap_or_else(|e| panic!("{e}; {}", again.proc.describe()));
+    ping(&tb, "h1", topology::addr::H2_V4, 5)
+        .unwrap_or_else(|e| panic!("{e}; {}", again.proc.describe()));
     let status = again.proc.stop(Duration::from_secs(10)).unwrap();
     assert!(status.success());
     let links = tb.exec_ok("sw", &["ip", "link", "show"]).unwrap();
-    assert!(!String::from_utf8_lossy(&links.stdout).contains("xdp"), "detached on a clean stop");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("xdp"),
+        "detached on a clean stop"
+    );
 }
 
 #[test]
 fn the_impair_stage_delays_by_the_configured_time_and_drops_the_configured_fraction() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     topology::line(&mut tb).unwrap();
     // Static neighbours and no IPv6 housekeeping: a lost ARP or router solicitation would blur
     // the loss count, which must add up exactly.
     for host in ["h1", "h2"] {
-        tb.sysctl(host, "net.ipv6.conf.all.disable_ipv6", "1").unwrap();
+        tb.sysctl(host, "net.ipv6.conf.all.disable_ipv6", "1")
+            .unwrap();
     }
     let (mac1, mac2) = (mac_of(&tb, "h1", "eth0"), mac_of(&tb, "h2", "eth0"));
-    tb.exec_ok("h1", &["ip", "neigh", "replace", topology::addr::H2_V4, "lladdr", &mac2, "dev", "eth0"]).unwrap();
-    tb.exec_ok("h2", &["ip", "neigh", "replace", topology::addr::H1_V4, "lladdr", &mac1, "dev", "eth0"]).unwrap();
+    tb.exec_ok(
+        "h1",
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            topology::addr::H2_V4,
+            "lladdr",
+            &mac2,
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    tb.exec_ok(
+        "h2",
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            topology::addr::H1_V4,
+            "lladdr",
+            &mac1,
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
 
     // 10 ms each way: RTT 20 ms, within well under a millisecond.
-    let delayed = ["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "50",
-        "--impair", "p0:delay_us=10000", "--impair", "p1:delay_us=10000"];
+    let delayed = [
+        "--role",
+        "l2fwd",
+        "--port",
+        "p0",
+        "--port",
+        "p1",
+        "--stats-interval-ms",
+        "50",
+        "--impair",
+        "p0:delay_us=10000",
+        "--impair",
+        "p1:delay_us=10000",
+    ];
     let mut switch = Switch::start(&mut tb, "sw", &delayed, &dir.path().join("a.json")).unwrap();
     // The undelayed path adds ~0.2 ms. When the two cores are busy with other work (another
     // test's iperf3, say), a woken worker waits for the scheduler (up to a time slice) before it
@@ -268,11 +452,34 @@ fn the_impair_stage_delays_by_the_configured_time_and_drops_the_configured_fract
     switch.proc.stop(Duration::from_secs(10));
 
     // 20 % loss towards h2: every lost echo request is a counted drop, and the fraction holds.
-    let lossy = ["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "50",
-        "--impair", "p1:loss=0.2,seed=42"];
+    let lossy = [
+        "--role",
+        "l2fwd",
+        "--port",
+        "p0",
+        "--port",
+        "p1",
+        "--stats-interval-ms",
+        "50",
+        "--impair",
+        "p1:loss=0.2,seed=42",
+    ];
     let switch = Switch::start(&mut tb, "sw", &lossy, &dir.path().join("b.json")).unwrap();
     let out = tb
-        .exec("h1", &["ping", "-c", "500", "-i", "0.002", "-W", "1", "-q", topology::addr::H2_V4])
+        .exec(
+            "h1",
+            &[
+                "ping",
+                "-c",
+                "500",
+                "-i",
+                "0.002",
+                "-W",
+                "1",
+                "-q",
+                topology::addr::H2_V4,
+            ],
+        )
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let received: u64 = text

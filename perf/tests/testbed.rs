@@ -15,9 +15,7 @@ fn namespaces_of(id: &str) -> Vec<String> {
 
 #[test]
 fn teardown_removes_namespaces_links_and_processes() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
     topology::bridge(&mut tb).unwrap();
     let id = tb.id().to_string();
@@ -29,15 +27,15 @@ fn teardown_removes_namespaces_links_and_processes() {
     drop(tb);
     assert!(namespaces_of(&id).is_empty(), "no namespace left");
     // The testbed killed the process with its namespace; the handle only reaps it.
-    let status = sleeper.wait_timeout(Duration::from_secs(5)).expect("process killed");
+    let status = sleeper
+        .wait_timeout(Duration::from_secs(5))
+        .expect("process killed");
     assert!(!status.success());
 }
 
 #[test]
 fn a_panic_in_the_middle_of_a_test_still_tears_everything_down() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let (tx, rx) = std::sync::mpsc::channel();
     let result = std::thread::spawn(move || {
         let mut tb = Testbed::new().unwrap();
@@ -45,27 +43,56 @@ fn a_panic_in_the_middle_of_a_test_still_tears_everything_down() {
         tb.add_host("b").unwrap();
         tx.send(tb.id().to_string()).unwrap();
         // Half-built: one link, then a failure.
-        tb.add_link(("a", "x0"), ("b", "x0"), Default::default()).unwrap();
+        tb.add_link(("a", "x0"), ("b", "x0"), Default::default())
+            .unwrap();
         panic!("deliberate panic halfway through building a topology");
     })
     .join();
     assert!(result.is_err(), "the thread panicked");
     let id = rx.recv().unwrap();
-    assert!(namespaces_of(&id).is_empty(), "namespaces of {id} removed during unwinding");
+    assert!(
+        namespaces_of(&id).is_empty(),
+        "namespaces of {id} removed during unwinding"
+    );
 }
 
 #[test]
 fn two_topologies_built_at_once_do_not_collide() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let build_and_ping = || {
         std::thread::spawn(|| {
             let mut tb = Testbed::new()?;
-            topology::bridge(&mut tb).map_err(|e| e.to_string()).unwrap();
+            topology::bridge(&mut tb)
+                .map_err(|e| e.to_string())
+                .unwrap();
             // Same addresses in both testbeds: they are separate networks.
-            tb.exec_ok("h1", &["ping", "-c", "3", "-i", "0.2", "-W", "2", topology::addr::H2_V4])?;
-            tb.exec_ok("h2", &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", topology::addr::H1_V6])?;
+            tb.exec_ok(
+                "h1",
+                &[
+                    "ping",
+                    "-c",
+                    "3",
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "2",
+                    topology::addr::H2_V4,
+                ],
+            )?;
+            tb.exec_ok(
+                "h2",
+                &[
+                    "ping",
+                    "-6",
+                    "-c",
+                    "3",
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "2",
+                    topology::addr::H1_V6,
+                ],
+            )?;
             Ok::<String, TestbedError>(tb.id().to_string())
         })
     };
@@ -78,16 +105,29 @@ fn two_topologies_built_at_once_do_not_collide() {
 
 #[test]
 fn bad_names_and_addresses_are_refused_with_an_error() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut tb = Testbed::new().unwrap();
-    assert!(matches!(tb.add_host("Bad_Name"), Err(TestbedError::BadHostName(_))));
-    assert!(matches!(tb.add_host("waytoolonghostname"), Err(TestbedError::BadHostName(_))));
+    assert!(matches!(
+        tb.add_host("Bad_Name"),
+        Err(TestbedError::BadHostName(_))
+    ));
+    assert!(matches!(
+        tb.add_host("waytoolonghostname"),
+        Err(TestbedError::BadHostName(_))
+    ));
     tb.add_host("a").unwrap();
-    assert!(matches!(tb.add_addr("a", "lo", "10.1.2.3/24"), Err(TestbedError::BadAddress(_))));
-    assert!(matches!(tb.add_addr("zz", "lo", "198.18.0.1/24"), Err(TestbedError::UnknownHost(_))));
+    assert!(matches!(
+        tb.add_addr("a", "lo", "10.1.2.3/24"),
+        Err(TestbedError::BadAddress(_))
+    ));
+    assert!(matches!(
+        tb.add_addr("zz", "lo", "198.18.0.1/24"),
+        Err(TestbedError::UnknownHost(_))
+    ));
     let err = tb.add_addr("a", "nosuch0", "198.18.0.1/24").unwrap_err();
     assert!(matches!(err, TestbedError::Command { .. }), "{err}");
-    assert!(err.to_string().contains("nosuch0"), "the error names the command: {err}");
+    assert!(
+        err.to_string().contains("nosuch0"),
+        "the error names the command: {err}"
+    );
 }

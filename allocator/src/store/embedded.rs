@@ -23,7 +23,10 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{decode_epoch, decode_lease, encode_epoch, encode_lease, hex, ip_key, CommitError, LoadError, OpenError, Store};
+use super::{
+    decode_epoch, decode_lease, encode_epoch, encode_lease, hex, ip_key, CommitError, LoadError,
+    OpenError, Store,
+};
 use crate::lease::{JournalOp, Lease, Loaded};
 
 const LEASES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leases");
@@ -47,7 +50,10 @@ pub struct RedbStore {
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore").field("journal_len", &self.journal_len).field("folds", &self.folds).finish()
+        f.debug_struct("RedbStore")
+            .field("journal_len", &self.journal_len)
+            .field("folds", &self.folds)
+            .finish()
     }
 }
 
@@ -63,19 +69,37 @@ impl RedbStore {
         let shown = path.display().to_string();
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse(shown.clone()),
-            e => OpenError::Database { path: shown.clone(), reason: e.to_string() },
+            e => OpenError::Database {
+                path: shown.clone(),
+                reason: e.to_string(),
+            },
         })?;
-        let fail = |e: redb::Error| OpenError::Database { path: shown.clone(), reason: e.to_string() };
+        let fail = |e: redb::Error| OpenError::Database {
+            path: shown.clone(),
+            reason: e.to_string(),
+        };
         let tx = db.begin_write().map_err(|e| fail(e.into()))?;
         let (next_seq, journal_len) = {
             tx.open_table(LEASES).map_err(|e| fail(e.into()))?;
             tx.open_table(EPOCHS).map_err(|e| fail(e.into()))?;
             let j = tx.open_table(JOURNAL).map_err(|e| fail(e.into()))?;
-            let last = j.last().map_err(|e| fail(e.into()))?.map(|(k, _)| k.value());
-            (last.map_or(0, |l| l + 1), j.len().map_err(|e| fail(e.into()))?)
+            let last = j
+                .last()
+                .map_err(|e| fail(e.into()))?
+                .map(|(k, _)| k.value());
+            (
+                last.map_or(0, |l| l + 1),
+                j.len().map_err(|e| fail(e.into()))?,
+            )
         };
         tx.commit().map_err(|e| fail(e.into()))?;
-        Ok(RedbStore { db, next_seq, journal_len, fold_ops: fold_ops.max(1), folds: 0 })
+        Ok(RedbStore {
+            db,
+            next_seq,
+            journal_len,
+            fold_ops: fold_ops.max(1),
+            folds: 0,
+        })
     }
 
     /// Folds performed since open.
@@ -144,25 +168,36 @@ impl Store for RedbStore {
         let mut latest: HashMap<IpAddr, Option<Lease>> = HashMap::new();
         for row in journal_t.iter().map_err(|e| dberr(db_err(e)))? {
             let (k, v) = row.map_err(|e| dberr(db_err(e)))?;
-            let corrupt = || LoadError::Corrupt { table: "journal", key: k.value().to_string() };
+            let corrupt = || LoadError::Corrupt {
+                table: "journal",
+                key: k.value().to_string(),
+            };
             let (key, lease) = decode_op(v.value()).ok_or_else(corrupt)?;
             latest.insert(super::ip_from_key(&key).ok_or_else(corrupt)?, lease);
         }
-        let mut leases: Vec<Lease> = Vec::with_capacity(leases_t.len().unwrap_or(0) as usize + latest.len());
+        let mut leases: Vec<Lease> =
+            Vec::with_capacity(leases_t.len().unwrap_or(0) as usize + latest.len());
         for row in leases_t.iter().map_err(|e| dberr(db_err(e)))? {
             let (k, v) = row.map_err(|e| dberr(db_err(e)))?;
-            let lease = decode_lease(k.value(), v.value())
-                .ok_or_else(|| LoadError::Corrupt { table: "leases", key: hex(k.value()) })?;
+            let lease = decode_lease(k.value(), v.value()).ok_or_else(|| LoadError::Corrupt {
+                table: "leases",
+                key: hex(k.value()),
+            })?;
             if !latest.contains_key(&lease.ip) {
                 leases.push(lease);
             }
         }
         leases.extend(latest.into_values().flatten());
-        let mut out = Loaded { leases, epochs: Vec::new() };
+        let mut out = Loaded {
+            leases,
+            epochs: Vec::new(),
+        };
         for row in epochs_t.iter().map_err(|e| dberr(db_err(e)))? {
             let (k, v) = row.map_err(|e| dberr(db_err(e)))?;
-            let e = decode_epoch(k.value(), v.value())
-                .ok_or_else(|| LoadError::Corrupt { table: "alias_epochs", key: k.value().to_string() })?;
+            let e = decode_epoch(k.value(), v.value()).ok_or_else(|| LoadError::Corrupt {
+                table: "alias_epochs",
+                key: k.value().to_string(),
+            })?;
             out.epochs.push(e);
         }
         Ok(out)
@@ -183,14 +218,18 @@ impl Store for RedbStore {
             for op in ops {
                 match op {
                     JournalOp::PutEpoch(e) => {
-                        epochs.insert(e.epoch, encode_epoch(e).as_slice()).map_err(|e| err(db_err(e)))?;
+                        epochs
+                            .insert(e.epoch, encode_epoch(e).as_slice())
+                            .map_err(|e| err(db_err(e)))?;
                     }
                     JournalOp::DeleteEpoch(n) => {
                         epochs.remove(*n).map_err(|e| err(db_err(e)))?;
                     }
                     lease_op => {
                         if let Some(v) = encode_op(lease_op) {
-                            journal.insert(seq, v.as_slice()).map_err(|e| err(db_err(e)))?;
+                            journal
+                                .insert(seq, v.as_slice())
+                                .map_err(|e| err(db_err(e)))?;
                             seq += 1;
                             journal_len += 1;
                         }
@@ -206,7 +245,9 @@ impl Store for RedbStore {
                     let (k, v) = row.map_err(|e| err(db_err(e)))?;
                     match decode_op(v.value()) {
                         Some((key, Some(l))) => {
-                            leases.insert(key.as_slice(), encode_lease(&l).as_slice()).map_err(|e| err(db_err(e)))?;
+                            leases
+                                .insert(key.as_slice(), encode_lease(&l).as_slice())
+                                .map_err(|e| err(db_err(e)))?;
                         }
                         Some((key, None)) => {
                             leases.remove(key.as_slice()).map_err(|e| err(db_err(e)))?;
@@ -264,7 +305,13 @@ mod tests {
             if i % 5 == 3 {
                 ops.push(JournalOp::DeleteLease(ip));
             } else {
-                ops.push(JournalOp::PutLease(Lease { ip, mac: Mac([2, 0, 0, 0, 0, (i % 7) as u8]), sid: 1, assigned_ms: i, expires_ms: i + 10 }));
+                ops.push(JournalOp::PutLease(Lease {
+                    ip,
+                    mac: Mac([2, 0, 0, 0, 0, (i % 7) as u8]),
+                    sid: 1,
+                    assigned_ms: i,
+                    expires_ms: i + 10,
+                }));
             }
         }
         let mut mem = MemStore::new();

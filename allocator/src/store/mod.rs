@@ -89,7 +89,10 @@ impl MemStore {
 
 impl Store for MemStore {
     fn load(&mut self) -> Result<Loaded, LoadError> {
-        Ok(Loaded { leases: self.leases.values().copied().collect(), epochs: self.epochs.values().cloned().collect() })
+        Ok(Loaded {
+            leases: self.leases.values().copied().collect(),
+            epochs: self.epochs.values().cloned().collect(),
+        })
     }
 
     fn commit(&mut self, ops: &[JournalOp]) -> Result<(), CommitError> {
@@ -162,7 +165,13 @@ pub(crate) fn decode_lease(k: &[u8], v: &[u8]) -> Option<Lease> {
     let sid = Sid::from_be_bytes([v[6], v[7]]);
     let assigned_ms = u64::from_be_bytes(v[8..16].try_into().ok()?);
     let expires_ms = u64::from_be_bytes(v[16..24].try_into().ok()?);
-    Some(Lease { ip, mac: Mac(mac), sid, assigned_ms, expires_ms })
+    Some(Lease {
+        ip,
+        mac: Mac(mac),
+        sid,
+        assigned_ms,
+        expires_ms,
+    })
 }
 
 /// Epoch value: start u64 | valid_until u64 | sids u16 | sids × (sid u16 | n u16 | n × u32).
@@ -206,7 +215,12 @@ pub(crate) fn decode_epoch(epoch: u64, v: &[u8]) -> Option<AliasEpoch> {
     if pos != v.len() {
         return None;
     }
-    Some(AliasEpoch { epoch, start_ms, valid_until_ms, aliases })
+    Some(AliasEpoch {
+        epoch,
+        start_ms,
+        valid_until_ms,
+        aliases,
+    })
 }
 
 #[cfg_attr(not(feature = "server"), allow(dead_code))]
@@ -219,14 +233,34 @@ mod tests {
     use super::*;
 
     pub(crate) fn sample_ops() -> (Vec<JournalOp>, Lease, AliasEpoch) {
-        let l1 = Lease { ip: "10.0.0.5".parse().unwrap(), mac: Mac([2, 0, 0, 0, 0, 1]), sid: 1, assigned_ms: 10, expires_ms: 20 };
-        let l2 = Lease { ip: "2001:db8::5".parse().unwrap(), mac: Mac([2, 0, 0, 0, 0, 2]), sid: 2, assigned_ms: 11, expires_ms: 21 };
-        let e = AliasEpoch { epoch: 4, start_ms: 1, valid_until_ms: 2, aliases: vec![(1, vec![9, 10]), (2, vec![])] };
+        let l1 = Lease {
+            ip: "10.0.0.5".parse().unwrap(),
+            mac: Mac([2, 0, 0, 0, 0, 1]),
+            sid: 1,
+            assigned_ms: 10,
+            expires_ms: 20,
+        };
+        let l2 = Lease {
+            ip: "2001:db8::5".parse().unwrap(),
+            mac: Mac([2, 0, 0, 0, 0, 2]),
+            sid: 2,
+            assigned_ms: 11,
+            expires_ms: 21,
+        };
+        let e = AliasEpoch {
+            epoch: 4,
+            start_ms: 1,
+            valid_until_ms: 2,
+            aliases: vec![(1, vec![9, 10]), (2, vec![])],
+        };
         let ops = vec![
             JournalOp::PutLease(l1),
             JournalOp::PutLease(l2),
             JournalOp::PutEpoch(e.clone()),
-            JournalOp::PutEpoch(AliasEpoch { epoch: 3, ..e.clone() }),
+            JournalOp::PutEpoch(AliasEpoch {
+                epoch: 3,
+                ..e.clone()
+            }),
             JournalOp::DeleteEpoch(3),
             JournalOp::DeleteLease(l1.ip),
         ];

@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use mimiq_allocator::lease::{RuleUpdate, Sequenced};
-use mimiq_allocator::proto::{self, AllocRequest, ClientMsg, Relay, RelayInfo, RelayReply, StreamMsg};
+use mimiq_allocator::proto::{
+    self, AllocRequest, ClientMsg, Relay, RelayInfo, RelayReply, StreamMsg,
+};
 use mimiq_allocator::server::wall_ms;
 use mimiq_allocator::{Family, Mac};
 
@@ -16,7 +18,10 @@ pub const ACCESS_KEY: &str = "11111111111111111111111111111111111111111111111111
 pub const EDGE_KEY: &str = "22222222222222222222222222222222222222222222222222222222222222bb";
 
 pub fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 pub fn mac(n: u32) -> Mac {
@@ -35,21 +40,43 @@ pub struct Switch {
 impl Switch {
     pub fn new(allocator: SocketAddr) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(2000))).unwrap();
-        Switch { sock, allocator, key: proto::key(&unhex(ACCESS_KEY)), sid: 1 }
+        sock.set_read_timeout(Some(Duration::from_millis(2000)))
+            .unwrap();
+        Switch {
+            sock,
+            allocator,
+            key: proto::key(&unhex(ACCESS_KEY)),
+            sid: 1,
+        }
     }
 
     pub fn alloc_bytes(&self, txid: u32, mac: Mac, family: Family, count: u8) -> Vec<u8> {
         let mut inner = Vec::new();
-        ClientMsg::AllocRequest(AllocRequest { family, count, nonce: [7; 16] }).emit(txid, &mut inner).unwrap();
+        ClientMsg::AllocRequest(AllocRequest {
+            family,
+            count,
+            nonce: [7; 16],
+        })
+        .emit(txid, &mut inner)
+        .unwrap();
         self.wrap(txid, mac, &inner, wall_ms())
     }
 
     pub fn wrap(&self, txid: u32, mac: Mac, inner: &[u8], ts: u64) -> Vec<u8> {
         let mut out = Vec::new();
-        Relay { txid, info: RelayInfo { sid: self.sid, ingress_port: 1, mac, client_port: 5555 }, timestamp_ms: ts, inner }
-            .emit(&self.key, &mut out)
-            .unwrap();
+        Relay {
+            txid,
+            info: RelayInfo {
+                sid: self.sid,
+                ingress_port: 1,
+                mac,
+                client_port: 5555,
+            },
+            timestamp_ms: ts,
+            inner,
+        }
+        .emit(&self.key, &mut out)
+        .unwrap();
         out
     }
 
@@ -90,9 +117,21 @@ impl Subscriber {
         let mut stream = TcpStream::connect(at).unwrap();
         let key = proto::key(&unhex(secret));
         let mut out = Vec::new();
-        StreamMsg::Hello { switch_id, timestamp_ms: wall_ms() }.emit_frame(&key, &mut out).unwrap();
+        StreamMsg::Hello {
+            switch_id,
+            timestamp_ms: wall_ms(),
+        }
+        .emit_frame(&key, &mut out)
+        .unwrap();
         stream.write_all(&out).unwrap();
-        Subscriber { stream, key, bindings: BTreeMap::new(), epochs: BTreeMap::new(), last_seq: 0, snapshots: 0 }
+        Subscriber {
+            stream,
+            key,
+            bindings: BTreeMap::new(),
+            epochs: BTreeMap::new(),
+            last_seq: 0,
+            snapshots: 0,
+        }
     }
 
     /// Reads one update; None on timeout or end of stream.
@@ -111,7 +150,9 @@ impl Subscriber {
     /// Reads and applies the snapshot (must come first).
     pub fn read_snapshot(&mut self) {
         let first = self.next(Duration::from_secs(5)).expect("snapshot");
-        let RuleUpdate::Snapshot { seq, count } = first.update else { panic!("first message is not a snapshot: {first:?}") };
+        let RuleUpdate::Snapshot { seq, count } = first.update else {
+            panic!("first message is not a snapshot: {first:?}")
+        };
         self.bindings.clear();
         self.epochs.clear();
         for _ in 0..count {
@@ -134,7 +175,12 @@ impl Subscriber {
 
     fn apply(&mut self, u: RuleUpdate) {
         match u {
-            RuleUpdate::BindingAdd { ip, mac, sid, valid_until_ms } => {
+            RuleUpdate::BindingAdd {
+                ip,
+                mac,
+                sid,
+                valid_until_ms,
+            } => {
                 self.bindings.insert(ip, (mac, sid, valid_until_ms));
             }
             RuleUpdate::BindingRemove { ip } => {
@@ -148,7 +194,10 @@ impl Subscriber {
     }
 
     pub fn binding_set(&self) -> BTreeSet<(IpAddr, Mac)> {
-        self.bindings.iter().map(|(ip, (m, _, _))| (*ip, *m)).collect()
+        self.bindings
+            .iter()
+            .map(|(ip, (m, _, _))| (*ip, *m))
+            .collect()
     }
 }
 
@@ -170,7 +219,12 @@ pub fn leases(at: SocketAddr) -> BTreeSet<(IpAddr, Mac)> {
         .map(|l| {
             let mut it = l.split_whitespace();
             let ip: IpAddr = it.next().unwrap().parse().unwrap();
-            let m: Vec<u8> = it.next().unwrap().split(':').map(|x| u8::from_str_radix(x, 16).unwrap()).collect();
+            let m: Vec<u8> = it
+                .next()
+                .unwrap()
+                .split(':')
+                .map(|x| u8::from_str_radix(x, 16).unwrap())
+                .collect();
             (ip, Mac(m.try_into().unwrap()))
         })
         .collect()

@@ -9,7 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use etherparse::PacketBuilder;
 use mimiq_allocator::lease::{RuleUpdate, Sequenced};
 use mimiq_allocator::Mac;
-use mimiq_dataplane::pipeline::mimiq::{Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, V4Prefix};
+use mimiq_dataplane::pipeline::mimiq::{
+    Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, V4Prefix,
+};
 use mimiq_dataplane::pipeline::Pipeline;
 use mimiq_dataplane::port::mem::{MemFrame, MemMemory};
 
@@ -26,12 +28,31 @@ pub fn v4(i: u32) -> Ipv4Addr {
 
 pub fn rules() -> Vec<Sequenced> {
     let mut updates: Vec<RuleUpdate> = (0..BINDINGS)
-        .map(|i| RuleUpdate::BindingAdd { ip: IpAddr::V4(v4(i)), mac: Mac(CLIENT), sid: SID, valid_until_ms: u64::MAX })
+        .map(|i| RuleUpdate::BindingAdd {
+            ip: IpAddr::V4(v4(i)),
+            mac: Mac(CLIENT),
+            sid: SID,
+            valid_until_ms: u64::MAX,
+        })
         .collect();
     // 64k aliases over 16 SIDs... all of them ours (SID 1) for the lookup to succeed.
-    updates.push(RuleUpdate::AliasEpoch { epoch: 1, aliases: vec![(SID, (1..65536).collect())], valid_until_ms: u64::MAX });
-    let mut out = vec![Sequenced { seq: 1, update: RuleUpdate::Snapshot { seq: 1, count: updates.len() as u32 } }];
-    out.extend(updates.into_iter().map(|update| Sequenced { seq: 1, update }));
+    updates.push(RuleUpdate::AliasEpoch {
+        epoch: 1,
+        aliases: vec![(SID, (1..65536).collect())],
+        valid_until_ms: u64::MAX,
+    });
+    let mut out = vec![Sequenced {
+        seq: 1,
+        update: RuleUpdate::Snapshot {
+            seq: 1,
+            count: updates.len() as u32,
+        },
+    }];
+    out.extend(
+        updates
+            .into_iter()
+            .map(|update| Sequenced { seq: 1, update }),
+    );
     out
 }
 
@@ -43,12 +64,19 @@ pub fn edge(rules: &[Sequenced]) -> Edge {
         outside_mac: [2, 0, 0, 0, 0, 0xe2],
         outside_next_hop_mac: Some([2, 0, 0, 0, 0, 0x99]),
         internal: "fd00:ffff::e".parse().unwrap(),
-        access: vec![AccessSwitch { sid: SID, internal: "fd00:ffff::a".parse().unwrap(), mac: [2, 0, 0, 0, 0, 0xa1] }],
+        access: vec![AccessSwitch {
+            sid: SID,
+            internal: "fd00:ffff::a".parse().unwrap(),
+            mac: [2, 0, 0, 0, 0, 0xa1],
+        }],
         v6_prefix: "fd00:1::".parse().unwrap(),
         v6_prefix_len: 64,
         alias_bits: 16,
         alias_k: 4,
-        v4_pools: vec![V4Prefix { addr: Ipv4Addr::new(10, 0, 0, 0), len: 8 }],
+        v4_pools: vec![V4Prefix {
+            addr: Ipv4Addr::new(10, 0, 0, 0),
+            len: 8,
+        }],
     });
     rules.iter().for_each(|r| e.apply(r.clone().into()));
     e.tick(NOW);
@@ -78,19 +106,33 @@ pub fn access(rules: &[Sequenced]) -> Access {
 /// 64-byte frames (with the Ethernet header, without FCS) to `dst` from `src`.
 pub fn udp_v4(src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let mut out = Vec::new();
-    PacketBuilder::ethernet2(src_mac, [2, 0, 0, 0, 0, 1]).ipv4(src.octets(), dst.octets(), 64).udp(1, 2).write(&mut out, &[0; 22]).unwrap();
+    PacketBuilder::ethernet2(src_mac, [2, 0, 0, 0, 0, 1])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(1, 2)
+        .write(&mut out, &[0; 22])
+        .unwrap();
     out
 }
 
 pub fn udp_v6(dst: Ipv6Addr) -> Vec<u8> {
     let mut out = Vec::new();
-    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x99], [2, 0, 0, 0, 0, 0xe2]).ipv6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5], dst.octets(), 64).udp(1, 2).write(&mut out, &[0; 2]).unwrap();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x99], [2, 0, 0, 0, 0, 0xe2])
+        .ipv6(
+            [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+            dst.octets(),
+            64,
+        )
+        .udp(1, 2)
+        .write(&mut out, &[0; 2])
+        .unwrap();
     out
 }
 
 pub fn burst(make: impl Fn(u32) -> Vec<u8>) -> Vec<Vec<u8>> {
     // Destinations spread over the table, so lookups miss the caches as a real mix would.
-    (0..BURST as u32).map(|i| make(i.wrapping_mul(15_485_863) % BINDINGS)).collect()
+    (0..BURST as u32)
+        .map(|i| make(i.wrapping_mul(15_485_863) % BINDINGS))
+        .collect()
 }
 
 pub fn frames(bytes: &[Vec<u8>]) -> Vec<MemFrame> {
@@ -103,12 +145,17 @@ pub fn run<P: Pipeline>(p: &mut P, port: u16, f: &mut [MemFrame]) -> usize {
     verdicts.len()
 }
 
-
 /// The four role workloads and their input bursts: (name, port, frames), with the frames the
 /// edge produces as the access switch's downstream input.
 pub fn workloads(e: &mut Edge) -> Vec<(&'static str, u16, Vec<Vec<u8>>)> {
     let down_v4 = burst(|i| udp_v4([2, 0, 0, 0, 0, 0x99], Ipv4Addr::new(203, 0, 113, 5), v4(i)));
-    let down_v6 = burst(|i| udp_v6(Ipv6Addr::from(0xfd00_0001_0000_0000_0000_0000_0000_0000u128 | (u128::from(i % 65535 + 1) << 48) | 0x10)));
+    let down_v6 = burst(|i| {
+        udp_v6(Ipv6Addr::from(
+            0xfd00_0001_0000_0000_0000_0000_0000_0000u128
+                | (u128::from(i % 65535 + 1) << 48)
+                | 0x10,
+        ))
+    });
     let up = burst(|i| udp_v4(CLIENT, v4(i), Ipv4Addr::new(203, 0, 113, 5)));
     let encapsulated: Vec<Vec<u8>> = down_v4
         .iter()

@@ -219,11 +219,16 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     /// Lends up to `n` free frames to the slow path (marked [`SPARE_FRAME`]), for packets it
     /// originates itself (neighbour solicitations). Returns how many it lent.
     pub fn lend_to_slow_path(&mut self, n: usize) -> usize {
-        let Some(ring) = &mut self.rings.to_slow_path else { return 0 };
+        let Some(ring) = &mut self.rings.to_slow_path else {
+            return 0;
+        };
         let mut lent = 0;
         while lent < n {
             let Some(frame) = self.free.pop() else { break };
-            if let Err(rtrb::PushError::Full(back)) = ring.push(SlowPathFrame { frame, in_port: SPARE_FRAME }) {
+            if let Err(rtrb::PushError::Full(back)) = ring.push(SlowPathFrame {
+                frame,
+                in_port: SPARE_FRAME,
+            }) {
                 self.free.push(back.frame);
                 break;
             }
@@ -247,7 +252,8 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
         // first burst's timing; each burst then costs one read, at its end.
         let mut mark = Instant::now();
         self.now_ns = mark.duration_since(self.epoch).as_nanos() as u64;
-        self.pipeline.tick(self.epoch_wall_ms + self.now_ns / 1_000_000);
+        self.pipeline
+            .tick(self.epoch_wall_ms + self.now_ns / 1_000_000);
         for in_port in 0..self.ports.len() {
             self.rx.clear();
             let n = self.ports[in_port].rx_burst(&mut self.rx, BURST);
@@ -277,7 +283,10 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
                     }
                     Verdict::Forward(_) => DropReason::NoSuchPort,
                     Verdict::ToSlowPath => match &mut self.rings.to_slow_path {
-                        Some(ring) => match ring.push(SlowPathFrame { frame, in_port: in_id }) {
+                        Some(ring) => match ring.push(SlowPathFrame {
+                            frame,
+                            in_port: in_id,
+                        }) {
                             Ok(()) => {
                                 self.counters.to_slow_path += 1;
                                 continue;
@@ -298,11 +307,16 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             self.flush_tx();
             // Receive, process and transmit of this burst (and any empty polls since the last).
             let end = Instant::now();
-            self.burst_ns.saturating_record(end.duration_since(mark).as_nanos() as u64);
+            self.burst_ns
+                .saturating_record(end.duration_since(mark).as_nanos() as u64);
             mark = end;
         }
         received += self.drain_rings();
-        if self.impair.iter().any(|i| matches!(i, Some(s) if s.held() > 0)) {
+        if self
+            .impair
+            .iter()
+            .any(|i| matches!(i, Some(s) if s.held() > 0))
+        {
             self.flush_tx();
         }
         for port in &mut self.ports {
@@ -401,7 +415,8 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
             }
         }
         let in_kernel: usize = self.ports.iter_mut().map(Port::frames_in_kernel).sum();
-        let with_slow_path = self.counters.to_slow_path as i64 - self.counters.from_slow_path as i64;
+        let with_slow_path =
+            self.counters.to_slow_path as i64 - self.counters.from_slow_path as i64;
         self.counters.frames_unaccounted = self.counters.frames_total as i64
             - self.free.len() as i64
             - in_kernel as i64
@@ -445,7 +460,11 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
     fn flush_tx(&mut self) {
         // The pass's clock reading may predate this burst's arrival (a worker preempted between
         // the two would let delayed frames leave early): impair stages read the clock afresh.
-        let now_ns = if self.impair.is_empty() { self.now_ns } else { self.clock_ns() };
+        let now_ns = if self.impair.is_empty() {
+            self.now_ns
+        } else {
+            self.clock_ns()
+        };
         for out in 0..self.tx.len() {
             if let Some(Some(stage)) = self.impair.get_mut(out) {
                 let mut queue = std::mem::take(&mut self.tx[out]);
@@ -538,11 +557,20 @@ mod tests {
 
         let c = w.counters();
         let bytes_a_to_b: u64 = (0..100u64).map(|i| 60 + i).sum();
-        assert_eq!((c.ports[0].rx_packets, c.ports[0].rx_bytes), (100, bytes_a_to_b));
-        assert_eq!((c.ports[1].tx_packets, c.ports[1].tx_bytes), (100, bytes_a_to_b));
+        assert_eq!(
+            (c.ports[0].rx_packets, c.ports[0].rx_bytes),
+            (100, bytes_a_to_b)
+        );
+        assert_eq!(
+            (c.ports[1].tx_packets, c.ports[1].tx_bytes),
+            (100, bytes_a_to_b)
+        );
         assert_eq!((c.ports[1].rx_packets, c.ports[0].tx_packets), (1, 1));
         assert_eq!(c.drops.total(), 0);
-        assert_eq!(c.bursts, 3, "100 frames in bursts of 64 and 36, plus one burst of 1");
+        assert_eq!(
+            c.bursts, 3,
+            "100 frames in bursts of 64 and 36, plus one burst of 1"
+        );
     }
 
     #[test]
@@ -557,7 +585,11 @@ mod tests {
         assert_eq!(c.drops.get(DropReason::Runt), 1);
         assert_eq!(c.drops.get(DropReason::TxRingFull), 20);
         assert_eq!(c.ports[1].tx_packets, 10);
-        assert_eq!(w.ports_mut()[0].take_recycled().len(), 21, "dropped frames are reusable");
+        assert_eq!(
+            w.ports_mut()[0].take_recycled().len(),
+            21,
+            "dropped frames are reusable"
+        );
         assert_eq!(w.ports_mut()[1].take_sent().len(), 10);
     }
 
@@ -567,10 +599,15 @@ mod tests {
         w.ports_mut()[0].inject(frame(7, 64));
         let stop = AtomicBool::new(false);
         let mut published = Vec::new();
-        w.run(&stop, IdleStrategy::Busy, Duration::from_secs(3600), &mut |c, _| {
-            published.push(c.clone());
-            stop.store(true, Ordering::Relaxed);
-        });
+        w.run(
+            &stop,
+            IdleStrategy::Busy,
+            Duration::from_secs(3600),
+            &mut |c, _| {
+                published.push(c.clone());
+                stop.store(true, Ordering::Relaxed);
+            },
+        );
         let last = published.last().expect("published at least once");
         assert_eq!(last.ports[0].rx_packets, 1);
         assert_eq!(last.ports[1].tx_packets, 1);
@@ -619,12 +656,20 @@ mod tests {
         let (slow_tx, slow_rx) = rtrb::RingBuffer::new(slow_ring);
         let (back_tx, back_rx) = rtrb::RingBuffer::new(slow_ring);
         let ports = vec![MemPort::new("a", 1 << 20), MemPort::new("b", 1 << 20)];
-        let w = Worker::new(ports, MemMemory, Vec::new(), Tagger { slow_tag: 0xee, updates_seen: 0 })
-            .with_rings(Rings {
-                updates: vec![update_rx],
-                to_slow_path: Some(slow_tx),
-                from_slow_path: Some(back_rx),
-            });
+        let w = Worker::new(
+            ports,
+            MemMemory,
+            Vec::new(),
+            Tagger {
+                slow_tag: 0xee,
+                updates_seen: 0,
+            },
+        )
+        .with_rings(Rings {
+            updates: vec![update_rx],
+            to_slow_path: Some(slow_tx),
+            from_slow_path: Some(back_rx),
+        });
         (w, (update_tx, slow_rx, back_tx))
     }
 
@@ -639,7 +684,11 @@ mod tests {
         while w.poll_once() > 0 {}
         assert_eq!(w.counters().updates_applied, 3000);
         assert_eq!(w.pipeline().updates_seen, 3000);
-        assert_eq!(w.pipeline().slow_tag, (2999 % 200) as u8, "applied in order");
+        assert_eq!(
+            w.pipeline().slow_tag,
+            (2999 % 200) as u8,
+            "applied in order"
+        );
     }
 
     #[test]
@@ -674,8 +723,14 @@ mod tests {
         assert_eq!((c.to_slow_path, c.from_slow_path), (100, 100));
         let answered = w.ports_mut()[0].take_sent();
         assert_eq!(answered.len(), 100, "answers leave on the ingress port");
-        assert!(answered.iter().all(|f| f.bytes()[0] == 0xee && f.bytes()[1] == 0xaa));
-        assert_eq!(w.ports_mut()[1].take_sent().len(), 100, "the rest is forwarded");
+        assert!(answered
+            .iter()
+            .all(|f| f.bytes()[0] == 0xee && f.bytes()[1] == 0xaa));
+        assert_eq!(
+            w.ports_mut()[1].take_sent().len(),
+            100,
+            "the rest is forwarded"
+        );
         assert_eq!(c.drops.total(), 0);
     }
 
@@ -718,13 +773,18 @@ mod tests {
             w.poll_once();
             // The slow path answers some, frees some, and sometimes lags behind.
             for _ in 0..next() % 20 {
-                let Ok(SlowPathFrame { frame, in_port }) = to_slow.pop() else { break };
+                let Ok(SlowPathFrame { frame, in_port }) = to_slow.pop() else {
+                    break;
+                };
                 let ret = if next() % 2 == 0 {
                     SlowPathReturn::Transmit(frame, in_port)
                 } else {
                     SlowPathReturn::Free(frame)
                 };
-                if let Err(rtrb::PushError::Full(SlowPathReturn::Transmit(f, _) | SlowPathReturn::Free(f))) = back.push(ret) {
+                if let Err(rtrb::PushError::Full(
+                    SlowPathReturn::Transmit(f, _) | SlowPathReturn::Free(f),
+                )) = back.push(ret)
+                {
                     pool.push(f);
                 }
             }
@@ -738,6 +798,9 @@ mod tests {
         }
         let c = w.counters();
         assert!(c.to_slow_path > 1000 && c.from_slow_path > 1000, "{c:?}");
-        assert!(c.drops.get(DropReason::SlowPathRingFull) > 0, "the lagging slow path filled its ring");
+        assert!(
+            c.drops.get(DropReason::SlowPathRingFull) > 0,
+            "the lagging slow path filled its ring"
+        );
     }
 }

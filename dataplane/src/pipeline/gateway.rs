@@ -59,7 +59,12 @@ impl Gateway {
         }
     }
 
-    fn answer_arp(&self, frame: &mut [u8], len: usize, eth: &EthernetRepr) -> Result<Answer, Error> {
+    fn answer_arp(
+        &self,
+        frame: &mut [u8],
+        len: usize,
+        eth: &EthernetRepr,
+    ) -> Result<Answer, Error> {
         let Some(gateway) = self.v4 else {
             return Ok(Answer::NotForUs);
         };
@@ -81,7 +86,9 @@ impl Gateway {
             target_protocol_addr: request.source_protocol_addr,
         };
         let arp_len = len - ETH_LEN;
-        reply.emit(&mut ArpPacket::new_unchecked(&mut frame[ETH_LEN..ETH_LEN + arp_len]))?;
+        reply.emit(&mut ArpPacket::new_unchecked(
+            &mut frame[ETH_LEN..ETH_LEN + arp_len],
+        ))?;
         let eth_reply = EthernetRepr {
             src_addr: self.mac,
             dst_addr: eth.src_addr,
@@ -110,8 +117,10 @@ impl Gateway {
         };
         let icmp_bytes = ip.payload();
         let icmp = Icmpv6Packet::new_checked(icmp_bytes)?;
-        let Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr, lladdr }) =
-            Icmpv6Repr::parse(&icmp, &pseudo)?
+        let Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+            target_addr,
+            lladdr,
+        }) = Icmpv6Repr::parse(&icmp, &pseudo)?
         else {
             return Ok(Answer::NotForUs);
         };
@@ -152,7 +161,9 @@ impl Gateway {
             traffic_class: 0,
             flow_label: 0,
         };
-        reply_ip.emit(&mut Ipv6Packet::new_unchecked(&mut frame[ETH_LEN..ETH_LEN + IPV6_LEN]))?;
+        reply_ip.emit(&mut Ipv6Packet::new_unchecked(
+            &mut frame[ETH_LEN..ETH_LEN + IPV6_LEN],
+        ))?;
         let reply_pseudo = PseudoHeader::V6 {
             src: target_addr,
             dst: dst_ip,
@@ -211,11 +222,24 @@ mod tests {
         }
         let solicited = {
             let t = target.octets();
-            Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(t[13]), u16::from_be_bytes([t[14], t[15]]))
+            Ipv6Addr::new(
+                0xff02,
+                0,
+                0,
+                0,
+                0,
+                1,
+                0xff00 | u16::from(t[13]),
+                u16::from_be_bytes([t[14], t[15]]),
+            )
         };
         let builder = PacketBuilder::ethernet2(CLIENT_MAC, [0x33, 0x33, 0xff, 0, 0, 1])
             .ipv6(src.octets(), solicited.octets(), 255)
-            .icmpv6(Icmpv6Type::Unknown { type_u8: 135, code_u8: 0, bytes5to8: [0; 4] });
+            .icmpv6(Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            });
         let mut out = Vec::new();
         builder.write(&mut out, &icmp[8..]).unwrap();
         out
@@ -241,7 +265,11 @@ mod tests {
         let before = f.clone();
         assert_eq!(gateway().answer(&mut f, 60), Ok(Answer::NotForUs));
         assert_eq!(f, before);
-        let mut ns = neighbour_solicitation("fe80::42".parse().unwrap(), "fd00:1::99".parse().unwrap(), true);
+        let mut ns = neighbour_solicitation(
+            "fe80::42".parse().unwrap(),
+            "fd00:1::99".parse().unwrap(),
+            true,
+        );
         let len = ns.len();
         assert_eq!(gateway().answer(&mut ns, len), Ok(Answer::NotForUs));
     }
@@ -249,16 +277,30 @@ mod tests {
     #[test]
     fn a_solicitation_for_a_gateway_address_becomes_a_valid_advertisement() {
         for with_option in [true, false] {
-            let mut f = neighbour_solicitation("fe80::42".parse().unwrap(), "fd00:1::1".parse().unwrap(), with_option);
+            let mut f = neighbour_solicitation(
+                "fe80::42".parse().unwrap(),
+                "fd00:1::1".parse().unwrap(),
+                with_option,
+            );
             let len = f.len();
             f.resize(128, 0); // room to grow, as in a UMEM frame
-            let Ok(Answer::Reply(n)) = gateway().answer(&mut f, len) else { panic!("no reply") };
+            let Ok(Answer::Reply(n)) = gateway().answer(&mut f, len) else {
+                panic!("no reply")
+            };
             assert_eq!(n, 14 + 40 + 32);
             // An independent parser agrees, checksum included.
             let p = SlicedPacket::from_ethernet(&f[..n]).unwrap();
-            let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else { panic!("not IPv6") };
-            assert_eq!(ip.header().source_addr(), "fd00:1::1".parse::<Ipv6Addr>().unwrap());
-            assert_eq!(ip.header().destination_addr(), "fe80::42".parse::<Ipv6Addr>().unwrap());
+            let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else {
+                panic!("not IPv6")
+            };
+            assert_eq!(
+                ip.header().source_addr(),
+                "fd00:1::1".parse::<Ipv6Addr>().unwrap()
+            );
+            assert_eq!(
+                ip.header().destination_addr(),
+                "fe80::42".parse::<Ipv6Addr>().unwrap()
+            );
             assert_eq!(ip.header().hop_limit(), 255);
             assert_eq!(&f[0..6], &CLIENT_MAC);
             let icmp = &f[54..n];
@@ -266,17 +308,25 @@ mod tests {
             assert_eq!(icmp[4], 0x80 | 0x40 | 0x20, "router, solicited, override");
             assert_eq!(&icmp[24..26], &[2, 1], "target link-layer address option");
             assert_eq!(&icmp[26..32], &GW_MAC.0);
-            let pseudo = PseudoHeader::V6 { src: "fd00:1::1".parse().unwrap(), dst: "fe80::42".parse().unwrap() };
-            assert!(Icmpv6Packet::new_checked(icmp).unwrap().verify_checksum(&pseudo));
+            let pseudo = PseudoHeader::V6 {
+                src: "fd00:1::1".parse().unwrap(),
+                dst: "fe80::42".parse().unwrap(),
+            };
+            assert!(Icmpv6Packet::new_checked(icmp)
+                .unwrap()
+                .verify_checksum(&pseudo));
         }
     }
 
     #[test]
     fn a_duplicate_address_probe_is_answered_to_all_nodes_without_the_solicited_flag() {
-        let mut f = neighbour_solicitation(Ipv6Addr::UNSPECIFIED, "fe80::1".parse().unwrap(), false);
+        let mut f =
+            neighbour_solicitation(Ipv6Addr::UNSPECIFIED, "fe80::1".parse().unwrap(), false);
         let len = f.len();
         f.resize(128, 0);
-        let Ok(Answer::Reply(n)) = gateway().answer(&mut f, len) else { panic!("no reply") };
+        let Ok(Answer::Reply(n)) = gateway().answer(&mut f, len) else {
+            panic!("no reply")
+        };
         assert_eq!(&f[0..6], &[0x33, 0x33, 0, 0, 0, 1]);
         assert_eq!(f[54 + 4] & 0x40, 0, "not solicited");
         assert_eq!(n, 86);

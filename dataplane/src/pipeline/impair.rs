@@ -174,12 +174,19 @@ mod tests {
 
     #[test]
     fn frames_leave_after_the_delay_and_not_before_in_order() {
-        let mut s = Impair::new(ImpairConfig { delay_us: 10_000, ..config() });
+        let mut s = Impair::new(ImpairConfig {
+            delay_us: 10_000,
+            ..config()
+        });
         for i in 0..5u32 {
             assert_eq!(s.offer(i, 100, u64::from(i) * MS), Offer::Held);
         }
         let mut out = Vec::new();
-        assert_eq!(s.release(10 * MS - 1, &mut out), 0, "not a nanosecond early");
+        assert_eq!(
+            s.release(10 * MS - 1, &mut out),
+            0,
+            "not a nanosecond early"
+        );
         assert_eq!(s.release(10 * MS, &mut out), 1);
         assert_eq!(s.release(12 * MS + MS / 2, &mut out), 2);
         assert_eq!(s.next_due_ns(), Some(13 * MS));
@@ -190,7 +197,11 @@ mod tests {
 
     #[test]
     fn jitter_stays_within_bounds_and_never_reorders() {
-        let mut s = Impair::new(ImpairConfig { delay_us: 20_000, jitter_us: 5_000, ..config() });
+        let mut s = Impair::new(ImpairConfig {
+            delay_us: 20_000,
+            jitter_us: 5_000,
+            ..config()
+        });
         for i in 0..10_000u64 {
             s.offer(i, 64, i * 1000);
         }
@@ -210,8 +221,13 @@ mod tests {
     #[test]
     fn loss_drops_the_configured_fraction_repeatably() {
         let run = || {
-            let mut s = Impair::new(ImpairConfig { loss: 0.25, ..config() });
-            (0..100_000u32).filter(|&i| matches!(s.offer(i, 64, 0), Offer::Lost(_))).count()
+            let mut s = Impair::new(ImpairConfig {
+                loss: 0.25,
+                ..config()
+            });
+            (0..100_000u32)
+                .filter(|&i| matches!(s.offer(i, 64, 0), Offer::Lost(_)))
+                .count()
         };
         let lost = run();
         assert!((24_000..26_000).contains(&lost), "{lost} of 100000 at 25 %");
@@ -221,7 +237,10 @@ mod tests {
     #[test]
     fn the_rate_limit_spaces_frames_by_their_serialisation_time() {
         // 1500 bytes at 12 Mbit/s = 1 ms each.
-        let mut s = Impair::new(ImpairConfig { rate_bps: Some(12_000_000), ..config() });
+        let mut s = Impair::new(ImpairConfig {
+            rate_bps: Some(12_000_000),
+            ..config()
+        });
         for i in 0..10u32 {
             s.offer(i, 1500, 0);
         }
@@ -233,7 +252,11 @@ mod tests {
 
     #[test]
     fn a_full_delay_line_drops_and_counts_instead_of_growing() {
-        let mut s = Impair::new(ImpairConfig { delay_us: 1_000, max_held: 3, ..config() });
+        let mut s = Impair::new(ImpairConfig {
+            delay_us: 1_000,
+            max_held: 3,
+            ..config()
+        });
         for i in 0..3 {
             assert_eq!(s.offer(i, 64, 0), Offer::Held);
         }
@@ -243,9 +266,24 @@ mod tests {
 
     #[test]
     fn invalid_configs_are_refused() {
-        assert!(ImpairConfig { loss: 1.5, ..config() }.validate().is_err());
-        assert!(ImpairConfig { rate_bps: Some(0), ..config() }.validate().is_err());
-        assert!(ImpairConfig { max_held: 0, ..config() }.validate().is_err());
+        assert!(ImpairConfig {
+            loss: 1.5,
+            ..config()
+        }
+        .validate()
+        .is_err());
+        assert!(ImpairConfig {
+            rate_bps: Some(0),
+            ..config()
+        }
+        .validate()
+        .is_err());
+        assert!(ImpairConfig {
+            max_held: 0,
+            ..config()
+        }
+        .validate()
+        .is_err());
         assert!(config().validate().is_ok());
     }
 }

@@ -67,7 +67,11 @@ pub struct V4Prefix {
 
 impl V4Prefix {
     fn contains(&self, a: u32) -> bool {
-        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len.min(32))) };
+        let mask = if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.len.min(32)))
+        };
         a & mask == u32::from(self.addr) & mask
     }
 }
@@ -135,12 +139,20 @@ impl Edge {
             by_sid[usize::from(a.sid)] = Some(i);
         }
         let plen = u32::from(cfg.v6_prefix_len.min(128));
-        let v6_mask = if plen == 0 { 0 } else { u128::MAX << (128 - plen) };
+        let v6_mask = if plen == 0 {
+            0
+        } else {
+            u128::MAX << (128 - plen)
+        };
         Edge {
             tables: Tables::new(plen, u32::from(cfg.alias_bits), cfg.alias_k),
             now_ms: 0,
             by_sid,
-            tunnels: cfg.access.iter().map(|a| Tunnel::new(cfg.internal, a)).collect(),
+            tunnels: cfg
+                .access
+                .iter()
+                .map(|a| Tunnel::new(cfg.internal, a))
+                .collect(),
             v6_prefix: u128::from(cfg.v6_prefix) & v6_mask,
             v6_mask,
             cfg,
@@ -163,14 +175,22 @@ impl Edge {
                 if dst & self.v6_mask != self.v6_prefix {
                     return Err(DropReason::NotInPool);
                 }
-                (self.tables.alias_sid(dst, self.now_ms).ok_or(DropReason::NoRoute)?, PROTO_IPV6_IN)
+                (
+                    self.tables
+                        .alias_sid(dst, self.now_ms)
+                        .ok_or(DropReason::NoRoute)?,
+                    PROTO_IPV6_IN,
+                )
             }
             ETHERTYPE_IPV4 => {
                 let dst = ipv4_dst(data, len)?;
                 if !self.cfg.v4_pools.iter().any(|p| p.contains(dst)) {
                     return Err(DropReason::NotInPool);
                 }
-                let b = self.tables.binding_v4(dst, self.now_ms).ok_or(DropReason::NoRoute)?;
+                let b = self
+                    .tables
+                    .binding_v4(dst, self.now_ms)
+                    .ok_or(DropReason::NoRoute)?;
                 (b.sid, PROTO_IPV4_IN)
             }
             _ => return Err(DropReason::NotIp),
@@ -184,7 +204,11 @@ impl Edge {
             return Err(DropReason::TooBig);
         }
         data.copy_within(ETH_LEN..len, ETH_LEN + tunnel.len);
-        tunnel.write(&mut data[ETH_LEN..ETH_LEN + tunnel.len], (len - ETH_LEN) as u16, inner_proto);
+        tunnel.write(
+            &mut data[ETH_LEN..ETH_LEN + tunnel.len],
+            (len - ETH_LEN) as u16,
+            inner_proto,
+        );
         write_eth(data, tunnel.mac, self.cfg.inside_mac, tunnel.ethertype);
         Ok((new_len, usize::from(self.cfg.inside)))
     }
@@ -195,7 +219,10 @@ impl Edge {
             ETHERTYPE_IPV6 => PROTO_IPV6_IN,
             _ => return Err(DropReason::NotIp),
         };
-        let next_hop = self.cfg.outside_next_hop_mac.ok_or(DropReason::NoNeighbor)?;
+        let next_hop = self
+            .cfg
+            .outside_next_hop_mac
+            .ok_or(DropReason::NoNeighbor)?;
         hop(&mut data[ETH_LEN..len], proto)?;
         let ethertype = [data[12], data[13]];
         write_eth(data, next_hop, self.cfg.outside_mac, ethertype);
@@ -317,10 +344,16 @@ impl Access {
         let src_mac: [u8; 6] = data[6..12].try_into().unwrap_or_default();
         match [data[12], data[13]] {
             ETHERTYPE_IPV4 => {
-                let h = data.get(ETH_LEN..len).filter(|h| h.len() >= IPV4_MIN).ok_or(DropReason::Malformed)?;
+                let h = data
+                    .get(ETH_LEN..len)
+                    .filter(|h| h.len() >= IPV4_MIN)
+                    .ok_or(DropReason::Malformed)?;
                 let ihl = usize::from(h[0] & 0x0f) * 4;
                 let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
-                if h[9] == PROTO_UDP && Some(dst) == self.cfg.gateway_v4 && udp_dst_port(h, ihl) == Some(ALLOC_PORT) {
+                if h[9] == PROTO_UDP
+                    && Some(dst) == self.cfg.gateway_v4
+                    && udp_dst_port(h, ihl) == Some(ALLOC_PORT)
+                {
                     return Ok(Verdict::ToSlowPath);
                 }
                 let src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
@@ -330,12 +363,18 @@ impl Access {
                 }
             }
             ETHERTYPE_IPV6 => {
-                let h = data.get(ETH_LEN..len).filter(|h| h.len() >= IPV6_LEN).ok_or(DropReason::Malformed)?;
+                let h = data
+                    .get(ETH_LEN..len)
+                    .filter(|h| h.len() >= IPV6_LEN)
+                    .ok_or(DropReason::Malformed)?;
                 let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&h[24..40]).unwrap_or_default());
                 // Neighbour discovery and allocator requests are the slow path's, whatever the
                 // source (a client has no bound address before its first allocation).
                 let to_gateway = self.cfg.gateway_v6.contains(&dst) || dst.segments()[0] == 0xff02;
-                if to_gateway && (h[6] == PROTO_ICMPV6 || (h[6] == PROTO_UDP && udp_dst_port(h, IPV6_LEN) == Some(ALLOC_PORT))) {
+                if to_gateway
+                    && (h[6] == PROTO_ICMPV6
+                        || (h[6] == PROTO_UDP && udp_dst_port(h, IPV6_LEN) == Some(ALLOC_PORT)))
+                {
                     return Ok(Verdict::ToSlowPath);
                 }
                 // Link-local sources and multicast destinations (MLD reports, router
@@ -352,7 +391,11 @@ impl Access {
             }
             _ => return Ok(Verdict::ToSlowPath), // ARP for the gateway
         }
-        let proto = if [data[12], data[13]] == ETHERTYPE_IPV4 { PROTO_IPV4_IN } else { PROTO_IPV6_IN };
+        let proto = if [data[12], data[13]] == ETHERTYPE_IPV4 {
+            PROTO_IPV4_IN
+        } else {
+            PROTO_IPV6_IN
+        };
         hop(&mut data[ETH_LEN..len], proto)?;
         let ethertype = [data[12], data[13]];
         write_eth(data, self.cfg.edge_mac, self.cfg.uplink_mac, ethertype);
@@ -364,19 +407,28 @@ impl Access {
         let outer = data.get(ETH_LEN..len).ok_or(DropReason::Malformed)?;
         let (outer_len, inner_proto) = match [data[12], data[13]] {
             ETHERTYPE_IPV6 if !self.outer_v4 => {
-                let h: &[u8; IPV6_LEN] = outer.get(..IPV6_LEN).and_then(|h| h.try_into().ok()).ok_or(DropReason::Malformed)?;
+                let h: &[u8; IPV6_LEN] = outer
+                    .get(..IPV6_LEN)
+                    .and_then(|h| h.try_into().ok())
+                    .ok_or(DropReason::Malformed)?;
                 if !is_tunnel(h[6]) {
                     return Err(DropReason::NotIp);
                 }
                 // Fixed-size comparisons: a few vector compares, no memcmp call.
-                let (src, dst): (&[u8; 16], &[u8; 16]) = (h[8..24].try_into().unwrap_or(&[0; 16]), h[24..40].try_into().unwrap_or(&[0; 16]));
+                let (src, dst): (&[u8; 16], &[u8; 16]) = (
+                    h[8..24].try_into().unwrap_or(&[0; 16]),
+                    h[24..40].try_into().unwrap_or(&[0; 16]),
+                );
                 if *src != self.edge_internal || *dst != self.internal {
                     return Err(DropReason::NotFromEdge);
                 }
                 (IPV6_LEN, h[6])
             }
             ETHERTYPE_IPV4 if self.outer_v4 => {
-                let h: &[u8; IPV4_MIN] = outer.get(..IPV4_MIN).and_then(|h| h.try_into().ok()).ok_or(DropReason::Malformed)?;
+                let h: &[u8; IPV4_MIN] = outer
+                    .get(..IPV4_MIN)
+                    .and_then(|h| h.try_into().ok())
+                    .ok_or(DropReason::Malformed)?;
                 if !is_tunnel(h[9]) {
                     return Err(DropReason::NotIp);
                 }
@@ -399,12 +451,18 @@ impl Access {
             let dst = ipv6_dst_of(inner).ok_or(DropReason::Malformed)?;
             self.tables.binding_v6(dst, self.now_ms)
         };
-        let binding = binding.filter(|b| b.sid == self.cfg.sid).ok_or(DropReason::NoRoute)?;
+        let binding = binding
+            .filter(|b| b.sid == self.cfg.sid)
+            .ok_or(DropReason::NoRoute)?;
         let mac = binding.mac;
         data.copy_within(ETH_LEN + outer_len..len, ETH_LEN);
         let new_len = len - outer_len;
         hop(&mut data[ETH_LEN..new_len], inner_proto)?;
-        let ethertype = if inner_proto == PROTO_IPV4_IN { ETHERTYPE_IPV4 } else { ETHERTYPE_IPV6 };
+        let ethertype = if inner_proto == PROTO_IPV4_IN {
+            ETHERTYPE_IPV4
+        } else {
+            ETHERTYPE_IPV6
+        };
         write_eth(data, mac, self.cfg.gateway_mac, ethertype);
         Ok(new_len)
     }
@@ -439,7 +497,8 @@ impl Pipeline for Access {
         let this = &*self;
         each_frame(memory, frames, verdicts, |memory, frame, len| {
             if in_port == this.cfg.clients {
-                this.upstream(&mut memory.data_mut(frame), len).unwrap_or_else(Verdict::Drop)
+                this.upstream(&mut memory.data_mut(frame), len)
+                    .unwrap_or_else(Verdict::Drop)
             } else if in_port == this.cfg.uplink {
                 let result = this.downstream(&mut memory.data_mut(frame), len);
                 match result {
@@ -466,7 +525,11 @@ fn each_frame<M: FrameMemory>(
 ) {
     for frame in frames.iter_mut() {
         let len = memory.len(frame);
-        verdicts.push(if len < ETH_LEN { Verdict::Drop(DropReason::Runt) } else { verdict(memory, frame, len) });
+        verdicts.push(if len < ETH_LEN {
+            Verdict::Drop(DropReason::Runt)
+        } else {
+            verdict(memory, frame, len)
+        });
     }
 }
 
@@ -499,11 +562,15 @@ fn hop(packet: &mut [u8], proto: u8) -> Result<(), DropReason> {
 }
 
 fn ipv6_dst(data: &[u8], len: usize) -> Result<u128, DropReason> {
-    data.get(ETH_LEN..len).and_then(ipv6_dst_of).ok_or(DropReason::Malformed)
+    data.get(ETH_LEN..len)
+        .and_then(ipv6_dst_of)
+        .ok_or(DropReason::Malformed)
 }
 
 fn ipv4_dst(data: &[u8], len: usize) -> Result<u32, DropReason> {
-    data.get(ETH_LEN..len).and_then(ipv4_dst_of).ok_or(DropReason::Malformed)
+    data.get(ETH_LEN..len)
+        .and_then(ipv4_dst_of)
+        .ok_or(DropReason::Malformed)
 }
 
 fn ipv6_dst_of(packet: &[u8]) -> Option<u128> {
@@ -559,7 +626,12 @@ impl Tunnel {
                 (IPV6_LEN, ETHERTYPE_IPV6)
             }
         };
-        Tunnel { mac: access.mac, header, len, ethertype }
+        Tunnel {
+            mac: access.mac,
+            header,
+            len,
+            ethertype,
+        }
     }
 
     /// Writes the outer header for an inner packet of `inner_len` bytes and protocol `proto`.
@@ -626,10 +698,24 @@ mod tests {
         let updates = vec![
             add("198.18.1.10", NOW + 5_000),
             add("fd00:1::101:0:0:10", NOW + 5_000),
-            RuleUpdate::AliasEpoch { epoch: 1, aliases: vec![(SID, vec![0x0101])], valid_until_ms: NOW + 5_000 },
+            RuleUpdate::AliasEpoch {
+                epoch: 1,
+                aliases: vec![(SID, vec![0x0101])],
+                valid_until_ms: NOW + 5_000,
+            },
         ];
-        let mut out = vec![Sequenced { seq: 3, update: RuleUpdate::Snapshot { seq: 3, count: updates.len() as u32 } }];
-        out.extend(updates.into_iter().map(|update| Sequenced { seq: 3, update }));
+        let mut out = vec![Sequenced {
+            seq: 3,
+            update: RuleUpdate::Snapshot {
+                seq: 3,
+                count: updates.len() as u32,
+            },
+        }];
+        out.extend(
+            updates
+                .into_iter()
+                .map(|update| Sequenced { seq: 3, update }),
+        );
         out
     }
 
@@ -641,12 +727,19 @@ mod tests {
             outside_mac: EDGE_OUT,
             outside_next_hop_mac: Some(OUT_HOP),
             internal: edge_internal(),
-            access: vec![AccessSwitch { sid: SID, internal: access_internal(), mac: ACCESS_UP }],
+            access: vec![AccessSwitch {
+                sid: SID,
+                internal: access_internal(),
+                mac: ACCESS_UP,
+            }],
             v6_prefix: "fd00:1::".parse().unwrap(),
             v6_prefix_len: 64,
             alias_bits: 16,
             alias_k: 3,
-            v4_pools: vec![V4Prefix { addr: Ipv4Addr::new(198, 18, 1, 0), len: 24 }],
+            v4_pools: vec![V4Prefix {
+                addr: Ipv4Addr::new(198, 18, 1, 0),
+                len: 24,
+            }],
         });
         rules().into_iter().for_each(|r| e.apply(r.into()));
         e.tick(NOW);
@@ -676,19 +769,38 @@ mod tests {
     fn run<P: Pipeline>(p: &mut P, port: PortId, bytes: &[u8]) -> (Verdict, Vec<u8>) {
         let mut frame = MemFrame::from_bytes(bytes);
         let mut verdicts = Vec::new();
-        p.process(port, &mut MemMemory, std::slice::from_mut(&mut frame), &mut verdicts);
+        p.process(
+            port,
+            &mut MemMemory,
+            std::slice::from_mut(&mut frame),
+            &mut verdicts,
+        );
         (verdicts[0], frame.bytes().to_vec())
     }
 
-    fn udp_v4(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], dport: u16) -> Vec<u8> {
+    fn udp_v4(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        src: [u8; 4],
+        dst: [u8; 4],
+        dport: u16,
+    ) -> Vec<u8> {
         let mut out = Vec::new();
-        PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).udp(40000, dport).write(&mut out, b"payload").unwrap();
+        PacketBuilder::ethernet2(src_mac, dst_mac)
+            .ipv4(src, dst, 64)
+            .udp(40000, dport)
+            .write(&mut out, b"payload")
+            .unwrap();
         out
     }
 
     fn udp_v6(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
         let mut out = Vec::new();
-        PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.octets(), dst.octets(), 64).udp(443, 40000).write(&mut out, b"hello").unwrap();
+        PacketBuilder::ethernet2(src_mac, dst_mac)
+            .ipv6(src.octets(), dst.octets(), 64)
+            .udp(443, 40000)
+            .write(&mut out, b"hello")
+            .unwrap();
         out
     }
 
@@ -697,7 +809,12 @@ mod tests {
         let (mut e, mut a) = (edge(), access());
         let cases = [
             udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
-            udp_v6(OUT_HOP, EDGE_OUT, "2001:db8::5".parse().unwrap(), client_v6()),
+            udp_v6(
+                OUT_HOP,
+                EDGE_OUT,
+                "2001:db8::5".parse().unwrap(),
+                client_v6(),
+            ),
         ];
         for original in cases {
             let (v, encapsulated) = run(&mut e, 1, &original);
@@ -705,7 +822,9 @@ mod tests {
             assert_eq!(encapsulated.len(), original.len() + 40);
             assert_eq!(&encapsulated[0..6], &ACCESS_UP);
             let outer = SlicedPacket::from_ethernet(&encapsulated).unwrap();
-            let Some(NetSlice::Ipv6(o)) = outer.net else { panic!("outer IPv6") };
+            let Some(NetSlice::Ipv6(o)) = outer.net else {
+                panic!("outer IPv6")
+            };
             assert_eq!(o.header().source_addr(), edge_internal());
             assert_eq!(o.header().destination_addr(), access_internal());
             let (v, delivered) = run(&mut a, 1, &encapsulated);
@@ -726,7 +845,10 @@ mod tests {
                 _ => panic!("not IP"),
             }
             assert!(matches!(p.transport, Some(TransportSlice::Udp(_))));
-            assert_eq!(&delivered[delivered.len() - 5..], &original[original.len() - 5..]);
+            assert_eq!(
+                &delivered[delivered.len() - 5..],
+                &original[original.len() - 5..]
+            );
         }
     }
 
@@ -734,18 +856,36 @@ mod tests {
     fn the_edge_drops_what_is_in_no_pool_or_has_no_live_route() {
         let mut e = edge();
         let not_pool = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 51, 100, 1], 1);
-        assert_eq!(run(&mut e, 1, &not_pool).0, Verdict::Drop(DropReason::NotInPool));
+        assert_eq!(
+            run(&mut e, 1, &not_pool).0,
+            Verdict::Drop(DropReason::NotInPool)
+        );
         let unbound = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 11], 1);
-        assert_eq!(run(&mut e, 1, &unbound).0, Verdict::Drop(DropReason::NoRoute));
-        let other_alias = udp_v6(OUT_HOP, EDGE_OUT, "2001:db8::5".parse().unwrap(), "fd00:1::202:0:0:10".parse().unwrap());
-        assert_eq!(run(&mut e, 1, &other_alias).0, Verdict::Drop(DropReason::NoRoute));
+        assert_eq!(
+            run(&mut e, 1, &unbound).0,
+            Verdict::Drop(DropReason::NoRoute)
+        );
+        let other_alias = udp_v6(
+            OUT_HOP,
+            EDGE_OUT,
+            "2001:db8::5".parse().unwrap(),
+            "fd00:1::202:0:0:10".parse().unwrap(),
+        );
+        assert_eq!(
+            run(&mut e, 1, &other_alias).0,
+            Verdict::Drop(DropReason::NoRoute)
+        );
         // After lifetime + t_remove (valid_until), nothing routes.
         e.tick(NOW + 5_000);
         let bound = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
         assert_eq!(run(&mut e, 1, &bound).0, Verdict::Drop(DropReason::NoRoute));
         let mut arp = bound.clone();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert_eq!(run(&mut e, 1, &arp).0, Verdict::ToSlowPath, "neighbour resolution is the slow path's");
+        assert_eq!(
+            run(&mut e, 1, &arp).0,
+            Verdict::ToSlowPath,
+            "neighbour resolution is the slow path's"
+        );
     }
 
     #[test]
@@ -766,15 +906,33 @@ mod tests {
         assert_eq!(v, Verdict::Forward(1));
         assert_eq!((&out[0..6], &out[6..12]), (&EDGE_IN[..], &ACCESS_UP[..]));
         let wrong_mac = udp_v4(OTHER_CLIENT, GW, [198, 18, 1, 10], [203, 0, 113, 5], 443);
-        assert_eq!(run(&mut a, 0, &wrong_mac).0, Verdict::Drop(DropReason::SpoofedSource));
+        assert_eq!(
+            run(&mut a, 0, &wrong_mac).0,
+            Verdict::Drop(DropReason::SpoofedSource)
+        );
         let wrong_ip = udp_v4(CLIENT, GW, [198, 18, 1, 11], [203, 0, 113, 5], 443);
-        assert_eq!(run(&mut a, 0, &wrong_ip).0, Verdict::Drop(DropReason::SpoofedSource));
+        assert_eq!(
+            run(&mut a, 0, &wrong_ip).0,
+            Verdict::Drop(DropReason::SpoofedSource)
+        );
         let good_v6 = udp_v6(CLIENT, GW, client_v6(), "2001:db8::5".parse().unwrap());
         assert_eq!(run(&mut a, 0, &good_v6).0, Verdict::Forward(1));
-        let spoof_v6 = udp_v6(CLIENT, GW, "fd00:1::101:0:0:11".parse().unwrap(), "2001:db8::5".parse().unwrap());
-        assert_eq!(run(&mut a, 0, &spoof_v6).0, Verdict::Drop(DropReason::SpoofedSource));
+        let spoof_v6 = udp_v6(
+            CLIENT,
+            GW,
+            "fd00:1::101:0:0:11".parse().unwrap(),
+            "2001:db8::5".parse().unwrap(),
+        );
+        assert_eq!(
+            run(&mut a, 0, &spoof_v6).0,
+            Verdict::Drop(DropReason::SpoofedSource)
+        );
         a.tick(NOW + 5_000);
-        assert_eq!(run(&mut a, 0, &good).0, Verdict::Drop(DropReason::SpoofedSource), "expired binding");
+        assert_eq!(
+            run(&mut a, 0, &good).0,
+            Verdict::Drop(DropReason::SpoofedSource),
+            "expired binding"
+        );
     }
 
     #[test]
@@ -783,7 +941,10 @@ mod tests {
         let request = udp_v4(OTHER_CLIENT, GW, [0, 0, 0, 0], [198, 18, 1, 1], ALLOC_PORT);
         assert_eq!(run(&mut a, 0, &request).0, Verdict::ToSlowPath);
         let other_port = udp_v4(OTHER_CLIENT, GW, [0, 0, 0, 0], [198, 18, 1, 1], 53);
-        assert_eq!(run(&mut a, 0, &other_port).0, Verdict::Drop(DropReason::SpoofedSource));
+        assert_eq!(
+            run(&mut a, 0, &other_port).0,
+            Verdict::Drop(DropReason::SpoofedSource)
+        );
         let mut arp = request.clone();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         assert_eq!(run(&mut a, 0, &arp).0, Verdict::ToSlowPath);
@@ -796,17 +957,30 @@ mod tests {
         let (_, mut encapsulated) = run(&mut e, 1, &original);
         let mut forged = encapsulated.clone();
         forged[14 + 8 + 15] ^= 1; // outer source: not the edge
-        assert_eq!(run(&mut a, 1, &forged).0, Verdict::Drop(DropReason::NotFromEdge));
+        assert_eq!(
+            run(&mut a, 1, &forged).0,
+            Verdict::Drop(DropReason::NotFromEdge)
+        );
         let plain = udp_v4(EDGE_IN, ACCESS_UP, [203, 0, 113, 5], [198, 18, 1, 10], 1);
-        assert_eq!(run(&mut a, 1, &plain).0, Verdict::ToSlowPath, "not encapsulated: not ours to forward");
+        assert_eq!(
+            run(&mut a, 1, &plain).0,
+            Verdict::ToSlowPath,
+            "not encapsulated: not ours to forward"
+        );
         // Inner destination unknown.
         encapsulated[14 + 40 + 19] = 99;
-        assert_eq!(run(&mut a, 1, &encapsulated).0, Verdict::Drop(DropReason::NoRoute));
+        assert_eq!(
+            run(&mut a, 1, &encapsulated).0,
+            Verdict::Drop(DropReason::NoRoute)
+        );
     }
 
     #[test]
     fn an_ipv4_outer_header_carries_the_return_path_on_ipv4_only_internal_networks() {
-        let (e_int, a_int): (IpAddr, IpAddr) = ("198.18.250.1".parse().unwrap(), "198.18.250.2".parse().unwrap());
+        let (e_int, a_int): (IpAddr, IpAddr) = (
+            "198.18.250.1".parse().unwrap(),
+            "198.18.250.2".parse().unwrap(),
+        );
         let mut cfg = edge().cfg.clone();
         cfg.internal = e_int;
         cfg.access[0].internal = a_int;
@@ -821,15 +995,26 @@ mod tests {
         a.outer_v4 = true;
         for original in [
             udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
-            udp_v6(OUT_HOP, EDGE_OUT, "2001:db8::5".parse().unwrap(), client_v6()),
+            udp_v6(
+                OUT_HOP,
+                EDGE_OUT,
+                "2001:db8::5".parse().unwrap(),
+                client_v6(),
+            ),
         ] {
             let (v, encapsulated) = run(&mut e, 1, &original);
             assert_eq!(v, Verdict::Forward(0));
             assert_eq!(encapsulated.len(), original.len() + 20);
             let outer = SlicedPacket::from_ethernet(&encapsulated).unwrap();
-            let Some(NetSlice::Ipv4(o)) = outer.net else { panic!("outer IPv4") };
+            let Some(NetSlice::Ipv4(o)) = outer.net else {
+                panic!("outer IPv4")
+            };
             let h = o.header().to_header();
-            assert_eq!(h.header_checksum, h.calc_header_checksum(), "outer checksum");
+            assert_eq!(
+                h.header_checksum,
+                h.calc_header_checksum(),
+                "outer checksum"
+            );
             assert_eq!(IpAddr::from(o.header().source_addr()), e_int);
             assert_eq!(IpAddr::from(o.header().destination_addr()), a_int);
             let (v, delivered) = run(&mut a, 1, &encapsulated);
@@ -838,7 +1023,10 @@ mod tests {
             assert_eq!(&delivered[0..6], &CLIENT);
             let mut forged = encapsulated.clone();
             forged[14 + 15] ^= 1; // outer source: not the edge
-            assert_eq!(run(&mut a, 1, &forged).0, Verdict::Drop(DropReason::NotFromEdge));
+            assert_eq!(
+                run(&mut a, 1, &forged).0,
+                Verdict::Drop(DropReason::NotFromEdge)
+            );
         }
     }
 
@@ -848,12 +1036,21 @@ mod tests {
         // TTL 1: not forwarded.
         let mut ttl1 = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
         ttl1[14 + 8] = 1;
-        assert_eq!(run(&mut e, 1, &ttl1).0, Verdict::Drop(DropReason::HopLimitExceeded));
+        assert_eq!(
+            run(&mut e, 1, &ttl1).0,
+            Verdict::Drop(DropReason::HopLimitExceeded)
+        );
         // A truncated IPv4 header.
         let short = &udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1)[..20];
-        assert_eq!(run(&mut e, 1, short).0, Verdict::Drop(DropReason::Malformed));
+        assert_eq!(
+            run(&mut e, 1, short).0,
+            Verdict::Drop(DropReason::Malformed)
+        );
         // Shorter than an Ethernet header.
-        assert_eq!(run(&mut e, 1, &[0u8; 10]).0, Verdict::Drop(DropReason::Runt));
+        assert_eq!(
+            run(&mut e, 1, &[0u8; 10]).0,
+            Verdict::Drop(DropReason::Runt)
+        );
         // No room for the outer header (a frame as large as the in-memory frame).
         let mut big = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
         big.resize(crate::port::mem::MEM_FRAME_BYTES, 0);
@@ -861,13 +1058,28 @@ mod tests {
         big[16..18].copy_from_slice(&total.to_be_bytes());
         assert_eq!(run(&mut e, 1, &big).0, Verdict::Drop(DropReason::TooBig));
         // Upstream before the next hop is resolved.
-        let mut unresolved = Edge::new(EdgeConfig { outside_next_hop_mac: None, ..e.cfg.clone() });
+        let mut unresolved = Edge::new(EdgeConfig {
+            outside_next_hop_mac: None,
+            ..e.cfg.clone()
+        });
         let up = udp_v4(ACCESS_UP, EDGE_IN, [198, 18, 1, 10], [203, 0, 113, 5], 443);
-        assert_eq!(run(&mut unresolved, 0, &up).0, Verdict::Drop(DropReason::NoNeighbor));
+        assert_eq!(
+            run(&mut unresolved, 0, &up).0,
+            Verdict::Drop(DropReason::NoNeighbor)
+        );
         unresolved.apply(SwitchUpdate::NextHopMac(OUT_HOP));
-        assert_eq!(run(&mut unresolved, 0, &up).0, Verdict::Forward(1), "forwards once resolved");
+        assert_eq!(
+            run(&mut unresolved, 0, &up).0,
+            Verdict::Forward(1),
+            "forwards once resolved"
+        );
         // Link-scoped IPv6 from a client is not forwarded, and not counted as spoofing.
-        let ll = udp_v6(CLIENT, GW, "fe80::42".parse().unwrap(), "2001:db8::5".parse().unwrap());
+        let ll = udp_v6(
+            CLIENT,
+            GW,
+            "fe80::42".parse().unwrap(),
+            "2001:db8::5".parse().unwrap(),
+        );
         assert_eq!(run(&mut a, 0, &ll).0, Verdict::Drop(DropReason::LinkLocal));
         // A port the role does not have.
         assert_eq!(run(&mut a, 5, &up).0, Verdict::Drop(DropReason::NoSuchPort));

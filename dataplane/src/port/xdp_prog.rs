@@ -72,7 +72,11 @@ static REGISTRY: Mutex<Option<HashMap<i32, Weak<XdpProgram>>>> = Mutex::new(None
 
 /// The program on `ifname` for this process: the one already attached by another worker, or a
 /// new one, configured with `pass` (the first attach decides the configuration).
-pub fn attach(ifname: &str, mode: XdpMode, pass: &KernelPass) -> Result<Arc<XdpProgram>, OpenError> {
+pub fn attach(
+    ifname: &str,
+    mode: XdpMode,
+    pass: &KernelPass,
+) -> Result<Arc<XdpProgram>, OpenError> {
     let mut registry = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     let registry = registry.get_or_insert_with(HashMap::new);
     let ifindex = ifindex(ifname)?;
@@ -101,13 +105,21 @@ impl XdpProgram {
             return Err(OpenError::Bind {
                 iface: self.ifname.clone(),
                 queue,
-                reason: format!("cannot register the socket in the XDP program: {}", errno_text(rc)),
+                reason: format!(
+                    "cannot register the socket in the XDP program: {}",
+                    errno_text(rc)
+                ),
             });
         }
         Ok(())
     }
 
-    fn attach(ifname: &str, ifindex: i32, mode: XdpMode, pass: &KernelPass) -> Result<Self, OpenError> {
+    fn attach(
+        ifname: &str,
+        ifindex: i32,
+        mode: XdpMode,
+        pass: &KernelPass,
+    ) -> Result<Self, OpenError> {
         let busy = |reason: String| OpenError::Busy {
             iface: ifname.to_string(),
             queue: 0,
@@ -122,7 +134,10 @@ impl XdpProgram {
         };
         // SAFETY: libbpf returns NULL (errno set) on failure in libbpf 1.x; checked here.
         if obj.is_null() {
-            return Err(attach_error(ifname, "cannot open the XDP program object".into()));
+            return Err(attach_error(
+                ifname,
+                "cannot open the XDP program object".into(),
+            ));
         }
         let section = CString::new("xdp").expect("constant has no NUL");
         // SAFETY: `obj` is a valid, unloaded bpf_object; libxdp takes ownership of it.
@@ -132,7 +147,10 @@ impl XdpProgram {
         if prog.is_null() || err != 0 {
             // SAFETY: the object is ours and no program references it.
             unsafe { libxdp_sys::bpf_object__close(obj) };
-            return Err(attach_error(ifname, format!("cannot load the XDP program: {}", errno_text(err as i32))));
+            return Err(attach_error(
+                ifname,
+                format!("cannot load the XDP program: {}", errno_text(err as i32)),
+            ));
         }
         let mode = match mode {
             XdpMode::Native => libxdp_sys::xdp_attach_mode_XDP_MODE_NATIVE,
@@ -177,14 +195,21 @@ impl XdpProgram {
             libxdp_sys::bpf_object__find_map_fd_by_name(obj, cname.as_ptr())
         };
         if fd < 0 {
-            return Err(attach_error(&self.ifname, format!("the XDP program has no map {name}")));
+            return Err(attach_error(
+                &self.ifname,
+                format!("the XDP program has no map {name}"),
+            ));
         }
         Ok(fd)
     }
 
     fn configure(&self, pass: &KernelPass) -> Result<(), OpenError> {
         let flags = if pass.arp { PASS_ARP } else { 0 } | if pass.nd { PASS_ND } else { 0 };
-        self.update(&self.map_fd("pass_flags")?, &0u32.to_ne_bytes(), &flags.to_ne_bytes())?;
+        self.update(
+            &self.map_fd("pass_flags")?,
+            &0u32.to_ne_bytes(),
+            &flags.to_ne_bytes(),
+        )?;
         let (v4, v6) = (self.map_fd("kernel_v4")?, self.map_fd("kernel_v6")?);
         for addr in &pass.addresses {
             match addr {
@@ -200,9 +225,14 @@ impl XdpProgram {
         // SAFETY: key and value point to live buffers of the sizes the map was created with
         // (checked by the kernel against the map's key and value sizes: a mismatch is EINVAL,
         // not a read out of bounds, because the sizes in the C source match these types).
-        let rc = unsafe { libxdp_sys::bpf_map_update_elem(*fd, key.as_ptr().cast(), value.as_ptr().cast(), 0) };
+        let rc = unsafe {
+            libxdp_sys::bpf_map_update_elem(*fd, key.as_ptr().cast(), value.as_ptr().cast(), 0)
+        };
         if rc != 0 {
-            return Err(attach_error(&self.ifname, format!("cannot configure the XDP program: {}", errno_text(rc))));
+            return Err(attach_error(
+                &self.ifname,
+                format!("cannot configure the XDP program: {}", errno_text(rc)),
+            ));
         }
         Ok(())
     }
@@ -221,7 +251,9 @@ impl Drop for XdpProgram {
 
 /// Takes the per-interface lock that says "a live mimiq-switch owns this interface's program".
 fn take_lock(ifindex: i32) -> Result<File, String> {
-    let netns = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0);
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0);
     let dir = std::path::Path::new("/run/mimiq/xdp");
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join(format!("{netns}-{ifindex}.lock"));
@@ -249,13 +281,18 @@ fn remove_leftover(ifname: &str, ifindex: i32) -> Result<(), OpenError> {
         let name = if main.is_null() {
             String::new()
         } else {
-            CStr::from_ptr(libxdp_sys::xdp_program__name(main)).to_string_lossy().into_owned()
+            CStr::from_ptr(libxdp_sys::xdp_program__name(main))
+                .to_string_lossy()
+                .into_owned()
         };
         let result = if libxdp_sys::xdp_multiprog__is_legacy(mp) && name == PROGRAM_NAME {
             tracing::info!("replacing the XDP program a stopped mimiq-switch left on {ifname}");
             match libxdp_sys::xdp_multiprog__detach(mp) {
                 0 => Ok(()),
-                rc => Err(attach_error(ifname, format!("cannot remove the leftover XDP program: {}", errno_text(rc)))),
+                rc => Err(attach_error(
+                    ifname,
+                    format!("cannot remove the leftover XDP program: {}", errno_text(rc)),
+                )),
             }
         } else {
             Ok(()) // someone else's program: attach reports it as busy

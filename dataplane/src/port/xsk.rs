@@ -14,8 +14,8 @@
 //! and once on TX (into an skb); zero-copy drivers copy nothing.
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use xsk_rs::config::{
@@ -151,7 +151,10 @@ pub fn open(
         .ok_or_else(|| OpenError::BadSize("no queues, or too many frames".into()))?;
     let umem_error = |e: xsk_rs::umem::UmemCreateError| OpenError::Umem {
         frames: frames.get(),
-        reason: format!("{e}: {}", std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())),
+        reason: format!(
+            "{e}: {}",
+            std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
+        ),
     };
     let (umem, mut free) = match config.huge_pages {
         HugePages::On => Umem::new(umem_config, frames, true).map_err(umem_error)?,
@@ -375,7 +378,12 @@ impl Port for XskPort {
         // the duration of the call; the descriptors belong to sockets owned by `ports`; a null
         // signal mask keeps the thread's mask.
         unsafe {
-            libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, &ts, std::ptr::null());
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            );
         }
     }
 }

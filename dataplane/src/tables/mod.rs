@@ -261,16 +261,30 @@ mod tests {
     }
 
     fn snapshot(seq: u64, count: u32) -> Sequenced {
-        Sequenced { seq, update: RuleUpdate::Snapshot { seq, count } }
+        Sequenced {
+            seq,
+            update: RuleUpdate::Snapshot { seq, count },
+        }
     }
 
     #[test]
     fn an_address_routes_until_lifetime_plus_t_remove_and_then_drops() {
         let mut t = Tables::new(64, 16, 3);
         assert_eq!(t.apply(&snapshot(0, 0)), ApplyOutcome::SnapshotEntry);
-        assert_eq!(t.apply(&add(1, "198.18.1.7", 7, 3, 10_500)), ApplyOutcome::Applied);
-        assert_eq!(t.binding_v4(v4("198.18.1.7"), 10_499).map(|b| (b.sid, b.mac[5])), Some((3, 7)));
-        assert_eq!(t.binding_v4(v4("198.18.1.7"), 10_500), None, "not one ms after valid_until");
+        assert_eq!(
+            t.apply(&add(1, "198.18.1.7", 7, 3, 10_500)),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            t.binding_v4(v4("198.18.1.7"), 10_499)
+                .map(|b| (b.sid, b.mac[5])),
+            Some((3, 7))
+        );
+        assert_eq!(
+            t.binding_v4(v4("198.18.1.7"), 10_500),
+            None,
+            "not one ms after valid_until"
+        );
         assert_eq!(t.binding_v4(v4("198.18.1.8"), 0), None);
         t.sweep(10_500);
         assert_eq!(t.bindings(), 0);
@@ -283,7 +297,12 @@ mod tests {
         t.apply(&add(5, "fd00::1:2", 1, 1, 100));
         t.apply(&add(6, "fd00::1:2", 2, 1, 100));
         assert_eq!(t.binding_v6(v6("fd00::1:2"), 50).unwrap().mac[5], 2);
-        let remove = Sequenced { seq: 7, update: RuleUpdate::BindingRemove { ip: "fd00::1:2".parse().unwrap() } };
+        let remove = Sequenced {
+            seq: 7,
+            update: RuleUpdate::BindingRemove {
+                ip: "fd00::1:2".parse().unwrap(),
+            },
+        };
         assert_eq!(t.apply(&remove), ApplyOutcome::Applied);
         assert_eq!(t.binding_v6(v6("fd00::1:2"), 50), None);
         assert_eq!(t.seq(), 7);
@@ -293,22 +312,45 @@ mod tests {
     fn a_gap_asks_for_a_snapshot_and_nothing_applies_until_one_comes() {
         let mut t = Tables::new(64, 16, 3);
         assert!(t.needs_snapshot(), "a new switch starts from a snapshot");
-        assert!(matches!(t.apply(&add(1, "198.18.0.1", 1, 1, 100)), ApplyOutcome::NeedSnapshot { .. }));
+        assert!(matches!(
+            t.apply(&add(1, "198.18.0.1", 1, 1, 100)),
+            ApplyOutcome::NeedSnapshot { .. }
+        ));
         t.apply(&snapshot(10, 0));
         t.apply(&add(11, "198.18.0.1", 1, 1, 100));
         assert_eq!(
             t.apply(&add(13, "198.18.0.2", 1, 1, 100)),
-            ApplyOutcome::NeedSnapshot { expected: 12, got: 13 }
+            ApplyOutcome::NeedSnapshot {
+                expected: 12,
+                got: 13
+            }
         );
         assert!(t.needs_snapshot());
-        assert_eq!(t.apply(&add(14, "198.18.0.3", 1, 1, 100)), ApplyOutcome::NeedSnapshot { expected: 12, got: 14 });
-        assert_eq!(t.binding_v4(v4("198.18.0.2"), 0), None, "the update after the gap was not applied");
+        assert_eq!(
+            t.apply(&add(14, "198.18.0.3", 1, 1, 100)),
+            ApplyOutcome::NeedSnapshot {
+                expected: 12,
+                got: 14
+            }
+        );
+        assert_eq!(
+            t.binding_v4(v4("198.18.0.2"), 0),
+            None,
+            "the update after the gap was not applied"
+        );
         // The snapshot replaces everything.
         t.apply(&snapshot(14, 1));
         t.apply(&add(14, "198.18.0.3", 1, 1, 100));
-        assert_eq!(t.binding_v4(v4("198.18.0.1"), 0), None, "state from before the snapshot is gone");
+        assert_eq!(
+            t.binding_v4(v4("198.18.0.1"), 0),
+            None,
+            "state from before the snapshot is gone"
+        );
         assert!(t.binding_v4(v4("198.18.0.3"), 0).is_some());
-        assert_eq!(t.apply(&add(15, "198.18.0.4", 1, 1, 100)), ApplyOutcome::Applied);
+        assert_eq!(
+            t.apply(&add(15, "198.18.0.4", 1, 1, 100)),
+            ApplyOutcome::Applied
+        );
     }
 
     #[test]
@@ -318,10 +360,19 @@ mod tests {
         t.apply(&snapshot(0, 0));
         let epoch = |seq, epoch, aliases: Vec<(Sid, Vec<u32>)>, until| Sequenced {
             seq,
-            update: RuleUpdate::AliasEpoch { epoch, aliases, valid_until_ms: until },
+            update: RuleUpdate::AliasEpoch {
+                epoch,
+                aliases,
+                valid_until_ms: until,
+            },
         };
         let addr = |alias: u16| v6("fd00::") | (u128::from(alias) << 48) | 0x1234;
-        t.apply(&epoch(1, 1, vec![(4, vec![0x0101, 0x0102]), (5, vec![0x0201])], 2_000));
+        t.apply(&epoch(
+            1,
+            1,
+            vec![(4, vec![0x0101, 0x0102]), (5, vec![0x0201])],
+            2_000,
+        ));
         assert_eq!(t.alias_sid(addr(0x0102), 1_999), Some(4));
         assert_eq!(t.alias_sid(addr(0x0201), 0), Some(5));
         assert_eq!(t.alias_sid(addr(0x0303), 0), None, "an alias of no epoch");
@@ -330,7 +381,11 @@ mod tests {
         t.apply(&epoch(2, 2, vec![(4, vec![0x0301])], 3_000));
         assert_eq!(t.alias_sid(addr(0x0101), 1_500), Some(4));
         t.apply(&epoch(3, 3, vec![(4, vec![0x0401])], 4_000));
-        assert_eq!(t.alias_sid(addr(0x0101), 1_500), None, "epoch e routes no more once e + k arrives");
+        assert_eq!(
+            t.alias_sid(addr(0x0101), 1_500),
+            None,
+            "epoch e routes no more once e + k arrives"
+        );
         assert_eq!(t.alias_sid(addr(0x0301), 1_500), Some(4));
     }
 

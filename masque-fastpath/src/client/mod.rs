@@ -203,7 +203,9 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let mut qc = cfg
             .quic
-            .transport_config(Tls::Client { ca: cfg.ca.as_deref() })
+            .transport_config(Tls::Client {
+                ca: cfg.ca.as_deref(),
+            })
             .map_err(ClientError::Setup)?;
         let first = *cfg
             .bind
@@ -276,7 +278,11 @@ impl Client {
                 return Err(ClientError::Connection(format!(
                     "tunnel not up after {:?} (handshake {}, status {:?})",
                     self.cfg.connect_timeout,
-                    if self.conn.is_established() { "done" } else { "not done" },
+                    if self.conn.is_established() {
+                        "done"
+                    } else {
+                        "not done"
+                    },
                     self.status
                 )));
             }
@@ -299,7 +305,11 @@ impl Client {
             }
             // SAFETY: pollfds is a live array of initialised pollfd structs.
             unsafe {
-                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, quic::poll_timeout_ms(timeout))
+                libc::poll(
+                    pollfds.as_mut_ptr(),
+                    pollfds.len() as _,
+                    quic::poll_timeout_ms(timeout),
+                )
             };
             self.recv_quic()?;
             if self.conn.timeout() == Some(Duration::ZERO) {
@@ -338,7 +348,9 @@ impl Client {
 
     fn tunnel_ready(&self) -> bool {
         match self.mode {
-            Mode::Ip { .. } => self.status == Some(200) && !self.assigned.is_empty() && self.got_routes,
+            Mode::Ip { .. } => {
+                self.status == Some(200) && !self.assigned.is_empty() && self.got_routes
+            }
             Mode::Udp { .. } => self.status == Some(200),
         }
     }
@@ -426,7 +438,9 @@ impl Client {
                     if Some(sid) == self.stream =>
                 {
                     let _ = self.conn.close(true, 0x100, b"request stream ended");
-                    return Err(ClientError::Connection("the proxy ended the request stream".into()));
+                    return Err(ClientError::Connection(
+                        "the proxy ended the request stream".into(),
+                    ));
                 }
                 Ok(_) => {}
                 Err(quiche::h3::Error::Done) => break,
@@ -467,7 +481,11 @@ impl Client {
             match ev {
                 quiche::PathEvent::Validated(local, peer) => {
                     if self.pending_hop == Some(local) {
-                        let from = self.conn.path_stats().find(|p| p.active).map(|p| p.local_addr);
+                        let from = self
+                            .conn
+                            .path_stats()
+                            .find(|p| p.active)
+                            .map(|p| p.local_addr);
                         let now = Instant::now();
                         let outcome = match (self.conn.migrate(local, peer), from) {
                             (Ok(_), Some(from)) => {
@@ -551,15 +569,22 @@ impl Client {
             Mode::Ip { tun, routes, .. } => {
                 let mtu = fits;
                 if mtu < 1280 {
-                    tracing::warn!(mtu, "a datagram carries less than 1280 bytes: raise quic.max_udp_payload_bytes");
+                    tracing::warn!(
+                        mtu,
+                        "a datagram carries less than 1280 bytes: raise quic.max_udp_payload_bytes"
+                    );
                 }
                 let dev = TunDevice::create(tun, mtu)?;
                 let nc = NetConfig::new().map_err(|e| ClientError::Setup(e.to_string()))?;
-                let link = nc.link(tun).map_err(|e| ClientError::Setup(e.to_string()))?;
+                let link = nc
+                    .link(tun)
+                    .map_err(|e| ClientError::Setup(e.to_string()))?;
                 for p in &self.assigned {
                     nc.add_address(&link, p.addr(), p.prefix_len(), None)
                         .map_err(|e| ClientError::Setup(e.to_string()))?;
-                    self.stats.addresses.push(format!("{}/{}", p.addr(), p.prefix_len()));
+                    self.stats
+                        .addresses
+                        .push(format!("{}/{}", p.addr(), p.prefix_len()));
                 }
                 let prefixes: Vec<(IpAddr, u8)> = match routes {
                     None => self
@@ -604,10 +629,12 @@ impl Client {
         for _ in 0..BURST {
             let r = match (&self.tun, &mut self.local_udp) {
                 (Some(t), _) => t.recv(&mut self.buf[HEADROOM..]),
-                (None, Some((s, app))) => s.recv_from(&mut self.buf[HEADROOM..]).map(|(n, from)| {
-                    *app = Some(from);
-                    n
-                }),
+                (None, Some((s, app))) => {
+                    s.recv_from(&mut self.buf[HEADROOM..]).map(|(n, from)| {
+                        *app = Some(from);
+                        n
+                    })
+                }
                 _ => return,
             };
             let Ok(n) = r else {
@@ -640,7 +667,11 @@ impl Client {
             }
             return;
         }
-        let current = self.conn.path_stats().find(|p| p.active).map(|p| p.local_addr.ip());
+        let current = self
+            .conn
+            .path_stats()
+            .find(|p| p.active)
+            .map(|p| p.local_addr.ip());
         let Some(current) = current else { return };
         let sent = std::mem::take(&mut self.sent_since_poll);
         let asked = self.policy.poll_hop(now, current, sent);
@@ -650,7 +681,11 @@ impl Client {
         //# RFC 9000 §9: If the peer sent the disable_active_migration transport parameter, an
         //# endpoint also MUST NOT send packets (including probing packets) from a different
         //# local address to the address the peer used during the handshake.
-        if self.conn.peer_transport_params().is_some_and(|tp| tp.disable_active_migration) {
+        if self
+            .conn
+            .peer_transport_params()
+            .is_some_and(|tp| tp.disable_active_migration)
+        {
             if self.stats.hops_refused == 0 {
                 tracing::warn!("the proxy sent disable_active_migration: no hops, the connection stays on {current}");
             }
@@ -718,7 +753,11 @@ impl Client {
     /// Forgets the paths the connection left (quic::LeftPaths) and closes their sockets.
     fn abandon_old_paths(&mut self) {
         self.stats.paths_abandoned += self.left_paths.forget(&mut self.conn, Instant::now()) as u64;
-        let active = self.conn.path_stats().find(|p| p.active).map(|p| p.local_addr);
+        let active = self
+            .conn
+            .path_stats()
+            .find(|p| p.active)
+            .map(|p| p.local_addr);
         let (pending, left) = (self.pending_hop, &self.left_paths);
         self.paths.retain(|p| {
             let local = p.io.local_addr();
@@ -734,7 +773,11 @@ impl Client {
             match self.conn.send(&mut self.tmp) {
                 Ok((len, info)) => {
                     // A handful of paths: a scan, no map built per pass.
-                    let Some(i) = self.paths.iter().position(|p| p.io.local_addr() == info.from) else {
+                    let Some(i) = self
+                        .paths
+                        .iter()
+                        .position(|p| p.io.local_addr() == info.from)
+                    else {
                         // A path whose socket is gone (a failed probe quiche still retries).
                         self.stats.tx_unroutable += 1;
                         continue;
@@ -817,16 +860,28 @@ pub fn range_to_prefixes(start: IpAddr, end: IpAddr, exclude: Option<IpAddr>) ->
     for (mut lo, hi) in spans {
         loop {
             // The largest aligned block starting at lo that stays within hi.
-            let mut size_bits = if lo == 0 { bits } else { lo.trailing_zeros().min(bits) };
+            let mut size_bits = if lo == 0 {
+                bits
+            } else {
+                lo.trailing_zeros().min(bits)
+            };
             while size_bits > 0 {
-                let span = if size_bits >= 128 { u128::MAX } else { (1u128 << size_bits) - 1 };
+                let span = if size_bits >= 128 {
+                    u128::MAX
+                } else {
+                    (1u128 << size_bits) - 1
+                };
                 if lo.checked_add(span).is_some_and(|last| last <= hi) {
                     break;
                 }
                 size_bits -= 1;
             }
             out.push((from_u(lo), (bits - size_bits) as u8));
-            let span = if size_bits >= 128 { u128::MAX } else { (1u128 << size_bits) - 1 };
+            let span = if size_bits >= 128 {
+                u128::MAX
+            } else {
+                (1u128 << size_bits) - 1
+            };
             match lo.checked_add(span) {
                 Some(last) if last < hi => lo = last + 1,
                 _ => break,
@@ -870,13 +925,27 @@ mod tests {
 
     #[test]
     fn aligned_and_odd_ranges() {
-        assert_eq!(range_to_prefixes(p("10.0.0.0"), p("10.0.0.255"), None), vec![(p("10.0.0.0"), 24)]);
+        assert_eq!(
+            range_to_prefixes(p("10.0.0.0"), p("10.0.0.255"), None),
+            vec![(p("10.0.0.0"), 24)]
+        );
         assert_eq!(
             range_to_prefixes(p("10.0.0.1"), p("10.0.0.2"), None),
             vec![(p("10.0.0.1"), 32), (p("10.0.0.2"), 32)]
         );
-        assert_eq!(range_to_prefixes(p("::"), p("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), None), vec![(p("::"), 0)]);
-        assert_eq!(range_to_prefixes(p("::"), p("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), Some(p("fd00::1"))).len(), 128);
+        assert_eq!(
+            range_to_prefixes(p("::"), p("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), None),
+            vec![(p("::"), 0)]
+        );
+        assert_eq!(
+            range_to_prefixes(
+                p("::"),
+                p("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+                Some(p("fd00::1"))
+            )
+            .len(),
+            128
+        );
         assert!(range_to_prefixes(p("10.0.0.2"), p("10.0.0.1"), None).is_empty());
         assert!(range_to_prefixes(p("10.0.0.2"), p("::1"), None).is_empty());
     }

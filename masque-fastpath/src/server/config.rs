@@ -104,7 +104,8 @@ impl ProxyConfig {
             .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
         let c: ProxyConfig =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        c.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+        c.validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(c)
     }
 
@@ -118,7 +119,9 @@ impl ProxyConfig {
             ));
         }
         if self.max_sessions_per_connection == 0 || self.max_connections == 0 {
-            return Err("max_connections and max_sessions_per_connection must be at least 1".into());
+            return Err(
+                "max_connections and max_sessions_per_connection must be at least 1".into(),
+            );
         }
         if let Some(ip) = &self.ip {
             ip.pools()?;
@@ -192,17 +195,35 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            ("[quic]\nmax_udp_payload_bytes = 1200\n", "max_udp_payload_bytes"),
-            ("[quic]\nactive_connection_id_limit = 3\n", "active_connection_id_limit"),
-            ("[quic]\nactive_connection_id_limit = 1\n", "active_connection_id_limit"),
-            ("[quic]\ncongestion_control = \"vegas\"\n", "congestion_control"),
+            (
+                "[quic]\nmax_udp_payload_bytes = 1200\n",
+                "max_udp_payload_bytes",
+            ),
+            (
+                "[quic]\nactive_connection_id_limit = 3\n",
+                "active_connection_id_limit",
+            ),
+            (
+                "[quic]\nactive_connection_id_limit = 1\n",
+                "active_connection_id_limit",
+            ),
+            (
+                "[quic]\ncongestion_control = \"vegas\"\n",
+                "congestion_control",
+            ),
             ("[ip]\npool_v4 = \"198.18.0.0\"\n", "pool_v4"),
             ("[ip]\npool_v4 = \"fd00::/64\"\n", "pool_v4"),
             ("[ip]\npool_v6 = \"fd00::/129\"\n", "pool_v6"),
             ("[ip]\ntun = \"x\"\n", "pool_v4 or pool_v6"),
-            ("[ip]\npool_v4 = \"198.18.0.0/24\"\ntunnel_mtu = 1000\n", "tunnel_mtu"),
+            (
+                "[ip]\npool_v4 = \"198.18.0.0/24\"\ntunnel_mtu = 1000\n",
+                "tunnel_mtu",
+            ),
             ("bogus = 1\n", "bogus"),
-            ("max_sessions_per_connection = 0\n", "max_sessions_per_connection"),
+            (
+                "max_sessions_per_connection = 0\n",
+                "max_sessions_per_connection",
+            ),
         ];
         for (extra, want) in cases {
             let err = parse(&format!("{BASE}{extra}")).unwrap_err();

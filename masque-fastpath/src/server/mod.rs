@@ -31,7 +31,9 @@ use crate::datagram::{self, Datagram, H3Datagram};
 use crate::netcfg::{NetConfig, Route};
 use crate::quic::{self, Tls};
 use crate::request::{self, Rejection, Target};
-use crate::session::connect_ip::{self, AddressPool, ConnectIpSession, HostPool, SessionConfig, Verdict};
+use crate::session::connect_ip::{
+    self, AddressPool, ConnectIpSession, HostPool, SessionConfig, Verdict,
+};
 use crate::session::connect_udp::{self, ConnectUdpSession};
 use crate::template::Host;
 use crate::tundev::{TcpCoalescer, TunDevice, VNET_HDR_LEN};
@@ -241,8 +243,8 @@ impl Proxy {
             for a in [IpAddr::V4(ip.icmp_source_v4), IpAddr::V6(ip.icmp_source_v6)] {
                 pool.allocate(crate::capsule::IpPrefix::host(a));
             }
-            let dev = TunDevice::create_with_vnet_hdr(&ip.tun, tunnel_mtu)
-                .map_err(|e| e.to_string())?;
+            let dev =
+                TunDevice::create_with_vnet_hdr(&ip.tun, tunnel_mtu).map_err(|e| e.to_string())?;
             let nc = NetConfig::new().map_err(|e| e.to_string())?;
             let link = nc.link(&ip.tun).map_err(|e| e.to_string())?;
             for p in [v4, v6].into_iter().flatten() {
@@ -294,9 +296,15 @@ impl Proxy {
         self.stats.connections_open = self.clients.len() as u64;
         // quiche drops datagrams from a full receive queue without telling: what it received,
         // less what was read and what still waits, is what it dropped.
-        let (received, waiting) = self.clients.values().fold((self.closed_dgram_recv, 0), |(r, w), c| {
-            (r + c.conn.stats().dgram_recv as u64, w + c.conn.dgram_recv_queue_len() as u64)
-        });
+        let (received, waiting) =
+            self.clients
+                .values()
+                .fold((self.closed_dgram_recv, 0), |(r, w), c| {
+                    (
+                        r + c.conn.stats().dgram_recv as u64,
+                        w + c.conn.dgram_recv_queue_len() as u64,
+                    )
+                });
         self.stats.dgram_recv_queue_full = received.saturating_sub(self.stats.dgram_rx + waiting);
         self.stats.socket_send_errors = self.io.send_errors;
         self.stats.socket_send_dropped = self.io.send_dropped;
@@ -316,7 +324,8 @@ impl Proxy {
                     }
                     Kind::Udp { session, .. } => {
                         for r in connect_udp::DropReason::ALL {
-                            *udp.entry(r.label()).or_insert(0) += session.counters().drops[r as usize];
+                            *udp.entry(r.label()).or_insert(0) +=
+                                session.counters().drops[r as usize];
                         }
                         to_t += session.counters().to_target;
                         to_c += session.counters().to_client;
@@ -357,7 +366,11 @@ impl Proxy {
             pollfds.extend(self.by_fd.keys().map(|&fd| pollfd(fd)));
             // SAFETY: pollfds is a live array of initialised pollfd structs.
             let n = unsafe {
-                libc::poll(pollfds.as_mut_ptr(), pollfds.len() as _, quic::poll_timeout_ms(timeout))
+                libc::poll(
+                    pollfds.as_mut_ptr(),
+                    pollfds.len() as _,
+                    quic::poll_timeout_ms(timeout),
+                )
             };
             let ready = if n < 0 {
                 let e = io::Error::last_os_error();
@@ -490,7 +503,10 @@ impl Proxy {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        if c.conn.recv(pkt, quiche::RecvInfo { from, to: local }).is_err() {
+        if c.conn
+            .recv(pkt, quiche::RecvInfo { from, to: local })
+            .is_err()
+        {
             self.stats.quic_recv_errors += 1;
         }
         if from != c.peer && c.conn.is_established() {
@@ -539,7 +555,10 @@ impl Proxy {
             c.left_paths.on_event(&ev, now);
         }
         self.stats.paths_abandoned += c.left_paths.forget(&mut c.conn, now) as u64;
-        self.stats.paths_peak = self.stats.paths_peak.max(c.conn.path_stats().count() as u64);
+        self.stats.paths_peak = self
+            .stats
+            .paths_peak
+            .max(c.conn.path_stats().count() as u64);
         if c.h3.is_none() && (c.conn.is_established() || c.conn.is_in_early_data()) {
             match quiche::h3::Connection::with_transport(&mut c.conn, &self.h3) {
                 Ok(h) => c.h3 = Some(h),
@@ -791,7 +810,9 @@ impl Proxy {
             let _ = c
                 .conn
                 .stream_shutdown(sid, quiche::Shutdown::Write, H3_MESSAGE_ERROR);
-            let _ = c.conn.stream_shutdown(sid, quiche::Shutdown::Read, H3_MESSAGE_ERROR);
+            let _ = c
+                .conn
+                .stream_shutdown(sid, quiche::Shutdown::Read, H3_MESSAGE_ERROR);
             self.end_session(id, sid);
         }
     }
@@ -828,7 +849,13 @@ impl Proxy {
         let Some(s) = c.sessions.remove(&sid) else {
             return;
         };
-        retire_session(s, &mut self.pool, &mut self.by_addr, &mut self.by_fd, &mut self.stats);
+        retire_session(
+            s,
+            &mut self.pool,
+            &mut self.by_addr,
+            &mut self.by_fd,
+            &mut self.stats,
+        );
     }
 
     fn datagrams(&mut self, id: u64) {
@@ -848,7 +875,9 @@ impl Proxy {
                 //# connection error of type H3_DATAGRAM_ERROR (0x33).
                 // (A Quarter Stream ID above 2^60-1 too: `H3Datagram::parse`.)
                 self.stats.dgram_unknown_stream += 1;
-                let _ = c.conn.close(true, H3_DATAGRAM_ERROR, b"malformed HTTP/3 datagram");
+                let _ = c
+                    .conn
+                    .close(true, H3_DATAGRAM_ERROR, b"malformed HTTP/3 datagram");
                 break;
             };
             let sid = h.stream_id();
@@ -862,7 +891,11 @@ impl Proxy {
             match &mut s.kind {
                 Kind::Ip(ip) => {
                     let Ok(ctx) = crate::datagram::ContextPayload::parse(&buf[off..len]) else {
-                        *self.stats.ip_drops.entry("truncated_context_id").or_insert(0) += 1;
+                        *self
+                            .stats
+                            .ip_drops
+                            .entry("truncated_context_id")
+                            .or_insert(0) += 1;
                         continue;
                     };
                     if ctx.context_id != datagram::CONTEXT_ID_PAYLOAD {
@@ -951,7 +984,12 @@ impl Proxy {
                     let hl = datagram::header_len(qsid, 0);
                     let start = HEADROOM - hl;
                     let _ = datagram::emit_header(qsid, 0, &mut self.buf[start..HEADROOM]);
-                    send_datagram(&mut c.conn, u64::MAX, &self.buf[start..HEADROOM + len], &mut self.stats);
+                    send_datagram(
+                        &mut c.conn,
+                        u64::MAX,
+                        &self.buf[start..HEADROOM + len],
+                        &mut self.stats,
+                    );
                 }
                 Verdict::Reply(len) => {
                     // An ICMP error the proxy built: rare, copied behind a vnet header.
@@ -987,7 +1025,12 @@ impl Proxy {
                 let start = HEADROOM - hl;
                 let _ = datagram::emit_header(qsid, 0, &mut self.buf[start..HEADROOM]);
                 session.on_target_payload();
-                send_datagram(&mut c.conn, u64::MAX, &self.buf[start..HEADROOM + n], &mut self.stats);
+                send_datagram(
+                    &mut c.conn,
+                    u64::MAX,
+                    &self.buf[start..HEADROOM + n],
+                    &mut self.stats,
+                );
             }
         }
     }
@@ -1031,7 +1074,13 @@ impl Proxy {
                 self.by_cid.remove(cid);
             }
             for (_, s) in c.sessions {
-                retire_session(s, &mut self.pool, &mut self.by_addr, &mut self.by_fd, &mut self.stats);
+                retire_session(
+                    s,
+                    &mut self.pool,
+                    &mut self.by_addr,
+                    &mut self.by_fd,
+                    &mut self.stats,
+                );
             }
             self.stats.connections_closed += 1;
             self.closed_dgram_recv += c.conn.stats().dgram_recv as u64;
@@ -1117,7 +1166,8 @@ fn retire_session(
         Kind::Udp { session, socket } => {
             by_fd.remove(&socket.as_raw_fd());
             for r in connect_udp::DropReason::ALL {
-                *stats.udp_drops.entry(r.label()).or_insert(0) += session.counters().drops[r as usize];
+                *stats.udp_drops.entry(r.label()).or_insert(0) +=
+                    session.counters().drops[r as usize];
             }
             stats.udp_to_target += session.counters().to_target;
             stats.udp_to_client += session.counters().to_client;
@@ -1157,7 +1207,11 @@ struct Ready {
 
 impl Ready {
     /// Everything (when poll said nothing useful, e.g. interrupted).
-    const ALL: Ready = Ready { quic: true, tun: true, targets: true };
+    const ALL: Ready = Ready {
+        quic: true,
+        tun: true,
+        targets: true,
+    };
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {

@@ -57,7 +57,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use mimiq_agent::direct::h3::{client_config, run_timed_gets, H3Server, H3ServerConfig, H3ServerStats, TestCert};
+use mimiq_agent::direct::h3::{
+    client_config, run_timed_gets, H3Server, H3ServerConfig, H3ServerStats, TestCert,
+};
 use mimiq_agent::direct::{DirectConfig, DirectConnection};
 use mimiq_agent::migrate::MigrationConfig;
 use mimiq_agent::strategy::HopStrategyConfig;
@@ -131,13 +133,21 @@ impl Params {
         }
         // Two packets per request: at most one hop per request, 50 per 100 packets.
         if let Some(bad) = p.rates.iter().find(|&&r| r > 50) {
-            return Err(format!("{bad} migrations per 100 packets: must be 0..=50 (one per request)"));
+            return Err(format!(
+                "{bad} migrations per 100 packets: must be 0..=50 (one per request)"
+            ));
         }
         if p.per_cell < Duration::from_millis(200) || p.per_cell > Duration::from_secs(600) {
-            return Err(format!("{:?} per cell: must be 0.2 s ..= 600 s", p.per_cell));
+            return Err(format!(
+                "{:?} per cell: must be 0.2 s ..= 600 s",
+                p.per_cell
+            ));
         }
         if p.body_bytes == 0 || p.body_bytes > 1_000_000 {
-            return Err(format!("body of {} bytes: must be 1..=1000000", p.body_bytes));
+            return Err(format!(
+                "body of {} bytes: must be 1..=1000000",
+                p.body_bytes
+            ));
         }
         p.rates.push(0);
         p.rates.sort_unstable();
@@ -336,21 +346,34 @@ pub fn run(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<Figure3, S
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
     topology::line(&mut tb).map_err(|e| e.to_string())?;
     for host in ["h1", "h2"] {
-        tb.sysctl(host, "net.ipv6.conf.all.disable_ipv6", "1").map_err(|e| e.to_string())?;
+        tb.sysctl(host, "net.ipv6.conf.all.disable_ipv6", "1")
+            .map_err(|e| e.to_string())?;
     }
     for ip in CLIENT_IPS {
-        tb.add_addr("h1", "eth0", &format!("{ip}/24")).map_err(|e| e.to_string())?;
+        tb.add_addr("h1", "eth0", &format!("{ip}/24"))
+            .map_err(|e| e.to_string())?;
     }
     // Static neighbours: no ARP exchange (delayed by the switch) inside a measured hop.
     let (mac1, mac2) = (mac_of(&tb, "h1")?, mac_of(&tb, "h2")?);
     let server_ip = topology::addr::H2_V4;
-    tb.exec_ok("h1", &["ip", "neigh", "replace", server_ip, "lladdr", &mac2, "dev", "eth0"])
-        .map_err(|e| e.to_string())?;
+    tb.exec_ok(
+        "h1",
+        &[
+            "ip", "neigh", "replace", server_ip, "lladdr", &mac2, "dev", "eth0",
+        ],
+    )
+    .map_err(|e| e.to_string())?;
     for ip in CLIENT_IPS.iter().copied().chain([topology::addr::H1_V4]) {
-        tb.exec_ok("h2", &["ip", "neigh", "replace", ip, "lladdr", &mac1, "dev", "eth0"])
-            .map_err(|e| e.to_string())?;
+        tb.exec_ok(
+            "h2",
+            &["ip", "neigh", "replace", ip, "lladdr", &mac1, "dev", "eth0"],
+        )
+        .map_err(|e| e.to_string())?;
     }
-    let server_addr = SocketAddr::new(server_ip.parse::<IpAddr>().map_err(|e| e.to_string())?, SERVER_PORT);
+    let server_addr = SocketAddr::new(
+        server_ip.parse::<IpAddr>().map_err(|e| e.to_string())?,
+        SERVER_PORT,
+    );
     let server = Server::start(&tb, server_addr)?;
     let result = run_grid(&mut tb, &p, server_addr, progress);
     let srv = server.finish()?;
@@ -394,8 +417,18 @@ fn run_grid(
             .map(|port| format!("{port}:delay_us={delay_us},max_held={MAX_HELD}"))
             .collect();
         let args = [
-            "--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "100",
-            "--impair", &impair[0], "--impair", &impair[1],
+            "--role",
+            "l2fwd",
+            "--port",
+            "p0",
+            "--port",
+            "p1",
+            "--stats-interval-ms",
+            "100",
+            "--impair",
+            &impair[0],
+            "--impair",
+            &impair[1],
         ];
         let stats_path = stats_dir.path().join(format!("switch-{rtt}ms.json"));
         let switch = Switch::start(tb, "sw", &args, &stats_path)?;
@@ -440,9 +473,20 @@ fn summarize(
     body_bytes: u64,
     raws: Vec<(u32, &'static str, RawCell)>,
 ) -> Result<(Vec<Cell>, HopLatency), String> {
-    let baselines: Vec<&RawCell> = raws.iter().filter(|(r, _, _)| *r == 0).map(|(_, _, c)| c).collect();
-    let base_rps = baselines.iter().map(|c| c.requests as f64 / c.seconds).sum::<f64>() / baselines.len() as f64;
-    let base_lat: Vec<u64> = baselines.iter().flat_map(|c| c.latencies_us.iter().copied()).collect();
+    let baselines: Vec<&RawCell> = raws
+        .iter()
+        .filter(|(r, _, _)| *r == 0)
+        .map(|(_, _, c)| c)
+        .collect();
+    let base_rps = baselines
+        .iter()
+        .map(|c| c.requests as f64 / c.seconds)
+        .sum::<f64>()
+        / baselines.len() as f64;
+    let base_lat: Vec<u64> = baselines
+        .iter()
+        .flat_map(|c| c.latencies_us.iter().copied())
+        .collect();
     let base_mean = mean(&base_lat);
     let base_var = variance(&base_lat);
     let base_n = base_lat.len().max(1) as f64;
@@ -453,9 +497,13 @@ fn summarize(
     let mut placebo = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
     for c in &baselines {
         let excess = |i: usize| c.latencies_us[i] as i64 - base_p50 as i64;
-        for first in (0..c.latencies_us.len().saturating_sub(PLACEBO_WINDOW - 1)).step_by(PLACEBO_EVERY) {
+        for first in
+            (0..c.latencies_us.len().saturating_sub(PLACEBO_WINDOW - 1)).step_by(PLACEBO_EVERY)
+        {
             let sum: i64 = (first..first + PLACEBO_WINDOW).map(excess).sum();
-            placebo.record(sum.max(0) as u64).map_err(|e| e.to_string())?;
+            placebo
+                .record(sum.max(0) as u64)
+                .map_err(|e| e.to_string())?;
         }
     }
     let mut at_or_below_zero = 0;
@@ -465,7 +513,9 @@ fn summarize(
         let rps = c.requests as f64 / c.seconds;
         let mut per_hop = Vec::new();
         for (k, &(first, switched)) in c.hops.iter().enumerate() {
-            let Some(after_switch) = switched else { continue };
+            let Some(after_switch) = switched else {
+                continue;
+            };
             let next_hop = c.hops.get(k + 1).map_or(usize::MAX, |h| h.0);
             let end = (after_switch + 2).min(next_hop).min(c.latencies_us.len());
             let added: i64 = (first..end)
@@ -506,7 +556,8 @@ fn summarize(
             hops_completed: c.hops_completed,
             hops_failed: c.hops_failed,
             hops_deferred: c.hops_deferred,
-            achieved_rate: c.hops_completed as f64 * 100.0 / (c.requests * PACKETS_PER_REQUEST).max(1) as f64,
+            achieved_rate: c.hops_completed as f64 * 100.0
+                / (c.requests * PACKETS_PER_REQUEST).max(1) as f64,
             achieved_rate_wire: c.hops_completed as f64 * 100.0 / (c.tx + c.rx).max(1) as f64,
             tx_datagrams: c.tx,
             rx_datagrams: c.rx,
@@ -553,8 +604,15 @@ fn verdict(cells: &[Cell], hops: &[HopLatency]) -> Verdict {
         .filter(|c| c.rate == TARGET_RATE)
         .map(|c| (c.rtt_ms, c.loss_pct))
         .collect();
-    let worst_pooled = hops.iter().map(|h| h.added_pooled_mean_us).fold(f64::NEG_INFINITY, f64::max);
-    let worst_pooled = if worst_pooled.is_finite() { worst_pooled } else { 0.0 };
+    let worst_pooled = hops
+        .iter()
+        .map(|h| h.added_pooled_mean_us)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let worst_pooled = if worst_pooled.is_finite() {
+        worst_pooled
+    } else {
+        0.0
+    };
     let worst_p50 = hops.iter().map(|h| h.p50_us).max().unwrap_or(0);
     let worst_p99 = hops.iter().map(|h| h.p99_us).max().unwrap_or(0);
     Verdict {
@@ -592,24 +650,41 @@ fn client(
             connection: u64::from(rate),
             migration: MigrationConfig::default(),
         };
-        let mut direct = DirectConnection::connect(&locals, server, Some("quic.tech"), &mut quic, &config)
-            .map_err(|e| e.to_string())?;
+        let mut direct =
+            DirectConnection::connect(&locals, server, Some("quic.tech"), &mut quic, &config)
+                .map_err(|e| e.to_string())?;
         let bound = direct.local_addrs();
-        let mut sched = Schedule { rate, ..Schedule::default() };
+        let mut sched = Schedule {
+            rate,
+            ..Schedule::default()
+        };
         let (run_for, limit) = if run_for.is_zero() {
             (Duration::from_secs(3_600), Some(warmup))
         } else {
             (run_for, None)
         };
         let deadline = run_for.min(Duration::from_secs(600)) + Duration::from_secs(30);
-        let timed = run_timed_gets(&mut direct, "quic.tech", body, run_for, deadline, &mut |d, i| {
-            if limit.is_some_and(|n| i >= n) {
-                return false;
-            }
-            sched.before_request(d, &bound, i);
-            true
-        })
-        .map_err(|e| format!("{e}; hops {:?}; shell {:?}", direct.migration_stats(), direct.stats()))?;
+        let timed = run_timed_gets(
+            &mut direct,
+            "quic.tech",
+            body,
+            run_for,
+            deadline,
+            &mut |d, i| {
+                if limit.is_some_and(|n| i >= n) {
+                    return false;
+                }
+                sched.before_request(d, &bound, i);
+                true
+            },
+        )
+        .map_err(|e| {
+            format!(
+                "{e}; hops {:?}; shell {:?}",
+                direct.migration_stats(),
+                direct.stats()
+            )
+        })?;
         let _ = direct.close();
         let hops = direct.migration_stats();
         let shell = direct.stats();
@@ -631,7 +706,13 @@ fn client(
                 Some(&&s) if next.is_none_or(|n| s < n) => {
                     switches.next();
                     // The first request sent after the switch.
-                    Some(timed.gets.iter().position(|g| g.sent >= s).unwrap_or(timed.gets.len()))
+                    Some(
+                        timed
+                            .gets
+                            .iter()
+                            .position(|g| g.sent >= s)
+                            .unwrap_or(timed.gets.len()),
+                    )
                 }
                 _ => None,
             };
@@ -676,7 +757,9 @@ impl Schedule {
             return;
         }
         let current = d.migrator().local_addr();
-        let Some(&to) = bound.iter().find(|&&a| a != current) else { return };
+        let Some(&to) = bound.iter().find(|&&a| a != current) else {
+            return;
+        };
         if d.hop_to(to).is_ok() {
             self.asked.push((i, Instant::now()));
         }
@@ -698,7 +781,8 @@ impl Server {
             tb.spawn_in("h2", move || -> Result<H3ServerStats, String> {
                 let started = (|| {
                     let cert = TestCert::new().map_err(|e| format!("test certificate: {e}"))?;
-                    H3Server::bind(addr, &cert, H3ServerConfig::default()).map_err(|e| e.to_string())
+                    H3Server::bind(addr, &cert, H3ServerConfig::default())
+                        .map_err(|e| e.to_string())
                 })();
                 let mut server = match started {
                     Ok(s) => {
@@ -780,9 +864,13 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
         let q = v.quantile_iterated_to();
         let value = v.value_iterated_to() as f64 / 1000.0;
         if q < 1.0 {
-            let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10} {:14.2}", 1.0 / (1.0 - q));
+            let _ = writeln!(
+                s,
+                "{value:12.3} {q:2.12} {total:10} {:14.2}",
+                1.0 / (1.0 - q)
+            );
         } else {
-            let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10}", );
+            let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10}",);
         }
     }
     let _ = writeln!(
@@ -791,7 +879,12 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
         h.mean() / 1000.0,
         h.stdev() / 1000.0
     );
-    let _ = writeln!(s, "#[Max     = {:12.3}, Total count    = {:12}]", h.max() as f64 / 1000.0, h.len());
+    let _ = writeln!(
+        s,
+        "#[Max     = {:12.3}, Total count    = {:12}]",
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
     s
 }
 
@@ -814,7 +907,11 @@ pub fn markdown(f: &Figure3) -> String {
         let _ = write!(md, "| {rate} |");
         for &rtt in &f.rtts_ms {
             if rate == 0 {
-                let b: Vec<&Cell> = f.cells.iter().filter(|c| c.rtt_ms == rtt && c.rate == 0).collect();
+                let b: Vec<&Cell> = f
+                    .cells
+                    .iter()
+                    .filter(|c| c.rtt_ms == rtt && c.rate == 0)
+                    .collect();
                 let rps = b.iter().map(|c| c.requests_per_s).sum::<f64>() / b.len().max(1) as f64;
                 let spread = b.iter().map(|c| c.loss_pct.abs()).fold(0.0, f64::max);
                 let _ = write!(md, " {rps:.1} (baseline ±{spread:.1} %) |");
@@ -882,7 +979,11 @@ pub fn markdown(f: &Figure3) -> String {
         );
     }
     let v = &f.verdict;
-    let losses: Vec<String> = v.loss_at_target_rate.iter().map(|(r, l)| format!("{r} ms: {l:.2} %")).collect();
+    let losses: Vec<String> = v
+        .loss_at_target_rate
+        .iter()
+        .map(|(r, l)| format!("{r} ms: {l:.2} %"))
+        .collect();
     let _ = writeln!(
         md,
         "\nTarget: ≤ {TARGET_LOSS_PCT} % loss at {TARGET_RATE} per 100 packets at every RTT ({}) — {}. < 1 ms added per hop: pooled mean (worst RTT {:.3} ms) and median (worst {:.3} ms) — {}; 99th percentile (worst {:.3} ms, no-hop noise floor's worst p99 {:.3} ms) — {}.",
@@ -953,7 +1054,8 @@ pub fn csv(f: &Figure3) -> String {
 pub fn write_files(out: &Path, f: &Figure3) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     let write = |name: &str, text: &str| {
-        std::fs::write(out.join(name), text).map_err(|e| format!("writing {}: {e}", out.join(name).display()))
+        std::fs::write(out.join(name), text)
+            .map_err(|e| format!("writing {}: {e}", out.join(name).display()))
     };
     write("results.csv", &csv(f))?;
     write("figure3.svg", &svg(f))?;
@@ -973,7 +1075,9 @@ pub fn svg(f: &Figure3) -> String {
     const R: f64 = 150.0;
     const T: f64 = 40.0;
     const B: f64 = 60.0;
-    const COLORS: [&str; 8] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+    const COLORS: [&str; 8] = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    ];
     let rates = &f.rates;
     let point = |rtt: u32, rate: u32| -> Option<f64> {
         let v: Vec<f64> = f
@@ -984,32 +1088,85 @@ pub fn svg(f: &Figure3) -> String {
             .collect();
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     };
-    let ymax_data = f.cells.iter().map(|c| c.requests_per_s).fold(0.0, f64::max).max(1.0);
+    let ymax_data = f
+        .cells
+        .iter()
+        .map(|c| c.requests_per_s)
+        .fold(0.0, f64::max)
+        .max(1.0);
     let step = nice_step(ymax_data / 5.0);
     let ymax = (ymax_data / step).ceil() * step;
     let pw = W - L - R;
     let ph = H - T - B;
-    let x = |i: usize| L + if rates.len() > 1 { pw * i as f64 / (rates.len() - 1) as f64 } else { pw / 2.0 };
+    let x = |i: usize| {
+        L + if rates.len() > 1 {
+            pw * i as f64 / (rates.len() - 1) as f64
+        } else {
+            pw / 2.0
+        }
+    };
     let y = |v: f64| T + ph * (1.0 - v / ymax);
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="13">"#);
-    let _ = writeln!(s, r#"<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{}" y="24" text-anchor="middle" font-size="15">Throughput of one connection under migration (seed 000 Figure 3, mimiq)</text>"#, L + pw / 2.0);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="13">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">Throughput of one connection under migration (seed 000 Figure 3, mimiq)</text>"#,
+        L + pw / 2.0
+    );
     let mut v = 0.0;
     while v <= ymax + step / 2.0 {
         let yy = y(v);
-        let _ = writeln!(s, r##"<line x1="{L}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##, L + pw);
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, L - 8.0, yy + 4.0, fmt_tick(v));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{L}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##,
+            L + pw
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            L - 8.0,
+            yy + 4.0,
+            fmt_tick(v)
+        );
         v += step;
     }
     for (i, r) in rates.iter().enumerate() {
         let xx = x(i);
-        let _ = writeln!(s, r##"<line x1="{xx:.1}" y1="{:.1}" x2="{xx:.1}" y2="{:.1}" stroke="#000"/>"##, T + ph, T + ph + 5.0);
-        let _ = writeln!(s, r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{r}</text>"#, T + ph + 20.0);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{xx:.1}" y1="{:.1}" x2="{xx:.1}" y2="{:.1}" stroke="#000"/>"##,
+            T + ph,
+            T + ph + 5.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{r}</text>"#,
+            T + ph + 20.0
+        );
     }
-    let _ = writeln!(s, r##"<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#000"/>"##);
-    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">migrations per 100 packets</text>"#, L + pw / 2.0, H - 15.0);
-    let _ = writeln!(s, r#"<text x="20" y="{:.1}" text-anchor="middle" transform="rotate(-90 20 {:.1})">throughput (requests/s)</text>"#, T + ph / 2.0, T + ph / 2.0);
+    let _ = writeln!(
+        s,
+        r##"<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#000"/>"##
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">migrations per 100 packets</text>"#,
+        L + pw / 2.0,
+        H - 15.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="20" y="{:.1}" text-anchor="middle" transform="rotate(-90 20 {:.1})">throughput (requests/s)</text>"#,
+        T + ph / 2.0,
+        T + ph / 2.0
+    );
     for (n, &rtt) in f.rtts_ms.iter().enumerate() {
         let color = COLORS[n % COLORS.len()];
         let pts: Vec<(f64, f64)> = rates
@@ -1018,14 +1175,30 @@ pub fn svg(f: &Figure3) -> String {
             .filter_map(|(i, &r)| point(rtt, r).map(|v| (x(i), y(v))))
             .collect();
         let list: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
-        let _ = writeln!(s, r#"<polyline class="rtt" data-rtt-ms="{rtt}" fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, list.join(" "));
+        let _ = writeln!(
+            s,
+            r#"<polyline class="rtt" data-rtt-ms="{rtt}" fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            list.join(" ")
+        );
         for (a, b) in &pts {
-            let _ = writeln!(s, r#"<circle cx="{a:.1}" cy="{b:.1}" r="3.5" fill="{color}"/>"#);
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{a:.1}" cy="{b:.1}" r="3.5" fill="{color}"/>"#
+            );
         }
         let ly = T + 20.0 + 22.0 * n as f64;
         let lx = L + pw + 20.0;
-        let _ = writeln!(s, r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2"/>"#, lx + 24.0);
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}">RTT {rtt} ms</text>"#, lx + 30.0, ly + 4.0);
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2"/>"#,
+            lx + 24.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}">RTT {rtt} ms</text>"#,
+            lx + 30.0,
+            ly + 4.0
+        );
     }
     s.push_str("</svg>\n");
     s
@@ -1035,7 +1208,11 @@ pub fn svg(f: &Figure3) -> String {
 fn nice_step(raw: f64) -> f64 {
     let raw = raw.max(1e-9);
     let p = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|&s| s >= raw).unwrap_or(10.0 * p)
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * p)
 }
 
 fn fmt_tick(v: f64) -> String {
@@ -1052,14 +1229,38 @@ mod tests {
 
     #[test]
     fn params_are_checked_and_the_baseline_is_always_run() {
-        let p = Params { rates: vec![4, 4, 50], rtts_ms: vec![20, 10], ..Params::default() };
+        let p = Params {
+            rates: vec![4, 4, 50],
+            rtts_ms: vec![20, 10],
+            ..Params::default()
+        };
         let n = p.normalized().unwrap();
         assert_eq!(n.rates, vec![0, 4, 50]);
         assert_eq!(n.rtts_ms, vec![10, 20]);
-        assert!(Params { rates: vec![51], ..Params::default() }.normalized().is_err());
-        assert!(Params { rtts_ms: vec![], ..Params::default() }.normalized().is_err());
-        assert!(Params { rtts_ms: vec![0], ..Params::default() }.normalized().is_err());
-        assert!(Params { per_cell: Duration::ZERO, ..Params::default() }.normalized().is_err());
+        assert!(Params {
+            rates: vec![51],
+            ..Params::default()
+        }
+        .normalized()
+        .is_err());
+        assert!(Params {
+            rtts_ms: vec![],
+            ..Params::default()
+        }
+        .normalized()
+        .is_err());
+        assert!(Params {
+            rtts_ms: vec![0],
+            ..Params::default()
+        }
+        .normalized()
+        .is_err());
+        assert!(Params {
+            per_cell: Duration::ZERO,
+            ..Params::default()
+        }
+        .normalized()
+        .is_err());
     }
 
     #[test]

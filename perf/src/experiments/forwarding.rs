@@ -82,16 +82,24 @@ pub struct Run {
 
 /// Runs every path for `seconds` each, `repeat` times over (interleaved, so drift on a shared
 /// machine hits every path alike), and returns the runs and a Markdown table of the medians.
-pub fn compare(seconds: u32, repeat: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Run>, String), String> {
+pub fn compare(
+    seconds: u32,
+    repeat: u32,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<Run>, String), String> {
     let mut runs = Vec::new();
     for round in 1..=repeat {
-        for (sink, path) in [Sink::KernelDrop, Sink::Receiver].into_iter().flat_map(|sink| PATHS.map(|p| (sink, p))) {
+        for (sink, path) in [Sink::KernelDrop, Sink::Receiver]
+            .into_iter()
+            .flat_map(|sink| PATHS.map(|p| (sink, p)))
+        {
             progress(&format!("round {round}/{repeat}: {path:?} into {sink:?}:"));
             let r = run(path, sink, seconds)?;
             progress(&format!(
                 "  sent {:.0} pps, forwarded {}, received {}",
                 r.sent_pps,
-                r.forwarded_pps.map_or("–".into(), |v| format!("{v:.0} pps")),
+                r.forwarded_pps
+                    .map_or("–".into(), |v| format!("{v:.0} pps")),
                 r.received_pps.map_or("–".into(), |v| format!("{v:.0} pps"))
             ));
             runs.push(r);
@@ -119,7 +127,9 @@ pub fn markdown(runs: &[Run]) -> String {
         (!xs.is_empty()).then(|| xs[xs.len() / 2])
     };
     let of = |p: Path, s: Sink| runs.iter().filter(move |r| r.path == p && r.sink == s);
-    let med = |p: Path, s: Sink, f: &dyn Fn(&Run) -> Option<f64>| median(of(p, s).filter_map(f).collect());
+    let med = |p: Path, s: Sink, f: &dyn Fn(&Run) -> Option<f64>| {
+        median(of(p, s).filter_map(f).collect())
+    };
     let fmt = |v: Option<f64>, digits: usize| v.map_or("–".into(), |v| format!("{v:.digits$}"));
     let mut md = String::from(
         "| path | sink | runs | sent pps | forwarded pps | received pps | delivered pps (min–max) | ÷ reflector | ÷ kernel | p50 / p99 µs | forwarder CPU ns/frame | sender CPU ns/frame |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -133,10 +143,14 @@ pub fn markdown(runs: &[Run]) -> String {
                 continue;
             }
             let delivered = med(path, sink, &|r| Some(r.delivered_pps));
-            let lo = of(path, sink).map(|r| r.delivered_pps).fold(f64::INFINITY, f64::min);
+            let lo = of(path, sink)
+                .map(|r| r.delivered_pps)
+                .fold(f64::INFINITY, f64::min);
             let hi = of(path, sink).map(|r| r.delivered_pps).fold(0.0, f64::max);
             let ratio = |base: Option<f64>| {
-                (path != Path::GeneratorCeiling).then_some(()).and(delivered.zip(base).map(|(d, b)| d / b))
+                (path != Path::GeneratorCeiling)
+                    .then_some(())
+                    .and(delivered.zip(base).map(|(d, b)| d / b))
             };
             md.push_str(&format!(
                 "| {path:?} | {sink:?} | {n} | {} | {} | {} | {} ({lo:.0}–{hi:.0}) | {} | {} | {} / {} | {} | {} |\n",
@@ -165,48 +179,85 @@ pub fn run(path: Path, sink: Sink, seconds: u32) -> Result<Run, String> {
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
     let mut commands = Vec::new();
     let secs = seconds.to_string();
-    let mut send_args: Vec<String> = ["gen", "send", "--iface", "eth0", "--size", "64", "--flows", "16", "--duration", &secs]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut send_args: Vec<String> = [
+        "gen",
+        "send",
+        "--iface",
+        "eth0",
+        "--size",
+        "64",
+        "--flows",
+        "16",
+        "--duration",
+        &secs,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     send_args.extend(["--json".into(), file("send.json")]);
 
     // The topology and the forwarder.
-    let (egress, mut forwarder, switch): (Option<(&str, &str)>, Option<Proc>, Option<Switch>) = match path {
-        Path::GeneratorCeiling => {
-            tb.add_host("h1").map_err(|e| e.to_string())?;
-            tb.add_host("h2").map_err(|e| e.to_string())?;
-            tb.add_link(("h1", "eth0"), ("h2", "eth0"), LinkOpts::default()).map_err(|e| e.to_string())?;
-            (None, None, None)
-        }
-        Path::AfXdpReflector => {
-            topology::line(&mut tb).map_err(|e| e.to_string())?;
-            let cmd = [perf.as_str(), "gen", "reflect", "--port", "p0", "--port", "p1", "--json", &file("reflect.json")];
-            commands.push(format!("sw: {}", cmd[1..].join(" ")));
-            let proc = tb.spawn("sw", &cmd, true).map_err(|e| e.to_string())?;
-            wait_bound(&proc)?;
-            (Some(("sw", "p1")), Some(proc), None)
-        }
-        Path::MimiqSwitch | Path::MimiqSwitchBusy | Path::MimiqSwitchSkb => {
-            topology::line(&mut tb).map_err(|e| e.to_string())?;
-            let mut args = vec!["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "100"];
-            match path {
-                Path::MimiqSwitchBusy => args.extend(["--idle", "busy"]),
-                Path::MimiqSwitchSkb => args.extend(["--xdp-mode", "skb"]),
-                _ => {}
+    let (egress, mut forwarder, switch): (Option<(&str, &str)>, Option<Proc>, Option<Switch>) =
+        match path {
+            Path::GeneratorCeiling => {
+                tb.add_host("h1").map_err(|e| e.to_string())?;
+                tb.add_host("h2").map_err(|e| e.to_string())?;
+                tb.add_link(("h1", "eth0"), ("h2", "eth0"), LinkOpts::default())
+                    .map_err(|e| e.to_string())?;
+                (None, None, None)
             }
-            commands.push(format!("sw: mimiq-switch run {} --stats-path S", args.join(" ")));
-            let sw = Switch::start(&mut tb, "sw", &args, &dir.path().join("switch.json"))?;
-            (Some(("sw", "p1")), None, Some(sw))
-        }
-        Path::KernelForwarding => {
-            routed(&mut tb, sink).map_err(|e| e.to_string())?;
-            let r_mac = read(&tb, "r", "/sys/class/net/p0/address")?;
-            send_args.extend(["--dst".into(), ROUTED_H2.into(), "--dst-mac".into(), r_mac]);
-            commands.push("r: sysctl net.ipv4.ip_forward=1 (routes 198.18.0.0/24 ↔ 198.18.1.0/24)".into());
-            (Some(("r", "p1")), None, None)
-        }
-    };
+            Path::AfXdpReflector => {
+                topology::line(&mut tb).map_err(|e| e.to_string())?;
+                let cmd = [
+                    perf.as_str(),
+                    "gen",
+                    "reflect",
+                    "--port",
+                    "p0",
+                    "--port",
+                    "p1",
+                    "--json",
+                    &file("reflect.json"),
+                ];
+                commands.push(format!("sw: {}", cmd[1..].join(" ")));
+                let proc = tb.spawn("sw", &cmd, true).map_err(|e| e.to_string())?;
+                wait_bound(&proc)?;
+                (Some(("sw", "p1")), Some(proc), None)
+            }
+            Path::MimiqSwitch | Path::MimiqSwitchBusy | Path::MimiqSwitchSkb => {
+                topology::line(&mut tb).map_err(|e| e.to_string())?;
+                let mut args = vec![
+                    "--role",
+                    "l2fwd",
+                    "--port",
+                    "p0",
+                    "--port",
+                    "p1",
+                    "--stats-interval-ms",
+                    "100",
+                ];
+                match path {
+                    Path::MimiqSwitchBusy => args.extend(["--idle", "busy"]),
+                    Path::MimiqSwitchSkb => args.extend(["--xdp-mode", "skb"]),
+                    _ => {}
+                }
+                commands.push(format!(
+                    "sw: mimiq-switch run {} --stats-path S",
+                    args.join(" ")
+                ));
+                let sw = Switch::start(&mut tb, "sw", &args, &dir.path().join("switch.json"))?;
+                (Some(("sw", "p1")), None, Some(sw))
+            }
+            Path::KernelForwarding => {
+                routed(&mut tb, sink).map_err(|e| e.to_string())?;
+                let r_mac = read(&tb, "r", "/sys/class/net/p0/address")?;
+                send_args.extend(["--dst".into(), ROUTED_H2.into(), "--dst-mac".into(), r_mac]);
+                commands.push(
+                    "r: sysctl net.ipv4.ip_forward=1 (routes 198.18.0.0/24 ↔ 198.18.1.0/24)".into(),
+                );
+                (Some(("r", "p1")), None, None)
+            }
+        };
 
     if sink == Sink::KernelDrop && path != Path::KernelForwarding {
         send_args.extend(["--dst-mac".into(), NOBODY_MAC.into()]);
@@ -214,14 +265,24 @@ pub fn run(path: Path, sink: Sink, seconds: u32) -> Result<Run, String> {
     let receiver = if sink == Sink::KernelDrop {
         None
     } else {
-        let cmd = [perf.as_str(), "gen", "recv", "--iface", "eth0", "--json", &file("recv.json")];
+        let cmd = [
+            perf.as_str(),
+            "gen",
+            "recv",
+            "--iface",
+            "eth0",
+            "--json",
+            &file("recv.json"),
+        ];
         commands.push(format!("h2: {}", cmd[1..].join(" ")));
         let proc = tb.spawn("h2", &cmd, true).map_err(|e| e.to_string())?;
         wait_bound(&proc)?;
         Some(proc)
     };
 
-    let egress_before = egress.map(|(h, i)| counter(&tb, h, i, "tx_packets")).transpose()?;
+    let egress_before = egress
+        .map(|(h, i)| counter(&tb, h, i, "tx_packets"))
+        .transpose()?;
     let switch_before = switch.as_ref().map(Switch::stats).transpose()?;
     let mut cmd = vec![perf.as_str()];
     cmd.extend(send_args.iter().map(String::as_str));
@@ -237,19 +298,25 @@ pub fn run(path: Path, sink: Sink, seconds: u32) -> Result<Run, String> {
     let sent = json(&file("send.json"))?;
     let sent_packets = sent["sent_packets"].as_u64().unwrap_or(0);
     let elapsed = sent["elapsed_s"].as_f64().unwrap_or(f64::NAN);
-    let sender_cpu_ms = (sent["cpu_user_ms"].as_u64().unwrap_or(0) + sent["cpu_sys_ms"].as_u64().unwrap_or(0)) as f64;
+    let sender_cpu_ms = (sent["cpu_user_ms"].as_u64().unwrap_or(0)
+        + sent["cpu_sys_ms"].as_u64().unwrap_or(0)) as f64;
 
     let forwarded = match (egress, egress_before) {
         (Some((h, i)), Some(before)) => Some(counter(&tb, h, i, "tx_packets")? - before),
         _ => None,
     };
     let forwarder_cpu_ms = match (&switch, &switch_before) {
-        (Some(sw), Some(before)) => Some((sw.stats_after(Duration::from_millis(200))?.cpu_ms() - before.cpu_ms()) as f64),
+        (Some(sw), Some(before)) => {
+            Some((sw.stats_after(Duration::from_millis(200))?.cpu_ms() - before.cpu_ms()) as f64)
+        }
         _ => match forwarder.as_mut() {
             Some(proc) => {
                 proc.stop(Duration::from_secs(5));
                 let r = json(&file("reflect.json"))?;
-                Some((r["cpu_user_ms"].as_u64().unwrap_or(0) + r["cpu_sys_ms"].as_u64().unwrap_or(0)) as f64)
+                Some(
+                    (r["cpu_user_ms"].as_u64().unwrap_or(0) + r["cpu_sys_ms"].as_u64().unwrap_or(0))
+                        as f64,
+                )
             }
             None => None,
         },
@@ -262,7 +329,12 @@ pub fn run(path: Path, sink: Sink, seconds: u32) -> Result<Run, String> {
         None => None,
     };
     let received_packets = received.as_ref().and_then(|r| r["received"].as_u64());
-    let lat = |q: &str| received.as_ref().and_then(|r| r["latency"][q].as_u64()).map(|ns| ns as f64 / 1e3);
+    let lat = |q: &str| {
+        received
+            .as_ref()
+            .and_then(|r| r["latency"][q].as_u64())
+            .map(|ns| ns as f64 / 1e3)
+    };
     let delivered_pps = match (sink, path) {
         (Sink::Receiver, _) => received_packets.unwrap_or(0) as f64 / elapsed,
         (Sink::KernelDrop, Path::GeneratorCeiling) => sent_packets as f64 / elapsed,
@@ -300,24 +372,45 @@ pub fn routed(tb: &mut Testbed, sink: Sink) -> Result<(), String> {
     for host in ["h1", "r", "h2"] {
         tb.add_host(host).map_err(e)?;
     }
-    tb.add_link(("h1", "eth0"), ("r", "p0"), LinkOpts::default()).map_err(e)?;
-    tb.add_link(("r", "p1"), ("h2", "eth0"), LinkOpts::default()).map_err(e)?;
+    tb.add_link(("h1", "eth0"), ("r", "p0"), LinkOpts::default())
+        .map_err(e)?;
+    tb.add_link(("r", "p1"), ("h2", "eth0"), LinkOpts::default())
+        .map_err(e)?;
     tb.add_addr("h1", "eth0", "198.18.0.1/24").map_err(e)?;
     tb.add_addr("r", "p0", "198.18.0.254/24").map_err(e)?;
     tb.add_addr("r", "p1", "198.18.1.254/24").map_err(e)?;
     tb.add_addr("h2", "eth0", "198.18.1.2/24").map_err(e)?;
-    tb.add_route("h1", "198.18.1.0/24", "198.18.0.254").map_err(e)?;
-    tb.add_route("h2", "198.18.0.0/24", "198.18.1.254").map_err(e)?;
+    tb.add_route("h1", "198.18.1.0/24", "198.18.0.254")
+        .map_err(e)?;
+    tb.add_route("h2", "198.18.0.0/24", "198.18.1.254")
+        .map_err(e)?;
     tb.sysctl("r", "net.ipv4.ip_forward", "1").map_err(e)?;
-    for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
+    for key in [
+        "net.ipv4.conf.all.rp_filter",
+        "net.ipv4.conf.default.rp_filter",
+    ] {
         tb.sysctl("r", key, "0").map_err(e)?;
     }
     let h2_mac = match sink {
         Sink::Receiver => read(tb, "h2", "/sys/class/net/eth0/address")?,
         Sink::KernelDrop => NOBODY_MAC.to_string(),
     };
-    tb.exec_ok("r", &["ip", "neigh", "replace", ROUTED_H2, "lladdr", &h2_mac, "dev", "p1", "nud", "permanent"])
-        .map_err(e)?;
+    tb.exec_ok(
+        "r",
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            ROUTED_H2,
+            "lladdr",
+            &h2_mac,
+            "dev",
+            "p1",
+            "nud",
+            "permanent",
+        ],
+    )
+    .map_err(e)?;
     Ok(())
 }
 
@@ -333,13 +426,20 @@ fn wait_bound(proc: &Proc) -> Result<(), String> {
 }
 
 fn read(tb: &Testbed, host: &str, path: &str) -> Result<String, String> {
-    let out = tb.exec_ok(host, &["cat", path]).map_err(|e| e.to_string())?;
+    let out = tb
+        .exec_ok(host, &["cat", path])
+        .map_err(|e| e.to_string())?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn counter(tb: &Testbed, host: &str, iface: &str, name: &str) -> Result<u64, String> {
-    let text = read(tb, host, &format!("/sys/class/net/{iface}/statistics/{name}"))?;
-    text.parse().map_err(|e| format!("{iface} {name} {text:?}: {e}"))
+    let text = read(
+        tb,
+        host,
+        &format!("/sys/class/net/{iface}/statistics/{name}"),
+    )?;
+    text.parse()
+        .map_err(|e| format!("{iface} {name} {text:?}: {e}"))
 }
 
 fn json(path: &str) -> Result<Value, String> {
@@ -373,15 +473,30 @@ mod tests {
     #[test]
     fn the_table_shows_medians_and_ratios_of_medians_within_a_sink() {
         let mut runs = Vec::new();
-        for (reflector, switch, kernel) in [(100.0, 90.0, 200.0), (120.0, 60.0, 210.0), (80.0, 99.0, 190.0)] {
+        for (reflector, switch, kernel) in [
+            (100.0, 90.0, 200.0),
+            (120.0, 60.0, 210.0),
+            (80.0, 99.0, 190.0),
+        ] {
             runs.push(run(Path::AfXdpReflector, Sink::KernelDrop, reflector));
             runs.push(run(Path::MimiqSwitch, Sink::KernelDrop, switch));
             runs.push(run(Path::KernelForwarding, Sink::KernelDrop, kernel));
         }
         let md = markdown(&runs);
         // Medians: reflector 100, switch 90, kernel 200.
-        assert!(md.contains("| MimiqSwitch | KernelDrop | 3 | 1 | – | – | 90 (60–99) | 0.90 | 0.45 |"), "{md}");
-        assert!(md.contains("| AfXdpReflector | KernelDrop | 3 | 1 | – | – | 100 (80–120) | 1.00 | 0.50 |"), "{md}");
-        assert!(!md.contains("Receiver"), "no rows for a sink that was not run");
+        assert!(
+            md.contains("| MimiqSwitch | KernelDrop | 3 | 1 | – | – | 90 (60–99) | 0.90 | 0.45 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| AfXdpReflector | KernelDrop | 3 | 1 | – | – | 100 (80–120) | 1.00 | 0.50 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            !md.contains("Receiver"),
+            "no rows for a sink that was not run"
+        );
     }
 }

@@ -54,7 +54,16 @@ pub fn run(
         Forwarder::MimiqSwitch => {
             topology::line(&mut tb).map_err(|e| e.to_string())?;
             let stats = std::env::temp_dir().join(format!("mimiq-l2fwd-{}.json", tb.id()));
-            let args = ["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "100"];
+            let args = [
+                "--role",
+                "l2fwd",
+                "--port",
+                "p0",
+                "--port",
+                "p1",
+                "--stats-interval-ms",
+                "100",
+            ];
             Some(Switch::start(&mut tb, "sw", &args, &stats)?)
         }
     };
@@ -72,7 +81,16 @@ pub fn run(
     let mut client = tb
         .spawn(
             "h1",
-            &["iperf3", "-c", topology::addr::H2_V4, "-p", "5201", "-t", &secs, "-J"],
+            &[
+                "iperf3",
+                "-c",
+                topology::addr::H2_V4,
+                "-p",
+                "5201",
+                "-t",
+                &secs,
+                "-J",
+            ],
             false,
         )
         .map_err(|e| e.to_string())?;
@@ -109,7 +127,10 @@ pub fn run(
         return Err(format!("iperf3: {error}"));
     }
     let end = &report["end"];
-    let tcp_gbps = end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+    let tcp_gbps = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9;
     let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
 
     let (switch_packets, cpu_ns, cpu_gb) = match (&switch, &before) {
@@ -158,8 +179,10 @@ pub fn compare(seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Run>
             r.tcp_gbps / kernel.tcp_gbps.max(f64::MIN_POSITIVE),
             r.retransmits,
             r.rtt_mean_us,
-            r.switch_cpu_ns_per_packet.map_or("–".into(), |v| format!("{v:.0}")),
-            r.switch_cpu_ms_per_gb.map_or("–".into(), |v| format!("{v:.0}")),
+            r.switch_cpu_ns_per_packet
+                .map_or("–".into(), |v| format!("{v:.0}")),
+            r.switch_cpu_ms_per_gb
+                .map_or("–".into(), |v| format!("{v:.0}")),
         ));
     }
     Ok((vec![kernel, switch], md))

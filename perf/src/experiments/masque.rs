@@ -332,7 +332,10 @@ fn check_congestion(names: &[String]) -> Result<(), String> {
 }
 
 /// Runs RQ1 and RQ2 as `params` say; returns the results and the Markdown report.
-pub fn compare(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<(Results, String), String> {
+pub fn compare(
+    params: &Params,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Results, String), String> {
     let seconds = params.seconds;
     check_congestion(&params.congestion)?;
     let ccs: Vec<Option<&str>> = if params.congestion.is_empty() {
@@ -440,7 +443,11 @@ pub fn compare(params: &Params, progress: &mut dyn FnMut(&str)) -> Result<(Resul
     }
 
     let stop = Arc::new(AtomicBool::new(false));
-    let udp_families: &[Family] = if params.bulk_only { &[] } else { &[Family::V4, Family::V6] };
+    let udp_families: &[Family] = if params.bulk_only {
+        &[]
+    } else {
+        &[Family::V4, Family::V6]
+    };
     if !udp_families.is_empty() {
         progress("CONNECT-UDP:");
     }
@@ -573,12 +580,19 @@ fn kernel_testbed() -> Result<Testbed, String> {
 /// changes the offloads and keeps the kthreads.
 fn set_peer_rx(tb: &Testbed, rx: PeerRx, current: &NapiThreads) -> Result<NapiThreads, String> {
     let mut threads = NapiThreads::default();
-    let keep_threads = rx.threaded() && !(current.proxy_host.is_empty() && current.peers.is_empty());
+    let keep_threads =
+        rx.threaded() && !(current.proxy_host.is_empty() && current.peers.is_empty());
     for (host, dev) in VETH_ENDS {
         let sysfs = format!("/sys/class/net/{dev}/threaded");
         let exec = |cmd: &[&str]| tb.exec_ok(host, cmd).map_err(|e| format!("{host}: {e}"));
-        let offloads = if rx == PeerRx::NicOffloads { "on" } else { "off" };
-        exec(&["ethtool", "-K", dev, "tso", offloads, "gso", offloads, "tx", offloads])?;
+        let offloads = if rx == PeerRx::NicOffloads {
+            "on"
+        } else {
+            "off"
+        };
+        exec(&[
+            "ethtool", "-K", dev, "tso", offloads, "gso", offloads, "tx", offloads,
+        ])?;
         match rx {
             PeerRx::InSenderContext => {
                 exec(&["sh", "-c", &format!("echo 0 > {sysfs}")])?;
@@ -1068,8 +1082,10 @@ fn finish(
         proxy_cpu_us_per_packet: tunnelled
             .then_some(proxy_cpu_s * 1e6 / proxy_packets.max(1) as f64),
         client_cpu_s_per_gb: tunnelled.then_some((after.client_cpu_s - before.client_cpu_s) / gb),
-        proxy_quic_rx_per_pass: tunnelled.then_some(per_pass(after.udp_rx.saturating_sub(before.udp_rx))),
-        proxy_quic_tx_per_pass: tunnelled.then_some(per_pass(after.udp_tx.saturating_sub(before.udp_tx))),
+        proxy_quic_rx_per_pass: tunnelled
+            .then_some(per_pass(after.udp_rx.saturating_sub(before.udp_rx))),
+        proxy_quic_tx_per_pass: tunnelled
+            .then_some(per_pass(after.udp_tx.saturating_sub(before.udp_tx))),
         tcp_congestion: None,
         ratio_to_kernel: None,
         host_cpu_ratio_to_kernel: None,
@@ -1269,7 +1285,9 @@ fn line(r: &Throughput) -> String {
         r.path,
         r.peer_rx,
         r.traffic,
-        r.tcp_congestion.as_ref().map_or(String::new(), |c| format!(" ({c})")),
+        r.tcp_congestion
+            .as_ref()
+            .map_or(String::new(), |c| format!(" ({c})")),
         r.family,
         r.goodput_mbps,
         r.delivered_pps,
@@ -1279,9 +1297,11 @@ fn line(r: &Throughput) -> String {
             .map_or(String::new(), |c| format!(", proxy {c:.2} CPU-s/GB")),
         r.proxy_host_napi_cpu_s_per_gb
             .map_or(String::new(), |c| format!(", p napi {c:.2} CPU-s/GB")),
-        r.proxy_quic_rx_per_pass.zip(r.proxy_quic_tx_per_pass).map_or(String::new(), |(i, o)| {
-            format!(", QUIC {i:.1} in / {o:.1} out per pass")
-        }),
+        r.proxy_quic_rx_per_pass
+            .zip(r.proxy_quic_tx_per_pass)
+            .map_or(String::new(), |(i, o)| {
+                format!(", QUIC {i:.1} in / {o:.1} out per pass")
+            }),
     )
 }
 

@@ -50,7 +50,11 @@ pub const UPDATES_PER_S: u64 = 100_000;
 
 /// Both paths, l2fwd first, then the single box quiet and while the rule stream carries
 /// [`UPDATES_PER_S`]; returns the rows and a Markdown table.
-pub fn compare(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Result<(Vec<Row>, String), String> {
+pub fn compare(
+    seconds: u32,
+    bindings: u32,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<Row>, String), String> {
     progress("l2fwd:");
     let l2fwd = l2fwd(seconds)?;
     progress(&format!("single box with {bindings} bindings and 65535 aliases, then with {UPDATES_PER_S} updates/s:"));
@@ -77,11 +81,37 @@ fn l2fwd(seconds: u32) -> Result<Row, String> {
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
     topology::line(&mut tb).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let args = ["--role", "l2fwd", "--port", "p0", "--port", "p1", "--stats-interval-ms", "100"];
+    let args = [
+        "--role",
+        "l2fwd",
+        "--port",
+        "p0",
+        "--port",
+        "p1",
+        "--stats-interval-ms",
+        "100",
+    ];
     let switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("s.json"))?;
     // A destination MAC nobody has: h2's kernel drops the frames on arrival.
-    let send = ["--dst-mac", "02:00:00:00:00:ee", "--src", "198.18.0.1", "--dst", "198.18.0.2", "--vary", "src-port"];
-    let (sent_pps, forwarded, cpu_ms, elapsed) = measure(&mut tb, "h1", &send, seconds, &switch, |s| s.port(1, "tx_packets"), dir.path())?;
+    let send = [
+        "--dst-mac",
+        "02:00:00:00:00:ee",
+        "--src",
+        "198.18.0.1",
+        "--dst",
+        "198.18.0.2",
+        "--vary",
+        "src-port",
+    ];
+    let (sent_pps, forwarded, cpu_ms, elapsed) = measure(
+        &mut tb,
+        "h1",
+        &send,
+        seconds,
+        &switch,
+        |s| s.port(1, "tx_packets"),
+        dir.path(),
+    )?;
     Ok(Row {
         path: "l2fwd",
         updates_per_s: 0.0,
@@ -92,7 +122,11 @@ fn l2fwd(seconds: u32) -> Result<Row, String> {
     })
 }
 
-fn single_box(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Result<(Row, Row), String> {
+fn single_box(
+    seconds: u32,
+    bindings: u32,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Row, Row), String> {
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
     topology::single_box(&mut tb).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -101,36 +135,71 @@ fn single_box(seconds: u32, bindings: u32, progress: &mut dyn FnMut(&str)) -> Re
     let stream = Arc::new(AtomicBool::new(false));
     let publisher = {
         let (stop, stream) = (Arc::clone(&stop), Arc::clone(&stream));
-        tb.spawn_in("sw", move || serve_rules(c1_mac, bindings, &stop, &stream)).map_err(|e| e.to_string())?
+        tb.spawn_in("sw", move || serve_rules(c1_mac, bindings, &stop, &stream))
+            .map_err(|e| e.to_string())?
     };
     // The single box's usual config: relay and rule stream on the switch host's loopback.
     let config = crate::singlebox::switch_config(dir.path());
     let config = config.to_string_lossy().into_owned();
-    let switch = Switch::start(&mut tb, "sw", &["--config", &config], &dir.path().join("stats.json"))?;
+    let switch = Switch::start(
+        &mut tb,
+        "sw",
+        &["--config", &config],
+        &dir.path().join("stats.json"),
+    )?;
     // Both workers apply the whole snapshot before traffic starts.
     let want = u64::from(bindings) + 2;
     let loaded = Instant::now();
     loop {
         let s = switch.stats()?;
-        let applied: Vec<u64> = (0..2).map(|i| s.0["workers"][i]["updates_applied"].as_u64().unwrap_or(0)).collect();
+        let applied: Vec<u64> = (0..2)
+            .map(|i| s.0["workers"][i]["updates_applied"].as_u64().unwrap_or(0))
+            .collect();
         if applied.iter().all(|&n| n >= want) {
-            progress(&format!("  tables loaded in {:.1} s", loaded.elapsed().as_secs_f64()));
+            progress(&format!(
+                "  tables loaded in {:.1} s",
+                loaded.elapsed().as_secs_f64()
+            ));
             break;
         }
         if loaded.elapsed() > Duration::from_secs(120) {
-            return Err(format!("tables not loaded after 120 s: {applied:?} of {want}"));
+            return Err(format!(
+                "tables not loaded after 120 s: {applied:?} of {want}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     let edge_mac = mac(&tb, "sw", "out0");
-    let send = ["--dst-mac", edge_mac.as_str(), "--src", addr::OUT_V4, "--dst", "198.18.1.2", "--vary", "dst-ip"];
-    let delivered = |s: &crate::switch::SwitchStats| s.0["workers"][0]["ports"][0]["tx_packets"].as_u64().unwrap_or(0);
-    let applied = |s: &crate::switch::SwitchStats| s.0["workers"][1]["updates_applied"].as_u64().unwrap_or(0);
+    let send = [
+        "--dst-mac",
+        edge_mac.as_str(),
+        "--src",
+        addr::OUT_V4,
+        "--dst",
+        "198.18.1.2",
+        "--vary",
+        "dst-ip",
+    ];
+    let delivered = |s: &crate::switch::SwitchStats| {
+        s.0["workers"][0]["ports"][0]["tx_packets"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let applied =
+        |s: &crate::switch::SwitchStats| s.0["workers"][1]["updates_applied"].as_u64().unwrap_or(0);
     let mut rows = Vec::new();
     for (path, streaming) in [("single_box", false), ("single_box + updates", true)] {
         stream.store(streaming, Ordering::Relaxed);
         let before = applied(&switch.stats()?);
-        let (sent_pps, forwarded, cpu_ms, elapsed) = measure(&mut tb, "out", &send, seconds, &switch, delivered, dir.path())?;
+        let (sent_pps, forwarded, cpu_ms, elapsed) = measure(
+            &mut tb,
+            "out",
+            &send,
+            seconds,
+            &switch,
+            delivered,
+            dir.path(),
+        )?;
         let updates = applied(&switch.stats()?) - before;
         rows.push(Row {
             path,
@@ -162,28 +231,54 @@ fn measure(
     let perf = bin_path("mimiq-perf")?;
     let report = dir.join("send.json");
     let secs = seconds.to_string();
-    let mut cmd = vec![perf.to_str().unwrap_or("mimiq-perf"), "gen", "send", "--iface", "eth0", "--size", "64", "--flows", "64", "--duration", &secs];
+    let mut cmd = vec![
+        perf.to_str().unwrap_or("mimiq-perf"),
+        "gen",
+        "send",
+        "--iface",
+        "eth0",
+        "--size",
+        "64",
+        "--flows",
+        "64",
+        "--duration",
+        &secs,
+    ];
     cmd.extend_from_slice(send);
     let report_s = report.to_string_lossy().into_owned();
     cmd.extend(["--json", report_s.as_str()]);
     let before = switch.stats()?;
     let mut sender = tb.spawn(host, &cmd, true).map_err(|e| e.to_string())?;
-    let status = sender.wait_timeout(Duration::from_secs(u64::from(seconds) + 60)).ok_or("sender did not finish")?;
+    let status = sender
+        .wait_timeout(Duration::from_secs(u64::from(seconds) + 60))
+        .ok_or("sender did not finish")?;
     if !status.success() {
         return Err(format!("sender failed: {}", sender.describe()));
     }
     let after = switch.stats_after(Duration::from_millis(300))?;
-    let sent: Value = serde_json::from_str(&std::fs::read_to_string(&report).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let sent: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     let elapsed = sent["elapsed_s"].as_f64().unwrap_or(f64::from(seconds));
     let sent_pps = sent["sent_packets"].as_u64().unwrap_or(0) as f64 / elapsed;
-    Ok((sent_pps, forwarded(&after) - forwarded(&before), (after.cpu_ms() - before.cpu_ms()) as f64, elapsed))
+    Ok((
+        sent_pps,
+        forwarded(&after) - forwarded(&before),
+        (after.cpu_ms() - before.cpu_ms()) as f64,
+        elapsed,
+    ))
 }
 
 /// Serves one rule-stream subscriber (the switch) on 127.0.0.1:6365 of the current namespace:
 /// a snapshot with the 64 flow destinations bound to c1, filler bindings, and 65,535 aliases;
 /// then, while `stream` is set, numbered `BindingAdd`s of filler addresses at
 /// [`UPDATES_PER_S`] (in batches every 10 ms).
-fn serve_rules(c1: [u8; 6], bindings: u32, stop: &AtomicBool, stream: &AtomicBool) -> Result<(), String> {
+fn serve_rules(
+    c1: [u8; 6],
+    bindings: u32,
+    stop: &AtomicBool,
+    stream: &AtomicBool,
+) -> Result<(), String> {
     let listener = TcpListener::bind("127.0.0.1:6365").map_err(|e| e.to_string())?;
     let (mut stream_socket, _) = listener.accept().map_err(|e| e.to_string())?;
     let secret = mimiq_dataplane::config::parse_hex(KEY)?;
@@ -198,15 +293,32 @@ fn serve_rules(c1: [u8; 6], bindings: u32, stop: &AtomicBool, stream: &AtomicBoo
         } else {
             Ipv4Addr::from(0x6440_0000 | i) // 100.64.0.0/10, table filler
         };
-        updates.push(RuleUpdate::BindingAdd { ip: IpAddr::V4(ip), mac: Mac(c1), sid: 1, valid_until_ms: u64::MAX });
+        updates.push(RuleUpdate::BindingAdd {
+            ip: IpAddr::V4(ip),
+            mac: Mac(c1),
+            sid: 1,
+            valid_until_ms: u64::MAX,
+        });
     }
-    updates.push(RuleUpdate::AliasEpoch { epoch: 1, aliases: vec![(1, (1..65536).collect())], valid_until_ms: u64::MAX });
+    updates.push(RuleUpdate::AliasEpoch {
+        epoch: 1,
+        aliases: vec![(1, (1..65536).collect())],
+        valid_until_ms: u64::MAX,
+    });
     let mut out = Vec::with_capacity(64 << 20);
-    StreamMsg::Update(Sequenced { seq: 1, update: RuleUpdate::Snapshot { seq: 1, count: updates.len() as u32 } })
-        .emit_frame(&key, &mut out)
-        .map_err(|e| format!("{e:?}"))?;
+    StreamMsg::Update(Sequenced {
+        seq: 1,
+        update: RuleUpdate::Snapshot {
+            seq: 1,
+            count: updates.len() as u32,
+        },
+    })
+    .emit_frame(&key, &mut out)
+    .map_err(|e| format!("{e:?}"))?;
     for update in updates {
-        StreamMsg::Update(Sequenced { seq: 1, update }).emit_frame(&key, &mut out).map_err(|e| format!("{e:?}"))?;
+        StreamMsg::Update(Sequenced { seq: 1, update })
+            .emit_frame(&key, &mut out)
+            .map_err(|e| format!("{e:?}"))?;
         if out.len() > 1 << 20 {
             stream_socket.write_all(&out).map_err(|e| e.to_string())?;
             out.clear();
@@ -227,9 +339,20 @@ fn serve_rules(c1: [u8; 6], bindings: u32, stop: &AtomicBool, stream: &AtomicBoo
         out.clear();
         for _ in 0..batch {
             seq += 1;
-            filler = if filler + 1 >= bindings { 64 } else { filler + 1 };
-            let update = RuleUpdate::BindingAdd { ip: IpAddr::V4(Ipv4Addr::from(0x6440_0000 | filler)), mac: Mac(c1), sid: 1, valid_until_ms: u64::MAX - u64::from(filler) };
-            StreamMsg::Update(Sequenced { seq, update }).emit_frame(&key, &mut out).map_err(|e| format!("{e:?}"))?;
+            filler = if filler + 1 >= bindings {
+                64
+            } else {
+                filler + 1
+            };
+            let update = RuleUpdate::BindingAdd {
+                ip: IpAddr::V4(Ipv4Addr::from(0x6440_0000 | filler)),
+                mac: Mac(c1),
+                sid: 1,
+                valid_until_ms: u64::MAX - u64::from(filler),
+            };
+            StreamMsg::Update(Sequenced { seq, update })
+                .emit_frame(&key, &mut out)
+                .map_err(|e| format!("{e:?}"))?;
         }
         tcp.write_all(&out).map_err(|e| e.to_string())?;
         next += Duration::from_millis(10);

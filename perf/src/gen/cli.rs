@@ -201,7 +201,9 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
         GenCommand::Send(args) => {
             let show = args.progress;
             let config = send_config(args)?;
-            let report = send::run(&config, &stop, &mut || ready(&config.iface), &mut |l| progress(show, l))?;
+            let report = send::run(&config, &stop, &mut || ready(&config.iface), &mut |l| {
+                progress(show, l)
+            })?;
             println!(
                 "sent {} packets, {} bytes in {:.3} s: {:.0} pps, {:.1} Mbit/s ({} flows, mean frame {:.0} B)",
                 report.sent_packets,
@@ -217,7 +219,9 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
         GenCommand::Recv(args) => {
             let show = args.progress;
             let config = recv_config(args)?;
-            let report = recv::run(&config, &stop, &mut || ready(&config.iface), &mut |l| progress(show, l))?;
+            let report = recv::run(&config, &stop, &mut || ready(&config.iface), &mut |l| {
+                progress(show, l)
+            })?;
             let l = report.latency;
             println!(
                 "received {} packets, {} bytes in {:.3} s: {:.0} pps, {:.1} Mbit/s; lost {} ({:.4} %), reordered {}, duplicates {}, other frames {}",
@@ -244,15 +248,25 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
         }
         GenCommand::Reflect(args) => {
             if args.ports.len() > 2 {
-                bail!("--port given {} times; the reflector takes one or two", args.ports.len());
+                bail!(
+                    "--port given {} times; the reflector takes one or two",
+                    args.ports.len()
+                );
             }
             let ports = args.ports.clone();
-            let report = reflect::run(&args.ports, &args.socket.xsk(), args.busy, &stop, &mut || {
-                ready(&ports.join(","))
-            })?;
+            let report = reflect::run(
+                &args.ports,
+                &args.socket.xsk(),
+                args.busy,
+                &stop,
+                &mut || ready(&ports.join(",")),
+            )?;
             println!(
                 "reflected {} packets, dropped {}; cpu {} ms user, {} ms sys",
-                report.forwarded_packets, report.dropped_packets, report.cpu_user_ms, report.cpu_sys_ms
+                report.forwarded_packets,
+                report.dropped_packets,
+                report.cpu_user_ms,
+                report.cpu_sys_ms
             );
             write_json(args.json.as_ref(), &report)?;
         }
@@ -306,7 +320,11 @@ pub fn send_config(a: SendArgs) -> anyhow::Result<SendConfig> {
     };
     let v6 = dst_ip.is_ipv6();
     let min = probe::min_frame_len(v6);
-    if let Some(bad) = sizes.sizes.iter().find(|s| !(min..=probe::MAX_FRAME_LEN).contains(*s)) {
+    if let Some(bad) = sizes
+        .sizes
+        .iter()
+        .find(|s| !(min..=probe::MAX_FRAME_LEN).contains(*s))
+    {
         bail!(
             "frame size {bad} is outside {min}..={} bytes for {} (sizes include the 4-byte FCS)",
             probe::MAX_FRAME_LEN,
@@ -340,7 +358,11 @@ pub fn send_config(a: SendArgs) -> anyhow::Result<SendConfig> {
             dst_port: a.dst_port,
         },
         flows: a.flows,
-        vary: if a.vary.is_empty() { vec![Vary::SrcPort] } else { a.vary },
+        vary: if a.vary.is_empty() {
+            vec![Vary::SrcPort]
+        } else {
+            a.vary
+        },
         sizes,
         rate,
         count: a.count,
@@ -373,7 +395,8 @@ fn recv_config(a: RecvArgs) -> anyhow::Result<RecvConfig> {
 /// The MAC address of `iface` in this network namespace.
 fn interface_mac(iface: &str) -> anyhow::Result<[u8; 6]> {
     let path = format!("/sys/class/net/{iface}/address");
-    let text = std::fs::read_to_string(&path).map_err(|_| anyhow::anyhow!("interface {iface} not found"))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|_| anyhow::anyhow!("interface {iface} not found"))?;
     parse_mac(text.trim()).map_err(|e| anyhow::anyhow!("{path}: {e}"))
 }
 
@@ -382,7 +405,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in mac.iter_mut() {
-        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(|| bad_mac(text))?;
+        let part = parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .ok_or_else(|| bad_mac(text))?;
         *byte = u8::from_str_radix(part, 16).map_err(|_| bad_mac(text))?;
     }
     if parts.next().is_some() {
@@ -405,7 +431,9 @@ pub fn parse_si(text: &str) -> Result<f64, String> {
     };
     match num.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v * mult <= 1e12 => Ok(v * mult),
-        _ => Err(format!("{text:?} is not a positive rate (e.g. 100000, 1.5M, 10G)")),
+        _ => Err(format!(
+            "{text:?} is not a positive rate (e.g. 100000, 1.5M, 10G)"
+        )),
     }
 }
 
@@ -419,8 +447,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         (text, 1.0)
     };
     match num.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 && v * scale <= 86_400.0 => Ok(Duration::from_secs_f64(v * scale)),
-        _ => Err(format!("{text:?} is not a duration up to a day (e.g. 10, 2.5s, 500ms)")),
+        Ok(v) if v.is_finite() && v > 0.0 && v * scale <= 86_400.0 => {
+            Ok(Duration::from_secs_f64(v * scale))
+        }
+        _ => Err(format!(
+            "{text:?} is not a duration up to a day (e.g. 10, 2.5s, 500ms)"
+        )),
     }
 }
 
@@ -438,7 +470,13 @@ mod tests {
     #[test]
     fn values_parse_or_are_refused() {
         assert_eq!(parse_mac("02:00:0a:FF:00:01"), Ok([2, 0, 10, 255, 0, 1]));
-        for bad in ["", "02:00:0a:ff:00", "02:00:0a:ff:00:01:02", "0g:00:00:00:00:00", "2:0:0:0:0:1"] {
+        for bad in [
+            "",
+            "02:00:0a:ff:00",
+            "02:00:0a:ff:00:01:02",
+            "0g:00:00:00:00:00",
+            "2:0:0:0:0:1",
+        ] {
             assert!(parse_mac(bad).is_err(), "{bad:?}");
         }
         assert_eq!(parse_si("1.5M"), Ok(1.5e6));

@@ -29,7 +29,10 @@ pub mod seq;
 /// compared with (the same clock on both ends, since they share the machine).
 #[inline]
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec into the live local we pass; CLOCK_MONOTONIC
     // always exists on Linux, so it cannot fail (a vDSO call, no syscall).
     unsafe {

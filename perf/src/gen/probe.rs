@@ -98,7 +98,11 @@ pub struct Template {
 
 impl Template {
     /// Builds the frame of `flow` (written into the probe) with `frame_len` bytes including FCS.
-    pub fn build(addrs: &FlowAddrs, flow: u16, frame_len: usize) -> Result<Template, TemplateError> {
+    pub fn build(
+        addrs: &FlowAddrs,
+        flow: u16,
+        frame_len: usize,
+    ) -> Result<Template, TemplateError> {
         let ipv6 = addrs.dst_ip.is_ipv6();
         let (min, max) = (min_frame_len(ipv6), MAX_FRAME_LEN);
         if !(min..=max).contains(&frame_len) {
@@ -112,8 +116,12 @@ impl Template {
         let len = frame_len - FCS_LEN;
         let builder = PacketBuilder::ethernet2(addrs.src_mac, addrs.dst_mac);
         let (builder, udp) = match (addrs.src_ip, addrs.dst_ip) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => (builder.ipv4(s.octets(), d.octets(), 64), ETH_LEN + IPV4_LEN),
-            (IpAddr::V6(s), IpAddr::V6(d)) => (builder.ipv6(s.octets(), d.octets(), 64), ETH_LEN + IPV6_LEN),
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                (builder.ipv4(s.octets(), d.octets(), 64), ETH_LEN + IPV4_LEN)
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                (builder.ipv6(s.octets(), d.octets(), 64), ETH_LEN + IPV6_LEN)
+            }
             (s, d) => return Err(TemplateError::MixedFamilies(s, d)),
         };
         let builder = builder.udp(addrs.src_port, addrs.dst_port);
@@ -127,7 +135,10 @@ impl Template {
             .write(&mut frame, &payload)
             .expect("etherparse writes a UDP frame of at most 1514 bytes into a Vec");
         debug_assert_eq!(frame.len(), len);
-        let checksum = u16::from_be_bytes([frame[udp + UDP_CHECKSUM_OFFSET], frame[udp + UDP_CHECKSUM_OFFSET + 1]]);
+        let checksum = u16::from_be_bytes([
+            frame[udp + UDP_CHECKSUM_OFFSET],
+            frame[udp + UDP_CHECKSUM_OFFSET + 1],
+        ]);
         frame.truncate(udp + UDP_LEN + PROBE_LEN);
         Ok(Template {
             head: frame,
@@ -156,8 +167,10 @@ impl Template {
         buf[..head].copy_from_slice(&self.head);
         buf[head..self.len].fill(0);
         let probe = self.udp + UDP_LEN;
-        buf[probe + PROBE_SEQ_OFFSET..probe + PROBE_SEQ_OFFSET + 4].copy_from_slice(&seq.to_be_bytes());
-        buf[probe + PROBE_TIME_OFFSET..probe + PROBE_TIME_OFFSET + 8].copy_from_slice(&time_ns.to_be_bytes());
+        buf[probe + PROBE_SEQ_OFFSET..probe + PROBE_SEQ_OFFSET + 4]
+            .copy_from_slice(&seq.to_be_bytes());
+        buf[probe + PROBE_TIME_OFFSET..probe + PROBE_TIME_OFFSET + 8]
+            .copy_from_slice(&time_ns.to_be_bytes());
         let mut sum = self.partial_sum;
         sum += seq >> 16;
         sum += seq & 0xffff;
@@ -245,14 +258,24 @@ mod tests {
     /// The UDP checksum etherparse computes over the frame as it is.
     fn recomputed_checksum(frame: &[u8]) -> (u16, u16) {
         let p = SlicedPacket::from_ethernet(frame).unwrap();
-        let Some(TransportSlice::Udp(udp)) = p.transport else { panic!("not UDP") };
+        let Some(TransportSlice::Udp(udp)) = p.transport else {
+            panic!("not UDP")
+        };
         let header = udp.to_header();
         let want = match p.net.unwrap() {
             NetSlice::Ipv4(ip) => header
-                .calc_checksum_ipv4_raw(ip.header().source(), ip.header().destination(), udp.payload())
+                .calc_checksum_ipv4_raw(
+                    ip.header().source(),
+                    ip.header().destination(),
+                    udp.payload(),
+                )
                 .unwrap(),
             NetSlice::Ipv6(ip) => header
-                .calc_checksum_ipv6_raw(ip.header().source(), ip.header().destination(), udp.payload())
+                .calc_checksum_ipv6_raw(
+                    ip.header().source(),
+                    ip.header().destination(),
+                    udp.payload(),
+                )
                 .unwrap(),
             _ => panic!("no IP"),
         };
@@ -267,11 +290,27 @@ mod tests {
                 assert_eq!(t.frame_len(), size);
                 // Poisoned buffer: the padding must come out zero.
                 let mut buf = vec![0xa5u8; t.len()];
-                for (seq, time) in [(0, 0), (1, 1), (0xffff_ffff, u64::MAX), (0x1234_5678, 0xdead_beef_0bad_f00d)] {
+                for (seq, time) in [
+                    (0, 0),
+                    (1, 1),
+                    (0xffff_ffff, u64::MAX),
+                    (0x1234_5678, 0xdead_beef_0bad_f00d),
+                ] {
                     t.write(&mut buf, seq, time);
                     let (got, want) = recomputed_checksum(&buf);
-                    assert_eq!(got, if want == 0 { 0xffff } else { want }, "v6={v6} size={size} seq={seq}");
-                    assert_eq!(parse(&buf), Some(Probe { flow: 7, seq, time_ns: time }));
+                    assert_eq!(
+                        got,
+                        if want == 0 { 0xffff } else { want },
+                        "v6={v6} size={size} seq={seq}"
+                    );
+                    assert_eq!(
+                        parse(&buf),
+                        Some(Probe {
+                            flow: 7,
+                            seq,
+                            time_ns: time
+                        })
+                    );
                 }
             }
         }
@@ -285,7 +324,10 @@ mod tests {
         assert!(Template::build(&addrs(false), 0, 1519).is_err());
         let mut mixed = addrs(false);
         mixed.dst_ip = "fd00::2".parse().unwrap();
-        assert!(matches!(Template::build(&mixed, 0, 128), Err(TemplateError::MixedFamilies(..))));
+        assert!(matches!(
+            Template::build(&mixed, 0, 128),
+            Err(TemplateError::MixedFamilies(..))
+        ));
     }
 
     #[test]

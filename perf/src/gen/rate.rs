@@ -116,8 +116,14 @@ impl SizeMix {
         let mut pairs = Vec::new();
         for part in text.split(',') {
             let (size, weight) = part.split_once(':').unwrap_or((part, "1"));
-            let size = size.trim().parse().map_err(|_| SizeMixError::Syntax(text.into()))?;
-            let weight = weight.trim().parse().map_err(|_| SizeMixError::Syntax(text.into()))?;
+            let size = size
+                .trim()
+                .parse()
+                .map_err(|_| SizeMixError::Syntax(text.into()))?;
+            let weight = weight
+                .trim()
+                .parse()
+                .map_err(|_| SizeMixError::Syntax(text.into()))?;
             pairs.push((size, weight));
         }
         SizeMix::weighted(&pairs).ok_or_else(|| SizeMixError::Limits(text.into()))
@@ -126,7 +132,11 @@ impl SizeMix {
     /// The mix of `(size, weight)` pairs; `None` outside the limits of [`SizeMixError::Limits`].
     pub fn weighted(pairs: &[(usize, u32)]) -> Option<SizeMix> {
         let total: u32 = pairs.iter().map(|p| p.1).sum();
-        if pairs.is_empty() || pairs.len() > 16 || pairs.iter().any(|p| !(1..=1000).contains(&p.1)) || total > 1000 {
+        if pairs.is_empty()
+            || pairs.len() > 16
+            || pairs.iter().any(|p| !(1..=1000).contains(&p.1))
+            || total > 1000
+        {
             return None;
         }
         let mut current = vec![0i64; pairs.len()];
@@ -153,7 +163,11 @@ impl SizeMix {
     /// Mean frame size in bytes.
     pub fn mean(&self) -> f64 {
         let total: u32 = self.weights.iter().sum();
-        self.sizes.iter().zip(&self.weights).map(|(s, w)| *s as f64 * f64::from(*w)).sum::<f64>()
+        self.sizes
+            .iter()
+            .zip(&self.weights)
+            .map(|(s, w)| *s as f64 * f64::from(*w))
+            .sum::<f64>()
             / f64::from(total)
     }
 }
@@ -183,7 +197,11 @@ mod tests {
         assert_eq!(burst, 64);
         assert_eq!(b.wait_ns(1.0), 1000);
         // The rest of the second is accounted as discarded: earned = sent + held + discarded.
-        assert!((b.discarded() + (sent + burst) as f64 - 1_010_000.0).abs() < 2.0, "{}", b.discarded());
+        assert!(
+            (b.discarded() + (sent + burst) as f64 - 1_010_000.0).abs() < 2.0,
+            "{}",
+            b.discarded()
+        );
     }
 
     #[test]
@@ -191,10 +209,17 @@ mod tests {
         let m = SizeMix::imix();
         assert_eq!(m.pattern.len(), 12);
         for (i, w) in m.weights.iter().enumerate() {
-            assert_eq!(m.pattern.iter().filter(|&&p| usize::from(p) == i).count(), *w as usize);
+            assert_eq!(
+                m.pattern.iter().filter(|&&p| usize::from(p) == i).count(),
+                *w as usize
+            );
         }
         // No two 576-byte frames in a row.
-        assert!(m.pattern.windows(2).all(|w| !(w[0] == 1 && w[1] == 1)), "{:?}", m.pattern);
+        assert!(
+            m.pattern.windows(2).all(|w| !(w[0] == 1 && w[1] == 1)),
+            "{:?}",
+            m.pattern
+        );
         assert!((m.mean() - (7.0 * 64.0 + 4.0 * 576.0 + 1500.0) / 12.0).abs() < 1e-9);
     }
 
@@ -202,7 +227,10 @@ mod tests {
     fn size_mixes_parse_or_say_why_not() {
         assert_eq!(SizeMix::parse("64").unwrap(), SizeMix::fixed(64));
         assert_eq!(SizeMix::parse("IMIX").unwrap(), SizeMix::imix());
-        assert_eq!(SizeMix::parse("64:7,576:4,1500:1").unwrap(), SizeMix::imix());
+        assert_eq!(
+            SizeMix::parse("64:7,576:4,1500:1").unwrap(),
+            SizeMix::imix()
+        );
         for bad in ["", "x", "64:", "64:0", "64:2000", "-1", "64,,128"] {
             assert!(SizeMix::parse(bad).is_err(), "{bad:?}");
         }

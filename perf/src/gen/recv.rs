@@ -121,13 +121,19 @@ pub fn run(
     ready: &mut dyn FnMut(),
     progress: &mut dyn FnMut(&str),
 ) -> Result<RecvReport, RecvError> {
-    let (mut ports, mut memory, mut free) = xsk::open(&[(config.iface.clone(), config.queue)], &config.xsk)?;
+    let (mut ports, mut memory, mut free) =
+        xsk::open(&[(config.iface.clone(), config.queue)], &config.xsk)?;
     let hlog_err = |e: &dyn std::fmt::Display| RecvError::Hlog {
-        path: config.hlog.as_ref().map_or(String::new(), |p| p.display().to_string()),
+        path: config
+            .hlog
+            .as_ref()
+            .map_or(String::new(), |p| p.display().to_string()),
         reason: e.to_string(),
     };
     let mut out: Box<dyn Write> = match &config.hlog {
-        Some(path) => Box::new(BufWriter::new(File::create(path).map_err(|e| hlog_err(&e))?)),
+        Some(path) => Box::new(BufWriter::new(
+            File::create(path).map_err(|e| hlog_err(&e))?,
+        )),
         None => Box::new(std::io::sink()),
     };
     let mut serializer = V2DeflateSerializer::new();
@@ -142,7 +148,8 @@ pub fn run(
 
     let port = &mut ports[0];
     ready();
-    let new_hist = || Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds");
+    let new_hist =
+        || Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds");
     let mut total = new_hist();
     let mut interval = new_hist();
     let mut tracker = SeqTracker::default();
@@ -183,8 +190,14 @@ pub fn run(
         port.reclaim(&mut free);
 
         if now - interval_start >= interval_ns {
-            flush_interval(&mut log, &mut total, &mut interval, interval_start - start_ns, now - interval_start)
-                .map_err(|e| hlog_err(&e))?;
+            flush_interval(
+                &mut log,
+                &mut total,
+                &mut interval,
+                interval_start - start_ns,
+                now - interval_start,
+            )
+            .map_err(|e| hlog_err(&e))?;
             interval_start = now;
         }
         let received = tracker.counters().received;
@@ -201,9 +214,14 @@ pub fn run(
             progress_received = received;
         }
         let finished = stop.load(Ordering::Relaxed)
-            || config.duration.is_some_and(|d| now - start_ns >= d.as_nanos() as u64)
+            || config
+                .duration
+                .is_some_and(|d| now - start_ns >= d.as_nanos() as u64)
             || config.count.is_some_and(|c| received >= c)
-            || (first_ns > 0 && config.idle_exit.is_some_and(|d| now - last_ns >= d.as_nanos() as u64));
+            || (first_ns > 0
+                && config
+                    .idle_exit
+                    .is_some_and(|d| now - last_ns >= d.as_nanos() as u64));
         if finished {
             break;
         }
@@ -212,8 +230,14 @@ pub fn run(
         }
     }
     let now = monotonic_ns();
-    flush_interval(&mut log, &mut total, &mut interval, interval_start - start_ns, now - interval_start)
-        .map_err(|e| hlog_err(&e))?;
+    flush_interval(
+        &mut log,
+        &mut total,
+        &mut interval,
+        interval_start - start_ns,
+        now - interval_start,
+    )
+    .map_err(|e| hlog_err(&e))?;
     drop(log);
     out.flush().map_err(|e| hlog_err(&e))?;
     let cpu1 = cpu_time_ms();
@@ -238,7 +262,12 @@ pub fn run(
 
 /// Writes `interval` to the log (when it has samples), adds it to `total` and resets it.
 fn flush_interval<W: Write>(
-    log: &mut hdrhistogram::serialization::interval_log::IntervalLogWriter<'_, '_, W, V2DeflateSerializer>,
+    log: &mut hdrhistogram::serialization::interval_log::IntervalLogWriter<
+        '_,
+        '_,
+        W,
+        V2DeflateSerializer,
+    >,
     total: &mut Histogram<u64>,
     interval: &mut Histogram<u64>,
     start_offset_ns: u64,
@@ -247,8 +276,13 @@ fn flush_interval<W: Write>(
     if interval.is_empty() {
         return Ok(());
     }
-    log.write_histogram(interval, Duration::from_nanos(start_offset_ns), Duration::from_nanos(len_ns), None)
-        .map_err(|e| format!("{e:?}"))?;
+    log.write_histogram(
+        interval,
+        Duration::from_nanos(start_offset_ns),
+        Duration::from_nanos(len_ns),
+        None,
+    )
+    .map_err(|e| format!("{e:?}"))?;
     total.add(&*interval).map_err(|e| format!("{e:?}"))?;
     interval.reset();
     Ok(())

@@ -166,7 +166,8 @@ pub fn run(
     let nsizes = config.sizes.sizes.len();
     let flows = config.flows as usize;
     let pattern = &config.sizes.pattern;
-    let (mut ports, mut memory, mut free) = xsk::open(&[(config.iface.clone(), config.queue)], &config.xsk)?;
+    let (mut ports, mut memory, mut free) =
+        xsk::open(&[(config.iface.clone(), config.queue)], &config.xsk)?;
     let port = &mut ports[0];
     ready();
 
@@ -193,12 +194,15 @@ pub fn run(
 
     let start_ns = monotonic_ns();
     let mut bucket = TokenBucket::new(per_s, capacity, start_ns);
-    let deadline_ns = config.duration.map(|d| start_ns.saturating_add(d.as_nanos() as u64));
+    let deadline_ns = config
+        .duration
+        .map(|d| start_ns.saturating_add(d.as_nanos() as u64));
     let mut numbering = vec![FlowNumbering::default(); flows];
     let mut faults = FaultCounters::default();
     let mut tx: Vec<_> = Vec::with_capacity(batch);
     let mut rx: Vec<_> = Vec::with_capacity(64);
-    let (mut generated, mut sent, mut sent_bytes, mut tx_ring_full, mut rx_ignored) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut generated, mut sent, mut sent_bytes, mut tx_ring_full, mut rx_ignored) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut last_burst_ns = start_ns;
     let mut round = 0usize; // position in the size pattern, advanced once per round of flows
     let mut flow = 0usize;
@@ -214,7 +218,11 @@ pub fn run(
         let now = monotonic_ns();
         if now >= progress_at_ns {
             let t = (now - start_ns) / 1_000_000_000;
-            progress(&format!("t={t}s sent {} pps, {} total", sent - progress_sent, sent));
+            progress(&format!(
+                "t={t}s sent {} pps, {} total",
+                sent - progress_sent,
+                sent
+            ));
             progress_at_ns += 1_000_000_000;
             progress_sent = sent;
         }
@@ -237,7 +245,8 @@ pub fn run(
                 }
             }
             for _ in 0..want {
-                let t = &templates[flow * nsizes + usize::from(pattern[(round + flow) % pattern.len()])];
+                let t = &templates
+                    [flow * nsizes + usize::from(pattern[(round + flow) % pattern.len()])];
                 if per_s > 0.0 && !bucket.take(cost_of(t)) {
                     break;
                 }
@@ -315,7 +324,11 @@ pub fn run(
         flows: config.flows,
         mean_frame_bytes: mean_frame,
         tx_ring_full,
-        rate_deficit_packets: if per_s > 0.0 { (bucket.discarded() / unit).round() as u64 } else { 0 },
+        rate_deficit_packets: if per_s > 0.0 {
+            (bucket.discarded() / unit).round() as u64
+        } else {
+            0
+        },
         rx_ignored,
         tx_unfinished: port.tx_in_flight(),
         faults,
@@ -360,7 +373,10 @@ mod tests {
             dst_ip: "fd00::2".parse().unwrap(),
             ..base
         };
-        assert_eq!(flow_addrs(&v6, &[Vary::SrcIp], 1).src_ip, "fd00::1:0".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            flow_addrs(&v6, &[Vary::SrcIp], 1).src_ip,
+            "fd00::1:0".parse::<IpAddr>().unwrap()
+        );
 
         let config = SendConfig {
             iface: "eth0".into(),

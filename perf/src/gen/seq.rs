@@ -224,28 +224,71 @@ mod tests {
     #[test]
     fn in_order_packets_are_neither_lost_nor_reordered() {
         let c = run(&(0..5000).collect::<Vec<_>>());
-        assert_eq!(c, SeqCounters { received: 5000, ..Default::default() });
+        assert_eq!(
+            c,
+            SeqCounters {
+                received: 5000,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]
     fn a_gap_counts_as_lost_and_a_late_packet_closes_it_as_reordered() {
-        assert_eq!(run(&[0, 1, 3, 4]), SeqCounters { received: 4, lost: 1, ..Default::default() });
-        assert_eq!(run(&[0, 2, 1, 3]), SeqCounters { received: 4, reordered: 1, ..Default::default() });
+        assert_eq!(
+            run(&[0, 1, 3, 4]),
+            SeqCounters {
+                received: 4,
+                lost: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            run(&[0, 2, 1, 3]),
+            SeqCounters {
+                received: 4,
+                reordered: 1,
+                ..Default::default()
+            }
+        );
         // The first packet of the flow missing counts too: senders start at 0.
-        assert_eq!(run(&[1, 2]), SeqCounters { received: 2, lost: 1, ..Default::default() });
-        assert_eq!(run(&[1, 0, 2]), SeqCounters { received: 3, reordered: 1, ..Default::default() });
+        assert_eq!(
+            run(&[1, 2]),
+            SeqCounters {
+                received: 2,
+                lost: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            run(&[1, 0, 2]),
+            SeqCounters {
+                received: 3,
+                reordered: 1,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]
     fn duplicates_are_counted_once_and_never_as_received() {
         assert_eq!(
             run(&[0, 1, 1, 2, 0, 3]),
-            SeqCounters { received: 4, duplicates: 2, ..Default::default() }
+            SeqCounters {
+                received: 4,
+                duplicates: 2,
+                ..Default::default()
+            }
         );
         // A duplicate of a late packet, still inside the window.
         assert_eq!(
             run(&[0, 5, 3, 3, 6]),
-            SeqCounters { received: 4, lost: 3, reordered: 1, duplicates: 1 }
+            SeqCounters {
+                received: 4,
+                lost: 3,
+                reordered: 1,
+                duplicates: 1
+            }
         );
     }
 
@@ -254,7 +297,15 @@ mod tests {
         let mut seqs: Vec<u32> = (0..10).collect();
         seqs.push(5000); // gap of 4990
         seqs.push(10); // far behind the window: reordered, one fewer lost
-        assert_eq!(run(&seqs), SeqCounters { received: 12, lost: 4989, reordered: 1, duplicates: 0 });
+        assert_eq!(
+            run(&seqs),
+            SeqCounters {
+                received: 12,
+                lost: 4989,
+                reordered: 1,
+                duplicates: 0
+            }
+        );
 
         let mut t = FlowTracker::default();
         let mut c = SeqCounters::default();
@@ -262,7 +313,13 @@ mod tests {
         for s in [u32::MAX - 2, u32::MAX - 1, u32::MAX, 0, 1, 2] {
             t.on_probe(s, &mut c);
         }
-        assert_eq!(c, SeqCounters { received: 6, ..Default::default() });
+        assert_eq!(
+            c,
+            SeqCounters {
+                received: 6,
+                ..Default::default()
+            }
+        );
         assert_eq!(t.next(), (1 << 32) + 3);
     }
 
@@ -273,7 +330,14 @@ mod tests {
             t.on_probe(3, s);
             t.on_probe(1, s * 2); // every other number missing: 99 lost
         }
-        assert_eq!(t.counters(), SeqCounters { received: 200, lost: 99, ..Default::default() });
+        assert_eq!(
+            t.counters(),
+            SeqCounters {
+                received: 200,
+                lost: 99,
+                ..Default::default()
+            }
+        );
         assert_eq!(t.flows_seen(), 2);
     }
 
@@ -286,10 +350,16 @@ mod tests {
         ] {
             let mut numbering = FlowNumbering::default();
             let mut faults = FaultCounters::default();
-            let seqs: Vec<u32> = (0..1000).map(|_| numbering.next_seq(fault, &mut faults)).collect();
+            let seqs: Vec<u32> = (0..1000)
+                .map(|_| numbering.next_seq(fault, &mut faults))
+                .collect();
             assert!(!numbering.has_held());
             let c = run(&seqs);
-            assert_eq!((c.received, c.lost, c.reordered, c.duplicates), (1000, lost, reordered, 0), "{fault:?}");
+            assert_eq!(
+                (c.received, c.lost, c.reordered, c.duplicates),
+                (1000, lost, reordered, 0),
+                "{fault:?}"
+            );
             assert_eq!(faults.skipped, lost);
             assert_eq!(faults.swapped, reordered);
         }

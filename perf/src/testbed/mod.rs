@@ -15,6 +15,9 @@
 
 pub mod topology;
 
+/// Tests wait with this instead of sleeping, here and in every crate's tests.
+pub use mimiq_testkit::{eventually, TimedOut};
+
 use std::fs::File;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -86,7 +89,11 @@ impl Testbed {
     /// A new, empty testbed with a name no other testbed on this machine uses.
     pub fn new() -> Result<Self, TestbedError> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let id = format!("{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{}.{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         Self::with_id(id)
     }
 
@@ -99,7 +106,9 @@ impl Testbed {
         Ok(Testbed {
             id: id.into(),
             hosts: Vec::new(),
-            logs: tempfile::Builder::new().prefix("mimiq-testbed-").tempdir()?,
+            logs: tempfile::Builder::new()
+                .prefix("mimiq-testbed-")
+                .tempdir()?,
             spawned: 0,
             keep: false,
         })
@@ -129,7 +138,9 @@ impl Testbed {
     pub fn add_host(&mut self, name: &str) -> Result<(), TestbedError> {
         let valid = !name.is_empty()
             && name.len() <= 12
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if !valid {
             return Err(TestbedError::BadHostName(name.to_string()));
         }
@@ -156,9 +167,26 @@ impl Testbed {
         run(
             "ip",
             &[
-                "link", "add", a_if, "netns", &ns_a, "numtxqueues", &q, "numrxqueues", &q,
-                "type", "veth", "peer", "name", b_if, "netns", &ns_b, "numtxqueues", &q,
-                "numrxqueues", &q,
+                "link",
+                "add",
+                a_if,
+                "netns",
+                &ns_a,
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b_if,
+                "netns",
+                &ns_b,
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
             ],
         )?;
         for (ns, ifname) in [(&ns_a, a_if), (&ns_b, b_if)] {
@@ -195,7 +223,10 @@ impl Testbed {
             check_test_range(dest)?;
         }
         let family = if gateway.contains(':') { "-6" } else { "-4" };
-        run("ip", &[family, "-n", &ns, "route", "add", dest, "via", gateway])?;
+        run(
+            "ip",
+            &[family, "-n", &ns, "route", "add", dest, "via", gateway],
+        )?;
         Ok(())
     }
 
@@ -218,7 +249,18 @@ impl Testbed {
     /// Sets a sysctl inside `host`.
     pub fn sysctl(&self, host: &str, key: &str, value: &str) -> Result<(), TestbedError> {
         let ns = self.known(host)?;
-        run("ip", &["netns", "exec", &ns, "sysctl", "-q", "-w", &format!("{key}={value}")])?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("{key}={value}"),
+            ],
+        )?;
         Ok(())
     }
 
@@ -456,19 +498,14 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Tests that need root call this first. It returns false (skip) only when
-/// `MIMIQ_SKIP_ROOT_TESTS=1` is set — which CI never does — and panics otherwise without root.
-pub fn require_root() -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("MIMIQ_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("skipped: needs root (MIMIQ_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "this test needs root (network namespaces, veth pairs, AF_XDP); run it as root, or set \
-         MIMIQ_SKIP_ROOT_TESTS=1 to skip it"
+/// Tests that need root call this first: without root it panics, so such a test fails, never
+/// passes unrun. Without root, run the rest with `cargo nextest run --profile unprivileged`
+/// (`.config/nextest.toml` lists the root tests).
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "this test needs root (network namespaces, veth pairs, AF_XDP); run it as root, or leave \
+         it out with `cargo nextest run --profile unprivileged`"
     );
 }
 
@@ -547,11 +584,22 @@ mod tests {
         assert!(check_test_range("198.18.0.1/24").is_ok());
         assert!(check_test_range("198.19.255.1/16").is_ok());
         assert!(check_test_range("fd00::1/64").is_ok());
-        for bad in ["10.0.0.1/24", "198.20.0.1/24", "192.168.1.1/24", "2001:db8::1/64"] {
+        for bad in [
+            "10.0.0.1/24",
+            "198.20.0.1/24",
+            "192.168.1.1/24",
+            "2001:db8::1/64",
+        ] {
             assert!(check_test_range(bad).is_err(), "{bad} must be refused");
         }
-        assert!(check_test_range("198.18.0.0/8").is_err(), "a /8 reaches outside the range");
-        assert!(check_test_range("198.18.0.1").is_err(), "CIDR form is required");
+        assert!(
+            check_test_range("198.18.0.0/8").is_err(),
+            "a /8 reaches outside the range"
+        );
+        assert!(
+            check_test_range("198.18.0.1").is_err(),
+            "CIDR form is required"
+        );
         assert!(check_test_range("garbage/x").is_err());
     }
 }

@@ -54,7 +54,10 @@ pub fn build(tb: &mut Testbed, name: &str) -> Result<(), String> {
         "bridge" => bridge(tb).map_err(|e| e.to_string()),
         "single-box" => single_box(tb).map_err(|e| e.to_string()),
         "split" => split(tb).map_err(|e| e.to_string()),
-        _ => Err(format!("unknown topology {name:?}; known: {}", NAMES.join(", "))),
+        _ => Err(format!(
+            "unknown topology {name:?}; known: {}",
+            NAMES.join(", ")
+        )),
     }
 }
 
@@ -90,7 +93,10 @@ pub fn single_box(tb: &mut Testbed) -> Result<(), TestbedError> {
     tb.add_link(("c2", "eth0"), ("lan", "c2"), LinkOpts::default())?;
     tb.add_link(("lan", "sw"), ("sw", "cl0"), LinkOpts::default())?;
     tb.add_bridge("lan", "br0", &["c1", "c2", "sw"])?;
-    let internal = LinkOpts { mtu_bytes: 1600, ..LinkOpts::default() };
+    let internal = LinkOpts {
+        mtu_bytes: 1600,
+        ..LinkOpts::default()
+    };
     tb.add_link(("sw", "int0"), ("sw", "int1"), internal)?;
     tb.add_link(("sw", "out0"), ("out", "eth0"), LinkOpts::default())?;
     tb.add_addr("out", "eth0", &format!("{OUT_V4}/24"))?;
@@ -109,7 +115,10 @@ pub fn split(tb: &mut Testbed) -> Result<(), TestbedError> {
         tb.add_host(host)?;
     }
     tb.add_link(("c1", "eth0"), ("swa", "cl0"), LinkOpts::default())?;
-    let internal = LinkOpts { mtu_bytes: 1600, ..LinkOpts::default() };
+    let internal = LinkOpts {
+        mtu_bytes: 1600,
+        ..LinkOpts::default()
+    };
     tb.add_link(("swa", "up0"), ("swe", "in0"), internal)?;
     tb.add_link(("swe", "out0"), ("out", "eth0"), LinkOpts::default())?;
     tb.add_link(("swa", "mgmt0"), ("swe", "mgmt0"), LinkOpts::default())?;
