@@ -668,21 +668,23 @@ mod tests {
         }
     }
 
-    /// Polls until the reply sent by the test has arrived on the driver's socket.
+    /// Polls until the reply sent by the test has arrived on the driver's socket (a few
+    /// seconds at most).
     fn poll_until(
         driver: &mut AllocDriver,
         now_ms: u64,
         set: &mut AddressSet,
         what: impl Fn(&[AllocEvent]) -> bool,
     ) -> Vec<AllocEvent> {
-        for _ in 0..200 {
+        mimiq_testkit::eventually(Duration::from_secs(5), || {
             let events = driver.poll(now_ms, set);
             if what(&events) {
-                return events;
+                Ok(events)
+            } else {
+                Err(format!("events at {now_ms} ms: {events:?}"))
             }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("the expected event never came");
+        })
+        .unwrap_or_else(|e| panic!("the expected event never came: {e}"))
     }
 
     #[test]

@@ -1,20 +1,20 @@
 //! mimiq-agent: the client agent (address sets, hop strategies, QUIC connection migration).
 //!
-//! Built so far: the sans-IO core that decides *when* a connection hops ([`strategy`]) and
-//! *which* address it hops to, when to ask the allocator for more addresses and when to release
-//! and drop them ([`addrset`]), the two put together per connection with expiry-forced hops and
-//! counters ([`hopper`]: what the migration driver calls before each packet), and the agent's
-//! config file ([`config`]). These never read a
-//! clock, open a socket or spawn a thread: time is an argument and the results are plain data,
-//! so they are tested on a virtual clock. Each value is owned by one thread (the agent's event
-//! loop); none is shared. Nothing here panics on input: bad configs are errors.
+//! The sans-IO core decides *when* a connection hops ([`strategy`]) and *which* address it
+//! hops to, when to ask the allocator for more addresses and when to release and drop them
+//! ([`addrset`]); [`hopper`] puts the two together per connection with expiry-forced hops and
+//! counters (what the migration driver calls before each packet), and [`config`] is the agent's
+//! config file. These never read a clock, open a socket or spawn a thread: time is an argument
+//! and the results are plain data, so they are tested on a virtual clock. Each value is owned by
+//! one thread (the agent's event loop); none is shared. Nothing here panics on input: bad
+//! configs are errors.
 //!
 //! The I/O shells around it: [`addr`] (addresses on the host over netlink), [`alloc_client`]
-//! (the allocator through the access switch's relay), [`migrate`] (the quiche migration driver)
-//! and [`direct`] (direct mode: any quiche client connection hops between local addresses).
-//!
-//! Not built yet: tunnel mode (the agent as CONNECT-IP client), the config wiring of these
-//! pieces, and the `mimiq-agent` binary, which is still a placeholder.
+//! (the allocator through the access switch's relay), [`migrate`] (the quiche migration driver),
+//! [`direct`] (direct mode: any quiche client connection hops between local addresses) and
+//! [`tunnel`] (tunnel mode: the agent is the CONNECT-IP client of `mimiq-proxy`, through
+//! `mimiq_masque::client`, and its one connection hops). The `mimiq-agent` binary
+//! (`src/main.rs`) runs tunnel mode from a config file.
 #![forbid(unsafe_code)]
 
 /// The agent's addresses on the host interface (netlink; IPv6 /128 nodad, IPv4 /32).

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 
 use common::*;
 use mimiq_allocator::proto::Status;
+use mimiq_allocator::server::wall_ms;
 use mimiq_allocator::Family;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mimiq-allocator");
@@ -148,13 +149,19 @@ fn leases_lists_from_the_server_and_from_the_store_when_stopped() {
 
 #[test]
 fn leases_that_ended_while_the_allocator_was_down_are_expired_at_restart() {
+    // Lifetimes of seconds: the allocator is killed within them (before it could expire the
+    // leases itself) with seconds to spare.
+    const T_REMOVE_MS: u64 = 500;
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("l.redb");
     let path = dir.path().join("a.toml");
     let short = config(store.to_str().unwrap(), "")
-        .replace("t_ip_min_ms = 3600000", "t_ip_min_ms = 200")
-        .replace("t_ip_max_ms = 3600000", "t_ip_max_ms = 300")
-        .replace("t_remove_ms = 1000", "t_remove_ms = 100");
+        .replace("t_ip_min_ms = 3600000", "t_ip_min_ms = 2000")
+        .replace("t_ip_max_ms = 3600000", "t_ip_max_ms = 2500")
+        .replace(
+            "t_remove_ms = 1000",
+            &format!("t_remove_ms = {T_REMOVE_MS}"),
+        );
     std::fs::write(&path, short).unwrap();
     let start = || {
         let mut child = Command::new(BIN)
@@ -178,12 +185,20 @@ fn leases_that_ended_while_the_allocator_was_down_are_expired_at_restart() {
     };
     let (mut child, relay, metrics) = start();
     let sw = Switch::new(relay);
-    assert_eq!(sw.request(1, mac(1), Family::V4, 5).status, Status::Ok);
+    let r = sw.request(1, mac(1), Family::V4, 5);
+    assert_eq!(r.status, Status::Ok);
+    // Lifetimes count from the server's clock when it answered, before this reading.
+    let drained_by =
+        wall_ms() + r.addrs.iter().map(|&(_, l)| u64::from(l)).max().unwrap() + T_REMOVE_MS;
     assert_eq!(leases(metrics).len(), 5);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    // Down for longer than t_ip_max + t_remove.
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    // Down until every lease and its drain have ended, and a second more. Waiting for time
+    // itself to pass: a slow machine only restarts it later, which changes nothing below.
+    let restart_at = drained_by + 1_000;
+    std::thread::sleep(std::time::Duration::from_millis(
+        restart_at.saturating_sub(wall_ms()),
+    ));
     let (mut child, _, metrics) = start();
     assert!(
         leases(metrics).is_empty(),

@@ -11,12 +11,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use mimiq_allocator::proto::{ClientMsg, Status};
 use mimiq_allocator::rng::Csprng;
 use mimiq_allocator::{Family, Mac};
+use mimiq_testkit::eventually;
 
 struct Child_ {
     child: Child,
@@ -85,7 +86,9 @@ max_live_per_client = 1000
 rate_per_s = 100000
 rate_burst = 100000
 [ipv4]
-prefixes = ["10.0.0.0/16"]
+# A /8, not a /16: a fast machine gets over 100,000 addresses acknowledged in the 12 rounds
+# (three quarters IPv4), more than a /16 holds, and a refusal fails the loader.
+prefixes = ["10.0.0.0/8"]
 gateway = "10.0.0.1"
 [ipv6]
 prefix = "2001:db8::/64"
@@ -107,7 +110,9 @@ key_hex = "{ACCESS_KEY}"
     let acked: Arc<Mutex<HashMap<IpAddr, Mac>>> = Arc::new(Mutex::new(HashMap::new()));
     let mut txid = 0u32;
     let rounds = 12;
-    let mut total_acked_before_kill = 0;
+    // Addresses each round gets acknowledged before its kill: 12 rounds make well over the
+    // 100 the end checks for, whatever the machine's speed.
+    let progress = 10;
     for round in 0..rounds {
         let c = spawn(&config);
         // Verify the state the previous incarnations left.
@@ -125,7 +130,11 @@ key_hex = "{ACCESS_KEY}"
                     while pending.len() < 16 {
                         t += 1;
                         let m = mac(t);
-                        let fam = if t % 4 == 0 { Family::V6 } else { Family::V4 };
+                        let fam = if t.is_multiple_of(4) {
+                            Family::V6
+                        } else {
+                            Family::V4
+                        };
                         sw.send(&sw.alloc_bytes(t, m, fam, (t % 4 + 1) as u8));
                         pending.insert(t, m);
                     }
@@ -150,7 +159,19 @@ key_hex = "{ACCESS_KEY}"
                 t
             })
         };
-        let run_ms = 50 + rng.below(400);
+        // Kill at a random moment once the round has made progress (or its loader stopped:
+        // joining it below says why).
+        let before = acked.lock().unwrap().len();
+        eventually(Duration::from_secs(10), || {
+            let n = acked.lock().unwrap().len() - before;
+            if n >= progress || loader.is_finished() {
+                Ok(())
+            } else {
+                Err(format!("{n} addresses acknowledged this round"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("round {round} made no progress: {e}"));
+        let run_ms = rng.below(400);
         std::thread::sleep(Duration::from_millis(run_ms));
         // SIGKILL (std's Child::kill sends SIGKILL on Unix).
         let mut c = c;
@@ -162,12 +183,10 @@ key_hex = "{ACCESS_KEY}"
             .expect("loader saw a double assignment or a refusal")
             + 1000;
         let n = acked.lock().unwrap().len();
-        assert!(
-            n > total_acked_before_kill || round == 0 || n > 0,
-            "the load made progress"
+        eprintln!(
+            "round {round}: killed {run_ms} ms after at least {progress} acknowledgements; \
+             {n} addresses acknowledged so far"
         );
-        total_acked_before_kill = n;
-        eprintln!("round {round}: killed after {run_ms} ms; {n} addresses acknowledged so far");
     }
     let c = spawn(&config);
     check_state(&c, &acked.lock().unwrap());
@@ -209,5 +228,4 @@ fn check_state(c: &Child_, acked: &HashMap<IpAddr, Mac>) {
             );
         }
     }
-    let _ = Instant::now();
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -12,9 +12,10 @@ use common::*;
 use mimiq_allocator::client::{AllocClient, ClientError};
 use mimiq_allocator::config::Config;
 use mimiq_allocator::proto::{self, ClientMsg, RelayReply, Release, Status};
-use mimiq_allocator::server::{BoundAddrs, DropReason, Metrics, Server, Settings};
+use mimiq_allocator::server::{wall_ms, BoundAddrs, DropReason, Metrics, Server, Settings};
 use mimiq_allocator::store::MemStore;
 use mimiq_allocator::Family;
+use mimiq_testkit::eventually;
 
 struct Running {
     addrs: BoundAddrs,
@@ -33,6 +34,10 @@ impl Drop for Running {
 }
 
 fn config(extra_lease: &str, v4_prefix: &str) -> Config {
+    config_with_t_remove(extra_lease, v4_prefix, 1000)
+}
+
+fn config_with_t_remove(extra_lease: &str, v4_prefix: &str, t_remove_ms: u64) -> Config {
     let text = format!(
         r#"
 [server]
@@ -43,7 +48,7 @@ store = "memory"
 [lease]
 t_ip_min_ms = 60000
 t_ip_max_ms = 120000
-t_remove_ms = 1000
+t_remove_ms = {t_remove_ms}
 max_per_request = 16
 {extra_lease}
 [ipv4]
@@ -93,7 +98,26 @@ fn default_server() -> Running {
     ))
 }
 
+/// How long a check that something does not arrive (a reply to a dropped datagram) listens.
+/// The server would send it in the same pass that counted the drop, so the checks wait for the
+/// count first and then listen this long.
 const QUIET: Duration = Duration::from_millis(300);
+/// Deadline for what the server does on its own threads (counting, publishing) to show: it only
+/// costs time when a test fails.
+const SETTLE: Duration = Duration::from_secs(5);
+/// How long the server waits for a rule-stream connection's Hello (`HELLO_TIMEOUT` there).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits until the server has counted `n` drops for `reason` (it counts on its own thread, after
+/// the datagram arrives), then checks that it counted no more.
+fn expect_drops(metrics: &Metrics, reason: DropReason, n: u64) {
+    let seen = eventually(SETTLE, || match metrics.drops(reason) {
+        c if c >= n => Ok(c),
+        c => Err(format!("{c} {} drops", reason.label())),
+    })
+    .unwrap_or_else(|e| panic!("expected {n} {} drops: {e}", reason.label()));
+    assert_eq!(seen, n, "{} drops", reason.label());
+}
 
 #[test]
 fn allocation_over_udp_grants_addresses_and_publishes_bindings() {
@@ -136,7 +160,7 @@ fn allocation_over_udp_grants_addresses_and_publishes_bindings() {
             "alias of the current epoch"
         );
     }
-    sub.drain(QUIET);
+    sub.catch_up(rule_seq(s.addrs.metrics), SETTLE);
     let want: BTreeSet<_> = r
         .addrs
         .iter()
@@ -159,17 +183,17 @@ fn bad_hmac_is_dropped_counted_and_unanswered() {
     let mut forged = Switch::new(s.addrs.relay);
     forged.key = proto::key(&unhex(EDGE_KEY));
     forged.send(&forged.alloc_bytes(2, mac(1), Family::V4, 1));
+    expect_drops(&s.metrics, DropReason::BadHmac, 2);
     assert!(sw.recv(QUIET).is_none());
     assert!(forged.recv(QUIET).is_none());
-    assert_eq!(s.metrics.drops(DropReason::BadHmac), 2);
     assert!(leases(s.addrs.metrics).is_empty(), "no state changed");
     // An edge switch may subscribe but not relay.
     let mut edge = Switch::new(s.addrs.relay);
     edge.key = proto::key(&unhex(EDGE_KEY));
     edge.sid = 100;
     edge.send(&edge.alloc_bytes(3, mac(1), Family::V4, 1));
+    expect_drops(&s.metrics, DropReason::UnknownSwitch, 1);
     assert!(edge.recv(QUIET).is_none());
-    assert_eq!(s.metrics.drops(DropReason::UnknownSwitch), 1);
 }
 
 #[test]
@@ -180,16 +204,23 @@ fn truncation_at_every_length_is_dropped_and_the_server_keeps_serving() {
     for n in 0..bytes.len() {
         sw.send(&bytes[..n]);
     }
+    let dropped = || -> u64 {
+        [
+            DropReason::Truncated,
+            DropReason::BadHmac,
+            DropReason::BadMagic,
+        ]
+        .iter()
+        .map(|r| s.metrics.drops(*r))
+        .sum()
+    };
+    let counted = eventually(SETTLE, || match dropped() {
+        n if n >= bytes.len() as u64 => Ok(n),
+        n => Err(format!("{n} of {} truncations counted", bytes.len())),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(counted, bytes.len() as u64, "every truncation counted once");
     assert!(sw.recv(QUIET).is_none(), "no truncated message is answered");
-    let dropped: u64 = [
-        DropReason::Truncated,
-        DropReason::BadHmac,
-        DropReason::BadMagic,
-    ]
-    .iter()
-    .map(|r| s.metrics.drops(*r))
-    .sum();
-    assert_eq!(dropped, bytes.len() as u64, "every truncation counted");
     assert!(leases(s.addrs.metrics).is_empty());
     assert_eq!(sw.request(2, mac(1), Family::V4, 1).status, Status::Ok);
 }
@@ -221,9 +252,9 @@ fn wrong_version_and_stale_timestamps_are_dropped() {
         &inner,
         mimiq_allocator::server::wall_ms() + 60_000,
     ));
+    expect_drops(&s.metrics, DropReason::BadVersion, 1);
+    expect_drops(&s.metrics, DropReason::Stale, 2);
     assert!(sw.recv(QUIET).is_none());
-    assert_eq!(s.metrics.drops(DropReason::BadVersion), 1);
-    assert_eq!(s.metrics.drops(DropReason::Stale), 2);
     assert!(leases(s.addrs.metrics).is_empty());
 }
 
@@ -240,8 +271,8 @@ fn replayed_transaction_is_dropped_and_changes_nothing() {
     let before = leases(s.addrs.metrics);
     sw.send(&bytes);
     sw.send(&bytes);
+    expect_drops(&s.metrics, DropReason::Replay, 2);
     assert!(sw.recv(QUIET).is_none(), "replays are not answered");
-    assert_eq!(s.metrics.drops(DropReason::Replay), 2);
     assert_eq!(leases(s.addrs.metrics), before);
 }
 
@@ -278,11 +309,21 @@ fn pool_exhausted_is_reported_and_nothing_is_half_granted() {
 fn rate_limit_is_reported_per_client() {
     let s = start(config("rate_per_s = 1\nrate_burst = 2", "10.0.0.0/16"));
     let sw = Switch::new(s.addrs.relay);
-    assert_eq!(sw.request(1, mac(1), Family::V4, 1).status, Status::Ok);
-    assert_eq!(sw.request(2, mac(1), Family::V4, 1).status, Status::Ok);
+    // Three requests back to back, before reading any reply: they reach the server together,
+    // well within the second the bucket takes to refill one token, however slow the machine.
+    for txid in 1..=3 {
+        sw.send(&sw.alloc_bytes(txid, mac(1), Family::V4, 1));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 1..=3 {
+        match sw.recv(Duration::from_secs(5)) {
+            Some((txid, ClientMsg::AllocReply(r))) => statuses.insert(txid, r.status),
+            other => panic!("expected an AllocReply, got {other:?}"),
+        };
+    }
     assert_eq!(
-        sw.request(3, mac(1), Family::V4, 1).status,
-        Status::RateLimited
+        statuses.into_iter().collect::<Vec<_>>(),
+        [(1, Status::Ok), (2, Status::Ok), (3, Status::RateLimited)]
     );
     assert_eq!(
         sw.request(4, mac(2), Family::V4, 1).status,
@@ -317,11 +358,18 @@ fn bad_requests_get_bad_request_replies() {
 
 #[test]
 fn release_drains_then_publishes_the_removal() {
-    let s = default_server();
+    // Long enough that the rules are seen still there after the release with seconds to spare.
+    const T_REMOVE_MS: u64 = 4_000;
+    let s = start(config_with_t_remove(
+        "rate_per_s = 1000\nrate_burst = 1000",
+        "10.0.0.0/16",
+        T_REMOVE_MS,
+    ));
     let mut sub = Subscriber::connect(s.addrs.publish, 1, ACCESS_KEY);
     sub.read_snapshot();
     let sw = Switch::new(s.addrs.relay);
     let r = sw.request(1, mac(1), Family::V4, 2);
+    assert_eq!(r.status, Status::Ok);
     let ips: Vec<IpAddr> = r.addrs.iter().map(|(a, _)| *a).collect();
     let mut inner = Vec::new();
     ClientMsg::Release(Release {
@@ -331,21 +379,60 @@ fn release_drains_then_publishes_the_removal() {
     .emit(2, &mut inner)
     .unwrap();
     // Another client cannot release them.
-    sw.send(&sw.wrap(3, mac(2), &inner, mimiq_allocator::server::wall_ms()));
+    sw.send(&sw.wrap(3, mac(2), &inner, wall_ms()));
     let Some((3, ClientMsg::ReleaseReply(r))) = sw.recv(Duration::from_secs(5)) else {
         panic!()
     };
     assert_eq!(r.released, 0);
-    sw.send(&sw.wrap(2, mac(1), &inner, mimiq_allocator::server::wall_ms()));
+    let released_from = wall_ms();
+    sw.send(&sw.wrap(2, mac(1), &inner, wall_ms()));
     let Some((2, ClientMsg::ReleaseReply(r))) = sw.recv(Duration::from_secs(5)) else {
         panic!()
     };
+    let released_by = wall_ms();
     assert_eq!((r.status, r.released), (Status::Ok, 2));
-    sub.drain(QUIET);
-    assert_eq!(sub.bindings.len(), 2, "rules stay for t_remove (1 s)");
-    std::thread::sleep(Duration::from_millis(1200));
-    sub.drain(QUIET);
-    assert!(sub.bindings.is_empty(), "removed after t_remove");
+    // The rules stay for t_remove: the switch hears both bindings again, valid until the
+    // release (on the server's clock, between the two readings of ours) plus t_remove.
+    let drain_end = eventually(SETTLE, || {
+        sub.drain(Duration::from_millis(20));
+        let ends: Vec<u64> = ips
+            .iter()
+            .filter_map(|ip| sub.bindings.get(ip))
+            .map(|&(_, _, valid_until_ms)| valid_until_ms)
+            .filter(|end| (released_from + T_REMOVE_MS..=released_by + T_REMOVE_MS).contains(end))
+            .collect();
+        match ends.iter().max() {
+            Some(&end) if ends.len() == 2 && sub.bindings.len() == 2 => Ok(end),
+            _ => Err(format!(
+                "bindings {:?}, want both of {ips:?} valid until {}..={} ms",
+                sub.bindings,
+                released_from + T_REMOVE_MS,
+                released_by + T_REMOVE_MS
+            )),
+        }
+    })
+    .unwrap_or_else(|e| panic!("the release was not published: {e}"));
+    // Then they are removed, and not before the drain's end.
+    let removed_at = eventually(
+        Duration::from_millis(drain_end.saturating_sub(wall_ms())) + SETTLE,
+        || {
+            sub.drain(Duration::from_millis(20));
+            if sub.bindings.is_empty() {
+                Ok(wall_ms())
+            } else {
+                Err(format!(
+                    "at {} ms, still bound: {:?}",
+                    wall_ms(),
+                    sub.bindings
+                ))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("not removed after t_remove (drain end {drain_end} ms): {e}"));
+    assert!(
+        removed_at >= drain_end,
+        "removed by {removed_at} ms, before the drain ended at {drain_end} ms"
+    );
     assert!(leases(s.addrs.metrics).is_empty());
 }
 
@@ -358,7 +445,7 @@ fn publisher_reconnect_ends_with_exactly_the_allocators_rules() {
     for i in 0..20 {
         assert_eq!(sw.request(i, mac(i), Family::V4, 2).status, Status::Ok);
     }
-    sub.drain(QUIET);
+    sub.catch_up(rule_seq(s.addrs.metrics), SETTLE);
     assert_eq!(sub.binding_set(), leases(s.addrs.metrics));
     let seen_seq = sub.last_seq;
     drop(sub);
@@ -386,7 +473,7 @@ fn publisher_reconnect_ends_with_exactly_the_allocators_rules() {
     for i in 40..50 {
         assert_eq!(sw.request(i, mac(i), Family::V4, 1).status, Status::Ok);
     }
-    sub.drain(QUIET);
+    sub.catch_up(rule_seq(s.addrs.metrics), SETTLE);
     assert_eq!(sub.binding_set(), leases(s.addrs.metrics));
     assert_eq!(sub.binding_set().len(), 40 + 20 + 10);
 }
@@ -396,11 +483,11 @@ fn bad_hello_is_refused() {
     let s = default_server();
     // Signed with the wrong key.
     let mut sub = Subscriber::connect(s.addrs.publish, 1, EDGE_KEY);
+    expect_drops(&s.metrics, DropReason::BadHello, 1);
     assert!(
         sub.next(Duration::from_secs(2)).is_none(),
         "no rules for an unauthenticated switch"
     );
-    assert_eq!(s.metrics.drops(DropReason::BadHello), 1);
 }
 
 #[test]
@@ -465,6 +552,9 @@ fn client_library_allocates_and_releases_through_a_relay() {
     ));
     let gw = spawn_relay(s.addrs.relay);
     let mut c = AllocClient::new(gw).unwrap();
+    // One attempt with a long wait: a retry after a slow reply would be a second grant, and the
+    // client cap below would count it.
+    c.set_retry(Duration::from_secs(10), 1);
     let a = c.allocate(Family::V4, 3).unwrap();
     assert_eq!(a.addrs.len(), 3);
     assert_eq!(a.gateway, "10.0.0.1".parse::<IpAddr>().unwrap());
@@ -491,20 +581,37 @@ fn idle_connections_beyond_the_cap_are_refused_and_switches_still_subscribe() {
     let s = default_server();
     // 2 switches configured: cap = 2·4 + 16 = 24 unauthenticated connections.
     let idle: Vec<_> = (0..30)
-        .map(|_| std::net::TcpStream::connect(s.addrs.publish).unwrap())
+        .map(|_| TcpStream::connect(s.addrs.publish).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(s.metrics.drops(DropReason::TooManyConnections), 6);
+    // The acceptor takes all 30 in turn and refuses the 6 over the cap. None of the first 24
+    // ends meanwhile (each waits up to HELLO_TIMEOUT for its Hello), so it is exactly 6.
+    let refused = eventually(HELLO_TIMEOUT, || {
+        match s.metrics.drops(DropReason::TooManyConnections) {
+            n if n >= 6 => Ok(n),
+            n => Err(format!("{n} connections refused")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(refused, 6, "connections refused");
     drop(idle);
-    std::thread::sleep(Duration::from_millis(300));
-    // Freed slots serve a real switch (the idle ones end when their Hello times out or closes).
-    let mut sub = Subscriber::connect(s.addrs.publish, 1, ACCESS_KEY);
-    sub.read_snapshot();
+    // Freed slots serve a real switch. The idle ones end as the server reads their close (at the
+    // latest when their Hello times out); until then the server may refuse this one too, so
+    // try again.
+    let sub = eventually(HELLO_TIMEOUT + SETTLE, || {
+        let mut sub = Subscriber::try_connect(s.addrs.publish, 1, ACCESS_KEY)
+            .map_err(|e| format!("connect: {e}"))?;
+        sub.try_read_snapshot().map(|()| sub)
+    })
+    .unwrap_or_else(|e| panic!("no switch could subscribe: {e}"));
+    assert_eq!(sub.snapshots, 1);
 }
 
 #[test]
 fn epochs_rotate_and_leases_expire_through_the_server() {
     // t_ip 400-600 ms, t_remove 200 ms, t_sid 300 ms, k = 4: (k-1)·t_sid = 900 >= 600 + 200.
+    const T_REMOVE_MS: u64 = 200;
+    const T_SID_MS: u64 = 300;
+    const K: u64 = 4;
     let text = format!(
         r#"
 [server]
@@ -515,15 +622,15 @@ store = "memory"
 [lease]
 t_ip_min_ms = 400
 t_ip_max_ms = 600
-t_remove_ms = 200
+t_remove_ms = {T_REMOVE_MS}
 rate_per_s = 1000
 rate_burst = 1000
 [ipv6]
 prefix = "2001:db8:1:2::/64"
 alias_bits = 8
 aliases_per_sid = 2
-k = 4
-t_sid_ms = 300
+k = {K}
+t_sid_ms = {T_SID_MS}
 gateway = "fe80::1"
 [[switch]]
 id = 1
@@ -537,13 +644,19 @@ key_hex = "{ACCESS_KEY}"
     let sw = Switch::new(s.addrs.relay);
     let mut granted = Vec::new();
     let mut seen_epochs = BTreeSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    // When the rules of every lease granted so far are gone at the latest (ms, wall clock).
+    let mut last_drain_end = 0u64;
     let mut txid = 0;
-    while std::time::Instant::now() < deadline {
+    // A request per round (eventually's pauses pace them) until the switch has seen k + 1
+    // epochs: the oldest one has then left its window while addresses were bound.
+    eventually(Duration::from_millis((K + 1) * T_SID_MS) + SETTLE, || {
         txid += 1;
         let r = sw.request(txid, mac(1), Family::V6, 1);
         assert_eq!(r.status, Status::Ok);
-        granted.push(r.addrs[0].0);
+        let (ip, lifetime_ms) = r.addrs[0];
+        granted.push(ip);
+        // The lifetime counts from the server's clock when it answered, before now.
+        last_drain_end = last_drain_end.max(wall_ms() + u64::from(lifetime_ms) + T_REMOVE_MS);
         sub.drain(Duration::from_millis(50));
         // Valid aliases are unique across the epochs the switch holds, and every granted
         // address that is still bound carries an alias the switch can route.
@@ -552,8 +665,9 @@ key_hex = "{ACCESS_KEY}"
             seen_epochs.insert(*e);
             for (_, l) in aliases {
                 for a in l {
-                    // A switch drops epochs older than newest - k + 1 (see RuleUpdate::AliasEpoch).
-                    if *e + 4 > *sub.epochs.keys().last().unwrap() {
+                    // A switch drops epochs older than newest - k + 1 (see
+                    // RuleUpdate::AliasEpoch).
+                    if *e + K > *sub.epochs.keys().last().unwrap() {
                         assert!(valid.insert(*a), "alias {a} valid twice");
                     }
                 }
@@ -566,17 +680,33 @@ key_hex = "{ACCESS_KEY}"
                 "{v} bound without a valid alias"
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        seen_epochs.len() >= 4,
-        "epochs rotate every t_sid: saw {seen_epochs:?}"
-    );
-    // Everything granted ends within t_ip_max + t_remove; the switch hears every removal.
-    std::thread::sleep(Duration::from_millis(900));
-    sub.drain(Duration::from_millis(300));
+        if seen_epochs.len() as u64 > K {
+            Ok(())
+        } else {
+            Err(format!("epochs seen: {seen_epochs:?}"))
+        }
+    })
+    .unwrap_or_else(|e| panic!("epochs rotate every t_sid: {e}"));
+    // Everything granted ends within its lifetime, and its rules t_remove after that.
+    eventually(
+        Duration::from_millis(last_drain_end.saturating_sub(wall_ms())) + SETTLE,
+        || {
+            let left = leases(s.addrs.metrics);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} leases left at {} ms: {left:?}",
+                    left.len(),
+                    wall_ms()
+                ))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("leases outlived their drain (ends by {last_drain_end} ms): {e}"));
+    // The switch hears every removal.
+    sub.catch_up(rule_seq(s.addrs.metrics), SETTLE);
     assert!(sub.bindings.is_empty(), "bindings left: {:?}", sub.bindings);
-    assert!(leases(s.addrs.metrics).is_empty());
     let text = http_get(s.addrs.metrics, "/metrics");
     assert_eq!(
         metric(&text, "mimiq_allocator_expiries_total"),

@@ -179,10 +179,11 @@ impl UdpIo {
         for i in 0..n as usize {
             // SAFETY: the kernel filled the first n headers and their names.
             let h = unsafe { hdrs[i].assume_init_ref() };
+            // SAFETY: as above, the kernel filled the first n names.
             let from = unsafe { sockaddr_to_std(names[i].assume_init_ref()) }.unwrap_or(self.local);
             let len = (h.msg_len as usize).min(slot);
-            // SAFETY: the header's control buffer is ours and the kernel set its length.
             let seg = if self.gro {
+                // SAFETY: the header's control buffer is ours and the kernel set its length.
                 unsafe { gro_segment(&h.msg_hdr) }
             } else {
                 None
@@ -340,14 +341,19 @@ unsafe fn gro_segment(h: &libc::msghdr) -> Option<usize> {
     if h.msg_controllen == 0 || h.msg_control.is_null() {
         return None;
     }
-    let mut c = libc::CMSG_FIRSTHDR(h);
-    while !c.is_null() {
-        if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
-            return Some(
-                std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as usize,
-            );
+    // SAFETY: the caller guarantees that the kernel filled `h` and that its control buffer is
+    // alive; CMSG_FIRSTHDR and CMSG_NXTHDR return either null or a header inside that buffer,
+    // and a UDP_GRO message carries one (possibly unaligned) int.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                return Some(
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as usize,
+                );
+            }
+            c = libc::CMSG_NXTHDR(h, c);
         }
-        c = libc::CMSG_NXTHDR(h, c);
     }
     None
 }
@@ -372,14 +378,17 @@ fn probe_gso(fd: i32) -> bool {
 unsafe fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match s.ss_family as i32 {
         libc::AF_INET => {
-            let a = &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+            // SAFETY: the kernel wrote an AF_INET address, and sockaddr_storage is large and
+            // aligned enough for any sockaddr.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             Some(SocketAddr::V4(SocketAddrV4::new(
                 u32::from_be(a.sin_addr.s_addr).into(),
                 u16::from_be(a.sin_port),
             )))
         }
         libc::AF_INET6 => {
-            let a = &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+            // SAFETY: as above, for AF_INET6.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             Some(SocketAddr::V6(SocketAddrV6::new(
                 a.sin6_addr.s6_addr.into(),
                 u16::from_be(a.sin6_port),
@@ -396,14 +405,19 @@ unsafe fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
 unsafe fn std_to_sockaddr(a: SocketAddr, out: &mut libc::sockaddr_storage) -> u32 {
     match a {
         SocketAddr::V4(a) => {
-            let s = &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr, and
+            // `out` is borrowed mutably for this call.
+            let s =
+                unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             s.sin_family = libc::AF_INET as u16;
             s.sin_port = a.port().to_be();
             s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
             std::mem::size_of::<libc::sockaddr_in>() as u32
         }
         SocketAddr::V6(a) => {
-            let s = &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+            // SAFETY: as above, for sockaddr_in6.
+            let s =
+                unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             s.sin6_family = libc::AF_INET6 as u16;
             s.sin6_port = a.port().to_be();
             s.sin6_addr.s6_addr = a.ip().octets();

@@ -194,8 +194,18 @@ fn demo(
             &["ping", "-c", "3", "-W", "1", "-I", &spoof, addr::OUT_V4],
         )
         .map_err(|e| e.to_string())?;
+    // Three echo requests from the spoofed source: three drops, once the switch has published
+    // them (if not within a few seconds, the line below says how many it did count).
     let after = switch
-        .stats_after(Duration::from_millis(300))?
+        .stats_until(Duration::from_secs(5), |s| {
+            let n = s.drops("spoofed_source");
+            if n >= before + 3 {
+                Ok(())
+            } else {
+                Err(format!("spoofed_source {before} -> {n}"))
+            }
+        })
+        .or_else(|_| switch.stats())?
         .drops("spoofed_source");
     println!(
         "   from {spoof}: {} — the access switch dropped {} frames as spoofed_source",
@@ -223,7 +233,7 @@ fn demo(
             .map_err(|e| e.to_string())?;
         watchers.push(w.map_err(|e| format!("capture: {e}"))?);
     }
-    let proxy_stats = proxy.stats_after_interval()?;
+    let proxy_stats = proxy.fresh_stats()?;
     proxy.proc.stop(Duration::from_secs(3));
 
     let mut failures = Vec::new();

@@ -12,11 +12,11 @@
 //! between its TUN device and `p1`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::testbed::{bin_path, LinkOpts, Proc, Testbed, TestbedError};
+use crate::testbed::{bin_path, eventually, LinkOpts, Proc, Testbed, TestbedError};
 
 /// Addresses of [`build`]'s hosts.
 pub mod addr {
@@ -120,16 +120,13 @@ impl ProxyProc {
         let bin = bin_path("mimiq-proxy")?;
         let bin = bin.to_string_lossy().into_owned();
         let path_s = path.to_string_lossy().into_owned();
-        let mut proc = tb
+        let proc = tb
             .spawn(host, &[&bin, "run", "--config", &path_s], false)
             .map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !stats_file.exists() {
-            if proc.try_status().is_some() || Instant::now() > deadline {
-                return Err(format!("proxy did not start: {}", proc.describe()));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(Duration::from_secs(10), || {
+            stats_file.exists().then_some(()).ok_or("no stats file yet")
+        })
+        .map_err(|e| format!("proxy did not start: {e}; {}", proc.describe()))?;
         Ok(ProxyProc { proc, stats_file })
     }
 
@@ -139,10 +136,20 @@ impl ProxyProc {
         serde_json::from_str(&text).map_err(|e| e.to_string())
     }
 
-    /// Waits a little over the stats interval and reads the counters.
-    pub fn stats_after_interval(&self) -> Result<Value, String> {
-        std::thread::sleep(Duration::from_millis(1200));
-        self.stats()
+    /// The first counters the proxy writes after this call (it rewrites its stats file once a
+    /// second): everything that happened before the call is in them. Waits 10 s at most.
+    pub fn fresh_stats(&self) -> Result<Value, String> {
+        let asked = std::time::SystemTime::now();
+        eventually(Duration::from_secs(10), || {
+            let written = std::fs::metadata(&self.stats_file)
+                .and_then(|m| m.modified())
+                .map_err(|e| format!("{}: {e}", self.stats_file.display()))?;
+            if written < asked {
+                return Err(format!("{} not rewritten", self.stats_file.display()));
+            }
+            self.stats()
+        })
+        .map_err(|e| format!("proxy counters: {e}; {}", self.proc.describe()))
     }
 }
 
@@ -177,16 +184,17 @@ pub fn start_agent(tb: &mut Testbed, host: &str, config: &Path) -> Result<(Proc,
 /// Waits up to `timeout` for `proc` to print its `ready` line and returns it; an error naming
 /// `what` when it exits first or the time runs out.
 fn wait_ready(proc: &mut Proc, what: &str, timeout: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(line) = proc.stdout().lines().find(|l| l.starts_with("ready")) {
-            return Ok(line.to_owned());
+    eventually(timeout, || {
+        let out = proc.stdout();
+        match out.lines().find(|l| l.starts_with("ready")) {
+            Some(line) => Ok(line.to_owned()),
+            None => Err(format!(
+                "no ready line yet (exited: {:?})",
+                proc.try_status()
+            )),
         }
-        if proc.try_status().is_some() || Instant::now() > deadline {
-            return Err(format!("{what} not ready: {}", proc.describe()));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
+    .map_err(|e| format!("{what} not ready: {e}; {}", proc.describe()))
 }
 
 /// Stops a client with SIGTERM and returns the JSON counters it printed.

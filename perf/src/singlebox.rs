@@ -5,12 +5,12 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
-use mimiq_allocator::client::AllocClient;
+use mimiq_allocator::client::{AllocClient, ClientError};
 use mimiq_allocator::Family;
 
 use crate::switch::Switch;
 use crate::testbed::topology::{self, single_box_addr as addr};
-use crate::testbed::{bin_path, Proc, Testbed};
+use crate::testbed::{bin_path, eventually, Proc, Testbed};
 
 /// The access switch's key (test material, not a secret).
 pub const KEY: &str = "6d696d69712d73696e676c652d626f782d746573742d6b65792d3332627974657321";
@@ -124,36 +124,79 @@ v4_pools = ["{pool}"]
     path
 }
 
+/// An address the allocator granted, and when, on this machine's monotonic clock.
+///
+/// The allocator counts the lifetime from the moment it granted the address, somewhere between
+/// [`Granted::asked_at`] and [`Granted::granted_at`]: a test that checks what happens before or
+/// after the lease ends uses the bound that is safe for its check.
+#[derive(Debug, Clone, Copy)]
+pub struct Granted {
+    /// The address.
+    pub addr: IpAddr,
+    /// How long it may be used, from when the allocator granted it.
+    pub lifetime: Duration,
+    /// Just before the request (and its retries) that got it.
+    pub asked_at: Instant,
+    /// Just after the grant arrived.
+    pub granted_at: Instant,
+}
+
+impl Granted {
+    /// The lease does not end before this.
+    pub fn ends_no_earlier_than(&self) -> Instant {
+        self.asked_at + self.lifetime
+    }
+
+    /// The lease has ended by this.
+    pub fn ends_no_later_than(&self) -> Instant {
+        self.granted_at + self.lifetime
+    }
+}
+
 /// Asks the allocator for one address of `family` from inside `host`, through the gateway's
-/// link-local address on its LAN; returns it and its lifetime.
-pub fn allocate(tb: &Testbed, host: &str, family: Family) -> (IpAddr, Duration) {
-    let name = host.to_string();
+/// link-local address on its LAN, until it grants one (20 s at most: the switch's relay may
+/// not be up yet).
+pub fn allocate(tb: &Testbed, host: &str, family: Family) -> Granted {
+    eventually(Duration::from_secs(20), || try_allocate(tb, host, family))
+        .unwrap_or_else(|e| panic!("allocation from {host}: {e}"))
+}
+
+/// One request for an address of `family` from inside `host` (the client's own retries when
+/// no answer comes back included); the allocator's refusal as it is.
+pub fn try_allocate(tb: &Testbed, host: &str, family: Family) -> Result<Granted, ClientError> {
     tb.run_in(host, move || {
-        let ifindex = {
-            let name = std::ffi::CString::new("eth0").unwrap();
-            // SAFETY: a valid C string, for the duration of the call.
-            unsafe { libc::if_nametoindex(name.as_ptr()) }
-        };
-        let gateway = SocketAddr::V6(SocketAddrV6::new(
-            "fe80::1".parse::<Ipv6Addr>().unwrap(),
-            6363,
-            0,
-            ifindex,
-        ));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut client = AllocClient::new(gateway).unwrap();
-            match client.allocate(family, 1) {
-                Ok(a) => return a.addrs[0],
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("allocation from {name}: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(300));
-                }
-                Err(e) => panic!("allocation failed: {e}"),
-            }
-        }
+        let mut client = AllocClient::new(gateway_of_eth0())?;
+        let asked_at = Instant::now();
+        let allocation = client.allocate(family, 1)?;
+        let granted_at = Instant::now();
+        let &(addr, lifetime) = allocation
+            .addrs
+            .first()
+            .ok_or(ClientError::BadArgument("a grant without an address"))?;
+        Ok(Granted {
+            addr,
+            lifetime,
+            asked_at,
+            granted_at,
+        })
     })
-    .unwrap()
+    .map_err(|e| ClientError::Io(std::io::Error::other(e)))?
+}
+
+/// The gateway's allocation port, at its link-local address on `eth0` of the current
+/// namespace.
+fn gateway_of_eth0() -> SocketAddr {
+    let ifindex = {
+        let name = std::ffi::CString::new("eth0").unwrap();
+        // SAFETY: a valid C string, for the duration of the call.
+        unsafe { libc::if_nametoindex(name.as_ptr()) }
+    };
+    SocketAddr::V6(SocketAddrV6::new(
+        "fe80::1".parse::<Ipv6Addr>().unwrap(),
+        6363,
+        0,
+        ifindex,
+    ))
 }
 
 /// The single box with an allocator and a switch running.
@@ -249,17 +292,7 @@ pub fn use_address(tb: &Testbed, client: &str, a: IpAddr) {
 /// Gives `addr` back to the allocator from inside `host`.
 pub fn release(tb: &Testbed, host: &str, addr: IpAddr) {
     tb.run_in(host, move || {
-        let ifindex = {
-            let name = std::ffi::CString::new("eth0").unwrap();
-            // SAFETY: a valid C string, for the duration of the call.
-            unsafe { libc::if_nametoindex(name.as_ptr()) }
-        };
-        let gateway = SocketAddr::V6(SocketAddrV6::new(
-            "fe80::1".parse::<Ipv6Addr>().unwrap(),
-            6363,
-            0,
-            ifindex,
-        ));
+        let gateway = gateway_of_eth0();
         let family = if addr.is_ipv4() {
             Family::V4
         } else {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use mimiq_agent::direct::h3::{body_byte, fill_body};
 use serde_json::Value;
 
-use crate::testbed::Testbed;
+use crate::testbed::{eventually, Testbed};
 
 /// What one iperf3 TCP run moved.
 #[derive(Debug, Clone)]
@@ -67,47 +67,47 @@ pub fn iperf3_with(
         "-J",
     ];
     args.extend_from_slice(extra);
-    let mut last_err = String::new();
-    for _ in 0..50 {
+    // The server may not listen yet: the client's first tries can be refused.
+    let v = eventually(Duration::from_secs(10), || {
         let out = tb.exec(client, &args).map_err(|e| e.to_string())?;
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         if out.status.success() && v["error"].is_null() {
-            srv.stop(Duration::from_secs(3));
-            let end = &v["end"];
-            if extra.contains(&"-u") {
-                let sum = &end["sum"];
-                return Ok(IperfResult {
-                    sent_bytes: sum["bytes"].as_u64().unwrap_or(0),
-                    received_bytes: (sum["bytes"].as_f64().unwrap_or(0.0)
-                        * (1.0 - sum["lost_percent"].as_f64().unwrap_or(100.0) / 100.0))
-                        as u64,
-                    received_bps: sum["bits_per_second"].as_f64().unwrap_or(0.0)
-                        * (1.0 - sum["lost_percent"].as_f64().unwrap_or(100.0) / 100.0),
-                    retransmits: sum["lost_packets"].as_u64().unwrap_or(0),
-                    congestion: None,
-                });
-            }
-            return Ok(IperfResult {
-                sent_bytes: end["sum_sent"]["bytes"].as_u64().unwrap_or(0),
-                received_bytes: end["sum_received"]["bytes"].as_u64().unwrap_or(0),
-                received_bps: end["sum_received"]["bits_per_second"]
-                    .as_f64()
-                    .unwrap_or(0.0),
-                retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-                congestion: end["sender_tcp_congestion"].as_str().map(str::to_owned),
-            });
+            Ok(v)
+        } else {
+            Err(String::from_utf8_lossy(&out.stdout)
+                .chars()
+                .take(300)
+                .collect::<String>())
         }
-        last_err = String::from_utf8_lossy(&out.stdout)
-            .chars()
-            .take(300)
-            .collect();
-        // The server may not listen yet.
-        std::thread::sleep(Duration::from_millis(100));
+    })
+    .map_err(|e| {
+        format!(
+            "iperf3 client never succeeded: {e}; server: {}",
+            srv.describe()
+        )
+    })?;
+    srv.stop(Duration::from_secs(3));
+    let end = &v["end"];
+    if extra.contains(&"-u") {
+        let sum = &end["sum"];
+        let delivered = 1.0 - sum["lost_percent"].as_f64().unwrap_or(100.0) / 100.0;
+        return Ok(IperfResult {
+            sent_bytes: sum["bytes"].as_u64().unwrap_or(0),
+            received_bytes: (sum["bytes"].as_f64().unwrap_or(0.0) * delivered) as u64,
+            received_bps: sum["bits_per_second"].as_f64().unwrap_or(0.0) * delivered,
+            retransmits: sum["lost_packets"].as_u64().unwrap_or(0),
+            congestion: None,
+        });
     }
-    Err(format!(
-        "iperf3 client never succeeded: {last_err}; server: {}",
-        srv.describe()
-    ))
+    Ok(IperfResult {
+        sent_bytes: end["sum_sent"]["bytes"].as_u64().unwrap_or(0),
+        received_bytes: end["sum_received"]["bytes"].as_u64().unwrap_or(0),
+        received_bps: end["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0),
+        retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        congestion: end["sender_tcp_congestion"].as_str().map(str::to_owned),
+    })
 }
 
 /// Round-trip times of `count` pings from `host` to `addr`, in milliseconds; an error when

@@ -100,7 +100,7 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     h.pump_until(Duration::from_secs(5), |h| h.h3.is_some());
     assert!(h.h3.is_some(), "hostile client: no HTTP/3 connection");
 
-    let before = proxy.stats_after_interval().unwrap();
+    let before = proxy.fresh_stats().unwrap();
 
     // ---- Malformed capsules: each on its own request stream ----
     let any = IpScope::ANY;
@@ -312,7 +312,7 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     );
     assert_eq!(replies.len(), 5, "{kinds:?}");
 
-    let after = proxy.stats_after_interval().unwrap();
+    let after = proxy.fresh_stats().unwrap();
     let d = |path: &[&str]| delta(&before, &after, path);
     let sessions_opened = sessions.len() as u64 + 2;
     assert_eq!(d(&["sessions_ip"]), sessions_opened, "{after}");
@@ -384,7 +384,7 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
     let during = ping_answered(&tb, addr::SERVER_V4, 20);
     let (mut h, flood_sent, flood_back) = flood.join().unwrap().unwrap();
     let rss_after = rss_kb(proxy.proc.pid());
-    let flooded = proxy.stats_after_interval().unwrap();
+    let flooded = proxy.fresh_stats().unwrap();
     let f = |path: &[&str]| delta(&after, &flooded, path);
     eprintln!(
         "flood: {flood_sent} datagrams sent, {flood_back} answered; proxy rx {} out_of_scope {} \
@@ -487,7 +487,7 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
         h.dgrams.iter().any(|d| is_echo(d)),
         "the hostile client's healthy session stopped"
     );
-    let end = proxy.stats_after_interval().unwrap();
+    let end = proxy.fresh_stats().unwrap();
     assert_eq!(delta(&flooded, &end, &["connections_closed"]), 2, "{end}");
     assert_eq!(delta(&flooded, &end, &["dgram_unknown_stream"]), 2, "{end}");
     assert_eq!(delta(&flooded, &end, &["connections_accepted"]), 2, "{end}");

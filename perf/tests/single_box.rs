@@ -5,14 +5,16 @@
 
 use std::time::{Duration, Instant};
 
+use mimiq_allocator::client::ClientError;
+use mimiq_allocator::proto::Status;
 use mimiq_allocator::Family;
 use mimiq_perf::singlebox::{
-    allocate, allocator_config, mac, release, start, use_address, SingleBox, Times, EDGE_KEY, KEY,
-    LONG,
+    allocate, allocator_config, mac, release, start, try_allocate, use_address, Granted, SingleBox,
+    Times, EDGE_KEY, KEY, LONG,
 };
 use mimiq_perf::switch::Switch;
 use mimiq_perf::testbed::topology::{self, single_box_addr as addr};
-use mimiq_perf::testbed::{bin_path, require_root, Testbed};
+use mimiq_perf::testbed::{bin_path, eventually, require_root, Testbed};
 use mimiq_perf::traffic::ping;
 
 #[test]
@@ -28,7 +30,7 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
 
     let mut addrs = Vec::new();
     for client in ["c1", "c2"] {
-        let (a, _) = allocate(&tb, client, Family::V4);
+        let a = allocate(&tb, client, Family::V4).addr;
         assert!(a.to_string().starts_with("198.18.1."), "{a}");
         use_address(&tb, client, a);
         addrs.push(a);
@@ -58,8 +60,10 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
     }
     // The outside reaches each client at its address: edge → IP-in-IP → access → the right
     // client (the other one does not have the address and would not answer).
+    // (The bindings reach the switch on the allocator's rule stream a moment after the
+    // allocator answered: until then a request finds no route.)
     for a in &addrs {
-        ping(&tb, "out", &a.to_string(), 5).unwrap_or_else(|e| {
+        ping_until_answered(&tb, &a.to_string(), 5, Duration::from_secs(5)).unwrap_or_else(|e| {
             panic!(
                 "{e}; switch: {}; stats: {:?}",
                 switch.proc.describe(),
@@ -112,11 +116,17 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
         0,
         "a spoofed packet left the outside port"
     );
-    let after = switch
-        .stats_after(Duration::from_millis(200))
-        .unwrap()
-        .drops("spoofed_source");
-    assert!(after >= before + 3, "spoofed_source {before} -> {after}");
+    // Three echo requests from the spoofed source: three drops, once the switch publishes them.
+    switch
+        .stats_until(Duration::from_secs(10), |s| {
+            let after = s.drops("spoofed_source");
+            if after >= before + 3 {
+                Ok(())
+            } else {
+                Err(format!("spoofed_source {before} -> {after}"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("each spoofed request is a counted drop: {e}"));
 
     drop(switch);
     allocator.stop(Duration::from_secs(5));
@@ -125,54 +135,90 @@ fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_addre
 #[test]
 fn ipv6_routes_by_alias_across_epochs_and_addresses_stop_routing_after_lifetime_plus_t_remove() {
     require_root();
-    // t_ip 3–3.5 s, t_remove 1 s, t_sid 2.5 s, k = 3: an epoch routes 7.5 s ≥ t_ip + t_remove.
+    // t_ip 4–4.5 s, t_remove 3 s, t_sid 3.75 s, k = 3: an epoch's aliases route for 11.25 s ≥
+    // t_sid + t_ip + t_remove (the allocator's bound), and every lifetime is longer than an
+    // epoch, so each address routes across a change of alias. t_remove is seconds long so that
+    // both its ends are checked with seconds to spare.
+    const T_REMOVE: Duration = Duration::from_secs(3);
     let SingleBox {
         tb,
         mut allocator,
         switch,
         dir: _dir,
-    } = start(&Times(3_000, 3_500, 1_000, 2_500, addr::POOL_V4));
-    let (v6, life6) = allocate(&tb, "c1", Family::V6);
-    let (v4, life4) = allocate(&tb, "c2", Family::V4);
-    assert!(v6.to_string().starts_with("fd00:1:"), "{v6}");
-    let started = Instant::now();
-    use_address(&tb, "c1", v6);
-    use_address(&tb, "c2", v4);
-    // Return traffic keeps arriving while the alias epochs rotate (every 2.5 s).
-    while started.elapsed() < life6.min(life4) - Duration::from_millis(300) {
-        ping(&tb, "out", &v6.to_string(), 1)
-            .unwrap_or_else(|e| panic!("{e}; {:?}", switch.stats().map(|s| s.0)));
-        ping(&tb, "out", &v4.to_string(), 1).unwrap();
+    } = start(&Times(4_000, 4_500, 3_000, 3_750, addr::POOL_V4));
+    let v6 = allocate(&tb, "c1", Family::V6);
+    let v4 = allocate(&tb, "c2", Family::V4);
+    assert!(v6.addr.to_string().starts_with("fd00:1:"), "{}", v6.addr);
+    use_address(&tb, "c1", v6.addr);
+    use_address(&tb, "c2", v4.addr);
+    let stats = || switch.stats().map(|s| s.0);
+    // The bindings reach the switch on the allocator's rule stream a moment after the
+    // allocator answered.
+    for g in [&v6, &v4] {
+        ping_until_answered(&tb, &g.addr.to_string(), 1, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{} never answered: {e}; {:?}", g.addr, stats()));
+    }
+    // Return traffic keeps arriving while the alias epochs rotate, until a lifetime ends.
+    let first_end = v6.ends_no_earlier_than().min(v4.ends_no_earlier_than());
+    while Instant::now() < first_end {
+        for g in [&v6, &v4] {
+            ping(&tb, "out", &g.addr.to_string(), 1)
+                .unwrap_or_else(|e| panic!("{} within its lifetime: {e}; {:?}", g.addr, stats()));
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Between the end of the lifetime and t_remove later, packets in flight are still delivered.
-    let grace = life6.max(life4) + Duration::from_millis(200);
-    if let Some(left) = grace.checked_sub(started.elapsed()) {
-        std::thread::sleep(left);
+    // Each address on its own lease: once its lifetime has surely ended, and seconds before
+    // its t_remove can have, packets in flight to it are still delivered.
+    let mut by_end = [v6, v4];
+    by_end.sort_by_key(Granted::ends_no_later_than);
+    for g in &by_end {
+        if let Some(left) = g
+            .ends_no_later_than()
+            .checked_duration_since(Instant::now())
+        {
+            std::thread::sleep(left);
+        }
+        let drain_left =
+            (g.ends_no_earlier_than() + T_REMOVE).saturating_duration_since(Instant::now());
+        ping(&tb, "out", &g.addr.to_string(), 1).unwrap_or_else(|e| {
+            panic!(
+                "{} within t_remove after its lifetime ({drain_left:?} of it left): {e}",
+                g.addr
+            )
+        });
     }
-    ping(&tb, "out", &v4.to_string(), 1)
-        .unwrap_or_else(|e| panic!("within t_remove after the lifetime: {e}"));
-    ping(&tb, "out", &v6.to_string(), 1)
-        .unwrap_or_else(|e| panic!("within t_remove after the lifetime: {e}"));
-    // After lifetime + t_remove, neither routes: the edge drops with no_route.
-    let end = life6.max(life4) + Duration::from_millis(1_000 + 300);
-    if let Some(left) = end.checked_sub(started.elapsed()) {
-        std::thread::sleep(left);
+    // After lifetime + t_remove, neither routes (a few seconds more for a loaded machine).
+    for g in &by_end {
+        let removed_by = g.ends_no_later_than() + T_REMOVE;
+        let within = removed_by.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+        eventually(within, || match ping(&tb, "out", &g.addr.to_string(), 1) {
+            Err(_) => Ok(()),
+            Ok(_) => Err(format!(
+                "answered {:?} after lifetime + t_remove",
+                Instant::now().saturating_duration_since(removed_by)
+            )),
+        })
+        .unwrap_or_else(|e| panic!("{} still routes: {e}", g.addr));
     }
+    // And the edge drops what no longer routes with no_route: two requests to each address.
     let before = switch.stats().unwrap().drops("no_route");
-    assert!(
-        ping(&tb, "out", &v6.to_string(), 2).is_err(),
-        "{v6} still routes after its lifetime + t_remove"
-    );
-    assert!(
-        ping(&tb, "out", &v4.to_string(), 2).is_err(),
-        "{v4} still routes after its lifetime + t_remove"
-    );
-    let after = switch
-        .stats_after(Duration::from_millis(200))
-        .unwrap()
-        .drops("no_route");
-    assert!(after >= before + 4, "no_route {before} -> {after}");
+    for g in &by_end {
+        assert!(
+            ping(&tb, "out", &g.addr.to_string(), 2).is_err(),
+            "{} routes again after its lifetime + t_remove",
+            g.addr
+        );
+    }
+    switch
+        .stats_until(Duration::from_secs(10), |s| {
+            let after = s.drops("no_route");
+            if after >= before + 4 {
+                Ok(())
+            } else {
+                Err(format!("no_route {before} -> {after}"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("each request to an ended address is a no_route drop: {e}"));
     drop(switch);
     allocator.stop(Duration::from_secs(5));
 }
@@ -181,42 +227,57 @@ fn ipv6_routes_by_alias_across_epochs_and_addresses_stop_routing_after_lifetime_
 fn when_an_address_moves_to_another_client_return_traffic_follows_it() {
     require_root();
     // A pool with one usable address (198.18.1.2: .0 and .3 are network and broadcast, .1 the
-    // gateway): the second client can only get the address the first one gave back.
+    // gateway): the second client can only get the address the first one gave back. t_remove
+    // is seconds long, so that the address is asked for again well before it may be reissued.
+    const T_REMOVE: Duration = Duration::from_secs(3);
     let SingleBox {
         tb,
         mut allocator,
         switch,
         dir: _dir,
-    } = start(&Times(60_000, 60_000, 1_000, 60_000, "198.18.1.0/30"));
-    let (a, _) = allocate(&tb, "c1", Family::V4);
+    } = start(&Times(60_000, 60_000, 3_000, 60_000, "198.18.1.0/30"));
+    let a = allocate(&tb, "c1", Family::V4).addr;
     assert_eq!(a.to_string(), "198.18.1.2");
     use_address(&tb, "c1", a);
     // The binding reaches the switch on the allocator's rule stream a moment after the
     // allocator answered c1: the first request can find no route yet.
-    ping_until_answered(
-        &tb,
-        "198.18.1.2",
-        3,
-        Instant::now() + Duration::from_secs(5),
-    )
-    .unwrap_or_else(|e| panic!("c1 never answered: {e}"));
+    ping_until_answered(&tb, "198.18.1.2", 3, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("c1 never answered: {e}"));
+    let released_at = Instant::now();
     release(&tb, "c1", a);
     tb.exec_ok("c1", &["ip", "addr", "del", "198.18.1.2/32", "dev", "eth0"])
         .unwrap();
-    // Not reissued before t_remove has passed; then it is c2's.
-    std::thread::sleep(Duration::from_millis(1_300));
-    let (b, _) = allocate(&tb, "c2", Family::V4);
-    assert_eq!(b, a, "the only address, now free again");
-    use_address(&tb, "c2", b);
+    // The address drains for t_remove (its rules stay for packets in flight), and only then
+    // is it free: until then the allocator has none to give. (Its clock counts whole
+    // milliseconds, hence the millisecond of slack.)
+    let not_before = released_at + T_REMOVE - Duration::from_millis(1);
+    let granted_in_time = |g: Granted| {
+        assert!(
+            g.granted_at >= not_before,
+            "{} reissued {:?} after its release, before t_remove",
+            g.addr,
+            g.granted_at - released_at
+        );
+        g
+    };
+    let b = match try_allocate(&tb, "c2", Family::V4) {
+        Err(ClientError::Refused(Status::PoolExhausted)) => {
+            eventually(T_REMOVE + Duration::from_secs(10), || {
+                try_allocate(&tb, "c2", Family::V4)
+            })
+            .unwrap_or_else(|e| panic!("the address was not reissued: {e}"))
+        }
+        // Only a machine that stalled for t_remove gets here, and then only after t_remove.
+        Ok(g) => g,
+        Err(e) => panic!("right after the release, the pool should be exhausted: {e}"),
+    };
+    let b = granted_in_time(b);
+    assert_eq!(b.addr, a, "the only address, now free again");
+    use_address(&tb, "c2", b.addr);
     // c1 no longer has the address, so an answer can only come from c2. (c2 resolves its
     // gateway on its first reply; give that a moment on a loaded machine.)
-    ping_until_answered(
-        &tb,
-        "198.18.1.2",
-        3,
-        Instant::now() + Duration::from_secs(5),
-    )
-    .unwrap_or_else(|e| panic!("traffic did not follow the binding to c2: {e}"));
+    ping_until_answered(&tb, "198.18.1.2", 3, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("traffic did not follow the binding to c2: {e}"));
     drop(switch);
     allocator.stop(Duration::from_secs(5));
 }
@@ -313,7 +374,7 @@ key_hex = "{EDGE_KEY}"
         &dir.path().join("e.json"),
     )
     .unwrap();
-    let (a, _) = allocate(&tb, "c1", Family::V4);
+    let a = allocate(&tb, "c1", Family::V4).addr;
     use_address(&tb, "c1", a);
     // The edge is another process on another host with a rule stream of its own, started just
     // now: it may get the new binding (and resolve its next hop) a moment after the access
@@ -323,11 +384,18 @@ key_hex = "{EDGE_KEY}"
             s.0["workers"][0]["updates_applied"].as_u64().unwrap_or(0)
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while updates(&edge) < updates(&access) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    ping_until_answered(&tb, &a.to_string(), 5, deadline).unwrap_or_else(|e| {
+    eventually(Duration::from_secs(10), || {
+        let (e, a) = (updates(&edge), updates(&access));
+        if e >= a {
+            Ok(())
+        } else {
+            Err(format!(
+                "the edge applied {e} updates, the access switch {a}"
+            ))
+        }
+    })
+    .unwrap_or_else(|e| panic!("the edge got the rules the access switch has: {e}"));
+    ping_until_answered(&tb, &a.to_string(), 5, Duration::from_secs(10)).unwrap_or_else(|e| {
         panic!(
             "{e}; access {:?}; edge {:?}",
             access.stats().map(|s| s.0),
@@ -338,19 +406,13 @@ key_hex = "{EDGE_KEY}"
     allocator.stop(Duration::from_secs(5));
 }
 
-/// Pings `addr` from `out`, `count` requests a round, until a round is answered in full or
-/// `deadline` passes; the last round's error then.
+/// Pings `addr` from `out`, `count` requests a round, until a round is answered in full, for
+/// up to `within`; the last round's error then.
 fn ping_until_answered(
     tb: &Testbed,
     addr: &str,
     count: u32,
-    deadline: Instant,
-) -> Result<(), String> {
-    loop {
-        match ping(tb, "out", addr, count) {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
+    within: Duration,
+) -> Result<(), mimiq_perf::testbed::TimedOut<String>> {
+    eventually(within, || ping(tb, "out", addr, count).map(drop))
 }

@@ -114,7 +114,12 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn connect(at: SocketAddr, switch_id: u16, secret: &str) -> Self {
-        let mut stream = TcpStream::connect(at).unwrap();
+        Self::try_connect(at, switch_id, secret).unwrap()
+    }
+
+    /// [`Subscriber::connect`], with the error of a connection the allocator refused or closed.
+    pub fn try_connect(at: SocketAddr, switch_id: u16, secret: &str) -> std::io::Result<Self> {
+        let mut stream = TcpStream::connect(at)?;
         let key = proto::key(&unhex(secret));
         let mut out = Vec::new();
         StreamMsg::Hello {
@@ -123,15 +128,15 @@ impl Subscriber {
         }
         .emit_frame(&key, &mut out)
         .unwrap();
-        stream.write_all(&out).unwrap();
-        Subscriber {
+        stream.write_all(&out)?;
+        Ok(Subscriber {
             stream,
             key,
             bindings: BTreeMap::new(),
             epochs: BTreeMap::new(),
             last_seq: 0,
             snapshots: 0,
-        }
+        })
     }
 
     /// Reads one update; None on timeout or end of stream.
@@ -149,7 +154,15 @@ impl Subscriber {
 
     /// Reads and applies the snapshot (must come first).
     pub fn read_snapshot(&mut self) {
-        let first = self.next(Duration::from_secs(5)).expect("snapshot");
+        self.try_read_snapshot().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// [`Subscriber::read_snapshot`]; `Err` if the stream ends (the allocator refused the
+    /// connection) or stays silent for 5 s before the snapshot begins.
+    pub fn try_read_snapshot(&mut self) -> Result<(), String> {
+        let first = self
+            .next(Duration::from_secs(5))
+            .ok_or("no snapshot: the stream ended or stayed silent for 5 s")?;
         let RuleUpdate::Snapshot { seq, count } = first.update else {
             panic!("first message is not a snapshot: {first:?}")
         };
@@ -162,6 +175,7 @@ impl Subscriber {
         }
         self.last_seq = seq;
         self.snapshots += 1;
+        Ok(())
     }
 
     /// Applies updates until none arrives for `quiet`. Panics on a gap.
@@ -171,6 +185,20 @@ impl Subscriber {
             self.last_seq = u.seq;
             self.apply(u.update);
         }
+    }
+
+    /// Applies updates until it has applied the one numbered `seq` (see [`rule_seq`]); panics,
+    /// saying how far it got, if that takes longer than `within`.
+    pub fn catch_up(&mut self, seq: u64, within: Duration) {
+        mimiq_testkit::eventually(within, || {
+            self.drain(Duration::from_millis(20));
+            if self.last_seq >= seq {
+                Ok(())
+            } else {
+                Err(format!("applied up to seq {} of {seq}", self.last_seq))
+            }
+        })
+        .unwrap_or_else(|e| panic!("rule stream: {e}"));
     }
 
     fn apply(&mut self, u: RuleUpdate) {
@@ -228,6 +256,13 @@ pub fn leases(at: SocketAddr) -> BTreeSet<(IpAddr, Mac)> {
             (ip, Mac(m.try_into().unwrap()))
         })
         .collect()
+}
+
+/// The sequence number of the latest rule update the allocator published: the server sets it
+/// before it answers the requests that caused the update, so after a reply a subscriber that
+/// [catches up](Subscriber::catch_up) to it has heard everything that reply did.
+pub fn rule_seq(at: SocketAddr) -> u64 {
+    metric(&http_get(at, "/metrics"), "mimiq_allocator_rule_seq")
 }
 
 /// A metric's value from Prometheus text, e.g. `metric(&text, "mimiq_allocator_drops_total{reason=\"replay\"}")`.

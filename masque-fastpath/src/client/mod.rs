@@ -322,7 +322,7 @@ impl Client {
                 on_ready(&self.stats);
             }
             if ready {
-                self.from_local();
+                self.local_to_datagrams();
                 self.maybe_hop();
                 self.abandon_old_paths();
             }
@@ -479,39 +479,37 @@ impl Client {
         while let Some(ev) = self.conn.path_event_next() {
             self.left_paths.on_event(&ev, Instant::now());
             match ev {
-                quiche::PathEvent::Validated(local, peer) => {
-                    if self.pending_hop == Some(local) {
-                        let from = self
-                            .conn
-                            .path_stats()
-                            .find(|p| p.active)
-                            .map(|p| p.local_addr);
-                        let now = Instant::now();
-                        let outcome = match (self.conn.migrate(local, peer), from) {
-                            (Ok(_), Some(from)) => {
-                                self.stats.hops_done += 1;
-                                // Make sure a non-probing packet goes out from the new address
-                                // now, so the proxy follows (RFC 9000 §9.2).
-                                let _ = self.conn.send_ack_eliciting();
-                                HopOutcome::Done {
-                                    from: from.ip(),
-                                    to: local.ip(),
-                                    latency: now.saturating_duration_since(self.last_hop),
-                                }
+                quiche::PathEvent::Validated(local, peer) if self.pending_hop == Some(local) => {
+                    let from = self
+                        .conn
+                        .path_stats()
+                        .find(|p| p.active)
+                        .map(|p| p.local_addr);
+                    let now = Instant::now();
+                    let outcome = match (self.conn.migrate(local, peer), from) {
+                        (Ok(_), Some(from)) => {
+                            self.stats.hops_done += 1;
+                            // Make sure a non-probing packet goes out from the new address
+                            // now, so the proxy follows (RFC 9000 §9.2).
+                            let _ = self.conn.send_ack_eliciting();
+                            HopOutcome::Done {
+                                from: from.ip(),
+                                to: local.ip(),
+                                latency: now.saturating_duration_since(self.last_hop),
                             }
-                            _ => {
-                                self.hop_failed(local.ip(), now);
-                                continue;
-                            }
-                        };
-                        self.policy.on_hop(outcome, now);
-                        self.pending_hop = None;
-                    }
+                        }
+                        _ => {
+                            self.hop_failed(local.ip(), now);
+                            continue;
+                        }
+                    };
+                    self.policy.on_hop(outcome, now);
+                    self.pending_hop = None;
                 }
-                quiche::PathEvent::FailedValidation(local, _) => {
-                    if self.pending_hop == Some(local) {
-                        self.hop_failed(local.ip(), Instant::now());
-                    }
+                quiche::PathEvent::FailedValidation(local, _)
+                    if self.pending_hop == Some(local) =>
+                {
+                    self.hop_failed(local.ip(), Instant::now());
                 }
                 _ => {}
             }
@@ -619,7 +617,7 @@ impl Client {
     }
 
     /// Packets from the TUN device or the local UDP socket into datagrams.
-    fn from_local(&mut self) {
+    fn local_to_datagrams(&mut self) {
         let Some(sid) = self.stream else {
             return;
         };

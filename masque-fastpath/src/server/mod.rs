@@ -159,6 +159,9 @@ impl Percentiles {
     }
 }
 
+// A CONNECT-IP session is larger than a CONNECT-UDP one; it stays inline, as every packet of
+// the tunnel reads it, and there is one per client request.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     Ip(ConnectIpSession),
     Udp {
@@ -407,20 +410,23 @@ impl Proxy {
     /// timers run and its packets go out; nothing blocks.
     fn pass(&mut self, ready: Ready) -> io::Result<()> {
         self.stats.passes += 1;
-        while ready.quic {
-            let n = self.io.recv_burst()?;
-            if n == 0 {
-                break;
-            }
-            let t0 = Instant::now();
-            for i in 0..n {
-                self.on_udp(i);
-            }
-            self.stats.udp_rx += n as u64;
-            self.service_dirty();
-            let _ = self.burst_hist.record(t0.elapsed().as_nanos() as u64);
-            if !self.io.burst_full() {
-                break;
+        // Bursts until one comes back short: the socket is drained.
+        if ready.quic {
+            loop {
+                let n = self.io.recv_burst()?;
+                if n == 0 {
+                    break;
+                }
+                let t0 = Instant::now();
+                for i in 0..n {
+                    self.on_udp(i);
+                }
+                self.stats.udp_rx += n as u64;
+                self.service_dirty();
+                let _ = self.burst_hist.record(t0.elapsed().as_nanos() as u64);
+                if !self.io.burst_full() {
+                    break;
+                }
             }
         }
         if ready.tun {

@@ -456,7 +456,7 @@ fn run_grid(
             ));
             raws.push((rate, which, raw));
         }
-        let s = switch.stats_after(Duration::from_millis(250))?;
+        let s = switch.stats_settled(Duration::from_secs(10))?;
         full += s.drops("impair_full");
         other += s.total_drops() - s.drops("impair_full");
         drop(switch);

@@ -307,7 +307,7 @@ pub fn run(path: Path, sink: Sink, seconds: u32) -> Result<Run, String> {
     };
     let forwarder_cpu_ms = match (&switch, &switch_before) {
         (Some(sw), Some(before)) => {
-            Some((sw.stats_after(Duration::from_millis(200))?.cpu_ms() - before.cpu_ms()) as f64)
+            Some((sw.stats_settled(Duration::from_secs(10))?.cpu_ms() - before.cpu_ms()) as f64)
         }
         _ => match forwarder.as_mut() {
             Some(proc) => {

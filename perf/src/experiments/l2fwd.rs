@@ -135,7 +135,7 @@ pub fn run(
 
     let (switch_packets, cpu_ns, cpu_gb) = match (&switch, &before) {
         (Some(sw), Some(b)) => {
-            let a = sw.stats_after(Duration::from_millis(300))?;
+            let a = sw.stats_settled(Duration::from_secs(10))?;
             let packets = a.port(0, "tx_packets") + a.port(1, "tx_packets")
                 - b.port(0, "tx_packets")
                 - b.port(1, "tx_packets");

@@ -1128,7 +1128,7 @@ impl Sample {
             });
         };
         // The stats file is rewritten every second; waiting for a fresh one brackets the run.
-        let s = proxy.stats_after_interval()?;
+        let s = proxy.fresh_stats()?;
         let n = |k: &str| s[k].as_u64().unwrap_or(0);
         let (user, system) = cpu_times(proxy.proc.pid())?;
         let (cu, cs) = cpu_times(client.pid())?;

@@ -255,7 +255,7 @@ fn measure(
     if !status.success() {
         return Err(format!("sender failed: {}", sender.describe()));
     }
-    let after = switch.stats_after(Duration::from_millis(300))?;
+    let after = switch.stats_settled(Duration::from_secs(10))?;
     let sent: Value =
         serde_json::from_str(&std::fs::read_to_string(&report).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
