@@ -404,6 +404,11 @@ fn an_unreachable_allocator_is_an_error_and_the_driver_recovers_when_it_returns(
     });
     let mut driver = AllocDriver::new(gateway.addr, Family::V6, config).unwrap();
     assert!(driver.poll(0, &mut set).is_empty());
+    // The gateway relays the request into the void: wait until it is there, so that the
+    // allocator started below never sees it.
+    void.set_read_timeout(Some(ANSWER_WITHIN)).unwrap();
+    void.recv_from(&mut [0u8; 2048])
+        .expect("the gateway relays the request");
     // The reply timeout runs on the driver's (virtual) clock: 150 ms later on it, whatever the
     // real time, the request has timed out.
     let events = driver.poll(150, &mut set);

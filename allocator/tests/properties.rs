@@ -335,8 +335,11 @@ fn chi_square_rejects_a_sequential_allocator() {
 }
 
 #[test]
-fn allocation_stays_fast_at_99_percent_of_a_slash_8() {
-    // Expected O(1) per address at 99 % utilisation: fill a /8 to 99 % and time churn there.
+fn churn_at_99_percent_of_a_slash_8_hands_out_only_free_addresses() {
+    // Fill a /8 to 99 % (the pool switches to its dense list) and churn there: every address
+    // allocated is one not held, and every release succeeds. How fast that is (O(1) per
+    // address) is `cargo run --release -p mimiq-allocator --example alloc_bench`'s figure, at
+    // 50, 95 and 99 % utilisation.
     let mut rng = Csprng::new().unwrap();
     let mut pool = V4Pool::new(&["10.0.0.0/8".parse().unwrap()], &[]).unwrap();
     let target = pool.size() * 99 / 100;
@@ -345,17 +348,14 @@ fn allocation_stays_fast_at_99_percent_of_a_slash_8() {
         held.push(pool.allocate(&mut rng).unwrap());
     }
     assert!(pool.is_dense());
-    let start = std::time::Instant::now();
+    let mut in_use: std::collections::HashSet<_> = held.iter().copied().collect();
+    assert_eq!(in_use.len(), held.len(), "no address handed out twice");
     for i in 0..200_000usize {
         let a = pool.allocate(&mut rng).unwrap();
+        assert!(in_use.insert(a), "{a:?} handed out while held");
         let j = i * 7919 % held.len();
-        assert!(pool.release(std::mem::replace(&mut held[j], a)));
+        let old = std::mem::replace(&mut held[j], a);
+        assert!(in_use.remove(&old));
+        assert!(pool.release(old));
     }
-    let per_op = start.elapsed() / 200_000;
-    // Generous bound for an unoptimised build on a shared machine; a scan of the pool would take
-    // milliseconds per address.
-    assert!(
-        per_op < std::time::Duration::from_micros(50),
-        "{per_op:?} per allocate+release"
-    );
 }
