@@ -187,32 +187,29 @@ fn ipv6_routes_by_alias_across_epochs_and_addresses_stop_routing_after_lifetime_
             )
         });
     }
-    // After lifetime + t_remove, neither routes (a few seconds more for a loaded machine).
-    for g in &by_end {
-        let removed_by = g.ends_no_later_than() + T_REMOVE;
-        let within = removed_by.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
-        eventually(within, || match ping(&tb, "out", &g.addr.to_string(), 1) {
-            Err(_) => Ok(()),
-            Ok(_) => Err(format!(
-                "answered {:?} after lifetime + t_remove",
-                Instant::now().saturating_duration_since(removed_by)
-            )),
-        })
-        .unwrap_or_else(|e| panic!("{} still routes: {e}", g.addr));
-    }
-    // And the edge drops what no longer routes with no_route: two requests to each address.
+    // After lifetime + t_remove, neither routes (give the switch's clock and a loaded machine
+    // a few seconds), and the edge counts the request that found no route: one to each.
     let before = switch.stats().unwrap().drops("no_route");
     for g in &by_end {
-        assert!(
-            ping(&tb, "out", &g.addr.to_string(), 2).is_err(),
-            "{} routes again after its lifetime + t_remove",
-            g.addr
-        );
+        let removed_by = g.ends_no_later_than() + T_REMOVE;
+        if let Some(left) = removed_by.checked_duration_since(Instant::now()) {
+            std::thread::sleep(left);
+        }
+        eventually(Duration::from_secs(5), || {
+            match ping(&tb, "out", &g.addr.to_string(), 1) {
+                Err(_) => Ok(()),
+                Ok(_) => Err(format!(
+                    "answered {:?} after lifetime + t_remove",
+                    Instant::now().saturating_duration_since(removed_by)
+                )),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{} still routes: {e}", g.addr));
     }
     switch
         .stats_until(Duration::from_secs(10), |s| {
             let after = s.drops("no_route");
-            if after >= before + 4 {
+            if after >= before + 2 {
                 Ok(())
             } else {
                 Err(format!("no_route {before} -> {after}"))

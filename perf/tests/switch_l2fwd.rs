@@ -314,7 +314,7 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
         )
     };
     assert_eq!(count_tags(), (0, 0), "no interval before the signal");
-    // MUTATION switch.proc.signal(libc::SIGUSR1);
+    switch.proc.signal(libc::SIGUSR1);
     eventually(Duration::from_secs(10), || match count_tags() {
         (0, _) | (_, 0) => Err(format!("{:?} intervals of workers 0 and 1", count_tags())),
         _ => Ok(()),
