@@ -4,7 +4,7 @@
 //! testbed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::testbed::{Testbed, TestbedError};
@@ -20,12 +20,13 @@ pub fn count_frames(
 ) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<usize>>>, TestbedError> {
     let ifname =
         std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
-    tb.spawn_in(host, move || {
+    spawn_capture(tb, host, move |ready| {
         let mut count = 0;
         let deadline = Instant::now() + duration;
         capture(
             &ifname,
             false,
+            ready,
             &mut || Instant::now() < deadline,
             &mut |frame: &[u8]| {
                 if matches(frame) {
@@ -59,13 +60,14 @@ pub fn record_frames(
 ) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<Vec<Frame>>>>, TestbedError> {
     let ifname =
         std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
-    tb.spawn_in(host, move || {
+    spawn_capture(tb, host, move |ready| {
         let started = Instant::now();
         let deadline = started + duration;
         let mut frames = Vec::new();
         capture(
             &ifname,
             false,
+            ready,
             &mut || Instant::now() < deadline,
             &mut |frame: &[u8]| {
                 if matches(frame) {
@@ -94,10 +96,11 @@ pub fn watch_incoming<W: Send + 'static>(
 ) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<W>>>, TestbedError> {
     let ifname =
         std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
-    tb.spawn_in(host, move || {
+    spawn_capture(tb, host, move |ready| {
         capture(
             &ifname,
             true,
+            ready,
             &mut || !stop.load(Ordering::Relaxed),
             &mut |f: &[u8]| on_frame(&mut watcher, f),
         )
@@ -105,9 +108,27 @@ pub fn watch_incoming<W: Send + 'static>(
     })
 }
 
+/// Runs `body` on a thread inside `host` and returns once it has said (through the sender it
+/// is given) that its socket is bound, or has ended, or after 5 s: frames sent after the
+/// return are seen.
+fn spawn_capture<T: Send + 'static>(
+    tb: &Testbed,
+    host: &str,
+    body: impl FnOnce(mpsc::Sender<()>) -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<std::io::Result<T>>, TestbedError> {
+    let (ready, bound) = mpsc::channel();
+    let handle = tb.spawn_in(host, move || body(ready))?;
+    // An error before the bind drops the sender; the handle then carries the error.
+    let _ = bound.recv_timeout(Duration::from_secs(5));
+    Ok(handle)
+}
+
+/// Reads frames from a packet socket on `ifname` until `keep_going` says no; `ready` hears
+/// once the socket is bound.
 fn capture(
     ifname: &std::ffi::CStr,
     incoming_only: bool,
+    ready: mpsc::Sender<()>,
     keep_going: &mut dyn FnMut() -> bool,
     on_frame: &mut dyn FnMut(&[u8]),
 ) -> std::io::Result<()> {
@@ -169,6 +190,7 @@ fn capture(
                 std::mem::size_of::<libc::timeval>() as u32,
             );
         }
+        let _ = ready.send(());
         let mut buf = [0u8; 2048];
         while keep_going() {
             // SAFETY: `buf` is a live buffer of the length passed.
