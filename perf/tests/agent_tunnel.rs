@@ -94,12 +94,21 @@ fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact()
         dir,
     } = download_while_hopping(25, 100 * 1024 * 1024, "", |_, _| {});
     // The strategy counts the QUIC datagrams the client sends (the TCP ACKs of the download,
-    // several to a QUIC packet) and asks for a hop every 25: tens of thousands of datagrams in
-    // 100 MB, so at least 50 hops however slowly each one validates. How many of them fail
-    // (the 1 s hop timeout on a loaded machine) is a rate, reported by `mimiq-perf bench
-    // masque`; here every hop, done or failed, is in the hop log.
-    let done = report["client"]["hops_done"].as_u64().unwrap();
-    assert!(done >= 50, "{report}; {agent_log}; proxy {s}");
+    // several to a QUIC packet: about 1,200 in 100 MB) and asks for a hop every 25. A hop is
+    // never started before it is due; while one validates (a round trip) the count goes on, so
+    // how many of the due hops are made depends on the machine's speed, and how many fail (the
+    // 1 s hop timeout on a loaded machine) too: such rates are `mimiq-perf bench figure3`'s
+    // (hops due, completed and failed per cell). Here: hops happen, never more often than
+    // asked, and each is in the hop log.
+    let c = &report["client"];
+    let done = c["hops_done"].as_u64().unwrap();
+    let started = c["hops_started"].as_u64().unwrap();
+    let counted = report["datagrams_counted"].as_u64().unwrap();
+    assert!(done >= 20, "{report}; {agent_log}; proxy {s}");
+    assert!(
+        started * 25 <= counted + 25,
+        "a hop before it was due: {report}"
+    );
     assert_hop_log_matches(&report, dir.path());
     assert_eq!(report["addresses_used"], 4, "{report}");
     // One connection, one session at the proxy: the tunnel stayed up through every hop, and

@@ -25,7 +25,7 @@ fn a_reduced_figure3_grid_measures_every_cell_and_writes_its_files() {
     for c in &fig.cells {
         assert!(c.requests > 0 && c.requests_per_s > 0.0, "{c:?}");
         // One GET per RTT at most: the switch's delay is in force. (How close to one per RTT
-        // the client gets depends on the machine's load: `mimiq-perf experiment figure3`
+        // the client gets depends on the machine's load: `mimiq-perf bench figure3`
         // reports it.)
         let ceiling = 1000.0 / f64::from(c.rtt_ms);
         assert!(
