@@ -278,8 +278,9 @@ impl LeftPaths {
     /// Round trips of a path left without a packet arriving there before it may go.
     pub const HOLD_RTTS: u32 = 2;
     /// The default least time before a path left is forced out: long enough for datagrams sent
-    /// just before a hop to arrive (the kernel reorders datagrams of different sockets), after
-    /// which a quiche peer that gets one with the retired connection ID closes the connection.
+    /// just before a hop to arrive (the kernel reorders datagrams of different sockets); one
+    /// that arrives with the retired connection ID is dropped by the peer (upstream quiche
+    /// closed the connection for it: vendor/quiche/MIMIQ-PATCH.md).
     pub const FORCE_AFTER_MIN: Duration = Duration::from_millis(100);
 
     /// Forces a path left out after at least `force_after_min`.

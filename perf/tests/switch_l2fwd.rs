@@ -324,6 +324,23 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
     assert!(status.success(), "{}", switch.proc.describe());
 }
 
+/// h1 and h2 know each other's MAC without ARP.
+fn static_neighbours(tb: &Testbed) {
+    for (host, peer, peer_ip) in [
+        ("h1", "h2", topology::addr::H2_V4),
+        ("h2", "h1", topology::addr::H1_V4),
+    ] {
+        let mac = mac_of(tb, peer, "eth0");
+        tb.exec_ok(
+            host,
+            &[
+                "ip", "neigh", "replace", peer_ip, "lladdr", &mac, "dev", "eth0",
+            ],
+        )
+        .unwrap();
+    }
+}
+
 fn mac_of(tb: &Testbed, host: &str, ifname: &str) -> String {
     let out = tb
         .exec_ok(host, &["cat", &format!("/sys/class/net/{ifname}/address")])
@@ -340,35 +357,7 @@ fn the_xdp_program_leaves_arp_and_own_addresses_to_the_kernel_and_replaces_a_kil
     // The switch host has an address of its own on p0; ARP goes to its kernel, so h1 and h2
     // know each other statically.
     tb.add_addr("sw", "p0", "198.18.0.9/24").unwrap();
-    let (mac1, mac2) = (mac_of(&tb, "h1", "eth0"), mac_of(&tb, "h2", "eth0"));
-    tb.exec_ok(
-        "h1",
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            topology::addr::H2_V4,
-            "lladdr",
-            &mac2,
-            "dev",
-            "eth0",
-        ],
-    )
-    .unwrap();
-    tb.exec_ok(
-        "h2",
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            topology::addr::H1_V4,
-            "lladdr",
-            &mac1,
-            "dev",
-            "eth0",
-        ],
-    )
-    .unwrap();
+    static_neighbours(&tb);
     let dir = tempfile::tempdir().unwrap();
     let args = [
         "--role",
@@ -446,35 +435,7 @@ fn the_impair_stage_delays_by_the_configured_time_and_drops_the_configured_fract
         tb.sysctl(host, "net.ipv6.conf.all.disable_ipv6", "1")
             .unwrap();
     }
-    let (mac1, mac2) = (mac_of(&tb, "h1", "eth0"), mac_of(&tb, "h2", "eth0"));
-    tb.exec_ok(
-        "h1",
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            topology::addr::H2_V4,
-            "lladdr",
-            &mac2,
-            "dev",
-            "eth0",
-        ],
-    )
-    .unwrap();
-    tb.exec_ok(
-        "h2",
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            topology::addr::H1_V4,
-            "lladdr",
-            &mac1,
-            "dev",
-            "eth0",
-        ],
-    )
-    .unwrap();
+    static_neighbours(&tb);
     let dir = tempfile::tempdir().unwrap();
 
     // 10 ms each way: RTT 20 ms.

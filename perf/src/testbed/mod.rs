@@ -522,7 +522,7 @@ pub fn bin_path(name: &str) -> Result<PathBuf, String> {
         Ok(path)
     } else {
         Err(format!(
-            "{} not built; run `cargo build --workspace --bins` first (scripts/test does)",
+            "{} not built; `cargo nextest run --workspace` (scripts/test) builds it with the tests",
             path.display()
         ))
     }

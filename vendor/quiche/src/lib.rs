@@ -1378,6 +1378,11 @@ where
     /// Total number of received PATH_CHALLENGE frames.
     path_challenge_rx_count: u64,
 
+    /// Packets dropped after decryption because their destination
+    /// connection ID is not, or no longer, one of this connection's source
+    /// IDs (MIMIQ patch: see MIMIQ-PATCH.md).
+    unknown_dcid_dropped_count: u64,
+
     /// List of supported application protocols.
     application_protos: Vec<Vec<u8>>,
 
@@ -2096,6 +2101,7 @@ impl<F: BufFactory> Connection<F> {
             path_challenge_recv_max_queue_len: config
                 .path_challenge_recv_max_queue_len,
             path_challenge_rx_count: 0,
+            unknown_dcid_dropped_count: 0,
 
             application_protos: config.application_protos.clone(),
 
@@ -3346,6 +3352,25 @@ impl<F: BufFactory> Connection<F> {
         // existing path.
         let recv_pid = if hdr.ty == Type::Short && self.got_peer_conn_id {
             let pkt_dcid = ConnectionId::from_ref(&hdr.dcid);
+
+            // MIMIQ patch: a packet to a connection ID this endpoint has
+            // retired (the peer sent it before the RETIRE_CONNECTION_ID
+            // reached it, and it arrives late, say on a path the peer has
+            // left) matches no connection ID of ours. RFC 9000 Section 5.2.1
+            // has such packets discarded; closing the connection for them
+            // (InvalidState from get_or_create_recv_path_id) lets any
+            // reordering kill a connection that migrates.
+            if self.ids.find_scid_seq(&pkt_dcid).is_none() {
+                trace!(
+                    "{} dropped packet {} to unknown connection ID {:?}",
+                    self.trace_id,
+                    pn,
+                    pkt_dcid
+                );
+                self.unknown_dcid_dropped_count += 1;
+                return Err(Error::Done);
+            }
+
             self.get_or_create_recv_path_id(recv_pid, &pkt_dcid, buf_len, info)?
         } else {
             // During handshake, we are on the initial path.
@@ -7997,6 +8022,7 @@ impl<F: BufFactory> Connection<F> {
             streams_blocked_bidi_recv_count: self.streams_blocked_bidi_recv_count,
             streams_blocked_uni_recv_count: self.streams_blocked_uni_recv_count,
             path_challenge_rx_count: self.path_challenge_rx_count,
+            unknown_dcid_dropped_count: self.unknown_dcid_dropped_count,
             amplification_limited_count: self.amplification_limited_count,
             bytes_in_flight_duration: self.bytes_in_flight_duration(),
             tx_buffered_state: if self.streams.tx_buffered_is_consistent() {
@@ -9591,6 +9617,11 @@ pub struct Stats {
 
     /// The total number of PATH_CHALLENGE frames that were received.
     pub path_challenge_rx_count: u64,
+
+    /// The number of packets dropped because their destination connection
+    /// ID was not, or no longer, one of the connection's source IDs: sent by
+    /// the peer before it saw the ID retired, and delivered late.
+    pub unknown_dcid_dropped_count: u64,
 
     /// The number of times send() was blocked because the anti-amplification
     /// budget (bytes received × max_amplification_factor) was exhausted.
