@@ -294,30 +294,8 @@ fn every_probe_through_mimiq_switch_l2fwd_is_counted_by_the_switch_and_the_recei
     assert_eq!(sent_packets, 30_000);
     // Frames the kernel dropped in front of an AF_XDP socket (fill ring empty on a loaded
     // machine) are counted by the kernel: at the switch's p0 and at the receiver.
-    let counts = |s: &SwitchStats| {
-        (
-            s.port(0, "rx_packets") - before.port(0, "rx_packets"),
-            s.port(1, "tx_packets") - before.port(1, "tx_packets"),
-            s.total_drops() - before.total_drops(),
-            s.socket_drops(0) - before.socket_drops(0),
-        )
-    };
-    // Every probe reached the switch, and the switch passed on or dropped all it received.
-    let after = switch
-        .stats_until(PUBLISHED, |s| {
-            let (rx, tx, drops, socket_drops) = counts(s);
-            if rx + socket_drops >= sent_packets && rx == tx + drops {
-                Ok(())
-            } else {
-                Err(format!(
-                    "p0 received {rx} (+{socket_drops} dropped by the kernel), p1 sent {tx}, \
-                     drops {}",
-                    s.drops_summary()
-                ))
-            }
-        })
-        .unwrap_or_else(|e| panic!("the switch accounts for the {sent_packets} probes: {e}"));
-    let (rx, tx, drops, switch_socket_drops) = counts(&after);
+    let (_, (rx, tx, drops, switch_socket_drops)) =
+        switch_accounts_for(&switch, &before, sent_packets);
     let got = stop_recv(recv, dir.path(), "recv", sent_packets);
     let receiver_socket_drops = socket_drops(&got);
     // The kernel on h1 may add a few frames of its own (IPv6 neighbour discovery).
@@ -495,23 +473,7 @@ fn loss_and_delay_made_by_the_switch_impair_stage_show_exactly_in_the_receiver()
     );
     let sent_packets = n(&sent, "sent_packets");
     // Every probe reached the switch, and the stage has released or dropped all it held.
-    let after = switch
-        .stats_until(PUBLISHED, |s| {
-            let rx = s.port(0, "rx_packets") - before.port(0, "rx_packets");
-            let socket_drops = s.socket_drops(0) - before.socket_drops(0);
-            let tx = s.port(1, "tx_packets") - before.port(1, "tx_packets");
-            let drops = s.total_drops() - before.total_drops();
-            if rx + socket_drops >= sent_packets && rx == tx + drops {
-                Ok(())
-            } else {
-                Err(format!(
-                    "p0 received {rx} (+{socket_drops} dropped by the kernel), p1 sent {tx}, \
-                     drops {}",
-                    s.drops_summary()
-                ))
-            }
-        })
-        .unwrap_or_else(|e| panic!("the switch accounts for the {sent_packets} probes: {e}"));
+    let (after, _) = switch_accounts_for(&switch, &before, sent_packets);
     // The stage dropped some: the receiver stops after a second without probes.
     let got = stop_recv(recv, dir.path(), "recv", sent_packets);
 
@@ -745,4 +707,39 @@ fn base64_decode(text: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Waits until the switch has passed on or dropped every probe it received on p0 since
+/// `before`, and received all `sent` of them (or the kernel dropped them in front of its
+/// socket); returns the counters then, and p0's received, p1's sent, the switch's drops and
+/// p0's kernel drops since `before`.
+fn switch_accounts_for(
+    switch: &Switch,
+    before: &SwitchStats,
+    sent: u64,
+) -> (SwitchStats, (u64, u64, u64, u64)) {
+    let counts = |s: &SwitchStats| {
+        (
+            s.port(0, "rx_packets") - before.port(0, "rx_packets"),
+            s.port(1, "tx_packets") - before.port(1, "tx_packets"),
+            s.total_drops() - before.total_drops(),
+            s.socket_drops(0) - before.socket_drops(0),
+        )
+    };
+    let after = switch
+        .stats_until(PUBLISHED, |s| {
+            let (rx, tx, drops, socket_drops) = counts(s);
+            if rx + socket_drops >= sent && rx == tx + drops {
+                Ok(())
+            } else {
+                Err(format!(
+                    "p0 received {rx} (+{socket_drops} dropped by the kernel), p1 sent {tx}, \
+                     drops {}",
+                    s.drops_summary()
+                ))
+            }
+        })
+        .unwrap_or_else(|e| panic!("the switch accounts for the {sent} probes: {e}"));
+    let since = counts(&after);
+    (after, since)
 }
