@@ -351,7 +351,7 @@ fn an_address_withdrawn_then_removed_after_a_drain_is_left_and_the_gets_complete
         },
         sizes(1_000),
         |control, bound| {
-            std::thread::sleep(Duration::from_millis(150));
+            // At once, as above (no pause: the GETs may be over first).
             // The agent's sequence when an address expires: withdraw it (the connection
             // leaves), then remove it from the host after a drain period (t_remove).
             let addr = bound.iter().copied().find(|a| a.ip() == gone).unwrap();
@@ -398,7 +398,8 @@ fn a_hop_to_an_address_already_gone_from_the_host_fails_and_the_address_is_withd
         HopStrategyConfig::Never {},
         sizes(1_000),
         |control, bound| {
-            std::thread::sleep(Duration::from_millis(150));
+            // At once: the connection is up, and the optimised run of GETs may be over in
+            // less than 150 ms (an earlier pause found the connection already closed).
             let cidr = format!("{gone}/24");
             tb.exec_ok("cli", &["ip", "addr", "del", &cidr, "dev", "eth0"])
                 .expect("ip addr del");
