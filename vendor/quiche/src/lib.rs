@@ -3352,25 +3352,6 @@ impl<F: BufFactory> Connection<F> {
         // existing path.
         let recv_pid = if hdr.ty == Type::Short && self.got_peer_conn_id {
             let pkt_dcid = ConnectionId::from_ref(&hdr.dcid);
-
-            // MIMIQ patch: a packet to a connection ID this endpoint has
-            // retired (the peer sent it before the RETIRE_CONNECTION_ID
-            // reached it, and it arrives late, say on a path the peer has
-            // left) matches no connection ID of ours. RFC 9000 Section 5.2.1
-            // has such packets discarded; closing the connection for them
-            // (InvalidState from get_or_create_recv_path_id) lets any
-            // reordering kill a connection that migrates.
-            if self.ids.find_scid_seq(&pkt_dcid).is_none() {
-                trace!(
-                    "{} dropped packet {} to unknown connection ID {:?}",
-                    self.trace_id,
-                    pn,
-                    pkt_dcid
-                );
-                self.unknown_dcid_dropped_count += 1;
-                return Err(Error::Done);
-            }
-
             self.get_or_create_recv_path_id(recv_pid, &pkt_dcid, buf_len, info)?
         } else {
             // During handshake, we are on the initial path.
@@ -9146,8 +9127,22 @@ impl<F: BufFactory> Connection<F> {
     ) -> Result<usize> {
         let ids = &mut self.ids;
 
-        let (in_scid_seq, mut in_scid_pid) =
-            ids.find_scid_seq(dcid).ok_or(Error::InvalidState)?;
+        // MIMIQ patch: a packet to a connection ID this endpoint has retired
+        // (the peer sent it before the RETIRE_CONNECTION_ID reached it, and
+        // it arrives late, say on a path the peer has left) matches no
+        // connection ID of ours. RFC 9000 Section 5.2.1 has such packets
+        // discarded; upstream returned InvalidState here, which closes the
+        // connection and lets any reordering kill one that migrates.
+        let Some((in_scid_seq, mut in_scid_pid)) = ids.find_scid_seq(dcid)
+        else {
+            trace!(
+                "{} dropped a packet to unknown connection ID {:?}",
+                self.trace_id,
+                dcid
+            );
+            self.unknown_dcid_dropped_count += 1;
+            return Err(Error::Done);
+        };
 
         if let Some(recv_pid) = recv_pid {
             // If the path observes a change of SCID used, note it.
