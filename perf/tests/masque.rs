@@ -262,7 +262,7 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
     assert!(ready.contains("198.18.201."), "{ready}");
     ping(&tb, "c", addr::SERVER_V4, 10).unwrap_or_else(|e| panic!("{e}; {}", inner_ip.describe()));
     let sa = a.fresh_stats().unwrap();
-    let sb = b.stats().unwrap();
+    let sb = b.fresh_stats().unwrap();
     // A saw one CONNECT-UDP session carrying both inner connections; B saw both inner sessions.
     assert_eq!(sa["sessions_udp"], 1, "{sa}");
     assert_eq!(sa["sessions_ip"], 0, "{sa}");
