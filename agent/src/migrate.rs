@@ -21,7 +21,9 @@
 //! while all traffic stays on the current path. The driver probes first and calls `migrate`
 //! once the new path has answered, so a hop never stalls a transfer on an unreachable or
 //! amplification-limited path: if the probe fails or times out the connection simply stays
-//! where it was and the hop is counted as failed. The cost is one round trip between the
+//! where it was and the hop is counted as failed. A probe whose answer is late (three round
+//! trips) is sent again ([`mimiq_masque::quic::probe_retry_after`] says why quiche alone would
+//! not). The cost is one round trip between the
 //! request and the switch, which is what [`MigrationStats`] reports as hop latency. Right after
 //! the switch the driver queues an ack-eliciting packet (a PING if nothing else is due), so the
 //! server sees a non-probing packet from the new address and follows at once (RFC 9000 §9.2),
@@ -60,7 +62,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
-use mimiq_masque::quic::LeftPaths;
+use mimiq_masque::quic::{self, LeftPaths};
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -83,6 +85,10 @@ pub struct MigrationConfig {
     /// a path per client address: the connection then uses at most the server's
     /// `active_connection_id_limit` addresses ([`Migrator::path_budget`]).
     pub server_forgets_paths: bool,
+    /// The least time a hop's probe waits for its answer before a new PATH_CHALLENGE is sent
+    /// (the wait is the larger of this and three round trips of the current path), in
+    /// milliseconds. Default 20.
+    pub probe_retry_min_ms: u64,
 }
 
 impl Default for MigrationConfig {
@@ -92,6 +98,7 @@ impl Default for MigrationConfig {
             max_latency_samples: 1_000_000,
             forget_after_min_ms: 100,
             server_forgets_paths: false,
+            probe_retry_min_ms: 20,
         }
     }
 }
@@ -199,6 +206,9 @@ pub struct MigrationStats {
     pub hops_over_budget: u64,
     /// Times a hop had to wait for a spare connection ID before it could probe.
     pub cid_waits: u64,
+    /// PATH_CHALLENGEs asked for again because the answer to the last one had not come within
+    /// three round trips.
+    pub probes_resent: u64,
     /// Source CIDs issued to the server after the handshake.
     pub scids_issued: u64,
     /// Paths left and forgotten (their destination CIDs retired).
@@ -297,8 +307,9 @@ struct PendingHop {
 enum PendingState {
     /// No spare CID on one side yet; probe as soon as there is one.
     AwaitingIds,
-    /// PATH_CHALLENGE requested; `recv_before` packets had arrived on that path by then.
-    Probing { recv_before: usize },
+    /// PATH_CHALLENGE requested at `probed`; `recv_before` packets had arrived on that path
+    /// by then.
+    Probing { recv_before: usize, probed: Instant },
 }
 
 impl Migrator {
@@ -510,12 +521,16 @@ impl Migrator {
         }
     }
 
-    /// When to call [`Self::on_timeout`]: the connection's timer, a hop's deadline or a path
-    /// left to forget.
+    /// When to call [`Self::on_timeout`]: the connection's timer, a hop's deadline or its next
+    /// probe, or a path left to forget.
     pub fn timeout(&self, now: Instant) -> Option<Duration> {
         let hop = self.pending.map(|p| {
-            (p.requested + Duration::from_millis(self.config.hop_timeout_ms))
-                .saturating_duration_since(now)
+            let deadline = p.requested + Duration::from_millis(self.config.hop_timeout_ms);
+            let next = match p.state {
+                PendingState::Probing { probed, .. } => deadline.min(probed + self.probe_retry()),
+                PendingState::AwaitingIds => deadline,
+            };
+            next.saturating_duration_since(now)
         });
         [self.conn.timeout(), hop, self.left.timeout(now)]
             .into_iter()
@@ -575,6 +590,7 @@ impl Migrator {
                     }
                     pending.state = PendingState::Probing {
                         recv_before: self.path_recv(pending.to),
+                        probed: now,
                     };
                     self.pending = Some(pending);
                 }
@@ -600,14 +616,43 @@ impl Migrator {
                 }
             }
         }
-        if let PendingState::Probing { recv_before } = pending.state {
+        if let PendingState::Probing {
+            recv_before,
+            probed,
+        } = pending.state
+        {
             // For a new path quiche reports it validated when the PATH_RESPONSE arrives; a
             // path used before stays validated, so also require that something came back on
             // it since the probe (the PATH_RESPONSE, or the server's own challenge).
             let validated = self.conn.is_path_validated(pending.to, self.peer) == Ok(true);
             if validated && self.path_recv(pending.to) > recv_before {
                 self.complete_hop(pending, now);
+            } else if now.saturating_duration_since(probed) >= self.probe_retry() {
+                self.probe_again(pending, recv_before, now);
             }
+        }
+    }
+
+    fn probe_retry(&self) -> Duration {
+        quic::probe_retry_after(
+            &self.conn,
+            Duration::from_millis(self.config.probe_retry_min_ms),
+        )
+    }
+
+    /// Asks for a new PATH_CHALLENGE on the path being probed: its answer is late
+    /// ([`quic::probe_retry_after`]).
+    fn probe_again(&mut self, mut pending: PendingHop, recv_before: usize, now: Instant) {
+        match self.conn.probe_path(pending.to, self.peer) {
+            Ok(_dcid_seq) => {
+                self.stats.probes_resent += 1;
+                pending.state = PendingState::Probing {
+                    recv_before,
+                    probed: now,
+                };
+                self.pending = Some(pending);
+            }
+            Err(e) => self.fail_hop(HopFailure::Refused(e)),
         }
     }
 
@@ -736,6 +781,8 @@ mod tests {
         rng: SystemRandom,
         /// Client source addresses whose datagrams are dropped (an unreachable address).
         blackholed: HashSet<SocketAddr>,
+        /// One server datagram to each address listed is lost (each entry counts once).
+        lose_once_to: Vec<SocketAddr>,
         /// Source addresses of every datagram the server received.
         seen_from: Vec<SocketAddr>,
         client_sent: u64,
@@ -791,6 +838,7 @@ mod tests {
                 server_addr,
                 rng,
                 blackholed: HashSet::new(),
+                lose_once_to: Vec::new(),
                 seen_from: Vec::new(),
                 client_sent: 0,
                 backlog: Default::default(),
@@ -857,6 +905,10 @@ mod tests {
                 };
                 moved += 1;
                 if self.blackholed.contains(&info.to) {
+                    continue;
+                }
+                if let Some(i) = self.lose_once_to.iter().position(|a| *a == info.to) {
+                    self.lose_once_to.swap_remove(i);
                     continue;
                 }
                 let _ = self
@@ -1284,6 +1336,26 @@ mod tests {
             }
         }
         panic!("no round of 400 packets: the congestion window never grew");
+    }
+
+    #[test]
+    fn a_lost_path_response_is_probed_for_again_and_the_hop_completes() {
+        let mut pair = Pair::new(false, MigrationConfig::default());
+        let to = client_addr(1);
+        // The server's first datagram to the new address carries its PATH_RESPONSE. The server
+        // acknowledges the probe on the path the connection still uses, so quiche never
+        // declares the probe lost: only the driver's own retry can complete the hop.
+        pair.lose_once_to.push(to);
+        pair.client.request_hop(to, Instant::now()).unwrap();
+        // Bounded by the hop deadline (2 s), after which the hop fails.
+        while pair.client.hop_in_progress().is_some() {
+            pair.exchange(&mut |_| {});
+        }
+        let stats = pair.client.stats();
+        assert!(pair.lose_once_to.is_empty(), "the response was lost");
+        assert_eq!(stats.hops_completed, 1, "{stats:?}");
+        assert!(stats.probes_resent >= 1, "{stats:?}");
+        assert_eq!(pair.client.local_addr(), to);
     }
 
     #[test]

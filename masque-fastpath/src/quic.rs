@@ -222,6 +222,24 @@ pub fn poll_timeout_ms(wait: Duration) -> i32 {
     i32::try_from(ms).unwrap_or(i32::MAX)
 }
 
+/// How long a path probe waits for its answer before the driver asks quiche for a new
+/// PATH_CHALLENGE: three round trips of the active path, at least `min`.
+///
+/// quiche sends a challenge again only when the packet that carried it is declared lost, but
+/// the peer acknowledges that packet on the path the connection still uses: a lost
+/// PATH_RESPONSE (a receive buffer overflowing on a busy host) left the probe unanswered until
+/// the hop's deadline. Both hop drivers (`mimiq_agent::migrate` and this crate's client) call
+/// `probe_path` again after this wait, no more often than RFC 9000 §8.2.1 allows ("SHOULD NOT
+/// probe a new path with packets containing a PATH_CHALLENGE frame more frequently than it
+/// would send an Initial packet").
+pub fn probe_retry_after(conn: &quiche::Connection, min: Duration) -> Duration {
+    let rtt = conn
+        .path_stats()
+        .find(|p| p.active)
+        .map_or(Duration::ZERO, |p| p.rtt);
+    (rtt * 3).max(min)
+}
+
 /// Lower-case hex of a byte string (connection IDs in logs and file names).
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()

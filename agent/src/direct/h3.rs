@@ -8,7 +8,8 @@
 //!   ([`body_byte`]). It runs on one blocking UDP socket on the caller's thread.
 //! - [`run_gets`]: the client side: GETs of the given sizes, one after the other, over a
 //!   [`DirectConnection`] that hops as its strategy says (between requests and during
-//!   responses), each body checked byte for byte. [`run_timed_gets`]: GETs of one size for a
+//!   responses), each body checked byte for byte ([`run_gets_until_hops`]: and on until the
+//!   connection has hopped so many times). [`run_timed_gets`]: GETs of one size for a
 //!   given time, each one timed, with a hook before each request (`mimiq-perf bench figure3`
 //!   requests its hops there, at request boundaries as the seed did).
 //! - [`TestCert`]: a TLS identity for test servers.
@@ -740,12 +741,31 @@ pub fn run_gets(
     sizes: &[u64],
     deadline: Duration,
 ) -> Result<GetReport, GetError> {
+    run_gets_until_hops(direct, authority, sizes, 0, deadline)
+}
+
+/// [`run_gets`], then GETs `sizes` again from the start, as often as it takes, until the
+/// connection has completed `min_hops` hops in all. How many hops a run of GETs sees depends on
+/// how busy the machine is (a hop waits a round trip for its probe, and requests that arrive
+/// meanwhile are not started), so a test that needs a number of hops runs until it has them;
+/// [`GetReport::responses`] says how many GETs that took (request `i` asked for
+/// `sizes[i % sizes.len()]` bytes).
+pub fn run_gets_until_hops(
+    direct: &mut DirectConnection,
+    authority: &str,
+    sizes: &[u64],
+    min_hops: u64,
+    deadline: Duration,
+) -> Result<GetReport, GetError> {
     let start = Instant::now();
     let mut report = GetReport::default();
     let mut h3 = handshake(direct, start, deadline, &mut report)?;
     let first_request = Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
-    for (request, &size) in sizes.iter().enumerate() {
+    for (request, &size) in sizes.iter().cycle().enumerate() {
+        if request >= sizes.len() && direct.migration_stats().hops_completed >= min_hops {
+            break;
+        }
         let mut get = Get {
             h3: &mut h3,
             buf: &mut buf,

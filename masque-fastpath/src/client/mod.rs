@@ -47,6 +47,9 @@ const MAX_INNER: usize = 65_535;
 const BURST: usize = 256;
 /// How long a hop's probe may go unanswered before the hop is given up.
 const HOP_TIMEOUT: Duration = Duration::from_secs(1);
+/// The least wait before a probe that has not been answered is sent again
+/// ([`quic::probe_retry_after`]).
+const PROBE_RETRY_MIN: Duration = Duration::from_millis(20);
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -114,6 +117,8 @@ pub struct ClientStats {
     pub hops_failed: u64,
     /// Hops postponed because no spare connection ID had arrived yet.
     pub hops_deferred: u64,
+    /// PATH_CHALLENGEs asked for again because the answer to the last one was late.
+    pub probes_resent: u64,
     /// Hops not made because the proxy sent `disable_active_migration`.
     pub hops_refused: u64,
     /// Paths forgotten after hops (their connection IDs retired).
@@ -168,6 +173,8 @@ pub struct Client {
     /// Paths left, to forget.
     left_paths: quic::LeftPaths,
     last_hop: Instant,
+    /// When the pending hop's path was last probed.
+    last_probe: Instant,
     stream: Option<u64>,
     status: Option<u16>,
     decoder: CapsuleDecoder,
@@ -237,6 +244,7 @@ impl Client {
             pending_hop: None,
             left_paths: quic::LeftPaths::default(),
             last_hop: Instant::now(),
+            last_probe: Instant::now(),
             stream: None,
             status: None,
             decoder: CapsuleDecoder::default(),
@@ -662,6 +670,12 @@ impl Client {
                 // active path into those probes, from a socket that is about to close.
                 let _ = self.conn.abandon_path(local, self.cfg.proxy, true);
                 self.hop_failed(local.ip(), now);
+            } else if now.saturating_duration_since(self.last_probe)
+                >= quic::probe_retry_after(&self.conn, PROBE_RETRY_MIN)
+                && self.conn.probe_path(local, self.cfg.proxy).is_ok()
+            {
+                self.stats.probes_resent += 1;
+                self.last_probe = now;
             }
             return;
         }
@@ -703,6 +717,7 @@ impl Client {
             return;
         }
         self.last_hop = now;
+        self.last_probe = now;
         let io = match UdpIo::bind(SocketAddr::new(addr, 0)) {
             Ok(mut io) => {
                 io.set_max_payload(self.cfg.quic.max_udp_payload_bytes);
