@@ -161,7 +161,7 @@ pub fn start_client(tb: &mut Testbed, host: &str, args: &[&str]) -> Result<(Proc
     let mut cmd = vec![bin.as_str(), "client"];
     cmd.extend_from_slice(args);
     let mut proc = tb.spawn(host, &cmd, false).map_err(|e| e.to_string())?;
-    let line = wait_ready(&mut proc, "client", Duration::from_secs(15))?;
+    let line = proc.wait_ready("client", Duration::from_secs(15))?;
     Ok((proc, line))
 }
 
@@ -173,28 +173,8 @@ pub fn start_agent(tb: &mut Testbed, host: &str, config: &Path) -> Result<(Proc,
     let mut proc = tb
         .spawn(host, &[&bin, "run", "--config", &config], false)
         .map_err(|e| e.to_string())?;
-    let line = wait_ready(
-        &mut proc,
-        &format!("{host}: agent"),
-        Duration::from_secs(20),
-    )?;
+    let line = proc.wait_ready(&format!("{host}: agent"), Duration::from_secs(20))?;
     Ok((proc, line))
-}
-
-/// Waits up to `timeout` for `proc` to print its `ready` line and returns it; an error naming
-/// `what` when it exits first or the time runs out.
-fn wait_ready(proc: &mut Proc, what: &str, timeout: Duration) -> Result<String, String> {
-    eventually(timeout, || {
-        let out = proc.stdout();
-        match out.lines().find(|l| l.starts_with("ready")) {
-            Some(line) => Ok(line.to_owned()),
-            None => Err(format!(
-                "no ready line yet (exited: {:?})",
-                proc.try_status()
-            )),
-        }
-    })
-    .map_err(|e| format!("{what} not ready: {e}; {}", proc.describe()))
 }
 
 /// Stops a client with SIGTERM and returns the JSON counters it printed.

@@ -1,10 +1,13 @@
 //! Direct mode between real network namespaces (seed 000 §4): a client host with several
 //! addresses on its veth runs many HTTP/3 GETs over one QUIC connection that hops between its
-//! addresses, against an HTTP/3 server on quiche's h3 API in another host. The kernel's own
-//! stack carries every datagram; client and server run in-process on threads that joined
-//! their hosts' namespaces.
+//! addresses, against an HTTP/3 server on quiche's h3 API in another host, and against one on
+//! aioquic, an independent QUIC stack (`perf/interop/aioquic_h3_server.py`, installed by
+//! `scripts/setup`). The kernel's own stack carries every datagram; the client and the quiche
+//! server run in-process on threads that joined their hosts' namespaces, the aioquic server as
+//! a process in its host.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use mimiq_agent::direct::h3::{
 use mimiq_agent::direct::{DirectConfig, DirectConnection, DirectControl, DirectStats};
 use mimiq_agent::migrate::{LatencySummary, MigrationConfig, MigrationStats};
 use mimiq_agent::strategy::HopStrategyConfig;
-use mimiq_perf::testbed::{require_root, Testbed};
+use mimiq_perf::testbed::{require_root, Proc, Testbed};
 
 const PORT: u16 = 4433;
 
@@ -462,5 +465,142 @@ fn a_hop_to_an_address_already_gone_from_the_host_fails_and_the_address_is_withd
     assert_eq!(
         srv.client_addresses, 1,
         "the server never saw the vanished address"
+    );
+}
+
+/// aioquic's HTTP/3 server (`perf/interop/aioquic_h3_server.py`), an independent QUIC stack
+/// serving the same bodies as [`H3Server`], as a process in `srv`.
+struct AioquicServer {
+    proc: Proc,
+    stats: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl AioquicServer {
+    fn start(tb: &mut Testbed, addr: SocketAddr) -> Self {
+        let python = std::env::var_os("MIMIQ_INTEROP_PYTHON").map_or_else(
+            || PathBuf::from("/opt/mimiq-interop/bin/python"),
+            PathBuf::from,
+        );
+        assert!(
+            python.exists(),
+            "{}: no Python with aioquic (scripts/setup installs it)",
+            python.display()
+        );
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/aioquic_h3_server.py");
+        let dir = tempfile::tempdir().unwrap();
+        let stats = dir.path().join("stats.json");
+        let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
+        let cmd = [
+            python.to_str().unwrap(),
+            script.to_str().unwrap(),
+            "--listen",
+            &ip,
+            "--port",
+            &port,
+            "--stats",
+            stats.to_str().unwrap(),
+        ];
+        let mut proc = tb.spawn("srv", &cmd, false).unwrap();
+        proc.wait_ready("aioquic server", Duration::from_secs(30))
+            .unwrap();
+        Self {
+            proc,
+            stats,
+            _dir: dir,
+        }
+    }
+
+    /// Stops the server; its counters.
+    fn finish(mut self) -> serde_json::Value {
+        self.proc.stop(Duration::from_secs(10));
+        let text = std::fs::read_to_string(&self.stats)
+            .unwrap_or_else(|e| panic!("aioquic server counters: {e}; {}", self.proc.describe()));
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+/// GETs over a hopping connection against aioquic: byte-exact, every hop completed, and the
+/// server's counts agree with the client's.
+fn against_aioquic(
+    server_ip: &str,
+    clients: &[String],
+    prefix: u8,
+    strategy: HopStrategyConfig,
+    gets: usize,
+    min_hops: u64,
+) {
+    let mut tb = topology(server_ip, clients, prefix);
+    let server_addr = SocketAddr::new(server_ip.parse().unwrap(), PORT);
+    let server = AioquicServer::start(&mut tb, server_addr);
+    let sizes = sizes(gets);
+    let run = client_run(
+        &tb,
+        sockets(clients),
+        server_addr,
+        strategy,
+        sizes.clone(),
+        min_hops,
+    );
+    let srv = server.finish();
+    let run = run.unwrap_or_else(|e| panic!("{e}; aioquic server {srv}"));
+    eprintln!(
+        "{:?}\n{:?}\n{:?}\nhop latency: {}\naioquic server: {srv}",
+        run.report, run.hops, run.shell, run.latency
+    );
+    assert!(run.report.responses >= gets as u64, "{:?}", run.report);
+    assert_eq!(
+        run.report.body_bytes,
+        body_bytes(&sizes, run.report.responses)
+    );
+    assert!(run.hops.hops_completed >= min_hops, "{:?}", run.hops);
+    assert_eq!(run.hops.hops_failed, 0, "{:?}", run.hops);
+    assert_eq!(
+        run.shell.tx_unroutable + run.shell.tx_errors,
+        0,
+        "{:?}",
+        run.shell
+    );
+    assert_eq!(srv["connections"], 1, "{srv}");
+    assert_eq!(srv["responses"], run.report.responses, "{srv}");
+    assert_eq!(srv["requests"], run.report.responses, "{srv}");
+    assert_eq!(srv["body_bytes"], run.report.body_bytes, "{srv}");
+    // One socket per client address: the server heard from each.
+    assert_eq!(srv["client_addresses"], clients.len(), "{srv}");
+    // The client's own close (code 0) may have been lost; any other close is a failure.
+    let closes = srv["closes"].as_array().unwrap();
+    assert!(
+        closes.len() <= 1 && closes.iter().all(|c| c["error_code"] == 0),
+        "{srv}"
+    );
+}
+
+#[test]
+fn gets_against_an_aioquic_server_over_ipv4_hop_hundreds_of_times_and_stay_byte_exact() {
+    require_root();
+    against_aioquic(
+        "198.18.0.1",
+        &v4_clients(5),
+        24,
+        HopStrategyConfig::RandomPackets {
+            min_packets: 3,
+            max_packets: 12,
+        },
+        1_000,
+        200,
+    );
+}
+
+#[test]
+fn gets_against_an_aioquic_server_over_ipv6_hop_every_five_packets_and_stay_byte_exact() {
+    require_root();
+    let clients: Vec<String> = (0..4).map(|i| format!("fd00::{:x}", 0x10 + i)).collect();
+    against_aioquic(
+        "fd00::1",
+        &clients,
+        64,
+        HopStrategyConfig::EveryPackets { packets: 5 },
+        300,
+        100,
     );
 }

@@ -453,6 +453,22 @@ impl Proc {
         self.child.wait().ok()
     }
 
+    /// Waits up to `timeout` for the process to print a line starting with `ready` and
+    /// returns it; an error naming `what` when it exits first or the time runs out.
+    pub fn wait_ready(&mut self, what: &str, timeout: Duration) -> Result<String, String> {
+        eventually(timeout, || {
+            let out = self.stdout();
+            match out.lines().find(|l| l.starts_with("ready")) {
+                Some(line) => Ok(line.to_owned()),
+                None => Err(format!(
+                    "no ready line yet (exited: {:?})",
+                    self.try_status()
+                )),
+            }
+        })
+        .map_err(|e| format!("{what} not ready: {e}; {}", self.describe()))
+    }
+
     /// A one-line description for assertion messages: command, stderr tail.
     pub fn describe(&self) -> String {
         format!("`{}` stderr: {}", self.name, self.stderr().trim())
