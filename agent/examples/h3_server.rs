@@ -4,8 +4,12 @@
 //!
 //! ```text
 //! cargo run -p mimiq-agent --example h3_server -- --listen 198.18.0.1:4433 \
-//!     [--disable-active-migration] [--cid-limit 8]
+//!     [--disable-active-migration] [--cid-limit 8] [--retire-left-paths]
 //! ```
+//!
+//! `--retire-left-paths` forgets each path a client left, retiring the client's connection ID
+//! used there, as soon as the client has left it (what a conforming server may do, RFC 9000
+//! §5.1.2; a stock quiche server keeps them).
 //!
 //! Uses quiche's public example certificate (tests only). Prints its counters every 5 s and
 //! runs until killed.
@@ -20,7 +24,7 @@ fn main() {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(msg) => {
-            eprintln!("h3_server: {msg}\nusage: h3_server --listen ADDR:PORT [--disable-active-migration] [--cid-limit N]");
+            eprintln!("h3_server: {msg}\nusage: h3_server --listen ADDR:PORT [--disable-active-migration] [--cid-limit N] [--retire-left-paths]");
             std::process::exit(2);
         }
     };
@@ -35,6 +39,7 @@ fn run(args: &Args) -> Result<(), String> {
     let config = H3ServerConfig {
         disable_active_migration: args.disable_active_migration,
         active_cid_limit: args.cid_limit,
+        retire_left_paths: args.retire_left_paths,
         ..H3ServerConfig::default()
     };
     let mut server = H3Server::bind(args.listen, &cert, config).map_err(|e| e.to_string())?;
@@ -64,6 +69,7 @@ mod cli {
         pub listen: SocketAddr,
         pub disable_active_migration: bool,
         pub cid_limit: u64,
+        pub retire_left_paths: bool,
     }
 
     pub fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -71,6 +77,7 @@ mod cli {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             disable_active_migration: false,
             cid_limit: 8,
+            retire_left_paths: false,
         };
         while let Some(flag) = it.next() {
             match flag.as_str() {
@@ -81,6 +88,7 @@ mod cli {
                         .map_err(|_| format!("--listen {v}: not ADDR:PORT"))?;
                 }
                 "--disable-active-migration" => args.disable_active_migration = true,
+                "--retire-left-paths" => args.retire_left_paths = true,
                 "--cid-limit" => {
                     let v = it.next().ok_or("--cid-limit needs a number")?;
                     args.cid_limit = v

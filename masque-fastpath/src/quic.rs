@@ -45,6 +45,12 @@ pub struct QuicSettings {
     /// Send `disable_active_migration` (RFC 9000 §18.2): clients must not hop. Off by default
     /// (the proxy serves hopping clients); for an operator who wants clients to stay put.
     pub disable_active_migration: bool,
+    /// Forget a path the peer left, retiring the connection ID used there, as soon as the peer
+    /// has left it, instead of after the wait that lets datagrams sent just before the hop
+    /// arrive ([`LeftPaths`]). RFC 9000 §5.1.2 allows retiring at once, and conforming peers
+    /// do; a hopping peer must then drop what still arrives with the retired ID. Off by
+    /// default: for testing clients against such a peer.
+    pub retire_left_paths_at_once: bool,
     /// Directory for one qlog file per connection (empty: none).
     pub qlog_dir: Option<PathBuf>,
     /// Append TLS secrets here (NSS key log format) so Wireshark can decrypt a capture; the
@@ -64,6 +70,7 @@ impl Default for QuicSettings {
             max_streams_bidi: 128,
             congestion_control: "cubic".into(),
             disable_active_migration: false,
+            retire_left_paths_at_once: false,
             qlog_dir: None,
             keylog_file: None,
         }
@@ -103,6 +110,15 @@ impl QuicSettings {
             ));
         }
         Ok(())
+    }
+
+    /// The paths left of a new connection, kept as [`Self::retire_left_paths_at_once`] says.
+    pub fn left_paths(&self) -> LeftPaths {
+        if self.retire_left_paths_at_once {
+            LeftPaths::at_once()
+        } else {
+            LeftPaths::default()
+        }
     }
 
     /// The quiche configuration for one side. The server loads its certificate and key; the
@@ -270,6 +286,8 @@ pub struct LeftPaths {
     active: Option<(SocketAddr, SocketAddr)>,
     left: Vec<Left>,
     force_after_min: Duration,
+    /// Forget a path as soon as it is left ([`LeftPaths::at_once`]).
+    at_once: bool,
     returned: u64,
 }
 
@@ -307,7 +325,18 @@ impl LeftPaths {
             active: None,
             left: Vec::new(),
             force_after_min,
+            at_once: false,
             returned: 0,
+        }
+    }
+
+    /// Forgets every path as soon as the connection has left it (or its validation failed),
+    /// whatever is still in flight there: what a conforming peer may do (RFC 9000 §5.1.2), and
+    /// what a hopping peer must survive.
+    pub fn at_once() -> Self {
+        Self {
+            at_once: true,
+            ..Self::new(Duration::ZERO)
         }
     }
 
@@ -356,7 +385,7 @@ impl LeftPaths {
             .collect();
         let mut forgotten = 0;
         let mut returned = 0;
-        let force_after_min = self.force_after_min;
+        let (force_after_min, at_once) = (self.force_after_min, self.at_once);
         self.left.retain_mut(|left| {
             let (local, peer) = (left.local, left.peer);
             if Some((local, peer)) == active {
@@ -374,10 +403,10 @@ impl LeftPaths {
             }
             let age = now.saturating_duration_since(left.since);
             let quiet = now.saturating_duration_since(left.last_recv);
-            if quiet < rtt * Self::HOLD_RTTS && age < rtt * Self::FORCE_AFTER_RTTS {
+            if !at_once && quiet < rtt * Self::HOLD_RTTS && age < rtt * Self::FORCE_AFTER_RTTS {
                 return true;
             }
-            let force = age >= (rtt * Self::FORCE_AFTER_RTTS).max(force_after_min);
+            let force = at_once || age >= (rtt * Self::FORCE_AFTER_RTTS).max(force_after_min);
             match conn.abandon_path(local, peer, force) {
                 Ok(()) => {
                     forgotten += 1;

@@ -271,6 +271,47 @@ fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_h
 }
 
 #[test]
+fn a_server_that_retires_the_ids_of_paths_left_at_once_serves_every_get_byte_exact() {
+    require_root();
+    // A conforming server may retire the client's connection ID of a path as soon as the
+    // client has left it (RFC 9000 §5.1.2): what it sent there just before then reaches the
+    // client with a retired ID, which the client drops (vendor/quiche/MIMIQ-PATCH.md).
+    let clients = v4_clients(5);
+    let tb = topology("198.18.0.1", &clients, 24);
+    let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
+    let config = H3ServerConfig {
+        retire_left_paths: true,
+        ..H3ServerConfig::default()
+    };
+    let server = Server::start(&tb, server_addr, config);
+    let sizes = sizes(1_000);
+    let run = client_run(
+        &tb,
+        sockets(&clients),
+        server_addr,
+        HopStrategyConfig::EveryPackets { packets: 5 },
+        sizes.clone(),
+        200,
+    );
+    let srv = server.finish();
+    let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
+    eprintln!(
+        "{:?}\n{:?}\n{:?}\nserver: {srv:?}",
+        run.report, run.hops, run.shell
+    );
+    assert!(run.report.responses >= 1_000, "{:?}", run.report);
+    assert_eq!(
+        run.report.body_bytes,
+        body_bytes(&sizes, run.report.responses)
+    );
+    assert!(run.hops.hops_completed >= 200, "{:?}", run.hops);
+    assert_eq!(run.hops.hops_failed, 0, "{:?}", run.hops);
+    assert_eq!(srv.responses_completed, run.report.responses);
+    assert!(srv.paths_forgotten > 0, "{srv:?}");
+    assert_eq!(srv.reused_cids, 0, "{srv:?}");
+}
+
+#[test]
 fn gets_over_ipv6_hop_between_nodad_addresses() {
     require_root();
     let clients: Vec<String> = (0..4).map(|i| format!("fd00::{:x}", 0x10 + i)).collect();

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 use quiche::h3::NameValue;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use mimiq_masque::quic::LeftPaths;
+
 use super::{DirectConnection, DirectError};
 
 /// quiche's own example certificate (`quiche/examples/cert.crt`, CN quic.tech, valid until
@@ -186,6 +188,10 @@ pub struct H3ServerConfig {
     pub max_body_bytes: u64,
     /// QUIC idle timeout, in milliseconds. Default 30,000.
     pub idle_timeout_ms: u64,
+    /// Forget each path a client left, retiring the client's connection ID used there, as
+    /// soon as the client has left it ([`LeftPaths::at_once`]), as a conforming server may
+    /// (RFC 9000 §5.1.2). Default off: a stock quiche server keeps a path per client address.
+    pub retire_left_paths: bool,
 }
 
 impl Default for H3ServerConfig {
@@ -195,6 +201,7 @@ impl Default for H3ServerConfig {
             active_cid_limit: 8,
             max_body_bytes: 100_000_000,
             idle_timeout_ms: 30_000,
+            retire_left_paths: false,
         }
     }
 }
@@ -223,6 +230,8 @@ pub struct H3ServerStats {
     /// `ReusedSourceConnectionId` events: a client sent with one of the server's CIDs from a
     /// second address (RFC 9000 §9.5 forbids it; a MIMIQ client must never do it).
     pub reused_cids: u64,
+    /// Paths a client left that the server forgot ([`H3ServerConfig::retire_left_paths`]).
+    pub paths_forgotten: u64,
 }
 
 /// Why the server could not start.
@@ -271,6 +280,8 @@ struct ServerConn {
     responses: HashMap<u64, Response>,
     /// Every CID routed to this connection (removed from the routes when it closes).
     cids: Vec<quiche::ConnectionId<'static>>,
+    /// Paths the client left, when the server forgets them.
+    left: Option<LeftPaths>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -437,6 +448,7 @@ impl H3Server {
                         h3: None,
                         responses: HashMap::new(),
                         cids: vec![scid, odcid],
+                        left: self.config.retire_left_paths.then(LeftPaths::at_once),
                     },
                 );
                 id
@@ -476,12 +488,19 @@ impl H3Server {
             self.routes.remove(&retired);
             c.cids.retain(|x| *x != retired);
         }
+        let now = Instant::now();
         while let Some(event) = c.conn.path_event_next() {
+            if let Some(left) = c.left.as_mut() {
+                left.on_event(&event, now);
+            }
             match event {
                 quiche::PathEvent::PeerMigrated(..) => self.stats.peer_migrations += 1,
                 quiche::PathEvent::ReusedSourceConnectionId(..) => self.stats.reused_cids += 1,
                 _ => {}
             }
+        }
+        if let Some(left) = c.left.as_mut() {
+            self.stats.paths_forgotten += left.forget(&mut c.conn, now) as u64;
         }
         if (c.conn.is_established() || c.conn.is_in_early_data()) && c.h3.is_none() {
             match quiche::h3::Connection::with_transport(&mut c.conn, &self.h3) {

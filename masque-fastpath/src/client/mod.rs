@@ -242,7 +242,7 @@ impl Client {
             sent_since_poll: 0,
             wanted_hop: None,
             pending_hop: None,
-            left_paths: quic::LeftPaths::default(),
+            left_paths: cfg.quic.left_paths(),
             last_hop: Instant::now(),
             last_probe: Instant::now(),
             stream: None,

@@ -494,7 +494,7 @@ impl Proxy {
                     sessions: HashMap::new(),
                     cids: vec![scid.clone(), odcid],
                     peer: from,
-                    left_paths: quic::LeftPaths::default(),
+                    left_paths: self.cfg.quic.left_paths(),
                 };
                 if let Err(e) = self.cfg.quic.instrument(&mut client.conn, "proxy") {
                     tracing::warn!("qlog/keylog: {e}");
