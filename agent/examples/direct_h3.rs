@@ -112,7 +112,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--requests" => args.requests = v.parse().map_err(|_| bad())?,
             "--size" => args.size = v.parse().map_err(|_| bad())?,
             "--seed" => args.seed = v.parse().map_err(|_| bad())?,
-            "--strategy" => args.strategy = parse_strategy(&v).ok_or_else(bad)?,
+            "--strategy" => args.strategy = v.parse()?,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -120,25 +120,5 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     if args.locals.is_empty() {
         return Err("at least one --local is required".into());
     }
-    args.strategy.validate().map_err(|e| e.to_string())?;
     Ok(args)
-}
-
-fn parse_strategy(s: &str) -> Option<HopStrategyConfig> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let n = |i: usize| parts.get(i).and_then(|p| p.parse::<u64>().ok());
-    Some(match parts[0] {
-        "never" => HopStrategyConfig::Never {},
-        "every" => HopStrategyConfig::EveryPackets { packets: n(1)? },
-        "random" => HopStrategyConfig::RandomPackets {
-            min_packets: n(1)?,
-            max_packets: n(2)?,
-        },
-        "time" => HopStrategyConfig::RandomTime {
-            min_ms: n(1)?,
-            max_ms: n(2)?,
-        },
-        "once" => HopStrategyConfig::OnceAfter { packets: n(1)? },
-        _ => return None,
-    })
 }

@@ -114,6 +114,61 @@ pub enum StrategyConfigError {
     },
 }
 
+/// The short form of a strategy on a command line: `never`, `every:N` (packets),
+/// `random:A:B` (packets), `time:A:B` (milliseconds), `once:N` (packets), `per-connection`.
+/// The values are checked as [`HopStrategyConfig::validate`] checks a config's.
+impl std::str::FromStr for HopStrategyConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let n = |i: usize| {
+            parts
+                .get(i)
+                .and_then(|p| p.parse::<u64>().ok())
+                .ok_or_else(|| format!("hop strategy {s:?}: expected a number in place {i}"))
+        };
+        let arity = |want: usize| {
+            (parts.len() == want + 1)
+                .then_some(())
+                .ok_or_else(|| format!("hop strategy {s:?}: {} takes {want} numbers", parts[0]))
+        };
+        let config = match parts[0] {
+            "never" => arity(0).map(|()| HopStrategyConfig::Never {})?,
+            "per-connection" => arity(0).map(|()| HopStrategyConfig::PerConnection {})?,
+            "every" => {
+                arity(1)?;
+                HopStrategyConfig::EveryPackets { packets: n(1)? }
+            }
+            "once" => {
+                arity(1)?;
+                HopStrategyConfig::OnceAfter { packets: n(1)? }
+            }
+            "random" => {
+                arity(2)?;
+                HopStrategyConfig::RandomPackets {
+                    min_packets: n(1)?,
+                    max_packets: n(2)?,
+                }
+            }
+            "time" => {
+                arity(2)?;
+                HopStrategyConfig::RandomTime {
+                    min_ms: n(1)?,
+                    max_ms: n(2)?,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "hop strategy {other:?}: expected never, every:N, random:A:B, time:A:B, once:N or per-connection"
+                ))
+            }
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
 impl HopStrategyConfig {
     /// The config's `kind` tag.
     pub fn kind(&self) -> &'static str {
@@ -350,6 +405,51 @@ mod tests {
 
     fn strategy(config: HopStrategyConfig, seed: u64) -> HopStrategy {
         HopStrategy::new(&config, seed).unwrap()
+    }
+
+    #[test]
+    fn the_short_form_parses_every_kind_and_refuses_bad_ones_with_a_message() {
+        use HopStrategyConfig as H;
+        for (text, want) in [
+            ("never", H::Never {}),
+            ("per-connection", H::PerConnection {}),
+            ("every:25", H::EveryPackets { packets: 25 }),
+            ("once:30", H::OnceAfter { packets: 30 }),
+            (
+                "random:3:12",
+                H::RandomPackets {
+                    min_packets: 3,
+                    max_packets: 12,
+                },
+            ),
+            (
+                "time:50:100",
+                H::RandomTime {
+                    min_ms: 50,
+                    max_ms: 100,
+                },
+            ),
+        ] {
+            assert_eq!(text.parse::<H>(), Ok(want), "{text}");
+        }
+        for bad in [
+            "",
+            "every",
+            "every:",
+            "every:x",
+            "every:0",
+            "every:1:2",
+            "random:9:3",
+            "never:1",
+            "hop",
+            "time:5",
+        ] {
+            let err = bad.parse::<H>().unwrap_err();
+            assert!(
+                err.starts_with("hop strategy") && !err.contains('\n'),
+                "{bad:?}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod demo;
+pub mod direct;
 pub mod experiments;
 pub mod gen;
 pub mod hopwatch;

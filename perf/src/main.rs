@@ -112,6 +112,32 @@ enum Bench {
         #[arg(long, default_value = "target/experiments/figure3")]
         out: std::path::PathBuf,
     },
+    /// Direct mode against HTTP/3 servers on another QUIC stack (aioquic) and against a server
+    /// that retires connection IDs at once, next to a stock quiche server: runs that complete
+    /// every request byte-exact, and hops per run against the stock server's.
+    Interop {
+        /// Runs per cell (server, family, strategy).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        runs: u32,
+        /// GETs per run (bodies of 1 B to 20 KB).
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        requests: u32,
+        /// Servers, comma-separated: quiche (the baseline), quiche-retiring, aioquic.
+        #[arg(long, value_delimiter = ',', default_values_t = mimiq_perf::experiments::interop::SERVERS.map(String::from).to_vec())]
+        servers: Vec<String>,
+        /// Hop strategies, comma-separated: never, every:N, random:A:B, time:A:B, once:N.
+        #[arg(long, value_delimiter = ',', default_values_t = mimiq_perf::experiments::interop::STRATEGIES.map(String::from).to_vec())]
+        strategies: Vec<String>,
+        /// Address families, comma-separated: v4, v6.
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["v4".to_string(), "v6".to_string()])]
+        families: Vec<String>,
+        /// Also write the rows, cells and summary as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Directory for results.json and results.md.
+        #[arg(long, default_value = "target/experiments/interop")]
+        out: std::path::PathBuf,
+    },
     /// The MASQUE proxy (issue 6): overhead per packet from captures, the largest inner packet,
     /// goodput, packets per second and proxy CPU per GB for CONNECT-IP and CONNECT-UDP, next to
     /// the kernel's forwarding between the same namespaces.
@@ -257,6 +283,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
                     .map_err(anyhow::Error::msg)?;
             write_results(&out, &results, &md)?;
+        }
+        Command::Bench {
+            bench:
+                Bench::Interop {
+                    runs,
+                    requests,
+                    servers,
+                    strategies,
+                    families,
+                    json,
+                    out,
+                },
+        } => {
+            use mimiq_perf::experiments::interop::{self, Family};
+            let families = families
+                .iter()
+                .map(|f| match f.as_str() {
+                    "v4" => Ok(Family::V4),
+                    "v6" => Ok(Family::V6),
+                    other => Err(anyhow::anyhow!("--families: {other:?}: expected v4 or v6")),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let params = interop::Params {
+                runs,
+                requests: requests as usize,
+                servers,
+                strategies,
+                families,
+            };
+            let results =
+                interop::run(&params, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
+            if let Some(json) = json {
+                std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
+                    .with_context(|| format!("writing {}", json.display()))?;
+            }
+            write_results(&out, &results, &interop::markdown(&results))?;
         }
         Command::Bench {
             bench: Bench::L2fwd { seconds, out },

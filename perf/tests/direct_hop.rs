@@ -7,85 +7,20 @@
 //! a process in its host.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use mimiq_agent::direct::h3::{
-    client_config, run_gets_until_hops, GetReport, H3Server, H3ServerConfig, H3ServerStats,
-    TestCert,
-};
-use mimiq_agent::direct::{DirectConfig, DirectConnection, DirectControl, DirectStats};
-use mimiq_agent::migrate::{LatencySummary, MigrationConfig, MigrationStats};
+use mimiq_agent::direct::h3::H3ServerConfig;
+use mimiq_agent::direct::DirectControl;
 use mimiq_agent::strategy::HopStrategyConfig;
-use mimiq_perf::testbed::{require_root, Proc, Testbed};
+use mimiq_perf::direct::{
+    self, body_bytes, run_gets_in, sizes, sockets, v4_clients, v6_clients, AioquicServer,
+    ClientRun, Gets, QuicheServer, PORT,
+};
+use mimiq_perf::testbed::{require_root, Testbed};
 
-const PORT: u16 = 4433;
-
-/// `cli:eth0 — eth0:srv`, one subnet; the client holds `client_ips` on its veth, the server
-/// `server_ip`. `prefix` is the subnet length.
 fn topology(server_ip: &str, client_ips: &[String], prefix: u8) -> Testbed {
-    let mut tb = Testbed::new().expect("testbed");
-    tb.add_host("cli").unwrap();
-    tb.add_host("srv").unwrap();
-    tb.add_link(("cli", "eth0"), ("srv", "eth0"), Default::default())
-        .unwrap();
-    tb.add_addr("srv", "eth0", &format!("{server_ip}/{prefix}"))
-        .unwrap();
-    for ip in client_ips {
-        // `add_addr` adds `nodad` for IPv6, so every address is usable at once.
-        tb.add_addr("cli", "eth0", &format!("{ip}/{prefix}"))
-            .unwrap();
-    }
-    tb
-}
-
-/// The server on a thread inside `srv`; `finish` stops it and returns its counters.
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<std::io::Result<H3ServerStats>>,
-}
-
-impl Server {
-    fn start(tb: &Testbed, addr: SocketAddr, config: H3ServerConfig) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let stop = Arc::clone(&stop);
-            tb.spawn_in("srv", move || {
-                let cert = TestCert::new().expect("test certificate");
-                let mut server = H3Server::bind(addr, &cert, config).expect("server bind");
-                // Loaded into quiche: the files can go now.
-                drop(cert);
-                ready_tx.send(()).expect("test thread waits");
-                server.run(&stop).expect("server loop");
-                eprintln!("server: connections closed: {:?}", server.closes());
-                server.stats()
-            })
-            .unwrap()
-        };
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the server started");
-        Self { stop, thread }
-    }
-
-    fn finish(self) -> H3ServerStats {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("server thread").expect("setns")
-    }
-}
-
-struct ClientRun {
-    report: GetReport,
-    hops: MigrationStats,
-    shell: DirectStats,
-    latency: LatencySummary,
-    withdrawn: Vec<SocketAddr>,
-    pending_forgets: u64,
+    direct::topology(server_ip, client_ips, prefix).unwrap()
 }
 
 /// Runs `sizes` GETs from `cli` over one connection bound to all of `locals`, and on through
@@ -112,74 +47,15 @@ fn client_run_with(
     min_hops: u64,
     control: Option<Sender<(DirectControl, Vec<SocketAddr>)>>,
 ) -> Result<ClientRun, String> {
-    tb.run_in("cli", move || {
-        let mut quic = client_config(locals.len()).expect("client config");
-        let config = DirectConfig {
-            strategy,
-            seed: 0x5eed,
-            connection: 0,
-            migration: MigrationConfig::default(),
-        };
-        let mut direct =
-            DirectConnection::connect(&locals, server, Some("quic.tech"), &mut quic, &config)
-                .expect("sockets on every client address");
-        if let Some(control) = control {
-            let _ = control.send((direct.control(), direct.local_addrs()));
-        }
-        let deadline = Duration::from_secs(120);
-        let report = run_gets_until_hops(&mut direct, "quic.tech", &sizes, min_hops, deadline)
-            .map_err(|e| {
-                let paths: Vec<String> = direct
-                    .connection()
-                    .path_stats()
-                    .map(|p| {
-                        format!(
-                            "{}: {:?} active={} sent={} recv={} lost={}",
-                            p.local_addr, p.validation_state, p.active, p.sent, p.recv, p.lost
-                        )
-                    })
-                    .collect();
-                format!(
-                    "{e}; hops {:?}; shell {:?}; on {} withdrawn {:?}; paths {paths:?}",
-                    direct.migration_stats(),
-                    direct.stats(),
-                    direct.migrator().local_addr(),
-                    direct.withdrawn_addresses()
-                )
-            })?;
-        let _ = direct.close();
-        Ok(ClientRun {
-            report,
-            hops: direct.migration_stats(),
-            shell: direct.stats(),
-            latency: direct.migrator().latency_summary(),
-            withdrawn: direct.withdrawn_addresses().to_vec(),
-            pending_forgets: direct.migrator().pending_forgets() as u64,
-        })
-    })
-    .unwrap()
-}
-
-/// Body sizes from 1 byte to ~20 KB (up to ~15 packets), so that hops land both between
-/// responses and inside them.
-fn sizes(n: usize) -> Vec<u64> {
-    (0..n as u64).map(|i| 1 + (i * 7_919) % 20_000).collect()
-}
-
-/// The body bytes of the first `responses` GETs of a run through `sizes` (again from the start
-/// when the run went on for hops).
-fn body_bytes(sizes: &[u64], responses: u64) -> u64 {
-    sizes.iter().cycle().take(responses as usize).sum()
-}
-
-fn v4_clients(n: u8) -> Vec<String> {
-    (0..n).map(|i| format!("198.18.0.{}", 10 + i)).collect()
-}
-
-fn sockets(ips: &[String]) -> Vec<SocketAddr> {
-    ips.iter()
-        .map(|ip| SocketAddr::new(ip.parse::<IpAddr>().unwrap(), 0))
-        .collect()
+    let gets = Gets {
+        locals,
+        server,
+        strategy,
+        seed: 0x5eed,
+        sizes,
+        min_hops,
+    };
+    run_gets_in(tb, gets, control)
 }
 
 #[test]
@@ -188,11 +64,11 @@ fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_h
     let clients = v4_clients(5);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
-    let server = Server::start(&tb, server_addr, H3ServerConfig::default());
+    let server = QuicheServer::start(&tb, server_addr, H3ServerConfig::default()).unwrap();
     let sizes = sizes(1_000);
     let run = client_run(
         &tb,
-        sockets(&clients),
+        sockets(&clients).unwrap(),
         server_addr,
         HopStrategyConfig::RandomPackets {
             min_packets: 3,
@@ -201,7 +77,7 @@ fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_h
         sizes.clone(),
         200,
     );
-    let srv = server.finish();
+    let srv = server.finish().unwrap();
     let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     eprintln!(
         "{:?}\n{:?}\n{:?}\nhop latency (request -> switch): {}\nserver: {:?}",
@@ -283,17 +159,17 @@ fn a_server_that_retires_the_ids_of_paths_left_at_once_serves_every_get_byte_exa
         retire_left_paths: true,
         ..H3ServerConfig::default()
     };
-    let server = Server::start(&tb, server_addr, config);
+    let server = QuicheServer::start(&tb, server_addr, config).unwrap();
     let sizes = sizes(1_000);
     let run = client_run(
         &tb,
-        sockets(&clients),
+        sockets(&clients).unwrap(),
         server_addr,
         HopStrategyConfig::EveryPackets { packets: 5 },
         sizes.clone(),
         200,
     );
-    let srv = server.finish();
+    let srv = server.finish().unwrap();
     let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     eprintln!(
         "{:?}\n{:?}\n{:?}\nserver: {srv:?}",
@@ -314,19 +190,19 @@ fn a_server_that_retires_the_ids_of_paths_left_at_once_serves_every_get_byte_exa
 #[test]
 fn gets_over_ipv6_hop_between_nodad_addresses() {
     require_root();
-    let clients: Vec<String> = (0..4).map(|i| format!("fd00::{:x}", 0x10 + i)).collect();
+    let clients = v6_clients(4);
     let tb = topology("fd00::1", &clients, 64);
     let server_addr = SocketAddr::new("fd00::1".parse().unwrap(), PORT);
-    let server = Server::start(&tb, server_addr, H3ServerConfig::default());
+    let server = QuicheServer::start(&tb, server_addr, H3ServerConfig::default()).unwrap();
     let run = client_run(
         &tb,
-        sockets(&clients),
+        sockets(&clients).unwrap(),
         server_addr,
         HopStrategyConfig::EveryPackets { packets: 5 },
         sizes(300),
         100,
     );
-    let srv = server.finish();
+    let srv = server.finish().unwrap();
     let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     eprintln!(
         "{:?}\n{:?}\nhop latency: {}\nserver: {srv:?}",
@@ -348,18 +224,18 @@ fn a_server_that_disables_active_migration_gets_no_hop_and_the_transfer_complete
         disable_active_migration: true,
         ..H3ServerConfig::default()
     };
-    let server = Server::start(&tb, server_addr, config);
+    let server = QuicheServer::start(&tb, server_addr, config).unwrap();
     let sizes = sizes(200);
     let expected_bytes: u64 = sizes.iter().sum();
     let run = client_run(
         &tb,
-        sockets(&clients),
+        sockets(&clients).unwrap(),
         server_addr,
         HopStrategyConfig::EveryPackets { packets: 4 },
         sizes,
         0,
     );
-    let srv = server.finish();
+    let srv = server.finish().unwrap();
     let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     assert_eq!(run.report.responses, 200);
     assert_eq!(run.report.body_bytes, expected_bytes);
@@ -406,9 +282,9 @@ fn an_address_withdrawn_then_removed_after_a_drain_is_left_and_the_gets_complete
     let clients = v4_clients(3);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
-    let server = Server::start(&tb, server_addr, H3ServerConfig::default());
+    let server = QuicheServer::start(&tb, server_addr, H3ServerConfig::default()).unwrap();
     // Start on a secondary address (removing the primary would take the others with it).
-    let order = sockets(&[clients[1].clone(), clients[0].clone(), clients[2].clone()]);
+    let order = sockets(&[clients[1].clone(), clients[0].clone(), clients[2].clone()]).unwrap();
     let gone = clients[1].parse::<IpAddr>().unwrap();
     let run = run_with_control(
         &tb,
@@ -432,7 +308,7 @@ fn an_address_withdrawn_then_removed_after_a_drain_is_left_and_the_gets_complete
                 .expect("ip addr del");
         },
     );
-    let srv = server.finish();
+    let srv = server.finish().unwrap();
     let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     eprintln!(
         "{:?}\n{:?}\n{:?}\nserver: {srv:?}",
@@ -460,11 +336,11 @@ fn a_hop_to_an_address_already_gone_from_the_host_fails_and_the_address_is_withd
     let clients = v4_clients(3);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
-    let server = Server::start(&tb, server_addr, H3ServerConfig::default());
+    let server = QuicheServer::start(&tb, server_addr, H3ServerConfig::default()).unwrap();
     let gone = clients[1].parse::<IpAddr>().unwrap();
     let run = run_with_control(
         &tb,
-        sockets(&clients),
+        sockets(&clients).unwrap(),
         server_addr,
         HopStrategyConfig::Never {},
         sizes(1_000),
@@ -480,7 +356,7 @@ fn a_hop_to_an_address_already_gone_from_the_host_fails_and_the_address_is_withd
             assert!(control.hop_to(addr));
         },
     );
-    let srv = server.finish();
+    let srv = server.finish().unwrap();
     let run = run.unwrap_or_else(|e| panic!("{e}; server {srv:?}"));
     eprintln!(
         "{:?}\n{:?}\n{:?}\nserver: {srv:?}",
@@ -509,58 +385,6 @@ fn a_hop_to_an_address_already_gone_from_the_host_fails_and_the_address_is_withd
     );
 }
 
-/// aioquic's HTTP/3 server (`perf/interop/aioquic_h3_server.py`), an independent QUIC stack
-/// serving the same bodies as [`H3Server`], as a process in `srv`.
-struct AioquicServer {
-    proc: Proc,
-    stats: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl AioquicServer {
-    fn start(tb: &mut Testbed, addr: SocketAddr) -> Self {
-        let python = std::env::var_os("MIMIQ_INTEROP_PYTHON").map_or_else(
-            || PathBuf::from("/opt/mimiq-interop/bin/python"),
-            PathBuf::from,
-        );
-        assert!(
-            python.exists(),
-            "{}: no Python with aioquic (scripts/setup installs it)",
-            python.display()
-        );
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/aioquic_h3_server.py");
-        let dir = tempfile::tempdir().unwrap();
-        let stats = dir.path().join("stats.json");
-        let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
-        let cmd = [
-            python.to_str().unwrap(),
-            script.to_str().unwrap(),
-            "--listen",
-            &ip,
-            "--port",
-            &port,
-            "--stats",
-            stats.to_str().unwrap(),
-        ];
-        let mut proc = tb.spawn("srv", &cmd, false).unwrap();
-        proc.wait_ready("aioquic server", Duration::from_secs(30))
-            .unwrap();
-        Self {
-            proc,
-            stats,
-            _dir: dir,
-        }
-    }
-
-    /// Stops the server; its counters.
-    fn finish(mut self) -> serde_json::Value {
-        self.proc.stop(Duration::from_secs(10));
-        let text = std::fs::read_to_string(&self.stats)
-            .unwrap_or_else(|e| panic!("aioquic server counters: {e}; {}", self.proc.describe()));
-        serde_json::from_str(&text).unwrap()
-    }
-}
-
 /// GETs over a hopping connection against aioquic: byte-exact, every hop completed, and the
 /// server's counts agree with the client's.
 fn against_aioquic(
@@ -573,17 +397,17 @@ fn against_aioquic(
 ) {
     let mut tb = topology(server_ip, clients, prefix);
     let server_addr = SocketAddr::new(server_ip.parse().unwrap(), PORT);
-    let server = AioquicServer::start(&mut tb, server_addr);
+    let server = AioquicServer::start(&mut tb, server_addr).unwrap();
     let sizes = sizes(gets);
     let run = client_run(
         &tb,
-        sockets(clients),
+        sockets(clients).unwrap(),
         server_addr,
         strategy,
         sizes.clone(),
         min_hops,
     );
-    let srv = server.finish();
+    let srv = server.finish().unwrap();
     let run = run.unwrap_or_else(|e| panic!("{e}; aioquic server {srv}"));
     eprintln!(
         "{:?}\n{:?}\n{:?}\nhop latency: {}\naioquic server: {srv}",
@@ -635,7 +459,7 @@ fn gets_against_an_aioquic_server_over_ipv4_hop_hundreds_of_times_and_stay_byte_
 #[test]
 fn gets_against_an_aioquic_server_over_ipv6_hop_every_five_packets_and_stay_byte_exact() {
     require_root();
-    let clients: Vec<String> = (0..4).map(|i| format!("fd00::{:x}", 0x10 + i)).collect();
+    let clients = v6_clients(4);
     against_aioquic(
         "fd00::1",
         &clients,

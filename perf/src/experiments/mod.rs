@@ -3,6 +3,7 @@
 
 pub mod figure3;
 pub mod forwarding;
+pub mod interop;
 pub mod l2fwd;
 pub mod masque;
 pub mod single_box;
