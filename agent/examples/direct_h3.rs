@@ -5,21 +5,27 @@
 //! ```text
 //! cargo run -p mimiq-agent --example direct_h3 -- --server 198.18.0.1:4433 \
 //!     --local 198.18.0.10:0 --local 198.18.0.11:0 [--local ...] \
-//!     [--requests 1000] [--size 2700] [--strategy every:25] [--seed 1]
+//!     [--requests 1000] [--size 2700] [--strategy every:25] [--seed 1] \
+//!     [--qlog-dir DIR] [--keylog FILE]
 //! ```
 //!
 //! Strategies: `never`, `every:N` (packets), `random:A:B` (packets), `time:A:B` (ms),
 //! `once:N` (packets). The local addresses must be on the host (`ip addr add ... nodad`).
 //! Prints one line of results: responses, bytes, time, hops, failures, refusals and the hop
-//! latency distribution.
+//! latency distribution. Failed hops are logged on stderr (`RUST_LOG=mimiq_agent=debug`: every
+//! hop); `--qlog-dir` writes the connection's qlog there (`direct-<connection ID>.sqlog`) and
+//! `--keylog` appends its TLS secrets to FILE (NSS key log format, for Wireshark), so a failed
+//! run can be read afterwards.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use mimiq_agent::direct::h3::{client_config, run_gets};
 use mimiq_agent::direct::{DirectConfig, DirectConnection};
 use mimiq_agent::migrate::MigrationConfig;
 use mimiq_agent::strategy::HopStrategyConfig;
+use mimiq_masque::quic::QuicSettings;
 
 struct Args {
     server: SocketAddr,
@@ -28,6 +34,8 @@ struct Args {
     size: u64,
     strategy: HopStrategyConfig,
     seed: u64,
+    qlog_dir: Option<PathBuf>,
+    keylog: Option<PathBuf>,
 }
 
 fn main() {
@@ -36,11 +44,18 @@ fn main() {
         Err(msg) => {
             eprintln!(
                 "direct_h3: {msg}\nusage: direct_h3 --server ADDR:PORT --local ADDR:PORT... \
-                 [--requests N] [--size BYTES] [--strategy never|every:N|random:A:B|time:A:B|once:N] [--seed N]"
+                 [--requests N] [--size BYTES] [--strategy never|every:N|random:A:B|time:A:B|once:N] [--seed N] \
+                 [--qlog-dir DIR] [--keylog FILE]"
             );
             std::process::exit(2);
         }
     };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(msg) = run(&args) {
         eprintln!("direct_h3: {msg}");
         std::process::exit(1);
@@ -49,6 +64,10 @@ fn main() {
 
 fn run(args: &Args) -> Result<(), String> {
     let mut quic = client_config(args.locals.len()).map_err(|e| format!("quiche config: {e}"))?;
+    if args.keylog.is_some() {
+        // quiche hands secrets to a connection's key log only when its config asks for them.
+        quic.log_keys();
+    }
     let config = DirectConfig {
         strategy: args.strategy.clone(),
         seed: args.seed,
@@ -63,6 +82,14 @@ fn run(args: &Args) -> Result<(), String> {
         &config,
     )
     .map_err(|e| e.to_string())?;
+    let instruments = QuicSettings {
+        qlog_dir: args.qlog_dir.clone(),
+        keylog_file: args.keylog.clone(),
+        ..QuicSettings::default()
+    };
+    instruments
+        .instrument(direct.connection_mut(), "direct")
+        .map_err(|e| format!("qlog/keylog: {e}"))?;
     let sizes = vec![args.size; args.requests];
     let report = run_gets(&mut direct, "quic.tech", &sizes, Duration::from_secs(600))
         .map_err(|e| format!("{e} ({:?})", direct.migration_stats()))?;
@@ -99,6 +126,8 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         size: 2_700,
         strategy: HopStrategyConfig::EveryPackets { packets: 25 },
         seed: 1,
+        qlog_dir: None,
+        keylog: None,
     };
     let value = |it: &mut dyn Iterator<Item = String>, flag: &str| {
         it.next().ok_or(format!("{flag} needs a value"))
@@ -113,6 +142,8 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--size" => args.size = v.parse().map_err(|_| bad())?,
             "--seed" => args.seed = v.parse().map_err(|_| bad())?,
             "--strategy" => args.strategy = v.parse()?,
+            "--qlog-dir" => args.qlog_dir = Some(v.into()),
+            "--keylog" => args.keylog = Some(v.into()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }

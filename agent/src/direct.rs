@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::migrate::{HopError, MigrationConfig, MigrationStats, Migrator};
+use crate::migrate::{HopError, HopEvent, MigrationConfig, MigrationStats, Migrator};
 use crate::rng::SplitMix64;
 use crate::strategy::{Decision, HopStrategy, HopStrategyConfig, StrategyConfigError};
 
@@ -362,7 +362,21 @@ impl DirectConnection {
         }
         self.check_addresses(Instant::now());
         self.migrator.on_timeout(Instant::now());
+        self.log_hop_events();
         self.flush()
+    }
+
+    /// Logs what became of each hop (`RUST_LOG=mimiq_agent=debug` for the completed ones), and
+    /// keeps the migrator's event queue empty.
+    fn log_hop_events(&mut self) {
+        while let Some(event) = self.migrator.poll_event() {
+            match event {
+                HopEvent::Completed { from, to, latency } => {
+                    tracing::debug!(%from, %to, ?latency, "hop completed");
+                }
+                HopEvent::Failed { to, reason } => tracing::info!(%to, ?reason, "hop failed"),
+            }
+        }
     }
 
     /// Closes the connection (application close, code 0) and sends the CONNECTION_CLOSE.
