@@ -416,10 +416,7 @@ impl DirectConnection {
             return;
         };
         let len = d.len.min(d.buf.len());
-        match self
-            .migrator
-            .recv(&mut d.buf[..len], d.from, to, Instant::now())
-        {
+        match self.migrator.recv(&mut d.buf[..len], d.from, to) {
             Ok(_) => self.stats.rx_datagrams += 1,
             Err(_) => self.stats.rx_rejected += 1,
         }

@@ -22,6 +22,9 @@
 //!   HTTP status of each failure.
 //! - [`quic`]: quiche settings shared by proxy and client (datagrams, extended CONNECT, the UDP
 //!   payload for 1280-byte inner packets, spare connection IDs for migration, qlog, key log).
+//! - [`migrate`]: the sans-IO migration driver that moves a client connection between local
+//!   addresses (probe, then migrate, then forget the path left); the MASQUE client runs it, and
+//!   so does the agent's direct mode.
 //! - [`udp`]: the QUIC socket in bursts (`recvmmsg`, `sendmmsg` with UDP GSO trains).
 //! - [`tundev`]: TUN devices; [`netcfg`]: addresses and routes over rtnetlink.
 //! - [`server`]: the proxy (`mimiq-proxy run`); [`client`]: the client (`mimiq-proxy client`).
@@ -34,6 +37,7 @@ pub mod capsule;
 #[allow(unsafe_code)]
 pub mod client;
 pub mod datagram;
+pub mod migrate;
 /// Host network configuration over rtnetlink: links, addresses, routes (synchronous handle).
 pub mod netcfg;
 pub mod quic;
