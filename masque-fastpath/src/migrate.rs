@@ -57,7 +57,7 @@
 //!   `active_connection_id_limit` addresses ([`Migrator::path_budget`]; a hop to one more is
 //!   refused with [`HopError::PathBudget`]) unless [`MigrationConfig::server_forgets_paths`] says
 //!   the server is one that forgets.
-
+//!
 //! Threading: one `Migrator` belongs to one thread (the connection's event loop). Nothing here
 //! panics on input: malformed datagrams are quiche errors returned to the caller, refused or
 //! impossible hops are [`HopError`]s and counters.
