@@ -1,7 +1,7 @@
 //! When the client hops and to which local address: the [`HopPolicy`] the client asks once per
-//! pass of its event loop. The client does the hop itself (a new socket, `probe_path` while
-//! traffic stays on the current path, `migrate` once the probe is answered, and
-//! `quic::LeftPaths` for the path left); the policy only decides. [`TimerHops`] is the CLI's
+//! pass of its event loop. The client does the hop (a new socket, handed to the migration
+//! driver, `crate::migrate`, which probes, migrates and forgets the path left); the policy only
+//! decides. [`TimerHops`] is the CLI's
 //! (`--hop-every-ms` over the `--bind` list); the agent's tunnel mode plugs in its hop strategies
 //! and allocator-fed address sets.
 

@@ -10,10 +10,11 @@
 //! The client can move its connection between local addresses while the tunnel runs, when and
 //! where a [`hop::HopPolicy`] says ([`hop::TimerHops`] from [`ClientConfig::hop_every`] for the
 //! CLI; the agent's hop strategies in its tunnel mode): each hop binds a new socket (a fresh
-//! port), validates the new path with `probe_path` while traffic continues on the current one,
-//! then migrates (RFC 9000 §9). Both ends forget the path left ([`quic::LeftPaths`]), which
-//! retires the connection IDs used there: any number of hops to fresh addresses, and no ID ever
-//! sent from two addresses.
+//! port) and hands it to the migration driver ([`crate::migrate::Migrator`], which the agent's
+//! direct mode runs too). The driver validates the new path with `probe_path` while traffic
+//! continues on the current one, then migrates (RFC 9000 §9). Both ends forget the path left
+//! ([`quic::LeftPaths`]), which retires the connection IDs used there: any number of hops to
+//! fresh addresses, and no ID ever sent from two addresses.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -36,6 +37,7 @@ use crate::udp::UdpIo;
 
 pub mod hop;
 
+use crate::migrate::{HopEvent, MigrationConfig, Migrator};
 use hop::{HopOutcome, HopPolicy};
 
 const HEADROOM: usize = 16;
@@ -159,22 +161,16 @@ struct Path {
 /// A running client.
 pub struct Client {
     cfg: ClientConfig,
-    conn: quiche::Connection,
+    /// The connection, inside the migration driver that moves it between local addresses.
+    mig: Migrator,
     h3: Option<quiche::h3::Connection>,
     h3cfg: quiche::h3::Config,
-    rng: SystemRandom,
     paths: Vec<Path>,
     policy: Box<dyn HopPolicy>,
     /// QUIC datagrams sent since the policy was last asked.
     sent_since_poll: u64,
     /// An address the policy asked for that could not be probed yet (no spare ID).
     wanted_hop: Option<IpAddr>,
-    pending_hop: Option<SocketAddr>,
-    /// Paths left, to forget.
-    left_paths: quic::LeftPaths,
-    last_hop: Instant,
-    /// When the pending hop's path was last probed.
-    last_probe: Instant,
     stream: Option<u64>,
     status: Option<u16>,
     decoder: CapsuleDecoder,
@@ -232,19 +228,23 @@ impl Client {
         cfg.quic
             .instrument(&mut conn, "client")
             .map_err(|e| ClientError::Setup(format!("qlog/keylog: {e}")))?;
+        let migration = MigrationConfig {
+            hop_timeout_ms: HOP_TIMEOUT.as_millis() as u64,
+            probe_retry_min_ms: PROBE_RETRY_MIN.as_millis() as u64,
+            // mimiq-proxy forgets the paths a client left, and every hop binds a fresh port.
+            server_forgets_paths: true,
+            ..MigrationConfig::default()
+        };
+        let mig = Migrator::new(conn, io.local_addr(), cfg.proxy, migration)
+            .with_left_paths(cfg.quic.left_paths());
         Ok(Client {
             h3cfg: quic::h3_config().map_err(ClientError::Setup)?,
-            rng: SystemRandom::new(),
-            conn,
+            mig,
             h3: None,
             paths: vec![Path { io }],
             policy,
             sent_since_poll: 0,
             wanted_hop: None,
-            pending_hop: None,
-            left_paths: cfg.quic.left_paths(),
-            last_hop: Instant::now(),
-            last_probe: Instant::now(),
             stream: None,
             status: None,
             decoder: CapsuleDecoder::default(),
@@ -279,14 +279,14 @@ impl Client {
         let mut pollfds: Vec<libc::pollfd> = Vec::new();
         self.flush();
         while !stop.load(Ordering::Relaxed) {
-            if self.conn.is_closed() {
+            if self.mig.connection().is_closed() {
                 break;
             }
             if !ready && started.elapsed() > self.cfg.connect_timeout {
                 return Err(ClientError::Connection(format!(
                     "tunnel not up after {:?} (handshake {}, status {:?})",
                     self.cfg.connect_timeout,
-                    if self.conn.is_established() {
+                    if self.mig.connection().is_established() {
                         "done"
                     } else {
                         "not done"
@@ -295,7 +295,7 @@ impl Client {
                 )));
             }
             let policy_timeout = self.policy.poll(Instant::now());
-            let timeout = [self.conn.timeout(), policy_timeout]
+            let timeout = [self.mig.timeout(Instant::now()), policy_timeout]
                 .into_iter()
                 .flatten()
                 .min()
@@ -320,9 +320,8 @@ impl Client {
                 )
             };
             self.recv_quic()?;
-            if self.conn.timeout() == Some(Duration::ZERO) {
-                self.conn.on_timeout();
-            }
+            // quiche's timers and the hop's deadline and probe retry (each only when due).
+            self.mig.on_timeout(Instant::now());
             self.on_quic_events()?;
             if !ready && self.tunnel_ready() {
                 self.setup_local()?;
@@ -339,11 +338,11 @@ impl Client {
                 self.policy.on_stats(&self.stats, Instant::now());
             }
         }
-        if !self.conn.is_closed() {
-            let _ = self.conn.close(true, 0x100, b"client done");
+        if !self.mig.connection().is_closed() {
+            let _ = self.mig.connection_mut().close(true, 0x100, b"client done");
             self.flush();
         }
-        if let Some(e) = self.conn.peer_error() {
+        if let Some(e) = self.mig.connection().peer_error() {
             if !ready {
                 return Err(ClientError::Connection(format!("peer closed: {e:?}")));
             }
@@ -377,7 +376,7 @@ impl Client {
                 let to = p.io.local_addr();
                 for i in 0..n {
                     let (pkt, from) = p.io.datagram(i);
-                    if let Err(e) = self.conn.recv(pkt, quiche::RecvInfo { from, to }) {
+                    if let Err(e) = self.mig.recv(pkt, from, to) {
                         tracing::debug!("recv on {to}: {e}");
                     }
                 }
@@ -390,16 +389,9 @@ impl Client {
     }
 
     fn on_quic_events(&mut self) -> Result<(), ClientError> {
-        // Spare source connection IDs: each new path needs one of ours as well as one of the
-        // proxy's.
-        while self.conn.is_established() && self.conn.scids_left() > 0 {
-            let (cid, token) = quic::new_cid(&self.rng);
-            if self.conn.new_scid(&cid, token, false).is_err() {
-                break;
-            }
-        }
-        if self.h3.is_none() && self.conn.is_established() {
-            let h3 = quiche::h3::Connection::with_transport(&mut self.conn, &self.h3cfg)
+        // (Spare source connection IDs, which each new path needs, are the driver's.)
+        if self.h3.is_none() && self.mig.connection().is_established() {
+            let h3 = quiche::h3::Connection::with_transport(self.mig.connection_mut(), &self.h3cfg)
                 .map_err(|e| ClientError::Connection(e.to_string()))?;
             self.h3 = Some(h3);
         }
@@ -413,7 +405,7 @@ impl Client {
             };
             let hdrs =
                 request::request_headers(&target, &self.cfg.server_name, self.cfg.token.as_deref());
-            match h3.send_request(&mut self.conn, &hdrs, false) {
+            match h3.send_request(self.mig.connection_mut(), &hdrs, false) {
                 Ok(sid) => self.stream = Some(sid),
                 Err(quiche::h3::Error::StreamBlocked) => {}
                 Err(e) => return Err(ClientError::Connection(e.to_string())),
@@ -421,7 +413,7 @@ impl Client {
         }
         let mut capsule_data = false;
         loop {
-            match h3.poll(&mut self.conn) {
+            match h3.poll(self.mig.connection_mut()) {
                 Ok((sid, quiche::h3::Event::Headers { list, .. })) if Some(sid) == self.stream => {
                     self.status = request::response_status(&list);
                     let capsules = list
@@ -429,12 +421,15 @@ impl Client {
                         .any(|h| h.name() == b"capsule-protocol" && h.value() == b"?1");
                     if self.status != Some(200) || !capsules {
                         let s = self.status.unwrap_or(0);
-                        let _ = self.conn.close(true, 0x100, b"request refused");
+                        let _ = self
+                            .mig
+                            .connection_mut()
+                            .close(true, 0x100, b"request refused");
                         return Err(ClientError::Refused(s));
                     }
                 }
                 Ok((sid, quiche::h3::Event::Data)) if Some(sid) == self.stream => {
-                    while let Ok(n) = h3.recv_body(&mut self.conn, sid, &mut self.tmp) {
+                    while let Ok(n) = h3.recv_body(self.mig.connection_mut(), sid, &mut self.tmp) {
                         if n == 0 {
                             break;
                         }
@@ -445,7 +440,10 @@ impl Client {
                 Ok((sid, quiche::h3::Event::Finished | quiche::h3::Event::Reset(_)))
                     if Some(sid) == self.stream =>
                 {
-                    let _ = self.conn.close(true, 0x100, b"request stream ended");
+                    let _ = self
+                        .mig
+                        .connection_mut()
+                        .close(true, 0x100, b"request stream ended");
                     return Err(ClientError::Connection(
                         "the proxy ended the request stream".into(),
                     ));
@@ -462,7 +460,7 @@ impl Client {
         let Some(sid) = self.stream else {
             return Ok(());
         };
-        while let Ok(len) = self.conn.dgram_recv(&mut self.buf) {
+        while let Ok(len) = self.mig.connection_mut().dgram_recv(&mut self.buf) {
             let Ok(d) = Datagram::parse(&self.buf[..len]) else {
                 self.stats.dgram_unknown += 1;
                 continue;
@@ -483,46 +481,34 @@ impl Client {
                 _ => {}
             }
         }
-        // Path events: a validated probe becomes the active path.
-        while let Some(ev) = self.conn.path_event_next() {
-            self.left_paths.on_event(&ev, Instant::now());
-            match ev {
-                quiche::PathEvent::Validated(local, peer) if self.pending_hop == Some(local) => {
-                    let from = self
-                        .conn
-                        .path_stats()
-                        .find(|p| p.active)
-                        .map(|p| p.local_addr);
-                    let now = Instant::now();
-                    let outcome = match (self.conn.migrate(local, peer), from) {
-                        (Ok(_), Some(from)) => {
-                            self.stats.hops_done += 1;
-                            // Make sure a non-probing packet goes out from the new address
-                            // now, so the proxy follows (RFC 9000 §9.2).
-                            let _ = self.conn.send_ack_eliciting();
-                            HopOutcome::Done {
-                                from: from.ip(),
-                                to: local.ip(),
-                                latency: now.saturating_duration_since(self.last_hop),
-                            }
-                        }
-                        _ => {
-                            self.hop_failed(local.ip(), now);
-                            continue;
-                        }
-                    };
-                    self.policy.on_hop(outcome, now);
-                    self.pending_hop = None;
-                }
-                quiche::PathEvent::FailedValidation(local, _)
-                    if self.pending_hop == Some(local) =>
-                {
-                    self.hop_failed(local.ip(), Instant::now());
-                }
-                _ => {}
-            }
-        }
+        self.on_hop_events();
         Ok(())
+    }
+
+    /// What became of the hops the driver made: counted and told to the policy.
+    fn on_hop_events(&mut self) {
+        let now = Instant::now();
+        while let Some(event) = self.mig.poll_event() {
+            let outcome = match event {
+                HopEvent::Completed { from, to, latency } => {
+                    self.stats.hops_done += 1;
+                    HopOutcome::Done {
+                        from: from.ip(),
+                        to: to.ip(),
+                        latency,
+                    }
+                }
+                HopEvent::Failed { to, reason } => {
+                    tracing::info!("hop to {to}: {reason:?}");
+                    self.stats.hops_failed += 1;
+                    HopOutcome::Failed { to: to.ip() }
+                }
+            };
+            self.policy.on_hop(outcome, now);
+        }
+        let m = self.mig.stats();
+        self.stats.probes_resent = m.probes_resent;
+        self.stats.paths_abandoned = m.paths_forgotten;
     }
 
     fn on_capsules(&mut self) -> Result<(), ClientError> {
@@ -556,7 +542,10 @@ impl Client {
                     //# Malformed requests or responses that are
                     //# detected MUST be treated as a stream error of type H3_MESSAGE_ERROR.
                     let code = quiche::h3::WireErrorCode::MessageError as u64;
-                    let _ = self.conn.close(true, code, b"malformed capsule");
+                    let _ = self
+                        .mig
+                        .connection_mut()
+                        .close(true, code, b"malformed capsule");
                     return Err(ClientError::Connection(format!("malformed capsule: {e}")));
                 }
             }
@@ -567,7 +556,8 @@ impl Client {
     fn setup_local(&mut self) -> Result<(), ClientError> {
         let qsid = self.stream.unwrap_or(0) / 4;
         let now = self
-            .conn
+            .mig
+            .connection()
             .dgram_max_writable_len()
             .map_or(0, |n| n.saturating_sub(datagram::header_len(qsid, 0)));
         let fits = quic::tunnel_mtu(self.cfg.quic.max_udp_payload_bytes).min(now);
@@ -647,7 +637,11 @@ impl Client {
                 break;
             };
             let _ = datagram::emit_header(qsid, 0, &mut self.buf[start..HEADROOM]);
-            match self.conn.dgram_send(&self.buf[start..HEADROOM + n]) {
+            match self
+                .mig
+                .connection_mut()
+                .dgram_send(&self.buf[start..HEADROOM + n])
+            {
                 Ok(()) => {
                     self.stats.dgram_tx += 1;
                     self.stats.bytes_tx += n as u64;
@@ -657,34 +651,15 @@ impl Client {
         }
     }
 
-    /// Starts a hop when the policy asks for one: a new socket on that address, probed; the
-    /// migration happens when the probe is validated.
+    /// Starts a hop when the policy asks for one: a new socket on that address, handed to the
+    /// driver, which probes it and migrates once the probe is answered (or gives up after
+    /// [`HOP_TIMEOUT`]).
     fn maybe_hop(&mut self) {
         let now = Instant::now();
-        if let Some(local) = self.pending_hop {
-            // A probe that is neither validated nor failed within the hop timeout is given up;
-            // the connection stays where it is.
-            if now.saturating_duration_since(self.last_hop) > HOP_TIMEOUT {
-                tracing::info!("hop to {local}: no answer to the probe in {HOP_TIMEOUT:?}");
-                // Forget the path now: quiche would go on probing it, and put frames of the
-                // active path into those probes, from a socket that is about to close.
-                let _ = self.conn.abandon_path(local, self.cfg.proxy, true);
-                self.hop_failed(local.ip(), now);
-            } else if now.saturating_duration_since(self.last_probe)
-                >= quic::probe_retry_after(&self.conn, PROBE_RETRY_MIN)
-                && self.conn.probe_path(local, self.cfg.proxy).is_ok()
-            {
-                self.stats.probes_resent += 1;
-                self.last_probe = now;
-            }
+        if self.mig.hop_in_progress().is_some() {
             return;
         }
-        let current = self
-            .conn
-            .path_stats()
-            .find(|p| p.active)
-            .map(|p| p.local_addr.ip());
-        let Some(current) = current else { return };
+        let current = self.mig.local_addr().ip();
         let sent = std::mem::take(&mut self.sent_since_poll);
         let asked = self.policy.poll_hop(now, current, sent);
         let Some(addr) = asked.or(self.wanted_hop.take()) else {
@@ -693,11 +668,7 @@ impl Client {
         //# RFC 9000 §9: If the peer sent the disable_active_migration transport parameter, an
         //# endpoint also MUST NOT send packets (including probing packets) from a different
         //# local address to the address the peer used during the handshake.
-        if self
-            .conn
-            .peer_transport_params()
-            .is_some_and(|tp| tp.disable_active_migration)
-        {
+        if self.mig.migration_disabled() {
             if self.stats.hops_refused == 0 {
                 tracing::warn!("the proxy sent disable_active_migration: no hops, the connection stays on {current}");
             }
@@ -709,15 +680,14 @@ impl Client {
         // So at most a quarter of the IDs may be held by paths left (the proxy holds its side
         // of each a little longer): beyond that the hop waits.
         let held_limit = (self.cfg.quic.active_connection_id_limit / 4).max(1) as usize;
-        if self.conn.available_dcids() == 0 || self.left_paths.pending() >= held_limit {
+        if self.mig.connection().available_dcids() == 0 || self.mig.pending_forgets() >= held_limit
+        {
             // No spare connection ID from the proxy yet (it replaces retired ones within a round
             // trip), or too many paths left still held: try again on the next pass.
             self.stats.hops_deferred += 1;
             self.wanted_hop = Some(addr);
             return;
         }
-        self.last_hop = now;
-        self.last_probe = now;
         let io = match UdpIo::bind(SocketAddr::new(addr, 0)) {
             Ok(mut io) => {
                 io.set_max_payload(self.cfg.quic.max_udp_payload_bytes);
@@ -731,18 +701,18 @@ impl Client {
             }
         };
         let local = io.local_addr();
-        match self.conn.probe_path(local, self.cfg.proxy) {
-            Ok(_) => {
+        match self.mig.request_hop(local, now) {
+            Ok(()) => {
                 self.stats.hops_started += 1;
-                self.pending_hop = Some(local);
                 self.paths.push(Path { io });
             }
             Err(e) => {
+                let c = self.mig.connection();
                 tracing::info!(
-                    "hop to {local}: probe_path: {e} (spare proxy IDs {}, our IDs active {}, paths {})",
-                    self.conn.available_dcids(),
-                    self.conn.active_scids(),
-                    self.conn.path_stats().count()
+                    "hop to {local}: {e} (spare proxy IDs {}, our IDs active {}, paths {})",
+                    c.available_dcids(),
+                    c.active_scids(),
+                    c.path_stats().count()
                 );
                 self.stats.hops_failed += 1;
                 self.policy.on_hop(HopOutcome::Failed { to: addr }, now);
@@ -750,31 +720,13 @@ impl Client {
         }
     }
 
-    /// A hop that did not happen: counted, told to the policy, and a non-probing packet goes
-    /// out from the active path at once. A probe timeout on the path being probed makes quiche
-    /// send a PING there, which is not a probing frame (RFC 9000 §9.1), so the proxy may have
-    /// taken it for a migration (§9.3) and be sending to the address given up; only a
-    /// non-probing packet from the active address brings it back, and a client that is only
-    /// receiving might send none for a while.
-    fn hop_failed(&mut self, to: IpAddr, now: Instant) {
-        self.stats.hops_failed += 1;
-        self.pending_hop = None;
-        let _ = self.conn.send_ack_eliciting();
-        self.policy.on_hop(HopOutcome::Failed { to }, now);
-    }
-
-    /// Forgets the paths the connection left (quic::LeftPaths) and closes their sockets.
+    /// Closes the sockets of paths the driver no longer needs: not in use, not being probed,
+    /// not a path left that is still waiting to be forgotten.
     fn abandon_old_paths(&mut self) {
-        self.stats.paths_abandoned += self.left_paths.forget(&mut self.conn, Instant::now()) as u64;
-        let active = self
-            .conn
-            .path_stats()
-            .find(|p| p.active)
-            .map(|p| p.local_addr);
-        let (pending, left) = (self.pending_hop, &self.left_paths);
+        let (active, pending, mig) = (self.mig.local_addr(), self.mig.hop_in_progress(), &self.mig);
         self.paths.retain(|p| {
             let local = p.io.local_addr();
-            Some(local) == active || Some(local) == pending || left.holds(local)
+            local == active || Some(local) == pending || mig.holds_left(local)
         });
     }
 
@@ -783,8 +735,8 @@ impl Client {
         // The path whose socket queued the last packet.
         let mut last: Option<usize> = None;
         loop {
-            match self.conn.send(&mut self.tmp) {
-                Ok((len, info)) => {
+            match self.mig.send(&mut self.tmp, Instant::now()) {
+                Ok(Some((len, info))) => {
                     // A handful of paths: a scan, no map built per pass.
                     let Some(i) = self
                         .paths
@@ -810,7 +762,7 @@ impl Client {
                     io.commit(len, info.to);
                     self.sent_since_poll += 1;
                 }
-                Err(quiche::Error::Done) => break,
+                Ok(None) => break,
                 Err(e) => {
                     // Nothing goes out while this lasts: counted, and said once.
                     if self.stats.quic_send_errors == 0 {
