@@ -606,6 +606,58 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_that_answers_a_probe_with_the_old_paths_id_then_retires_it_costs_no_connection() {
+        // A peer seen in the wild answers a probe with the connection ID it still uses on the
+        // old path (RFC 9000 §9.5 forbids it), then retires that ID. quiche links the ID to the
+        // new path; the old path, still the active one, kept pointing at the retired ID, and
+        // every packet built for it failed with InvalidState (vendor/quiche/MIMIQ-PATCH.md).
+        let mut pair = Pair::new(false, MigrationConfig::default());
+        for _ in 0..5 {
+            pair.exchange(&mut |_| {});
+        }
+        let (a, b) = (client_addr(0), client_addr(1));
+        pair.client.request_hop(b, Instant::now()).unwrap();
+        let mut out = [0u8; 1500];
+        while let Some((len, info)) = pair.client.send(&mut out, Instant::now()).unwrap() {
+            let ri = quiche::RecvInfo {
+                from: info.from,
+                to: info.to,
+            };
+            let _ = pair.server.recv(&mut out[..len], ri);
+        }
+        // What the server sends for the old address arrives on the new one, as that peer's
+        // answers would: first with the client's first ID, then, once the server has retired
+        // that ID (sequence 0), with the next one and the RETIRE_CONNECTION_ID. The server's
+        // own answer on the new path is lost.
+        let mut moved = 0;
+        for retire in [false, true] {
+            if retire {
+                pair.server.retire_dcid(0).unwrap();
+            }
+            pair.server.send_ack_eliciting().unwrap();
+            while let Ok((len, info)) = pair.server.send(&mut out) {
+                if info.to == a {
+                    moved += 1;
+                    let _ = pair.client.recv(&mut out[..len], info.from, b);
+                }
+            }
+        }
+        assert!(moved >= 2, "the server sent on the old path");
+        // Then it carries on normally.
+        let results = pair.transfer(200_000, 0, 2);
+        assert!(results.is_empty(), "no hop asked for during the transfer");
+        // The hop's own answer was lost; the probe is sent again and the hop completes
+        // (bounded by the hop deadline).
+        while pair.client.hop_in_progress().is_some() {
+            pair.exchange(&mut |_| {});
+        }
+        assert!(!pair.client.connection().is_closed());
+        let stats = pair.client.stats();
+        assert_eq!(stats.hops_completed, 1, "{stats:?}");
+        assert_eq!(pair.client.local_addr(), b);
+    }
+
+    #[test]
     fn a_lost_path_response_is_probed_for_again_and_the_hop_completes() {
         let mut pair = Pair::new(false, MigrationConfig::default());
         let to = client_addr(1);

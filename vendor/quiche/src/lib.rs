@@ -8900,14 +8900,19 @@ impl<F: BufFactory> Connection<F> {
                     return Err(Error::InvalidState);
                 }
 
-                if let Some(pid) = self.ids.retire_scid(seq_num, &hdr.dcid)? {
-                    let path = self.paths.get_mut(pid)?;
+                // MIMIQ patch: the ID is linked to the path that saw it last,
+                // but a peer that answered a probe with the ID of the path it
+                // was on left that path pointing at it too; retiring it then
+                // left a dangling sequence number there, and every packet
+                // built for that path failed with InvalidState. Clear it on
+                // every path (short headers carry no source ID).
+                self.ids.retire_scid(seq_num, &hdr.dcid)?;
 
-                    // Maybe we already linked a new SCID to that path.
+                for (_, path) in self.paths.iter_mut() {
+                    // XXX: We do not remove unused paths now, we instead wait
+                    // until we need to maintain more paths than the host is
+                    // willing to.
                     if path.active_scid_seq == Some(seq_num) {
-                        // XXX: We do not remove unused paths now, we instead
-                        // wait until we need to maintain more paths than the
-                        // host is willing to.
                         path.active_scid_seq = None;
                     }
                 }
