@@ -82,6 +82,14 @@ pub struct TunnelConfig {
     /// addresses' lifetimes; none by default.
     #[serde(default)]
     pub address_log: Option<PathBuf>,
+    /// Directory for the connection's qlog (`client-<connection ID>.sqlog`, created if
+    /// missing), to read a failed hop afterwards; none by default.
+    #[serde(default)]
+    pub qlog_dir: Option<PathBuf>,
+    /// File the connection's TLS secrets are appended to (NSS key log format, for Wireshark);
+    /// the `SSLKEYLOGFILE` environment variable does the same. None by default.
+    #[serde(default)]
+    pub keylog_file: Option<PathBuf>,
 }
 
 fn default_server_name() -> String {
@@ -628,6 +636,8 @@ fn parts(config: &AgentConfig) -> Result<(&TunnelConfig, &AddressSource), Tunnel
 fn quic_settings(tunnel: &TunnelConfig) -> QuicSettings {
     QuicSettings {
         max_udp_payload_bytes: tunnel.max_udp_payload_bytes,
+        qlog_dir: tunnel.qlog_dir.clone(),
+        keylog_file: tunnel.keylog_file.clone(),
         ..QuicSettings::default()
     }
 }

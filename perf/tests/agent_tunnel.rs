@@ -13,14 +13,19 @@ use mimiq_perf::traffic;
 use serde_json::Value;
 
 /// Starts `mimiq-agent run` on `c` with a static source (the four client addresses), a hop
-/// every `packets` QUIC datagrams, and the server's subnet routed into the tunnel; returns once
-/// it printed its `ready` line.
-fn start_agent(tb: &mut Testbed, dir: &Path, packets: u32) -> Result<Proc, String> {
+/// every `packets` QUIC datagrams, and the server's subnet routed into the tunnel
+/// (`tunnel_extra` appended to its `[tunnel]` table); returns once it printed its `ready` line.
+fn start_agent(
+    tb: &mut Testbed,
+    dir: &Path,
+    packets: u32,
+    tunnel_extra: &str,
+) -> Result<Proc, String> {
     let addresses: Vec<String> = addr::CLIENT_V4.iter().map(|a| format!("\"{a}\"")).collect();
     let cfg = format!(
         "seed = 7\n[hop]\nkind = \"every_packets\"\npackets = {packets}\n\
          [tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\nroutes = [\"198.18.20.0/24\"]\n\
-         stats_file = \"{}\"\nhop_log = \"{}\"\n\
+         stats_file = \"{}\"\nhop_log = \"{}\"\n{tunnel_extra}\
          [source]\nkind = \"static\"\naddresses = [{}]\n",
         addr::PROXY_V4,
         dir.join("agent-stats.json").display(),
@@ -45,20 +50,21 @@ struct Run {
 }
 
 /// Starts the proxy (`proxy_extra` appended to its config) and an agent hopping every
-/// `packets` datagrams, downloads `len` bytes through the tunnel (checked byte for byte) while
+/// `packets` datagrams (`agent_extra` appended to its `[tunnel]` table), downloads `len` bytes through the tunnel (checked byte for byte) while
 /// `during` runs on another thread (given the run's directory, where the agent writes
 /// `hops.csv` as it goes), and stops the agent.
 fn download_while_hopping(
     packets: u32,
     len: u64,
     proxy_extra: &str,
+    agent_extra: &str,
     during: impl FnOnce(&Testbed, &Path) + Send,
 ) -> Run {
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", proxy_extra).unwrap();
-    let mut agent = start_agent(&mut tb, dir.path(), packets).unwrap();
+    let mut agent = start_agent(&mut tb, dir.path(), packets, agent_extra).unwrap();
     let result = std::thread::scope(|scope| {
         let (tb, at) = (&tb, dir.path());
         scope.spawn(move || during(tb, at));
@@ -92,7 +98,7 @@ fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact()
         proxy: s,
         agent_log,
         dir,
-    } = download_while_hopping(25, 100 * 1024 * 1024, "", |_, _| {});
+    } = download_while_hopping(25, 100 * 1024 * 1024, "", "", |_, _| {});
     // The strategy counts the QUIC datagrams the client sends (the TCP ACKs of the download,
     // several to a QUIC packet: about 1,200 in 100 MB) and asks for a hop every 25. A hop is
     // never started before it is due; while one validates (a round trip) the count goes on, so
@@ -130,13 +136,43 @@ fn a_proxy_that_retires_connection_ids_at_once_keeps_a_hopping_100_mb_download_b
         proxy: s,
         agent_log,
         dir,
-    } = download_while_hopping(25, 100 * 1024 * 1024, extra, |_, _| {});
+    } = download_while_hopping(25, 100 * 1024 * 1024, extra, "", |_, _| {});
     let done = report["client"]["hops_done"].as_u64().unwrap();
     assert!(done >= 20, "{report}; {agent_log}; proxy {s}");
     assert_hop_log_matches(&report, dir.path());
     assert_eq!(s["connections_accepted"], 1, "{s}");
     assert_eq!(s["sessions_ip"], 1, "{s}");
     assert!(s["paths_abandoned"].as_u64().unwrap() > 0, "{s}");
+}
+
+#[test]
+fn the_agent_writes_a_qlog_with_its_hops_and_a_key_log_when_asked() {
+    require_root();
+    let qlog = tempfile::tempdir().unwrap();
+    let keylog = qlog.path().join("keys.log");
+    let extra = format!(
+        "qlog_dir = \"{}\"\nkeylog_file = \"{}\"\n",
+        qlog.path().display(),
+        keylog.display()
+    );
+    let Run { report, .. } = download_while_hopping(25, 4 * 1024 * 1024, "", &extra, |_, _| {});
+    let done = report["client"]["hops_done"].as_u64().unwrap();
+    assert!(done > 0, "{report}");
+    let files: Vec<_> = std::fs::read_dir(qlog.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sqlog"))
+        .collect();
+    assert_eq!(files.len(), 1, "one connection, one qlog: {files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("client-"), "{name}");
+    // A hop completed, so a path was probed and answered: the frames are in the log.
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    for frame in ["path_challenge", "path_response"] {
+        assert!(text.contains(frame), "no {frame} in {name}");
+    }
+    let keys = std::fs::read_to_string(&keylog).unwrap();
+    assert!(keys.contains("CLIENT_TRAFFIC_SECRET_0"), "{keys}");
 }
 
 /// Every hop the agent counted, done or failed, is a line of its hop log, and no other.
@@ -164,7 +200,7 @@ fn hopping_every_2_packets_still_completes_the_download() {
         agent_log,
         dir,
         ..
-    } = download_while_hopping(2, 40 * 1024 * 1024, "", |_, _| {});
+    } = download_while_hopping(2, 40 * 1024 * 1024, "", "", |_, _| {});
     // A hop is due after every second datagram, so one is always in progress or waiting for
     // the paths left to be forgotten (`hops_deferred`): the connection hops back to back. How
     // many hops that makes is bound by that wait, not by packets (a 40 MB download made 81-159
@@ -184,7 +220,7 @@ fn a_proxy_that_disables_migration_keeps_the_tunnel_on_one_address() {
         proxy,
         agent_log,
         ..
-    } = download_while_hopping(25, 20 * 1024 * 1024, extra, |_, _| {});
+    } = download_while_hopping(25, 20 * 1024 * 1024, extra, "", |_, _| {});
     // RFC 9000 §9: no packet, not even a probe, from another local address.
     let c = &report["client"];
     assert_eq!(
@@ -220,7 +256,7 @@ fn an_address_withdrawn_mid_transfer_fails_its_hops_and_the_download_goes_on() {
         agent_log,
         dir,
         ..
-    } = download_while_hopping(25, 60 * 1024 * 1024, "", |tb, at| {
+    } = download_while_hopping(25, 60 * 1024 * 1024, "", "", |tb, at| {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::fs::read_to_string(at.join("hops.csv"))
             .map_or(0, |l| l.matches(",done,").count())
