@@ -666,7 +666,7 @@ mod tests {
         // declares the probe lost: only the driver's own retry can complete the hop.
         pair.lose_once_to.push(to);
         pair.client.request_hop(to, Instant::now()).unwrap();
-        // Bounded by the hop deadline (2 s), after which the hop fails.
+        // Bounded by the hop deadline (1 s), after which the hop fails.
         while pair.client.hop_in_progress().is_some() {
             pair.exchange(&mut |_| {});
         }

@@ -74,7 +74,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MigrationConfig {
     /// How long a hop may take from request to switch before it is abandoned (the connection
-    /// stays on its current address), in milliseconds. Default 2000.
+    /// stays on its current address), in milliseconds. Default 1000: a probe whose answer is
+    /// late is sent again within that time ([`MigrationConfig::probe_retry_min_ms`]).
     pub hop_timeout_ms: u64,
     /// The most hop latencies kept for [`Migrator::latency_summary`]; later hops are counted
     /// but not sampled. Default 1,000,000 (4 MB).
@@ -97,7 +98,7 @@ pub struct MigrationConfig {
 impl Default for MigrationConfig {
     fn default() -> Self {
         Self {
-            hop_timeout_ms: 2_000,
+            hop_timeout_ms: 1_000,
             max_latency_samples: 1_000_000,
             forget_after_min_ms: 100,
             server_forgets_paths: false,

@@ -47,11 +47,6 @@ const MAX_INNER: usize = 65_535;
 /// `flush` keeping quiche's order: with upstream quiche's 128-packet duplicate window a probe
 /// sent behind a burst this long was dropped (the vendored window is 4096).
 const BURST: usize = 256;
-/// How long a hop's probe may go unanswered before the hop is given up.
-const HOP_TIMEOUT: Duration = Duration::from_secs(1);
-/// The least wait before a probe that has not been answered is sent again
-/// ([`quic::probe_retry_after`]).
-const PROBE_RETRY_MIN: Duration = Duration::from_millis(20);
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -229,8 +224,6 @@ impl Client {
             .instrument(&mut conn, "client")
             .map_err(|e| ClientError::Setup(format!("qlog/keylog: {e}")))?;
         let migration = MigrationConfig {
-            hop_timeout_ms: HOP_TIMEOUT.as_millis() as u64,
-            probe_retry_min_ms: PROBE_RETRY_MIN.as_millis() as u64,
             // mimiq-proxy forgets the paths a client left, and every hop binds a fresh port.
             server_forgets_paths: true,
             ..MigrationConfig::default()
@@ -653,7 +646,7 @@ impl Client {
 
     /// Starts a hop when the policy asks for one: a new socket on that address, handed to the
     /// driver, which probes it and migrates once the probe is answered (or gives up after
-    /// [`HOP_TIMEOUT`]).
+    /// [`MigrationConfig::hop_timeout_ms`]).
     fn maybe_hop(&mut self) {
         let now = Instant::now();
         if self.mig.hop_in_progress().is_some() {
