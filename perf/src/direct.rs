@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use mimiq_agent::direct::h3::{
-    client_config, run_gets_until_hops, GetReport, H3Server, H3ServerConfig, H3ServerStats,
-    TestCert,
-};
 use mimiq_agent::direct::{DirectConfig, DirectConnection, DirectControl, DirectStats};
 use mimiq_agent::migrate::{LatencySummary, MigrationConfig, MigrationStats};
 use mimiq_agent::strategy::HopStrategyConfig;
+use mimiq_h3test::{
+    client_config, run_gets_until_hops, GetReport, H3Server, H3ServerConfig, H3ServerStats,
+    TestCert,
+};
 use serde_json::Value;
 
 use crate::testbed::{Proc, Testbed};

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use mimiq_agent::direct::h3::{body_byte, fill_body};
+use mimiq_h3test::{body_byte, fill_body};
 use serde_json::Value;
 
 use crate::testbed::{eventually, Testbed};

@@ -10,9 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use mimiq_agent::direct::h3::H3ServerConfig;
 use mimiq_agent::direct::DirectControl;
 use mimiq_agent::strategy::HopStrategyConfig;
+use mimiq_h3test::H3ServerConfig;
 use mimiq_perf::direct::{
     self, body_bytes, run_gets_in, sizes, sockets, v4_clients, v6_clients, AioquicServer,
     ClientRun, Gets, QuicheServer, PORT,

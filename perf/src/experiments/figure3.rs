@@ -57,12 +57,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use mimiq_agent::direct::h3::{
-    client_config, run_timed_gets, H3Server, H3ServerConfig, H3ServerStats, TestCert,
-};
 use mimiq_agent::direct::{DirectConfig, DirectConnection};
 use mimiq_agent::migrate::MigrationConfig;
 use mimiq_agent::strategy::HopStrategyConfig;
+use mimiq_h3test::{
+    client_config, run_timed_gets, H3Server, H3ServerConfig, H3ServerStats, TestCert,
+};
 use serde::Serialize;
 
 use crate::switch::Switch;

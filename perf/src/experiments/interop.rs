@@ -21,8 +21,8 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use mimiq_agent::direct::h3::H3ServerConfig;
 use mimiq_agent::strategy::HopStrategyConfig;
+use mimiq_h3test::H3ServerConfig;
 use serde::Serialize;
 
 use crate::direct::{

@@ -1,9 +1,9 @@
-//! A minimal HTTP/3 server on quiche's h3 API (`mimiq_agent::direct::h3::H3Server`): `GET /N`
+//! A minimal HTTP/3 server on quiche's h3 API (`mimiq_h3test::H3Server`): `GET /N`
 //! answers N bytes of the test pattern. The far end of the seed's experiment; it knows nothing
 //! about MIMIQ and accepts migrating clients like any quiche server that keeps issuing CIDs.
 //!
 //! ```text
-//! cargo run -p mimiq-agent --example h3_server -- --listen 198.18.0.1:4433 \
+//! cargo run -p mimiq-h3test --example h3_server -- --listen 198.18.0.1:4433 \
 //!     [--disable-active-migration] [--cid-limit 8] [--retire-left-paths]
 //! ```
 //!
@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cli::{parse_args, Args};
-use mimiq_agent::direct::h3::{H3Server, H3ServerConfig, TestCert};
+use mimiq_h3test::{H3Server, H3ServerConfig, TestCert};
 
 fn main() {
     let args = match parse_args(std::env::args().skip(1)) {

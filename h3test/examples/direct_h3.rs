@@ -3,7 +3,7 @@
 //! (`examples/h3_server.rs`). Every body is checked byte for byte.
 //!
 //! ```text
-//! cargo run -p mimiq-agent --example direct_h3 -- --server 198.18.0.1:4433 \
+//! cargo run -p mimiq-h3test --example direct_h3 -- --server 198.18.0.1:4433 \
 //!     --local 198.18.0.10:0 --local 198.18.0.11:0 [--local ...] \
 //!     [--requests 1000] [--size 2700] [--strategy every:25] [--seed 1] \
 //!     [--qlog-dir DIR] [--keylog FILE]
@@ -21,10 +21,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mimiq_agent::direct::h3::{client_config, run_gets};
 use mimiq_agent::direct::{DirectConfig, DirectConnection};
 use mimiq_agent::migrate::MigrationConfig;
 use mimiq_agent::strategy::HopStrategyConfig;
+use mimiq_h3test::{client_config, run_gets};
 use mimiq_masque::quic::QuicSettings;
 
 struct Args {

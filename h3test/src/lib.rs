@@ -1,5 +1,6 @@
-//! The seed's experiment over HTTP/3 (seed 000 §4): many GETs over one hopping connection
-//! against an HTTP/3 server that knows nothing about MIMIQ.
+//! Direct mode's test peers: the seed's experiment over HTTP/3 (seed 000 §4), many GETs over
+//! one hopping connection against an HTTP/3 server that knows nothing about MIMIQ. Test support,
+//! outside the agent's library: the agent's binary links none of it.
 //!
 //! - [`H3Server`]: a minimal HTTP/3 server written with quiche's own h3 API the way quiche's
 //!   example server and quiche-server are (accept, route by connection ID, keep issuing CIDs
@@ -14,8 +15,9 @@
 //!   requests its hops there, at request boundaries as the seed did).
 //! - [`TestCert`]: a TLS identity for test servers.
 //!
-//! Used by `examples/h3_server.rs`, `examples/direct_h3.rs` and the namespace tests in
-//! `perf/tests/direct_hop.rs`. Nothing here panics on input: a bad request gets a 404 or 400,
+//! Used by this crate's loopback tests (`tests/`) and examples (`examples/h3_server.rs`,
+//! `examples/direct_h3.rs`), and by `mimiq-perf` (`perf/src/direct.rs`, the namespace tests in
+//! `perf/tests/direct_hop.rs`, `bench interop` and `bench figure3`). Nothing here panics on input: a bad request gets a 404 or 400,
 //! a bad datagram is counted.
 
 use std::collections::{HashMap, HashSet};
@@ -27,9 +29,8 @@ use std::time::{Duration, Instant};
 use quiche::h3::NameValue;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use mimiq_agent::direct::{DirectConnection, DirectError};
 use mimiq_masque::quic::LeftPaths;
-
-use super::{DirectConnection, DirectError};
 
 /// quiche's own example certificate (`quiche/examples/cert.crt`, CN quic.tech, valid until
 /// 2047). Its private key is public: for tests and experiments only, never for a real server.
@@ -1056,7 +1057,9 @@ pub fn client_config(addresses: usize) -> Result<quiche::Config, quiche::Error> 
     c.set_initial_max_stream_data_uni(1_000_000);
     c.set_initial_max_streams_bidi(100);
     c.set_initial_max_streams_uni(100);
-    c.set_active_connection_id_limit(crate::migrate::recommended_active_cid_limit(addresses));
+    c.set_active_connection_id_limit(mimiq_agent::migrate::recommended_active_cid_limit(
+        addresses,
+    ));
     // The test server runs on loopback or in namespaces (round trips well under a millisecond).
     // A new path's RTT is this estimate until its first sample, and a probe is sent again only
     // after a probe timeout of the new path: with quiche's default (333 ms, RFC 9002 §6.2.2)
