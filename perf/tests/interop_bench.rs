@@ -46,10 +46,11 @@ fn the_interop_bench_completes_every_run_against_quiche_and_aioquic_and_writes_i
     assert_eq!(r["summary"]["runs"], 2, "{r}");
     assert_eq!(r["summary"]["runs_completed"], 2, "{r}");
     assert_eq!(r["summary"]["runs_failed"], 0, "{r}");
+    // (How many hops 50 GETs make is a rate of the machine's load; perf/tests/direct_hop.rs
+    // runs GETs until it has the hops it checks.)
     for row in r["rows"].as_array().unwrap() {
         assert_eq!(row["responses"], 50, "{row}");
         assert_eq!(row["hops_failed"], 0, "{row}");
-        assert!(row["hops"].as_u64().unwrap() > 0, "{row}");
     }
     // The same results in the output directory, and the table on stdout.
     assert!(dir.path().join("results.json").exists());
