@@ -1,4 +1,4 @@
-//! Hop strategies (seed 000 §5; issue 7): *when* a connection moves to a new address.
+//! Hop strategies (seed 000 §5): *when* a connection moves to a new address.
 //!
 //! Sans-IO: a [`HopStrategy`] is told about every packet a connection is about to send, with the
 //! caller's clock (`now_ms`), and answers [`Decision::Stay`] or [`Decision::Hop`]. `Hop` means

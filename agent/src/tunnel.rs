@@ -1,4 +1,4 @@
-//! Tunnel mode (seed 000 §3.1 with seed 004; issue 7): the agent is the CONNECT-IP client, all
+//! Tunnel mode (seed 000 §3.1 with seed 004): the agent is the CONNECT-IP client, all
 //! host traffic routed into its TUN device goes through one QUIC connection to the MASQUE proxy,
 //! and that connection hops between the agent's addresses as its [`HopStrategy`] says.
 //!

@@ -1,4 +1,4 @@
-//! The main job (issue 7): MIMIQ end to end in network namespaces. Two clients run
+//! The main job: MIMIQ end to end in network namespaces. Two clients run
 //! `mimiq-agent`: each gets address sets from the allocator through the single box's access
 //! switch (the relay on the gateway's link-local address), puts them on its interface, and
 //! tunnels its traffic (CONNECT-IP) through one QUIC connection to `mimiq-proxy` on the outside

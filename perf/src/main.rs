@@ -94,7 +94,7 @@ enum Bench {
         #[arg(long, default_value = "target/experiments/single-box")]
         out: std::path::PathBuf,
     },
-    /// Seed 000 Figure 3 (issue 7): throughput of one hopping QUIC connection (sequential GETs)
+    /// Seed 000 Figure 3: throughput of one hopping QUIC connection (sequential GETs)
     /// at 0-50 migrations per 100 packets and 10-50 ms RTT (the switch's impair stage), loss
     /// against no migration, and the latency each hop adds (HdrHistogram per RTT). Writes
     /// results.json, results.md, results.csv, figure3.svg and hop-latency-rtt<N>ms.hgrm.
@@ -138,7 +138,7 @@ enum Bench {
         #[arg(long, default_value = "target/experiments/interop")]
         out: std::path::PathBuf,
     },
-    /// The MASQUE proxy (issue 6): overhead per packet from captures, the largest inner packet,
+    /// The MASQUE proxy: overhead per packet from captures, the largest inner packet,
     /// goodput, packets per second and proxy CPU per GB for CONNECT-IP and CONNECT-UDP, next to
     /// the kernel's forwarding between the same namespaces.
     Masque {

@@ -1,4 +1,4 @@
-//! Seed 000 Figure 3, reproduced (issue 7): the throughput of one QUIC connection that hops
+//! Seed 000 Figure 3, reproduced: the throughput of one QUIC connection that hops
 //! between two client addresses at 0, 1, 2, 4, 10, 25 and 50 migrations per 100 packets, at
 //! round-trip times of 10, 20, 30, 40 and 50 ms, and the latency each hop adds.
 //!
