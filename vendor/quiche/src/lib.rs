@@ -8908,10 +8908,10 @@ impl<F: BufFactory> Connection<F> {
                 // every path (short headers carry no source ID).
                 self.ids.retire_scid(seq_num, &hdr.dcid)?;
 
+                // A path left without a source ID is not removed here: as
+                // upstream does, it stays until quiche needs its slot for a
+                // new path (or the application abandons it).
                 for (_, path) in self.paths.iter_mut() {
-                    // XXX: We do not remove unused paths now, we instead wait
-                    // until we need to maintain more paths than the host is
-                    // willing to.
                     if path.active_scid_seq == Some(seq_num) {
                         path.active_scid_seq = None;
                     }
