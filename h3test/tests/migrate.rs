@@ -528,40 +528,84 @@ fn datagrams_sent_before_a_hop_and_delivered_after_it_do_not_break_the_connectio
     assert!(pair.server.local_error().is_none());
 }
 
+/// A client and a server quiche connection on one path, each datagram moved by the test.
+struct Raw {
+    client: quiche::Connection,
+    server: quiche::Connection,
+    to_server: quiche::RecvInfo,
+    to_client: quiche::RecvInfo,
+    _cert: TestCert,
+}
+
+impl Raw {
+    /// Both ends with an `active_connection_id_limit` of 4, before the handshake.
+    fn new() -> Self {
+        let cert = TestCert::new().unwrap();
+        let rng = SystemRandom::new();
+        let server_addr: SocketAddr = SERVER.parse().unwrap();
+        let mut ccfg = quic_config(4);
+        ccfg.verify_peer(false);
+        let mut scfg = quic_config(4);
+        cert.load_into(&mut scfg).unwrap();
+        let cid = random_cid(&rng, 16).unwrap();
+        let client = quiche::connect(
+            Some("quic.tech"),
+            &cid,
+            client_addr(0),
+            server_addr,
+            &mut ccfg,
+        )
+        .unwrap();
+        let cid = random_cid(&rng, 16).unwrap();
+        let server = quiche::accept(&cid, None, server_addr, client_addr(0), &mut scfg).unwrap();
+        Self {
+            client,
+            server,
+            to_server: quiche::RecvInfo {
+                from: client_addr(0),
+                to: server_addr,
+            },
+            to_client: quiche::RecvInfo {
+                from: server_addr,
+                to: client_addr(0),
+            },
+            _cert: cert,
+        }
+    }
+
+    /// Everything either side has to send reaches the other, until both are quiet.
+    fn settle(&mut self) {
+        let mut out = [0u8; 1500];
+        loop {
+            let mut moved = false;
+            while let Ok((len, _)) = self.client.send(&mut out) {
+                let _ = self.server.recv(&mut out[..len], self.to_server);
+                moved = true;
+            }
+            while let Ok((len, _)) = self.server.send(&mut out) {
+                let _ = self.client.recv(&mut out[..len], self.to_client);
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+}
+
 #[test]
 fn a_packet_overtaken_by_hundreds_of_newer_ones_is_still_read() {
     // All paths share one packet number space, so what a slower old path delivers after a
     // hop arrives behind the new path's packets. Upstream quiche takes a packet more than
     // 128 numbers older than the newest for a duplicate and drops it unread; the vendored
     // copy remembers 4096 (vendor/quiche/MIMIQ-PATCH.md).
-    let cert = TestCert::new().unwrap();
-    let rng = SystemRandom::new();
-    let server_addr: SocketAddr = SERVER.parse().unwrap();
-    let (to_server, to_client) = (
-        quiche::RecvInfo {
-            from: client_addr(0),
-            to: server_addr,
-        },
-        quiche::RecvInfo {
-            from: server_addr,
-            to: client_addr(0),
-        },
-    );
-    let mut ccfg = quic_config(4);
-    ccfg.verify_peer(false);
-    let mut scfg = quic_config(4);
-    cert.load_into(&mut scfg).unwrap();
-    let cid = random_cid(&rng, 16).unwrap();
-    let mut client = quiche::connect(
-        Some("quic.tech"),
-        &cid,
-        client_addr(0),
-        server_addr,
-        &mut ccfg,
-    )
-    .unwrap();
-    let cid = random_cid(&rng, 16).unwrap();
-    let mut server = quiche::accept(&cid, None, server_addr, client_addr(0), &mut scfg).unwrap();
+    let Raw {
+        mut client,
+        mut server,
+        to_server,
+        to_client,
+        _cert,
+    } = Raw::new();
     let (mut out, mut sink) = ([0u8; 1500], vec![0u8; 1 << 20]);
     let data = vec![7u8; 1 << 20];
     for _ in 0..100 {
@@ -596,6 +640,64 @@ fn a_packet_overtaken_by_hundreds_of_newer_ones_is_still_read() {
         }
     }
     panic!("no round of 400 packets: the congestion window never grew");
+}
+
+#[test]
+fn a_connection_id_retired_while_its_advertisement_is_queued_again_costs_no_send() {
+    // The server's NEW_CONNECTION_ID reaches the client, but the packet carrying it is
+    // declared lost (three later packets are acknowledged first), so quiche queues the ID
+    // for advertising again; the client retires that ID before it goes out again. Upstream
+    // quiche then failed every send of the connection with InvalidState
+    // (vendor/quiche/MIMIQ-PATCH.md, the first fix).
+    let mut raw = Raw::new();
+    raw.settle();
+    assert!(raw.client.is_established() && raw.server.is_established());
+    let (mut out, mut sink) = ([0u8; 1500], [0u8; 64]);
+    let rng = SystemRandom::new();
+    let seq = raw
+        .server
+        .new_scid(&random_cid(&rng, 16).unwrap(), 7, false)
+        .unwrap();
+    let (len, _) = raw.server.send(&mut out).unwrap();
+    let mut advertised = out[..len].to_vec();
+    for _ in 0..3 {
+        raw.server.send_ack_eliciting().unwrap();
+        let (len, _) = raw.server.send(&mut out).unwrap();
+        raw.client.recv(&mut out[..len], raw.to_client).unwrap();
+    }
+    // The client's acknowledgement of the three later packets, then the late packet.
+    let mut to_server = Vec::new();
+    while let Ok((len, _)) = raw.client.send(&mut out) {
+        to_server.push(out[..len].to_vec());
+    }
+    assert!(!to_server.is_empty(), "the client acknowledges");
+    raw.client.recv(&mut advertised, raw.to_client).unwrap();
+    assert_eq!(raw.client.available_dcids(), 1, "the client has the new ID");
+    raw.client.retire_dcid(seq).unwrap();
+    while let Ok((len, _)) = raw.client.send(&mut out) {
+        to_server.push(out[..len].to_vec());
+    }
+    for mut p in to_server {
+        raw.server.recv(&mut p, raw.to_server).unwrap();
+    }
+    assert!(
+        raw.server.stats().lost >= 1,
+        "the advertising packet was declared lost: {:?}",
+        raw.server.stats()
+    );
+    match raw.server.send(&mut out) {
+        Ok(_) | Err(quiche::Error::Done) => {}
+        Err(e) => panic!("the server cannot send: {e:?}"),
+    }
+    // And the connection carries data both ways.
+    raw.settle();
+    raw.client.stream_send(0, b"ping", true).unwrap();
+    raw.settle();
+    assert_eq!(raw.server.stream_recv(0, &mut sink), Ok((4, true)));
+    raw.server.stream_send(0, b"pong", true).unwrap();
+    raw.settle();
+    assert_eq!(raw.client.stream_recv(0, &mut sink), Ok((4, true)));
+    assert!(raw.server.local_error().is_none() && raw.client.local_error().is_none());
 }
 
 #[test]
