@@ -753,6 +753,38 @@ fn a_peer_that_answers_a_probe_with_the_old_paths_id_then_retires_it_costs_no_co
 }
 
 #[test]
+fn a_hop_back_to_an_address_just_left_is_not_forgotten_under_its_probe() {
+    // Against a server that forgets paths, the client forgets the paths it left too, after
+    // four of their round trips at the least (no minimum here). A hop back to an address
+    // left a moment ago probes that path again: forgetting it then would drop the probe and
+    // its PATH_RESPONSE, and the hop would wait for its next probe.
+    let config = MigrationConfig {
+        forget_after_min_ms: 0,
+        server_forgets_paths: true,
+        ..MigrationConfig::default()
+    };
+    let mut pair = Pair::new(false, config);
+    pair.server_left = Some(LeftPaths::at_once());
+    let (a, b) = (client_addr(0), client_addr(1));
+    for to in [b, a] {
+        pair.client.request_hop(to, Instant::now()).unwrap();
+        // Past four round trips of the path just left (microseconds in memory).
+        std::thread::sleep(Duration::from_millis(2));
+        while pair.client.hop_in_progress().is_some() {
+            pair.exchange(&mut |_| {});
+        }
+        assert_eq!(pair.client.local_addr(), to, "{:?}", pair.client.stats());
+    }
+    let stats = pair.client.stats();
+    assert_eq!(stats.hops_completed, 2, "{stats:?}");
+    assert_eq!(
+        stats.probes_resent, 0,
+        "the first probe was answered: {stats:?}"
+    );
+    assert_eq!(stats.paths_returned, 1, "{stats:?}");
+}
+
+#[test]
 fn a_lost_path_response_is_probed_for_again_and_the_hop_completes() {
     let mut pair = Pair::new(false, MigrationConfig::default());
     let to = client_addr(1);

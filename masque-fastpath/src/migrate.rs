@@ -47,9 +47,11 @@
 //!   there because datagrams sent just before the hop can arrive after the RETIRE_CONNECTION_ID
 //!   (the kernel reorders datagrams of different sockets): the peer drops what comes with a
 //!   retired CID (upstream quiche closed the connection for it; the vendored one drops and
-//!   counts it), so the wait keeps those datagrams from being lost. A hop back within the wait uses the path (and its CID)
-//!   again, from the same address (allowed: RFC 9000 §9.5 forbids one CID from two addresses, not
-//!   twice from one).
+//!   counts it), so the wait keeps those datagrams from being lost. A hop back within the wait
+//!   uses the path (and its CID) again, from the same address (allowed: RFC 9000 §9.5 forbids one
+//!   CID from two addresses, not twice from one), and takes it off the list to forget
+//!   ([`LeftPaths::reuse`]): forgotten under the probe, it dropped the PATH_RESPONSE and the hop
+//!   waited for its next probe.
 //! - The server side: `mimiq-proxy` forgets the paths a client left too (the same `LeftPaths`),
 //!   so it never sends one client CID to two client addresses and keeps accepting new ones. A
 //!   stock quiche server keeps a path, and one of the client's CIDs, per client address for the
@@ -217,7 +219,7 @@ pub struct MigrationStats {
     pub scids_issued: u64,
     /// Paths left and forgotten (their destination CIDs retired).
     pub paths_forgotten: u64,
-    /// Paths left that the connection came back to before they were forgotten.
+    /// Paths left that the connection came back to, or probed again, before they were forgotten.
     pub paths_returned: u64,
 }
 
@@ -604,6 +606,7 @@ impl Migrator {
             return;
         }
         if let PendingState::AwaitingIds = pending.state {
+            self.left.reuse(pending.to, self.peer);
             match self.conn.probe_path(pending.to, self.peer) {
                 Ok(_dcid_seq) => {
                     // Only a stock server's path budget needs the list (a server that forgets

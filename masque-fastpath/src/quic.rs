@@ -422,7 +422,16 @@ impl LeftPaths {
         forgotten
     }
 
-    /// Paths left that became active again before they were forgotten.
+    /// The connection probes a path it left and has not forgotten yet (a hop back to an address
+    /// used shortly before): it is no longer one to forget, since forgetting it under the probe
+    /// drops the PATH_RESPONSE and the hop waits for its next probe. Counted as returned.
+    pub fn reuse(&mut self, local: SocketAddr, peer: SocketAddr) {
+        let before = self.left.len();
+        self.left.retain(|l| (l.local, l.peer) != (local, peer));
+        self.returned += (before - self.left.len()) as u64;
+    }
+
+    /// Paths left that became active again, or were probed again, before they were forgotten.
     pub fn returned(&self) -> u64 {
         self.returned
     }
