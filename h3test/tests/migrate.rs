@@ -785,6 +785,34 @@ fn a_hop_back_to_an_address_just_left_is_not_forgotten_under_its_probe() {
 }
 
 #[test]
+fn a_server_that_forgets_a_path_at_once_answers_the_probe_of_a_client_coming_back() {
+    // The client moves to b and, in the same burst, probes a again. The server sees both
+    // before it forgets the path left (a): forgetting it there dropped the probe's
+    // PATH_RESPONSE (RFC 9000 §8.2.2 requires one), and the hop waited for its next probe.
+    let mut pair = Pair::new(false, MigrationConfig::default());
+    pair.server_left = Some(LeftPaths::at_once());
+    let (a, b) = (client_addr(0), client_addr(1));
+    pair.client.request_hop(b, Instant::now()).unwrap();
+    let mut back = |p: &mut Pair| {
+        if p.client.local_addr() == b && p.client.hop_in_progress().is_none() {
+            let _ = p.client.request_hop(a, Instant::now());
+        }
+    };
+    let started = Instant::now();
+    while pair.client.stats().hops_completed < 2 {
+        assert!(started.elapsed() < Duration::from_secs(10), "no second hop");
+        pair.exchange(&mut back);
+    }
+    let stats = pair.client.stats();
+    assert_eq!(pair.client.local_addr(), a);
+    assert_eq!(stats.hops_completed, 2, "{stats:?}");
+    assert_eq!(
+        stats.probes_resent, 0,
+        "the first probe was answered: {stats:?}"
+    );
+}
+
+#[test]
 fn a_lost_path_response_is_probed_for_again_and_the_hop_completes() {
     let mut pair = Pair::new(false, MigrationConfig::default());
     let to = client_addr(1);

@@ -7843,8 +7843,9 @@ impl<F: BufFactory> Connection<F> {
     /// Without `force`, returns [`Done`] while the path still has bytes in
     /// flight or lost frames to retransmit; with `force`, those frames are
     /// queued for retransmission on the active path and the path goes at
-    /// once. Returns [`InvalidState`] for the active path or an unknown
-    /// 4-tuple.
+    /// once. Forced or not, returns [`Done`] while a PATH_CHALLENGE received
+    /// on the path waits for its PATH_RESPONSE. Returns [`InvalidState`] for
+    /// the active path or an unknown 4-tuple.
     ///
     /// [`Done`]: enum.Error.html#variant.Done
     /// [`InvalidState`]: enum.Error.html#variant.InvalidState
@@ -7858,6 +7859,12 @@ impl<F: BufFactory> Connection<F> {
         let path = self.paths.get(pid)?;
         if path.active() {
             return Err(Error::InvalidState);
+        }
+        // The peer probes the path (it may be coming back to an address it
+        // left): RFC 9000 Section 8.2.2 requires the PATH_RESPONSE, forced or
+        // not. Abandoned first, the probe went unanswered.
+        if path.challenge_unanswered() {
+            return Err(Error::Done);
         }
         let busy = path.recovery.bytes_in_flight() > 0 ||
             path.recovery.has_lost_frames(packet::Epoch::Application);

@@ -364,6 +364,12 @@ impl Path {
 
     /// Returns whether the path requires sending a probing packet.
     #[inline]
+    /// Whether a PATH_CHALLENGE received on this path still waits for its
+    /// PATH_RESPONSE (MIMIQ patch).
+    pub fn challenge_unanswered(&self) -> bool {
+        !self.received_challenges.is_empty()
+    }
+
     pub fn probing_required(&self) -> bool {
         !self.received_challenges.is_empty() || self.validation_requested()
     }
