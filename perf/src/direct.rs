@@ -7,10 +7,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mimiq_agent::direct::{DirectConfig, DirectConnection, DirectControl, DirectStats};
 use mimiq_agent::migrate::{LatencySummary, MigrationConfig, MigrationStats};
@@ -212,12 +212,15 @@ pub struct ClientRun {
 }
 
 /// Runs `gets` on `cli` over one connection bound to all of its `locals`, handing the
-/// connection's control handle and bound addresses to `control` first. An error says why the
-/// run stopped, with the connection's state.
+/// connection's control handle and bound addresses to `control` once it is established; with
+/// `start`, the GETs
+/// begin once it says so (or is dropped). An error says why the run stopped, with the
+/// connection's state.
 pub fn run_gets_in(
     tb: &Testbed,
     gets: Gets,
     control: Option<Sender<(DirectControl, Vec<SocketAddr>)>>,
+    start: Option<Receiver<()>>,
 ) -> Result<ClientRun, String> {
     tb.run_in("cli", move || {
         let mut quic = client_config(gets.locals.len()).map_err(|e| e.to_string())?;
@@ -236,7 +239,23 @@ pub fn run_gets_in(
         )
         .map_err(|e| format!("sockets on every client address: {e}"))?;
         if let Some(control) = control {
+            // Handed over once the connection is up: a hop asked for before is refused.
+            let up = Instant::now();
+            while !direct.connection().is_established() {
+                if direct.connection().is_closed() || up.elapsed() > Duration::from_secs(10) {
+                    return Err(format!(
+                        "no handshake: {:?}",
+                        direct.connection().peer_error()
+                    ));
+                }
+                direct
+                    .poll(Duration::from_millis(20))
+                    .map_err(|e| e.to_string())?;
+            }
             let _ = control.send((direct.control(), direct.local_addrs()));
+        }
+        if let Some(start) = start {
+            let _ = start.recv_timeout(Duration::from_secs(30));
         }
         let deadline = Duration::from_secs(120);
         let report = run_gets_until_hops(

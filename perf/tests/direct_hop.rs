@@ -7,7 +7,7 @@
 //! a process in its host.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
 
 use mimiq_agent::direct::DirectControl;
@@ -34,7 +34,7 @@ fn client_run(
     sizes: Vec<u64>,
     min_hops: u64,
 ) -> Result<ClientRun, String> {
-    client_run_with(tb, locals, server, strategy, sizes, min_hops, None)
+    client_run_with(tb, locals, server, strategy, sizes, min_hops, None, None)
 }
 
 /// [`client_run`], handing the connection's control handle and bound addresses to `control`.
@@ -46,6 +46,7 @@ fn client_run_with(
     sizes: Vec<u64>,
     min_hops: u64,
     control: Option<Sender<(DirectControl, Vec<SocketAddr>)>>,
+    start: Option<Receiver<()>>,
 ) -> Result<ClientRun, String> {
     let gets = Gets {
         locals,
@@ -55,7 +56,7 @@ fn client_run_with(
         sizes,
         min_hops,
     };
-    run_gets_in(tb, gets, control)
+    run_gets_in(tb, gets, control, start)
 }
 
 #[test]
@@ -255,6 +256,9 @@ fn a_server_that_disables_active_migration_gets_no_hop_and_the_transfer_complete
 
 /// Starts `sizes` GETs on `cli` bound to `order` (the connection starts on the first), and
 /// runs `during` on the test thread with the connection's control handle and bound addresses.
+/// Runs GETs while `during` acts on the connection from another thread; with
+/// `gets_after_during`, the GETs start only once `during` is done (what it does must happen
+/// before the run can end, however fast the GETs go), otherwise at once beside it.
 fn run_with_control(
     tb: &Testbed,
     order: Vec<SocketAddr>,
@@ -262,16 +266,32 @@ fn run_with_control(
     strategy: HopStrategyConfig,
     sizes: Vec<u64>,
     min_hops: u64,
+    gets_after_during: bool,
     during: impl FnOnce(DirectControl, Vec<SocketAddr>) + Send,
 ) -> Result<ClientRun, String> {
     let (tx, rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
-        let client =
-            scope.spawn(|| client_run_with(tb, order, server, strategy, sizes, min_hops, Some(tx)));
+        let client = scope.spawn(|| {
+            client_run_with(
+                tb,
+                order,
+                server,
+                strategy,
+                sizes,
+                min_hops,
+                Some(tx),
+                Some(go_rx),
+            )
+        });
         let (control, bound) = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("the client connected");
+        if !gets_after_during {
+            let _ = go_tx.send(());
+        }
         during(control, bound);
+        let _ = go_tx.send(());
         client.join().expect("client thread")
     })
 }
@@ -296,8 +316,9 @@ fn an_address_withdrawn_then_removed_after_a_drain_is_left_and_the_gets_complete
         },
         sizes(1_000),
         100,
+        false,
         |control, bound| {
-            // At once, as above (no pause: the GETs may be over first).
+            // Beside the GETs (100 hops keep them going).
             // The agent's sequence when an address expires: withdraw it (the connection
             // leaves), then remove it from the host after a drain period (t_remove).
             let addr = bound.iter().copied().find(|a| a.ip() == gone).unwrap();
@@ -345,9 +366,9 @@ fn a_hop_to_an_address_already_gone_from_the_host_fails_and_the_address_is_withd
         HopStrategyConfig::Never {},
         sizes(1_000),
         0,
+        // Before the GETs: they may be over before `ip` has run (a loaded host).
+        true,
         |control, bound| {
-            // At once: the connection is up, and the optimised run of GETs may be over in
-            // less than 150 ms (an earlier pause found the connection already closed).
             let cidr = format!("{gone}/24");
             tb.exec_ok("cli", &["ip", "addr", "del", &cidr, "dev", "eth0"])
                 .expect("ip addr del");

@@ -245,7 +245,7 @@ fn one_run(
     let result = match server {
         "aioquic" => {
             let srv = AioquicServer::start(&mut tb, addr)?;
-            let result = run_gets_in(&tb, gets, None);
+            let result = run_gets_in(&tb, gets, None, None);
             srv.finish()?;
             result
         }
@@ -255,7 +255,7 @@ fn one_run(
                 ..H3ServerConfig::default()
             };
             let srv = QuicheServer::start(&tb, addr, config)?;
-            let result = run_gets_in(&tb, gets, None);
+            let result = run_gets_in(&tb, gets, None, None);
             srv.finish()?;
             result
         }
