@@ -1020,26 +1020,7 @@ fn check_alive(
     Ok(())
 }
 
-/// Why a closed connection closed, for error messages.
-pub fn close_reason(conn: &quiche::Connection) -> String {
-    let describe = |side: &str, e: &quiche::ConnectionError| {
-        format!(
-            "{side} {} error 0x{:x} {:?}",
-            if e.is_app { "application" } else { "transport" },
-            e.error_code,
-            String::from_utf8_lossy(&e.reason)
-        )
-    };
-    if let Some(e) = conn.local_error() {
-        describe("local", e)
-    } else if let Some(e) = conn.peer_error() {
-        describe("peer", e)
-    } else if conn.is_timed_out() {
-        "idle timeout".to_string()
-    } else {
-        "closed".to_string()
-    }
-}
+pub use mimiq_masque::quic::close_reason;
 
 /// A quiche client config for [`run_gets`] against [`H3Server`]: h3 ALPN, the server's
 /// flow-control windows, certificate verification off (the test identity), and a CID limit

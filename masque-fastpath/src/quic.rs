@@ -256,6 +256,95 @@ pub fn probe_retry_after(conn: &quiche::Connection, min: Duration) -> Duration {
     (rtt * 3).max(min)
 }
 
+/// Keeps a quiet connection alive: an ack-eliciting packet (a PING when nothing else is due)
+/// once a third of the idle timeout has passed without a packet from the peer. The idle timeout
+/// is the lesser of both ends' `max_idle_timeout` (RFC 9000 §10.1); the peer's answer restarts
+/// both idle timers.
+//= https://www.rfc-editor.org/rfc/rfc9000#section-10.1.2
+//# An endpoint that sends packets close to the effective timeout risks having them be
+//# discarded at the peer, since the idle timeout period might have expired at the peer
+//# before these packets arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepAlive {
+    local_idle: Duration,
+    last_recv: usize,
+    quiet_since: Instant,
+    sent: u64,
+}
+
+impl KeepAlive {
+    /// For a connection configured with `local_idle` as its `max_idle_timeout` (zero: none).
+    pub fn new(local_idle: Duration, now: Instant) -> Self {
+        Self {
+            local_idle,
+            last_recv: 0,
+            quiet_since: now,
+            sent: 0,
+        }
+    }
+
+    /// How long the peer may stay quiet before a keep-alive goes out; `None` when neither end
+    /// has an idle timeout.
+    pub fn interval(&self, conn: &quiche::Connection) -> Option<Duration> {
+        let peer = conn.peer_transport_params().map_or(Duration::ZERO, |p| {
+            Duration::from_millis(p.max_idle_timeout)
+        });
+        [self.local_idle, peer]
+            .into_iter()
+            .filter(|d| !d.is_zero())
+            .min()
+            .map(|idle| idle / 3)
+    }
+
+    /// Call once per turn of the event loop; queues a keep-alive when one is due and says so.
+    pub fn on_tick(&mut self, conn: &mut quiche::Connection, now: Instant) -> bool {
+        let recv = conn.stats().recv;
+        if recv != self.last_recv {
+            self.last_recv = recv;
+            self.quiet_since = now;
+            return false;
+        }
+        if !conn.is_established() || conn.is_closed() {
+            return false;
+        }
+        match self.interval(conn) {
+            Some(i) if now.saturating_duration_since(self.quiet_since) >= i => {
+                self.quiet_since = now;
+                self.sent += 1;
+                conn.send_ack_eliciting().is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Keep-alives queued so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+}
+
+/// Why a connection closed, in one line: the error either end gave (code and reason), or the
+/// idle timeout.
+pub fn close_reason(conn: &quiche::Connection) -> String {
+    let describe = |side: &str, e: &quiche::ConnectionError| {
+        format!(
+            "{side} {} error 0x{:x} {:?}",
+            if e.is_app { "application" } else { "transport" },
+            e.error_code,
+            String::from_utf8_lossy(&e.reason)
+        )
+    };
+    if let Some(e) = conn.local_error() {
+        describe("local", e)
+    } else if let Some(e) = conn.peer_error() {
+        describe("peer", e)
+    } else if conn.is_timed_out() {
+        "idle timeout".to_string()
+    } else {
+        "closed".to_string()
+    }
+}
+
 /// Lower-case hex of a byte string (connection IDs in logs and file names).
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()

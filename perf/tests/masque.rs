@@ -323,3 +323,59 @@ fn missing_or_wrong_tokens_get_407_and_403_and_no_tunnel() {
     assert_eq!(s["sessions_ip"], 1, "{s}");
     stop_client(&mut ok).unwrap();
 }
+
+#[test]
+fn an_idle_tunnel_is_kept_alive_and_a_lost_one_ends_the_client_with_an_error() {
+    require_root();
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The proxy's idle timeout is the connection's (the lesser of both ends'): 1.5 s.
+    let proxy = ProxyProc::start(
+        &mut tb,
+        "p",
+        dir.path(),
+        "0.0.0.0:4433",
+        "[quic]\nidle_timeout_ms = 1500\n",
+    )
+    .unwrap();
+    let url = proxy_url();
+    let (mut client, _) = start_client(
+        &mut tb,
+        "c",
+        &[
+            "ip",
+            "--proxy",
+            &url,
+            "--bind",
+            addr::CLIENT_V4[0],
+            "--tun",
+            "mq0",
+        ],
+    )
+    .unwrap();
+    // Quiet for three idle timeouts: only the keep-alives (one per half second) cross.
+    let quiet = std::time::Instant::now();
+    while quiet.elapsed() < Duration::from_millis(4_500) {
+        assert!(
+            client.try_status().is_none(),
+            "the client exited while idle: {}",
+            client.describe()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ping(&tb, "c", addr::SERVER_V4, 3).unwrap_or_else(|e| panic!("{e}; {}", client.describe()));
+    // The proxy dies without a word: the client's keep-alives go unanswered, the idle timeout
+    // ends the connection, and the client exits non-zero with one line saying so.
+    proxy.proc.signal(libc::SIGKILL);
+    let status = client
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the client outlived its tunnel: {}", client.describe()));
+    assert!(!status.success(), "{status}; {}", client.describe());
+    let err = client.stderr();
+    assert!(
+        err.lines()
+            .any(|l| l.contains("tunnel lost") && l.contains("idle timeout")),
+        "{err}"
+    );
+}

@@ -124,6 +124,8 @@ pub struct ClientStats {
     pub tx_unroutable: u64,
     /// Passes where quiche's `send` failed with an error other than `Done` (nothing was sent).
     pub quic_send_errors: u64,
+    /// Keep-alives sent on a quiet connection (`quic::KeepAlive`).
+    pub keepalives: u64,
     /// Assigned addresses.
     pub addresses: Vec<String>,
     /// Tunnel MTU: CONNECT-IP, the TUN device's (`quic::tunnel_mtu`, which the proxy enforces
@@ -270,6 +272,10 @@ impl Client {
         let started = Instant::now();
         let mut ready = false;
         let mut pollfds: Vec<libc::pollfd> = Vec::new();
+        let mut keepalive = quic::KeepAlive::new(
+            Duration::from_millis(self.cfg.quic.idle_timeout_ms),
+            started,
+        );
         self.flush();
         while !stop.load(Ordering::Relaxed) {
             if self.mig.connection().is_closed() {
@@ -315,6 +321,9 @@ impl Client {
             self.recv_quic()?;
             // quiche's timers and the hop's deadline and probe retry (each only when due).
             self.mig.on_timeout(Instant::now());
+            if keepalive.on_tick(self.mig.connection_mut(), Instant::now()) {
+                self.stats.keepalives = keepalive.sent();
+            }
             self.on_quic_events()?;
             if !ready && self.tunnel_ready() {
                 self.setup_local()?;
@@ -334,6 +343,13 @@ impl Client {
         if !self.mig.connection().is_closed() {
             let _ = self.mig.connection_mut().close(true, 0x100, b"client done");
             self.flush();
+        } else if ready && !stop.load(Ordering::Relaxed) {
+            // The tunnel was up and ended without being asked to.
+            return Err(ClientError::Connection(format!(
+                "tunnel lost after {:.1} s: {}",
+                started.elapsed().as_secs_f64(),
+                quic::close_reason(self.mig.connection())
+            )));
         }
         if let Some(e) = self.mig.connection().peer_error() {
             if !ready {
