@@ -155,8 +155,14 @@ pub enum AllocError {
 pub enum AllocEvent {
     /// An allocation arrived and was added to the set.
     Allocated {
-        /// The addresses and their lifetimes from the reply's arrival.
+        /// The addresses and their lifetimes, counted from `requested_ms`.
         addrs: Vec<(IpAddr, Duration)>,
+        /// When the request was sent (ms, the caller's clock). The allocator started each
+        /// lifetime somewhere between then and the reply's arrival; counting from the request
+        /// means the agent never uses an address past the allocator's expiry, however long the
+        /// reply took (the allocator hands it out again `t_remove` after that expiry, seed 000
+        /// §3.3).
+        requested_ms: u64,
         /// The gateway the allocator named.
         gateway: IpAddr,
         /// It answered a request that had already timed out.
@@ -211,7 +217,7 @@ pub struct AllocDriver {
     rng: Csprng,
     jitter: SplitMix64,
     in_flight: Option<(PendingRequest, u64)>,
-    late: VecDeque<PendingRequest>,
+    late: VecDeque<(PendingRequest, u64)>,
     releases: VecDeque<(PendingRelease, u64)>,
     failures: u32,
     retry_at_ms: u64,
@@ -298,7 +304,7 @@ impl AllocDriver {
                 if self.late.len() == LATE_REPLIES_KEPT {
                     self.late.pop_front();
                 }
-                self.late.push_back(pending);
+                self.late.push_back((pending, sent_ms));
                 self.counters.unreachable_total += 1;
                 let error = AllocError::Unreachable {
                     gateway: self.gateway,
@@ -424,14 +430,14 @@ impl AllocDriver {
         set: &mut AddressSet,
         events: &mut Vec<AllocEvent>,
     ) {
-        if let Some((pending, _)) = self.in_flight {
+        if let Some((pending, sent_ms)) = self.in_flight {
             if let Some(outcome) = pending.accept(datagram) {
                 self.in_flight = None;
                 match outcome {
                     Ok(allocation) => {
                         self.failures = 0;
                         self.retry_at_ms = 0;
-                        events.push(self.allocated(now_ms, allocation, set, false));
+                        events.push(self.allocated(sent_ms, allocation, set, false));
                     }
                     Err(e) => {
                         self.count_client_error(&e);
@@ -448,12 +454,16 @@ impl AllocDriver {
                 return;
             }
         }
-        if let Some(i) = self.late.iter().position(|p| p.accept(datagram).is_some()) {
-            if let Some(pending) = self.late.remove(i) {
+        if let Some(i) = self
+            .late
+            .iter()
+            .position(|(p, _)| p.accept(datagram).is_some())
+        {
+            if let Some((pending, sent_ms)) = self.late.remove(i) {
                 // A refusal of a request already given up on changes nothing.
                 if let Some(Ok(allocation)) = pending.accept(datagram) {
                     self.counters.late_replies_total += 1;
-                    events.push(self.allocated(now_ms, allocation, set, true));
+                    events.push(self.allocated(sent_ms, allocation, set, true));
                 }
             }
             return;
@@ -474,7 +484,7 @@ impl AllocDriver {
 
     fn allocated(
         &mut self,
-        now_ms: u64,
+        requested_ms: u64,
         allocation: mimiq_allocator::client::Allocation,
         set: &mut AddressSet,
         late: bool,
@@ -482,8 +492,9 @@ impl AllocDriver {
         self.counters.allocations_total += 1;
         self.counters.addresses_total += allocation.addrs.len() as u64;
         self.last_gateway = Some(allocation.gateway);
-        set.add_allocation(now_ms, &allocation.addrs);
+        set.add_allocation(requested_ms, &allocation.addrs);
         AllocEvent::Allocated {
+            requested_ms,
             addrs: allocation.addrs,
             gateway: allocation.gateway,
             late,
@@ -741,6 +752,7 @@ mod tests {
             addrs,
             gateway,
             late,
+            requested_ms,
         } = &events[0]
         else {
             panic!("{events:?}")
@@ -748,7 +760,10 @@ mod tests {
         assert_eq!(addrs.len(), 3);
         assert!(!late);
         assert_eq!(*gateway, "10.0.0.1".parse::<IpAddr>().unwrap());
+        // The reply arrived at 10 ms; the lifetimes (10 s) count from the request, at 0.
+        assert_eq!(*requested_ms, 0);
         let held: Vec<IpAddr> = set.addresses().map(|(a, _)| a).collect();
+        assert!(set.addresses().all(|(_, expires_ms)| expires_ms == 10_000));
         assert_eq!(held.len(), 3);
         assert!(!held.contains(&IpAddr::V4(Ipv4Addr::new(10, 0, 0, 66))));
         assert_eq!(set.usable_count(10), 3);
@@ -758,7 +773,7 @@ mod tests {
             (1, 1, 3)
         );
         assert!(!driver.request_in_flight());
-        // Set full: nothing more is asked until the refill lead (expiry 10,010 − margin − lead).
+        // Set full: nothing more is asked until the refill lead (expiry 10,000 − margin − lead).
         assert!(driver.poll(6_000, &mut set).is_empty());
         assert!(gw.nothing_sent());
         driver.poll(7_010, &mut set);

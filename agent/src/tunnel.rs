@@ -484,12 +484,20 @@ impl TunnelState {
         if let Some(alloc) = self.alloc.as_mut() {
             for ev in alloc.poll(now_ms, &mut self.set) {
                 match ev {
-                    AllocEvent::Allocated { addrs, gateway, .. } => {
+                    AllocEvent::Allocated {
+                        addrs,
+                        gateway,
+                        requested_ms,
+                        ..
+                    } => {
                         self.report.addresses_allocated += addrs.len() as u64;
                         tracing::info!("allocated {} addresses", addrs.len());
                         let now_unix = unix_ms();
+                        // Lifetimes count from the request (AllocEvent::Allocated).
+                        let requested_unix =
+                            now_unix.saturating_sub(now_ms.saturating_sub(requested_ms));
                         for (a, life) in &addrs {
-                            let until = now_unix.saturating_add(
+                            let until = requested_unix.saturating_add(
                                 u64::try_from(life.as_millis()).unwrap_or(u64::MAX),
                             );
                             self.log_address(&format!("{now_unix},allocated,{a},{until}\n"));
