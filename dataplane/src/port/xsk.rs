@@ -127,6 +127,10 @@ pub struct XskPort {
     _program: Arc<XdpProgram>,
 }
 
+/// How long a busy queue is retried at start: the kernel releases the socket of a process that
+/// exited shortly after it exits.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Opens one socket per `(interface, queue)` on a shared UMEM. Returns the ports, the UMEM, and
 /// the frames not yet given to the kernel (the worker's initial free list).
 pub fn open(
@@ -202,10 +206,22 @@ pub fn open(
             .map_err(|_| OpenError::NoSuchInterface(iface.clone()))?;
         // Our own XDP program feeds the sockets (libxdp's default one is inhibited above).
         let program = xdp_prog::attach(iface, config.xdp_mode, &config.kernel_pass)?;
-        // SAFETY: `umem` outlives the socket (each queue holds a clone of it), and the frames
-        // handed to the socket's rings below follow the module's ownership invariant.
-        let created = unsafe { Socket::new(socket_config, &umem, &ifname, *queue) };
-        let (tx, rx, rings) = created.map_err(|e| bind_error(iface, *queue, config, e))?;
+        // A queue whose last socket belonged to a process that just exited (a restart) stays
+        // busy until the kernel has released that socket, a moment later: retried for up to
+        // BUSY_WAIT; a queue still busy after that has another owner.
+        let busy_since = std::time::Instant::now();
+        let (tx, rx, rings) = loop {
+            // SAFETY: `umem` outlives the socket (each queue holds a clone of it), and the
+            // frames handed to the socket's rings below follow the module's ownership invariant.
+            let created = unsafe { Socket::new(socket_config, &umem, &ifname, *queue) };
+            match created.map_err(|e| bind_error(iface, *queue, config, e)) {
+                Ok(sockets) => break sockets,
+                Err(OpenError::Busy { .. }) if busy_since.elapsed() < BUSY_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         program.register_socket(*queue, rx.fd().as_raw_fd())?;
         if let Some(budget) = config.busy_poll_budget {
             prefer_busy_poll(rx.fd().as_raw_fd(), budget).map_err(|e| OpenError::Bind {
