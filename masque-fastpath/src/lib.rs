@@ -38,7 +38,6 @@ pub mod capsule;
 pub mod client;
 pub mod datagram;
 pub mod migrate;
-/// Host network configuration over rtnetlink: links, addresses, routes (synchronous handle).
 pub mod netcfg;
 pub mod quic;
 pub mod request;
