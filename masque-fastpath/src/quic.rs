@@ -269,6 +269,10 @@ pub struct KeepAlive {
     local_idle: Duration,
     last_recv: usize,
     quiet_since: Instant,
+    /// The connection is looked at no more often than half an interval (the event loop turns
+    /// once per burst; quiche's counters are not free): a keep-alive goes out between one and
+    /// one and a half intervals after the last packet received, inside the idle timeout.
+    next_look: Instant,
     sent: u64,
 }
 
@@ -279,6 +283,7 @@ impl KeepAlive {
             local_idle,
             last_recv: 0,
             quiet_since: now,
+            next_look: now,
             sent: 0,
         }
     }
@@ -298,6 +303,13 @@ impl KeepAlive {
 
     /// Call once per turn of the event loop; queues a keep-alive when one is due and says so.
     pub fn on_tick(&mut self, conn: &mut quiche::Connection, now: Instant) -> bool {
+        if now < self.next_look {
+            return false;
+        }
+        self.next_look = now
+            + self
+                .interval(conn)
+                .map_or(Duration::from_secs(1), |i| i / 2);
         let recv = conn.stats().recv;
         if recv != self.last_recv {
             self.last_recv = recv;
