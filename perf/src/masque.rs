@@ -165,6 +165,22 @@ pub fn start_client(tb: &mut Testbed, host: &str, args: &[&str]) -> Result<(Proc
     Ok((proc, line))
 }
 
+/// [`start_client`] for the common case: `client ip` on host `c`, bound to the client's first
+/// IPv4 address, to the proxy at its IPv4 address, port 4433, with the TUN device `mq0`.
+pub fn start_ip_client(tb: &mut Testbed) -> Result<(Proc, String), String> {
+    let url = format!("{}:4433", addr::PROXY_V4);
+    let args = [
+        "ip",
+        "--proxy",
+        &url,
+        "--bind",
+        addr::CLIENT_V4[0],
+        "--tun",
+        "mq0",
+    ];
+    start_client(tb, "c", &args)
+}
+
 /// Starts `mimiq-agent run --config <config>` on `host` and waits for its `ready` line (the
 /// tunnel is up); returns the process and that line.
 pub fn start_agent(tb: &mut Testbed, host: &str, config: &Path) -> Result<(Proc, String), String> {

@@ -5,7 +5,7 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use mimiq_perf::masque::{self, addr, start_client, stop_client, ProxyProc};
+use mimiq_perf::masque::{self, addr, start_client, start_ip_client, stop_client, ProxyProc};
 use mimiq_perf::testbed::{require_root, Testbed};
 use mimiq_perf::traffic::{iperf3, iperf3_with, ping};
 
@@ -24,21 +24,7 @@ fn connect_ip_carries_ping_and_iperf3_tcp_and_udp_over_ipv4_and_ipv6() {
     // Without the tunnel the server is unreachable.
     assert!(ping(&tb, "c", addr::SERVER_V4, 1).is_err());
 
-    let url = proxy_url();
-    let (mut client, ready) = start_client(
-        &mut tb,
-        "c",
-        &[
-            "ip",
-            "--proxy",
-            &url,
-            "--bind",
-            addr::CLIENT_V4[0],
-            "--tun",
-            "mq0",
-        ],
-    )
-    .unwrap();
+    let (mut client, ready) = start_ip_client(&mut tb).unwrap();
     // One IPv4 and one IPv6 address from the pools (the first hosts after the ICMP source).
     assert!(ready.contains("198.18.200.2/32"), "{ready}");
     assert!(ready.contains("fd00:200::2/128"), "{ready}");
@@ -339,21 +325,7 @@ fn an_idle_tunnel_is_kept_alive_and_a_lost_one_ends_the_client_with_an_error() {
         "[quic]\nidle_timeout_ms = 1500\n",
     )
     .unwrap();
-    let url = proxy_url();
-    let (mut client, _) = start_client(
-        &mut tb,
-        "c",
-        &[
-            "ip",
-            "--proxy",
-            &url,
-            "--bind",
-            addr::CLIENT_V4[0],
-            "--tun",
-            "mq0",
-        ],
-    )
-    .unwrap();
+    let (mut client, _) = start_ip_client(&mut tb).unwrap();
     // Quiet for three idle timeouts: only the keep-alives (one per half second) cross.
     let quiet = std::time::Instant::now();
     while quiet.elapsed() < Duration::from_millis(4_500) {

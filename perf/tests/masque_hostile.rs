@@ -19,7 +19,7 @@ use mimiq_masque::datagram::Datagram;
 use mimiq_masque::quic::{self, QuicSettings, Tls};
 use mimiq_masque::request::{self, Target};
 use mimiq_masque::template::{IpProtocolScope, IpScope, IpTarget};
-use mimiq_perf::masque::{self, addr, start_client, stop_client, ProxyProc};
+use mimiq_perf::masque::{self, addr, start_ip_client, stop_client, ProxyProc};
 use mimiq_perf::testbed::{require_root, Testbed};
 use mimiq_perf::traffic::ping;
 use serde_json::Value;
@@ -72,20 +72,7 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
 
     // The well-behaved client, up before the attack and pinging through it.
     let url = format!("{}:4433", addr::PROXY_V4);
-    let (mut good, ready) = start_client(
-        &mut tb,
-        "c",
-        &[
-            "ip",
-            "--proxy",
-            &url,
-            "--bind",
-            addr::CLIENT_V4[0],
-            "--tun",
-            "mq0",
-        ],
-    )
-    .unwrap();
+    let (mut good, ready) = start_ip_client(&mut tb).unwrap();
     assert!(ready.contains("198.18.200."), "{ready}");
     ping(&tb, "c", addr::SERVER_V4, 3).unwrap_or_else(|e| panic!("{e}; {}", good.describe()));
 

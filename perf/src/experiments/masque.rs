@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::capture::{record_frames, Frame};
-use crate::masque::{self, addr, start_client, stop_client, ProxyProc};
+use crate::masque::{self, addr, start_client, start_ip_client, stop_client, ProxyProc};
 use crate::testbed::{Proc, Testbed};
 use crate::traffic::iperf3_with;
 
@@ -364,19 +364,7 @@ pub fn compare(
 
     progress("CONNECT-IP:");
     {
-        let (mut client, ready) = start_client(
-            &mut tb,
-            "c",
-            &[
-                "ip",
-                "--proxy",
-                &url,
-                "--bind",
-                addr::CLIENT_V4[0],
-                "--tun",
-                "mq0",
-            ],
-        )?;
+        let (mut client, ready) = start_ip_client(&mut tb)?;
         let tun_mtu = ready_mtu(&ready)?;
         if !params.bulk_only {
             for family in [Family::V4, Family::V6] {
