@@ -68,6 +68,9 @@ struct Pair {
     /// Client datagrams from this address are held back (delivered late by `release`).
     hold_from: Option<SocketAddr>,
     held: Vec<(Vec<u8>, quiche::SendInfo)>,
+    /// Server datagrams to this address are held back (delivered late by `release_to_client`).
+    hold_to: Option<SocketAddr>,
+    held_to: Vec<(Vec<u8>, quiche::SendInfo)>,
     _cert: TestCert,
 }
 
@@ -119,6 +122,8 @@ impl Pair {
             max_burst: usize::MAX,
             hold_from: None,
             held: Vec::new(),
+            hold_to: None,
+            held_to: Vec::new(),
             _cert: cert,
         };
         for _ in 0..50 {
@@ -185,6 +190,10 @@ impl Pair {
                 self.lose_once_to.swap_remove(i);
                 continue;
             }
+            if self.hold_to == Some(info.to) {
+                self.held_to.push((out[..len].to_vec(), info));
+                continue;
+            }
             let _ = self.client.recv(&mut out[..len], info.from, info.to);
         }
         if moved == 0 {
@@ -209,6 +218,13 @@ impl Pair {
                 to: info.to,
             };
             let _ = self.server.recv(&mut d, ri);
+        }
+    }
+
+    /// Delivers the server's held-back datagrams to the client now, late.
+    fn release_to_client(&mut self) {
+        for (mut d, info) in std::mem::take(&mut self.held_to) {
+            let _ = self.client.recv(&mut d, info.from, info.to);
         }
     }
 
@@ -856,7 +872,8 @@ fn a_lost_path_response_is_probed_for_again_and_the_hop_completes() {
 fn a_late_datagram_to_a_retired_cid_is_dropped_and_counted_and_the_connection_lives() {
     // Forget at once (no minimum; four in-memory RTTs are microseconds), let the retirement
     // reach the server, then deliver the datagrams held from the old address: each is to a
-    // connection ID the server no longer has (vendor/quiche/MIMIQ-PATCH.md, the third fix).
+    // connection ID the server no longer has, from a path it has forgotten too
+    // (vendor/quiche/MIMIQ-PATCH.md, the third fix).
     // The same holds for a client (what a server sends it late, to an ID it retired):
     //= https://www.rfc-editor.org/rfc/rfc9000#section-5.2.1
     //# Packets that do not match an existing connection -- based on
@@ -875,6 +892,57 @@ fn a_late_datagram_to_a_retired_cid_is_dropped_and_counted_and_the_connection_li
         "the late datagrams were dropped and counted: {:?}",
         pair.server.stats()
     );
+}
+
+#[test]
+fn a_late_datagram_to_an_id_retired_a_moment_ago_on_a_path_still_known_is_read() {
+    // A server that forgets the path a client left at once, and retires the client's ID used
+    // there: what it sent to the old address before is held back, and reaches the client (which
+    // still has that path) only after the RETIRE_CONNECTION_ID has, within the grace of three
+    // PTOs. It is read, not lost (vendor/quiche/MIMIQ-PATCH.md, the sixth fix); without the fix
+    // each such packet is dropped and its data sent again.
+    let mut pair = Pair::new(false, no_probe_retry());
+    pair.server_left = Some(LeftPaths::at_once());
+    pair.hold_to = Some(client_addr(0));
+    let data = vec![1u8; 30_000];
+    pair.client
+        .connection_mut()
+        .stream_send(4, &data, false)
+        .unwrap();
+    pair.client
+        .request_hop(client_addr(1), Instant::now())
+        .unwrap();
+    let old_path_gone = |pair: &Pair| {
+        !pair
+            .server
+            .path_stats()
+            .any(|p| p.peer_addr == client_addr(0))
+    };
+    mimiq_testkit::eventually(Duration::from_secs(10), || {
+        pair.exchange(&mut |_| {});
+        if pair.client.local_addr() == client_addr(1) && old_path_gone(&pair) {
+            Ok(())
+        } else {
+            Err(format!("at {}", pair.client.local_addr()))
+        }
+    })
+    .unwrap_or_else(|e| panic!("the hop completed and the server forgot the path: {e}"));
+    assert!(
+        !pair.held_to.is_empty(),
+        "datagrams to the old address were in flight"
+    );
+    pair.hold_to = None;
+    // The RETIRE_CONNECTION_ID reaches the client on the new path first.
+    for _ in 0..3 {
+        pair.exchange(&mut |_| {});
+    }
+    let before = pair.client.connection().stats();
+    assert!(before.retired_dcid_read_count == 0, "{before:?}");
+    pair.release_to_client();
+    let stats = pair.client.connection().stats();
+    assert!(!pair.client.connection().is_closed());
+    assert_eq!(stats.unknown_dcid_dropped_count, 0, "{stats:?}");
+    assert!(stats.retired_dcid_read_count >= 1, "{stats:?}");
 }
 
 #[test]

@@ -209,6 +209,9 @@ pub struct ClientRun {
     /// Packets quiche dropped for a destination connection ID the connection no longer has
     /// (vendor/quiche/MIMIQ-PATCH.md, the third fix).
     pub unknown_dcid_dropped: u64,
+    /// Packets quiche read although their destination connection ID had just been retired by
+    /// the server (the sixth fix).
+    pub retired_dcid_read: u64,
 }
 
 /// Runs `gets` on `cli` over one connection bound to all of its `locals`, handing the
@@ -293,6 +296,7 @@ pub fn run_gets_in(
             withdrawn: direct.withdrawn_addresses().to_vec(),
             pending_forgets: direct.migrator().pending_forgets() as u64,
             unknown_dcid_dropped: direct.connection().stats().unknown_dcid_dropped_count as u64,
+            retired_dcid_read: direct.connection().stats().retired_dcid_read_count,
         })
     })
     .map_err(|e| e.to_string())?

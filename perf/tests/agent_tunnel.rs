@@ -129,7 +129,8 @@ fn a_proxy_that_retires_connection_ids_at_once_keeps_a_hopping_100_mb_download_b
     require_root();
     // A conforming proxy may retire the connection ID of a path as soon as the client has left
     // it (RFC 9000 §5.1.2). Datagrams it sent there just before still arrive, with the retired
-    // ID; the client drops them (vendor/quiche/MIMIQ-PATCH.md) and the tunnel goes on.
+    // ID; the client reads them for a grace of three PTOs, drops them after
+    // (vendor/quiche/MIMIQ-PATCH.md, the third and sixth fixes), and the tunnel goes on.
     let extra = "[quic]\nretire_left_paths_at_once = true\n";
     let Run {
         report,

@@ -152,7 +152,8 @@ fn a_server_that_retires_the_ids_of_paths_left_at_once_serves_every_get_byte_exa
     require_root();
     // A conforming server may retire the client's connection ID of a path as soon as the
     // client has left it (RFC 9000 §5.1.2): what it sent there just before then reaches the
-    // client with a retired ID, which the client drops (vendor/quiche/MIMIQ-PATCH.md).
+    // client with a retired ID, which the client reads for a grace of three PTOs and drops after
+    // (vendor/quiche/MIMIQ-PATCH.md, the third and sixth fixes).
     let clients = v4_clients(5);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);

@@ -1383,6 +1383,14 @@ where
     /// IDs (MIMIQ patch: see MIMIQ-PATCH.md).
     unknown_dcid_dropped_count: u64,
 
+    /// Source connection IDs the peer retired a moment ago, each with the
+    /// end of its grace period (MIMIQ patch: see MIMIQ-PATCH.md).
+    recently_retired_scids: VecDeque<(ConnectionId<'static>, Instant)>,
+
+    /// Packets read although their destination connection ID had just been
+    /// retired by the peer (MIMIQ patch: see MIMIQ-PATCH.md).
+    retired_dcid_read_count: u64,
+
     /// List of supported application protocols.
     application_protos: Vec<Vec<u8>>,
 
@@ -2102,6 +2110,8 @@ impl<F: BufFactory> Connection<F> {
                 .path_challenge_recv_max_queue_len,
             path_challenge_rx_count: 0,
             unknown_dcid_dropped_count: 0,
+            recently_retired_scids: VecDeque::new(),
+            retired_dcid_read_count: 0,
 
             application_protos: config.application_protos.clone(),
 
@@ -3352,7 +3362,9 @@ impl<F: BufFactory> Connection<F> {
         // existing path.
         let recv_pid = if hdr.ty == Type::Short && self.got_peer_conn_id {
             let pkt_dcid = ConnectionId::from_ref(&hdr.dcid);
-            self.get_or_create_recv_path_id(recv_pid, &pkt_dcid, buf_len, info)?
+            self.get_or_create_recv_path_id(
+                recv_pid, &pkt_dcid, buf_len, info, now,
+            )?
         } else {
             // During handshake, we are on the initial path.
             self.paths.get_active_path_id()?
@@ -8011,6 +8023,7 @@ impl<F: BufFactory> Connection<F> {
             streams_blocked_uni_recv_count: self.streams_blocked_uni_recv_count,
             path_challenge_rx_count: self.path_challenge_rx_count,
             unknown_dcid_dropped_count: self.unknown_dcid_dropped_count,
+            retired_dcid_read_count: self.retired_dcid_read_count,
             amplification_limited_count: self.amplification_limited_count,
             bytes_in_flight_duration: self.bytes_in_flight_duration(),
             tx_buffered_state: if self.streams.tx_buffered_is_consistent() {
@@ -8913,7 +8926,30 @@ impl<F: BufFactory> Connection<F> {
                 // left a dangling sequence number there, and every packet
                 // built for that path failed with InvalidState. Clear it on
                 // every path (short headers carry no source ID).
+                let retired = self
+                    .ids
+                    .get_scid(seq_num)
+                    .ok()
+                    .map(|e| e.cid.clone());
                 self.ids.retire_scid(seq_num, &hdr.dcid)?;
+
+                // Late packets to the ID are still read for a while (see
+                // get_or_create_recv_path_id).
+                if let Some(cid) = retired {
+                    // The PTO of RFC 9002 Section 6.2.1, with the peer's
+                    // max_ack_delay.
+                    let pto = self.paths.get_active()?.recovery.pto() +
+                        Duration::from_millis(
+                            self.peer_transport_params.max_ack_delay,
+                        );
+                    let grace = pto * 3;
+                    self.recently_retired_scids.push_back((cid, now + grace));
+                    let cap = 2 * self.local_transport_params
+                        .active_conn_id_limit as usize;
+                    while self.recently_retired_scids.len() > cap.max(2) {
+                        self.recently_retired_scids.pop_front();
+                    }
+                }
 
                 // A path left without a source ID is not removed here: as
                 // upstream does, it stays until quiche needs its slot for a
@@ -9135,8 +9171,32 @@ impl<F: BufFactory> Connection<F> {
     /// one if no existing path matches.
     fn get_or_create_recv_path_id(
         &mut self, recv_pid: Option<usize>, dcid: &ConnectionId, buf_len: usize,
-        info: &RecvInfo,
+        info: &RecvInfo, now: Instant,
     ) -> Result<usize> {
+        // MIMIQ patch: the peer may have sent a packet to one of our source
+        // IDs just before it retired that ID (RFC 9000 Section 5.1.2 lets it
+        // retire the ID of a path we left at once), and the packet can
+        // arrive behind the RETIRE_CONNECTION_ID (each path has its own
+        // socket). Within three PTOs of the retirement, such a packet on a
+        // path the connection still has is read, not lost: RFC 9000 Section
+        // 5.1.2 asks the same grace of an endpoint that requests retirement.
+        // The path's source ID is left as it is.
+        while self
+            .recently_retired_scids
+            .front()
+            .is_some_and(|(_, until)| *until <= now)
+        {
+            self.recently_retired_scids.pop_front();
+        }
+        if let Some(recv_pid) = recv_pid {
+            if self.ids.find_scid_seq(dcid).is_none() &&
+                self.recently_retired_scids.iter().any(|(c, _)| c == dcid)
+            {
+                self.retired_dcid_read_count += 1;
+                return Ok(recv_pid);
+            }
+        }
+
         let ids = &mut self.ids;
 
         // MIMIQ patch: a packet to a connection ID this endpoint has retired
@@ -9629,6 +9689,12 @@ pub struct Stats {
     /// ID was not, or no longer, one of the connection's source IDs: sent by
     /// the peer before it saw the ID retired, and delivered late.
     pub unknown_dcid_dropped_count: u64,
+
+    /// The number of packets read although their destination connection ID
+    /// had been retired by the peer a moment before (within three PTOs), on
+    /// a path the connection still has: sent before the peer retired it, and
+    /// delivered behind the RETIRE_CONNECTION_ID.
+    pub retired_dcid_read_count: u64,
 
     /// The number of times send() was blocked because the anti-amplification
     /// budget (bytes received × max_amplification_factor) was exhausted.
