@@ -211,6 +211,21 @@ mod tests {
     }
 
     #[test]
+    fn check_refuses_a_tun_name_the_kernel_would_refuse() {
+        let text = include_str!("../../configs/agent.toml");
+        for bad in ["mimiq-tunnel-0123", "", "a b", "tun:0"] {
+            let changed = text.replacen("tun = \"mqagent0\"", &format!("tun = {bad:?}"), 1);
+            assert_ne!(changed, text, "the shipped config names its TUN device");
+            let config = AgentConfig::from_toml_str(&changed).unwrap();
+            let e = crate::tunnel::check(&config).unwrap_err().to_string();
+            assert!(
+                e.contains("tunnel.tun") && e.contains("1 to 15 bytes"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn the_shipped_tunnel_config_parses_and_checks() {
         let text = include_str!("../../configs/agent.toml");
         let config = AgentConfig::from_toml_str(text).unwrap();

@@ -234,6 +234,12 @@ pub fn check(config: &AgentConfig) -> Result<(), TunnelError> {
             }
         }
     }
+    if !mimiq_masque::netcfg::is_interface_name(&tunnel.tun) {
+        return Err(TunnelError::Config(format!(
+            "tunnel.tun = {:?}: not an interface name (1 to 15 bytes, no '/', ':' or whitespace)",
+            tunnel.tun
+        )));
+    }
     if tunnel.stats_interval_ms < 10 {
         return Err(TunnelError::Config(format!(
             "tunnel.stats_interval_ms: {} is below 10",

@@ -209,7 +209,7 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: "<config>".into(),
-            message: e.to_string(),
+            message: one_line(&e),
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -431,6 +431,18 @@ fn default_k() -> u32 {
     4
 }
 
+/// A TOML error on one line, as every message of this crate's binaries is: where
+/// (`line L, column C`) and what, without the snippet `toml` draws under it.
+fn one_line(e: &toml::de::Error) -> String {
+    let shown = e.to_string();
+    let at = shown.lines().next().unwrap_or_default();
+    let what = e.message().trim().replace('\n', " ");
+    match at.strip_prefix("TOML parse error at ") {
+        Some(at) => format!("{at}: {what}"),
+        None => what,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +468,17 @@ role = "access"
 key_hex = "{KEY}"
 "#
         )
+    }
+
+    #[test]
+    fn a_toml_error_is_one_line_with_its_line_and_column() {
+        let e = Config::parse("[server]\nbatch_max = \"x\"\n").unwrap_err();
+        assert_eq!(e.to_string().lines().count(), 1, "{e}");
+        assert!(
+            e.to_string()
+                .contains("line 2, column 13: invalid type: string \"x\", expected usize"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -521,15 +521,21 @@ fn kernel_error(op: Operation, link: &str, target: String, e: io::Error) -> NetC
     }
 }
 
-fn check_link_name(op: Operation, name: &str) -> Result<(), NetConfigError> {
-    let valid = !name.is_empty()
+/// What the kernel takes for an interface name (`dev_valid_name`, net/core/dev.c): 1 to 15
+/// bytes, not `.` or `..`, no `/`, `:`, NUL or whitespace. Config checks use it, so a name the
+/// kernel would refuse is an error at `check`, not at start.
+pub fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_IFNAME_LEN
         && name != "."
         && name != ".."
         && !name
             .bytes()
-            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
-    if valid {
+            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
+}
+
+fn check_link_name(op: Operation, name: &str) -> Result<(), NetConfigError> {
+    if is_interface_name(name) {
         Ok(())
     } else {
         Err(NetConfigError::BadArgument {

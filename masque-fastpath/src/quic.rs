@@ -129,13 +129,13 @@ impl QuicSettings {
         match tls {
             Tls::Server { cert, key } => {
                 c.load_cert_chain_from_pem_file(&path_str(cert)?)
-                    .map_err(|e| format!("certificate {}: {e}", cert.display()))?;
+                    .map_err(|e| pem_error("certificate", cert, "CERTIFICATE", e))?;
                 c.load_priv_key_from_pem_file(&path_str(key)?)
-                    .map_err(|e| format!("private key {}: {e}", key.display()))?;
+                    .map_err(|e| pem_error("private key", key, "PRIVATE KEY", e))?;
             }
             Tls::Client { ca: Some(ca) } => {
                 c.load_verify_locations_from_file(&path_str(ca)?)
-                    .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+                    .map_err(|e| pem_error("CA file", ca, "CERTIFICATE", e))?;
                 c.verify_peer(true);
             }
             Tls::Client { ca: None } => c.verify_peer(false),
@@ -200,6 +200,41 @@ pub enum Tls<'a> {
         /// Trusted CA file.
         ca: Option<&'a Path>,
     },
+}
+
+/// Why BoringSSL refused a PEM file (it says only `TlsFail`): the PEM blocks it holds when none
+/// is the kind wanted (a certificate given as the key, say), else that it is not valid PEM of
+/// that kind.
+fn pem_error(what: &str, path: &Path, wanted: &str, e: quiche::Error) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let labels: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-----BEGIN "))
+        .filter_map(|l| l.strip_suffix("-----"))
+        .collect();
+    let has_wanted = labels.iter().any(|l| l.ends_with(wanted));
+    if labels.is_empty() {
+        format!(
+            "{what} {}: no PEM block in it (expected \"-----BEGIN {wanted}-----\")",
+            path.display()
+        )
+    } else if !has_wanted {
+        format!(
+            "{what} {}: holds {}, not a {wanted} (swapped with another file?)",
+            path.display(),
+            labels
+                .iter()
+                .map(|l| format!("a {l}"))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        )
+    } else {
+        format!(
+            "{what} {}: BoringSSL refused its {wanted} ({e:?}): damaged, or not matching",
+            path.display()
+        )
+    }
 }
 
 fn path_str(p: &Path) -> Result<String, String> {
@@ -564,6 +599,39 @@ impl LeftPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_given_as_the_key_is_named_in_the_error() {
+        let dir = std::env::temp_dir().join(format!("mimiq-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
+        let (cert, key, empty) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("e.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&empty, "not pem\n").unwrap();
+        let quic = QuicSettings::default();
+        let load = |cert: &Path, key: &Path| {
+            quic.transport_config(Tls::Server { cert, key })
+                .err()
+                .unwrap_or_default()
+        };
+        let swapped = load(&cert, &cert);
+        let garbage = load(&cert, &empty);
+        let key_as_cert = load(&key, &key);
+        let fine = load(&cert, &key);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            swapped.contains("private key")
+                && swapped.contains("holds a CERTIFICATE, not a PRIVATE KEY"),
+            "{swapped}"
+        );
+        assert!(garbage.contains("no PEM block"), "{garbage}");
+        assert!(
+            key_as_cert.starts_with("certificate") && key_as_cert.contains("not a CERTIFICATE"),
+            "{key_as_cert}"
+        );
+        assert_eq!(fine, "");
+    }
 
     #[test]
     fn poll_timeouts_round_up_so_a_short_timer_sleeps() {

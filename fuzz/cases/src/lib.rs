@@ -270,9 +270,7 @@ pub fn config_files(data: &[u8]) {
             let _ = mimiq_agent::config::AgentConfig::from_toml_str(text);
         }
         _ => {
-            if let Ok(c) = toml::from_str::<mimiq_masque::server::config::ProxyConfig>(text) {
-                let _ = c.validate();
-            }
+            let _ = mimiq_masque::server::config::ProxyConfig::parse(text);
         }
     }
 }

@@ -102,10 +102,13 @@ impl ProxyConfig {
     pub fn load(path: &Path) -> Result<ProxyConfig, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let c: ProxyConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        c.validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses and checks config text (TOML errors on one line, with their line and column).
+    pub fn parse(text: &str) -> Result<ProxyConfig, String> {
+        let c: ProxyConfig = toml::from_str(text).map_err(|e| one_line(&e))?;
+        c.validate()?;
         Ok(c)
     }
 
@@ -128,8 +131,11 @@ impl ProxyConfig {
             if ip.pool_v4.is_none() && ip.pool_v6.is_none() {
                 return Err("[ip] needs pool_v4 or pool_v6".into());
             }
-            if ip.tun.is_empty() || ip.tun.len() > 15 {
-                return Err(format!("ip.tun = {:?}: 1 to 15 characters", ip.tun));
+            if !crate::netcfg::is_interface_name(&ip.tun) {
+                return Err(format!(
+                    "ip.tun = {:?}: not an interface name (1 to 15 bytes, no '/', ':' or whitespace)",
+                    ip.tun
+                ));
             }
             if let Some(m) = ip.tunnel_mtu {
                 if !(1280..=65_535).contains(&m) {
@@ -171,14 +177,24 @@ pub fn parse_prefix(s: &str, v4: bool) -> Result<IpPrefix, String> {
     IpPrefix::new(addr, len).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// A TOML error on one line, as every message of `mimiq-proxy` is: where (`line L, column C`)
+/// and what, without the snippet `toml` draws under it.
+fn one_line(e: &toml::de::Error) -> String {
+    let shown = e.to_string();
+    let at = shown.lines().next().unwrap_or_default();
+    let what = e.message().trim().replace('\n', " ");
+    match at.strip_prefix("TOML parse error at ") {
+        Some(at) => format!("{at}: {what}"),
+        None => what,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<ProxyConfig, String> {
-        let c: ProxyConfig = toml::from_str(s).map_err(|e| e.to_string())?;
-        c.validate()?;
-        Ok(c)
+        ProxyConfig::parse(s)
     }
 
     const BASE: &str = "listen = \"0.0.0.0:4433\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
@@ -230,6 +246,15 @@ mod tests {
             assert!(err.contains(want), "{extra:?}: {err}");
         }
         assert!(parse(BASE).is_ok());
+    }
+
+    #[test]
+    fn a_toml_error_is_one_line_with_its_line_and_column() {
+        let e = parse("[quic]\nidle_timeout_ms = \"x\"\n").unwrap_err();
+        assert_eq!(
+            e, "line 2, column 19: invalid type: string \"x\", expected u64",
+            "{e}"
+        );
     }
 
     #[test]
