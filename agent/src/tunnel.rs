@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use mimiq_masque::capsule::IpPrefix;
 use mimiq_masque::client::hop::{HopOutcome, HopPolicy};
-use mimiq_masque::client::{Client, ClientConfig, ClientStats, Mode};
+use mimiq_masque::client::{
+    run_reconnecting, Client, ClientConfig, ClientError, ClientStats, Mode, Reconnect,
+};
 use mimiq_masque::netcfg::Route;
 use mimiq_masque::quic::QuicSettings;
 use mimiq_masque::template::{IpScope, IP_PATH_PREFIX};
@@ -67,6 +69,22 @@ pub struct TunnelConfig {
     /// Give up when the tunnel is not up within this long, milliseconds. Default 10,000.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// The connection's idle timeout, milliseconds: a proxy that is gone is noticed after it
+    /// (a keep-alive goes every third of it). Default 30,000.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
+    /// When the tunnel is lost: new connections tried (each from a fresh address, keeping the
+    /// TUN device and asking the proxy for the tunnel's addresses again, RFC 9484 §4.7.2)
+    /// before the agent gives up; 0: it exits at once. Default 10.
+    #[serde(default = "default_reconnect_attempts")]
+    pub reconnect_attempts: u32,
+    /// The wait before the first of them, milliseconds; doubled after each failed one, up to
+    /// `reconnect_backoff_max_ms`. Defaults 200 and 5,000.
+    #[serde(default = "default_reconnect_backoff_initial")]
+    pub reconnect_backoff_initial_ms: u64,
+    /// The longest wait between two attempts, milliseconds.
+    #[serde(default = "default_reconnect_backoff_max")]
+    pub reconnect_backoff_max_ms: u64,
     /// Counters as JSON ([`TunnelReport`]), rewritten every `stats_interval_ms` while the
     /// tunnel is up and at exit; none by default.
     #[serde(default)]
@@ -103,6 +121,18 @@ fn default_payload() -> usize {
 }
 fn default_connect_timeout() -> u64 {
     10_000
+}
+fn default_idle_timeout() -> u64 {
+    QuicSettings::default().idle_timeout_ms
+}
+fn default_reconnect_attempts() -> u32 {
+    Reconnect::default().attempts
+}
+fn default_reconnect_backoff_initial() -> u64 {
+    Reconnect::default().backoff_initial.as_millis() as u64
+}
+fn default_reconnect_backoff_max() -> u64 {
+    Reconnect::default().backoff_max.as_millis() as u64
 }
 /// `[source] gateway`, with an error that says what is expected (serde's names neither the
 /// field nor the form inside the tagged `[source]` table).
@@ -240,6 +270,14 @@ pub fn check(config: &AgentConfig) -> Result<(), TunnelError> {
             tunnel.tun
         )));
     }
+    if tunnel.reconnect_backoff_initial_ms == 0
+        || tunnel.reconnect_backoff_max_ms < tunnel.reconnect_backoff_initial_ms
+    {
+        return Err(TunnelError::Config(format!(
+            "tunnel.reconnect_backoff_initial_ms = {} and reconnect_backoff_max_ms = {}: need 0 < initial <= max",
+            tunnel.reconnect_backoff_initial_ms, tunnel.reconnect_backoff_max_ms
+        )));
+    }
     if tunnel.stats_interval_ms < 10 {
         return Err(TunnelError::Config(format!(
             "tunnel.stats_interval_ms: {} is below 10",
@@ -334,7 +372,7 @@ pub fn run(
         }
     }
     let now_ms = state.now_ms(Instant::now());
-    let first = match state.hopper.on_packet(&mut state.set, now_ms) {
+    let mut first = match state.hopper.on_packet(&mut state.set, now_ms) {
         PacketAction::Migrate { to, .. } => to,
         PacketAction::Send { from } => from,
         PacketAction::NoAddress => {
@@ -362,10 +400,31 @@ pub fn run(
         tun: tunnel.tun.clone(),
         routes: routes(tunnel)?,
     };
+    let reconnect = Reconnect {
+        attempts: tunnel.reconnect_attempts,
+        backoff_initial: Duration::from_millis(tunnel.reconnect_backoff_initial_ms),
+        backoff_max: Duration::from_millis(tunnel.reconnect_backoff_max_ms),
+    };
     let state = Rc::new(RefCell::new(state));
-    let policy = TunnelHops(Rc::clone(&state));
-    let result = Client::with_policy(client_cfg, mode, Box::new(policy))
-        .and_then(|mut client| client.run(stop, on_ready));
+    let mut connections = 0u32;
+    let result = run_reconnecting(
+        reconnect,
+        stop,
+        || {
+            connections += 1;
+            if connections > 1 {
+                // A new connection starts from a fresh address.
+                first = state.borrow_mut().fresh_address()?;
+            }
+            let cfg = ClientConfig {
+                bind: vec![first],
+                ..client_cfg.clone()
+            };
+            let policy = TunnelHops(Rc::clone(&state));
+            Client::with_policy(cfg, mode.clone(), Box::new(policy))
+        },
+        on_ready,
+    );
     let mut state = state.borrow_mut();
     state.release();
     state.client = result?;
@@ -485,6 +544,19 @@ impl TunnelState {
     }
 
     /// Allocator replies and requests, expired addresses off the host; when to come back.
+    /// An address for a new connection of the tunnel, not the one the last was on when the
+    /// set has another.
+    fn fresh_address(&mut self) -> Result<IpAddr, ClientError> {
+        let now = Instant::now();
+        self.housekeeping(now);
+        let now_ms = self.now_ms(now);
+        let addr = self.set.assign_connection(0, now_ms).map_err(|e| {
+            ClientError::Connection(format!("no usable address for a new connection: {e:?}"))
+        })?;
+        self.used.push(addr);
+        Ok(addr)
+    }
+
     fn housekeeping(&mut self, now: Instant) -> Option<Duration> {
         let now_ms = self.now_ms(now);
         if let Some(alloc) = self.alloc.as_mut() {
@@ -652,6 +724,7 @@ fn quic_settings(tunnel: &TunnelConfig) -> QuicSettings {
         max_udp_payload_bytes: tunnel.max_udp_payload_bytes,
         qlog_dir: tunnel.qlog_dir.clone(),
         keylog_file: tunnel.keylog_file.clone(),
+        idle_timeout_ms: tunnel.idle_timeout_ms,
         ..QuicSettings::default()
     }
 }

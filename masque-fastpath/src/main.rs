@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use mimalloc::MiMalloc;
-use mimiq_masque::client::{Client, ClientConfig, Mode};
+use mimiq_masque::client::{run_reconnecting, Client, ClientConfig, Mode, Reconnect};
 use mimiq_masque::quic::QuicSettings;
 use mimiq_masque::server::config::parse_prefix;
 use mimiq_masque::server::{self, ProxyConfig};
@@ -118,10 +118,20 @@ struct Common {
     /// Give up when the tunnel is not up within this many seconds.
     #[arg(long, default_value_t = 10)]
     connect_timeout_s: u64,
+    /// The connection's idle timeout, milliseconds: a proxy that is gone is noticed after it
+    /// (a keep-alive goes every third of it; the proxy's own timeout may be shorter).
+    #[arg(long, default_value_t = 30_000)]
+    idle_timeout_ms: u64,
+    /// When a tunnel that was up is lost: new connections tried, from the next --bind address,
+    /// before giving up (0: exit at once). Each keeps the TUN device or local port and asks the
+    /// proxy for the tunnel's addresses again (RFC 9484 §4.7.2).
+    #[arg(long, default_value_t = Reconnect::default().attempts)]
+    reconnect_attempts: u32,
 }
 
 impl Common {
-    fn config(self) -> ClientConfig {
+    /// The client's settings, and how it reconnects.
+    fn config(self) -> (ClientConfig, Reconnect) {
         let bind = if self.bind.is_empty() {
             vec![if self.proxy.is_ipv4() {
                 IpAddr::from([0, 0, 0, 0])
@@ -131,7 +141,11 @@ impl Common {
         } else {
             self.bind
         };
-        ClientConfig {
+        let reconnect = Reconnect {
+            attempts: self.reconnect_attempts,
+            ..Reconnect::default()
+        };
+        let cfg = ClientConfig {
             proxy: self.proxy,
             server_name: self.server_name,
             bind,
@@ -140,11 +154,13 @@ impl Common {
             quic: QuicSettings {
                 max_udp_payload_bytes: self.max_udp_payload,
                 qlog_dir: self.qlog_dir,
+                idle_timeout_ms: self.idle_timeout_ms,
                 ..QuicSettings::default()
             },
             hop_every: self.hop_every_ms.map(Duration::from_millis),
             connect_timeout: Duration::from_secs(self.connect_timeout_s),
-        }
+        };
+        (cfg, reconnect)
     }
 }
 
@@ -231,12 +247,21 @@ fn real_main(cli: Cli) -> Result<(), String> {
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| e.to_string())?;
             }
-            let mut client = Client::new(cfg, mode).map_err(|e| e.to_string())?;
-            let stats = client
-                .run(&stop, |s| {
+            // Each connection starts from the next --bind address.
+            let (mut cfg, reconnect) = cfg;
+            let stats = run_reconnecting(
+                reconnect,
+                &stop,
+                || {
+                    let client = Client::new(cfg.clone(), mode.clone());
+                    cfg.bind.rotate_left(1);
+                    client
+                },
+                |s| {
                     println!("ready addresses={} mtu={}", s.addresses.join(","), s.mtu);
-                })
-                .map_err(|e| e.to_string())?;
+                },
+            )
+            .map_err(|e| e.to_string())?;
             println!("{}", serde_json::to_string(&stats).unwrap_or_default());
             Ok(())
         }

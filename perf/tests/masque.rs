@@ -2,12 +2,13 @@
 //! network namespaces (`mimiq_perf::masque`), real QUIC (quiche), real TUN devices, the kernel's
 //! own ping and iperf3.
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use mimiq_perf::masque::{self, addr, start_client, start_ip_client, stop_client, ProxyProc};
-use mimiq_perf::testbed::{require_root, Testbed};
-use mimiq_perf::traffic::{iperf3, iperf3_with, ping};
+use mimiq_perf::testbed::{bin_path, require_root, Testbed};
+use mimiq_perf::traffic::{iperf3, iperf3_with, pattern_download, ping};
+use mimiq_testkit::eventually;
 
 fn proxy_url() -> String {
     format!("{}:4433", addr::PROXY_V4)
@@ -325,7 +326,21 @@ fn an_idle_tunnel_is_kept_alive_and_a_lost_one_ends_the_client_with_an_error() {
         "[quic]\nidle_timeout_ms = 1500\n",
     )
     .unwrap();
-    let (mut client, _) = start_ip_client(&mut tb).unwrap();
+    let url = proxy_url();
+    let args = [
+        "ip",
+        "--proxy",
+        &url,
+        "--bind",
+        addr::CLIENT_V4[0],
+        "--tun",
+        "mq0",
+        "--reconnect-attempts",
+        "2",
+        "--connect-timeout-s",
+        "1",
+    ];
+    let (mut client, _) = start_client(&mut tb, "c", &args).unwrap();
     // Quiet for three idle timeouts: only the keep-alives (one per half second) cross.
     let quiet = std::time::Instant::now();
     while quiet.elapsed() < Duration::from_millis(4_500) {
@@ -337,17 +352,128 @@ fn an_idle_tunnel_is_kept_alive_and_a_lost_one_ends_the_client_with_an_error() {
         std::thread::sleep(Duration::from_millis(100));
     }
     ping(&tb, "c", addr::SERVER_V4, 3).unwrap_or_else(|e| panic!("{e}; {}", client.describe()));
-    // The proxy dies without a word: the client's keep-alives go unanswered, the idle timeout
-    // ends the connection, and the client exits non-zero with one line saying so.
+    // The proxy dies without a word and stays dead: the client's keep-alives go unanswered,
+    // the idle timeout ends the connection, two new connections find no proxy, and the client
+    // exits non-zero with one line saying so.
     proxy.proc.signal(libc::SIGKILL);
     let status = client
-        .wait_timeout(Duration::from_secs(10))
+        .wait_timeout(Duration::from_secs(15))
         .unwrap_or_else(|| panic!("the client outlived its tunnel: {}", client.describe()));
     assert!(!status.success(), "{status}; {}", client.describe());
     let err = client.stderr();
+    let last = err
+        .lines()
+        .filter(|l| l.contains("error"))
+        .collect::<Vec<_>>();
+    assert_eq!(last.len(), 1, "{err}");
     assert!(
-        err.lines()
-            .any(|l| l.contains("tunnel lost") && l.contains("idle timeout")),
+        last[0].contains("tunnel lost")
+            && last[0].contains("idle timeout")
+            && last[0].contains("gave up after 2 attempts"),
         "{err}"
     );
+}
+
+/// Kills a process started outside the testbed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_proxy_killed_mid_download_and_restarted_gets_the_tunnel_back_and_the_download_completes_byte_exact(
+) {
+    require_root();
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProc::start(
+        &mut tb,
+        "p",
+        dir.path(),
+        "0.0.0.0:4433",
+        "[quic]\nidle_timeout_ms = 1500\n",
+    )
+    .unwrap();
+    let url = proxy_url();
+    let bind = format!("{},{}", addr::CLIENT_V4[0], addr::CLIENT_V4[1]);
+    let args = ["ip", "--proxy", &url, "--bind", &bind, "--tun", "mq0"];
+    let (mut client, ready) = start_client(&mut tb, "c", &args).unwrap();
+    assert!(ready.contains("198.18.200.2/32"), "{ready}");
+    let len = 100_000_000u64;
+    let server: SocketAddr = format!("{}:9000", addr::SERVER_V4).parse().unwrap();
+    let tun_rx = |tb: &Testbed| -> Result<u64, String> {
+        let out = tb
+            .exec("c", &["cat", "/sys/class/net/mq0/statistics/rx_bytes"])
+            .map_err(|e| e.to_string())?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|e| format!("rx_bytes: {e}"))
+    };
+    let stats_file = dir.path().join("proxy-stats.json");
+    let (result, _restarted) = std::thread::scope(|sc| {
+        let download = sc.spawn(|| pattern_download(&tb, "s", server, "c", len, None));
+        eventually(Duration::from_secs(20), || match tun_rx(&tb)? {
+            n if n > 5_000_000 => Ok(()),
+            n => Err(format!("{n} bytes so far")),
+        })
+        .unwrap_or_else(|e| panic!("the download started: {e}"));
+        assert!(
+            !download.is_finished(),
+            "the download ended before the kill"
+        );
+        // kill -9, and the same proxy again on the same port: it knows nothing of the
+        // connection; the client notices at its idle timeout and connects again.
+        proxy.proc.signal(libc::SIGKILL);
+        std::fs::remove_file(&stats_file).unwrap();
+        let bin = bin_path("mimiq-proxy").unwrap();
+        let config = dir.path().join("proxy.toml");
+        let restarted = eventually(Duration::from_secs(10), || {
+            let mut child = std::process::Command::new("ip")
+                .args(["netns", "exec", &tb.netns("p")])
+                .arg(&bin)
+                .args(["run", "--config"])
+                .arg(&config)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            // The killed one may still hold the port for a moment.
+            std::thread::sleep(Duration::from_millis(200));
+            match child.try_wait() {
+                Ok(None) => Ok(KillOnDrop(child)),
+                other => Err(format!("the restarted proxy exited: {other:?}")),
+            }
+        })
+        .unwrap_or_else(|e| panic!("restart: {e}"));
+        (download.join().unwrap(), restarted)
+    });
+    let (got, exact) = result.unwrap_or_else(|e| panic!("{e}; {}", client.describe()));
+    assert_eq!(got, len, "{}", client.describe());
+    assert!(exact, "a byte differs");
+    let stats = stop_client(&mut client).unwrap();
+    let err = client.stderr();
+    let back: Vec<&str> = err.lines().filter(|l| l.contains("tunnel back")).collect();
+    assert_eq!(back.len(), 1, "{err}");
+    // How long the tunnel was down (the idle timeout, the backoff, a handshake).
+    eprintln!("{}", back[0]);
+    assert_eq!(stats["reconnects"], 1, "{stats}");
+    assert_eq!(stats["addresses_changed"], 0, "{stats}");
+    assert_eq!(stats["addresses"][0], "198.18.200.2/32", "{stats}");
+    // The new proxy was asked for the tunnel's addresses (ADDRESS_REQUEST) and granted them.
+    // (Its stats file is rewritten once a second.)
+    let s = eventually(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&stats_file).map_err(|e| e.to_string())?;
+        let s: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        match s["addresses_requested"].as_u64() {
+            Some(2) => Ok(s),
+            _ => Err(format!("{s}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("the IPv4 and the IPv6 address asked for: {e}"));
+    assert_eq!(s["addresses_refused"], 0, "{s}");
 }

@@ -27,7 +27,9 @@ use quiche::h3::NameValue;
 use ring::rand::SystemRandom;
 use serde::Serialize;
 
-use crate::capsule::{Capsule, CapsuleDecoder, Decoded, IpAddressRange, IpPrefix};
+use crate::capsule::{
+    AddressEntry, Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpAddressRange, IpPrefix,
+};
 use crate::datagram::{self, Datagram};
 use crate::netcfg::{NetConfig, Route};
 use crate::quic::{self, QuicSettings, Tls};
@@ -36,6 +38,10 @@ use crate::tundev::TunDevice;
 use crate::udp::UdpIo;
 
 pub mod hop;
+mod reconnect;
+
+use reconnect::previous_addresses_request;
+pub use reconnect::{run_reconnecting, Local, Reconnect};
 
 use crate::migrate::{HopEvent, MigrationConfig, Migrator};
 use hop::{HopOutcome, HopPolicy};
@@ -126,6 +132,11 @@ pub struct ClientStats {
     pub quic_send_errors: u64,
     /// Keep-alives sent on a quiet connection (`quic::KeepAlive`).
     pub keepalives: u64,
+    /// Connections after the first that carried the tunnel on ([`run_reconnecting`]).
+    pub reconnects: u64,
+    /// Of those, the ones the proxy gave other addresses than the tunnel had (ADDRESS_REQUEST
+    /// refused): the applications' flows did not survive them.
+    pub addresses_changed: u64,
     /// Assigned addresses.
     pub addresses: Vec<String>,
     /// Tunnel MTU: CONNECT-IP, the TUN device's (`quic::tunnel_mtu`, which the proxy enforces
@@ -146,6 +157,10 @@ pub enum ClientError {
     /// The connection failed or closed.
     #[error("connection: {0}")]
     Connection(String),
+    /// The tunnel was up and its connection ended without being asked to (the proxy is gone,
+    /// or closed it); [`Client::take_local`] keeps what the applications use for the next one.
+    #[error("connection: {0}")]
+    Lost(String),
     /// Socket or device I/O.
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
@@ -177,6 +192,14 @@ pub struct Client {
     got_routes: bool,
     tun: Option<TunDevice>,
     local_udp: Option<(UdpSocket, Option<SocketAddr>)>,
+    /// The device or socket of a lost connection of the same tunnel, adopted once this one is
+    /// ready ([`Client::resume`]).
+    resume: Option<Local>,
+    /// The Request IDs of the ADDRESS_REQUEST for the addresses the tunnel had, and whether
+    /// the proxy has answered it.
+    address_request: Option<(Vec<u64>, bool)>,
+    /// Capsules still to write on the request stream.
+    outbuf: Vec<u8>,
     mode: Mode,
     stats: ClientStats,
     buf: Vec<u8>,
@@ -249,6 +272,9 @@ impl Client {
             got_routes: false,
             tun: None,
             local_udp: None,
+            resume: None,
+            address_request: None,
+            outbuf: Vec::new(),
             mode,
             stats: ClientStats::default(),
             buf: vec![0; HEADROOM + MAX_INNER],
@@ -326,7 +352,10 @@ impl Client {
             }
             self.on_quic_events()?;
             if !ready && self.tunnel_ready() {
-                self.setup_local()?;
+                match self.resume.take() {
+                    Some(local) => self.adopt_local(local)?,
+                    None => self.setup_local()?,
+                }
                 ready = true;
                 on_ready(&self.stats);
             }
@@ -345,7 +374,7 @@ impl Client {
             self.flush();
         } else if ready && !stop.load(Ordering::Relaxed) {
             // The tunnel was up and ended without being asked to.
-            return Err(ClientError::Connection(format!(
+            return Err(ClientError::Lost(format!(
                 "tunnel lost after {:.1} s: {}",
                 started.elapsed().as_secs_f64(),
                 quic::close_reason(self.mig.connection())
@@ -365,7 +394,10 @@ impl Client {
     fn tunnel_ready(&self) -> bool {
         match self.mode {
             Mode::Ip { .. } => {
-                self.status == Some(200) && !self.assigned.is_empty() && self.got_routes
+                self.status == Some(200)
+                    && !self.assigned.is_empty()
+                    && self.got_routes
+                    && !self.awaiting_addresses()
             }
             Mode::Udp { .. } => self.status == Some(200),
         }
@@ -465,6 +497,16 @@ impl Client {
         if capsule_data {
             self.on_capsules()?;
         }
+        if let (Some(sid), Some(h3)) = (self.stream, self.h3.as_mut()) {
+            if self.status == Some(200) && self.address_request.is_none() {
+                self.outbuf = previous_addresses_request(&self.resume, &mut self.address_request);
+            }
+            if !self.outbuf.is_empty() {
+                if let Ok(n) = h3.send_body(self.mig.connection_mut(), sid, &self.outbuf, false) {
+                    self.outbuf.drain(..n);
+                }
+            }
+        }
         // Datagrams from the proxy.
         let Some(sid) = self.stream else {
             return Ok(());
@@ -530,6 +572,9 @@ impl Client {
                 Ok(Decoded::Capsule { capsule, consumed }) => {
                     match capsule {
                         Capsule::AddressAssign(a) => {
+                            if let Some((ids, answered)) = self.address_request.as_mut() {
+                                *answered |= a.iter().any(|e| ids.contains(&e.request_id));
+                            }
                             self.assigned = a
                                 .iter()
                                 .map(|e| e.prefix)

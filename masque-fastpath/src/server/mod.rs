@@ -107,6 +107,10 @@ pub struct Stats {
     pub capsule_errors: u64,
     /// Capsules of unknown types skipped.
     pub capsules_skipped: u64,
+    /// Addresses asked for in ADDRESS_REQUEST capsules (RFC 9484 §4.7.2).
+    pub addresses_requested: u64,
+    /// Of those, refused (answered with the all-zero address).
+    pub addresses_refused: u64,
     /// Packets written to / read from the TUN device.
     pub tun_tx: u64,
     /// Packets read from the TUN device.
@@ -767,8 +771,26 @@ impl Proxy {
                         let mut answer: Option<Vec<u8>> = None;
                         match (&mut s.kind, capsule) {
                             (Kind::Ip(ip), Capsule::AddressRequest(req)) => {
+                                let had: Vec<IpAddr> =
+                                    ip.assigned().iter().map(|a| a.prefix.addr()).collect();
                                 match ip.on_address_request(&req, &mut self.pool) {
                                     Ok(entries) => {
+                                        self.stats.addresses_requested += req.iter().count() as u64;
+                                        self.stats.addresses_refused += entries
+                                            .iter()
+                                            .filter(|e| {
+                                                e.request_id != 0
+                                                    && e.prefix.addr().is_unspecified()
+                                            })
+                                            .count()
+                                            as u64;
+                                        // An address exchanged for the one asked for is
+                                        // routed to the session no more.
+                                        for gone in had.iter().filter(|a| {
+                                            !ip.assigned().iter().any(|b| b.prefix.addr() == **a)
+                                        }) {
+                                            self.by_addr.remove(gone);
+                                        }
                                         let mut out = vec![0u8; 64 + 40 * entries.len()];
                                         if let Ok(n) =
                                             CapsuleRepr::AddressAssign(&entries).emit(&mut out)

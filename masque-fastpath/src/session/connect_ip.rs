@@ -396,8 +396,10 @@ impl ConnectIpSession {
     /// plus one entry per Requested Address.
     ///
     /// Policy: one address per family. A request for a family the client already holds is granted
-    /// that address when it asks for any address (all-zero) or for exactly it; otherwise refused.
-    /// A request for a family it does not hold goes to `pool`.
+    /// that address when it asks for any address (all-zero) or for exactly it; for another
+    /// address, the held one is exchanged for it when `pool` has it free (a client that lost its
+    /// connection asks for the address its applications still use), else refused. A request
+    /// for a family it does not hold goes to `pool`.
     pub fn on_address_request(
         &mut self,
         request: &AddressRequest<'_>,
@@ -423,7 +425,16 @@ impl ConnectIpSession {
                 Some(i) => {
                     let have = self.assigned[i].prefix;
                     let any = addr_to_u128(wanted.addr()) == 0;
-                    (any || wanted == have).then_some(have)
+                    if any || wanted == have {
+                        Some(have)
+                    } else {
+                        let swapped = pool.allocate(wanted);
+                        if let Some(prefix) = swapped {
+                            pool.release(have);
+                            self.assigned[i].prefix = prefix;
+                        }
+                        swapped
+                    }
                 }
                 None => pool
                     .allocate(wanted)

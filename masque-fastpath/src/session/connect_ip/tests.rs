@@ -230,6 +230,65 @@ fn address_request_is_answered_with_matching_request_ids() {
 }
 
 #[test]
+fn a_request_for_another_free_address_exchanges_the_held_one_and_a_taken_one_is_refused() {
+    let mut p = HostPool::new(
+        Some(IpPrefix::new("10.1.0.0".parse().unwrap(), 24).unwrap()),
+        None,
+    );
+    let other = ConnectIpSession::new(IpScope::ANY, SessionConfig::default(), &mut p);
+    let mut s = ConnectIpSession::new(IpScope::ANY, SessionConfig::default(), &mut p);
+    let held = |s: &ConnectIpSession| s.assigned().iter().map(|a| a.prefix).collect::<Vec<_>>();
+    assert_eq!(held(&other), [IpPrefix::host("10.1.0.1".parse().unwrap())]);
+    assert_eq!(held(&s), [IpPrefix::host("10.1.0.2".parse().unwrap())]);
+    // The address a client had before its connection was lost, free again: exchanged.
+    let ask = |id: u64, addr: &str| {
+        request_value(&[AddressEntry {
+            request_id: id,
+            prefix: IpPrefix::host(addr.parse().unwrap()),
+        }])
+    };
+    let value = ask(1, "10.1.0.9");
+    let answer = s
+        .on_address_request(&AddressRequest::new_checked(&value).unwrap(), &mut p)
+        .unwrap();
+    let nine = IpPrefix::host("10.1.0.9".parse().unwrap());
+    assert_eq!(
+        answer,
+        [AddressEntry {
+            request_id: 1,
+            prefix: nine
+        }]
+    );
+    assert_eq!(held(&s), [nine]);
+    // The one given up is back in the pool, the one taken is not.
+    assert!(p
+        .allocate(IpPrefix::host("10.1.0.2".parse().unwrap()))
+        .is_some());
+    assert!(p.allocate(nine).is_none());
+    // One another session holds: refused, the held address stays.
+    let value = ask(2, "10.1.0.1");
+    let answer = s
+        .on_address_request(&AddressRequest::new_checked(&value).unwrap(), &mut p)
+        .unwrap();
+    assert_eq!(
+        answer,
+        [
+            AddressEntry {
+                request_id: 0,
+                prefix: nine
+            },
+            AddressEntry {
+                request_id: 2,
+                prefix: IpPrefix::host("0.0.0.0".parse().unwrap())
+            }
+        ]
+    );
+    assert_eq!(held(&s), [nine]);
+    assert_eq!(held(&other), [IpPrefix::host("10.1.0.1".parse().unwrap())]);
+    other.close(&mut p);
+}
+
+#[test]
 fn address_request_for_a_missing_family_is_granted_from_the_pool_and_routed() {
     let mut p = pool();
     let mut v4_only = HostPool::new(
