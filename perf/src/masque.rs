@@ -86,6 +86,20 @@ pub struct ProxyProc {
     pub proc: Proc,
     /// Its stats file.
     pub stats_file: PathBuf,
+    /// The config it runs.
+    config: PathBuf,
+    /// The processes [`ProxyProc::kill_and_restart`] started (killed on drop).
+    restarted: std::sync::Mutex<Vec<std::process::Child>>,
+}
+
+impl Drop for ProxyProc {
+    fn drop(&mut self) {
+        let restarted = self.restarted.get_mut().map(std::mem::take);
+        for mut child in restarted.unwrap_or_default() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl ProxyProc {
@@ -127,7 +141,45 @@ impl ProxyProc {
             stats_file.exists().then_some(()).ok_or("no stats file yet")
         })
         .map_err(|e| format!("proxy did not start: {e}; {}", proc.describe()))?;
-        Ok(ProxyProc { proc, stats_file })
+        Ok(ProxyProc {
+            proc,
+            stats_file,
+            config: path,
+            restarted: Default::default(),
+        })
+    }
+
+    /// Kills the proxy with SIGKILL (its clients hear nothing) and starts it again on `host`
+    /// from the same config: a process that knows no connection, on the same port, writing the
+    /// same stats file (removed first, so [`ProxyProc::stats`] reads the new one's once it is
+    /// written). Returns once the new process runs.
+    pub fn kill_and_restart(&self, tb: &Testbed, host: &str) -> Result<(), String> {
+        self.proc.signal(libc::SIGKILL);
+        let _ = std::fs::remove_file(&self.stats_file);
+        let bin = bin_path("mimiq-proxy")?;
+        let child = eventually(Duration::from_secs(10), || {
+            let mut child = std::process::Command::new("ip")
+                .args(["netns", "exec", &tb.netns(host)])
+                .arg(&bin)
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            // Until the killed one is gone its port is taken, and the new one exits.
+            std::thread::sleep(Duration::from_millis(200));
+            match child.try_wait() {
+                Ok(None) => Ok(child),
+                other => Err(format!("the restarted proxy exited: {other:?}")),
+            }
+        })
+        .map_err(|e| format!("restart: {e}"))?;
+        self.restarted
+            .lock()
+            .map_err(|e| e.to_string())?
+            .push(child);
+        Ok(())
     }
 
     /// The proxy's current counters.

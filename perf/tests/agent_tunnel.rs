@@ -50,15 +50,16 @@ struct Run {
 }
 
 /// Starts the proxy (`proxy_extra` appended to its config) and an agent hopping every
-/// `packets` datagrams (`agent_extra` appended to its `[tunnel]` table), downloads `len` bytes through the tunnel (checked byte for byte) while
-/// `during` runs on another thread (given the run's directory, where the agent writes
-/// `hops.csv` as it goes), and stops the agent.
+/// `packets` datagrams (`agent_extra` appended to its `[tunnel]` table), downloads `len` bytes
+/// through the tunnel (checked byte for byte) while `during` runs on another thread (given the
+/// run's directory, where the agent writes `hops.csv` as it goes, and the proxy), and stops the
+/// agent.
 fn download_while_hopping(
     packets: u32,
     len: u64,
     proxy_extra: &str,
     agent_extra: &str,
-    during: impl FnOnce(&Testbed, &Path) + Send,
+    during: impl FnOnce(&Testbed, &Path, &ProxyProc) + Send,
 ) -> Run {
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
@@ -66,8 +67,8 @@ fn download_while_hopping(
     let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", proxy_extra).unwrap();
     let mut agent = start_agent(&mut tb, dir.path(), packets, agent_extra).unwrap();
     let result = std::thread::scope(|scope| {
-        let (tb, at) = (&tb, dir.path());
-        scope.spawn(move || during(tb, at));
+        let (tb, at, proxy) = (&tb, dir.path(), &proxy);
+        scope.spawn(move || during(tb, at, proxy));
         traffic::pattern_download(tb, "s", "198.18.20.2:9000".parse().unwrap(), "c", len, None)
     });
     let report = stop_client(&mut agent).unwrap();
@@ -98,7 +99,7 @@ fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact()
         proxy: s,
         agent_log,
         dir,
-    } = download_while_hopping(25, 100 * 1024 * 1024, "", "", |_, _| {});
+    } = download_while_hopping(25, 100 * 1024 * 1024, "", "", |_, _, _| {});
     // The strategy counts the QUIC datagrams the client sends (the TCP ACKs of the download,
     // several to a QUIC packet: about 1,200 in 100 MB) and asks for a hop every 25. A hop is
     // never started before it is due; while one validates (a round trip) the count goes on, so
@@ -125,6 +126,56 @@ fn a_100_mb_download_through_the_tunnel_hopping_every_25_packets_is_byte_exact()
 }
 
 #[test]
+fn a_proxy_killed_under_a_hopping_download_and_restarted_gets_the_agents_tunnel_back_byte_exact() {
+    require_root();
+    let Run {
+        report,
+        proxy: s,
+        agent_log,
+        ..
+    } = download_while_hopping(
+        25,
+        60 * 1024 * 1024,
+        "[quic]\nidle_timeout_ms = 1500\n",
+        "idle_timeout_ms = 1500\n",
+        |tb, _, proxy| {
+            let rx = || -> Result<u64, String> {
+                let out = tb
+                    .exec("c", &["cat", "/sys/class/net/mqa0/statistics/rx_bytes"])
+                    .map_err(|e| e.to_string())?;
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("rx_bytes: {e}"))
+            };
+            mimiq_testkit::eventually(Duration::from_secs(20), || match rx()? {
+                n if n > 5_000_000 => Ok(()),
+                n => Err(format!("{n} bytes so far")),
+            })
+            .unwrap_or_else(|e| panic!("the download started: {e}"));
+            proxy.kill_and_restart(tb, "p").unwrap();
+        },
+    );
+    // The agent noticed at the idle timeout, connected again from an address of its set with
+    // the same TUN device, and the new proxy granted the tunnel's addresses: the TCP download
+    // went on (the helper checked every byte).
+    let c = &report["client"];
+    assert_eq!(c["reconnects"], 1, "{report}; {agent_log}");
+    assert_eq!(c["addresses_changed"], 0, "{report}");
+    assert_eq!(s["connections_accepted"], 1, "the new proxy's: {s}");
+    assert_eq!(s["addresses_requested"], 2, "{s}");
+    assert_eq!(s["addresses_refused"], 0, "{s}");
+    assert!(
+        agent_log
+            .lines()
+            .filter(|l| l.contains("tunnel back"))
+            .count()
+            == 1,
+        "{agent_log}"
+    );
+}
+
+#[test]
 fn a_proxy_that_retires_connection_ids_at_once_keeps_a_hopping_100_mb_download_byte_exact() {
     require_root();
     // A conforming proxy may retire the connection ID of a path as soon as the client has left
@@ -137,7 +188,7 @@ fn a_proxy_that_retires_connection_ids_at_once_keeps_a_hopping_100_mb_download_b
         proxy: s,
         agent_log,
         dir,
-    } = download_while_hopping(25, 100 * 1024 * 1024, extra, "", |_, _| {});
+    } = download_while_hopping(25, 100 * 1024 * 1024, extra, "", |_, _, _| {});
     let done = report["client"]["hops_done"].as_u64().unwrap();
     assert!(done >= 20, "{report}; {agent_log}; proxy {s}");
     assert_hop_log_matches(&report, dir.path());
@@ -156,7 +207,7 @@ fn the_agent_writes_a_qlog_with_its_hops_and_a_key_log_when_asked() {
         qlog.path().display(),
         keylog.display()
     );
-    let Run { report, .. } = download_while_hopping(25, 4 * 1024 * 1024, "", &extra, |_, _| {});
+    let Run { report, .. } = download_while_hopping(25, 4 * 1024 * 1024, "", &extra, |_, _, _| {});
     let done = report["client"]["hops_done"].as_u64().unwrap();
     assert!(done > 0, "{report}");
     let files: Vec<_> = std::fs::read_dir(qlog.path())
@@ -201,7 +252,7 @@ fn hopping_every_2_packets_still_completes_the_download() {
         agent_log,
         dir,
         ..
-    } = download_while_hopping(2, 40 * 1024 * 1024, "", "", |_, _| {});
+    } = download_while_hopping(2, 40 * 1024 * 1024, "", "", |_, _, _| {});
     // A hop is due after every second datagram, so one is always in progress or waiting for
     // the paths left to be forgotten (`hops_deferred`): the connection hops back to back. How
     // many hops that makes is bound by that wait, not by packets (a 40 MB download made 81-159
@@ -221,7 +272,7 @@ fn a_proxy_that_disables_migration_keeps_the_tunnel_on_one_address() {
         proxy,
         agent_log,
         ..
-    } = download_while_hopping(25, 20 * 1024 * 1024, extra, "", |_, _| {});
+    } = download_while_hopping(25, 20 * 1024 * 1024, extra, "", |_, _, _| {});
     // RFC 9000 §9: no packet, not even a probe, from another local address.
     let c = &report["client"];
     assert_eq!(
@@ -257,7 +308,7 @@ fn an_address_withdrawn_mid_transfer_fails_its_hops_and_the_download_goes_on() {
         agent_log,
         dir,
         ..
-    } = download_while_hopping(25, 60 * 1024 * 1024, "", "", |tb, at| {
+    } = download_while_hopping(25, 60 * 1024 * 1024, "", "", |tb, at, _| {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::fs::read_to_string(at.join("hops.csv"))
             .map_or(0, |l| l.matches(",done,").count())

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use mimiq_perf::masque::{self, addr, start_client, start_ip_client, stop_client, ProxyProc};
-use mimiq_perf::testbed::{bin_path, require_root, Testbed};
+use mimiq_perf::testbed::{require_root, Testbed};
 use mimiq_perf::traffic::{iperf3, iperf3_with, pattern_download, ping};
 use mimiq_testkit::eventually;
 
@@ -374,16 +374,6 @@ fn an_idle_tunnel_is_kept_alive_and_a_lost_one_ends_the_client_with_an_error() {
     );
 }
 
-/// Kills a process started outside the testbed when the test ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_proxy_killed_mid_download_and_restarted_gets_the_tunnel_back_and_the_download_completes_byte_exact(
 ) {
@@ -415,8 +405,7 @@ fn a_proxy_killed_mid_download_and_restarted_gets_the_tunnel_back_and_the_downlo
             .parse()
             .map_err(|e| format!("rx_bytes: {e}"))
     };
-    let stats_file = dir.path().join("proxy-stats.json");
-    let (result, _restarted) = std::thread::scope(|sc| {
+    let result = std::thread::scope(|sc| {
         let download = sc.spawn(|| pattern_download(&tb, "s", server, "c", len, None));
         eventually(Duration::from_secs(20), || match tun_rx(&tb)? {
             n if n > 5_000_000 => Ok(()),
@@ -429,28 +418,8 @@ fn a_proxy_killed_mid_download_and_restarted_gets_the_tunnel_back_and_the_downlo
         );
         // kill -9, and the same proxy again on the same port: it knows nothing of the
         // connection; the client notices at its idle timeout and connects again.
-        proxy.proc.signal(libc::SIGKILL);
-        std::fs::remove_file(&stats_file).unwrap();
-        let bin = bin_path("mimiq-proxy").unwrap();
-        let config = dir.path().join("proxy.toml");
-        let restarted = eventually(Duration::from_secs(10), || {
-            let mut child = std::process::Command::new("ip")
-                .args(["netns", "exec", &tb.netns("p")])
-                .arg(&bin)
-                .args(["run", "--config"])
-                .arg(&config)
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .map_err(|e| e.to_string())?;
-            // The killed one may still hold the port for a moment.
-            std::thread::sleep(Duration::from_millis(200));
-            match child.try_wait() {
-                Ok(None) => Ok(KillOnDrop(child)),
-                other => Err(format!("the restarted proxy exited: {other:?}")),
-            }
-        })
-        .unwrap_or_else(|e| panic!("restart: {e}"));
-        (download.join().unwrap(), restarted)
+        proxy.kill_and_restart(&tb, "p").unwrap();
+        download.join().unwrap()
     });
     let (got, exact) = result.unwrap_or_else(|e| panic!("{e}; {}", client.describe()));
     assert_eq!(got, len, "{}", client.describe());
@@ -467,8 +436,7 @@ fn a_proxy_killed_mid_download_and_restarted_gets_the_tunnel_back_and_the_downlo
     // The new proxy was asked for the tunnel's addresses (ADDRESS_REQUEST) and granted them.
     // (Its stats file is rewritten once a second.)
     let s = eventually(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&stats_file).map_err(|e| e.to_string())?;
-        let s: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let s = proxy.stats()?;
         match s["addresses_requested"].as_u64() {
             Some(2) => Ok(s),
             _ => Err(format!("{s}")),
