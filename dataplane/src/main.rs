@@ -620,8 +620,8 @@ fn worker_main(
             let (access, gateway, relay) = *access;
             let shared = memory.share();
             let slow_stop = Arc::clone(stop);
+            let stats = telemetry.slow_path();
             let slow = start_slow_path("mimiq-slow-path", move |from_worker, to_worker| {
-                let stats = Arc::new(slowpath::SlowPathStats::default());
                 if let Err(e) = slowpath::run_access(
                     shared,
                     gateway,
@@ -655,8 +655,8 @@ fn worker_main(
             let (learned_tx, learned_rx) = rtrb::RingBuffer::new(16);
             let shared = memory.share();
             let slow_stop = Arc::clone(stop);
+            let stats = telemetry.slow_path();
             let slow = start_slow_path("mimiq-edge-slow", move |from_worker, to_worker| {
-                let stats = Arc::new(slowpath::SlowPathStats::default());
                 slowpath::run_edge(
                     shared,
                     neighbors,

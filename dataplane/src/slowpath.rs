@@ -45,7 +45,7 @@ pub struct RelayConfig {
     pub key: Vec<u8>,
 }
 
-/// Counters of the slow path.
+/// Counters of the slow path, shared with the telemetry (`crate::telemetry`).
 #[derive(Debug, Default)]
 pub struct SlowPathStats {
     /// ARP replies and neighbour advertisements sent.
@@ -54,10 +54,61 @@ pub struct SlowPathStats {
     pub relayed: AtomicU64,
     /// Replies delivered to clients.
     pub replies: AtomicU64,
-    /// Frames the slow path had no use for (freed).
-    pub ignored: AtomicU64,
+    /// Frames freed unanswered because they were malformed: an ARP or neighbour discovery
+    /// message, or an allocator request, that does not parse.
+    pub ignored_malformed: AtomicU64,
+    /// Frames freed unanswered because they were for someone else: ARP or neighbour discovery
+    /// for another address, IP not for the allocator.
+    pub ignored_not_for_us: AtomicU64,
     /// Replies dropped: bad tag, unknown transaction, or no frame to carry them.
     pub replies_dropped: AtomicU64,
+}
+
+/// [`SlowPathStats`] read at one moment (the stats file's `slow_path`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SlowPathCounters {
+    /// ARP replies and neighbour advertisements sent.
+    pub gateway_answers: u64,
+    /// Requests relayed to the allocator.
+    pub relayed: u64,
+    /// Replies delivered to clients.
+    pub replies: u64,
+    /// Frames freed unanswered: malformed.
+    pub ignored_malformed: u64,
+    /// Frames freed unanswered: for someone else.
+    pub ignored_not_for_us: u64,
+    /// Allocator replies dropped.
+    pub replies_dropped: u64,
+}
+
+impl SlowPathStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> SlowPathCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SlowPathCounters {
+            gateway_answers: get(&self.gateway_answers),
+            relayed: get(&self.relayed),
+            replies: get(&self.replies),
+            ignored_malformed: get(&self.ignored_malformed),
+            ignored_not_for_us: get(&self.ignored_not_for_us),
+            replies_dropped: get(&self.replies_dropped),
+        }
+    }
+
+    fn ignored(&self, why: Ignored) {
+        match why {
+            Ignored::Malformed => &self.ignored_malformed,
+            Ignored::NotForUs => &self.ignored_not_for_us,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Why the slow path had no use for a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ignored {
+    Malformed,
+    NotForUs,
 }
 
 /// Runs the access slow path until `stop` is set.
@@ -98,6 +149,7 @@ pub fn run_access<M: FrameMemory>(
                 give_back(&mut to_worker, SlowPathReturn::Transmit(frame, in_port));
                 continue;
             }
+            let query_malformed = answer.is_err();
             memory.set_len(&mut frame, len);
             let relayed = relay_request(
                 &memory.data_mut(&mut frame)[..len],
@@ -106,7 +158,7 @@ pub fn run_access<M: FrameMemory>(
                 &key,
                 &mut out,
             );
-            if let Some((txid, client)) = relayed {
+            if let Ok((txid, client)) = relayed {
                 if socket.send(&out).is_ok() {
                     stats.relayed.fetch_add(1, Ordering::Relaxed);
                     if pending.len() >= PENDING_MAX {
@@ -116,8 +168,10 @@ pub fn run_access<M: FrameMemory>(
                         pending.insert(txid, (client, in_port, Instant::now()));
                     }
                 }
-            } else {
-                stats.ignored.fetch_add(1, Ordering::Relaxed);
+            } else if query_malformed {
+                stats.ignored(Ignored::Malformed);
+            } else if let Err(why) = relayed {
+                stats.ignored(why);
             }
             // Keep the frame to carry a reply later, or give it back.
             if stash.len() < STASH {
@@ -229,8 +283,14 @@ pub fn run_edge<M: FrameMemory>(
                     continue;
                 }
                 memory.set_len(&mut frame, len);
+                if answer.is_err() {
+                    stats.ignored(Ignored::Malformed);
+                } else {
+                    stats.ignored(Ignored::NotForUs);
+                }
+            } else {
+                stats.ignored(Ignored::NotForUs);
             }
-            stats.ignored.fetch_add(1, Ordering::Relaxed);
             if spare.len() < STASH {
                 spare.push(frame);
             } else {
@@ -420,29 +480,33 @@ fn give_back<F>(ring: &mut rtrb::Producer<SlowPathReturn<F>>, mut ret: SlowPathR
 }
 
 /// If `frame` is a UDP datagram to the allocator port, writes its `Relay` into `out` and
-/// returns the transaction ID and the client's address.
+/// returns the transaction ID and the client's address; else says why not.
 fn relay_request(
     frame: &[u8],
     sid: Sid,
     in_port: PortId,
     key: &ring::hmac::Key,
     out: &mut Vec<u8>,
-) -> Option<(u32, IpAddr)> {
-    let packet = SlicedPacket::from_ethernet(frame).ok()?;
-    let src_mac: [u8; 6] = frame.get(6..12)?.try_into().ok()?;
-    let client: IpAddr = match packet.net? {
-        NetSlice::Ipv4(ip) => ip.header().source_addr().into(),
-        NetSlice::Ipv6(ip) => ip.header().source_addr().into(),
-        _ => return None,
+) -> Result<(u32, IpAddr), Ignored> {
+    use Ignored::{Malformed, NotForUs};
+    let packet = SlicedPacket::from_ethernet(frame).map_err(|_| Malformed)?;
+    let src_mac: [u8; 6] = frame
+        .get(6..12)
+        .and_then(|m| m.try_into().ok())
+        .ok_or(Malformed)?;
+    let client: IpAddr = match packet.net {
+        Some(NetSlice::Ipv4(ip)) => ip.header().source_addr().into(),
+        Some(NetSlice::Ipv6(ip)) => ip.header().source_addr().into(),
+        _ => return Err(NotForUs),
     };
-    let TransportSlice::Udp(udp) = packet.transport? else {
-        return None;
+    let Some(TransportSlice::Udp(udp)) = packet.transport else {
+        return Err(NotForUs);
     };
     if udp.destination_port() != ALLOC_PORT {
-        return None;
+        return Err(NotForUs);
     }
     let inner = udp.payload();
-    let header = proto::check_len(inner).ok()?;
+    let header = proto::check_len(inner).map_err(|_| Malformed)?;
     let relay = Relay {
         txid: header.txid,
         info: RelayInfo {
@@ -457,8 +521,8 @@ fn relay_request(
         inner,
     };
     out.clear();
-    relay.emit(key, out).ok()?;
-    Some((header.txid, client))
+    relay.emit(key, out).map_err(|_| Malformed)?;
+    Ok((header.txid, client))
 }
 
 /// The frame that carries an allocator reply from the gateway to the client.
@@ -499,6 +563,92 @@ mod tests {
     const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x42];
     const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const SECRET: &[u8] = b"access-switch-7-key-0123456789abcdef";
+
+    #[test]
+    fn frames_the_access_slow_path_has_no_use_for_are_counted_by_why() {
+        let gateway = Gateway {
+            mac: EthernetAddress(GW_MAC),
+            v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
+            v6: vec![],
+        };
+        // Nothing listens there: nothing is relayed in this test.
+        let relay = RelayConfig {
+            sid: 7,
+            allocator: "127.0.0.1:9".parse().unwrap(),
+            key: SECRET.to_vec(),
+        };
+        let (mut to_slow, from_worker) = rtrb::RingBuffer::new(64);
+        let (to_worker, _back) = rtrb::RingBuffer::new(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(SlowPathStats::default());
+        let thread = {
+            let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
+            std::thread::spawn(move || {
+                run_access(
+                    MemMemory,
+                    gateway,
+                    relay,
+                    from_worker,
+                    to_worker,
+                    stop,
+                    stats,
+                )
+            })
+        };
+        let arp = |target: [u8; 4], len: usize| {
+            let mut f = vec![0xff; 6];
+            f.extend_from_slice(&CLIENT_MAC);
+            f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            f.extend_from_slice(&CLIENT_MAC);
+            f.extend_from_slice(&[198, 18, 1, 10, 0, 0, 0, 0, 0, 0]);
+            f.extend_from_slice(&target);
+            f.truncate(len);
+            f
+        };
+        let udp = |port: u16, payload: &[u8]| {
+            let mut f = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC)
+                .ipv4([198, 18, 1, 10], [198, 18, 1, 1], 64)
+                .udp(41000, port)
+                .write(&mut f, payload)
+                .unwrap();
+            f
+        };
+        let frames = [
+            // Malformed: an ARP cut short, an allocator request too short for its header.
+            arp([198, 18, 1, 1], 30),
+            udp(ALLOC_PORT, b"MQ"),
+            // For someone else: ARP for another address, UDP to another port.
+            arp([198, 18, 1, 77], 42),
+            udp(53, b"query"),
+        ];
+        for f in &frames {
+            to_slow
+                .push(SlowPathFrame {
+                    frame: MemFrame::from_bytes(f),
+                    in_port: 0,
+                })
+                .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let counted = loop {
+            let c = stats.snapshot();
+            if c.ignored_malformed + c.ignored_not_for_us >= 4 || Instant::now() > deadline {
+                break c;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap().unwrap();
+        assert_eq!(
+            counted,
+            SlowPathCounters {
+                ignored_malformed: 2,
+                ignored_not_for_us: 2,
+                ..SlowPathCounters::default()
+            }
+        );
+    }
 
     #[test]
     fn requests_are_relayed_with_sid_mac_and_port_and_replies_reach_the_client() {

@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::config::Role;
 use crate::engine::{duration_histogram, WorkerCounters};
+use crate::slowpath::{SlowPathCounters, SlowPathStats};
 
 /// What one worker last published.
 pub struct WorkerSlot {
@@ -36,6 +37,7 @@ pub struct Telemetry {
     started: Instant,
     queues: Vec<u32>,
     slots: Vec<Mutex<WorkerSlot>>,
+    slow_path: Arc<SlowPathStats>,
 }
 
 /// Percentiles of a histogram, in ns.
@@ -95,6 +97,8 @@ pub struct StatsFile {
     pub cpu_sys_ms: u64,
     /// Per worker.
     pub workers: Vec<WorkerStats>,
+    /// The slow-path thread's counters (all 0 for a role without one).
+    pub slow_path: SlowPathCounters,
 }
 
 impl Telemetry {
@@ -114,7 +118,13 @@ impl Telemetry {
                     })
                 })
                 .collect(),
+            slow_path: Arc::default(),
         })
+    }
+
+    /// The counters the slow-path thread keeps.
+    pub fn slow_path(&self) -> Arc<SlowPathStats> {
+        Arc::clone(&self.slow_path)
     }
 
     /// Worker `i` publishes its counters and the burst times of its last interval.
@@ -153,6 +163,7 @@ impl Telemetry {
             cpu_user_ms: cpu_ms.0,
             cpu_sys_ms: cpu_ms.1,
             workers,
+            slow_path: self.slow_path.snapshot(),
         }
     }
 
@@ -312,6 +323,23 @@ pub fn prometheus_text(stats: &StatsFile) -> String {
         "gauge",
         "Longest burst processing time since start, ns.",
         &mut per_worker(|w| w.burst_ns.max),
+    );
+    let sp = &stats.slow_path;
+    let slow = [
+        ("gateway_answers", sp.gateway_answers),
+        ("relayed", sp.relayed),
+        ("replies", sp.replies),
+        ("ignored_malformed", sp.ignored_malformed),
+        ("ignored_not_for_us", sp.ignored_not_for_us),
+        ("replies_dropped", sp.replies_dropped),
+    ];
+    family(
+        "mimiq_switch_slow_path_total",
+        "counter",
+        "The slow path's frames and allocator replies, by what became of them.",
+        &mut slow
+            .iter()
+            .map(|(what, n)| (format!("what=\"{what}\""), *n)),
     );
     let cpu = [
         ("mode=\"user\"".to_string(), stats.cpu_user_ms),

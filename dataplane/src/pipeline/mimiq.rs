@@ -34,6 +34,7 @@ const IPV4_MIN: usize = 20;
 const IPV6_LEN: usize = 40;
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
+const ETHERTYPE_ARP: [u8; 2] = [0x08, 0x06];
 const PROTO_IPV4_IN: u8 = 4;
 const PROTO_IPV6_IN: u8 = 41;
 const PROTO_UDP: u8 = 17;
@@ -266,13 +267,14 @@ impl Pipeline for Edge {
                     }
                     Err(reason) => {
                         memory.set_len(frame, len);
-                        non_ip_to_slow_path(reason)
+                        non_ip_to_slow_path(&memory.data_mut(frame), reason)
                     }
                 }
             } else if in_port == this.cfg.inside {
-                match this.upstream(&mut memory.data_mut(frame), len) {
+                let result = this.upstream(&mut memory.data_mut(frame), len);
+                match result {
                     Ok(()) => Verdict::Forward(this.cfg.outside),
-                    Err(reason) => non_ip_to_slow_path(reason),
+                    Err(reason) => non_ip_to_slow_path(&memory.data_mut(frame), reason),
                 }
             } else {
                 Verdict::Drop(DropReason::NoSuchPort)
@@ -389,7 +391,8 @@ impl Access {
                     _ => return Err(DropReason::SpoofedSource),
                 }
             }
-            _ => return Ok(Verdict::ToSlowPath), // ARP for the gateway
+            ETHERTYPE_ARP => return Ok(Verdict::ToSlowPath), // for the gateway
+            _ => return Err(DropReason::NotIp),
         }
         let proto = if [data[12], data[13]] == ETHERTYPE_IPV4 {
             PROTO_IPV4_IN
@@ -506,7 +509,7 @@ impl Pipeline for Access {
                         memory.set_len(frame, new_len);
                         Verdict::Forward(this.cfg.clients)
                     }
-                    Err(reason) => non_ip_to_slow_path(reason),
+                    Err(reason) => non_ip_to_slow_path(&memory.data_mut(frame), reason),
                 }
             } else {
                 Verdict::Drop(DropReason::NoSuchPort)
@@ -533,9 +536,14 @@ fn each_frame<M: FrameMemory>(
     }
 }
 
-/// Non-IP frames (ARP, and the like) are for the slow path; the rest is dropped.
-fn non_ip_to_slow_path(reason: DropReason) -> Verdict {
-    if reason == DropReason::NotIp {
+/// What the fast path does not forward but the slow path may answer (ARP, neighbour discovery
+/// and other IP it does not carry) goes there; any other ethertype, and whatever else was
+/// refused, is dropped and counted: a storm of junk frames never reaches the slow path's ring.
+fn non_ip_to_slow_path(frame: &[u8], reason: DropReason) -> Verdict {
+    let ethertype = [frame[12], frame[13]];
+    if reason == DropReason::NotIp
+        && matches!(ethertype, ETHERTYPE_ARP | ETHERTYPE_IPV4 | ETHERTYPE_IPV6)
+    {
         Verdict::ToSlowPath
     } else {
         Verdict::Drop(reason)
@@ -1083,6 +1091,17 @@ mod tests {
         assert_eq!(run(&mut a, 0, &ll).0, Verdict::Drop(DropReason::LinkLocal));
         // A port the role does not have.
         assert_eq!(run(&mut a, 5, &up).0, Verdict::Drop(DropReason::NoSuchPort));
+        // Neither IP nor ARP (LLDP, a junk ethertype), on any port of either role: dropped and
+        // counted in the fast path, never queued for the slow path.
+        for ethertype in [[0x88, 0xcc], [0x12, 0x34]] {
+            let mut junk = up.clone();
+            junk[12..14].copy_from_slice(&ethertype);
+            for port in [0, 1] {
+                let dropped = Verdict::Drop(DropReason::NotIp);
+                assert_eq!(run(&mut a, port, &junk).0, dropped, "access port {port}");
+                assert_eq!(run(&mut e, port, &junk).0, dropped, "edge port {port}");
+            }
+        }
     }
 
     proptest::proptest! {
