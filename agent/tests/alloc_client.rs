@@ -49,6 +49,9 @@ store = "memory"
 rate_per_s = 1000
 rate_burst = 1000
 max_per_request = 16
+max_live_per_port = 100000000
+new_macs_per_port_per_s = 1000000
+new_macs_per_port_burst = 1000000
 {lease}
 [ipv4]
 prefixes = ["{v4_prefix}"]

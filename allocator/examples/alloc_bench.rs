@@ -36,6 +36,9 @@ fn config(v4: &str) -> Config {
         max_live_per_client: u32::MAX,
         rate_per_s: u32::MAX,
         rate_burst: u32::MAX / 1000,
+        max_live_per_port: u32::MAX,
+        new_macs_per_port_per_s: u32::MAX / 1000,
+        new_macs_per_port_burst: u32::MAX / 1000,
         sids: vec![1, 2, 3, 4],
         ipv4: Some(V4Config {
             prefixes: vec![v4.parse().unwrap()],
@@ -64,6 +67,7 @@ fn churn(a: &mut Allocator, family: Family, n: u64, start: u64) -> f64 {
         let p = AllocParams {
             mac: mac(start + i),
             sid: 1 + (i % 4) as u16,
+            port: 1,
             family,
             count: 1,
         };
@@ -87,6 +91,7 @@ fn fill(a: &mut Allocator, family: Family, n: u64) {
             AllocParams {
                 mac: mac(i),
                 sid: 1,
+                port: 1,
                 family,
                 count,
             },
@@ -207,6 +212,7 @@ fn main() {
                     AllocParams {
                         mac: mac(i),
                         sid: 1,
+                        port: 1,
                         family: Family::V4,
                         count: 1,
                     },
@@ -236,6 +242,7 @@ fn main() {
                 AllocParams {
                     mac: mac(i),
                     sid: 1,
+                    port: 1,
                     family: Family::V4,
                     count,
                 },

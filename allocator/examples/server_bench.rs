@@ -44,6 +44,9 @@ max_per_request = 16
 max_live_per_client = 100000
 rate_per_s = 1000000
 rate_burst = 1000000
+max_live_per_port = 100000000
+new_macs_per_port_per_s = 1000000
+new_macs_per_port_burst = 1000000
 [ipv4]
 prefixes = ["10.0.0.0/8"]
 gateway = "10.0.0.1"

@@ -83,6 +83,16 @@ pub struct LeaseSection {
     /// Burst of requests per client above the rate. Default 20.
     #[serde(default = "default_burst")]
     pub rate_burst: u32,
+    /// Most assigned addresses the clients behind one port of one access switch hold
+    /// together (port security). Default 256.
+    #[serde(default = "default_live_per_port")]
+    pub max_live_per_port: u32,
+    /// MACs new to a port that the port may bring per second, sustained. Default 20.
+    #[serde(default = "default_new_macs_rate")]
+    pub new_macs_per_port_per_s: u32,
+    /// New MACs a port may bring at once above that rate. Default 64.
+    #[serde(default = "default_new_macs_burst")]
+    pub new_macs_per_port_burst: u32,
 }
 
 /// `[ipv4]`.
@@ -301,6 +311,9 @@ impl Config {
             max_live_per_client: self.lease.max_live_per_client,
             rate_per_s: self.lease.rate_per_s,
             rate_burst: self.lease.rate_burst,
+            max_live_per_port: self.lease.max_live_per_port,
+            new_macs_per_port_per_s: self.lease.new_macs_per_port_per_s,
+            new_macs_per_port_burst: self.lease.new_macs_per_port_burst,
             sids: self
                 .switches
                 .iter()
@@ -414,6 +427,15 @@ fn default_rate() -> u32 {
 }
 fn default_burst() -> u32 {
     20
+}
+fn default_live_per_port() -> u32 {
+    256
+}
+fn default_new_macs_rate() -> u32 {
+    20
+}
+fn default_new_macs_burst() -> u32 {
+    64
 }
 fn default_v4_len() -> u8 {
     32

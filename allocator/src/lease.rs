@@ -47,6 +47,14 @@ pub struct Config {
     pub rate_per_s: u32,
     /// Requests a client may burst above the rate (bucket size).
     pub rate_burst: u32,
+    /// Most assigned addresses the clients behind one port of one access switch may hold
+    /// together: one port rotating its MAC cannot take the pool from the other ports.
+    pub max_live_per_port: u32,
+    /// MACs new to a port (holding no address through it) that the port may bring per second,
+    /// sustained (token bucket refill).
+    pub new_macs_per_port_per_s: u32,
+    /// New MACs a port may bring at once above that rate (bucket size).
+    pub new_macs_per_port_burst: u32,
     /// Access switch SIDs that may relay requests.
     pub sids: Vec<Sid>,
     /// IPv4 pool, if any.
@@ -140,6 +148,8 @@ pub struct AllocParams {
     pub mac: Mac,
     /// The relaying switch.
     pub sid: Sid,
+    /// The switch port the request came in on.
+    pub port: u16,
     /// Address family.
     pub family: Family,
     /// Number of addresses.
@@ -174,6 +184,19 @@ pub enum AllocError {
     /// Not enough free addresses (or no alias epoch yet).
     #[error("pool exhausted")]
     PoolExhausted,
+    /// The port brought more new MACs than `new_macs_per_port_per_s` allows.
+    #[error("too many new MACs on this port")]
+    PortRateLimited,
+    /// The clients behind the port would hold more than `max_live_per_port` addresses.
+    #[error("the port's clients hold {live} addresses; {asked} more would exceed its cap of {cap}")]
+    PortCap {
+        /// Currently assigned through the port.
+        live: u32,
+        /// Requested (with what the client holds through another port, which moves).
+        asked: u32,
+        /// The cap.
+        cap: u32,
+    },
 }
 
 /// A lease as stored and published.
@@ -285,6 +308,10 @@ pub struct CoreStats {
     pub freed: u64,
     /// Leases dropped at restore because they had ended while the allocator was down.
     pub expired_while_down: u64,
+    /// Requests refused for a port's new-MAC rate.
+    pub refused_port_rate: u64,
+    /// Requests refused for a port's cap.
+    pub refused_port_cap: u64,
 }
 
 /// A lease as the table keeps it: the address is the key (32 bytes instead of 56).
@@ -384,6 +411,17 @@ struct Client {
     live: u32,
     tokens_milli: u64,
     last_ms: u64,
+    /// The (switch, port) its addresses count against: the one of its last grant. Unknown for
+    /// a client restored from the store until its next request.
+    port: Option<(Sid, u16)>,
+}
+
+/// One port of one access switch: what its clients hold, and its bucket of new MACs.
+#[derive(Debug, Clone, Copy)]
+struct Port {
+    live: u32,
+    tokens_milli: u64,
+    last_ms: u64,
 }
 
 /// The allocator core (see the module docs).
@@ -397,6 +435,7 @@ pub struct Allocator {
     leases: LeaseTable,
     timers: BinaryHeap<Reverse<(u64, TimerKind, IpAddr)>>,
     clients: HashMap<Mac, Client>,
+    ports: HashMap<(Sid, u16), Port>,
     next_client_gc_ms: u64,
     now_ms: u64,
     seq: u64,
@@ -445,6 +484,7 @@ impl Allocator {
             leases: LeaseTable::default(),
             timers: BinaryHeap::new(),
             clients: HashMap::new(),
+            ports: HashMap::new(),
             next_client_gc_ms: now_ms.saturating_add(CLIENT_GC_INTERVAL_MS),
             now_ms,
             seq: 0,
@@ -588,7 +628,7 @@ impl Allocator {
                         let free_at = t.saturating_add(self.cfg.t_remove_ms);
                         self.timers.push(Reverse((free_at, TimerKind::Free, ip)));
                         self.stats.expiries += 1;
-                        self.client_entry(mac).live -= 1;
+                        self.client_lost_one(mac);
                     }
                 }
                 TimerKind::Free => {
@@ -597,7 +637,7 @@ impl Allocator {
                             // Cannot happen (Free timers are pushed only once a lease drains),
                             // but keep the client count right regardless.
                             let mac = entry.mac;
-                            self.client_entry(mac).live -= 1;
+                            self.client_lost_one(mac);
                         }
                         self.leases.remove(ip);
                         self.release_addr(ip);
@@ -612,8 +652,16 @@ impl Allocator {
             self.next_client_gc_ms = now.saturating_add(CLIENT_GC_INTERVAL_MS);
             let (rate, burst) = (self.cfg.rate_per_s, self.cfg.rate_burst);
             self.clients.retain(|_, c| {
-                refill(c, now, rate, burst);
+                refill(&mut c.tokens_milli, &mut c.last_ms, now, rate, burst);
                 c.live > 0 || c.tokens_milli < u64::from(burst) * 1000
+            });
+            let (rate, burst) = (
+                self.cfg.new_macs_per_port_per_s,
+                self.cfg.new_macs_per_port_burst,
+            );
+            self.ports.retain(|_, p| {
+                refill(&mut p.tokens_milli, &mut p.last_ms, now, rate, burst);
+                p.live > 0 || p.tokens_milli < u64::from(burst) * 1000
             });
         }
     }
@@ -628,7 +676,13 @@ impl Allocator {
             self.cfg.max_live_per_client,
         );
         let client = self.client_entry(p.mac);
-        refill(client, now, rate, burst);
+        refill(
+            &mut client.tokens_milli,
+            &mut client.last_ms,
+            now,
+            rate,
+            burst,
+        );
         if client.tokens_milli < 1000 {
             return Err(AllocError::RateLimited);
         }
@@ -647,6 +701,7 @@ impl Allocator {
                 cap,
             });
         }
+        self.check_port(&p)?;
         let mut ips = Vec::with_capacity(p.count as usize);
         let mut alias_end = u64::MAX;
         match p.family {
@@ -731,7 +786,7 @@ impl Allocator {
                 lifetime_ms: expires_ms - now,
             });
         }
-        self.client_entry(p.mac).live += p.count;
+        self.client_gained(p.mac, (p.sid, p.port), p.count);
         self.stats.allocations += u64::from(p.count);
         Ok(grants)
     }
@@ -762,7 +817,7 @@ impl Allocator {
                 sid: lease.sid,
                 valid_until_ms: drain_end,
             });
-            self.client_entry(mac).live -= 1;
+            self.client_lost_one(mac);
             n += 1;
         }
         self.stats.releases += n as u64;
@@ -844,7 +899,78 @@ impl Allocator {
             live: 0,
             tokens_milli: u64::from(burst) * 1000,
             last_ms: now,
+            port: None,
         })
+    }
+
+    fn port_entry(&mut self, key: (Sid, u16)) -> &mut Port {
+        let (now, burst) = (self.now_ms, self.cfg.new_macs_per_port_burst);
+        self.ports.entry(key).or_insert(Port {
+            live: 0,
+            tokens_milli: u64::from(burst) * 1000,
+            last_ms: now,
+        })
+    }
+
+    /// Port security: a MAC new to the port takes one of the port's new-MAC tokens (taken
+    /// even when the request is refused later, as the client's own are), and the port's
+    /// clients may not hold more than `max_live_per_port` together. A client that comes
+    /// through another port than before brings what it holds along.
+    fn check_port(&mut self, p: &AllocParams) -> Result<(), AllocError> {
+        let key = (p.sid, p.port);
+        let (held, from) = self
+            .clients
+            .get(&p.mac)
+            .map_or((0, None), |c| (c.live, c.port));
+        let new_here = held == 0 || from != Some(key);
+        let (now, rate, burst, cap) = (
+            self.now_ms,
+            self.cfg.new_macs_per_port_per_s,
+            self.cfg.new_macs_per_port_burst,
+            self.cfg.max_live_per_port,
+        );
+        let port = self.port_entry(key);
+        refill(&mut port.tokens_milli, &mut port.last_ms, now, rate, burst);
+        if new_here && port.tokens_milli < 1000 {
+            self.stats.refused_port_rate += 1;
+            return Err(AllocError::PortRateLimited);
+        }
+        if new_here {
+            port.tokens_milli -= 1000;
+        }
+        let moving = if from == Some(key) { 0 } else { held };
+        let asked = p.count.saturating_add(moving);
+        let live = port.live;
+        if live.saturating_add(asked) > cap {
+            self.stats.refused_port_cap += 1;
+            return Err(AllocError::PortCap { live, asked, cap });
+        }
+        Ok(())
+    }
+
+    /// `count` addresses granted to `mac` through `port`; what it held through another port
+    /// (or an unknown one, after a restore) counts against this one from now on.
+    fn client_gained(&mut self, mac: Mac, port: (Sid, u16), count: u32) {
+        let client = self.client_entry(mac);
+        let (held, from) = (client.live, client.port);
+        client.live += count;
+        client.port = Some(port);
+        if from != Some(port) {
+            if let Some(old) = from.and_then(|k| self.ports.get_mut(&k)) {
+                old.live = old.live.saturating_sub(held);
+            }
+            self.port_entry(port).live += held;
+        }
+        self.port_entry(port).live += count;
+    }
+
+    /// One of `mac`'s assigned addresses ended (expired or released).
+    fn client_lost_one(&mut self, mac: Mac) {
+        let client = self.client_entry(mac);
+        client.live = client.live.saturating_sub(1);
+        if let Some(port) = client.port.and_then(|k| self.ports.get_mut(&k)) {
+            port.live = port.live.saturating_sub(1);
+        }
     }
 }
 
@@ -876,14 +1002,15 @@ impl Hasher for AddrHasher {
     }
 }
 
-fn refill(c: &mut Client, now: u64, rate_per_s: u32, burst: u32) {
-    let elapsed = now.saturating_sub(c.last_ms);
+/// Refills a token bucket (`tokens_milli`, last refilled at `last_ms`) at `rate_per_s`, up to
+/// `burst` tokens.
+fn refill(tokens_milli: &mut u64, last_ms: &mut u64, now: u64, rate_per_s: u32, burst: u32) {
+    let elapsed = now.saturating_sub(*last_ms);
     // rate_per_s tokens per second = rate_per_s milli-tokens per millisecond.
-    c.tokens_milli = c
-        .tokens_milli
+    *tokens_milli = tokens_milli
         .saturating_add(elapsed.saturating_mul(u64::from(rate_per_s)))
         .min(u64::from(burst) * 1000);
-    c.last_ms = c.last_ms.max(now);
+    *last_ms = (*last_ms).max(now);
 }
 
 fn validate(cfg: &Config) -> Result<(), ConfigError> {
@@ -898,6 +1025,9 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         (cfg.max_live_per_client, "max_live_per_client"),
         (cfg.rate_per_s, "rate_per_s"),
         (cfg.rate_burst, "rate_burst"),
+        (cfg.max_live_per_port, "max_live_per_port"),
+        (cfg.new_macs_per_port_per_s, "new_macs_per_port_per_s"),
+        (cfg.new_macs_per_port_burst, "new_macs_per_port_burst"),
     ] {
         if v == 0 {
             return Err(ConfigError::Zero(name));
@@ -935,6 +1065,9 @@ mod tests {
             max_live_per_client: 64,
             rate_per_s: 1000,
             rate_burst: 1000,
+            max_live_per_port: u32::MAX,
+            new_macs_per_port_per_s: u32::MAX / 1000,
+            new_macs_per_port_burst: u32::MAX / 1000,
             sids: vec![1, 2],
             ipv4: Some(V4Config {
                 prefixes: vec![prefix.parse().unwrap()],
@@ -948,9 +1081,92 @@ mod tests {
         AllocParams {
             mac: Mac([2, 0, 0, 0, 0, mac]),
             sid: 1,
+            port: 1,
             family: Family::V4,
             count,
         }
+    }
+
+    fn on_port(mac: u8, port: u16, count: u32) -> AllocParams {
+        AllocParams {
+            port,
+            ..req(mac, count)
+        }
+    }
+
+    #[test]
+    fn one_port_rotating_macs_gets_its_cap_and_another_port_still_gets_addresses() {
+        let mut cfg = v4_config("10.0.0.0/24");
+        cfg.max_live_per_port = 10;
+        let mut a = Allocator::new(cfg).unwrap();
+        // 100 MACs, one address each, all through port 1: ten are granted.
+        let granted = (0..100u8)
+            .filter(|&m| a.allocate(10_000, on_port(m, 1, 1)).is_ok())
+            .count();
+        assert_eq!(granted, 10);
+        assert_eq!(
+            a.allocate(10_000, on_port(200, 1, 1)),
+            Err(AllocError::PortCap {
+                live: 10,
+                asked: 1,
+                cap: 10
+            })
+        );
+        assert_eq!(a.stats().refused_port_cap, 91);
+        // A client behind port 2 is not starved.
+        assert_eq!(a.allocate(10_000, on_port(201, 2, 4)).unwrap().len(), 4);
+        // Once port 1's leases end, its clients get addresses again.
+        assert!(a.allocate(20_000, on_port(202, 1, 8)).is_ok());
+    }
+
+    #[test]
+    fn new_macs_on_a_port_are_rate_limited_and_its_known_clients_are_not() {
+        let mut cfg = v4_config("10.0.0.0/24");
+        cfg.new_macs_per_port_per_s = 2;
+        cfg.new_macs_per_port_burst = 3;
+        let mut a = Allocator::new(cfg).unwrap();
+        for m in 0..3 {
+            a.allocate(10_000, on_port(m, 1, 1)).unwrap();
+        }
+        assert_eq!(
+            a.allocate(10_000, on_port(3, 1, 1)),
+            Err(AllocError::PortRateLimited)
+        );
+        assert_eq!(a.stats().refused_port_rate, 1);
+        // A client already holding addresses through the port is not new there.
+        a.allocate(10_000, on_port(0, 1, 1)).unwrap();
+        // Another port has its own bucket.
+        a.allocate(10_000, on_port(3, 2, 1)).unwrap();
+        // Half a second refills one token at 2 per second.
+        a.allocate(10_500, on_port(4, 1, 1)).unwrap();
+        assert_eq!(
+            a.allocate(10_500, on_port(5, 1, 1)),
+            Err(AllocError::PortRateLimited)
+        );
+    }
+
+    #[test]
+    fn a_client_that_moves_to_another_port_takes_what_it_holds_along() {
+        let mut cfg = v4_config("10.0.0.0/24");
+        cfg.max_live_per_port = 6;
+        let mut a = Allocator::new(cfg).unwrap();
+        a.allocate(10_000, on_port(1, 1, 4)).unwrap();
+        // Through port 2 it would hold 4 + 3 there: over the cap of 6.
+        assert_eq!(
+            a.allocate(10_000, on_port(1, 2, 3)),
+            Err(AllocError::PortCap {
+                live: 0,
+                asked: 7,
+                cap: 6
+            })
+        );
+        a.allocate(10_000, on_port(1, 2, 2)).unwrap();
+        // Port 1 is free again, port 2 holds its 6.
+        a.allocate(10_000, on_port(2, 1, 6)).unwrap();
+        assert!(matches!(
+            a.allocate(10_000, on_port(3, 2, 1)),
+            Err(AllocError::PortCap { live: 6, .. })
+        ));
     }
 
     #[test]

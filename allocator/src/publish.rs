@@ -125,6 +125,9 @@ mod tests {
             max_live_per_client: 1000,
             rate_per_s: 1000,
             rate_burst: 1000,
+            max_live_per_port: u32::MAX,
+            new_macs_per_port_per_s: u32::MAX / 1000,
+            new_macs_per_port_burst: u32::MAX / 1000,
             sids: vec![1],
             ipv4: Some(V4Config {
                 prefixes: vec!["10.0.0.0/24".parse().unwrap()],
@@ -187,6 +190,7 @@ mod tests {
             AllocParams {
                 mac: Mac([2, 0, 0, 0, 0, 1]),
                 sid: 1,
+                port: 1,
                 family: Family::V4,
                 count: 3,
             },
@@ -202,6 +206,7 @@ mod tests {
                 AllocParams {
                     mac: Mac([2, 0, 0, 0, 0, i]),
                     sid: 1,
+                    port: 1,
                     family: Family::V4,
                     count: 2,
                 },
@@ -218,6 +223,7 @@ mod tests {
                 AllocParams {
                     mac: Mac([2, 0, 0, 0, 1, i]),
                     sid: 1,
+                    port: 1,
                     family: Family::V4,
                     count: 1,
                 },

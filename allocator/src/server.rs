@@ -219,6 +219,8 @@ pub struct Metrics {
     expiries: AtomicU64,
     freed: AtomicU64,
     expired_while_down: AtomicU64,
+    refused_port_rate: AtomicU64,
+    refused_port_cap: AtomicU64,
     replies: [AtomicU64; 5],
     drops: [AtomicU64; 12],
     leases: AtomicU64,
@@ -300,6 +302,15 @@ impl Metrics {
             "counter",
             "Leases found ended at restart.",
             &[("", g(&self.expired_while_down))],
+        );
+        metric(
+            "mimiq_allocator_port_refusals_total",
+            "counter",
+            "Requests refused by port security: too many new MACs on the port, or its clients at their cap.",
+            &[
+                ("reason=\"new_mac_rate\"", g(&self.refused_port_rate)),
+                ("reason=\"port_cap\"", g(&self.refused_port_cap)),
+            ],
         );
         let labels: Vec<String> = STATUSES
             .iter()
@@ -699,6 +710,7 @@ impl Server {
                     AllocParams {
                         mac: relay.info.mac,
                         sid: relay.info.sid,
+                        port: relay.info.ingress_port,
                         family: req.family,
                         count: u32::from(req.count),
                     },
@@ -778,6 +790,9 @@ impl Server {
         m.releases.store(st.releases, Ordering::Relaxed);
         m.expiries.store(st.expiries, Ordering::Relaxed);
         m.freed.store(st.freed, Ordering::Relaxed);
+        m.refused_port_rate
+            .store(st.refused_port_rate, Ordering::Relaxed);
+        m.refused_port_cap.store(st.refused_port_cap, Ordering::Relaxed);
         m.leases
             .store(self.core.lease_count() as u64, Ordering::Relaxed);
         if let Some(p) = self.core.v4_pool() {
@@ -799,7 +814,9 @@ fn status_of(e: AllocError) -> Status {
         | AllocError::UnknownSid(_) => Status::BadRequest,
         AllocError::RateLimited => Status::RateLimited,
         AllocError::ClientCap { .. } => Status::ClientCap,
-        AllocError::PoolExhausted => Status::PoolExhausted,
+        // For the port's clients, its share of the pool is exhausted.
+        AllocError::PoolExhausted | AllocError::PortCap { .. } => Status::PoolExhausted,
+        AllocError::PortRateLimited => Status::RateLimited,
     }
 }
 

@@ -85,6 +85,10 @@ max_per_request = 4
 max_live_per_client = 1000
 rate_per_s = 100000
 rate_burst = 100000
+# Many MACs through one port: port security out of the way.
+max_live_per_port = 100000000
+new_macs_per_port_per_s = 1000000
+new_macs_per_port_burst = 1000000
 [ipv4]
 # A /8, not a /16: a fast machine gets over 100,000 addresses acknowledged in the 12 rounds
 # (three quarters IPv4), more than a /16 holds, and a refusal fails the loader.

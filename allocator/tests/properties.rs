@@ -22,6 +22,9 @@ fn config() -> Config {
         max_live_per_client: 8,
         rate_per_s: 50,
         rate_burst: 20,
+        max_live_per_port: u32::MAX,
+        new_macs_per_port_per_s: u32::MAX / 1000,
+        new_macs_per_port_burst: u32::MAX / 1000,
         sids: vec![1, 2],
         // 14 usable addresses: small enough that exhaustion and reuse happen constantly.
         ipv4: Some(V4Config {
@@ -94,7 +97,7 @@ proptest! {
             match op {
                 Op::Alloc { mac: m, sid, v6, count } => {
                     let family = if v6 { Family::V6 } else { Family::V4 };
-                    match a.allocate(now, AllocParams { mac: mac(m), sid, family, count }) {
+                    match a.allocate(now, AllocParams { mac: mac(m), sid, port: 1, family, count }) {
                         Ok(grants) => {
                             prop_assert_eq!(grants.len() as u32, count);
                             for g in grants {

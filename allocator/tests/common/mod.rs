@@ -29,12 +29,13 @@ pub fn mac(n: u32) -> Mac {
     Mac([2, 0, b[0], b[1], b[2], b[3]])
 }
 
-/// A fake access switch with SID 1.
+/// A fake access switch with SID 1, relaying what arrives on its port `port` (1 unless set).
 pub struct Switch {
     pub sock: UdpSocket,
     pub allocator: SocketAddr,
     pub key: ring::hmac::Key,
     pub sid: u16,
+    pub port: u16,
 }
 
 impl Switch {
@@ -47,6 +48,7 @@ impl Switch {
             allocator,
             key: proto::key(&unhex(ACCESS_KEY)),
             sid: 1,
+            port: 1,
         }
     }
 
@@ -68,7 +70,7 @@ impl Switch {
             txid,
             info: RelayInfo {
                 sid: self.sid,
-                ingress_port: 1,
+                ingress_port: self.port,
                 mac,
                 client_port: 5555,
             },
