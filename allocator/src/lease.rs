@@ -188,7 +188,9 @@ pub enum AllocError {
     #[error("too many new MACs on this port")]
     PortRateLimited,
     /// The clients behind the port would hold more than `max_live_per_port` addresses.
-    #[error("the port's clients hold {live} addresses; {asked} more would exceed its cap of {cap}")]
+    #[error(
+        "the port's clients hold {live} addresses; {asked} more would exceed its cap of {cap}"
+    )]
     PortCap {
         /// Currently assigned through the port.
         live: u32,

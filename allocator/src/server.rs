@@ -792,7 +792,8 @@ impl Server {
         m.freed.store(st.freed, Ordering::Relaxed);
         m.refused_port_rate
             .store(st.refused_port_rate, Ordering::Relaxed);
-        m.refused_port_cap.store(st.refused_port_cap, Ordering::Relaxed);
+        m.refused_port_cap
+            .store(st.refused_port_cap, Ordering::Relaxed);
         m.leases
             .store(self.core.lease_count() as u64, Ordering::Relaxed);
         if let Some(p) = self.core.v4_pool() {

@@ -88,18 +88,8 @@ pub struct ProxyProc {
     pub stats_file: PathBuf,
     /// The config it runs.
     config: PathBuf,
-    /// The processes [`ProxyProc::kill_and_restart`] started (killed on drop).
-    restarted: std::sync::Mutex<Vec<std::process::Child>>,
-}
-
-impl Drop for ProxyProc {
-    fn drop(&mut self) {
-        let restarted = self.restarted.get_mut().map(std::mem::take);
-        for mut child in restarted.unwrap_or_default() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+    /// The processes [`ProxyProc::kill_and_restart`] started (stopped when dropped).
+    restarted: std::sync::Mutex<Vec<Proc>>,
 }
 
 impl ProxyProc {
@@ -156,29 +146,24 @@ impl ProxyProc {
     pub fn kill_and_restart(&self, tb: &Testbed, host: &str) -> Result<(), String> {
         self.proc.signal(libc::SIGKILL);
         let _ = std::fs::remove_file(&self.stats_file);
-        let bin = bin_path("mimiq-proxy")?;
-        let child = eventually(Duration::from_secs(10), || {
-            let mut child = std::process::Command::new("ip")
-                .args(["netns", "exec", &tb.netns(host)])
-                .arg(&bin)
-                .args(["run", "--config"])
-                .arg(&self.config)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
+        let bin = bin_path("mimiq-proxy")?.to_string_lossy().into_owned();
+        let config = self.config.to_string_lossy().into_owned();
+        let proc = eventually(Duration::from_secs(10), || {
+            let mut proc = tb
+                .spawn(host, &[&bin, "run", "--config", &config], false)
                 .map_err(|e| e.to_string())?;
             // Until the killed one is gone its port is taken, and the new one exits.
             std::thread::sleep(Duration::from_millis(200));
-            match child.try_wait() {
-                Ok(None) => Ok(child),
-                other => Err(format!("the restarted proxy exited: {other:?}")),
+            match proc.try_status() {
+                None => Ok(proc),
+                Some(status) => Err(format!(
+                    "the restarted proxy exited ({status}): {}",
+                    proc.describe()
+                )),
             }
         })
         .map_err(|e| format!("restart: {e}"))?;
-        self.restarted
-            .lock()
-            .map_err(|e| e.to_string())?
-            .push(child);
+        self.restarted.lock().map_err(|e| e.to_string())?.push(proc);
         Ok(())
     }
 

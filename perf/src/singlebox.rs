@@ -236,7 +236,7 @@ pub fn start(times: &Times) -> SingleBox {
         .unwrap();
     let sw_cfg = switch_config(dir.path());
     let switch = Switch::start(
-        &mut tb,
+        &tb,
         "sw",
         &["--config", sw_cfg.to_str().unwrap()],
         &dir.path().join("stats.json"),

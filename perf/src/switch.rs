@@ -18,7 +18,7 @@ impl Switch {
     /// Starts `mimiq-switch run <args> --stats-path <stats_path>` on `host` (with bpffs) and
     /// waits until it has bound its ports, i.e. written its first stats.
     pub fn start(
-        tb: &mut Testbed,
+        tb: &Testbed,
         host: &str,
         args: &[&str],
         stats_path: &Path,

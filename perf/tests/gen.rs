@@ -289,7 +289,7 @@ fn every_probe_through_mimiq_switch_l2fwd_is_counted_by_the_switch_and_the_recei
         "--stats-interval-ms",
         "50",
     ];
-    let switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("switch.json")).unwrap();
+    let switch = Switch::start(&tb, "sw", &args, &dir.path().join("switch.json")).unwrap();
     let recv = start_recv(&mut tb, "h2", dir.path(), "recv");
     let before = switch.stats().unwrap();
     let sent = send(
@@ -469,7 +469,7 @@ fn loss_and_delay_made_by_the_switch_impair_stage_show_exactly_in_the_receiver()
         "--impair",
         "p1:loss=0.05,seed=7,delay_us=3000",
     ];
-    let switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("switch.json")).unwrap();
+    let switch = Switch::start(&tb, "sw", &args, &dir.path().join("switch.json")).unwrap();
     let recv = start_recv(&mut tb, "h2", dir.path(), "recv");
     let before = switch.stats().unwrap();
     let flows = 4;
@@ -613,7 +613,7 @@ fn the_sender_holds_the_configured_packet_and_bit_rates() {
 #[test]
 fn bad_flags_and_missing_interfaces_are_one_line_errors() {
     require_root();
-    let mut tb = direct();
+    let tb = direct();
     let bin = perf();
     let cases: &[(&[&str], &str)] = &[
         (

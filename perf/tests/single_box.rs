@@ -358,14 +358,14 @@ key_hex = "{EDGE_KEY}"
     )
     .unwrap();
     let access = Switch::start(
-        &mut tb,
+        &tb,
         "swa",
         &["--config", access_cfg.to_str().unwrap()],
         &dir.path().join("a.json"),
     )
     .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
     let edge = Switch::start(
-        &mut tb,
+        &tb,
         "swe",
         &["--config", edge_cfg.to_str().unwrap()],
         &dir.path().join("e.json"),

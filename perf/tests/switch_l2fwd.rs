@@ -39,7 +39,7 @@ fn switch_carries_ping_and_iperf3_between_kernel_hosts_and_stopping_it_stops_tra
     // Forget the failed ARP resolution, or h1 waits out its retry timer.
     tb.exec_ok("h1", &["ip", "neigh", "flush", "all"]).unwrap();
 
-    let mut switch = Switch::start(&mut tb, "sw", L2FWD, &dir.path().join("s.json")).unwrap();
+    let mut switch = Switch::start(&tb, "sw", L2FWD, &dir.path().join("s.json")).unwrap();
     let s0 = switch.stats().unwrap();
 
     // ICMP over IPv4 and IPv6 (ARP and neighbour discovery cross the switch too).
@@ -145,7 +145,7 @@ fn a_queue_already_bound_and_a_missing_interface_are_one_clear_error_line() {
     let mut tb = Testbed::new().unwrap();
     topology::line(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let _first = Switch::start(&mut tb, "sw", L2FWD, &dir.path().join("a.json")).unwrap();
+    let _first = Switch::start(&tb, "sw", L2FWD, &dir.path().join("a.json")).unwrap();
     let bin = bin_path("mimiq-switch").unwrap();
     let bin = bin.to_str().unwrap();
     let second_stats = dir.path().join("b.json");
@@ -205,7 +205,7 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
         "--metrics-listen",
         "127.0.0.1:9464",
     ];
-    let mut switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("s.json")).unwrap();
+    let mut switch = Switch::start(&tb, "sw", &args, &dir.path().join("s.json")).unwrap();
 
     // Sixteen TCP streams: the sender's queue selection (a flow hash) spreads them over both
     // queues (all on one: a chance of 2 in 65536).
@@ -305,7 +305,7 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
         "--hlog-path",
         hlog.to_str().unwrap(),
     ];
-    let mut switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("usr1.json")).unwrap();
+    let mut switch = Switch::start(&tb, "sw", &args, &dir.path().join("usr1.json")).unwrap();
     let count_tags = || {
         let text = std::fs::read_to_string(&hlog).unwrap_or_default();
         (
@@ -372,7 +372,7 @@ fn the_xdp_program_leaves_arp_and_own_addresses_to_the_kernel_and_replaces_a_kil
         "--kernel-address",
         "198.18.0.9",
     ];
-    let mut switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("a.json")).unwrap();
+    let mut switch = Switch::start(&tb, "sw", &args, &dir.path().join("a.json")).unwrap();
     let s0 = switch.stats().unwrap();
     ping(&tb, "h1", "198.18.0.9", 10).unwrap_or_else(|e| panic!("the host's kernel answers: {e}"));
     // Then ten echo requests to h2, which cross the switch: once the switch has counted those,
@@ -412,7 +412,7 @@ fn the_xdp_program_leaves_arp_and_own_addresses_to_the_kernel_and_replaces_a_kil
         ping(&tb, "h1", topology::addr::H2_V4, 2).is_err(),
         "nothing forwards while it is dead"
     );
-    let mut again = Switch::start(&mut tb, "sw", &args, &dir.path().join("b.json")).unwrap();
+    let mut again = Switch::start(&tb, "sw", &args, &dir.path().join("b.json")).unwrap();
     ping(&tb, "h1", topology::addr::H2_V4, 5)
         .unwrap_or_else(|e| panic!("{e}; {}", again.proc.describe()));
     let status = again.proc.stop(Duration::from_secs(10)).unwrap();
@@ -453,7 +453,7 @@ fn the_impair_stage_delays_by_the_configured_time_and_drops_the_configured_fract
         "--impair",
         "p1:delay_us=10000",
     ];
-    let mut switch = Switch::start(&mut tb, "sw", &delayed, &dir.path().join("a.json")).unwrap();
+    let mut switch = Switch::start(&tb, "sw", &delayed, &dir.path().join("a.json")).unwrap();
     // No frame leaves before its delay, whatever the load: the stage stamps a frame with a
     // clock read after the burst that brought it. How soon after is the scheduler's business
     // (docs/PERFORMANCE.md has the figure from a quiet machine): a round whose median is under
@@ -490,7 +490,7 @@ fn the_impair_stage_delays_by_the_configured_time_and_drops_the_configured_fract
         "--impair",
         "p1:loss=0.2,seed=42",
     ];
-    let switch = Switch::start(&mut tb, "sw", &lossy, &dir.path().join("b.json")).unwrap();
+    let switch = Switch::start(&tb, "sw", &lossy, &dir.path().join("b.json")).unwrap();
     let out = tb
         .exec(
             "h1",

@@ -245,7 +245,7 @@ pub fn run(path: Path, sink: Sink, seconds: u32) -> Result<Run, String> {
                     "sw: mimiq-switch run {} --stats-path S",
                     args.join(" ")
                 ));
-                let sw = Switch::start(&mut tb, "sw", &args, &dir.path().join("switch.json"))?;
+                let sw = Switch::start(&tb, "sw", &args, &dir.path().join("switch.json"))?;
                 (Some(("sw", "p1")), None, Some(sw))
             }
             Path::KernelForwarding => {

@@ -64,7 +64,7 @@ pub fn run(
                 "--stats-interval-ms",
                 "100",
             ];
-            Some(Switch::start(&mut tb, "sw", &args, &stats)?)
+            Some(Switch::start(&tb, "sw", &args, &stats)?)
         }
     };
 

@@ -91,7 +91,7 @@ fn l2fwd(seconds: u32) -> Result<Row, String> {
         "--stats-interval-ms",
         "100",
     ];
-    let switch = Switch::start(&mut tb, "sw", &args, &dir.path().join("s.json"))?;
+    let switch = Switch::start(&tb, "sw", &args, &dir.path().join("s.json"))?;
     // A destination MAC nobody has: h2's kernel drops the frames on arrival.
     let send = [
         "--dst-mac",
@@ -142,7 +142,7 @@ fn single_box(
     let config = crate::singlebox::switch_config(dir.path());
     let config = config.to_string_lossy().into_owned();
     let switch = Switch::start(
-        &mut tb,
+        &tb,
         "sw",
         &["--config", &config],
         &dir.path().join("stats.json"),

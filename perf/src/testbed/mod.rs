@@ -81,7 +81,7 @@ pub struct Testbed {
     id: String,
     hosts: Vec<String>,
     logs: tempfile::TempDir,
-    spawned: u32,
+    spawned: std::sync::atomic::AtomicU32,
     keep: bool,
 }
 
@@ -109,7 +109,7 @@ impl Testbed {
             logs: tempfile::Builder::new()
                 .prefix("mimiq-testbed-")
                 .tempdir()?,
-            spawned: 0,
+            spawned: Default::default(),
             keep: false,
         })
     }
@@ -293,10 +293,12 @@ impl Testbed {
     /// With `bpffs`, a bpf filesystem is mounted at /sys/fs/bpf in the process's own mount
     /// namespace first (`ip netns exec` remounts /sys, which hides the host's bpffs; libxdp
     /// pins its dispatcher there).
-    pub fn spawn(&mut self, host: &str, cmd: &[&str], bpffs: bool) -> Result<Proc, TestbedError> {
+    pub fn spawn(&self, host: &str, cmd: &[&str], bpffs: bool) -> Result<Proc, TestbedError> {
         let ns = self.known(host)?;
-        self.spawned += 1;
-        let base = self.logs.path().join(format!("{host}-{}", self.spawned));
+        let n = 1 + self
+            .spawned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = self.logs.path().join(format!("{host}-{n}"));
         let stdout_path = base.with_extension("out");
         let stderr_path = base.with_extension("err");
         let mut command = Command::new("ip");
