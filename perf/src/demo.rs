@@ -96,7 +96,7 @@ fn demo(
     println!("1. mimiq-proxy serves CONNECT-IP on {PROXY}; each agent asks the allocator for addresses and connects:");
     let mut agents = Vec::new();
     for (i, client) in CLIENTS.iter().enumerate() {
-        let (agent, ready) = start_agent(tb, dir, client, i as u64 + 1)?;
+        let (agent, ready) = start_agent(tb, dir, client, i as u64 + 1, "")?;
         println!("   {client}: {ready}");
         agents.push(agent);
     }
@@ -351,13 +351,14 @@ pub fn start_outside(tb: &mut Testbed, dir: &Path) -> Result<ProxyProc, String> 
 
 /// Starts `mimiq-agent run` on `client` with the allocator source (the relay on the gateway's
 /// link-local address), a random hop every 20–60 QUIC datagrams, the server's subnet routed into
-/// the tunnel, and its counters, hop log and address log in `dir`; returns once it printed its
-/// `ready` line, with that line.
+/// the tunnel, and its counters, hop log and address log in `dir` (`tunnel_extra` appended to its
+/// `[tunnel]` table); returns once it printed its `ready` line, with that line.
 pub fn start_agent(
     tb: &mut Testbed,
     dir: &Path,
     client: &str,
     seed: u64,
+    tunnel_extra: &str,
 ) -> Result<(Proc, String), String> {
     let file = |what: &str| dir.join(format!("{client}-{what}")).display().to_string();
     let cfg = format!(
@@ -380,7 +381,7 @@ stats_file = "{stats}"
 stats_interval_ms = 500
 hop_log = "{hops}"
 address_log = "{addresses}"
-
+{tunnel_extra}
 [source]
 kind = "allocator"
 gateway = "[fe80::1]:6363"

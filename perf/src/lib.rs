@@ -12,6 +12,7 @@ pub mod gen;
 pub mod hopwatch;
 pub mod masque;
 pub mod singlebox;
+pub mod soak;
 pub mod switch;
 pub mod testbed;
 pub mod traffic;

@@ -40,6 +40,24 @@ enum Command {
         #[arg(long, default_value = "target/demo")]
         out: std::path::PathBuf,
     },
+    /// The demo's load for many minutes (two hopping agents downloading through the single
+    /// box and mimiq-proxy, leases expiring, the proxy killed now and then), with every
+    /// process's memory and file descriptors sampled each minute. Fails (exit 1) on a broken
+    /// transfer or a wrong byte.
+    Soak {
+        /// Minutes to run.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1440))]
+        minutes: u32,
+        /// Kill the proxy with SIGKILL and start it again every this many minutes (0: never).
+        #[arg(long, default_value_t = 5)]
+        fault_every_min: u32,
+        /// Also write the samples, transfers and summary as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Directory for results.json, results.md, the processes' configs and counters.
+        #[arg(long, default_value = "target/experiments/soak")]
+        out: std::path::PathBuf,
+    },
     /// Benchmarks that compare mimiq with a baseline in the same run.
     Bench {
         #[command(subcommand)]
@@ -218,6 +236,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gen { command } => mimiq_perf::gen::cli::run(*command)?,
         Command::Demo { seconds, out } => {
             mimiq_perf::demo::run(seconds, Some(&out)).map_err(anyhow::Error::msg)?;
+        }
+        Command::Soak {
+            minutes,
+            fault_every_min,
+            json,
+            out,
+        } => {
+            use mimiq_perf::soak;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let params = soak::Params {
+                minutes,
+                fault_every_min,
+            };
+            let results =
+                soak::run(params, &out, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
+            if let Some(json) = json {
+                std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
+                    .with_context(|| format!("writing {}", json.display()))?;
+            }
+            write_results(&out, &results, &soak::markdown(&results))?;
+            std::fs::write(
+                out.join("soak.svg"),
+                soak::svg(&results).map_err(anyhow::Error::msg)?,
+            )?;
+            let s = &results.summary;
+            if s.broken_transfers > 0 || s.bytes_wrong > 0 {
+                anyhow::bail!(
+                    "{} broken transfers, {} bytes wrong",
+                    s.broken_transfers,
+                    s.bytes_wrong
+                );
+            }
         }
         Command::Bench {
             bench:

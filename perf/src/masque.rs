@@ -167,6 +167,16 @@ impl ProxyProc {
         Ok(())
     }
 
+    /// The process id of the proxy running now (the last one [`ProxyProc::kill_and_restart`]
+    /// started, if it did).
+    pub fn pid(&self) -> u32 {
+        self.restarted
+            .lock()
+            .ok()
+            .and_then(|r| r.last().map(Proc::pid))
+            .unwrap_or_else(|| self.proc.pid())
+    }
+
     /// The proxy's current counters.
     pub fn stats(&self) -> Result<Value, String> {
         let text = std::fs::read_to_string(&self.stats_file).map_err(|e| e.to_string())?;

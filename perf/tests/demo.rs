@@ -35,7 +35,7 @@ fn two_hopping_clients_end_to_end_pass_every_check_of_the_demo() {
 fn one_agent(times: &Times) -> (SingleBox, ProxyProc, Proc) {
     let mut sb = singlebox::start(times);
     let proxy = demo::start_outside(&mut sb.tb, sb.dir.path()).unwrap();
-    let (agent, _) = demo::start_agent(&mut sb.tb, sb.dir.path(), "c1", 1).unwrap();
+    let (agent, _) = demo::start_agent(&mut sb.tb, sb.dir.path(), "c1", 1, "").unwrap();
     (sb, proxy, agent)
 }
 

@@ -445,3 +445,63 @@ fn a_proxy_killed_mid_download_and_restarted_gets_the_tunnel_back_and_the_downlo
     .unwrap_or_else(|e| panic!("the IPv4 and the IPv6 address asked for: {e}"));
     assert_eq!(s["addresses_refused"], 0, "{s}");
 }
+
+#[test]
+fn two_clients_resuming_at_once_after_a_proxy_restart_each_get_their_own_addresses_back() {
+    require_root();
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProc::start(
+        &mut tb,
+        "p",
+        dir.path(),
+        "0.0.0.0:4433",
+        "[quic]\nidle_timeout_ms = 1500\n",
+    )
+    .unwrap();
+    let url = proxy_url();
+    // The second client notices a dead proxy first (its own idle timeout is the shorter).
+    let mut clients = Vec::new();
+    for (i, (tun, idle)) in [("mq0", "1500"), ("mq1", "800")].iter().enumerate() {
+        let args = [
+            "ip",
+            "--proxy",
+            &url,
+            "--bind",
+            addr::CLIENT_V4[i],
+            "--tun",
+            tun,
+            "--route",
+            "none",
+            "--idle-timeout-ms",
+            idle,
+        ];
+        let (client, ready) = start_client(&mut tb, "c", &args).unwrap();
+        clients.push((client, ready));
+    }
+    assert!(clients[0].1.contains("198.18.200.2/32"), "{}", clients[0].1);
+    assert!(clients[1].1.contains("198.18.200.3/32"), "{}", clients[1].1);
+    // The new proxy hands out the lowest free address first: the client it hears from first
+    // (the second) would start on the first one's and have to exchange it, and two clients
+    // resuming at the same moment would each start on the other's and be refused their own,
+    // were it not for the ADDRESS_REQUEST sent with the CONNECT request.
+    proxy.kill_and_restart(&tb, "p").unwrap();
+    let s = eventually(Duration::from_secs(20), || {
+        let s = proxy.stats()?;
+        match (s["sessions_ip"].as_u64(), s["addresses_requested"].as_u64()) {
+            (Some(2), Some(4)) => Ok(s),
+            _ => Err(format!("{s}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("both resumed: {e}"));
+    assert_eq!(s["addresses_refused"], 0, "{s}");
+    assert_eq!(s["addresses_exchanged"], 0, "{s}");
+    for (i, (client, ready)) in clients.iter_mut().enumerate() {
+        let stats = stop_client(client).unwrap();
+        assert_eq!(stats["reconnects"], 1, "client {i}: {stats}");
+        assert_eq!(stats["addresses_changed"], 0, "client {i}: {stats}");
+        let now = stats["addresses"][0].as_str().unwrap().to_string();
+        assert!(ready.contains(&now), "client {i}: had {ready}, now {now}");
+    }
+}

@@ -498,7 +498,10 @@ impl Client {
             self.on_capsules()?;
         }
         if let (Some(sid), Some(h3)) = (self.stream, self.h3.as_mut()) {
-            if self.status == Some(200) && self.address_request.is_none() {
+            // Sent with the request, not after the response: the proxy then starts the session
+            // on these addresses if they are free (mimiq-proxy does), before another client
+            // resuming at the same moment is given one of them.
+            if self.address_request.is_none() {
                 self.outbuf = previous_addresses_request(&self.resume, &mut self.address_request);
             }
             if !self.outbuf.is_empty() {

@@ -26,7 +26,7 @@ use hdrhistogram::Histogram;
 use ring::rand::SystemRandom;
 use serde::Serialize;
 
-use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded};
+use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpPrefix};
 use crate::datagram::{self, Datagram, H3Datagram};
 use crate::netcfg::{NetConfig, Route};
 use crate::quic::{self, Tls};
@@ -111,6 +111,9 @@ pub struct Stats {
     pub addresses_requested: u64,
     /// Of those, refused (answered with the all-zero address).
     pub addresses_refused: u64,
+    /// Addresses a session gave up for the one its ADDRESS_REQUEST asked for (a request sent
+    /// with the CONNECT request starts the session on it instead).
+    pub addresses_exchanged: u64,
     /// Packets written to / read from the TUN device.
     pub tun_tx: u64,
     /// Packets read from the TUN device.
@@ -172,6 +175,22 @@ enum Kind {
         session: ConnectUdpSession,
         socket: UdpSocket,
     },
+}
+
+/// The addresses asked for by the ADDRESS_REQUEST capsules at the start of `stream` (the
+/// request stream's first bytes); decoding stops at anything else.
+fn requested_addresses(stream: &[u8]) -> Vec<IpPrefix> {
+    let mut decoder = CapsuleDecoder::default();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Ok(Decoded::Capsule { capsule, consumed }) = decoder.decode(&stream[at..]) {
+        let Capsule::AddressRequest(req) = capsule else {
+            break;
+        };
+        out.extend(req.iter().map(|e| e.prefix));
+        at += consumed;
+    }
+    out
 }
 
 struct Session {
@@ -248,7 +267,7 @@ impl Proxy {
             pool = HostPool::new(v4, v6);
             // The ICMP source addresses are the proxy's own: never hand them to a client.
             for a in [IpAddr::V4(ip.icmp_source_v4), IpAddr::V6(ip.icmp_source_v6)] {
-                pool.allocate(crate::capsule::IpPrefix::host(a));
+                pool.allocate(IpPrefix::host(a));
             }
             let dev =
                 TunDevice::create_with_vnet_hdr(&ip.tun, tunnel_mtu).map_err(|e| e.to_string())?;
@@ -584,6 +603,11 @@ impl Proxy {
     }
 
     fn h3_events(&mut self, id: u64) {
+        // Requests are started once this pass's events are read, with the capsules that came
+        // with them: an ADDRESS_REQUEST sent with a CONNECT-IP request (a client resuming a
+        // lost tunnel asks for the addresses its applications use) then chooses the session's
+        // first addresses, before two clients resuming at once are each given the other's.
+        let mut requests: Vec<(u64, Vec<quiche::h3::Header>, Vec<u8>)> = Vec::new();
         loop {
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
@@ -601,13 +625,34 @@ impl Proxy {
                     break;
                 }
             };
+            if let Some(at) = requests.iter().position(|r| r.0 == sid) {
+                match ev {
+                    quiche::h3::Event::Data => {
+                        while let Ok(n) = h3.recv_body(&mut c.conn, sid, &mut self.reply) {
+                            if n == 0 {
+                                break;
+                            }
+                            requests[at].2.extend_from_slice(&self.reply[..n]);
+                        }
+                        continue;
+                    }
+                    // The stream ends (or is reset) before the pass does: start it first.
+                    _ => {
+                        let (sid, list, early) = requests.remove(at);
+                        self.on_request(id, sid, &list, early);
+                    }
+                }
+            }
             match ev {
-                quiche::h3::Event::Headers { list, .. } => self.on_request(id, sid, &list),
+                quiche::h3::Event::Headers { list, .. } => requests.push((sid, list, Vec::new())),
                 quiche::h3::Event::Data => self.on_stream_data(id, sid),
                 quiche::h3::Event::Finished => self.on_finished(id, sid),
                 quiche::h3::Event::Reset(_) => self.end_session(id, sid),
                 _ => {}
             }
+        }
+        for (sid, list, early) in requests {
+            self.on_request(id, sid, &list, early);
         }
         // Capsules that waited for stream capacity.
         if let Some(c) = self.clients.get_mut(&id) {
@@ -623,10 +668,13 @@ impl Proxy {
         }
     }
 
-    fn on_request(&mut self, id: u64, sid: u64, list: &[quiche::h3::Header]) {
+    /// Starts (or refuses) the request on stream `sid`; `early` holds the capsule bytes that
+    /// came with it, the start of the session's capsule stream.
+    fn on_request(&mut self, id: u64, sid: u64, list: &[quiche::h3::Header], early: Vec<u8>) {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
+        let preferred = requested_addresses(&early);
         let verdict = request::validate(list, &self.cfg.tokens).and_then(|t| {
             if c.sessions.len() >= self.cfg.max_sessions_per_connection {
                 Err(Rejection {
@@ -656,7 +704,7 @@ impl Proxy {
                     icmp_source_v4: ip.icmp_source_v4,
                     icmp_source_v6: ip.icmp_source_v6,
                 };
-                let s = ConnectIpSession::new(scope, scfg, &mut self.pool);
+                let s = ConnectIpSession::preferring(scope, scfg, &mut self.pool, &preferred);
                 if s.assigned().is_empty() {
                     s.close(&mut self.pool);
                     return Err(Rejection {
@@ -710,7 +758,7 @@ impl Proxy {
                 let mut session = Session {
                     kind,
                     decoder: CapsuleDecoder::default(),
-                    inbuf: Vec::new(),
+                    inbuf: early,
                     outbuf: Vec::new(),
                 };
                 match &session.kind {
@@ -734,7 +782,11 @@ impl Proxy {
                 if let Ok(n) = h3.send_body(&mut c.conn, sid, &session.outbuf, false) {
                     session.outbuf.drain(..n);
                 }
+                let early = !session.inbuf.is_empty();
                 c.sessions.insert(sid, session);
+                if early {
+                    self.on_stream_data(id, sid);
+                }
             }
         }
     }
@@ -754,10 +806,10 @@ impl Proxy {
             return;
         };
         let mut error = false;
-        while let Ok(n) = h3.recv_body(&mut c.conn, sid, &mut self.reply) {
-            if n == 0 {
-                break;
-            }
+        // What is buffered already (the capsules that came with the request) is decoded even
+        // when nothing new arrived.
+        loop {
+            let n = h3.recv_body(&mut c.conn, sid, &mut self.reply).unwrap_or(0);
             s.inbuf.extend_from_slice(&self.reply[..n]);
             // Decode every whole capsule buffered.
             loop {
@@ -790,6 +842,7 @@ impl Proxy {
                                             !ip.assigned().iter().any(|b| b.prefix.addr() == **a)
                                         }) {
                                             self.by_addr.remove(gone);
+                                            self.stats.addresses_exchanged += 1;
                                         }
                                         let mut out = vec![0u8; 64 + 40 * entries.len()];
                                         if let Ok(n) =
@@ -825,7 +878,7 @@ impl Proxy {
                     break;
                 }
             }
-            if error {
+            if error || n == 0 {
                 break;
             }
         }

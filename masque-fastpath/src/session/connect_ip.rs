@@ -314,6 +314,19 @@ impl ConnectIpSession {
     /// A session for a request with this scope, taking one IPv4 and one IPv6 host address from
     /// `pool` (each when the pool has one).
     pub fn new(scope: IpScope, config: SessionConfig, pool: &mut impl AddressPool) -> Self {
+        Self::preferring(scope, config, pool, &[])
+    }
+
+    /// [`ConnectIpSession::new`], taking for each family the first of `preferred` that `pool`
+    /// has free, if any: the addresses an ADDRESS_REQUEST sent with the request asks for (a
+    /// client resuming a lost tunnel), so that the session does not start on the lowest free
+    /// address, which may be the one another resuming client is about to ask for.
+    pub fn preferring(
+        scope: IpScope,
+        config: SessionConfig,
+        pool: &mut impl AddressPool,
+        preferred: &[IpPrefix],
+    ) -> Self {
         let mut config = config;
         config.tunnel_mtu_bytes = config.tunnel_mtu_bytes.max(MIN_TUNNEL_MTU);
         let mut assigned = Vec::with_capacity(2);
@@ -321,7 +334,11 @@ impl ConnectIpSession {
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         ] {
-            if let Some(prefix) = pool.allocate(IpPrefix::host(any)) {
+            let wanted = preferred
+                .iter()
+                .filter(|p| p.addr().is_ipv4() == any.is_ipv4())
+                .find_map(|&p| pool.allocate(p));
+            if let Some(prefix) = wanted.or_else(|| pool.allocate(IpPrefix::host(any))) {
                 if prefix.addr().is_ipv4() == any.is_ipv4() {
                     //= https://www.rfc-editor.org/rfc/rfc9484#section-4.7.1
                     //# If this address

@@ -230,6 +230,38 @@ fn address_request_is_answered_with_matching_request_ids() {
 }
 
 #[test]
+fn a_session_starts_on_the_preferred_addresses_when_free_and_on_the_lowest_free_else() {
+    let mut p = pool();
+    let v4 = |s: &str| IpPrefix::host(s.parse().unwrap());
+    let held = |s: &ConnectIpSession| s.assigned().iter().map(|a| a.prefix).collect::<Vec<_>>();
+    // Two clients resuming at once, each asking for the address the other would get first.
+    let a = ConnectIpSession::preferring(
+        IpScope::ANY,
+        SessionConfig::default(),
+        &mut p,
+        &[v4("10.77.0.3")],
+    );
+    let b = ConnectIpSession::preferring(
+        IpScope::ANY,
+        SessionConfig::default(),
+        &mut p,
+        &[v4("10.77.0.2")],
+    );
+    assert_eq!(held(&a)[0], v4("10.77.0.3"));
+    assert_eq!(held(&b)[0], v4("10.77.0.2"));
+    // Taken, or outside the pool: the lowest free one.
+    let c = ConnectIpSession::preferring(
+        IpScope::ANY,
+        SessionConfig::default(),
+        &mut p,
+        &[v4("10.77.0.2"), v4("192.0.2.1")],
+    );
+    assert_eq!(held(&c)[0], v4("10.77.0.1"));
+    // The IPv6 address is the lowest free one whatever IPv4 was preferred.
+    assert_eq!(held(&a).len(), held(&c).len());
+}
+
+#[test]
 fn a_request_for_another_free_address_exchanges_the_held_one_and_a_taken_one_is_refused() {
     let mut p = HostPool::new(
         Some(IpPrefix::new("10.1.0.0".parse().unwrap(), 24).unwrap()),
