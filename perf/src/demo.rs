@@ -39,6 +39,8 @@ pub const PROXY: &str = "198.18.200.2:4433";
 pub const SERVER_V4: &str = "198.18.220.2";
 /// The clients.
 const CLIENTS: [&str; 2] = ["c1", "c2"];
+/// The agents' TUN device.
+pub const AGENT_TUN: &str = "mqa0";
 /// The source c1 spoofs: in no pool of the allocator's (`addr::POOL_V4` is 198.18.1.0/24).
 const SPOOFED_SOURCE: &str = "198.18.9.250";
 
@@ -375,7 +377,7 @@ expiry_margin_ms = 1000
 
 [tunnel]
 proxy = "{PROXY}"
-tun = "mqa0"
+tun = "{AGENT_TUN}"
 routes = ["198.18.220.0/24"]
 stats_file = "{stats}"
 stats_interval_ms = 500

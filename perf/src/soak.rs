@@ -223,11 +223,13 @@ pub fn run(params: Params, dir: &Path, log: &mut dyn FnMut(&str)) -> Result<Resu
             let (mut rx, mut hops) = (0, 0);
             for (client, agent) in &agents {
                 processes.push(sample_process(&format!("agent-{client}"), agent.pid()));
-                let s = agent_stats(dir, client);
-                rx += s["client"]["bytes_rx"].as_u64().unwrap_or(0);
-                hops += s["client"]["hops_done"].as_u64().unwrap_or(0);
+                hops += agent_stats(dir, client)["client"]["hops_done"]
+                    .as_u64()
+                    .unwrap_or(0);
+                // The TUN device's count outlives the agent's connections (its own counters
+                // start again with each).
+                rx += tun_rx_bytes(tb, client);
             }
-            // A reconnected agent's counters start again from 0.
             let rx_minute = rx.saturating_sub(rx_before);
             rx_before = rx;
             let (done, broken) = {
@@ -296,6 +298,21 @@ pub fn run(params: Params, dir: &Path, log: &mut dyn FnMut(&str)) -> Result<Resu
         transfers,
         summary,
     })
+}
+
+/// Bytes the agent on `client` wrote into its TUN device so far (what came through the
+/// tunnel; the kernel counts them as the device's received bytes).
+fn tun_rx_bytes(tb: &crate::testbed::Testbed, client: &str) -> u64 {
+    tb.exec(
+        client,
+        &[
+            "cat",
+            &format!("/sys/class/net/{}/statistics/rx_bytes", demo::AGENT_TUN),
+        ],
+    )
+    .ok()
+    .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+    .unwrap_or(0)
 }
 
 /// A download that failed or carried nothing.
