@@ -8,6 +8,7 @@ pub mod capture;
 pub mod demo;
 pub mod direct;
 pub mod experiments;
+pub mod faults;
 pub mod gen;
 pub mod hopwatch;
 pub mod masque;

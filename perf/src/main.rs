@@ -40,6 +40,17 @@ enum Command {
         #[arg(long, default_value = "target/demo")]
         out: std::path::PathBuf,
     },
+    /// Faults under load: the switch, the allocator and the proxy killed with SIGKILL in the
+    /// middle of a TCP download through them and started again, and an agent killed; what
+    /// survived, the data lost and each recovery time. Fails (exit 1) when one did not recover.
+    Faults {
+        /// Also write the faults as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Directory for results.json and results.md.
+        #[arg(long, default_value = "target/experiments/faults")]
+        out: std::path::PathBuf,
+    },
     /// The demo's load for many minutes (two hopping agents downloading through the single
     /// box and mimiq-proxy, leases expiring, the proxy killed now and then), with every
     /// process's memory and file descriptors sampled each minute. Fails (exit 1) on a broken
@@ -236,6 +247,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gen { command } => mimiq_perf::gen::cli::run(*command)?,
         Command::Demo { seconds, out } => {
             mimiq_perf::demo::run(seconds, Some(&out)).map_err(anyhow::Error::msg)?;
+        }
+        Command::Faults { json, out } => {
+            use mimiq_perf::faults;
+            let all = faults::run(&mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
+            let summary = serde_json::json!({
+                "faults": all.len(),
+                "recovered": all.iter().filter(|f| f.survived).count(),
+                "lost_bytes": all.iter().map(|f| f.lost_bytes).sum::<u64>(),
+                "recovery_ms": all.iter().map(|f| (f.fault.clone(), f.recovery_ms)).collect::<std::collections::BTreeMap<_, _>>(),
+            });
+            let results = serde_json::json!({ "rows": all, "summary": summary });
+            if let Some(json) = json {
+                std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
+                    .with_context(|| format!("writing {}", json.display()))?;
+            }
+            write_results(&out, &results, &faults::markdown(&all))?;
+            if let Some(f) = all.iter().find(|f| !f.survived) {
+                anyhow::bail!("{}: {}", f.fault, f.detail);
+            }
         }
         Command::Soak {
             minutes,

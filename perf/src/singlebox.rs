@@ -23,7 +23,7 @@ pub struct Times(pub u64, pub u64, pub u64, pub u64, pub &'static str);
 /// Minutes-long leases on the /24 pool.
 pub const LONG: Times = Times(60_000, 90_000, 5_000, 60_000, addr::POOL_V4);
 
-/// Writes the allocator's config into `dir`.
+/// Writes the allocator's config into `dir` (its leases in `dir/leases.redb`).
 pub fn allocator_config(dir: &std::path::Path, t: &Times) -> std::path::PathBuf {
     let path = dir.join("allocator.toml");
     std::fs::write(
@@ -34,7 +34,7 @@ pub fn allocator_config(dir: &std::path::Path, t: &Times) -> std::path::PathBuf 
 relay_listen = "127.0.0.1:6364"
 publish_listen = "0.0.0.0:6365"
 metrics_listen = "127.0.0.1:9364"
-store = "memory"
+store = "{store}"
 
 [lease]
 t_ip_min_ms = {tmin}
@@ -64,6 +64,7 @@ id = 100
 role = "edge"
 key_hex = "{EDGE_KEY}"
 "#,
+            store = dir.join("leases.redb").display(),
             pool = t.4,
             gw = addr::GATEWAY_V4,
             pool6 = addr::POOL_V6,
