@@ -130,6 +130,11 @@ pub struct SendArgs {
     /// Print a line of figures every second.
     #[arg(long)]
     progress: bool,
+    /// Send hostile frames instead of probes: random bytes after the Ethernet header, frames cut
+    /// short, junk ethertypes, or the three in turn; at the same rates, to see what a switch
+    /// or host counts and drops under a storm.
+    #[arg(long, value_enum)]
+    garble: Option<super::send::Garble>,
     /// Test only: every N-th packet of a flow skips a sequence number (N ≥ 2).
     #[arg(long, hide = true, value_parser = clap::value_parser!(u64).range(2..), conflicts_with = "fault_swap_every")]
     fault_skip_every: Option<u64>,
@@ -347,6 +352,7 @@ pub fn send_config(a: SendArgs) -> anyhow::Result<SendConfig> {
         _ => Fault::None,
     };
     Ok(SendConfig {
+        garble: a.garble,
         iface: a.iface,
         queue: a.queue,
         base: FlowAddrs {

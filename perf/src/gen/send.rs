@@ -39,6 +39,60 @@ pub enum Vary {
     DstIp,
 }
 
+/// Hostile frames instead of probes: each frame is built as a probe and then spoilt, so that
+/// every parser on the way sees what a broken or hostile host sends at the generator's rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Garble {
+    /// Random bytes after the Ethernet header (the IP ethertype kept).
+    Random,
+    /// Cut short at a random length, from one byte to the whole frame (runts included).
+    Truncated,
+    /// A random ethertype that is neither IP nor ARP.
+    Ethertype,
+    /// The three in turn.
+    Mixed,
+}
+
+impl Garble {
+    /// Spoils `frame` (a whole probe) in place; returns the length to send.
+    pub fn apply(self, frame: &mut [u8], n: u64, rng: &mut u64) -> usize {
+        let mut next = || {
+            // xorshift64: cheap, and every frame different.
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng
+        };
+        let how = match self {
+            Garble::Mixed => {
+                [Garble::Random, Garble::Truncated, Garble::Ethertype][(n % 3) as usize]
+            }
+            g => g,
+        };
+        match how {
+            Garble::Truncated => 1 + (next() % frame.len().max(1) as u64) as usize,
+            Garble::Ethertype => {
+                let t = loop {
+                    let t = (next() as u16).to_be_bytes();
+                    if !matches!(t, [0x08, 0x00] | [0x86, 0xdd] | [0x08, 0x06]) {
+                        break t;
+                    }
+                };
+                frame[12..14].copy_from_slice(&t);
+                frame.len()
+            }
+            _ => {
+                for chunk in frame[14..].chunks_mut(8) {
+                    let r = next().to_le_bytes();
+                    chunk.copy_from_slice(&r[..chunk.len()]);
+                }
+                frame.len()
+            }
+        }
+    }
+}
+
 /// What to send.
 #[derive(Debug, Clone)]
 pub struct SendConfig {
@@ -66,6 +120,8 @@ pub struct SendConfig {
     pub xsk: XskConfig,
     /// Test-only numbering faults.
     pub fault: Fault,
+    /// Hostile frames instead of probes.
+    pub garble: Option<Garble>,
     /// Where the JSON report goes.
     pub json: Option<PathBuf>,
 }
@@ -205,6 +261,7 @@ pub fn run(
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut last_burst_ns = start_ns;
     let mut round = 0usize; // position in the size pattern, advanced once per round of flows
+    let mut rng = start_ns | 1;
     let mut flow = 0usize;
     let cpu0 = cpu_time_ms();
     let (mut progress_at_ns, mut progress_sent) = (start_ns + 1_000_000_000, 0u64);
@@ -256,6 +313,10 @@ pub fn run(
                     let mut data = memory.data_mut(&mut frame);
                     data.cursor().set_pos(t.len());
                     t.write(data.contents_mut(), seq, now);
+                    if let Some(g) = config.garble {
+                        let len = g.apply(data.contents_mut(), generated, &mut rng);
+                        data.cursor().set_pos(len);
+                    }
                 }
                 tx.push(frame);
                 generated += 1;
@@ -391,6 +452,7 @@ mod tests {
             batch: 64,
             xsk: crate::gen::cli::socket_config(XdpMode::Native, CopyMode::Auto, 64),
             fault: Fault::None,
+            garble: None,
             json: None,
         };
         let t = templates(&config).unwrap();

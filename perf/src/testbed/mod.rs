@@ -238,7 +238,33 @@ impl Testbed {
         members: &[&str],
     ) -> Result<(), TestbedError> {
         let ns = self.known(host)?;
-        run("ip", &["-n", &ns, "link", "add", name, "type", "bridge"])?;
+        // A plain L2 switch: bridged frames skip iptables. br_netfilter, when the host has it
+        // loaded (container hosts do), validates the IP headers of bridged frames and drops
+        // malformed ones, which a LAN switch does not, and which would hide them from what is
+        // behind the bridge. It applies when either the bridge or the namespace asks for it.
+        if Path::new("/proc/sys/net/bridge").exists() {
+            for table in ["iptables", "ip6tables", "arptables"] {
+                self.sysctl(host, &format!("net.bridge.bridge-nf-call-{table}"), "0")?;
+            }
+        }
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "link",
+                "add",
+                name,
+                "type",
+                "bridge",
+                "nf_call_iptables",
+                "0",
+                "nf_call_ip6tables",
+                "0",
+                "nf_call_arptables",
+                "0",
+            ],
+        )?;
         for member in members {
             run("ip", &["-n", &ns, "link", "set", member, "master", name])?;
         }
