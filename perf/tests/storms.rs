@@ -67,9 +67,9 @@ fn a_storm_of_garbled_frames_into_the_access_port_is_dropped_and_counted_and_a_d
         let tb = &tb;
         let download =
             scope.spawn(move || pattern_download(tb, "out", listen, "c1", u64::MAX, Some(until)));
-        let at = rx_bytes(&tb, "c1", "eth0").unwrap();
+        let at = rx_bytes(tb, "c1", "eth0").unwrap();
         mimiq_testkit::eventually(Duration::from_secs(10), || {
-            match rx_bytes(&tb, "c1", "eth0")? - at {
+            match rx_bytes(tb, "c1", "eth0")? - at {
                 n if n > 1_000_000 => Ok(()),
                 n => Err(format!("{n} bytes so far")),
             }
