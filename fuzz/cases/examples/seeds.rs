@@ -160,6 +160,7 @@ fn main() {
     let with_byte = |b: u8, v: &[u8]| [&[b][..], v].concat();
     let mut seeds: Vec<(&str, Vec<Vec<u8>>)> = Vec::new();
     seeds.push(("wire_views", frames.clone()));
+    seeds.push(("switch_pipelines", frames.clone()));
     let enc = encapsulated(&frames);
     seeds.push((
         "ipip",
