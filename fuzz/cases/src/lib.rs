@@ -276,99 +276,54 @@ pub fn config_files(data: &[u8]) {
     }
 }
 
-/// The switch roles' pipelines (access and edge, with a client's binding and an alias epoch in
-/// their tables) on every port, and the gateway's ARP and neighbour discovery answers: a frame
-/// of any bytes gets a verdict, and a forwarded frame stays within its buffer.
+/// The roles as the benches configure them: dataplane/benches/support/roles.rs.
+#[path = "../../../dataplane/benches/support/roles.rs"]
+mod roles;
+
+/// The switch roles' pipelines (access and edge, configured as the benches do, with a client's
+/// bindings and an alias epoch in their tables) on every port, and the gateway's ARP and
+/// neighbour discovery answers: a frame of any bytes gets a verdict, and a forwarded frame
+/// stays within its buffer.
 pub fn switch_pipelines(data: &[u8]) {
     use mimiq_allocator::lease::{RuleUpdate, Sequenced};
     use mimiq_allocator::Mac;
-    use mimiq_dataplane::pipeline::gateway::Gateway;
-    use mimiq_dataplane::pipeline::mimiq::{
-        Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, SwitchUpdate, V4Prefix,
-    };
+    use mimiq_dataplane::pipeline::gateway::{Answer, Gateway};
     use mimiq_dataplane::pipeline::{Pipeline, Verdict as SwitchVerdict};
     use mimiq_dataplane::port::mem::{MemFrame, MemMemory};
     use mimiq_dataplane::wire::ethernet::EthernetAddress;
 
-    const NOW: u64 = 1_000_000;
-    const SID: u16 = 7;
-    let access_internal: IpAddr = "fd00:ffff::a".parse().expect("address");
-    let edge_internal: IpAddr = "fd00:ffff::e".parse().expect("address");
-    let rules = {
-        let updates = vec![
-            RuleUpdate::BindingAdd {
-                ip: "198.18.1.10".parse().expect("address"),
-                mac: Mac([2, 0, 0, 0, 0, 0x42]),
-                sid: SID,
-                valid_until_ms: NOW + 5_000,
-            },
-            RuleUpdate::BindingAdd {
-                ip: "fd00:1::101:0:0:10".parse().expect("address"),
-                mac: Mac([2, 0, 0, 0, 0, 0x42]),
-                sid: SID,
-                valid_until_ms: NOW + 5_000,
-            },
-            RuleUpdate::AliasEpoch {
-                epoch: 1,
-                aliases: vec![(SID, vec![0x0101])],
-                valid_until_ms: NOW + 5_000,
-            },
-        ];
-        let mut out = vec![Sequenced {
-            seq: 3,
-            update: RuleUpdate::Snapshot {
-                seq: 3,
-                count: updates.len() as u32,
-            },
-        }];
-        out.extend(
-            updates
-                .into_iter()
-                .map(|update| Sequenced { seq: 3, update }),
-        );
-        out
-    };
-    let mut access = Access::new(AccessConfig {
-        sid: SID,
-        clients: 0,
-        uplink: 1,
-        gateway_mac: [2, 0, 0, 0, 0, 1],
-        gateway_v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
-        gateway_v6: vec!["fe80::1".parse().expect("address")],
-        uplink_mac: [2, 0, 0, 0, 0, 0xa1],
-        edge_mac: [2, 0, 0, 0, 0, 0xe1],
-        internal: access_internal,
-        edge_internal,
-        v6_prefix_len: 64,
-        alias_bits: 16,
-    });
-    let mut edge = Edge::new(EdgeConfig {
-        inside: 0,
-        outside: 1,
-        inside_mac: [2, 0, 0, 0, 0, 0xe1],
-        outside_mac: [2, 0, 0, 0, 0, 0xe2],
-        outside_next_hop_mac: Some([2, 0, 0, 0, 0, 0x99]),
-        internal: edge_internal,
-        access: vec![AccessSwitch {
-            sid: SID,
-            internal: access_internal,
-            mac: [2, 0, 0, 0, 0, 0xa1],
-        }],
-        v6_prefix: "fd00:1::".parse().expect("address"),
-        v6_prefix_len: 64,
-        alias_bits: 16,
-        alias_k: 3,
-        v4_pools: vec![V4Prefix {
-            addr: Ipv4Addr::new(198, 18, 1, 0),
-            len: 24,
-        }],
-    });
-    for r in rules {
-        access.apply(SwitchUpdate::from(r.clone()));
-        edge.apply(SwitchUpdate::from(r));
-    }
-    access.tick(NOW);
-    edge.tick(NOW);
+    let updates = vec![
+        RuleUpdate::BindingAdd {
+            ip: IpAddr::V4(roles::v4(0)),
+            mac: Mac(roles::CLIENT),
+            sid: roles::SID,
+            valid_until_ms: u64::MAX,
+        },
+        RuleUpdate::BindingAdd {
+            ip: "fd00:1::101:0:0:10".parse().expect("address"),
+            mac: Mac(roles::CLIENT),
+            sid: roles::SID,
+            valid_until_ms: u64::MAX,
+        },
+        RuleUpdate::AliasEpoch {
+            epoch: 1,
+            aliases: vec![(roles::SID, vec![0x0101])],
+            valid_until_ms: u64::MAX,
+        },
+    ];
+    let mut rules = vec![Sequenced {
+        seq: 1,
+        update: RuleUpdate::Snapshot {
+            seq: 1,
+            count: updates.len() as u32,
+        },
+    }];
+    rules.extend(
+        updates
+            .into_iter()
+            .map(|update| Sequenced { seq: 1, update }),
+    );
+    let (mut access, mut edge) = (roles::access(&rules), roles::edge(&rules));
     fn one<P: Pipeline>(p: &mut P, port: u16, data: &[u8]) {
         let mut frame = MemFrame::from_bytes(data);
         let mut verdicts = Vec::new();
@@ -389,14 +344,12 @@ pub fn switch_pipelines(data: &[u8]) {
     }
     let gateway = Gateway {
         mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
-        v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
+        v4: Some(Ipv4Addr::new(10, 0, 0, 1)),
         v6: vec!["fe80::1".parse().expect("address")],
     };
     let mut buf = data.to_vec();
     buf.resize(data.len().max(128), 0);
-    if let Ok(mimiq_dataplane::pipeline::gateway::Answer::Reply(n)) =
-        gateway.answer(&mut buf, data.len())
-    {
+    if let Ok(Answer::Reply(n)) = gateway.answer(&mut buf, data.len()) {
         assert!(n <= buf.len());
     }
 }
