@@ -275,6 +275,23 @@ pub struct Sequenced {
     pub update: RuleUpdate,
 }
 
+impl Sequenced {
+    /// A snapshot as the rule stream carries it: `Snapshot{seq, count}`, then the `count`
+    /// updates, all numbered `seq`.
+    pub fn snapshot(seq: u64, updates: Vec<RuleUpdate>) -> Vec<Sequenced> {
+        let mut out = Vec::with_capacity(updates.len() + 1);
+        out.push(Sequenced {
+            seq,
+            update: RuleUpdate::Snapshot {
+                seq,
+                count: updates.len() as u32,
+            },
+        });
+        out.extend(updates.into_iter().map(|update| Sequenced { seq, update }));
+        out
+    }
+}
+
 /// A durable change for the lease store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JournalOp {

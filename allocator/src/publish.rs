@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 
-use crate::lease::{Allocator, RuleUpdate, Sequenced};
+use crate::lease::{Allocator, Sequenced};
 
 /// One published batch, shared by all subscribers.
 pub type Batch = Arc<Vec<Sequenced>>;
@@ -96,22 +96,13 @@ impl Fanout {
 /// `seq`.
 pub fn snapshot_batch(core: &Allocator) -> Vec<Sequenced> {
     let (seq, snap) = core.snapshot();
-    let mut out = Vec::with_capacity(snap.len() + 1);
-    out.push(Sequenced {
-        seq,
-        update: RuleUpdate::Snapshot {
-            seq,
-            count: snap.len() as u32,
-        },
-    });
-    out.extend(snap.into_iter().map(|update| Sequenced { seq, update }));
-    out
+    Sequenced::snapshot(seq, snap)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::{AllocParams, Config, V4Config};
+    use crate::lease::{AllocParams, Config, RuleUpdate, V4Config};
     use crate::{Family, Mac};
     use std::collections::BTreeMap;
     use std::net::IpAddr;

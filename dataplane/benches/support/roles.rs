@@ -41,19 +41,7 @@ pub fn rules() -> Vec<Sequenced> {
         aliases: vec![(SID, (1..65536).collect())],
         valid_until_ms: u64::MAX,
     });
-    let mut out = vec![Sequenced {
-        seq: 1,
-        update: RuleUpdate::Snapshot {
-            seq: 1,
-            count: updates.len() as u32,
-        },
-    }];
-    out.extend(
-        updates
-            .into_iter()
-            .map(|update| Sequenced { seq: 1, update }),
-    );
-    out
+    Sequenced::snapshot(1, updates)
 }
 
 pub fn edge(rules: &[Sequenced]) -> Edge {

@@ -712,19 +712,7 @@ mod tests {
                 valid_until_ms: NOW + 5_000,
             },
         ];
-        let mut out = vec![Sequenced {
-            seq: 3,
-            update: RuleUpdate::Snapshot {
-                seq: 3,
-                count: updates.len() as u32,
-            },
-        }];
-        out.extend(
-            updates
-                .into_iter()
-                .map(|update| Sequenced { seq: 3, update }),
-        );
-        out
+        Sequenced::snapshot(3, updates)
     }
 
     fn edge() -> Edge {

@@ -311,18 +311,7 @@ pub fn switch_pipelines(data: &[u8]) {
             valid_until_ms: u64::MAX,
         },
     ];
-    let mut rules = vec![Sequenced {
-        seq: 1,
-        update: RuleUpdate::Snapshot {
-            seq: 1,
-            count: updates.len() as u32,
-        },
-    }];
-    rules.extend(
-        updates
-            .into_iter()
-            .map(|update| Sequenced { seq: 1, update }),
-    );
+    let rules = Sequenced::snapshot(1, updates);
     let (mut access, mut edge) = (roles::access(&rules), roles::edge(&rules));
     fn one<P: Pipeline>(p: &mut P, port: u16, data: &[u8]) {
         let mut frame = MemFrame::from_bytes(data);
