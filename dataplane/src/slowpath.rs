@@ -564,21 +564,29 @@ mod tests {
     const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const SECRET: &[u8] = b"access-switch-7-key-0123456789abcdef";
 
-    #[test]
-    fn frames_the_access_slow_path_has_no_use_for_are_counted_by_why() {
+    /// The access slow path of SID 7 (gateway 198.18.1.1 and fe80::1) on its own thread,
+    /// relaying to `allocator`: the worker's ends of its rings, and how to stop it.
+    struct Running {
+        to_slow: rtrb::Producer<SlowPathFrame<MemFrame>>,
+        back: rtrb::Consumer<SlowPathReturn<MemFrame>>,
+        stop: Arc<AtomicBool>,
+        stats: Arc<SlowPathStats>,
+        thread: std::thread::JoinHandle<std::io::Result<()>>,
+    }
+
+    fn start_access(allocator: SocketAddr) -> Running {
         let gateway = Gateway {
             mac: EthernetAddress(GW_MAC),
             v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
-            v6: vec![],
+            v6: vec!["fe80::1".parse().unwrap()],
         };
-        // Nothing listens there: nothing is relayed in this test.
         let relay = RelayConfig {
             sid: 7,
-            allocator: "127.0.0.1:9".parse().unwrap(),
+            allocator,
             key: SECRET.to_vec(),
         };
-        let (mut to_slow, from_worker) = rtrb::RingBuffer::new(64);
-        let (to_worker, _back) = rtrb::RingBuffer::new(64);
+        let (to_slow, from_worker) = rtrb::RingBuffer::new(64);
+        let (to_worker, back) = rtrb::RingBuffer::new(64);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(SlowPathStats::default());
         let thread = {
@@ -595,6 +603,25 @@ mod tests {
                 )
             })
         };
+        Running {
+            to_slow,
+            back,
+            stop,
+            stats,
+            thread,
+        }
+    }
+
+    #[test]
+    fn frames_the_access_slow_path_has_no_use_for_are_counted_by_why() {
+        // Nothing listens there: nothing is relayed in this test.
+        let Running {
+            mut to_slow,
+            back: _back,
+            stop,
+            stats,
+            thread,
+        } = start_access("127.0.0.1:9".parse().unwrap());
         let arp = |target: [u8; 4], len: usize| {
             let mut f = vec![0xff; 6];
             f.extend_from_slice(&CLIENT_MAC);
@@ -653,34 +680,13 @@ mod tests {
     #[test]
     fn requests_are_relayed_with_sid_mac_and_port_and_replies_reach_the_client() {
         let allocator = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let gateway = Gateway {
-            mac: EthernetAddress(GW_MAC),
-            v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
-            v6: vec!["fe80::1".parse().unwrap()],
-        };
-        let relay = RelayConfig {
-            sid: 7,
-            allocator: allocator.local_addr().unwrap(),
-            key: SECRET.to_vec(),
-        };
-        let (mut to_slow, from_worker) = rtrb::RingBuffer::new(64);
-        let (to_worker, mut back) = rtrb::RingBuffer::new(64);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(SlowPathStats::default());
-        let thread = {
-            let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
-            std::thread::spawn(move || {
-                run_access(
-                    MemMemory,
-                    gateway,
-                    relay,
-                    from_worker,
-                    to_worker,
-                    stop,
-                    stats,
-                )
-            })
-        };
+        let Running {
+            mut to_slow,
+            mut back,
+            stop,
+            stats,
+            thread,
+        } = start_access(allocator.local_addr().unwrap());
 
         // A client message as the agent sends it: header magic "MQ", version, type, txid.
         let inner = [
