@@ -288,6 +288,7 @@ pub fn switch_pipelines(data: &[u8]) {
     use mimiq_allocator::lease::{RuleUpdate, Sequenced};
     use mimiq_allocator::Mac;
     use mimiq_dataplane::pipeline::gateway::{Answer, Gateway};
+    use mimiq_dataplane::pipeline::mimiq::{Access, Edge};
     use mimiq_dataplane::pipeline::{Pipeline, Verdict as SwitchVerdict};
     use mimiq_dataplane::port::mem::{MemFrame, MemMemory};
     use mimiq_dataplane::wire::ethernet::EthernetAddress;
@@ -311,8 +312,12 @@ pub fn switch_pipelines(data: &[u8]) {
             valid_until_ms: u64::MAX,
         },
     ];
-    let rules = Sequenced::snapshot(1, updates);
-    let (mut access, mut edge) = (roles::access(&rules), roles::edge(&rules));
+    thread_local! {
+        // Built once per thread: their tables are sized for a million bindings, and the frames
+        // change nothing in them.
+        static ROLES: std::cell::RefCell<Option<(Access, Edge)>> =
+            const { std::cell::RefCell::new(None) };
+    }
     fn one<P: Pipeline>(p: &mut P, port: u16, data: &[u8]) {
         let mut frame = MemFrame::from_bytes(data);
         let mut verdicts = Vec::new();
@@ -327,10 +332,16 @@ pub fn switch_pipelines(data: &[u8]) {
             assert!(!frame.bytes().is_empty());
         }
     }
-    for port in 0..3 {
-        one(&mut access, port, data);
-        one(&mut edge, port, data);
-    }
+    ROLES.with_borrow_mut(|r| {
+        let (access, edge) = r.get_or_insert_with(|| {
+            let rules = Sequenced::snapshot(1, updates);
+            (roles::access(&rules), roles::edge(&rules))
+        });
+        for port in 0..3 {
+            one(access, port, data);
+            one(edge, port, data);
+        }
+    });
     let gateway = Gateway {
         mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
         v4: Some(Ipv4Addr::new(10, 0, 0, 1)),
