@@ -771,3 +771,90 @@ key_hex = "{ACCESS_KEY}"
         granted.len() as u64
     );
 }
+
+/// Datagrams this network namespace's kernel dropped for a full UDP receive buffer
+/// (`RcvbufErrors` of /proc/net/snmp).
+fn udp_rcvbuf_errors() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "RcvbufErrors")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_flood_of_forged_and_replayed_relays_is_dropped_and_counted_while_a_switch_is_served() {
+    let s = default_server();
+    let sw = Switch::new(s.addrs.relay);
+    // A request the switch really relayed, answered: then replayed, byte for byte.
+    let original = sw.alloc_bytes(1, mac(1), Family::V4, 1);
+    sw.send(&original);
+    assert!(matches!(
+        sw.recv(Duration::from_secs(5)),
+        Some((1, ClientMsg::AllocReply(r))) if r.status == Status::Ok
+    ));
+    let mut forger = Switch::new(s.addrs.relay);
+    forger.key = proto::key(b"not-the-access-switch-key-000000");
+    let kernel_before = udp_rcvbuf_errors();
+    let (sent, served) = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            // Two seconds of forged requests (a wrong key, fresh transaction IDs) and replays of
+            // the one above, in turn, as fast as one socket sends.
+            let (mut sent, end) = (0u64, std::time::Instant::now() + Duration::from_secs(2));
+            let mut txid = 1_000u32;
+            while std::time::Instant::now() < end {
+                for _ in 0..64 {
+                    txid += 1;
+                    let forged = forger.alloc_bytes(txid, mac(txid), Family::V4, 1);
+                    for bytes in [&forged, &original] {
+                        if forger.sock.send_to(bytes, s.addrs.relay).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                }
+            }
+            sent
+        });
+        // Meanwhile the real switch's clients are served (a request lost to a full socket
+        // buffer is sent again, as a client does).
+        let mut served = 0;
+        for txid in 2..=21u32 {
+            let bytes = sw.alloc_bytes(txid, mac(txid), Family::V4, 1);
+            let ok = (0..10).any(|_| {
+                sw.send(&bytes);
+                matches!(
+                    sw.recv(Duration::from_millis(500)),
+                    Some((t, ClientMsg::AllocReply(r))) if t == txid && r.status == Status::Ok
+                )
+            });
+            served += u32::from(ok);
+        }
+        (flood.join().unwrap(), served)
+    });
+    assert_eq!(
+        served, 20,
+        "the switch's clients were served through the flood"
+    );
+    assert!(sent > 10_000, "the flood sent {sent}");
+    // Each flood datagram is a counted drop (a bad tag or a replay), or the kernel dropped it
+    // before the allocator read it.
+    let counted = eventually(SETTLE, || {
+        let counted = s.metrics.drops(DropReason::BadHmac) + s.metrics.drops(DropReason::Replay);
+        let kernel = udp_rcvbuf_errors() - kernel_before;
+        if counted + kernel >= sent {
+            Ok(counted)
+        } else {
+            Err(format!(
+                "{sent} sent, {counted} counted, {kernel} dropped by the kernel"
+            ))
+        }
+    })
+    .unwrap_or_else(|e| panic!("every forged or replayed datagram accounted for: {e}"));
+    assert!(s.metrics.drops(DropReason::BadHmac) > 0 && s.metrics.drops(DropReason::Replay) > 0);
+    // Only the real requests got addresses.
+    assert_eq!(leases(s.addrs.metrics).len(), 21);
+    eprintln!("flood: {sent} sent, {counted} counted as bad_hmac or replay");
+}
