@@ -144,7 +144,15 @@ impl ProxyProc {
     /// same stats file (removed first, so [`ProxyProc::stats`] reads the new one's once it is
     /// written). Returns once the new process runs.
     pub fn kill_and_restart(&self, tb: &Testbed, host: &str) -> Result<(), String> {
-        self.proc.signal(libc::SIGKILL);
+        let mut restarted = self.restarted.lock().map_err(|e| e.to_string())?;
+        // The one running now: the last started again, or the first.
+        match restarted.last_mut() {
+            Some(live) => {
+                live.signal(libc::SIGKILL);
+                let _ = live.wait_timeout(Duration::from_secs(5));
+            }
+            None => self.proc.signal(libc::SIGKILL),
+        }
         let _ = std::fs::remove_file(&self.stats_file);
         let bin = bin_path("mimiq-proxy")?.to_string_lossy().into_owned();
         let config = self.config.to_string_lossy().into_owned();
@@ -163,7 +171,7 @@ impl ProxyProc {
             }
         })
         .map_err(|e| format!("restart: {e}"))?;
-        self.restarted.lock().map_err(|e| e.to_string())?.push(proc);
+        restarted.push(proc);
         Ok(())
     }
 

@@ -375,7 +375,7 @@ fn an_idle_tunnel_is_kept_alive_and_a_lost_one_ends_the_client_with_an_error() {
 }
 
 #[test]
-fn two_clients_resuming_at_once_after_a_proxy_restart_each_get_their_own_addresses_back() {
+fn two_clients_resuming_at_once_after_each_of_two_proxy_restarts_get_their_own_addresses_back() {
     require_root();
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
@@ -425,9 +425,21 @@ fn two_clients_resuming_at_once_after_a_proxy_restart_each_get_their_own_address
     .unwrap_or_else(|e| panic!("both resumed: {e}"));
     assert_eq!(s["addresses_refused"], 0, "{s}");
     assert_eq!(s["addresses_exchanged"], 0, "{s}");
+    // And once more: the proxy killed now is the one started a moment ago.
+    proxy.kill_and_restart(&tb, "p").unwrap();
+    let s = eventually(Duration::from_secs(20), || {
+        let s = proxy.stats()?;
+        match (s["sessions_ip"].as_u64(), s["addresses_requested"].as_u64()) {
+            (Some(2), Some(4)) => Ok(s),
+            _ => Err(format!("{s}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("both resumed again: {e}"));
+    assert_eq!(s["addresses_refused"], 0, "{s}");
+    assert_eq!(s["addresses_exchanged"], 0, "{s}");
     for (i, (client, ready)) in clients.iter_mut().enumerate() {
         let stats = stop_client(client).unwrap();
-        assert_eq!(stats["reconnects"], 1, "client {i}: {stats}");
+        assert_eq!(stats["reconnects"], 2, "client {i}: {stats}");
         assert_eq!(stats["addresses_changed"], 0, "client {i}: {stats}");
         let now = stats["addresses"][0].as_str().unwrap().to_string();
         assert!(ready.contains(&now), "client {i}: had {ready}, now {now}");
