@@ -9173,30 +9173,6 @@ impl<F: BufFactory> Connection<F> {
         &mut self, recv_pid: Option<usize>, dcid: &ConnectionId, buf_len: usize,
         info: &RecvInfo, now: Instant,
     ) -> Result<usize> {
-        // MIMIQ patch: the peer may have sent a packet to one of our source
-        // IDs just before it retired that ID (RFC 9000 Section 5.1.2 lets it
-        // retire the ID of a path we left at once), and the packet can
-        // arrive behind the RETIRE_CONNECTION_ID (each path has its own
-        // socket). Within three PTOs of the retirement, such a packet on a
-        // path the connection still has is read, not lost: RFC 9000 Section
-        // 5.1.2 asks the same grace of an endpoint that requests retirement.
-        // The path's source ID is left as it is.
-        while self
-            .recently_retired_scids
-            .front()
-            .is_some_and(|(_, until)| *until <= now)
-        {
-            self.recently_retired_scids.pop_front();
-        }
-        if let Some(recv_pid) = recv_pid {
-            if self.ids.find_scid_seq(dcid).is_none() &&
-                self.recently_retired_scids.iter().any(|(c, _)| c == dcid)
-            {
-                self.retired_dcid_read_count += 1;
-                return Ok(recv_pid);
-            }
-        }
-
         let ids = &mut self.ids;
 
         // MIMIQ patch: a packet to a connection ID this endpoint has retired
@@ -9207,6 +9183,27 @@ impl<F: BufFactory> Connection<F> {
         // connection and lets any reordering kill one that migrates.
         let Some((in_scid_seq, mut in_scid_pid)) = ids.find_scid_seq(dcid)
         else {
+            // MIMIQ patch: the peer may have sent the packet just before it
+            // retired the ID (RFC 9000 Section 5.1.2 lets it retire the ID of
+            // a path we left at once), and it can arrive behind the
+            // RETIRE_CONNECTION_ID (each path has its own socket). Within
+            // three PTOs of the retirement, such a packet on a path the
+            // connection still has is read, not lost: RFC 9000 Section 5.1.2
+            // asks the same grace of an endpoint that requests retirement.
+            // The path's source ID is left as it is.
+            while self
+                .recently_retired_scids
+                .front()
+                .is_some_and(|(_, until)| *until <= now)
+            {
+                self.recently_retired_scids.pop_front();
+            }
+            if let Some(recv_pid) = recv_pid {
+                if self.recently_retired_scids.iter().any(|(c, _)| c == dcid) {
+                    self.retired_dcid_read_count += 1;
+                    return Ok(recv_pid);
+                }
+            }
             trace!(
                 "{} dropped a packet to unknown connection ID {:?}",
                 self.trace_id,
