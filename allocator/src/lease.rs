@@ -210,6 +210,8 @@ pub struct Lease {
     pub mac: Mac,
     /// The access switch behind which the client sits.
     pub sid: Sid,
+    /// The switch's client-facing port it was granted through (where its traffic is delivered).
+    pub port: u16,
     /// When it was granted (ms).
     pub assigned_ms: u64,
     /// When its lifetime ends (ms); after that it drains for `t_remove`.
@@ -237,6 +239,8 @@ pub enum RuleUpdate {
         mac: Mac,
         /// Access switch.
         sid: Sid,
+        /// The access switch's client-facing port behind which the client sits.
+        port: u16,
         /// End of the drain (ms).
         valid_until_ms: u64,
     },
@@ -338,6 +342,7 @@ pub struct CoreStats {
 struct LeaseEntry {
     mac: Mac,
     sid: Sid,
+    port: u16,
     state: LeaseState,
     assigned_ms: u64,
     expires_ms: u64,
@@ -348,6 +353,7 @@ impl LeaseEntry {
         LeaseEntry {
             mac: l.mac,
             sid: l.sid,
+            port: l.port,
             state,
             assigned_ms: l.assigned_ms,
             expires_ms: l.expires_ms,
@@ -359,6 +365,7 @@ impl LeaseEntry {
             ip,
             mac: self.mac,
             sid: self.sid,
+            port: self.port,
             assigned_ms: self.assigned_ms,
             expires_ms: self.expires_ms,
         }
@@ -782,6 +789,7 @@ impl Allocator {
                 ip,
                 mac: p.mac,
                 sid: p.sid,
+                port: p.port,
                 assigned_ms: now,
                 expires_ms,
             };
@@ -797,6 +805,7 @@ impl Allocator {
                 ip,
                 mac: p.mac,
                 sid: p.sid,
+                port: p.port,
                 valid_until_ms: expires_ms.saturating_add(self.cfg.t_remove_ms),
             });
             grants.push(Grant {
@@ -834,6 +843,7 @@ impl Allocator {
                 ip,
                 mac,
                 sid: lease.sid,
+                port: lease.port,
                 valid_until_ms: drain_end,
             });
             self.client_lost_one(mac);
@@ -854,6 +864,7 @@ impl Allocator {
                 ip,
                 mac: e.mac,
                 sid: e.sid,
+                port: e.port,
                 valid_until_ms: e.expires_ms.saturating_add(self.cfg.t_remove_ms),
             });
         }
@@ -1132,8 +1143,23 @@ mod tests {
             })
         );
         assert_eq!(a.stats().refused_port_cap, 91);
-        // A client behind port 2 is not starved.
+        // A client behind port 2 is not starved, and its bindings name its port (where the
+        // switch delivers its traffic, and the only port it accepts it from).
+        a.take_updates();
         assert_eq!(a.allocate(10_000, on_port(201, 2, 4)).unwrap().len(), 4);
+        let ports: Vec<u16> = a
+            .take_updates()
+            .into_iter()
+            .filter_map(|u| match u.update {
+                RuleUpdate::BindingAdd { port, .. } => Some(port),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ports, [2; 4]);
+        assert!(a.snapshot().1.iter().all(|u| !matches!(
+            u,
+            RuleUpdate::BindingAdd { mac, port, .. } if mac.0[5] == 201 && *port != 2
+        )));
         // Once port 1's leases end, its clients get addresses again.
         assert!(a.allocate(20_000, on_port(202, 1, 8)).is_ok());
     }
@@ -1404,6 +1430,7 @@ mod tests {
             ip: IpAddr::V4(gw),
             mac: Mac([2, 0, 0, 0, 0, 1]),
             sid: 1,
+            port: 0,
             assigned_ms: 0,
             expires_ms: 1_000,
         };

@@ -40,7 +40,8 @@
 //!                     | inner_len u16 | inner message | tag [32]
 //! Hello         0x20  switch_id u16 | timestamp_ms u64 | tag [32]
 //! Snapshot      0x21  seq u64 | count u32 | tag [32]
-//! BindingAdd    0x22  seq u64 | family u8 | addr | mac [6] | sid u16 | valid_until_ms u64 | tag [32]
+//! BindingAdd    0x22  seq u64 | family u8 | addr | mac [6] | sid u16 | port u16
+//!                     | valid_until_ms u64 | tag [32]
 //! BindingRemove 0x23  seq u64 | family u8 | addr | tag [32]
 //! AliasEpoch    0x24  seq u64 | epoch u64 | valid_until_ms u64 | sids u16
 //!                     | sids × (sid u16 | n u16 | n × alias u32) | tag [32]
@@ -616,11 +617,13 @@ impl StreamMsg {
                         ip,
                         mac,
                         sid,
+                        port,
                         valid_until_ms,
                     } => {
                         put_family_addr(out, *ip);
                         out.extend_from_slice(&mac.0);
                         out.extend_from_slice(&sid.to_be_bytes());
+                        out.extend_from_slice(&port.to_be_bytes());
                         out.extend_from_slice(&valid_until_ms.to_be_bytes());
                     }
                     RuleUpdate::BindingRemove { ip } => put_family_addr(out, *ip),
@@ -686,6 +689,7 @@ impl StreamMsg {
                 let ip = r.family_addr()?;
                 let mac = Mac(r.array()?);
                 let sid = r.u16()?;
+                let port = r.u16()?;
                 let valid_until_ms = r.u64()?;
                 StreamMsg::Update(Sequenced {
                     seq,
@@ -693,6 +697,7 @@ impl StreamMsg {
                         ip,
                         mac,
                         sid,
+                        port,
                         valid_until_ms,
                     },
                 })
@@ -1139,6 +1144,7 @@ mod tests {
                     ip: "10.0.0.7".parse().unwrap(),
                     mac: Mac([1, 2, 3, 4, 5, 6]),
                     sid: 1,
+                    port: 3,
                     valid_until_ms: 77,
                 },
             }),

@@ -429,8 +429,8 @@ pub fn format_lease(l: &Lease, state: LeaseState) -> String {
         LeaseState::Draining => "draining",
     };
     format!(
-        "{} {} sid={} {} assigned_ms={} expires_ms={}",
-        l.ip, l.mac, l.sid, st, l.assigned_ms, l.expires_ms
+        "{} {} sid={} port={} {} assigned_ms={} expires_ms={}",
+        l.ip, l.mac, l.sid, l.port, st, l.assigned_ms, l.expires_ms
     )
 }
 

@@ -90,7 +90,7 @@ proptest! {
         let mut a = Allocator::new(config()).unwrap();
         let mut now = 0u64;
         let mut model: HashMap<IpAddr, Granted> = HashMap::new();
-        let mut switch: HashMap<IpAddr, (Mac, u16, u64)> = HashMap::new();
+        let mut switch: HashMap<IpAddr, (Mac, u16, u16, u64)> = HashMap::new();
         let mut epochs: HashMap<u64, Vec<(u16, Vec<u32>)>> = HashMap::new();
         let mut last_seq = 0u64;
         for op in ops {
@@ -163,7 +163,7 @@ proptest! {
                 prop_assert_eq!(u.seq, last_seq + 1);
                 last_seq = u.seq;
                 match u.update {
-                    RuleUpdate::BindingAdd { ip, mac, sid, valid_until_ms } => { switch.insert(ip, (mac, sid, valid_until_ms)); }
+                    RuleUpdate::BindingAdd { ip, mac, sid, port, valid_until_ms } => { switch.insert(ip, (mac, sid, port, valid_until_ms)); }
                     RuleUpdate::BindingRemove { ip } => { prop_assert!(switch.remove(&ip).is_some()); }
                     RuleUpdate::AliasEpoch { epoch, aliases, .. } => { epochs.insert(epoch, aliases); }
                     RuleUpdate::Snapshot { .. } => prop_assert!(false, "snapshot marker in the incremental stream"),
@@ -173,8 +173,8 @@ proptest! {
             prop_assert_eq!(seq, last_seq);
             let mut from_snap = HashMap::new();
             for u in snap {
-                if let RuleUpdate::BindingAdd { ip, mac, sid, valid_until_ms } = u {
-                    from_snap.insert(ip, (mac, sid, valid_until_ms));
+                if let RuleUpdate::BindingAdd { ip, mac, sid, port, valid_until_ms } = u {
+                    from_snap.insert(ip, (mac, sid, port, valid_until_ms));
                 } else if let RuleUpdate::AliasEpoch { epoch, aliases, .. } = u {
                     prop_assert_eq!(epochs.get(&epoch), Some(&aliases));
                 }

@@ -79,6 +79,7 @@ fn roles(c: &mut Criterion) {
                         ip: IpAddr::V4(v4(i)),
                         mac: Mac(CLIENT),
                         sid: SID,
+                        port: 0,
                         valid_until_ms: u64::MAX,
                     },
                 }

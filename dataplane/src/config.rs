@@ -107,8 +107,11 @@ pub struct KernelConfig {
 pub struct AccessSection {
     /// This access switch's SID (also its switch ID and key at the allocator).
     pub sid: u16,
-    /// The client-facing interface.
-    pub clients: String,
+    /// The client-facing interfaces, one name or a list: each is a port of the switch (numbered
+    /// from 0 in this order, the number the allocator records with a client's leases), and a
+    /// client's traffic is accepted from, and delivered to, the port it was granted through.
+    #[serde(deserialize_with = "one_or_more")]
+    pub clients: Vec<String>,
     /// The interface towards the edge.
     pub uplink: String,
     /// The edge's MAC on that link (`role = "access"`; the single box reads it locally).
@@ -245,8 +248,36 @@ pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
+/// A string or a list of strings.
+fn one_or_more<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "an interface name or a list of interface names")]
+    enum OneOrMore {
+        One(String),
+        More(Vec<String>),
+    }
+    Ok(match OneOrMore::deserialize(d)? {
+        OneOrMore::One(name) => vec![name],
+        OneOrMore::More(names) => names,
+    })
+}
+
+/// Most client-facing ports of one access switch.
+pub const MAX_CLIENT_PORTS: usize = 64;
+
 impl AccessSection {
     fn validate(&self, standalone: bool) -> Result<(), String> {
+        if self.clients.is_empty() || self.clients.len() > MAX_CLIENT_PORTS {
+            return Err(format!(
+                "access.clients: list 1 to {MAX_CLIENT_PORTS} client-facing interfaces, not {}",
+                self.clients.len()
+            ));
+        }
+        for (i, name) in self.clients.iter().enumerate() {
+            if self.clients[..i].contains(name) || *name == self.uplink {
+                return Err(format!("access.clients: interface {name} is used twice"));
+            }
+        }
         if self.internal.is_ipv4() != self.edge_internal.is_ipv4() {
             return Err(
                 "access: internal and edge_internal must be of one family (the outer header's)"
@@ -557,7 +588,8 @@ impl SwitchConfig {
     pub fn all_interfaces(&self) -> Vec<String> {
         let mut names = self.interfaces.clone();
         if let Some(a) = &self.access {
-            names.extend([a.clients.clone(), a.uplink.clone()]);
+            names.extend(a.clients.iter().cloned());
+            names.push(a.uplink.clone());
         }
         if let Some(e) = &self.edge {
             names.extend([e.inside.clone(), e.outside.clone()]);
@@ -614,6 +646,9 @@ mod tests {
         let c = parse(&format!("role = \"single_box\"\n{ACCESS}{EDGE}")).unwrap();
         assert_eq!(c.all_interfaces(), ["c", "u", "i", "o"]);
         assert_eq!(c.edge.unwrap().alias_bits, 16);
+        let two = ACCESS.replace("clients = \"c\"", "clients = [\"c0\", \"c1\"]");
+        let c = parse(&format!("role = \"single_box\"\n{two}{EDGE}")).unwrap();
+        assert_eq!(c.all_interfaces(), ["c0", "c1", "u", "i", "o"]);
     }
 
     const MINIMAL: &str = "role = \"l2fwd\"\ninterfaces = [\"p0\", \"p1\"]\n";
@@ -740,6 +775,27 @@ mod tests {
             (
                 &format!("{MINIMAL}workers = [{{ queue = 1, cpu = 0 }}]\n"),
                 "unknown field `cpu`",
+            ),
+            (
+                &format!(
+                    "role = \"single_box\"\n{}{EDGE}",
+                    ACCESS.replace("clients = \"c\"", "clients = [\"c\", \"u\"]")
+                ),
+                "interface u is used twice",
+            ),
+            (
+                &format!(
+                    "role = \"single_box\"\n{}{EDGE}",
+                    ACCESS.replace("clients = \"c\"", "clients = []")
+                ),
+                "list 1 to 64 client-facing interfaces, not 0",
+            ),
+            (
+                &format!(
+                    "role = \"single_box\"\n{}{EDGE}",
+                    ACCESS.replace("clients = \"c\"", "clients = 3")
+                ),
+                "an interface name or a list of interface names",
             ),
             ("role = \"router\"\ninterfaces = []\n", "line 1"),
             ("role = \n", "line 1"),

@@ -36,6 +36,7 @@ use mimiq_dataplane::pipeline::mimiq::{
 };
 use mimiq_dataplane::port::xdp_prog::KernelPass;
 use mimiq_dataplane::port::xsk::{self, XskConfig};
+use mimiq_dataplane::port::PortId;
 use mimiq_dataplane::slowpath::{self, EdgeNeighbors, RelayConfig};
 use mimiq_dataplane::telemetry::{self, HlogWriter, Telemetry};
 use mimiq_dataplane::wire::EthernetAddress;
@@ -396,11 +397,13 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
             (None, None) => bail!("access.edge_mac is needed"),
         };
         let key = parse_hex(&a.key_hex).map_err(msg)?;
-        let gateway_mac = interface_mac(&a.clients)?;
+        // One gateway MAC on every client port, as a router's one interface on a LAN.
+        let gateway_mac = interface_mac(&a.clients[0])?;
+        let client_ports = a.clients.len() as PortId; // at most MAX_CLIENT_PORTS (validate())
         let access = AccessConfig {
             sid: a.sid,
-            clients: 0,
-            uplink: 1,
+            client_ports,
+            uplink: client_ports,
             gateway_mac,
             gateway_v4: a.gateway_v4,
             gateway_v6: a.gateway_v6.clone(),
@@ -427,7 +430,7 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
         plans.push(Plan {
             queue: 0,
             core: core(plans.len()),
-            interfaces: vec![a.clients.clone(), a.uplink.clone()],
+            interfaces: a.clients.iter().chain([&a.uplink]).cloned().collect(),
             kind: Kind::Access(Box::new((access, gateway, relay)), rx),
         });
         source = Some(RuleSource {

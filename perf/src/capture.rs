@@ -1,8 +1,9 @@
 //! A minimal packet capture for tests and experiments: an AF_PACKET socket on one interface of
-//! a host, counting the frames that match a predicate for a while. (tcpdump would do, but it is
-//! a package more for a single check.) The one syscall-heavy module of this crate besides the
-//! testbed.
+//! a host, counting the frames that match a predicate for a while, or sending crafted frames.
+//! (tcpdump would do for the capture, but it is a package more for a single check.) The one
+//! syscall-heavy module of this crate besides the testbed.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -123,6 +124,73 @@ fn spawn_capture<T: Send + 'static>(
     Ok(handle)
 }
 
+/// A packet socket (every protocol) bound to `ifname`.
+fn packet_socket(ifname: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2) call; the result is checked, and owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `ifname` is a valid C string for the call.
+    let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+    if index == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a zeroed sockaddr_ll is valid; the fields set are plain integers.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: `addr` lives for the call and its size is passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Sends the frames `next` gives (Ethernet header first, any source MAC) out of `host`'s
+/// `ifname` through a packet socket, as fast as the socket takes them, until it gives `None`;
+/// join the handle for how many were sent. For hostile input that needs a new source MAC or
+/// address in every frame.
+pub fn inject_frames(
+    tb: &Testbed,
+    host: &str,
+    ifname: &str,
+    mut next: impl FnMut() -> Option<Vec<u8>> + Send + 'static,
+) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<u64>>>, TestbedError> {
+    let ifname =
+        std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
+    tb.spawn_in(host, move || {
+        let fd = packet_socket(&ifname)?;
+        let mut sent = 0;
+        while let Some(frame) = next() {
+            // SAFETY: `frame` is a live buffer of the length passed.
+            let n = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ENOBUFS) {
+                    return Err(e);
+                }
+                // The device queue is full: this frame is not sent; go on.
+                std::thread::yield_now();
+            } else {
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    })
+}
+
 /// Reads frames from a packet socket on `ifname` until `keep_going` says no; `ready` hears
 /// once the socket is bound.
 fn capture(
@@ -132,76 +200,45 @@ fn capture(
     keep_going: &mut dyn FnMut() -> bool,
     on_frame: &mut dyn FnMut(&[u8]),
 ) -> std::io::Result<()> {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket(2) call; the result is checked and closed below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let result = (|| {
-        // SAFETY: `ifname` is a valid C string for the call.
-        let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-        if index == 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a zeroed sockaddr_ll is valid; the fields set are plain integers.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = proto;
-        addr.sll_ifindex = index as i32;
-        // SAFETY: `addr` lives for the call and its size is passed.
+    let fd = packet_socket(ifname)?;
+    if incoming_only {
+        let one: libc::c_int = 1;
+        // SAFETY: `one` lives for the call and its size is passed.
         let rc = unsafe {
-            libc::bind(
-                fd,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_IGNORE_OUTGOING,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
             )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        if incoming_only {
-            let one: libc::c_int = 1;
-            // SAFETY: `one` lives for the call and its size is passed.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_PACKET,
-                    libc::PACKET_IGNORE_OUTGOING,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as u32,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+    }
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: `timeout` lives for the call and its size is passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    let _ = ready.send(());
+    let mut buf = [0u8; 2048];
+    while keep_going() {
+        // SAFETY: `buf` is a live buffer of the length passed.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 0 {
+            on_frame(&buf[..n as usize]);
         }
-        let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        // SAFETY: `timeout` lives for the call and its size is passed.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-        }
-        let _ = ready.send(());
-        let mut buf = [0u8; 2048];
-        while keep_going() {
-            // SAFETY: `buf` is a live buffer of the length passed.
-            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 {
-                on_frame(&buf[..n as usize]);
-            }
-        }
-        Ok(())
-    })();
-    // SAFETY: `fd` is ours and closed once.
-    unsafe { libc::close(fd) };
-    result
+    }
+    Ok(())
 }

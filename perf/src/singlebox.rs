@@ -23,6 +23,9 @@ pub struct Times(pub u64, pub u64, pub u64, pub u64, pub &'static str);
 /// Minutes-long leases on the /24 pool.
 pub const LONG: Times = Times(60_000, 90_000, 5_000, 60_000, addr::POOL_V4);
 
+/// Most addresses the clients behind one client port of the single box hold together.
+pub const PORT_CAP: u32 = 100;
+
 /// Writes the allocator's config into `dir` (its leases in `dir/leases.redb`).
 pub fn allocator_config(dir: &std::path::Path, t: &Times) -> std::path::PathBuf {
     let path = dir.join("allocator.toml");
@@ -40,6 +43,9 @@ store = "{store}"
 t_ip_min_ms = {tmin}
 t_ip_max_ms = {tmax}
 t_remove_ms = {tremove}
+# Port security: the clients behind one port of the switch hold at most this many of the /24's
+# addresses together.
+max_live_per_port = {PORT_CAP}
 
 [ipv4]
 prefixes = ["{pool}"]
@@ -91,7 +97,7 @@ stats_interval_ms = 50
 
 [access]
 sid = 1
-clients = "cl0"
+clients = ["cl0", "cl1"]
 uplink = "int0"
 gateway_v4 = "{gw}"
 gateway_v6 = ["fe80::1"]

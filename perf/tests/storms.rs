@@ -253,3 +253,141 @@ fn a_flood_of_garbage_quic_short_headers_at_the_proxy_is_counted_and_a_tunnel_do
         s["unknown_connection"]
     );
 }
+
+/// `GET /metrics` of the allocator on the single box's switch host.
+fn allocator_metrics(tb: &Testbed) -> String {
+    tb.run_in("sw", || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9364").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    })
+    .unwrap()
+}
+
+/// The value of the metric line that starts with `name` (labels included), 0 if absent.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_other_port() {
+    use mimiq_allocator::proto::{AllocRequest, ClientMsg};
+    use mimiq_perf::capture::inject_frames;
+    use mimiq_perf::singlebox::PORT_CAP;
+    require_root();
+    let SingleBox {
+        tb,
+        mut allocator,
+        switch,
+        dir,
+    } = start(&LONG);
+    let gateway_mac = mimiq_dataplane::config::parse_mac(&mac(&tb, "sw", "cl0")).unwrap();
+    let rss_before = rss_kb(switch.proc.pid());
+    // c3, alone on the switch's second client port, asks for four IPv4 addresses at a time
+    // from a new MAC (and link-local address) in every request, 1,000 requests a second for
+    // 10 s: ten times the pool.
+    let per_second = 1_000u64;
+    let flood_for = Duration::from_secs(10);
+    let flood = {
+        let (mut i, start) = (0u64, Instant::now());
+        inject_frames(&tb, "c3", "eth0", move || {
+            if start.elapsed() >= flood_for {
+                return None;
+            }
+            let due = start + Duration::from_micros(i * 1_000_000 / per_second);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            i += 1;
+            let n = i.to_be_bytes();
+            let src_mac = [0x02, 0x66, n[4], n[5], n[6], n[7]];
+            let mut src_ip = [0u8; 16];
+            src_ip[..2].copy_from_slice(&[0xfe, 0x80]);
+            src_ip[12..].copy_from_slice(&n[4..]);
+            let mut request = Vec::new();
+            ClientMsg::AllocRequest(AllocRequest {
+                family: Family::V4,
+                count: 4,
+                nonce: [n[7]; 16],
+            })
+            .emit(i as u32, &mut request)
+            .unwrap();
+            let mut frame = Vec::new();
+            etherparse::PacketBuilder::ethernet2(src_mac, gateway_mac)
+                .ipv6(
+                    src_ip,
+                    "fe80::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                    64,
+                )
+                .udp(40000, 6363)
+                .write(&mut frame, &request)
+                .unwrap();
+            Some(frame)
+        })
+        .unwrap()
+    };
+    // Once the flood has had three seconds (the port's burst of new MACs and more), c1 on the
+    // first port gets an address and downloads through the switch while it goes on.
+    std::thread::sleep(Duration::from_secs(3));
+    let granted = allocate(&tb, "c1", Family::V4);
+    use_address(&tb, "c1", granted.addr);
+    let listen: SocketAddr = format!("{}:9000", addr::OUT_V4).parse().unwrap();
+    let until = Instant::now() + Duration::from_secs(4);
+    let (got, exact) = pattern_download(&tb, "out", listen, "c1", u64::MAX, Some(until)).unwrap();
+    let sent = flood.join().unwrap().unwrap().unwrap();
+    assert!(exact, "a byte of the download differs");
+    assert!(got > 0);
+    assert!(sent > 5_000, "the flood sent {sent} requests");
+    // What the allocator holds: the victim's address through port 0, and at most the cap
+    // through port 1 (each grant is all four addresses or none).
+    let bin = bin_path("mimiq-allocator").unwrap();
+    let config = dir.path().join("allocator.toml");
+    let out = tb
+        .exec_ok(
+            "sw",
+            &[
+                bin.to_str().unwrap(),
+                "leases",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let leases = String::from_utf8_lossy(&out.stdout).into_owned();
+    let on_port = |p: &str| leases.lines().filter(|l| l.contains(p)).count() as u32;
+    let victim = format!("{} ", granted.addr);
+    assert!(
+        leases
+            .lines()
+            .any(|l| l.starts_with(&victim) && l.contains(" port=0 ")),
+        "{leases}"
+    );
+    let attacker = on_port(" port=1 ");
+    assert!(
+        attacker > 0 && attacker <= PORT_CAP,
+        "{attacker} leases through port 1"
+    );
+    let metrics = allocator_metrics(&tb);
+    let refused = metric(
+        &metrics,
+        "mimiq_allocator_port_refusals_total{reason=\"new_mac_rate\"}",
+    ) + metric(
+        &metrics,
+        "mimiq_allocator_port_refusals_total{reason=\"port_cap\"}",
+    );
+    assert!(refused > 0, "{metrics}");
+    let rss_after = rss_kb(switch.proc.pid());
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "switch RSS {rss_before} KB -> {rss_after} KB"
+    );
+    eprintln!(
+        "allocation flood: {sent} requests from as many MACs on port 1; {attacker} addresses held through it, {refused} refused by port security; c1 on port 0 got {} and downloaded {got} bytes, exact",
+        granted.addr
+    );
+    drop(switch);
+    allocator.stop(Duration::from_secs(5));
+}

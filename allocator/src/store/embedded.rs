@@ -309,6 +309,7 @@ mod tests {
                     ip,
                     mac: Mac([2, 0, 0, 0, 0, (i % 7) as u8]),
                     sid: 1,
+                    port: (i % 3) as u16,
                     assigned_ms: i,
                     expires_ms: i + 10,
                 }));

@@ -143,23 +143,27 @@ pub(crate) fn ip_from_key(k: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// Lease value: mac [6] | sid u16 | assigned_ms u64 | expires_ms u64.
+/// Lease value: mac [6] | sid u16 | assigned_ms u64 | expires_ms u64 | port u16. A value
+/// without the port (24 bytes, written before client ports were recorded) reads as port 0.
 #[cfg_attr(not(feature = "server"), allow(dead_code))]
-pub(crate) fn encode_lease(l: &Lease) -> [u8; 24] {
-    let mut v = [0u8; 24];
+pub(crate) fn encode_lease(l: &Lease) -> [u8; 26] {
+    let mut v = [0u8; 26];
     v[0..6].copy_from_slice(&l.mac.0);
     v[6..8].copy_from_slice(&l.sid.to_be_bytes());
     v[8..16].copy_from_slice(&l.assigned_ms.to_be_bytes());
     v[16..24].copy_from_slice(&l.expires_ms.to_be_bytes());
+    v[24..26].copy_from_slice(&l.port.to_be_bytes());
     v
 }
 
 #[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn decode_lease(k: &[u8], v: &[u8]) -> Option<Lease> {
     let ip = ip_from_key(k)?;
-    if v.len() != 24 {
-        return None;
-    }
+    let port = match v.len() {
+        24 => 0,
+        26 => u16::from_be_bytes([v[24], v[25]]),
+        _ => return None,
+    };
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&v[0..6]);
     let sid = Sid::from_be_bytes([v[6], v[7]]);
@@ -169,6 +173,7 @@ pub(crate) fn decode_lease(k: &[u8], v: &[u8]) -> Option<Lease> {
         ip,
         mac: Mac(mac),
         sid,
+        port,
         assigned_ms,
         expires_ms,
     })
@@ -237,6 +242,7 @@ mod tests {
             ip: "10.0.0.5".parse().unwrap(),
             mac: Mac([2, 0, 0, 0, 0, 1]),
             sid: 1,
+            port: 0,
             assigned_ms: 10,
             expires_ms: 20,
         };
@@ -244,6 +250,7 @@ mod tests {
             ip: "2001:db8::5".parse().unwrap(),
             mac: Mac([2, 0, 0, 0, 0, 2]),
             sid: 2,
+            port: 7,
             assigned_ms: 11,
             expires_ms: 21,
         };
@@ -284,6 +291,13 @@ mod tests {
         assert_eq!(decode_epoch(4, &encode_epoch(&e)), Some(e.clone()));
         assert_eq!(decode_lease(&[5, 1, 2, 3, 4], &encode_lease(&l2)), None);
         assert_eq!(decode_lease(&ip_key(l2.ip), &[0; 23]), None);
+        assert_eq!(decode_lease(&ip_key(l2.ip), &[0; 25]), None);
+        // A value written before ports were recorded reads as port 0.
+        let old = &encode_lease(&l2)[..24];
+        assert_eq!(
+            decode_lease(&ip_key(l2.ip), old),
+            Some(Lease { port: 0, ..l2 })
+        );
         let enc = encode_epoch(&e);
         for n in 0..enc.len() {
             assert_eq!(decode_epoch(4, &enc[..n]), None);

@@ -210,6 +210,7 @@ impl Subscriber {
                 mac,
                 sid,
                 valid_until_ms,
+                ..
             } => {
                 self.bindings.insert(ip, (mac, sid, valid_until_ms));
             }

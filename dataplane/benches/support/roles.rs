@@ -32,6 +32,7 @@ pub fn rules() -> Vec<Sequenced> {
             ip: IpAddr::V4(v4(i)),
             mac: Mac(CLIENT),
             sid: SID,
+            port: 0,
             valid_until_ms: u64::MAX,
         })
         .collect();
@@ -74,7 +75,7 @@ pub fn edge(rules: &[Sequenced]) -> Edge {
 pub fn access(rules: &[Sequenced]) -> Access {
     let mut a = Access::new(AccessConfig {
         sid: SID,
-        clients: 0,
+        client_ports: 1,
         uplink: 1,
         gateway_mac: [2, 0, 0, 0, 0, 1],
         gateway_v4: Some(Ipv4Addr::new(10, 0, 0, 1)),

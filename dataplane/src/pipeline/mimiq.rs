@@ -288,8 +288,10 @@ impl Pipeline for Edge {
 pub struct AccessConfig {
     /// Our SID.
     pub sid: Sid,
-    /// Port towards the clients.
-    pub clients: PortId,
+    /// Ports towards the clients: 0 to `client_ports - 1`, the port numbers the allocator
+    /// records with each lease. A client's traffic is accepted from, and delivered to, only
+    /// the port its binding names.
+    pub client_ports: PortId,
     /// Port towards the edge.
     pub uplink: PortId,
     /// The gateway's MAC (what clients send to, and the source of what they receive).
@@ -342,7 +344,7 @@ impl Access {
         &self.tables
     }
 
-    fn upstream(&self, data: &mut [u8], len: usize) -> Result<Verdict, DropReason> {
+    fn upstream(&self, port: PortId, data: &mut [u8], len: usize) -> Result<Verdict, DropReason> {
         let src_mac: [u8; 6] = data[6..12].try_into().unwrap_or_default();
         match [data[12], data[13]] {
             ETHERTYPE_IPV4 => {
@@ -360,7 +362,7 @@ impl Access {
                 }
                 let src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
                 match self.tables.binding_v4(src, self.now_ms) {
-                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid => {}
+                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid && b.port == port => {}
                     _ => return Err(DropReason::SpoofedSource),
                 }
             }
@@ -387,7 +389,7 @@ impl Access {
                 }
                 let src = u128::from_be_bytes(h[8..24].try_into().unwrap_or_default());
                 match self.tables.binding_v6(src, self.now_ms) {
-                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid => {}
+                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid && b.port == port => {}
                     _ => return Err(DropReason::SpoofedSource),
                 }
             }
@@ -405,8 +407,8 @@ impl Access {
         Ok(Verdict::Forward(self.cfg.uplink))
     }
 
-    /// Returns the decapsulated length.
-    fn downstream(&self, data: &mut [u8], len: usize) -> Result<usize, DropReason> {
+    /// Returns the decapsulated length and the client's port.
+    fn downstream(&self, data: &mut [u8], len: usize) -> Result<(usize, PortId), DropReason> {
         let outer = data.get(ETH_LEN..len).ok_or(DropReason::Malformed)?;
         let (outer_len, inner_proto) = match [data[12], data[13]] {
             ETHERTYPE_IPV6 if !self.outer_v4 => {
@@ -455,9 +457,9 @@ impl Access {
             self.tables.binding_v6(dst, self.now_ms)
         };
         let binding = binding
-            .filter(|b| b.sid == self.cfg.sid)
+            .filter(|b| b.sid == self.cfg.sid && b.port < self.cfg.client_ports)
             .ok_or(DropReason::NoRoute)?;
-        let mac = binding.mac;
+        let (mac, port) = (binding.mac, binding.port);
         data.copy_within(ETH_LEN + outer_len..len, ETH_LEN);
         let new_len = len - outer_len;
         hop(&mut data[ETH_LEN..new_len], inner_proto)?;
@@ -467,7 +469,7 @@ impl Access {
             ETHERTYPE_IPV6
         };
         write_eth(data, mac, self.cfg.gateway_mac, ethertype);
-        Ok(new_len)
+        Ok((new_len, port))
     }
 }
 
@@ -499,15 +501,15 @@ impl Pipeline for Access {
     ) {
         let this = &*self;
         each_frame(memory, frames, verdicts, |memory, frame, len| {
-            if in_port == this.cfg.clients {
-                this.upstream(&mut memory.data_mut(frame), len)
+            if in_port < this.cfg.client_ports {
+                this.upstream(in_port, &mut memory.data_mut(frame), len)
                     .unwrap_or_else(Verdict::Drop)
             } else if in_port == this.cfg.uplink {
                 let result = this.downstream(&mut memory.data_mut(frame), len);
                 match result {
-                    Ok(new_len) => {
+                    Ok((new_len, port)) => {
                         memory.set_len(frame, new_len);
-                        Verdict::Forward(this.cfg.clients)
+                        Verdict::Forward(port)
                     }
                     Err(reason) => non_ip_to_slow_path(&memory.data_mut(frame), reason),
                 }
@@ -701,6 +703,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             mac: Mac(CLIENT),
             sid: SID,
+            port: 0,
             valid_until_ms: until,
         };
         let updates = vec![
@@ -743,10 +746,15 @@ mod tests {
     }
 
     fn access() -> Access {
+        access_with_ports(1)
+    }
+
+    /// An access switch with `n` client ports (0 to n - 1) and its uplink on port n.
+    fn access_with_ports(n: PortId) -> Access {
         let mut a = Access::new(AccessConfig {
             sid: SID,
-            clients: 0,
-            uplink: 1,
+            client_ports: n,
+            uplink: n,
             gateway_mac: GW,
             gateway_v4: Some(Ipv4Addr::new(198, 18, 1, 1)),
             gateway_v6: vec!["fe80::1".parse().unwrap()],
@@ -944,6 +952,55 @@ mod tests {
         let mut arp = request.clone();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         assert_eq!(run(&mut a, 0, &arp).0, Verdict::ToSlowPath);
+    }
+
+    #[test]
+    fn access_with_several_client_ports_accepts_and_delivers_a_client_on_its_own_port_only() {
+        let (mut e, mut a) = (edge(), access_with_ports(3));
+        // OTHER_CLIENT holds 198.18.1.20 through port 2; a binding naming a port the switch
+        // does not have delivers nowhere.
+        for (seq, (ip, port)) in [("198.18.1.20", 2), ("198.18.1.30", 7)]
+            .into_iter()
+            .enumerate()
+        {
+            let update = Sequenced {
+                seq: 4 + seq as u64,
+                update: RuleUpdate::BindingAdd {
+                    ip: ip.parse().unwrap(),
+                    mac: Mac(OTHER_CLIENT),
+                    sid: SID,
+                    port,
+                    valid_until_ms: NOW + 5_000,
+                },
+            };
+            a.apply(update.clone().into());
+            e.apply(update.into());
+        }
+        let from_other = udp_v4(OTHER_CLIENT, GW, [198, 18, 1, 20], [203, 0, 113, 5], 443);
+        assert_eq!(run(&mut a, 2, &from_other).0, Verdict::Forward(3));
+        for wrong_port in [0, 1] {
+            assert_eq!(
+                run(&mut a, wrong_port, &from_other).0,
+                Verdict::Drop(DropReason::SpoofedSource),
+                "its address and MAC, from port {wrong_port}"
+            );
+        }
+        let c1 = udp_v4(CLIENT, GW, [198, 18, 1, 10], [203, 0, 113, 5], 443);
+        assert_eq!(run(&mut a, 0, &c1).0, Verdict::Forward(3));
+        assert_eq!(
+            run(&mut a, 2, &c1).0,
+            Verdict::Drop(DropReason::SpoofedSource)
+        );
+        // Downstream: each to the port of its binding.
+        for (dst, want) in [
+            ([198, 18, 1, 10], Verdict::Forward(0)),
+            ([198, 18, 1, 20], Verdict::Forward(2)),
+            ([198, 18, 1, 30], Verdict::Drop(DropReason::NoRoute)),
+        ] {
+            let original = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], dst, 40000);
+            let (_, encapsulated) = run(&mut e, 1, &original);
+            assert_eq!(run(&mut a, 3, &encapsulated).0, want, "to {dst:?}");
+        }
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Binding {
     pub mac: [u8; 6],
     /// The access switch that serves it.
     pub sid: Sid,
+    /// The access switch's client-facing port behind which it sits.
+    pub port: u16,
     /// It routes until then (lease end + t_remove), in ms.
     pub valid_until_ms: u64,
 }
@@ -187,11 +189,13 @@ impl Tables {
                 ip,
                 mac,
                 sid,
+                port,
                 valid_until_ms,
             } => {
                 let b = Binding {
                     mac: mac.0,
                     sid: *sid,
+                    port: *port,
                     valid_until_ms: *valid_until_ms,
                 };
                 match ip {
@@ -247,6 +251,7 @@ mod tests {
                 ip: ip.parse().unwrap(),
                 mac: Mac([2, 0, 0, 0, 0, mac]),
                 sid,
+                port: 0,
                 valid_until_ms: until,
             },
         }
@@ -399,7 +404,7 @@ mod tests {
             for (seq, kind, a, until) in ops {
                 let ip: IpAddr = if a % 2 == 0 { Ipv4Addr::new(198, 18, 0, a as u8).into() } else { Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, a as u16).into() };
                 let update = match kind {
-                    0 => RuleUpdate::BindingAdd { ip, mac: Mac([2, 0, 0, 0, 0, a as u8]), sid: a as u16, valid_until_ms: until },
+                    0 => RuleUpdate::BindingAdd { ip, mac: Mac([2, 0, 0, 0, 0, a as u8]), sid: a as u16, port: a as u16, valid_until_ms: until },
                     1 => RuleUpdate::BindingRemove { ip },
                     2 => RuleUpdate::AliasEpoch { epoch: seq, aliases: vec![(1, vec![a * 37, 1 << 20])], valid_until_ms: until },
                     _ => RuleUpdate::Snapshot { seq, count: a },

@@ -298,12 +298,14 @@ pub fn switch_pipelines(data: &[u8]) {
             ip: IpAddr::V4(roles::v4(0)),
             mac: Mac(roles::CLIENT),
             sid: roles::SID,
+            port: 0,
             valid_until_ms: u64::MAX,
         },
         RuleUpdate::BindingAdd {
             ip: "fd00:1::101:0:0:10".parse().expect("address"),
             mac: Mac(roles::CLIENT),
             sid: roles::SID,
+            port: 0,
             valid_until_ms: u64::MAX,
         },
         RuleUpdate::AliasEpoch {

@@ -297,6 +297,7 @@ fn serve_rules(
             ip: IpAddr::V4(ip),
             mac: Mac(c1),
             sid: 1,
+            port: 0,
             valid_until_ms: u64::MAX,
         });
     }
@@ -348,6 +349,7 @@ fn serve_rules(
                 ip: IpAddr::V4(Ipv4Addr::from(0x6440_0000 | filler)),
                 mac: Mac(c1),
                 sid: 1,
+                port: 0,
                 valid_until_ms: u64::MAX - u64::from(filler),
             };
             StreamMsg::Update(Sequenced { seq, update })

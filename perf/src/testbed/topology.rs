@@ -80,19 +80,21 @@ pub mod single_box_addr {
 }
 
 /// The MIMIQ single box (ARCHITECTURE §8): clients `c1`, `c2` on one LAN (a bridge in `lan`)
-/// to the switch host `sw`, whose access role (`cl0` → `int0`) and edge role (`int1` → `out0`)
-/// are joined by an internal veth pair (MTU 1600), and the outside host `out`. The outside routes
+/// to the switch host `sw`'s first client port `cl0`, client `c3` alone on its second client
+/// port `cl1`; the access role (`cl0`, `cl1` → `int0`) and the edge role (`int1` → `out0`) are
+/// joined by an internal veth pair (MTU 1600), and the outside host `out`. The outside routes
 /// the client pools to the edge's outside address; the clients get their addresses from the
 /// allocator through the switch.
 pub fn single_box(tb: &mut Testbed) -> Result<(), TestbedError> {
     use single_box_addr::*;
-    for host in ["c1", "c2", "lan", "sw", "out"] {
+    for host in ["c1", "c2", "c3", "lan", "sw", "out"] {
         tb.add_host(host)?;
     }
     tb.add_link(("c1", "eth0"), ("lan", "c1"), LinkOpts::default())?;
     tb.add_link(("c2", "eth0"), ("lan", "c2"), LinkOpts::default())?;
     tb.add_link(("lan", "sw"), ("sw", "cl0"), LinkOpts::default())?;
     tb.add_bridge("lan", "br0", &["c1", "c2", "sw"])?;
+    tb.add_link(("c3", "eth0"), ("sw", "cl1"), LinkOpts::default())?;
     let internal = LinkOpts {
         mtu_bytes: 1600,
         ..LinkOpts::default()
