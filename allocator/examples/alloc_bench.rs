@@ -39,6 +39,7 @@ fn config(v4: &str) -> Config {
         max_live_per_port: u32::MAX,
         new_macs_per_port_per_s: u32::MAX / 1000,
         new_macs_per_port_burst: u32::MAX / 1000,
+        reclaim_silent_after_ms: 0,
         sids: vec![1, 2, 3, 4],
         ipv4: Some(V4Config {
             prefixes: vec![v4.parse().unwrap()],

@@ -93,6 +93,10 @@ pub struct LeaseSection {
     /// New MACs a port may bring at once above that rate. Default 64.
     #[serde(default = "default_new_macs_burst")]
     pub new_macs_per_port_burst: u32,
+    /// A lease whose client has sent nothing through its access switch this long after the
+    /// grant ends early; 0: never. Default 60,000.
+    #[serde(default = "default_reclaim_silent")]
+    pub reclaim_silent_after_ms: u64,
 }
 
 /// `[ipv4]`.
@@ -314,6 +318,7 @@ impl Config {
             max_live_per_port: self.lease.max_live_per_port,
             new_macs_per_port_per_s: self.lease.new_macs_per_port_per_s,
             new_macs_per_port_burst: self.lease.new_macs_per_port_burst,
+            reclaim_silent_after_ms: self.lease.reclaim_silent_after_ms,
             sids: self
                 .switches
                 .iter()
@@ -436,6 +441,9 @@ fn default_new_macs_rate() -> u32 {
 }
 fn default_new_macs_burst() -> u32 {
     64
+}
+fn default_reclaim_silent() -> u64 {
+    60_000
 }
 fn default_v4_len() -> u8 {
     32

@@ -55,6 +55,11 @@ pub struct Config {
     pub new_macs_per_port_per_s: u32,
     /// New MACs a port may bring at once above that rate (bucket size).
     pub new_macs_per_port_burst: u32,
+    /// A lease whose client (MAC) has sent nothing through its access switch this long after
+    /// the grant ends early (drains for `t_remove`, then returns to the pool), so addresses
+    /// taken by MACs that never use them come back before their lifetime ends; 0: never. The
+    /// access switch reports the first packet from each binding ([`Allocator::seen`]).
+    pub reclaim_silent_after_ms: u64,
     /// Access switch SIDs that may relay requests.
     pub sids: Vec<Sid>,
     /// IPv4 pool, if any.
@@ -335,6 +340,8 @@ pub struct CoreStats {
     pub refused_port_rate: u64,
     /// Requests refused for a port's cap.
     pub refused_port_cap: u64,
+    /// Leases ended early because their client had sent nothing (`reclaim_silent_after_ms`).
+    pub reclaimed_silent: u64,
 }
 
 /// A lease as the table keeps it: the address is the key (32 bytes instead of 56).
@@ -430,6 +437,8 @@ impl LeaseTable {
 enum TimerKind {
     Expire,
     Free,
+    /// `reclaim_silent_after_ms` after a grant.
+    Silent,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -440,12 +449,18 @@ struct Client {
     /// The (switch, port) its addresses count against: the one of its last grant. Unknown for
     /// a client restored from the store until its next request.
     port: Option<(Sid, u16)>,
+    /// Its access switch has seen a packet from one of its addresses (or it was restored from
+    /// the store: a client the allocator cannot vouch for is never reclaimed early).
+    seen: bool,
 }
 
 /// One port of one access switch: what its clients hold, and its bucket of new MACs.
 #[derive(Debug, Clone, Copy)]
 struct Port {
     live: u32,
+    /// Addresses granted through the port that drain (ended, not yet back in the pool): they
+    /// count against its cap too, or ending a port's leases early would let it hold more.
+    draining: u32,
     tokens_milli: u64,
     last_ms: u64,
 }
@@ -553,9 +568,12 @@ impl Allocator {
             };
             if state == LeaseState::Assigned {
                 timers.push(Reverse((lease.expires_ms, TimerKind::Expire, lease.ip)));
-                a.client_entry(lease.mac).live += 1;
+                let client = a.client_entry(lease.mac);
+                client.live += 1;
+                client.seen = true;
             } else {
                 timers.push(Reverse((drain_end, TimerKind::Free, lease.ip)));
+                a.port_entry((lease.sid, lease.port)).draining += 1;
             }
             a.leases.insert(lease.ip, LeaseEntry::new(&lease, state));
         }
@@ -649,7 +667,8 @@ impl Allocator {
                     // Stale if the lease was released (state already Draining) or replaced.
                     if entry.state == LeaseState::Assigned && entry.expires_ms == t {
                         entry.state = LeaseState::Draining;
-                        let mac = entry.mac;
+                        let (mac, port) = (entry.mac, (entry.sid, entry.port));
+                        self.port_entry(port).draining += 1;
                         // One timer per lease at a time: the drain's end is scheduled now.
                         let free_at = t.saturating_add(self.cfg.t_remove_ms);
                         self.timers.push(Reverse((free_at, TimerKind::Free, ip)));
@@ -657,13 +676,29 @@ impl Allocator {
                         self.client_lost_one(mac);
                     }
                 }
+                TimerKind::Silent => {
+                    let granted_at = t.saturating_sub(self.cfg.reclaim_silent_after_ms);
+                    let mac = entry.mac;
+                    // Stale if this is another lease of the address, or it ended already.
+                    if entry.state == LeaseState::Assigned
+                        && entry.assigned_ms == granted_at
+                        && !self.clients.get(&mac).is_some_and(|c| c.seen)
+                        && self.end_at(ip, t)
+                    {
+                        self.stats.reclaimed_silent += 1;
+                    }
+                }
                 TimerKind::Free => {
                     if entry.expires_ms.saturating_add(self.cfg.t_remove_ms) == t {
+                        let port = (entry.sid, entry.port);
                         if entry.state == LeaseState::Assigned {
                             // Cannot happen (Free timers are pushed only once a lease drains),
                             // but keep the client count right regardless.
                             let mac = entry.mac;
                             self.client_lost_one(mac);
+                        }
+                        if let Some(p) = self.ports.get_mut(&port) {
+                            p.draining = p.draining.saturating_sub(1);
                         }
                         self.leases.remove(ip);
                         self.release_addr(ip);
@@ -687,7 +722,7 @@ impl Allocator {
             );
             self.ports.retain(|_, p| {
                 refill(&mut p.tokens_milli, &mut p.last_ms, now, rate, burst);
-                p.live > 0 || p.tokens_milli < u64::from(burst) * 1000
+                p.live > 0 || p.draining > 0 || p.tokens_milli < u64::from(burst) * 1000
             });
         }
     }
@@ -800,6 +835,10 @@ impl Allocator {
             debug_assert!(previous.is_none(), "{ip} granted while leased");
             self.timers
                 .push(Reverse((expires_ms, TimerKind::Expire, ip)));
+            if self.cfg.reclaim_silent_after_ms > 0 {
+                let at = now.saturating_add(self.cfg.reclaim_silent_after_ms);
+                self.timers.push(Reverse((at, TimerKind::Silent, ip)));
+            }
             self.journal.push(JournalOp::PutLease(lease));
             self.emit(RuleUpdate::BindingAdd {
                 ip,
@@ -824,33 +863,57 @@ impl Allocator {
     /// many were released.
     pub fn release(&mut self, now_ms: u64, mac: Mac, ips: &[IpAddr]) -> usize {
         self.advance(now_ms);
-        let now = self.now_ms;
         let mut n = 0;
         for &ip in ips {
-            let Some(entry) = self.leases.get_mut(ip) else {
-                continue;
-            };
-            if entry.mac != mac || entry.state != LeaseState::Assigned {
-                continue;
+            if self.leases.get(ip).is_some_and(|e| e.mac == mac) && self.end_at(ip, self.now_ms) {
+                n += 1;
             }
-            entry.state = LeaseState::Draining;
-            entry.expires_ms = now;
-            let lease = entry.lease(ip);
-            let drain_end = now.saturating_add(self.cfg.t_remove_ms);
-            self.timers.push(Reverse((drain_end, TimerKind::Free, ip)));
-            self.journal.push(JournalOp::PutLease(lease));
-            self.emit(RuleUpdate::BindingAdd {
-                ip,
-                mac,
-                sid: lease.sid,
-                port: lease.port,
-                valid_until_ms: drain_end,
-            });
-            self.client_lost_one(mac);
-            n += 1;
         }
         self.stats.releases += n as u64;
         n
+    }
+
+    /// The access switch `sid` has seen packets from `ips` (the first from each of its
+    /// bindings): their clients are not silent. Addresses it does not serve are ignored.
+    /// Returns how many of `ips` it serves.
+    pub fn seen(&mut self, now_ms: u64, sid: Sid, ips: &[IpAddr]) -> usize {
+        self.advance(now_ms);
+        let mut n = 0;
+        for &ip in ips {
+            let Some(mac) = self.leases.get(ip).filter(|e| e.sid == sid).map(|e| e.mac) else {
+                continue;
+            };
+            self.client_entry(mac).seen = true;
+            n += 1;
+        }
+        n
+    }
+
+    /// Ends the assigned lease of `ip` at `now` (at most the current time): it drains for
+    /// `t_remove`. False if there is no such lease.
+    fn end_at(&mut self, ip: IpAddr, now: u64) -> bool {
+        let Some(entry) = self.leases.get_mut(ip) else {
+            return false;
+        };
+        if entry.state != LeaseState::Assigned {
+            return false;
+        }
+        entry.state = LeaseState::Draining;
+        entry.expires_ms = now;
+        let lease = entry.lease(ip);
+        let drain_end = now.saturating_add(self.cfg.t_remove_ms);
+        self.timers.push(Reverse((drain_end, TimerKind::Free, ip)));
+        self.port_entry((lease.sid, lease.port)).draining += 1;
+        self.journal.push(JournalOp::PutLease(lease));
+        self.emit(RuleUpdate::BindingAdd {
+            ip,
+            mac: lease.mac,
+            sid: lease.sid,
+            port: lease.port,
+            valid_until_ms: drain_end,
+        });
+        self.client_lost_one(lease.mac);
+        true
     }
 
     /// A consistent snapshot: the sequence number it matches and the updates that rebuild the
@@ -930,6 +993,7 @@ impl Allocator {
             tokens_milli: u64::from(burst) * 1000,
             last_ms: now,
             port: None,
+            seen: false,
         })
     }
 
@@ -937,6 +1001,7 @@ impl Allocator {
         let (now, burst) = (self.now_ms, self.cfg.new_macs_per_port_burst);
         self.ports.entry(key).or_insert(Port {
             live: 0,
+            draining: 0,
             tokens_milli: u64::from(burst) * 1000,
             last_ms: now,
         })
@@ -970,7 +1035,7 @@ impl Allocator {
         }
         let moving = if from == Some(key) { 0 } else { held };
         let asked = p.count.saturating_add(moving);
-        let live = port.live;
+        let live = port.live + port.draining;
         if live.saturating_add(asked) > cap {
             self.stats.refused_port_cap += 1;
             return Err(AllocError::PortCap { live, asked, cap });
@@ -1098,6 +1163,7 @@ mod tests {
             max_live_per_port: u32::MAX,
             new_macs_per_port_per_s: u32::MAX / 1000,
             new_macs_per_port_burst: u32::MAX / 1000,
+            reclaim_silent_after_ms: 0,
             sids: vec![1, 2],
             ipv4: Some(V4Config {
                 prefixes: vec![prefix.parse().unwrap()],
@@ -1122,6 +1188,61 @@ mod tests {
             port,
             ..req(mac, count)
         }
+    }
+
+    #[test]
+    fn leases_of_a_client_that_sent_nothing_end_early_and_those_of_one_that_did_do_not() {
+        let mut cfg = v4_config("10.0.0.0/24");
+        (cfg.t_ip_min_ms, cfg.t_ip_max_ms) = (60_000, 60_000);
+        cfg.reclaim_silent_after_ms = 3_000;
+        let mut a = Allocator::new(cfg).unwrap();
+        let silent = a.allocate(10_000, req(1, 2)).unwrap();
+        let talker = a.allocate(10_000, req(2, 2)).unwrap();
+        // The switch saw the talker's first address only (and ignores what it does not serve).
+        assert_eq!(
+            a.seen(11_000, 1, &[talker[0].ip, "10.9.9.9".parse().unwrap()]),
+            1
+        );
+        assert_eq!(
+            a.seen(11_000, 2, &[silent[0].ip]),
+            0,
+            "another switch's report"
+        );
+        a.take_updates();
+        a.advance(12_999);
+        assert_eq!(a.stats().reclaimed_silent, 0);
+        a.advance(13_000);
+        assert_eq!(a.stats().reclaimed_silent, 2);
+        for g in &silent {
+            assert_eq!(a.lease(g.ip).unwrap().1, LeaseState::Draining);
+        }
+        for g in &talker {
+            assert_eq!(a.lease(g.ip).unwrap().1, LeaseState::Assigned);
+        }
+        // The switches hear of it as of a release: the binding drains for t_remove.
+        let mut drained: Vec<IpAddr> = a
+            .take_updates()
+            .into_iter()
+            .filter_map(|u| match u.update {
+                RuleUpdate::BindingAdd {
+                    ip, valid_until_ms, ..
+                } if valid_until_ms == 13_500 => Some(ip),
+                _ => None,
+            })
+            .collect();
+        drained.sort();
+        let mut want: Vec<IpAddr> = silent.iter().map(|g| g.ip).collect();
+        want.sort();
+        assert_eq!(drained, want);
+        a.advance(13_500);
+        assert!(a.lease(silent[0].ip).is_none());
+        // A later grant to a client already seen is never reclaimed; the client that was
+        // reclaimed holds nothing now and may ask again.
+        assert_eq!(a.allocate(14_000, req(2, 1)).unwrap().len(), 1);
+        assert_eq!(a.allocate(14_000, req(1, 2)).unwrap().len(), 2);
+        a.advance(30_000);
+        assert_eq!(a.stats().reclaimed_silent, 4);
+        assert_eq!(a.lease_count(), 3);
     }
 
     #[test]

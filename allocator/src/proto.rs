@@ -34,6 +34,10 @@
 //!                     | count × (addr | lifetime_ms u32)
 //! Release       0x03  family u8 | count u8 | count × addr
 //! ReleaseReply  0x04  status u8 | released u8
+//! Seen          0x05  family u8 | count u8 | count × addr
+//!                     (the access switch's own, in a `Relay`: the first packet it forwarded
+//!                     from each of these addresses; answered by a `ReleaseReply` counting the
+//!                     addresses the switch serves. A switch never relays a client's `Seen`.)
 //! Relay         0x10  sid u16 | ingress_port u16 | mac [6] | client_port u16 | timestamp_ms u64
 //!                     | inner_len u16 | inner message | tag [32]
 //! RelayReply    0x11  sid u16 | ingress_port u16 | mac [6] | client_port u16
@@ -86,8 +90,10 @@ pub enum MsgType {
     AllocReply,
     /// Client gives addresses back.
     Release,
-    /// Answer to a `Release`.
+    /// Answer to a `Release` (and to a `Seen`).
     ReleaseReply,
+    /// The access switch saw packets from these addresses.
+    Seen,
     /// Switch → allocator wrapper.
     Relay,
     /// Allocator → switch wrapper.
@@ -113,6 +119,7 @@ impl From<u8> for MsgType {
             0x02 => MsgType::AllocReply,
             0x03 => MsgType::Release,
             0x04 => MsgType::ReleaseReply,
+            0x05 => MsgType::Seen,
             0x10 => MsgType::Relay,
             0x11 => MsgType::RelayReply,
             0x20 => MsgType::Hello,
@@ -132,6 +139,7 @@ impl From<MsgType> for u8 {
             MsgType::AllocReply => 0x02,
             MsgType::Release => 0x03,
             MsgType::ReleaseReply => 0x04,
+            MsgType::Seen => 0x05,
             MsgType::Relay => 0x10,
             MsgType::RelayReply => 0x11,
             MsgType::Hello => 0x20,
@@ -311,12 +319,12 @@ pub struct AllocReply {
     pub addrs: Vec<(IpAddr, u32)>,
 }
 
-/// `Release` body.
+/// `Release` and `Seen` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Release {
     /// Family of the addresses.
     pub family: Family,
-    /// Addresses the client stops using (at most 255).
+    /// Addresses the client stops using, or the switch saw packets from (at most 255).
     pub addrs: Vec<IpAddr>,
 }
 
@@ -340,6 +348,8 @@ pub enum ClientMsg {
     Release(Release),
     /// See [`ReleaseReply`].
     ReleaseReply(ReleaseReply),
+    /// The access switch's report of addresses it forwarded packets from (module docs).
+    Seen(Release),
 }
 
 impl ClientMsg {
@@ -380,14 +390,19 @@ impl ClientMsg {
                     addrs,
                 })
             }
-            MsgType::Release => {
+            MsgType::Release | MsgType::Seen => {
                 let family = r.family()?;
                 let count = r.u8()?;
                 let mut addrs = Vec::with_capacity(count as usize);
                 for _ in 0..count {
                     addrs.push(r.addr(family)?);
                 }
-                ClientMsg::Release(Release { family, addrs })
+                let body = Release { family, addrs };
+                if h.msg_type == MsgType::Seen {
+                    ClientMsg::Seen(body)
+                } else {
+                    ClientMsg::Release(body)
+                }
             }
             MsgType::ReleaseReply => ClientMsg::ReleaseReply(ReleaseReply {
                 status: Status::from(r.u8()?),
@@ -425,9 +440,13 @@ impl ClientMsg {
                     out.extend_from_slice(&life.to_be_bytes());
                 }
             }
-            ClientMsg::Release(m) => {
+            ClientMsg::Release(m) | ClientMsg::Seen(m) => {
                 let count = u8::try_from(m.addrs.len()).map_err(|_| EmitError::TooMany)?;
-                header(out, MsgType::Release, txid);
+                let t = match self {
+                    ClientMsg::Seen(_) => MsgType::Seen,
+                    _ => MsgType::Release,
+                };
+                header(out, t, txid);
                 out.extend_from_slice(&[family_byte(m.family), count]);
                 for a in &m.addrs {
                     put_addr(out, m.family, *a)?;
@@ -993,6 +1012,10 @@ mod tests {
             ClientMsg::ReleaseReply(ReleaseReply {
                 status: Status::Ok,
                 released: 1,
+            }),
+            ClientMsg::Seen(Release {
+                family: Family::V4,
+                addrs: vec!["10.1.2.3".parse().unwrap(), "10.1.2.4".parse().unwrap()],
             }),
         ]
     }

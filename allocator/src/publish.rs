@@ -119,6 +119,7 @@ mod tests {
             max_live_per_port: u32::MAX,
             new_macs_per_port_per_s: u32::MAX / 1000,
             new_macs_per_port_burst: u32::MAX / 1000,
+            reclaim_silent_after_ms: 0,
             sids: vec![1],
             ipv4: Some(V4Config {
                 prefixes: vec!["10.0.0.0/24".parse().unwrap()],

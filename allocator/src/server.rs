@@ -221,6 +221,8 @@ pub struct Metrics {
     expired_while_down: AtomicU64,
     refused_port_rate: AtomicU64,
     refused_port_cap: AtomicU64,
+    reclaimed_silent: AtomicU64,
+    seen_reports: AtomicU64,
     replies: [AtomicU64; 5],
     drops: [AtomicU64; 12],
     leases: AtomicU64,
@@ -311,6 +313,18 @@ impl Metrics {
                 ("reason=\"new_mac_rate\"", g(&self.refused_port_rate)),
                 ("reason=\"port_cap\"", g(&self.refused_port_cap)),
             ],
+        );
+        metric(
+            "mimiq_allocator_reclaimed_silent_total",
+            "counter",
+            "Leases ended early because their client had sent nothing through its access switch (reclaim_silent_after_ms).",
+            &[("", g(&self.reclaimed_silent))],
+        );
+        metric(
+            "mimiq_allocator_seen_reports_total",
+            "counter",
+            "Reports from access switches of addresses they forwarded a first packet from.",
+            &[("", g(&self.seen_reports))],
         );
         let labels: Vec<String> = STATUSES
             .iter()
@@ -755,6 +769,14 @@ impl Server {
                     released: n as u8,
                 })
             }
+            Ok((_, ClientMsg::Seen(seen))) => {
+                self.metrics.seen_reports.fetch_add(1, Ordering::Relaxed);
+                let n = self.core.seen(now, relay.info.sid, &seen.addrs);
+                ClientMsg::ReleaseReply(ReleaseReply {
+                    status: Status::Ok,
+                    released: n as u8, // at most the 255 addresses of a message
+                })
+            }
             // Authentic relay, malformed or unexpected client message: say so (no state).
             Ok(_) | Err(_) => ClientMsg::ReleaseReply(ReleaseReply {
                 status: Status::BadRequest,
@@ -794,6 +816,8 @@ impl Server {
             .store(st.refused_port_rate, Ordering::Relaxed);
         m.refused_port_cap
             .store(st.refused_port_cap, Ordering::Relaxed);
+        m.reclaimed_silent
+            .store(st.reclaimed_silent, Ordering::Relaxed);
         m.leases
             .store(self.core.lease_count() as u64, Ordering::Relaxed);
         if let Some(p) = self.core.v4_pool() {

@@ -550,6 +550,8 @@ fn start_slow_path(
 const UPDATE_RING: usize = 1 << 16;
 /// Frames queued towards the slow path (and back).
 const SLOW_PATH_RING: usize = 1024;
+/// First packets from bindings queued for the slow path's `Seen` reports.
+const SEEN_RING: usize = 4096;
 
 /// The MAC of one of our interfaces (sysfs of this network namespace).
 fn interface_mac(iface: &str) -> anyhow::Result<[u8; 6]> {
@@ -624,6 +626,7 @@ fn worker_main(
             let shared = memory.share();
             let slow_stop = Arc::clone(stop);
             let stats = telemetry.slow_path();
+            let (seen_tx, seen_rx) = rtrb::RingBuffer::new(SEEN_RING);
             let slow = start_slow_path("mimiq-slow-path", move |from_worker, to_worker| {
                 if let Err(e) = slowpath::run_access(
                     shared,
@@ -631,6 +634,7 @@ fn worker_main(
                     relay,
                     from_worker,
                     to_worker,
+                    seen_rx,
                     slow_stop,
                     stats,
                 ) {
@@ -643,12 +647,17 @@ fn worker_main(
                 return;
             };
             let _ = ready.send(Ok(()));
-            let mut worker =
-                Worker::new(ports, memory, free, Access::new(access)).with_rings(Rings {
-                    updates: vec![updates],
-                    to_slow_path: Some(to_slow),
-                    from_slow_path: Some(from_slow),
-                });
+            let mut worker = Worker::new(
+                ports,
+                memory,
+                free,
+                Access::new(access).report_seen_to(seen_tx),
+            )
+            .with_rings(Rings {
+                updates: vec![updates],
+                to_slow_path: Some(to_slow),
+                from_slow_path: Some(from_slow),
+            });
             impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
             worker.run(stop, config.idle, every, &mut publish);
             let _ = slow.join();

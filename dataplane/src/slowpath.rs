@@ -7,6 +7,10 @@
 //! to the allocator; the allocator's `RelayReply` is written into a frame the thread keeps from
 //! earlier requests and sent to the client's address and port. A reply with no frame to carry it
 //! is dropped and counted: the client retries.
+//!
+//! The worker reports the first packet it forwarded from each binding over a ring; the thread
+//! tells the allocator in `Seen` messages (allocator/src/proto.rs), sent again until answered,
+//! so that a client that has sent something is never reclaimed as silent.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -15,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use mimiq_allocator::proto::{self, Relay, RelayInfo, RelayReply};
+use mimiq_allocator::proto::{self, ClientMsg, MsgType, Relay, RelayInfo, RelayReply};
+use mimiq_allocator::Family;
 use mimiq_allocator::{Mac, Sid};
 
 use crate::engine::{SlowPathFrame, SlowPathReturn, SPARE_FRAME};
@@ -33,6 +38,10 @@ const STASH: usize = 64;
 /// Requests remembered (for the client's address) at most, and for how long.
 const PENDING_MAX: usize = 4096;
 const PENDING_TTL: Duration = Duration::from_secs(10);
+/// `Seen` reports awaiting the allocator's answer at most (more wait in the worker's ring), and
+/// how long before one is sent again.
+const REPORTS_MAX: usize = 256;
+const REPORT_RESEND: Duration = Duration::from_millis(500);
 
 /// The relay's settings.
 #[derive(Debug, Clone)]
@@ -62,6 +71,10 @@ pub struct SlowPathStats {
     pub ignored_not_for_us: AtomicU64,
     /// Replies dropped: bad tag, unknown transaction, or no frame to carry them.
     pub replies_dropped: AtomicU64,
+    /// Addresses the allocator acknowledged as seen (first packet forwarded from each).
+    pub seen_reported: AtomicU64,
+    /// `Seen` messages sent again for want of an answer.
+    pub seen_resent: AtomicU64,
 }
 
 /// [`SlowPathStats`] read at one moment (the stats file's `slow_path`).
@@ -79,6 +92,10 @@ pub struct SlowPathCounters {
     pub ignored_not_for_us: u64,
     /// Allocator replies dropped.
     pub replies_dropped: u64,
+    /// Addresses acknowledged as seen.
+    pub seen_reported: u64,
+    /// `Seen` messages sent again.
+    pub seen_resent: u64,
 }
 
 impl SlowPathStats {
@@ -92,6 +109,8 @@ impl SlowPathStats {
             ignored_malformed: get(&self.ignored_malformed),
             ignored_not_for_us: get(&self.ignored_not_for_us),
             replies_dropped: get(&self.replies_dropped),
+            seen_reported: get(&self.seen_reported),
+            seen_resent: get(&self.seen_resent),
         }
     }
 
@@ -118,6 +137,7 @@ pub fn run_access<M: FrameMemory>(
     relay: RelayConfig,
     mut from_worker: rtrb::Consumer<SlowPathFrame<M::Frame>>,
     mut to_worker: rtrb::Producer<SlowPathReturn<M::Frame>>,
+    mut seen: rtrb::Consumer<IpAddr>,
     stop: Arc<AtomicBool>,
     stats: Arc<SlowPathStats>,
 ) -> std::io::Result<()> {
@@ -136,8 +156,43 @@ pub fn run_access<M: FrameMemory>(
     let mut pending: HashMap<u32, (IpAddr, PortId, Instant)> = HashMap::new();
     let mut buf = vec![0u8; 2048];
     let mut out = Vec::with_capacity(2048);
+    // Unanswered `Seen` reports by transaction ID: the addresses and when last sent.
+    let mut reports: HashMap<u32, (Family, Vec<IpAddr>, Instant)> = HashMap::new();
+    let mut report_txid = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos());
     while !stop.load(Ordering::Relaxed) {
         let mut idle = true;
+        if reports.len() < REPORTS_MAX && !seen.is_empty() {
+            idle = false;
+            let mut batch: [Vec<IpAddr>; 2] = Default::default();
+            while let Ok(ip) = seen.pop() {
+                let list = &mut batch[usize::from(ip.is_ipv6())];
+                list.push(ip);
+                if list.len() == usize::from(u8::MAX) {
+                    break;
+                }
+            }
+            for (family, addrs) in [Family::V4, Family::V6].into_iter().zip(batch) {
+                if addrs.is_empty() {
+                    continue;
+                }
+                report_txid = report_txid.wrapping_add(1);
+                if seen_relay(relay.sid, &key, report_txid, family, &addrs, &mut out).is_ok() {
+                    let _ = socket.send(&out);
+                    reports.insert(report_txid, (family, addrs, Instant::now()));
+                }
+            }
+        }
+        for (txid, (family, addrs, at)) in &mut reports {
+            if at.elapsed() >= REPORT_RESEND
+                && seen_relay(relay.sid, &key, *txid, *family, addrs, &mut out).is_ok()
+            {
+                let _ = socket.send(&out);
+                *at = Instant::now();
+                stats.seen_resent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         while let Ok(SlowPathFrame { mut frame, in_port }) = from_worker.pop() {
             idle = false;
             let len = memory.len(&frame);
@@ -186,6 +241,11 @@ pub fn run_access<M: FrameMemory>(
                 stats.replies_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if let Some((_, addrs, _)) = reports.remove(&reply.txid) {
+                let n = addrs.len() as u64;
+                stats.seen_reported.fetch_add(n, Ordering::Relaxed);
+                continue;
+            }
             let (Some((client, port, _)), Some(mut frame)) =
                 (pending.remove(&reply.txid), stash.pop())
             else {
@@ -507,6 +567,10 @@ fn relay_request(
     }
     let inner = udp.payload();
     let header = proto::check_len(inner).map_err(|_| Malformed)?;
+    // Reports of what the switch saw are the switch's own, never a client's.
+    if header.msg_type == MsgType::Seen {
+        return Err(NotForUs);
+    }
     let relay = Relay {
         txid: header.txid,
         info: RelayInfo {
@@ -523,6 +587,38 @@ fn relay_request(
     out.clear();
     relay.emit(key, out).map_err(|_| Malformed)?;
     Ok((header.txid, client))
+}
+
+/// Writes into `out` the `Relay` of a `Seen` report of `addrs` (at most 255, of `family`).
+fn seen_relay(
+    sid: Sid,
+    key: &ring::hmac::Key,
+    txid: u32,
+    family: Family,
+    addrs: &[IpAddr],
+    out: &mut Vec<u8>,
+) -> Result<(), proto::EmitError> {
+    let mut inner = Vec::with_capacity(8 + 2 + addrs.len() * 16);
+    ClientMsg::Seen(proto::Release {
+        family,
+        addrs: addrs.to_vec(),
+    })
+    .emit(txid, &mut inner)?;
+    out.clear();
+    Relay {
+        txid,
+        info: RelayInfo {
+            sid,
+            ingress_port: 0,
+            mac: Mac([0; 6]),
+            client_port: 0,
+        },
+        timestamp_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        inner: &inner,
+    }
+    .emit(key, out)
 }
 
 /// The frame that carries an allocator reply from the gateway to the client.
@@ -569,6 +665,7 @@ mod tests {
     struct Running {
         to_slow: rtrb::Producer<SlowPathFrame<MemFrame>>,
         back: rtrb::Consumer<SlowPathReturn<MemFrame>>,
+        seen: rtrb::Producer<IpAddr>,
         stop: Arc<AtomicBool>,
         stats: Arc<SlowPathStats>,
         thread: std::thread::JoinHandle<std::io::Result<()>>,
@@ -587,6 +684,7 @@ mod tests {
         };
         let (to_slow, from_worker) = rtrb::RingBuffer::new(64);
         let (to_worker, back) = rtrb::RingBuffer::new(64);
+        let (seen, seen_rx) = rtrb::RingBuffer::new(64);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(SlowPathStats::default());
         let thread = {
@@ -598,6 +696,7 @@ mod tests {
                     relay,
                     from_worker,
                     to_worker,
+                    seen_rx,
                     stop,
                     stats,
                 )
@@ -606,6 +705,7 @@ mod tests {
         Running {
             to_slow,
             back,
+            seen,
             stop,
             stats,
             thread,
@@ -621,6 +721,7 @@ mod tests {
             stop,
             stats,
             thread,
+            ..
         } = start_access("127.0.0.1:9".parse().unwrap());
         let arp = |target: [u8; 4], len: usize| {
             let mut f = vec![0xff; 6];
@@ -678,6 +779,91 @@ mod tests {
     }
 
     #[test]
+    fn first_packets_are_reported_as_seen_again_until_the_allocator_answers() {
+        let allocator = UdpSocket::bind("127.0.0.1:0").unwrap();
+        allocator
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let Running {
+            mut seen,
+            stop,
+            stats,
+            thread,
+            ..
+        } = start_access(allocator.local_addr().unwrap());
+        let ips: [IpAddr; 3] = [
+            "198.18.1.10".parse().unwrap(),
+            "fd00:1::10".parse().unwrap(),
+            "198.18.1.11".parse().unwrap(),
+        ];
+        ips.iter().for_each(|ip| seen.push(*ip).unwrap());
+        let key = proto::key(SECRET);
+        let mut buf = [0u8; 2048];
+        let mut receive = || {
+            let (n, from) = allocator.recv_from(&mut buf).unwrap();
+            let relay = Relay::parse(&buf[..n], |sid| (sid == 7).then_some(&key)).unwrap();
+            let Ok((_, ClientMsg::Seen(m))) = ClientMsg::parse(relay.inner) else {
+                panic!("a Seen report, not {:?}", relay.inner)
+            };
+            (relay.txid, relay.info, relay.timestamp_ms, m, from)
+        };
+        // One report per family; neither answered, so both come again.
+        let mut first = [receive(), receive()];
+        first.sort_by_key(|r| r.3.addrs.len());
+        assert_eq!(first[0].3.addrs, [ips[1]]);
+        assert_eq!(first[1].3.addrs, [ips[0], ips[2]]);
+        let again = receive();
+        assert!(first.iter().any(|f| f.0 == again.0 && f.3 == again.3));
+        // Each sending is a fresh relay (the allocator's replay cache keys on the timestamp).
+        let original = first.iter().find(|f| f.0 == again.0).unwrap();
+        assert!(again.2 >= original.2);
+        for (txid, info, _, _, from) in &first {
+            let mut reply = Vec::new();
+            RelayReply {
+                txid: *txid,
+                info: *info,
+                inner: b"ack",
+            }
+            .emit(&key, &mut reply)
+            .unwrap();
+            allocator.send_to(&reply, from).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stats.seen_reported.load(Ordering::Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "{:?}", stats.snapshot());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap().unwrap();
+        let s = stats.snapshot();
+        assert_eq!(s.seen_reported, 3);
+        assert!(s.seen_resent >= 1, "{s:?}");
+        assert_eq!(s.replies_dropped, 0, "{s:?}");
+    }
+
+    #[test]
+    fn a_client_cannot_report_itself_seen() {
+        let mut frame = Vec::new();
+        let mut inner = Vec::new();
+        ClientMsg::Seen(proto::Release {
+            family: Family::V4,
+            addrs: vec!["198.18.1.10".parse().unwrap()],
+        })
+        .emit(1, &mut inner)
+        .unwrap();
+        PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC)
+            .ipv4([198, 18, 1, 10], [198, 18, 1, 1], 64)
+            .udp(41000, ALLOC_PORT)
+            .write(&mut frame, &inner)
+            .unwrap();
+        let key = proto::key(SECRET);
+        assert_eq!(
+            relay_request(&frame, 7, 0, &key, &mut Vec::new()),
+            Err(Ignored::NotForUs)
+        );
+    }
+
+    #[test]
     fn requests_are_relayed_with_sid_mac_and_port_and_replies_reach_the_client() {
         let allocator = UdpSocket::bind("127.0.0.1:0").unwrap();
         let Running {
@@ -686,6 +872,7 @@ mod tests {
             stop,
             stats,
             thread,
+            ..
         } = start_access(allocator.local_addr().unwrap());
 
         // A client message as the agent sends it: header magic "MQ", version, type, txid.

@@ -26,8 +26,18 @@ pub const LONG: Times = Times(60_000, 90_000, 5_000, 60_000, addr::POOL_V4);
 /// Most addresses the clients behind one client port of the single box hold together.
 pub const PORT_CAP: u32 = 100;
 
-/// Writes the allocator's config into `dir` (its leases in `dir/leases.redb`).
+/// Writes the allocator's config into `dir` (its leases in `dir/leases.redb`), with leases of
+/// silent clients never reclaimed early.
 pub fn allocator_config(dir: &std::path::Path, t: &Times) -> std::path::PathBuf {
+    allocator_config_with(dir, t, 0)
+}
+
+/// [`allocator_config`] with `reclaim_silent_after_ms` (0: never).
+pub fn allocator_config_with(
+    dir: &std::path::Path,
+    t: &Times,
+    reclaim_silent_ms: u64,
+) -> std::path::PathBuf {
     let path = dir.join("allocator.toml");
     std::fs::write(
         &path,
@@ -46,6 +56,7 @@ t_remove_ms = {tremove}
 # Port security: the clients behind one port of the switch hold at most this many of the /24's
 # addresses together.
 max_live_per_port = {PORT_CAP}
+reclaim_silent_after_ms = {reclaim_silent_ms}
 
 [ipv4]
 prefixes = ["{pool}"]
@@ -220,6 +231,11 @@ pub struct SingleBox {
 
 /// Builds the topology and starts the allocator and the switch.
 pub fn start(times: &Times) -> SingleBox {
+    start_with(times, 0)
+}
+
+/// [`start`] with the allocator's `reclaim_silent_after_ms` (0: never).
+pub fn start_with(times: &Times, reclaim_silent_ms: u64) -> SingleBox {
     let mut tb = Testbed::new().unwrap();
     topology::single_box(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -228,7 +244,7 @@ pub fn start(times: &Times) -> SingleBox {
     // outside host, its next hop, by ARP.
 
     let allocator_bin = bin_path("mimiq-allocator").unwrap();
-    let cfg = allocator_config(dir.path(), times);
+    let cfg = allocator_config_with(dir.path(), times, reclaim_silent_ms);
     let mut allocator = tb
         .spawn(
             "sw",

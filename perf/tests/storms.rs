@@ -278,14 +278,15 @@ fn metric(text: &str, name: &str) -> u64 {
 fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_other_port() {
     use mimiq_allocator::proto::{AllocRequest, ClientMsg};
     use mimiq_perf::capture::inject_frames;
-    use mimiq_perf::singlebox::PORT_CAP;
+    use mimiq_perf::singlebox::{start_with, PORT_CAP};
     require_root();
+    // Leases whose client sent nothing for 3 s end early.
     let SingleBox {
         tb,
         mut allocator,
         switch,
         dir,
-    } = start(&LONG);
+    } = start_with(&LONG, 3_000);
     let gateway_mac = mimiq_dataplane::config::parse_mac(&mac(&tb, "sw", "cl0")).unwrap();
     let rss_before = rss_kb(switch.proc.pid());
     // c3, alone on the switch's second client port, asks for four IPv4 addresses at a time
@@ -341,8 +342,9 @@ fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_oth
     assert!(exact, "a byte of the download differs");
     assert!(got > 0);
     assert!(sent > 5_000, "the flood sent {sent} requests");
-    // What the allocator holds: the victim's address through port 0, and at most the cap
-    // through port 1 (each grant is all four addresses or none).
+    // What the allocator holds: the victim's address through port 0 (assigned: it sent, and
+    // the switch said so), and at most the cap through port 1 (each grant is all four
+    // addresses or none), whose silent MACs' leases end 3 s after their grant.
     let bin = bin_path("mimiq-allocator").unwrap();
     let config = dir.path().join("allocator.toml");
     let out = tb
@@ -362,7 +364,7 @@ fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_oth
     assert!(
         leases
             .lines()
-            .any(|l| l.starts_with(&victim) && l.contains(" port=0 ")),
+            .any(|l| l.starts_with(&victim) && l.contains(" port=0 assigned ")),
         "{leases}"
     );
     let attacker = on_port(" port=1 ");
@@ -379,13 +381,15 @@ fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_oth
         "mimiq_allocator_port_refusals_total{reason=\"port_cap\"}",
     );
     assert!(refused > 0, "{metrics}");
+    let reclaimed = metric(&metrics, "mimiq_allocator_reclaimed_silent_total");
+    assert!(reclaimed >= u64::from(attacker), "{metrics}");
     let rss_after = rss_kb(switch.proc.pid());
     assert!(
         rss_after < rss_before + 8 * 1024,
         "switch RSS {rss_before} KB -> {rss_after} KB"
     );
     eprintln!(
-        "allocation flood: {sent} requests from as many MACs on port 1; {attacker} addresses held through it, {refused} refused by port security; c1 on port 0 got {} and downloaded {got} bytes, exact",
+        "allocation flood: {sent} requests from as many MACs on port 1; {attacker} addresses held through it, {reclaimed} reclaimed from silent MACs, {refused} refused by port security; c1 on port 0 got {} and downloaded {got} bytes, exact",
         granted.addr
     );
     drop(switch);

@@ -324,6 +324,11 @@ pub struct Access {
     edge_internal: [u8; 16],
     /// The outer header is IPv4 (IPv4-only internal network).
     outer_v4: bool,
+    /// Where the first packet forwarded from each binding is reported (the slow path tells
+    /// the allocator, for `reclaim_silent_after_ms`).
+    seen_tx: Option<rtrb::Producer<IpAddr>>,
+    /// Sources of this burst whose binding was not seen yet.
+    first_seen: Vec<IpAddr>,
 }
 
 impl Access {
@@ -336,7 +341,16 @@ impl Access {
             edge_internal: as_16(cfg.edge_internal),
             outer_v4: cfg.internal.is_ipv4(),
             cfg,
+            seen_tx: None,
+            first_seen: Vec::new(),
         }
+    }
+
+    /// Reports the source of the first packet forwarded from each binding on `tx`. A report
+    /// the ring has no room for is made at the binding's next packet.
+    pub fn report_seen_to(mut self, tx: rtrb::Producer<IpAddr>) -> Self {
+        self.seen_tx = Some(tx);
+        self
     }
 
     /// The tables.
@@ -344,7 +358,14 @@ impl Access {
         &self.tables
     }
 
-    fn upstream(&self, port: PortId, data: &mut [u8], len: usize) -> Result<Verdict, DropReason> {
+    /// A client's frame; the source of a binding not seen yet goes to `first_seen`.
+    fn upstream(
+        &self,
+        port: PortId,
+        data: &mut [u8],
+        len: usize,
+        first_seen: &mut Vec<IpAddr>,
+    ) -> Result<Verdict, DropReason> {
         let src_mac: [u8; 6] = data[6..12].try_into().unwrap_or_default();
         match [data[12], data[13]] {
             ETHERTYPE_IPV4 => {
@@ -362,7 +383,11 @@ impl Access {
                 }
                 let src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
                 match self.tables.binding_v4(src, self.now_ms) {
-                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid && b.port == port => {}
+                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid && b.port == port => {
+                        if !b.seen {
+                            first_seen.push(Ipv4Addr::from(src).into());
+                        }
+                    }
                     _ => return Err(DropReason::SpoofedSource),
                 }
             }
@@ -389,7 +414,11 @@ impl Access {
                 }
                 let src = u128::from_be_bytes(h[8..24].try_into().unwrap_or_default());
                 match self.tables.binding_v6(src, self.now_ms) {
-                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid && b.port == port => {}
+                    Some(b) if b.mac == src_mac && b.sid == self.cfg.sid && b.port == port => {
+                        if !b.seen {
+                            first_seen.push(Ipv6Addr::from(src).into());
+                        }
+                    }
                     _ => return Err(DropReason::SpoofedSource),
                 }
             }
@@ -499,10 +528,11 @@ impl Pipeline for Access {
         frames: &mut [M::Frame],
         verdicts: &mut Vec<Verdict>,
     ) {
+        let mut first_seen = std::mem::take(&mut self.first_seen);
         let this = &*self;
         each_frame(memory, frames, verdicts, |memory, frame, len| {
             if in_port < this.cfg.client_ports {
-                this.upstream(in_port, &mut memory.data_mut(frame), len)
+                this.upstream(in_port, &mut memory.data_mut(frame), len, &mut first_seen)
                     .unwrap_or_else(Verdict::Drop)
             } else if in_port == this.cfg.uplink {
                 let result = this.downstream(&mut memory.data_mut(frame), len);
@@ -517,6 +547,22 @@ impl Pipeline for Access {
                 Verdict::Drop(DropReason::NoSuchPort)
             }
         });
+        for ip in first_seen.drain(..) {
+            // Several packets of a burst may name one binding: it is reported once.
+            let unseen = match ip {
+                IpAddr::V4(a) => self.tables.binding_v4(u32::from(a), self.now_ms),
+                IpAddr::V6(a) => self.tables.binding_v6(u128::from(a), self.now_ms),
+            }
+            .is_some_and(|b| !b.seen);
+            let reported = match &mut self.seen_tx {
+                Some(tx) => unseen && tx.push(ip).is_ok(),
+                None => true,
+            };
+            if reported {
+                self.tables.mark_seen(ip);
+            }
+        }
+        self.first_seen = first_seen;
     }
 }
 
@@ -1001,6 +1047,42 @@ mod tests {
             let (_, encapsulated) = run(&mut e, 1, &original);
             assert_eq!(run(&mut a, 3, &encapsulated).0, want, "to {dst:?}");
         }
+    }
+
+    #[test]
+    fn the_first_packet_forwarded_from_each_binding_is_reported_once() {
+        let (tx, mut rx) = rtrb::RingBuffer::new(1);
+        let mut a = access().report_seen_to(tx);
+        a.apply(
+            Sequenced {
+                seq: 4,
+                update: RuleUpdate::BindingAdd {
+                    ip: "198.18.1.11".parse().unwrap(),
+                    mac: Mac(CLIENT),
+                    sid: SID,
+                    port: 0,
+                    valid_until_ms: NOW + 5_000,
+                },
+            }
+            .into(),
+        );
+        let v4 = udp_v4(CLIENT, GW, [198, 18, 1, 10], [203, 0, 113, 5], 443);
+        let spoofed = udp_v4(OTHER_CLIENT, GW, [198, 18, 1, 10], [203, 0, 113, 5], 443);
+        for frame in [&spoofed, &v4, &v4] {
+            run(&mut a, 0, frame);
+        }
+        assert_eq!(rx.pop(), Ok("198.18.1.10".parse().unwrap()));
+        assert!(rx.pop().is_err(), "reported once");
+        // The IPv6 binding's report fills the ring; the next binding's waits for a packet
+        // after the ring has room.
+        let v6 = udp_v6(CLIENT, GW, client_v6(), "2001:db8::5".parse().unwrap());
+        let other = udp_v4(CLIENT, GW, [198, 18, 1, 11], [203, 0, 113, 5], 443);
+        run(&mut a, 0, &v6);
+        assert_eq!(run(&mut a, 0, &other).0, Verdict::Forward(1));
+        assert_eq!(rx.pop(), Ok(IpAddr::V6(client_v6())));
+        assert!(rx.pop().is_err());
+        run(&mut a, 0, &other);
+        assert_eq!(rx.pop(), Ok("198.18.1.11".parse().unwrap()));
     }
 
     #[test]

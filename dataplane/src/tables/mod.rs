@@ -36,6 +36,9 @@ pub struct Binding {
     pub port: u16,
     /// It routes until then (lease end + t_remove), in ms.
     pub valid_until_ms: u64,
+    /// The access switch has forwarded a packet from it (and reported so to the allocator)
+    /// since the binding was added.
+    pub seen: bool,
 }
 
 /// One slot of the alias table.
@@ -133,6 +136,21 @@ impl Tables {
         self.v6.get(&addr).filter(|b| now_ms < b.valid_until_ms)
     }
 
+    /// Marks the binding of `ip` seen; false if there is none or it was seen already.
+    pub fn mark_seen(&mut self, ip: IpAddr) -> bool {
+        let b = match ip {
+            IpAddr::V4(a) => self.v4.get_mut(&u32::from(a)),
+            IpAddr::V6(a) => self.v6.get_mut(&u128::from(a)),
+        };
+        match b {
+            Some(b) if !b.seen => {
+                b.seen = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The SID whose alias is in `addr`, if its epoch routes at `now_ms`.
     #[inline]
     pub fn alias_sid(&self, addr: u128, now_ms: u64) -> Option<Sid> {
@@ -197,6 +215,7 @@ impl Tables {
                     sid: *sid,
                     port: *port,
                     valid_until_ms: *valid_until_ms,
+                    seen: false,
                 };
                 match ip {
                     IpAddr::V4(a) => self.v4.insert(u32::from(*a), b),
