@@ -1225,8 +1225,10 @@ mod tests {
             .into_iter()
             .filter_map(|u| match u.update {
                 RuleUpdate::BindingAdd {
-                    ip, valid_until_ms, ..
-                } if valid_until_ms == 13_500 => Some(ip),
+                    ip,
+                    valid_until_ms: 13_500,
+                    ..
+                } => Some(ip),
                 _ => None,
             })
             .collect();
