@@ -4,7 +4,7 @@
 //! download must arrive byte-exact, every storm frame the switch took in must be a drop counted
 //! under a reason, and the switch's memory must stay where it was.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mimiq_allocator::Family;
@@ -391,6 +391,96 @@ fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_oth
     eprintln!(
         "allocation flood: {sent} requests from as many MACs on port 1; {attacker} addresses held through it, {reclaimed} reclaimed from silent MACs, {refused} refused by port security; c1 on port 0 got {} and downloaded {got} bytes, exact",
         granted.addr
+    );
+    drop(switch);
+    allocator.stop(Duration::from_secs(5));
+}
+
+#[test]
+fn ip_in_ip_from_a_non_edge_address_at_rate_is_dropped_and_counted_and_never_reaches_the_client() {
+    use mimiq_dataplane::wire::ipip::{encap_frame, Outer, Span};
+    use mimiq_perf::capture::{count_frames, inject_frames};
+    require_root();
+    let SingleBox {
+        tb,
+        mut allocator,
+        switch,
+        dir: _dir,
+    } = start(&LONG);
+    let granted = allocate(&tb, "c1", Family::V4);
+    use_address(&tb, "c1", granted.addr);
+    let IpAddr::V4(c1) = granted.addr else {
+        unreachable!()
+    };
+    let parse = mimiq_dataplane::config::parse_mac;
+    let (edge_mac, access_mac) = (
+        parse(&mac(&tb, "sw", "int1")).unwrap(),
+        parse(&mac(&tb, "sw", "int0")).unwrap(),
+    );
+    // What the edge would send c1 (an IPv4 datagram to UDP port 9999, in an outer IPv6
+    // header to the access switch's internal address), but from another internal address.
+    let frame = {
+        let mut inner = vec![0u8; 40];
+        etherparse::PacketBuilder::ethernet2(edge_mac, access_mac)
+            .ipv4([203, 0, 113, 5], c1.octets(), 64)
+            .udp(40000, 9999)
+            .write(&mut inner, &[0x5a; 64])
+            .unwrap();
+        let outer = Outer::V6 {
+            src: "fd00:ffff::66".parse().unwrap(),
+            dst: "fd00:ffff::a".parse().unwrap(),
+            hop_limit: 64,
+        };
+        let end = inner.len();
+        let span = encap_frame(&mut inner, Span { start: 40, end }, &outer).unwrap();
+        inner[span.start..span.end].to_vec()
+    };
+    let to_9999 = |f: &[u8]| match etherparse::SlicedPacket::from_ethernet(f) {
+        Ok(p) => {
+            matches!(&p.transport, Some(etherparse::TransportSlice::Udp(u)) if u.destination_port() == 9999)
+        }
+        Err(_) => false,
+    };
+    let at_c1 = count_frames(&tb, "c1", "eth0", Duration::from_secs(10), to_9999).unwrap();
+    let before = switch.stats_settled(Duration::from_secs(5)).unwrap();
+    let rss_before = rss_kb(switch.proc.pid());
+    let listen: SocketAddr = format!("{}:9000", addr::OUT_V4).parse().unwrap();
+    let ((got, exact), sent) = std::thread::scope(|scope| {
+        let tb = &tb;
+        let until = Instant::now() + Duration::from_secs(6);
+        let download =
+            scope.spawn(move || pattern_download(tb, "out", listen, "c1", u64::MAX, Some(until)));
+        // Five seconds of forged tunnel packets, as fast as a packet socket sends them, into
+        // the access switch's uplink (from the edge's side of the internal link).
+        let end = Instant::now() + Duration::from_secs(5);
+        let storm = inject_frames(tb, "sw", "int1", move || {
+            (Instant::now() < end).then(|| frame.clone())
+        })
+        .unwrap();
+        let sent = storm.join().unwrap().unwrap().unwrap();
+        (download.join().unwrap().unwrap(), sent)
+    });
+    assert!(sent > 10_000, "the storm sent {sent} frames");
+    assert!(exact, "a byte of the download differs");
+    assert!(got > 0);
+    let after = switch
+        .stats_until(Duration::from_secs(10), |s| {
+            match s.drops("not_from_edge") - before.drops("not_from_edge") {
+                n if n > 10_000 => Ok(()),
+                n => Err(format!("{n} not_from_edge so far: {}", s.drops_summary())),
+            }
+        })
+        .unwrap_or_else(|e| panic!("the forged tunnel packets are counted: {e}"));
+    let seen_at_c1 = at_c1.join().unwrap().unwrap().unwrap();
+    assert_eq!(seen_at_c1, 0, "forged tunnel packets reached c1");
+    let rss_after = rss_kb(switch.proc.pid());
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "switch RSS {rss_before} KB -> {rss_after} KB"
+    );
+    eprintln!(
+        "ip-in-ip storm: {sent} frames sent, {} not_from_edge drops, 0 at c1; download {got} bytes, exact",
+        after.drops("not_from_edge") - before.drops("not_from_edge")
     );
     drop(switch);
     allocator.stop(Duration::from_secs(5));
