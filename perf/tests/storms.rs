@@ -485,3 +485,113 @@ fn ip_in_ip_from_a_non_edge_address_at_rate_is_dropped_and_counted_and_never_rea
     drop(switch);
     allocator.stop(Duration::from_secs(5));
 }
+
+#[test]
+fn garbled_short_headers_to_a_live_connection_id_at_rate_are_counted_and_the_tunnel_goes_on() {
+    use mimiq_perf::capture::record_frames;
+    use mimiq_perf::masque::{self, addr as m, start_ip_client, stop_client, ProxyProc};
+    require_root();
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let (mut client, _) = start_ip_client(&mut tb).unwrap();
+    let target: SocketAddr = format!("{}:4433", m::PROXY_V4).parse().unwrap();
+    let listen: SocketAddr = format!("{}:9000", m::SERVER_V4).parse().unwrap();
+    // The client's connection ID at the proxy, from a short-header datagram on the wire (RFC
+    // 9000 §17.3.1: first bit 0, then the destination ID, of the length the proxy issues).
+    let cid_len = mimiq_masque::quic::CID_LEN;
+    let short_header_to_proxy = move |f: &[u8]| match etherparse::SlicedPacket::from_ethernet(f) {
+        Ok(p) => matches!(&p.transport, Some(etherparse::TransportSlice::Udp(u))
+            if u.destination_port() == 4433 && u.payload().len() > 1 + cid_len && u.payload()[0] & 0x80 == 0),
+        Err(_) => false,
+    };
+    let ((got, exact), sent, before, dropped_before) = std::thread::scope(|scope| {
+        let tb = &tb;
+        let until = Instant::now() + Duration::from_secs(7);
+        let download =
+            scope.spawn(move || pattern_download(tb, "s", listen, "c", u64::MAX, Some(until)));
+        let frames = record_frames(tb, "p", "p0", Duration::from_secs(1), short_header_to_proxy)
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let frame = frames
+            .first()
+            .expect("a short-header datagram of the tunnel");
+        let p = etherparse::SlicedPacket::from_ethernet(&frame.bytes).unwrap();
+        let Some(etherparse::TransportSlice::Udp(u)) = p.transport else {
+            unreachable!()
+        };
+        let dcid = u.payload()[1..1 + cid_len].to_vec();
+        let before = proxy.fresh_stats().unwrap();
+        let dropped_before = udp_rcvbuf_errors(tb, "p") + backlog_drops();
+        // Three seconds of short headers with that ID and random bodies, 40 to 1,300 bytes,
+        // as fast as one socket sends, from the client's host: none decrypts.
+        let sent = tb
+            .run_in("c", move || {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.connect(target).unwrap();
+                let mut rng = 0x2545_f491_4f6c_dd1du64;
+                let mut buf = [0u8; 1300];
+                let (mut sent, end) = (0u64, Instant::now() + Duration::from_secs(3));
+                while Instant::now() < end {
+                    for _ in 0..64 {
+                        for chunk in buf.chunks_mut(8) {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            chunk.copy_from_slice(&rng.to_le_bytes()[..chunk.len()]);
+                        }
+                        buf[0] = (buf[0] & 0x3f) | 0x40;
+                        buf[1..1 + dcid.len()].copy_from_slice(&dcid);
+                        let len = 40 + (rng % 1261) as usize;
+                        if s.send(&buf[..len]).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                }
+                sent
+            })
+            .unwrap();
+        (
+            download.join().unwrap().unwrap(),
+            sent,
+            before,
+            dropped_before,
+        )
+    });
+    assert!(exact, "a byte of the download differs");
+    assert!(got > 0);
+    assert!(sent > 10_000, "the flood sent {sent} datagrams");
+    let counter = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
+    // Every garbled datagram is counted by the proxy as one quiche read nothing of, or was
+    // dropped by the kernel before the proxy read it.
+    let s = mimiq_testkit::eventually(Duration::from_secs(10), || {
+        let s = proxy.stats()?;
+        let counted =
+            counter(&s, "quic_packets_dropped") - counter(&before, "quic_packets_dropped");
+        let kernel = udp_rcvbuf_errors(&tb, "p") + backlog_drops() - dropped_before;
+        if counted + kernel >= sent {
+            Ok(s)
+        } else {
+            Err(format!(
+                "{sent} sent, {counted} counted, {kernel} dropped by the kernel"
+            ))
+        }
+    })
+    .unwrap_or_else(|e| panic!("every garbled datagram accounted for: {e}"));
+    assert_eq!(s["connections_accepted"], 1, "{s}");
+    assert_eq!(
+        counter(&s, "peer_migrations"),
+        counter(&before, "peer_migrations"),
+        "a forged datagram from another port taken as a migration: {s}"
+    );
+    let report = stop_client(&mut client).unwrap();
+    assert_eq!(report["quic_send_errors"], 0, "{report}");
+    eprintln!(
+        "garbled live-ID flood: {sent} datagrams, {} counted as quic_packets_dropped; download {got} bytes, exact",
+        counter(&s, "quic_packets_dropped") - counter(&before, "quic_packets_dropped")
+    );
+}

@@ -65,6 +65,9 @@ pub struct Stats {
     pub quic_recv_errors: u64,
     /// Datagrams for no known connection that were not a valid Initial.
     pub unknown_connection: u64,
+    /// Datagrams for a live connection of which quiche read no packet: undecryptable (garbled
+    /// or forged with a connection's ID, RFC 9001 §5.5 says to drop them), duplicates.
+    pub quic_packets_dropped: u64,
     /// Connections accepted / refused at `max_connections` / closed.
     pub connections_accepted: u64,
     /// Handshakes refused because `max_connections` were open.
@@ -73,7 +76,8 @@ pub struct Stats {
     pub connections_closed: u64,
     /// Connections open now.
     pub connections_open: u64,
-    /// Client address changes seen on a live connection (migrations).
+    /// Client address changes seen on a live connection (migrations): a datagram from a new
+    /// address that quiche read and took as a path.
     pub peer_migrations: u64,
     /// Connection IDs issued after the handshake.
     pub cids_issued: u64,
@@ -532,15 +536,21 @@ impl Proxy {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
-        if c.conn
-            .recv(pkt, quiche::RecvInfo { from, to: local })
-            .is_err()
-        {
-            self.stats.quic_recv_errors += 1;
-        }
-        if from != c.peer && c.conn.is_established() {
-            c.peer = from;
-            self.stats.peer_migrations += 1;
+        // quiche drops what it cannot decrypt without an error (RFC 9001 §5.5): its count of
+        // packets read says whether it read any.
+        let read_before = c.conn.stats().recv;
+        match c.conn.recv(pkt, quiche::RecvInfo { from, to: local }) {
+            Err(_) => self.stats.quic_recv_errors += 1,
+            Ok(_) if c.conn.stats().recv == read_before => self.stats.quic_packets_dropped += 1,
+            Ok(_) => {
+                if from != c.peer
+                    && c.conn.is_established()
+                    && c.conn.paths_iter(local).any(|p| p == from)
+                {
+                    c.peer = from;
+                    self.stats.peer_migrations += 1;
+                }
+            }
         }
         if self.dirty.last() != Some(&id) {
             self.dirty.push(id);
