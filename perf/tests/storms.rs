@@ -177,6 +177,39 @@ fn backlog_drops() -> u64 {
         .sum()
 }
 
+/// Three seconds of QUIC short headers (RFC 9000 §17.3.1: first bit 0, fixed bit 1) to
+/// `target`, as fast as one socket sends, from host `c`: each with the connection ID `dcid`
+/// (random where it is empty) and a random body, 40 to 1,300 bytes in all. Returns how many
+/// were sent.
+fn short_header_flood(tb: &Testbed, target: SocketAddr, dcid: &[u8]) -> u64 {
+    let dcid = dcid.to_vec();
+    tb.run_in("c", move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(target).unwrap();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut buf = [0u8; 1300];
+        let (mut sent, end) = (0u64, Instant::now() + Duration::from_secs(3));
+        while Instant::now() < end {
+            for _ in 0..64 {
+                for chunk in buf.chunks_mut(8) {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    chunk.copy_from_slice(&rng.to_le_bytes()[..chunk.len()]);
+                }
+                buf[0] = (buf[0] & 0x3f) | 0x40;
+                buf[1..1 + dcid.len()].copy_from_slice(&dcid);
+                let len = 40 + (rng % 1261) as usize;
+                if s.send(&buf[..len]).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    })
+    .unwrap()
+}
+
 #[test]
 fn a_flood_of_garbage_quic_short_headers_at_the_proxy_is_counted_and_a_tunnel_download_goes_on_byte_exact(
 ) {
@@ -196,34 +229,8 @@ fn a_flood_of_garbage_quic_short_headers_at_the_proxy_is_counted_and_a_tunnel_do
         let until = Instant::now() + Duration::from_secs(6);
         let download =
             scope.spawn(move || pattern_download(tb, "s", listen, "c", u64::MAX, Some(until)));
-        // Three seconds of QUIC short headers (RFC 9000 §17.3.1: first bit 0, fixed bit 1)
-        // with random connection IDs and bodies, 20 to 1,300 bytes, as fast as one socket
-        // sends, from the client's host: none matches a connection.
-        let sent = tb
-            .run_in("c", move || {
-                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                s.connect(target).unwrap();
-                let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-                let mut buf = [0u8; 1300];
-                let (mut sent, end) = (0u64, Instant::now() + Duration::from_secs(3));
-                while Instant::now() < end {
-                    for _ in 0..64 {
-                        for chunk in buf.chunks_mut(8) {
-                            rng ^= rng << 13;
-                            rng ^= rng >> 7;
-                            rng ^= rng << 17;
-                            chunk.copy_from_slice(&rng.to_le_bytes()[..chunk.len()]);
-                        }
-                        buf[0] = (buf[0] & 0x3f) | 0x40;
-                        let len = 20 + (rng % 1281) as usize;
-                        if s.send(&buf[..len]).is_ok() {
-                            sent += 1;
-                        }
-                    }
-                }
-                sent
-            })
-            .unwrap();
+        // Random connection IDs: none matches a connection.
+        let sent = short_header_flood(tb, target, &[]);
         (download.join().unwrap().unwrap(), sent)
     });
     assert!(exact, "a byte of the download differs");
@@ -527,34 +534,8 @@ fn garbled_short_headers_to_a_live_connection_id_at_rate_are_counted_and_the_tun
         let dcid = u.payload()[1..1 + cid_len].to_vec();
         let before = proxy.fresh_stats().unwrap();
         let dropped_before = udp_rcvbuf_errors(tb, "p") + backlog_drops();
-        // Three seconds of short headers with that ID and random bodies, 40 to 1,300 bytes,
-        // as fast as one socket sends, from the client's host: none decrypts.
-        let sent = tb
-            .run_in("c", move || {
-                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                s.connect(target).unwrap();
-                let mut rng = 0x2545_f491_4f6c_dd1du64;
-                let mut buf = [0u8; 1300];
-                let (mut sent, end) = (0u64, Instant::now() + Duration::from_secs(3));
-                while Instant::now() < end {
-                    for _ in 0..64 {
-                        for chunk in buf.chunks_mut(8) {
-                            rng ^= rng << 13;
-                            rng ^= rng >> 7;
-                            rng ^= rng << 17;
-                            chunk.copy_from_slice(&rng.to_le_bytes()[..chunk.len()]);
-                        }
-                        buf[0] = (buf[0] & 0x3f) | 0x40;
-                        buf[1..1 + dcid.len()].copy_from_slice(&dcid);
-                        let len = 40 + (rng % 1261) as usize;
-                        if s.send(&buf[..len]).is_ok() {
-                            sent += 1;
-                        }
-                    }
-                }
-                sent
-            })
-            .unwrap();
+        // That ID: none decrypts.
+        let sent = short_header_flood(tb, target, &dcid);
         (
             download.join().unwrap().unwrap(),
             sent,
