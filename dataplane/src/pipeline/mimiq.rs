@@ -200,6 +200,12 @@ impl Edge {
             .and_then(|i| self.tunnels.get(i))
             .ok_or(DropReason::NoRoute)?;
         hop(&mut data[ETH_LEN..len], inner_proto)?;
+        // RFC 6040 §4.1 (normal mode): the outer header carries the inner DSCP and ECN.
+        let tclass = if inner_proto == PROTO_IPV4_IN {
+            data[ETH_LEN + 1]
+        } else {
+            data[ETH_LEN] << 4 | data[ETH_LEN + 1] >> 4
+        };
         let new_len = len + tunnel.len;
         if data.len() < new_len || len - ETH_LEN + tunnel.len > usize::from(u16::MAX) {
             return Err(DropReason::TooBig);
@@ -209,6 +215,7 @@ impl Edge {
             &mut data[ETH_LEN..ETH_LEN + tunnel.len],
             (len - ETH_LEN) as u16,
             inner_proto,
+            tclass,
         );
         write_eth(data, tunnel.mac, self.cfg.inside_mac, tunnel.ethertype);
         Ok((new_len, usize::from(self.cfg.inside)))
@@ -489,6 +496,14 @@ impl Access {
             .filter(|b| b.sid == self.cfg.sid && b.port < self.cfg.client_ports)
             .ok_or(DropReason::NoRoute)?;
         let (mac, port) = (binding.mac, binding.port);
+        // RFC 6040 §4.2: congestion marked on the tunnel reaches the inner packet.
+        let outer_ecn = crate::wire::ipip::ecn_of(&data[ETH_LEN..]);
+        crate::wire::ipip::merge_ecn(&mut data[ETH_LEN + outer_len..len], outer_ecn).map_err(
+            |e| match e {
+                crate::wire::Error::CeOnNotEct => DropReason::CeOnNotEct,
+                _ => DropReason::Malformed,
+            },
+        )?;
         data.copy_within(ETH_LEN + outer_len..len, ETH_LEN);
         let new_len = len - outer_len;
         hop(&mut data[ETH_LEN..new_len], inner_proto)?;
@@ -690,17 +705,21 @@ impl Tunnel {
         }
     }
 
-    /// Writes the outer header for an inner packet of `inner_len` bytes and protocol `proto`.
-    /// `outer` is `self.len` bytes long (the caller slices it so).
+    /// Writes the outer header for an inner packet of `inner_len` bytes, protocol `proto`
+    /// and traffic class (DSCP and ECN) `tclass`. `outer` is `self.len` bytes long (the caller
+    /// slices it so).
     #[inline(always)]
-    fn write(&self, outer: &mut [u8], inner_len: u16, proto: u8) {
+    fn write(&self, outer: &mut [u8], inner_len: u16, proto: u8, tclass: u8) {
         // Fixed-size copies, so they compile to a few vector moves rather than a memcpy call.
         if let Ok(v6) = <&mut [u8; IPV6_LEN]>::try_from(&mut *outer) {
             *v6 = self.header;
+            v6[0] = 0x60 | tclass >> 4;
+            v6[1] = tclass << 4;
             v6[4..6].copy_from_slice(&inner_len.to_be_bytes());
             v6[6] = proto;
         } else if let Ok(v4) = <&mut [u8; IPV4_MIN]>::try_from(outer) {
             v4.copy_from_slice(&self.header[..IPV4_MIN]);
+            v4[1] = tclass;
             v4[2..4].copy_from_slice(&(inner_len + IPV4_MIN as u16).to_be_bytes());
             v4[9] = proto;
             let sum = crate::wire::checksum::checksum(&v4[..]);
@@ -1083,6 +1102,48 @@ mod tests {
         assert!(rx.pop().is_err());
         run(&mut a, 0, &other);
         assert_eq!(rx.pop(), Ok("198.18.1.11".parse().unwrap()));
+    }
+
+    /// `frame` (IPv4) with its TOS byte set to `tos` and the header checksum made right.
+    fn with_tos(mut frame: Vec<u8>, tos: u8) -> Vec<u8> {
+        frame[ETH_LEN + 1] = tos;
+        frame[ETH_LEN + 10..ETH_LEN + 12].fill(0);
+        let sum = crate::wire::checksum::checksum(&frame[ETH_LEN..ETH_LEN + IPV4_MIN]);
+        frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&sum.to_be_bytes());
+        frame
+    }
+
+    #[test]
+    fn the_tunnel_carries_dscp_and_ecn_out_and_congestion_back_in_per_rfc_6040() {
+        let (mut e, mut a) = (edge(), access());
+        let to_c1 = |tos| {
+            let f = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000);
+            with_tos(f, tos)
+        };
+        // DSCP EF (46) with ECT(0): the outer IPv6 traffic class is the same byte.
+        let (v, tunnelled) = run(&mut e, 1, &to_c1(46 << 2 | 0b10));
+        assert_eq!(v, Verdict::Forward(0));
+        let outer = etherparse::Ipv6HeaderSlice::from_slice(&tunnelled[ETH_LEN..]).unwrap();
+        assert_eq!(outer.traffic_class(), 46 << 2 | 0b10);
+        // Congestion marked on the tunnel reaches the client's packet, checksum right.
+        let mut marked = tunnelled.clone();
+        marked[ETH_LEN + 1] |= 0b11 << 4;
+        let (v, delivered) = run(&mut a, 1, &marked);
+        assert_eq!(v, Verdict::Forward(0));
+        let inner = etherparse::Ipv4HeaderSlice::from_slice(&delivered[ETH_LEN..]).unwrap();
+        assert_eq!((inner.dcp().value(), inner.ecn().value()), (46, 0b11));
+        let header = inner.to_header();
+        assert_eq!(header.header_checksum, header.calc_header_checksum());
+        // Unmarked: the inner packet keeps its ECN field.
+        let (_, delivered) = run(&mut a, 1, &tunnelled);
+        assert_eq!(delivered[ETH_LEN + 1], 46 << 2 | 0b10);
+        // CE on the tunnel over a packet that is not ECN-capable: dropped (RFC 6040 §4.2).
+        let (_, mut not_ect) = run(&mut e, 1, &to_c1(0));
+        not_ect[ETH_LEN + 1] |= 0b11 << 4;
+        assert_eq!(
+            run(&mut a, 1, &not_ect).0,
+            Verdict::Drop(DropReason::CeOnNotEct)
+        );
     }
 
     #[test]

@@ -64,11 +64,14 @@ pub enum DropReason {
     /// Link-scoped traffic (IPv6 link-local source or multicast destination) that a router
     /// does not forward.
     LinkLocal,
+    /// Access: the tunnel's outer header says Congestion Experienced and the inner packet is
+    /// not ECN-capable (RFC 6040 §4.2: drop).
+    CeOnNotEct,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Runt,
         DropReason::TxRingFull,
         DropReason::NoSuchPort,
@@ -87,6 +90,7 @@ impl DropReason {
         DropReason::TooBig,
         DropReason::NoNeighbor,
         DropReason::LinkLocal,
+        DropReason::CeOnNotEct,
     ];
 
     /// The counter index of this reason.
@@ -115,6 +119,7 @@ impl DropReason {
             DropReason::TooBig => "too_big",
             DropReason::NoNeighbor => "no_neighbor",
             DropReason::LinkLocal => "link_local",
+            DropReason::CeOnNotEct => "ce_on_not_ect",
         }
     }
 }

@@ -12,7 +12,8 @@
 //! be exactly the header's size, rather than field by field.
 //!
 //! Outer header fields: traffic class / DSCP+ECN copied from the inner packet (RFC 6040's
-//! normal mode), flow label 0, hop limit / TTL as given (64 by default). An outer IPv4 header
+//! normal mode, §4.1); on decapsulation the outer ECN field is merged into the inner one
+//! ([`decap_ecn`], RFC 6040 §4.2). Flow label 0, hop limit / TTL as given (64 by default). An outer IPv4 header
 //! has DF set and identification 0 (an atomic datagram, RFC 6864 §4.1): internal links carry
 //! inner MTU + 40 (§4), so the outer packet is never fragmented.
 
@@ -260,6 +261,9 @@ pub fn decap_frame(buf: &mut [u8], frame: Span) -> Result<Span> {
         return Err(Error::Unsupported);
     }
     let inner = decap(eth.payload())?;
+    let ip_start = frame.start + ethernet::HEADER_LEN;
+    let outer_ecn = ecn_of(&buf[ip_start..]);
+    merge_ecn(&mut buf[ip_start + inner.offset..], outer_ecn)?;
     let new_start = frame.start + inner.offset;
     let new_end = new_start + ethernet::HEADER_LEN + inner.len;
     buf.copy_within(frame.start..frame.start + ethernet::HEADER_LEN, new_start);
@@ -274,6 +278,55 @@ pub fn decap_frame(buf: &mut [u8], frame: Span) -> Result<Span> {
         start: new_start,
         end: new_end,
     })
+}
+
+/// ECN codepoints (RFC 3168 §5): the low two bits of the IPv4 TOS byte and of the IPv6
+/// traffic class.
+const NOT_ECT: u8 = 0b00;
+const ECT1: u8 = 0b01;
+const ECT0: u8 = 0b10;
+const CE: u8 = 0b11;
+
+/// The inner packet's ECN field after decapsulation, from the arriving inner and outer ECN
+/// fields (RFC 6040 §4.2, Figure 4); [`Error::CeOnNotEct`]: drop the packet.
+pub const fn decap_ecn(inner: u8, outer: u8) -> Result<u8> {
+    match (inner & CE, outer & CE) {
+        (NOT_ECT, CE) => Err(Error::CeOnNotEct),
+        (_, CE) => Ok(CE),
+        (ECT0, ECT1) => Ok(ECT1),
+        (inner, _) => Ok(inner),
+    }
+}
+
+/// The ECN field of the IP packet at the start of `packet` (0 if it is too short to say).
+pub fn ecn_of(packet: &[u8]) -> u8 {
+    match (packet.first().map(|b| b >> 4), packet.get(1)) {
+        (Some(4), Some(tos)) => tos & CE,
+        (Some(6), Some(b1)) => (b1 >> 4) & CE,
+        _ => NOT_ECT,
+    }
+}
+
+/// Merges the outer header's ECN field `outer` into the inner IP packet at the start of
+/// `inner` ([`decap_ecn`]); an IPv4 header's checksum is updated incrementally (RFC 1624).
+pub fn merge_ecn(inner: &mut [u8], outer: u8) -> Result<()> {
+    let ecn = ecn_of(inner);
+    let merged = decap_ecn(ecn, outer)?;
+    if merged == ecn {
+        return Ok(());
+    }
+    match inner.first().map(|b| b >> 4) {
+        Some(4) if inner.len() >= ipv4::MIN_HEADER_LEN => {
+            let old = u16::from_be_bytes([inner[0], inner[1]]);
+            inner[1] = (inner[1] & !CE) | merged;
+            let new = u16::from_be_bytes([inner[0], inner[1]]);
+            let sum = u16::from_be_bytes([inner[10], inner[11]]);
+            inner[10..12].copy_from_slice(&checksum::update(sum, old, new).to_be_bytes());
+        }
+        Some(6) if inner.len() >= 2 => inner[1] = (inner[1] & !(CE << 4)) | (merged << 4),
+        _ => return Err(Error::Malformed),
+    }
+    Ok(())
 }
 
 const IPV4_DF: u16 = 0x4000;
@@ -311,6 +364,24 @@ const _: () = assert!(core::mem::size_of::<OuterIpv4Header>() == ipv4::MIN_HEADE
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn decapsulation_merges_ecn_as_rfc_6040_figure_4_says() {
+        use super::{decap_ecn, CE, ECT0, ECT1, NOT_ECT};
+        // Rows: arriving inner; columns: arriving outer Not-ECT, ECT(0), ECT(1), CE.
+        let table = [
+            (NOT_ECT, [Some(NOT_ECT), Some(NOT_ECT), Some(NOT_ECT), None]),
+            (ECT0, [Some(ECT0), Some(ECT0), Some(ECT1), Some(CE)]),
+            (ECT1, [Some(ECT1), Some(ECT1), Some(ECT1), Some(CE)]),
+            (CE, [Some(CE), Some(CE), Some(CE), Some(CE)]),
+        ];
+        for (inner, row) in table {
+            for (outer, want) in [NOT_ECT, ECT0, ECT1, CE].into_iter().zip(row) {
+                assert_eq!(decap_ecn(inner, outer).ok(), want, "{inner:02b} in {outer:02b}");
+            }
+        }
+    }
+
     use super::*;
     use crate::wire::testutil::POISON;
     use proptest::prelude::*;

@@ -83,6 +83,9 @@ pub enum Error {
     TooLong,
     /// A TTL or hop limit would reach zero: the packet must not be forwarded.
     HopLimitExceeded,
+    /// A tunnel's outer header says Congestion Experienced but the inner packet is not
+    /// ECN-capable: RFC 6040 §4.2 has the decapsulator drop it.
+    CeOnNotEct,
 }
 
 impl Error {
@@ -96,6 +99,7 @@ impl Error {
             Error::NoHeadroom => "no_headroom",
             Error::TooLong => "too_long",
             Error::HopLimitExceeded => "hop_limit_exceeded",
+            Error::CeOnNotEct => "ce_on_not_ect",
         }
     }
 }
