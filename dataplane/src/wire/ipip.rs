@@ -377,7 +377,11 @@ mod tests {
         ];
         for (inner, row) in table {
             for (outer, want) in [NOT_ECT, ECT0, ECT1, CE].into_iter().zip(row) {
-                assert_eq!(decap_ecn(inner, outer).ok(), want, "{inner:02b} in {outer:02b}");
+                assert_eq!(
+                    decap_ecn(inner, outer).ok(),
+                    want,
+                    "{inner:02b} in {outer:02b}"
+                );
             }
         }
     }
