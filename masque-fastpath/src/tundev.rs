@@ -84,7 +84,8 @@ pub const VNET_HDR_LEN: usize = 10;
 const VNET_F_NEEDS_CSUM: u8 = 1;
 const VNET_GSO_TCPV4: u8 = 1;
 const VNET_GSO_TCPV6: u8 = 4;
-/// Where the TCP checksum sits in the TCP header.
+/// Where the flags and the checksum sit in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_CHECK_OFFSET: usize = 16;
 /// The largest IP packet a batch grows to (the IPv4 total length and IPv6 payload length are
 /// 16 bits).
@@ -98,7 +99,8 @@ const TCP_PSH: u8 = 0x08;
 /// vnet header, the way the kernel's GRO would: same addresses, ports, IP TOS/TTL (IPv4 DF),
 /// flow label and hop limit (IPv6), ACK number, window and TCP options; each segment's sequence
 /// number follows the last; all have the first one's payload length except a shorter last one;
-/// only ACK (PSH ends the batch). Sans-IO: the caller writes [`TcpCoalescer::take`]'s bytes.
+/// only ACK (PSH ends the batch, and the batch's header takes it: the kernel's segmentation puts
+/// it back on the last segment only). Sans-IO: the caller writes [`TcpCoalescer::take`]'s bytes.
 pub struct TcpCoalescer {
     /// vnet header + the batch's IP packet (the first segment's headers, then every payload).
     buf: Vec<u8>,
@@ -171,6 +173,11 @@ impl TcpCoalescer {
         }
         self.buf[VNET_HDR_LEN + self.len..VNET_HDR_LEN + self.len + payload.len()]
             .copy_from_slice(payload);
+        if seg.flags & TCP_PSH != 0 {
+            // The batch carries the first segment's header: it takes the last one's PSH, as GRO
+            // does (`tcp_gro_receive`), and `tcp_gso_segment` leaves PSH on the last segment.
+            self.buf[VNET_HDR_LEN + self.ip_header_len + TCP_FLAGS_OFFSET] |= TCP_PSH;
+        }
         self.len += payload.len();
         self.segments += 1;
         self.next_seq = seg.seq.wrapping_add(payload.len() as u32);
@@ -385,6 +392,8 @@ mod tests {
         assert_eq!(&pkt[52..1052], &[0xa1; 1000][..]);
         assert_eq!(&pkt[1052..2052], &[0xa2; 1000][..]);
         assert_eq!(&pkt[2052..], &[0xa3; 400][..]);
+        // The last segment's PSH, which the kernel puts back on the last segment it makes.
+        assert_eq!(pkt[20 + TCP_FLAGS_OFFSET], TCP_ACK | TCP_PSH);
         // The TCP checksum field holds the folded pseudo-header sum over the whole TCP length.
         let pseudo = fold(sum_words(&pkt[12..20], 6 + (pkt.len() - 20) as u32));
         assert_eq!(u16::from_be_bytes([pkt[36], pkt[37]]), pseudo);

@@ -1,6 +1,7 @@
 //! Writes the seed corpus of every fuzz target into `fuzz/corpus/<target>/seed-<n>`: well-formed
 //! inputs built with the project's own encoders and etherparse (frames, packets, capsules,
-//! allocator messages, extended CONNECT headers) and the sample config files of `configs/`.
+//! allocator messages, extended CONNECT headers, TCP flows, the traffic generator's probes) and
+//! the sample config files of `configs/`.
 //! libFuzzer mutates from there; uniform random bytes rarely get past a length or version
 //! check.
 //!
@@ -11,10 +12,13 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-use etherparse::PacketBuilder;
+use etherparse::{PacketBuilder, TcpOptionElement};
 use mimiq_allocator::proto::{key, AllocRequest, ClientMsg, Relay, RelayInfo, Release};
 use mimiq_allocator::{Family, Mac};
 use mimiq_dataplane::wire::ipip::{self, Outer, Span};
+use mimiq_fuzz_cases::joined;
+use mimiq_perf::gen::probe::{FlowAddrs, Template};
+use mimiq_perf::gen::send::Garble;
 
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
@@ -154,6 +158,164 @@ fn allocator_messages() -> Vec<Vec<u8>> {
     out
 }
 
+/// One TCP segment of the flow 198.18.0.10:40000 → 203.0.113.5:443 (or fd00::a → fd00::5 with
+/// `v6`), ACK 7 with timestamps, as a client's stack sends it through the tunnel.
+fn tcp_segment(v6: bool, seq: u32, payload: &[u8], psh: bool) -> Vec<u8> {
+    let ip = if v6 {
+        PacketBuilder::ipv6(
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a],
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x05],
+            64,
+        )
+    } else {
+        PacketBuilder::ipv4([198, 18, 0, 10], [203, 0, 113, 5], 64)
+    };
+    let tcp = ip
+        .tcp(40000, 443, seq, 512)
+        .ack(7)
+        .options(&[
+            TcpOptionElement::Noop,
+            TcpOptionElement::Noop,
+            TcpOptionElement::Timestamp(9, 3),
+        ])
+        .unwrap();
+    let tcp = if psh { tcp.psh() } else { tcp };
+    let mut v = Vec::new();
+    tcp.write(&mut v, payload).unwrap();
+    v
+}
+
+/// Packet sequences for the TUN coalescer: consecutive segments of one flow that it merges
+/// (IPv4 and IPv6, the last one short and with PSH), and sequences it must split: another flow
+/// between, a gap, a SYN, a UDP packet.
+fn tcp_flows() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let mut flow = Vec::new();
+        for i in 0..3u8 {
+            flow.push(tcp_segment(
+                v6,
+                1000 + 200 * u32::from(i),
+                &[0xa0 + i; 200],
+                false,
+            ));
+        }
+        flow.push(tcp_segment(v6, 1600, &[0xa3; 80], true));
+        out.push(joined(&flow));
+        out.push(joined(&flow[..3]));
+    }
+    let mut udp = Vec::new();
+    PacketBuilder::ipv4([198, 18, 0, 10], [203, 0, 113, 5], 64)
+        .udp(40000, 443)
+        .write(&mut udp, &[0x55; 100])
+        .unwrap();
+    let mut syn = Vec::new();
+    PacketBuilder::ipv4([198, 18, 0, 10], [203, 0, 113, 5], 64)
+        .tcp(40000, 443, 999, 512)
+        .syn()
+        .write(&mut syn, &[])
+        .unwrap();
+    out.push(joined(&[
+        syn,
+        tcp_segment(false, 1000, &[1; 200], false),
+        tcp_segment(true, 1000, &[2; 200], false),
+        tcp_segment(false, 1200, &[3; 200], false),
+        tcp_segment(false, 1600, &[4; 200], false),
+        udp,
+        tcp_segment(false, 1800, &[5; 200], false),
+        tcp_segment(false, 2000, &[6; 100], false),
+        tcp_segment(false, 2100, &[7; 100], false),
+    ]));
+    out
+}
+
+/// Inputs of `gen_capture` (first byte: 0 frames, 1 text, 2 a frame to build): the generator's
+/// probes as `gen send` builds them (IPv4 and IPv6, two flows, a gap, a late and a duplicate
+/// probe), the frames `gen send --garble` spoils, the values of its command line, and the
+/// fields of frames to build.
+fn gen_inputs() -> Vec<Vec<u8>> {
+    let addrs = |v6: bool, port: u16| FlowAddrs {
+        src_mac: MAC_A,
+        dst_mac: MAC_B,
+        src_ip: if v6 {
+            "fd00::1".parse().unwrap()
+        } else {
+            "198.18.0.1".parse().unwrap()
+        },
+        dst_ip: if v6 {
+            "fd00::2".parse().unwrap()
+        } else {
+            "198.18.0.2".parse().unwrap()
+        },
+        src_port: port,
+        dst_port: 9,
+    };
+    let frame = |v6: bool, flow: u16, size: usize, seq: u32| {
+        let t = Template::build(&addrs(v6, 10_000 + flow), flow, size).unwrap();
+        let mut buf = vec![0; t.len()];
+        t.write(&mut buf, seq, 1_000_000_000 + u64::from(seq) * 1000);
+        buf
+    };
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let size = if v6 { 86 } else { 64 };
+        let frames: Vec<Vec<u8>> = [
+            (0, 0),
+            (0, 1),
+            (1, 0),
+            (0, 2),
+            (0, 4),
+            (1, 1),
+            (0, 3),
+            (0, 3),
+        ]
+        .iter()
+        .map(|&(flow, seq)| frame(v6, flow, size, seq))
+        .collect();
+        out.push([&[0][..], &joined(&frames)].concat());
+        out.push([&[0][..], &joined(&[frame(v6, 0, 576, 7)])].concat());
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let garbled: Vec<Vec<u8>> = [Garble::Random, Garble::Truncated, Garble::Ethertype]
+        .iter()
+        .enumerate()
+        .map(|(n, g)| {
+            let mut f = frame(false, 0, 64, n as u32);
+            let len = g.apply(&mut f, n as u64, &mut rng);
+            f.truncate(len);
+            f
+        })
+        .collect();
+    out.push([&[0][..], &joined(&garbled)].concat());
+    for text in [
+        "02:00:0a:ff:00:01",
+        "1.5M",
+        "10G",
+        "2.5s",
+        "500ms",
+        "64:7,576:4,1500:1",
+        "imix",
+        "1518",
+    ] {
+        out.push([&[1][..], text.as_bytes()].concat());
+    }
+    // Fields of a frame to build: family, MACs, addresses, ports, flow, size, sequence, time.
+    for (v6, size) in [(0u8, 64u16), (1, 82), (0, 1518), (1, 1518)] {
+        let mut r = vec![v6];
+        r.extend_from_slice(&MAC_A);
+        r.extend_from_slice(&MAC_B);
+        // 198.18.0.1 → 198.18.0.2, or the 16 bytes as IPv6 addresses.
+        r.extend_from_slice(&[198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        r.extend_from_slice(&[198, 18, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        r.extend_from_slice(&[0x27, 0x10, 0x4e, 0x20, 0, 7]);
+        r.extend_from_slice(&size.to_be_bytes());
+        r.extend_from_slice(&0xffff_fffeu32.to_be_bytes());
+        r.extend_from_slice(&0xdead_beef_0bad_f00du64.to_be_bytes());
+        out.push([&[2][..], &r].concat());
+    }
+    out
+}
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let frames = packets();
@@ -244,6 +406,8 @@ fn main() {
             .map(|(b, f)| with_byte(*b, &std::fs::read(root.join("configs").join(f)).unwrap()))
             .collect(),
     ));
+    seeds.push(("tun_coalescer", tcp_flows()));
+    seeds.push(("gen_capture", gen_inputs()));
     for (name, inputs) in seeds {
         assert!(
             mimiq_fuzz_cases::TARGETS.iter().any(|(n, _)| *n == name),

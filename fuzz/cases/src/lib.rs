@@ -37,6 +37,8 @@ pub const TARGETS: &[Target] = &[
     ("allocator_messages", allocator_messages),
     ("config_files", config_files),
     ("switch_pipelines", switch_pipelines),
+    ("tun_coalescer", tun_coalescer),
+    ("gen_capture", gen_capture),
 ];
 
 /// Runs the target called `name` on `data`; false when there is no such target.
@@ -56,6 +58,31 @@ fn split(data: &[u8]) -> (u8, &[u8]) {
         Some((&b, rest)) => (b, rest),
         None => (0, data),
     }
+}
+
+/// Cuts the input of a target that takes several packets into them: each is preceded by its
+/// length as two big-endian bytes; a last length that overshoots takes what is left.
+pub fn pieces(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let [hi, lo, tail @ ..] = rest {
+        let n = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
+        out.push(&tail[..n]);
+        rest = &tail[n..];
+    }
+    out
+}
+
+/// The inverse of [`pieces`], for the seeds: every piece behind its length (at most 65535
+/// bytes each).
+pub fn joined(pieces: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in pieces {
+        let n = u16::try_from(p.len()).expect("a piece of at most 65535 bytes");
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(p);
+    }
+    out
 }
 
 /// The dataplane's zero-copy views and their parsers, each on the whole input: Ethernet, ARP,
@@ -354,4 +381,350 @@ pub fn switch_pipelines(data: &[u8]) {
     if let Ok(Answer::Reply(n)) = gateway.answer(&mut buf, data.len()) {
         assert!(n <= buf.len());
     }
+}
+
+/// The proxy's TCP coalescer for its TUN device (masque-fastpath/src/tundev.rs), driven as the
+/// proxy drives it: IP packets (cut by [`pieces`]) pushed one by one, the pending batch written
+/// when one is refused, a packet that an empty coalescer refuses written alone behind an
+/// all-zero vnet header, the batch written at the end. What the kernel makes of those writes (a
+/// GSO write segmented again, as `tcp_gso_segment` does) must be the packets pushed, in order,
+/// byte for byte except the fields the kernel writes per segment (IPv4 ID and header checksum,
+/// TCP checksum) and those no receiver reads (the IPv4 reserved flag, the TCP reserved bits,
+/// the urgent pointer without URG); each GSO write's vnet header must describe its packet.
+pub fn tun_coalescer(data: &[u8]) {
+    use mimiq_masque::tundev::{TcpCoalescer, VNET_HDR_LEN};
+    thread_local! {
+        // Its 64 KB batch buffer is allocated once per thread: a batch leaves nothing behind
+        // once taken.
+        static COALESCER: std::cell::RefCell<TcpCoalescer> =
+            std::cell::RefCell::new(TcpCoalescer::default());
+    }
+    /// The coalescer's pending batch, if any, as a write: (segments it counted, bytes).
+    fn write_batch(co: &mut TcpCoalescer, writes: &mut Vec<(usize, Vec<u8>)>) {
+        let segments = co.segments();
+        match co.take() {
+            Some(out) => writes.push((segments, out.to_vec())),
+            None => assert_eq!(segments, 0),
+        }
+    }
+    let packets = pieces(data);
+    let mut writes = Vec::new();
+    COALESCER.with_borrow_mut(|co| {
+        for pkt in &packets {
+            if co.push(pkt) {
+                continue;
+            }
+            write_batch(co, &mut writes);
+            if co.push(pkt) {
+                continue;
+            }
+            writes.push((1, [&[0; VNET_HDR_LEN][..], pkt].concat()));
+        }
+        write_batch(co, &mut writes);
+        assert!(co.take().is_none() && co.segments() == 0);
+    });
+    // What leaves the TUN device: (sent as written, packet).
+    let mut sent = Vec::new();
+    for (segments, write) in &writes {
+        assert!(write.len() <= VNET_HDR_LEN + 65_535);
+        let (hdr, pkt) = write.split_at(VNET_HDR_LEN);
+        if hdr.iter().all(|&b| b == 0) {
+            assert_eq!(*segments, 1);
+            sent.push((true, pkt.to_vec()));
+        } else {
+            let segs = gso_segments(hdr, pkt);
+            assert!(segs.len() >= 2 && segs.len() == *segments);
+            sent.extend(segs.into_iter().map(|s| (false, s)));
+        }
+    }
+    assert_eq!(sent.len(), packets.len());
+    for ((as_written, got), want) in sent.iter().zip(&packets) {
+        if *as_written {
+            assert_eq!(got, want);
+        } else {
+            assert_eq!(normalised(got), normalised(want));
+        }
+    }
+}
+
+/// What the kernel makes of a TCP GSO write to a TUN device (`virtio_net_hdr_to_skb`, then
+/// `tcp_gso_segment` under `inet_gso_segment` or `ipv6_gso_segment`), once the vnet header is
+/// checked against the packet: each segment is the headers and `gso_size` bytes of payload (the
+/// last one the rest), with its IP length and sequence number; FIN and PSH stay on the last
+/// segment only, CWR on the first only. Checksums are left as they are (see [`normalised`]).
+fn gso_segments(hdr: &[u8], pkt: &[u8]) -> Vec<Vec<u8>> {
+    // include/uapi/linux/virtio_net.h; the u16 fields are in host byte order.
+    const NEEDS_CSUM: u8 = 1;
+    const GSO_TCPV4: u8 = 1;
+    const GSO_TCPV6: u8 = 4;
+    const FIN: u8 = 0x01;
+    const PSH: u8 = 0x08;
+    const CWR: u8 = 0x80;
+    let ne16 = |at: usize| usize::from(u16::from_ne_bytes([hdr[at], hdr[at + 1]]));
+    let be16 = |at: usize| usize::from(u16::from_be_bytes([pkt[at], pkt[at + 1]]));
+    let (hdr_len, gso_size, csum_start, csum_offset) = (ne16(2), ne16(4), ne16(6), ne16(8));
+    // At least an IPv4 and a TCP header and two bytes of payload.
+    assert!(pkt.len() > 40, "GSO write of {} bytes", pkt.len());
+    let (v4, ihl) = match pkt[0] >> 4 {
+        4 => (true, 20),
+        6 => (false, 40),
+        v => panic!("GSO write of IP version {v}"),
+    };
+    let thl = usize::from(pkt[ihl + 12] >> 4) * 4;
+    assert_eq!(hdr[0], NEEDS_CSUM);
+    assert_eq!(hdr[1], if v4 { GSO_TCPV4 } else { GSO_TCPV6 });
+    assert_eq!((hdr_len, csum_start, csum_offset), (ihl + thl, ihl, 16));
+    assert!(gso_size > 0 && pkt.len() > hdr_len + gso_size);
+    let pseudo = if v4 {
+        assert_eq!(be16(2), pkt.len(), "IPv4 total length");
+        assert_eq!(
+            fold(internet_sum(&pkt[..20])),
+            0xffff,
+            "IPv4 header checksum"
+        );
+        internet_sum(&pkt[12..20])
+    } else {
+        assert_eq!(be16(4) + 40, pkt.len(), "IPv6 payload length");
+        internet_sum(&pkt[8..40])
+    };
+    // The TCP checksum field holds the pseudo header's sum (not complemented); the kernel
+    // adds each segment's bytes to it.
+    let tcp_len = (pkt.len() - ihl) as u32;
+    assert_eq!(be16(ihl + 16), usize::from(fold(pseudo + 6 + tcp_len)));
+    let seq = u32::from_be_bytes([pkt[ihl + 4], pkt[ihl + 5], pkt[ihl + 6], pkt[ihl + 7]]);
+    let chunks: Vec<&[u8]> = pkt[hdr_len..].chunks(gso_size).collect();
+    let last = chunks.len() - 1;
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(k, chunk)| {
+            let mut s = [&pkt[..hdr_len], chunk].concat();
+            let len = s.len() as u16;
+            if v4 {
+                s[2..4].copy_from_slice(&len.to_be_bytes());
+            } else {
+                s[4..6].copy_from_slice(&(len - 40).to_be_bytes());
+            }
+            let seq = seq.wrapping_add((k * gso_size) as u32);
+            s[ihl + 4..ihl + 8].copy_from_slice(&seq.to_be_bytes());
+            if k < last {
+                s[ihl + 13] &= !(FIN | PSH);
+            }
+            if k > 0 {
+                s[ihl + 13] &= !CWR;
+            }
+            s
+        })
+        .collect()
+}
+
+/// `pkt` with the fields that a GSO write's segments need not carry as they came zeroed: those
+/// the kernel writes per segment (IPv4 ID and header checksum, TCP checksum) and those no
+/// receiver reads (the IPv4 reserved flag, RFC 791 §3.1; the TCP reserved bits and the urgent
+/// pointer without URG, RFC 9293 §3.1). Anything that is not IPv4 or IPv6 with room for a TCP
+/// header comes back unchanged.
+fn normalised(pkt: &[u8]) -> Vec<u8> {
+    let mut p = pkt.to_vec();
+    let ihl = match p.first().map(|b| b >> 4) {
+        Some(4) => 20,
+        Some(6) => 40,
+        _ => return p,
+    };
+    if p.len() < ihl + 20 {
+        return p;
+    }
+    if ihl == 20 {
+        p[4..6].fill(0);
+        p[6] &= 0x7f;
+        p[10..12].fill(0);
+    }
+    let tcp = &mut p[ihl..];
+    tcp[12] &= 0xf1;
+    tcp[16..18].fill(0);
+    if tcp[13] & 0x20 == 0 {
+        tcp[18..20].fill(0);
+    }
+    p
+}
+
+/// The one's-complement sum of `bytes` as big-endian 16-bit words (an odd last byte padded),
+/// unfolded (RFC 1071).
+fn internet_sum(bytes: &[u8]) -> u32 {
+    let mut words = bytes.chunks_exact(2);
+    let mut sum: u32 = (&mut words)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    if let [last] = words.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// `mimiq-perf gen`'s reading side (perf/src/gen/); the first byte picks, modulo 3:
+///
+/// - 0: frames (cut by [`pieces`]) as the receiver takes them off its queue: the probe parser,
+///   then the per-flow sequence tracker. A frame that etherparse reads as Ethernet, IPv4 (not a
+///   fragment) or IPv6 (no extension header), UDP, and a payload starting with a probe must
+///   parse to that probe; a parsed IPv4 frame is never a fragment; every probe is counted once,
+///   as received or as a duplicate.
+/// - 1: the rest as the text values `gen` reads: a MAC address (as `/sys/class/net/*/address`
+///   holds it), rates, durations and size mixes; what parses is what the text says, in range.
+/// - 2: a probe frame the generator builds from the rest (addresses, ports, flow, size,
+///   sequence number and send time) parses back to its probe, with a valid UDP checksum.
+pub fn gen_capture(data: &[u8]) {
+    let (b, rest) = split(data);
+    match b % 3 {
+        0 => gen_frames(rest),
+        1 => gen_values(rest),
+        _ => gen_round_trip(rest),
+    }
+}
+
+fn gen_frames(data: &[u8]) {
+    use mimiq_perf::gen::{probe, seq::SeqTracker};
+    let mut tracker = SeqTracker::default();
+    let mut probes = 0u64;
+    let mut flows = std::collections::BTreeSet::new();
+    for frame in pieces(data) {
+        let got = probe::parse(frame);
+        if let Some(want) = probe_per_etherparse(frame) {
+            assert_eq!(got, Some(want));
+        }
+        let Some(p) = got else {
+            continue;
+        };
+        if frame[12..14] == [0x08, 0x00] {
+            let frag = u16::from_be_bytes([frame[14 + 6], frame[14 + 7]]);
+            assert_eq!(frag & 0x3fff, 0, "a probe in an IPv4 fragment");
+        }
+        tracker.on_probe(p.flow, p.seq);
+        probes += 1;
+        flows.insert(p.flow);
+    }
+    let c = tracker.counters();
+    assert_eq!(c.received + c.duplicates, probes);
+    assert!(c.reordered <= c.received);
+    assert!(tracker.flows_seen() <= flows.len());
+}
+
+/// The probe in `frame` as etherparse reads the frame, when it is one the generator's parser
+/// promises to read: Ethernet without VLAN tags, IPv4 that is not a fragment or IPv6 without
+/// extension headers, UDP, at least a probe's bytes with its magic.
+fn probe_per_etherparse(frame: &[u8]) -> Option<mimiq_perf::gen::probe::Probe> {
+    use etherparse::{IpNumber, NetSlice, SlicedPacket, TransportSlice};
+    use mimiq_perf::gen::probe::{Probe, MAGIC, PROBE_LEN};
+    let p = SlicedPacket::from_ethernet(frame).ok()?;
+    if !p.link_exts.is_empty() {
+        return None;
+    }
+    match p.net? {
+        NetSlice::Ipv4(ip)
+            if ip.header().protocol() == IpNumber::UDP && !ip.is_payload_fragmented() => {}
+        NetSlice::Ipv6(ip) if ip.header().next_header() == IpNumber::UDP => {}
+        _ => return None,
+    }
+    let Some(TransportSlice::Udp(udp)) = p.transport else {
+        return None;
+    };
+    let b = udp.payload().get(..PROBE_LEN)?;
+    if u16::from_be_bytes([b[0], b[1]]) != MAGIC {
+        return None;
+    }
+    Some(Probe {
+        flow: u16::from_be_bytes([b[2], b[3]]),
+        seq: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+        time_ns: u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    })
+}
+
+fn gen_values(data: &[u8]) {
+    use mimiq_perf::gen::cli::{parse_duration, parse_mac, parse_si};
+    use mimiq_perf::gen::rate::SizeMix;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(mac) = parse_mac(text) {
+        let written: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(written.join(":"), text.to_ascii_lowercase());
+    }
+    if let Ok(rate) = parse_si(text) {
+        assert!(rate > 0.0 && rate <= 1e12, "{rate}");
+    }
+    if let Ok(d) = parse_duration(text) {
+        assert!(d <= std::time::Duration::from_secs(86_400), "{d:?}");
+    }
+    if let Ok(mix) = SizeMix::parse(text) {
+        assert!((1..=16).contains(&mix.sizes.len()) && mix.weights.len() == mix.sizes.len());
+        let total: u32 = mix.weights.iter().sum();
+        assert!(total <= 1000 && mix.pattern.len() == total as usize);
+        for (i, w) in mix.weights.iter().enumerate() {
+            let n = mix.pattern.iter().filter(|&&p| usize::from(p) == i).count();
+            assert_eq!(n, *w as usize);
+        }
+        let _ = mix.mean();
+    }
+}
+
+fn gen_round_trip(data: &[u8]) {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    use mimiq_perf::gen::probe::{parse, FlowAddrs, Probe, Template};
+    let mut r = [0u8; 72];
+    let n = data.len().min(r.len());
+    r[..n].copy_from_slice(&data[..n]);
+    let ip = |at: usize, v6: bool| -> IpAddr {
+        if v6 {
+            IpAddr::from(<[u8; 16]>::try_from(&r[at..at + 16]).expect("16 bytes"))
+        } else {
+            IpAddr::from(<[u8; 4]>::try_from(&r[at..at + 4]).expect("4 bytes"))
+        }
+    };
+    let be16 = |at: usize| u16::from_be_bytes([r[at], r[at + 1]]);
+    // Bit 1 of the first byte: the destination of the other family (refused).
+    let addrs = FlowAddrs {
+        src_mac: r[1..7].try_into().expect("6 bytes"),
+        dst_mac: r[7..13].try_into().expect("6 bytes"),
+        src_ip: ip(13, r[0] & 1 != 0),
+        dst_ip: ip(29, (r[0] & 1 != 0) != (r[0] & 2 != 0)),
+        src_port: be16(45),
+        dst_port: be16(47),
+    };
+    let flow = be16(49);
+    let size = usize::from(be16(51));
+    let seq = u32::from_be_bytes(r[53..57].try_into().expect("4 bytes"));
+    let time_ns = u64::from_be_bytes(r[57..65].try_into().expect("8 bytes"));
+    let Ok(t) = Template::build(&addrs, flow, size) else {
+        return;
+    };
+    assert_eq!(t.frame_len(), size);
+    let mut buf = vec![0xa5; t.len()];
+    t.write(&mut buf, seq, time_ns);
+    assert_eq!(parse(&buf), Some(Probe { flow, seq, time_ns }));
+    let p = SlicedPacket::from_ethernet(&buf).expect("a generator frame");
+    let Some(TransportSlice::Udp(udp)) = p.transport else {
+        panic!("a generator frame without UDP");
+    };
+    let header = udp.to_header();
+    let want = match p.net {
+        Some(NetSlice::Ipv4(ip)) => header.calc_checksum_ipv4_raw(
+            ip.header().source(),
+            ip.header().destination(),
+            udp.payload(),
+        ),
+        Some(NetSlice::Ipv6(ip)) => header.calc_checksum_ipv6_raw(
+            ip.header().source(),
+            ip.header().destination(),
+            udp.payload(),
+        ),
+        _ => panic!("a generator frame without IP"),
+    }
+    .expect("a UDP payload of at most 1472 bytes");
+    // RFC 768: a computed 0 is sent as all ones.
+    assert_eq!(udp.checksum(), if want == 0 { 0xffff } else { want });
 }

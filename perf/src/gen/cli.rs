@@ -411,9 +411,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in mac.iter_mut() {
+        // Two hex digits: `from_str_radix` alone would take a sign as well ("+f").
         let part = parts
             .next()
-            .filter(|p| p.len() == 2)
+            .filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
             .ok_or_else(|| bad_mac(text))?;
         *byte = u8::from_str_radix(part, 16).map_err(|_| bad_mac(text))?;
     }
@@ -482,6 +483,7 @@ mod tests {
             "02:00:0a:ff:00:01:02",
             "0g:00:00:00:00:00",
             "2:0:0:0:0:1",
+            "+2:00:00:00:00:01",
         ] {
             assert!(parse_mac(bad).is_err(), "{bad:?}");
         }

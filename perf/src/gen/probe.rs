@@ -40,6 +40,9 @@ const UDP_LEN: usize = 8;
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_IPV6: u16 = 0x86dd;
 const IPPROTO_UDP: u8 = 17;
+/// The IPv4 flags and fragment offset field, and its bits that mark a fragment.
+const IPV4_FRAG_OFFSET: usize = 6;
+const IPV4_MF_AND_OFFSET: u16 = 0x3fff;
 const UDP_CHECKSUM_OFFSET: usize = 6;
 const PROBE_SEQ_OFFSET: usize = 4;
 const PROBE_TIME_OFFSET: usize = 8;
@@ -210,7 +213,15 @@ pub fn parse(frame: &[u8]) -> Option<Probe> {
     let udp = match ethertype {
         ETHERTYPE_IPV4 => {
             let ihl = usize::from(frame.get(ETH_LEN)? & 0x0f) * 4;
-            if ihl < IPV4_LEN || *frame.get(ETH_LEN + 9)? != IPPROTO_UDP {
+            let frag = u16::from_be_bytes([
+                *frame.get(ETH_LEN + IPV4_FRAG_OFFSET)?,
+                *frame.get(ETH_LEN + IPV4_FRAG_OFFSET + 1)?,
+            ]);
+            // A fragment (more fragments, or an offset) holds no whole probe where one would be.
+            if ihl < IPV4_LEN
+                || frag & IPV4_MF_AND_OFFSET != 0
+                || *frame.get(ETH_LEN + 9)? != IPPROTO_UDP
+            {
                 return None;
             }
             ETH_LEN + ihl
@@ -345,6 +356,12 @@ mod tests {
         let mut tcp = buf.clone();
         tcp[14 + 9] = 6;
         assert_eq!(parse(&tcp), None);
+        for frag in [0x2000u16, 0x0001, 0x1fff] {
+            // More fragments, or an offset: a fragment, not a probe.
+            let mut f = buf.clone();
+            f[14 + 6..14 + 8].copy_from_slice(&frag.to_be_bytes());
+            assert_eq!(parse(&f), None, "{frag:#x}");
+        }
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..10_000 {
             seed ^= seed << 13;

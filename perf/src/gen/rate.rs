@@ -131,12 +131,13 @@ impl SizeMix {
 
     /// The mix of `(size, weight)` pairs; `None` outside the limits of [`SizeMixError::Limits`].
     pub fn weighted(pairs: &[(usize, u32)]) -> Option<SizeMix> {
+        let weights_in_range = pairs.iter().all(|p| (1..=1000).contains(&p.1));
+        if pairs.is_empty() || pairs.len() > 16 || !weights_in_range {
+            return None;
+        }
+        // At most 16 weights of at most 1000 each: the sum cannot overflow.
         let total: u32 = pairs.iter().map(|p| p.1).sum();
-        if pairs.is_empty()
-            || pairs.len() > 16
-            || pairs.iter().any(|p| !(1..=1000).contains(&p.1))
-            || total > 1000
-        {
+        if total > 1000 {
             return None;
         }
         let mut current = vec![0i64; pairs.len()];
@@ -231,7 +232,16 @@ mod tests {
             SizeMix::parse("64:7,576:4,1500:1").unwrap(),
             SizeMix::imix()
         );
-        for bad in ["", "x", "64:", "64:0", "64:2000", "-1", "64,,128"] {
+        for bad in [
+            "",
+            "x",
+            "64:",
+            "64:0",
+            "64:2000",
+            "-1",
+            "64,,128",
+            "64:4294967295,64:1",
+        ] {
             assert!(SizeMix::parse(bad).is_err(), "{bad:?}");
         }
     }
