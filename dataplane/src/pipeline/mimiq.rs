@@ -201,10 +201,11 @@ impl Edge {
             .ok_or(DropReason::NoRoute)?;
         hop(&mut data[ETH_LEN..len], inner_proto)?;
         // RFC 6040 §4.1 (normal mode): the outer header carries the inner DSCP and ECN.
+        let first = u16::from_be_bytes([data[ETH_LEN], data[ETH_LEN + 1]]);
         let tclass = if inner_proto == PROTO_IPV4_IN {
-            data[ETH_LEN + 1]
+            first as u8
         } else {
-            data[ETH_LEN] << 4 | data[ETH_LEN + 1] >> 4
+            (first >> 4) as u8
         };
         let new_len = len + tunnel.len;
         if data.len() < new_len || len - ETH_LEN + tunnel.len > usize::from(u16::MAX) {
@@ -446,7 +447,7 @@ impl Access {
     /// Returns the decapsulated length and the client's port.
     fn downstream(&self, data: &mut [u8], len: usize) -> Result<(usize, PortId), DropReason> {
         let outer = data.get(ETH_LEN..len).ok_or(DropReason::Malformed)?;
-        let (outer_len, inner_proto) = match [data[12], data[13]] {
+        let (outer_len, inner_proto, outer_ecn) = match [data[12], data[13]] {
             ETHERTYPE_IPV6 if !self.outer_v4 => {
                 let h: &[u8; IPV6_LEN] = outer
                     .get(..IPV6_LEN)
@@ -463,7 +464,7 @@ impl Access {
                 if *src != self.edge_internal || *dst != self.internal {
                     return Err(DropReason::NotFromEdge);
                 }
-                (IPV6_LEN, h[6])
+                (IPV6_LEN, h[6], h[1] >> 4 & 0b11)
             }
             ETHERTYPE_IPV4 if self.outer_v4 => {
                 let h: &[u8; IPV4_MIN] = outer
@@ -480,7 +481,7 @@ impl Access {
                 if h[12..16] != self.edge_internal[12..] || h[16..20] != self.internal[12..] {
                     return Err(DropReason::NotFromEdge);
                 }
-                (header_len, h[9])
+                (header_len, h[9], h[1] & 0b11)
             }
             _ => return Err(DropReason::NotIp),
         };
@@ -496,14 +497,16 @@ impl Access {
             .filter(|b| b.sid == self.cfg.sid && b.port < self.cfg.client_ports)
             .ok_or(DropReason::NoRoute)?;
         let (mac, port) = (binding.mac, binding.port);
-        // RFC 6040 §4.2: congestion marked on the tunnel reaches the inner packet.
-        let outer_ecn = crate::wire::ipip::ecn_of(&data[ETH_LEN..]);
-        crate::wire::ipip::merge_ecn(&mut data[ETH_LEN + outer_len..len], outer_ecn).map_err(
-            |e| match e {
-                crate::wire::Error::CeOnNotEct => DropReason::CeOnNotEct,
-                _ => DropReason::Malformed,
-            },
-        )?;
+        // RFC 6040 §4.2: congestion marked on the tunnel reaches the inner packet. The edge
+        // copies the inner ECN field out, so only CE and ECT(1) (low bit set) can change it.
+        if outer_ecn & 0b01 != 0 {
+            crate::wire::ipip::merge_ecn(&mut data[ETH_LEN + outer_len..len], outer_ecn).map_err(
+                |e| match e {
+                    crate::wire::Error::CeOnNotEct => DropReason::CeOnNotEct,
+                    _ => DropReason::Malformed,
+                },
+            )?;
+        }
         data.copy_within(ETH_LEN + outer_len..len, ETH_LEN);
         let new_len = len - outer_len;
         hop(&mut data[ETH_LEN..new_len], inner_proto)?;
@@ -713,8 +716,8 @@ impl Tunnel {
         // Fixed-size copies, so they compile to a few vector moves rather than a memcpy call.
         if let Ok(v6) = <&mut [u8; IPV6_LEN]>::try_from(&mut *outer) {
             *v6 = self.header;
-            v6[0] = 0x60 | tclass >> 4;
-            v6[1] = tclass << 4;
+            // Version 6, the traffic class, flow label 0 (RFC 8200 §3).
+            v6[..4].copy_from_slice(&(6 << 28 | u32::from(tclass) << 20).to_be_bytes());
             v6[4..6].copy_from_slice(&inner_len.to_be_bytes());
             v6[6] = proto;
         } else if let Ok(v4) = <&mut [u8; IPV4_MIN]>::try_from(outer) {
