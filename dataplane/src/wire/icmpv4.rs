@@ -439,8 +439,15 @@ mod tests {
             },
             3 => Icmpv4Repr::TimeExceeded { code, data },
             _ => Icmpv4Repr::Other {
-                // Types the parser maps to a named variant are avoided here.
-                msg_type: Icmpv4Message::from(if matches!(t, 0 | 3 | 8 | 11) { 13 } else { t }),
+                // Avoided here: the types the parser maps to a named variant, and those that
+                // etherparse (the checksum's oracle below) reads with a fixed length
+                // (timestamp, 13 and 14) or keeps only part of the header's rest of (parameter
+                // problem, 12: the pointer byte).
+                msg_type: Icmpv4Message::from(if matches!(t, 0 | 3 | 8 | 11 | 12 | 13 | 14) {
+                    19
+                } else {
+                    t
+                }),
                 code,
                 rest_of_header: rest,
                 data,
