@@ -177,6 +177,32 @@ fn backlog_drops() -> u64 {
         .sum()
 }
 
+/// Waits until the proxy's counter `key` has grown since `before` by the `sent` datagrams of a
+/// flood, less those the kernel of host `p` dropped since it stood at `dropped_before`; returns
+/// the proxy's stats then.
+fn accounted(
+    tb: &Testbed,
+    proxy: &mimiq_perf::masque::ProxyProc,
+    key: &str,
+    before: &serde_json::Value,
+    dropped_before: u64,
+    sent: u64,
+) -> serde_json::Value {
+    mimiq_testkit::eventually(Duration::from_secs(10), || {
+        let s = proxy.stats()?;
+        let counted = s[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0);
+        let kernel = udp_rcvbuf_errors(tb, "p") + backlog_drops() - dropped_before;
+        if counted + kernel >= sent {
+            Ok(s)
+        } else {
+            Err(format!(
+                "{sent} sent, {counted} counted as {key}, {kernel} dropped by the kernel"
+            ))
+        }
+    })
+    .unwrap_or_else(|e| panic!("every datagram of the flood accounted for: {e}"))
+}
+
 /// Three seconds of QUIC short headers (RFC 9000 §17.3.1: first bit 0, fixed bit 1) to
 /// `target`, as fast as one socket sends, from host `c`: each with the connection ID `dcid`
 /// (random where it is empty) and a random body, 40 to 1,300 bytes in all. Returns how many
@@ -238,20 +264,14 @@ fn a_flood_of_garbage_quic_short_headers_at_the_proxy_is_counted_and_a_tunnel_do
     assert!(sent > 10_000, "the flood sent {sent} datagrams");
     // Every garbage datagram is either counted by the proxy (no connection has its ID) or was
     // dropped by the kernel (a full receive buffer or input backlog) before the proxy read it.
-    let s = mimiq_testkit::eventually(Duration::from_secs(10), || {
-        let s = proxy.stats()?;
-        let counted = s["unknown_connection"].as_u64().unwrap_or(0)
-            - before["unknown_connection"].as_u64().unwrap_or(0);
-        let kernel = udp_rcvbuf_errors(&tb, "p") + backlog_drops() - dropped_before;
-        if counted + kernel >= sent {
-            Ok(s)
-        } else {
-            Err(format!(
-                "{sent} sent, {counted} counted, {kernel} dropped by the kernel"
-            ))
-        }
-    })
-    .unwrap_or_else(|e| panic!("every garbage datagram accounted for: {e}"));
+    let s = accounted(
+        &tb,
+        &proxy,
+        "unknown_connection",
+        &before,
+        dropped_before,
+        sent,
+    );
     assert_eq!(s["connections_accepted"], 1, "{s}");
     let report = stop_client(&mut client).unwrap();
     assert_eq!(report["quic_send_errors"], 0, "{report}");
@@ -549,20 +569,14 @@ fn garbled_short_headers_to_a_live_connection_id_at_rate_are_counted_and_the_tun
     let counter = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
     // Every garbled datagram is counted by the proxy as one quiche read nothing of, or was
     // dropped by the kernel before the proxy read it.
-    let s = mimiq_testkit::eventually(Duration::from_secs(10), || {
-        let s = proxy.stats()?;
-        let counted =
-            counter(&s, "quic_packets_dropped") - counter(&before, "quic_packets_dropped");
-        let kernel = udp_rcvbuf_errors(&tb, "p") + backlog_drops() - dropped_before;
-        if counted + kernel >= sent {
-            Ok(s)
-        } else {
-            Err(format!(
-                "{sent} sent, {counted} counted, {kernel} dropped by the kernel"
-            ))
-        }
-    })
-    .unwrap_or_else(|e| panic!("every garbled datagram accounted for: {e}"));
+    let s = accounted(
+        &tb,
+        &proxy,
+        "quic_packets_dropped",
+        &before,
+        dropped_before,
+        sent,
+    );
     assert_eq!(s["connections_accepted"], 1, "{s}");
     assert_eq!(
         counter(&s, "peer_migrations"),
