@@ -772,17 +772,10 @@ key_hex = "{ACCESS_KEY}"
     );
 }
 
-/// Datagrams this network namespace's kernel dropped for a full UDP receive buffer
-/// (`RcvbufErrors` of /proc/net/snmp).
+/// Datagrams this network namespace's kernel dropped for a full UDP receive buffer.
 fn udp_rcvbuf_errors() -> u64 {
-    let text = std::fs::read_to_string("/proc/net/snmp").unwrap();
-    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "RcvbufErrors")
-        .unwrap();
-    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap();
+    mimiq_testkit::udp_rcvbuf_errors(&snmp).unwrap()
 }
 
 #[test]

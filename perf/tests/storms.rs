@@ -152,18 +152,10 @@ fn a_storm_of_garbled_frames_into_the_access_port_is_dropped_and_counted_and_a_d
     allocator.stop(Duration::from_secs(5));
 }
 
-/// Datagrams the kernel of `host` dropped for a full UDP receive buffer (`RcvbufErrors` of
-/// /proc/net/snmp).
+/// Datagrams the kernel of `host` dropped for a full UDP receive buffer.
 fn udp_rcvbuf_errors(tb: &Testbed, host: &str) -> u64 {
     let out = tb.exec_ok(host, &["cat", "/proc/net/snmp"]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "RcvbufErrors")
-        .unwrap();
-    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    mimiq_testkit::udp_rcvbuf_errors(&String::from_utf8_lossy(&out.stdout)).unwrap()
 }
 
 /// Packets the kernel dropped from a full input backlog, all CPUs (the second column of

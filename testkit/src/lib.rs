@@ -3,7 +3,8 @@
 //! Tests that wait for something another process or thread does (a counter published on an
 //! interval, a lease running out, a binding reaching a switch) poll for it until a deadline with
 //! [`eventually`], instead of sleeping a fixed time and then asserting: a sleep is too short on a
-//! loaded machine and too long on an idle one. Single-threaded, no I/O; nothing here panics.
+//! loaded machine and too long on an idle one. Floods are accounted for with the kernel's own
+//! drops ([`udp_rcvbuf_errors`]). Single-threaded, no I/O; nothing here panics.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -71,6 +72,15 @@ impl<E: fmt::Display> fmt::Display for TimedOut<E> {
 
 impl<E: fmt::Debug + fmt::Display> std::error::Error for TimedOut<E> {}
 
+/// The UDP `RcvbufErrors` counter (datagrams the kernel dropped for a full receive buffer) in
+/// the text of a network namespace's /proc/net/snmp; `None` if the text has none.
+pub fn udp_rcvbuf_errors(snmp: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +127,16 @@ mod tests {
                 .attempts,
             1
         );
+    }
+
+    #[test]
+    fn the_udp_receive_buffer_drops_are_read_from_snmp_text() {
+        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 10 0 7 12 5 0\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    UdpLite: 0 0 0 0 9 0\n";
+        assert_eq!(udp_rcvbuf_errors(snmp), Some(5));
+        assert_eq!(udp_rcvbuf_errors("Ip: Forwarding\nIp: 1\n"), None);
+        assert_eq!(udp_rcvbuf_errors("Udp: RcvbufErrors\nUdp: x\n"), None);
     }
 }
