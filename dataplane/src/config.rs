@@ -337,6 +337,14 @@ impl EdgeSection {
                 ));
             }
         }
+        // The edge indexes its tunnels by SID with a u16 (pipeline/mimiq.rs); a single box adds
+        // its own access switch to the list.
+        if self.access.len() >= usize::from(u16::MAX) - 1 {
+            return Err(format!(
+                "edge.access: at most 65,533 access switches, not {}",
+                self.access.len()
+            ));
+        }
         if standalone {
             if self.access.is_empty() {
                 return Err("edge.access: list the access switches".into());
