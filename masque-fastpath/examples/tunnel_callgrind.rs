@@ -55,6 +55,9 @@ fn proxy_burst(
     sink: &mut Sink,
     acks: &mut Vec<Vec<u8>>,
 ) {
+    // As the proxy does: quiche's count of packets read, before and after the burst, tells
+    // the datagrams it dropped (`quic_packets_dropped`).
+    let read_before = conn.stats().recv;
     for pkt in rx.iter_mut() {
         if conn
             .recv(
@@ -69,6 +72,8 @@ fn proxy_burst(
             sink.refused += 1;
         }
     }
+    let read = conn.stats().recv - read_before;
+    sink.refused += rx.len().saturating_sub(read) as u64;
     while let Ok(mut d) = conn.dgram_recv_buf() {
         let len = d.len();
         let Ok(h) = H3Datagram::parse(&d) else {
