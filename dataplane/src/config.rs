@@ -19,8 +19,9 @@ pub enum Role {
     Access,
     /// The MIMIQ edge switch (`[edge]`).
     Edge,
-    /// The MIMIQ single box: the access and edge roles in one process, joined by an internal
-    /// veth pair (`[access]` and `[edge]`).
+    /// The MIMIQ single box: the access and edge roles in one worker per queue, the edge stage
+    /// after the access stage in the same burst (`[access]` and `[edge]`;
+    /// pipeline/single_box.rs).
     SingleBox,
 }
 
@@ -503,7 +504,6 @@ impl SwitchConfig {
                 if !self.interfaces.is_empty() {
                     return Err("the MIMIQ roles name their interfaces in [access] and [edge], not in `interfaces`".into());
                 }
-                let single = mimiq == Role::SingleBox;
                 match (mimiq, access, edge) {
                     (Role::Access, Some(a), None) => a.validate(true)?,
                     (Role::Edge, None, Some(e)) => e.validate(true)?,
@@ -523,11 +523,6 @@ impl SwitchConfig {
                         return Err("role edge needs [edge] (and no [access])".into())
                     }
                     _ => return Err("role single_box needs both [access] and [edge]".into()),
-                }
-                if self.workers.iter().any(|w| w.queue != 0)
-                    || self.workers.len() > if single { 2 } else { 1 }
-                {
-                    return Err("the MIMIQ roles run queue 0 with one worker per role: `workers` may set their cores only".into());
                 }
             }
         }
@@ -657,6 +652,15 @@ mod tests {
         let two = ACCESS.replace("clients = \"c\"", "clients = [\"c0\", \"c1\"]");
         let c = parse(&format!("role = \"single_box\"\n{two}{EDGE}")).unwrap();
         assert_eq!(c.all_interfaces(), ["c0", "c1", "u", "i", "o"]);
+        // Every role runs a worker per queue.
+        let workers = "workers = [{ queue = 0, core = 0 }, { queue = 1, core = 1 }]\n";
+        for role in [
+            format!("role = \"single_box\"\n{workers}{ACCESS}{EDGE}"),
+            format!("role = \"access\"\n{workers}{ACCESS}edge_mac = \"02:00:00:00:00:01\"\n"),
+        ] {
+            let c = parse(&role).unwrap();
+            assert_eq!(c.workers.iter().map(|w| w.queue).collect::<Vec<_>>(), [0, 1]);
+        }
     }
 
     const MINIMAL: &str = "role = \"l2fwd\"\ninterfaces = [\"p0\", \"p1\"]\n";

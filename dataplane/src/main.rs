@@ -27,7 +27,7 @@ use mimiq_dataplane::config::{
     KernelConfig, Role, SwitchConfig, WorkerConfig, XdpMode,
 };
 use mimiq_dataplane::control::{self, RuleSource};
-use mimiq_dataplane::engine::{Rings, SlowPathFrame, SlowPathReturn, Worker};
+use mimiq_dataplane::engine::{Rings, SlowPathFrame, SlowPathReturn, SlowPathRings, Worker};
 use mimiq_dataplane::pipeline::gateway::Gateway;
 use mimiq_dataplane::pipeline::impair::ImpairConfig;
 use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
@@ -35,7 +35,8 @@ use mimiq_dataplane::pipeline::mimiq::{
     Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, SwitchUpdate, V4Prefix,
 };
 use mimiq_dataplane::port::xdp_prog::KernelPass;
-use mimiq_dataplane::port::xsk::{self, XskConfig};
+use mimiq_dataplane::pipeline::single_box::SingleBox;
+use mimiq_dataplane::port::xsk::{self, XskConfig, XskMemory};
 use mimiq_dataplane::port::PortId;
 use mimiq_dataplane::slowpath::{self, EdgeNeighbors, RelayConfig};
 use mimiq_dataplane::telemetry::{self, HlogWriter, Telemetry};
@@ -353,43 +354,43 @@ struct Plan {
     /// Its interfaces, in pipeline port order.
     interfaces: Vec<String>,
     kind: Kind,
+    /// Its ring of rule updates (none for l2fwd).
+    updates: Option<rtrb::Consumer<SwitchUpdate>>,
+}
+
+/// The access role of one worker.
+#[derive(Clone)]
+struct AccessPlan {
+    config: AccessConfig,
+    gateway: Gateway,
+    relay: RelayConfig,
+}
+
+/// The edge role of one worker.
+#[derive(Clone)]
+struct EdgePlan {
+    config: EdgeConfig,
+    neighbors: EdgeNeighbors,
 }
 
 enum Kind {
     L2fwd,
-    Access(
-        Box<(AccessConfig, Gateway, RelayConfig)>,
-        rtrb::Consumer<SwitchUpdate>,
-    ),
-    Edge(
-        Box<(EdgeConfig, EdgeNeighbors)>,
-        rtrb::Consumer<SwitchUpdate>,
-    ),
+    Access(Box<AccessPlan>),
+    Edge(Box<EdgePlan>),
+    /// Both roles in one pass (pipeline/single_box.rs).
+    SingleBox(Box<(AccessPlan, EdgePlan)>),
 }
 
 type Updates = Option<(RuleSource, Vec<rtrb::Producer<SwitchUpdate>>)>;
 
-/// Turns the config into worker plans, and the rule subscriber's source and rings.
+/// Turns the config into worker plans (one per entry of `workers`, each serving its queue of
+/// every interface), and the rule subscriber's source and rings (one per worker).
 fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
-    let core = |i: usize| config.workers.get(i).and_then(|w| w.core);
-    if config.role == Role::L2fwd {
-        let plans = config
-            .workers
-            .iter()
-            .map(|w| Plan {
-                queue: w.queue,
-                core: w.core,
-                interfaces: config.interfaces.clone(),
-                kind: Kind::L2fwd,
-            })
-            .collect();
-        return Ok((plans, None));
-    }
     // validate() checked that the role's sections are there and that every value parses.
     let msg = anyhow::Error::msg;
-    let mut plans = Vec::new();
-    let mut producers = Vec::new();
     let mut source = None;
+    let mut access_plan = None;
+    let mut edge_plan = None;
     if let Some(a) = &config.access {
         let edge_mac = match (&a.edge_mac, &config.edge) {
             (Some(mac), _) => parse_mac(mac).map_err(msg)?,
@@ -425,14 +426,14 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
             allocator: a.allocator_relay,
             key: key.clone(),
         };
-        let (tx, rx) = rtrb::RingBuffer::new(UPDATE_RING);
-        producers.push(tx);
-        plans.push(Plan {
-            queue: 0,
-            core: core(plans.len()),
-            interfaces: a.clients.iter().chain([&a.uplink]).cloned().collect(),
-            kind: Kind::Access(Box::new((access, gateway, relay)), rx),
-        });
+        access_plan = Some((
+            AccessPlan {
+                config: access,
+                gateway,
+                relay,
+            },
+            a.clients.iter().chain([&a.uplink]).cloned().collect::<Vec<_>>(),
+        ));
         source = Some(RuleSource {
             allocator: a.allocator_rules,
             switch_id: a.sid,
@@ -497,15 +498,16 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
             } else {
                 e.outside_next_hop
             },
+            shared: Arc::default(),
+            probe: false,
         };
-        let (tx, rx) = rtrb::RingBuffer::new(UPDATE_RING);
-        producers.push(tx);
-        plans.push(Plan {
-            queue: 0,
-            core: core(plans.len()),
-            interfaces: vec![e.inside.clone(), e.outside.clone()],
-            kind: Kind::Edge(Box::new((edge, neighbors)), rx),
-        });
+        edge_plan = Some((
+            EdgePlan {
+                config: edge,
+                neighbors,
+            },
+            vec![e.inside.clone(), e.outside.clone()],
+        ));
         if source.is_none() {
             // A standalone edge subscribes with its own ID and key (validate() checked them).
             let (Some(allocator), Some(switch_id), Some(key)) =
@@ -520,30 +522,128 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
             });
         }
     }
+    let mut plans = Vec::new();
+    let mut producers = Vec::new();
+    for (index, w) in config.workers.iter().enumerate() {
+        let (kind, interfaces) = match (&access_plan, &edge_plan) {
+            (None, None) => (Kind::L2fwd, config.interfaces.clone()),
+            (Some((access, ports)), None) => (Kind::Access(Box::new(access.clone())), ports.clone()),
+            (None, Some((edge, ports))) => {
+                let mut edge = edge.clone();
+                edge.neighbors.probe = index == 0;
+                (Kind::Edge(Box::new(edge)), ports.clone())
+            }
+            (Some((access, access_ports)), Some((edge, edge_ports))) => {
+                let mut edge = edge.clone();
+                edge.neighbors.probe = index == 0;
+                // The edge's ports follow the access switch's (pipeline/single_box.rs).
+                edge.neighbors.outside = access.config.uplink + 2;
+                let ports = access_ports.iter().chain(edge_ports).cloned().collect();
+                (Kind::SingleBox(Box::new((access.clone(), edge))), ports)
+            }
+        };
+        let updates = if source.is_some() {
+            let (tx, rx) = rtrb::RingBuffer::new(UPDATE_RING);
+            producers.push(tx);
+            Some(rx)
+        } else {
+            None
+        };
+        plans.push(Plan {
+            queue: w.queue,
+            core: w.core,
+            interfaces,
+            kind,
+            updates,
+        });
+    }
     Ok((plans, source.map(|s| (s, producers))))
 }
 
-type SlowPathEnds = (
-    rtrb::Producer<SlowPathFrame<FrameDesc>>,
-    rtrb::Consumer<SlowPathReturn<FrameDesc>>,
-    std::thread::JoinHandle<()>,
-);
-
-/// Creates the rings between a worker and its slow path and starts the slow-path thread on the
-/// far ends; returns the worker's ends and the thread.
+/// Creates the rings between a worker and a slow path for frames of its `ports` and starts the
+/// slow-path thread on the far ends; returns the worker's ends and the thread.
 fn start_slow_path(
     name: &str,
+    ports: std::ops::RangeInclusive<PortId>,
     run: impl FnOnce(rtrb::Consumer<SlowPathFrame<FrameDesc>>, rtrb::Producer<SlowPathReturn<FrameDesc>>)
         + Send
         + 'static,
-) -> std::io::Result<SlowPathEnds> {
-    let (to_slow, from_worker) = rtrb::RingBuffer::new(SLOW_PATH_RING);
+) -> anyhow::Result<(SlowPathRings<FrameDesc>, std::thread::JoinHandle<()>)> {
+    let (to, from_worker) = rtrb::RingBuffer::new(SLOW_PATH_RING);
     // Room for every frame the slow path can hold, so giving one back never waits for long.
-    let (to_worker, from_slow) = rtrb::RingBuffer::new(SLOW_PATH_RING + 64);
+    let (to_worker, back) = rtrb::RingBuffer::new(SLOW_PATH_RING + 64);
     let thread = std::thread::Builder::new()
         .name(name.into())
-        .spawn(move || run(from_worker, to_worker))?;
-    Ok((to_slow, from_slow, thread))
+        .spawn(move || run(from_worker, to_worker))
+        .map_err(|e| anyhow::anyhow!("cannot start the slow path: {e}"))?;
+    Ok((SlowPathRings { to, back, ports }, thread))
+}
+
+/// Starts the access slow path of one worker (for frames of the access switch's ports), and
+/// gives the worker's access stage its ring of first-seen sources.
+fn start_access_slow_path(
+    plan: AccessPlan,
+    index: usize,
+    memory: &XskMemory,
+    stop: &Arc<AtomicBool>,
+    telemetry: &Telemetry,
+) -> anyhow::Result<(Access, SlowPathRings<FrameDesc>, std::thread::JoinHandle<()>)> {
+    let AccessPlan {
+        config,
+        gateway,
+        relay,
+    } = plan;
+    let (shared, stop, stats) = (memory.share(), Arc::clone(stop), telemetry.slow_path());
+    let (seen_tx, seen_rx) = rtrb::RingBuffer::new(SEEN_RING);
+    let ports = 0..=config.uplink;
+    let (rings, thread) = start_slow_path(
+        &format!("mimiq-slow-{index}"),
+        ports,
+        move |from_worker, to_worker| {
+            let run = slowpath::run_access(
+                shared,
+                gateway,
+                relay,
+                from_worker,
+                to_worker,
+                seen_rx,
+                stop,
+                stats,
+            );
+            if let Err(e) = run {
+                tracing::error!("access slow path: {e}");
+            }
+        },
+    )?;
+    Ok((Access::new(config).report_seen_to(seen_tx), rings, thread))
+}
+
+/// Starts the edge slow path of one worker (for frames of `ports`); the worker's edge stage
+/// learns the next hop over the returned ring.
+fn start_edge_slow_path(
+    neighbors: EdgeNeighbors,
+    index: usize,
+    ports: std::ops::RangeInclusive<PortId>,
+    memory: &XskMemory,
+    stop: &Arc<AtomicBool>,
+    telemetry: &Telemetry,
+) -> anyhow::Result<(
+    rtrb::Consumer<SwitchUpdate>,
+    SlowPathRings<FrameDesc>,
+    std::thread::JoinHandle<()>,
+)> {
+    let (learned_tx, learned_rx) = rtrb::RingBuffer::new(16);
+    let (shared, stop, stats) = (memory.share(), Arc::clone(stop), telemetry.slow_path());
+    let (rings, thread) = start_slow_path(
+        &format!("mimiq-edge-slow-{index}"),
+        ports,
+        move |from_worker, to_worker| {
+            slowpath::run_edge(
+                shared, neighbors, from_worker, to_worker, learned_tx, stop, stats,
+            )
+        },
+    )?;
+    Ok((learned_rx, rings, thread))
 }
 
 /// Updates queued per worker before the subscriber waits.
@@ -614,88 +714,71 @@ fn worker_main(
                 .map(|p| (p, *c))
         })
         .collect();
-    match plan.kind {
-        Kind::L2fwd => {
-            let _ = ready.send(Ok(()));
-            let mut worker = Worker::new(ports, memory, free, L2Fwd);
-            impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
-            worker.run(stop, config.idle, every, &mut publish);
+    let mut rings = Rings::default();
+    rings.updates.extend(plan.updates);
+    let mut slow_threads = Vec::new();
+    // Frames the edge slow path may use for the ARP requests it sends on its own.
+    const EDGE_SPARES: usize = 4;
+    let started = (|| -> anyhow::Result<()> {
+        match plan.kind {
+            Kind::L2fwd => {
+                let mut worker = Worker::new(ports, memory, free, L2Fwd);
+                impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
+                let _ = ready.send(Ok(()));
+                worker.run(stop, config.idle, every, &mut publish);
+            }
+            Kind::Access(access) => {
+                let (access, slow, thread) =
+                    start_access_slow_path(*access, index, &memory, stop, telemetry)?;
+                slow_threads.push(thread);
+                rings.slow_paths.push(slow);
+                let mut worker = Worker::new(ports, memory, free, access).with_rings(rings);
+                impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
+                let _ = ready.send(Ok(()));
+                worker.run(stop, config.idle, every, &mut publish);
+            }
+            Kind::Edge(edge) => {
+                let EdgePlan { config: edge, neighbors } = *edge;
+                let (learned, slow, thread) =
+                    start_edge_slow_path(neighbors, index, 0..=PortId::MAX, &memory, stop, telemetry)?;
+                slow_threads.push(thread);
+                rings.updates.push(learned);
+                rings.slow_paths.push(slow);
+                let mut worker = Worker::new(ports, memory, free, Edge::new(edge)).with_rings(rings);
+                worker.lend_to_slow_path(0, EDGE_SPARES);
+                impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
+                let _ = ready.send(Ok(()));
+                worker.run(stop, config.idle, every, &mut publish);
+            }
+            Kind::SingleBox(both) => {
+                let (access, EdgePlan { config: edge, neighbors }) = *both;
+                let uplink = access.config.uplink;
+                let (access, slow, thread) =
+                    start_access_slow_path(access, index, &memory, stop, telemetry)?;
+                slow_threads.push(thread);
+                rings.slow_paths.push(slow);
+                let edge_ports = uplink + 1..=PortId::MAX;
+                let (learned, slow, thread) =
+                    start_edge_slow_path(neighbors, index, edge_ports, &memory, stop, telemetry)?;
+                slow_threads.push(thread);
+                rings.updates.push(learned);
+                rings.slow_paths.push(slow);
+                let pipeline = SingleBox::new(access, uplink, Edge::new(edge));
+                let mut worker = Worker::new(ports, memory, free, pipeline).with_rings(rings);
+                worker.lend_to_slow_path(1, EDGE_SPARES);
+                impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
+                let _ = ready.send(Ok(()));
+                worker.run(stop, config.idle, every, &mut publish);
+            }
         }
-        Kind::Access(access, updates) => {
-            let (access, gateway, relay) = *access;
-            let shared = memory.share();
-            let slow_stop = Arc::clone(stop);
-            let stats = telemetry.slow_path();
-            let (seen_tx, seen_rx) = rtrb::RingBuffer::new(SEEN_RING);
-            let slow = start_slow_path("mimiq-slow-path", move |from_worker, to_worker| {
-                if let Err(e) = slowpath::run_access(
-                    shared,
-                    gateway,
-                    relay,
-                    from_worker,
-                    to_worker,
-                    seen_rx,
-                    slow_stop,
-                    stats,
-                ) {
-                    tracing::error!("access slow path: {e}");
-                }
-            });
-            let Ok((to_slow, from_slow, slow)) = slow.map_err(|e| {
-                let _ = ready.send(Err(anyhow::anyhow!("cannot start the slow path: {e}")));
-            }) else {
-                return;
-            };
-            let _ = ready.send(Ok(()));
-            let mut worker = Worker::new(
-                ports,
-                memory,
-                free,
-                Access::new(access).report_seen_to(seen_tx),
-            )
-            .with_rings(Rings {
-                updates: vec![updates],
-                to_slow_path: Some(to_slow),
-                from_slow_path: Some(from_slow),
-            });
-            impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
-            worker.run(stop, config.idle, every, &mut publish);
-            let _ = slow.join();
-        }
-        Kind::Edge(edge, updates) => {
-            let (edge, neighbors) = *edge;
-            let (learned_tx, learned_rx) = rtrb::RingBuffer::new(16);
-            let shared = memory.share();
-            let slow_stop = Arc::clone(stop);
-            let stats = telemetry.slow_path();
-            let slow = start_slow_path("mimiq-edge-slow", move |from_worker, to_worker| {
-                slowpath::run_edge(
-                    shared,
-                    neighbors,
-                    from_worker,
-                    to_worker,
-                    learned_tx,
-                    slow_stop,
-                    stats,
-                )
-            });
-            let Ok((to_slow, from_slow, slow)) = slow.map_err(|e| {
-                let _ = ready.send(Err(anyhow::anyhow!("cannot start the slow path: {e}")));
-            }) else {
-                return;
-            };
-            let _ = ready.send(Ok(()));
-            let mut worker = Worker::new(ports, memory, free, Edge::new(edge)).with_rings(Rings {
-                updates: vec![updates, learned_rx],
-                to_slow_path: Some(to_slow),
-                from_slow_path: Some(from_slow),
-            });
-            // Frames for the ARP requests the slow path sends on its own.
-            worker.lend_to_slow_path(4);
-            impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
-            worker.run(stop, config.idle, every, &mut publish);
-            let _ = slow.join();
-        }
+        Ok(())
+    })();
+    if let Err(err) = started {
+        stop.store(true, Ordering::Relaxed);
+        let _ = ready.send(Err(err));
+    }
+    for thread in slow_threads {
+        let _ = thread.join();
     }
     // Dropping the worker closes the sockets; the XDP program is detached with the last one.
 }
@@ -726,6 +809,9 @@ fn print_stats(path: &Path) -> anyhow::Result<()> {
         stats["role"], stats["pid"], stats["uptime_ms"], stats["cpu_user_ms"], stats["cpu_sys_ms"]
     );
     let workers = stats["workers"].as_array().cloned().unwrap_or_default();
+    if workers.len() > 1 {
+        print_totals(&workers);
+    }
     for (i, worker) in workers.iter().enumerate() {
         let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
         println!(
@@ -760,4 +846,51 @@ fn print_stats(path: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The counters of every worker, summed per port (by name) and per drop reason.
+fn print_totals(workers: &[serde_json::Value]) {
+    const FIELDS: [&str; 4] = ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"];
+    let mut ports: Vec<(String, [u64; 4])> = Vec::new();
+    let mut drops: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut totals = [0u64; 4]; // bursts, to slow path, from slow path, updates
+    for worker in workers {
+        for port in worker["ports"].as_array().into_iter().flatten() {
+            let name = port["name"].as_str().unwrap_or("?").to_string();
+            let at = match ports.iter().position(|(n, _)| *n == name) {
+                Some(at) => at,
+                None => {
+                    ports.push((name, [0; 4]));
+                    ports.len() - 1
+                }
+            };
+            for (sum, field) in ports[at].1.iter_mut().zip(FIELDS) {
+                *sum += port[field].as_u64().unwrap_or(0);
+            }
+        }
+        for (reason, n) in worker["drops"].as_object().into_iter().flatten() {
+            *drops.entry(reason.clone()).or_default() += n.as_u64().unwrap_or(0);
+        }
+        let fields = ["bursts", "to_slow_path", "from_slow_path", "updates_applied"];
+        for (sum, field) in totals.iter_mut().zip(fields) {
+            *sum += worker[field].as_u64().unwrap_or(0);
+        }
+    }
+    println!(
+        "all {} workers: {} bursts; slow path {} out / {} back; {} updates",
+        workers.len(),
+        totals[0],
+        totals[1],
+        totals[2],
+        totals[3]
+    );
+    println!(
+        "  {:<12} {:>12} {:>14} {:>12} {:>14}",
+        "port", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes"
+    );
+    for (name, [rx, rx_bytes, tx, tx_bytes]) in &ports {
+        println!("  {name:<12} {rx:>12} {rx_bytes:>14} {tx:>12} {tx_bytes:>14}");
+    }
+    let list: Vec<String> = drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("  drops: {}", list.join(" "));
 }

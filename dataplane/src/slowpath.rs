@@ -287,6 +287,38 @@ pub struct EdgeNeighbors {
     pub outside: PortId,
     /// The next hop to resolve, by ARP or neighbour solicitation (none: configured statically).
     pub next_hop: Option<IpAddr>,
+    /// Where the edge slow paths of all workers share the next hop's MAC: a reply reaches
+    /// the worker of whichever queue the neighbour's kernel picked.
+    pub shared: Arc<SharedNeighbor>,
+    /// This slow path sends the probes (one of the workers' does).
+    pub probe: bool,
+}
+
+/// A MAC address that any thread can publish and every thread read.
+#[derive(Debug, Default)]
+pub struct SharedNeighbor(AtomicU64);
+
+impl SharedNeighbor {
+    /// Bit set once a MAC (the low 48 bits) is known.
+    const KNOWN: u64 = 1 << 63;
+
+    /// The MAC last published, if any.
+    pub fn get(&self) -> Option<[u8; 6]> {
+        let v = self.0.load(Ordering::Acquire);
+        (v & Self::KNOWN != 0).then(|| {
+            let b = v.to_be_bytes();
+            [b[2], b[3], b[4], b[5], b[6], b[7]]
+        })
+    }
+
+    /// Publishes `mac`.
+    pub fn set(&self, mac: [u8; 6]) {
+        let [a, b, c, d, e, f] = mac;
+        self.0.store(
+            Self::KNOWN | u64::from_be_bytes([0, 0, a, b, c, d, e, f]),
+            Ordering::Release,
+        );
+    }
 }
 
 /// How often the next hop is asked for while unknown, and refreshed once known.
@@ -294,8 +326,9 @@ const PROBE_UNKNOWN: Duration = Duration::from_secs(1);
 const PROBE_KNOWN: Duration = Duration::from_secs(30);
 
 /// Runs the edge slow path until `stop` is set: answers ARP/ND for the edge's own outside
-/// addresses, resolves the outside next hop (from its ARP replies, or any ARP it sends) and
-/// tells the worker over `learned`.
+/// addresses, resolves the outside next hop (from its ARP replies, or any ARP it sends; probes
+/// only if `neighbors.probe`), publishes it to the other workers' slow paths and tells its own
+/// worker over `learned` whatever any of them heard.
 pub fn run_edge<M: FrameMemory>(
     mut memory: M,
     neighbors: EdgeNeighbors,
@@ -324,10 +357,9 @@ pub fn run_edge<M: FrameMemory>(
                     IpAddr::V6(v6) => nd_sender(bytes, v6),
                 };
                 if let Some(mac) = heard {
-                    if known != Some(mac) && learned.push(SwitchUpdate::NextHopMac(mac)).is_ok() {
+                    if neighbors.shared.get() != Some(mac) {
                         tracing::info!("outside next hop {next_hop} is at {mac:02x?}");
-                        known = Some(mac);
-                        next_probe = Instant::now() + PROBE_KNOWN;
+                        neighbors.shared.set(mac);
                     }
                 }
             }
@@ -357,7 +389,15 @@ pub fn run_edge<M: FrameMemory>(
                 give_back(&mut to_worker, SlowPathReturn::Free(frame));
             }
         }
-        if let Some(next_hop) = neighbors.next_hop {
+        if let Some(mac) = neighbors.shared.get().filter(|mac| known != Some(*mac)) {
+            if learned.push(SwitchUpdate::NextHopMac(mac)).is_ok() {
+                if known.is_none() {
+                    next_probe = Instant::now() + PROBE_KNOWN;
+                }
+                known = Some(mac);
+            }
+        }
+        if let Some(next_hop) = neighbors.next_hop.filter(|_| neighbors.probe) {
             if Instant::now() >= next_probe {
                 if let Some(mut frame) = spare.pop() {
                     let room = memory.set_len(&mut frame, NS_FRAME_LEN);

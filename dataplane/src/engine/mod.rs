@@ -109,23 +109,30 @@ pub struct SlowPathFrame<F> {
     pub in_port: PortId,
 }
 
+/// A worker's ends of the rings to one slow-path thread.
+pub struct SlowPathRings<F> {
+    /// Frames to the slow-path thread.
+    pub to: rtrb::Producer<SlowPathFrame<F>>,
+    /// Frames back from it.
+    pub back: rtrb::Consumer<SlowPathReturn<F>>,
+    /// The input ports whose slow-path frames it takes.
+    pub ports: std::ops::RangeInclusive<PortId>,
+}
+
 /// The worker's ends of its SPSC rings.
 pub struct Rings<F, U> {
     /// Table updates, one ring per producer (the control thread's rule subscriber, the slow
     /// path's neighbour resolution, ...).
     pub updates: Vec<rtrb::Consumer<U>>,
-    /// Frames to the slow-path thread.
-    pub to_slow_path: Option<rtrb::Producer<SlowPathFrame<F>>>,
-    /// Frames back from the slow-path thread.
-    pub from_slow_path: Option<rtrb::Consumer<SlowPathReturn<F>>>,
+    /// The slow-path threads; a frame goes to the first whose `ports` hold its input port.
+    pub slow_paths: Vec<SlowPathRings<F>>,
 }
 
 impl<F, U> Default for Rings<F, U> {
     fn default() -> Self {
         Rings {
             updates: Vec::new(),
-            to_slow_path: None,
-            from_slow_path: None,
+            slow_paths: Vec::new(),
         }
     }
 }
@@ -216,16 +223,16 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
         }
     }
 
-    /// Lends up to `n` free frames to the slow path (marked [`SPARE_FRAME`]), for packets it
-    /// originates itself (neighbour solicitations). Returns how many it lent.
-    pub fn lend_to_slow_path(&mut self, n: usize) -> usize {
-        let Some(ring) = &mut self.rings.to_slow_path else {
+    /// Lends up to `n` free frames to slow path `index` (marked [`SPARE_FRAME`]), for packets
+    /// it originates itself (neighbour solicitations). Returns how many it lent.
+    pub fn lend_to_slow_path(&mut self, index: usize, n: usize) -> usize {
+        let Some(slow) = self.rings.slow_paths.get_mut(index) else {
             return 0;
         };
         let mut lent = 0;
         while lent < n {
             let Some(frame) = self.free.pop() else { break };
-            if let Err(rtrb::PushError::Full(back)) = ring.push(SlowPathFrame {
+            if let Err(rtrb::PushError::Full(back)) = slow.to.push(SlowPathFrame {
                 frame,
                 in_port: SPARE_FRAME,
             }) {
@@ -282,8 +289,13 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
                         continue;
                     }
                     Verdict::Forward(_) => DropReason::NoSuchPort,
-                    Verdict::ToSlowPath => match &mut self.rings.to_slow_path {
-                        Some(ring) => match ring.push(SlowPathFrame {
+                    Verdict::ToSlowPath => match self
+                        .rings
+                        .slow_paths
+                        .iter_mut()
+                        .find(|s| s.ports.contains(&in_id))
+                    {
+                        Some(slow) => match slow.to.push(SlowPathFrame {
                             frame,
                             in_port: in_id,
                         }) {
@@ -338,9 +350,9 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
                 work += 1;
             }
         }
-        if let Some(back) = &mut self.rings.from_slow_path {
-            let mut any_tx = false;
-            while let Ok(ret) = back.pop() {
+        let mut any_tx = false;
+        for slow in &mut self.rings.slow_paths {
+            while let Ok(ret) = slow.back.pop() {
                 self.counters.from_slow_path += 1;
                 work += 1;
                 match ret {
@@ -355,9 +367,9 @@ impl<P: Port, L: Pipeline> Worker<P, L> {
                     SlowPathReturn::Free(frame) => self.free.push(frame),
                 }
             }
-            if any_tx {
-                self.flush_tx();
-            }
+        }
+        if any_tx {
+            self.flush_tx();
         }
         work
     }
@@ -667,8 +679,11 @@ mod tests {
         )
         .with_rings(Rings {
             updates: vec![update_rx],
-            to_slow_path: Some(slow_tx),
-            from_slow_path: Some(back_rx),
+            slow_paths: vec![SlowPathRings {
+                to: slow_tx,
+                back: back_rx,
+                ports: 0..=PortId::MAX,
+            }],
         });
         (w, (update_tx, slow_rx, back_tx))
     }

@@ -270,30 +270,43 @@ impl Pipeline for Edge {
     ) {
         let this = &*self;
         each_frame(memory, frames, verdicts, |memory, frame, len| {
-            if in_port == this.cfg.outside {
-                // Grow first so the view covers the room the outer header needs.
-                let room = memory.set_len(frame, len + IPV6_LEN);
-                let result = this.downstream(&mut memory.data_mut(frame)[..room], len);
-                match result {
-                    Ok((new_len, out)) => {
-                        memory.set_len(frame, new_len);
-                        Verdict::Forward(out as PortId)
-                    }
-                    Err(reason) => {
-                        memory.set_len(frame, len);
-                        non_ip_to_slow_path(&memory.data_mut(frame), reason)
-                    }
-                }
-            } else if in_port == this.cfg.inside {
-                let result = this.upstream(&mut memory.data_mut(frame), len);
-                match result {
-                    Ok(()) => Verdict::Forward(this.cfg.outside),
-                    Err(reason) => non_ip_to_slow_path(&memory.data_mut(frame), reason),
-                }
-            } else {
-                Verdict::Drop(DropReason::NoSuchPort)
-            }
+            this.verdict(in_port, memory, frame, len)
         });
+    }
+}
+
+impl Edge {
+    /// One frame of length `len` (at least an Ethernet header) received on `in_port`.
+    pub(super) fn verdict<M: FrameMemory>(
+        &self,
+        in_port: PortId,
+        memory: &mut M,
+        frame: &mut M::Frame,
+        len: usize,
+    ) -> Verdict {
+        if in_port == self.cfg.outside {
+            // Grow first so the view covers the room the outer header needs.
+            let room = memory.set_len(frame, len + IPV6_LEN);
+            let result = self.downstream(&mut memory.data_mut(frame)[..room], len);
+            match result {
+                Ok((new_len, out)) => {
+                    memory.set_len(frame, new_len);
+                    Verdict::Forward(out as PortId)
+                }
+                Err(reason) => {
+                    memory.set_len(frame, len);
+                    non_ip_to_slow_path(&memory.data_mut(frame), reason)
+                }
+            }
+        } else if in_port == self.cfg.inside {
+            let result = self.upstream(&mut memory.data_mut(frame), len);
+            match result {
+                Ok(()) => Verdict::Forward(self.cfg.outside),
+                Err(reason) => non_ip_to_slow_path(&memory.data_mut(frame), reason),
+            }
+        } else {
+            Verdict::Drop(DropReason::NoSuchPort)
+        }
     }
 }
 
@@ -559,14 +572,7 @@ impl Pipeline for Access {
                 this.upstream(in_port, &mut memory.data_mut(frame), len, &mut first_seen)
                     .unwrap_or_else(Verdict::Drop)
             } else if in_port == this.cfg.uplink {
-                let result = this.downstream(&mut memory.data_mut(frame), len);
-                match result {
-                    Ok((new_len, port)) => {
-                        memory.set_len(frame, new_len);
-                        Verdict::Forward(port)
-                    }
-                    Err(reason) => non_ip_to_slow_path(&memory.data_mut(frame), reason),
-                }
+                this.from_uplink(memory, frame, len)
             } else {
                 Verdict::Drop(DropReason::NoSuchPort)
             }
@@ -587,6 +593,25 @@ impl Pipeline for Access {
             }
         }
         self.first_seen = first_seen;
+    }
+}
+
+impl Access {
+    /// One frame of length `len` (at least an Ethernet header) received on the uplink.
+    pub(super) fn from_uplink<M: FrameMemory>(
+        &self,
+        memory: &mut M,
+        frame: &mut M::Frame,
+        len: usize,
+    ) -> Verdict {
+        let result = self.downstream(&mut memory.data_mut(frame), len);
+        match result {
+            Ok((new_len, port)) => {
+                memory.set_len(frame, new_len);
+                Verdict::Forward(port)
+            }
+            Err(reason) => non_ip_to_slow_path(&memory.data_mut(frame), reason),
+        }
     }
 }
 
@@ -928,6 +953,62 @@ mod tests {
                 &original[original.len() - 5..]
             );
         }
+    }
+
+    #[test]
+    fn the_single_box_in_one_pass_sends_the_bytes_the_two_roles_send_over_their_link() {
+        use crate::pipeline::single_box::SingleBox;
+        // Ports: client 0, uplink 1, edge inside 2, edge outside 3.
+        let mut one = SingleBox::new(access(), 1, edge());
+        let (mut e, mut a) = (edge(), access());
+        let down = [
+            udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
+            udp_v6(
+                OUT_HOP,
+                EDGE_OUT,
+                "2001:db8::5".parse().unwrap(),
+                client_v6(),
+            ),
+        ];
+        for original in down {
+            let (v, tunnelled) = run(&mut e, 1, &original);
+            assert_eq!(v, Verdict::Forward(0));
+            let two_passes = run(&mut a, 1, &tunnelled);
+            assert_eq!(two_passes.0, Verdict::Forward(0));
+            assert_eq!(run(&mut one, 3, &original), two_passes, "downstream");
+        }
+        let up = udp_v4(CLIENT, GW, [198, 18, 1, 10], [203, 0, 113, 5], 443);
+        let (v, on_link) = run(&mut a, 0, &up);
+        assert_eq!(v, Verdict::Forward(1));
+        let two_passes = run(&mut e, 0, &on_link);
+        assert_eq!(two_passes.0, Verdict::Forward(1));
+        let (v, bytes) = run(&mut one, 0, &up);
+        assert_eq!((v, bytes), (Verdict::Forward(3), two_passes.1), "upstream");
+
+        // Each stage's refusals keep their reasons, whichever stage refuses.
+        let spoofed = udp_v4(CLIENT, GW, [198, 18, 1, 99], [203, 0, 113, 5], 443);
+        assert_eq!(
+            run(&mut one, 0, &spoofed).0,
+            run(&mut a, 0, &spoofed).0,
+            "first stage"
+        );
+        let mut expiring = up.clone();
+        expiring[14 + 8] = 1; // TTL 1: the access stage takes it to 0, the edge refuses it.
+        let expected = run(&mut e, 0, &run(&mut a, 0, &expiring).1).0;
+        assert!(matches!(expected, Verdict::Drop(_)), "{expected:?}");
+        assert_eq!(run(&mut one, 0, &expiring).0, expected, "second stage");
+        let unbound = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 11], 1);
+        assert_eq!(
+            run(&mut one, 3, &unbound).0,
+            Verdict::Drop(DropReason::NoRoute)
+        );
+        // What arrives on the internal link from outside the process is handled as before.
+        let forged = udp_v4(EDGE_IN, ACCESS_UP, [203, 0, 113, 5], [198, 18, 1, 10], 1);
+        assert_eq!(run(&mut one, 1, &forged).0, run(&mut a, 1, &forged).0);
+        let mut arp = unbound.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(run(&mut one, 3, &arp).0, Verdict::ToSlowPath);
+        assert_eq!(run(&mut one, 0, &arp).0, Verdict::ToSlowPath);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod gateway;
 pub mod impair;
 pub mod l2fwd;
 pub mod mimiq;
+pub mod single_box;
 
 use serde::Serialize;
 

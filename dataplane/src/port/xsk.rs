@@ -58,6 +58,9 @@ pub enum OpenError {
     /// The interface does not exist in this network namespace.
     #[error("interface {0} not found")]
     NoSuchInterface(String),
+    /// The interface has fewer RX queues than the worker's queue number.
+    #[error("interface {iface} has no queue {queue}: it has {count} RX queue(s), 0 to {} (ethtool -L {iface} combined N adds more where the driver allows)", count.saturating_sub(1))]
+    NoSuchQueue { iface: String, queue: u32, count: u32 },
     /// Another AF_XDP socket (or XDP program) already holds the queue.
     #[error("interface {iface} queue {queue} is already in use by another AF_XDP socket or XDP program ({reason})")]
     Busy {
@@ -204,6 +207,14 @@ pub fn open(
         let ifname: Interface = iface
             .parse()
             .map_err(|_| OpenError::NoSuchInterface(iface.clone()))?;
+        let count = rx_queues(iface);
+        if count > 0 && *queue >= count {
+            return Err(OpenError::NoSuchQueue {
+                iface: iface.clone(),
+                queue: *queue,
+                count,
+            });
+        }
         // Our own XDP program feeds the sockets (libxdp's default one is inhibited above).
         let program = xdp_prog::attach(iface, config.xdp_mode, &config.kernel_pass)?;
         // A queue whose last socket belonged to a process that just exited (a restart) stays
@@ -257,6 +268,15 @@ pub fn open(
         });
     }
     Ok((ports, XskMemory { umem, len_bytes }, free))
+}
+
+/// The RX queues of `iface` (`/sys/class/net/<iface>/queues/rx-<n>`); 0 if unknown.
+fn rx_queues(iface: &str) -> u32 {
+    std::fs::read_dir(format!("/sys/class/net/{iface}/queues")).map_or(0, |dir| {
+        dir.filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+            .count() as u32
+    })
 }
 
 impl XskMemory {
