@@ -659,7 +659,10 @@ mod tests {
             format!("role = \"access\"\n{workers}{ACCESS}edge_mac = \"02:00:00:00:00:01\"\n"),
         ] {
             let c = parse(&role).unwrap();
-            assert_eq!(c.workers.iter().map(|w| w.queue).collect::<Vec<_>>(), [0, 1]);
+            assert_eq!(
+                c.workers.iter().map(|w| w.queue).collect::<Vec<_>>(),
+                [0, 1]
+            );
         }
     }
 

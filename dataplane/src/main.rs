@@ -34,8 +34,8 @@ use mimiq_dataplane::pipeline::l2fwd::L2Fwd;
 use mimiq_dataplane::pipeline::mimiq::{
     Access, AccessConfig, AccessSwitch, Edge, EdgeConfig, SwitchUpdate, V4Prefix,
 };
-use mimiq_dataplane::port::xdp_prog::KernelPass;
 use mimiq_dataplane::pipeline::single_box::SingleBox;
+use mimiq_dataplane::port::xdp_prog::KernelPass;
 use mimiq_dataplane::port::xsk::{self, XskConfig, XskMemory};
 use mimiq_dataplane::port::PortId;
 use mimiq_dataplane::slowpath::{self, EdgeNeighbors, RelayConfig};
@@ -432,7 +432,11 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
                 gateway,
                 relay,
             },
-            a.clients.iter().chain([&a.uplink]).cloned().collect::<Vec<_>>(),
+            a.clients
+                .iter()
+                .chain([&a.uplink])
+                .cloned()
+                .collect::<Vec<_>>(),
         ));
         source = Some(RuleSource {
             allocator: a.allocator_rules,
@@ -527,7 +531,9 @@ fn plans(config: &SwitchConfig) -> anyhow::Result<(Vec<Plan>, Updates)> {
     for (index, w) in config.workers.iter().enumerate() {
         let (kind, interfaces) = match (&access_plan, &edge_plan) {
             (None, None) => (Kind::L2fwd, config.interfaces.clone()),
-            (Some((access, ports)), None) => (Kind::Access(Box::new(access.clone())), ports.clone()),
+            (Some((access, ports)), None) => {
+                (Kind::Access(Box::new(access.clone())), ports.clone())
+            }
             (None, Some((edge, ports))) => {
                 let mut edge = edge.clone();
                 edge.neighbors.probe = index == 0;
@@ -587,7 +593,11 @@ fn start_access_slow_path(
     memory: &XskMemory,
     stop: &Arc<AtomicBool>,
     telemetry: &Telemetry,
-) -> anyhow::Result<(Access, SlowPathRings<FrameDesc>, std::thread::JoinHandle<()>)> {
+) -> anyhow::Result<(
+    Access,
+    SlowPathRings<FrameDesc>,
+    std::thread::JoinHandle<()>,
+)> {
     let AccessPlan {
         config,
         gateway,
@@ -639,7 +649,13 @@ fn start_edge_slow_path(
         ports,
         move |from_worker, to_worker| {
             slowpath::run_edge(
-                shared, neighbors, from_worker, to_worker, learned_tx, stop, stats,
+                shared,
+                neighbors,
+                from_worker,
+                to_worker,
+                learned_tx,
+                stop,
+                stats,
             )
         },
     )?;
@@ -738,20 +754,36 @@ fn worker_main(
                 worker.run(stop, config.idle, every, &mut publish);
             }
             Kind::Edge(edge) => {
-                let EdgePlan { config: edge, neighbors } = *edge;
-                let (learned, slow, thread) =
-                    start_edge_slow_path(neighbors, index, 0..=PortId::MAX, &memory, stop, telemetry)?;
+                let EdgePlan {
+                    config: edge,
+                    neighbors,
+                } = *edge;
+                let (learned, slow, thread) = start_edge_slow_path(
+                    neighbors,
+                    index,
+                    0..=PortId::MAX,
+                    &memory,
+                    stop,
+                    telemetry,
+                )?;
                 slow_threads.push(thread);
                 rings.updates.push(learned);
                 rings.slow_paths.push(slow);
-                let mut worker = Worker::new(ports, memory, free, Edge::new(edge)).with_rings(rings);
+                let mut worker =
+                    Worker::new(ports, memory, free, Edge::new(edge)).with_rings(rings);
                 worker.lend_to_slow_path(0, EDGE_SPARES);
                 impair.iter().for_each(|(p, c)| worker.set_impair(*p, *c));
                 let _ = ready.send(Ok(()));
                 worker.run(stop, config.idle, every, &mut publish);
             }
             Kind::SingleBox(both) => {
-                let (access, EdgePlan { config: edge, neighbors }) = *both;
+                let (
+                    access,
+                    EdgePlan {
+                        config: edge,
+                        neighbors,
+                    },
+                ) = *both;
                 let uplink = access.config.uplink;
                 let (access, slow, thread) =
                     start_access_slow_path(access, index, &memory, stop, telemetry)?;
@@ -871,7 +903,12 @@ fn print_totals(workers: &[serde_json::Value]) {
         for (reason, n) in worker["drops"].as_object().into_iter().flatten() {
             *drops.entry(reason.clone()).or_default() += n.as_u64().unwrap_or(0);
         }
-        let fields = ["bursts", "to_slow_path", "from_slow_path", "updates_applied"];
+        let fields = [
+            "bursts",
+            "to_slow_path",
+            "from_slow_path",
+            "updates_applied",
+        ];
         for (sum, field) in totals.iter_mut().zip(fields) {
             *sum += worker[field].as_u64().unwrap_or(0);
         }

@@ -696,6 +696,68 @@ mod tests {
     use super::*;
     use crate::port::mem::{MemFrame, MemMemory};
 
+    #[test]
+    fn a_next_hop_heard_by_any_worker_s_edge_slow_path_reaches_every_worker() {
+        const NEXT_HOP_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
+        let next_hop = Ipv4Addr::new(198, 18, 200, 2);
+        let shared = Arc::new(SharedNeighbor::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut workers = Vec::new();
+        for probe in [true, false] {
+            let neighbors = EdgeNeighbors {
+                own: Gateway {
+                    mac: EthernetAddress([2, 0, 0, 0, 0, 0xe2]),
+                    v4: Some(Ipv4Addr::new(198, 18, 200, 1)),
+                    v6: Vec::new(),
+                },
+                outside: 1,
+                next_hop: Some(IpAddr::V4(next_hop)),
+                shared: Arc::clone(&shared),
+                probe,
+            };
+            let (to_slow, from_worker) = rtrb::RingBuffer::new(16);
+            let (to_worker, back) = rtrb::RingBuffer::new(16);
+            let (learned_tx, learned) = rtrb::RingBuffer::new(16);
+            let (stop, stats) = (Arc::clone(&stop), Arc::default());
+            let thread = std::thread::spawn(move || {
+                run_edge(
+                    MemMemory,
+                    neighbors,
+                    from_worker,
+                    to_worker,
+                    learned_tx,
+                    stop,
+                    stats,
+                )
+            });
+            workers.push((to_slow, back, learned, thread));
+        }
+        // The neighbour's ARP reaches the worker that does not probe.
+        let mut arp = vec![0u8; ARP_FRAME_LEN];
+        let target = Ipv4Addr::new(198, 18, 200, 1);
+        arp_request(&mut arp, EthernetAddress(NEXT_HOP_MAC), next_hop, target);
+        let heard = SlowPathFrame {
+            frame: MemFrame::from_bytes(&arp),
+            in_port: 1,
+        };
+        assert!(workers[1].0.push(heard).is_ok());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut learned = [None, None];
+        while learned.contains(&None) && Instant::now() < deadline {
+            for (i, (_, _, ring, _)) in workers.iter_mut().enumerate() {
+                if let Ok(SwitchUpdate::NextHopMac(mac)) = ring.pop() {
+                    learned[i] = Some(mac);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(learned, [Some(NEXT_HOP_MAC); 2]);
+        stop.store(true, Ordering::Relaxed);
+        for (_, _, _, thread) in workers {
+            thread.join().unwrap();
+        }
+    }
+
     const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x42];
     const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const SECRET: &[u8] = b"access-switch-7-key-0123456789abcdef";

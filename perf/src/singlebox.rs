@@ -95,9 +95,10 @@ key_hex = "{EDGE_KEY}"
     path
 }
 
-/// Writes the single box switch's config into `dir`.
-pub fn switch_config(dir: &std::path::Path) -> std::path::PathBuf {
+/// Writes the single box switch's config into `dir`: one worker per queue of `queues`.
+pub fn switch_config(dir: &std::path::Path, queues: u32) -> std::path::PathBuf {
     let path = dir.join("switch.toml");
+    let workers: Vec<String> = (0..queues).map(|q| format!("{{ queue = {q} }}")).collect();
     std::fs::write(
         &path,
         format!(
@@ -105,6 +106,7 @@ pub fn switch_config(dir: &std::path::Path) -> std::path::PathBuf {
 role = "single_box"
 stats_path = "{stats}"
 stats_interval_ms = 50
+workers = [{workers}]
 
 [access]
 sid = 1
@@ -130,6 +132,7 @@ alias_k = 3
 v4_pools = ["{pool}"]
 "#,
             stats = dir.join("stats.json").display(),
+            workers = workers.join(", "),
             out_v4 = addr::OUT_V4,
             edge_v4 = addr::EDGE_OUT_V4,
             edge_v6 = addr::EDGE_OUT_V6,
@@ -231,20 +234,42 @@ pub struct SingleBox {
 
 /// Builds the topology and starts the allocator and the switch.
 pub fn start(times: &Times) -> SingleBox {
-    start_with(times, 0)
+    start_with(times, &Options::default())
 }
 
-/// [`start`] with the allocator's `reclaim_silent_after_ms` (0: never).
-pub fn start_with(times: &Times, reclaim_silent_ms: u64) -> SingleBox {
+/// What [`start_with`] may change.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The allocator's `reclaim_silent_after_ms` (0: never).
+    pub reclaim_silent_ms: u64,
+    /// Queues of every link, and the switch's workers (one per queue).
+    pub queues: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            reclaim_silent_ms: 0,
+            queues: 1,
+        }
+    }
+}
+
+/// [`start`] with `options`.
+pub fn start_with(times: &Times, options: &Options) -> SingleBox {
     let mut tb = Testbed::new().unwrap();
-    topology::single_box(&mut tb).unwrap();
+    let links = crate::testbed::LinkOpts {
+        queues: options.queues,
+        ..Default::default()
+    };
+    topology::single_box_with(&mut tb, links).unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Neighbour resolution on the outside link is real both ways: the outside host resolves the
     // edge's addresses (ARP, NS answered by the edge's slow path), and the edge resolves the
     // outside host, its next hop, by ARP.
 
     let allocator_bin = bin_path("mimiq-allocator").unwrap();
-    let cfg = allocator_config_with(dir.path(), times, reclaim_silent_ms);
+    let cfg = allocator_config_with(dir.path(), times, options.reclaim_silent_ms);
     let mut allocator = tb
         .spawn(
             "sw",
@@ -257,7 +282,7 @@ pub fn start_with(times: &Times, reclaim_silent_ms: u64) -> SingleBox {
             false,
         )
         .unwrap();
-    let sw_cfg = switch_config(dir.path());
+    let sw_cfg = switch_config(dir.path(), options.queues);
     let switch = Switch::start(
         &tb,
         "sw",

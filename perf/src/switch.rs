@@ -117,6 +117,31 @@ impl SwitchStats {
             .sum()
     }
 
+    /// A counter of the port named `name`, summed over the workers.
+    pub fn port_named(&self, name: &str, field: &str) -> u64 {
+        self.port_named_per_worker(name, field).iter().sum()
+    }
+
+    /// The same counter of the port named `name` of each worker, in worker order.
+    pub fn port_named_per_worker(&self, name: &str, field: &str) -> Vec<u64> {
+        self.workers()
+            .map(|w| {
+                let ports = w["ports"].as_array().into_iter().flatten();
+                ports
+                    .filter(|p| p["name"] == name)
+                    .map(|p| p[field].as_u64().unwrap_or(0))
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// A counter of each worker (`updates_applied`, `bursts`, ...), in worker order.
+    pub fn per_worker(&self, field: &str) -> Vec<u64> {
+        self.workers()
+            .map(|w| w[field].as_u64().unwrap_or(0))
+            .collect()
+    }
+
     /// The same counter of port `port` of each worker, in worker order.
     pub fn port_per_worker(&self, port: usize, field: &str) -> Vec<u64> {
         self.workers()

@@ -8,14 +8,15 @@ use std::time::{Duration, Instant};
 use mimiq_allocator::client::ClientError;
 use mimiq_allocator::proto::Status;
 use mimiq_allocator::Family;
+use mimiq_perf::capture::inject_frames;
 use mimiq_perf::singlebox::{
-    allocate, allocator_config, mac, release, start, try_allocate, use_address, Granted, SingleBox,
-    Times, EDGE_KEY, KEY, LONG,
+    allocate, allocator_config, mac, release, start, start_with, try_allocate, use_address,
+    Granted, Options, SingleBox, Times, EDGE_KEY, KEY, LONG,
 };
 use mimiq_perf::switch::Switch;
 use mimiq_perf::testbed::topology::{self, single_box_addr as addr};
-use mimiq_perf::testbed::{bin_path, eventually, require_root, Testbed};
-use mimiq_perf::traffic::ping;
+use mimiq_perf::testbed::{bin_path, eventually, require_root, LinkOpts, Proc, Testbed};
+use mimiq_perf::traffic::{iperf3_with, ping};
 
 #[test]
 fn clients_allocate_through_the_switch_and_the_outside_reaches_each_at_its_address_and_spoofing_is_dropped(
@@ -283,30 +284,253 @@ fn when_an_address_moves_to_another_client_return_traffic_follows_it() {
 #[test]
 fn access_and_edge_run_as_separate_processes_on_separate_hosts() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    topology::split(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let allocator_bin = bin_path("mimiq-allocator").unwrap();
-    let cfg = allocator_config(dir.path(), &LONG);
-    let mut allocator = tb
-        .spawn(
+    let mut split = Split::start(1);
+    split.allocator.stop(Duration::from_secs(5));
+}
+
+#[test]
+fn access_and_edge_serve_two_queues_each_with_a_worker_per_queue() {
+    require_root();
+    let mut split = Split::start(2);
+    let a = split.client;
+    let ports = [(&split.access, "cl0"), (&split.edge, "out0")];
+    two_workers_carry_every_flow(&mut split.tb, &ports, "c1", a);
+    let gateway = mac(&split.tb, "swa", "cl0");
+    spoofed_sources_are_dropped_exactly(&split.tb, &split.access, "c1", &gateway);
+    // Both edge workers forward: each learned the next hop, whichever queue its reply came on.
+    let s = split.edge.stats().unwrap();
+    let per_worker = s.port_named_per_worker("out0", "tx_packets");
+    assert!(per_worker.iter().all(|&n| n > 100), "{per_worker:?}");
+    // The access and edge configs, with a queue that the links do not have.
+    let bad = split.dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(split.dir.path().join("access.toml")).unwrap();
+    let text = text.replace(
+        "workers = [{ queue = 0 }, { queue = 1 }]",
+        "workers = [{ queue = 0 }, { queue = 5 }]",
+    );
+    std::fs::write(&bad, text).unwrap();
+    let bin = bin_path("mimiq-switch").unwrap();
+    let out = split
+        .tb
+        .exec(
             "swa",
-            &[
-                allocator_bin.to_str().unwrap(),
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-            ],
-            false,
+            &[bin.to_str().unwrap(), "check-config", bad.to_str().unwrap()],
         )
         .unwrap();
-    let access_cfg = dir.path().join("access.toml");
-    std::fs::write(
-        &access_cfg,
-        format!(
-            r#"role = "access"
+    assert!(out.status.success(), "the config itself is valid");
+    let Split {
+        tb,
+        mut allocator,
+        access,
+        ..
+    } = split;
+    drop(access);
+    let out = tb
+        .exec(
+            "swa",
+            &[
+                bin.to_str().unwrap(),
+                "run",
+                "--config",
+                bad.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interface cl0 has no queue 5: it has 2 RX queue(s)"),
+        "{stderr}"
+    );
+    allocator.stop(Duration::from_secs(5));
+}
+
+#[test]
+fn the_single_box_serves_two_queues_with_a_worker_per_queue() {
+    require_root();
+    let SingleBox {
+        mut tb,
+        mut allocator,
+        switch,
+        dir,
+    } = start_with(
+        &LONG,
+        &Options {
+            queues: 2,
+            ..Options::default()
+        },
+    );
+    // c3, alone on cl1: between c1 and cl0, the bridge forwards on the queue a frame arrived
+    // on (the kernel's recorded RX queue), not by flow.
+    let a = allocate(&tb, "c3", Family::V4).addr;
+    use_address(&tb, "c3", a);
+    ping_until_answered(&tb, &a.to_string(), 3, Duration::from_secs(10)).unwrap();
+    two_workers_carry_every_flow(&mut tb, &[(&switch, "cl1"), (&switch, "out0")], "c3", a);
+    let gateway = mac(&tb, "sw", "cl0");
+    spoofed_sources_are_dropped_exactly(&tb, &switch, "c3", &gateway);
+    let s = switch.stats().unwrap();
+    for port in ["int0", "int1"] {
+        let sent = s.port_named(port, "tx_packets");
+        assert_eq!(sent, 0, "the roles meet in memory, not on {port}");
+    }
+
+    // `mimiq-switch stats` sums the workers (the first table is the sum).
+    let bin = bin_path("mimiq-switch").unwrap();
+    let stats_path = dir.path().join("stats.json");
+    let summed = eventually(Duration::from_secs(10), || {
+        let out = tb
+            .exec_ok(
+                "sw",
+                &[
+                    bin.to_str().unwrap(),
+                    "stats",
+                    "--stats-path",
+                    stats_path.to_str().unwrap(),
+                ],
+            )
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let s = switch.stats()?;
+        let total = |line: &str| line.split_whitespace().nth(1)?.parse::<u64>().ok();
+        let out0 = text.lines().find(|l| l.trim_start().starts_with("out0 "));
+        match out0.and_then(total) {
+            Some(n) if n == s.port_named("out0", "rx_packets") => Ok(text),
+            other => Err(format!("{other:?} in {text}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("the summed table: {e}"));
+    assert!(summed.contains("all 2 workers: "), "{summed}");
+    allocator.stop(Duration::from_secs(5));
+}
+
+/// Sixteen TCP streams from `out` to `client` at `a` (and their acknowledgements back): the
+/// senders' flow hash spreads them over both queues (all on one: a chance of 2 in 65536), and
+/// every stream completes, so each worker forwards in both directions and has every rule. Each
+/// `(switch, port)` must have received on both of its workers.
+fn two_workers_carry_every_flow(
+    tb: &mut Testbed,
+    ports: &[(&Switch, &str)],
+    client: &str,
+    a: std::net::IpAddr,
+) {
+    let before: Vec<Vec<u64>> = ports
+        .iter()
+        .map(|(s, port)| s.stats().unwrap().port_named_per_worker(port, "rx_packets"))
+        .collect();
+    let run = iperf3_with(tb, "out", client, &a.to_string(), 2, &["-P", "16"])
+        .unwrap_or_else(|e| panic!("iperf3 through two workers: {e}"));
+    assert!(run.received_bytes > 0, "{run:?}");
+    for ((switch, port), before) in ports.iter().zip(before) {
+        switch
+            .stats_until(Duration::from_secs(10), |s| {
+                let now = s.port_named_per_worker(port, "rx_packets");
+                let gained: Vec<u64> = now.iter().zip(&before).map(|(n, b)| n - b).collect();
+                if gained.len() == 2 && gained.iter().all(|&n| n > 100) {
+                    Ok(())
+                } else {
+                    Err(format!("{port} received per worker: {gained:?}"))
+                }
+            })
+            .unwrap_or_else(|e| panic!("both queues carried traffic: {e}"));
+        let s = switch.stats().unwrap();
+        let applied = s.per_worker("updates_applied");
+        assert!(
+            applied.windows(2).all(|w| w[0] == w[1]) && applied[0] > 0,
+            "every worker applied every update: {applied:?}"
+        );
+    }
+}
+
+/// 2,000 frames from `host`'s `eth0` to the gateway's MAC, from an address no one was given,
+/// over 2,000 flows: every one is counted as a spoofed source, over both workers.
+fn spoofed_sources_are_dropped_exactly(tb: &Testbed, switch: &Switch, host: &str, gateway: &str) {
+    const FRAMES: u16 = 2000;
+    let before = switch.stats().unwrap().drops("spoofed_source");
+    let parse = mimiq_dataplane::config::parse_mac;
+    let (src_mac, gateway) = (
+        parse(&mac(tb, host, "eth0")).unwrap(),
+        parse(gateway).unwrap(),
+    );
+    let mut port = 0u16;
+    let injector = inject_frames(tb, host, "eth0", move || {
+        port += 1;
+        if port > FRAMES {
+            return None;
+        }
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2(src_mac, gateway)
+            .ipv4([10, 99, 0, 1], [198, 51, 100, 7], 64)
+            .udp(port, 9)
+            .write(&mut frame, b"spoofed")
+            .ok()?;
+        Some(frame)
+    })
+    .unwrap();
+    let sent = injector.join().unwrap().unwrap().unwrap();
+    assert_eq!(sent, u64::from(FRAMES));
+    let s = switch
+        .stats_until(Duration::from_secs(10), |s| {
+            match s.drops("spoofed_source") - before {
+                n if n == u64::from(FRAMES) => Ok(()),
+                n => Err(format!("{n} of {FRAMES} spoofed frames counted")),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let per_worker: Vec<u64> = s.0["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["drops"]["spoofed_source"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
+}
+
+/// The access and edge roles as separate processes on separate hosts (topology::split), with
+/// the allocator on the access host and a client with an address.
+struct Split {
+    tb: Testbed,
+    allocator: Proc,
+    access: Switch,
+    edge: Switch,
+    client: std::net::IpAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Split {
+    /// Every link with `queues` queues, each switch with a worker per queue; returns once the
+    /// outside reaches the client.
+    fn start(queues: u32) -> Split {
+        let mut tb = Testbed::new().unwrap();
+        let links = LinkOpts {
+            queues,
+            ..LinkOpts::default()
+        };
+        topology::split_with(&mut tb, links).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let allocator_bin = bin_path("mimiq-allocator").unwrap();
+        let cfg = allocator_config(dir.path(), &LONG);
+        let allocator = tb
+            .spawn(
+                "swa",
+                &[
+                    allocator_bin.to_str().unwrap(),
+                    "run",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                ],
+                false,
+            )
+            .unwrap();
+        let workers: Vec<String> = (0..queues).map(|q| format!("{{ queue = {q} }}")).collect();
+        let workers = workers.join(", ");
+        let access_cfg = dir.path().join("access.toml");
+        std::fs::write(
+            &access_cfg,
+            format!(
+                r#"role = "access"
 stats_path = "{stats}"
 stats_interval_ms = 50
+workers = [{workers}]
 [access]
 sid = 1
 clients = "cl0"
@@ -319,19 +543,20 @@ allocator_relay = "127.0.0.1:6364"
 allocator_rules = "127.0.0.1:6365"
 key_hex = "{KEY}"
 "#,
-            stats = dir.path().join("a.json").display(),
-            edge_mac = mac(&tb, "swe", "in0"),
-            gw = addr::GATEWAY_V4,
-        ),
-    )
-    .unwrap();
-    let edge_cfg = dir.path().join("edge.toml");
-    std::fs::write(
-        &edge_cfg,
-        format!(
-            r#"role = "edge"
+                stats = dir.path().join("a.json").display(),
+                edge_mac = mac(&tb, "swe", "in0"),
+                gw = addr::GATEWAY_V4,
+            ),
+        )
+        .unwrap();
+        let edge_cfg = dir.path().join("edge.toml");
+        std::fs::write(
+            &edge_cfg,
+            format!(
+                r#"role = "edge"
 stats_path = "{stats}"
 stats_interval_ms = 50
+workers = [{workers}]
 [edge]
 inside = "in0"
 outside = "out0"
@@ -347,60 +572,72 @@ allocator_rules = "198.18.250.1:6365"
 switch_id = 100
 key_hex = "{EDGE_KEY}"
 "#,
-            stats = dir.path().join("e.json").display(),
-            access_mac = mac(&tb, "swa", "up0"),
-            out_v6 = addr::OUT_V6,
-            edge_v4 = addr::EDGE_OUT_V4,
-            edge_v6 = addr::EDGE_OUT_V6,
-            pool6 = addr::POOL_V6,
-            pool = addr::POOL_V4,
-        ),
-    )
-    .unwrap();
-    let access = Switch::start(
-        &tb,
-        "swa",
-        &["--config", access_cfg.to_str().unwrap()],
-        &dir.path().join("a.json"),
-    )
-    .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
-    let edge = Switch::start(
-        &tb,
-        "swe",
-        &["--config", edge_cfg.to_str().unwrap()],
-        &dir.path().join("e.json"),
-    )
-    .unwrap();
-    let a = allocate(&tb, "c1", Family::V4).addr;
-    use_address(&tb, "c1", a);
-    // The edge is another process on another host with a rule stream of its own, started just
-    // now: it may get the new binding (and resolve its next hop) a moment after the access
-    // switch does. Once it has, every ping crosses.
-    let updates = |s: &Switch| {
-        s.stats().map_or(0, |s| {
-            s.0["workers"][0]["updates_applied"].as_u64().unwrap_or(0)
-        })
-    };
-    eventually(Duration::from_secs(10), || {
-        let (e, a) = (updates(&edge), updates(&access));
-        if e >= a {
-            Ok(())
-        } else {
-            Err(format!(
-                "the edge applied {e} updates, the access switch {a}"
-            ))
-        }
-    })
-    .unwrap_or_else(|e| panic!("the edge got the rules the access switch has: {e}"));
-    ping_until_answered(&tb, &a.to_string(), 5, Duration::from_secs(10)).unwrap_or_else(|e| {
-        panic!(
-            "{e}; access {:?}; edge {:?}",
-            access.stats().map(|s| s.0),
-            edge.stats().map(|s| s.0)
+                stats = dir.path().join("e.json").display(),
+                access_mac = mac(&tb, "swa", "up0"),
+                out_v6 = addr::OUT_V6,
+                edge_v4 = addr::EDGE_OUT_V4,
+                edge_v6 = addr::EDGE_OUT_V6,
+                pool6 = addr::POOL_V6,
+                pool = addr::POOL_V4,
+            ),
         )
-    });
-    drop((access, edge));
-    allocator.stop(Duration::from_secs(5));
+        .unwrap();
+        let access = Switch::start(
+            &tb,
+            "swa",
+            &["--config", access_cfg.to_str().unwrap()],
+            &dir.path().join("a.json"),
+        )
+        .unwrap_or_else(|e| panic!("{e}; allocator: {}", allocator.describe()));
+        let edge = Switch::start(
+            &tb,
+            "swe",
+            &["--config", edge_cfg.to_str().unwrap()],
+            &dir.path().join("e.json"),
+        )
+        .unwrap();
+        let client = allocate(&tb, "c1", Family::V4).addr;
+        use_address(&tb, "c1", client);
+        // The edge is another process on another host with a rule stream of its own, started
+        // just now: it may get the new binding (and resolve its next hop) a moment after the
+        // access switch does. Once it has, every ping crosses.
+        let updates = |s: &Switch| {
+            s.stats().map_or(0, |s| {
+                s.per_worker("updates_applied")
+                    .into_iter()
+                    .min()
+                    .unwrap_or(0)
+            })
+        };
+        eventually(Duration::from_secs(10), || {
+            let (e, a) = (updates(&edge), updates(&access));
+            if e >= a {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the edge applied {e} updates, the access switch {a}"
+                ))
+            }
+        })
+        .unwrap_or_else(|e| panic!("the edge got the rules the access switch has: {e}"));
+        ping_until_answered(&tb, &client.to_string(), 5, Duration::from_secs(10)).unwrap_or_else(
+            |e| {
+                panic!(
+                    "{e}; access {:?}; edge {:?}",
+                    access.stats().map(|s| s.0),
+                    edge.stats().map(|s| s.0)
+                )
+            },
+        );
+        Split {
+            tb,
+            allocator,
+            access,
+            edge,
+            client,
+            dir,
+        }
+    }
 }
 
 /// Pings `addr` from `out`, `count` requests a round, until a round is answered in full, for

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use mimiq_allocator::Family;
 use mimiq_perf::faults::rx_bytes;
 use mimiq_perf::singlebox::{allocate, mac, start, use_address, SingleBox, LONG};
-use mimiq_perf::switch::SwitchStats;
 use mimiq_perf::testbed::topology::single_box_addr as addr;
 use mimiq_perf::testbed::{bin_path, require_root, Testbed};
 use mimiq_perf::traffic::pattern_download;
@@ -20,18 +19,6 @@ fn counter(tb: &Testbed, host: &str, ifname: &str, name: &str) -> u64 {
     let path = format!("/sys/class/net/{ifname}/statistics/{name}");
     let out = tb.exec_ok(host, &["cat", &path]).unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-/// `field` of the switch port named `name`, over every worker.
-fn port(s: &SwitchStats, name: &str, field: &str) -> u64 {
-    s.0["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|w| w["ports"].as_array().unwrap().iter())
-        .filter(|p| p["name"] == name)
-        .map(|p| p[field].as_u64().unwrap_or(0))
-        .sum()
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -120,7 +107,7 @@ fn a_storm_of_garbled_frames_into_the_access_port_is_dropped_and_counted_and_a_d
     let mut seen = (0, 0);
     let after = switch
         .stats_until(Duration::from_secs(10), |s| {
-            let taken = port(s, "cl0", "rx_packets") - port(&before, "cl0", "rx_packets");
+            let taken = s.port_named("cl0", "rx_packets") - before.port_named("cl0", "rx_packets");
             let dropped = s.total_drops() - before.total_drops();
             seen = (taken, dropped);
             if taken > 100_000 && dropped + c1_tx + 100 >= taken {
@@ -297,7 +284,7 @@ fn metric(text: &str, name: &str) -> u64 {
 fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_other_port() {
     use mimiq_allocator::proto::{AllocRequest, ClientMsg};
     use mimiq_perf::capture::inject_frames;
-    use mimiq_perf::singlebox::{start_with, PORT_CAP};
+    use mimiq_perf::singlebox::{start_with, Options, PORT_CAP};
     require_root();
     // Leases whose client sent nothing for 5 s end early (c1 sends well within that of its
     // grant, however loaded the machine).
@@ -306,7 +293,13 @@ fn an_allocation_flood_with_rotating_macs_on_one_port_leaves_the_pool_to_the_oth
         mut allocator,
         switch,
         dir,
-    } = start_with(&LONG, 5_000);
+    } = start_with(
+        &LONG,
+        &Options {
+            reclaim_silent_ms: 5_000,
+            ..Options::default()
+        },
+    );
     let gateway_mac = mimiq_dataplane::config::parse_mac(&mac(&tb, "sw", "cl0")).unwrap();
     let rss_before = rss_kb(switch.proc.pid());
     // c3, alone on the switch's second client port, asks for four IPv4 addresses at a time

@@ -750,6 +750,42 @@ mod tests {
     }
 
     #[test]
+    fn each_port_s_slow_path_frames_go_to_the_slow_path_that_claims_the_port() {
+        let mut rings = Rings::default();
+        let mut far_ends = Vec::new();
+        for ports in [0..=0, 1..=PortId::MAX] {
+            let (to, from_worker) = rtrb::RingBuffer::new(64);
+            let (to_worker, back) = rtrb::RingBuffer::new(64);
+            rings.slow_paths.push(SlowPathRings { to, back, ports });
+            far_ends.push((from_worker, to_worker));
+        }
+        let ports = vec![MemPort::new("a", 64), MemPort::new("b", 64)];
+        let tagger = Tagger {
+            slow_tag: 0xee,
+            updates_seen: 0,
+        };
+        let spares = vec![frame(0, 64), frame(0, 64)];
+        let mut w = Worker::new(ports, MemMemory, spares, tagger).with_rings(rings);
+        // Spare frames go to the slow path asked for.
+        assert_eq!(w.lend_to_slow_path(2, 2), 0, "no third slow path");
+        assert_eq!(w.lend_to_slow_path(1, 2), 2);
+        w.ports_mut()[0].inject(frame(0xee, 64));
+        for _ in 0..3 {
+            w.ports_mut()[1].inject(frame(0xee, 64));
+        }
+        w.poll_once();
+        let got: Vec<Vec<PortId>> = far_ends
+            .iter_mut()
+            .map(|(from_worker, _)| {
+                std::iter::from_fn(|| from_worker.pop().ok().map(|f| f.in_port)).collect()
+            })
+            .collect();
+        let spare = SPARE_FRAME;
+        assert_eq!(got, [vec![0], vec![spare, spare, 1, 1, 1]]);
+        assert_eq!(w.counters().to_slow_path, 6);
+    }
+
+    #[test]
     fn a_full_slow_path_ring_is_a_counted_drop_and_the_frame_is_kept() {
         let (mut w, (_, to_slow, _)) = tagger_worker(4);
         for _ in 0..10 {

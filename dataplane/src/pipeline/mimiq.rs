@@ -572,7 +572,7 @@ impl Pipeline for Access {
                 this.upstream(in_port, &mut memory.data_mut(frame), len, &mut first_seen)
                     .unwrap_or_else(Verdict::Drop)
             } else if in_port == this.cfg.uplink {
-                this.from_uplink(memory, frame, len)
+                this.downstream_verdict(memory, frame, len)
             } else {
                 Verdict::Drop(DropReason::NoSuchPort)
             }
@@ -598,7 +598,7 @@ impl Pipeline for Access {
 
 impl Access {
     /// One frame of length `len` (at least an Ethernet header) received on the uplink.
-    pub(super) fn from_uplink<M: FrameMemory>(
+    pub(super) fn downstream_verdict<M: FrameMemory>(
         &self,
         memory: &mut M,
         frame: &mut M::Frame,

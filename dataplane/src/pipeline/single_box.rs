@@ -111,7 +111,7 @@ impl Pipeline for SingleBox {
                 *verdict = match *verdict {
                     Verdict::Forward(EDGE_INSIDE) => {
                         let len = memory.len(frame);
-                        second_stage(self.access.from_uplink(memory, frame, len))
+                        second_stage(self.access.downstream_verdict(memory, frame, len))
                     }
                     Verdict::Forward(out) => Verdict::Forward(self.edge_base + out),
                     v => v,

@@ -60,7 +60,11 @@ pub enum OpenError {
     NoSuchInterface(String),
     /// The interface has fewer RX queues than the worker's queue number.
     #[error("interface {iface} has no queue {queue}: it has {count} RX queue(s), 0 to {} (ethtool -L {iface} combined N adds more where the driver allows)", count.saturating_sub(1))]
-    NoSuchQueue { iface: String, queue: u32, count: u32 },
+    NoSuchQueue {
+        iface: String,
+        queue: u32,
+        count: u32,
+    },
     /// Another AF_XDP socket (or XDP program) already holds the queue.
     #[error("interface {iface} queue {queue} is already in use by another AF_XDP socket or XDP program ({reason})")]
     Busy {

@@ -139,7 +139,7 @@ fn single_box(
             .map_err(|e| e.to_string())?
     };
     // The single box's usual config: relay and rule stream on the switch host's loopback.
-    let config = crate::singlebox::switch_config(dir.path());
+    let config = crate::singlebox::switch_config(dir.path(), 1);
     let config = config.to_string_lossy().into_owned();
     let switch = Switch::start(
         &tb,
@@ -147,15 +147,12 @@ fn single_box(
         &["--config", &config],
         &dir.path().join("stats.json"),
     )?;
-    // Both workers apply the whole snapshot before traffic starts.
+    // Every worker applies the whole snapshot before traffic starts.
     let want = u64::from(bindings) + 2;
     let loaded = Instant::now();
     loop {
-        let s = switch.stats()?;
-        let applied: Vec<u64> = (0..2)
-            .map(|i| s.0["workers"][i]["updates_applied"].as_u64().unwrap_or(0))
-            .collect();
-        if applied.iter().all(|&n| n >= want) {
+        let applied = switch.stats()?.per_worker("updates_applied");
+        if !applied.is_empty() && applied.iter().all(|&n| n >= want) {
             progress(&format!(
                 "  tables loaded in {:.1} s",
                 loaded.elapsed().as_secs_f64()
@@ -180,13 +177,14 @@ fn single_box(
         "--vary",
         "dst-ip",
     ];
-    let delivered = |s: &crate::switch::SwitchStats| {
-        s.0["workers"][0]["ports"][0]["tx_packets"]
-            .as_u64()
+    let delivered = |s: &crate::switch::SwitchStats| s.port_named("cl0", "tx_packets");
+    // Every worker applies every update: the rate is one worker's.
+    let applied = |s: &crate::switch::SwitchStats| {
+        s.per_worker("updates_applied")
+            .into_iter()
+            .min()
             .unwrap_or(0)
     };
-    let applied =
-        |s: &crate::switch::SwitchStats| s.0["workers"][1]["updates_applied"].as_u64().unwrap_or(0);
     let mut rows = Vec::new();
     for (path, streaming) in [("single_box", false), ("single_box + updates", true)] {
         stream.store(streaming, Ordering::Relaxed);

@@ -86,21 +86,26 @@ pub mod single_box_addr {
 /// the client pools to the edge's outside address; the clients get their addresses from the
 /// allocator through the switch.
 pub fn single_box(tb: &mut Testbed) -> Result<(), TestbedError> {
+    single_box_with(tb, LinkOpts::default())
+}
+
+/// [`single_box`] with links of the given options (the internal link's MTU stays 1600).
+pub fn single_box_with(tb: &mut Testbed, opts: LinkOpts) -> Result<(), TestbedError> {
     use single_box_addr::*;
     for host in ["c1", "c2", "c3", "lan", "sw", "out"] {
         tb.add_host(host)?;
     }
-    tb.add_link(("c1", "eth0"), ("lan", "c1"), LinkOpts::default())?;
-    tb.add_link(("c2", "eth0"), ("lan", "c2"), LinkOpts::default())?;
-    tb.add_link(("lan", "sw"), ("sw", "cl0"), LinkOpts::default())?;
+    tb.add_link(("c1", "eth0"), ("lan", "c1"), opts)?;
+    tb.add_link(("c2", "eth0"), ("lan", "c2"), opts)?;
+    tb.add_link(("lan", "sw"), ("sw", "cl0"), opts)?;
     tb.add_bridge("lan", "br0", &["c1", "c2", "sw"])?;
-    tb.add_link(("c3", "eth0"), ("sw", "cl1"), LinkOpts::default())?;
+    tb.add_link(("c3", "eth0"), ("sw", "cl1"), opts)?;
     let internal = LinkOpts {
         mtu_bytes: 1600,
-        ..LinkOpts::default()
+        ..opts
     };
     tb.add_link(("sw", "int0"), ("sw", "int1"), internal)?;
-    tb.add_link(("sw", "out0"), ("out", "eth0"), LinkOpts::default())?;
+    tb.add_link(("sw", "out0"), ("out", "eth0"), opts)?;
     tb.add_addr("out", "eth0", &format!("{OUT_V4}/24"))?;
     tb.add_addr("out", "eth0", &format!("{OUT_V6}/64"))?;
     tb.add_route("out", POOL_V4, EDGE_OUT_V4)?;
@@ -112,17 +117,23 @@ pub fn single_box(tb: &mut Testbed) -> Result<(), TestbedError> {
 /// `swe` (edge: `in0`, `out0`) — `out`, with a management link (`mgmt0`, 198.18.250.1 on
 /// `swa`, .2 on `swe`, no XDP) for the edge's rule stream from the allocator on `swa`.
 pub fn split(tb: &mut Testbed) -> Result<(), TestbedError> {
+    split_with(tb, LinkOpts::default())
+}
+
+/// [`split`] with links of the given options (the internal link's MTU stays 1600; the
+/// management link has one queue).
+pub fn split_with(tb: &mut Testbed, opts: LinkOpts) -> Result<(), TestbedError> {
     use single_box_addr::*;
     for host in ["c1", "swa", "swe", "out"] {
         tb.add_host(host)?;
     }
-    tb.add_link(("c1", "eth0"), ("swa", "cl0"), LinkOpts::default())?;
+    tb.add_link(("c1", "eth0"), ("swa", "cl0"), opts)?;
     let internal = LinkOpts {
         mtu_bytes: 1600,
-        ..LinkOpts::default()
+        ..opts
     };
     tb.add_link(("swa", "up0"), ("swe", "in0"), internal)?;
-    tb.add_link(("swe", "out0"), ("out", "eth0"), LinkOpts::default())?;
+    tb.add_link(("swe", "out0"), ("out", "eth0"), opts)?;
     tb.add_link(("swa", "mgmt0"), ("swe", "mgmt0"), LinkOpts::default())?;
     tb.add_addr("swa", "mgmt0", "198.18.250.1/24")?;
     tb.add_addr("swe", "mgmt0", "198.18.250.2/24")?;
