@@ -119,6 +119,10 @@ enum Bench {
         /// IPv4 bindings in the tables.
         #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(64..=4_000_000))]
         bindings: u32,
+        /// Also write the rows and the summary (`ratio_to_l2fwd`, `switch_cpu_ns_per_packet`,
+        /// `l2fwd_cpu_ns_per_packet`, of the quiet single box) as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
         /// Directory for results.json and results.md.
         #[arg(long, default_value = "target/experiments/single-box")]
         out: std::path::PathBuf,
@@ -304,6 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Bench::SingleBox {
                     seconds,
                     bindings,
+                    json,
                     out,
                 },
         } => {
@@ -313,6 +318,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .map_err(anyhow::Error::msg)?;
             write_results(&out, &runs, &md)?;
+            if let Some(json) = json {
+                let (l2fwd, single) = (&runs[0], &runs[1]);
+                let summary = serde_json::json!({
+                    "ratio_to_l2fwd": single.forwarded_pps / l2fwd.forwarded_pps.max(1.0),
+                    "switch_cpu_ns_per_packet": single.switch_cpu_ns_per_packet,
+                    "l2fwd_cpu_ns_per_packet": l2fwd.switch_cpu_ns_per_packet,
+                });
+                let results = serde_json::json!({ "rows": runs, "summary": summary });
+                std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
+                    .with_context(|| format!("writing {}", json.display()))?;
+            }
         }
         Command::Bench {
             bench:

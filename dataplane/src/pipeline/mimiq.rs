@@ -15,9 +15,9 @@
 //! binding gives the client's MAC (passive learning: the switch never resolves clients), L2 is
 //! rewritten and the packet goes to the client port.
 //!
-//! The one copy: xsk-rs fixes a frame's start (`FrameDesc` has no setter for its address), so
-//! encapsulation moves the inner packet 40 bytes right inside its frame and decapsulation 40
-//! bytes left (`copy_within`), instead of moving the frame's start into the headroom.
+//! No copy: encapsulation writes the outer header in front of the packet, in the frame's
+//! headroom, and decapsulation moves the frame's start past it ([`FrameMemory::adjust_head`];
+//! vendor/xsk-rs/MIMIQ-PATCH.md); the payload stays where the NIC put it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -170,7 +170,9 @@ impl Edge {
         &self.tables
     }
 
-    fn downstream(&self, data: &mut [u8], len: usize) -> Result<(usize, usize), DropReason> {
+    /// Routes a packet from outside: its tunnel, the inner protocol (4 or 41) and the traffic
+    /// class the outer header carries; the inner packet has had its hop.
+    fn downstream(&self, data: &mut [u8], len: usize) -> Result<(&Tunnel, u8, u8), DropReason> {
         let (sid, inner_proto) = match [data[12], data[13]] {
             ETHERTYPE_IPV6 => {
                 let dst = ipv6_dst(data, len)?;
@@ -205,6 +207,9 @@ impl Edge {
             .tunnels
             .get(usize::from(self.by_sid[usize::from(sid)]))
             .ok_or(DropReason::NoRoute)?;
+        if len - ETH_LEN + tunnel.len > usize::from(u16::MAX) {
+            return Err(DropReason::TooBig);
+        }
         hop(&mut data[ETH_LEN..len], inner_proto)?;
         // RFC 6040 §4.1 (normal mode): the outer header carries the inner DSCP and ECN.
         let first = u16::from_be_bytes([data[ETH_LEN], data[ETH_LEN + 1]]);
@@ -213,19 +218,7 @@ impl Edge {
         } else {
             (first >> 4) as u8
         };
-        let new_len = len + tunnel.len;
-        if data.len() < new_len || len - ETH_LEN + tunnel.len > usize::from(u16::MAX) {
-            return Err(DropReason::TooBig);
-        }
-        data.copy_within(ETH_LEN..len, ETH_LEN + tunnel.len);
-        tunnel.write(
-            &mut data[ETH_LEN..ETH_LEN + tunnel.len],
-            (len - ETH_LEN) as u16,
-            inner_proto,
-            tclass,
-        );
-        write_eth(data, tunnel.mac, self.cfg.inside_mac, tunnel.ethertype);
-        Ok((new_len, usize::from(self.cfg.inside)))
+        Ok((tunnel, inner_proto, tclass))
     }
 
     fn upstream(&self, data: &mut [u8], len: usize) -> Result<(), DropReason> {
@@ -285,19 +278,25 @@ impl Edge {
         len: usize,
     ) -> Verdict {
         if in_port == self.cfg.outside {
-            // Grow first so the view covers the room the outer header needs.
-            let room = memory.set_len(frame, len + IPV6_LEN);
-            let result = self.downstream(&mut memory.data_mut(frame)[..room], len);
-            match result {
-                Ok((new_len, out)) => {
-                    memory.set_len(frame, new_len);
-                    Verdict::Forward(out as PortId)
-                }
-                Err(reason) => {
-                    memory.set_len(frame, len);
-                    non_ip_to_slow_path(&memory.data_mut(frame), reason)
-                }
+            let result = self.downstream(&mut memory.data_mut(frame), len);
+            let (tunnel, inner_proto, tclass) = match result {
+                Ok(route) => route,
+                Err(reason) => return non_ip_to_slow_path(&memory.data_mut(frame), reason),
+            };
+            // The outer header goes in front of the packet, in the frame's headroom: the new
+            // start gets the Ethernet header, the old one's place the outer IP header's end.
+            if !memory.adjust_head(frame, -(tunnel.len as isize)) {
+                return Verdict::Drop(DropReason::NoHeadroom);
             }
+            let data = &mut memory.data_mut(frame);
+            tunnel.write(
+                &mut data[ETH_LEN..ETH_LEN + tunnel.len],
+                (len - ETH_LEN) as u16,
+                inner_proto,
+                tclass,
+            );
+            write_eth(data, tunnel.mac, self.cfg.inside_mac, tunnel.ethertype);
+            Verdict::Forward(self.cfg.inside)
         } else if in_port == self.cfg.inside {
             let result = self.upstream(&mut memory.data_mut(frame), len);
             match result {
@@ -463,7 +462,10 @@ impl Access {
         Ok(Verdict::Forward(self.cfg.uplink))
     }
 
-    /// Returns the decapsulated length and the client's port.
+    /// Checks and routes a tunnelled packet from the edge and gives the inner packet its hop
+    /// and the tunnel's congestion marks; returns the outer header's length and the client's
+    /// port, with the Ethernet header for the client written in the 14 bytes before the inner
+    /// packet (the outer header's end), where the frame will start.
     fn downstream(&self, data: &mut [u8], len: usize) -> Result<(usize, PortId), DropReason> {
         let outer = data.get(ETH_LEN..len).ok_or(DropReason::Malformed)?;
         let (outer_len, inner_proto, outer_ecn) = match [data[12], data[13]] {
@@ -526,16 +528,14 @@ impl Access {
                 },
             )?;
         }
-        data.copy_within(ETH_LEN + outer_len..len, ETH_LEN);
-        let new_len = len - outer_len;
-        hop(&mut data[ETH_LEN..new_len], inner_proto)?;
+        hop(&mut data[ETH_LEN + outer_len..len], inner_proto)?;
         let ethertype = if inner_proto == PROTO_IPV4_IN {
             ETHERTYPE_IPV4
         } else {
             ETHERTYPE_IPV6
         };
-        write_eth(data, mac, self.cfg.gateway_mac, ethertype);
-        Ok((new_len, port))
+        write_eth(&mut data[outer_len..], mac, self.cfg.gateway_mac, ethertype);
+        Ok((outer_len, port))
     }
 }
 
@@ -606,10 +606,11 @@ impl Access {
     ) -> Verdict {
         let result = self.downstream(&mut memory.data_mut(frame), len);
         match result {
-            Ok((new_len, port)) => {
-                memory.set_len(frame, new_len);
+            // The outer header is left behind by moving the frame's start, not the packet.
+            Ok((outer_len, port)) if memory.adjust_head(frame, outer_len as isize) => {
                 Verdict::Forward(port)
             }
+            Ok(_) => Verdict::Drop(DropReason::Malformed),
             Err(reason) => non_ip_to_slow_path(&memory.data_mut(frame), reason),
         }
     }
@@ -762,17 +763,22 @@ impl Tunnel {
     }
 }
 
+/// Writes an Ethernet header at the start of `data` (which the callers have checked is at
+/// least that long: one length check here, and inlined, since it runs once per packet).
+#[inline(always)]
 fn write_eth(data: &mut [u8], dst: [u8; 6], src: [u8; 6], ethertype: [u8; 2]) {
-    data[0..6].copy_from_slice(&dst);
-    data[6..12].copy_from_slice(&src);
-    data[12..14].copy_from_slice(&ethertype);
+    if let Some(header) = data.first_chunk_mut::<ETH_LEN>() {
+        header[0..6].copy_from_slice(&dst);
+        header[6..12].copy_from_slice(&src);
+        header[12..14].copy_from_slice(&ethertype);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::port::mem::{MemFrame, MemMemory};
-    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+    use etherparse::{Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
     use mimiq_allocator::lease::RuleUpdate;
     use mimiq_allocator::Mac;
 
@@ -1261,12 +1267,17 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_ipv4_outer_header_carries_the_return_path_on_ipv4_only_internal_networks() {
-        let (e_int, a_int): (IpAddr, IpAddr) = (
+    /// The internal addresses of [`roles_with_ipv4_outer`].
+    fn ipv4_internals() -> (IpAddr, IpAddr) {
+        (
             "198.18.250.1".parse().unwrap(),
             "198.18.250.2".parse().unwrap(),
-        );
+        )
+    }
+
+    /// The edge and access switch of an IPv4-only internal network (IPv4 outer headers).
+    fn roles_with_ipv4_outer() -> (Edge, Access) {
+        let (e_int, a_int) = ipv4_internals();
         let mut cfg = edge().cfg.clone();
         cfg.internal = e_int;
         cfg.access[0].internal = a_int;
@@ -1279,6 +1290,95 @@ mod tests {
         a.internal = as_16(a_int);
         a.edge_internal = as_16(e_int);
         a.outer_v4 = true;
+        (e, a)
+    }
+
+    #[test]
+    fn tunnelled_frames_of_every_size_cross_the_headroom_byte_exact() {
+        let (out_v4, out_v6) = (edge(), access());
+        let (in_v4, a_v4) = roles_with_ipv4_outer();
+        let mut pairs = [(out_v4, out_v6, IPV6_LEN), (in_v4, a_v4, IPV4_MIN)];
+        for size in 64..=1514usize {
+            for inner_v6 in [false, true] {
+                let mut original = Vec::new();
+                let builder = PacketBuilder::ethernet2(OUT_HOP, EDGE_OUT);
+                let payload: Vec<u8> = (0..size).map(|i| (i * 7) as u8).collect();
+                if inner_v6 {
+                    builder
+                        .ipv6(
+                            [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+                            client_v6().octets(),
+                            64,
+                        )
+                        .udp(443, 40000)
+                        .write(&mut original, &payload[..size - 62])
+                        .unwrap();
+                    // Traffic class 0x09 (ECT(1)): carried out, and merged back unchanged.
+                    original[15] |= 0x90;
+                } else {
+                    builder
+                        .ipv4([203, 0, 113, 5], [198, 18, 1, 10], 64)
+                        .udp(443, 40000)
+                        .write(&mut original, &payload[..size - 42])
+                        .unwrap();
+                }
+                assert_eq!(original.len(), size);
+                // What the client must get: the same packet two router hops later.
+                let mut expected = original.clone();
+                expected[0..6].copy_from_slice(&CLIENT);
+                expected[6..12].copy_from_slice(&GW);
+                if inner_v6 {
+                    expected[14 + 7] -= 2;
+                } else {
+                    expected[14 + 8] -= 2;
+                    let mut h = Ipv4Header::from_slice(&expected[14..]).unwrap().0;
+                    h.header_checksum = h.calc_header_checksum();
+                    expected[14..34].copy_from_slice(&h.to_bytes());
+                }
+                for (e, a, outer_len) in &mut pairs {
+                    let (v, tunnelled) = run(e, 1, &original);
+                    assert_eq!(v, Verdict::Forward(0), "{size} bytes");
+                    assert_eq!(tunnelled.len(), size + *outer_len);
+                    assert_eq!(
+                        (&tunnelled[0..6], &tunnelled[6..12]),
+                        (&ACCESS_UP[..], &EDGE_IN[..])
+                    );
+                    let inner = &tunnelled[14 + *outer_len..];
+                    match SlicedPacket::from_ethernet(&tunnelled).unwrap().net {
+                        Some(NetSlice::Ipv6(o)) => {
+                            let h = o.header();
+                            assert_eq!(usize::from(h.payload_length()), inner.len());
+                            assert_eq!(h.next_header().0, if inner_v6 { 41 } else { 4 });
+                            let inner_tclass = if inner_v6 {
+                                (u16::from_be_bytes([inner[0], inner[1]]) >> 4) as u8
+                            } else {
+                                inner[1]
+                            };
+                            assert_eq!(h.traffic_class(), inner_tclass, "RFC 6040 §4.1");
+                        }
+                        Some(NetSlice::Ipv4(o)) => {
+                            let h = o.header().to_header();
+                            assert_eq!(h.header_checksum, h.calc_header_checksum());
+                            assert_eq!(usize::from(h.total_len), *outer_len + inner.len());
+                            assert_eq!(h.protocol.0, if inner_v6 { 41 } else { 4 });
+                        }
+                        _ => panic!("no outer IP header"),
+                    }
+                    // The inner packet, one hop on, its transport header and payload untouched.
+                    let ip_len = if inner_v6 { IPV6_LEN } else { IPV4_MIN };
+                    assert_eq!(inner[ip_len..], original[ETH_LEN + ip_len..]);
+                    let (v, delivered) = run(a, 1, &tunnelled);
+                    assert_eq!(v, Verdict::Forward(0), "{size} bytes");
+                    assert_eq!(delivered, expected, "{size} bytes, inner IPv6 {inner_v6}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_ipv4_outer_header_carries_the_return_path_on_ipv4_only_internal_networks() {
+        let (e_int, a_int) = ipv4_internals();
+        let (mut e, mut a) = roles_with_ipv4_outer();
         for original in [
             udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
             udp_v6(
@@ -1337,12 +1437,26 @@ mod tests {
             run(&mut e, 1, &[0u8; 10]).0,
             Verdict::Drop(DropReason::Runt)
         );
-        // No room for the outer header (a frame as large as the in-memory frame).
-        let mut big = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
-        big.resize(crate::port::mem::MEM_FRAME_BYTES, 0);
-        let total = (big.len() - 14) as u16;
-        big[16..18].copy_from_slice(&total.to_be_bytes());
-        assert_eq!(run(&mut e, 1, &big).0, Verdict::Drop(DropReason::TooBig));
+        // No room in front of the packet for the outer header.
+        let bound = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
+        let mut frame = MemFrame::with_headroom(&bound, IPV6_LEN - 1);
+        let mut verdicts = Vec::new();
+        e.process(
+            1,
+            &mut MemMemory,
+            std::slice::from_mut(&mut frame),
+            &mut verdicts,
+        );
+        assert_eq!(verdicts, [Verdict::Drop(DropReason::NoHeadroom)]);
+        let mut frame = MemFrame::with_headroom(&bound, IPV6_LEN);
+        verdicts.clear();
+        e.process(
+            1,
+            &mut MemMemory,
+            std::slice::from_mut(&mut frame),
+            &mut verdicts,
+        );
+        assert_eq!(verdicts, [Verdict::Forward(0)], "exactly enough room");
         // Upstream before the next hop is resolved.
         let mut unresolved = Edge::new(EdgeConfig {
             outside_next_hop_mac: None,

@@ -58,7 +58,7 @@ pub enum DropReason {
     SpoofedSource,
     /// Access: encapsulated traffic not from the edge's internal address to ours.
     NotFromEdge,
-    /// The frame cannot grow by an outer header.
+    /// The encapsulated packet would exceed an IP packet's 65,535 bytes.
     TooBig,
     /// The next hop's MAC is not resolved yet.
     NoNeighbor,
@@ -68,11 +68,13 @@ pub enum DropReason {
     /// Access: the tunnel's outer header says Congestion Experienced and the inner packet is
     /// not ECN-capable (RFC 6040 §4.2: drop).
     CeOnNotEct,
+    /// The frame has too little headroom for an outer header.
+    NoHeadroom,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Runt,
         DropReason::TxRingFull,
         DropReason::NoSuchPort,
@@ -92,6 +94,7 @@ impl DropReason {
         DropReason::NoNeighbor,
         DropReason::LinkLocal,
         DropReason::CeOnNotEct,
+        DropReason::NoHeadroom,
     ];
 
     /// The counter index of this reason.
@@ -121,6 +124,7 @@ impl DropReason {
             DropReason::NoNeighbor => "no_neighbor",
             DropReason::LinkLocal => "link_local",
             DropReason::CeOnNotEct => "ce_on_not_ect",
+            DropReason::NoHeadroom => "no_headroom",
         }
     }
 }

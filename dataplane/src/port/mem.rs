@@ -9,27 +9,40 @@ use std::time::Duration;
 
 use super::{FrameMemory, Port, XdpStats};
 
-/// Bytes per in-memory frame (an AF_XDP frame of 2048 bytes minus headroom holds as much).
+/// Bytes per in-memory frame, headroom included (as an AF_XDP frame of 2048 bytes).
 pub const MEM_FRAME_BYTES: usize = 2048;
+
+/// Bytes in front of a new frame's data (the kernel's XDP_PACKET_HEADROOM).
+pub const MEM_HEADROOM: usize = 256;
 
 /// A frame of an in-memory port.
 pub struct MemFrame {
     buf: Box<[u8; MEM_FRAME_BYTES]>,
+    /// Where the data starts in `buf`.
+    head: usize,
     len: usize,
 }
 
 impl MemFrame {
-    /// A frame holding a copy of `bytes` (truncated to [`MEM_FRAME_BYTES`]).
+    /// A frame holding a copy of `bytes` behind [`MEM_HEADROOM`] bytes of headroom (truncated
+    /// to the room after it).
     pub fn from_bytes(bytes: &[u8]) -> Self {
+        Self::with_headroom(bytes, MEM_HEADROOM)
+    }
+
+    /// A frame holding a copy of `bytes` behind `headroom` bytes of headroom (at most
+    /// [`MEM_FRAME_BYTES`]; the bytes are truncated to the room after it).
+    pub fn with_headroom(bytes: &[u8], headroom: usize) -> Self {
         let mut buf = Box::new([0u8; MEM_FRAME_BYTES]);
-        let len = bytes.len().min(MEM_FRAME_BYTES);
-        buf[..len].copy_from_slice(&bytes[..len]);
-        MemFrame { buf, len }
+        let head = headroom.min(MEM_FRAME_BYTES);
+        let len = bytes.len().min(MEM_FRAME_BYTES - head);
+        buf[head..head + len].copy_from_slice(&bytes[..len]);
+        MemFrame { buf, head, len }
     }
 
     /// The frame's bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+        &self.buf[self.head..self.head + self.len]
     }
 }
 
@@ -47,12 +60,24 @@ impl FrameMemory for MemMemory {
     type Bytes<'a> = &'a mut [u8];
 
     fn data_mut<'a>(&'a mut self, frame: &'a mut MemFrame) -> &'a mut [u8] {
-        &mut frame.buf[..frame.len]
+        &mut frame.buf[frame.head..frame.head + frame.len]
     }
 
     fn set_len(&mut self, frame: &mut MemFrame, len: usize) -> usize {
-        frame.len = len.min(MEM_FRAME_BYTES);
+        frame.len = len.min(MEM_FRAME_BYTES - frame.head);
         frame.len
+    }
+
+    fn adjust_head(&mut self, frame: &mut MemFrame, delta: isize) -> bool {
+        let end = frame.head + frame.len;
+        match frame.head.checked_add_signed(delta) {
+            Some(head) if head <= end => {
+                frame.head = head;
+                frame.len = end - head;
+                true
+            }
+            _ => false,
+        }
     }
 }
 

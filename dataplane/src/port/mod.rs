@@ -74,9 +74,16 @@ pub trait FrameMemory {
     /// The frame's bytes.
     fn data_mut<'a>(&'a mut self, frame: &'a mut Self::Frame) -> Self::Bytes<'a>;
 
-    /// Sets the frame's length (to grow it for an outer header, or shrink it); returns the new
-    /// length, which is capped at the frame's capacity.
+    /// Sets the frame's length (to grow it at the end, or shrink it); returns the new length,
+    /// which is capped at the frame's capacity.
     fn set_len(&mut self, frame: &mut Self::Frame, len: usize) -> usize;
+
+    /// Moves the frame's start by `delta` bytes and leaves its end where it is, as
+    /// `bpf_xdp_adjust_head` does: a negative `delta` grows the frame at the front, into its
+    /// headroom (for an outer header), a positive one drops its first bytes (an outer header
+    /// taken off). Nothing is copied. Returns `false`, changing nothing, where the frame has no
+    /// such room.
+    fn adjust_head(&mut self, frame: &mut Self::Frame, delta: isize) -> bool;
 }
 
 /// The kernel's AF_XDP socket statistics (XDP_STATISTICS).

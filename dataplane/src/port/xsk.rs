@@ -115,6 +115,11 @@ impl FrameMemory for XskMemory {
         data.cursor().set_pos(len);
         data.len()
     }
+
+    #[inline]
+    fn adjust_head(&mut self, frame: &mut FrameDesc, delta: isize) -> bool {
+        self.umem.adjust_head(frame, delta)
+    }
 }
 
 /// One AF_XDP socket: one queue of one interface.
