@@ -17,3 +17,17 @@ pub mod soak;
 pub mod switch;
 pub mod testbed;
 pub mod traffic;
+
+/// Writes `value` as pretty JSON to `path`, if there is one (the `--json` of the benches and
+/// the generator).
+pub fn write_json(
+    path: Option<&std::path::Path>,
+    value: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_vec_pretty(value)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

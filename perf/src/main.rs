@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 
 use mimiq_perf::testbed::{self, topology, Testbed};
+use mimiq_perf::write_json;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -106,6 +107,10 @@ enum Bench {
         /// Rounds over all paths; the table shows medians.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
         repeat: u32,
+        /// Also write the runs and the summary (`switch_over_reflector`, `switch_over_kernel`:
+        /// medians, into the kernel sink) as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
         /// Directory for results.json and results.md.
         #[arg(long, default_value = "target/experiments/forwarding")]
         out: std::path::PathBuf,
@@ -262,10 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "recovery_ms": all.iter().map(|f| (f.fault.clone(), f.recovery_ms)).collect::<std::collections::BTreeMap<_, _>>(),
             });
             let results = serde_json::json!({ "rows": all, "summary": summary });
-            if let Some(json) = json {
-                std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
-                    .with_context(|| format!("writing {}", json.display()))?;
-            }
+            write_json(json.as_deref(), &results)?;
             write_results(&out, &results, &faults::markdown(&all))?;
             if let Some(f) = all.iter().find(|f| !f.survived) {
                 anyhow::bail!("{}: {}", f.fault, f.detail);
@@ -285,10 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let results =
                 soak::run(params, &out, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
-            if let Some(json) = json {
-                std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
-                    .with_context(|| format!("writing {}", json.display()))?;
-            }
+            write_json(json.as_deref(), &results)?;
             write_results(&out, &results, &soak::markdown(&results))?;
             std::fs::write(
                 out.join("soak.svg"),
@@ -318,17 +317,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .map_err(anyhow::Error::msg)?;
             write_results(&out, &runs, &md)?;
-            if let Some(json) = json {
-                let (l2fwd, single) = (&runs[0], &runs[1]);
-                let summary = serde_json::json!({
-                    "ratio_to_l2fwd": single.forwarded_pps / l2fwd.forwarded_pps.max(1.0),
-                    "switch_cpu_ns_per_packet": single.switch_cpu_ns_per_packet,
-                    "l2fwd_cpu_ns_per_packet": l2fwd.switch_cpu_ns_per_packet,
-                });
-                let results = serde_json::json!({ "rows": runs, "summary": summary });
-                std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
-                    .with_context(|| format!("writing {}", json.display()))?;
-            }
+            let (l2fwd, single) = (&runs[0], &runs[1]);
+            let summary = serde_json::json!({
+                "ratio_to_l2fwd": single.forwarded_pps / l2fwd.forwarded_pps.max(1.0),
+                "switch_cpu_ns_per_packet": single.switch_cpu_ns_per_packet,
+                "l2fwd_cpu_ns_per_packet": l2fwd.switch_cpu_ns_per_packet,
+            });
+            write_json_results(json.as_deref(), &runs, summary)?;
         }
         Command::Bench {
             bench:
@@ -410,10 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let results =
                 interop::run(&params, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
-            if let Some(json) = json {
-                std::fs::write(&json, serde_json::to_vec_pretty(&results)?)
-                    .with_context(|| format!("writing {}", json.display()))?;
-            }
+            write_json(json.as_deref(), &results)?;
             write_results(&out, &results, &interop::markdown(&results))?;
         }
         Command::Bench {
@@ -429,15 +421,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Bench::Forwarding {
                     seconds,
                     repeat,
+                    json,
                     out,
                 },
         } => {
-            let (runs, md) =
-                mimiq_perf::experiments::forwarding::compare(seconds, repeat, &mut |l| {
-                    println!("{l}")
-                })
+            use mimiq_perf::experiments::forwarding;
+            let (runs, md) = forwarding::compare(seconds, repeat, &mut |l| println!("{l}"))
                 .map_err(anyhow::Error::msg)?;
             write_results(&out, &runs, &md)?;
+            write_json_results(json.as_deref(), &runs, forwarding::summary(&runs))?;
         }
         Command::Testbed { action } => match action {
             TestbedAction::Up { topology } => {
@@ -484,6 +476,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Writes an experiment's rows as `results.json` and its table as `results.md` into `out`, and
 /// prints the table.
+/// A bench's `--json`: its rows and the summary its figures are read from.
+fn write_json_results(
+    path: Option<&std::path::Path>,
+    rows: &impl serde::Serialize,
+    summary: serde_json::Value,
+) -> anyhow::Result<()> {
+    write_json(
+        path,
+        &serde_json::json!({ "rows": rows, "summary": summary }),
+    )
+}
+
 fn write_results(
     out: &std::path::Path,
     runs: &impl serde::Serialize,

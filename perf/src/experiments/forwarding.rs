@@ -118,14 +118,41 @@ const PATHS: [Path; 6] = [
     Path::KernelForwarding,
 ];
 
+/// The median of the finite values of `xs`.
+fn median(mut xs: Vec<f64>) -> Option<f64> {
+    xs.retain(|x| x.is_finite());
+    xs.sort_by(f64::total_cmp);
+    (!xs.is_empty()).then(|| xs[xs.len() / 2])
+}
+
+/// The figures of `bench forwarding --json`: the median delivered rate of `mimiq-switch`
+/// (l2fwd, adaptive idle) into the kernel sink over the bare reflector's and over the kernel's
+/// forwarding, and the same into the AF_XDP receiver.
+pub fn summary(runs: &[Run]) -> serde_json::Value {
+    let delivered = |path: Path, sink: Sink| {
+        median(
+            runs.iter()
+                .filter(|r| r.path == path && r.sink == sink)
+                .map(|r| r.delivered_pps)
+                .collect(),
+        )
+    };
+    let over = |base: Path, sink: Sink| {
+        delivered(Path::MimiqSwitch, sink)
+            .zip(delivered(base, sink))
+            .map(|(switch, base)| switch / base)
+    };
+    serde_json::json!({
+        "switch_over_reflector": over(Path::AfXdpReflector, Sink::KernelDrop),
+        "switch_over_kernel": over(Path::KernelForwarding, Sink::KernelDrop),
+        "switch_over_reflector_receiver": over(Path::AfXdpReflector, Sink::Receiver),
+        "switch_over_kernel_receiver": over(Path::KernelForwarding, Sink::Receiver),
+    })
+}
+
 /// The Markdown table: per path and sink, medians over the rounds of the rates, the ratios of
 /// the delivered rate to the reflector's and to the kernel's, latency and CPU per frame.
 pub fn markdown(runs: &[Run]) -> String {
-    let median = |mut xs: Vec<f64>| -> Option<f64> {
-        xs.retain(|x| x.is_finite());
-        xs.sort_by(f64::total_cmp);
-        (!xs.is_empty()).then(|| xs[xs.len() / 2])
-    };
     let of = |p: Path, s: Sink| runs.iter().filter(move |r| r.path == p && r.sink == s);
     let med = |p: Path, s: Sink, f: &dyn Fn(&Run) -> Option<f64>| {
         median(of(p, s).filter_map(f).collect())

@@ -219,7 +219,7 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
                 report.flows,
                 report.mean_frame_bytes
             );
-            write_json(config.json.as_ref(), &report)?;
+            crate::write_json(config.json.as_deref(), &report)?;
         }
         GenCommand::Recv(args) => {
             let show = args.progress;
@@ -249,7 +249,7 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
                 l.max_ns as f64 / 1e3,
                 l.samples
             );
-            write_json(config.json.as_ref(), &report)?;
+            crate::write_json(config.json.as_deref(), &report)?;
         }
         GenCommand::Reflect(args) => {
             if args.ports.len() > 2 {
@@ -273,7 +273,7 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
                 report.cpu_user_ms,
                 report.cpu_sys_ms
             );
-            write_json(args.json.as_ref(), &report)?;
+            crate::write_json(args.json.as_deref(), &report)?;
         }
     }
     Ok(())
@@ -293,14 +293,6 @@ fn ready(iface: &str) {
     use std::io::Write;
     println!("bound {iface}");
     let _ = std::io::stdout().flush();
-}
-
-fn write_json<T: serde::Serialize>(path: Option<&PathBuf>, report: &T) -> anyhow::Result<()> {
-    if let Some(path) = path {
-        let text = serde_json::to_vec_pretty(report)?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
 }
 
 /// Checks the flags that clap cannot check alone and builds the sender's configuration.
