@@ -15,11 +15,19 @@ const PUBLISHED: Duration = Duration::from_secs(10);
 
 /// `tx:eth0 — eth0:rx`, nothing else on the link.
 fn direct() -> Testbed {
+    direct_with(1)
+}
+
+/// [`direct`] with `queues` queues on each end.
+fn direct_with(queues: u32) -> Testbed {
     let mut tb = Testbed::new().unwrap();
     tb.add_host("tx").unwrap();
     tb.add_host("rx").unwrap();
-    tb.add_link(("tx", "eth0"), ("rx", "eth0"), LinkOpts::default())
-        .unwrap();
+    let opts = LinkOpts {
+        queues,
+        ..LinkOpts::default()
+    };
+    tb.add_link(("tx", "eth0"), ("rx", "eth0"), opts).unwrap();
     for host in ["tx", "rx"] {
         tb.sysctl(host, "net.ipv6.conf.all.disable_ipv6", "1")
             .unwrap();
@@ -271,6 +279,92 @@ fn the_receiver_counts_exactly_what_the_sender_sent_over_a_direct_link() {
         }
         assert_eq!(samples, n(&got, "received"), "{name}: .hlog samples");
     }
+}
+
+#[test]
+fn two_queues_send_and_receive_every_probe_with_a_thread_each() {
+    require_root();
+    let mut tb = direct_with(2);
+    let dir = tempfile::tempdir().unwrap();
+    let (json, hlog) = (dir.path().join("recv.json"), dir.path().join("recv.hlog"));
+    let bin = perf();
+    const COUNT: u64 = 20_000;
+    let count = COUNT.to_string();
+    let recv_cmd = [
+        bin.as_str(),
+        "gen",
+        "recv",
+        "--iface",
+        "eth0",
+        "--queues",
+        "2",
+        "--count",
+        &count,
+        "--idle-exit",
+        "3s",
+        "--json",
+        json.to_str().unwrap(),
+        "--hlog",
+        hlog.to_str().unwrap(),
+        "--hlog-interval",
+        "200ms",
+        "--ring-size",
+        "16384",
+    ];
+    let mut recv = tb.spawn("rx", &recv_cmd, true).unwrap();
+    wait_for_line(&mut recv, "bound eth0");
+    let args = [
+        "--queues", "2", "--flows", "8", "--count", &count, "--pps", "100k",
+    ];
+    let sent = send(&mut tb, "tx", dir.path(), "send", &args);
+    let status = recv
+        .wait_timeout(Duration::from_secs(30))
+        .expect("the receiver stops at its count, or 3 s after the last probe");
+    assert!(status.success(), "receiver: {}", recv.describe());
+    let got = read_json(&json);
+
+    // The sender: its count over both queues, each with its share of the flows.
+    assert_eq!(n(&sent, "sent_packets"), COUNT, "{sent}");
+    let per_queue = |v: &Value| -> Vec<u64> {
+        let queues = v["queues"].as_array().unwrap();
+        queues.iter().map(|q| n(q, "packets")).collect()
+    };
+    assert_eq!(per_queue(&sent), [COUNT / 2, COUNT / 2], "{sent}");
+    assert_eq!(n(&sent, "flows"), 8);
+    // The receiver: every probe, on the queue its flow was sent on, or dropped by the kernel
+    // in front of a socket (counted there).
+    let drops: u64 = got["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| socket_drops(q))
+        .sum();
+    assert!(drops * 10 < COUNT, "{got}");
+    assert_eq!(n(&got, "received") + drops, COUNT, "{got}");
+    let received = per_queue(&got);
+    assert!(received.iter().all(|&r| r > 0), "{got}");
+    assert_eq!(n(&got, "flows"), 8, "{got}");
+    assert!(n(&got, "lost") <= drops, "{got}");
+    assert_eq!(n(&got["latency"], "samples"), n(&got, "received"));
+
+    // The .hlog: each queue's intervals under its tag, every sample once.
+    let text = std::fs::read(&hlog).unwrap();
+    let mut by_tag = std::collections::BTreeMap::new();
+    for item in hdrhistogram::serialization::interval_log::IntervalLogIterator::new(&text) {
+        if let hdrhistogram::serialization::interval_log::LogEntry::Interval(h) = item.unwrap() {
+            let bytes = base64_decode(h.encoded_histogram());
+            let hist: hdrhistogram::Histogram<u64> =
+                hdrhistogram::serialization::Deserializer::new()
+                    .deserialize(&mut bytes.as_slice())
+                    .unwrap();
+            let tag = h.tag().map(|t| t.as_str().to_string()).unwrap_or_default();
+            *by_tag.entry(tag).or_insert(0) += hist.len();
+        }
+    }
+    let tags: Vec<&str> = by_tag.keys().map(String::as_str).collect();
+    assert_eq!(tags, ["queue0", "queue1"]);
+    assert_eq!(by_tag.values().sum::<u64>(), n(&got, "received"));
+    assert_eq!(by_tag.values().copied().collect::<Vec<_>>(), received);
 }
 
 #[test]
@@ -641,6 +735,22 @@ fn bad_flags_and_missing_interfaces_are_one_line_errors() {
         (
             &["gen", "send", "--iface", "eth0", "--flows", "0"],
             "--flows",
+        ),
+        (
+            &[
+                "gen", "send", "--iface", "eth0", "--queues", "4", "--flows", "2",
+            ],
+            "--queues 4 needs at least 4 --flows",
+        ),
+        (
+            &[
+                "gen", "recv", "--iface", "eth0", "--queues", "2", "--cores", "0",
+            ],
+            "--cores lists 1 cores for 2 queues",
+        ),
+        (
+            &["gen", "recv", "--iface", "eth0", "--queue", "3"],
+            "interface eth0 has no queue 3",
         ),
         (
             &[

@@ -71,9 +71,16 @@ pub struct SendArgs {
     /// Interface to send on.
     #[arg(long)]
     iface: String,
-    /// Queue of the interface.
+    /// Queue of the interface (the first, with --queues).
     #[arg(long, default_value_t = 0)]
     queue: u32,
+    /// Send on this many queues from --queue on, a thread and socket each; queue i sends the
+    /// flows whose number modulo N is i, and each has an even share of the rate and the count.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    queues: u32,
+    /// Pin the i-th queue's thread to the i-th core of this comma-separated list.
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
     /// Ethernet destination (default: broadcast; give the next hop's MAC for routed paths).
     #[arg(long, value_parser = parse_mac)]
     dst_mac: Option<[u8; 6]>,
@@ -149,13 +156,20 @@ pub struct RecvArgs {
     /// Interface to receive on.
     #[arg(long)]
     iface: String,
-    /// Queue of the interface.
+    /// Queue of the interface (the first, with --queues).
     #[arg(long, default_value_t = 0)]
     queue: u32,
+    /// Receive on this many queues from --queue on, a thread and socket each (the sender's
+    /// flows stay on one queue each, as RSS keeps a flow on one queue).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    queues: u32,
+    /// Pin the i-th queue's thread to the i-th core of this comma-separated list.
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
     /// Stop after this long (e.g. 10, 2.5s, 500ms).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Stop once this many probes arrived.
+    /// Stop once this many probes arrived (over all queues).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// Stop when no probe arrived for this long, once probes started arriving (e.g. 500ms).
@@ -205,10 +219,21 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
     match command {
         GenCommand::Send(args) => {
             let show = args.progress;
+            let (queues, cores) = (args.queues, args.cores.clone());
+            if !cores.is_empty() && cores.len() != queues as usize {
+                bail!("--cores lists {} cores for {queues} queues", cores.len());
+            }
             let config = send_config(args)?;
-            let report = send::run(&config, &stop, &mut || ready(&config.iface), &mut |l| {
-                progress(show, l)
-            })?;
+            let report = if queues > 1 {
+                let print = |l: &str| progress(show, l);
+                let bound = &mut || ready(&config.iface);
+                send::run_queues(&config, queues, &cores, &stop, bound, &print)?
+            } else {
+                pin(&cores)?;
+                send::run(&config, &stop, &mut || ready(&config.iface), &mut |l| {
+                    progress(show, l)
+                })?
+            };
             println!(
                 "sent {} packets, {} bytes in {:.3} s: {:.0} pps, {:.1} Mbit/s ({} flows, mean frame {:.0} B)",
                 report.sent_packets,
@@ -223,10 +248,21 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
         }
         GenCommand::Recv(args) => {
             let show = args.progress;
+            let (queues, cores) = (args.queues, args.cores.clone());
+            if !cores.is_empty() && cores.len() != queues as usize {
+                bail!("--cores lists {} cores for {queues} queues", cores.len());
+            }
             let config = recv_config(args)?;
-            let report = recv::run(&config, &stop, &mut || ready(&config.iface), &mut |l| {
-                progress(show, l)
-            })?;
+            let report = if queues > 1 {
+                let print = |l: &str| progress(show, l);
+                let bound = &mut || ready(&config.iface);
+                recv::run_queues(&config, queues, &cores, &stop, bound, &print)?
+            } else {
+                pin(&cores)?;
+                recv::run(&config, &stop, &mut || ready(&config.iface), &mut |l| {
+                    progress(show, l)
+                })?
+            };
             let l = report.latency;
             println!(
                 "received {} packets, {} bytes in {:.3} s: {:.0} pps, {:.1} Mbit/s; lost {} ({:.4} %), reordered {}, duplicates {}, other frames {}",
@@ -279,6 +315,16 @@ pub fn run(command: GenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pins the calling thread to the first of `cores`, if any.
+fn pin(cores: &[usize]) -> anyhow::Result<()> {
+    match cores.first() {
+        Some(&id) if !core_affinity::set_for_current(core_affinity::CoreId { id }) => {
+            bail!("cannot pin to core {id}")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A progress line, when asked for.
 fn progress(show: bool, line: &str) {
     if show {
@@ -302,6 +348,13 @@ pub fn send_config(a: SendArgs) -> anyhow::Result<SendConfig> {
     } else {
         ("198.18.0.1".parse()?, "198.18.0.2".parse()?)
     };
+    if a.queues > a.flows {
+        bail!(
+            "--queues {} needs at least {} --flows: each queue sends flows of its own",
+            a.queues,
+            a.queues
+        );
+    }
     let src_ip = a.src.unwrap_or(default_src);
     let dst_ip = a.dst.unwrap_or(default_dst);
     if src_ip.is_ipv6() != dst_ip.is_ipv6() {
@@ -356,6 +409,7 @@ pub fn send_config(a: SendArgs) -> anyhow::Result<SendConfig> {
             dst_port: a.dst_port,
         },
         flows: a.flows,
+        share: send::Share::ALL,
         vary: if a.vary.is_empty() {
             vec![Vary::SrcPort]
         } else {

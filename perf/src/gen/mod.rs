@@ -14,8 +14,10 @@
 //! ([`probe`]), the token bucket and size mixes ([`rate`]), numbering and the sequence tracker
 //! ([`seq`]). [`send`] and [`recv`] are the thin AF_XDP shells over `mimiq_dataplane::port`.
 //!
-//! Threading: each command is one thread polling one socket (the reflector: two). Panics: none
-//! on input; a frame from the network that is not a probe is counted in `other_frames`.
+//! Threading: each command polls one socket per thread (the reflector: two sockets); with
+//! `--queues N`, `send` and `recv` run N such threads, one per queue, each pinned to its core
+//! ([`on_queues`]). Panics: none on input; a frame from the network that is not a probe is
+//! counted in `other_frames`.
 
 pub mod cli;
 pub mod probe;
@@ -52,4 +54,70 @@ pub fn cpu_time_ms() -> (u64, u64) {
     };
     let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
     (ms(usage.ru_utime), ms(usage.ru_stime))
+}
+
+/// Runs `run` once per config, each on a thread of its own (the i-th pinned to `cores[i]` when
+/// given), under a stop flag of the group's: set when `stop` is, or when one of them fails.
+/// `run` gets the group's flag and a `bound` callback to call once its socket is bound;
+/// `ready` is called once every one has. Returns the results in order, or the first error
+/// (`thread_error` makes one of a thread that could not be pinned or panicked).
+pub fn on_queues<C: Sync, R: Send, E: Send>(
+    configs: &[C],
+    cores: &[usize],
+    stop: &std::sync::atomic::AtomicBool,
+    ready: &mut dyn FnMut(),
+    thread_error: fn(String) -> E,
+    run: impl Fn(&C, &std::sync::atomic::AtomicBool, &mut dyn FnMut()) -> Result<R, E> + Sync,
+) -> Result<Vec<R>, E> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let group_stop = AtomicBool::new(false);
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = configs
+            .iter()
+            .enumerate()
+            .map(|(i, config)| {
+                let (bound_tx, group_stop, run) = (bound_tx.clone(), &group_stop, &run);
+                let core = cores.get(i).copied();
+                scope.spawn(move || {
+                    if let Some(id) = core {
+                        if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                            group_stop.store(true, Ordering::Relaxed);
+                            return Err(thread_error(format!(
+                                "cannot pin thread {i} to core {id}"
+                            )));
+                        }
+                    }
+                    let result = run(config, group_stop, &mut || {
+                        let _ = bound_tx.send(());
+                    });
+                    if result.is_err() {
+                        group_stop.store(true, Ordering::Relaxed);
+                    }
+                    result
+                })
+            })
+            .collect();
+        drop(bound_tx);
+        let mut bound = 0;
+        while handles.iter().any(|h| !h.is_finished()) {
+            if stop.load(Ordering::Relaxed) {
+                group_stop.store(true, Ordering::Relaxed);
+            }
+            while bound_rx.try_recv().is_ok() {
+                bound += 1;
+                if bound == configs.len() {
+                    ready();
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(thread_error("a thread panicked".into())))
+            })
+            .collect()
+    })
 }

@@ -104,6 +104,8 @@ pub struct SendConfig {
     pub base: FlowAddrs,
     /// Number of flows (1..=65536).
     pub flows: u32,
+    /// Which of them this sender sends.
+    pub share: Share,
     /// Fields that differ between flows: flow `i` adds `i` to each.
     pub vary: Vec<Vary>,
     /// Frame sizes.
@@ -124,6 +126,38 @@ pub struct SendConfig {
     pub garble: Option<Garble>,
     /// Where the JSON report goes.
     pub json: Option<PathBuf>,
+}
+
+/// Which flows one of several senders sends: those with `flow % of == index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// This sender's index.
+    pub index: u32,
+    /// Senders.
+    pub of: u32,
+}
+
+impl Share {
+    /// Every flow: the only sender.
+    pub const ALL: Share = Share { index: 0, of: 1 };
+
+    /// The flows of `0..flows` that are this sender's.
+    pub fn flows(self, flows: u32) -> impl Iterator<Item = u32> {
+        (self.index..flows).step_by(self.of.max(1) as usize)
+    }
+}
+
+/// One queue's figures in a report of several.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueFigures {
+    /// The queue.
+    pub queue: u32,
+    /// Packets it sent (or received).
+    pub packets: u64,
+    /// Per second of its own run.
+    pub pps: f64,
+    /// Kernel socket statistics.
+    pub xdp: Option<XdpStats>,
 }
 
 /// What the sender did.
@@ -162,6 +196,9 @@ pub struct SendReport {
     pub cpu_user_ms: u64,
     /// CPU time of the sender process, system, ms.
     pub cpu_sys_ms: u64,
+    /// Per queue, when several sent (`--queues`); the figures above are their sums.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<QueueFigures>,
 }
 
 /// Why the sender could not run.
@@ -173,12 +210,19 @@ pub enum SendError {
     /// The AF_XDP socket could not be opened.
     #[error(transparent)]
     Open(#[from] xsk::OpenError),
+    /// More senders than flows: one would have none to send.
+    #[error("a sender has no flow: give at least as many --flows as --queues")]
+    NoFlows,
+    /// A sender's thread could not start or be pinned.
+    #[error("{0}")]
+    Thread(String),
 }
 
-/// Builds the templates: index `flow * sizes + size`.
+/// Builds the templates of this sender's flows: index `flow * sizes + size`, `flow` counting
+/// its own flows.
 pub fn templates(config: &SendConfig) -> Result<Vec<Template>, TemplateError> {
     let mut out = Vec::with_capacity(config.flows as usize * config.sizes.sizes.len());
-    for flow in 0..config.flows {
+    for flow in config.share.flows(config.flows) {
         let addrs = flow_addrs(&config.base, &config.vary, flow);
         // flows ≤ 65536 (checked by the CLI), so the id fits 16 bits.
         let id = flow as u16;
@@ -220,7 +264,10 @@ pub fn run(
 ) -> Result<SendReport, SendError> {
     let templates = templates(config)?;
     let nsizes = config.sizes.sizes.len();
-    let flows = config.flows as usize;
+    let flows = templates.len() / nsizes;
+    if flows == 0 {
+        return Err(SendError::NoFlows);
+    }
     let pattern = &config.sizes.pattern;
     let (mut ports, mut memory, mut free) =
         xsk::open(&[(config.iface.clone(), config.queue)], &config.xsk)?;
@@ -382,7 +429,7 @@ pub fn run(
         elapsed_s,
         pps: sent as f64 / elapsed_s,
         mbps: sent_bytes as f64 * 8.0 / elapsed_s / 1e6,
-        flows: config.flows,
+        flows: flows as u32,
         mean_frame_bytes: mean_frame,
         tx_ring_full,
         rate_deficit_packets: if per_s > 0.0 {
@@ -396,8 +443,109 @@ pub fn run(
         xdp: port.xdp_stats(),
         cpu_user_ms: cpu1.0 - cpu0.0,
         cpu_sys_ms: cpu1.1 - cpu0.1,
+        queues: Vec::new(),
     };
     Ok(report)
+}
+
+/// Runs one sender per queue from `config.queue` on, `queues` of them, each on a thread of its
+/// own (pinned to `cores[i]` when given) with every `queues`-th flow and an even share of the
+/// rate and the count; `ready` is called once all are bound, `progress` with each one's lines.
+/// One that fails to start stops the others. Returns the sums, with each queue's figures.
+pub fn run_queues(
+    config: &SendConfig,
+    queues: u32,
+    cores: &[usize],
+    stop: &AtomicBool,
+    ready: &mut dyn FnMut(),
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<SendReport, SendError> {
+    let configs: Vec<SendConfig> = (0..queues)
+        .map(|i| {
+            let mut c = config.clone();
+            c.queue = config.queue + i;
+            c.share = Share {
+                index: i,
+                of: queues,
+            };
+            let n = f64::from(queues);
+            c.rate = match config.rate {
+                Rate::Unlimited => Rate::Unlimited,
+                Rate::Pps(pps) => Rate::Pps(pps / n),
+                Rate::Bps(bps) => Rate::Bps(bps / n),
+            };
+            c.count = config.count.map(|total| {
+                total / u64::from(queues) + u64::from(u64::from(i) < total % u64::from(queues))
+            });
+            c
+        })
+        .collect();
+    let reports = super::on_queues(
+        &configs,
+        cores,
+        stop,
+        ready,
+        SendError::Thread,
+        |c, group_stop, bound| {
+            let queue = c.queue;
+            run(c, group_stop, bound, &mut |l| {
+                progress(&format!("queue {queue}: {l}"))
+            })
+        },
+    )?;
+    Ok(merged(
+        configs.iter().map(|c| c.queue).zip(reports).collect(),
+    ))
+}
+
+/// The sum of several senders' reports, with each one's figures.
+fn merged(reports: Vec<(u32, SendReport)>) -> SendReport {
+    let mut total = SendReport {
+        iface: reports
+            .first()
+            .map_or(String::new(), |(_, r)| r.iface.clone()),
+        sent_packets: 0,
+        sent_bytes: 0,
+        elapsed_s: 0.0,
+        pps: 0.0,
+        mbps: 0.0,
+        flows: 0,
+        mean_frame_bytes: reports.first().map_or(0.0, |(_, r)| r.mean_frame_bytes),
+        tx_ring_full: 0,
+        rate_deficit_packets: 0,
+        rx_ignored: 0,
+        tx_unfinished: 0,
+        faults: FaultCounters::default(),
+        xdp: None,
+        cpu_user_ms: 0,
+        cpu_sys_ms: 0,
+        queues: Vec::new(),
+    };
+    for (queue, r) in reports {
+        total.sent_packets += r.sent_packets;
+        total.sent_bytes += r.sent_bytes;
+        total.elapsed_s = total.elapsed_s.max(r.elapsed_s);
+        total.flows += r.flows;
+        total.tx_ring_full += r.tx_ring_full;
+        total.rate_deficit_packets += r.rate_deficit_packets;
+        total.rx_ignored += r.rx_ignored;
+        total.tx_unfinished += r.tx_unfinished;
+        total.faults.skipped += r.faults.skipped;
+        total.faults.swapped += r.faults.swapped;
+        // The process's CPU time over each sender's run: the longest run saw all of it.
+        total.cpu_user_ms = total.cpu_user_ms.max(r.cpu_user_ms);
+        total.cpu_sys_ms = total.cpu_sys_ms.max(r.cpu_sys_ms);
+        total.queues.push(QueueFigures {
+            queue,
+            packets: r.sent_packets,
+            pps: r.pps,
+            xdp: r.xdp,
+        });
+    }
+    let elapsed = total.elapsed_s.max(1e-9);
+    total.pps = total.sent_packets as f64 / elapsed;
+    total.mbps = total.sent_bytes as f64 * 8.0 / elapsed / 1e6;
+    total
 }
 
 /// Waits `ns`: sleeps when it is long enough for the timer to be worth it, yields otherwise.
@@ -444,6 +592,7 @@ mod tests {
             queue: 0,
             base,
             flows: 3,
+            share: Share::ALL,
             vary: vec![Vary::SrcPort],
             sizes: SizeMix::imix(),
             rate: Rate::Unlimited,
