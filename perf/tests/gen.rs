@@ -337,7 +337,7 @@ fn two_queues_send_and_receive_every_probe_with_a_thread_each() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|q| socket_drops(q))
+        .map(socket_drops)
         .sum();
     assert!(drops * 10 < COUNT, "{got}");
     assert_eq!(n(&got, "received") + drops, COUNT, "{got}");
