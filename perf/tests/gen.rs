@@ -368,6 +368,113 @@ fn two_queues_send_and_receive_every_probe_with_a_thread_each() {
 }
 
 #[test]
+fn a_pcap_is_replayed_in_order_looped_with_its_addresses_rewritten_and_checksums_valid() {
+    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+    use pcap_file::pcap::{PcapPacket, PcapWriter};
+    require_root();
+    let mut tb = direct();
+    let dir = tempfile::tempdir().unwrap();
+    // A capture from elsewhere: 50 UDP/IPv4 frames of 60 to 1514 bytes, an ARP frame and an
+    // IPv6 one, each with its own payload.
+    let mut frames = Vec::new();
+    for i in 0..50usize {
+        let mut f = Vec::new();
+        let payload: Vec<u8> = (0..18 + i * 29).map(|b| (b + i) as u8).collect();
+        PacketBuilder::ethernet2([0x0a; 6], [0x0b; 6])
+            .ipv4([10, 1, 1, 1], [10, 2, 2, 2], 64)
+            .udp(5000 + i as u16, 53)
+            .write(&mut f, &payload)
+            .unwrap();
+        frames.push(f);
+    }
+    let mut arp = vec![0u8; 60];
+    arp[..6].copy_from_slice(&[0xff; 6]);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    frames.push(arp);
+    let mut v6 = Vec::new();
+    PacketBuilder::ethernet2([0x0a; 6], [0x0b; 6])
+        .ipv6([0xfd; 16], [0xfe; 16], 64)
+        .udp(1, 2)
+        .write(&mut v6, b"six")
+        .unwrap();
+    frames.push(v6);
+    let pcap = dir.path().join("in.pcap");
+    let mut w = PcapWriter::new(std::fs::File::create(&pcap).unwrap()).unwrap();
+    for f in &frames {
+        let packet = PcapPacket::new(Duration::ZERO, f.len() as u32, f);
+        w.write_packet(&packet).unwrap();
+    }
+    drop(w);
+
+    let tx_mac = mimiq_dataplane::config::parse_mac(&link_mac(&tb, "tx", "eth0")).unwrap();
+    let recorder = mimiq_perf::capture::record_frames(
+        &tb,
+        "rx",
+        "eth0",
+        Duration::from_secs(4),
+        move |f: &[u8]| f.len() >= 12 && f[6..12] == tx_mac,
+    )
+    .unwrap();
+    let tx_mac_text = link_mac(&tb, "tx", "eth0");
+    let args = [
+        "--pcap",
+        pcap.to_str().unwrap(),
+        "--loops",
+        "3",
+        "--src-mac",
+        &tx_mac_text,
+        "--dst-mac",
+        "02:00:00:00:00:99",
+        "--dst",
+        "198.18.0.2",
+        "--pps",
+        "20k",
+    ];
+    let sent = send(&mut tb, "tx", dir.path(), "replay", &args);
+    let got = recorder.join().unwrap().unwrap().unwrap();
+    assert_eq!(n(&sent, "sent_packets"), 3 * 52, "{sent}");
+    let replay = &sent["replay"];
+    assert_eq!(
+        (n(replay, "frames_per_pass"), n(replay, "skipped")),
+        (52, 0)
+    );
+    assert_eq!(replay["passes"].as_f64(), Some(3.0));
+    assert_eq!(got.len(), 3 * 52, "every frame arrived once");
+    for (i, frame) in got.iter().enumerate() {
+        let (original, f) = (&frames[i % 52], &frame.bytes);
+        assert_eq!(f.len(), original.len(), "frame {i} in order");
+        assert_eq!(f[0..6], [2, 0, 0, 0, 0, 0x99]);
+        match SlicedPacket::from_ethernet(f).map(|p| (p.net, p.transport)) {
+            Ok((Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp)))) => {
+                let h = ip.header().to_header();
+                assert_eq!(h.destination, [198, 18, 0, 2], "frame {i}");
+                assert_eq!(h.source, [10, 1, 1, 1], "the source kept");
+                assert_eq!(h.header_checksum, h.calc_header_checksum());
+                let u = udp.to_header();
+                assert_eq!(u.checksum, u.calc_checksum_ipv4(&h, udp.payload()).unwrap());
+                assert_eq!(udp.payload(), &original[42..], "payload of frame {i}");
+            }
+            Ok((Some(NetSlice::Ipv6(ip)), _)) => {
+                assert_eq!(
+                    ip.header().destination(),
+                    [0xfe; 16],
+                    "another family: kept"
+                );
+                assert_eq!(f[14..], original[14..]);
+            }
+            _ => assert_eq!(f[12..], original[12..], "ARP unchanged past the MACs"),
+        }
+    }
+}
+
+/// The MAC of `host`'s `iface`.
+fn link_mac(tb: &Testbed, host: &str, iface: &str) -> String {
+    let path = format!("/sys/class/net/{iface}/address");
+    let out = tb.exec_ok(host, &["cat", &path]).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
 fn every_probe_through_mimiq_switch_l2fwd_is_counted_by_the_switch_and_the_receiver() {
     require_root();
     let mut tb = Testbed::new().unwrap();
@@ -751,6 +858,25 @@ fn bad_flags_and_missing_interfaces_are_one_line_errors() {
         (
             &["gen", "recv", "--iface", "eth0", "--queue", "3"],
             "interface eth0 has no queue 3",
+        ),
+        (
+            &[
+                "gen",
+                "send",
+                "--iface",
+                "eth0",
+                "--pcap",
+                "/nonexistent.pcap",
+            ],
+            "cannot open /nonexistent.pcap",
+        ),
+        (
+            &["gen", "send", "--iface", "eth0", "--pcap", "/etc/hostname"],
+            "is not a readable pcap file",
+        ),
+        (
+            &["gen", "send", "--iface", "eth0", "--loops", "2"],
+            "--pcap",
         ),
         (
             &[

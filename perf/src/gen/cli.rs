@@ -17,6 +17,7 @@ use super::probe::{self, FlowAddrs};
 use super::rate::{Rate, SizeMix};
 use super::recv::{self, RecvConfig};
 use super::reflect;
+use super::replay;
 use super::send::{self, SendConfig, Vary};
 use super::seq::Fault;
 
@@ -108,6 +109,14 @@ pub struct SendArgs {
     /// Fields that differ between flows (repeat or comma-separate; default src-port).
     #[arg(long, value_enum, value_delimiter = ',')]
     vary: Vec<Vary>,
+    /// Send the Ethernet frames of this pcap file instead of probes, in order, at the rate
+    /// given; --src-mac, --dst-mac, --src and --dst rewrite their addresses when given
+    /// (checksums follow). The receiver counts them as `other_frames`.
+    #[arg(long, conflicts_with_all = ["size", "imix", "ipv6", "garble", "vary"])]
+    pcap: Option<PathBuf>,
+    /// With --pcap: passes over the capture (0: until --count, --duration or a signal).
+    #[arg(long, default_value_t = 1, requires = "pcap")]
+    loops: u64,
     /// Frame size in bytes including the 4-byte FCS (RFC 2544: 64..=1518).
     #[arg(long, conflicts_with = "imix")]
     size: Option<usize>,
@@ -343,12 +352,38 @@ fn ready(iface: &str) {
 
 /// Checks the flags that clap cannot check alone and builds the sender's configuration.
 pub fn send_config(a: SendArgs) -> anyhow::Result<SendConfig> {
+    let replay = match &a.pcap {
+        Some(path) => {
+            let mut capture = replay::Capture::load(path, probe::MAX_FRAME_LEN - probe::FCS_LEN)?;
+            let rewrite = replay::Rewrite {
+                src_mac: a.src_mac,
+                dst_mac: a.dst_mac,
+                src_ip: a.src,
+                dst_ip: a.dst,
+            };
+            capture.frames.iter_mut().for_each(|f| rewrite.apply(f));
+            if (capture.frames.len() as u64) < u64::from(a.queues) {
+                bail!(
+                    "--queues {} needs at least {} frames in {}, which has {}",
+                    a.queues,
+                    a.queues,
+                    path.display(),
+                    capture.frames.len()
+                );
+            }
+            Some(send::Replay {
+                capture: Arc::new(capture),
+                loops: a.loops,
+            })
+        }
+        None => None,
+    };
     let (default_src, default_dst): (IpAddr, IpAddr) = if a.ipv6 {
         ("fd00::1".parse()?, "fd00::2".parse()?)
     } else {
         ("198.18.0.1".parse()?, "198.18.0.2".parse()?)
     };
-    if a.queues > a.flows {
+    if a.pcap.is_none() && a.queues > a.flows {
         bail!(
             "--queues {} needs at least {} --flows: each queue sends flows of its own",
             a.queues,
@@ -357,7 +392,7 @@ pub fn send_config(a: SendArgs) -> anyhow::Result<SendConfig> {
     }
     let src_ip = a.src.unwrap_or(default_src);
     let dst_ip = a.dst.unwrap_or(default_dst);
-    if src_ip.is_ipv6() != dst_ip.is_ipv6() {
+    if replay.is_none() && src_ip.is_ipv6() != dst_ip.is_ipv6() {
         bail!("--src {src_ip} and --dst {dst_ip} are not of the same IP version");
     }
     if a.ipv6 && !dst_ip.is_ipv6() {
@@ -398,6 +433,7 @@ pub fn send_config(a: SendArgs) -> anyhow::Result<SendConfig> {
     };
     Ok(SendConfig {
         garble: a.garble,
+        replay,
         iface: a.iface,
         queue: a.queue,
         base: FlowAddrs {

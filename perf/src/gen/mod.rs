@@ -3,7 +3,8 @@
 //! - `gen send`: numbered, timestamped UDP probes over IPv4 or IPv6 on one AF_XDP queue, at a
 //!   rate in packets or bits per second (or as fast as the TX ring takes them), over N flows
 //!   (addresses or ports varied), with one frame size or a weighted mix (IMIX), for a count or
-//!   a duration ([`send`]).
+//!   a duration ([`send`]); or the frames of a pcap file, looped, with their addresses
+//!   rewritten ([`replay`]).
 //! - `gen recv`: counts probes, detects loss, reordering and duplicates per flow from the
 //!   sequence numbers, records one-way latency from the send time into an HdrHistogram; prints a
 //!   summary, writes JSON and an HdrHistogram interval log ([`recv`]).
@@ -24,6 +25,7 @@ pub mod probe;
 pub mod rate;
 pub mod recv;
 pub mod reflect;
+pub mod replay;
 pub mod send;
 pub mod seq;
 

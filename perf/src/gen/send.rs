@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::probe::{FlowAddrs, Template, TemplateError};
 use super::rate::{Rate, SizeMix, TokenBucket};
+use super::replay::Capture;
 use super::seq::{Fault, FaultCounters, FlowNumbering};
 use super::{cpu_time_ms, monotonic_ns};
 
@@ -124,8 +125,32 @@ pub struct SendConfig {
     pub fault: Fault,
     /// Hostile frames instead of probes.
     pub garble: Option<Garble>,
+    /// A capture's frames instead of probes.
+    pub replay: Option<Replay>,
     /// Where the JSON report goes.
     pub json: Option<PathBuf>,
+}
+
+/// A capture to send instead of probes (`--pcap`): its frames in order, `loops` times over
+/// (0: until the count, the duration or a stop); with several senders, sender `i` of `n`
+/// sends frames `i`, `i + n`, ...
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// The frames, addresses already rewritten.
+    pub capture: std::sync::Arc<Capture>,
+    /// Passes over the capture.
+    pub loops: u64,
+}
+
+/// What a replay sent, in the report.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ReplayFigures {
+    /// Frames of the capture this sender sends per pass.
+    pub frames_per_pass: u64,
+    /// Frames of the file left out (not Ethernet, cut short by the capture, too long).
+    pub skipped: u64,
+    /// Passes sent (a fraction when stopped midway).
+    pub passes: f64,
 }
 
 /// Which flows one of several senders sends: those with `flow % of == index`.
@@ -196,6 +221,9 @@ pub struct SendReport {
     pub cpu_user_ms: u64,
     /// CPU time of the sender process, system, ms.
     pub cpu_sys_ms: u64,
+    /// The capture replayed, with `--pcap`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayFigures>,
     /// Per queue, when several sent (`--queues`); the figures above are their sums.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub queues: Vec<QueueFigures>,
@@ -268,6 +296,20 @@ pub fn run(
     if flows == 0 {
         return Err(SendError::NoFlows);
     }
+    // This sender's frames of a capture, and how many it sends in all.
+    let replay: Option<Vec<&[u8]>> = config.replay.as_ref().map(|r| {
+        let of = config.share.of.max(1) as usize;
+        let frames = r.capture.frames.iter().skip(config.share.index as usize);
+        frames.step_by(of).map(Vec::as_slice).collect()
+    });
+    let count = match (&replay, &config.replay) {
+        (Some(frames), Some(r)) if frames.is_empty() => return Err(SendError::NoFlows),
+        (Some(frames), Some(r)) if r.loops > 0 => {
+            let all = r.loops * frames.len() as u64;
+            Some(config.count.map_or(all, |c| c.min(all)))
+        }
+        _ => config.count,
+    };
     let pattern = &config.sizes.pattern;
     let (mut ports, mut memory, mut free) =
         xsk::open(&[(config.iface.clone(), config.queue)], &config.xsk)?;
@@ -275,8 +317,19 @@ pub fn run(
     ready();
 
     let batch = config.batch.clamp(1, 64);
-    let mean_frame = config.sizes.mean();
-    let max_frame = *config.sizes.sizes.iter().max().unwrap_or(&64) as f64;
+    let (mean_frame, max_frame) = match &replay {
+        Some(frames) => {
+            let bytes = |f: &&[u8]| (f.len() + super::probe::FCS_LEN) as f64;
+            let sum: f64 = frames.iter().map(bytes).sum();
+            let max = frames.iter().map(bytes).fold(0.0, f64::max);
+            (sum / frames.len() as f64, max)
+        }
+        None => (
+            config.sizes.mean(),
+            *config.sizes.sizes.iter().max().unwrap_or(&64) as f64,
+        ),
+    };
+    let cost_in_bytes = matches!(config.rate, Rate::Bps(_));
     // Tokens per packet, the rate in tokens per second, and how many packets to gather before
     // a burst: about 50 µs worth, so low rates send small bursts instead of stuttering.
     let (per_s, cost_of): (f64, fn(&Template) -> f64) = match config.rate {
@@ -331,13 +384,13 @@ pub fn run(
             progress_sent = sent;
         }
         let hard_stop = stop.load(Ordering::Relaxed) || deadline_ns.is_some_and(|d| now >= d);
-        let count_done = config.count.is_some_and(|c| generated >= c);
+        let count_done = count.is_some_and(|c| generated >= c);
         if hard_stop || (count_done && tx.is_empty()) {
             break;
         }
         if tx.is_empty() {
             let mut want = batch.min(free.len());
-            if let Some(c) = config.count {
+            if let Some(c) = count {
                 want = want.min(c.saturating_sub(generated) as usize);
             }
             if per_s > 0.0 {
@@ -349,6 +402,22 @@ pub fn run(
                 }
             }
             for _ in 0..want {
+                if let Some(frames) = &replay {
+                    let f = frames[(generated % frames.len() as u64) as usize];
+                    let bytes = (f.len() + super::probe::FCS_LEN) as f64;
+                    let cost = if cost_in_bytes { bytes } else { 1.0 };
+                    if per_s > 0.0 && !bucket.take(cost) {
+                        break;
+                    }
+                    let Some(mut frame) = free.pop() else { break };
+                    let mut data = memory.data_mut(&mut frame);
+                    data.cursor().set_pos(f.len());
+                    data.contents_mut().copy_from_slice(f);
+                    tx.push(frame);
+                    generated += 1;
+                    sent_bytes += bytes as u64;
+                    continue;
+                }
                 let t = &templates
                     [flow * nsizes + usize::from(pattern[(round + flow) % pattern.len()])];
                 if per_s > 0.0 && !bucket.take(cost_of(t)) {
@@ -429,7 +498,7 @@ pub fn run(
         elapsed_s,
         pps: sent as f64 / elapsed_s,
         mbps: sent_bytes as f64 * 8.0 / elapsed_s / 1e6,
-        flows: flows as u32,
+        flows: if replay.is_some() { 0 } else { flows as u32 },
         mean_frame_bytes: mean_frame,
         tx_ring_full,
         rate_deficit_packets: if per_s > 0.0 {
@@ -443,6 +512,14 @@ pub fn run(
         xdp: port.xdp_stats(),
         cpu_user_ms: cpu1.0 - cpu0.0,
         cpu_sys_ms: cpu1.1 - cpu0.1,
+        replay: replay
+            .as_ref()
+            .zip(config.replay.as_ref())
+            .map(|(frames, r)| ReplayFigures {
+                frames_per_pass: frames.len() as u64,
+                skipped: r.capture.skipped,
+                passes: sent as f64 / frames.len() as f64,
+            }),
         queues: Vec::new(),
     };
     Ok(report)
@@ -519,9 +596,18 @@ fn merged(reports: Vec<(u32, SendReport)>) -> SendReport {
         xdp: None,
         cpu_user_ms: 0,
         cpu_sys_ms: 0,
+        replay: None,
         queues: Vec::new(),
     };
     for (queue, r) in reports {
+        if let Some(q) = r.replay {
+            let t = total.replay.get_or_insert(ReplayFigures {
+                frames_per_pass: 0,
+                skipped: q.skipped,
+                passes: 0.0,
+            });
+            t.frames_per_pass += q.frames_per_pass;
+        }
         total.sent_packets += r.sent_packets;
         total.sent_bytes += r.sent_bytes;
         total.elapsed_s = total.elapsed_s.max(r.elapsed_s);
@@ -541,6 +627,9 @@ fn merged(reports: Vec<(u32, SendReport)>) -> SendReport {
             pps: r.pps,
             xdp: r.xdp,
         });
+    }
+    if let Some(r) = &mut total.replay {
+        r.passes = total.sent_packets as f64 / r.frames_per_pass.max(1) as f64;
     }
     let elapsed = total.elapsed_s.max(1e-9);
     total.pps = total.sent_packets as f64 / elapsed;
@@ -602,6 +691,7 @@ mod tests {
             xsk: crate::gen::cli::socket_config(XdpMode::Native, CopyMode::Auto, 64),
             fault: Fault::None,
             garble: None,
+            replay: None,
             json: None,
         };
         let t = templates(&config).unwrap();
