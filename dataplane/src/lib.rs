@@ -1,8 +1,8 @@
 //! mimiq-dataplane: the poll-mode AF_XDP packet processor that runs mimiq's switches.
 //!
 //! Layout (ARCHITECTURE.md §2–3): [`port`] (AF_XDP and in-memory ports), [`engine`] (the
-//! poll-mode worker), [`pipeline`] (what a worker does with a burst: `l2fwd` so far), and
-//! [`config`] (the `mimiq-switch` config file).
+//! poll-mode worker), [`pipeline`] (what a worker does with a burst: l2fwd, the MIMIQ roles),
+//! [`config`] (the `mimiq-switch` config file); the packet views are [`wire`] (mimiq-wire).
 //!
 //! Threading: each worker is one thread that owns its ports, frame memory, pipeline and
 //! counters; it shares nothing on the packet path. The `mimiq-switch` main thread publishes the
@@ -19,4 +19,6 @@ pub mod port;
 pub mod slowpath;
 pub mod tables;
 pub mod telemetry;
-pub mod wire;
+
+/// The packet views, emitters and checksum, from their own crate (wire/).
+pub use mimiq_wire as wire;

@@ -11,6 +11,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
+use mimiq_wire::checksum::{checksum, Sum};
+
 /// An open TUN device.
 pub struct TunDevice {
     dev: tun::Device,
@@ -203,21 +205,23 @@ impl TcpCoalescer {
         if segments > 1 {
             let v4 = pkt[0] >> 4 == 4;
             let tcp_len = len - ihl;
-            let mut sum: u32;
-            if v4 {
+            let addresses = if v4 {
                 pkt[2..4].copy_from_slice(&(len as u16).to_be_bytes());
                 pkt[10..12].fill(0);
-                let check = !fold(sum_words(&pkt[..ihl], 0));
+                let check = checksum(&pkt[..ihl]);
                 pkt[10..12].copy_from_slice(&check.to_be_bytes());
-                sum = sum_words(&pkt[12..20], 0);
+                &pkt[12..20]
             } else {
                 pkt[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
-                sum = sum_words(&pkt[8..40], 0);
-            }
-            // The pseudo header's protocol and TCP length; the kernel adds the segments' sums
-            // and adjusts the length per segment (`tcp_gso_segment`).
-            sum += 6 + tcp_len as u32;
-            let pseudo = fold(sum);
+                &pkt[8..40]
+            };
+            // The pseudo header's addresses, protocol and TCP length, folded and not
+            // complemented: the kernel adds the segments' sums and adjusts the length per
+            // segment (`tcp_gso_segment`).
+            let pseudo = Sum::ZERO
+                .add_bytes(addresses)
+                .add_u32(6 + tcp_len as u32)
+                .fold();
             pkt[ihl + TCP_CHECK_OFFSET..ihl + TCP_CHECK_OFFSET + 2]
                 .copy_from_slice(&pseudo.to_be_bytes());
             hdr[0] = VNET_F_NEEDS_CSUM;
@@ -302,29 +306,10 @@ fn same_flow(first: &[u8], pkt: &[u8], ihl: usize, thl: usize) -> bool {
         && a[20..] == b[20..]
 }
 
-/// The one's-complement sum of `bytes` as 16-bit big-endian words (an odd last byte padded),
-/// added to `sum`, unfolded.
-fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
-    let mut words = bytes.chunks_exact(2);
-    for w in &mut words {
-        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [last] = words.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mimiq_wire::checksum::verify;
 
     /// An IPv4 TCP segment 10.0.0.1:1000 → 10.0.0.2:2000, ACK, with a 12-byte timestamp option
     /// and `payload` bytes of `fill`, checksums valid.
@@ -340,7 +325,7 @@ mod tests {
         p[9] = 6;
         p[12..16].copy_from_slice(&[10, 0, 0, 1]);
         p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-        let check = !fold(sum_words(&p[..20], 0));
+        let check = checksum(&p[..20]);
         p[10..12].copy_from_slice(&check.to_be_bytes());
         let t = &mut p[ihl..];
         t[0..2].copy_from_slice(&1000u16.to_be_bytes());
@@ -352,8 +337,10 @@ mod tests {
         t[14..16].copy_from_slice(&512u16.to_be_bytes()); // window
         t[20..32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 3]); // NOP NOP TS
         t[thl..].fill(fill);
-        let sum = sum_words(&p[12..20], 6 + (thl + payload) as u32);
-        let check = !fold(sum_words(&p[ihl..], sum));
+        let pseudo = Sum::ZERO
+            .add_bytes(&p[12..20])
+            .add_u32(6 + (thl + payload) as u32);
+        let check = pseudo.add_bytes(&p[ihl..]).checksum();
         p[ihl + 16..ihl + 18].copy_from_slice(&check.to_be_bytes());
         p
     }
@@ -384,18 +371,17 @@ mod tests {
         );
         assert_eq!(pkt.len(), 52 + 2400);
         assert_eq!(usize::from(u16::from_be_bytes([pkt[2], pkt[3]])), pkt.len());
-        assert_eq!(
-            fold(sum_words(&pkt[..20], 0)),
-            0xffff,
-            "IPv4 header checksum"
-        );
+        assert!(verify(&pkt[..20]), "IPv4 header checksum");
         assert_eq!(&pkt[52..1052], &[0xa1; 1000][..]);
         assert_eq!(&pkt[1052..2052], &[0xa2; 1000][..]);
         assert_eq!(&pkt[2052..], &[0xa3; 400][..]);
         // The last segment's PSH, which the kernel puts back on the last segment it makes.
         assert_eq!(pkt[20 + TCP_FLAGS_OFFSET], TCP_ACK | TCP_PSH);
         // The TCP checksum field holds the folded pseudo-header sum over the whole TCP length.
-        let pseudo = fold(sum_words(&pkt[12..20], 6 + (pkt.len() - 20) as u32));
+        let pseudo = Sum::ZERO
+            .add_bytes(&pkt[12..20])
+            .add_u32(6 + (pkt.len() - 20) as u32)
+            .fold();
         assert_eq!(u16::from_be_bytes([pkt[36], pkt[37]]), pseudo);
         assert!(c.take().is_none());
     }

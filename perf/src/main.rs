@@ -124,6 +124,9 @@ enum Bench {
         /// IPv4 bindings in the tables.
         #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(64..=4_000_000))]
         bindings: u32,
+        /// Queues of every link: the switches run a worker per queue, the generator a sender.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        queues: u32,
         /// Also write the rows and the summary (`ratio_to_l2fwd`, `switch_cpu_ns_per_packet`,
         /// `l2fwd_cpu_ns_per_packet`, of the quiet single box) as JSON here.
         #[arg(long)]
@@ -307,15 +310,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Bench::SingleBox {
                     seconds,
                     bindings,
+                    queues,
                     json,
                     out,
                 },
         } => {
+            use mimiq_perf::experiments::single_box;
             let (runs, md) =
-                mimiq_perf::experiments::single_box::compare(seconds, bindings, &mut |l| {
-                    println!("{l}")
-                })
-                .map_err(anyhow::Error::msg)?;
+                single_box::compare(seconds, bindings, queues, &mut |l| println!("{l}"))
+                    .map_err(anyhow::Error::msg)?;
             write_results(&out, &runs, &md)?;
             let (l2fwd, single) = (&runs[0], &runs[1]);
             let summary = serde_json::json!({

@@ -40,6 +40,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::capsule::{self, AddressEntry, AddressRequest, CapsuleRepr, IpAddressRange, IpPrefix};
 use crate::template::{IpProtocolScope, IpScope, IpTarget};
+use mimiq_wire::checksum::{checksum, Sum};
 
 /// The smallest MTU IPv6 allows on a link (RFC 8200 §5), and the floor for the tunnel MTU.
 pub const MIN_TUNNEL_MTU: usize = 1280;
@@ -1013,37 +1014,14 @@ fn build_icmpv6(
     out[44..48].copy_from_slice(&rest);
     out[48..].copy_from_slice(&original[..quote]);
     // RFC 4443 §2.3: the checksum covers the pseudo-header (RFC 8200 §8.1).
-    let mut acc = sum_words(0, &out[8..40]);
-    acc = sum_words(acc, &(upper as u32).to_be_bytes());
-    acc = sum_words(acc, &[0, 0, 0, PROTO_ICMPV6]);
-    acc = sum_words(acc, &out[40..]);
-    out[42..44].copy_from_slice(&fold(acc).to_be_bytes());
+    let sum = Sum::ZERO
+        .add_bytes(&out[8..40])
+        .add_u32(upper as u32)
+        .add_u16(u16::from(PROTO_ICMPV6))
+        .add_bytes(&out[40..])
+        .checksum();
+    out[42..44].copy_from_slice(&sum.to_be_bytes());
     Some(HDR + quote)
-}
-
-/// The Internet checksum (RFC 1071) of `data`.
-fn checksum(data: &[u8]) -> u16 {
-    fold(sum_words(0, data))
-}
-
-/// One's-complement running sum of big-endian 16-bit words (an odd tail padded with zero). Each
-/// call's data should be of even length except the last.
-fn sum_words(mut acc: u64, data: &[u8]) -> u64 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        acc += u64::from(u16::from_be_bytes([*last, 0]));
-    }
-    acc
-}
-
-fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    !(acc as u16)
 }
 
 fn is_icmp(v4: bool, protocol: u8) -> bool {

@@ -33,6 +33,8 @@ use crate::testbed::{bin_path, Testbed};
 pub struct Row {
     /// `l2fwd`, `single_box`, or `single_box + updates` (while the rule stream carries updates).
     pub path: &'static str,
+    /// Workers of the switch (one per queue of every link; the generator sends on as many).
+    pub workers: u32,
     /// Rule updates applied per second during the measurement.
     pub updates_per_s: f64,
     /// Bindings in the tables.
@@ -53,19 +55,21 @@ pub const UPDATES_PER_S: u64 = 100_000;
 pub fn compare(
     seconds: u32,
     bindings: u32,
+    queues: u32,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Vec<Row>, String), String> {
     progress("l2fwd:");
-    let l2fwd = l2fwd(seconds)?;
+    let l2fwd = l2fwd(seconds, queues)?;
     progress(&format!("single box with {bindings} bindings and 65535 aliases, then with {UPDATES_PER_S} updates/s:"));
-    let (single, streaming) = single_box(seconds, bindings, progress)?;
+    let (single, streaming) = single_box(seconds, bindings, queues, progress)?;
     let mut md = String::from(
-        "| path | bindings | updates/s | sent pps | forwarded pps | ÷ l2fwd | switch CPU ns/packet |\n|---|---|---|---|---|---|---|\n",
+        "| path | workers | bindings | updates/s | sent pps | forwarded pps | ÷ l2fwd | switch CPU ns/packet |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in [&l2fwd, &single, &streaming] {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} |\n",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} |\n",
             r.path,
+            r.workers,
             r.bindings,
             r.updates_per_s,
             r.sent_pps,
@@ -77,9 +81,14 @@ pub fn compare(
     Ok((vec![l2fwd, single, streaming], md))
 }
 
-fn l2fwd(seconds: u32) -> Result<Row, String> {
+fn l2fwd(seconds: u32, queues: u32) -> Result<Row, String> {
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
-    topology::line(&mut tb).map_err(|e| e.to_string())?;
+    let links = crate::testbed::LinkOpts {
+        queues,
+        ..Default::default()
+    };
+    topology::line_with(&mut tb, links).map_err(|e| e.to_string())?;
+    let workers = queues.to_string();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let args = [
         "--role",
@@ -90,6 +99,8 @@ fn l2fwd(seconds: u32) -> Result<Row, String> {
         "p1",
         "--stats-interval-ms",
         "100",
+        "--queues",
+        &workers,
     ];
     let switch = Switch::start(&tb, "sw", &args, &dir.path().join("s.json"))?;
     // A destination MAC nobody has: h2's kernel drops the frames on arrival.
@@ -108,12 +119,14 @@ fn l2fwd(seconds: u32) -> Result<Row, String> {
         "h1",
         &send,
         seconds,
+        queues,
         &switch,
         |s| s.port(1, "tx_packets"),
         dir.path(),
     )?;
     Ok(Row {
         path: "l2fwd",
+        workers: queues,
         updates_per_s: 0.0,
         bindings: 0,
         sent_pps,
@@ -125,10 +138,15 @@ fn l2fwd(seconds: u32) -> Result<Row, String> {
 fn single_box(
     seconds: u32,
     bindings: u32,
+    queues: u32,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Row, Row), String> {
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
-    topology::single_box(&mut tb).map_err(|e| e.to_string())?;
+    let links = crate::testbed::LinkOpts {
+        queues,
+        ..Default::default()
+    };
+    topology::single_box_with(&mut tb, links).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let c1_mac = mimiq_dataplane::config::parse_mac(&mac(&tb, "c1", "eth0"))?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -139,7 +157,7 @@ fn single_box(
             .map_err(|e| e.to_string())?
     };
     // The single box's usual config: relay and rule stream on the switch host's loopback.
-    let config = crate::singlebox::switch_config(dir.path(), 1);
+    let config = crate::singlebox::switch_config(dir.path(), queues);
     let config = config.to_string_lossy().into_owned();
     let switch = Switch::start(
         &tb,
@@ -194,6 +212,7 @@ fn single_box(
             "out",
             &send,
             seconds,
+            queues,
             &switch,
             delivered,
             dir.path(),
@@ -201,6 +220,7 @@ fn single_box(
         let updates = applied(&switch.stats()?) - before;
         rows.push(Row {
             path,
+            workers: queues,
             updates_per_s: updates as f64 / elapsed,
             bindings: u64::from(bindings),
             sent_pps,
@@ -222,13 +242,14 @@ fn measure(
     host: &str,
     send: &[&str],
     seconds: u32,
+    queues: u32,
     switch: &Switch,
     forwarded: impl Fn(&crate::switch::SwitchStats) -> u64,
     dir: &std::path::Path,
 ) -> Result<(f64, u64, f64, f64), String> {
     let perf = bin_path("mimiq-perf")?;
     let report = dir.join("send.json");
-    let secs = seconds.to_string();
+    let (secs, queues) = (seconds.to_string(), queues.to_string());
     let mut cmd = vec![
         perf.to_str().unwrap_or("mimiq-perf"),
         "gen",
@@ -241,6 +262,8 @@ fn measure(
         "64",
         "--duration",
         &secs,
+        "--queues",
+        &queues,
     ];
     cmd.extend_from_slice(send);
     let report_s = report.to_string_lossy().into_owned();

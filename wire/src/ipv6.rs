@@ -221,7 +221,7 @@ impl Ipv6Repr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testutil::{poisoned, POISON};
+    use crate::testutil::{poisoned, POISON};
     use proptest::prelude::*;
 
     /// The IPv6 header of a neighbour solicitation (the full packet is in the icmpv6 tests).

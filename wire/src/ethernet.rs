@@ -360,7 +360,7 @@ impl EthernetRepr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testutil::{poisoned, POISON};
+    use crate::testutil::{poisoned, POISON};
     use proptest::prelude::*;
 
     /// The Ethernet header of a real ARP request (Linux host asking for its gateway).

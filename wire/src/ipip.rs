@@ -387,7 +387,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::wire::testutil::POISON;
+    use crate::testutil::POISON;
     use proptest::prelude::*;
 
     const HEADROOM: usize = 64;

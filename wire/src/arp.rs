@@ -255,8 +255,8 @@ impl ArpRepr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::ethernet::{EthernetFrame, EthernetRepr};
-    use crate::wire::testutil::{poisoned, POISON};
+    use crate::ethernet::{EthernetFrame, EthernetRepr};
+    use crate::testutil::{poisoned, POISON};
     use proptest::prelude::*;
 
     /// A real ARP request as captured on a LAN (Ethernet header, then ARP, then padding to 60).

@@ -195,7 +195,7 @@ impl UdpRepr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testutil::{poisoned, POISON};
+    use crate::testutil::{poisoned, POISON};
     use proptest::prelude::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 

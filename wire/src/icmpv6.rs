@@ -958,8 +958,8 @@ impl<'a> Icmpv6Repr<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::ipv6::{Ipv6Packet, Ipv6Repr};
-    use crate::wire::testutil::{poisoned, POISON};
+    use crate::ipv6::{Ipv6Packet, Ipv6Repr};
+    use crate::testutil::{poisoned, POISON};
     use proptest::prelude::*;
 
     /// A neighbour solicitation as Linux sends it to resolve fe80::1 (IPv6 header + ICMPv6).

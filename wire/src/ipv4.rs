@@ -357,7 +357,7 @@ impl Ipv4Repr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testutil::{poisoned, POISON};
+    use crate::testutil::{poisoned, POISON};
     use proptest::prelude::*;
 
     /// A real IPv4/UDP packet: a DNS query from 192.168.1.10 to 192.168.1.1 (dig example.com).

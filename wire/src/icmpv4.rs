@@ -336,7 +336,7 @@ impl<'a> Icmpv4Repr<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testutil::{poisoned, POISON};
+    use crate::testutil::{poisoned, POISON};
     use proptest::prelude::*;
 
     /// The ICMP part of a Linux `ping` echo request (id 0x1a2b, seq 1, 16 bytes of data).
