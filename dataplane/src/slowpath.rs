@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use mimiq_allocator::proto::{self, ClientMsg, MsgType, Relay, RelayInfo, RelayReply};
 use mimiq_allocator::Family;
 use mimiq_allocator::{Mac, Sid};
@@ -30,8 +29,12 @@ use crate::port::{FrameMemory, PortId};
 use crate::wire::checksum::PseudoHeader;
 use crate::wire::{
     ArpOperation, ArpPacket, ArpRepr, EtherType, EthernetAddress, EthernetFrame, EthernetRepr,
-    Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr, NdiscRepr,
+    Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr,
+    UdpPacket, UdpRepr,
 };
+
+/// Bytes of an IPv6 fixed header.
+const IPV6_HEADER_LEN: usize = 40;
 
 /// Frames kept to carry allocator replies.
 const STASH: usize = 64;
@@ -589,20 +592,32 @@ fn relay_request(
     out: &mut Vec<u8>,
 ) -> Result<(u32, IpAddr), Ignored> {
     use Ignored::{Malformed, NotForUs};
-    let packet = SlicedPacket::from_ethernet(frame).map_err(|_| Malformed)?;
-    let src_mac: [u8; 6] = frame
-        .get(6..12)
-        .and_then(|m| m.try_into().ok())
-        .ok_or(Malformed)?;
-    let client: IpAddr = match packet.net {
-        Some(NetSlice::Ipv4(ip)) => ip.header().source_addr().into(),
-        Some(NetSlice::Ipv6(ip)) => ip.header().source_addr().into(),
+    let eth = EthernetFrame::new_checked(frame).map_err(|_| Malformed)?;
+    let l2 = eth.l2_header().map_err(|_| Malformed)?;
+    let src_mac = eth.src_addr().0;
+    let ip = &frame[l2.payload_offset..];
+    let (client, next_header, l4): (IpAddr, _, _) = match l2.ethertype {
+        EtherType::Ipv4 => {
+            let p = Ipv4Packet::new_checked(ip).map_err(|_| Malformed)?;
+            if p.is_fragment() {
+                return Err(NotForUs);
+            }
+            // Within the buffer: new_checked checked both lengths.
+            let payload = usize::from(p.header_len())..usize::from(p.total_len());
+            (p.src_addr().into(), p.next_header(), &ip[payload])
+        }
+        EtherType::Ipv6 => {
+            let p = Ipv6Packet::new_checked(ip).map_err(|_| Malformed)?;
+            let payload = IPV6_HEADER_LEN..IPV6_HEADER_LEN + usize::from(p.payload_len());
+            (p.src_addr().into(), p.next_header(), &ip[payload])
+        }
         _ => return Err(NotForUs),
     };
-    let Some(TransportSlice::Udp(udp)) = packet.transport else {
+    if next_header != IpProtocol::Udp {
         return Err(NotForUs);
-    };
-    if udp.destination_port() != ALLOC_PORT {
+    }
+    let udp = UdpPacket::new_checked(l4).map_err(|_| Malformed)?;
+    if udp.dst_port() != ALLOC_PORT {
         return Err(NotForUs);
     }
     let inner = udp.payload();
@@ -617,7 +632,7 @@ fn relay_request(
             sid,
             ingress_port: in_port,
             mac: Mac(src_mac),
-            client_port: udp.source_port(),
+            client_port: udp.src_port(),
         },
         timestamp_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -663,9 +678,11 @@ fn seen_relay(
 
 /// The frame that carries an allocator reply from the gateway to the client.
 fn reply_frame(gateway: &Gateway, reply: &RelayReply<'_>, client: IpAddr) -> Option<Vec<u8>> {
-    let builder = PacketBuilder::ethernet2(gateway.mac.0, reply.info.mac.0);
-    let mut out = Vec::with_capacity(128);
-    match client {
+    const ETH: usize = 14;
+    const UDP: usize = 8;
+    let payload = reply.inner;
+    let udp_len = UDP + payload.len();
+    let (ethertype, ip_len, pseudo) = match client {
         IpAddr::V4(c) => {
             // A client without an address yet asked from 0.0.0.0: answer by broadcast.
             let dst = if c.is_unspecified() {
@@ -673,21 +690,60 @@ fn reply_frame(gateway: &Gateway, reply: &RelayReply<'_>, client: IpAddr) -> Opt
             } else {
                 c
             };
-            builder
-                .ipv4(gateway.v4?.octets(), dst.octets(), 64)
-                .udp(ALLOC_PORT, reply.info.client_port)
-                .write(&mut out, reply.inner)
-                .ok()?;
+            let src = gateway.v4?;
+            (EtherType::Ipv4, 20, PseudoHeader::V4 { src, dst })
         }
-        IpAddr::V6(c) => {
-            let src: Ipv6Addr = *gateway.v6.first()?;
-            builder
-                .ipv6(src.octets(), c.octets(), 64)
-                .udp(ALLOC_PORT, reply.info.client_port)
-                .write(&mut out, reply.inner)
-                .ok()?;
+        IpAddr::V6(dst) => {
+            let src = *gateway.v6.first()?;
+            (EtherType::Ipv6, 40, PseudoHeader::V6 { src, dst })
         }
+    };
+    let mut out = vec![0u8; ETH + ip_len + udp_len];
+    let eth = EthernetRepr {
+        src_addr: gateway.mac,
+        dst_addr: EthernetAddress(reply.info.mac.0),
+        vlan_tci: None,
+        ethertype,
+    };
+    eth.emit(&mut EthernetFrame::new_unchecked(&mut out[..]))
+        .ok()?;
+    let payload_len = u16::try_from(udp_len).ok()?;
+    let ip = &mut out[ETH..];
+    match pseudo {
+        PseudoHeader::V4 { src, dst } => Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Udp,
+            payload_len,
+            ttl: 64,
+            dscp: 0,
+            ecn: 0,
+            ident: 0,
+            dont_frag: true,
+        }
+        .emit(&mut Ipv4Packet::new_unchecked(ip)),
+        PseudoHeader::V6 { src, dst } => Ipv6Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Udp,
+            payload_len,
+            hop_limit: 64,
+            traffic_class: 0,
+            flow_label: 0,
+        }
+        .emit(&mut Ipv6Packet::new_unchecked(ip)),
     }
+    .ok()?;
+    let mut udp = UdpPacket::new_unchecked(&mut out[ETH + ip_len..]);
+    UdpRepr {
+        src_port: ALLOC_PORT,
+        dst_port: reply.info.client_port,
+        payload_len: u16::try_from(payload.len()).ok()?,
+    }
+    .emit(&mut udp)
+    .ok()?;
+    udp.payload_mut().copy_from_slice(payload);
+    udp.fill_checksum(&pseudo);
     Some(out)
 }
 
@@ -695,6 +751,7 @@ fn reply_frame(gateway: &Gateway, reply: &RelayReply<'_>, client: IpAddr) -> Opt
 mod tests {
     use super::*;
     use crate::port::mem::{MemFrame, MemMemory};
+    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
     #[test]
     fn a_next_hop_heard_by_any_worker_s_edge_slow_path_reaches_every_worker() {
@@ -1067,6 +1124,13 @@ mod tests {
             (ALLOC_PORT, 41000)
         );
         assert_eq!(udp.payload(), b"MQ-reply-bytes");
+        // Header and UDP checksums as an independent implementation computes them.
+        let h = ip.header().to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+        let u = udp.to_header();
+        let want = u.calc_checksum_ipv4(&h, udp.payload()).unwrap();
+        assert_eq!(u.checksum, want, "UDP checksum");
+        assert_eq!((h.time_to_live, h.dont_fragment), (64, true));
         assert_eq!(stats.relayed.load(Ordering::Relaxed), 1);
         assert_eq!(stats.replies.load(Ordering::Relaxed), 1);
         assert!(
