@@ -9,6 +9,11 @@
 //! a burst the worker is processing, a TX ring, or a completion ring. Frames enter the kernel
 //! only through [`XskPort::tx_burst`] and [`XskPort::reclaim`], which take them out of the
 //! worker's hands, and leave it only through [`XskPort::rx_burst`] and [`XskPort::reclaim`].
+//! The type keeps the rest of it: a [`FrameDesc`] is the token of its frame, neither `Copy` nor
+//! `Clone`, and only `unsafe` code can make one (xsk-rs as vendored here:
+//! vendor/xsk-rs/MIMIQ-PATCH.md), so safe code cannot hold a frame the kernel or another thread
+//! holds. The empty slots the rings write into live only in each port's `scratch`, which is read
+//! no further than a ring has just filled it.
 //!
 //! Copy mode, the only mode on veth, copies each frame once in the kernel on RX (into the UMEM)
 //! and once on TX (into an skb); zero-copy drivers copy nothing.
@@ -268,7 +273,7 @@ pub fn open(
             fill,
             comp,
             umem_len_bytes: len_bytes,
-            scratch: vec![FrameDesc::default(); config.ring_size as usize],
+            scratch: (0..config.ring_size).map(|_| empty_slot()).collect(),
             invalid_rx_descs: 0,
             tx_in_flight: 0,
             ring_size: config.ring_size,
@@ -277,6 +282,19 @@ pub fn open(
         });
     }
     Ok((ports, XskMemory { umem, len_bytes }, free))
+}
+
+/// An empty scratch slot for a ring to write a descriptor into.
+fn empty_slot() -> FrameDesc {
+    // SAFETY: the slot stays in a port's `scratch`, which is read only up to the count a ring's
+    // `consume` has just filled; an empty slot is never used as a frame.
+    unsafe { FrameDesc::empty() }
+}
+
+/// Takes the frame out of a scratch slot that a ring has filled, leaving an empty slot.
+#[inline]
+fn take(slot: &mut FrameDesc) -> FrameDesc {
+    std::mem::replace(slot, empty_slot())
 }
 
 /// The RX queues of `iface` (`/sys/class/net/<iface>/queues/rx-<n>`); 0 if unknown.
@@ -334,10 +352,10 @@ impl Port for XskPort {
         // from here on they are in the worker's hands (module invariant).
         let n = unsafe { self.rx.consume(&mut self.scratch[..max]) };
         let mut taken = 0;
-        for desc in &self.scratch[..n] {
+        for desc in &mut self.scratch[..n] {
             // Validate kernel-provided descriptors once, here at the ring boundary.
             if desc.addr() + desc.lengths().data() <= self.umem_len_bytes {
-                out.push(*desc);
+                out.push(take(desc));
                 taken += 1;
             } else {
                 self.invalid_rx_descs += 1;
@@ -368,7 +386,7 @@ impl Port for XskPort {
         // SAFETY: completed descriptors are frames the kernel has finished transmitting; they
         // return to the worker's free list.
         let done = unsafe { self.comp.consume(&mut self.scratch) };
-        free.extend_from_slice(&self.scratch[..done]);
+        free.extend(self.scratch[..done].iter_mut().map(take));
         self.tx_in_flight = self.tx_in_flight.saturating_sub(done as u64);
         if !free.is_empty() {
             let room = (self.fill.nb_free(free.len() as u32) as usize).min(free.len());

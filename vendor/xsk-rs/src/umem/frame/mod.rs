@@ -65,7 +65,7 @@ const XDP_PKT_CONTD: u32 = 1 << 0;
 /// the packet data segment of some frame. `lengths` describes the
 /// length (in bytes) of any data stored in the frame's headroom or
 /// data segments.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct FrameDesc {
     pub(crate) addr: usize,
     pub(crate) options: u32,
@@ -126,20 +126,24 @@ impl FrameDesc {
     }
 }
 
-impl Default for FrameDesc {
-    /// Creates an empty frame descriptor with an address of zero and
-    /// segment lengths also set to zero.
+impl FrameDesc {
+    /// An empty descriptor (address and lengths zero): a slot for the
+    /// [`RxQueue`] or the [`CompQueue`] to write a frame's details
+    /// into.
     ///
-    /// Since the address of any descriptors created this way is
-    /// always zero, before using them to write to the [`Umem`] they
-    /// should first be 'initialised' by passing them to either the
-    /// [`RxQueue`] or the [`CompQueue`], so they can be populated
-    /// with the details of a free frame.
+    /// A `FrameDesc` is the token of one frame: it is neither `Copy`
+    /// nor `Clone`, so safe code cannot hold a frame twice.
+    ///
+    /// # Safety
+    ///
+    /// The slot names no frame of its own: its zero address is the
+    /// first frame's. It must not be used to access the [`Umem`] or
+    /// be handed to a ring until a ring has filled it.
     ///
     /// [`Umem`]: crate::Umem
     /// [`RxQueue`]: crate::RxQueue
     /// [`CompQueue`]: crate::CompQueue
-    fn default() -> Self {
+    pub unsafe fn empty() -> Self {
         Self {
             addr: 0,
             options: 0,
@@ -582,7 +586,8 @@ mod tests {
 
         let umem_region = UmemRegion::new(2.try_into().unwrap(), layout, false).unwrap();
 
-        let mut desc = FrameDesc::default();
+        // SAFETY: the test reads the region at the first frame on purpose.
+        let mut desc = unsafe { FrameDesc::empty() };
 
         let (mut headroom, mut data) = unsafe { umem_region.frame_mut(&mut desc) };
 
