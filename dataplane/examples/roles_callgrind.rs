@@ -1,7 +1,8 @@
 //! Instructions per packet of the MIMIQ switch roles, with callgrind (exact and repeatable on a
 //! shared machine, where nanoseconds are not). Same tables and frames as `benches/roles.rs`
-//! (1M IPv4 bindings, 65,535 aliases, 64-byte frames, bursts of 64). Only `roles_burst`
-//! is counted: building the tables and refilling the frames are not.
+//! (1M IPv4 bindings, 65,535 aliases, 64-byte frames, bursts of 64 rotating through 1,024
+//! bursts whose destinations are drawn uniformly over the table). Only `roles_burst` is
+//! counted: building the tables and refilling the frames are not.
 //!
 //! ```text
 //! cargo build --profile bench -p mimiq-dataplane --example roles_callgrind
@@ -65,11 +66,11 @@ fn main() -> ExitCode {
         },
     };
     let mut verdicts = Vec::with_capacity(BURST);
-    let mut frames = frames(&input);
+    let mut frames = frames(&input[0]);
     let mut handled = 0;
-    for _ in 0..bursts {
-        // Refill the same frames (not counted): encapsulation changed them.
-        for (f, bytes) in frames.iter_mut().zip(&input) {
+    for n in 0..bursts {
+        // The next burst's packets (not counted), over the whole table.
+        for (f, bytes) in frames.iter_mut().zip(&input[n % input.len()]) {
             *f = MemFrame::from_bytes(bytes);
         }
         handled += match role {

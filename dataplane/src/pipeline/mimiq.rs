@@ -384,6 +384,12 @@ impl Access {
         &self.tables
     }
 
+    /// Marks the binding of `ip` seen, as its first forwarded packet does (benches start from
+    /// the steady state this way); false if there is none or it was seen already.
+    pub fn mark_seen(&mut self, ip: IpAddr) -> bool {
+        self.tables.mark_seen(ip)
+    }
+
     /// A client's frame; the source of a binding not seen yet goes to `first_seen`.
     fn upstream(
         &self,
