@@ -122,13 +122,16 @@ pub fn udp_v6(dst: Ipv6Addr) -> Vec<u8> {
     out
 }
 
+/// Bursts of frames' bytes.
+pub type Bursts = Vec<Vec<Vec<u8>>>;
+
 /// Bursts the workloads rotate through: 65,536 packets, so the tables' lines a burst touches
 /// are not in the caches from the burst before.
 pub const BURSTS: usize = 1024;
 
 /// `BURSTS` bursts whose packets name bindings drawn uniformly from the whole table (a fixed
 /// seed: every run measures the same packets).
-pub fn bursts(make: impl Fn(u32) -> Vec<u8>) -> Vec<Vec<Vec<u8>>> {
+pub fn bursts(make: impl Fn(u32) -> Vec<u8>) -> Bursts {
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         rng ^= rng << 13;
@@ -153,7 +156,7 @@ pub fn run<P: Pipeline>(p: &mut P, port: u16, f: &mut [MemFrame]) -> usize {
 
 /// The four role workloads and their input bursts: (name, port, bursts of frames), with the
 /// frames the edge produces as the access switch's downstream input.
-pub fn workloads(e: &mut Edge) -> Vec<(&'static str, u16, Vec<Vec<Vec<u8>>>)> {
+pub fn workloads(e: &mut Edge) -> Vec<(&'static str, u16, Bursts)> {
     let down_v4 = bursts(|i| udp_v4([2, 0, 0, 0, 0, 0x99], Ipv4Addr::new(203, 0, 113, 5), v4(i)));
     let down_v6 = bursts(|i| {
         udp_v6(Ipv6Addr::from(
@@ -163,7 +166,7 @@ pub fn workloads(e: &mut Edge) -> Vec<(&'static str, u16, Vec<Vec<Vec<u8>>>)> {
         ))
     });
     let up = bursts(|i| udp_v4(CLIENT, v4(i), Ipv4Addr::new(203, 0, 113, 5)));
-    let encapsulated: Vec<Vec<Vec<u8>>> = down_v4
+    let encapsulated: Bursts = down_v4
         .iter()
         .map(|burst| {
             burst

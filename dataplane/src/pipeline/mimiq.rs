@@ -262,6 +262,14 @@ impl Pipeline for Edge {
         verdicts: &mut Vec<Verdict>,
     ) {
         let this = &*self;
+        if in_port == this.cfg.outside {
+            // Every lookup of the burst starts loading before the first one waits: with a
+            // million bindings, each is a cache miss (tables/map.rs).
+            for frame in frames.iter_mut() {
+                let len = memory.len(frame);
+                this.prefetch_downstream(&memory.data_mut(frame), len);
+            }
+        }
         each_frame(memory, frames, verdicts, |memory, frame, len| {
             this.verdict(in_port, memory, frame, len)
         });
@@ -269,6 +277,18 @@ impl Pipeline for Edge {
 }
 
 impl Edge {
+    /// Starts loading the binding an IPv4 frame from outside will be routed by. (IPv6 goes by
+    /// the alias table, 2^alias_bits small slots: at 16 bits it stays in the caches, and its
+    /// prefetch measured no gain for 41 more instructions per packet.)
+    #[inline(always)]
+    fn prefetch_downstream(&self, data: &[u8], len: usize) {
+        if data.get(12..14) == Some(&ETHERTYPE_IPV4[..]) {
+            if let Ok(dst) = ipv4_dst(data, len) {
+                self.tables.prefetch_v4(dst);
+            }
+        }
+    }
+
     /// One frame of length `len` (at least an Ethernet header) received on `in_port`.
     pub(super) fn verdict<M: FrameMemory>(
         &self,
@@ -573,6 +593,16 @@ impl Pipeline for Access {
     ) {
         let mut first_seen = std::mem::take(&mut self.first_seen);
         let this = &*self;
+        // Every lookup of the burst starts loading before the first one waits (tables/map.rs).
+        for frame in frames.iter_mut() {
+            let len = memory.len(frame);
+            let data = &memory.data_mut(frame);
+            if in_port < this.cfg.client_ports {
+                this.prefetch_upstream(data, len);
+            } else if in_port == this.cfg.uplink {
+                this.prefetch_downstream(data, len);
+            }
+        }
         each_frame(memory, frames, verdicts, |memory, frame, len| {
             if in_port < this.cfg.client_ports {
                 this.upstream(in_port, &mut memory.data_mut(frame), len, &mut first_seen)
@@ -603,6 +633,58 @@ impl Pipeline for Access {
 }
 
 impl Access {
+    /// Starts loading the binding a client's frame will be checked against (its source's).
+    #[inline(always)]
+    fn prefetch_upstream(&self, data: &[u8], len: usize) {
+        let Some(ip) = data.get(ETH_LEN..len) else {
+            return;
+        };
+        match (data[12..14] == ETHERTYPE_IPV4, ip.first().map(|b| b >> 4)) {
+            (true, Some(4)) => {
+                if let Some(src) = ip.get(12..16).and_then(|b| b.try_into().ok()) {
+                    self.tables.prefetch_v4(u32::from_be_bytes(src));
+                }
+            }
+            (false, Some(6)) => {
+                if let Some(src) = ip.get(8..24).and_then(|b| b.try_into().ok()) {
+                    self.tables.prefetch_v6(u128::from_be_bytes(src));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts loading the binding a tunnelled frame's inner destination will be delivered by.
+    #[inline(always)]
+    fn prefetch_downstream(&self, data: &[u8], len: usize) {
+        let Some(outer) = data.get(ETH_LEN..len) else {
+            return;
+        };
+        let (outer_len, proto) = match outer.first() {
+            Some(b) if self.outer_v4 && b >> 4 == 4 => {
+                (usize::from(b & 0x0f) * 4, outer.get(9).copied())
+            }
+            Some(b) if !self.outer_v4 && b >> 4 == 6 => (IPV6_LEN, outer.get(6).copied()),
+            _ => return,
+        };
+        let Some(inner) = outer.get(outer_len..) else {
+            return;
+        };
+        match proto {
+            Some(PROTO_IPV4_IN) => {
+                if let Some(dst) = ipv4_dst_of(inner) {
+                    self.tables.prefetch_v4(dst);
+                }
+            }
+            Some(PROTO_IPV6_IN) => {
+                if let Some(dst) = ipv6_dst_of(inner) {
+                    self.tables.prefetch_v6(dst);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// One frame of length `len` (at least an Ethernet header) received on the uplink.
     pub(super) fn downstream_verdict<M: FrameMemory>(
         &self,

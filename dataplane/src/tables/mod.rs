@@ -19,11 +19,14 @@
 //! yields [`ApplyOutcome::NeedSnapshot`] and the tables ignore further updates until a snapshot
 //! starts.
 
+mod map;
+
 use std::net::IpAddr;
 
 use mimiq_allocator::lease::{RuleUpdate, Sequenced};
 use mimiq_allocator::Sid;
-use rustc_hash::FxHashMap;
+
+use map::BindingMap;
 
 /// A client's address binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +70,8 @@ pub enum ApplyOutcome {
 
 /// The tables of one worker.
 pub struct Tables {
-    v4: FxHashMap<u32, Binding>,
-    v6: FxHashMap<u128, Binding>,
+    v4: BindingMap<u32>,
+    v6: BindingMap<u128>,
     aliases: Vec<Option<AliasSlot>>,
     alias_bits: u32,
     alias_shift: u32,
@@ -87,8 +90,8 @@ impl Tables {
     pub fn new(prefix_len: u32, alias_bits: u32, k: u64) -> Self {
         let alias_bits = alias_bits.min(24);
         Tables {
-            v4: FxHashMap::default(),
-            v6: FxHashMap::default(),
+            v4: BindingMap::default(),
+            v6: BindingMap::default(),
             aliases: vec![None; 1 << alias_bits],
             alias_bits,
             alias_shift: 128u32.saturating_sub(prefix_len + alias_bits),
@@ -127,20 +130,20 @@ impl Tables {
     /// The binding of an IPv4 address, if it routes at `now_ms`.
     #[inline]
     pub fn binding_v4(&self, addr: u32, now_ms: u64) -> Option<&Binding> {
-        self.v4.get(&addr).filter(|b| now_ms < b.valid_until_ms)
+        self.v4.get(addr).filter(|b| now_ms < b.valid_until_ms)
     }
 
     /// The binding of an IPv6 address, if it routes at `now_ms`.
     #[inline]
     pub fn binding_v6(&self, addr: u128, now_ms: u64) -> Option<&Binding> {
-        self.v6.get(&addr).filter(|b| now_ms < b.valid_until_ms)
+        self.v6.get(addr).filter(|b| now_ms < b.valid_until_ms)
     }
 
     /// Marks the binding of `ip` seen; false if there is none or it was seen already.
     pub fn mark_seen(&mut self, ip: IpAddr) -> bool {
         let b = match ip {
-            IpAddr::V4(a) => self.v4.get_mut(&u32::from(a)),
-            IpAddr::V6(a) => self.v6.get_mut(&u128::from(a)),
+            IpAddr::V4(a) => self.v4.get_mut(u32::from(a)),
+            IpAddr::V6(a) => self.v6.get_mut(u128::from(a)),
         };
         match b {
             Some(b) if !b.seen => {
@@ -151,10 +154,27 @@ impl Tables {
         }
     }
 
+    /// Starts loading what [`Tables::binding_v4`] of `addr` will read (a hint; see `map.rs`).
+    #[inline(always)]
+    pub fn prefetch_v4(&self, addr: u32) {
+        self.v4.prefetch(addr);
+    }
+
+    /// Starts loading what [`Tables::binding_v6`] of `addr` will read.
+    #[inline(always)]
+    pub fn prefetch_v6(&self, addr: u128) {
+        self.v6.prefetch(addr);
+    }
+
+    #[inline(always)]
+    fn alias_of(&self, addr: u128) -> usize {
+        ((addr >> self.alias_shift) & ((1u128 << self.alias_bits) - 1)) as usize
+    }
+
     /// The SID whose alias is in `addr`, if its epoch routes at `now_ms`.
     #[inline]
     pub fn alias_sid(&self, addr: u128, now_ms: u64) -> Option<Sid> {
-        let alias = ((addr >> self.alias_shift) & ((1u128 << self.alias_bits) - 1)) as usize;
+        let alias = self.alias_of(addr);
         // `alias` < 2^alias_bits = aliases.len() by the mask above.
         match self.aliases[alias] {
             Some(slot) if now_ms < slot.valid_until_ms => Some(slot.sid),
@@ -180,8 +200,8 @@ impl Tables {
     /// Removes bindings and aliases whose time has passed. Lookups already ignore them; this
     /// only frees memory, and may be called rarely.
     pub fn sweep(&mut self, now_ms: u64) {
-        self.v4.retain(|_, b| now_ms < b.valid_until_ms);
-        self.v6.retain(|_, b| now_ms < b.valid_until_ms);
+        self.v4.retain(|b| now_ms < b.valid_until_ms);
+        self.v6.retain(|b| now_ms < b.valid_until_ms);
         for slot in &mut self.aliases {
             if matches!(slot, Some(s) if now_ms >= s.valid_until_ms) {
                 *slot = None;
@@ -224,8 +244,8 @@ impl Tables {
             }
             RuleUpdate::BindingRemove { ip } => {
                 match ip {
-                    IpAddr::V4(a) => self.v4.remove(&u32::from(*a)),
-                    IpAddr::V6(a) => self.v6.remove(&u128::from(*a)),
+                    IpAddr::V4(a) => self.v4.remove(u32::from(*a)),
+                    IpAddr::V6(a) => self.v6.remove(u128::from(*a)),
                 };
             }
             RuleUpdate::AliasEpoch {
