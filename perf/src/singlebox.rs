@@ -95,10 +95,23 @@ key_hex = "{EDGE_KEY}"
     path
 }
 
+/// Starts `mimiq-allocator run --config <config>` on `host`.
+pub fn start_allocator(tb: &Testbed, host: &str, config: &std::path::Path) -> Proc {
+    let bin = bin_path("mimiq-allocator").unwrap();
+    let (bin, config) = (bin.to_str().unwrap(), config.to_str().unwrap());
+    tb.spawn(host, &[bin, "run", "--config", config], false)
+        .unwrap()
+}
+
+/// A switch config's `workers` value: one worker per queue `0..queues`.
+pub fn workers_toml(queues: u32) -> String {
+    let workers: Vec<String> = (0..queues).map(|q| format!("{{ queue = {q} }}")).collect();
+    format!("[{}]", workers.join(", "))
+}
+
 /// Writes the single box switch's config into `dir`: one worker per queue of `queues`.
 pub fn switch_config(dir: &std::path::Path, queues: u32) -> std::path::PathBuf {
     let path = dir.join("switch.toml");
-    let workers: Vec<String> = (0..queues).map(|q| format!("{{ queue = {q} }}")).collect();
     std::fs::write(
         &path,
         format!(
@@ -106,7 +119,7 @@ pub fn switch_config(dir: &std::path::Path, queues: u32) -> std::path::PathBuf {
 role = "single_box"
 stats_path = "{stats}"
 stats_interval_ms = 50
-workers = [{workers}]
+workers = {workers}
 
 [access]
 sid = 1
@@ -132,7 +145,7 @@ alias_k = 3
 v4_pools = ["{pool}"]
 "#,
             stats = dir.join("stats.json").display(),
-            workers = workers.join(", "),
+            workers = workers_toml(queues),
             out_v4 = addr::OUT_V4,
             edge_v4 = addr::EDGE_OUT_V4,
             edge_v6 = addr::EDGE_OUT_V6,
@@ -268,20 +281,8 @@ pub fn start_with(times: &Times, options: &Options) -> SingleBox {
     // edge's addresses (ARP, NS answered by the edge's slow path), and the edge resolves the
     // outside host, its next hop, by ARP.
 
-    let allocator_bin = bin_path("mimiq-allocator").unwrap();
     let cfg = allocator_config_with(dir.path(), times, options.reclaim_silent_ms);
-    let mut allocator = tb
-        .spawn(
-            "sw",
-            &[
-                allocator_bin.to_str().unwrap(),
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-            ],
-            false,
-        )
-        .unwrap();
+    let mut allocator = start_allocator(&tb, "sw", &cfg);
     let sw_cfg = switch_config(dir.path(), options.queues);
     let switch = Switch::start(
         &tb,

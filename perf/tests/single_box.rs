@@ -10,8 +10,8 @@ use mimiq_allocator::proto::Status;
 use mimiq_allocator::Family;
 use mimiq_perf::capture::inject_frames;
 use mimiq_perf::singlebox::{
-    allocate, allocator_config, mac, release, start, start_with, try_allocate, use_address,
-    Granted, Options, SingleBox, Times, EDGE_KEY, KEY, LONG,
+    allocate, allocator_config, mac, release, start, start_allocator, start_with, try_allocate,
+    use_address, workers_toml, Granted, Options, SingleBox, Times, EDGE_KEY, KEY, LONG,
 };
 use mimiq_perf::switch::Switch;
 use mimiq_perf::testbed::topology::{self, single_box_addr as addr};
@@ -305,7 +305,7 @@ fn access_and_edge_serve_two_queues_each_with_a_worker_per_queue() {
     let bad = split.dir.path().join("bad.toml");
     let text = std::fs::read_to_string(split.dir.path().join("access.toml")).unwrap();
     let text = text.replace(
-        "workers = [{ queue = 0 }, { queue = 1 }]",
+        &format!("workers = {}", workers_toml(2)),
         "workers = [{ queue = 0 }, { queue = 5 }]",
     );
     std::fs::write(&bad, text).unwrap();
@@ -507,22 +507,9 @@ impl Split {
         };
         topology::split_with(&mut tb, links).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let allocator_bin = bin_path("mimiq-allocator").unwrap();
         let cfg = allocator_config(dir.path(), &LONG);
-        let allocator = tb
-            .spawn(
-                "swa",
-                &[
-                    allocator_bin.to_str().unwrap(),
-                    "run",
-                    "--config",
-                    cfg.to_str().unwrap(),
-                ],
-                false,
-            )
-            .unwrap();
-        let workers: Vec<String> = (0..queues).map(|q| format!("{{ queue = {q} }}")).collect();
-        let workers = workers.join(", ");
+        let allocator = start_allocator(&tb, "swa", &cfg);
+        let workers = workers_toml(queues);
         let access_cfg = dir.path().join("access.toml");
         std::fs::write(
             &access_cfg,
@@ -530,7 +517,7 @@ impl Split {
                 r#"role = "access"
 stats_path = "{stats}"
 stats_interval_ms = 50
-workers = [{workers}]
+workers = {workers}
 [access]
 sid = 1
 clients = "cl0"
@@ -556,7 +543,7 @@ key_hex = "{KEY}"
                 r#"role = "edge"
 stats_path = "{stats}"
 stats_interval_ms = 50
-workers = [{workers}]
+workers = {workers}
 [edge]
 inside = "in0"
 outside = "out0"
