@@ -302,16 +302,27 @@ pub fn agent() -> Result<Fault, String> {
         Ok(live)
     };
     let c1 = held("c1")?;
+    let c1_mac = singlebox::mac(&tb, "c1", "eth0");
+    // How many of them are leased to c1 (once back in the pool, c2 may be given one).
+    let leased_to_c1 = |leases: &str| {
+        c1.iter()
+            .filter(|a| {
+                let lease = format!("{a} {c1_mac} ");
+                leases.lines().any(|l| l.starts_with(&lease))
+            })
+            .count()
+    };
+    if leased_to_c1(&allocator_leases(&tb, &bin, &config)?) == 0 {
+        return Err(format!(
+            "none of c1's addresses {c1:?} is leased to its MAC {c1_mac}"
+        ));
+    }
     let killed = Instant::now();
     killed_agent.signal(libc::SIGKILL);
-    // At most t_ip (9 s) + t_remove (2 s) later, none of them is leased any more.
+    // At most t_ip (9 s) + t_remove (2 s) later, none of them is leased to c1 any more.
     let gone = eventually(Duration::from_millis(TIMES.1 + TIMES.2 + 5_000), || {
         let leases = allocator_leases(&tb, &bin, &config)?;
-        match c1
-            .iter()
-            .filter(|a| leases.contains(&format!("{a} ")))
-            .count()
-        {
+        match leased_to_c1(&leases) {
             0 => Ok(killed.elapsed()),
             n => Err(format!("{n} of c1's addresses still leased")),
         }
