@@ -1589,7 +1589,8 @@ mod tests {
         fn random_frames_never_panic_either_role(
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
             ethertype in proptest::sample::select(vec![[0x08u8, 0x00], [0x86, 0xdd], [0x08, 0x06]]),
-            port in 0u16..3,
+            port in 0u16..5,
+            headroom in 0usize..64,
         ) {
             let mut frame = bytes.clone();
             if frame.len() >= 14 {
@@ -1598,12 +1599,20 @@ mod tests {
             let (mut e, mut a) = (edge(), access());
             run(&mut e, port, &frame);
             run(&mut a, port, &frame);
+            // Both roles in one pass (ports 0 to 3; 4 is none of them).
+            let mut one = crate::pipeline::single_box::SingleBox::new(access(), 1, edge());
+            run(&mut one, port, &frame);
+            // Any headroom, too little for an outer header included.
+            let mut short = MemFrame::with_headroom(&frame, headroom);
+            let mut verdicts = Vec::new();
+            e.process(1, &mut MemMemory, std::slice::from_mut(&mut short), &mut verdicts);
             // Valid outer header, random inner bytes.
             let mut enc = udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 1);
             enc = run(&mut e, 1, &enc).1;
             enc.truncate(54);
             enc.extend_from_slice(&bytes);
             run(&mut a, 1, &enc);
+            run(&mut one, 1, &enc);
         }
     }
 }
