@@ -1001,10 +1001,10 @@ mod tests {
         out
     }
 
-    #[test]
-    fn return_traffic_reaches_the_bound_client_through_edge_and_access_v4_and_v6() {
-        let (mut e, mut a) = (edge(), access());
-        let cases = [
+    /// A UDP packet from outside to the bound client's IPv4 address, and one to its IPv6
+    /// address (alias 0x0101).
+    fn return_traffic() -> [Vec<u8>; 2] {
+        [
             udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
             udp_v6(
                 OUT_HOP,
@@ -1012,7 +1012,13 @@ mod tests {
                 "2001:db8::5".parse().unwrap(),
                 client_v6(),
             ),
-        ];
+        ]
+    }
+
+    #[test]
+    fn return_traffic_reaches_the_bound_client_through_edge_and_access_v4_and_v6() {
+        let (mut e, mut a) = (edge(), access());
+        let cases = return_traffic();
         for original in cases {
             let (v, encapsulated) = run(&mut e, 1, &original);
             assert_eq!(v, Verdict::Forward(0), "edge sends it inside");
@@ -1055,15 +1061,7 @@ mod tests {
         // Ports: client 0, uplink 1, edge inside 2, edge outside 3.
         let mut one = SingleBox::new(access(), 1, edge());
         let (mut e, mut a) = (edge(), access());
-        let down = [
-            udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
-            udp_v6(
-                OUT_HOP,
-                EDGE_OUT,
-                "2001:db8::5".parse().unwrap(),
-                client_v6(),
-            ),
-        ];
+        let down = return_traffic();
         for original in down {
             let (v, tunnelled) = run(&mut e, 1, &original);
             assert_eq!(v, Verdict::Forward(0));
@@ -1467,15 +1465,7 @@ mod tests {
     fn an_ipv4_outer_header_carries_the_return_path_on_ipv4_only_internal_networks() {
         let (e_int, a_int) = ipv4_internals();
         let (mut e, mut a) = roles_with_ipv4_outer();
-        for original in [
-            udp_v4(OUT_HOP, EDGE_OUT, [203, 0, 113, 5], [198, 18, 1, 10], 40000),
-            udp_v6(
-                OUT_HOP,
-                EDGE_OUT,
-                "2001:db8::5".parse().unwrap(),
-                client_v6(),
-            ),
-        ] {
+        for original in return_traffic() {
             let (v, encapsulated) = run(&mut e, 1, &original);
             assert_eq!(v, Verdict::Forward(0));
             assert_eq!(encapsulated.len(), original.len() + 20);
