@@ -163,7 +163,7 @@ const IPV4_MIN_HEADER_LEN: usize = 20;
 /// Errors: [`Error::Truncated`] if `header` is shorter than 20 bytes;
 /// [`Error::HopLimitExceeded`] if the TTL is 0 or 1 (RFC 1812 §5.3.1: a router must not forward
 /// it; the caller sends ICMP Time Exceeded or drops). The header is unchanged on error.
-#[inline]
+#[inline(always)]
 pub fn decrement_ipv4_ttl(header: &mut [u8]) -> Result<u8> {
     let Some(h) = header.get_mut(..IPV4_MIN_HEADER_LEN) else {
         return Err(Error::Truncated);
@@ -184,7 +184,7 @@ pub fn decrement_ipv4_ttl(header: &mut [u8]) -> Result<u8> {
 
 /// Decrements the hop limit of the IPv6 header at the start of `header` (no checksum to
 /// update). Returns the new hop limit; errors as [`decrement_ipv4_ttl`].
-#[inline]
+#[inline(always)]
 pub fn decrement_ipv6_hop_limit(header: &mut [u8]) -> Result<u8> {
     const IPV6_HOP_LIMIT: usize = 7;
     const IPV6_HEADER_LEN: usize = 40;

@@ -98,6 +98,12 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         u8_at(self.buffer.as_ref(), offsets::DSCP_ECN) >> 2
     }
 
+    /// DSCP and ECN: the byte RFC 6040 copies into an outer header.
+    #[inline]
+    pub fn dscp_ecn(&self) -> u8 {
+        u8_at(self.buffer.as_ref(), offsets::DSCP_ECN)
+    }
+
     /// ECN (2 bits).
     pub fn ecn(&self) -> u8 {
         u8_at(self.buffer.as_ref(), offsets::DSCP_ECN) & 0x03

@@ -28,17 +28,13 @@ use super::{DropReason, Pipeline, Verdict};
 use crate::port::{FrameMemory, PortId};
 use crate::tables::Tables;
 use crate::wire::checksum::{decrement_ipv4_ttl, decrement_ipv6_hop_limit};
+use crate::wire::ethernet::HEADER_LEN as ETH_LEN;
+use crate::wire::ipv4::MIN_HEADER_LEN as IPV4_MIN;
+use crate::wire::ipv6::HEADER_LEN as IPV6_LEN;
+use crate::wire::{
+    EtherType, EthernetAddress, EthernetFrame, IpProtocol, Ipv4Packet, Ipv6Packet, UdpPacket,
+};
 
-const ETH_LEN: usize = 14;
-const IPV4_MIN: usize = 20;
-const IPV6_LEN: usize = 40;
-const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
-const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
-const ETHERTYPE_ARP: [u8; 2] = [0x08, 0x06];
-const PROTO_IPV4_IN: u8 = 4;
-const PROTO_IPV6_IN: u8 = 41;
-const PROTO_UDP: u8 = 17;
-const PROTO_ICMPV6: u8 = 58;
 /// UDP port of allocator requests to the gateway (ARCHITECTURE §5).
 pub const ALLOC_PORT: u16 = 6363;
 
@@ -172,14 +168,20 @@ impl Edge {
 
     /// Routes a packet from outside: its tunnel, the inner protocol (4 or 41) and the traffic
     /// class the outer header carries; the inner packet has had its hop.
-    fn downstream(&self, data: &mut [u8], len: usize) -> Result<(&Tunnel, u8, u8), DropReason> {
-        let (sid, inner_proto) = match [data[12], data[13]] {
-            ETHERTYPE_IPV6 => {
-                let dst = ipv6_dst(data, len)?;
-                if is_neighbor_discovery(&data[ETH_LEN..len]) {
+    fn downstream(
+        &self,
+        data: &mut [u8],
+        len: usize,
+    ) -> Result<(&Tunnel, IpProtocol, u8), DropReason> {
+        let packet = data.get(ETH_LEN..len).ok_or(DropReason::Malformed)?;
+        let (sid, inner) = match ethertype(data) {
+            EtherType::Ipv6 => {
+                let ip = ipv6_header(packet).ok_or(DropReason::Malformed)?;
+                if is_neighbor_discovery(packet) {
                     // Resolution of the edge's own outside addresses: the slow path's.
                     return Err(DropReason::NotIp);
                 }
+                let dst = u128::from(ip.dst_addr());
                 if dst & self.v6_mask != self.v6_prefix {
                     return Err(DropReason::NotInPool);
                 }
@@ -187,11 +189,12 @@ impl Edge {
                     self.tables
                         .alias_sid(dst, self.now_ms)
                         .ok_or(DropReason::NoRoute)?,
-                    PROTO_IPV6_IN,
+                    IpProtocol::Ipv6,
                 )
             }
-            ETHERTYPE_IPV4 => {
-                let dst = ipv4_dst(data, len)?;
+            EtherType::Ipv4 => {
+                let ip = ipv4_header(packet).ok_or(DropReason::Malformed)?;
+                let dst = u32::from(ip.dst_addr());
                 if !self.cfg.v4_pools.iter().any(|p| p.contains(dst)) {
                     return Err(DropReason::NotInPool);
                 }
@@ -199,7 +202,7 @@ impl Edge {
                     .tables
                     .binding_v4(dst, self.now_ms)
                     .ok_or(DropReason::NoRoute)?;
-                (b.sid, PROTO_IPV4_IN)
+                (b.sid, IpProtocol::Ipv4)
             }
             _ => return Err(DropReason::NotIp),
         };
@@ -210,29 +213,28 @@ impl Edge {
         if len - ETH_LEN + tunnel.len > usize::from(u16::MAX) {
             return Err(DropReason::TooBig);
         }
-        hop(&mut data[ETH_LEN..len], inner_proto)?;
+        let packet = &mut data[ETH_LEN..len];
+        hop(packet, inner)?;
         // RFC 6040 §4.1 (normal mode): the outer header carries the inner DSCP and ECN.
-        let first = u16::from_be_bytes([data[ETH_LEN], data[ETH_LEN + 1]]);
-        let tclass = if inner_proto == PROTO_IPV4_IN {
-            first as u8
+        let tclass = if inner == IpProtocol::Ipv4 {
+            Ipv4Packet::new_unchecked(&*packet).dscp_ecn()
         } else {
-            (first >> 4) as u8
+            Ipv6Packet::new_unchecked(&*packet).traffic_class()
         };
-        Ok((tunnel, inner_proto, tclass))
+        Ok((tunnel, inner, tclass))
     }
 
     fn upstream(&self, data: &mut [u8], len: usize) -> Result<(), DropReason> {
-        let proto = match [data[12], data[13]] {
-            ETHERTYPE_IPV4 => PROTO_IPV4_IN,
-            ETHERTYPE_IPV6 => PROTO_IPV6_IN,
+        let (version, ethertype) = match ethertype(data) {
+            EtherType::Ipv4 => (IpProtocol::Ipv4, EtherType::Ipv4),
+            EtherType::Ipv6 => (IpProtocol::Ipv6, EtherType::Ipv6),
             _ => return Err(DropReason::NotIp),
         };
         let next_hop = self
             .cfg
             .outside_next_hop_mac
             .ok_or(DropReason::NoNeighbor)?;
-        hop(&mut data[ETH_LEN..len], proto)?;
-        let ethertype = [data[12], data[13]];
+        hop(&mut data[ETH_LEN..len], version)?;
         write_eth(data, next_hop, self.cfg.outside_mac, ethertype);
         Ok(())
     }
@@ -282,9 +284,9 @@ impl Edge {
     /// prefetch measured no gain for 41 more instructions per packet.)
     #[inline(always)]
     fn prefetch_downstream(&self, data: &[u8], len: usize) {
-        if data.get(12..14) == Some(&ETHERTYPE_IPV4[..]) {
-            if let Ok(dst) = ipv4_dst(data, len) {
-                self.tables.prefetch_v4(dst);
+        if ethertype(data) == EtherType::Ipv4 {
+            if let Some(ip) = data.get(ETH_LEN..len).and_then(ipv4_header) {
+                self.tables.prefetch_v4(u32::from(ip.dst_addr()));
             }
         }
     }
@@ -418,22 +420,21 @@ impl Access {
         len: usize,
         first_seen: &mut Vec<IpAddr>,
     ) -> Result<Verdict, DropReason> {
-        let src_mac: [u8; 6] = data[6..12].try_into().unwrap_or_default();
-        match [data[12], data[13]] {
-            ETHERTYPE_IPV4 => {
-                let h = data
-                    .get(ETH_LEN..len)
-                    .filter(|h| h.len() >= IPV4_MIN)
-                    .ok_or(DropReason::Malformed)?;
-                let ihl = usize::from(h[0] & 0x0f) * 4;
-                let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
-                if h[9] == PROTO_UDP
-                    && Some(dst) == self.cfg.gateway_v4
-                    && udp_dst_port(h, ihl) == Some(ALLOC_PORT)
+        let src_mac = EthernetFrame::new_unchecked(&*data).src_addr().0;
+        let packet = data.get(ETH_LEN..len).ok_or(DropReason::Malformed)?;
+        let (version, ethertype) = match ethertype(data) {
+            EtherType::Ipv4 => {
+                if packet.len() < IPV4_MIN {
+                    return Err(DropReason::Malformed);
+                }
+                let ip = Ipv4Packet::new_unchecked(packet);
+                if ip.next_header() == IpProtocol::Udp
+                    && Some(ip.dst_addr()) == self.cfg.gateway_v4
+                    && udp_dst_port(packet, usize::from(ip.header_len())) == ALLOC_PORT
                 {
                     return Ok(Verdict::ToSlowPath);
                 }
-                let src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+                let src = u32::from(ip.src_addr());
                 match self.tables.binding_v4(src, self.now_ms) {
                     Some(b) if b.mac == src_mac && b.sid == self.cfg.sid && b.port == port => {
                         if !b.seen {
@@ -442,29 +443,33 @@ impl Access {
                     }
                     _ => return Err(DropReason::SpoofedSource),
                 }
+                (IpProtocol::Ipv4, EtherType::Ipv4)
             }
-            ETHERTYPE_IPV6 => {
-                let h = data
-                    .get(ETH_LEN..len)
-                    .filter(|h| h.len() >= IPV6_LEN)
-                    .ok_or(DropReason::Malformed)?;
-                let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&h[24..40]).unwrap_or_default());
+            EtherType::Ipv6 => {
+                if packet.len() < IPV6_LEN {
+                    return Err(DropReason::Malformed);
+                }
+                let ip = Ipv6Packet::new_unchecked(packet);
+                let dst = ip.dst_addr();
                 // Neighbour discovery and allocator requests are the slow path's, whatever the
                 // source (a client has no bound address before its first allocation).
                 let to_gateway = self.cfg.gateway_v6.contains(&dst) || dst.segments()[0] == 0xff02;
+                let next = ip.next_header();
                 if to_gateway
-                    && (h[6] == PROTO_ICMPV6
-                        || (h[6] == PROTO_UDP && udp_dst_port(h, IPV6_LEN) == Some(ALLOC_PORT)))
+                    && (next == IpProtocol::Icmpv6
+                        || (next == IpProtocol::Udp
+                            && udp_dst_port(packet, IPV6_LEN) == ALLOC_PORT))
                 {
                     return Ok(Verdict::ToSlowPath);
                 }
                 // Link-local sources and multicast destinations (MLD reports, router
                 // solicitations with extension headers...) stay on the link: not forwarded,
                 // and not spoofing either.
-                if h[8] == 0xfe && h[9] & 0xc0 == 0x80 || h[24] == 0xff {
+                let src = ip.src_addr();
+                if src.is_unicast_link_local() || dst.is_multicast() {
                     return Err(DropReason::LinkLocal);
                 }
-                let src = u128::from_be_bytes(h[8..24].try_into().unwrap_or_default());
+                let src = u128::from(src);
                 match self.tables.binding_v6(src, self.now_ms) {
                     Some(b) if b.mac == src_mac && b.sid == self.cfg.sid && b.port == port => {
                         if !b.seen {
@@ -473,17 +478,12 @@ impl Access {
                     }
                     _ => return Err(DropReason::SpoofedSource),
                 }
+                (IpProtocol::Ipv6, EtherType::Ipv6)
             }
-            ETHERTYPE_ARP => return Ok(Verdict::ToSlowPath), // for the gateway
+            EtherType::Arp => return Ok(Verdict::ToSlowPath), // for the gateway
             _ => return Err(DropReason::NotIp),
-        }
-        let proto = if [data[12], data[13]] == ETHERTYPE_IPV4 {
-            PROTO_IPV4_IN
-        } else {
-            PROTO_IPV6_IN
         };
-        hop(&mut data[ETH_LEN..len], proto)?;
-        let ethertype = [data[12], data[13]];
+        hop(&mut data[ETH_LEN..len], version)?;
         write_eth(data, self.cfg.edge_mac, self.cfg.uplink_mac, ethertype);
         Ok(Verdict::Forward(self.cfg.uplink))
     }
@@ -494,51 +494,52 @@ impl Access {
     /// packet (the outer header's end), where the frame will start.
     fn downstream(&self, data: &mut [u8], len: usize) -> Result<(usize, PortId), DropReason> {
         let outer = data.get(ETH_LEN..len).ok_or(DropReason::Malformed)?;
-        let (outer_len, inner_proto, outer_ecn) = match [data[12], data[13]] {
-            ETHERTYPE_IPV6 if !self.outer_v4 => {
-                let h: &[u8; IPV6_LEN] = outer
-                    .get(..IPV6_LEN)
-                    .and_then(|h| h.try_into().ok())
-                    .ok_or(DropReason::Malformed)?;
-                if !is_tunnel(h[6]) {
+        let (outer_len, inner_proto, outer_ecn) = match ethertype(data) {
+            EtherType::Ipv6 if !self.outer_v4 => {
+                // A fixed-size view: the field reads below are a few vector compares, with
+                // no bounds checks and no memcmp call.
+                let h: &[u8; IPV6_LEN] = outer.first_chunk().ok_or(DropReason::Malformed)?;
+                let ip = Ipv6Packet::new_unchecked(h);
+                let inner = ip.next_header();
+                if !is_tunnel(inner) {
                     return Err(DropReason::NotIp);
                 }
-                // Fixed-size comparisons: a few vector compares, no memcmp call.
-                let (src, dst): (&[u8; 16], &[u8; 16]) = (
-                    h[8..24].try_into().unwrap_or(&[0; 16]),
-                    h[24..40].try_into().unwrap_or(&[0; 16]),
-                );
-                if *src != self.edge_internal || *dst != self.internal {
+                if ip.src_addr().octets() != self.edge_internal
+                    || ip.dst_addr().octets() != self.internal
+                {
                     return Err(DropReason::NotFromEdge);
                 }
-                (IPV6_LEN, h[6], h[1] >> 4 & 0b11)
+                (IPV6_LEN, inner, ip.traffic_class() & 0b11)
             }
-            ETHERTYPE_IPV4 if self.outer_v4 => {
-                let h: &[u8; IPV4_MIN] = outer
-                    .get(..IPV4_MIN)
-                    .and_then(|h| h.try_into().ok())
-                    .ok_or(DropReason::Malformed)?;
-                if !is_tunnel(h[9]) {
+            EtherType::Ipv4 if self.outer_v4 => {
+                let h: &[u8; IPV4_MIN] = outer.first_chunk().ok_or(DropReason::Malformed)?;
+                let ip = Ipv4Packet::new_unchecked(h);
+                let inner = ip.next_header();
+                if !is_tunnel(inner) {
                     return Err(DropReason::NotIp);
                 }
-                let header_len = usize::from(h[0] & 0x0f) * 4;
-                if h[0] >> 4 != 4 || header_len < IPV4_MIN || outer.len() < header_len {
+                let header_len = usize::from(ip.header_len());
+                if ip.version() != 4 || header_len < IPV4_MIN || outer.len() < header_len {
                     return Err(DropReason::Malformed);
                 }
-                if h[12..16] != self.edge_internal[12..] || h[16..20] != self.internal[12..] {
+                if ip.src_addr().octets() != self.edge_internal[12..]
+                    || ip.dst_addr().octets() != self.internal[12..]
+                {
                     return Err(DropReason::NotFromEdge);
                 }
-                (header_len, h[9], h[1] & 0b11)
+                (header_len, inner, ip.ecn())
             }
             _ => return Err(DropReason::NotIp),
         };
-        let inner = &data[ETH_LEN + outer_len..len];
-        let binding = if inner_proto == PROTO_IPV4_IN {
-            let dst = ipv4_dst_of(inner).ok_or(DropReason::Malformed)?;
-            self.tables.binding_v4(dst, self.now_ms)
+        let inner = &outer[outer_len..];
+        let binding = if inner_proto == IpProtocol::Ipv4 {
+            let ip = ipv4_header(inner).ok_or(DropReason::Malformed)?;
+            self.tables
+                .binding_v4(u32::from(ip.dst_addr()), self.now_ms)
         } else {
-            let dst = ipv6_dst_of(inner).ok_or(DropReason::Malformed)?;
-            self.tables.binding_v6(dst, self.now_ms)
+            let ip = ipv6_header(inner).ok_or(DropReason::Malformed)?;
+            self.tables
+                .binding_v6(u128::from(ip.dst_addr()), self.now_ms)
         };
         let binding = binding
             .filter(|b| b.sid == self.cfg.sid && b.port < self.cfg.client_ports)
@@ -555,10 +556,10 @@ impl Access {
             )?;
         }
         hop(&mut data[ETH_LEN + outer_len..len], inner_proto)?;
-        let ethertype = if inner_proto == PROTO_IPV4_IN {
-            ETHERTYPE_IPV4
+        let ethertype = if inner_proto == IpProtocol::Ipv4 {
+            EtherType::Ipv4
         } else {
-            ETHERTYPE_IPV6
+            EtherType::Ipv6
         };
         write_eth(&mut data[outer_len..], mac, self.cfg.gateway_mac, ethertype);
         Ok((outer_len, port))
@@ -566,8 +567,8 @@ impl Access {
 }
 
 /// IPv4-in or IPv6-in (protocol / next header 4 or 41).
-fn is_tunnel(proto: u8) -> bool {
-    proto == PROTO_IPV4_IN || proto == PROTO_IPV6_IN
+fn is_tunnel(proto: IpProtocol) -> bool {
+    matches!(proto, IpProtocol::Ipv4 | IpProtocol::Ipv6)
 }
 
 impl Pipeline for Access {
@@ -636,21 +637,15 @@ impl Access {
     /// Starts loading the binding a client's frame will be checked against (its source's).
     #[inline(always)]
     fn prefetch_upstream(&self, data: &[u8], len: usize) {
-        let Some(ip) = data.get(ETH_LEN..len) else {
+        let Some(packet) = data.get(ETH_LEN..len) else {
             return;
         };
-        match (data[12..14] == ETHERTYPE_IPV4, ip.first().map(|b| b >> 4)) {
-            (true, Some(4)) => {
-                if let Some(src) = ip.get(12..16).and_then(|b| b.try_into().ok()) {
-                    self.tables.prefetch_v4(u32::from_be_bytes(src));
-                }
+        if ethertype(data) == EtherType::Ipv4 {
+            if let Some(ip) = ipv4_header(packet) {
+                self.tables.prefetch_v4(u32::from(ip.src_addr()));
             }
-            (false, Some(6)) => {
-                if let Some(src) = ip.get(8..24).and_then(|b| b.try_into().ok()) {
-                    self.tables.prefetch_v6(u128::from_be_bytes(src));
-                }
-            }
-            _ => {}
+        } else if let Some(ip) = ipv6_header(packet) {
+            self.tables.prefetch_v6(u128::from(ip.src_addr()));
         }
     }
 
@@ -660,25 +655,29 @@ impl Access {
         let Some(outer) = data.get(ETH_LEN..len) else {
             return;
         };
-        let (outer_len, proto) = match outer.first() {
-            Some(b) if self.outer_v4 && b >> 4 == 4 => {
-                (usize::from(b & 0x0f) * 4, outer.get(9).copied())
+        let (outer_len, proto) = if self.outer_v4 {
+            match ipv4_header(outer) {
+                Some(ip) => (usize::from(ip.header_len()), ip.next_header()),
+                None => return,
             }
-            Some(b) if !self.outer_v4 && b >> 4 == 6 => (IPV6_LEN, outer.get(6).copied()),
-            _ => return,
+        } else {
+            match ipv6_header(outer) {
+                Some(ip) => (IPV6_LEN, ip.next_header()),
+                None => return,
+            }
         };
         let Some(inner) = outer.get(outer_len..) else {
             return;
         };
         match proto {
-            Some(PROTO_IPV4_IN) => {
-                if let Some(dst) = ipv4_dst_of(inner) {
-                    self.tables.prefetch_v4(dst);
+            IpProtocol::Ipv4 => {
+                if let Some(ip) = ipv4_header(inner) {
+                    self.tables.prefetch_v4(u32::from(ip.dst_addr()));
                 }
             }
-            Some(PROTO_IPV6_IN) => {
-                if let Some(dst) = ipv6_dst_of(inner) {
-                    self.tables.prefetch_v6(dst);
+            IpProtocol::Ipv6 => {
+                if let Some(ip) = ipv6_header(inner) {
+                    self.tables.prefetch_v6(u128::from(ip.dst_addr()));
                 }
             }
             _ => {}
@@ -726,9 +725,11 @@ fn each_frame<M: FrameMemory>(
 /// and other IP it does not carry) goes there; any other ethertype, and whatever else was
 /// refused, is dropped and counted: a storm of junk frames never reaches the slow path's ring.
 fn non_ip_to_slow_path(frame: &[u8], reason: DropReason) -> Verdict {
-    let ethertype = [frame[12], frame[13]];
     if reason == DropReason::NotIp
-        && matches!(ethertype, ETHERTYPE_ARP | ETHERTYPE_IPV4 | ETHERTYPE_IPV6)
+        && matches!(
+            ethertype(frame),
+            EtherType::Arp | EtherType::Ipv4 | EtherType::Ipv6
+        )
     {
         Verdict::ToSlowPath
     } else {
@@ -736,15 +737,24 @@ fn non_ip_to_slow_path(frame: &[u8], reason: DropReason) -> Verdict {
     }
 }
 
+/// The EtherType of the frame at the start of `frame`.
+#[inline(always)]
+fn ethertype(frame: &[u8]) -> EtherType {
+    EthernetFrame::new_unchecked(frame).ethertype()
+}
+
 /// ICMPv6 router/neighbour solicitation, advertisement or redirect (133..=137), without
 /// extension headers.
 fn is_neighbor_discovery(ipv6: &[u8]) -> bool {
-    ipv6.len() > IPV6_LEN && ipv6[6] == PROTO_ICMPV6 && (133..=137).contains(&ipv6[IPV6_LEN])
+    Ipv6Packet::new_unchecked(ipv6).next_header() == IpProtocol::Icmpv6
+        && ipv6.get(IPV6_LEN).is_some_and(|t| (133..=137).contains(t))
 }
 
-/// Decrements the TTL or hop limit of the IP packet at the start of `packet`.
-fn hop(packet: &mut [u8], proto: u8) -> Result<(), DropReason> {
-    let result = if proto == PROTO_IPV4_IN {
+/// Decrements the TTL or hop limit of the IP packet (`version` 4 or 6, as the tunnel's inner
+/// protocol names it) at the start of `packet`.
+#[inline(always)]
+fn hop(packet: &mut [u8], version: IpProtocol) -> Result<(), DropReason> {
+    let result = if version == IpProtocol::Ipv4 {
         decrement_ipv4_ttl(packet)
     } else {
         decrement_ipv6_hop_limit(packet)
@@ -755,31 +765,24 @@ fn hop(packet: &mut [u8], proto: u8) -> Result<(), DropReason> {
     })
 }
 
-fn ipv6_dst(data: &[u8], len: usize) -> Result<u128, DropReason> {
-    data.get(ETH_LEN..len)
-        .and_then(ipv6_dst_of)
-        .ok_or(DropReason::Malformed)
+/// The IPv4 header at the start of `packet`: version 4 and the fixed header there (the fields
+/// the roles read are all in it).
+#[inline(always)]
+fn ipv4_header(packet: &[u8]) -> Option<Ipv4Packet<&[u8]>> {
+    let ip = Ipv4Packet::new_unchecked(packet);
+    (packet.len() >= IPV4_MIN && ip.version() == 4).then_some(ip)
 }
 
-fn ipv4_dst(data: &[u8], len: usize) -> Result<u32, DropReason> {
-    data.get(ETH_LEN..len)
-        .and_then(ipv4_dst_of)
-        .ok_or(DropReason::Malformed)
+/// The IPv6 header at the start of `packet`: version 6 and the 40 bytes there.
+#[inline(always)]
+fn ipv6_header(packet: &[u8]) -> Option<Ipv6Packet<&[u8]>> {
+    let ip = Ipv6Packet::new_unchecked(packet);
+    (packet.len() >= IPV6_LEN && ip.version() == 6).then_some(ip)
 }
 
-fn ipv6_dst_of(packet: &[u8]) -> Option<u128> {
-    let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
-    (packet[0] >> 4 == 6).then(|| u128::from_be_bytes(b))
-}
-
-fn ipv4_dst_of(packet: &[u8]) -> Option<u32> {
-    let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
-    (packet[0] >> 4 == 4).then(|| u32::from_be_bytes(b))
-}
-
-fn udp_dst_port(ip: &[u8], header_len: usize) -> Option<u16> {
-    let p = ip.get(header_len + 2..header_len + 4)?;
-    Some(u16::from_be_bytes([p[0], p[1]]))
+/// The UDP destination port after an IP header of `header_len` bytes (0 if cut short).
+fn udp_dst_port(ip: &[u8], header_len: usize) -> u16 {
+    UdpPacket::new_unchecked(ip.get(header_len..).unwrap_or_default()).dst_port()
 }
 
 fn as_16(a: IpAddr) -> [u8; 16] {
@@ -790,13 +793,13 @@ fn as_16(a: IpAddr) -> [u8; 16] {
 }
 
 /// The outer header towards one access switch, built once: per packet only the length, the
-/// inner protocol and (IPv4) the checksum change.
+/// inner protocol, the traffic class and (IPv4) the checksum change.
 #[derive(Debug, Clone, Copy)]
 struct Tunnel {
     mac: [u8; 6],
     header: [u8; IPV6_LEN],
     len: usize,
-    ethertype: [u8; 2],
+    ethertype: EtherType,
 }
 
 impl Tunnel {
@@ -804,20 +807,22 @@ impl Tunnel {
         let mut header = [0u8; IPV6_LEN];
         let (len, ethertype) = match (src, access.internal) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
-                header[0] = 0x45;
-                header[6] = 0x40; // don't fragment
-                header[8] = 64;
-                header[12..16].copy_from_slice(&src.octets());
-                header[16..20].copy_from_slice(&dst.octets());
-                (IPV4_MIN, ETHERTYPE_IPV4)
+                let mut ip = Ipv4Packet::new_unchecked(&mut header[..IPV4_MIN]);
+                ip.set_version_and_header_len(IPV4_MIN as u8);
+                ip.set_unfragmented(true);
+                ip.set_ttl(crate::wire::ipip::DEFAULT_OUTER_HOP_LIMIT);
+                ip.set_src_addr(src);
+                ip.set_dst_addr(dst);
+                (IPV4_MIN, EtherType::Ipv4)
             }
             // Config validation keeps the families equal; IPv6 otherwise.
             (src, dst) => {
-                header[0] = 0x60;
-                header[7] = 64;
-                header[8..24].copy_from_slice(&as_16(src));
-                header[24..40].copy_from_slice(&as_16(dst));
-                (IPV6_LEN, ETHERTYPE_IPV6)
+                let mut ip = Ipv6Packet::new_unchecked(&mut header);
+                ip.set_version_tc_flow(0, 0);
+                ip.set_hop_limit(crate::wire::ipip::DEFAULT_OUTER_HOP_LIMIT);
+                ip.set_src_addr(as_16(src).into());
+                ip.set_dst_addr(as_16(dst).into());
+                (IPV6_LEN, EtherType::Ipv6)
             }
         };
         Tunnel {
@@ -828,25 +833,29 @@ impl Tunnel {
         }
     }
 
-    /// Writes the outer header for an inner packet of `inner_len` bytes, protocol `proto`
+    /// Writes the outer header for an inner packet of `inner_len` bytes, protocol `inner`
     /// and traffic class (DSCP and ECN) `tclass`. `outer` is `self.len` bytes long (the caller
     /// slices it so).
     #[inline(always)]
-    fn write(&self, outer: &mut [u8], inner_len: u16, proto: u8, tclass: u8) {
-        // Fixed-size copies, so they compile to a few vector moves rather than a memcpy call.
+    fn write(&self, outer: &mut [u8], inner_len: u16, inner: IpProtocol, tclass: u8) {
+        // Fixed-size views, so the copies compile to a few vector moves rather than a memcpy
+        // call and the field writes need no bounds checks.
         if let Ok(v6) = <&mut [u8; IPV6_LEN]>::try_from(&mut *outer) {
             *v6 = self.header;
-            // Version 6, the traffic class, flow label 0 (RFC 8200 §3).
-            v6[..4].copy_from_slice(&(6 << 28 | u32::from(tclass) << 20).to_be_bytes());
-            v6[4..6].copy_from_slice(&inner_len.to_be_bytes());
-            v6[6] = proto;
+            let mut ip = Ipv6Packet::new_unchecked(v6);
+            // Flow label 0 (RFC 8200 §3).
+            ip.set_version_tc_flow(tclass, 0);
+            ip.set_payload_len(inner_len);
+            ip.set_next_header(inner);
         } else if let Ok(v4) = <&mut [u8; IPV4_MIN]>::try_from(outer) {
             v4.copy_from_slice(&self.header[..IPV4_MIN]);
-            v4[1] = tclass;
-            v4[2..4].copy_from_slice(&(inner_len + IPV4_MIN as u16).to_be_bytes());
-            v4[9] = proto;
+            let mut ip = Ipv4Packet::new_unchecked(&mut *v4);
+            ip.set_dscp_ecn(tclass >> 2, tclass & 0b11);
+            ip.set_total_len(inner_len + IPV4_MIN as u16);
+            ip.set_next_header(inner);
+            // Over the fixed 20 bytes (fill_checksum would read the length from the header).
             let sum = crate::wire::checksum::checksum(&v4[..]);
-            v4[10..12].copy_from_slice(&sum.to_be_bytes());
+            Ipv4Packet::new_unchecked(v4).set_checksum(sum);
         }
     }
 }
@@ -854,11 +863,12 @@ impl Tunnel {
 /// Writes an Ethernet header at the start of `data` (which the callers have checked is at
 /// least that long: one length check here, and inlined, since it runs once per packet).
 #[inline(always)]
-fn write_eth(data: &mut [u8], dst: [u8; 6], src: [u8; 6], ethertype: [u8; 2]) {
+fn write_eth(data: &mut [u8], dst: [u8; 6], src: [u8; 6], ethertype: EtherType) {
     if let Some(header) = data.first_chunk_mut::<ETH_LEN>() {
-        header[0..6].copy_from_slice(&dst);
-        header[6..12].copy_from_slice(&src);
-        header[12..14].copy_from_slice(&ethertype);
+        let mut eth = EthernetFrame::new_unchecked(header);
+        eth.set_dst_addr(EthernetAddress(dst));
+        eth.set_src_addr(EthernetAddress(src));
+        eth.set_ethertype(ethertype);
     }
 }
 

@@ -40,7 +40,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::capsule::{self, AddressEntry, AddressRequest, CapsuleRepr, IpAddressRange, IpPrefix};
 use crate::template::{IpProtocolScope, IpScope, IpTarget};
-use mimiq_wire::checksum::{checksum, Sum};
+use mimiq_wire::checksum::{decrement_ipv4_ttl, decrement_ipv6_hop_limit, PseudoHeader};
+use mimiq_wire::{
+    Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
+    Ipv6Packet, Ipv6Repr,
+};
 
 /// The smallest MTU IPv6 allows on a link (RFC 8200 §5), and the floor for the tunnel MTU.
 pub const MIN_TUNNEL_MTU: usize = 1280;
@@ -48,6 +52,7 @@ pub const MIN_TUNNEL_MTU: usize = 1280;
 /// IP protocol numbers used here.
 const PROTO_ICMP: u8 = 1;
 const PROTO_ICMPV6: u8 = 58;
+const IPV6_HEADER_LEN: usize = mimiq_wire::ipv6::HEADER_LEN;
 
 /// Hands out the addresses of CONNECT-IP sessions. The proxy owns one and lends it to each session
 /// call that assigns or releases addresses.
@@ -644,18 +649,16 @@ impl ConnectIpSession {
             let kind = IcmpKind::TimeExceeded;
             return Err(self.icmp_refusal(DropReason::TtlExpired, kind, ip, packet, reply));
         }
-        if ip.v4 {
-            // Invariant: IpView::parse checked the header is at least 20 bytes and within
-            // `packet`.
-            packet[8] = ip.ttl - 1;
-            packet[10] = 0;
-            packet[11] = 0;
-            let sum = checksum(&packet[..ip.header_len]);
-            packet[10..12].copy_from_slice(&sum.to_be_bytes());
+        // IpView::parse checked the header is within `packet`: these cannot fail (the TTL was
+        // checked above), and an error would be a drop, not a panic.
+        let decremented = if ip.v4 {
+            decrement_ipv4_ttl(packet)
         } else {
-            packet[7] = ip.ttl - 1;
-        }
-        Ok(())
+            decrement_ipv6_hop_limit(packet)
+        };
+        decremented
+            .map(|_| ())
+            .map_err(|_| Refusal::drop(DropReason::TtlExpired))
     }
 
     fn too_big(&self, ip: &IpView, packet: &[u8], reply: &mut [u8]) -> Refusal {
@@ -796,55 +799,38 @@ impl IpView {
     }
 
     fn parse_v4(p: &[u8]) -> Result<IpView, DropReason> {
-        if p.len() < 20 {
-            return Err(DropReason::Truncated);
-        }
-        let header_len = usize::from(p[0] & 0x0f) * 4;
-        let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-        if header_len < 20 || header_len > p.len() || total < header_len {
-            return Err(DropReason::BadLength);
-        }
-        if total > p.len() {
-            return Err(DropReason::Truncated);
-        }
-        if checksum(&p[..header_len]) != 0 {
+        let ip = Ipv4Packet::new_checked(p).map_err(|e| match e {
+            mimiq_wire::Error::Truncated => DropReason::Truncated,
+            _ => DropReason::BadLength,
+        })?;
+        if !ip.verify_checksum() {
             return Err(DropReason::BadChecksum);
         }
-        let flags_frag = u16::from_be_bytes([p[6], p[7]]);
+        let header_len = usize::from(ip.header_len());
         Ok(IpView {
             v4: true,
-            src: IpAddr::V4(Ipv4Addr::new(p[12], p[13], p[14], p[15])),
-            dst: IpAddr::V4(Ipv4Addr::new(p[16], p[17], p[18], p[19])),
-            protocol: p[9],
-            ttl: p[8],
+            src: ip.src_addr().into(),
+            dst: ip.dst_addr().into(),
+            protocol: ip.next_header().into(),
+            ttl: ip.ttl(),
             header_len,
-            len: total,
-            dont_fragment: flags_frag & 0x4000 != 0,
-            later_fragment: flags_frag & 0x1fff != 0,
+            len: usize::from(ip.total_len()),
+            dont_fragment: ip.dont_frag(),
+            later_fragment: ip.frag_offset() != 0,
             upper_offset: header_len,
         })
     }
 
     fn parse_v6(p: &[u8]) -> Result<IpView, DropReason> {
-        if p.len() < 40 {
-            return Err(DropReason::Truncated);
-        }
-        let payload = usize::from(u16::from_be_bytes([p[4], p[5]]));
-        if payload == 0 {
+        let ip = Ipv6Packet::new_checked(p).map_err(|_| DropReason::Truncated)?;
+        if ip.payload_len() == 0 {
             // A jumbogram (RFC 2675) or an empty payload: neither belongs in a tunnel.
             return Err(DropReason::BadLength);
         }
-        let len = 40 + payload;
-        if len > p.len() {
-            return Err(DropReason::Truncated);
-        }
-        let mut src = [0u8; 16];
-        src.copy_from_slice(&p[8..24]);
-        let mut dst = [0u8; 16];
-        dst.copy_from_slice(&p[24..40]);
+        let len = IPV6_HEADER_LEN + usize::from(ip.payload_len());
         // Walk the extension headers to the upper-layer protocol (bounded).
-        let mut next = p[6];
-        let mut off = 40;
+        let mut next = u8::from(ip.next_header());
+        let mut off = IPV6_HEADER_LEN;
         let mut later_fragment = false;
         for _ in 0..8 {
             let ext_len = match next {
@@ -878,11 +864,11 @@ impl IpView {
         }
         Ok(IpView {
             v4: false,
-            src: IpAddr::V6(Ipv6Addr::from(src)),
-            dst: IpAddr::V6(Ipv6Addr::from(dst)),
+            src: ip.src_addr().into(),
+            dst: ip.dst_addr().into(),
             protocol: next,
-            ttl: p[7],
-            header_len: 40,
+            ttl: ip.hop_limit(),
+            header_len: IPV6_HEADER_LEN,
             len,
             dont_fragment: true,
             later_fragment,
@@ -944,35 +930,35 @@ fn build_icmpv4(
     let IpAddr::V4(dst) = ip.src else {
         return None;
     };
-    let total = HDR + quote;
-    let (icmp_type, code, rest) = match kind {
-        IcmpKind::Prohibited => (3u8, 13u8, [0u8; 4]),
-        IcmpKind::TooBig(mtu) => {
-            let m = (mtu.min(u32::from(u16::MAX)) as u16).to_be_bytes();
-            (3, 4, [0, 0, m[0], m[1]])
-        }
-        IcmpKind::TimeExceeded => (11, 0, [0; 4]),
+    let data = &original[..quote];
+    let icmp = match kind {
+        IcmpKind::Prohibited => Icmpv4Repr::DstUnreachable {
+            code: 13,
+            next_hop_mtu: 0,
+            data,
+        },
+        IcmpKind::TooBig(mtu) => Icmpv4Repr::DstUnreachable {
+            code: 4,
+            next_hop_mtu: mtu.min(u32::from(u16::MAX)) as u16,
+            data,
+        },
+        IcmpKind::TimeExceeded => Icmpv4Repr::TimeExceeded { code: 0, data },
     };
-    let out = &mut out[..total];
-    out[0] = 0x45;
-    out[1] = 0;
-    out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    out[4..8].copy_from_slice(&[0, 0, 0, 0]);
-    out[8] = 64;
-    out[9] = PROTO_ICMP;
-    out[10..12].copy_from_slice(&[0, 0]);
-    out[12..16].copy_from_slice(&src.octets());
-    out[16..20].copy_from_slice(&dst.octets());
-    let sum = checksum(&out[..20]);
-    out[10..12].copy_from_slice(&sum.to_be_bytes());
-    out[20] = icmp_type;
-    out[21] = code;
-    out[22..24].copy_from_slice(&[0, 0]);
-    out[24..28].copy_from_slice(&rest);
-    out[28..].copy_from_slice(&original[..quote]);
-    let sum = checksum(&out[20..]);
-    out[22..24].copy_from_slice(&sum.to_be_bytes());
-    Some(total)
+    let header = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmp,
+        payload_len: icmp.buffer_len() as u16,
+        ttl: 64,
+        dscp: 0,
+        ecn: 0,
+        ident: 0,
+        dont_frag: false,
+    };
+    let (head, body) = out[..HDR + quote].split_at_mut(header.buffer_len());
+    header.emit(&mut Ipv4Packet::new_unchecked(head)).ok()?;
+    icmp.emit(&mut Icmpv4Packet::new_unchecked(body)).ok()?;
+    Some(HDR + quote)
 }
 
 /// Builds an IPv6 + ICMPv6 error into `out`, quoting as much of `original` as fits in 1280 bytes
@@ -984,43 +970,38 @@ fn build_icmpv6(
     original: &[u8],
     out: &mut [u8],
 ) -> Option<usize> {
-    const HDR: usize = 40 + 8;
+    const HDR: usize = IPV6_HEADER_LEN + 8;
     let quote = original
         .len()
         .min(MIN_TUNNEL_MTU - HDR)
         .min(out.len().checked_sub(HDR)?);
-    if quote < 40.min(original.len()) {
+    if quote < IPV6_HEADER_LEN.min(original.len()) {
         return None;
     }
     let IpAddr::V6(dst) = ip.src else {
         return None;
     };
-    let (icmp_type, code, rest) = match kind {
-        IcmpKind::Prohibited => (1u8, 1u8, [0u8; 4]),
-        IcmpKind::TooBig(mtu) => (2, 0, mtu.to_be_bytes()),
-        IcmpKind::TimeExceeded => (3, 0, [0; 4]),
+    let data = &original[..quote];
+    let icmp = match kind {
+        IcmpKind::Prohibited => Icmpv6Repr::DstUnreachable { code: 1, data },
+        IcmpKind::TooBig(mtu) => Icmpv6Repr::PacketTooBig { mtu, data },
+        IcmpKind::TimeExceeded => Icmpv6Repr::TimeExceeded { code: 0, data },
     };
-    let upper = 8 + quote;
-    let out = &mut out[..HDR + quote];
-    out[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
-    out[4..6].copy_from_slice(&(upper as u16).to_be_bytes());
-    out[6] = PROTO_ICMPV6;
-    out[7] = 64;
-    out[8..24].copy_from_slice(&src.octets());
-    out[24..40].copy_from_slice(&dst.octets());
-    out[40] = icmp_type;
-    out[41] = code;
-    out[42..44].copy_from_slice(&[0, 0]);
-    out[44..48].copy_from_slice(&rest);
-    out[48..].copy_from_slice(&original[..quote]);
+    let header = Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: icmp.buffer_len() as u16,
+        hop_limit: 64,
+        traffic_class: 0,
+        flow_label: 0,
+    };
+    let (head, body) = out[..HDR + quote].split_at_mut(header.buffer_len());
+    header.emit(&mut Ipv6Packet::new_unchecked(head)).ok()?;
     // RFC 4443 §2.3: the checksum covers the pseudo-header (RFC 8200 §8.1).
-    let sum = Sum::ZERO
-        .add_bytes(&out[8..40])
-        .add_u32(upper as u32)
-        .add_u16(u16::from(PROTO_ICMPV6))
-        .add_bytes(&out[40..])
-        .checksum();
-    out[42..44].copy_from_slice(&sum.to_be_bytes());
+    let pseudo = PseudoHeader::V6 { src, dst };
+    icmp.emit(&mut Icmpv6Packet::new_unchecked(body), &pseudo)
+        .ok()?;
     Some(HDR + quote)
 }
 

@@ -1,6 +1,7 @@
 //! The generator's frames: Ethernet / IPv4 or IPv6 / UDP carrying a 16-byte probe.
 //!
-//! Frames are built once per (flow, size) with etherparse ([`Template::build`]); per packet only
+//! Frames are built once per (flow, size) with the wire crate's emitters ([`Template::build`];
+//! etherparse re-reads them in the tests); per packet only
 //! the probe's sequence number and send timestamp are written ([`Template::write`]) and the UDP
 //! checksum is finished from a partial sum kept with the template (the template's checksum was
 //! computed with both fields zero, so adding their 16-bit words is the whole update, RFC 1624).
@@ -22,7 +23,15 @@
 
 use std::net::IpAddr;
 
-use etherparse::PacketBuilder;
+use mimiq_dataplane::wire::checksum::{PseudoHeader, Sum};
+use mimiq_dataplane::wire::ethernet::HEADER_LEN as ETH_LEN;
+use mimiq_dataplane::wire::ipv4::MIN_HEADER_LEN as IPV4_LEN;
+use mimiq_dataplane::wire::ipv6::HEADER_LEN as IPV6_LEN;
+use mimiq_dataplane::wire::udp::HEADER_LEN as UDP_LEN;
+use mimiq_dataplane::wire::{
+    EtherType, EthernetAddress, EthernetFrame, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr,
+    Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
+};
 
 /// Magic number at the start of every probe.
 pub const MAGIC: u16 = 0x4d47;
@@ -33,16 +42,6 @@ pub const FCS_LEN: usize = 4;
 /// Largest frame (with FCS) on a 1500-byte MTU link.
 pub const MAX_FRAME_LEN: usize = 1518;
 
-const ETH_LEN: usize = 14;
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const UDP_LEN: usize = 8;
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const IPPROTO_UDP: u8 = 17;
-/// The IPv4 flags and fragment offset field, and its bits that mark a fragment.
-const IPV4_FRAG_OFFSET: usize = 6;
-const IPV4_MF_AND_OFFSET: u16 = 0x3fff;
 const UDP_CHECKSUM_OFFSET: usize = 6;
 const PROBE_SEQ_OFFSET: usize = 4;
 const PROBE_TIME_OFFSET: usize = 8;
@@ -96,7 +95,7 @@ pub struct Template {
     /// Offset of the UDP header.
     udp: usize,
     /// One's-complement sum of the pseudo-header and segment with sequence and time zero.
-    partial_sum: u32,
+    partial: Sum,
 }
 
 impl Template {
@@ -117,37 +116,80 @@ impl Template {
             });
         }
         let len = frame_len - FCS_LEN;
-        let builder = PacketBuilder::ethernet2(addrs.src_mac, addrs.dst_mac);
-        let (builder, udp) = match (addrs.src_ip, addrs.dst_ip) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                (builder.ipv4(s.octets(), d.octets(), 64), ETH_LEN + IPV4_LEN)
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                (builder.ipv6(s.octets(), d.octets(), 64), ETH_LEN + IPV6_LEN)
-            }
+        let (ethertype, udp, pseudo) = match (addrs.src_ip, addrs.dst_ip) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => (
+                EtherType::Ipv4,
+                ETH_LEN + IPV4_LEN,
+                PseudoHeader::V4 { src, dst },
+            ),
+            (IpAddr::V6(src), IpAddr::V6(dst)) => (
+                EtherType::Ipv6,
+                ETH_LEN + IPV6_LEN,
+                PseudoHeader::V6 { src, dst },
+            ),
             (s, d) => return Err(TemplateError::MixedFamilies(s, d)),
         };
-        let builder = builder.udp(addrs.src_port, addrs.dst_port);
-        let mut payload = vec![0u8; len - udp - UDP_LEN];
+        // The sizes were checked above, so every emit below has room and fits its length
+        // fields; the buffer is sized exactly.
+        let mut frame = vec![0u8; len];
+        let (eth, rest) = frame.split_at_mut(ETH_LEN);
+        let eth_repr = EthernetRepr {
+            src_addr: EthernetAddress(addrs.src_mac),
+            dst_addr: EthernetAddress(addrs.dst_mac),
+            vlan_tci: None,
+            ethertype,
+        };
+        let _ = eth_repr.emit(&mut EthernetFrame::new_unchecked(eth));
+        let (ip, datagram) = rest.split_at_mut(udp - ETH_LEN);
+        let udp_len = datagram.len() as u16;
+        match pseudo {
+            PseudoHeader::V4 { src, dst } => {
+                let repr = Ipv4Repr {
+                    src_addr: src,
+                    dst_addr: dst,
+                    next_header: IpProtocol::Udp,
+                    payload_len: udp_len,
+                    ttl: 64,
+                    dscp: 0,
+                    ecn: 0,
+                    ident: 0,
+                    dont_frag: true,
+                };
+                let _ = repr.emit(&mut Ipv4Packet::new_unchecked(ip));
+            }
+            PseudoHeader::V6 { src, dst } => {
+                let repr = Ipv6Repr {
+                    src_addr: src,
+                    dst_addr: dst,
+                    next_header: IpProtocol::Udp,
+                    payload_len: udp_len,
+                    hop_limit: 64,
+                    traffic_class: 0,
+                    flow_label: 0,
+                };
+                let _ = repr.emit(&mut Ipv6Packet::new_unchecked(ip));
+            }
+        }
+        let mut datagram = UdpPacket::new_unchecked(datagram);
+        let repr = UdpRepr {
+            src_port: addrs.src_port,
+            dst_port: addrs.dst_port,
+            payload_len: udp_len - UDP_LEN as u16,
+        };
+        let _ = repr.emit(&mut datagram);
+        let payload = datagram.payload_mut();
         payload[0..2].copy_from_slice(&MAGIC.to_be_bytes());
         payload[2..4].copy_from_slice(&flow.to_be_bytes());
-        let mut frame = Vec::with_capacity(len);
-        // Writing into a Vec cannot fail, and the sizes were checked above; an error here would
-        // be an etherparse limit we do not reach (payload ≤ 1472 bytes).
-        builder
-            .write(&mut frame, &payload)
-            .expect("etherparse writes a UDP frame of at most 1514 bytes into a Vec");
-        debug_assert_eq!(frame.len(), len);
-        let checksum = u16::from_be_bytes([
-            frame[udp + UDP_CHECKSUM_OFFSET],
-            frame[udp + UDP_CHECKSUM_OFFSET + 1],
-        ]);
+        // The sum with sequence and time zero: what `write` finishes per packet.
+        let partial = pseudo
+            .sum(IpProtocol::Udp, u32::from(udp_len))
+            .add_bytes(datagram.into_inner());
         frame.truncate(udp + UDP_LEN + PROBE_LEN);
         Ok(Template {
             head: frame,
             len,
             udp,
-            partial_sum: u32::from(!checksum),
+            partial,
         })
     }
 
@@ -174,18 +216,14 @@ impl Template {
             .copy_from_slice(&seq.to_be_bytes());
         buf[probe + PROBE_TIME_OFFSET..probe + PROBE_TIME_OFFSET + 8]
             .copy_from_slice(&time_ns.to_be_bytes());
-        let mut sum = self.partial_sum;
-        sum += seq >> 16;
-        sum += seq & 0xffff;
-        for shift in [48, 32, 16, 0] {
-            sum += ((time_ns >> shift) & 0xffff) as u32;
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
+        let sum = self
+            .partial
+            .add_u32(seq)
+            .add_u32((time_ns >> 32) as u32)
+            .add_u32(time_ns as u32);
         // A computed 0 is sent as 0xffff (RFC 768; for IPv6 0 would mean "no checksum", which
         // RFC 8200 §8.1 forbids).
-        let checksum = match !(sum as u16) {
+        let checksum = match sum.checksum() {
             0 => 0xffff,
             c => c,
         };
@@ -209,25 +247,25 @@ pub struct Probe {
 /// IPv6 without extension headers, UDP, magic). Never panics, whatever the bytes.
 #[inline]
 pub fn parse(frame: &[u8]) -> Option<Probe> {
-    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
-    let udp = match ethertype {
-        ETHERTYPE_IPV4 => {
-            let ihl = usize::from(frame.get(ETH_LEN)? & 0x0f) * 4;
-            let frag = u16::from_be_bytes([
-                *frame.get(ETH_LEN + IPV4_FRAG_OFFSET)?,
-                *frame.get(ETH_LEN + IPV4_FRAG_OFFSET + 1)?,
-            ]);
+    let packet = frame.get(ETH_LEN..)?;
+    let udp = match EthernetFrame::new_unchecked(frame).ethertype() {
+        EtherType::Ipv4 => {
+            let ip = Ipv4Packet::new_unchecked(packet);
+            let header_len = usize::from(ip.header_len());
             // A fragment (more fragments, or an offset) holds no whole probe where one would be.
-            if ihl < IPV4_LEN
-                || frag & IPV4_MF_AND_OFFSET != 0
-                || *frame.get(ETH_LEN + 9)? != IPPROTO_UDP
+            if packet.len() < IPV4_LEN
+                || header_len < IPV4_LEN
+                || ip.is_fragment()
+                || ip.next_header() != IpProtocol::Udp
             {
                 return None;
             }
-            ETH_LEN + ihl
+            ETH_LEN + header_len
         }
-        ETHERTYPE_IPV6 => {
-            if *frame.get(ETH_LEN + 6)? != IPPROTO_UDP {
+        EtherType::Ipv6 => {
+            if packet.len() < IPV6_LEN
+                || Ipv6Packet::new_unchecked(packet).next_header() != IpProtocol::Udp
+            {
                 return None;
             }
             ETH_LEN + IPV6_LEN
