@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Deserialize;
 
+use crate::server::admission::RetryMode;
+
 /// Connection ID length used by mimiq endpoints.
 pub const CID_LEN: usize = quiche::MAX_CONN_ID_LEN;
 
@@ -56,6 +58,24 @@ pub struct QuicSettings {
     /// Append TLS secrets here (NSS key log format) so Wireshark can decrypt a capture; the
     /// `SSLKEYLOGFILE` environment variable does the same.
     pub keylog_file: Option<PathBuf>,
+    /// Proxy: when new clients must prove their address with a Retry (RFC 9000 §8.1.2):
+    /// `always`, `auto` (while `retry_threshold` handshakes are in flight) or `never`.
+    pub retry: RetryMode,
+    /// Proxy: half-open connections at which `retry = "auto"` starts sending Retry.
+    pub retry_threshold: usize,
+    /// Proxy: connections in their handshake kept at most, apart from `max_connections`;
+    /// more Initials are dropped (counted) until handshakes finish or time out.
+    pub max_half_open: usize,
+    /// Proxy: a connection whose handshake has not finished this long after its first
+    /// Initial is dropped.
+    pub handshake_timeout_ms: u64,
+    /// Proxy: the stateless reset key (RFC 9000 §10.3), 32 bytes, created (mode 0600) if
+    /// missing. The same file on every proxy and across restarts lets a restarted proxy reset
+    /// the connections it lost at once. Absent: a key for this process only.
+    pub reset_key_file: Option<PathBuf>,
+    /// Proxy: stateless resets sent per second at most, and as many Version Negotiation
+    /// packets (0: none).
+    pub unsolicited_per_second: u32,
 }
 
 impl Default for QuicSettings {
@@ -73,6 +93,12 @@ impl Default for QuicSettings {
             retire_left_paths_at_once: false,
             qlog_dir: None,
             keylog_file: None,
+            retry: RetryMode::default(),
+            retry_threshold: 64,
+            max_half_open: 1024,
+            handshake_timeout_ms: 10_000,
+            reset_key_file: None,
+            unsolicited_per_second: 1000,
         }
     }
 }
@@ -98,6 +124,11 @@ impl QuicSettings {
         }
         if self.dgram_queue_len == 0 {
             return Err("quic.dgram_queue_len must be at least 1".into());
+        }
+        if self.max_half_open == 0 || self.handshake_timeout_ms == 0 {
+            return Err(
+                "quic.max_half_open and quic.handshake_timeout_ms must be at least 1".into(),
+            );
         }
         if self
             .congestion_control

@@ -11,9 +11,10 @@
 //! Bad input never stops the loop: a malformed datagram, capsule or request is a counted drop, an
 //! HTTP error status or a stream reset, as the RFCs say, and other clients are served on.
 
+pub mod admission;
 pub mod config;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -26,6 +27,7 @@ use hdrhistogram::Histogram;
 use ring::rand::SystemRandom;
 use serde::Serialize;
 
+use self::admission::{Admission, Gate, Policy, Refused, ResetKey, RetryTokens};
 use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpPrefix};
 use crate::datagram::{self, Datagram, H3Datagram};
 use crate::netcfg::{NetConfig, Route};
@@ -63,8 +65,20 @@ pub struct Stats {
     pub passes: u64,
     /// Received datagrams quiche refused (undecryptable, malformed).
     pub quic_recv_errors: u64,
-    /// Datagrams for no known connection that were not a valid Initial.
+    /// Datagrams for no known connection (whatever they got: see the next counters).
     pub unknown_connection: u64,
+    /// Of those, dropped unanswered, by reason (`server/admission.rs`).
+    pub unknown_dropped: HashMap<&'static str, u64>,
+    /// Retry packets sent (RFC 9000 §8.1.2).
+    pub retries_sent: u64,
+    /// Stateless resets sent (RFC 9000 §10.3).
+    pub stateless_resets_sent: u64,
+    /// Version Negotiation packets sent.
+    pub version_negotiations_sent: u64,
+    /// Connections dropped because their handshake did not finish in `quic.handshake_timeout_ms`.
+    pub handshake_timeouts: u64,
+    /// Connections in their handshake now.
+    pub half_open: u64,
     /// Datagrams for a live connection that quiche read no packet of: undecryptable (garbled
     /// or forged with a connection's ID, RFC 9001 §5.5 says to drop them), duplicates. Counted
     /// per burst (datagrams taken less packets read), so a datagram of several packets during
@@ -72,7 +86,8 @@ pub struct Stats {
     pub quic_packets_dropped: u64,
     /// Connections accepted / refused at `max_connections` / closed.
     pub connections_accepted: u64,
-    /// Handshakes refused because `max_connections` were open.
+    /// Initials dropped because `max_connections` connections, or `quic.max_half_open`
+    /// handshakes, were open.
     pub connections_refused: u64,
     /// Connections that ended.
     pub connections_closed: u64,
@@ -220,6 +235,8 @@ struct Client {
     /// In the burst being read: quiche's count of packets read before its first datagram for
     /// this client, and the datagrams quiche took without an error since.
     burst: Option<(usize, u64)>,
+    /// The handshake has not finished (counted in `Proxy::half_open`).
+    handshaking: bool,
 }
 
 /// A running proxy.
@@ -248,6 +265,13 @@ pub struct Proxy {
     dirty: Vec<u64>,
     /// Datagrams quiche received on connections that have closed (for `dgram_recv_queue_full`).
     closed_dgram_recv: u64,
+    /// What datagrams for no known connection get.
+    gate: Gate,
+    retry_tokens: RetryTokens,
+    reset_key: ResetKey,
+    /// Connections in their handshake, and their deadlines in the order they were accepted.
+    half_open: usize,
+    handshakes: VecDeque<(Instant, u64)>,
 }
 
 impl Proxy {
@@ -292,11 +316,28 @@ impl Proxy {
             }
             tun = Some(dev);
         }
+        let rng = SystemRandom::new();
+        let reset_key = match &cfg.quic.reset_key_file {
+            Some(path) => ResetKey::load_or_create(path, &rng)?,
+            None => ResetKey::random(&rng),
+        };
+        let now = Instant::now();
+        let policy = Policy {
+            retry: cfg.quic.retry,
+            retry_threshold: cfg.quic.retry_threshold,
+            max_half_open: cfg.quic.max_half_open,
+            max_connections: cfg.max_connections,
+        };
         Ok(Proxy {
+            gate: Gate::new(policy, cfg.quic.unsolicited_per_second, now),
+            retry_tokens: RetryTokens::new(&rng, now),
+            reset_key,
+            half_open: 0,
+            handshakes: VecDeque::new(),
             h3: quic::h3_config()?,
             quic,
             io,
-            rng: SystemRandom::new(),
+            rng,
             clients: HashMap::new(),
             next_client: 0,
             by_cid: HashMap::new(),
@@ -329,6 +370,7 @@ impl Proxy {
     /// Counters so far.
     pub fn stats(&mut self) -> Stats {
         self.stats.connections_open = self.clients.len() as u64;
+        self.stats.half_open = self.half_open as u64;
         // quiche drops datagrams from a full receive queue without telling: what it received,
         // less what was read and what still waits, is what it dropped.
         let (received, waiting) =
@@ -474,68 +516,30 @@ impl Proxy {
         }
         self.flush_all();
         self.collect_closed();
+        self.expire_handshakes(Instant::now());
         Ok(())
     }
 
     fn on_udp(&mut self, i: usize) {
         let local = self.io.local_addr();
         let (pkt, from) = self.io.datagram(i);
+        let len = pkt.len();
         let hdr = match quiche::Header::from_slice(pkt, quic::CID_LEN) {
             Ok(h) => h,
             Err(_) => {
                 self.stats.unknown_connection += 1;
+                self.count_refused(Refused::Unparsable);
                 return;
             }
         };
         let id = match self.by_cid.get(&hdr.dcid) {
             Some(&id) => id,
             None => {
-                if hdr.ty != quiche::Type::Initial {
-                    self.stats.unknown_connection += 1;
-                    return;
+                self.stats.unknown_connection += 1;
+                match self.admit(&hdr, len, from, local) {
+                    Some(id) => id,
+                    None => return,
                 }
-                if !quiche::version_is_supported(hdr.version) {
-                    let (scid, dcid) = (hdr.scid.clone(), hdr.dcid.clone());
-                    let out = self.io.send_buf();
-                    if let Ok(len) = quiche::negotiate_version(&scid, &dcid, out) {
-                        self.io.commit(len, from);
-                    }
-                    return;
-                }
-                if self.clients.len() >= self.cfg.max_connections {
-                    self.stats.connections_refused += 1;
-                    return;
-                }
-                let (scid, _) = quic::new_cid(&self.rng);
-                let conn = match quiche::accept(&scid, None, local, from, &mut self.quic) {
-                    Ok(c) => c,
-                    Err(_) => {
-                        self.stats.quic_recv_errors += 1;
-                        return;
-                    }
-                };
-                let id = self.next_client;
-                self.next_client += 1;
-                // The client's retransmitted Initials still carry the DCID it chose: route them
-                // to this connection too, or each would open another.
-                let odcid = hdr.dcid.clone().into_owned();
-                self.by_cid.insert(odcid.clone(), id);
-                let mut client = Client {
-                    conn,
-                    h3: None,
-                    sessions: HashMap::new(),
-                    cids: vec![scid.clone(), odcid],
-                    peer: from,
-                    left_paths: self.cfg.quic.left_paths(),
-                    burst: None,
-                };
-                if let Err(e) = self.cfg.quic.instrument(&mut client.conn, "proxy") {
-                    tracing::warn!("qlog/keylog: {e}");
-                }
-                self.by_cid.insert(scid, id);
-                self.clients.insert(id, client);
-                self.stats.connections_accepted += 1;
-                id
             }
         };
         let (pkt, from) = self.io.datagram(i);
@@ -570,6 +574,132 @@ impl Proxy {
         }
     }
 
+    /// A datagram for no known connection, whose first packet has header `hdr`: answered as
+    /// `server/admission.rs` decides; the new connection's id if one was accepted.
+    fn admit(
+        &mut self,
+        hdr: &quiche::Header<'_>,
+        len: usize,
+        from: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<u64> {
+        let now = Instant::now();
+        self.retry_tokens.rotate(&self.rng, now);
+        let open = self.clients.len();
+        let decision = self.gate.admit(
+            hdr,
+            len,
+            from,
+            open,
+            self.half_open,
+            &self.retry_tokens,
+            now,
+        );
+        let odcid = match decision {
+            Admission::Accept { odcid } => odcid,
+            Admission::Drop(reason) => {
+                self.count_refused(reason);
+                return None;
+            }
+            Admission::Reset => {
+                let out = self.io.send_buf();
+                if let Some(n) = self.reset_key.reset(&hdr.dcid, len, &self.rng, out) {
+                    self.io.commit(n, from);
+                    self.stats.stateless_resets_sent += 1;
+                }
+                return None;
+            }
+            Admission::VersionNegotiation => {
+                let out = self.io.send_buf();
+                if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out) {
+                    self.io.commit(n, from);
+                    self.stats.version_negotiations_sent += 1;
+                }
+                return None;
+            }
+            Admission::Retry => {
+                let (new_scid, _) = quic::new_cid(&self.rng);
+                let token = self.retry_tokens.mint(from, &hdr.dcid, &new_scid, now);
+                let out = self.io.send_buf();
+                if let Ok(n) =
+                    quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out)
+                {
+                    self.io.commit(n, from);
+                    self.stats.retries_sent += 1;
+                }
+                return None;
+            }
+        };
+        // After a Retry the connection's first ID is the one the Retry gave (bound into the
+        // token); otherwise a fresh random one.
+        let scid = match &odcid {
+            Some(_) => hdr.dcid.clone().into_owned(),
+            None => quic::new_cid(&self.rng).0,
+        };
+        self.quic
+            .set_stateless_reset_token(Some(self.reset_key.token(&scid)));
+        let odcid = odcid.map(quiche::ConnectionId::from_vec);
+        let conn = match quiche::accept(&scid, odcid.as_ref(), local, from, &mut self.quic) {
+            Ok(c) => c,
+            Err(_) => {
+                self.stats.quic_recv_errors += 1;
+                return None;
+            }
+        };
+        let id = self.next_client;
+        self.next_client += 1;
+        // The client's retransmitted Initials still carry the DCID it chose: route them to this
+        // connection too, or each would open another.
+        let first_dcid = hdr.dcid.clone().into_owned();
+        self.by_cid.insert(first_dcid.clone(), id);
+        let mut client = Client {
+            conn,
+            h3: None,
+            sessions: HashMap::new(),
+            cids: vec![scid.clone(), first_dcid],
+            peer: from,
+            left_paths: self.cfg.quic.left_paths(),
+            burst: None,
+            handshaking: true,
+        };
+        if let Err(e) = self.cfg.quic.instrument(&mut client.conn, "proxy") {
+            tracing::warn!("qlog/keylog: {e}");
+        }
+        self.by_cid.insert(scid, id);
+        self.clients.insert(id, client);
+        self.half_open += 1;
+        let deadline = now + Duration::from_millis(self.cfg.quic.handshake_timeout_ms);
+        self.handshakes.push_back((deadline, id));
+        self.stats.connections_accepted += 1;
+        Some(id)
+    }
+
+    fn count_refused(&mut self, reason: Refused) {
+        if matches!(reason, Refused::ConnectionsFull | Refused::HalfOpenFull) {
+            self.stats.connections_refused += 1;
+        }
+        *self
+            .stats
+            .unknown_dropped
+            .entry(reason.label())
+            .or_insert(0) += 1;
+    }
+
+    /// Drops the connections whose handshake is past its deadline (the oldest first: the
+    /// queue is in deadline order, so this looks at no connection that is not due).
+    fn expire_handshakes(&mut self, now: Instant) {
+        while let Some(&(deadline, id)) = self.handshakes.front() {
+            if deadline > now {
+                break;
+            }
+            self.handshakes.pop_front();
+            if self.clients.get(&id).is_some_and(|c| c.handshaking) {
+                self.stats.handshake_timeouts += 1;
+                self.remove_client(id);
+            }
+        }
+    }
+
     fn service_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
@@ -591,9 +721,14 @@ impl Proxy {
             self.stats.quic_packets_dropped += taken.saturating_sub(read);
         }
         let now = Instant::now();
+        if c.handshaking && c.conn.is_established() {
+            c.handshaking = false;
+            self.half_open -= 1;
+        }
         // New connection IDs so a hopping client always has spares.
         while c.conn.is_established() && c.conn.scids_left() > 0 {
-            let (cid, token) = quic::new_cid(&self.rng);
+            let (cid, _) = quic::new_cid(&self.rng);
+            let token = self.reset_key.token(&cid);
             if c.conn.new_scid(&cid, token, false).is_err() {
                 break;
             }
@@ -1175,25 +1310,33 @@ impl Proxy {
             .map(|(&id, _)| id)
             .collect();
         for id in closed {
-            let Some(c) = self.clients.remove(&id) else {
-                continue;
-            };
-            for cid in &c.cids {
-                self.by_cid.remove(cid);
-            }
-            for (_, s) in c.sessions {
-                retire_session(
-                    s,
-                    &mut self.pool,
-                    &mut self.by_addr,
-                    &mut self.by_fd,
-                    &mut self.stats,
-                );
-            }
-            self.stats.connections_closed += 1;
-            self.closed_dgram_recv += c.conn.stats().dgram_recv as u64;
-            tracing::info!(stats = ?c.conn.stats(), "connection closed");
+            self.remove_client(id);
         }
+    }
+
+    /// Forgets a connection: its IDs, its sessions (their addresses and sockets go back).
+    fn remove_client(&mut self, id: u64) {
+        let Some(c) = self.clients.remove(&id) else {
+            return;
+        };
+        if c.handshaking {
+            self.half_open -= 1;
+        }
+        for cid in &c.cids {
+            self.by_cid.remove(cid);
+        }
+        for (_, s) in c.sessions {
+            retire_session(
+                s,
+                &mut self.pool,
+                &mut self.by_addr,
+                &mut self.by_fd,
+                &mut self.stats,
+            );
+        }
+        self.stats.connections_closed += 1;
+        self.closed_dgram_recv += c.conn.stats().dgram_recv as u64;
+        tracing::info!(stats = ?c.conn.stats(), "connection closed");
     }
 
     fn write_stats(&mut self) {

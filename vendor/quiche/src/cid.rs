@@ -618,6 +618,13 @@ impl ConnectionIdentifiers {
         self.scids.iter().map(|e| &e.cid)
     }
 
+    /// Returns an iterator over the stateless reset tokens of the destination
+    /// connection IDs the peer issued and has not retired (mimiq patch: see
+    /// MIMIQ-PATCH.md).
+    pub fn dcid_reset_tokens(&self) -> impl Iterator<Item = u128> + '_ {
+        self.dcids.iter().filter_map(|e| e.reset_token)
+    }
+
     /// Updates the Source Connection ID entry with the provided sequence number
     /// to indicate that it is now linked to the provided path ID.
     pub fn link_scid_to_path_id(

@@ -2954,21 +2954,20 @@ impl<F: BufFactory> Connection<F> {
             return false;
         }
 
-        // TODO: we should iterate over all active destination connection IDs
-        // and check against their reset token.
-        match self.peer_transport_params.stateless_reset_token {
-            Some(token) => {
-                let token_len = 16;
-
-                crypto::verify_slices_are_equal(
-                    &token.to_be_bytes(),
-                    &buf[buf_len - token_len..buf_len],
-                )
-                .is_ok()
-            },
-
-            None => false,
-        }
+        // mimiq patch (MIMIQ-PATCH.md): every active destination connection
+        // ID's token is checked (RFC 9000 §10.3.1), not only the handshake
+        // ID's: a peer that restarted answers the ID the packet was sent to,
+        // which after a migration is rarely the first one.
+        let token_len = 16;
+        let tail = &buf[buf_len - token_len..buf_len];
+        self.peer_transport_params
+            .stateless_reset_token
+            .into_iter()
+            .chain(self.ids.dcid_reset_tokens())
+            .any(|token| {
+                crypto::verify_slices_are_equal(&token.to_be_bytes(), tail)
+                    .is_ok()
+            })
     }
 
     /// Processes a single QUIC packet received from the peer.
