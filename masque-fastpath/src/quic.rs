@@ -419,7 +419,9 @@ pub fn close_reason(conn: &quiche::Connection) -> String {
     } else if conn.is_timed_out() {
         "idle timeout".to_string()
     } else {
-        "closed".to_string()
+        // Closed with no error on either side and no timeout: quiche marks a connection so
+        // when a packet ends with one of the peer's reset tokens (RFC 9000 §10.3).
+        "stateless reset: the peer no longer knows the connection".to_string()
     }
 }
 

@@ -210,7 +210,7 @@ impl ProxyProc {
 
 /// Starts `mimiq-proxy client <args>` on `host` and waits for its `ready` line (the tunnel is up);
 /// returns the process and that line.
-pub fn start_client(tb: &mut Testbed, host: &str, args: &[&str]) -> Result<(Proc, String), String> {
+pub fn start_client(tb: &Testbed, host: &str, args: &[&str]) -> Result<(Proc, String), String> {
     let bin = bin_path("mimiq-proxy")?;
     let bin = bin.to_string_lossy().into_owned();
     let mut cmd = vec![bin.as_str(), "client"];
@@ -222,7 +222,7 @@ pub fn start_client(tb: &mut Testbed, host: &str, args: &[&str]) -> Result<(Proc
 
 /// [`start_client`] for the common case: `client ip` on host `c`, bound to the client's first
 /// IPv4 address, to the proxy at its IPv4 address, port 4433, with the TUN device `mq0`.
-pub fn start_ip_client(tb: &mut Testbed) -> Result<(Proc, String), String> {
+pub fn start_ip_client(tb: &Testbed) -> Result<(Proc, String), String> {
     let url = format!("{}:4433", addr::PROXY_V4);
     let args = [
         "ip",

@@ -113,14 +113,7 @@ pub struct Results {
 
 /// Reads `VmRSS` (KB) and the number of open descriptors of `pid`.
 fn sample_process(name: &str, pid: u32) -> ProcSample {
-    let rss_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0);
+    let rss_kb = crate::testbed::rss_kb(pid).unwrap_or(0);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
     ProcSample {
         name: name.to_string(),

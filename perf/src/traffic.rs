@@ -27,7 +27,7 @@ pub struct IperfResult {
 
 /// Runs an iperf3 TCP test from `client` to `server_addr` on `server` for `seconds`.
 pub fn iperf3(
-    tb: &mut Testbed,
+    tb: &Testbed,
     client: &str,
     server: &str,
     server_addr: &str,
@@ -39,7 +39,7 @@ pub fn iperf3(
 /// [`iperf3`] with extra client arguments (e.g. `-u -b 50M -l 1200` for UDP, whose result
 /// reports the bytes received in `received_bytes` and the datagrams lost in `retransmits`).
 pub fn iperf3_with(
-    tb: &mut Testbed,
+    tb: &Testbed,
     client: &str,
     server: &str,
     server_addr: &str,

@@ -20,7 +20,7 @@ use mimiq_masque::quic::{self, QuicSettings, Tls};
 use mimiq_masque::request::{self, Target};
 use mimiq_masque::template::{IpProtocolScope, IpScope, IpTarget};
 use mimiq_perf::masque::{self, addr, start_ip_client, stop_client, ProxyProc};
-use mimiq_perf::testbed::{require_root, Testbed};
+use mimiq_perf::testbed::{self, require_root, Testbed};
 use mimiq_perf::traffic::ping;
 use serde_json::Value;
 
@@ -864,12 +864,6 @@ fn ping_answered(tb: &Testbed, addr: &str, count: u32) -> usize {
         .count()
 }
 
-/// Resident memory of a process, kB.
 fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS for {pid}"))
+    testbed::rss_kb(pid).unwrap_or_else(|| panic!("no VmRSS for {pid}"))
 }

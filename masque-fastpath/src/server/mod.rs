@@ -641,7 +641,8 @@ impl Proxy {
         let odcid = odcid.map(quiche::ConnectionId::from_vec);
         let conn = match quiche::accept(&scid, odcid.as_ref(), local, from, &mut self.quic) {
             Ok(c) => c,
-            Err(_) => {
+            Err(e) => {
+                tracing::warn!(%from, "quiche refused a connection: {e}");
                 self.stats.quic_recv_errors += 1;
                 return None;
             }

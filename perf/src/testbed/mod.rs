@@ -553,6 +553,15 @@ pub fn require_root() {
     );
 }
 
+/// The resident memory (`VmRSS`, KB) of process `pid`; `None` once it is gone.
+pub fn rss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// Where the workspace's binaries were built, for tests that start them: the directory above
 /// the running test executable (`target/<profile>/deps/..`).
 pub fn bin_path(name: &str) -> Result<PathBuf, String> {

@@ -286,3 +286,80 @@ fn the_rate_limit_refills_at_its_rate_up_to_one_second_of_tokens() {
     assert!(!zero.allow(t0), "0: never");
     assert!(!zero.allow(t0 + Duration::from_secs(5)));
 }
+
+#[test]
+fn a_client_answering_a_retry_is_accepted_and_completes_its_handshake() {
+    let rng = SystemRandom::new();
+    let now = Instant::now();
+    let tokens = RetryTokens::new(&rng, now);
+    let mut gate = Gate::new(policy(RetryMode::Always), 10, now);
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
+    let cert = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert.0, ck.cert.pem()).unwrap();
+    std::fs::write(&cert.1, ck.signing_key.serialize_pem()).unwrap();
+    // The proxy's own transport settings on both sides (connection IDs of 20 bytes, a
+    // stateless reset token, datagrams).
+    let settings = crate::quic::QuicSettings::default();
+    let mut ccfg = settings
+        .transport_config(crate::quic::Tls::Client { ca: None })
+        .unwrap();
+    let mut scfg = settings
+        .transport_config(crate::quic::Tls::Server {
+            cert: &cert.0,
+            key: &cert.1,
+        })
+        .unwrap();
+    scfg.set_stateless_reset_token(Some(u128::MAX));
+    let server: SocketAddr = "203.0.113.1:443".parse().unwrap();
+    let cscid = quiche::ConnectionId::from_ref(&[3; CID_LEN]);
+    let mut client = quiche::connect(None, &cscid, peer(), server, &mut ccfg).unwrap();
+    let mut buf = vec![0u8; 1500];
+    let (len, _) = client.send(&mut buf).unwrap();
+    let hdr = quiche::Header::from_slice(&mut buf[..len], CID_LEN).unwrap();
+    assert_eq!(
+        gate.admit(&hdr, len, peer(), 0, 0, &tokens, now),
+        Admission::Retry
+    );
+    let new_scid = quiche::ConnectionId::from_ref(&[4; CID_LEN]);
+    let token = tokens.mint(peer(), &hdr.dcid, &new_scid, now);
+    let mut retry = vec![0u8; 1500];
+    let n = quiche::retry(
+        &hdr.scid,
+        &hdr.dcid,
+        &new_scid,
+        &token,
+        hdr.version,
+        &mut retry,
+    )
+    .unwrap();
+    let info = quiche::RecvInfo {
+        from: server,
+        to: peer(),
+    };
+    client.recv(&mut retry[..n], info).unwrap();
+    let (len, _) = client.send(&mut buf).unwrap();
+    let hdr = quiche::Header::from_slice(&mut buf[..len], CID_LEN).unwrap();
+    let Admission::Accept { odcid: Some(odcid) } =
+        gate.admit(&hdr, len, peer(), 0, 0, &tokens, now)
+    else {
+        panic!("the Initial with the token is accepted");
+    };
+    let odcid = quiche::ConnectionId::from_vec(odcid);
+    let mut conn = quiche::accept(&hdr.dcid, Some(&odcid), server, peer(), &mut scfg).unwrap();
+    let to_server = quiche::RecvInfo {
+        from: peer(),
+        to: server,
+    };
+    conn.recv(&mut buf[..len], to_server).unwrap();
+    for _ in 0..10 {
+        while let Ok((n, _)) = conn.send(&mut buf) {
+            let _ = client.recv(&mut buf[..n], info);
+        }
+        while let Ok((n, _)) = client.send(&mut buf) {
+            let _ = conn.recv(&mut buf[..n], to_server);
+        }
+    }
+    assert!(client.is_established() && conn.is_established());
+    assert_eq!(client.peer_error(), None);
+}

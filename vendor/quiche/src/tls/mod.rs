@@ -474,7 +474,10 @@ impl Handshake {
     pub fn set_quic_transport_params(
         &mut self, params: &crate::TransportParams, is_server: bool,
     ) -> Result<()> {
-        let mut raw_params = [0; 128];
+        // mimiq patch (MIMIQ-PATCH.md): 128 bytes do not hold a server's
+        // parameters after a Retry with 20-byte connection IDs (three of them,
+        // and a stateless reset token).
+        let mut raw_params = [0; 512];
 
         let raw_params =
             crate::TransportParams::encode(params, is_server, &mut raw_params)?;
