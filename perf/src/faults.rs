@@ -225,7 +225,7 @@ pub fn proxy(len: u64) -> Result<Fault, String> {
         masque_addr::CLIENT_V4[1]
     );
     let args = ["ip", "--proxy", &url, "--bind", &bind, "--tun", "mq0"];
-    let (mut client, ready) = start_client(&mut tb, "c", &args)?;
+    let (mut client, ready) = start_client(&tb, "c", &args)?;
     let listen: SocketAddr = format!("{}:9000", masque_addr::SERVER_V4)
         .parse()
         .expect("address");

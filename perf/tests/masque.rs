@@ -25,7 +25,7 @@ fn connect_ip_carries_ping_and_iperf3_tcp_and_udp_over_ipv4_and_ipv6() {
     // Without the tunnel the server is unreachable.
     assert!(ping(&tb, "c", addr::SERVER_V4, 1).is_err());
 
-    let (mut client, ready) = start_ip_client(&mut tb).unwrap();
+    let (mut client, ready) = start_ip_client(&tb).unwrap();
     // One IPv4 and one IPv6 address from the pools (the first hosts after the ICMP source).
     assert!(ready.contains("198.18.200.2/32"), "{ready}");
     assert!(ready.contains("fd00:200::2/128"), "{ready}");
@@ -33,16 +33,16 @@ fn connect_ip_carries_ping_and_iperf3_tcp_and_udp_over_ipv4_and_ipv6() {
     ping(&tb, "c", addr::SERVER_V4, 20).unwrap_or_else(|e| panic!("{e}; {}", client.describe()));
     ping(&tb, "c", addr::SERVER_V6, 20).unwrap_or_else(|e| panic!("{e}; {}", client.describe()));
 
-    let tcp = iperf3(&mut tb, "c", "s", addr::SERVER_V4, 3).unwrap();
+    let tcp = iperf3(&tb, "c", "s", addr::SERVER_V4, 3).unwrap();
     // How fast is `mimiq-perf bench masque`'s to say; here, that bytes crossed.
     assert!(tcp.received_bytes > 0, "TCP over CONNECT-IP: {tcp:?}");
-    let tcp6 = iperf3(&mut tb, "c", "s", addr::SERVER_V6, 2).unwrap();
+    let tcp6 = iperf3(&tb, "c", "s", addr::SERVER_V6, 2).unwrap();
     assert!(
         tcp6.received_bytes > 0,
         "TCP/IPv6 over CONNECT-IP: {tcp6:?}"
     );
     let udp = iperf3_with(
-        &mut tb,
+        &tb,
         "c",
         "s",
         addr::SERVER_V4,
@@ -111,7 +111,7 @@ fn connect_udp_exchanges_datagrams_with_a_target() {
     echo_server(&tb, "s", "198.18.20.2:7007");
     let url = proxy_url();
     let (mut client, _) = start_client(
-        &mut tb,
+        &tb,
         "c",
         &[
             "udp",
@@ -144,7 +144,7 @@ fn a_client_that_migrates_every_200_ms_keeps_its_tunnel_through_a_tcp_transfer()
     let url = proxy_url();
     let binds = addr::CLIENT_V4.join(",");
     let (mut client, _) = start_client(
-        &mut tb,
+        &tb,
         "c",
         &[
             "ip",
@@ -159,7 +159,7 @@ fn a_client_that_migrates_every_200_ms_keeps_its_tunnel_through_a_tcp_transfer()
         ],
     )
     .unwrap();
-    let run = iperf3(&mut tb, "c", "s", addr::SERVER_V4, 5).unwrap_or_else(|e| {
+    let run = iperf3(&tb, "c", "s", addr::SERVER_V4, 5).unwrap_or_else(|e| {
         panic!(
             "{e}; client {}; proxy {}",
             client.describe(),
@@ -201,7 +201,7 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
     echo_server(&tb, "s", "198.18.20.2:7007");
     let url = proxy_url();
     let (mut outer, _) = start_client(
-        &mut tb,
+        &tb,
         "c",
         &[
             "udp",
@@ -216,7 +216,7 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
     .unwrap();
     // CONNECT-UDP inside CONNECT-UDP.
     let (mut inner_udp, _) = start_client(
-        &mut tb,
+        &tb,
         "c",
         &[
             "udp",
@@ -233,7 +233,7 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
     // CONNECT-IP inside CONNECT-UDP: only the target goes into the inner tunnel (the outer
     // client's own QUIC packets to A must not).
     let (mut inner_ip, ready) = start_client(
-        &mut tb,
+        &tb,
         "c",
         &[
             "ip",
@@ -298,7 +298,7 @@ fn missing_or_wrong_tokens_get_407_and_403_and_no_tunnel() {
         );
     }
     let (mut ok, ready) = start_client(
-        &mut tb,
+        &tb,
         "c",
         &["ip", "--proxy", &url, "--tun", "mq0", "--token", "s3cret"],
     )
@@ -340,7 +340,7 @@ fn an_idle_tunnel_is_kept_alive_and_a_lost_one_ends_the_client_with_an_error() {
         "--connect-timeout-s",
         "1",
     ];
-    let (mut client, _) = start_client(&mut tb, "c", &args).unwrap();
+    let (mut client, _) = start_client(&tb, "c", &args).unwrap();
     // Quiet for three idle timeouts: only the keep-alives (one per half second) cross.
     let quiet = std::time::Instant::now();
     while quiet.elapsed() < Duration::from_millis(4_500) {
@@ -405,7 +405,7 @@ fn two_clients_resuming_at_once_after_each_of_two_proxy_restarts_get_their_own_a
             "--idle-timeout-ms",
             idle,
         ];
-        let (client, ready) = start_client(&mut tb, "c", &args).unwrap();
+        let (client, ready) = start_client(&tb, "c", &args).unwrap();
         clients.push((client, ready));
     }
     assert!(clients[0].1.contains("198.18.200.2/32"), "{}", clients[0].1);

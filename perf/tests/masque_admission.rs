@@ -88,7 +88,7 @@ fn an_initial_flood_from_spoofed_sources_leaves_the_tunnel_and_new_clients_serve
         "[quic]\nretry = \"auto\"\nretry_threshold = 16\nmax_half_open = 64\nhandshake_timeout_ms = 2000\n",
     )
     .unwrap();
-    let (mut first, _) = start_ip_client(&mut tb).unwrap();
+    let (mut first, _) = start_ip_client(&tb).unwrap();
     let rss_before = rss_kb(proxy.pid());
 
     let templates = initials(512);
@@ -261,7 +261,7 @@ fn a_proxy_restarted_with_the_same_reset_key_resets_its_old_connections_at_once(
         "--idle-timeout-ms",
         "60000",
     ];
-    let (mut client, _) = start_client(&mut tb, "c", &args).unwrap();
+    let (mut client, _) = start_client(&tb, "c", &args).unwrap();
     // A hop's worth of new connection IDs: the client has sent with IDs issued after the
     // handshake by the time the proxy dies.
     mimiq_perf::traffic::ping(&tb, "c", addr::SERVER_V4, 5).unwrap();

@@ -72,7 +72,7 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
 
     // The well-behaved client, up before the attack and pinging through it.
     let url = format!("{}:4433", addr::PROXY_V4);
-    let (mut good, ready) = start_ip_client(&mut tb).unwrap();
+    let (mut good, ready) = start_ip_client(&tb).unwrap();
     assert!(ready.contains("198.18.200."), "{ready}");
     ping(&tb, "c", addr::SERVER_V4, 3).unwrap_or_else(|e| panic!("{e}; {}", good.describe()));
 

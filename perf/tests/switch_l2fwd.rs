@@ -79,7 +79,7 @@ fn switch_carries_ping_and_iperf3_between_kernel_hosts_and_stopping_it_stops_tra
     // A few seconds of TCP with the kernel's own stacks at both ends. How much crosses depends
     // on the machine's load (the throughput figure is a bench's, docs/PERFORMANCE.md): here,
     // that it crossed and that the switch counted what iperf3 moved.
-    let run = iperf3(&mut tb, "h1", "h2", topology::addr::H2_V4, 3).unwrap();
+    let run = iperf3(&tb, "h1", "h2", topology::addr::H2_V4, 3).unwrap();
     assert!(
         run.received_bytes > 0 && run.received_bytes <= run.sent_bytes,
         "iperf3 received {} of {} bytes sent",

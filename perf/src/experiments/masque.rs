@@ -364,7 +364,7 @@ pub fn compare(
 
     progress("CONNECT-IP:");
     {
-        let (mut client, ready) = start_ip_client(&mut tb)?;
+        let (mut client, ready) = start_ip_client(&tb)?;
         let tun_mtu = ready_mtu(&ready)?;
         if !params.bulk_only {
             for family in [Family::V4, Family::V6] {
@@ -447,7 +447,7 @@ pub fn compare(
         let sink_peer = UdpPeer::start(&tb, "s", sink, false, stop.clone())?;
         let local: SocketAddr = "127.0.0.1:6000".parse().map_err(|e| format!("{e}"))?;
         let (mut client, ready) = start_client(
-            &mut tb,
+            &tb,
             "c",
             &[
                 "udp",
@@ -470,7 +470,7 @@ pub fn compare(
         drop(echo_peer);
 
         let (mut client, _) = start_client(
-            &mut tb,
+            &tb,
             "c",
             &[
                 "udp",
