@@ -31,7 +31,7 @@ use mimiq_masque::client::{
 };
 use mimiq_masque::netcfg::Route;
 use mimiq_masque::quic::QuicSettings;
-use mimiq_masque::template::{IpScope, IP_PATH_PREFIX};
+use mimiq_masque::template::IpScope;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{host_prefix_len, HostAddresses};
@@ -392,9 +392,9 @@ pub fn run(
         quic: quic_settings(tunnel),
         hop_every: None,
         connect_timeout: Duration::from_millis(tunnel.connect_timeout_ms),
+        template: None,
     };
-    let scope = IpScope::parse_path(&format!("{IP_PATH_PREFIX}*/*/"))
-        .map_err(|e| TunnelError::Config(format!("scope: {e}")))?;
+    let scope = IpScope::ANY;
     let mode = Mode::Ip {
         scope,
         tun: tunnel.tun.clone(),

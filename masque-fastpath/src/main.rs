@@ -13,7 +13,7 @@ use mimiq_masque::client::{run_reconnecting, Client, ClientConfig, Mode, Reconne
 use mimiq_masque::quic::QuicSettings;
 use mimiq_masque::server::config::parse_prefix;
 use mimiq_masque::server::{self, ProxyConfig};
-use mimiq_masque::template::{IpScope, UdpTarget};
+use mimiq_masque::template::{IpScope, UdpTarget, UriTemplate, IP_VARIABLES, UDP_VARIABLES};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -115,6 +115,10 @@ struct Common {
     /// Directory for a qlog file.
     #[arg(long)]
     qlog_dir: Option<PathBuf>,
+    /// The proxy's URI template for the request path (RFC 9298 §3, RFC 9484 §3), e.g.
+    /// "/masque/udp/{target_host}/{target_port}"; default: the protocol's well-known one.
+    #[arg(long)]
+    template: Option<String>,
     /// Give up when the tunnel is not up within this many seconds.
     #[arg(long, default_value_t = 10)]
     connect_timeout_s: u64,
@@ -130,8 +134,15 @@ struct Common {
 }
 
 impl Common {
-    /// The client's settings, and how it reconnects.
-    fn config(self) -> (ClientConfig, Reconnect) {
+    /// The client's settings, and how it reconnects; `variables` are the protocol's template
+    /// variables.
+    fn config(self, variables: [&'static str; 2]) -> Result<(ClientConfig, Reconnect), String> {
+        let template = self
+            .template
+            .as_deref()
+            .map(|t| UriTemplate::parse(t, variables))
+            .transpose()
+            .map_err(|e| format!("--template: {e}"))?;
         let bind = if self.bind.is_empty() {
             vec![if self.proxy.is_ipv4() {
                 IpAddr::from([0, 0, 0, 0])
@@ -159,8 +170,9 @@ impl Common {
             },
             hop_every: self.hop_every_ms.map(Duration::from_millis),
             connect_timeout: Duration::from_secs(self.connect_timeout_s),
+            template,
         };
-        (cfg, reconnect)
+        Ok((cfg, reconnect))
     }
 }
 
@@ -221,7 +233,10 @@ fn real_main(cli: Cli) -> Result<(), String> {
                     );
                     let scope = IpScope::parse_path(&path)
                         .map_err(|e| format!("--scope {scope:?}: {e}"))?;
-                    (common.config(), Mode::Ip { scope, tun, routes })
+                    (
+                        common.config(IP_VARIABLES)?,
+                        Mode::Ip { scope, tun, routes },
+                    )
                 }
                 ClientCmd::Udp {
                     common,
@@ -240,7 +255,7 @@ fn real_main(cli: Cli) -> Result<(), String> {
                     );
                     let target =
                         UdpTarget::parse_path(&path).map_err(|e| format!("--target: {e}"))?;
-                    (common.config(), Mode::Udp { target, listen })
+                    (common.config(UDP_VARIABLES)?, Mode::Udp { target, listen })
                 }
             };
             let stop = Arc::new(AtomicBool::new(false));

@@ -4,7 +4,7 @@
 
 use quiche::h3::{Header, NameValue};
 
-use crate::template::{IpScope, UdpTarget};
+use crate::template::{IpScope, UdpTarget, UriTemplate};
 
 /// The `:protocol` of CONNECT-UDP.
 pub const PROTOCOL_UDP: &str = "connect-udp";
@@ -41,11 +41,19 @@ const fn reject(status: u16, reason: &'static str) -> Rejection {
     Rejection { status, reason }
 }
 
-/// The request headers a client sends.
-pub fn request_headers(target: &Target, authority: &str, token: Option<&str>) -> Vec<Header> {
-    let (protocol, path) = match target {
-        Target::Ip(scope) => (PROTOCOL_IP, scope.to_path()),
-        Target::Udp(t) => (PROTOCOL_UDP, t.to_path()),
+/// The request headers a client sends, the `:path` expanded from `template` (the protocol's
+/// default when `None`).
+pub fn request_headers(
+    target: &Target,
+    authority: &str,
+    token: Option<&str>,
+    template: Option<&UriTemplate>,
+) -> Vec<Header> {
+    let (protocol, path) = match (target, template) {
+        (Target::Ip(scope), Some(t)) => (PROTOCOL_IP, scope.expand(t)),
+        (Target::Ip(scope), None) => (PROTOCOL_IP, scope.to_path()),
+        (Target::Udp(u), Some(t)) => (PROTOCOL_UDP, u.expand(t)),
+        (Target::Udp(u), None) => (PROTOCOL_UDP, u.to_path()),
     };
     let path = path.unwrap_or_default();
     let mut h = vec![
@@ -65,8 +73,31 @@ pub fn request_headers(target: &Target, authority: &str, token: Option<&str>) ->
     h
 }
 
-/// Checks a request. `tokens` lists the accepted bearer tokens; empty means no authentication.
-pub fn validate(headers: &[Header], tokens: &[String]) -> Result<Target, Rejection> {
+/// The URI templates a proxy serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Templates {
+    /// CONNECT-UDP.
+    pub udp: UriTemplate,
+    /// CONNECT-IP.
+    pub ip: UriTemplate,
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        Templates {
+            udp: UriTemplate::udp_default(),
+            ip: UriTemplate::ip_default(),
+        }
+    }
+}
+
+/// Checks a request against the served `templates`. `tokens` lists the accepted bearer tokens;
+/// empty means no authentication.
+pub fn validate(
+    headers: &[Header],
+    tokens: &[String],
+    templates: &Templates,
+) -> Result<Target, Rejection> {
     let get = |name: &str| {
         headers
             .iter()
@@ -78,9 +109,12 @@ pub fn validate(headers: &[Header], tokens: &[String]) -> Result<Target, Rejecti
     if get(":method") != Some(b"CONNECT") {
         return Err(reject(405, "method is not CONNECT"));
     }
+    //= https://www.rfc-editor.org/rfc/rfc9110#section-15.6.2
+    //# The 501 (Not Implemented) status code indicates that the server does
+    //# not support the functionality required to fulfill the request.
     let Some(protocol) = get(":protocol") else {
         return Err(reject(
-            400,
+            501,
             "CONNECT without :protocol (classic CONNECT is not served)",
         ));
     };
@@ -112,10 +146,10 @@ pub fn validate(headers: &[Header], tokens: &[String]) -> Result<Target, Rejecti
         }
     }
     match protocol {
-        b"connect-ip" => IpScope::parse_path(path)
+        b"connect-ip" => IpScope::match_path(&templates.ip, path)
             .map(Target::Ip)
             .map_err(|_| reject(404, "path does not match the CONNECT-IP template")),
-        b"connect-udp" => UdpTarget::parse_path(path)
+        b"connect-udp" => UdpTarget::match_path(&templates.udp, path)
             .map(Target::Udp)
             .map_err(|_| reject(404, "path does not match the CONNECT-UDP template")),
         _ => Err(reject(501, "unsupported :protocol")),
@@ -139,7 +173,7 @@ pub fn response_status(headers: &[Header]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::template::Host;
+    use crate::template::{Host, IP_VARIABLES, UDP_VARIABLES};
 
     fn toks() -> Vec<String> {
         vec!["s3cret".into()]
@@ -151,11 +185,24 @@ mod tests {
             host: Host::Ip("198.18.0.9".parse().unwrap()),
             port: 4433,
         });
-        let h = request_headers(&t, "proxy", Some("s3cret"));
-        assert_eq!(validate(&h, &toks()), Ok(t));
-        let t = Target::Ip(IpScope::ANY);
-        let h = request_headers(&t, "proxy", None);
-        assert_eq!(validate(&h, &[]), Ok(t));
+        let served = Templates::default();
+        let h = request_headers(&t, "proxy", Some("s3cret"), None);
+        assert_eq!(validate(&h, &toks(), &served), Ok(t.clone()));
+        let ip = Target::Ip(IpScope::ANY);
+        let h = request_headers(&ip, "proxy", None, None);
+        assert_eq!(validate(&h, &[], &served), Ok(ip.clone()));
+        // A proxy with other templates, and a client configured with them.
+        let other = Templates {
+            udp: UriTemplate::parse("/u{?target_host,target_port}", UDP_VARIABLES).unwrap(),
+            ip: UriTemplate::parse("/vpn/{target}/{ipproto}", IP_VARIABLES).unwrap(),
+        };
+        let h = request_headers(&t, "proxy", None, Some(&other.udp));
+        assert_eq!(validate(&h, &[], &other), Ok(t.clone()));
+        assert_eq!(validate(&h, &[], &served).map_err(|r| r.status), Err(404));
+        let h = request_headers(&ip, "proxy", None, Some(&other.ip));
+        assert_eq!(validate(&h, &[], &other), Ok(ip));
+        let h = request_headers(&t, "proxy", None, None);
+        assert_eq!(validate(&h, &[], &other).map_err(|r| r.status), Err(404));
     }
 
     fn with(h: &[Header], name: &str, value: Option<&str>) -> Vec<Header> {
@@ -172,10 +219,11 @@ mod tests {
 
     #[test]
     fn each_defect_gets_its_status() {
-        let good = request_headers(&Target::Ip(IpScope::ANY), "proxy", Some("s3cret"));
+        let good = request_headers(&Target::Ip(IpScope::ANY), "proxy", Some("s3cret"), None);
         let cases: [(&str, Option<&str>, u16); 10] = [
             (":method", Some("GET"), 405),
-            (":protocol", None, 400),
+            // A plain CONNECT (RFC 9110 §9.3.6): the proxy does not implement it.
+            (":protocol", None, 501),
             (":protocol", Some("websocket"), 501),
             (":scheme", Some("http"), 400),
             (":authority", None, 400),
@@ -188,13 +236,16 @@ mod tests {
         for (name, value, status) in cases {
             let h = with(&good, name, value);
             assert_eq!(
-                validate(&h, &toks()).map_err(|r| r.status),
+                validate(&h, &toks(), &Templates::default()).map_err(|r| r.status),
                 Err(status),
                 "{name}={value:?}"
             );
         }
         // A token sent without the scheme is wrong, not missing.
         let h = with(&good, AUTH_HEADER, Some("s3cret"));
-        assert_eq!(validate(&h, &toks()).map_err(|r| r.status), Err(403));
+        assert_eq!(
+            validate(&h, &toks(), &Templates::default()).map_err(|r| r.status),
+            Err(403)
+        );
     }
 }

@@ -1,10 +1,16 @@
-//! The URI templates of CONNECT-UDP (RFC 9298 §2) and CONNECT-IP (RFC 9484 §4.6), in their
-//! well-known default forms:
+//! The URI templates of CONNECT-UDP (RFC 9298 §2) and CONNECT-IP (RFC 9484 §4.6). The
+//! well-known defaults are
 //!
 //! ```text
 //! /.well-known/masque/udp/{target_host}/{target_port}/
 //! /.well-known/masque/ip/{target}/{ipproto}/
 //! ```
+//!
+//! and a proxy may use any other template with the same variables (RFC 9298 §3, RFC 9484 §3: the
+//! client is configured with it): [`UriTemplate`] takes literal text, simple variables and a
+//! form-style query (RFC 6570 levels 1 and 3), e.g. `/masque/udp/{target_host}/{target_port}`
+//! or `/masque{?target_host,target_port}`. A path is matched with or without the template's
+//! trailing slash, so clients that build paths either way are served.
 //!
 //! A client expands a [`UdpTarget`] or an [`IpScope`] into a `:path` (IPv6 colons written as
 //! `%3A`, a prefix's slash as `%2F`); a proxy parses the `:path` of an extended CONNECT back into
@@ -24,6 +30,15 @@ use crate::capsule::IpPrefix;
 pub const UDP_PATH_PREFIX: &str = "/.well-known/masque/udp/";
 /// The path of the default CONNECT-IP template up to its first variable.
 pub const IP_PATH_PREFIX: &str = "/.well-known/masque/ip/";
+
+/// The default CONNECT-UDP template (RFC 9298 §3).
+pub const DEFAULT_UDP_TEMPLATE: &str = "/.well-known/masque/udp/{target_host}/{target_port}/";
+/// The default CONNECT-IP template (RFC 9484 §3).
+pub const DEFAULT_IP_TEMPLATE: &str = "/.well-known/masque/ip/{target}/{ipproto}/";
+/// The variables of the CONNECT-UDP template.
+pub const UDP_VARIABLES: [&str; 2] = ["target_host", "target_port"];
+/// The variables of the CONNECT-IP template.
+pub const IP_VARIABLES: [&str; 2] = ["target", "ipproto"];
 
 /// The longest hostname accepted (the DNS limit on a name's text form).
 pub const MAX_HOSTNAME_LEN: usize = 253;
@@ -102,18 +117,27 @@ pub struct UdpTarget {
 impl UdpTarget {
     /// Expands the default template into a `:path`.
     pub fn to_path(&self) -> Result<String, Error> {
+        self.expand(&UriTemplate::udp_default())
+    }
+
+    /// Expands `template` (with [`UDP_VARIABLES`]) into a `:path`.
+    pub fn expand(&self, template: &UriTemplate) -> Result<String, Error> {
         if self.port == 0 {
             return Err(Error::InvalidPort);
         }
-        let mut path = String::from(UDP_PATH_PREFIX);
-        push_host(&mut path, &self.host)?;
-        let _ = write!(path, "/{}/", self.port);
-        Ok(path)
+        let mut host = String::new();
+        push_host(&mut host, &self.host)?;
+        Ok(template.expand(&[host, self.port.to_string()]))
     }
 
     /// Matches a `:path` against the default template.
     pub fn parse_path(path: &str) -> Result<Self, Error> {
-        let (host, port) = split_segments(path, UDP_PATH_PREFIX)?;
+        Self::match_path(&UriTemplate::udp_default(), path)
+    }
+
+    /// Matches a `:path` against `template`.
+    pub fn match_path(template: &UriTemplate, path: &str) -> Result<Self, Error> {
+        let [host, port] = template.capture(path)?;
         if host == "*" || host.is_empty() {
             return Err(Error::WildcardNotAllowed);
         }
@@ -163,29 +187,37 @@ impl IpScope {
 
     /// Expands the default template into a `:path`.
     pub fn to_path(&self) -> Result<String, Error> {
-        let mut path = String::from(IP_PATH_PREFIX);
+        self.expand(&UriTemplate::ip_default())
+    }
+
+    /// Expands `template` (with [`IP_VARIABLES`]) into a `:path`.
+    pub fn expand(&self, template: &UriTemplate) -> Result<String, Error> {
+        let mut target = String::new();
         match &self.target {
-            IpTarget::Any => path.push('*'),
+            IpTarget::Any => target.push('*'),
             IpTarget::Prefix(p) => {
-                push_host(&mut path, &Host::Ip(p.addr()))?;
+                push_host(&mut target, &Host::Ip(p.addr()))?;
                 if u32::from(p.prefix_len()) < addr_bits(p.addr()) {
-                    let _ = write!(path, "%2F{}", p.prefix_len());
+                    let _ = write!(target, "%2F{}", p.prefix_len());
                 }
             }
-            IpTarget::Name(name) => push_host(&mut path, &Host::Name(name.clone()))?,
+            IpTarget::Name(name) => push_host(&mut target, &Host::Name(name.clone()))?,
         }
-        match self.ipproto {
-            IpProtocolScope::Any => path.push_str("/*/"),
-            IpProtocolScope::Protocol(n) => {
-                let _ = write!(path, "/{n}/");
-            }
-        }
-        Ok(path)
+        let ipproto = match self.ipproto {
+            IpProtocolScope::Any => "*".to_string(),
+            IpProtocolScope::Protocol(n) => n.to_string(),
+        };
+        Ok(template.expand(&[target, ipproto]))
     }
 
     /// Matches a `:path` against the default template.
     pub fn parse_path(path: &str) -> Result<Self, Error> {
-        let (target, ipproto) = split_segments(path, IP_PATH_PREFIX)?;
+        Self::match_path(&UriTemplate::ip_default(), path)
+    }
+
+    /// Matches a `:path` against `template`.
+    pub fn match_path(template: &UriTemplate, path: &str) -> Result<Self, Error> {
+        let [target, ipproto] = template.capture(path)?;
         Ok(IpScope {
             target: parse_ip_target(target)?,
             ipproto: parse_ipproto(ipproto)?,
@@ -209,18 +241,201 @@ impl IpScope {
 
 // ---- helpers ----
 
-/// Splits `prefix{a}/{b}/` into its two raw (still percent-encoded) segments.
-fn split_segments<'a>(path: &'a str, prefix: &str) -> Result<(&'a str, &'a str), Error> {
-    if path.contains(['?', '#']) {
-        return Err(Error::QueryOrFragment);
+/// A URI template of the two variables of one protocol, as the proxy serves it or a client
+/// expands it: literal text, `{var}` (a value up to the next literal text, never holding `/`,
+/// `?` or `#`) and, at the end, a form-style query `{?var,var}` (`?var=value&var=value`, in any
+/// order). Parsed once from the configuration; matching allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UriTemplate {
+    parts: Vec<Part>,
+    /// The protocol's variable names ([`UDP_VARIABLES`] or [`IP_VARIABLES`]).
+    names: [&'static str; 2],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    /// Index of the variable in the protocol's list.
+    Var(usize),
+    /// A form-style query of these variables.
+    Query(Vec<usize>),
+}
+
+impl UriTemplate {
+    /// Parses `text` with the variables `names` (each exactly once; [`UDP_VARIABLES`] or
+    /// [`IP_VARIABLES`]); the message says what is wrong.
+    pub fn parse(text: &str, names: [&'static str; 2]) -> Result<UriTemplate, String> {
+        if !text.starts_with('/') {
+            return Err(format!("template {text:?} does not start with '/'"));
+        }
+        let mut parts = Vec::new();
+        let mut seen = [false; 2];
+        let mut rest = text;
+        while !rest.is_empty() {
+            let Some(open) = rest.find('{') else {
+                parts.push(Part::Literal(rest.to_string()));
+                break;
+            };
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("template {text:?}: '{{' without '}}'"))?;
+            let expr = &rest[open + 1..open + close];
+            rest = &rest[open + close + 1..];
+            let (query, vars) = match expr.strip_prefix('?') {
+                Some(list) => (true, list),
+                None => (false, expr),
+            };
+            let mut indices = Vec::new();
+            for name in vars.split(',') {
+                let i = names.iter().position(|n| *n == name).ok_or_else(|| {
+                    format!(
+                        "template {text:?}: unknown variable {name:?} (expected {} and {})",
+                        names[0], names[1]
+                    )
+                })?;
+                if std::mem::replace(&mut seen[i], true) {
+                    return Err(format!("template {text:?}: {name} appears twice"));
+                }
+                indices.push(i);
+            }
+            if query {
+                if !rest.is_empty() {
+                    return Err(format!(
+                        "template {text:?}: a query {{?...}} must come last"
+                    ));
+                }
+                parts.push(Part::Query(indices));
+            } else {
+                if indices.len() != 1 {
+                    return Err(format!(
+                        "template {text:?}: one variable per {{...}} outside a query"
+                    ));
+                }
+                if matches!(parts.last(), Some(Part::Var(_))) {
+                    return Err(format!(
+                        "template {text:?}: two variables need literal text between them"
+                    ));
+                }
+                parts.push(Part::Var(indices[0]));
+            }
+        }
+        if let Some(i) = seen.iter().position(|s| !s) {
+            return Err(format!("template {text:?}: no {{{}}}", names[i]));
+        }
+        Ok(UriTemplate { parts, names })
     }
-    let rest = path.strip_prefix(prefix).ok_or(Error::WrongPrefix)?;
-    let rest = rest.strip_suffix('/').ok_or(Error::WrongSegments)?;
-    let (a, b) = rest.split_once('/').ok_or(Error::WrongSegments)?;
-    if b.contains('/') {
-        return Err(Error::WrongSegments);
+
+    /// The default CONNECT-UDP template.
+    pub fn udp_default() -> UriTemplate {
+        UriTemplate::parse(DEFAULT_UDP_TEMPLATE, UDP_VARIABLES).expect("the default is valid")
     }
-    Ok((a, b))
+
+    /// The default CONNECT-IP template.
+    pub fn ip_default() -> UriTemplate {
+        UriTemplate::parse(DEFAULT_IP_TEMPLATE, IP_VARIABLES).expect("the default is valid")
+    }
+
+    /// The path with `values` (already percent-encoded, in the variables' order) filled in.
+    fn expand(&self, values: &[String; 2]) -> String {
+        let mut path = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => path.push_str(l),
+                Part::Var(i) => path.push_str(&values[*i]),
+                Part::Query(vars) => {
+                    for (n, i) in vars.iter().enumerate() {
+                        path.push(if n == 0 { '?' } else { '&' });
+                        let _ = write!(path, "{}={}", self.names[*i], values[*i]);
+                    }
+                }
+            }
+        }
+        path
+    }
+
+    /// The two raw (still percent-encoded) values of `path`, in the variables' order.
+    fn capture<'a>(&self, path: &'a str) -> Result<[&'a str; 2], Error> {
+        if path.contains('#') {
+            return Err(Error::QueryOrFragment);
+        }
+        let has_query = self.parts.iter().any(|p| match p {
+            Part::Literal(l) => l.contains('?'),
+            Part::Query(_) => true,
+            Part::Var(_) => false,
+        });
+        if !has_query && path.contains('?') {
+            return Err(Error::QueryOrFragment);
+        }
+        let mut values = [""; 2];
+        let mut rest = path;
+        for (n, part) in self.parts.iter().enumerate() {
+            let last = n + 1 == self.parts.len();
+            match part {
+                Part::Literal(l) => {
+                    // The template's trailing slash is optional in the path, and the other
+                    // way round.
+                    let l = if last {
+                        l.strip_suffix('/').unwrap_or(l)
+                    } else {
+                        l
+                    };
+                    rest = rest.strip_prefix(l).ok_or(if n == 0 {
+                        Error::WrongPrefix
+                    } else {
+                        Error::WrongSegments
+                    })?;
+                    if last && !(rest.is_empty() || rest == "/") {
+                        return Err(Error::WrongSegments);
+                    }
+                }
+                Part::Var(i) => {
+                    let end = match self.parts.get(n + 1) {
+                        Some(Part::Literal(next)) => {
+                            let next = if n + 2 == self.parts.len() {
+                                next.strip_suffix('/').unwrap_or(next)
+                            } else {
+                                next
+                            };
+                            if next.is_empty() {
+                                rest.strip_suffix('/').unwrap_or(rest).len()
+                            } else {
+                                rest.find(next).ok_or(Error::WrongSegments)?
+                            }
+                        }
+                        Some(Part::Query(_)) => rest.find('?').unwrap_or(rest.len()),
+                        _ => rest.strip_suffix('/').unwrap_or(rest).len(),
+                    };
+                    let value = &rest[..end];
+                    if value.contains(['/', '?']) {
+                        return Err(Error::WrongSegments);
+                    }
+                    values[*i] = value;
+                    rest = &rest[end..];
+                    if last && !(rest.is_empty() || rest == "/") {
+                        return Err(Error::WrongSegments);
+                    }
+                }
+                Part::Query(vars) => {
+                    let query = match rest.strip_prefix('?') {
+                        Some(q) => q,
+                        None if rest.is_empty() || rest == "/" => "",
+                        None => return Err(Error::WrongSegments),
+                    };
+                    let names = self.names;
+                    for pair in query.split('&').filter(|p| !p.is_empty()) {
+                        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                        if let Some(&i) = vars.iter().find(|&&i| names[i] == name) {
+                            values[i] = value;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(values)
+    }
 }
 
 /// Characters RFC 3986 lets a path segment hold unencoded (pchar minus pct-encoded).
@@ -462,6 +677,101 @@ mod tests {
     }
 
     #[test]
+    fn a_path_matches_with_or_without_the_templates_trailing_slash() {
+        let want = UdpTarget {
+            host: Host::Ip(ip("192.0.2.6")),
+            port: 443,
+        };
+        let no_slash =
+            UriTemplate::parse("/masque/udp/{target_host}/{target_port}", UDP_VARIABLES).unwrap();
+        for path in [
+            "/.well-known/masque/udp/192.0.2.6/443/",
+            "/.well-known/masque/udp/192.0.2.6/443",
+        ] {
+            assert_eq!(UdpTarget::parse_path(path), Ok(want.clone()), "{path}");
+        }
+        for path in ["/masque/udp/192.0.2.6/443", "/masque/udp/192.0.2.6/443/"] {
+            assert_eq!(
+                UdpTarget::match_path(&no_slash, path),
+                Ok(want.clone()),
+                "{path}"
+            );
+        }
+        assert_eq!(want.expand(&no_slash).unwrap(), "/masque/udp/192.0.2.6/443");
+        assert_eq!(
+            UdpTarget::match_path(&no_slash, "/masque/udp/192.0.2.6/443//"),
+            Err(Error::WrongSegments)
+        );
+    }
+
+    #[test]
+    fn templates_with_the_variables_in_the_query_expand_and_match_in_any_order() {
+        let form = UriTemplate::parse("/masque{?target_host,target_port}", UDP_VARIABLES).unwrap();
+        let t = UdpTarget {
+            host: Host::Ip(ip("2001:db8::42")),
+            port: 53,
+        };
+        let path = t.expand(&form).unwrap();
+        assert_eq!(
+            path,
+            "/masque?target_host=2001%3Adb8%3A%3A42&target_port=53"
+        );
+        assert_eq!(UdpTarget::match_path(&form, &path), Ok(t.clone()));
+        assert_eq!(
+            UdpTarget::match_path(
+                &form,
+                "/masque?target_port=53&x=1&target_host=2001%3Adb8%3A%3A42"
+            ),
+            Ok(t.clone())
+        );
+        assert_eq!(
+            UdpTarget::match_path(&form, "/masque?target_port=53"),
+            Err(Error::WildcardNotAllowed),
+            "a missing variable is empty"
+        );
+        let literal =
+            UriTemplate::parse("/proxy?h={target_host}&p={target_port}", UDP_VARIABLES).unwrap();
+        let path = t.expand(&literal).unwrap();
+        assert_eq!(path, "/proxy?h=2001%3Adb8%3A%3A42&p=53");
+        assert_eq!(UdpTarget::match_path(&literal, &path), Ok(t));
+        let ip = UriTemplate::parse("/vpn{?target,ipproto}", IP_VARIABLES).unwrap();
+        assert_eq!(
+            IpScope::match_path(&ip, "/vpn?ipproto=17"),
+            Ok(IpScope {
+                target: IpTarget::Any,
+                ipproto: IpProtocolScope::Protocol(17)
+            }),
+            "an absent CONNECT-IP variable is the wildcard (RFC 9484 §4.6)"
+        );
+        assert_eq!(IpScope::ANY.expand(&ip).unwrap(), "/vpn?target=*&ipproto=*");
+        // A query where the template has none is refused, as before.
+        assert_eq!(
+            UdpTarget::parse_path("/.well-known/masque/udp/192.0.2.6/443/?a=b"),
+            Err(Error::QueryOrFragment)
+        );
+    }
+
+    #[test]
+    fn bad_templates_are_refused_with_what_is_wrong() {
+        for (text, want) in [
+            (
+                "masque/{target_host}/{target_port}",
+                "does not start with '/'",
+            ),
+            ("/m/{target_host}/{port}", "unknown variable \"port\""),
+            ("/m/{target_host}/{target_host}", "appears twice"),
+            ("/m/{target_host}", "no {target_port}"),
+            ("/m/{target_host}{target_port}", "literal text between them"),
+            ("/m{?target_host}/{target_port}", "must come last"),
+            ("/m/{target_host/{target_port}", "unknown variable"),
+            ("/m/{target_host", "without '}'"),
+        ] {
+            let err = UriTemplate::parse(text, UDP_VARIABLES).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn udp_hostname_round_trips() {
         let path = "/.well-known/masque/udp/target.example.com/8443/";
         let t = UdpTarget::parse_path(path).unwrap();
@@ -473,11 +783,8 @@ mod tests {
     fn udp_malformed_paths_get_typed_errors() {
         let cases: &[(&str, Error)] = &[
             ("/.well-known/masque/ip/192.0.2.6/443/", Error::WrongPrefix),
-            (
-                "/.well-known/masque/udp/192.0.2.6/443",
-                Error::WrongSegments,
-            ),
-            ("/.well-known/masque/udp/192.0.2.6/", Error::WrongSegments),
+            ("/.well-known/masque/udp/192.0.2.6/", Error::InvalidPort),
+            ("/.well-known/masque/udp/192.0.2.6", Error::WrongSegments),
             (
                 "/.well-known/masque/udp/192.0.2.6/443/x/",
                 Error::WrongSegments,
@@ -631,7 +938,7 @@ mod tests {
     fn ip_malformed_paths_get_typed_errors() {
         let cases: &[(&str, Error)] = &[
             ("/.well-known/masque/udp/*/*/", Error::WrongPrefix),
-            ("/.well-known/masque/ip/*/*", Error::WrongSegments),
+            ("/.well-known/masque/ip/*/*/*/", Error::WrongSegments),
             (
                 "/.well-known/masque/ip/192.0.2.0/24/*/",
                 Error::WrongSegments,

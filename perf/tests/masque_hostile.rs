@@ -573,7 +573,7 @@ impl Hostile {
 
     /// Sends a CONNECT-IP request like the real client's; returns its stream.
     fn open_ip(&mut self, scope: &IpScope) -> u64 {
-        let hdrs = request::request_headers(&Target::Ip(scope.clone()), "proxy", None);
+        let hdrs = request::request_headers(&Target::Ip(scope.clone()), "proxy", None, None);
         let h3 = self.h3.as_mut().expect("HTTP/3 is up");
         let sid = h3.send_request(&mut self.conn, &hdrs, false).unwrap();
         self.flush();

@@ -21,7 +21,7 @@ use mimiq_dataplane::wire::{
 use mimiq_masque::capsule::{CapsuleDecoder, Decoded, IpPrefix};
 use mimiq_masque::datagram::{ContextPayload, Datagram};
 use mimiq_masque::session::connect_ip::{ConnectIpSession, HostPool, SessionConfig, Verdict};
-use mimiq_masque::template::{IpScope, UdpTarget};
+use mimiq_masque::template::{IpScope, UdpTarget, UriTemplate, IP_VARIABLES, UDP_VARIABLES};
 
 /// A target: its name and its function.
 pub type Target = (&'static str, fn(&[u8]));
@@ -258,11 +258,26 @@ pub fn extended_connect(data: &[u8]) {
     while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
         headers.push(quiche::h3::Header::new(name, value));
     }
-    let _ = mimiq_masque::request::validate(&headers, &["secret".to_string()]);
+    let served = mimiq_masque::request::Templates::default();
+    let _ = mimiq_masque::request::validate(&headers, &["secret".to_string()], &served);
     let _ = mimiq_masque::request::response_status(&headers);
     if let Ok(path) = std::str::from_utf8(data) {
         let _ = UdpTarget::parse_path(path);
         let _ = IpScope::parse_path(path);
+        // Templates with the variables in the query, and the paths matched against them.
+        for (udp, ip) in [
+            ("/u{?target_host,target_port}", "/i{?target,ipproto}"),
+            (
+                "/u?h={target_host}&p={target_port}",
+                "/i/{target}/{ipproto}",
+            ),
+        ] {
+            let udp = UriTemplate::parse(udp, UDP_VARIABLES).expect("valid template");
+            let ip = UriTemplate::parse(ip, IP_VARIABLES).expect("valid template");
+            let _ = UdpTarget::match_path(&udp, path);
+            let _ = IpScope::match_path(&ip, path);
+        }
+        let _ = UriTemplate::parse(path, UDP_VARIABLES);
     }
 }
 

@@ -73,6 +73,9 @@ pub struct ClientConfig {
     pub hop_every: Option<Duration>,
     /// Give up if the tunnel is not up within this time.
     pub connect_timeout: Duration,
+    /// The proxy's URI template for the request's `:path`; `None`: the protocol's well-known
+    /// default (RFC 9298 §3, RFC 9484 §3).
+    pub template: Option<crate::template::UriTemplate>,
 }
 
 /// What to tunnel.
@@ -444,8 +447,12 @@ impl Client {
                 Mode::Ip { scope, .. } => Target::Ip(scope.clone()),
                 Mode::Udp { target, .. } => Target::Udp(target.clone()),
             };
-            let hdrs =
-                request::request_headers(&target, &self.cfg.server_name, self.cfg.token.as_deref());
+            let hdrs = request::request_headers(
+                &target,
+                &self.cfg.server_name,
+                self.cfg.token.as_deref(),
+                self.cfg.template.as_ref(),
+            );
             match h3.send_request(self.mig.connection_mut(), &hdrs, false) {
                 Ok(sid) => self.stream = Some(sid),
                 Err(quiche::h3::Error::StreamBlocked) => {}

@@ -8,6 +8,10 @@ use serde::Deserialize;
 
 use crate::capsule::IpPrefix;
 use crate::quic::QuicSettings;
+use crate::request::Templates;
+use crate::template::{
+    UriTemplate, DEFAULT_IP_TEMPLATE, DEFAULT_UDP_TEMPLATE, IP_VARIABLES, UDP_VARIABLES,
+};
 
 /// `proxy.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +69,9 @@ pub struct IpConfig {
     /// Source address of ICMPv6 errors the proxy generates.
     #[serde(default = "default_icmp_v6")]
     pub icmp_source_v6: Ipv6Addr,
+    /// The URI template served (RFC 9484 §3), with `{target}` and `{ipproto}`.
+    #[serde(default = "default_ip_template")]
+    pub template: String,
 }
 
 /// `[udp]`: CONNECT-UDP.
@@ -73,11 +80,16 @@ pub struct IpConfig {
 pub struct UdpConfig {
     /// Serve CONNECT-UDP.
     pub enabled: bool,
+    /// The URI template served (RFC 9298 §3), with `{target_host}` and `{target_port}`.
+    pub template: String,
 }
 
 impl Default for UdpConfig {
     fn default() -> Self {
-        UdpConfig { enabled: true }
+        UdpConfig {
+            enabled: true,
+            template: DEFAULT_UDP_TEMPLATE.into(),
+        }
     }
 }
 
@@ -86,6 +98,9 @@ fn default_max_connections() -> usize {
 }
 fn default_max_sessions() -> usize {
     16
+}
+fn default_ip_template() -> String {
+    DEFAULT_IP_TEMPLATE.into()
 }
 fn default_tun() -> String {
     "mqproxy0".into()
@@ -98,6 +113,20 @@ fn default_icmp_v6() -> Ipv6Addr {
 }
 
 impl ProxyConfig {
+    /// The URI templates served (`[udp] template`, `[ip] template`).
+    pub fn templates(&self) -> Result<Templates, String> {
+        let ip = match &self.ip {
+            Some(ip) => UriTemplate::parse(&ip.template, IP_VARIABLES)
+                .map_err(|e| format!("ip.template: {e}"))?,
+            None => UriTemplate::ip_default(),
+        };
+        Ok(Templates {
+            udp: UriTemplate::parse(&self.udp.template, UDP_VARIABLES)
+                .map_err(|e| format!("udp.template: {e}"))?,
+            ip,
+        })
+    }
+
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<ProxyConfig, String> {
         let text = std::fs::read_to_string(path)
@@ -126,6 +155,7 @@ impl ProxyConfig {
                 "max_connections and max_sessions_per_connection must be at least 1".into(),
             );
         }
+        self.templates()?;
         if let Some(ip) = &self.ip {
             ip.pools()?;
             if ip.pool_v4.is_none() && ip.pool_v6.is_none() {

@@ -242,6 +242,8 @@ struct Client {
 /// A running proxy.
 pub struct Proxy {
     cfg: ProxyConfig,
+    /// The URI templates served.
+    templates: request::Templates,
     io: UdpIo,
     quic: quiche::Config,
     h3: quiche::h3::Config,
@@ -329,6 +331,7 @@ impl Proxy {
             max_connections: cfg.max_connections,
         };
         Ok(Proxy {
+            templates: cfg.templates()?,
             gate: Gate::new(policy, cfg.quic.unsolicited_per_second, now),
             retry_tokens: RetryTokens::new(&rng, now),
             reset_key,
@@ -838,7 +841,7 @@ impl Proxy {
             return;
         };
         let preferred = requested_addresses(&early);
-        let verdict = request::validate(list, &self.cfg.tokens).and_then(|t| {
+        let verdict = request::validate(list, &self.cfg.tokens, &self.templates).and_then(|t| {
             if c.sessions.len() >= self.cfg.max_sessions_per_connection {
                 Err(Rejection {
                     status: 429,
