@@ -9,7 +9,10 @@
 //!   decoder that skips unknown capsule types.
 //! - [`datagram`]: HTTP datagram framing (RFC 9297 §2.1 quarter stream ID, RFC 9298/9484 context
 //!   ID).
-//! - [`template`]: the CONNECT-UDP and CONNECT-IP URI templates (RFC 9298 §2, RFC 9484 §4.6).
+//! - [`template`]: the CONNECT-UDP and CONNECT-IP URI templates (RFC 9298 §2, RFC 9484 §4.6),
+//!   the well-known ones and any other the proxy is configured with.
+//! - [`policy`]: which destinations a proxy's clients may reach (`[policy]`, RFC 9298 §7,
+//!   RFC 9484 §12).
 //! - [`session`]: sans-IO session state; [`session::connect_ip`] is the proxy side of a CONNECT-IP
 //!   session (address assignment, routes, inner-packet checks, ICMP errors).
 //!
@@ -29,8 +32,8 @@
 //! - [`tundev`]: TUN devices; [`netcfg`]: addresses and routes over rtnetlink.
 //! - [`server`]: the proxy (`mimiq-proxy run`); [`client`]: the client (`mimiq-proxy client`).
 //!
-//! `unsafe` is confined to [`udp`] and the `poll(2)` calls of the two event loops.
-//! Not built: configurable (non-default) URI templates; the codec parses the well-known paths.
+//! `unsafe` is confined to [`udp`], the `poll(2)` calls of the two event loops and
+//! `getifaddrs(3)` in [`policy`].
 #![deny(unsafe_code)]
 
 pub mod capsule;
@@ -39,6 +42,8 @@ pub mod client;
 pub mod datagram;
 pub mod migrate;
 pub mod netcfg;
+#[allow(unsafe_code)]
+pub mod policy;
 pub mod quic;
 pub mod request;
 #[allow(unsafe_code)]

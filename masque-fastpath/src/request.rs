@@ -156,6 +156,14 @@ pub fn validate(
     }
 }
 
+/// The bearer token a request carries (`proxy-authorization: Bearer <token>`), if any.
+pub fn bearer_token(headers: &[Header]) -> Option<&[u8]> {
+    headers
+        .iter()
+        .find(|h| h.name() == AUTH_HEADER.as_bytes())
+        .and_then(|h| h.value().strip_prefix(b"Bearer "))
+}
+
 /// Compares without an early exit, so the time taken does not tell how much of a token matched.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

@@ -93,8 +93,9 @@ pub struct ProxyProc {
 }
 
 impl ProxyProc {
-    /// Writes a config into `dir` (listening on `listen`, `extra` TOML appended) and starts the
-    /// proxy on `host`; returns once its stats file exists (it is serving).
+    /// Writes a config into `dir` (listening on `listen`, `extra` TOML appended; without `[ip]`
+    /// or `[policy]` in it, a CONNECT-IP pool and a policy that allows private ranges are added)
+    /// and starts the proxy on `host`; returns once its stats file exists (it is serving).
     pub fn start(
         tb: &mut Testbed,
         host: &str,
@@ -118,6 +119,13 @@ impl ProxyProc {
                 addr::POOL_V4,
                 addr::POOL_V6
             )
+        };
+        // The testbeds' networks are benchmarking (RFC 2544) and unique local (RFC 4193)
+        // ranges, which the proxy's default policy refuses as private.
+        let cfg = if cfg.contains("[policy]") {
+            cfg
+        } else {
+            format!("{cfg}\n[policy]\nallow_private = true\n")
         };
         let path = dir.join("proxy.toml");
         std::fs::write(&path, cfg).map_err(|e| e.to_string())?;

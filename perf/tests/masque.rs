@@ -436,3 +436,103 @@ fn two_clients_resuming_at_once_after_each_of_two_proxy_restarts_get_their_own_a
         assert!(ready.contains(&now), "client {i}: had {ready}, now {now}");
     }
 }
+
+/// `mimiq-proxy client udp` to `target`, listening on `listen`; its error when it is refused.
+fn udp_client(
+    tb: &Testbed,
+    target: &str,
+    listen: &str,
+    extra: &[&str],
+) -> Result<mimiq_perf::testbed::Proc, String> {
+    let url = proxy_url();
+    let mut args = vec![
+        "udp", "--proxy", &url, "--target", target, "--listen", listen,
+    ];
+    args.extend_from_slice(extra);
+    start_client(tb, "c", &args).map(|(p, _)| p)
+}
+
+#[test]
+fn the_policy_refuses_the_proxys_loopback_own_addresses_and_denied_prefixes_and_allows_the_rest() {
+    require_root();
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Private ranges refused (the default), but the server's /24 allowed, one host in it denied.
+    let proxy = ProxyProc::start(
+        &mut tb,
+        "p",
+        dir.path(),
+        "0.0.0.0:4433",
+        "[policy]\nallow = [\"198.18.20.0/24\"]\ndeny = [\"198.18.20.99/32\"]\n",
+    )
+    .unwrap();
+    // Something listens on the proxy's loopback, as a resolver would.
+    echo_server(&tb, "p", "127.0.0.1:53");
+    echo_server(&tb, "s", "198.18.20.2:7007");
+    for (target, why) in [
+        ("127.0.0.1:53", "special_address"),
+        ("[::1]:53", "special_address"),
+        ("198.18.10.1:4433", "own_address"),
+        ("198.18.20.1:22", "own_address"),
+        ("198.18.20.99:7007", "denied"),
+        ("198.18.30.1:7007", "private"),
+    ] {
+        let err = udp_client(&tb, target, "127.0.0.1:6000", &[])
+            .err()
+            .unwrap_or_else(|| panic!("CONNECT-UDP to {target} was accepted"));
+        assert!(err.contains("HTTP 403"), "{target}: {err}");
+        let s = proxy.fresh_stats().unwrap();
+        assert!(
+            s["policy_refused"][why].as_u64().unwrap_or(0) >= 1,
+            "{target}: {s}"
+        );
+    }
+    let s = proxy.fresh_stats().unwrap();
+    assert_eq!(s["refused"]["403"], 6, "{s}");
+    assert_eq!(s["sessions_udp"], 0, "{s}");
+    let mut client = udp_client(&tb, "198.18.20.2:7007", "127.0.0.1:6000", &[]).unwrap();
+    assert_eq!(udp_exchange(&tb, "c", "127.0.0.1:6000", 20, 100), 20);
+    stop_client(&mut client).unwrap();
+
+    // CONNECT-IP: every packet's destination is checked too. The proxy's own address on the
+    // server side is refused (and answered: administratively prohibited), the server is not.
+    let (mut ip, _) = start_ip_client(&tb).unwrap();
+    ping(&tb, "c", addr::SERVER_V4, 3).unwrap();
+    assert!(
+        ping(&tb, "c", "198.18.20.1", 2).is_err(),
+        "the proxy's own address"
+    );
+    let s = proxy.fresh_stats().unwrap();
+    assert_eq!(s["ip_drops"]["policy"], 2, "{s}");
+    stop_client(&mut ip).unwrap();
+}
+
+#[test]
+fn a_proxy_with_its_own_uri_templates_serves_clients_configured_with_them() {
+    require_root();
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProc::start(
+        &mut tb,
+        "p",
+        dir.path(),
+        "0.0.0.0:4433",
+        "[udp]\ntemplate = \"/masque{?target_host,target_port}\"\n",
+    )
+    .unwrap();
+    echo_server(&tb, "s", "198.18.20.2:7007");
+    let template = ["--template", "/masque{?target_host,target_port}"];
+    let mut client = udp_client(&tb, "198.18.20.2:7007", "127.0.0.1:6000", &template).unwrap();
+    assert_eq!(udp_exchange(&tb, "c", "127.0.0.1:6000", 20, 100), 20);
+    stop_client(&mut client).unwrap();
+    // A client building the well-known path finds nothing there.
+    let err = udp_client(&tb, "198.18.20.2:7007", "127.0.0.1:6001", &[])
+        .err()
+        .unwrap();
+    assert!(err.contains("HTTP 404"), "{err}");
+    let s = proxy.fresh_stats().unwrap();
+    assert_eq!(s["sessions_udp"], 1, "{s}");
+    assert_eq!(s["refused"]["404"], 1, "{s}");
+}

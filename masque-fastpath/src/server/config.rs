@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::capsule::IpPrefix;
+use crate::policy::{Policies, PolicyConfig};
 use crate::quic::QuicSettings;
 use crate::request::Templates;
 use crate::template::{
@@ -44,6 +45,9 @@ pub struct ProxyConfig {
     /// CONNECT-UDP settings.
     #[serde(default)]
     pub udp: UdpConfig,
+    /// Which destinations clients may reach (`masque-fastpath/src/policy.rs`).
+    #[serde(default)]
+    pub policy: PolicyConfig,
 }
 
 /// `[ip]`: CONNECT-IP egress through a TUN device.
@@ -156,6 +160,18 @@ impl ProxyConfig {
             );
         }
         self.templates()?;
+        Policies::from_config(&self.policy)?;
+        if let Some(t) = self
+            .policy
+            .tokens
+            .iter()
+            .find(|t| !self.tokens.contains(&t.token))
+        {
+            return Err(format!(
+                "policy.tokens: token {:?} is not one of `tokens`",
+                t.token
+            ));
+        }
         if let Some(ip) = &self.ip {
             ip.pools()?;
             if ip.pool_v4.is_none() && ip.pool_v6.is_none() {

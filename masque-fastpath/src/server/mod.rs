@@ -31,13 +31,14 @@ use self::admission::{Admission, Gate, Policy, Refused, ResetKey, RetryTokens};
 use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpPrefix};
 use crate::datagram::{self, Datagram, H3Datagram};
 use crate::netcfg::{NetConfig, Route};
+use crate::policy::{self, Guard, Policies};
 use crate::quic::{self, Tls};
 use crate::request::{self, Rejection, Target};
 use crate::session::connect_ip::{
     self, AddressPool, ConnectIpSession, HostPool, SessionConfig, Verdict,
 };
 use crate::session::connect_udp::{self, ConnectUdpSession};
-use crate::template::Host;
+use crate::template::{Host, IpTarget};
 use crate::tundev::{TcpCoalescer, TunDevice, VNET_HDR_LEN};
 use crate::udp::UdpIo;
 
@@ -109,6 +110,8 @@ pub struct Stats {
     pub sessions_udp: u64,
     /// Requests refused, by HTTP status.
     pub refused: HashMap<u16, u64>,
+    /// Requests refused by `[policy]`, by reason (`masque-fastpath/src/policy.rs`).
+    pub policy_refused: HashMap<&'static str, u64>,
     /// HTTP/3 datagrams received / sent.
     pub dgram_rx: u64,
     /// HTTP/3 datagrams sent.
@@ -242,6 +245,10 @@ struct Client {
 /// A running proxy.
 pub struct Proxy {
     cfg: ProxyConfig,
+    /// Where clients may go (`[policy]`), and the proxy's own addresses (refreshed every
+    /// second).
+    policies: Policies,
+    own: Vec<IpAddr>,
     /// The URI templates served.
     templates: request::Templates,
     io: UdpIo,
@@ -331,6 +338,8 @@ impl Proxy {
             max_connections: cfg.max_connections,
         };
         Ok(Proxy {
+            policies: Policies::from_config(&cfg.policy)?,
+            own: policy::own_addresses(),
             templates: cfg.templates()?,
             gate: Gate::new(policy, cfg.quic.unsolicited_per_second, now),
             retry_tokens: RetryTokens::new(&rng, now),
@@ -471,6 +480,7 @@ impl Proxy {
             self.pass(ready)?;
             if last_stats.elapsed() >= Duration::from_secs(1) {
                 last_stats = Instant::now();
+                self.own = policy::own_addresses();
                 self.write_stats();
             }
         }
@@ -841,6 +851,7 @@ impl Proxy {
             return;
         };
         let preferred = requested_addresses(&early);
+        let policy = self.policies.for_token(request::bearer_token(list)).clone();
         let verdict = request::validate(list, &self.cfg.tokens, &self.templates).and_then(|t| {
             if c.sessions.len() >= self.cfg.max_sessions_per_connection {
                 Err(Rejection {
@@ -864,11 +875,23 @@ impl Proxy {
                         reason: "CONNECT-IP is not configured",
                     });
                 };
+                // A scope naming one host is checked now; every packet is checked too.
+                if let IpTarget::Prefix(p) = &scope.target {
+                    if *p == IpPrefix::host(p.addr()) {
+                        policy
+                            .check_addr(p.addr(), &self.own)
+                            .map_err(|r| refused_by_policy(&mut self.stats, r))?;
+                    }
+                }
                 let scfg = SessionConfig {
                     tunnel_mtu_bytes: self.tunnel_mtu,
                     decrement_ttl_from_client: false,
                     icmp_source_v4: ip.icmp_source_v4,
                     icmp_source_v6: ip.icmp_source_v6,
+                    guard: Some(Arc::new(Guard {
+                        policy,
+                        own: self.own.clone(),
+                    })),
                 };
                 let s = ConnectIpSession::preferring(scope, scfg, &mut self.pool, &preferred);
                 if s.assigned().is_empty() {
@@ -887,13 +910,18 @@ impl Proxy {
                         reason: "CONNECT-UDP is disabled",
                     });
                 }
-                let socket = connect_udp_target(&t.host, t.port).map_err(|e| {
+                let unreachable = |e: io::Error| {
                     tracing::info!("CONNECT-UDP to {:?}:{}: {e}", t.host, t.port);
                     Rejection {
                         status: 502,
                         reason: "target unreachable or unresolvable",
                     }
-                })?;
+                };
+                let addr = resolve(&t.host, t.port).map_err(unreachable)?;
+                policy
+                    .check_udp(addr.ip(), addr.port(), &self.own)
+                    .map_err(|r| refused_by_policy(&mut self.stats, r))?;
+                let socket = connect_udp_target(addr).map_err(unreachable)?;
                 Ok(Kind::Udp {
                     session: ConnectUdpSession::new(),
                     socket,
@@ -1430,14 +1458,27 @@ fn retire_session(
     }
 }
 
-fn connect_udp_target(host: &Host, port: u16) -> io::Result<UdpSocket> {
-    let addr = match host {
-        Host::Ip(ip) => SocketAddr::new(*ip, port),
+/// The address of a CONNECT-UDP target (a name is resolved: the policy judges the address).
+fn resolve(host: &Host, port: u16) -> io::Result<SocketAddr> {
+    match host {
+        Host::Ip(ip) => Ok(SocketAddr::new(*ip, port)),
         Host::Name(n) => (n.as_str(), port)
             .to_socket_addrs()?
             .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?,
-    };
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")),
+    }
+}
+
+/// Counts a refusal of `[policy]` and gives the request's answer: 403 (RFC 9110 §15.5.4).
+fn refused_by_policy(stats: &mut Stats, refusal: policy::Refusal) -> Rejection {
+    *stats.policy_refused.entry(refusal.label()).or_insert(0) += 1;
+    Rejection {
+        status: 403,
+        reason: "destination refused by the proxy's policy",
+    }
+}
+
+fn connect_udp_target(addr: SocketAddr) -> io::Result<UdpSocket> {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")
     } else {

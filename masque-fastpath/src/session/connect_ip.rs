@@ -37,8 +37,10 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use crate::capsule::{self, AddressEntry, AddressRequest, CapsuleRepr, IpAddressRange, IpPrefix};
+use crate::policy::Guard;
 use crate::template::{IpProtocolScope, IpScope, IpTarget};
 use mimiq_wire::checksum::{decrement_ipv4_ttl, decrement_ipv6_hop_limit, PseudoHeader};
 use mimiq_wire::{
@@ -149,7 +151,7 @@ impl AddressPool for HostPool {
 }
 
 /// Session settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
     /// Largest inner packet carried in either direction, in bytes; at least
     /// [`MIN_TUNNEL_MTU`] (smaller values are raised to it). Default 1280.
@@ -162,6 +164,9 @@ pub struct SessionConfig {
     pub icmp_source_v4: Ipv4Addr,
     /// Source of the ICMPv6 errors this session generates. Default 2001:db8::1; set it.
     pub icmp_source_v6: Ipv6Addr,
+    /// Where the client's packets may go beyond the scope (`crate::policy`); `None`: wherever
+    /// the scope allows.
+    pub guard: Option<Arc<Guard>>,
 }
 
 impl Default for SessionConfig {
@@ -171,6 +176,7 @@ impl Default for SessionConfig {
             decrement_ttl_from_client: false,
             icmp_source_v4: Ipv4Addr::new(192, 0, 2, 1),
             icmp_source_v6: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+            guard: None,
         }
     }
 }
@@ -221,11 +227,14 @@ pub enum DropReason {
     NotForClient,
     /// From the egress: source or protocol outside the request's scope (ICMP excepted).
     SourceOutOfScope,
+    /// From the client: a destination the proxy's policy refuses (its own addresses, its
+    /// loopback, private ranges not allowed...; answered like [`DropReason::OutOfScope`]).
+    Policy,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Truncated,
         DropReason::BadVersion,
         DropReason::BadLength,
@@ -238,6 +247,7 @@ impl DropReason {
         DropReason::TtlExpired,
         DropReason::NotForClient,
         DropReason::SourceOutOfScope,
+        DropReason::Policy,
     ];
 
     /// A stable label for metrics (`mimiq_masque_ip_drops_total{reason=...}`).
@@ -255,6 +265,7 @@ impl DropReason {
             DropReason::TtlExpired => "ttl_expired",
             DropReason::NotForClient => "not_for_client",
             DropReason::SourceOutOfScope => "source_out_of_scope",
+            DropReason::Policy => "policy",
         }
     }
 
@@ -600,6 +611,15 @@ impl ConnectIpSession {
                 let kind = IcmpKind::Prohibited;
                 return Err(self.icmp_refusal(DropReason::OutOfScope, kind, &ip, packet, reply));
             }
+        }
+        if self
+            .config
+            .guard
+            .as_ref()
+            .is_some_and(|g| g.check(ip.dst).is_err())
+        {
+            let kind = IcmpKind::Prohibited;
+            return Err(self.icmp_refusal(DropReason::Policy, kind, &ip, packet, reply));
         }
         if ip.len > self.config.tunnel_mtu_bytes {
             //= https://www.rfc-editor.org/rfc/rfc9484#section-7

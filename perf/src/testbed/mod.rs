@@ -484,17 +484,28 @@ impl Proc {
     /// Waits up to `timeout` for the process to print a line starting with `ready` and
     /// returns it; an error naming `what` when it exits first or the time runs out.
     pub fn wait_ready(&mut self, what: &str, timeout: Duration) -> Result<String, String> {
-        eventually(timeout, || {
-            let out = self.stdout();
-            match out.lines().find(|l| l.starts_with("ready")) {
-                Some(line) => Ok(line.to_owned()),
-                None => Err(format!(
-                    "no ready line yet (exited: {:?})",
-                    self.try_status()
-                )),
+        let ready = |out: String| {
+            out.lines()
+                .find(|l| l.starts_with("ready"))
+                .map(str::to_owned)
+        };
+        let waited = eventually(timeout, || {
+            // The status first: a line printed before the exit is in the output read next.
+            let status = self.try_status();
+            if let Some(line) = ready(self.stdout()) {
+                return Ok(Ok(line));
             }
-        })
-        .map_err(|e| format!("{what} not ready: {e}; {}", self.describe()))
+            // Once it has exited it prints nothing more: no use waiting out the timeout.
+            status.map(Err).ok_or("no ready line yet")
+        });
+        match waited {
+            Ok(Ok(line)) => Ok(line),
+            Ok(Err(status)) => Err(format!(
+                "{what} not ready: exited ({status}) without a ready line; {}",
+                self.describe()
+            )),
+            Err(e) => Err(format!("{what} not ready: {e}; {}", self.describe())),
+        }
     }
 
     /// A one-line description for assertion messages: command, stderr tail.
