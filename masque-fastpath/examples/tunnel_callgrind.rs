@@ -17,10 +17,12 @@
 //! forwarded and fails if a packet was lost or refused, so the count is of work done.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use mimiq_masque::capsule::IpPrefix;
 use mimiq_masque::datagram::{self, ContextPayload, H3Datagram};
+use mimiq_masque::policy::{Guard, OwnAddresses, Policies, PolicyConfig};
 use mimiq_masque::quic::{self, QuicSettings, Tls};
 use mimiq_masque::session::connect_ip::{ConnectIpSession, HostPool, SessionConfig, Verdict};
 use mimiq_masque::template::IpScope;
@@ -176,8 +178,23 @@ fn main() -> Result<(), String> {
     );
     // The proxy's tunnel MTU for its default UDP payload, as `server::Proxy` configures it.
     let mtu = quic::tunnel_mtu(settings.max_udp_payload_bytes);
+    // The destination policy the proxy runs with by default, and its own addresses (a host with
+    // a loopback, two interfaces and a TUN device).
+    let policy = Policies::from_config(&PolicyConfig::default())?;
+    let own = [
+        "127.0.0.1",
+        "::1",
+        "198.18.10.1",
+        "198.18.20.1",
+        "fd00:10::1",
+        "fd00:20::1",
+    ];
     let config = SessionConfig {
         tunnel_mtu_bytes: mtu,
+        guard: Some(Arc::new(Guard {
+            policy: policy.for_token(None).clone(),
+            own: OwnAddresses::new(&own.map(|a| a.parse().expect("literal"))),
+        })),
         ..SessionConfig::default()
     };
     let mut session = ConnectIpSession::new(IpScope::ANY, config, &mut pool);

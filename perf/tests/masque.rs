@@ -188,8 +188,9 @@ fn a_client_that_migrates_every_200_ms_keeps_its_tunnel_through_a_tcp_transfer()
 #[test]
 fn nested_proxies_carry_connect_udp_and_connect_ip() {
     require_root();
-    // client (c) → proxy A (p) → proxy B (on s) → target (s). The inner client's QUIC connection
-    // to B runs through an outer CONNECT-UDP session to A.
+    // client (c) → proxy A (p) → proxy B (on s) → target (p's address on B's side: a proxy
+    // never lets its clients reach its own addresses, `[policy]`). The inner client's QUIC
+    // connection to B runs through an outer CONNECT-UDP session to A.
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir_a = tempfile::tempdir().unwrap();
@@ -198,7 +199,10 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
     let b_ip =
         "[ip]\ntun = \"mqb0\"\npool_v4 = \"198.18.201.0/24\"\nicmp_source_v4 = \"198.18.201.1\"\n";
     let b = ProxyProc::start(&mut tb, "s", dir_b.path(), "198.18.20.2:4434", b_ip).unwrap();
-    echo_server(&tb, "s", "198.18.20.2:7007");
+    // B forwards between its TUN device and p, and p routes B's pool back to it.
+    tb.sysctl("s", "net.ipv4.ip_forward", "1").unwrap();
+    tb.add_route("p", "198.18.201.0/24", "198.18.20.2").unwrap();
+    echo_server(&tb, "p", "198.18.20.1:7007");
     let url = proxy_url();
     let (mut outer, _) = start_client(
         &tb,
@@ -223,7 +227,7 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
             "--proxy",
             "127.0.0.1:5000",
             "--target",
-            "198.18.20.2:7007",
+            "198.18.20.1:7007",
             "--listen",
             "127.0.0.1:6001",
         ],
@@ -242,12 +246,12 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
             "--tun",
             "mqin0",
             "--route",
-            "198.18.20.2/32",
+            "198.18.20.1/32",
         ],
     )
     .unwrap();
     assert!(ready.contains("198.18.201."), "{ready}");
-    ping(&tb, "c", addr::SERVER_V4, 10).unwrap_or_else(|e| panic!("{e}; {}", inner_ip.describe()));
+    ping(&tb, "c", "198.18.20.1", 10).unwrap_or_else(|e| panic!("{e}; {}", inner_ip.describe()));
     let sa = a.fresh_stats().unwrap();
     let sb = b.fresh_stats().unwrap();
     // A saw one CONNECT-UDP session carrying both inner connections; B saw both inner sessions.
@@ -535,4 +539,43 @@ fn a_proxy_with_its_own_uri_templates_serves_clients_configured_with_them() {
     let s = proxy.fresh_stats().unwrap();
     assert_eq!(s["sessions_udp"], 1, "{s}");
     assert_eq!(s["refused"]["404"], 1, "{s}");
+}
+
+#[test]
+fn idle_connections_are_not_visited_while_one_client_is_busy() {
+    require_root();
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    echo_server(&tb, "s", "198.18.20.2:7007");
+    const IDLE: usize = 20;
+    let mut idle = Vec::new();
+    for i in 0..IDLE {
+        let listen = format!("127.0.0.1:{}", 6100 + i);
+        idle.push(udp_client(&tb, "198.18.20.2:7007", &listen, &[]).unwrap());
+    }
+    let busy = udp_client(&tb, "198.18.20.2:7007", "127.0.0.1:6000", &[]).unwrap();
+    let before = proxy.fresh_stats().unwrap();
+    assert_eq!(before["connections_open"], IDLE as u64 + 1, "{before}");
+    assert_eq!(udp_exchange(&tb, "c", "127.0.0.1:6000", 500, 200), 500);
+    let after = proxy.fresh_stats().unwrap();
+    let n = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
+    let passes = n(&after, "passes") - n(&before, "passes");
+    let visits = n(&after, "connections_flushed") - n(&before, "connections_flushed");
+    // Each pass visits the busy connection, and now and then an idle one whose timer fired or
+    // whose keep-alive arrived; visiting every open connection would be 21 per pass.
+    assert!(passes >= 500, "{passes} passes");
+    assert!(
+        visits < 2 * passes,
+        "{visits} connection visits in {passes} passes with {} open",
+        IDLE + 1
+    );
+    eprintln!(
+        "{visits} connection visits in {passes} passes, {} connections open",
+        IDLE + 1
+    );
+    for mut c in idle.into_iter().chain([busy]) {
+        stop_client(&mut c).unwrap();
+    }
 }

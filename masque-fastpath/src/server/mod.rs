@@ -14,7 +14,8 @@
 pub mod admission;
 pub mod config;
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -31,7 +32,7 @@ use self::admission::{Admission, Gate, Policy, Refused, ResetKey, RetryTokens};
 use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpPrefix};
 use crate::datagram::{self, Datagram, H3Datagram};
 use crate::netcfg::{NetConfig, Route};
-use crate::policy::{self, Guard, Policies};
+use crate::policy::{self, Guard, OwnAddresses, Policies};
 use crate::quic::{self, Tls};
 use crate::request::{self, Rejection, Target};
 use crate::session::connect_ip::{
@@ -94,6 +95,9 @@ pub struct Stats {
     pub connections_closed: u64,
     /// Connections open now.
     pub connections_open: u64,
+    /// Connections visited to send (those something happened to in a pass; idle ones are
+    /// not visited).
+    pub connections_flushed: u64,
     /// Client address changes seen on a live connection (migrations): a datagram from a new
     /// address that quiche read and took as a path.
     pub peer_migrations: u64,
@@ -240,6 +244,9 @@ struct Client {
     burst: Option<(usize, u64)>,
     /// The handshake has not finished (counted in `Proxy::half_open`).
     handshaking: bool,
+    /// quiche's next timer for this connection as last read (`Proxy::timers` holds an entry
+    /// at or before it).
+    timer: Option<Instant>,
 }
 
 /// A running proxy.
@@ -248,7 +255,7 @@ pub struct Proxy {
     /// Where clients may go (`[policy]`), and the proxy's own addresses (refreshed every
     /// second).
     policies: Policies,
-    own: Vec<IpAddr>,
+    own: OwnAddresses,
     /// The URI templates served.
     templates: request::Templates,
     io: UdpIo,
@@ -272,6 +279,12 @@ pub struct Proxy {
     /// Consecutive TCP segments for the TUN device, written as one GSO packet (`datagrams`).
     coalescer: TcpCoalescer,
     dirty: Vec<u64>,
+    /// Connections that may have something to send this pass: read from, given datagrams,
+    /// or their timer fired. Only these are visited: an idle connection costs nothing.
+    to_flush: Vec<u64>,
+    /// Connections' timers, earliest first; an entry whose time is not its connection's
+    /// `timer` any more is stale and skipped (lazy deletion).
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Datagrams quiche received on connections that have closed (for `dgram_recv_queue_full`).
     closed_dgram_recv: u64,
     /// What datagrams for no known connection get.
@@ -339,7 +352,7 @@ impl Proxy {
         };
         Ok(Proxy {
             policies: Policies::from_config(&cfg.policy)?,
-            own: policy::own_addresses(),
+            own: OwnAddresses::read(),
             templates: cfg.templates()?,
             gate: Gate::new(policy, cfg.quic.unsolicited_per_second, now),
             retry_tokens: RetryTokens::new(&rng, now),
@@ -364,6 +377,8 @@ impl Proxy {
             reply: vec![0; 2048],
             coalescer: TcpCoalescer::default(),
             dirty: Vec::new(),
+            to_flush: Vec::new(),
+            timers: BinaryHeap::new(),
             closed_dgram_recv: 0,
             cfg,
         })
@@ -440,12 +455,13 @@ impl Proxy {
         let mut pollfds: Vec<libc::pollfd> = Vec::new();
         let mut last_stats = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            // The earliest timer (a stale entry only wakes the loop early).
             let timeout = self
-                .clients
-                .values()
-                .filter_map(|c| c.conn.timeout())
-                .min()
-                .unwrap_or(Duration::from_millis(100))
+                .timers
+                .peek()
+                .map_or(Duration::from_millis(100), |Reverse((t, _))| {
+                    t.saturating_duration_since(Instant::now())
+                })
                 .min(Duration::from_millis(100));
             pollfds.clear();
             pollfds.push(pollfd(self.io.socket().as_raw_fd()));
@@ -480,12 +496,13 @@ impl Proxy {
             self.pass(ready)?;
             if last_stats.elapsed() >= Duration::from_secs(1) {
                 last_stats = Instant::now();
-                self.own = policy::own_addresses();
+                self.own = OwnAddresses::read();
                 self.write_stats();
             }
         }
-        for c in self.clients.values_mut() {
+        for (&id, c) in self.clients.iter_mut() {
             let _ = c.conn.close(true, 0x100, b"proxy shutting down");
+            self.to_flush.push(id);
         }
         self.flush_all();
         let s = self.stats();
@@ -522,13 +539,8 @@ impl Proxy {
         if ready.targets {
             self.on_udp_targets();
         }
-        for c in self.clients.values_mut() {
-            if c.conn.timeout() == Some(Duration::ZERO) {
-                c.conn.on_timeout();
-            }
-        }
+        self.fire_timers(Instant::now());
         self.flush_all();
-        self.collect_closed();
         self.expire_handshakes(Instant::now());
         Ok(())
     }
@@ -675,6 +687,7 @@ impl Proxy {
             left_paths: self.cfg.quic.left_paths(),
             burst: None,
             handshaking: true,
+            timer: None,
         };
         if let Err(e) = self.cfg.quic.instrument(&mut client.conn, "proxy") {
             tracing::warn!("qlog/keylog: {e}");
@@ -721,6 +734,7 @@ impl Proxy {
         for &id in &dirty {
             self.service(id);
         }
+        self.to_flush.extend_from_slice(&dirty);
         dirty.clear();
         self.dirty = dirty;
     }
@@ -1265,6 +1279,9 @@ impl Proxy {
                         &self.buf[start..HEADROOM + len],
                         &mut self.stats,
                     );
+                    if self.to_flush.last() != Some(&id) {
+                        self.to_flush.push(id);
+                    }
                 }
                 Verdict::Reply(len) => {
                     // An ICMP error the proxy built: rare, copied behind a vnet header.
@@ -1306,16 +1323,49 @@ impl Proxy {
                     &self.buf[start..HEADROOM + n],
                     &mut self.stats,
                 );
+                if self.to_flush.last() != Some(&id) {
+                    self.to_flush.push(id);
+                }
             }
         }
     }
 
-    fn flush_all(&mut self) {
-        let dirty: Vec<u64> = std::mem::take(&mut self.dirty);
-        for id in dirty {
-            self.service(id);
+    /// Runs the timers that are due (quiche's `on_timeout`); their connections are flushed.
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((t, id))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(c) = self.clients.get_mut(&id) else {
+                continue;
+            };
+            match c.timer {
+                Some(due) if due <= now => {
+                    c.timer = None;
+                    c.conn.on_timeout();
+                    self.to_flush.push(id);
+                }
+                // The timer moved later since this entry was pushed: keep one entry for it.
+                Some(later) if later != t => self.timers.push(Reverse((later, id))),
+                _ => {}
+            }
         }
-        for c in self.clients.values_mut() {
+    }
+
+    /// Sends what the connections touched this pass have to send, re-arms their timers and
+    /// forgets those that closed. Connections nothing happened to are not visited.
+    fn flush_all(&mut self) {
+        self.service_dirty();
+        let mut ids = std::mem::take(&mut self.to_flush);
+        ids.sort_unstable();
+        ids.dedup();
+        let mut closed = Vec::new();
+        for &id in &ids {
+            let Some(c) = self.clients.get_mut(&id) else {
+                continue;
+            };
+            self.stats.connections_flushed += 1;
             loop {
                 let out = self.io.send_buf();
                 match c.conn.send(out) {
@@ -1330,20 +1380,26 @@ impl Proxy {
                     }
                 }
             }
+            if c.conn.is_closed() {
+                closed.push(id);
+                continue;
+            }
+            // A timer earlier than the one the heap holds an entry for gets its own entry; a
+            // later one is found when the earlier entry pops (`fire_timers`).
+            let next = c.conn.timeout_instant();
+            if let Some(t) = next {
+                if c.timer.is_none_or(|old| t < old) {
+                    self.timers.push(Reverse((t, id)));
+                }
+            }
+            c.timer = next;
         }
         self.io.flush();
-    }
-
-    fn collect_closed(&mut self) {
-        let closed: Vec<u64> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.conn.is_closed())
-            .map(|(&id, _)| id)
-            .collect();
         for id in closed {
             self.remove_client(id);
         }
+        ids.clear();
+        self.to_flush = ids;
     }
 
     /// Forgets a connection: its IDs, its sessions (their addresses and sockets go back).
