@@ -200,6 +200,11 @@ enum Bench {
         /// Directory for results.json and results.md.
         #[arg(long, default_value = "target/experiments/masque")]
         out: std::path::PathBuf,
+        /// Also write the runs and the summary (`ratio_to_kernel_up`, `ratio_to_kernel_down`:
+        /// the proxy host's CPU per GB over the kernel's forwarding, medians under threaded
+        /// NAPI, with their spread) as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
 }
 
@@ -357,6 +362,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     congestion,
                     repeat,
                     out,
+                    json,
                 },
         } => {
             // "default" means no -C at all, so it cannot be combined with named ones.
@@ -377,6 +383,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
                     .map_err(anyhow::Error::msg)?;
             write_results(&out, &results, &md)?;
+            let meta = serde_json::json!({
+                "seconds": seconds,
+                "repeat": repeat,
+                "congestion": params.congestion,
+                "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            });
+            write_json(
+                json.as_deref(),
+                &serde_json::json!({
+                    "rows": results.throughput,
+                    "summary": mimiq_perf::experiments::masque::summary(&results),
+                    "meta": meta,
+                }),
+            )?;
         }
         Command::Bench {
             bench:

@@ -195,8 +195,10 @@ struct NapiThreads {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Traffic {
-    /// iperf3 TCP, one stream, c → s.
+    /// iperf3 TCP, one stream, c → s (uploads: client → QUIC → proxy → TUN).
     TcpBulk,
+    /// iperf3 TCP, one stream, s → c (`-R`; downloads: TUN → proxy → QUIC → client).
+    TcpBulkDown,
     /// iperf3 UDP, 64-byte payloads, unlimited rate (`-u -b 0 -l 64`).
     Iperf3Udp64,
     /// The experiment's blaster: 64-byte UDP payloads as fast as one thread sends.
@@ -382,7 +384,9 @@ pub fn compare(
             for &cc in &ccs {
                 for family in [Family::V4, Family::V6] {
                     for _ in 0..params.repeat.max(1) {
-                        runs.push((rx, family, Traffic::TcpBulk, cc));
+                        for traffic in [Traffic::TcpBulk, Traffic::TcpBulkDown] {
+                            runs.push((rx, family, traffic, cc));
+                        }
                     }
                 }
             }
@@ -907,6 +911,7 @@ fn iperf_run(
     let dst = server_ip(family).to_string();
     let mut extra: Vec<&str> = match traffic {
         Traffic::Iperf3Udp64 => vec!["-u", "-b", "0", "-l", "64"],
+        Traffic::TcpBulkDown => vec!["-R"],
         _ => vec![],
     };
     if let Some(cc) = cc {
@@ -926,10 +931,14 @@ fn iperf_run(
             let got = r.received_bytes as f64 / 64.0;
             (Some(100.0 * (1.0 - got / sent.max(1.0))), got / secs)
         }
-        // TCP: segments towards the server, as the proxy's TUN writes; without the tunnel an
-        // estimate, bytes / MSS (1500-byte links, timestamps on).
+        // TCP: data segments, as the proxy's TUN writes (uploads) or reads (downloads); without
+        // the tunnel an estimate, bytes / MSS (1500-byte links, timestamps on).
         _ => {
-            let segs = after.tun_tx.saturating_sub(before.tun_tx) as f64;
+            let segs = if traffic == Traffic::TcpBulkDown {
+                after.tun_rx.saturating_sub(before.tun_rx)
+            } else {
+                after.tun_tx.saturating_sub(before.tun_tx)
+            } as f64;
             let mss = if family == Family::V4 { 1448.0 } else { 1428.0 };
             (
                 None,
@@ -1092,8 +1101,9 @@ struct Sample {
     peers_napi_s: f64,
     /// Inner packets forwarded, both directions: TUN writes + reads, CONNECT-UDP payloads.
     packets: u64,
-    /// TUN writes alone (inner packets towards the server).
+    /// TUN writes alone (inner packets towards the server), and reads (towards the client).
     tun_tx: u64,
+    tun_rx: u64,
     /// QUIC datagrams received and sent, and loop passes.
     udp_rx: u64,
     udp_tx: u64,
@@ -1128,11 +1138,62 @@ impl Sample {
             peers_napi_s,
             packets: n("tun_tx") + n("tun_rx") + n("udp_to_target") + n("udp_to_client"),
             tun_tx: n("tun_tx"),
+            tun_rx: n("tun_rx"),
             udp_rx: n("udp_rx"),
             udp_tx: n("udp_tx"),
             passes: n("passes"),
         })
     }
+}
+
+/// The figures `bench masque --json` writes under `"summary"`: for CONNECT-IP TCP bulk under
+/// threaded NAPI (where the proxy host's receive is counted in its kthreads), each direction's
+/// median, minimum and maximum of the host's CPU per GB over the kernel's forwarding
+/// (`ratio_to_kernel_up`, `ratio_to_kernel_down`) and of the proxy host's CPU-s/GB.
+pub fn summary(r: &Results) -> serde_json::Value {
+    let direction = |traffic: Traffic| {
+        let runs: Vec<&Throughput> = r
+            .throughput
+            .iter()
+            .filter(|t| {
+                t.path == Path::ConnectIp
+                    && t.traffic == traffic
+                    && t.peer_rx == PeerRx::ThreadedNapi
+            })
+            .collect();
+        let spread = |f: &dyn Fn(&Throughput) -> Option<f64>| {
+            let mut v: Vec<f64> = runs.iter().filter_map(|t| f(t)).collect();
+            v.sort_by(f64::total_cmp);
+            let median = match v.len() {
+                0 => None,
+                n if n % 2 == 1 => Some(v[n / 2]),
+                n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+            };
+            serde_json::json!({
+                "median": median,
+                "min": v.first(),
+                "max": v.last(),
+                "runs": v.len(),
+            })
+        };
+        (
+            spread(&|t| t.host_cpu_ratio_to_kernel),
+            spread(&|t| {
+                t.proxy_cpu_s_per_gb
+                    .map(|c| c + t.proxy_host_napi_cpu_s_per_gb.unwrap_or(0.0))
+            }),
+        )
+    };
+    let (up, up_cpu) = direction(Traffic::TcpBulk);
+    let (down, down_cpu) = direction(Traffic::TcpBulkDown);
+    serde_json::json!({
+        "ratio_to_kernel_up": up["median"],
+        "ratio_to_kernel_down": down["median"],
+        "ratio_to_kernel_up_spread": up,
+        "ratio_to_kernel_down_spread": down,
+        "host_cpu_s_per_gb_up": up_cpu,
+        "host_cpu_s_per_gb_down": down_cpu,
+    })
 }
 
 /// (utime, stime) of process `pid` (all its threads), seconds, from `/proc/<pid>/stat`.
@@ -1374,7 +1435,10 @@ fn markdown(r: &Results) -> String {
     let bulk: Vec<&Throughput> = r
         .throughput
         .iter()
-        .filter(|t| t.path == Path::ConnectIp && t.traffic == Traffic::TcpBulk)
+        .filter(|t| {
+            t.path == Path::ConnectIp
+                && matches!(t.traffic, Traffic::TcpBulk | Traffic::TcpBulkDown)
+        })
         .collect();
     for t in bulk {
         let v = t.proxy_cpu_s_per_gb.unwrap_or(f64::INFINITY);
@@ -1382,7 +1446,8 @@ fn markdown(r: &Results) -> String {
         // the target is judged on both together.
         let host = v + t.proxy_host_napi_cpu_s_per_gb.unwrap_or(0.0);
         md.push_str(&format!(
-            "\nCONNECT-IP bulk {:?}, {:?}, TCP {}: {:.2} proxy CPU-s/GB ({:.2} of it user time){}{} against the target of ≤ {:.1}: {}.",
+            "\nCONNECT-IP bulk {}, {:?}, {:?}, TCP {}: {:.2} proxy CPU-s/GB ({:.2} of it user time){}{} against the target of ≤ {:.1}: {}.",
+            if t.traffic == Traffic::TcpBulkDown { "download" } else { "upload" },
             t.family,
             t.peer_rx,
             t.tcp_congestion.as_deref().unwrap_or("?"),
