@@ -5,8 +5,12 @@
 //! The proxy opens its device with a virtio-net header ([`TunDevice::create_with_vnet_hdr`]) so
 //! that [`TcpCoalescer`] can hand the kernel consecutive TCP segments of one flow as one GSO
 //! write (the kernel segments it again on the way out): one `write(2)` and one pass through the
-//! proxy host's forwarding for up to 64 KB instead of per packet. Threading: none; a device and
-//! a coalescer belong to one event loop. Panics: none (every length is checked before use).
+//! proxy host's forwarding for up to 64 KB instead of per packet. The other way, with the
+//! device's offloads on ([`TunDevice::enable_tcp_offload`]), the kernel hands over a TCP flow's
+//! data as one large segment per `read(2)` with its checksum left partial, and
+//! [`TunSegments`] cuts it into packets of the flow's MSS, as `tcp_gso_segment` would.
+//! Threading: none; a device, a coalescer and a segmenter belong to one event loop. Panics:
+//! none (every length is checked before use).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -71,6 +75,26 @@ impl TunDevice {
     pub fn send(&self, pkt: &[u8]) -> io::Result<usize> {
         self.dev.send(pkt)
     }
+
+    /// Lets the kernel hand over TCP segments larger than the MTU (TSO for IPv4 and IPv6, with
+    /// ECN) and packets with their checksum left partial (`TUNSETOFFLOAD`, a device with a vnet
+    /// header only): reads must then go through [`TunSegments`].
+    #[allow(unsafe_code)]
+    pub fn enable_tcp_offload(&self) -> io::Result<()> {
+        const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+        const TUN_F_CSUM: libc::c_uint = 0x01;
+        const TUN_F_TSO4: libc::c_uint = 0x02;
+        const TUN_F_TSO6: libc::c_uint = 0x04;
+        const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+        let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; the descriptor is this device's
+        // and lives as long as `self`.
+        let rc = unsafe { libc::ioctl(self.as_raw_fd(), TUNSETOFFLOAD as _, flags) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 impl AsRawFd for TunDevice {
@@ -84,8 +108,13 @@ impl AsRawFd for TunDevice {
 /// byte order: the device is not switched to `TUNSETVNETLE`/`BE`).
 pub const VNET_HDR_LEN: usize = 10;
 const VNET_F_NEEDS_CSUM: u8 = 1;
+const VNET_GSO_NONE: u8 = 0;
 const VNET_GSO_TCPV4: u8 = 1;
 const VNET_GSO_TCPV6: u8 = 4;
+/// Set in `gso_type` with a GSO type: the segments carry ECN (CWR on the first only).
+const VNET_GSO_ECN: u8 = 0x80;
+const TCP_FIN: u8 = 0x01;
+const TCP_CWR: u8 = 0x80;
 /// Where the flags and the checksum sit in the TCP header.
 const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_CHECK_OFFSET: usize = 16;
@@ -232,6 +261,175 @@ impl TcpCoalescer {
             hdr[8..10].copy_from_slice(&(TCP_CHECK_OFFSET as u16).to_ne_bytes());
         }
         Some(&self.buf[..VNET_HDR_LEN + len])
+    }
+}
+
+/// Why a read from a TUN device with offloads could not be cut into packets (a counted drop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentError {
+    /// Shorter than the vnet header, or than the headers it announces.
+    Truncated,
+    /// A GSO type other than TCP over IPv4 or IPv6, IPv4 options or IPv6 extension headers, a
+    /// checksum offset outside the packet, or a segment size of 0.
+    Unsupported,
+}
+
+/// Cuts what a TUN device with offloads hands over — a vnet header and one packet, possibly a
+/// TCP segment of up to 64 KB ([`TunDevice::enable_tcp_offload`]) — into the packets that would
+/// have crossed a link of the device's MTU: each with its own IP length, IPv4 ID and header
+/// checksum, TCP sequence number and full checksum; FIN and PSH on the last only, CWR on the
+/// first only (`tcp_gso_segment`). A packet without GSO whose checksum the kernel left partial
+/// gets it completed. Sans-IO: read into [`TunSegments::buffer`], [`TunSegments::start`], then
+/// [`TunSegments::next_into`] until `None`.
+pub struct TunSegments {
+    /// vnet header + packet, as read.
+    buf: Vec<u8>,
+    /// Bytes read (0: nothing pending).
+    len: usize,
+    /// The packet's IP and TCP header lengths, MSS (0: not GSO) and the next payload offset.
+    ip_header_len: usize,
+    tcp_header_len: usize,
+    mss: usize,
+    next: usize,
+    /// Segments given out of this packet.
+    index: usize,
+}
+
+impl Default for TunSegments {
+    fn default() -> Self {
+        TunSegments {
+            buf: vec![0; VNET_HDR_LEN + MAX_BATCH_BYTES],
+            len: 0,
+            ip_header_len: 0,
+            tcp_header_len: 0,
+            mss: 0,
+            next: 0,
+            index: 0,
+        }
+    }
+}
+
+impl TunSegments {
+    /// Where to read the next packet (vnet header first).
+    pub fn buffer(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// Takes the `n` bytes read into [`TunSegments::buffer`]: checks the vnet header and the
+    /// headers a GSO packet needs. On an error nothing is pending.
+    pub fn start(&mut self, n: usize) -> Result<(), SegmentError> {
+        self.len = 0;
+        let Some(read) = self.buf.get(..n).filter(|b| b.len() > VNET_HDR_LEN) else {
+            return Err(SegmentError::Truncated);
+        };
+        let (hdr, pkt) = read.split_at(VNET_HDR_LEN);
+        let ne16 = |at: usize| usize::from(u16::from_ne_bytes([hdr[at], hdr[at + 1]]));
+        let (flags, gso) = (hdr[0], hdr[1] & !VNET_GSO_ECN);
+        if gso == VNET_GSO_NONE {
+            self.mss = 0;
+            if flags & VNET_F_NEEDS_CSUM != 0 {
+                let (start, offset) = (ne16(6), ne16(8));
+                if start + offset + 2 > pkt.len() {
+                    return Err(SegmentError::Unsupported);
+                }
+            }
+        } else {
+            if gso != VNET_GSO_TCPV4 && gso != VNET_GSO_TCPV6 {
+                return Err(SegmentError::Unsupported);
+            }
+            let seg = Segment::parse(pkt).ok_or(SegmentError::Unsupported)?;
+            let v4 = pkt[0] >> 4 == 4;
+            if v4 != (gso == VNET_GSO_TCPV4) || ne16(4) == 0 {
+                return Err(SegmentError::Unsupported);
+            }
+            self.ip_header_len = seg.ip_header_len;
+            self.tcp_header_len = seg.tcp_header_len;
+            self.mss = ne16(4);
+            self.next = seg.ip_header_len + seg.tcp_header_len;
+        }
+        self.index = 0;
+        self.len = n;
+        Ok(())
+    }
+
+    /// Writes the next packet into `out` and returns its length; `None` when the read is all
+    /// given out (or `out` is too small for the next one, which is then dropped).
+    pub fn next_into(&mut self, out: &mut [u8]) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        if self.mss == 0 {
+            let (hdr, pkt) = self.buf[..self.len].split_at(VNET_HDR_LEN);
+            self.len = 0;
+            let out = out.get_mut(..pkt.len())?;
+            out.copy_from_slice(pkt);
+            if hdr[0] & VNET_F_NEEDS_CSUM != 0 {
+                // The field holds the pseudo-header sum: summing from csum_start with it in
+                // place and complementing gives the checksum (virtio-net, `skb_checksum_help`).
+                let start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
+                let at = start + usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
+                let sum = Sum::ZERO.add_bytes(&out[start..]).checksum();
+                out[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+            }
+            return Some(pkt.len());
+        }
+        let pkt = &self.buf[VNET_HDR_LEN..self.len];
+        let (ihl, thl) = (self.ip_header_len, self.tcp_header_len);
+        let headers = ihl + thl;
+        if self.next >= pkt.len() {
+            self.len = 0;
+            return None;
+        }
+        let end = (self.next + self.mss).min(pkt.len());
+        let last = end == pkt.len();
+        let payload = &pkt[self.next..end];
+        let seg_len = headers + payload.len();
+        let Some(out) = out.get_mut(..seg_len) else {
+            self.len = 0;
+            return None;
+        };
+        out[..headers].copy_from_slice(&pkt[..headers]);
+        out[headers..].copy_from_slice(payload);
+        let offset = (self.next - headers) as u32;
+        let index = self.index;
+        self.index += 1;
+        self.next = end;
+        if last {
+            self.len = 0;
+        }
+        let v4 = out[0] >> 4 == 4;
+        let tcp_len = seg_len - ihl;
+        if v4 {
+            out[2..4].copy_from_slice(&(seg_len as u16).to_be_bytes());
+            let id = u16::from_be_bytes([out[4], out[5]]).wrapping_add(index as u16);
+            out[4..6].copy_from_slice(&id.to_be_bytes());
+            out[10..12].fill(0);
+            let check = checksum(&out[..ihl]);
+            out[10..12].copy_from_slice(&check.to_be_bytes());
+        } else {
+            out[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+        }
+        let tcp = ihl;
+        let seq = u32::from_be_bytes([out[tcp + 4], out[tcp + 5], out[tcp + 6], out[tcp + 7]]);
+        out[tcp + 4..tcp + 8].copy_from_slice(&seq.wrapping_add(offset).to_be_bytes());
+        let mut flags = out[tcp + TCP_FLAGS_OFFSET];
+        if !last {
+            flags &= !(TCP_FIN | TCP_PSH);
+        }
+        if index > 0 {
+            flags &= !TCP_CWR;
+        }
+        out[tcp + TCP_FLAGS_OFFSET] = flags;
+        out[tcp + TCP_CHECK_OFFSET..tcp + TCP_CHECK_OFFSET + 2].fill(0);
+        let addresses = if v4 { &out[12..20] } else { &out[8..40] };
+        let check = Sum::ZERO
+            .add_bytes(addresses)
+            .add_u32(6 + tcp_len as u32)
+            .add_bytes(&out[tcp..])
+            .checksum();
+        out[tcp + TCP_CHECK_OFFSET..tcp + TCP_CHECK_OFFSET + 2]
+            .copy_from_slice(&check.to_be_bytes());
+        Some(seg_len)
     }
 }
 
@@ -384,6 +582,150 @@ mod tests {
             .fold();
         assert_eq!(u16::from_be_bytes([pkt[36], pkt[37]]), pseudo);
         assert!(c.take().is_none());
+    }
+
+    /// What [`TunSegments`] makes of `read` (a vnet header and a packet).
+    fn split(read: &[u8]) -> Result<Vec<Vec<u8>>, SegmentError> {
+        let mut s = TunSegments::default();
+        s.buffer()[..read.len()].copy_from_slice(read);
+        s.start(read.len())?;
+        let mut out = vec![0u8; 2048];
+        let mut packets = Vec::new();
+        while let Some(n) = s.next_into(&mut out) {
+            packets.push(out[..n].to_vec());
+        }
+        Ok(packets)
+    }
+
+    #[test]
+    fn a_gso_read_is_cut_back_into_the_segments_it_was_made_of() {
+        // The coalescer builds what the kernel would hand over: one GSO packet, checksum
+        // partial. Cut again, every segment is the original but for the IPv4 ID.
+        for last_flags in [TCP_ACK, TCP_ACK | TCP_PSH] {
+            let segments = [
+                v4_segment(100, 1000, TCP_ACK, 0xa1),
+                v4_segment(1100, 1000, TCP_ACK, 0xa2),
+                v4_segment(2100, 1000, TCP_ACK, 0xa3),
+                v4_segment(3100, 10, last_flags, 0xa4),
+            ];
+            let mut c = TcpCoalescer::default();
+            for seg in &segments {
+                assert!(c.push(seg));
+            }
+            let read = c.take().unwrap().to_vec();
+            let got = split(&read).unwrap();
+            assert_eq!(got.len(), segments.len());
+            for (i, (got, want)) in got.iter().zip(&segments).enumerate() {
+                assert_eq!(got.len(), want.len(), "segment {i}");
+                assert_eq!(got[..4], want[..4], "segment {i}");
+                assert_eq!(got[6..10], want[6..10], "segment {i}");
+                assert_eq!(got[12..], want[12..], "segment {i}: TCP header and payload");
+                let id = |p: &[u8]| u16::from_be_bytes([p[4], p[5]]);
+                let first_id = id(&read[VNET_HDR_LEN..]);
+                assert_eq!(
+                    id(got),
+                    first_id.wrapping_add(i as u16),
+                    "segment {i}: IPv4 ID"
+                );
+                assert!(verify(&got[..20]), "segment {i}: IPv4 header checksum");
+            }
+        }
+    }
+
+    #[test]
+    fn an_ipv6_gso_read_is_cut_into_valid_segments() {
+        let segment = |seq: u32, len: usize, psh: bool| {
+            let b = etherparse::PacketBuilder::ipv6(
+                [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                64,
+            )
+            .tcp(1000, 2000, seq, 512)
+            .ack(7);
+            let b = if psh { b.psh() } else { b };
+            let mut p = Vec::new();
+            b.write(&mut p, &vec![seq as u8; len]).unwrap();
+            p
+        };
+        let segments = [
+            segment(0, 1200, false),
+            segment(1200, 1200, false),
+            segment(2400, 7, true),
+        ];
+        let mut c = TcpCoalescer::default();
+        for seg in &segments {
+            assert!(c.push(seg));
+        }
+        let read = c.take().unwrap().to_vec();
+        assert_eq!(read[1], VNET_GSO_TCPV6);
+        assert_eq!(split(&read).unwrap(), segments.to_vec());
+    }
+
+    #[test]
+    fn a_partial_checksum_without_gso_is_completed() {
+        let want = v4_segment(100, 300, TCP_ACK | TCP_PSH, 0x5a);
+        let mut read = vec![0u8; VNET_HDR_LEN];
+        read[0] = VNET_F_NEEDS_CSUM;
+        read[6..8].copy_from_slice(&20u16.to_ne_bytes());
+        read[8..10].copy_from_slice(&(TCP_CHECK_OFFSET as u16).to_ne_bytes());
+        let mut pkt = want.clone();
+        // What the kernel leaves: the pseudo-header sum, folded, not complemented.
+        let pseudo = Sum::ZERO
+            .add_bytes(&pkt[12..20])
+            .add_u32(6 + (pkt.len() - 20) as u32);
+        pkt[36..38].copy_from_slice(&pseudo.fold().to_be_bytes());
+        read.extend_from_slice(&pkt);
+        assert_eq!(split(&read).unwrap(), vec![want.clone()]);
+        // With an all-zero header the packet passes unchanged.
+        let mut plain = vec![0u8; VNET_HDR_LEN];
+        plain.extend_from_slice(&want);
+        assert_eq!(split(&plain).unwrap(), vec![want]);
+    }
+
+    #[test]
+    fn bad_reads_are_errors_not_panics() {
+        let seg = v4_segment(100, 100, TCP_ACK, 1);
+        let gso = |gso_type: u8, mss: u16, pkt: &[u8]| {
+            let mut r = vec![0u8; VNET_HDR_LEN];
+            r[0] = VNET_F_NEEDS_CSUM;
+            r[1] = gso_type;
+            r[4..6].copy_from_slice(&mss.to_ne_bytes());
+            r.extend_from_slice(pkt);
+            r
+        };
+        assert_eq!(split(&[0; 5]), Err(SegmentError::Truncated));
+        assert_eq!(split(&[0; VNET_HDR_LEN]), Err(SegmentError::Truncated));
+        assert_eq!(
+            split(&gso(3, 500, &seg)),
+            Err(SegmentError::Unsupported),
+            "UDP"
+        );
+        assert_eq!(
+            split(&gso(VNET_GSO_TCPV6, 500, &seg)),
+            Err(SegmentError::Unsupported)
+        );
+        assert_eq!(
+            split(&gso(VNET_GSO_TCPV4, 0, &seg)),
+            Err(SegmentError::Unsupported)
+        );
+        assert_eq!(
+            split(&gso(VNET_GSO_TCPV4, 500, &seg[..30])),
+            Err(SegmentError::Unsupported)
+        );
+        let mut far = vec![0u8; VNET_HDR_LEN];
+        far[0] = VNET_F_NEEDS_CSUM;
+        far[6..8].copy_from_slice(&1000u16.to_ne_bytes());
+        far.extend_from_slice(&seg);
+        assert_eq!(
+            split(&far),
+            Err(SegmentError::Unsupported),
+            "checksum outside"
+        );
+        // Every truncation of a valid GSO read: an error or packets, never a panic.
+        let full = gso(VNET_GSO_TCPV4, 40, &seg);
+        for n in 0..full.len() {
+            let _ = split(&full[..n]);
+        }
     }
 
     #[test]

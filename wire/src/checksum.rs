@@ -24,20 +24,28 @@ impl Sum {
     /// zero, RFC 1071 §4.1). `data` must start on an even offset of the checksummed region.
     #[inline]
     pub fn add_bytes(self, data: &[u8]) -> Sum {
-        // Four words at a time into a u64: it cannot overflow before 2^32 chunks, far beyond
-        // any packet.
-        let mut acc = self.0;
+        // Four words at a time, as one big-endian u64, into a u128 (an add and an add-with-carry
+        // per 8 bytes, as the kernel's `csum_partial`): a 64-bit word is congruent to the sum of
+        // its four 16-bit words modulo 0xffff, since 2^16 ≡ 1. It cannot overflow before 2^64
+        // chunks.
+        let mut wide = u128::from(self.0);
         let mut chunks = data.chunks_exact(8);
         for c in &mut chunks {
-            acc += u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
-            acc += u64::from(u32::from_be_bytes([c[4], c[5], c[6], c[7]]));
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            wide += u128::from(u64::from_be_bytes(word));
         }
+        // Back to 64 bits with end-around carries (2^64 - 1 is a multiple of 0xffff too).
+        let folded = (wide & u128::from(u64::MAX)) + (wide >> 64);
+        let folded = (folded & u128::from(u64::MAX)) + (folded >> 64);
+        // At most 2^64: one more fold fits, and leaves room for the words below.
+        let mut acc = ((folded & u128::from(u64::MAX)) + (folded >> 64)) as u64;
         let mut words = chunks.remainder().chunks_exact(2);
         for w in &mut words {
-            acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+            acc = fold_add(acc, u64::from(u16::from_be_bytes([w[0], w[1]])));
         }
         if let [last] = words.remainder() {
-            acc += u64::from(u16::from_be_bytes([*last, 0]));
+            acc = fold_add(acc, u64::from(u16::from_be_bytes([*last, 0])));
         }
         Sum(acc)
     }
@@ -45,13 +53,13 @@ impl Sum {
     /// Adds one 16-bit word.
     #[inline]
     pub fn add_u16(self, word: u16) -> Sum {
-        Sum(self.0 + u64::from(word))
+        Sum(fold_add(self.0, u64::from(word)))
     }
 
     /// Adds a 32-bit value as two words.
     #[inline]
     pub fn add_u32(self, value: u32) -> Sum {
-        Sum(self.0 + u64::from(value >> 16) + u64::from(value & 0xffff))
+        Sum(fold_add(self.0, u64::from(value)))
     }
 
     /// The 16-bit one's-complement sum (end-around carries folded in).
@@ -70,6 +78,13 @@ impl Sum {
     pub fn checksum(self) -> u16 {
         !self.fold()
     }
+}
+
+/// `a + b` with the carry out of 64 bits added back in (one's complement addition).
+#[inline(always)]
+fn fold_add(a: u64, b: u64) -> u64 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum + u64::from(carry)
 }
 
 /// The internet checksum of `data` (with its checksum field, if any, set to zero).
@@ -386,6 +401,37 @@ mod tests {
                 s = (s & 0xffff) + (s >> 16);
             }
             prop_assert_eq!(Sum(x).fold(), s as u16);
+        }
+
+        /// Sums of pieces (at even offsets), of words and of any starting value chain into the
+        /// sum of the whole, whatever carries the 64-bit accumulator takes.
+        #[test]
+        fn sums_chain_whatever_the_accumulator_holds(
+            start in any::<u64>(),
+            data in proptest::collection::vec(any::<u8>(), 0..600usize),
+            cut in any::<prop::sample::Index>(),
+            word in any::<u32>(),
+        ) {
+            let cut = cut.index(data.len() + 1) & !1;
+            let chained = Sum(start)
+                .add_bytes(&data[..cut])
+                .add_u32(word)
+                .add_bytes(&data[cut..])
+                .add_u16(word as u16)
+                .fold();
+            let mut whole = data.clone();
+            if whole.len() % 2 == 1 {
+                whole.push(0);
+            }
+            whole.extend_from_slice(&word.to_be_bytes());
+            whole.extend_from_slice(&(word as u16).to_be_bytes());
+            whole.extend_from_slice(&start.to_be_bytes());
+            let mut acc: u32 = 0;
+            for pair in whole.chunks(2) {
+                acc += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+                acc = (acc & 0xffff) + (acc >> 16);
+            }
+            prop_assert_eq!(chained, acc as u16);
         }
 
         #[test]

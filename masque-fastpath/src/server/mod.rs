@@ -40,7 +40,7 @@ use crate::session::connect_ip::{
 };
 use crate::session::connect_udp::{self, ConnectUdpSession};
 use crate::template::{Host, IpTarget};
-use crate::tundev::{TcpCoalescer, TunDevice, VNET_HDR_LEN};
+use crate::tundev::{TcpCoalescer, TunDevice, TunSegments, VNET_HDR_LEN};
 use crate::udp::UdpIo;
 
 pub use config::ProxyConfig;
@@ -144,8 +144,13 @@ pub struct Stats {
     pub addresses_exchanged: u64,
     /// Packets written to / read from the TUN device.
     pub tun_tx: u64,
-    /// Packets read from the TUN device.
+    /// Packets read from the TUN device (after cutting the large TCP segments the device hands
+    /// over with its offloads into packets).
     pub tun_rx: u64,
+    /// `read`s from the TUN device (one may carry up to 64 KB of a TCP flow).
+    pub tun_reads: u64,
+    /// TUN reads that could not be cut into packets (`tundev::SegmentError`).
+    pub tun_bad_reads: u64,
     /// TUN packets for no session's address.
     pub tun_no_session: u64,
     /// TUN write errors.
@@ -278,6 +283,8 @@ pub struct Proxy {
     reply: Vec<u8>,
     /// Consecutive TCP segments for the TUN device, written as one GSO packet (`datagrams`).
     coalescer: TcpCoalescer,
+    /// Cuts the TUN device's large reads into packets.
+    tun_segments: TunSegments,
     dirty: Vec<u64>,
     /// Connections that may have something to send this pass: read from, given datagrams,
     /// or their timer fired. Only these are visited: an idle connection costs nothing.
@@ -326,6 +333,8 @@ impl Proxy {
             }
             let dev =
                 TunDevice::create_with_vnet_hdr(&ip.tun, tunnel_mtu).map_err(|e| e.to_string())?;
+            dev.enable_tcp_offload()
+                .map_err(|e| format!("TUNSETOFFLOAD on {}: {e}", ip.tun))?;
             let nc = NetConfig::new().map_err(|e| e.to_string())?;
             let link = nc.link(&ip.tun).map_err(|e| e.to_string())?;
             for p in [v4, v6].into_iter().flatten() {
@@ -376,6 +385,7 @@ impl Proxy {
             buf: vec![0; HEADROOM + MAX_INNER],
             reply: vec![0; 2048],
             coalescer: TcpCoalescer::default(),
+            tun_segments: TunSegments::default(),
             dirty: Vec::new(),
             to_flush: Vec::new(),
             timers: BinaryHeap::new(),
@@ -1232,65 +1242,81 @@ impl Proxy {
     }
 
     fn on_tun(&mut self) {
-        let Some(tun) = self.tun.as_ref() else {
-            return;
-        };
         for _ in 0..EGRESS_BURST {
-            // The vnet header lands in the headroom, the packet at HEADROOM. Without
-            // TUNSETOFFLOAD the kernel sends whole packets with their checksums done.
-            let n = match tun.recv(&mut self.buf[HEADROOM - VNET_HDR_LEN..]) {
-                Ok(n) if n > VNET_HDR_LEN => n - VNET_HDR_LEN,
-                Ok(_) => continue,
+            let Some(tun) = self.tun.as_ref() else {
+                return;
+            };
+            // With the device's TCP offloads a read is up to 64 KB of one flow; it is cut into
+            // packets of the flow's MSS, each written behind the headroom.
+            let n = match tun.recv(self.tun_segments.buffer()) {
+                Ok(n) => n,
                 Err(_) => break,
             };
-            self.stats.tun_rx += 1;
-            let pkt = &self.buf[HEADROOM..HEADROOM + n];
-            let dst = match pkt.first().map(|b| b >> 4) {
-                Some(4) if n >= 20 => IpAddr::from(<[u8; 4]>::try_from(&pkt[16..20]).unwrap()),
-                Some(6) if n >= 40 => IpAddr::from(<[u8; 16]>::try_from(&pkt[24..40]).unwrap()),
-                _ => {
-                    self.stats.tun_no_session += 1;
-                    continue;
-                }
-            };
-            let Some(&(id, sid)) = self.by_addr.get(&dst) else {
-                self.stats.tun_no_session += 1;
+            self.stats.tun_reads += 1;
+            if self.tun_segments.start(n).is_err() {
+                self.stats.tun_bad_reads += 1;
                 continue;
-            };
-            let Some(c) = self.clients.get_mut(&id) else {
-                continue;
-            };
-            let Some(Session {
-                kind: Kind::Ip(ip), ..
-            }) = c.sessions.get_mut(&sid)
-            else {
-                continue;
-            };
-            let qsid = sid / 4;
-            match ip.on_egress(&mut self.buf[HEADROOM..HEADROOM + n], &mut self.reply) {
-                Verdict::Forward(len) => {
-                    // Write the datagram header into the headroom: no copy of the packet here.
-                    let hl = datagram::header_len(qsid, 0);
-                    let start = HEADROOM - hl;
-                    let _ = datagram::emit_header(qsid, 0, &mut self.buf[start..HEADROOM]);
-                    send_datagram(
-                        &mut c.conn,
-                        u64::MAX,
-                        &self.buf[start..HEADROOM + len],
-                        &mut self.stats,
-                    );
-                    if self.to_flush.last() != Some(&id) {
-                        self.to_flush.push(id);
-                    }
-                }
-                Verdict::Reply(len) => {
-                    // An ICMP error the proxy built: rare, copied behind a vnet header.
-                    if tun.send(&vnet_framed(&self.reply[..len])).is_err() {
-                        self.stats.tun_errors += 1;
-                    }
-                }
-                Verdict::Drop(_) => {}
             }
+            while let Some(len) = self.tun_segments.next_into(&mut self.buf[HEADROOM..]) {
+                self.egress(len);
+            }
+        }
+    }
+
+    /// One packet from the TUN device, at `self.buf[HEADROOM..HEADROOM + n]`, to the session
+    /// its destination is assigned to.
+    fn egress(&mut self, n: usize) {
+        self.stats.tun_rx += 1;
+        let pkt = &self.buf[HEADROOM..HEADROOM + n];
+        let dst = match pkt.first().map(|b| b >> 4) {
+            Some(4) if n >= 20 => IpAddr::from(<[u8; 4]>::try_from(&pkt[16..20]).unwrap()),
+            Some(6) if n >= 40 => IpAddr::from(<[u8; 16]>::try_from(&pkt[24..40]).unwrap()),
+            _ => {
+                self.stats.tun_no_session += 1;
+                return;
+            }
+        };
+        let Some(&(id, sid)) = self.by_addr.get(&dst) else {
+            self.stats.tun_no_session += 1;
+            return;
+        };
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let Some(Session {
+            kind: Kind::Ip(ip), ..
+        }) = c.sessions.get_mut(&sid)
+        else {
+            return;
+        };
+        let qsid = sid / 4;
+        match ip.on_egress(&mut self.buf[HEADROOM..HEADROOM + n], &mut self.reply) {
+            Verdict::Forward(len) => {
+                // Write the datagram header into the headroom: no copy of the packet here.
+                let hl = datagram::header_len(qsid, 0);
+                let start = HEADROOM - hl;
+                let _ = datagram::emit_header(qsid, 0, &mut self.buf[start..HEADROOM]);
+                send_datagram(
+                    &mut c.conn,
+                    u64::MAX,
+                    &self.buf[start..HEADROOM + len],
+                    &mut self.stats,
+                );
+                if self.to_flush.last() != Some(&id) {
+                    self.to_flush.push(id);
+                }
+            }
+            Verdict::Reply(len) => {
+                // An ICMP error the proxy built: rare, copied behind a vnet header.
+                let sent = self
+                    .tun
+                    .as_ref()
+                    .map(|t| t.send(&vnet_framed(&self.reply[..len])));
+                if !matches!(sent, Some(Ok(_))) {
+                    self.stats.tun_errors += 1;
+                }
+            }
+            Verdict::Drop(_) => {}
         }
     }
 
