@@ -231,8 +231,13 @@ pub fn start_client(tb: &Testbed, host: &str, args: &[&str]) -> Result<(Proc, St
 /// [`start_client`] for the common case: `client ip` on host `c`, bound to the client's first
 /// IPv4 address, to the proxy at its IPv4 address, port 4433, with the TUN device `mq0`.
 pub fn start_ip_client(tb: &Testbed) -> Result<(Proc, String), String> {
+    start_ip_client_with(tb, &[])
+}
+
+/// [`start_ip_client`] with more flags.
+pub fn start_ip_client_with(tb: &Testbed, extra: &[&str]) -> Result<(Proc, String), String> {
     let url = format!("{}:4433", addr::PROXY_V4);
-    let args = [
+    let mut args = vec![
         "ip",
         "--proxy",
         &url,
@@ -241,7 +246,19 @@ pub fn start_ip_client(tb: &Testbed) -> Result<(Proc, String), String> {
         "--tun",
         "mq0",
     ];
+    args.extend_from_slice(extra);
     start_client(tb, "c", &args)
+}
+
+/// The MASQUE testbed ([`build`]) with `mimiq-proxy` serving on p, port 4433, with `extra`
+/// config ([`ProxyProc::start`]): the testbed, the proxy's directory and the proxy, in the
+/// order they are to be dropped last to first.
+pub fn with_proxy(extra: &str) -> Result<(Testbed, tempfile::TempDir, ProxyProc), String> {
+    let mut tb = Testbed::new().map_err(|e| e.to_string())?;
+    build(&mut tb).map_err(|e| e.to_string())?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", extra)?;
+    Ok((tb, dir, proxy))
 }
 
 /// Starts `mimiq-agent run --config <config>` on `host` and waits for its `ready` line (the

@@ -17,10 +17,7 @@ fn proxy_url() -> String {
 #[test]
 fn connect_ip_carries_ping_and_iperf3_tcp_and_udp_over_ipv4_and_ipv6() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let (tb, _dir, proxy) = masque::with_proxy("").unwrap();
 
     // Without the tunnel the server is unreachable.
     assert!(ping(&tb, "c", addr::SERVER_V4, 1).is_err());
@@ -104,10 +101,7 @@ fn udp_exchange(tb: &Testbed, host: &str, to: &'static str, count: u32, size: us
 #[test]
 fn connect_udp_exchanges_datagrams_with_a_target() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let (tb, _dir, proxy) = masque::with_proxy("").unwrap();
     echo_server(&tb, "s", "198.18.20.2:7007");
     let url = proxy_url();
     let (mut client, _) = start_client(
@@ -137,10 +131,7 @@ fn connect_udp_exchanges_datagrams_with_a_target() {
 #[test]
 fn a_client_that_migrates_every_200_ms_keeps_its_tunnel_through_a_tcp_transfer() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let (tb, _dir, proxy) = masque::with_proxy("").unwrap();
     let url = proxy_url();
     let binds = addr::CLIENT_V4.join(",");
     let (mut client, _) = start_client(
@@ -268,17 +259,7 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
 #[test]
 fn missing_or_wrong_tokens_get_407_and_403_and_no_tunnel() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        "0.0.0.0:4433",
-        "tokens = [\"s3cret\"]\n",
-    )
-    .unwrap();
+    let (tb, _dir, proxy) = masque::with_proxy("tokens = [\"s3cret\"]\n").unwrap();
     let url = proxy_url();
     let bin = mimiq_perf::testbed::bin_path("mimiq-proxy").unwrap();
     let bin = bin.to_str().unwrap();
@@ -318,18 +299,8 @@ fn missing_or_wrong_tokens_get_407_and_403_and_no_tunnel() {
 #[test]
 fn an_idle_tunnel_is_kept_alive_and_a_lost_one_ends_the_client_with_an_error() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
     // The proxy's idle timeout is the connection's (the lesser of both ends'): 1.5 s.
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        "0.0.0.0:4433",
-        "[quic]\nidle_timeout_ms = 1500\n",
-    )
-    .unwrap();
+    let (tb, _dir, proxy) = masque::with_proxy("[quic]\nidle_timeout_ms = 1500\n").unwrap();
     let url = proxy_url();
     let args = [
         "ip",
@@ -381,17 +352,7 @@ fn an_idle_tunnel_is_kept_alive_and_a_lost_one_ends_the_client_with_an_error() {
 #[test]
 fn two_clients_resuming_at_once_after_each_of_two_proxy_restarts_get_their_own_addresses_back() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        "0.0.0.0:4433",
-        "[quic]\nidle_timeout_ms = 1500\n",
-    )
-    .unwrap();
+    let (tb, _dir, proxy) = masque::with_proxy("[quic]\nidle_timeout_ms = 1500\n").unwrap();
     let url = proxy_url();
     // The second client notices a dead proxy first (its own idle timeout is the shorter).
     let mut clients = Vec::new();
@@ -459,15 +420,8 @@ fn udp_client(
 #[test]
 fn the_policy_refuses_the_proxys_loopback_own_addresses_and_denied_prefixes_and_allows_the_rest() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
     // Private ranges refused (the default), but the server's /24 allowed, one host in it denied.
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        "0.0.0.0:4433",
+    let (tb, _dir, proxy) = masque::with_proxy(
         "[policy]\nallow = [\"198.18.20.0/24\"]\ndeny = [\"198.18.20.99/32\"]\n",
     )
     .unwrap();
@@ -515,17 +469,8 @@ fn the_policy_refuses_the_proxys_loopback_own_addresses_and_denied_prefixes_and_
 #[test]
 fn a_proxy_with_its_own_uri_templates_serves_clients_configured_with_them() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        "0.0.0.0:4433",
-        "[udp]\ntemplate = \"/masque{?target_host,target_port}\"\n",
-    )
-    .unwrap();
+    let (tb, _dir, proxy) =
+        masque::with_proxy("[udp]\ntemplate = \"/masque{?target_host,target_port}\"\n").unwrap();
     echo_server(&tb, "s", "198.18.20.2:7007");
     let template = ["--template", "/masque{?target_host,target_port}"];
     let mut client = udp_client(&tb, "198.18.20.2:7007", "127.0.0.1:6000", &template).unwrap();
@@ -544,10 +489,7 @@ fn a_proxy_with_its_own_uri_templates_serves_clients_configured_with_them() {
 #[test]
 fn idle_connections_are_not_visited_while_one_client_is_busy() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let (tb, _dir, proxy) = masque::with_proxy("").unwrap();
     echo_server(&tb, "s", "198.18.20.2:7007");
     const IDLE: usize = 20;
     let mut idle = Vec::new();

@@ -7,9 +7,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mimiq_perf::capture::{inject_frames, watch_incoming};
-use mimiq_perf::masque::{self, addr, start_client, start_ip_client, stop_client, ProxyProc};
+use mimiq_perf::masque::{
+    self, addr, start_client, start_ip_client, start_ip_client_with, stop_client,
+};
 use mimiq_perf::singlebox::mac;
-use mimiq_perf::testbed::{self, eventually, require_root, Testbed};
+use mimiq_perf::testbed::{self, eventually, require_root};
 use mimiq_perf::traffic::iperf3_with;
 
 /// Spoofed sources: 198.18.64.0/18, routed by the proxy's host back to the client's host,
@@ -75,19 +77,12 @@ fn rss_kb(pid: u32) -> u64 {
 #[test]
 fn an_initial_flood_from_spoofed_sources_leaves_the_tunnel_and_new_clients_served() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    tb.add_route("p", "198.18.64.0/18", addr::CLIENT_V4[0])
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        "0.0.0.0:4433",
+    let (mut tb, _dir, proxy) = masque::with_proxy(
         "[quic]\nretry = \"auto\"\nretry_threshold = 16\nmax_half_open = 64\nhandshake_timeout_ms = 2000\n",
     )
     .unwrap();
+    tb.add_route("p", "198.18.64.0/18", addr::CLIENT_V4[0])
+        .unwrap();
     let (mut first, _) = start_ip_client(&tb).unwrap();
     let rss_before = rss_kb(proxy.pid());
 
@@ -231,37 +226,17 @@ fn an_initial_flood_from_spoofed_sources_leaves_the_tunnel_and_new_clients_serve
 #[test]
 fn a_proxy_restarted_with_the_same_reset_key_resets_its_old_connections_at_once() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("reset.key");
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        "0.0.0.0:4433",
-        &format!("[quic]\nreset_key_file = \"{}\"\n", key.display()),
-    )
-    .unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("reset.key");
+    let (tb, _dir, proxy) =
+        masque::with_proxy(&format!("[quic]\nreset_key_file = \"{}\"\n", key.display())).unwrap();
     assert_eq!(
         std::fs::metadata(&key).unwrap().len(),
         32,
         "key file created"
     );
     // A client that would wait a minute for its idle timeout: only a reset tells it sooner.
-    let url = format!("{}:4433", addr::PROXY_V4);
-    let args = [
-        "ip",
-        "--proxy",
-        &url,
-        "--bind",
-        addr::CLIENT_V4[0],
-        "--tun",
-        "mq0",
-        "--idle-timeout-ms",
-        "60000",
-    ];
-    let (mut client, _) = start_client(&tb, "c", &args).unwrap();
+    let (mut client, _) = start_ip_client_with(&tb, &["--idle-timeout-ms", "60000"]).unwrap();
     // A hop's worth of new connection IDs: the client has sent with IDs issued after the
     // handshake by the time the proxy dies.
     mimiq_perf::traffic::ping(&tb, "c", addr::SERVER_V4, 5).unwrap();
@@ -296,17 +271,7 @@ fn a_proxy_restarted_with_the_same_reset_key_resets_its_old_connections_at_once(
 #[test]
 fn with_retry_always_a_client_proves_its_address_first_and_its_tunnel_works() {
     require_root();
-    let mut tb = Testbed::new().unwrap();
-    masque::build(&mut tb).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        "0.0.0.0:4433",
-        "[quic]\nretry = \"always\"\n",
-    )
-    .unwrap();
+    let (tb, _dir, proxy) = masque::with_proxy("[quic]\nretry = \"always\"\n").unwrap();
     let (mut client, _) =
         start_ip_client(&tb).unwrap_or_else(|e| panic!("{e}; proxy: {}", proxy.proc.describe()));
     mimiq_perf::traffic::ping(&tb, "c", addr::SERVER_V4, 3).unwrap();
