@@ -604,9 +604,7 @@ impl Proxy {
                 }
             }
         }
-        if self.dirty.last() != Some(&id) {
-            self.dirty.push(id);
-        }
+        note(&mut self.dirty, id);
     }
 
     /// A datagram for no known connection, whose first packet has header `hdr`: answered as
@@ -1302,9 +1300,7 @@ impl Proxy {
                     &self.buf[start..HEADROOM + len],
                     &mut self.stats,
                 );
-                if self.to_flush.last() != Some(&id) {
-                    self.to_flush.push(id);
-                }
+                note(&mut self.to_flush, id);
             }
             Verdict::Reply(len) => {
                 // An ICMP error the proxy built: rare, copied behind a vnet header.
@@ -1349,9 +1345,7 @@ impl Proxy {
                     &self.buf[start..HEADROOM + n],
                     &mut self.stats,
                 );
-                if self.to_flush.last() != Some(&id) {
-                    self.to_flush.push(id);
-                }
+                note(&mut self.to_flush, id);
             }
         }
     }
@@ -1464,6 +1458,15 @@ impl Proxy {
                 let _ = std::fs::rename(&tmp, &path);
             }
         }
+    }
+}
+
+/// Adds connection `id` to a list of connections to visit this pass, unless it is the last one
+/// there already (a burst's packets mostly come for one connection; the list is deduplicated
+/// before use).
+fn note(list: &mut Vec<u64>, id: u64) {
+    if list.last() != Some(&id) {
+        list.push(id);
     }
 }
 
