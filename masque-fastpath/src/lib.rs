@@ -30,10 +30,13 @@
 //!   so does the agent's direct mode.
 //! - [`udp`]: the QUIC socket in bursts (`recvmmsg`, `sendmmsg` with UDP GSO trains).
 //! - [`tundev`]: TUN devices; [`netcfg`]: addresses and routes over rtnetlink.
+//! - [`steer`]: the BPF programs that steer QUIC packets to the worker owning their connection
+//!   ID (SO_REUSEPORT) and a TUN device's packets to the queue of the worker serving their
+//!   destination.
 //! - [`server`]: the proxy (`mimiq-proxy run`); [`client`]: the client (`mimiq-proxy client`).
 //!
-//! `unsafe` is confined to [`udp`], the `poll(2)` calls of the two event loops and
-//! `getifaddrs(3)` in [`policy`].
+//! `unsafe` is confined to [`udp`], [`steer`] (libbpf), the ioctls of [`tundev`], the `poll(2)`
+//! calls of the two event loops and `getifaddrs(3)` in [`policy`].
 #![deny(unsafe_code)]
 
 pub mod capsule;
@@ -49,6 +52,8 @@ pub mod request;
 #[allow(unsafe_code)]
 pub mod server;
 pub mod session;
+#[allow(unsafe_code)]
+pub mod steer;
 pub mod template;
 pub mod tundev;
 #[allow(unsafe_code)]

@@ -9,19 +9,54 @@
 //! device's offloads on ([`TunDevice::enable_tcp_offload`]), the kernel hands over a TCP flow's
 //! data as one large segment per `read(2)` with its checksum left partial, and
 //! [`TunSegments`] cuts it into packets of the flow's MSS, as `tcp_gso_segment` would.
-//! Threading: none; a device, a coalescer and a segmenter belong to one event loop. Panics:
-//! none (every length is checked before use).
+//!
+//! A proxy with several workers opens one device with a queue per worker
+//! ([`TunDevice::create_queues`], `IFF_MULTI_QUEUE`); the `tun` crate opens one queue only, so
+//! those queues are opened here with the `/dev/net/tun` ioctls
+//! (Documentation/networking/tuntap.rst, "Multiqueue tuntap interface"), and
+//! [`crate::steer::TunSteering`] picks the queue of each packet the host sends into the device.
+//!
+//! Threading: none; a device (or queue), a coalescer and a segmenter belong to one event loop.
+//! Panics: none (every length is checked before use).
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use mimiq_wire::checksum::{checksum, Sum};
 
-/// An open TUN device.
+use crate::netcfg::NetConfig;
+
+/// An open TUN device, or one queue of a multi-queue device.
 pub struct TunDevice {
-    dev: tun::Device,
+    handle: Handle,
     name: String,
 }
+
+/// How the device was opened.
+enum Handle {
+    /// By the `tun` crate: a single-queue device.
+    Single(tun::Device),
+    /// One queue of a multi-queue device ([`TunDevice::create_queues`]): its `/dev/net/tun`
+    /// descriptor, non-blocking.
+    Queue(File),
+}
+
+/// `TUNSETIFF`, `_IOW('T', 202, int)` (include/uapi/linux/if_tun.h).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `IFNAMSIZ` (include/uapi/linux/if.h), the terminating NUL included.
+const IFNAMSIZ: usize = 16;
+
+/// `struct ifreq` (include/uapi/linux/if.h) as `TUNSETIFF` reads and writes it: the name, then
+/// the union's `ifr_flags`, padded to the union's 24 bytes (40 in all, as the kernel copies).
+#[repr(C)]
+struct TunIfReq {
+    name: [u8; IFNAMSIZ],
+    flags: libc::c_short,
+    _union_rest: [u8; 22],
+}
+const _: () = assert!(size_of::<TunIfReq>() == 40);
 
 impl TunDevice {
     /// Creates (or attaches to) the TUN device `name`, sets its MTU and brings it up.
@@ -55,9 +90,55 @@ impl TunDevice {
             .map_err(|e| io::Error::other(format!("create TUN device {name}: {e}")))?;
         dev.set_nonblock()?;
         Ok(TunDevice {
-            dev,
+            handle: Handle::Single(dev),
             name: name.to_owned(),
         })
+    }
+
+    /// Creates (or attaches to) the multi-queue TUN device `name` with `queues` queues
+    /// (`IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE`), sets its MTU and brings it up.
+    /// Each queue is a [`TunDevice`] of its own, non-blocking, with a [`VNET_HDR_LEN`]-byte
+    /// virtio-net header as with [`TunDevice::create_with_vnet_hdr`]. The kernel spreads the
+    /// packets the host sends into the device over the queues (by flow hash, or by
+    /// [`crate::steer::TunSteering`] once attached); a write to any queue enters the host.
+    /// The device goes when its last queue is closed.
+    pub fn create_queues(name: &str, mtu: usize, queues: usize) -> io::Result<Vec<TunDevice>> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        if queues == 0 {
+            return Err(invalid(format!("TUN device {name}: 0 queues")));
+        }
+        let mtu32 = u32::try_from(mtu)
+            .ok()
+            .filter(|&m| m <= 65_535)
+            .ok_or_else(|| invalid(format!("TUN MTU {mtu} > 65535")))?;
+        if name.is_empty() || name.len() >= IFNAMSIZ || name.as_bytes().contains(&0) {
+            return Err(invalid(format!(
+                "TUN device name {name:?}: 1 to {} bytes, no NUL",
+                IFNAMSIZ - 1
+            )));
+        }
+        let mut devices = Vec::with_capacity(queues);
+        // The kernel may complete a template name ("mq%d"); later queues attach by the name it
+        // chose.
+        let mut name = name.to_owned();
+        for queue in 0..queues {
+            let (file, actual) = open_queue(&name).map_err(|e| {
+                io::Error::new(e.kind(), format!("TUN device {name} queue {queue}: {e}"))
+            })?;
+            name = actual;
+            devices.push(TunDevice {
+                handle: Handle::Queue(file),
+                name: name.clone(),
+            });
+        }
+        let configure = || -> Result<(), crate::netcfg::NetConfigError> {
+            let net = NetConfig::new()?;
+            let link = net.link(&name)?;
+            net.set_mtu(&link, mtu32)?;
+            net.set_link_up(&link)
+        };
+        configure().map_err(|e| io::Error::other(format!("configure TUN device {name}: {e}")))?;
+        Ok(devices)
     }
 
     /// The device name.
@@ -68,12 +149,20 @@ impl TunDevice {
     /// Reads one packet (with a vnet header first, if the device has one); `WouldBlock` when none
     /// is waiting.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.dev.recv(buf)
+        match &self.handle {
+            Handle::Single(dev) => dev.recv(buf),
+            // One read(2) is one packet.
+            Handle::Queue(file) => (&*file).read(buf),
+        }
     }
 
     /// Writes one packet (with a vnet header first, if the device has one).
     pub fn send(&self, pkt: &[u8]) -> io::Result<usize> {
-        self.dev.send(pkt)
+        match &self.handle {
+            Handle::Single(dev) => dev.send(pkt),
+            // One write(2) is one packet.
+            Handle::Queue(file) => (&*file).write(pkt),
+        }
     }
 
     /// Lets the kernel hand over TCP segments larger than the MTU (TSO for IPv4 and IPv6, with
@@ -99,8 +188,47 @@ impl TunDevice {
 
 impl AsRawFd for TunDevice {
     fn as_raw_fd(&self) -> RawFd {
-        self.dev.as_raw_fd()
+        match &self.handle {
+            Handle::Single(dev) => dev.as_raw_fd(),
+            Handle::Queue(file) => file.as_raw_fd(),
+        }
     }
+}
+
+/// Opens `/dev/net/tun` (non-blocking, close-on-exec) and attaches it as a queue of the
+/// multi-queue device `name`, creating the device if it does not exist; returns the descriptor
+/// and the device's name as the kernel reports it.
+#[allow(unsafe_code)]
+fn open_queue(name: &str) -> io::Result<(File, String)> {
+    // std opens with O_CLOEXEC.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/net/tun")?;
+    if name.len() >= IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name longer than 15 bytes",
+        ));
+    }
+    let mut req = TunIfReq {
+        name: [0; IFNAMSIZ],
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_MULTI_QUEUE)
+            as libc::c_short,
+        _union_rest: [0; 22],
+    };
+    // Shorter than IFNAMSIZ (checked above): the name stays NUL-terminated.
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes) through the pointer, which
+    // points to a live, writable `TunIfReq` of that size and layout; the descriptor is ours.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut TunIfReq) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = req.name.iter().position(|&b| b == 0).unwrap_or(IFNAMSIZ);
+    let actual = String::from_utf8_lossy(&req.name[..len]).into_owned();
+    Ok((file, actual))
 }
 
 /// `struct virtio_net_hdr` (include/uapi/linux/virtio_net.h), the header of an `IFF_VNET_HDR`

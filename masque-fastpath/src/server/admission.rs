@@ -121,10 +121,18 @@ impl ResetKey {
 
     /// The stateless reset token of connection ID `cid`.
     pub fn token(&self, cid: &[u8]) -> u128 {
-        let tag = hmac::sign(&self.0, cid);
+        let tag = self.derive(cid);
         let mut token = [0u8; 16];
-        token.copy_from_slice(&tag.as_ref()[..16]);
+        token.copy_from_slice(&tag[..16]);
         u128::from_be_bytes(token)
+    }
+
+    /// HMAC-SHA256(key, `input`): a secret derived from the key (the route table,
+    /// `server/route.rs`, is drawn from these).
+    pub fn derive(&self, input: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(hmac::sign(&self.0, input).as_ref());
+        out
     }
 
     /// Writes a stateless reset for a packet of `trigger_len` bytes sent to `cid` into `out`;

@@ -48,6 +48,28 @@ pub struct ProxyConfig {
     /// Which destinations clients may reach (`masque-fastpath/src/policy.rs`).
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Worker threads, each with its own QUIC socket, connections, sessions and TUN queue
+    /// (`server/mod.rs`); default: one per core the process may use.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Cores to pin the workers to, in order (worker i on `cores[i % len]`); empty: not pinned.
+    #[serde(default)]
+    pub cores: Vec<usize>,
+    /// How datagrams reach the workers.
+    #[serde(default)]
+    pub datapath: Datapath,
+}
+
+/// `datapath`: how QUIC datagrams reach the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Datapath {
+    /// One UDP socket per worker in a SO_REUSEPORT group, steered by connection ID
+    /// (`masque-fastpath/bpf/reuseport_cid.c`).
+    #[default]
+    Socket,
+    /// AF_XDP sockets per NIC queue. Not built yet: the config is refused with a clear error.
+    Xdp,
 }
 
 /// `[ip]`: CONNECT-IP egress through a TUN device.
@@ -161,6 +183,18 @@ impl ProxyConfig {
         }
         self.templates()?;
         Policies::from_config(&self.policy)?;
+        self.worker_count()?;
+        if self.datapath == Datapath::Xdp {
+            return Err(
+                "datapath = \"xdp\": the AF_XDP datapath of the proxy is not built yet; use \"socket\"".into(),
+            );
+        }
+        let cores = usable_cores();
+        if let Some(c) = self.cores.iter().find(|c| !cores.contains(c)) {
+            return Err(format!(
+                "cores: core {c} is not one this process may use ({cores:?})"
+            ));
+        }
         if let Some(t) = self
             .policy
             .tokens
@@ -191,6 +225,36 @@ impl ProxyConfig {
         }
         Ok(())
     }
+}
+
+impl ProxyConfig {
+    /// Workers to run: `workers`, or one per core the process may use; never more workers than
+    /// those cores (two poll-mode workers on one core only take turns).
+    pub fn worker_count(&self) -> Result<usize, String> {
+        let cores = if self.cores.is_empty() {
+            usable_cores().len()
+        } else {
+            self.cores.len()
+        };
+        match self.workers {
+            None => Ok(cores.max(1)),
+            Some(0) => Err("workers = 0: at least one worker is needed".into()),
+            Some(n) if n > cores.max(1) => Err(format!(
+                "workers = {n}: more workers than the {cores} cores this process may use"
+            )),
+            Some(n) if n > 256 => Err(format!("workers = {n}: at most 256")),
+            Some(n) => Ok(n),
+        }
+    }
+}
+
+/// The cores this process may run on (its CPU affinity mask).
+pub fn usable_cores() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
 }
 
 impl IpConfig {
@@ -286,6 +350,11 @@ mod tests {
                 "max_sessions_per_connection = 0\n",
                 "max_sessions_per_connection",
             ),
+            ("workers = 0\n", "workers = 0"),
+            ("workers = 100000\n", "more workers than"),
+            ("datapath = \"xdp\"\n", "not built yet"),
+            ("datapath = \"dpdk\"\n", "datapath"),
+            ("cores = [100000]\n", "core 100000"),
         ];
         for (extra, want) in cases {
             let err = parse(&format!("{BASE}{extra}")).unwrap_err();

@@ -1,7 +1,15 @@
 //! The proxy: an HTTP/3 server on quiche that serves CONNECT-IP (egress through a TUN device) and
 //! CONNECT-UDP (one connected UDP socket per session), built to serve hopping clients.
 //!
-//! One thread runs a poll loop over the QUIC socket, the TUN device and the CONNECT-UDP sockets.
+//! Workers (`workers`, one thread each, pinned with `cores`) each own a QUIC socket of one
+//! SO_REUSEPORT group, a queue of the multi-queue TUN device, their connections, sessions and
+//! CONNECT-UDP sockets; nothing on the per-packet path is shared or locked. Steering programs
+//! (`masque-fastpath/bpf/`) bring each short-header datagram to the worker its connection ID
+//! names (`server/route.rs`) and each TUN packet to the worker serving its destination; what
+//! arrives elsewhere anyway is handed to its owner through a ring (`server/handoff.rs`).
+//! `server/proxy.rs` builds them and merges their counters.
+//!
+//! A worker runs a poll loop over its QUIC socket, its TUN queue and its CONNECT-UDP sockets.
 //! Each pass: a burst of QUIC datagrams in (`recvmmsg`), each routed to its connection by
 //! destination connection ID (never by address: a hopping client changes address every few
 //! packets); then, per connection touched, HTTP/3 events, QUIC datagrams through the sessions, new
@@ -13,13 +21,15 @@
 
 pub mod admission;
 pub mod config;
+mod handoff;
+mod proxy;
+pub mod route;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,22 +38,22 @@ use hdrhistogram::Histogram;
 use ring::rand::SystemRandom;
 use serde::Serialize;
 
-use self::admission::{Admission, Gate, Policy, Refused, ResetKey, RetryTokens};
+use self::admission::{Admission, Gate, Policy, Refused, RetryTokens};
+use self::handoff::{Handoff, Rings};
+use self::proxy::Shared;
 use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpPrefix};
 use crate::datagram::{self, Datagram, H3Datagram};
-use crate::netcfg::{NetConfig, Route};
 use crate::policy::{self, Guard, OwnAddresses, Policies};
-use crate::quic::{self, Tls};
+use crate::quic::{self, Tls, CID_LEN};
 use crate::request::{self, Rejection, Target};
-use crate::session::connect_ip::{
-    self, AddressPool, ConnectIpSession, HostPool, SessionConfig, Verdict,
-};
+use crate::session::connect_ip::{self, ConnectIpSession, SessionConfig, Verdict};
 use crate::session::connect_udp::{self, ConnectUdpSession};
 use crate::template::{Host, IpTarget};
 use crate::tundev::{TcpCoalescer, TunDevice, TunSegments, VNET_HDR_LEN};
 use crate::udp::UdpIo;
 
 pub use config::ProxyConfig;
+pub use proxy::{run_from_file, Proxy};
 
 /// Bytes of headroom kept in front of an inner packet so the datagram header is written in place.
 const HEADROOM: usize = 16;
@@ -56,7 +66,7 @@ const H3_MESSAGE_ERROR: u64 = quiche::h3::WireErrorCode::MessageError as u64;
 /// H3_DATAGRAM_ERROR (RFC 9297 §2.1): the connection error for a malformed HTTP/3 datagram.
 const H3_DATAGRAM_ERROR: u64 = 0x33;
 
-/// Proxy-wide counters (`stats_file`, the log at exit).
+/// A worker's counters (`stats_file` holds their sums and each worker's, `server/proxy.rs`).
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Stats {
     /// QUIC datagrams received.
@@ -171,6 +181,21 @@ pub struct Stats {
     pub socket_send_dropped: u64,
     /// Received messages that carried a UDP GRO train (several QUIC datagrams); 0 without GRO.
     pub socket_rx_trains: u64,
+    /// Short-header datagrams that reached this worker although their connection ID names
+    /// another (the steering program missed them); handed to the owner.
+    pub misrouted: u64,
+    /// Packets passed to another worker: misrouted datagrams, and TUN packets read from this
+    /// worker's queue for an address another worker serves.
+    pub handoffs: u64,
+    /// Of those, TUN packets.
+    pub tun_handoffs: u64,
+    /// Packets handed over that were dropped because the owner's ring was full.
+    pub handoff_drops: u64,
+    /// Packets other workers handed to this one.
+    pub handoffs_received: u64,
+    /// Updates of the TUN steering map that failed (the address's packets may then reach
+    /// another worker first, and be handed over).
+    pub steering_errors: u64,
     /// Nanoseconds per burst of QUIC datagrams through the proxy (recv → sessions), percentiles.
     pub burst_ns: Percentiles,
 }
@@ -254,9 +279,17 @@ struct Client {
     timer: Option<Instant>,
 }
 
-/// A running proxy.
-pub struct Proxy {
+/// One worker: its socket, TUN queue, connections and sessions.
+struct Worker {
     cfg: ProxyConfig,
+    /// This worker's index (its connection IDs' route values name it).
+    index: usize,
+    /// What the workers share: route table, reset key, address pool, steering maps.
+    shared: Arc<Shared>,
+    /// Rings to and from the other workers.
+    rings: Rings,
+    /// A datagram another worker handed over, while it is read.
+    handed: (Vec<u8>, SocketAddr),
     /// Where clients may go (`[policy]`), and the proxy's own addresses (refreshed every
     /// second).
     policies: Policies,
@@ -270,11 +303,11 @@ pub struct Proxy {
     clients: HashMap<u64, Client>,
     next_client: u64,
     by_cid: HashMap<quiche::ConnectionId<'static>, u64>,
+    /// This worker's queue of the TUN device.
     tun: Option<TunDevice>,
-    pool: HostPool,
     tunnel_mtu: usize,
-    /// Assigned inner address → (client, request stream).
-    by_addr: HashMap<IpAddr, (u64, u64)>,
+    /// The addresses of this worker's sessions.
+    by_addr: AddressBook,
     /// CONNECT-UDP socket fd → (client, request stream).
     by_fd: HashMap<RawFd, (u64, u64)>,
     stats: Stats,
@@ -297,75 +330,46 @@ pub struct Proxy {
     /// What datagrams for no known connection get.
     gate: Gate,
     retry_tokens: RetryTokens,
-    reset_key: ResetKey,
     /// Connections in their handshake, and their deadlines in the order they were accepted.
     half_open: usize,
     handshakes: VecDeque<(Instant, u64)>,
 }
 
-impl Proxy {
-    /// Binds the socket, creates the TUN device and its routes; fails with a message naming what
-    /// could not be set up.
-    pub fn new(cfg: ProxyConfig) -> Result<Proxy, String> {
-        cfg.validate()?;
+impl Worker {
+    /// Worker `index` on its socket `io` and TUN queue `tun`; limits of `cfg` that are
+    /// proxy-wide (`max_connections`, `quic.max_half_open`, `quic.retry_threshold`,
+    /// `quic.unsolicited_per_second`) are shared out evenly.
+    fn new(
+        cfg: ProxyConfig,
+        index: usize,
+        shared: Arc<Shared>,
+        io: UdpIo,
+        tun: Option<TunDevice>,
+        rings: Rings,
+    ) -> Result<Worker, String> {
         let quic = cfg.quic.transport_config(Tls::Server {
             cert: &cfg.cert,
             key: &cfg.key,
         })?;
-        let mut io = UdpIo::bind(cfg.listen).map_err(|e| e.to_string())?;
-        io.set_max_payload(cfg.quic.max_udp_payload_bytes);
-        let fits = quic::tunnel_mtu(cfg.quic.max_udp_payload_bytes);
-        let (mut pool, mut tun, mut tunnel_mtu) = (HostPool::default(), None, fits);
-        if let Some(ip) = &cfg.ip {
-            tunnel_mtu = ip.tunnel_mtu.unwrap_or(fits);
-            if tunnel_mtu > fits {
-                tracing::warn!(
-                    tunnel_mtu,
-                    fits,
-                    "ip.tunnel_mtu is larger than one QUIC datagram carries; larger packets get Packet Too Big"
-                );
-            }
-            let (v4, v6) = ip.pools()?;
-            pool = HostPool::new(v4, v6);
-            // The ICMP source addresses are the proxy's own: never hand them to a client.
-            for a in [IpAddr::V4(ip.icmp_source_v4), IpAddr::V6(ip.icmp_source_v6)] {
-                pool.allocate(IpPrefix::host(a));
-            }
-            let dev =
-                TunDevice::create_with_vnet_hdr(&ip.tun, tunnel_mtu).map_err(|e| e.to_string())?;
-            dev.enable_tcp_offload()
-                .map_err(|e| format!("TUNSETOFFLOAD on {}: {e}", ip.tun))?;
-            let nc = NetConfig::new().map_err(|e| e.to_string())?;
-            let link = nc.link(&ip.tun).map_err(|e| e.to_string())?;
-            for p in [v4, v6].into_iter().flatten() {
-                let route = Route {
-                    destination: p.addr(),
-                    prefix_len: p.prefix_len(),
-                    gateway: None,
-                };
-                nc.add_route(&link, &route).map_err(|e| e.to_string())?;
-            }
-            tun = Some(dev);
-        }
         let rng = SystemRandom::new();
-        let reset_key = match &cfg.quic.reset_key_file {
-            Some(path) => ResetKey::load_or_create(path, &rng)?,
-            None => ResetKey::random(&rng),
-        };
         let now = Instant::now();
+        let n = shared.routes.workers();
         let policy = Policy {
             retry: cfg.quic.retry,
-            retry_threshold: cfg.quic.retry_threshold,
-            max_half_open: cfg.quic.max_half_open,
-            max_connections: cfg.max_connections,
+            retry_threshold: cfg.quic.retry_threshold.div_ceil(n),
+            max_half_open: cfg.quic.max_half_open.div_ceil(n),
+            max_connections: cfg.max_connections.div_ceil(n),
         };
-        Ok(Proxy {
+        let unsolicited = cfg.quic.unsolicited_per_second.div_ceil(n as u32);
+        Ok(Worker {
+            index,
+            rings,
+            handed: (Vec::new(), io.local_addr()),
             policies: Policies::from_config(&cfg.policy)?,
             own: OwnAddresses::read(),
             templates: cfg.templates()?,
-            gate: Gate::new(policy, cfg.quic.unsolicited_per_second, now),
+            gate: Gate::new(policy, unsolicited, now),
             retry_tokens: RetryTokens::new(&rng, now),
-            reset_key,
             half_open: 0,
             handshakes: VecDeque::new(),
             h3: quic::h3_config()?,
@@ -376,9 +380,14 @@ impl Proxy {
             next_client: 0,
             by_cid: HashMap::new(),
             tun,
-            pool,
-            tunnel_mtu,
-            by_addr: HashMap::new(),
+            tunnel_mtu: shared.tunnel_mtu,
+            by_addr: AddressBook {
+                map: HashMap::new(),
+                worker: index as u32,
+                shared: Arc::clone(&shared),
+                errors: 0,
+            },
+            shared,
             by_fd: HashMap::new(),
             stats: Stats::default(),
             burst_hist: Histogram::new(3).expect("3 significant figures is valid"),
@@ -392,16 +401,6 @@ impl Proxy {
             closed_dgram_recv: 0,
             cfg,
         })
-    }
-
-    /// The address the proxy listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.io.local_addr()
-    }
-
-    /// The inner MTU the proxy enforces.
-    pub fn tunnel_mtu(&self) -> usize {
-        self.tunnel_mtu
     }
 
     /// Counters so far.
@@ -423,6 +422,7 @@ impl Proxy {
         self.stats.socket_send_errors = self.io.send_errors;
         self.stats.socket_send_dropped = self.io.send_dropped;
         self.stats.socket_rx_trains = self.io.rx_trains;
+        self.stats.steering_errors = self.by_addr.errors;
         self.stats.burst_ns = Percentiles::of(&self.burst_hist);
         let mut ip = HashMap::new();
         let mut udp = HashMap::new();
@@ -460,8 +460,9 @@ impl Proxy {
         s
     }
 
-    /// Serves until `stop` is set; then closes every connection and returns the final counters.
-    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<Stats> {
+    /// Serves until `stop` is set; then closes every connection and publishes the final
+    /// counters.
+    fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut pollfds: Vec<libc::pollfd> = Vec::new();
         let mut last_stats = Instant::now();
         while !stop.load(Ordering::Relaxed) {
@@ -475,6 +476,7 @@ impl Proxy {
                 .min(Duration::from_millis(100));
             pollfds.clear();
             pollfds.push(pollfd(self.io.socket().as_raw_fd()));
+            pollfds.push(pollfd(self.rings.wake_fd()));
             if let Some(t) = &self.tun {
                 pollfds.push(pollfd(t.as_raw_fd()));
             }
@@ -499,15 +501,16 @@ impl Proxy {
                 let tun = usize::from(self.tun.is_some());
                 Ready {
                     quic: pollfds[0].revents != 0,
-                    tun: tun == 1 && pollfds[1].revents != 0,
-                    targets: pollfds[1 + tun..].iter().any(|p| p.revents != 0),
+                    handoff: pollfds[1].revents != 0,
+                    tun: tun == 1 && pollfds[2].revents != 0,
+                    targets: pollfds[2 + tun..].iter().any(|p| p.revents != 0),
                 }
             };
             self.pass(ready)?;
             if last_stats.elapsed() >= Duration::from_secs(1) {
                 last_stats = Instant::now();
                 self.own = OwnAddresses::read();
-                self.write_stats();
+                self.publish();
             }
         }
         for (&id, c) in self.clients.iter_mut() {
@@ -515,9 +518,8 @@ impl Proxy {
             self.to_flush.push(id);
         }
         self.flush_all();
-        let s = self.stats();
-        self.write_stats();
-        Ok(s)
+        self.publish();
+        Ok(())
     }
 
     /// One pass of the loop: everything `ready` says is readable is read, every connection's
@@ -533,7 +535,7 @@ impl Proxy {
                 }
                 let t0 = Instant::now();
                 for i in 0..n {
-                    self.on_udp(i);
+                    self.on_udp(Source::Burst(i));
                 }
                 self.stats.udp_rx += n as u64;
                 self.service_dirty();
@@ -542,6 +544,9 @@ impl Proxy {
                     break;
                 }
             }
+        }
+        if ready.handoff {
+            self.on_handoffs();
         }
         if ready.tun {
             self.on_tun();
@@ -555,10 +560,23 @@ impl Proxy {
         Ok(())
     }
 
-    fn on_udp(&mut self, i: usize) {
+    fn on_udp(&mut self, src: Source) {
         let local = self.io.local_addr();
-        let (pkt, from) = self.io.datagram(i);
+        let index = self.index;
+        let (pkt, from) = src.datagram(&mut self.io, &mut self.handed);
         let len = pkt.len();
+        // A short header's destination ID names its worker (`server/route.rs`): one that
+        // reached this worker anyway goes to its owner, which holds the connection, or knows
+        // to reset it.
+        if len > CID_LEN && pkt[0] & 0x80 == 0 {
+            let owner = self.shared.routes.owner(&pkt[1..=CID_LEN]);
+            if let Some(owner) = owner.filter(|&o| o != index) {
+                let data = pkt.to_vec();
+                self.stats.misrouted += 1;
+                self.hand_off(owner, Handoff::Quic { from, data });
+                return;
+            }
+        }
         let hdr = match quiche::Header::from_slice(pkt, quic::CID_LEN) {
             Ok(h) => h,
             Err(_) => {
@@ -577,7 +595,7 @@ impl Proxy {
                 }
             }
         };
-        let (pkt, from) = self.io.datagram(i);
+        let (pkt, from) = src.datagram(&mut self.io, &mut self.handed);
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
@@ -636,7 +654,7 @@ impl Proxy {
             }
             Admission::Reset => {
                 let out = self.io.send_buf();
-                if let Some(n) = self.reset_key.reset(&hdr.dcid, len, &self.rng, out) {
+                if let Some(n) = self.shared.reset_key.reset(&hdr.dcid, len, &self.rng, out) {
                     self.io.commit(n, from);
                     self.stats.stateless_resets_sent += 1;
                 }
@@ -651,7 +669,7 @@ impl Proxy {
                 return None;
             }
             Admission::Retry => {
-                let (new_scid, _) = quic::new_cid(&self.rng);
+                let new_scid = self.shared.routes.new_cid(self.index, &self.rng);
                 let token = self.retry_tokens.mint(from, &hdr.dcid, &new_scid, now);
                 let out = self.io.send_buf();
                 if let Ok(n) =
@@ -667,10 +685,10 @@ impl Proxy {
         // token); otherwise a fresh random one.
         let scid = match &odcid {
             Some(_) => hdr.dcid.clone().into_owned(),
-            None => quic::new_cid(&self.rng).0,
+            None => self.shared.routes.new_cid(self.index, &self.rng),
         };
         self.quic
-            .set_stateless_reset_token(Some(self.reset_key.token(&scid)));
+            .set_stateless_reset_token(Some(self.shared.reset_key.token(&scid)));
         let odcid = odcid.map(quiche::ConnectionId::from_vec);
         let conn = match quiche::accept(&scid, odcid.as_ref(), local, from, &mut self.quic) {
             Ok(c) => c,
@@ -763,8 +781,8 @@ impl Proxy {
         }
         // New connection IDs so a hopping client always has spares.
         while c.conn.is_established() && c.conn.scids_left() > 0 {
-            let (cid, _) = quic::new_cid(&self.rng);
-            let token = self.reset_key.token(&cid);
+            let cid = self.shared.routes.new_cid(self.index, &self.rng);
+            let token = self.shared.reset_key.token(&cid);
             if c.conn.new_scid(&cid, token, false).is_err() {
                 break;
             }
@@ -915,9 +933,10 @@ impl Proxy {
                         own: self.own.clone(),
                     })),
                 };
-                let s = ConnectIpSession::preferring(scope, scfg, &mut self.pool, &preferred);
+                let mut pool = self.shared.pool();
+                let s = ConnectIpSession::preferring(scope, scfg, &mut *pool, &preferred);
                 if s.assigned().is_empty() {
-                    s.close(&mut self.pool);
+                    s.close(&mut *pool);
                     return Err(Rejection {
                         status: 503,
                         reason: "address pool exhausted",
@@ -967,7 +986,7 @@ impl Proxy {
                 if h3.send_response(&mut c.conn, sid, &hdrs, false).is_err() {
                     // Stream blocked or gone: nothing started; the client will retry or reset.
                     if let Kind::Ip(s) = kind {
-                        s.close(&mut self.pool);
+                        s.close(&mut *self.shared.pool());
                     }
                     return;
                 }
@@ -981,7 +1000,7 @@ impl Proxy {
                     Kind::Ip(s) => {
                         self.stats.sessions_ip += 1;
                         for a in s.assigned() {
-                            self.by_addr.insert(a.prefix.addr(), (id, sid));
+                            self.by_addr.bind(a.prefix.addr(), (id, sid));
                         }
                         let mut out = vec![0u8; 4096];
                         if let Ok(n) = s.emit_start(&mut out) {
@@ -1041,7 +1060,9 @@ impl Proxy {
                             (Kind::Ip(ip), Capsule::AddressRequest(req)) => {
                                 let had: Vec<IpAddr> =
                                     ip.assigned().iter().map(|a| a.prefix.addr()).collect();
-                                match ip.on_address_request(&req, &mut self.pool) {
+                                let answered =
+                                    ip.on_address_request(&req, &mut *self.shared.pool());
+                                match answered {
                                     Ok(entries) => {
                                         self.stats.addresses_requested += req.iter().count() as u64;
                                         self.stats.addresses_refused += entries
@@ -1057,7 +1078,7 @@ impl Proxy {
                                         for gone in had.iter().filter(|a| {
                                             !ip.assigned().iter().any(|b| b.prefix.addr() == **a)
                                         }) {
-                                            self.by_addr.remove(gone);
+                                            self.by_addr.unbind(*gone);
                                             self.stats.addresses_exchanged += 1;
                                         }
                                         let mut out = vec![0u8; 64 + 40 * entries.len()];
@@ -1068,7 +1089,7 @@ impl Proxy {
                                             answer = Some(out);
                                         }
                                         for a in ip.assigned() {
-                                            self.by_addr.insert(a.prefix.addr(), (id, sid));
+                                            self.by_addr.bind(a.prefix.addr(), (id, sid));
                                         }
                                     }
                                     Err(_) => error = true,
@@ -1146,13 +1167,7 @@ impl Proxy {
         let Some(s) = c.sessions.remove(&sid) else {
             return;
         };
-        retire_session(
-            s,
-            &mut self.pool,
-            &mut self.by_addr,
-            &mut self.by_fd,
-            &mut self.stats,
-        );
+        retire_session(s, &mut self.by_addr, &mut self.by_fd, &mut self.stats);
     }
 
     fn datagrams(&mut self, id: u64) {
@@ -1274,8 +1289,16 @@ impl Proxy {
                 return;
             }
         };
-        let Some(&(id, sid)) = self.by_addr.get(&dst) else {
-            self.stats.tun_no_session += 1;
+        let Some((id, sid)) = self.by_addr.get(dst) else {
+            // Another worker's address (the steering map was being updated): handed over.
+            match self.by_addr.owner(dst).filter(|&o| o != self.index) {
+                Some(owner) => {
+                    let data = pkt.to_vec();
+                    self.stats.tun_handoffs += 1;
+                    self.hand_off(owner, Handoff::Tun(data));
+                }
+                None => self.stats.tun_no_session += 1,
+            }
             return;
         };
         let Some(c) = self.clients.get_mut(&id) else {
@@ -1434,30 +1457,112 @@ impl Proxy {
             self.by_cid.remove(cid);
         }
         for (_, s) in c.sessions {
-            retire_session(
-                s,
-                &mut self.pool,
-                &mut self.by_addr,
-                &mut self.by_fd,
-                &mut self.stats,
-            );
+            retire_session(s, &mut self.by_addr, &mut self.by_fd, &mut self.stats);
         }
         self.stats.connections_closed += 1;
         self.closed_dgram_recv += c.conn.stats().dgram_recv as u64;
         tracing::info!(stats = ?c.conn.stats(), "connection closed");
     }
 
-    fn write_stats(&mut self) {
-        let Some(path) = self.cfg.stats_file.clone() else {
-            return;
-        };
+    /// Gives the counters to `server/proxy.rs`, which writes the stats file.
+    fn publish(&mut self) {
         let s = self.stats();
-        if let Ok(json) = serde_json::to_string_pretty(&s) {
-            let tmp = path.with_extension("tmp");
-            if std::fs::write(&tmp, json).is_ok() {
-                let _ = std::fs::rename(&tmp, &path);
+        self.shared.publish(self.index, s, &self.burst_hist);
+    }
+
+    /// Passes a packet to worker `owner`.
+    fn hand_off(&mut self, owner: usize, h: Handoff) {
+        if self.rings.send(owner, h) {
+            self.stats.handoffs += 1;
+        } else {
+            self.stats.handoff_drops += 1;
+        }
+    }
+
+    /// Serves what other workers handed over.
+    fn on_handoffs(&mut self) {
+        while let Some(h) = self.rings.take() {
+            self.stats.handoffs_received += 1;
+            match h {
+                Handoff::Quic { from, data } => {
+                    self.handed = (data, from);
+                    self.on_udp(Source::Handed);
+                    self.stats.udp_rx += 1;
+                }
+                Handoff::Tun(data) => {
+                    let n = data.len().min(self.buf.len() - HEADROOM);
+                    self.buf[HEADROOM..HEADROOM + n].copy_from_slice(&data[..n]);
+                    self.egress(n);
+                }
             }
         }
+        self.service_dirty();
+    }
+}
+
+/// Where the datagram being read is.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// In the socket's receive burst, at this index.
+    Burst(usize),
+    /// Handed over by another worker (`Worker::handed`).
+    Handed,
+}
+
+impl Source {
+    /// The datagram, and its sender.
+    fn datagram<'a>(
+        self,
+        io: &'a mut UdpIo,
+        handed: &'a mut (Vec<u8>, SocketAddr),
+    ) -> (&'a mut [u8], SocketAddr) {
+        match self {
+            Source::Burst(i) => io.datagram(i),
+            Source::Handed => (&mut handed.0[..], handed.1),
+        }
+    }
+}
+
+/// The inner addresses of a worker's CONNECT-IP sessions, kept in step with the TUN steering
+/// map (`masque-fastpath/bpf/tun_steer.c`) so the device hands their packets to this worker.
+struct AddressBook {
+    /// Address → (client, request stream).
+    map: HashMap<IpAddr, (u64, u64)>,
+    worker: u32,
+    shared: Arc<Shared>,
+    /// Steering map updates that failed.
+    errors: u64,
+}
+
+impl AddressBook {
+    fn bind(&mut self, addr: IpAddr, to: (u64, u64)) {
+        self.map.insert(addr, to);
+        if let Some(s) = &self.shared.tun_steering {
+            if let Err(e) = s.assign(addr, self.worker) {
+                tracing::warn!(%addr, "TUN steering: {e}");
+                self.errors += 1;
+            }
+        }
+    }
+
+    fn unbind(&mut self, addr: IpAddr) {
+        if self.map.remove(&addr).is_some() {
+            if let Some(s) = &self.shared.tun_steering {
+                s.release(addr);
+            }
+        }
+    }
+
+    #[inline]
+    fn get(&self, addr: IpAddr) -> Option<(u64, u64)> {
+        self.map.get(&addr).copied()
+    }
+
+    /// The worker serving `addr` (a map lookup in the kernel: only for packets this worker has
+    /// no session for).
+    fn owner(&self, addr: IpAddr) -> Option<usize> {
+        let s = self.shared.tun_steering.as_ref()?;
+        s.owner(addr).map(|w| w as usize)
     }
 }
 
@@ -1515,21 +1620,20 @@ fn send_datagram(conn: &mut quiche::Connection, qsid: u64, payload: &[u8], stats
 
 fn retire_session(
     s: Session,
-    pool: &mut HostPool,
-    by_addr: &mut HashMap<IpAddr, (u64, u64)>,
+    by_addr: &mut AddressBook,
     by_fd: &mut HashMap<RawFd, (u64, u64)>,
     stats: &mut Stats,
 ) {
     match s.kind {
         Kind::Ip(ip) => {
             for a in ip.assigned() {
-                by_addr.remove(&a.prefix.addr());
+                by_addr.unbind(a.prefix.addr());
             }
             for r in connect_ip::DropReason::ALL {
                 *stats.ip_drops.entry(r.label()).or_insert(0) += ip.counters().drops(r);
             }
             stats.icmp_errors += ip.counters().icmp_errors;
-            ip.close(pool);
+            ip.close(&mut *by_addr.shared.pool());
         }
         Kind::Udp { session, socket } => {
             by_fd.remove(&socket.as_raw_fd());
@@ -1580,6 +1684,8 @@ fn connect_udp_target(addr: SocketAddr) -> io::Result<UdpSocket> {
 struct Ready {
     /// The QUIC socket.
     quic: bool,
+    /// Packets other workers handed over.
+    handoff: bool,
     /// The TUN device.
     tun: bool,
     /// Any CONNECT-UDP target socket.
@@ -1590,6 +1696,7 @@ impl Ready {
     /// Everything (when poll said nothing useful, e.g. interrupted).
     const ALL: Ready = Ready {
         quic: true,
+        handoff: true,
         tun: true,
         targets: true,
     };
@@ -1601,23 +1708,4 @@ fn pollfd(fd: RawFd) -> libc::pollfd {
         events: libc::POLLIN,
         revents: 0,
     }
-}
-
-/// Runs a proxy from a config file until SIGINT/SIGTERM; prints the final counters.
-pub fn run_from_file(path: &Path) -> Result<(), String> {
-    let cfg = ProxyConfig::load(path)?;
-    let mut proxy = Proxy::new(cfg)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| e.to_string())?;
-    }
-    println!(
-        "mimiq-proxy listening on {} (tunnel MTU {}, GSO {})",
-        proxy.local_addr(),
-        proxy.tunnel_mtu(),
-        proxy.io.gso()
-    );
-    let stats = proxy.run(&stop).map_err(|e| e.to_string())?;
-    println!("{}", serde_json::to_string(&stats).unwrap_or_default());
-    Ok(())
 }

@@ -1,0 +1,391 @@
+//! The proxy as a whole: it binds one QUIC socket per worker in a SO_REUSEPORT group and
+//! attaches the connection-ID steering program to it, creates the multi-queue TUN device (one
+//! queue per worker, steered by destination address) and its routes, starts the workers
+//! (`server/mod.rs`) on their threads and cores, and writes the stats file: every counter
+//! summed over the workers at the top, each worker's own under `workers`.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use ring::rand::SystemRandom;
+use serde_json::{json, Value};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::admission::ResetKey;
+use super::handoff::Rings;
+use super::route::Routes;
+use super::{Percentiles, ProxyConfig, Stats, Worker};
+use crate::capsule::IpPrefix;
+use crate::netcfg::{NetConfig, Route};
+use crate::quic;
+use crate::session::connect_ip::{AddressPool, HostPool};
+use crate::steer::{ReuseportSteering, TunSteering};
+use crate::tundev::TunDevice;
+use crate::udp::UdpIo;
+
+/// What the workers share. Nothing here is touched per packet but the route table (read only):
+/// the pool is locked when a session starts, asks for addresses or ends.
+pub(super) struct Shared {
+    /// Route value → worker.
+    pub routes: Routes,
+    /// Stateless reset tokens, the same on every worker and across restarts.
+    pub reset_key: ResetKey,
+    /// The inner MTU.
+    pub tunnel_mtu: usize,
+    /// CONNECT-IP addresses.
+    pool: Mutex<HostPool>,
+    /// Address → TUN queue, for the device's steering program (with more than one worker).
+    pub tun_steering: Option<TunSteering>,
+    /// Each worker's latest counters and burst latencies.
+    published: Mutex<Vec<Option<(Stats, Histogram<u64>)>>>,
+}
+
+impl Shared {
+    /// The address pool, locked.
+    pub fn pool(&self) -> MutexGuard<'_, HostPool> {
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Worker `index`'s counters now.
+    pub fn publish(&self, index: usize, stats: Stats, hist: &Histogram<u64>) {
+        let mut p = self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        p[index] = Some((stats, hist.clone()));
+    }
+}
+
+/// A running proxy: its workers' threads.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<Result<(), String>>>,
+    /// Tells the workers to finish.
+    stop: Arc<AtomicBool>,
+    local: SocketAddr,
+    gso: bool,
+    stats_file: Option<PathBuf>,
+    /// The connection-ID steering program (with more than one worker).
+    steering: Option<ReuseportSteering>,
+}
+
+impl Proxy {
+    /// Binds the sockets, creates the TUN device and its routes, starts the workers; fails with
+    /// a message naming what could not be set up.
+    pub fn start(cfg: ProxyConfig) -> Result<Proxy, String> {
+        cfg.validate()?;
+        let n = cfg.worker_count()?;
+        let rng = SystemRandom::new();
+        let reset_key = match &cfg.quic.reset_key_file {
+            Some(path) => ResetKey::load_or_create(path, &rng)?,
+            None => ResetKey::random(&rng),
+        };
+        let routes = Routes::new(&reset_key, n);
+
+        let mut sockets: Vec<std::net::UdpSocket> = Vec::with_capacity(n);
+        let mut listen = cfg.listen;
+        for _ in 0..n {
+            let s = reuseport_socket(listen)?;
+            // Port 0 asked for any port: the others join the first one's.
+            listen = s.local_addr().map_err(|e| e.to_string())?;
+            sockets.push(s);
+        }
+        let steering = if n > 1 {
+            let st = ReuseportSteering::load(routes.table())?;
+            for (i, s) in sockets.iter().enumerate() {
+                st.register(i as u32, s.as_raw_fd())?;
+            }
+            st.attach(sockets[0].as_raw_fd())?;
+            Some(st)
+        } else {
+            None
+        };
+
+        let fits = quic::tunnel_mtu(cfg.quic.max_udp_payload_bytes);
+        let (mut pool, mut tuns, mut tunnel_mtu, mut tun_steering) =
+            (HostPool::default(), Vec::new(), fits, None);
+        if let Some(ip) = &cfg.ip {
+            tunnel_mtu = ip.tunnel_mtu.unwrap_or(fits);
+            if tunnel_mtu > fits {
+                tracing::warn!(
+                    tunnel_mtu,
+                    fits,
+                    "ip.tunnel_mtu is larger than one QUIC datagram carries; larger packets get Packet Too Big"
+                );
+            }
+            let (v4, v6) = ip.pools()?;
+            pool = HostPool::new(v4, v6);
+            // The ICMP source addresses are the proxy's own: never hand them to a client.
+            for a in [
+                std::net::IpAddr::V4(ip.icmp_source_v4),
+                std::net::IpAddr::V6(ip.icmp_source_v6),
+            ] {
+                pool.allocate(IpPrefix::host(a));
+            }
+            tuns = TunDevice::create_queues(&ip.tun, tunnel_mtu, n)
+                .map_err(|e| format!("TUN device {}: {e}", ip.tun))?;
+            for q in &tuns {
+                q.enable_tcp_offload()
+                    .map_err(|e| format!("TUNSETOFFLOAD on {}: {e}", ip.tun))?;
+            }
+            if n > 1 {
+                let st = TunSteering::load()?;
+                st.attach(tuns[0].as_raw_fd())?;
+                tun_steering = Some(st);
+            }
+            let nc = NetConfig::new().map_err(|e| e.to_string())?;
+            let link = nc.link(&ip.tun).map_err(|e| e.to_string())?;
+            for p in [v4, v6].into_iter().flatten() {
+                let route = Route {
+                    destination: p.addr(),
+                    prefix_len: p.prefix_len(),
+                    gateway: None,
+                };
+                nc.add_route(&link, &route).map_err(|e| e.to_string())?;
+            }
+        }
+
+        let shared = Arc::new(Shared {
+            routes,
+            reset_key,
+            tunnel_mtu,
+            pool: Mutex::new(pool),
+            tun_steering,
+            published: Mutex::new(vec![None; n]),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let rings = Rings::mesh(n).map_err(|e| format!("eventfd: {e}"))?;
+        let mut tuns = tuns.into_iter();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::with_capacity(n);
+        for (i, (sock, rings)) in sockets.into_iter().zip(rings).enumerate() {
+            let (cfg, shared, stop, ready) = (
+                cfg.clone(),
+                Arc::clone(&shared),
+                Arc::clone(&stop),
+                ready_tx.clone(),
+            );
+            let tun = tuns.next();
+            let core = (!cfg.cores.is_empty()).then(|| cfg.cores[i % cfg.cores.len()]);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mimiq-proxy-{i}"))
+                .spawn(move || {
+                    if let Some(id) = core {
+                        core_affinity::set_for_current(core_affinity::CoreId { id });
+                    }
+                    let started = UdpIo::from_socket(sock)
+                        .map_err(|e| format!("QUIC socket: {e}"))
+                        .and_then(|mut io| {
+                            io.set_max_payload(cfg.quic.max_udp_payload_bytes);
+                            Worker::new(cfg, i, shared, io, tun, rings)
+                        });
+                    let mut worker = match started {
+                        Ok(w) => {
+                            let _ = ready.send(Ok(w.io.gso()));
+                            w
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e.clone()));
+                            return Err(e);
+                        }
+                    };
+                    worker.run(&stop).map_err(|e| format!("worker {i}: {e}"))
+                })
+                .map_err(|e| format!("cannot start worker {i}: {e}"))?;
+            threads.push(spawned);
+        }
+        drop(ready_tx);
+        let mut gso = true;
+        let mut proxy = Proxy {
+            shared,
+            threads,
+            stop,
+            local: listen,
+            gso: false,
+            stats_file: cfg.stats_file.clone(),
+            steering,
+        };
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok(Ok(g)) => gso &= g,
+                Ok(Err(e)) => return Err(proxy.shut_down_with(e)),
+                Err(_) => return Err(proxy.shut_down_with("a worker ended at start".into())),
+            }
+        }
+        proxy.gso = gso;
+        Ok(proxy)
+    }
+
+    /// The address the proxy listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The inner MTU the proxy enforces.
+    pub fn tunnel_mtu(&self) -> usize {
+        self.shared.tunnel_mtu
+    }
+
+    /// Workers running.
+    pub fn workers(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Whether every worker's socket sends with UDP GSO.
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Serves until `stop` is set or a worker fails, writing the stats file every second;
+    /// then stops the workers (each closes its connections) and returns the final counters.
+    pub fn run(mut self, stop: &AtomicBool) -> Result<Value, String> {
+        while !stop.load(Ordering::Relaxed) && !self.threads.iter().any(|t| t.is_finished()) {
+            std::thread::sleep(Duration::from_millis(200));
+            self.write_stats();
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failed = None;
+        for t in std::mem::take(&mut self.threads) {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => failed = Some("a worker panicked".into()),
+            }
+        }
+        let stats = self.write_stats();
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
+    }
+
+    /// Stops the workers started so far and gives `e` back.
+    fn shut_down_with(&mut self, e: String) -> String {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+        e
+    }
+
+    /// The counters: every worker's summed, then `workers`, each worker's own; and the
+    /// steering program's figures.
+    fn counters(&self) -> Value {
+        let published = self
+            .shared
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let parts: Vec<(Stats, Histogram<u64>)> = published.into_iter().flatten().collect();
+        let mut total = json!({});
+        let mut hist = Histogram::<u64>::new(3).expect("3 significant figures is valid");
+        let mut paths_peak = 0;
+        for (s, h) in &parts {
+            add_counters(&mut total, &serde_json::to_value(s).unwrap_or_default());
+            let _ = hist.add(h);
+            paths_peak = paths_peak.max(s.paths_peak);
+        }
+        total["paths_peak"] = json!(paths_peak);
+        total["burst_ns"] = json!(Percentiles::of(&hist));
+        let (steered, fallback) = self.steering.as_ref().map_or((0, 0), |s| s.counters());
+        total["steered"] = json!(steered);
+        total["steering_fallback"] = json!(fallback);
+        total["workers"] = json!(parts.iter().map(|(s, _)| s).collect::<Vec<_>>());
+        total
+    }
+
+    /// Writes the counters to `stats_file` (replaced atomically), and returns them.
+    fn write_stats(&self) -> Value {
+        let stats = self.counters();
+        if let Some(path) = &self.stats_file {
+            if let Ok(text) = serde_json::to_string_pretty(&stats) {
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, text).is_ok() {
+                    let _ = std::fs::rename(&tmp, path);
+                }
+            }
+        }
+        stats
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Adds every number of `part` to the same field of `total` (objects field by field).
+fn add_counters(total: &mut Value, part: &Value) {
+    match (total, part) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                add_counters(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (t @ Value::Null, v) => *t = v.clone(),
+        (t @ Value::Number(_), Value::Number(v)) => {
+            let sum = t.as_u64().unwrap_or(0) + v.as_u64().unwrap_or(0);
+            *t = json!(sum);
+        }
+        _ => {}
+    }
+}
+
+/// A UDP socket bound to `addr` in a SO_REUSEPORT group (every worker binds the same address;
+/// the kernel, or the steering program, picks the socket of each datagram).
+fn reuseport_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, String> {
+    let bind = |e: std::io::Error| format!("bind UDP {addr}: {e}");
+    let s =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(bind)?;
+    s.set_reuse_port(true).map_err(bind)?;
+    if addr.is_ipv6() {
+        // An IPv6 wildcard also takes IPv4 (as it does for std's bind).
+        let _ = s.set_only_v6(false);
+    }
+    s.bind(&addr.into()).map_err(bind)?;
+    Ok(s.into())
+}
+
+/// Runs a proxy from a config file until SIGINT/SIGTERM; prints the final counters.
+pub fn run_from_file(path: &Path) -> Result<(), String> {
+    let cfg = ProxyConfig::load(path)?;
+    let proxy = Proxy::start(cfg)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| e.to_string())?;
+    }
+    println!(
+        "mimiq-proxy listening on {} (tunnel MTU {}, GSO {}, {} workers)",
+        proxy.local_addr(),
+        proxy.tunnel_mtu(),
+        proxy.gso(),
+        proxy.workers()
+    );
+    let stats = proxy.run(&stop)?;
+    println!("{stats}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_add_field_by_field() {
+        let mut total = json!({});
+        add_counters(&mut total, &json!({"a": 1, "m": {"x": 2}}));
+        add_counters(&mut total, &json!({"a": 5, "m": {"x": 1, "y": 7}}));
+        assert_eq!(total, json!({"a": 6, "m": {"x": 3, "y": 7}}));
+    }
+}
