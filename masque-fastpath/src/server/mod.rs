@@ -464,6 +464,8 @@ impl Worker {
     /// counters.
     fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut pollfds: Vec<libc::pollfd> = Vec::new();
+        // Serving: the stats file is written once every worker has published.
+        self.publish();
         let mut last_stats = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             // The earliest timer (a stale entry only wakes the loop early).

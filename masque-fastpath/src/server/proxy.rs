@@ -42,9 +42,12 @@ pub(super) struct Shared {
     pool: Mutex<HostPool>,
     /// Address → TUN queue, for the device's steering program (with more than one worker).
     pub tun_steering: Option<TunSteering>,
-    /// Each worker's latest counters and burst latencies.
-    published: Mutex<Vec<Option<(Stats, Histogram<u64>)>>>,
+    /// Each worker's latest counters and burst latencies, and how many times it published.
+    published: Mutex<Vec<(u64, Option<Published>)>>,
 }
+
+/// A worker's counters and its burst latencies, as it last published them.
+type Published = (Stats, Histogram<u64>);
 
 impl Shared {
     /// The address pool, locked.
@@ -58,7 +61,8 @@ impl Shared {
             .published
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        p[index] = Some((stats, hist.clone()));
+        p[index].0 += 1;
+        p[index].1 = Some((stats, hist.clone()));
     }
 }
 
@@ -157,7 +161,7 @@ impl Proxy {
             tunnel_mtu,
             pool: Mutex::new(pool),
             tun_steering,
-            published: Mutex::new(vec![None; n]),
+            published: Mutex::new(vec![(0, None); n]),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let rings = Rings::mesh(n).map_err(|e| format!("eventfd: {e}"))?;
@@ -242,12 +246,19 @@ impl Proxy {
         self.gso
     }
 
-    /// Serves until `stop` is set or a worker fails, writing the stats file every second;
-    /// then stops the workers (each closes its connections) and returns the final counters.
+    /// Serves until `stop` is set or a worker fails, writing the stats file each time every
+    /// worker has published its counters again (once a second): what the file holds happened
+    /// at most a second before it was written. Then stops the workers (each closes its
+    /// connections) and returns the final counters.
     pub fn run(mut self, stop: &AtomicBool) -> Result<Value, String> {
+        let mut written = vec![0u64; self.threads.len()];
         while !stop.load(Ordering::Relaxed) && !self.threads.iter().any(|t| t.is_finished()) {
-            std::thread::sleep(Duration::from_millis(200));
-            self.write_stats();
+            std::thread::sleep(Duration::from_millis(20));
+            let now = self.publications();
+            if now.iter().zip(&written).all(|(n, w)| n > w) {
+                written = now;
+                self.write_stats();
+            }
         }
         self.stop.store(true, Ordering::Relaxed);
         let mut failed = None;
@@ -274,6 +285,15 @@ impl Proxy {
         e
     }
 
+    /// How many times each worker has published.
+    fn publications(&self) -> Vec<u64> {
+        let p = self.shared.published.lock();
+        p.unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
     /// The counters: every worker's summed, then `workers`, each worker's own; and the
     /// steering program's figures.
     fn counters(&self) -> Value {
@@ -283,7 +303,7 @@ impl Proxy {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let parts: Vec<(Stats, Histogram<u64>)> = published.into_iter().flatten().collect();
+        let parts: Vec<Published> = published.into_iter().filter_map(|(_, p)| p).collect();
         let mut total = json!({});
         let mut hist = Histogram::<u64>::new(3).expect("3 significant figures is valid");
         let mut paths_peak = 0;

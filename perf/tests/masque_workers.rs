@@ -1,0 +1,186 @@
+//! The proxy's workers between real kernel hosts (`mimiq_perf::masque`): hopping clients whose
+//! every datagram must reach the worker owning its connection ID, through the SO_REUSEPORT
+//! group's steering program (`masque-fastpath/bpf/reuseport_cid.c`), with 1 and 2 workers.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use mimiq_perf::capture::count_frames;
+use mimiq_perf::masque::{self, addr, start_client, stop_client};
+use mimiq_perf::testbed::{require_root, Proc, Testbed};
+
+const CLIENTS: usize = 8;
+const DATAGRAMS: u32 = 400;
+
+/// A UDP echo server on the server host.
+fn echo_server(tb: &Testbed) {
+    let ready = Arc::new(std::sync::Barrier::new(2));
+    let r = ready.clone();
+    tb.spawn_in("s", move || {
+        let s = UdpSocket::bind("198.18.20.2:7007").unwrap();
+        r.wait();
+        let mut buf = [0u8; 65536];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    })
+    .unwrap();
+    ready.wait();
+}
+
+/// Sends `count` numbered datagrams to `to`, each until its echo comes back (a datagram lost
+/// on a path the client left is sent again); returns the datagrams sent in all. Panics if a
+/// datagram does not come back within 10 s or comes back changed.
+fn stop_and_wait(to: SocketAddr, count: u32) -> u32 {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = vec![0u8; 2048];
+    let mut sent = 0;
+    for i in 0..count {
+        let mut msg = vec![(i % 251) as u8; 300 + (i as usize * 7) % 900];
+        msg[..4].copy_from_slice(&i.to_be_bytes());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        'this: loop {
+            assert!(
+                Instant::now() < deadline,
+                "datagram {i} to {to} never came back"
+            );
+            s.send_to(&msg, to).unwrap();
+            sent += 1;
+            while let Ok(n) = s.recv(&mut buf) {
+                // A late echo of an earlier datagram (sent twice) is skipped.
+                if buf[..4] == msg[..4] {
+                    assert_eq!(&buf[..n], &msg[..], "datagram {i} came back changed");
+                    break 'this;
+                }
+            }
+        }
+    }
+    sent
+}
+
+/// The short-header packets' destination connection IDs from each client address, as the
+/// proxy's client-side interface sees them.
+type CidsSeen = Arc<Mutex<HashMap<Vec<u8>, HashSet<SocketAddr>>>>;
+
+fn watch_cids(tb: &Testbed, seen: &CidsSeen) -> std::thread::JoinHandle<impl Sized> {
+    let seen = Arc::clone(seen);
+    count_frames(tb, "p", "p0", Duration::from_secs(60), move |frame| {
+        let Ok(p) = SlicedPacket::from_ethernet(frame) else {
+            return false;
+        };
+        let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) = (p.net, p.transport)
+        else {
+            return false;
+        };
+        let payload = udp.payload();
+        if udp.destination_port() != 4433 || payload.len() < 21 || payload[0] & 0x80 != 0 {
+            return false;
+        }
+        let from = SocketAddr::from((ip.header().source_addr(), udp.source_port()));
+        let mut seen = seen.lock().unwrap();
+        seen.entry(payload[1..21].to_vec())
+            .or_default()
+            .insert(from);
+        true
+    })
+    .unwrap()
+}
+
+fn hopping_clients_through(workers: usize) {
+    require_root();
+    let (tb, _dir, proxy) = masque::with_proxy(&format!("workers = {workers}\n")).unwrap();
+    echo_server(&tb);
+    let seen: CidsSeen = Arc::default();
+    let capture = watch_cids(&tb, &seen);
+    let url = format!("{}:4433", addr::PROXY_V4);
+    let binds = addr::CLIENT_V4.join(",");
+    let mut clients: Vec<Proc> = (0..CLIENTS)
+        .map(|i| {
+            let listen = format!("127.0.0.1:{}", 6200 + i);
+            let args = [
+                "udp",
+                "--proxy",
+                &url,
+                "--bind",
+                &binds,
+                "--hop-every-ms",
+                "40",
+                "--target",
+                "198.18.20.2:7007",
+                "--listen",
+                &listen,
+            ];
+            start_client(&tb, "c", &args).unwrap().0
+        })
+        .collect();
+    let sent = tb
+        .run_in("c", || {
+            std::thread::scope(|scope| {
+                let runs: Vec<_> = (0..CLIENTS)
+                    .map(|i| {
+                        let to: SocketAddr = format!("127.0.0.1:{}", 6200 + i).parse().unwrap();
+                        scope.spawn(move || stop_and_wait(to, DATAGRAMS))
+                    })
+                    .collect();
+                runs.into_iter()
+                    .map(|r| r.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .unwrap();
+    let mut hops = 0;
+    for c in &mut clients {
+        let counters = stop_client(c).unwrap();
+        hops += counters["hops_done"].as_u64().unwrap();
+    }
+    let s = proxy.fresh_stats().unwrap();
+    let n = |k: &str| s[k].as_u64().unwrap();
+    eprintln!(
+        "{workers} workers: {hops} hops, datagrams sent {sent:?}, connections per worker {:?}, steered {}, fell back {}",
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["connections_accepted"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        n("steered"),
+        n("steering_fallback")
+    );
+    // Every datagram came back (stop_and_wait); the clients hopped while they were sent.
+    assert!(hops >= CLIENTS as u64 * 2, "{hops} hops; proxy {s}");
+    assert_eq!(n("connections_accepted"), CLIENTS as u64, "{s}");
+    assert!(n("peer_migrations") >= hops / 2, "{s}");
+    assert_eq!(s["workers"].as_array().unwrap().len(), workers, "{s}");
+    // Each datagram reached the worker owning its connection: none was handed over.
+    assert_eq!(n("misrouted"), 0, "{s}");
+    assert_eq!(n("handoffs"), 0, "{s}");
+    if workers > 1 {
+        assert!(n("steered") > u64::from(DATAGRAMS), "{s}");
+    }
+    // No connection ID was seen from two client addresses: each hop took a fresh one.
+    drop(proxy);
+    drop(capture);
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.len() > hops as usize,
+        "{} IDs, {hops} hops",
+        seen.len()
+    );
+    let linked: Vec<_> = seen.values().filter(|from| from.len() > 1).collect();
+    assert!(linked.is_empty(), "IDs seen from two addresses: {linked:?}");
+}
+
+#[test]
+fn eight_hopping_clients_through_two_workers_each_reach_their_connections_worker() {
+    hopping_clients_through(2);
+}
+
+#[test]
+fn eight_hopping_clients_through_one_worker() {
+    hopping_clients_through(1);
+}
