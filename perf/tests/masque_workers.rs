@@ -184,3 +184,73 @@ fn eight_hopping_clients_through_two_workers_each_reach_their_connections_worker
 fn eight_hopping_clients_through_one_worker() {
     hopping_clients_through(1);
 }
+
+#[test]
+fn garbage_and_truncated_short_headers_are_counted_drops_and_the_workers_serve_on() {
+    require_root();
+    let (tb, _dir, mut proxy) = masque::with_proxy("workers = 2\n").unwrap();
+    echo_server(&tb);
+    const GARBAGE: u64 = 3000;
+    // Short headers of every length up to a bit past the connection ID (truncated ones too),
+    // random IDs and bodies, and long headers that are no packet at all, from many ports.
+    tb.run_in("c", || {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let socks: Vec<UdpSocket> = (0..16)
+            .map(|_| UdpSocket::bind((addr::CLIENT_V4[1], 0)).unwrap())
+            .collect();
+        for i in 0..GARBAGE {
+            let len = 1 + (next() % 64) as usize;
+            let mut d: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if i % 3 != 0 {
+                d[0] &= 0x7f;
+            }
+            let s = &socks[i as usize % socks.len()];
+            s.send_to(&d, (addr::PROXY_V4, 4433)).unwrap();
+        }
+    })
+    .unwrap();
+    let url = format!("{}:4433", addr::PROXY_V4);
+    let (mut client, _) = start_client(
+        &tb,
+        "c",
+        &[
+            "udp",
+            "--proxy",
+            &url,
+            "--target",
+            "198.18.20.2:7007",
+            "--listen",
+            "127.0.0.1:6300",
+        ],
+    )
+    .unwrap();
+    let sent = tb
+        .run_in("c", || {
+            stop_and_wait("127.0.0.1:6300".parse().unwrap(), 100)
+        })
+        .unwrap();
+    assert!(sent >= 100);
+    stop_client(&mut client).unwrap();
+    let s = proxy.fresh_stats().unwrap();
+    let n = |k: &str| s[k].as_u64().unwrap();
+    // Every garbage datagram was one for no connection (the client's first flight adds its
+    // Initials), none went to the wrong worker, and the proxy answered none with more than a
+    // reset smaller than the trigger.
+    let unknown = n("unknown_connection");
+    assert!((GARBAGE..=GARBAGE + 4).contains(&unknown), "{s}");
+    assert_eq!(n("misrouted"), 0, "{s}");
+    assert_eq!(n("handoffs"), 0, "{s}");
+    assert!(n("stateless_resets_sent") < GARBAGE, "{s}");
+    assert_eq!(n("connections_accepted"), 1, "{s}");
+    assert!(
+        proxy.proc.try_status().is_none(),
+        "{}",
+        proxy.proc.describe()
+    );
+}
