@@ -1,4 +1,4 @@
-//! `mimiq-proxy`: the MASQUE proxy (`run`, `check`), its client (`client ip`, `client udp`), and
+//! `mimiq-proxy`: the MASQUE proxy (`run`, `check`, `stats`), its client (`client ip`, `client udp`), and
 //! a self-signed certificate maker for test setups (`cert`). Errors are one line on stderr and
 //! exit status 1.
 use std::net::{IpAddr, SocketAddr};
@@ -44,6 +44,15 @@ enum Cmd {
         /// Proxy config (TOML).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Print a running proxy's counters, in all and per worker, from its stats file.
+    Stats {
+        /// Proxy config (TOML): its `stats_file` is read.
+        #[arg(long)]
+        config: PathBuf,
+        /// Also the counters that are zero.
+        #[arg(long)]
+        all: bool,
     },
     /// Write a self-signed certificate and key (PEM) for test setups.
     Cert {
@@ -195,6 +204,22 @@ fn real_main(cli: Cli) -> Result<(), String> {
         Cmd::Check { config } => {
             ProxyConfig::load(&config)?;
             println!("{}: ok", config.display());
+            Ok(())
+        }
+        Cmd::Stats { config, all } => {
+            let cfg = ProxyConfig::load(&config)?;
+            let path = cfg
+                .stats_file
+                .ok_or_else(|| format!("{}: no stats_file configured", config.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "{}: cannot read: {e} (is the proxy running?)",
+                    path.display()
+                )
+            })?;
+            let stats: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not a stats file: {e}", path.display()))?;
+            print!("{}", server::stats_table(&stats, all));
             Ok(())
         }
         Cmd::Cert { out, name } => {

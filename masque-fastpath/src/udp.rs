@@ -301,9 +301,22 @@ impl UdpIo {
             };
             if r < 0 {
                 let e = io::Error::last_os_error();
+                let (off, total, seg, to) = self.tx_msgs[sent];
                 if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
                 {
                     self.send_dropped += (self.tx_msgs.len() - sent) as u64;
+                } else if e.raw_os_error() == Some(libc::EIO) && total > seg {
+                    // A device that cannot segment (no checksum offload) fails GSO sends with
+                    // EIO: GSO goes off for this socket, and the train is sent datagram by
+                    // datagram (quinn-udp does the same).
+                    tracing::warn!("UDP GSO send failed with EIO: GSO off for this socket");
+                    self.gso = false;
+                    let one_by_one = (off..off + total)
+                        .step_by(seg)
+                        .map(|o| (o, seg.min(off + total - o), seg.min(off + total - o), to));
+                    self.tx_msgs
+                        .splice(sent..=sent, one_by_one.collect::<Vec<_>>());
+                    continue;
                 } else {
                     // One bad destination (unreachable, EINVAL) must not block the others.
                     self.send_errors += 1;

@@ -194,6 +194,10 @@ enum Bench {
         /// is made with each. "default" alone: the hosts' default, no -C.
         #[arg(long, value_delimiter = ',', default_values_t = mimiq_perf::experiments::masque::DEFAULT_CONGESTION.map(String::from).to_vec())]
         congestion: Vec<String>,
+        /// The proxy's worker counts, comma-separated: the CONNECT-IP runs are made with a
+        /// proxy of each. Default: the proxy's own (one per core).
+        #[arg(long, value_delimiter = ',')]
+        workers: Vec<usize>,
         /// Times each TCP bulk run is repeated, each beside its own kernel run.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
         repeat: u32,
@@ -361,6 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     bulk_only,
                     congestion,
                     repeat,
+                    workers,
                     out,
                     json,
                 },
@@ -378,6 +383,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bulk_only,
                 repeat,
                 congestion,
+                workers,
             };
             let (results, md) =
                 mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
@@ -387,6 +393,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "seconds": seconds,
                 "repeat": repeat,
                 "congestion": params.congestion,
+                "workers": params.workers,
+                "steering": results.steering,
                 "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
             });
             write_json(

@@ -193,6 +193,11 @@ impl ProxyProc {
             .unwrap_or_else(|| self.proc.pid())
     }
 
+    /// The config file it runs.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
     /// The proxy's current counters.
     pub fn stats(&self) -> Result<Value, String> {
         let text = std::fs::read_to_string(&self.stats_file).map_err(|e| e.to_string())?;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use mimiq_perf::capture::count_frames;
 use mimiq_perf::masque::{self, addr, start_client, stop_client};
-use mimiq_perf::testbed::{require_root, Proc, Testbed};
+use mimiq_perf::testbed::{bin_path, require_root, Proc, Testbed};
 
 const CLIENTS: usize = 8;
 const DATAGRAMS: u32 = 400;
@@ -162,6 +162,27 @@ fn hopping_clients_through(workers: usize) {
     if workers > 1 {
         assert!(n("steered") > u64::from(DATAGRAMS), "{s}");
     }
+    // `mimiq-proxy stats` shows the totals and a column per worker.
+    let out = std::process::Command::new(bin_path("mimiq-proxy").unwrap())
+        .args(["stats", "--config"])
+        .arg(proxy.config())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header.len(), 2 + 2 * workers, "{table}");
+    let accepted = table
+        .lines()
+        .find(|l| l.starts_with("connections_accepted "))
+        .unwrap_or_else(|| panic!("{table}"));
+    let per: Vec<u64> = accepted
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(per[0], CLIENTS as u64, "{table}");
+    assert_eq!(per[1..].iter().sum::<u64>(), CLIENTS as u64, "{table}");
     // No connection ID was seen from two client addresses: each hop took a fresh one.
     drop(proxy);
     drop(capture);

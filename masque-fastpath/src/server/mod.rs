@@ -53,7 +53,7 @@ use crate::tundev::{TcpCoalescer, TunDevice, TunSegments, VNET_HDR_LEN};
 use crate::udp::UdpIo;
 
 pub use config::ProxyConfig;
-pub use proxy::{run_from_file, Proxy};
+pub use proxy::{run_from_file, stats_table, Proxy};
 
 /// Bytes of headroom kept in front of an inner packet so the datagram header is written in place.
 const HEADROOM: usize = 16;

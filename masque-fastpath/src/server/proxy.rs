@@ -397,9 +397,87 @@ pub fn run_from_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The counters of a stats file as a table: one row per counter that is not zero everywhere
+/// (`all`: every counter), nested ones as `table.key`, with the total and each worker's value.
+pub fn stats_table(stats: &Value, all: bool) -> String {
+    fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, u64)>) {
+        match v {
+            Value::Number(n) => out.push((prefix.to_owned(), n.as_u64().unwrap_or(0))),
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut total = Vec::new();
+    let mut shown = stats.clone();
+    if let Some(m) = shown.as_object_mut() {
+        m.remove("workers");
+    }
+    flatten("", &shown, &mut total);
+    let workers: Vec<Vec<(String, u64)>> = stats["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .map(|w| {
+                    let mut v = Vec::new();
+                    flatten("", w, &mut v);
+                    v
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let width = total.iter().map(|(k, _)| k.len()).max().unwrap_or(7).max(7);
+    let mut out = format!("{:width$} {:>14}", "counter", "total");
+    for i in 0..workers.len() {
+        out += &format!(" {:>14}", format!("worker {i}"));
+    }
+    out.push('\n');
+    for (key, value) in &total {
+        let per: Vec<u64> = workers
+            .iter()
+            .map(|w| w.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v))
+            .collect();
+        if !all && *value == 0 && per.iter().all(|&v| v == 0) {
+            continue;
+        }
+        out += &format!("{key:width$} {value:>14}");
+        for v in per {
+            out += &format!(" {v:>14}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_has_a_row_per_counter_and_a_column_per_worker() {
+        let stats = json!({
+            "udp_rx": 7, "idle": 0, "ip_drops": {"policy": 2},
+            "workers": [{"udp_rx": 3, "idle": 0, "ip_drops": {"policy": 2}}, {"udp_rx": 4, "idle": 0}],
+        });
+        let t = stats_table(&stats, false);
+        let rows: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[0], ["counter", "total", "worker", "0", "worker", "1"]);
+        assert!(rows.contains(&vec!["udp_rx", "7", "3", "4"]), "{t}");
+        assert!(
+            rows.contains(&vec!["ip_drops.policy", "2", "2", "0"]),
+            "{t}"
+        );
+        assert!(!t.contains("idle"), "{t}");
+        assert!(stats_table(&stats, true).contains("idle"));
+    }
 
     #[test]
     fn counters_add_field_by_field() {

@@ -266,6 +266,8 @@ pub struct Throughput {
     pub host_cpu_ratio_to_kernel: Option<f64>,
     /// The command that made the traffic (host: command).
     pub command: String,
+    /// Tunnel runs: the proxy's workers (`workers` in its config).
+    pub proxy_workers: Option<usize>,
 }
 
 /// Everything one `bench masque` measured.
@@ -281,12 +283,29 @@ pub struct Results {
     pub mtu: Vec<MtuCheck>,
     /// RQ2.
     pub throughput: Vec<Throughput>,
+    /// Per CONNECT-IP proxy run (one per `Params::workers` value): how its datagrams reached
+    /// its workers.
+    pub steering: Vec<Steering>,
     /// The target for CONNECT-IP bulk, CPU-seconds per GB.
     pub target_cpu_s_per_gb: f64,
 }
 
 /// The target: at most 1.6 proxy CPU-seconds per GB of inner payload, CONNECT-IP bulk.
 pub const TARGET_CPU_S_PER_GB: f64 = 1.6;
+
+/// How one proxy's datagrams reached its workers over its CONNECT-IP runs (its counters at
+/// the end).
+#[derive(Debug, Clone, Serialize)]
+pub struct Steering {
+    /// Workers.
+    pub workers: usize,
+    /// Short-header datagrams that reached a worker not owning their connection ID.
+    pub misrouted: u64,
+    /// Packets passed between workers (misrouted datagrams and TUN packets).
+    pub handoffs: u64,
+    /// Datagrams the SO_REUSEPORT program steered by connection ID.
+    pub steered: u64,
+}
 
 /// What [`compare`] runs.
 #[derive(Debug, Clone)]
@@ -302,6 +321,9 @@ pub struct Params {
     /// every one of them; empty: the hosts' default alone. The proxy's cost per GB depends on
     /// it: a paced sender (BBR) spreads its packets, so fewer arrive per wake-up.
     pub congestion: Vec<String>,
+    /// The proxy's worker counts: the CONNECT-IP runs are made with each (a proxy each); empty:
+    /// the proxy's default (one per core).
+    pub workers: Vec<usize>,
 }
 
 impl Default for Params {
@@ -310,6 +332,7 @@ impl Default for Params {
             seconds: 10,
             bulk_only: false,
             repeat: 1,
+            workers: Vec::new(),
             congestion: DEFAULT_CONGESTION.iter().map(|&c| c.to_owned()).collect(),
         }
     }
@@ -351,24 +374,36 @@ pub fn compare(
     let mut ktb = kernel_testbed()?;
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
     masque::build(&mut tb).map_err(|e| e.to_string())?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        &format!("0.0.0.0:{PROXY_PORT}"),
-        "",
-    )?;
     let url = format!("{}:{PROXY_PORT}", addr::PROXY_V4);
     let (mut overhead, mut mtu) = (Vec::new(), Vec::new());
     let mut mode = PeerRx::InSenderContext;
     let (mut knapi, mut napi) = (NapiThreads::default(), NapiThreads::default());
+    let worker_counts: Vec<Option<usize>> = if params.workers.is_empty() {
+        vec![None]
+    } else {
+        params.workers.iter().map(|&w| Some(w)).collect()
+    };
+    let mut steering = Vec::new();
 
-    progress("CONNECT-IP:");
-    {
+    for (i, &workers) in worker_counts.iter().enumerate() {
+        // One proxy per worker count, in its own directory (its TUN device goes with it).
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let extra = workers.map_or(String::new(), |w| format!("workers = {w}\n"));
+        let proxy = ProxyProc::start(
+            &mut tb,
+            "p",
+            dir.path(),
+            &format!("0.0.0.0:{PROXY_PORT}"),
+            &extra,
+        )?;
+        progress(&format!(
+            "CONNECT-IP ({} workers):",
+            workers.map_or("default".into(), |w| w.to_string())
+        ));
+        let rq1 = i == 0 && !params.bulk_only;
         let (mut client, ready) = start_ip_client(&tb)?;
         let tun_mtu = ready_mtu(&ready)?;
-        if !params.bulk_only {
+        if rq1 {
             for family in [Family::V4, Family::V6] {
                 mtu.push(ip_mtu_check(&tb, family, tun_mtu)?);
                 for len in [100, 1000, tun_mtu] {
@@ -392,12 +427,12 @@ pub fn compare(
             }
         };
         let mut runs = Vec::new();
-        if !params.bulk_only {
+        if rq1 {
             bulk(PeerRx::InSenderContext, &mut runs);
         }
         bulk(PeerRx::NicOffloads, &mut runs);
         bulk(PeerRx::ThreadedNapi, &mut runs);
-        if !params.bulk_only {
+        if rq1 {
             for family in [Family::V4, Family::V6] {
                 runs.push((PeerRx::ThreadedNapi, family, Traffic::Iperf3Udp64, None));
             }
@@ -419,7 +454,7 @@ pub fn compare(
                 (rx, &knapi),
             )?;
             progress(&line(&base));
-            let run = iperf_run(
+            let mut run = iperf_run(
                 &mut tb,
                 Path::ConnectIp,
                 traffic,
@@ -429,10 +464,29 @@ pub fn compare(
                 Some((&proxy, &client)),
                 (rx, &napi),
             )?;
+            run.proxy_workers = Some(proxy_workers(&proxy)?);
             push_pair(&mut throughput, base, run, progress);
         }
         stop_client(&mut client)?;
+        let s = proxy.fresh_stats()?;
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        steering.push(Steering {
+            workers: s["workers"].as_array().map_or(0, Vec::len),
+            misrouted: n("misrouted"),
+            handoffs: n("handoffs"),
+            steered: n("steered"),
+        });
     }
+
+    // CONNECT-UDP through a proxy with its default workers.
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let proxy = ProxyProc::start(
+        &mut tb,
+        "p",
+        dir.path(),
+        &format!("0.0.0.0:{PROXY_PORT}"),
+        "",
+    )?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let udp_families: &[Family] = if params.bulk_only {
@@ -525,10 +579,20 @@ pub fn compare(
         overhead,
         mtu,
         throughput,
+        steering,
         target_cpu_s_per_gb: TARGET_CPU_S_PER_GB,
     };
     let md = markdown(&results);
     Ok((results, md))
+}
+
+/// The workers of a running proxy (its stats file lists them).
+fn proxy_workers(proxy: &ProxyProc) -> Result<usize, String> {
+    let s = proxy.stats()?;
+    s["workers"]
+        .as_array()
+        .map(Vec::len)
+        .ok_or_else(|| format!("proxy counters without workers: {s}"))
 }
 
 /// Records a tunnel run beside the kernel run just before it, with its ratio to that run.
@@ -1087,6 +1151,7 @@ fn finish(
         ratio_to_kernel: None,
         host_cpu_ratio_to_kernel: None,
         command,
+        proxy_workers: None,
     }
 }
 
@@ -1149,9 +1214,11 @@ impl Sample {
 /// The figures `bench masque --json` writes under `"summary"`: for CONNECT-IP TCP bulk under
 /// threaded NAPI (where the proxy host's receive is counted in its kthreads), each direction's
 /// median, minimum and maximum of the host's CPU per GB over the kernel's forwarding
-/// (`ratio_to_kernel_up`, `ratio_to_kernel_down`) and of the proxy host's CPU-s/GB.
+/// (`ratio_to_kernel_up`, `ratio_to_kernel_down`) and of the proxy host's CPU-s/GB, per worker
+/// count under `by_workers`, and at the top those of the worker count with the lower medians;
+/// `misrouted` and `handoffs_socket` summed over the proxies.
 pub fn summary(r: &Results) -> serde_json::Value {
-    let direction = |traffic: Traffic| {
+    let direction = |traffic: Traffic, workers: Option<usize>| {
         let runs: Vec<&Throughput> = r
             .throughput
             .iter()
@@ -1159,6 +1226,7 @@ pub fn summary(r: &Results) -> serde_json::Value {
                 t.path == Path::ConnectIp
                     && t.traffic == traffic
                     && t.peer_rx == PeerRx::ThreadedNapi
+                    && t.proxy_workers == workers
             })
             .collect();
         let spread = |f: &dyn Fn(&Throughput) -> Option<f64>| {
@@ -1184,16 +1252,42 @@ pub fn summary(r: &Results) -> serde_json::Value {
             }),
         )
     };
-    let (up, up_cpu) = direction(Traffic::TcpBulk);
-    let (down, down_cpu) = direction(Traffic::TcpBulkDown);
-    serde_json::json!({
-        "ratio_to_kernel_up": up["median"],
-        "ratio_to_kernel_down": down["median"],
-        "ratio_to_kernel_up_spread": up,
-        "ratio_to_kernel_down_spread": down,
-        "host_cpu_s_per_gb_up": up_cpu,
-        "host_cpu_s_per_gb_down": down_cpu,
-    })
+    let mut counts: Vec<Option<usize>> = r
+        .throughput
+        .iter()
+        .filter(|t| t.path == Path::ConnectIp)
+        .map(|t| t.proxy_workers)
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let mut by_workers = serde_json::Map::new();
+    let mut best: Option<(f64, serde_json::Value)> = None;
+    for w in counts {
+        let (up, up_cpu) = direction(Traffic::TcpBulk, w);
+        let (down, down_cpu) = direction(Traffic::TcpBulkDown, w);
+        let score =
+            up["median"].as_f64().unwrap_or(f64::MAX) + down["median"].as_f64().unwrap_or(f64::MAX);
+        let figures = serde_json::json!({
+            "ratio_to_kernel_up": up["median"],
+            "ratio_to_kernel_down": down["median"],
+            "ratio_to_kernel_up_spread": up,
+            "ratio_to_kernel_down_spread": down,
+            "host_cpu_s_per_gb_up": up_cpu,
+            "host_cpu_s_per_gb_down": down_cpu,
+        });
+        by_workers.insert(
+            w.map_or("default".into(), |w| w.to_string()),
+            figures.clone(),
+        );
+        if best.as_ref().is_none_or(|(s, _)| score < *s) {
+            best = Some((score, figures));
+        }
+    }
+    let mut out = best.map_or(serde_json::json!({}), |(_, f)| f);
+    out["by_workers"] = serde_json::Value::Object(by_workers);
+    out["misrouted"] = r.steering.iter().map(|s| s.misrouted).sum::<u64>().into();
+    out["handoffs_socket"] = r.steering.iter().map(|s| s.handoffs).sum::<u64>().into();
+    out
 }
 
 /// (utime, stime) of process `pid` (all its threads), seconds, from `/proc/<pid>/stat`.
