@@ -353,7 +353,7 @@ mod tests {
             ("workers = 0\n", "workers = 0"),
             ("workers = 100000\n", "more workers than"),
             ("datapath = \"xdp\"\n", "not built yet"),
-            ("datapath = \"dpdk\"\n", "datapath"),
+            ("datapath = \"dpdk\"\n", "unknown variant `dpdk`"),
             ("cores = [100000]\n", "core 100000"),
         ];
         for (extra, want) in cases {
