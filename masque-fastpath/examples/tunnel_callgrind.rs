@@ -1,7 +1,7 @@
 //! The proxy's CONNECT-IP receive path in memory, for instruction counts under callgrind: a
 //! quiche client sends inner TCP segments of one bulk flow as HTTP/3 datagrams; the server side
 //! does per burst what the proxy's loop does with the QUIC datagrams of one pass
-//! (`server::Proxy::pass`): `Connection::recv` for each, then `dgram_recv_buf`, the HTTP datagram and
+//! (`server::Worker::pass`): `Connection::recv` for each, then `dgram_recv_buf`, the HTTP datagram and
 //! context ID parse, `ConnectIpSession::on_datagram`, `TcpCoalescer::push`/`take` (the GSO write
 //! to the TUN device, here into a byte counter), and the connection's outgoing packets (the ACKs).
 //! No syscalls: what it counts is the proxy's user-space work per packet, exact and repeatable.
@@ -176,7 +176,7 @@ fn main() -> Result<(), String> {
         ),
         None,
     );
-    // The proxy's tunnel MTU for its default UDP payload, as `server::Proxy` configures it.
+    // The proxy's tunnel MTU for its default UDP payload, as `server::Worker` configures it.
     let mtu = quic::tunnel_mtu(settings.max_udp_payload_bytes);
     // The destination policy the proxy runs with by default, and its own addresses (a host with
     // a loopback, two interfaces and a TUN device).
