@@ -21,6 +21,7 @@
 
 pub mod admission;
 pub mod config;
+mod endpoints;
 mod handoff;
 mod proxy;
 pub mod route;
@@ -39,6 +40,7 @@ use ring::rand::SystemRandom;
 use serde::Serialize;
 
 use self::admission::{Admission, Gate, Policy, Refused, RetryTokens};
+use self::endpoints::{Datagrams, Packets};
 use self::handoff::{Handoff, Rings};
 use self::proxy::Shared;
 use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpPrefix};
@@ -108,8 +110,8 @@ pub struct Stats {
     /// Connections visited to send (those something happened to in a pass; idle ones are
     /// not visited).
     pub connections_flushed: u64,
-    /// Client address changes seen on a live connection (migrations): a datagram from a new
-    /// address that quiche read and took as a path.
+    /// Migrations: a client moved its connection to a new, validated address (quiche's
+    /// `PathEvent::PeerMigrated`; a probe alone, or a forged datagram, is not one).
     pub peer_migrations: u64,
     /// Connection IDs issued after the handshake.
     pub cids_issued: u64,
@@ -279,8 +281,9 @@ struct Client {
     timer: Option<Instant>,
 }
 
-/// One worker: its socket, TUN queue, connections and sessions.
-struct Worker {
+/// One worker: its socket, TUN queue, connections and sessions; `D` and `P` are the socket and
+/// the TUN queue in the proxy, in-memory ones in the unit tests (`server/endpoints.rs`).
+struct Worker<D = UdpIo, P = TunDevice> {
     cfg: ProxyConfig,
     /// This worker's index (its connection IDs' route values name it).
     index: usize,
@@ -296,7 +299,7 @@ struct Worker {
     own: OwnAddresses,
     /// The URI templates served.
     templates: request::Templates,
-    io: UdpIo,
+    io: D,
     quic: quiche::Config,
     h3: quiche::h3::Config,
     rng: SystemRandom,
@@ -304,7 +307,7 @@ struct Worker {
     next_client: u64,
     by_cid: HashMap<quiche::ConnectionId<'static>, u64>,
     /// This worker's queue of the TUN device.
-    tun: Option<TunDevice>,
+    tun: Option<P>,
     tunnel_mtu: usize,
     /// The addresses of this worker's sessions.
     by_addr: AddressBook,
@@ -335,7 +338,7 @@ struct Worker {
     handshakes: VecDeque<(Instant, u64)>,
 }
 
-impl Worker {
+impl<D: Datagrams, P: Packets> Worker<D, P> {
     /// Worker `index` on its socket `io` and TUN queue `tun`; limits of `cfg` that are
     /// proxy-wide (`max_connections`, `quic.max_half_open`, `quic.retry_threshold`,
     /// `quic.unsolicited_per_second`) are shared out evenly.
@@ -343,10 +346,10 @@ impl Worker {
         cfg: ProxyConfig,
         index: usize,
         shared: Arc<Shared>,
-        io: UdpIo,
-        tun: Option<TunDevice>,
+        io: D,
+        tun: Option<P>,
         rings: Rings,
-    ) -> Result<Worker, String> {
+    ) -> Result<Self, String> {
         let quic = cfg.quic.transport_config(Tls::Server {
             cert: &cfg.cert,
             key: &cfg.key,
@@ -419,9 +422,11 @@ impl Worker {
                     )
                 });
         self.stats.dgram_recv_queue_full = received.saturating_sub(self.stats.dgram_rx + waiting);
-        self.stats.socket_send_errors = self.io.send_errors;
-        self.stats.socket_send_dropped = self.io.send_dropped;
-        self.stats.socket_rx_trains = self.io.rx_trains;
+        (
+            self.stats.socket_send_errors,
+            self.stats.socket_send_dropped,
+            self.stats.socket_rx_trains,
+        ) = self.io.counters();
         self.stats.steering_errors = self.by_addr.errors;
         self.stats.burst_ns = Percentiles::of(&self.burst_hist);
         let mut ip = HashMap::new();
@@ -458,70 +463,6 @@ impl Worker {
         s.udp_to_target += to_t;
         s.udp_to_client += to_c;
         s
-    }
-
-    /// Serves until `stop` is set; then closes every connection and publishes the final
-    /// counters.
-    fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
-        let mut pollfds: Vec<libc::pollfd> = Vec::new();
-        // Serving: the stats file is written once every worker has published.
-        self.publish();
-        let mut last_stats = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
-            // The earliest timer (a stale entry only wakes the loop early).
-            let timeout = self
-                .timers
-                .peek()
-                .map_or(Duration::from_millis(100), |Reverse((t, _))| {
-                    t.saturating_duration_since(Instant::now())
-                })
-                .min(Duration::from_millis(100));
-            pollfds.clear();
-            pollfds.push(pollfd(self.io.socket().as_raw_fd()));
-            pollfds.push(pollfd(self.rings.wake_fd()));
-            if let Some(t) = &self.tun {
-                pollfds.push(pollfd(t.as_raw_fd()));
-            }
-            pollfds.extend(self.by_fd.keys().map(|&fd| pollfd(fd)));
-            // SAFETY: pollfds is a live array of initialised pollfd structs.
-            let n = unsafe {
-                libc::poll(
-                    pollfds.as_mut_ptr(),
-                    pollfds.len() as _,
-                    quic::poll_timeout_ms(timeout),
-                )
-            };
-            let ready = if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-                Ready::ALL
-            } else {
-                // Only what poll found readable is read: no read per pass that can only say
-                // EAGAIN (error and hang-up events count as readable, so the read reports them).
-                let tun = usize::from(self.tun.is_some());
-                Ready {
-                    quic: pollfds[0].revents != 0,
-                    handoff: pollfds[1].revents != 0,
-                    tun: tun == 1 && pollfds[2].revents != 0,
-                    targets: pollfds[2 + tun..].iter().any(|p| p.revents != 0),
-                }
-            };
-            self.pass(ready)?;
-            if last_stats.elapsed() >= Duration::from_secs(1) {
-                last_stats = Instant::now();
-                self.own = OwnAddresses::read();
-                self.publish();
-            }
-        }
-        for (&id, c) in self.clients.iter_mut() {
-            let _ = c.conn.close(true, 0x100, b"proxy shutting down");
-            self.to_flush.push(id);
-        }
-        self.flush_all();
-        self.publish();
-        Ok(())
     }
 
     /// One pass of the loop: everything `ready` says is readable is read, every connection's
@@ -612,15 +553,6 @@ impl Worker {
             Ok(_) => {
                 if let Some((_, taken)) = &mut c.burst {
                     *taken += 1;
-                }
-                // A forged datagram from a new address makes no path: quiche makes one only
-                // for a packet it decrypted.
-                if from != c.peer
-                    && c.conn.is_established()
-                    && c.conn.paths_iter(local).any(|p| p == from)
-                {
-                    c.peer = from;
-                    self.stats.peer_migrations += 1;
                 }
             }
         }
@@ -799,6 +731,10 @@ impl Worker {
         // A hopping client leaves a path behind at every hop: forget those with nothing in
         // flight (quic::LeftPaths).
         while let Some(ev) = c.conn.path_event_next() {
+            if let quiche::PathEvent::PeerMigrated(_, peer) = ev {
+                c.peer = peer;
+                self.stats.peer_migrations += 1;
+            }
             c.left_paths.on_event(&ev, now);
         }
         self.stats.paths_abandoned += c.left_paths.forget(&mut c.conn, now) as u64;
@@ -1502,6 +1438,72 @@ impl Worker {
     }
 }
 
+impl Worker<UdpIo, TunDevice> {
+    /// Serves until `stop` is set; then closes every connection and publishes the final
+    /// counters.
+    fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+        let mut pollfds: Vec<libc::pollfd> = Vec::new();
+        // Serving: the stats file is written once every worker has published.
+        self.publish();
+        let mut last_stats = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            // The earliest timer (a stale entry only wakes the loop early).
+            let timeout = self
+                .timers
+                .peek()
+                .map_or(Duration::from_millis(100), |Reverse((t, _))| {
+                    t.saturating_duration_since(Instant::now())
+                })
+                .min(Duration::from_millis(100));
+            pollfds.clear();
+            pollfds.push(pollfd(self.io.socket().as_raw_fd()));
+            pollfds.push(pollfd(self.rings.wake_fd()));
+            if let Some(t) = &self.tun {
+                pollfds.push(pollfd(t.as_raw_fd()));
+            }
+            pollfds.extend(self.by_fd.keys().map(|&fd| pollfd(fd)));
+            // SAFETY: pollfds is a live array of initialised pollfd structs.
+            let n = unsafe {
+                libc::poll(
+                    pollfds.as_mut_ptr(),
+                    pollfds.len() as _,
+                    quic::poll_timeout_ms(timeout),
+                )
+            };
+            let ready = if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+                Ready::ALL
+            } else {
+                // Only what poll found readable is read: no read per pass that can only say
+                // EAGAIN (error and hang-up events count as readable, so the read reports them).
+                let tun = usize::from(self.tun.is_some());
+                Ready {
+                    quic: pollfds[0].revents != 0,
+                    handoff: pollfds[1].revents != 0,
+                    tun: tun == 1 && pollfds[2].revents != 0,
+                    targets: pollfds[2 + tun..].iter().any(|p| p.revents != 0),
+                }
+            };
+            self.pass(ready)?;
+            if last_stats.elapsed() >= Duration::from_secs(1) {
+                last_stats = Instant::now();
+                self.own = OwnAddresses::read();
+                self.publish();
+            }
+        }
+        for (&id, c) in self.clients.iter_mut() {
+            let _ = c.conn.close(true, 0x100, b"proxy shutting down");
+            self.to_flush.push(id);
+        }
+        self.flush_all();
+        self.publish();
+        Ok(())
+    }
+}
+
 /// Where the datagram being read is.
 #[derive(Debug, Clone, Copy)]
 enum Source {
@@ -1515,7 +1517,7 @@ impl Source {
     /// The datagram, and its sender.
     fn datagram<'a>(
         self,
-        io: &'a mut UdpIo,
+        io: &'a mut impl Datagrams,
         handed: &'a mut (Vec<u8>, SocketAddr),
     ) -> (&'a mut [u8], SocketAddr) {
         match self {
@@ -1578,7 +1580,7 @@ fn note(list: &mut Vec<u64>, id: u64) {
 }
 
 /// Writes the coalescer's pending batch, if any; `tun_tx` counts its segments.
-fn write_batch(tun: &TunDevice, co: &mut TcpCoalescer, stats: &mut Stats) {
+fn write_batch(tun: &impl Packets, co: &mut TcpCoalescer, stats: &mut Stats) {
     let segments = co.segments() as u64;
     if let Some(out) = co.take() {
         match tun.send(out) {
@@ -1711,3 +1713,6 @@ fn pollfd(fd: RawFd) -> libc::pollfd {
         revents: 0,
     }
 }
+
+#[cfg(test)]
+mod tests;

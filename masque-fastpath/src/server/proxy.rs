@@ -50,6 +50,25 @@ pub(super) struct Shared {
 type Published = (Stats, Histogram<u64>);
 
 impl Shared {
+    /// What `routes.workers()` workers share.
+    pub fn new(
+        routes: Routes,
+        reset_key: ResetKey,
+        tunnel_mtu: usize,
+        pool: HostPool,
+        tun_steering: Option<TunSteering>,
+    ) -> Shared {
+        let n = routes.workers();
+        Shared {
+            routes,
+            reset_key,
+            tunnel_mtu,
+            pool: Mutex::new(pool),
+            tun_steering,
+            published: Mutex::new(vec![(0, None); n]),
+        }
+    }
+
     /// The address pool, locked.
     pub fn pool(&self) -> MutexGuard<'_, HostPool> {
         self.pool.lock().unwrap_or_else(PoisonError::into_inner)
@@ -155,14 +174,13 @@ impl Proxy {
             }
         }
 
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Shared::new(
             routes,
             reset_key,
             tunnel_mtu,
-            pool: Mutex::new(pool),
+            pool,
             tun_steering,
-            published: Mutex::new(vec![(0, None); n]),
-        });
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let rings = Rings::mesh(n).map_err(|e| format!("eventfd: {e}"))?;
         let mut tuns = tuns.into_iter();

@@ -1,0 +1,77 @@
+//! What a worker reads and writes, as two traits: the QUIC datagrams ([`Datagrams`], the
+//! worker's UDP socket) and the inner packets ([`Packets`], its TUN queue). `Worker::run` drives
+//! the real ones with `poll(2)`; everything a pass does (`Worker::pass` and what it calls) goes
+//! through these traits, so the unit tests (`server/tests.rs`) run the whole proxy logic, with
+//! a real quiche client, on in-memory ones, without root.
+
+use std::io;
+use std::net::SocketAddr;
+
+use crate::tundev::TunDevice;
+use crate::udp::UdpIo;
+
+/// A worker's QUIC datagrams: received in bursts, sent through a buffer that is filled, then
+/// committed.
+pub(crate) trait Datagrams {
+    /// The address datagrams are received on.
+    fn local_addr(&self) -> SocketAddr;
+    /// Receives a burst; how many datagrams it holds (0: none waiting).
+    fn recv_burst(&mut self) -> io::Result<usize>;
+    /// Whether the last burst filled the buffer (more may be waiting).
+    fn burst_full(&self) -> bool;
+    /// Datagram `i` of the burst, and its sender.
+    fn datagram(&mut self, i: usize) -> (&mut [u8], SocketAddr);
+    /// Room for the next datagram to send.
+    fn send_buf(&mut self) -> &mut [u8];
+    /// Sends the first `len` bytes of [`Datagrams::send_buf`] to `to` (queued until
+    /// [`Datagrams::flush`]).
+    fn commit(&mut self, len: usize, to: SocketAddr);
+    /// Sends what is queued.
+    fn flush(&mut self);
+    /// (send errors, datagrams dropped by a full send buffer, GRO trains received).
+    fn counters(&self) -> (u64, u64, u64);
+}
+
+impl Datagrams for UdpIo {
+    fn local_addr(&self) -> SocketAddr {
+        UdpIo::local_addr(self)
+    }
+    fn recv_burst(&mut self) -> io::Result<usize> {
+        UdpIo::recv_burst(self)
+    }
+    fn burst_full(&self) -> bool {
+        UdpIo::burst_full(self)
+    }
+    fn datagram(&mut self, i: usize) -> (&mut [u8], SocketAddr) {
+        UdpIo::datagram(self, i)
+    }
+    fn send_buf(&mut self) -> &mut [u8] {
+        UdpIo::send_buf(self)
+    }
+    fn commit(&mut self, len: usize, to: SocketAddr) {
+        UdpIo::commit(self, len, to)
+    }
+    fn flush(&mut self) {
+        UdpIo::flush(self)
+    }
+    fn counters(&self) -> (u64, u64, u64) {
+        (self.send_errors, self.send_dropped, self.rx_trains)
+    }
+}
+
+/// A worker's inner packets, each behind a virtio-net header (`tundev.rs`).
+pub(crate) trait Packets {
+    /// Reads one packet (`WouldBlock` when none is waiting).
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes one packet (a GSO packet counts as one).
+    fn send(&self, pkt: &[u8]) -> io::Result<usize>;
+}
+
+impl Packets for TunDevice {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        TunDevice::recv(self, buf)
+    }
+    fn send(&self, pkt: &[u8]) -> io::Result<usize> {
+        TunDevice::send(self, pkt)
+    }
+}
