@@ -2,7 +2,9 @@
 // mimiq's XDP program: every frame goes to the AF_XDP socket of its RX queue, except what the
 // switch's role leaves to the kernel (`pass_flags`): ARP, IPv6 neighbour discovery, and frames
 // for the host's own addresses (`kernel_v4`, `kernel_v6`). A queue without a socket passes to
-// the kernel too.
+// the kernel too. With `udp_port` set (the MASQUE proxy's AF_XDP datapath), only UDP datagrams
+// to that port, over IPv4 or IPv6 without extension headers, go to the socket; everything else
+// (ARP, neighbour discovery, ICMP, other ports, fragments) goes to the kernel.
 //
 // Self-contained on purpose (only the kernel's UAPI headers): the few libbpf macros it needs
 // are defined below, so the build needs clang and linux-libc-dev, not libbpf-dev.
@@ -13,6 +15,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/icmpv6.h>
+#include <linux/udp.h>
 
 #define SEC(name) __attribute__((section(name), used))
 #define __uint(name, val) int (*name)[val]
@@ -46,6 +49,44 @@ struct {
 } kernel_v4 SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} udp_port SEC(".maps");
+
+// UDP port mode: the socket gets the UDP datagrams to `port` (network order), the kernel the rest.
+static __always_inline int udp_port_only(struct xdp_md *ctx, __u16 port)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct udphdr *udp;
+
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+	if (eth->h_proto == __builtin_bswap16(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
+			return XDP_PASS;
+		// Fragments (MF set or an offset) go to the kernel, which reassembles them.
+		if (ip->frag_off & __builtin_bswap16(0x3fff))
+			return XDP_PASS;
+		udp = (void *)(ip + 1);
+	} else if (eth->h_proto == __builtin_bswap16(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_UDP)
+			return XDP_PASS;
+		udp = (void *)(ip6 + 1);
+	} else {
+		return XDP_PASS;
+	}
+	if ((void *)(udp + 1) > end || udp->dest != port)
+		return XDP_PASS;
+	return bpf_redirect_map(&xsks_map, ctx->rx_queue_index, XDP_PASS);
+}
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64);
 	__type(key, struct in6_addr);
@@ -61,6 +102,10 @@ int xdp_mimiq(struct xdp_md *ctx)
 	__u32 zero = 0;
 	__u32 *flags = bpf_map_lookup_elem(&pass_flags, &zero);
 	__u32 pass = flags ? *flags : 0;
+	__u32 *only = bpf_map_lookup_elem(&udp_port, &zero);
+
+	if (only && *only)
+		return udp_port_only(ctx, (__u16)*only);
 
 	if ((void *)(eth + 1) > end)
 		goto to_socket;

@@ -709,6 +709,7 @@ fn worker_main(
             arp: config.kernel.arp,
             nd: config.kernel.nd,
             addresses: config.kernel.addresses.clone(),
+            udp_port: None,
         },
     };
     let (ports, memory, free) = match xsk::open(&queues, &xsk_config) {

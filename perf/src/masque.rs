@@ -38,10 +38,16 @@ pub mod addr {
 
 /// Builds the three hosts and their links; the proxy forwards IPv4 and IPv6.
 pub fn build(tb: &mut Testbed) -> Result<(), TestbedError> {
+    build_with(tb, LinkOpts::default())
+}
+
+/// [`build`] with `client_link` for the client–proxy link (queues for the proxy's AF_XDP
+/// workers).
+pub fn build_with(tb: &mut Testbed, client_link: LinkOpts) -> Result<(), TestbedError> {
     for h in ["c", "p", "s"] {
         tb.add_host(h)?;
     }
-    tb.add_link(("c", "c0"), ("p", "p0"), LinkOpts::default())?;
+    tb.add_link(("c", "c0"), ("p", "p0"), client_link)?;
     tb.add_link(("p", "p1"), ("s", "s0"), LinkOpts::default())?;
     for a in addr::CLIENT_V4 {
         tb.add_addr("c", "c0", &format!("{a}/24"))?;
@@ -259,8 +265,16 @@ pub fn start_ip_client_with(tb: &Testbed, extra: &[&str]) -> Result<(Proc, Strin
 /// config ([`ProxyProc::start`]): the testbed, the proxy's directory and the proxy, in the
 /// order they are to be dropped last to first.
 pub fn with_proxy(extra: &str) -> Result<(Testbed, tempfile::TempDir, ProxyProc), String> {
+    with_proxy_on(LinkOpts::default(), extra)
+}
+
+/// [`with_proxy`] with `client_link` for the client–proxy link.
+pub fn with_proxy_on(
+    client_link: LinkOpts,
+    extra: &str,
+) -> Result<(Testbed, tempfile::TempDir, ProxyProc), String> {
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
-    build(&mut tb).map_err(|e| e.to_string())?;
+    build_with(&mut tb, client_link).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", extra)?;
     Ok((tb, dir, proxy))

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use mimiq_perf::capture::count_frames;
 use mimiq_perf::masque::{self, addr, start_client, stop_client};
-use mimiq_perf::testbed::{bin_path, require_root, Proc, Testbed};
+use mimiq_perf::testbed::{bin_path, require_root, LinkOpts, Proc, Testbed};
 
 const CLIENTS: usize = 8;
 const DATAGRAMS: u32 = 400;
@@ -63,13 +63,15 @@ fn stop_and_wait(to: SocketAddr, count: u32) -> u32 {
     sent
 }
 
-/// The short-header packets' destination connection IDs from each client address, as the
-/// proxy's client-side interface sees them.
+/// The short-header packets' destination connection IDs from each client address, as they
+/// leave the client host.
 type CidsSeen = Arc<Mutex<HashMap<Vec<u8>, HashSet<SocketAddr>>>>;
 
 fn watch_cids(tb: &Testbed, seen: &CidsSeen) -> std::thread::JoinHandle<impl Sized> {
     let seen = Arc::clone(seen);
-    count_frames(tb, "p", "p0", Duration::from_secs(60), move |frame| {
+    // On the client's side: on the proxy's, the AF_XDP datapath takes frames before a packet
+    // socket sees them.
+    count_frames(tb, "c", "c0", Duration::from_secs(60), move |frame| {
         let Ok(p) = SlicedPacket::from_ethernet(frame) else {
             return false;
         };
@@ -91,9 +93,27 @@ fn watch_cids(tb: &Testbed, seen: &CidsSeen) -> std::thread::JoinHandle<impl Siz
     .unwrap()
 }
 
-fn hopping_clients_through(workers: usize) {
+/// The proxy's datapath in [`hopping_clients_through`].
+#[derive(Clone, Copy, PartialEq)]
+enum Datapath {
+    Socket,
+    Xdp,
+}
+
+fn hopping_clients_through(workers: usize, datapath: Datapath) {
     require_root();
-    let (tb, _dir, proxy) = masque::with_proxy(&format!("workers = {workers}\n")).unwrap();
+    let (tb, _dir, proxy) = match datapath {
+        Datapath::Socket => masque::with_proxy(&format!("workers = {workers}\n")).unwrap(),
+        // One worker per queue of p0.
+        Datapath::Xdp => masque::with_proxy_on(
+            LinkOpts {
+                queues: workers as u32,
+                ..LinkOpts::default()
+            },
+            "datapath = \"xdp\"\n[xdp]\ninterface = \"p0\"\n",
+        )
+        .unwrap(),
+    };
     echo_server(&tb);
     let seen: CidsSeen = Arc::default();
     let capture = watch_cids(&tb, &seen);
@@ -141,7 +161,7 @@ fn hopping_clients_through(workers: usize) {
     let s = proxy.fresh_stats().unwrap();
     let n = |k: &str| s[k].as_u64().unwrap();
     eprintln!(
-        "{workers} workers: {hops} hops, datagrams sent {sent:?}, connections per worker {:?}, steered {}, fell back {}",
+        "{workers} workers: {hops} hops, datagrams sent {sent:?}, connections per worker {:?}, steered {}, fell back {}, handed over {}",
         s["workers"]
             .as_array()
             .unwrap()
@@ -149,18 +169,31 @@ fn hopping_clients_through(workers: usize) {
             .map(|w| w["connections_accepted"].as_u64().unwrap())
             .collect::<Vec<_>>(),
         n("steered"),
-        n("steering_fallback")
+        n("steering_fallback"),
+        n("handoffs")
     );
     // Every datagram came back (stop_and_wait); the clients hopped while they were sent.
     assert!(hops >= CLIENTS as u64 * 2, "{hops} hops; proxy {s}");
     assert_eq!(n("connections_accepted"), CLIENTS as u64, "{s}");
     assert!(n("peer_migrations") >= hops / 2, "{s}");
     assert_eq!(s["workers"].as_array().unwrap().len(), workers, "{s}");
-    // Each datagram reached the worker owning its connection: none was handed over.
+    // Each datagram reached the worker owning its connection. On the socket datapath the
+    // steering program brought it there (none handed over); on the xdp one the NIC's queue is
+    // picked by address, and what arrived on another worker's queue was handed over.
     assert_eq!(n("misrouted"), 0, "{s}");
-    assert_eq!(n("handoffs"), 0, "{s}");
-    if workers > 1 {
-        assert!(n("steered") > u64::from(DATAGRAMS), "{s}");
+    assert_eq!(n("handoff_drops"), 0, "{s}");
+    assert_eq!(n("handoffs"), n("handoffs_received"), "{s}");
+    match datapath {
+        Datapath::Socket => {
+            assert_eq!(n("handoffs"), 0, "{s}");
+            if workers > 1 {
+                assert!(n("steered") > u64::from(DATAGRAMS), "{s}");
+            }
+        }
+        // Each hop lands on either queue: dozens of hops all on their owner's queue would be
+        // a chance of 2^-hops.
+        Datapath::Xdp if workers > 1 => assert!(n("handoffs") > 0, "{s}"),
+        Datapath::Xdp => {}
     }
     // `mimiq-proxy stats` shows the totals and a column per worker.
     let out = std::process::Command::new(bin_path("mimiq-proxy").unwrap())
@@ -198,12 +231,22 @@ fn hopping_clients_through(workers: usize) {
 
 #[test]
 fn eight_hopping_clients_through_two_workers_each_reach_their_connections_worker() {
-    hopping_clients_through(2);
+    hopping_clients_through(2, Datapath::Socket);
 }
 
 #[test]
 fn eight_hopping_clients_through_one_worker() {
-    hopping_clients_through(1);
+    hopping_clients_through(1, Datapath::Socket);
+}
+
+#[test]
+fn eight_hopping_clients_through_two_af_xdp_workers_are_handed_to_their_connections_worker() {
+    hopping_clients_through(2, Datapath::Xdp);
+}
+
+#[test]
+fn eight_hopping_clients_through_one_af_xdp_worker() {
+    hopping_clients_through(1, Datapath::Xdp);
 }
 
 #[test]
@@ -274,4 +317,53 @@ fn garbage_and_truncated_short_headers_are_counted_drops_and_the_workers_serve_o
         "{}",
         proxy.proc.describe()
     );
+}
+
+#[test]
+fn an_af_xdp_datapath_on_a_nic_without_xdp_or_no_nic_is_one_error_line() {
+    require_root();
+    let mut tb = Testbed::new().unwrap();
+    tb.add_host("p").unwrap();
+    // The loopback device has no XDP in its driver (only generic XDP, `mode = "skb"`).
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = masque::make_cert(dir.path()).unwrap();
+    let bin = bin_path("mimiq-proxy").unwrap();
+    for (iface, mode, want) in [
+        ("lo", "native", "AF_XDP socket on lo queue 0"),
+        (
+            "nope0",
+            "native",
+            "xdp.interface = \"nope0\": no such interface",
+        ),
+    ] {
+        let path = dir.path().join(format!("{iface}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"0.0.0.0:4433\"\ncert = \"{}\"\nkey = \"{}\"\ndatapath = \"xdp\"\n[xdp]\ninterface = \"{iface}\"\nmode = \"{mode}\"\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let out = tb
+            .exec(
+                "p",
+                &[
+                    &bin.to_string_lossy(),
+                    "run",
+                    "--config",
+                    &path.to_string_lossy(),
+                ],
+            )
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("mimiq-proxy: error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(want), "{stderr}");
+    }
 }

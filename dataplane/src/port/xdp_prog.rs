@@ -39,6 +39,9 @@ pub struct KernelPass {
     pub nd: bool,
     /// Frames whose IP destination is one of these (the host's own addresses).
     pub addresses: Vec<IpAddr>,
+    /// Only UDP datagrams to this port go to the sockets, everything else to the kernel (the
+    /// MASQUE proxy's AF_XDP datapath); the fields above are then not used.
+    pub udp_port: Option<u16>,
 }
 
 /// The program attached to one interface.
@@ -209,6 +212,13 @@ impl XdpProgram {
             &self.map_fd("pass_flags")?,
             &0u32.to_ne_bytes(),
             &flags.to_ne_bytes(),
+        )?;
+        // The program compares with the port as it is on the wire.
+        let port = u32::from(pass.udp_port.unwrap_or(0).to_be());
+        self.update(
+            &self.map_fd("udp_port")?,
+            &0u32.to_ne_bytes(),
+            &port.to_ne_bytes(),
         )?;
         let (v4, v6) = (self.map_fd("kernel_v4")?, self.map_fd("kernel_v6")?);
         for addr in &pass.addresses {

@@ -336,6 +336,11 @@ impl XskPort {
     pub fn tx_in_flight(&self) -> u64 {
         self.tx_in_flight
     }
+
+    /// The socket's descriptor, readable when frames were received (for a caller's own poll).
+    pub fn rx_fd(&self) -> std::os::fd::RawFd {
+        self.rx.fd().as_raw_fd()
+    }
 }
 
 impl Port for XskPort {

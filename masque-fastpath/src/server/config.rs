@@ -58,6 +58,48 @@ pub struct ProxyConfig {
     /// How datagrams reach the workers.
     #[serde(default)]
     pub datapath: Datapath,
+    /// The AF_XDP datapath's settings (`datapath = "xdp"`).
+    #[serde(default)]
+    pub xdp: Option<XdpConfig>,
+}
+
+/// `[xdp]`: AF_XDP sockets, one per receive queue of the NIC clients reach the proxy through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdpConfig {
+    /// The interface (one worker per receive queue of it).
+    pub interface: String,
+    /// Native (driver) XDP, or the generic SKB-mode fallback for drivers without XDP.
+    #[serde(default)]
+    pub mode: mimiq_dataplane::config::XdpMode,
+    /// Copy, zero-copy, or what the driver offers.
+    #[serde(default)]
+    pub copy_mode: mimiq_dataplane::config::CopyMode,
+    /// Entries in each ring (a power of two).
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+}
+
+fn default_ring_size() -> u32 {
+    2048
+}
+
+impl XdpConfig {
+    /// The interface's receive queues (`/sys/class/net/<interface>/queues/rx-*`).
+    pub fn queues(&self) -> Result<usize, String> {
+        let dir = format!("/sys/class/net/{}/queues", self.interface);
+        let n = std::fs::read_dir(&dir)
+            .map_err(|e| {
+                format!(
+                    "xdp.interface = {:?}: no such interface ({e})",
+                    self.interface
+                )
+            })?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+            .count();
+        Ok(n.max(1))
+    }
 }
 
 /// `datapath`: how QUIC datagrams reach the workers.
@@ -68,7 +110,8 @@ pub enum Datapath {
     /// (`masque-fastpath/bpf/reuseport_cid.c`).
     #[default]
     Socket,
-    /// AF_XDP sockets per NIC queue. Not built yet: the config is refused with a clear error.
+    /// One AF_XDP socket and worker per receive queue of `[xdp] interface`
+    /// (`server/xdp.rs`).
     Xdp,
 }
 
@@ -184,10 +227,25 @@ impl ProxyConfig {
         self.templates()?;
         Policies::from_config(&self.policy)?;
         self.worker_count()?;
-        if self.datapath == Datapath::Xdp {
-            return Err(
-                "datapath = \"xdp\": the AF_XDP datapath of the proxy is not built yet; use \"socket\"".into(),
-            );
+        match (&self.datapath, &self.xdp) {
+            (Datapath::Xdp, None) => {
+                return Err("datapath = \"xdp\" needs an [xdp] table with the interface".into())
+            }
+            (Datapath::Xdp, Some(x)) => {
+                if !crate::netcfg::is_interface_name(&x.interface) {
+                    return Err(format!(
+                        "xdp.interface = {:?}: not an interface name",
+                        x.interface
+                    ));
+                }
+                if !x.ring_size.is_power_of_two() || !(64..=16_384).contains(&x.ring_size) {
+                    return Err(format!(
+                        "xdp.ring_size = {}: a power of two in 64..=16384",
+                        x.ring_size
+                    ));
+                }
+            }
+            (Datapath::Socket, _) => {}
         }
         let cores = usable_cores();
         if let Some(c) = self.cores.iter().find(|c| !cores.contains(c)) {
@@ -229,7 +287,8 @@ impl ProxyConfig {
 
 impl ProxyConfig {
     /// Workers to run: `workers`, or one per core the process may use; never more workers than
-    /// those cores (two poll-mode workers on one core only take turns).
+    /// those cores (two poll-mode workers on one core only take turns). The AF_XDP datapath
+    /// runs one per receive queue of its interface (checked at start).
     pub fn worker_count(&self) -> Result<usize, String> {
         let cores = if self.cores.is_empty() {
             usable_cores().len()
@@ -352,7 +411,12 @@ mod tests {
             ),
             ("workers = 0\n", "workers = 0"),
             ("workers = 100000\n", "more workers than"),
-            ("datapath = \"xdp\"\n", "not built yet"),
+            ("datapath = \"xdp\"\n", "needs an [xdp] table"),
+            (
+                "datapath = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nring_size = 1000\n",
+                "xdp.ring_size",
+            ),
+            ("[xdp]\nmode = \"driver\"\n", "unknown variant `driver`"),
             ("datapath = \"dpdk\"\n", "unknown variant `dpdk`"),
             ("cores = [100000]\n", "core 100000"),
         ];

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 
 use crate::tundev::TunDevice;
 use crate::udp::UdpIo;
@@ -19,17 +20,19 @@ pub(crate) trait Datagrams {
     fn recv_burst(&mut self) -> io::Result<usize>;
     /// Whether the last burst filled the buffer (more may be waiting).
     fn burst_full(&self) -> bool;
-    /// Datagram `i` of the burst, and its sender.
-    fn datagram(&mut self, i: usize) -> (&mut [u8], SocketAddr);
+    /// Datagram `i` of the burst, its sender, and the address it was sent to.
+    fn datagram(&mut self, i: usize) -> (&mut [u8], SocketAddr, SocketAddr);
     /// Room for the next datagram to send.
     fn send_buf(&mut self) -> &mut [u8];
-    /// Sends the first `len` bytes of [`Datagrams::send_buf`] to `to` (queued until
-    /// [`Datagrams::flush`]).
-    fn commit(&mut self, len: usize, to: SocketAddr);
+    /// Sends the first `len` bytes of [`Datagrams::send_buf`] from `from` (one of the addresses
+    /// datagrams were received on) to `to`, queued until [`Datagrams::flush`].
+    fn commit(&mut self, len: usize, from: SocketAddr, to: SocketAddr);
     /// Sends what is queued.
     fn flush(&mut self);
     /// (send errors, datagrams dropped by a full send buffer, GRO trains received).
     fn counters(&self) -> (u64, u64, u64);
+    /// A descriptor that is readable when datagrams wait (for `poll`).
+    fn poll_fd(&self) -> RawFd;
 }
 
 impl Datagrams for UdpIo {
@@ -42,13 +45,15 @@ impl Datagrams for UdpIo {
     fn burst_full(&self) -> bool {
         UdpIo::burst_full(self)
     }
-    fn datagram(&mut self, i: usize) -> (&mut [u8], SocketAddr) {
-        UdpIo::datagram(self, i)
+    fn datagram(&mut self, i: usize) -> (&mut [u8], SocketAddr, SocketAddr) {
+        let local = UdpIo::local_addr(self);
+        let (d, from) = UdpIo::datagram(self, i);
+        (d, from, local)
     }
     fn send_buf(&mut self) -> &mut [u8] {
         UdpIo::send_buf(self)
     }
-    fn commit(&mut self, len: usize, to: SocketAddr) {
+    fn commit(&mut self, len: usize, _from: SocketAddr, to: SocketAddr) {
         UdpIo::commit(self, len, to)
     }
     fn flush(&mut self) {
@@ -56,6 +61,9 @@ impl Datagrams for UdpIo {
     }
     fn counters(&self) -> (u64, u64, u64) {
         (self.send_errors, self.send_dropped, self.rx_trains)
+    }
+    fn poll_fd(&self) -> RawFd {
+        self.socket().as_raw_fd()
     }
 }
 

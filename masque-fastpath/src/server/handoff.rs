@@ -18,6 +18,8 @@ pub enum Handoff {
     Quic {
         /// The client's address.
         from: SocketAddr,
+        /// The address it was sent to.
+        to: SocketAddr,
         /// The datagram.
         data: Vec<u8>,
     },

@@ -25,6 +25,7 @@ mod endpoints;
 mod handoff;
 mod proxy;
 pub mod route;
+mod xdp;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -292,7 +293,7 @@ struct Worker<D = UdpIo, P = TunDevice> {
     /// Rings to and from the other workers.
     rings: Rings,
     /// A datagram another worker handed over, while it is read.
-    handed: (Vec<u8>, SocketAddr),
+    handed: Handed,
     /// Where clients may go (`[policy]`), and the proxy's own addresses (refreshed every
     /// second).
     policies: Policies,
@@ -367,7 +368,11 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
         Ok(Worker {
             index,
             rings,
-            handed: (Vec::new(), io.local_addr()),
+            handed: Handed {
+                data: Vec::new(),
+                from: io.local_addr(),
+                to: io.local_addr(),
+            },
             policies: Policies::from_config(&cfg.policy)?,
             own: OwnAddresses::read(),
             templates: cfg.templates()?,
@@ -504,9 +509,8 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
     }
 
     fn on_udp(&mut self, src: Source) {
-        let local = self.io.local_addr();
         let index = self.index;
-        let (pkt, from) = src.datagram(&mut self.io, &mut self.handed);
+        let (pkt, from, local) = src.datagram(&mut self.io, &mut self.handed);
         let len = pkt.len();
         // A short header's destination ID names its worker (`server/route.rs`): one that
         // reached this worker anyway goes to its owner, which holds the connection, or knows
@@ -515,8 +519,17 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
             let owner = self.shared.routes.owner(&pkt[1..=CID_LEN]);
             if let Some(owner) = owner.filter(|&o| o != index) {
                 let data = pkt.to_vec();
-                self.stats.misrouted += 1;
-                self.hand_off(owner, Handoff::Quic { from, data });
+                if self.shared.steered {
+                    self.stats.misrouted += 1;
+                }
+                self.hand_off(
+                    owner,
+                    Handoff::Quic {
+                        from,
+                        to: local,
+                        data,
+                    },
+                );
                 return;
             }
         }
@@ -538,7 +551,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                 }
             }
         };
-        let (pkt, from) = src.datagram(&mut self.io, &mut self.handed);
+        let (pkt, from, _) = src.datagram(&mut self.io, &mut self.handed);
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
@@ -589,7 +602,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
             Admission::Reset => {
                 let out = self.io.send_buf();
                 if let Some(n) = self.shared.reset_key.reset(&hdr.dcid, len, &self.rng, out) {
-                    self.io.commit(n, from);
+                    self.io.commit(n, local, from);
                     self.stats.stateless_resets_sent += 1;
                 }
                 return None;
@@ -597,7 +610,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
             Admission::VersionNegotiation => {
                 let out = self.io.send_buf();
                 if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out) {
-                    self.io.commit(n, from);
+                    self.io.commit(n, local, from);
                     self.stats.version_negotiations_sent += 1;
                 }
                 return None;
@@ -609,7 +622,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                 if let Ok(n) =
                     quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out)
                 {
-                    self.io.commit(n, from);
+                    self.io.commit(n, local, from);
                     self.stats.retries_sent += 1;
                 }
                 return None;
@@ -1351,7 +1364,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                 let out = self.io.send_buf();
                 match c.conn.send(out) {
                     Ok((len, info)) => {
-                        self.io.commit(len, info.to);
+                        self.io.commit(len, info.from, info.to);
                         self.stats.udp_tx += 1;
                     }
                     Err(quiche::Error::Done) => break,
@@ -1422,8 +1435,8 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
         while let Some(h) = self.rings.take() {
             self.stats.handoffs_received += 1;
             match h {
-                Handoff::Quic { from, data } => {
-                    self.handed = (data, from);
+                Handoff::Quic { from, to, data } => {
+                    self.handed = Handed { data, from, to };
                     self.on_udp(Source::Handed);
                     self.stats.udp_rx += 1;
                 }
@@ -1438,7 +1451,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
     }
 }
 
-impl Worker<UdpIo, TunDevice> {
+impl<D: Datagrams> Worker<D, TunDevice> {
     /// Serves until `stop` is set; then closes every connection and publishes the final
     /// counters.
     fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
@@ -1456,7 +1469,7 @@ impl Worker<UdpIo, TunDevice> {
                 })
                 .min(Duration::from_millis(100));
             pollfds.clear();
-            pollfds.push(pollfd(self.io.socket().as_raw_fd()));
+            pollfds.push(pollfd(self.io.poll_fd()));
             pollfds.push(pollfd(self.rings.wake_fd()));
             if let Some(t) = &self.tun {
                 pollfds.push(pollfd(t.as_raw_fd()));
@@ -1513,16 +1526,23 @@ enum Source {
     Handed,
 }
 
+/// A datagram another worker handed over.
+struct Handed {
+    data: Vec<u8>,
+    from: SocketAddr,
+    to: SocketAddr,
+}
+
 impl Source {
-    /// The datagram, and its sender.
+    /// The datagram, its sender and the address it was sent to.
     fn datagram<'a>(
         self,
         io: &'a mut impl Datagrams,
-        handed: &'a mut (Vec<u8>, SocketAddr),
-    ) -> (&'a mut [u8], SocketAddr) {
+        handed: &'a mut Handed,
+    ) -> (&'a mut [u8], SocketAddr, SocketAddr) {
         match self {
             Source::Burst(i) => io.datagram(i),
-            Source::Handed => (&mut handed.0[..], handed.1),
+            Source::Handed => (&mut handed.data[..], handed.from, handed.to),
         }
     }
 }

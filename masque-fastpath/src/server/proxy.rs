@@ -17,9 +17,16 @@ use ring::rand::SystemRandom;
 use serde_json::{json, Value};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use mimiq_dataplane::config::HugePages;
+use mimiq_dataplane::port::xdp_prog::KernelPass;
+use mimiq_dataplane::port::xsk::XskConfig;
+
 use super::admission::ResetKey;
+use super::config::Datapath;
+use super::endpoints::Datagrams;
 use super::handoff::Rings;
 use super::route::Routes;
+use super::xdp::XdpDatagrams;
 use super::{Percentiles, ProxyConfig, Stats, Worker};
 use crate::capsule::IpPrefix;
 use crate::netcfg::{NetConfig, Route};
@@ -42,6 +49,10 @@ pub(super) struct Shared {
     pool: Mutex<HostPool>,
     /// Address → TUN queue, for the device's steering program (with more than one worker).
     pub tun_steering: Option<TunSteering>,
+    /// Datagrams are steered to their worker (the socket datapath): one that reaches another
+    /// worker is counted `misrouted`. On the AF_XDP datapath the NIC picks queues by address,
+    /// and handing over is expected.
+    pub steered: bool,
     /// Each worker's latest counters and burst latencies, and how many times it published.
     published: Mutex<Vec<(u64, Option<Published>)>>,
 }
@@ -57,6 +68,7 @@ impl Shared {
         tunnel_mtu: usize,
         pool: HostPool,
         tun_steering: Option<TunSteering>,
+        steered: bool,
     ) -> Shared {
         let n = routes.workers();
         Shared {
@@ -65,6 +77,7 @@ impl Shared {
             tunnel_mtu,
             pool: Mutex::new(pool),
             tun_steering,
+            steered,
             published: Mutex::new(vec![(0, None); n]),
         }
     }
@@ -103,7 +116,21 @@ impl Proxy {
     /// a message naming what could not be set up.
     pub fn start(cfg: ProxyConfig) -> Result<Proxy, String> {
         cfg.validate()?;
-        let n = cfg.worker_count()?;
+        let n = match (&cfg.datapath, &cfg.xdp) {
+            (Datapath::Xdp, Some(x)) => {
+                let queues = x.queues()?;
+                match cfg.workers {
+                    Some(w) if w != queues => {
+                        return Err(format!(
+                            "workers = {w}: the AF_XDP datapath runs one worker per receive queue, and {} has {queues}",
+                            x.interface
+                        ))
+                    }
+                    _ => queues,
+                }
+            }
+            _ => cfg.worker_count()?,
+        };
         let rng = SystemRandom::new();
         let reset_key = match &cfg.quic.reset_key_file {
             Some(path) => ResetKey::load_or_create(path, &rng)?,
@@ -111,15 +138,41 @@ impl Proxy {
         };
         let routes = Routes::new(&reset_key, n);
 
-        let mut sockets: Vec<std::net::UdpSocket> = Vec::with_capacity(n);
+        let mut endpoints: Vec<Endpoint> = Vec::with_capacity(n);
         let mut listen = cfg.listen;
-        for _ in 0..n {
-            let s = reuseport_socket(listen)?;
-            // Port 0 asked for any port: the others join the first one's.
-            listen = s.local_addr().map_err(|e| e.to_string())?;
-            sockets.push(s);
+        let mut sockets: Vec<std::net::UdpSocket> = Vec::with_capacity(n);
+        if let (Datapath::Xdp, Some(x)) = (&cfg.datapath, &cfg.xdp) {
+            if listen.port() == 0 {
+                return Err("datapath = \"xdp\": listen needs a port".into());
+            }
+            let config = XskConfig {
+                xdp_mode: x.mode,
+                copy_mode: x.copy_mode,
+                ring_size: x.ring_size,
+                frame_size: 2048,
+                huge_pages: HugePages::Off,
+                busy_poll_budget: None,
+                kernel_pass: KernelPass {
+                    udp_port: Some(listen.port()),
+                    ..KernelPass::default()
+                },
+            };
+            for queue in 0..n as u32 {
+                endpoints.push(Endpoint::Xdp {
+                    interface: x.interface.clone(),
+                    queue,
+                    config: config.clone(),
+                });
+            }
+        } else {
+            for _ in 0..n {
+                let s = reuseport_socket(listen)?;
+                // Port 0 asked for any port: the others join the first one's.
+                listen = s.local_addr().map_err(|e| e.to_string())?;
+                sockets.push(s);
+            }
         }
-        let steering = if n > 1 {
+        let steering = if n > 1 && !sockets.is_empty() {
             let st = ReuseportSteering::load(routes.table())?;
             for (i, s) in sockets.iter().enumerate() {
                 st.register(i as u32, s.as_raw_fd())?;
@@ -129,6 +182,7 @@ impl Proxy {
         } else {
             None
         };
+        endpoints.extend(sockets.into_iter().map(Endpoint::Socket));
 
         let fits = quic::tunnel_mtu(cfg.quic.max_udp_payload_bytes);
         let (mut pool, mut tuns, mut tunnel_mtu, mut tun_steering) =
@@ -180,13 +234,14 @@ impl Proxy {
             tunnel_mtu,
             pool,
             tun_steering,
+            cfg.datapath == Datapath::Socket,
         ));
         let stop = Arc::new(AtomicBool::new(false));
         let rings = Rings::mesh(n).map_err(|e| format!("eventfd: {e}"))?;
         let mut tuns = tuns.into_iter();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(n);
-        for (i, (sock, rings)) in sockets.into_iter().zip(rings).enumerate() {
+        for (i, (endpoint, rings)) in endpoints.into_iter().zip(rings).enumerate() {
             let (cfg, shared, stop, ready) = (
                 cfg.clone(),
                 Arc::clone(&shared),
@@ -201,23 +256,34 @@ impl Proxy {
                     if let Some(id) = core {
                         core_affinity::set_for_current(core_affinity::CoreId { id });
                     }
-                    let started = UdpIo::from_socket(sock)
-                        .map_err(|e| format!("QUIC socket: {e}"))
-                        .and_then(|mut io| {
-                            io.set_max_payload(cfg.quic.max_udp_payload_bytes);
-                            Worker::new(cfg, i, shared, io, tun, rings)
-                        });
-                    let mut worker = match started {
-                        Ok(w) => {
-                            let _ = ready.send(Ok(w.io.gso()));
-                            w
+                    let max_payload = cfg.quic.max_udp_payload_bytes;
+                    match endpoint {
+                        Endpoint::Socket(sock) => {
+                            let io = UdpIo::from_socket(sock)
+                                .map_err(|e| format!("QUIC socket: {e}"))
+                                .map(|mut io| {
+                                    io.set_max_payload(max_payload);
+                                    io
+                                });
+                            let gso = io.as_ref().is_ok_and(UdpIo::gso);
+                            serve(io, gso, cfg, i, shared, tun, rings, &ready, &stop)
                         }
-                        Err(e) => {
-                            let _ = ready.send(Err(e.clone()));
-                            return Err(e);
+                        Endpoint::Xdp {
+                            interface,
+                            queue,
+                            config,
+                        } => {
+                            let io = XdpDatagrams::open(
+                                &interface,
+                                queue,
+                                listen.port(),
+                                listen,
+                                &config,
+                                max_payload,
+                            );
+                            serve(io, false, cfg, i, shared, tun, rings, &ready, &stop)
                         }
-                    };
-                    worker.run(&stop).map_err(|e| format!("worker {i}: {e}"))
+                    }
                 })
                 .map_err(|e| format!("cannot start worker {i}: {e}"))?;
             threads.push(spawned);
@@ -361,6 +427,46 @@ impl Drop for Proxy {
             let _ = t.join();
         }
     }
+}
+
+/// Where a worker's QUIC datagrams come from.
+enum Endpoint {
+    /// Its socket of the SO_REUSEPORT group.
+    Socket(std::net::UdpSocket),
+    /// An AF_XDP socket on this queue of the interface.
+    Xdp {
+        interface: String,
+        queue: u32,
+        config: XskConfig,
+    },
+}
+
+/// A worker's thread: builds the worker on `io`, tells `ready` (with whether it sends with
+/// GSO), and serves until `stop`.
+#[allow(clippy::too_many_arguments)]
+fn serve<D: Datagrams>(
+    io: Result<D, String>,
+    gso: bool,
+    cfg: ProxyConfig,
+    index: usize,
+    shared: Arc<Shared>,
+    tun: Option<TunDevice>,
+    rings: Rings,
+    ready: &std::sync::mpsc::Sender<Result<bool, String>>,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let started = io.and_then(|io| Worker::new(cfg, index, shared, io, tun, rings));
+    let mut worker = match started {
+        Ok(w) => {
+            let _ = ready.send(Ok(gso));
+            w
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.clone()));
+            return Err(e);
+        }
+    };
+    worker.run(stop).map_err(|e| format!("worker {index}: {e}"))
 }
 
 /// Adds every number of `part` to the same field of `total` (objects field by field).

@@ -39,20 +39,23 @@ impl Datagrams for MemDatagrams {
     fn burst_full(&self) -> bool {
         false
     }
-    fn datagram(&mut self, i: usize) -> (&mut [u8], SocketAddr) {
+    fn datagram(&mut self, i: usize) -> (&mut [u8], SocketAddr, SocketAddr) {
         let (d, from) = &mut self.burst[i];
-        (&mut d[..], *from)
+        (&mut d[..], *from, self.local)
     }
     fn send_buf(&mut self) -> &mut [u8] {
         self.out.resize(65_535, 0);
         &mut self.out
     }
-    fn commit(&mut self, len: usize, to: SocketAddr) {
+    fn commit(&mut self, len: usize, _from: SocketAddr, to: SocketAddr) {
         self.sent.push((self.out[..len].to_vec(), to));
     }
     fn flush(&mut self) {}
     fn counters(&self) -> (u64, u64, u64) {
         (0, 0, 0)
+    }
+    fn poll_fd(&self) -> std::os::fd::RawFd {
+        -1
     }
 }
 
@@ -126,6 +129,7 @@ impl Harness {
             1350,
             pool,
             None,
+            true,
         ));
         let mut workers = Rings::mesh(n)
             .unwrap()
