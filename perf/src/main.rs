@@ -198,6 +198,10 @@ enum Bench {
         /// proxy of each. Default: the proxy's own (one per core).
         #[arg(long, value_delimiter = ',')]
         workers: Vec<usize>,
+        /// The proxy's datapaths, comma-separated: socket, xdp (AF_XDP, one worker per queue
+        /// of the proxy's veth, which gets as many queues as the largest --workers).
+        #[arg(long, value_delimiter = ',', default_value = "socket")]
+        datapath: Vec<String>,
         /// Times each TCP bulk run is repeated, each beside its own kernel run.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
         repeat: u32,
@@ -366,6 +370,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     congestion,
                     repeat,
                     workers,
+                    datapath,
                     out,
                     json,
                 },
@@ -384,6 +389,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 repeat,
                 congestion,
                 workers,
+                datapaths: datapath,
             };
             let (results, md) =
                 mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
@@ -394,6 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "repeat": repeat,
                 "congestion": params.congestion,
                 "workers": params.workers,
+                "datapaths": params.datapaths,
                 "steering": results.steering,
                 "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
             });

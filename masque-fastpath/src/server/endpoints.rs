@@ -29,8 +29,8 @@ pub(crate) trait Datagrams {
     fn commit(&mut self, len: usize, from: SocketAddr, to: SocketAddr);
     /// Sends what is queued.
     fn flush(&mut self);
-    /// (send errors, datagrams dropped by a full send buffer, GRO trains received).
-    fn counters(&self) -> (u64, u64, u64);
+    /// What the endpoint counted.
+    fn counters(&self) -> EndpointCounters;
     /// A descriptor that is readable when datagrams wait (for `poll`).
     fn poll_fd(&self) -> RawFd;
 }
@@ -59,12 +59,30 @@ impl Datagrams for UdpIo {
     fn flush(&mut self) {
         UdpIo::flush(self)
     }
-    fn counters(&self) -> (u64, u64, u64) {
-        (self.send_errors, self.send_dropped, self.rx_trains)
+    fn counters(&self) -> EndpointCounters {
+        EndpointCounters {
+            send_errors: self.send_errors,
+            send_dropped: self.send_dropped,
+            rx_trains: self.rx_trains,
+            rx_malformed: 0,
+        }
     }
     fn poll_fd(&self) -> RawFd {
         self.socket().as_raw_fd()
     }
+}
+
+/// What a [`Datagrams`] endpoint counted.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EndpointCounters {
+    /// Sends that failed.
+    pub send_errors: u64,
+    /// Datagrams dropped unsent (a full buffer or ring; on AF_XDP also no frame free).
+    pub send_dropped: u64,
+    /// Received messages that were a UDP GRO train.
+    pub rx_trains: u64,
+    /// Frames received that were no UDP datagram to the proxy's port (AF_XDP).
+    pub rx_malformed: u64,
 }
 
 /// A worker's inner packets, each behind a virtio-net header (`tundev.rs`).

@@ -184,8 +184,12 @@ pub struct Stats {
     pub socket_send_dropped: u64,
     /// Received messages that carried a UDP GRO train (several QUIC datagrams); 0 without GRO.
     pub socket_rx_trains: u64,
+    /// AF_XDP datapath: frames the socket received that were no UDP datagram to the proxy's
+    /// port (malformed headers or checksums).
+    pub xdp_rx_malformed: u64,
     /// Short-header datagrams that reached this worker although their connection ID names
-    /// another (the steering program missed them); handed to the owner.
+    /// another (the steering program missed them); handed to the owner. Socket datapath only:
+    /// on the AF_XDP one the NIC picks the queue by address, and handing over is expected.
     pub misrouted: u64,
     /// Packets passed to another worker: misrouted datagrams, and TUN packets read from this
     /// worker's queue for an address another worker serves.
@@ -427,11 +431,11 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                     )
                 });
         self.stats.dgram_recv_queue_full = received.saturating_sub(self.stats.dgram_rx + waiting);
-        (
-            self.stats.socket_send_errors,
-            self.stats.socket_send_dropped,
-            self.stats.socket_rx_trains,
-        ) = self.io.counters();
+        let io = self.io.counters();
+        self.stats.socket_send_errors = io.send_errors;
+        self.stats.socket_send_dropped = io.send_dropped;
+        self.stats.socket_rx_trains = io.rx_trains;
+        self.stats.xdp_rx_malformed = io.rx_malformed;
         self.stats.steering_errors = self.by_addr.errors;
         self.stats.burst_ns = Percentiles::of(&self.burst_hist);
         let mut ip = HashMap::new();

@@ -51,8 +51,8 @@ impl Datagrams for MemDatagrams {
         self.sent.push((self.out[..len].to_vec(), to));
     }
     fn flush(&mut self) {}
-    fn counters(&self) -> (u64, u64, u64) {
-        (0, 0, 0)
+    fn counters(&self) -> super::endpoints::EndpointCounters {
+        Default::default()
     }
     fn poll_fd(&self) -> std::os::fd::RawFd {
         -1

@@ -28,7 +28,7 @@ use mimiq_wire::{
     Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
 };
 
-use super::endpoints::Datagrams;
+use super::endpoints::{Datagrams, EndpointCounters};
 
 /// Frames read per burst.
 const BURST: usize = 64;
@@ -57,7 +57,7 @@ pub(crate) struct XdpDatagrams {
     /// Datagrams not sent: no frame free, no MAC known for the address, a full TX ring.
     send_dropped: u64,
     /// Frames the program gave the socket that were no datagram to the port (malformed).
-    pub rx_malformed: u64,
+    rx_malformed: u64,
 }
 
 impl XdpDatagrams {
@@ -71,8 +71,8 @@ impl XdpDatagrams {
         config: &XskConfig,
         max_payload: usize,
     ) -> Result<XdpDatagrams, String> {
-        let (mut ports, mem, free) = xsk::open(&[(iface.to_owned(), queue)], config)
-            .map_err(|e| e.to_string())?;
+        let (mut ports, mem, free) =
+            xsk::open(&[(iface.to_owned(), queue)], config).map_err(|e| e.to_string())?;
         let port_handle = ports.pop().ok_or("AF_XDP: no socket opened")?;
         let mut x = XdpDatagrams {
             port: port_handle,
@@ -302,8 +302,12 @@ impl Datagrams for XdpDatagrams {
         self.port.reclaim(&mut self.free);
     }
 
-    fn counters(&self) -> (u64, u64, u64) {
-        (self.rx_malformed, self.send_dropped, 0)
+    fn counters(&self) -> EndpointCounters {
+        EndpointCounters {
+            send_dropped: self.send_dropped,
+            rx_malformed: self.rx_malformed,
+            ..EndpointCounters::default()
+        }
     }
 
     fn poll_fd(&self) -> RawFd {

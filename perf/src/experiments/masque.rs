@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::capture::{record_frames, Frame};
 use crate::masque::{self, addr, start_client, start_ip_client, stop_client, ProxyProc};
-use crate::testbed::{Proc, Testbed};
+use crate::testbed::{LinkOpts, Proc, Testbed};
 use crate::traffic::iperf3_with;
 
 /// The client's largest UDP payload (`mimiq-proxy client --max-udp-payload`, default 1452).
@@ -268,6 +268,8 @@ pub struct Throughput {
     pub command: String,
     /// Tunnel runs: the proxy's workers (`workers` in its config).
     pub proxy_workers: Option<usize>,
+    /// Tunnel runs: the proxy's datapath (`socket` or `xdp`).
+    pub proxy_datapath: Option<String>,
 }
 
 /// Everything one `bench masque` measured.
@@ -297,6 +299,8 @@ pub const TARGET_CPU_S_PER_GB: f64 = 1.6;
 /// the end).
 #[derive(Debug, Clone, Serialize)]
 pub struct Steering {
+    /// The datapath.
+    pub datapath: String,
     /// Workers.
     pub workers: usize,
     /// Short-header datagrams that reached a worker not owning their connection ID.
@@ -324,6 +328,10 @@ pub struct Params {
     /// The proxy's worker counts: the CONNECT-IP runs are made with each (a proxy each); empty:
     /// the proxy's default (one per core).
     pub workers: Vec<usize>,
+    /// The proxy's datapaths (`socket`, `xdp`), each with every worker count; the xdp one runs
+    /// one worker per queue of the proxy's client-side veth, which gets as many queues as the
+    /// largest worker count (the kernel's testbed too), so it runs with that count only.
+    pub datapaths: Vec<String>,
 }
 
 impl Default for Params {
@@ -333,6 +341,7 @@ impl Default for Params {
             bulk_only: false,
             repeat: 1,
             workers: Vec::new(),
+            datapaths: vec!["socket".into()],
             congestion: DEFAULT_CONGESTION.iter().map(|&c| c.to_owned()).collect(),
         }
     }
@@ -371,9 +380,14 @@ pub fn compare(
     let mut throughput = Vec::new();
     // Both testbeds stay up side by side, and each tunnel run comes right after the kernel run
     // it is compared with, so the ratio holds while the machine's load drifts.
-    let mut ktb = kernel_testbed()?;
+    let queues = params.workers.iter().copied().max().unwrap_or(1) as u32;
+    let link = LinkOpts {
+        queues,
+        ..LinkOpts::default()
+    };
+    let mut ktb = kernel_testbed(link)?;
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
-    masque::build(&mut tb).map_err(|e| e.to_string())?;
+    masque::build_with(&mut tb, link).map_err(|e| e.to_string())?;
     let url = format!("{}:{PROXY_PORT}", addr::PROXY_V4);
     let (mut overhead, mut mtu) = (Vec::new(), Vec::new());
     let mut mode = PeerRx::InSenderContext;
@@ -383,12 +397,24 @@ pub fn compare(
     } else {
         params.workers.iter().map(|&w| Some(w)).collect()
     };
+    let mut setups: Vec<(&str, Option<usize>)> = Vec::new();
+    for d in &params.datapaths {
+        match d.as_str() {
+            "socket" => setups.extend(worker_counts.iter().map(|&w| ("socket", w))),
+            "xdp" => setups.push(("xdp", Some(queues as usize))),
+            other => return Err(format!("--datapath {other:?}: expected socket or xdp")),
+        }
+    }
     let mut steering = Vec::new();
 
-    for (i, &workers) in worker_counts.iter().enumerate() {
-        // One proxy per worker count, in its own directory (its TUN device goes with it).
+    for (i, &(datapath, workers)) in setups.iter().enumerate() {
+        // One proxy per setup, in its own directory (its TUN device goes with it).
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let extra = workers.map_or(String::new(), |w| format!("workers = {w}\n"));
+        let extra = match (datapath, workers) {
+            ("xdp", _) => "datapath = \"xdp\"\n[xdp]\ninterface = \"p0\"\n".to_string(),
+            (_, Some(w)) => format!("workers = {w}\n"),
+            (_, None) => String::new(),
+        };
         let proxy = ProxyProc::start(
             &mut tb,
             "p",
@@ -397,7 +423,7 @@ pub fn compare(
             &extra,
         )?;
         progress(&format!(
-            "CONNECT-IP ({} workers):",
+            "CONNECT-IP ({datapath}, {} workers):",
             workers.map_or("default".into(), |w| w.to_string())
         ));
         let rq1 = i == 0 && !params.bulk_only;
@@ -465,12 +491,14 @@ pub fn compare(
                 (rx, &napi),
             )?;
             run.proxy_workers = Some(proxy_workers(&proxy)?);
+            run.proxy_datapath = Some(datapath.to_string());
             push_pair(&mut throughput, base, run, progress);
         }
         stop_client(&mut client)?;
         let s = proxy.fresh_stats()?;
         let n = |k: &str| s[k].as_u64().unwrap_or(0);
         steering.push(Steering {
+            datapath: datapath.to_string(),
             workers: s["workers"].as_array().map_or(0, Vec::len),
             misrouted: n("misrouted"),
             handoffs: n("handoffs"),
@@ -614,9 +642,9 @@ fn push_pair(
 }
 
 /// The baseline: the same three namespaces with routes c ↔ s through p's kernel, no proxy.
-fn kernel_testbed() -> Result<Testbed, String> {
+fn kernel_testbed(link: LinkOpts) -> Result<Testbed, String> {
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
-    masque::build(&mut tb).map_err(|e| e.to_string())?;
+    masque::build_with(&mut tb, link).map_err(|e| e.to_string())?;
     let e = |e: crate::testbed::TestbedError| e.to_string();
     tb.add_route("c", "198.18.20.0/24", addr::PROXY_V4)
         .map_err(e)?;
@@ -1152,6 +1180,7 @@ fn finish(
         host_cpu_ratio_to_kernel: None,
         command,
         proxy_workers: None,
+        proxy_datapath: None,
     }
 }
 
@@ -1215,10 +1244,11 @@ impl Sample {
 /// threaded NAPI (where the proxy host's receive is counted in its kthreads), each direction's
 /// median, minimum and maximum of the host's CPU per GB over the kernel's forwarding
 /// (`ratio_to_kernel_up`, `ratio_to_kernel_down`) and of the proxy host's CPU-s/GB, per worker
-/// count under `by_workers`, and at the top those of the worker count with the lower medians;
-/// `misrouted` and `handoffs_socket` summed over the proxies.
+/// setup (datapath and worker count, `socket/2`) under `by_setup`, and at the top those of the
+/// setup with the lower medians; `misrouted`, `handoffs_socket` and `handoffs_xdp` summed over
+/// the proxies.
 pub fn summary(r: &Results) -> serde_json::Value {
-    let direction = |traffic: Traffic, workers: Option<usize>| {
+    let direction = |traffic: Traffic, setup: &(Option<String>, Option<usize>)| {
         let runs: Vec<&Throughput> = r
             .throughput
             .iter()
@@ -1226,7 +1256,7 @@ pub fn summary(r: &Results) -> serde_json::Value {
                 t.path == Path::ConnectIp
                     && t.traffic == traffic
                     && t.peer_rx == PeerRx::ThreadedNapi
-                    && t.proxy_workers == workers
+                    && (&t.proxy_datapath, t.proxy_workers) == (&setup.0, setup.1)
             })
             .collect();
         let spread = |f: &dyn Fn(&Throughput) -> Option<f64>| {
@@ -1252,19 +1282,19 @@ pub fn summary(r: &Results) -> serde_json::Value {
             }),
         )
     };
-    let mut counts: Vec<Option<usize>> = r
+    let mut setups: Vec<(Option<String>, Option<usize>)> = r
         .throughput
         .iter()
         .filter(|t| t.path == Path::ConnectIp)
-        .map(|t| t.proxy_workers)
+        .map(|t| (t.proxy_datapath.clone(), t.proxy_workers))
         .collect();
-    counts.sort_unstable();
-    counts.dedup();
-    let mut by_workers = serde_json::Map::new();
+    setups.sort_unstable();
+    setups.dedup();
+    let mut by_setup = serde_json::Map::new();
     let mut best: Option<(f64, serde_json::Value)> = None;
-    for w in counts {
-        let (up, up_cpu) = direction(Traffic::TcpBulk, w);
-        let (down, down_cpu) = direction(Traffic::TcpBulkDown, w);
+    for setup in setups {
+        let (up, up_cpu) = direction(Traffic::TcpBulk, &setup);
+        let (down, down_cpu) = direction(Traffic::TcpBulkDown, &setup);
         let score =
             up["median"].as_f64().unwrap_or(f64::MAX) + down["median"].as_f64().unwrap_or(f64::MAX);
         let figures = serde_json::json!({
@@ -1275,18 +1305,28 @@ pub fn summary(r: &Results) -> serde_json::Value {
             "host_cpu_s_per_gb_up": up_cpu,
             "host_cpu_s_per_gb_down": down_cpu,
         });
-        by_workers.insert(
-            w.map_or("default".into(), |w| w.to_string()),
-            figures.clone(),
+        let key = format!(
+            "{}/{}",
+            setup.0.as_deref().unwrap_or("socket"),
+            setup.1.map_or("default".into(), |w| w.to_string())
         );
+        by_setup.insert(key, figures.clone());
         if best.as_ref().is_none_or(|(s, _)| score < *s) {
             best = Some((score, figures));
         }
     }
     let mut out = best.map_or(serde_json::json!({}), |(_, f)| f);
-    out["by_workers"] = serde_json::Value::Object(by_workers);
+    out["by_setup"] = serde_json::Value::Object(by_setup);
     out["misrouted"] = r.steering.iter().map(|s| s.misrouted).sum::<u64>().into();
-    out["handoffs_socket"] = r.steering.iter().map(|s| s.handoffs).sum::<u64>().into();
+    let handoffs = |d: &str| -> u64 {
+        r.steering
+            .iter()
+            .filter(|s| s.datapath == d)
+            .map(|s| s.handoffs)
+            .sum()
+    };
+    out["handoffs_socket"] = handoffs("socket").into();
+    out["handoffs_xdp"] = handoffs("xdp").into();
     out
 }
 
