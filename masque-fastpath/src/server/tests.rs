@@ -239,9 +239,9 @@ impl Harness {
     }
 
     /// Steps until `done` holds: 50 rounds at once, then one every 2 ms so that timers
-    /// (draining, idle) can fire, up to 2 s.
+    /// (draining, idle) can fire, up to 5 s.
     fn until(&mut self, what: &str, mut done: impl FnMut(&mut Harness) -> bool) {
-        for round in 0..1050 {
+        for round in 0..2550 {
             if done(self) {
                 return;
             }
