@@ -238,7 +238,7 @@ unsafe impl Sync for Object {}
 impl Object {
     /// Opens `image` (an ELF object in memory) and loads its programs and maps into the kernel.
     fn load(image: &'static [u8], what: &str) -> Result<Object, String> {
-        quiet_libbpf();
+        mimiq_dataplane::port::xsk::quiet_libxdp();
         // SAFETY: `image` is a static byte slice, so it outlives the object (libbpf parses the
         // ELF image in place); NULL options are allowed.
         let ptr = unsafe {
@@ -460,25 +460,6 @@ fn possible_cpus() -> Result<usize, String> {
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| format!("cannot count the possible CPUs: {}", errno_text(n)))
-}
-
-/// libbpf prints its progress and the verifier's log on stderr; the proxy reports failures
-/// itself from the error codes, so libbpf's printing is off unless `MIMIQ_LIBXDP_LOG=1`.
-fn quiet_libbpf() {
-    unsafe extern "C" {
-        // libbpf is linked statically into libxdp-sys, which does not export this binding.
-        fn libbpf_set_print(
-            print: Option<unsafe extern "C" fn(u32, *const libc::c_char, *mut libc::c_void) -> i32>,
-        ) -> Option<unsafe extern "C" fn(u32, *const libc::c_char, *mut libc::c_void) -> i32>;
-    }
-    if std::env::var("MIMIQ_LIBXDP_LOG").as_deref() == Ok("1") {
-        return;
-    }
-    // SAFETY: the setter stores a function pointer (NULL: print nothing) in a global that libbpf
-    // reads before printing; the value stored is valid forever.
-    unsafe {
-        libbpf_set_print(None);
-    }
 }
 
 /// libbpf's convention: 0, or a negative errno.

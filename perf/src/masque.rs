@@ -11,6 +11,7 @@
 //! proxy's client pools (198.18.200.0/24, fd00:200::/64) back through the proxy, which forwards
 //! between its TUN device and `p1`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -290,6 +291,46 @@ pub fn start_agent(tb: &mut Testbed, host: &str, config: &Path) -> Result<(Proc,
         .map_err(|e| e.to_string())?;
     let line = proc.wait_ready(&format!("{host}: agent"), Duration::from_secs(20))?;
     Ok((proc, line))
+}
+
+/// A UDP echo server on `host` at `bind`, answering until the testbed goes; returns once it is
+/// bound.
+pub fn echo_server(tb: &Testbed, host: &str, bind: SocketAddr) -> Result<(), String> {
+    let (bound, is_bound) = std::sync::mpsc::channel();
+    tb.spawn_in(host, move || {
+        let s = match std::net::UdpSocket::bind(bind) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = bound.send(Err(format!("echo server at {bind}: {e}")));
+                return;
+            }
+        };
+        let _ = bound.send(Ok(()));
+        let mut buf = [0u8; 65536];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    is_bound
+        .recv()
+        .map_err(|_| format!("echo server at {bind}: its thread ended"))?
+}
+
+/// `mimiq-proxy client udp` on host `c` to the proxy at its IPv4 address, port 4433, for
+/// `target`, listening on `listen`, with `extra` flags; its error when it is refused.
+pub fn udp_client(
+    tb: &Testbed,
+    target: &str,
+    listen: &str,
+    extra: &[&str],
+) -> Result<Proc, String> {
+    let url = format!("{}:4433", addr::PROXY_V4);
+    let mut args = vec![
+        "udp", "--proxy", &url, "--target", target, "--listen", listen,
+    ];
+    args.extend_from_slice(extra);
+    start_client(tb, "c", &args).map(|(p, _)| p)
 }
 
 /// Stops a client with SIGTERM and returns the JSON counters it printed.

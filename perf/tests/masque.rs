@@ -5,7 +5,9 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use mimiq_perf::masque::{self, addr, start_client, start_ip_client, stop_client, ProxyProc};
+use mimiq_perf::masque::{
+    self, addr, echo_server, start_client, start_ip_client, stop_client, udp_client, ProxyProc,
+};
 use mimiq_perf::testbed::{require_root, Testbed};
 use mimiq_perf::traffic::{iperf3, iperf3_with, ping};
 use mimiq_testkit::eventually;
@@ -58,22 +60,6 @@ fn connect_ip_carries_ping_and_iperf3_tcp_and_udp_over_ipv4_and_ipv6() {
     assert!(c["bytes_tx"].as_u64().unwrap() >= tcp.received_bytes, "{c}");
 }
 
-/// A UDP echo server on `host` at `bind`, answering until the testbed goes.
-fn echo_server(tb: &Testbed, host: &str, bind: &'static str) {
-    let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
-    let r = ready.clone();
-    tb.spawn_in(host, move || {
-        let s = UdpSocket::bind(bind).unwrap();
-        r.wait();
-        let mut buf = [0u8; 65536];
-        while let Ok((n, from)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], from);
-        }
-    })
-    .unwrap();
-    ready.wait();
-}
-
 /// Sends `count` numbered datagrams of `size` bytes to `to` from `host` and returns how many came
 /// back intact.
 fn udp_exchange(tb: &Testbed, host: &str, to: &'static str, count: u32, size: usize) -> u32 {
@@ -102,7 +88,7 @@ fn udp_exchange(tb: &Testbed, host: &str, to: &'static str, count: u32, size: us
 fn connect_udp_exchanges_datagrams_with_a_target() {
     require_root();
     let (tb, _dir, proxy) = masque::with_proxy("").unwrap();
-    echo_server(&tb, "s", "198.18.20.2:7007");
+    echo_server(&tb, "s", "198.18.20.2:7007".parse().unwrap()).unwrap();
     let url = proxy_url();
     let (mut client, _) = start_client(
         &tb,
@@ -193,7 +179,7 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
     // B forwards between its TUN device and p, and p routes B's pool back to it.
     tb.sysctl("s", "net.ipv4.ip_forward", "1").unwrap();
     tb.add_route("p", "198.18.201.0/24", "198.18.20.2").unwrap();
-    echo_server(&tb, "p", "198.18.20.1:7007");
+    echo_server(&tb, "p", "198.18.20.1:7007".parse().unwrap()).unwrap();
     let url = proxy_url();
     let (mut outer, _) = start_client(
         &tb,
@@ -402,21 +388,6 @@ fn two_clients_resuming_at_once_after_each_of_two_proxy_restarts_get_their_own_a
     }
 }
 
-/// `mimiq-proxy client udp` to `target`, listening on `listen`; its error when it is refused.
-fn udp_client(
-    tb: &Testbed,
-    target: &str,
-    listen: &str,
-    extra: &[&str],
-) -> Result<mimiq_perf::testbed::Proc, String> {
-    let url = proxy_url();
-    let mut args = vec![
-        "udp", "--proxy", &url, "--target", target, "--listen", listen,
-    ];
-    args.extend_from_slice(extra);
-    start_client(tb, "c", &args).map(|(p, _)| p)
-}
-
 #[test]
 fn the_policy_refuses_the_proxys_loopback_own_addresses_and_denied_prefixes_and_allows_the_rest() {
     require_root();
@@ -426,8 +397,8 @@ fn the_policy_refuses_the_proxys_loopback_own_addresses_and_denied_prefixes_and_
     )
     .unwrap();
     // Something listens on the proxy's loopback, as a resolver would.
-    echo_server(&tb, "p", "127.0.0.1:53");
-    echo_server(&tb, "s", "198.18.20.2:7007");
+    echo_server(&tb, "p", "127.0.0.1:53".parse().unwrap()).unwrap();
+    echo_server(&tb, "s", "198.18.20.2:7007".parse().unwrap()).unwrap();
     for (target, why) in [
         ("127.0.0.1:53", "special_address"),
         ("[::1]:53", "special_address"),
@@ -471,7 +442,7 @@ fn a_proxy_with_its_own_uri_templates_serves_clients_configured_with_them() {
     require_root();
     let (tb, _dir, proxy) =
         masque::with_proxy("[udp]\ntemplate = \"/masque{?target_host,target_port}\"\n").unwrap();
-    echo_server(&tb, "s", "198.18.20.2:7007");
+    echo_server(&tb, "s", "198.18.20.2:7007".parse().unwrap()).unwrap();
     let template = ["--template", "/masque{?target_host,target_port}"];
     let mut client = udp_client(&tb, "198.18.20.2:7007", "127.0.0.1:6000", &template).unwrap();
     assert_eq!(udp_exchange(&tb, "c", "127.0.0.1:6000", 20, 100), 20);
@@ -490,7 +461,7 @@ fn a_proxy_with_its_own_uri_templates_serves_clients_configured_with_them() {
 fn idle_connections_are_not_visited_while_one_client_is_busy() {
     require_root();
     let (tb, _dir, proxy) = masque::with_proxy("").unwrap();
-    echo_server(&tb, "s", "198.18.20.2:7007");
+    echo_server(&tb, "s", "198.18.20.2:7007".parse().unwrap()).unwrap();
     const IDLE: usize = 20;
     let mut idle = Vec::new();
     for i in 0..IDLE {

@@ -19,7 +19,7 @@ use mimiq_masque::datagram::Datagram;
 use mimiq_masque::quic::{self, QuicSettings, Tls};
 use mimiq_masque::request::{self, Target};
 use mimiq_masque::template::{IpProtocolScope, IpScope, IpTarget};
-use mimiq_perf::masque::{self, addr, start_ip_client, stop_client, ProxyProc};
+use mimiq_perf::masque::{self, addr, echo_server, start_ip_client, stop_client, ProxyProc};
 use mimiq_perf::testbed::{self, require_root, Testbed};
 use mimiq_perf::traffic::ping;
 use serde_json::Value;
@@ -61,7 +61,8 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
         &tb,
         "s",
         SocketAddr::new(addr::SERVER_V4.parse().unwrap(), ECHO_PORT),
-    );
+    )
+    .unwrap();
 
     // The client host's kernel sends nothing of its own through the tunnel (router solicitations,
     // link-local chatter): the proxy would count it as spoofed, next to the hostile client's.
@@ -831,22 +832,6 @@ fn encode_varint(v: u64) -> Vec<u8> {
     let mut b = [0u8; 8];
     let n = mimiq_masque::varint::encode(v, &mut b).unwrap();
     b[..n].to_vec()
-}
-
-/// A UDP echo server on `host`, answering until the testbed goes.
-fn echo_server(tb: &Testbed, host: &str, bind: SocketAddr) {
-    let ready = Arc::new(Barrier::new(2));
-    let r = ready.clone();
-    tb.spawn_in(host, move || {
-        let s = UdpSocket::bind(bind).unwrap();
-        r.wait();
-        let mut buf = [0u8; 65536];
-        while let Ok((n, from)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], from);
-        }
-    })
-    .unwrap();
-    ready.wait();
 }
 
 /// How many of `count` pings from the client host to `addr` were answered.

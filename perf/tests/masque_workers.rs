@@ -9,27 +9,11 @@ use std::time::{Duration, Instant};
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use mimiq_perf::capture::count_frames;
-use mimiq_perf::masque::{self, addr, start_client, stop_client};
+use mimiq_perf::masque::{self, addr, echo_server, stop_client, udp_client};
 use mimiq_perf::testbed::{bin_path, require_root, LinkOpts, Proc, Testbed};
 
 const CLIENTS: usize = 8;
 const DATAGRAMS: u32 = 400;
-
-/// A UDP echo server on the server host.
-fn echo_server(tb: &Testbed) {
-    let ready = Arc::new(std::sync::Barrier::new(2));
-    let r = ready.clone();
-    tb.spawn_in("s", move || {
-        let s = UdpSocket::bind("198.18.20.2:7007").unwrap();
-        r.wait();
-        let mut buf = [0u8; 65536];
-        while let Ok((n, from)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], from);
-        }
-    })
-    .unwrap();
-    ready.wait();
-}
 
 /// Sends `count` numbered datagrams to `to`, each until its echo comes back (a datagram lost
 /// on a path the client left is sent again); returns the datagrams sent in all. Panics if a
@@ -114,28 +98,15 @@ fn hopping_clients_through(workers: usize, datapath: Datapath) {
         )
         .unwrap(),
     };
-    echo_server(&tb);
+    echo_server(&tb, "s", "198.18.20.2:7007".parse().unwrap()).unwrap();
     let seen: CidsSeen = Arc::default();
     let capture = watch_cids(&tb, &seen);
-    let url = format!("{}:4433", addr::PROXY_V4);
     let binds = addr::CLIENT_V4.join(",");
     let mut clients: Vec<Proc> = (0..CLIENTS)
         .map(|i| {
             let listen = format!("127.0.0.1:{}", 6200 + i);
-            let args = [
-                "udp",
-                "--proxy",
-                &url,
-                "--bind",
-                &binds,
-                "--hop-every-ms",
-                "40",
-                "--target",
-                "198.18.20.2:7007",
-                "--listen",
-                &listen,
-            ];
-            start_client(&tb, "c", &args).unwrap().0
+            let hop = ["--bind", &binds, "--hop-every-ms", "40"];
+            udp_client(&tb, "198.18.20.2:7007", &listen, &hop).unwrap()
         })
         .collect();
     let sent = tb
@@ -253,7 +224,7 @@ fn eight_hopping_clients_through_one_af_xdp_worker() {
 fn garbage_and_truncated_short_headers_are_counted_drops_and_the_workers_serve_on() {
     require_root();
     let (tb, _dir, mut proxy) = masque::with_proxy("workers = 2\n").unwrap();
-    echo_server(&tb);
+    echo_server(&tb, "s", "198.18.20.2:7007".parse().unwrap()).unwrap();
     const GARBAGE: u64 = 3000;
     // Short headers of every length up to a bit past the connection ID (truncated ones too),
     // random IDs and bodies, and long headers that are no packet at all, from many ports.
@@ -279,21 +250,7 @@ fn garbage_and_truncated_short_headers_are_counted_drops_and_the_workers_serve_o
         }
     })
     .unwrap();
-    let url = format!("{}:4433", addr::PROXY_V4);
-    let (mut client, _) = start_client(
-        &tb,
-        "c",
-        &[
-            "udp",
-            "--proxy",
-            &url,
-            "--target",
-            "198.18.20.2:7007",
-            "--listen",
-            "127.0.0.1:6300",
-        ],
-    )
-    .unwrap();
+    let mut client = udp_client(&tb, "198.18.20.2:7007", "127.0.0.1:6300", &[]).unwrap();
     let sent = tb
         .run_in("c", || {
             stop_and_wait("127.0.0.1:6300".parse().unwrap(), 100)

@@ -482,9 +482,10 @@ fn prefer_busy_poll(fd: i32, budget: u16) -> std::io::Result<()> {
 }
 
 /// libxdp and libbpf print their progress (and their fallbacks, such as loading the XDP program
-/// without the multi-program dispatcher) on stderr. The switch reports failures itself from the
-/// error codes, so their printing is off unless `MIMIQ_LIBXDP_LOG=1`.
-fn quiet_libxdp() {
+/// without the multi-program dispatcher, and the verifier's log) on stderr. The switch and the
+/// proxy (its steering programs, `masque-fastpath/src/steer.rs`) report failures themselves from
+/// the error codes, so their printing is off unless `MIMIQ_LIBXDP_LOG=1`.
+pub fn quiet_libxdp() {
     unsafe extern "C" {
         // libbpf is linked statically into libxdp-sys, which does not export this binding.
         fn libbpf_set_print(
@@ -495,8 +496,8 @@ fn quiet_libxdp() {
         return;
     }
     // SAFETY: both setters store a function pointer (NULL: print nothing) in a global that the
-    // libraries read before printing; they are called before any socket exists, from the thread
-    // that opens the ports, and the value stored is valid forever.
+    // libraries read before printing; every caller stores the same value (NULL), valid forever,
+    // so a race between two callers cannot leave anything else there.
     unsafe {
         libxdp_sys::libxdp_set_print(None);
         libbpf_set_print(None);
