@@ -272,6 +272,19 @@ impl Harness {
         String::from_utf8_lossy(s.value()).into_owned()
     }
 
+    /// Sends `pkt` as an HTTP datagram of the session on stream `sid` (context 0).
+    fn send_packet(&mut self, sid: u64, pkt: &[u8]) {
+        let mut dgram = vec![0u8; pkt.len() + 16];
+        let n = Datagram {
+            quarter_stream_id: sid / 4,
+            context_id: 0,
+            payload: pkt,
+        }
+        .emit(&mut dgram)
+        .unwrap();
+        self.client.dgram_send(&dgram[..n]).unwrap();
+    }
+
     /// A CONNECT-IP session: its stream and its assigned IPv4 address.
     fn connect_ip(&mut self) -> (u64, Ipv4Addr) {
         let sid = self.request(&Target::Ip(IpScope::ANY), None);
@@ -315,15 +328,7 @@ fn a_connect_ip_session_carries_packets_both_ways_byte_exact() {
     // Client → TUN: an HTTP datagram with the packet, written behind an all-zero vnet header.
     let server: Ipv4Addr = "198.51.100.7".parse().unwrap();
     let up = udp_packet(me, server, b"to the internet");
-    let mut dgram = vec![0u8; up.len() + 16];
-    let n = Datagram {
-        quarter_stream_id: sid / 4,
-        context_id: 0,
-        payload: &up,
-    }
-    .emit(&mut dgram)
-    .unwrap();
-    h.client.dgram_send(&dgram[..n]).unwrap();
+    h.send_packet(sid, &up);
     h.until("the packet on the TUN device", |h| {
         !h.worker.tun.as_ref().unwrap().writes.borrow().is_empty()
     });
@@ -507,15 +512,7 @@ fn a_client_that_hops_keeps_its_session_and_the_old_path_is_forgotten() {
     h.client_addr = new_addr;
     // A packet from the new address reaches the TUN device.
     let up = udp_packet(me, "198.51.100.7".parse().unwrap(), b"after the hop");
-    let mut dgram = vec![0u8; up.len() + 16];
-    let n = Datagram {
-        quarter_stream_id: sid / 4,
-        context_id: 0,
-        payload: &up,
-    }
-    .emit(&mut dgram)
-    .unwrap();
-    h.client.dgram_send(&dgram[..n]).unwrap();
+    h.send_packet(sid, &up);
     h.until("the packet from the new address", |h| {
         h.worker.tun.as_ref().unwrap().writes.borrow().len() == 1
     });
@@ -581,15 +578,7 @@ fn a_datagram_that_reaches_another_worker_is_handed_to_its_owner() {
     // The client's next datagrams go to worker 1, as a hash by address would send them after
     // a hop; the connection and its keys are worker 0's.
     let up = udp_packet(me, "198.51.100.7".parse().unwrap(), b"the long way");
-    let mut dgram = vec![0u8; up.len() + 16];
-    let n = Datagram {
-        quarter_stream_id: sid / 4,
-        context_id: 0,
-        payload: &up,
-    }
-    .emit(&mut dgram)
-    .unwrap();
-    h.client.dgram_send(&dgram[..n]).unwrap();
+    h.send_packet(sid, &up);
     let mut buf = vec![0u8; 65_535];
     let mut count = 0;
     while let Ok((len, info)) = h.client.send(&mut buf) {
