@@ -404,11 +404,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "steering": results.steering,
                 "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
             });
+            let mut summary = mimiq_perf::experiments::masque::summary(&results);
+            summary["instr_per_packet"] =
+                match mimiq_perf::experiments::masque::instructions_per_packet() {
+                    Ok(ipp) => {
+                        println!("instructions per packet (tunnel_callgrind): {ipp:.1}");
+                        serde_json::json!(ipp)
+                    }
+                    Err(e) => {
+                        println!("instructions per packet not measured: {e}");
+                        serde_json::Value::Null
+                    }
+                };
             write_json(
                 json.as_deref(),
                 &serde_json::json!({
                     "rows": results.throughput,
-                    "summary": mimiq_perf::experiments::masque::summary(&results),
+                    "summary": summary,
                     "meta": meta,
                 }),
             )?;

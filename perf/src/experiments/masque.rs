@@ -1330,6 +1330,43 @@ pub fn summary(r: &Results) -> serde_json::Value {
     out
 }
 
+/// Instructions per inner packet of the proxy's receive path in memory, counted by callgrind
+/// over `masque-fastpath/examples/tunnel_callgrind.rs` (30,000 packets in bursts of 32, only
+/// inside `proxy_burst`): exact and repeatable where CPU time is not. The example must be built
+/// next to this binary (`cargo build --profile bench -p mimiq-masque --example
+/// tunnel_callgrind`), and valgrind installed (`scripts/setup`).
+pub fn instructions_per_packet() -> Result<f64, String> {
+    const PACKETS: u32 = 30_000;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let example = exe
+        .parent()
+        .map(|d| d.join("examples/tunnel_callgrind"))
+        .filter(|p| p.exists())
+        .ok_or("tunnel_callgrind is not built next to this binary (cargo build --profile bench -p mimiq-masque --example tunnel_callgrind)")?;
+    let out_file = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!(
+            "--callgrind-out-file={}",
+            out_file.path().display()
+        ))
+        .arg("--toggle-collect=*proxy_burst*")
+        .arg(&example)
+        .args([PACKETS.to_string(), "32".into()])
+        .output()
+        .map_err(|e| format!("valgrind: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!("tunnel_callgrind under valgrind failed: {stderr}"));
+    }
+    let collected = stderr
+        .lines()
+        .find_map(|l| l.split("Collected :").nth(1))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .ok_or_else(|| format!("no \"Collected\" line from callgrind: {stderr}"))?;
+    Ok(collected as f64 / f64::from(PACKETS))
+}
+
 /// (utime, stime) of process `pid` (all its threads), seconds, from `/proc/<pid>/stat`.
 pub fn cpu_times(pid: u32) -> Result<(f64, f64), String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
