@@ -1,5 +1,6 @@
-//! What a worker reads and writes, as two traits: the QUIC datagrams ([`Datagrams`], the
-//! worker's UDP socket) and the inner packets ([`Packets`], its TUN queue). `Worker::run` drives
+//! What a worker reads and writes, as traits: the QUIC datagrams ([`Datagrams`], the worker's
+//! UDP socket), the inner packets ([`Packets`], its TUN queue) and CONNECT-UDP targets
+//! ([`UdpTarget`], opened by a [`Connect`]). `Worker::run` drives
 //! the real ones with `poll(2)`; everything a pass does (`Worker::pass` and what it calls) goes
 //! through these traits, so the unit tests (`server/tests.rs`) run the whole proxy logic, with
 //! a real quiche client, on in-memory ones, without root.
@@ -84,6 +85,32 @@ pub(crate) struct EndpointCounters {
     /// Frames received that were no UDP datagram to the proxy's port (AF_XDP).
     pub rx_malformed: u64,
 }
+
+/// A CONNECT-UDP session's connected socket to its target (RFC 9298 §5).
+pub(crate) trait UdpTarget {
+    /// Sends one payload to the target.
+    fn send(&self, payload: &[u8]) -> io::Result<usize>;
+    /// Reads one payload from the target (`WouldBlock` when none waits).
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// A descriptor readable when a payload waits (for `poll`), different for every target.
+    fn fd(&self) -> RawFd;
+}
+
+impl UdpTarget for std::net::UdpSocket {
+    fn send(&self, payload: &[u8]) -> io::Result<usize> {
+        std::net::UdpSocket::send(self, payload)
+    }
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        std::net::UdpSocket::recv(self, buf)
+    }
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+
+/// Opens a CONNECT-UDP session's target: a connected UDP socket in the proxy, in memory in the
+/// unit tests.
+pub(crate) type Connect = Box<dyn FnMut(SocketAddr) -> io::Result<Box<dyn UdpTarget>>>;
 
 /// A worker's inner packets, each behind a virtio-net header (`tundev.rs`).
 pub(crate) trait Packets {

@@ -41,7 +41,7 @@ use ring::rand::SystemRandom;
 use serde::Serialize;
 
 use self::admission::{Admission, Gate, Policy, Refused, RetryTokens};
-use self::endpoints::{Datagrams, Packets};
+use self::endpoints::{Connect, Datagrams, Packets, UdpTarget};
 use self::handoff::{Handoff, Rings};
 use self::proxy::Shared;
 use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpPrefix};
@@ -238,7 +238,7 @@ enum Kind {
     Ip(ConnectIpSession),
     Udp {
         session: ConnectUdpSession,
-        socket: UdpSocket,
+        socket: Box<dyn UdpTarget>,
     },
 }
 
@@ -318,6 +318,8 @@ struct Worker<D = UdpIo, P = TunDevice> {
     by_addr: AddressBook,
     /// CONNECT-UDP socket fd → (client, request stream).
     by_fd: HashMap<RawFd, (u64, u64)>,
+    /// Opens CONNECT-UDP targets.
+    connect: Connect,
     stats: Stats,
     burst_hist: Histogram<u64>,
     buf: Vec<u8>,
@@ -401,6 +403,9 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
             },
             shared,
             by_fd: HashMap::new(),
+            connect: Box::new(|addr| {
+                connect_udp_target(addr).map(|s| Box::new(s) as Box<dyn UdpTarget>)
+            }),
             stats: Stats::default(),
             burst_hist: Histogram::new(3).expect("3 significant figures is valid"),
             buf: vec![0; HEADROOM + MAX_INNER],
@@ -917,7 +922,8 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                 policy
                     .check_udp(addr.ip(), addr.port(), &self.own)
                     .map_err(|r| refused_by_policy(&mut self.stats, r))?;
-                let socket = connect_udp_target(addr).map_err(unreachable)?;
+                let socket = (self.connect)(addr).map_err(unreachable)?;
+                tracing::info!(stream = sid, target = %addr, "CONNECT-UDP session");
                 Ok(Kind::Udp {
                     session: ConnectUdpSession::new(),
                     socket,
@@ -965,8 +971,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                     }
                     Kind::Udp { socket, .. } => {
                         self.stats.sessions_udp += 1;
-                        self.by_fd.insert(socket.as_raw_fd(), (id, sid));
-                        tracing::info!(stream = sid, target = ?socket.peer_addr().ok(), "CONNECT-UDP session");
+                        self.by_fd.insert(socket.fd(), (id, sid));
                     }
                 }
                 if let Ok(n) = h3.send_body(&mut c.conn, sid, &session.outbuf, false) {
@@ -1664,7 +1669,7 @@ fn retire_session(
             ip.close(&mut *by_addr.shared.pool());
         }
         Kind::Udp { session, socket } => {
-            by_fd.remove(&socket.as_raw_fd());
+            by_fd.remove(&socket.fd());
             for r in connect_udp::DropReason::ALL {
                 *stats.udp_drops.entry(r.label()).or_insert(0) +=
                     session.counters().drops[r as usize];
