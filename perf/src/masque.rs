@@ -270,10 +270,36 @@ pub fn with_proxy(extra: &str) -> Result<(Testbed, tempfile::TempDir, ProxyProc)
 }
 
 /// [`with_proxy`] with `client_link` for the client–proxy link.
+///
+/// `MIMIQ_TEST_PROXY=socket/N` or `xdp/N` runs the proxy with N workers on that datapath
+/// (for `xdp`, `p0` gets N queues) where the test does not choose: the proxy tests that use
+/// this function can so be run on every setup, e.g. `MIMIQ_TEST_PROXY=xdp/2 scripts/test -E
+/// 'binary(masque)'`. Unset: the proxy's defaults (socket, one worker per core).
 pub fn with_proxy_on(
     client_link: LinkOpts,
     extra: &str,
 ) -> Result<(Testbed, tempfile::TempDir, ProxyProc), String> {
+    let (client_link, extra) = match std::env::var("MIMIQ_TEST_PROXY") {
+        Ok(setup) if !extra.contains("workers") && !extra.contains("datapath") => {
+            let (datapath, n) = setup
+                .split_once('/')
+                .and_then(|(d, n)| Some((d.to_owned(), n.parse::<u32>().ok()?)))
+                .ok_or_else(|| format!("MIMIQ_TEST_PROXY={setup:?}: expected socket/N or xdp/N"))?;
+            match datapath.as_str() {
+                "socket" => (client_link, format!("workers = {n}\n{extra}")),
+                "xdp" => (
+                    LinkOpts {
+                        queues: n,
+                        ..client_link
+                    },
+                    format!("datapath = \"xdp\"\n{extra}\n[xdp]\ninterface = \"p0\"\n"),
+                ),
+                _ => return Err(format!("MIMIQ_TEST_PROXY={setup:?}: socket or xdp")),
+            }
+        }
+        _ => (client_link, extra.to_owned()),
+    };
+    let extra = extra.as_str();
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
     build_with(&mut tb, client_link).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
