@@ -119,6 +119,17 @@ impl Proxy {
         let n = match (&cfg.datapath, &cfg.xdp) {
             (Datapath::Xdp, Some(x)) => {
                 let queues = x.queues()?;
+                let cores = if cfg.cores.is_empty() {
+                    super::config::usable_cores().len()
+                } else {
+                    cfg.cores.len()
+                };
+                if queues > cores.max(1) {
+                    return Err(format!(
+                        "xdp.interface = {:?}: {queues} receive queues, more than the {cores} cores this process may use (one worker per queue; ethtool -L sets fewer)",
+                        x.interface
+                    ));
+                }
                 match cfg.workers {
                     Some(w) if w != queues => {
                         return Err(format!(
