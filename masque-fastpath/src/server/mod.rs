@@ -2,12 +2,14 @@
 //! CONNECT-UDP (one connected UDP socket per session), built to serve hopping clients.
 //!
 //! Workers (`workers`, one thread each, pinned with `cores`) each own a QUIC socket of one
-//! SO_REUSEPORT group, a queue of the multi-queue TUN device, their connections, sessions and
-//! CONNECT-UDP sockets; nothing on the per-packet path is shared or locked. Steering programs
-//! (`masque-fastpath/bpf/`) bring each short-header datagram to the worker its connection ID
-//! names (`server/route.rs`) and each TUN packet to the worker serving its destination; what
-//! arrives elsewhere anyway is handed to its owner through a ring (`server/handoff.rs`).
-//! `server/proxy.rs` builds them and merges their counters.
+//! SO_REUSEPORT group (or an AF_XDP socket on one NIC queue: `server/xdp.rs`), a queue of the
+//! multi-queue TUN device, their connections, sessions and CONNECT-UDP sockets; nothing on the
+//! per-packet path is shared or locked. Steering programs (`masque-fastpath/bpf/`) bring each
+//! short-header datagram to the worker its connection ID names (`server/route.rs`) and each TUN
+//! packet to the worker serving its destination; what arrives elsewhere anyway is handed to its
+//! owner through a ring (`server/handoff.rs`). `server/proxy.rs` builds them and merges their
+//! counters. A worker reads and writes only through the traits of `server/endpoints.rs`, so the
+//! unit tests (`server/tests.rs`) run it in memory.
 //!
 //! A worker runs a poll loop over its QUIC socket, its TUN queue and its CONNECT-UDP sockets.
 //! Each pass: a burst of QUIC datagrams in (`recvmmsg`), each routed to its connection by
