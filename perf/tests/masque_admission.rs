@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use mimiq_masque::server::admission::ResetKey;
+use mimiq_masque::server::route::Routes;
 use mimiq_perf::capture::{inject_frames, watch_incoming};
 use mimiq_perf::masque::{
-    self, addr, start_client, start_ip_client, start_ip_client_with, stop_client,
+    self, addr, start_client, start_ip_client, start_ip_client_with, stop_client, ProxyProc,
 };
 use mimiq_perf::singlebox::mac;
 use mimiq_perf::testbed::{self, eventually, require_root};
@@ -283,4 +285,69 @@ fn with_retry_always_a_client_proves_its_address_first_and_its_tunnel_works() {
     assert_eq!(s["half_open"], 0, "{s}");
     let report = stop_client(&mut client).unwrap();
     assert_eq!(report["reconnects"], 0, "{report}");
+}
+
+#[test]
+fn a_proxy_does_not_reset_the_ids_of_another_live_proxy_with_its_key_and_does_once_it_is_gone() {
+    require_root();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("reset.key");
+    let quic = format!(
+        "workers = 1\n[quic]\nreset_key_file = \"{}\"\n",
+        key.display()
+    );
+    // The first proxy takes generation 0, the second, on another port with its own TUN device
+    // and pool, generation 1.
+    let (mut tb, _dir, first) = masque::with_proxy(&quic).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let second = ProxyProc::start(
+        &mut tb,
+        "p",
+        dir.path(),
+        "0.0.0.0:4434",
+        &format!("{quic}[ip]\ntun = \"mqp1\"\npool_v4 = \"198.18.201.0/24\"\n"),
+    )
+    .unwrap();
+    // IDs each generation would issue, from the key both read.
+    let reset_key = ResetKey::load_or_create(&key, &ring::rand::SystemRandom::new()).unwrap();
+    let rng = ring::rand::SystemRandom::new();
+    let first_id = Routes::new(&reset_key, 1, 0).new_cid(0, &rng).to_vec();
+    let second_id = Routes::new(&reset_key, 1, 1).new_cid(0, &rng).to_vec();
+    // A short header to `id` at the second proxy, from the client host; the reset it drew.
+    let probe = |id: Vec<u8>| {
+        tb.run_in("c", move || {
+            let s = std::net::UdpSocket::bind((addr::CLIENT_V4[0], 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut pkt = vec![0x41u8];
+            pkt.extend_from_slice(&id);
+            pkt.extend_from_slice(&[0x5a; 40]);
+            s.send_to(&pkt, (addr::PROXY_V4, 4434)).unwrap();
+            let mut buf = [0u8; 100];
+            s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+        })
+        .unwrap()
+    };
+    let dropped = |s: &serde_json::Value| s["unknown_dropped"]["other_generation"].as_u64();
+    // The first proxy's ID: not reset while it lives (counted), whatever the wait.
+    assert_eq!(probe(first_id.clone()), None);
+    let s = second.fresh_stats().unwrap();
+    assert_eq!(dropped(&s), Some(1), "{s}");
+    assert_eq!(s["stateless_resets_sent"], 0, "{s}");
+    // Its own generation's unknown ID: reset, with that ID's token.
+    let reset = probe(second_id.clone()).expect("a reset for an unknown ID of its own");
+    assert_eq!(
+        reset[reset.len() - 16..],
+        reset_key.token(&second_id).to_be_bytes()
+    );
+    // The first proxy gone, its IDs are reset too (the second looks once a second).
+    first.proc.signal(libc::SIGKILL);
+    let reset = eventually(Duration::from_secs(10), || {
+        probe(first_id.clone()).ok_or("no reset yet")
+    })
+    .unwrap();
+    assert_eq!(
+        reset[reset.len() - 16..],
+        reset_key.token(&first_id).to_be_bytes()
+    );
 }

@@ -320,11 +320,14 @@ pub enum Refused {
     NoReset,
     /// Over the Version Negotiation rate, or in a datagram under 1200 bytes.
     NoVersionNegotiation,
+    /// A short header for a connection ID of the other process generation while that process
+    /// lives (`server/generation.rs`): its connection may be alive there.
+    OtherGeneration,
 }
 
 impl Refused {
     /// Every reason, for counters.
-    pub const ALL: [Refused; 8] = [
+    pub const ALL: [Refused; 9] = [
         Refused::Unparsable,
         Refused::InitialTooSmall,
         Refused::BadToken,
@@ -333,6 +336,7 @@ impl Refused {
         Refused::NotInitial,
         Refused::NoReset,
         Refused::NoVersionNegotiation,
+        Refused::OtherGeneration,
     ];
 
     /// The counter's name.
@@ -346,6 +350,7 @@ impl Refused {
             Refused::NotInitial => "not_initial",
             Refused::NoReset => "no_reset",
             Refused::NoVersionNegotiation => "no_version_negotiation",
+            Refused::OtherGeneration => "other_generation",
         }
     }
 }

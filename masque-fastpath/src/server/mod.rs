@@ -24,6 +24,7 @@
 pub mod admission;
 pub mod config;
 mod endpoints;
+pub mod generation;
 mod handoff;
 mod proxy;
 pub mod route;
@@ -611,6 +612,14 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                 return None;
             }
             Admission::Reset => {
+                let routes = &self.shared.routes;
+                let other = routes
+                    .generation_of(&hdr.dcid)
+                    .is_some_and(|g| g != routes.generation());
+                if other && self.shared.generation.other_live() {
+                    self.count_refused(Refused::OtherGeneration);
+                    return None;
+                }
                 let out = self.io.send_buf();
                 if let Some(n) = self.shared.reset_key.reset(&hdr.dcid, len, &self.rng, out) {
                     self.io.commit(n, local, from);

@@ -24,6 +24,7 @@ use mimiq_dataplane::port::xsk::XskConfig;
 use super::admission::ResetKey;
 use super::config::Datapath;
 use super::endpoints::Datagrams;
+use super::generation::Generation;
 use super::handoff::Rings;
 use super::route::Routes;
 use super::xdp::XdpDatagrams;
@@ -43,6 +44,8 @@ pub(super) struct Shared {
     pub routes: Routes,
     /// Stateless reset tokens, the same on every worker and across restarts.
     pub reset_key: ResetKey,
+    /// This process's generation, and whether the other one lives.
+    pub generation: Generation,
     /// The inner MTU.
     pub tunnel_mtu: usize,
     /// CONNECT-IP addresses.
@@ -64,6 +67,7 @@ impl Shared {
     /// What `routes.workers()` workers share.
     pub fn new(
         routes: Routes,
+        generation: Generation,
         reset_key: ResetKey,
         tunnel_mtu: usize,
         pool: HostPool,
@@ -73,6 +77,7 @@ impl Shared {
         let n = routes.workers();
         Shared {
             routes,
+            generation,
             reset_key,
             tunnel_mtu,
             pool: Mutex::new(pool),
@@ -147,7 +152,8 @@ impl Proxy {
             Some(path) => ResetKey::load_or_create(path, &rng)?,
             None => ResetKey::random(&rng),
         };
-        let routes = Routes::new(&reset_key, n);
+        let generation = Generation::claim(cfg.quic.reset_key_file.as_deref())?;
+        let routes = Routes::new(&reset_key, n, generation.ours());
 
         let mut endpoints: Vec<Endpoint> = Vec::with_capacity(n);
         let mut listen = cfg.listen;
@@ -241,6 +247,7 @@ impl Proxy {
 
         let shared = Arc::new(Shared::new(
             routes,
+            generation,
             reset_key,
             tunnel_mtu,
             pool,
@@ -353,6 +360,7 @@ impl Proxy {
             if now.iter().zip(&written).all(|(n, w)| n > w) {
                 written = now;
                 self.write_stats();
+                self.shared.generation.refresh();
             }
         }
         self.stop.store(true, Ordering::Relaxed);

@@ -14,6 +14,12 @@
 //!
 //! The table's key is derived from the stateless reset key, so every worker, and a restarted
 //! proxy with the same `quic.reset_key_file` and worker count, computes the same table.
+//!
+//! The table also names a process generation (0 or 1) for each route value, dealt with the
+//! workers: a proxy draws its IDs among its own generation's values, so a proxy started while
+//! another runs with the same reset key (`server/generation.rs` picks the free generation) can
+//! tell the other's connection IDs from unknown ones, and does not reset them while the other
+//! lives. An observer sees no more of the generation than of the worker.
 
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -23,19 +29,31 @@ use crate::quic::CID_LEN;
 /// Route values: the first two bytes of a server connection ID.
 pub const ROUTE_VALUES: usize = 1 << 16;
 
-/// The secret assignment of route values to workers.
+/// Process generations the table tells apart.
+pub const GENERATIONS: usize = 2;
+
+/// The secret assignment of route values to workers and process generations.
 #[derive(Debug, Clone)]
 pub struct Routes {
     /// Route value → worker.
     table: Vec<u32>,
-    /// Worker → the route values it owns.
+    /// Route value → generation.
+    generations: Vec<u8>,
+    /// This process's generation.
+    generation: u8,
+    /// Worker → the route values of this process's generation it owns.
     owned: Vec<Vec<u16>>,
 }
 
 impl Routes {
-    /// The table for `workers` workers (1 to 65,536) under `key`.
-    pub fn new(key: &ResetKey, workers: usize) -> Routes {
-        assert!((1..=ROUTE_VALUES).contains(&workers), "1..=65536 workers");
+    /// The table for `workers` workers (1 to 32,768) under `key`, drawing IDs for process
+    /// generation `generation` (0 or 1).
+    pub fn new(key: &ResetKey, workers: usize, generation: u8) -> Routes {
+        assert!(
+            (1..=ROUTE_VALUES / GENERATIONS).contains(&workers),
+            "1..=32768 workers"
+        );
+        assert!(usize::from(generation) < GENERATIONS, "generation 0 or 1");
         // Fisher–Yates over the route values, driven by HMAC(key, label | counter) blocks.
         let mut values: Vec<u16> = (0..=u16::MAX).collect();
         let mut stream = KeyStream::new(key);
@@ -44,13 +62,37 @@ impl Routes {
             values.swap(i, j);
         }
         let mut table = vec![0u32; ROUTE_VALUES];
+        let mut generations = vec![0u8; ROUTE_VALUES];
         let mut owned = vec![Vec::with_capacity(ROUTE_VALUES / workers + 1); workers];
         for (i, &r) in values.iter().enumerate() {
-            let w = i % workers;
+            let slot = i % (workers * GENERATIONS);
+            let (w, g) = (slot / GENERATIONS, (slot % GENERATIONS) as u8);
             table[usize::from(r)] = w as u32;
-            owned[w].push(r);
+            generations[usize::from(r)] = g;
+            if g == generation {
+                owned[w].push(r);
+            }
         }
-        Routes { table, owned }
+        Routes {
+            table,
+            generations,
+            generation,
+            owned,
+        }
+    }
+
+    /// This process's generation.
+    pub fn generation(&self) -> u8 {
+        self.generation
+    }
+
+    /// The process generation of a server connection ID (`None` for a client-chosen ID of
+    /// another length).
+    pub fn generation_of(&self, dcid: &[u8]) -> Option<u8> {
+        if dcid.len() != CID_LEN {
+            return None;
+        }
+        Some(self.generations[usize::from(u16::from_be_bytes([dcid[0], dcid[1]]))])
     }
 
     /// Workers the table serves.
@@ -74,8 +116,8 @@ impl Routes {
         Some(self.table[usize::from(r)] as usize)
     }
 
-    /// A fresh connection ID owned by `worker`: a random route value among the worker's, then
-    /// random bytes.
+    /// A fresh connection ID owned by `worker` in this process's generation: a random route
+    /// value among the worker's, then random bytes.
     pub fn new_cid(&self, worker: usize, rng: &SystemRandom) -> quiche::ConnectionId<'static> {
         let (mut id, mut pick) = ([0u8; CID_LEN], [0u8; 4]);
         // SystemRandom only fails when the OS has no randomness source, which quiche needs too.
@@ -141,19 +183,23 @@ mod tests {
     #[test]
     fn balanced_and_owned() {
         for workers in [1, 2, 3, 8] {
-            let routes = Routes::new(&key(1), workers);
-            let mut count = vec![0usize; workers];
-            for &w in routes.table() {
-                count[w as usize] += 1;
-            }
-            let (lo, hi) = (ROUTE_VALUES / workers, ROUTE_VALUES.div_ceil(workers));
-            assert!(count.iter().all(|&c| c == lo || c == hi), "{count:?}");
-            let rng = SystemRandom::new();
-            for w in 0..workers {
-                for _ in 0..200 {
-                    let cid = routes.new_cid(w, &rng);
-                    assert_eq!(cid.len(), CID_LEN);
-                    assert_eq!(routes.owner(&cid), Some(w));
+            for generation in [0, 1] {
+                let routes = Routes::new(&key(1), workers, generation);
+                let mut count = vec![0usize; workers * GENERATIONS];
+                for (r, &w) in routes.table().iter().enumerate() {
+                    count[w as usize * GENERATIONS + usize::from(routes.generations[r])] += 1;
+                }
+                let slots = workers * GENERATIONS;
+                let (lo, hi) = (ROUTE_VALUES / slots, ROUTE_VALUES.div_ceil(slots));
+                assert!(count.iter().all(|&c| c == lo || c == hi), "{count:?}");
+                let rng = SystemRandom::new();
+                for w in 0..workers {
+                    for _ in 0..200 {
+                        let cid = routes.new_cid(w, &rng);
+                        assert_eq!(cid.len(), CID_LEN);
+                        assert_eq!(routes.owner(&cid), Some(w));
+                        assert_eq!(routes.generation_of(&cid), Some(generation));
+                    }
                 }
             }
         }
@@ -161,9 +207,9 @@ mod tests {
 
     #[test]
     fn same_key_same_table_other_key_other_table() {
-        let a = Routes::new(&key(1), 2);
-        assert_eq!(a.table(), Routes::new(&key(1), 2).table());
-        let b = Routes::new(&key(2), 2);
+        let a = Routes::new(&key(1), 2, 0);
+        assert_eq!(a.table(), Routes::new(&key(1), 2, 1).table());
+        let b = Routes::new(&key(2), 2, 0);
         let same = a
             .table()
             .iter()
@@ -177,7 +223,7 @@ mod tests {
     #[test]
     fn no_bit_is_stable_across_ids() {
         // Every bit of a worker's IDs takes both values: nothing an observer could link hops by.
-        let routes = Routes::new(&key(3), 2);
+        let routes = Routes::new(&key(3), 2, 1);
         let rng = SystemRandom::new();
         let ids: Vec<_> = (0..512).map(|_| routes.new_cid(1, &rng)).collect();
         for bit in 0..CID_LEN * 8 {
@@ -191,8 +237,9 @@ mod tests {
 
     #[test]
     fn other_lengths_have_no_owner() {
-        let routes = Routes::new(&key(1), 2);
+        let routes = Routes::new(&key(1), 2, 0);
         assert_eq!(routes.owner(&[0u8; 8]), None);
+        assert_eq!(routes.generation_of(&[0u8; 8]), None);
         assert_eq!(routes.owner(&[]), None);
     }
 }

@@ -124,7 +124,8 @@ impl Harness {
             None,
         );
         let shared = Arc::new(Shared::new(
-            Routes::new(&reset_key, n),
+            Routes::new(&reset_key, n, 0),
+            super::generation::Generation::claim(None).unwrap(),
             reset_key,
             1350,
             pool,
