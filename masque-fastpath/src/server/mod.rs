@@ -323,6 +323,8 @@ struct Worker<D = UdpIo, P = TunDevice> {
     by_fd: HashMap<RawFd, (u64, u64)>,
     /// Opens CONNECT-UDP targets.
     connect: Connect,
+    /// The CONNECT-UDP sockets `poll` found readable (empty: read every one).
+    targets_ready: Vec<RawFd>,
     stats: Stats,
     burst_hist: Histogram<u64>,
     buf: Vec<u8>,
@@ -406,6 +408,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
             },
             shared,
             by_fd: HashMap::new(),
+            targets_ready: Vec::new(),
             connect: Box::new(|addr| {
                 connect_udp_target(addr).map(|s| Box::new(s) as Box<dyn UdpTarget>)
             }),
@@ -1310,9 +1313,16 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
         }
     }
 
+    /// Reads the CONNECT-UDP sockets `poll` found readable (every one when it did not say).
     fn on_udp_targets(&mut self) {
-        let targets: Vec<(u64, u64)> = self.by_fd.values().copied().collect();
-        for (id, sid) in targets {
+        let fds = match std::mem::take(&mut self.targets_ready) {
+            ready if ready.is_empty() => self.by_fd.keys().copied().collect(),
+            ready => ready,
+        };
+        for fd in fds {
+            let Some(&(id, sid)) = self.by_fd.get(&fd) else {
+                continue;
+            };
             let Some(c) = self.clients.get_mut(&id) else {
                 continue;
             };
@@ -1513,6 +1523,13 @@ impl<D: Datagrams> Worker<D, TunDevice> {
                 // Only what poll found readable is read: no read per pass that can only say
                 // EAGAIN (error and hang-up events count as readable, so the read reports them).
                 let tun = usize::from(self.tun.is_some());
+                self.targets_ready.clear();
+                self.targets_ready.extend(
+                    pollfds[2 + tun..]
+                        .iter()
+                        .filter(|p| p.revents != 0)
+                        .map(|p| p.fd),
+                );
                 Ready {
                     quic: pollfds[0].revents != 0,
                     handoff: pollfds[1].revents != 0,
