@@ -273,6 +273,14 @@ impl Harness {
         String::from_utf8_lossy(s.value()).into_owned()
     }
 
+    /// Gives the worker `pkt` to read from its TUN queue, behind an all-zero vnet header.
+    fn tun_read(&mut self, pkt: &[u8]) {
+        let mut framed = vec![0u8; VNET_HDR_LEN];
+        framed.extend_from_slice(pkt);
+        let tun = self.worker.tun.as_ref().unwrap();
+        tun.reads.borrow_mut().push_back(framed);
+    }
+
     /// Sends `pkt` as an HTTP datagram of the session on stream `sid` (context 0).
     fn send_packet(&mut self, sid: u64, pkt: &[u8]) {
         let mut dgram = vec![0u8; pkt.len() + 16];
@@ -339,15 +347,7 @@ fn a_connect_ip_session_carries_packets_both_ways_byte_exact() {
     assert_eq!(&writes[0][VNET_HDR_LEN..], &up[..]);
     // TUN → client: a packet to the assigned address comes back as an HTTP datagram.
     let down = udp_packet(server, me, b"from the internet");
-    let mut framed = vec![0u8; VNET_HDR_LEN];
-    framed.extend_from_slice(&down);
-    h.worker
-        .tun
-        .as_ref()
-        .unwrap()
-        .reads
-        .borrow_mut()
-        .push_back(framed);
+    h.tun_read(&down);
     h.until("the packet at the client", |h| !h.datagrams.is_empty());
     let d = H3Datagram::parse(&h.datagrams[0]).unwrap();
     assert_eq!(d.stream_id(), sid);
@@ -357,15 +357,7 @@ fn a_connect_ip_session_carries_packets_both_ways_byte_exact() {
     assert_eq!((ctx.context_id, ctx.payload), (0, &forwarded[..]));
     // A packet for an address no session has is counted, not sent.
     let stray = udp_packet(server, "10.77.0.200".parse().unwrap(), b"nobody");
-    let mut framed = vec![0u8; VNET_HDR_LEN];
-    framed.extend_from_slice(&stray);
-    h.worker
-        .tun
-        .as_ref()
-        .unwrap()
-        .reads
-        .borrow_mut()
-        .push_back(framed);
+    h.tun_read(&stray);
     h.step();
     let s = h.worker.stats();
     assert_eq!(
