@@ -88,7 +88,7 @@ key_hex = "{ACCESS_KEY}"
 
     /// A counter from the server's Prometheus text.
     fn metric(&self, name: &str) -> u64 {
-        let text = self.metrics.render();
+        let text = mimiq_metrics::render(self.metrics.clone());
         text.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
             .unwrap_or_else(|| panic!("metric {name} missing"))

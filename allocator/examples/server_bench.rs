@@ -135,7 +135,7 @@ key_hex = "{KEY}"
     let elapsed = start.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     join.join().unwrap();
-    let text = metrics.render();
+    let text = mimiq_metrics::render(metrics.clone());
     let commits = text
         .lines()
         .find_map(|l| l.strip_prefix("mimiq_allocator_store_commits_total "))

@@ -5,6 +5,7 @@
 //! mimiq-allocator check  [--config FILE]   validate a configuration and print a summary
 //! mimiq-allocator leases [--config FILE]   list live leases (asks the running server, or reads
 //!                                           the store when the server is not running)
+//! mimiq-allocator stats  [--config FILE]   the running server's counters
 //! ```
 //!
 //! The default configuration path is `/etc/mimiq/allocator.toml`; `allocator.example.toml`
@@ -14,11 +15,10 @@
 //! acknowledged either). Exit status: 0 success, 1 runtime failure, 2 bad configuration or usage.
 #![forbid(unsafe_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -64,6 +64,15 @@ enum Cmd {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Print the running allocator's counters (from its metrics endpoint, `metrics_listen`).
+    Stats {
+        /// Configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Also the counters that are still 0.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// An error that maps to exit status 2 (configuration).
@@ -91,6 +100,12 @@ fn main() -> ExitCode {
         Cmd::Run { config } => run(&config),
         Cmd::Check { config } => check(&config),
         Cmd::Leases { config } => leases(&config),
+        Cmd::Stats { config, all } => load(&config).and_then(|cfg| {
+            let text = mimiq_metrics::get(cfg.server.metrics_listen, "/metrics")
+                .map_err(|e| anyhow::anyhow!("the allocator does not answer: {e}"))?;
+            print!("{}", mimiq_metrics::samples_table(&text, all));
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -188,15 +203,8 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 fn leases(path: &Path) -> anyhow::Result<()> {
     let cfg = load(path)?;
-    let mut at: SocketAddr = cfg.server.metrics_listen;
-    if at.ip().is_unspecified() {
-        at.set_ip(if at.is_ipv4() {
-            [127, 0, 0, 1].into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    match http_get(at, "/leases") {
+    let at: SocketAddr = cfg.server.metrics_listen;
+    match mimiq_metrics::get(at, "/leases") {
         Ok(body) => {
             print!("{body}");
             return Ok(());
@@ -241,22 +249,4 @@ fn leases(path: &Path) -> anyhow::Result<()> {
         println!("{}", server::format_lease(&l, st));
     }
     Ok(())
-}
-
-fn http_get(at: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        anyhow::bail!("{}", head.lines().next().unwrap_or("HTTP error"));
-    }
-    Ok(body.to_string())
 }

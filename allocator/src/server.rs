@@ -13,19 +13,20 @@
 //!   thread, and encodes, signs and writes what arrives on it. The core thread sends a new
 //!   subscriber a snapshot first, consistent with the updates queued after it. A subscriber whose
 //!   queue is full is dropped (its connection closes; it reconnects and gets a fresh snapshot).
-//! * **Metrics thread**: answers `GET /metrics` from atomic counters and `GET /leases` by asking
-//!   the core thread.
+//! * **Metrics endpoint** (`mimiq_metrics::serve`): answers `GET /metrics` from atomic counters,
+//!   `GET /healthz` from the core loop's latest turn, and `GET /leases` by asking the core thread.
 //!
 //! Bad input never stops the server: every rejected datagram is counted by [`DropReason`].
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam::channel::{self, Receiver, Sender};
+use mimiq_metrics::{Families, Health, Source};
 use ring::hmac;
 
 use crate::config::{self, Role, SwitchKey};
@@ -43,6 +44,9 @@ const TICK: Duration = Duration::from_millis(10);
 const MAX_DATAGRAM: usize = 2048;
 /// How long a new subscriber has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A core loop that has not turned for this long makes `/healthz` answer not ready (a turn
+/// takes at most `TICK` plus one batch's commit).
+const STALL_MS: u64 = 2_000;
 
 /// What the server needs besides the core's policy.
 #[derive(Debug, Clone)]
@@ -107,6 +111,9 @@ pub enum StartError {
     /// Committing the restore (deleting leases that ended while down) failed.
     #[error(transparent)]
     Commit(#[from] CommitError),
+    /// The metrics endpoint could not be served (its address in use, or not local).
+    #[error("{0}")]
+    Metrics(String),
     /// A thread or socket option failed.
     #[error("starting the server failed: {0}")]
     Io(#[from] std::io::Error),
@@ -236,6 +243,8 @@ pub struct Metrics {
     commit_ops: AtomicU64,
     commit_us: AtomicU64,
     seq: AtomicU64,
+    /// Wall-clock ms of the core loop's latest turn (0 before the first).
+    turn_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -257,182 +266,151 @@ impl Metrics {
             .map_or(0, |i| self.replies[i].load(Ordering::Relaxed))
     }
 
-    /// Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        use std::fmt::Write as _;
+    /// Records a turn of the core loop (the allocator is serving while turns keep coming).
+    fn turn(&self, now_ms: u64) {
+        self.turn_ms.store(now_ms, Ordering::Relaxed);
+    }
+}
+
+impl Source for Metrics {
+    fn collect(&self, out: &mut Families) {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut s = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, rows: &[(&str, u64)]| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in rows {
-                if labels.is_empty() {
-                    let _ = writeln!(s, "{name} {v}");
-                } else {
-                    let _ = writeln!(s, "{name}{{{labels}}} {v}");
-                }
-            }
-        };
-        metric(
-            "mimiq_allocator_allocations_total",
-            "counter",
-            "Addresses granted.",
-            &[
-                ("family=\"4\"", g(&self.allocations[0])),
-                ("family=\"6\"", g(&self.allocations[1])),
-            ],
+        out.counter("mimiq_allocator_allocations", "Addresses granted")
+            .sample(&[("family", "4")], g(&self.allocations[0]))
+            .sample(&[("family", "6")], g(&self.allocations[1]));
+        for (name, help, v) in [
+            (
+                "releases",
+                "Addresses released by their client",
+                &self.releases,
+            ),
+            ("expiries", "Leases whose lifetime ended", &self.expiries),
+            (
+                "freed",
+                "Addresses returned to the pool after t_remove",
+                &self.freed,
+            ),
+            (
+                "expired_while_down",
+                "Leases found ended at restart",
+                &self.expired_while_down,
+            ),
+            (
+                "reclaimed_silent",
+                "Leases ended early because their client had sent nothing through its access \
+                 switch (reclaim_silent_after_ms)",
+                &self.reclaimed_silent,
+            ),
+            (
+                "seen_reports",
+                "Reports from access switches of addresses they forwarded a first packet from",
+                &self.seen_reports,
+            ),
+        ] {
+            out.counter(format!("mimiq_allocator_{name}"), help)
+                .value(g(v));
+        }
+        out.counter(
+            "mimiq_allocator_port_refusals",
+            "Requests refused by port security: too many new MACs on the port, or its clients \
+             at their cap",
+        )
+        .sample(&[("reason", "new_mac_rate")], g(&self.refused_port_rate))
+        .sample(&[("reason", "port_cap")], g(&self.refused_port_cap));
+        let replies = out.counter("mimiq_allocator_replies", "Replies sent, by status code");
+        for (s, v) in STATUSES.iter().zip(&self.replies) {
+            replies.sample(&[("code", s.label())], g(v));
+        }
+        let drops = out.counter(
+            "mimiq_allocator_drops",
+            "Messages dropped unanswered, by reason",
         );
-        metric(
-            "mimiq_allocator_releases_total",
-            "counter",
-            "Addresses released by their client.",
-            &[("", g(&self.releases))],
-        );
-        metric(
-            "mimiq_allocator_expiries_total",
-            "counter",
-            "Leases whose lifetime ended.",
-            &[("", g(&self.expiries))],
-        );
-        metric(
-            "mimiq_allocator_freed_total",
-            "counter",
-            "Addresses returned to the pool after t_remove.",
-            &[("", g(&self.freed))],
-        );
-        metric(
-            "mimiq_allocator_expired_while_down_total",
-            "counter",
-            "Leases found ended at restart.",
-            &[("", g(&self.expired_while_down))],
-        );
-        metric(
-            "mimiq_allocator_port_refusals_total",
-            "counter",
-            "Requests refused by port security: too many new MACs on the port, or its clients at their cap.",
-            &[
-                ("reason=\"new_mac_rate\"", g(&self.refused_port_rate)),
-                ("reason=\"port_cap\"", g(&self.refused_port_cap)),
-            ],
-        );
-        metric(
-            "mimiq_allocator_reclaimed_silent_total",
-            "counter",
-            "Leases ended early because their client had sent nothing through its access switch (reclaim_silent_after_ms).",
-            &[("", g(&self.reclaimed_silent))],
-        );
-        metric(
-            "mimiq_allocator_seen_reports_total",
-            "counter",
-            "Reports from access switches of addresses they forwarded a first packet from.",
-            &[("", g(&self.seen_reports))],
-        );
-        let labels: Vec<String> = STATUSES
-            .iter()
-            .map(|s| format!("code=\"{}\"", s.label()))
-            .collect();
-        let rows: Vec<(&str, u64)> = labels
-            .iter()
-            .zip(&self.replies)
-            .map(|(l, v)| (l.as_str(), g(v)))
-            .collect();
-        metric(
-            "mimiq_allocator_replies_total",
-            "counter",
-            "Replies sent, by status code.",
-            &rows,
-        );
-        let labels: Vec<String> = DROP_REASONS
-            .iter()
-            .map(|r| format!("reason=\"{}\"", r.label()))
-            .collect();
-        let rows: Vec<(&str, u64)> = labels
-            .iter()
-            .zip(&self.drops)
-            .map(|(l, v)| (l.as_str(), g(v)))
-            .collect();
-        metric(
-            "mimiq_allocator_drops_total",
-            "counter",
-            "Messages dropped unanswered, by reason.",
-            &rows,
-        );
-        metric(
-            "mimiq_allocator_leases",
-            "gauge",
-            "Leases assigned or draining.",
-            &[("", g(&self.leases))],
-        );
-        metric(
-            "mimiq_allocator_pool_size",
-            "gauge",
-            "Usable IPv4 pool addresses.",
-            &[("family=\"4\"", g(&self.pool_size_v4))],
-        );
-        metric(
+        for (r, v) in DROP_REASONS.iter().zip(&self.drops) {
+            drops.sample(&[("reason", r.label())], g(v));
+        }
+        out.gauge("mimiq_allocator_leases", "Leases assigned or draining")
+            .value(g(&self.leases));
+        out.gauge("mimiq_allocator_pool_size", "Usable IPv4 pool addresses")
+            .sample(&[("family", "4")], g(&self.pool_size_v4));
+        out.gauge(
             "mimiq_allocator_pool_in_use",
-            "gauge",
-            "Pool addresses assigned or draining.",
-            &[
-                ("family=\"4\"", g(&self.pool_in_use_v4)),
-                ("family=\"6\"", g(&self.pool_in_use_v6)),
-            ],
-        );
-        let size = g(&self.pool_size_v4);
-        let util = if size == 0 {
-            0.0
-        } else {
-            g(&self.pool_in_use_v4) as f64 / size as f64
-        };
-        let _ = writeln!(
-            s,
-            "# HELP mimiq_allocator_pool_utilisation Fraction of the IPv4 pool in use.\n# TYPE mimiq_allocator_pool_utilisation gauge\nmimiq_allocator_pool_utilisation{{family=\"4\"}} {util}"
-        );
-        let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        metric(
-            "mimiq_allocator_subscribers",
-            "gauge",
-            "Rule-stream subscribers.",
-            g(&self.subscribers),
-        );
-        metric(
-            "mimiq_allocator_subscribers_dropped_total",
-            "counter",
-            "Subscribers dropped for a full queue.",
-            g(&self.subscribers_dropped),
-        );
-        metric(
-            "mimiq_allocator_rule_updates_total",
-            "counter",
-            "Rule updates published.",
-            g(&self.rule_updates),
-        );
-        metric(
+            "Pool addresses assigned or draining",
+        )
+        .sample(&[("family", "4")], g(&self.pool_in_use_v4))
+        .sample(&[("family", "6")], g(&self.pool_in_use_v6));
+        out.gauge("mimiq_allocator_subscribers", "Rule-stream subscribers")
+            .value(g(&self.subscribers));
+        for (name, help, v) in [
+            (
+                "subscribers_dropped",
+                "Subscribers dropped for a full queue",
+                &self.subscribers_dropped,
+            ),
+            ("rule_updates", "Rule updates published", &self.rule_updates),
+            (
+                "store_commits",
+                "Store commits (one per batch)",
+                &self.commits,
+            ),
+            (
+                "store_ops",
+                "Journal operations committed",
+                &self.commit_ops,
+            ),
+            (
+                "store_commit_microseconds",
+                "Time spent committing, microseconds",
+                &self.commit_us,
+            ),
+        ] {
+            out.counter(format!("mimiq_allocator_{name}"), help)
+                .value(g(v));
+        }
+        out.gauge(
             "mimiq_allocator_rule_seq",
-            "gauge",
-            "Sequence number of the latest rule update.",
-            g(&self.seq),
-        );
-        metric(
-            "mimiq_allocator_store_commits_total",
-            "counter",
-            "Store commits (one per batch).",
-            g(&self.commits),
-        );
-        metric(
-            "mimiq_allocator_store_ops_total",
-            "counter",
-            "Journal operations committed.",
-            g(&self.commit_ops),
-        );
-        metric(
-            "mimiq_allocator_store_commit_microseconds_total",
-            "counter",
-            "Time spent committing.",
-            g(&self.commit_us),
-        );
-        s
+            "Sequence number of the latest rule update",
+        )
+        .value(g(&self.seq));
+    }
+
+    fn health(&self) -> Health {
+        let turn = self.turn_ms.load(Ordering::Relaxed);
+        let since = wall_ms().saturating_sub(turn);
+        if turn == 0 {
+            Health::NotReady("the core loop has not started".into())
+        } else if since > STALL_MS {
+            Health::NotReady(format!("the core loop has not turned for {since} ms"))
+        } else {
+            Health::Ready("serving requests".into())
+        }
+    }
+}
+
+/// The allocator's metrics endpoint: its [`Metrics`], and `/leases` asked of the core thread.
+struct Endpoint {
+    metrics: Arc<Metrics>,
+    requests: Sender<CoreRequest>,
+}
+
+impl Source for Endpoint {
+    fn collect(&self, out: &mut Families) {
+        self.metrics.collect(out);
+    }
+
+    fn health(&self) -> Health {
+        self.metrics.health()
+    }
+
+    fn page(&self, path: &str) -> Option<Result<String, String>> {
+        if path != "/leases" {
+            return None;
+        }
+        let (tx, rx) = channel::bounded(1);
+        let _ = self.requests.send(CoreRequest::Leases(tx));
+        Some(
+            rx.recv_timeout(Duration::from_secs(2))
+                .map_err(|_| "allocator busy".to_string()),
+        )
     }
 }
 
@@ -480,7 +458,8 @@ pub struct Server {
     keys: Arc<HashMap<u16, (Role, hmac::Key)>>,
     udp: UdpSocket,
     tcp: TcpListener,
-    http: TcpListener,
+    endpoint: mimiq_metrics::Endpoint,
+    requests: (Sender<CoreRequest>, Receiver<CoreRequest>),
     core: Allocator,
     store: Box<dyn Store>,
     metrics: Arc<Metrics>,
@@ -504,14 +483,19 @@ impl Server {
             .map_err(bind_err("relay (UDP)", settings.relay_listen))?;
         let tcp = TcpListener::bind(settings.publish_listen)
             .map_err(bind_err("rule stream (TCP)", settings.publish_listen))?;
-        let http = TcpListener::bind(settings.metrics_listen)
-            .map_err(bind_err("metrics (HTTP)", settings.metrics_listen))?;
+        let metrics = Arc::new(Metrics::default());
+        let requests = channel::unbounded::<CoreRequest>();
+        let endpoint = Endpoint {
+            metrics: Arc::clone(&metrics),
+            requests: requests.0.clone(),
+        };
+        let endpoint = mimiq_metrics::serve(settings.metrics_listen, Arc::new(endpoint))
+            .map_err(StartError::Metrics)?;
         let keys = settings
             .switches
             .iter()
             .map(|s| (s.id, (s.role, proto::key(&s.secret))))
             .collect();
-        let metrics = Arc::new(Metrics::default());
         metrics
             .expired_while_down
             .store(core.stats().expired_while_down, Ordering::Relaxed);
@@ -520,7 +504,8 @@ impl Server {
             keys: Arc::new(keys),
             udp,
             tcp,
-            http,
+            endpoint,
+            requests,
             core,
             store,
             metrics,
@@ -533,7 +518,7 @@ impl Server {
         Ok(BoundAddrs {
             relay: self.udp.local_addr()?,
             publish: self.tcp.local_addr()?,
-            metrics: self.http.local_addr()?,
+            metrics: self.endpoint.local_addr(),
         })
     }
 
@@ -549,9 +534,8 @@ impl Server {
 
     /// Serves until the stop flag is set or the store fails. Runs the core loop on this thread.
     pub fn run(mut self) -> Result<(), RunError> {
-        let (req_tx, req_rx) = channel::unbounded::<CoreRequest>();
+        let (req_tx, req_rx) = self.requests.clone();
         self.tcp.set_nonblocking(true)?;
-        self.http.set_nonblocking(true)?;
         let acceptor = {
             let (tcp, keys, stop, metrics, req_tx) = (
                 self.tcp.try_clone()?,
@@ -568,20 +552,9 @@ impl Server {
                 .name("alloc-accept".into())
                 .spawn(move || accept_loop(tcp, keys, stop, metrics, req_tx, window, queue))?
         };
-        let http = {
-            let (http, stop, metrics) = (
-                self.http.try_clone()?,
-                self.stop.clone(),
-                self.metrics.clone(),
-            );
-            std::thread::Builder::new()
-                .name("alloc-metrics".into())
-                .spawn(move || http_loop(http, stop, metrics, req_tx))?
-        };
         let result = self.core_loop(req_rx);
         self.stop.store(true, Ordering::Relaxed);
         let _ = acceptor.join();
-        let _ = http.join();
         result
     }
 
@@ -594,6 +567,7 @@ impl Server {
         let mut next_replay_prune = 0u64;
         self.udp.set_read_timeout(Some(TICK))?;
         while !self.stop.load(Ordering::Relaxed) {
+            self.metrics.turn(wall_ms());
             batch.clear();
             match self.udp.recv_from(&mut bufs[0]) {
                 Ok((n, from)) => batch.push((n, from)),
@@ -952,58 +926,5 @@ fn subscriber(
             Err(channel::RecvTimeoutError::Timeout) => {}
             Err(channel::RecvTimeoutError::Disconnected) => return,
         }
-    }
-}
-
-fn http_loop(
-    http: TcpListener,
-    stop: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
-    req_tx: Sender<CoreRequest>,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        let mut stream = match http.accept() {
-            Ok((s, _)) => s,
-            Err(_) => {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            }
-        };
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-        let mut req = [0u8; 4096];
-        let mut n = 0;
-        while n < req.len() {
-            match stream.read(&mut req[n..]) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => {
-                    n += k;
-                    if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-            }
-        }
-        let line = String::from_utf8_lossy(&req[..n]);
-        let path = line.split_whitespace().nth(1).unwrap_or("");
-        let (code, body) = match (line.starts_with("GET "), path) {
-            (true, "/metrics") => ("200 OK", metrics.render()),
-            (true, "/leases") => {
-                let (tx, rx) = channel::bounded(1);
-                let _ = req_tx.send(CoreRequest::Leases(tx));
-                match rx.recv_timeout(Duration::from_secs(2)) {
-                    Ok(s) => ("200 OK", s),
-                    Err(_) => ("503 Service Unavailable", "allocator busy\n".to_string()),
-                }
-            }
-            (true, _) => ("404 Not Found", "try /metrics or /leases\n".to_string()),
-            (false, _) => ("405 Method Not Allowed", "GET only\n".to_string()),
-        };
-        let _ = write!(
-            stream,
-            "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
     }
 }

@@ -294,11 +294,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    if let Some(addr) = config.metrics_listen {
-        telemetry::serve_metrics(addr, Arc::clone(&telemetry), cpu_time_ms)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        tracing::info!("metrics at http://{addr}/metrics");
-    }
+    let _metrics = match config.metrics_listen {
+        Some(addr) => {
+            let source = telemetry::MetricsSource::new(
+                Arc::clone(&telemetry),
+                cpu_time_ms,
+                Duration::from_millis(config.stats_interval_ms),
+            );
+            let endpoint =
+                mimiq_metrics::serve(addr, Arc::new(source)).map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!("metrics at http://{}/metrics", endpoint.local_addr());
+            Some(endpoint)
+        }
+        None => None,
+    };
     tracing::info!(
         "forwarding ({:?}) on {} with {} worker(s)",
         config.role,

@@ -3,11 +3,11 @@
 //!
 //! Workers publish into their own [`WorkerSlot`] once per interval (one uncontended lock per
 //! worker per interval, never per packet). The switch's main thread turns the slots into the
-//! stats file and the `.hlog`; the metrics thread renders them for `GET /metrics`.
+//! stats file and the `.hlog`; the metrics endpoint (`mimiq_metrics::serve`) reads them through
+//! [`MetricsSource`] for `GET /metrics` and `GET /healthz`.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,6 +16,8 @@ use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+use mimiq_metrics::{Families, Health, Kind, Source};
 
 use crate::config::Role;
 use crate::engine::{duration_histogram, WorkerCounters};
@@ -29,6 +31,8 @@ pub struct WorkerSlot {
     pub burst_ns_interval: Histogram<u64>,
     /// Burst processing times since start, in ns.
     pub burst_ns_total: Histogram<u64>,
+    /// When it last published.
+    pub published: Option<Instant>,
 }
 
 /// Shared between the workers, the main thread and the metrics thread.
@@ -115,6 +119,7 @@ impl Telemetry {
                         counters: WorkerCounters::default(),
                         burst_ns_interval: duration_histogram(),
                         burst_ns_total: duration_histogram(),
+                        published: None,
                     })
                 })
                 .collect(),
@@ -134,6 +139,7 @@ impl Telemetry {
         };
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         slot.counters.clone_from(counters);
+        slot.published = Some(Instant::now());
         // Same bounds on both sides, so `add` cannot fail.
         let _ = slot.burst_ns_interval.add(burst_ns);
         let _ = slot.burst_ns_total.add(burst_ns);
@@ -189,200 +195,171 @@ pub fn write_stats_file(path: &Path, stats: &StatsFile) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Renders `stats` in the Prometheus text exposition format.
-pub fn prometheus_text(stats: &StatsFile) -> String {
-    let mut out = String::new();
-    let mut family =
-        |name: &str, kind: &str, help: &str, samples: &mut dyn Iterator<Item = (String, u64)>| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-            for (labels, value) in samples {
-                out.push_str(&format!("{name}{{{labels}}} {value}\n"));
-            }
-        };
-    let port_counter = |field: fn(&crate::engine::PortCounters) -> u64| {
-        stats
-            .workers
-            .iter()
-            .flat_map(move |w| {
-                w.counters.ports.iter().map(move |p| {
-                    (
-                        format!(
-                            "worker=\"{}\",queue=\"{}\",port=\"{}\"",
-                            w.index, w.queue, p.name
-                        ),
-                        field(p),
-                    )
-                })
-            })
-            .collect::<Vec<_>>()
-    };
-    for (name, help, field) in [
-        (
-            "mimiq_switch_rx_packets_total",
-            "Frames received.",
-            (|p| p.rx_packets) as fn(&crate::engine::PortCounters) -> u64,
-        ),
-        ("mimiq_switch_rx_bytes_total", "Bytes received.", |p| {
-            p.rx_bytes
+/// The switch's metrics families, from its stats (`mimiq_switch_*`, docs/OPERATIONS.md).
+pub fn collect(stats: &StatsFile, out: &mut Families) {
+    type PortField = fn(&crate::engine::PortCounters) -> u64;
+    let port_fields: [(&str, &str, PortField); 8] = [
+        ("rx_packets", "Frames received", |p| p.rx_packets),
+        ("rx_bytes", "Bytes received", |p| p.rx_bytes),
+        ("tx_packets", "Frames queued for transmission", |p| {
+            p.tx_packets
         }),
+        ("tx_bytes", "Bytes queued for transmission", |p| p.tx_bytes),
         (
-            "mimiq_switch_tx_packets_total",
-            "Frames queued for transmission.",
-            |p| p.tx_packets,
-        ),
-        (
-            "mimiq_switch_tx_bytes_total",
-            "Bytes queued for transmission.",
-            |p| p.tx_bytes,
-        ),
-        (
-            "mimiq_switch_xdp_rx_dropped_total",
-            "Kernel: frames dropped before the RX ring.",
+            "xdp_rx_dropped",
+            "Kernel: frames dropped before the RX ring",
             |p| p.xdp.map_or(0, |x| x.rx_dropped),
         ),
         (
-            "mimiq_switch_xdp_rx_ring_full_total",
-            "Kernel: frames dropped on a full RX ring.",
+            "xdp_rx_ring_full",
+            "Kernel: frames dropped on a full RX ring",
             |p| p.xdp.map_or(0, |x| x.rx_ring_full),
         ),
         (
-            "mimiq_switch_xdp_fill_ring_empty_total",
-            "Kernel: times the fill ring was empty.",
+            "xdp_fill_ring_empty",
+            "Kernel: times the fill ring was empty",
             |p| p.xdp.map_or(0, |x| x.rx_fill_ring_empty_descs),
         ),
         (
-            "mimiq_switch_xdp_invalid_descs_total",
-            "Kernel and mimiq: invalid RX and TX descriptors.",
+            "xdp_invalid_descs",
+            "Kernel and mimiq: invalid RX and TX descriptors",
             |p| p.xdp.map_or(0, |x| x.rx_invalid_descs + x.tx_invalid_descs),
         ),
-    ] {
-        family(name, "counter", help, &mut port_counter(field).into_iter());
+    ];
+    for (what, help, field) in port_fields {
+        let family = out.counter(format!("mimiq_switch_{what}"), help);
+        for w in &stats.workers {
+            for p in &w.counters.ports {
+                family.sample(
+                    &[
+                        ("worker", w.index.to_string()),
+                        ("queue", w.queue.to_string()),
+                        ("port", p.name.clone()),
+                    ],
+                    field(p),
+                );
+            }
+        }
     }
-    let drops: Vec<(String, u64)> = stats
-        .workers
-        .iter()
-        .flat_map(|w| {
-            crate::pipeline::DropReason::ALL.iter().map(move |r| {
-                (
-                    format!(
-                        "worker=\"{}\",queue=\"{}\",reason=\"{}\"",
-                        w.index,
-                        w.queue,
-                        r.name()
-                    ),
-                    w.counters.drops.get(*r),
-                )
-            })
-        })
-        .collect();
-    family(
-        "mimiq_switch_drops_total",
-        "counter",
-        "Frames dropped, by reason.",
-        &mut drops.into_iter(),
-    );
-    let per_worker = |f: fn(&WorkerStats) -> u64| {
-        stats
-            .workers
-            .iter()
-            .map(|w| {
-                (
-                    format!("worker=\"{}\",queue=\"{}\"", w.index, w.queue),
-                    f(w),
-                )
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-    };
-    family(
-        "mimiq_switch_bursts_total",
-        "counter",
-        "Non-empty bursts processed.",
-        &mut per_worker(|w| w.counters.bursts),
-    );
-    family(
-        "mimiq_switch_slow_path_frames_total",
-        "counter",
-        "Frames handed to the slow path.",
-        &mut per_worker(|w| w.counters.to_slow_path),
-    );
-    family(
-        "mimiq_switch_updates_applied_total",
-        "counter",
-        "Table updates applied.",
-        &mut per_worker(|w| w.counters.updates_applied),
-    );
-    family(
-        "mimiq_switch_burst_ns_p99",
-        "gauge",
-        "99th percentile of burst processing time since start, ns.",
-        &mut per_worker(|w| w.burst_ns.p99),
-    );
-    family(
-        "mimiq_switch_burst_ns_max",
-        "gauge",
-        "Longest burst processing time since start, ns.",
-        &mut per_worker(|w| w.burst_ns.max),
-    );
+    let drops = out.counter("mimiq_switch_drops", "Frames dropped, by reason");
+    for w in &stats.workers {
+        for r in crate::pipeline::DropReason::ALL {
+            drops.sample(
+                &[
+                    ("worker", w.index.to_string()),
+                    ("queue", w.queue.to_string()),
+                    ("reason", r.name().to_string()),
+                ],
+                w.counters.drops.get(r),
+            );
+        }
+    }
+    type WorkerField = fn(&WorkerStats) -> u64;
+    let worker_fields: [(Kind, &str, &str, WorkerField); 5] = [
+        (Kind::Counter, "bursts", "Non-empty bursts processed", |w| {
+            w.counters.bursts
+        }),
+        (
+            Kind::Counter,
+            "slow_path_frames",
+            "Frames handed to the slow path",
+            |w| w.counters.to_slow_path,
+        ),
+        (
+            Kind::Counter,
+            "updates_applied",
+            "Table updates applied",
+            |w| w.counters.updates_applied,
+        ),
+        (
+            Kind::Gauge,
+            "burst_ns_p99",
+            "99th percentile of burst processing time since start, ns",
+            |w| w.burst_ns.p99,
+        ),
+        (
+            Kind::Gauge,
+            "burst_ns_max",
+            "Longest burst processing time since start, ns",
+            |w| w.burst_ns.max,
+        ),
+    ];
+    for (kind, what, help, field) in worker_fields {
+        let family = out.family(kind, format!("mimiq_switch_{what}"), help);
+        for w in &stats.workers {
+            family.sample(
+                &[
+                    ("worker", w.index.to_string()),
+                    ("queue", w.queue.to_string()),
+                ],
+                field(w),
+            );
+        }
+    }
     let sp = &stats.slow_path;
-    let slow = [
+    let slow = out.counter(
+        "mimiq_switch_slow_path",
+        "The slow path's frames and allocator replies, by what became of them",
+    );
+    for (what, n) in [
         ("gateway_answers", sp.gateway_answers),
         ("relayed", sp.relayed),
         ("replies", sp.replies),
         ("ignored_malformed", sp.ignored_malformed),
         ("ignored_not_for_us", sp.ignored_not_for_us),
         ("replies_dropped", sp.replies_dropped),
-    ];
-    family(
-        "mimiq_switch_slow_path_total",
-        "counter",
-        "The slow path's frames and allocator replies, by what became of them.",
-        &mut slow
-            .iter()
-            .map(|(what, n)| (format!("what=\"{what}\""), *n)),
-    );
-    let cpu = [
-        ("mode=\"user\"".to_string(), stats.cpu_user_ms),
-        ("mode=\"system\"".to_string(), stats.cpu_sys_ms),
-    ];
-    family(
-        "mimiq_switch_cpu_ms_total",
-        "counter",
-        "CPU time of the switch process, ms.",
-        &mut cpu.into_iter(),
-    );
-    out
+    ] {
+        slow.sample(&[("what", what)], n);
+    }
+    out.counter("mimiq_switch_cpu_ms", "CPU time of the switch process, ms")
+        .sample(&[("mode", "user")], stats.cpu_user_ms)
+        .sample(&[("mode", "system")], stats.cpu_sys_ms);
 }
 
-/// Serves `GET /metrics` on `addr` from a thread of its own, until the process exits.
-pub fn serve_metrics(
-    addr: SocketAddr,
+/// The switch as a metrics source: its stats, and healthy while every worker publishes.
+pub struct MetricsSource {
     telemetry: Arc<Telemetry>,
     cpu_ms: fn() -> (u64, u64),
-) -> Result<(), String> {
-    let server =
-        tiny_http::Server::http(addr).map_err(|e| format!("metrics endpoint {addr}: {e}"))?;
-    std::thread::Builder::new()
-        .name("mimiq-metrics".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let response = if request.url() == "/metrics" {
-                    let body = prometheus_text(&telemetry.snapshot(cpu_ms()));
-                    let header = tiny_http::Header::from_bytes(
-                        &b"Content-Type"[..],
-                        &b"text/plain; version=0.0.4"[..],
-                    )
-                    .expect("constant header is valid");
-                    tiny_http::Response::from_string(body).with_header(header)
-                } else {
-                    tiny_http::Response::from_string("not found: try /metrics\n")
-                        .with_status_code(404)
-                };
-                let _ = request.respond(response);
+    /// How long a worker may go without publishing before the switch is not ready.
+    silence: Duration,
+}
+
+impl MetricsSource {
+    /// Reads `telemetry`; a worker silent for three intervals makes the switch not ready.
+    pub fn new(telemetry: Arc<Telemetry>, cpu_ms: fn() -> (u64, u64), interval: Duration) -> Self {
+        MetricsSource {
+            telemetry,
+            cpu_ms,
+            silence: 3 * interval.max(Duration::from_millis(100)),
+        }
+    }
+}
+
+impl Source for MetricsSource {
+    fn collect(&self, out: &mut Families) {
+        collect(&self.telemetry.snapshot((self.cpu_ms)()), out);
+    }
+
+    fn health(&self) -> Health {
+        for (i, slot) in self.telemetry.slots.iter().enumerate() {
+            let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.published {
+                None => return Health::NotReady(format!("worker {i} has not started")),
+                Some(at) if at.elapsed() > self.silence => {
+                    return Health::NotReady(format!(
+                        "worker {i} silent for {} ms",
+                        at.elapsed().as_millis()
+                    ))
+                }
+                Some(_) => {}
             }
-        })
-        .map_err(|e| format!("metrics thread: {e}"))?;
-    Ok(())
+        }
+        Health::Ready(format!(
+            "{} worker(s) forwarding ({:?})",
+            self.telemetry.slots.len(),
+            self.telemetry.role
+        ))
+    }
 }
 
 /// An HdrHistogram interval log of per-worker burst processing time, one tagged histogram per
@@ -465,12 +442,23 @@ mod tests {
     }
 
     #[test]
-    fn prometheus_text_has_every_port_counter_and_drop_reason() {
+    fn metrics_have_every_port_counter_and_drop_reason_and_health_follows_the_workers() {
         let t = Telemetry::new(Role::L2fwd, &[0, 1]);
+        let source = Arc::new(MetricsSource::new(
+            Arc::clone(&t),
+            || (12, 34),
+            Duration::from_millis(100),
+        ));
+        assert_eq!(
+            source.health(),
+            Health::NotReady("worker 0 has not started".into())
+        );
         let mut h = duration_histogram();
         h.record(1500).unwrap();
+        t.publish(0, &WorkerCounters::default(), &h);
         t.publish(1, &counters(), &h);
-        let text = prometheus_text(&t.snapshot((12, 34)));
+        assert!(matches!(source.health(), Health::Ready(_)));
+        let text = mimiq_metrics::render(source);
         assert!(
             text.contains(
                 "mimiq_switch_rx_packets_total{worker=\"1\",queue=\"1\",port=\"p0\"} 10\n"
@@ -484,11 +472,7 @@ mod tests {
         ));
         assert!(text.contains("mimiq_switch_cpu_ms_total{mode=\"system\"} 34\n"));
         assert!(text.contains("# TYPE mimiq_switch_drops_total counter\n"));
-        // Every sample line is `name{labels} integer`.
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let (_, value) = line.rsplit_once(' ').unwrap();
-            value.parse::<u64>().unwrap_or_else(|_| panic!("{line}"));
-        }
+        assert!(text.contains("# TYPE mimiq_switch_burst_ns_p99 gauge\n"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -233,14 +233,7 @@ impl Subscriber {
 }
 
 pub fn http_get(at: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(at).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    mimiq_metrics::get(at, path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `/leases` as a set of (ip, mac).
@@ -249,7 +242,11 @@ pub fn leases(at: SocketAddr) -> BTreeSet<(IpAddr, Mac)> {
         .lines()
         .map(|l| {
             let mut it = l.split_whitespace();
-            let ip: IpAddr = it.next().unwrap().parse().unwrap();
+            let ip: IpAddr = it
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("{l:?}"));
             let m: Vec<u8> = it
                 .next()
                 .unwrap()
