@@ -26,6 +26,7 @@ pub mod config;
 /// Direct mode: a hopping quiche client connection over one UDP socket per local address.
 pub mod direct;
 pub mod hopper;
+pub mod metrics;
 /// The QUIC migration driver: probe, migrate, retire CIDs; sans-IO around `quiche::Connection`.
 pub mod migrate;
 pub mod rng;

@@ -1,6 +1,6 @@
 //! `mimiq-agent`: the client agent. `run` starts tunnel mode (the agent is the CONNECT-IP client
 //! and its connection hops between the agent's addresses; see `mimiq_agent::tunnel`), `check`
-//! validates a config file. Errors are one line on stderr: exit 1 for a failed run, 2 for a bad
+//! validates a config file, `stats` prints a running agent's counters. Errors are one line on stderr: exit 1 for a failed run, 2 for a bad
 //! command line or config.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +38,16 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print the running agent's counters: from its metrics endpoint (`[tunnel]
+    /// metrics_listen`), else its stats file.
+    Stats {
+        /// The agent config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Also the counters that are still 0 (metrics endpoint).
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() {
@@ -72,6 +82,16 @@ fn main() {
                 2
             }
         },
+        Cmd::Stats { config, all } => match load(&config).and_then(|cfg| stats(&cfg, all)) {
+            Ok(text) => {
+                print!("{text}");
+                0
+            }
+            Err(e) => {
+                eprintln!("mimiq-agent: error: {e}");
+                1
+            }
+        },
         Cmd::Run { config } => match load(&config) {
             Err(e) => {
                 eprintln!("mimiq-agent: error: {e}");
@@ -94,6 +114,21 @@ fn load(path: &PathBuf) -> Result<AgentConfig, String> {
     let cfg = AgentConfig::from_toml_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     mimiq_agent::tunnel::check(&cfg).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(cfg)
+}
+
+/// The running agent's counters, as text.
+fn stats(cfg: &AgentConfig, all: bool) -> Result<String, String> {
+    let tunnel = cfg.tunnel.as_ref().ok_or("no [tunnel] table")?;
+    if let Some(at) = tunnel.metrics_listen {
+        let text = mimiq_metrics::get(at, "/metrics")
+            .map_err(|e| format!("the agent does not answer: {e}"))?;
+        return Ok(mimiq_metrics::samples_table(&text, all));
+    }
+    let path = tunnel
+        .stats_file
+        .as_ref()
+        .ok_or("[tunnel] has neither metrics_listen nor stats_file")?;
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn run(cfg: &AgentConfig) -> Result<(), String> {

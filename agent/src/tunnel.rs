@@ -22,6 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mimiq_masque::capsule::IpPrefix;
@@ -39,6 +40,7 @@ use crate::addrset::AddressSet;
 use crate::alloc_client::{AllocClientConfig, AllocDriver, AllocEvent};
 use crate::config::AgentConfig;
 use crate::hopper::{ConnectionHopper, HopStats, PacketAction};
+use crate::metrics::AgentMetrics;
 use crate::strategy::HopStrategy;
 
 /// The `[tunnel]` table: where the proxy is and how the tunnel looks on the host.
@@ -89,6 +91,10 @@ pub struct TunnelConfig {
     /// tunnel is up and at exit; none by default.
     #[serde(default)]
     pub stats_file: Option<PathBuf>,
+    /// Serve the counters (Prometheus text at `/metrics`) and `/healthz` over HTTP here, renewed
+    /// every `stats_interval_ms`; none by default.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// How often `stats_file` is rewritten, milliseconds (≥ 10). Default 1,000.
     #[serde(default = "default_stats_interval")]
     pub stats_interval_ms: u64,
@@ -304,6 +310,15 @@ pub fn run(
         .map_err(|e| TunnelError::Config(e.to_string()))?;
     let strategy =
         HopStrategy::new(&config.hop, seed).map_err(|e| TunnelError::Config(e.to_string()))?;
+    let metrics = Arc::new(AgentMetrics::new(Duration::from_millis(
+        tunnel.stats_interval_ms,
+    )));
+    let _endpoint = match tunnel.metrics_listen {
+        Some(addr) => Some(
+            mimiq_metrics::serve(addr, Arc::clone(&metrics) as _).map_err(TunnelError::Config)?,
+        ),
+        None => None,
+    };
     let mut state = TunnelState {
         set,
         hopper: ConnectionHopper::new(0, strategy),
@@ -317,6 +332,7 @@ pub fn run(
         hop_log: create_log(&tunnel.hop_log, "hop_log")?,
         address_log: create_log(&tunnel.address_log, "address_log")?,
         stats_file: tunnel.stats_file.clone(),
+        metrics: tunnel.metrics_listen.map(|_| metrics),
         stats_every: Duration::from_millis(tunnel.stats_interval_ms),
         next_stats: epoch,
         route_proxy: None,
@@ -468,6 +484,8 @@ pub struct TunnelState {
     hop_log: Option<File>,
     address_log: Option<File>,
     stats_file: Option<PathBuf>,
+    /// What the metrics endpoint serves (`metrics_listen`).
+    metrics: Option<Arc<AgentMetrics>>,
     stats_every: Duration,
     next_stats: Instant,
     /// The proxy, to be routed through the allocator's gateway (allocator source only).
@@ -528,7 +546,7 @@ impl HopPolicy for TunnelHops {
 
     fn on_stats(&mut self, stats: &ClientStats, now: Instant) {
         let mut s = self.0.borrow_mut();
-        if s.stats_file.is_none() || now < s.next_stats {
+        if (s.stats_file.is_none() && s.metrics.is_none()) || now < s.next_stats {
             return;
         }
         s.next_stats = now + s.stats_every;
@@ -694,8 +712,12 @@ impl TunnelState {
         r
     }
 
-    /// Writes `report` to the stats file (whole: a temporary file renamed over it).
+    /// Writes `report` to the stats file (whole: a temporary file renamed over it) and hands it
+    /// to the metrics endpoint.
     fn write_stats(&self, report: &TunnelReport) {
+        if let Some(m) = &self.metrics {
+            m.update(report);
+        }
         let Some(path) = &self.stats_file else {
             return;
         };

@@ -36,6 +36,9 @@ pub struct ProxyConfig {
     /// Write counters and latency percentiles as JSON here every second and at exit.
     #[serde(default)]
     pub stats_file: Option<PathBuf>,
+    /// Serve the counters (Prometheus text at `/metrics`) and `/healthz` over HTTP here.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// QUIC transport settings.
     #[serde(default)]
     pub quic: QuicSettings,

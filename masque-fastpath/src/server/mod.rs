@@ -26,6 +26,7 @@ pub mod config;
 mod endpoints;
 pub mod generation;
 mod handoff;
+pub mod metrics;
 mod proxy;
 pub mod route;
 mod xdp;

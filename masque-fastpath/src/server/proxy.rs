@@ -26,6 +26,7 @@ use super::config::Datapath;
 use super::endpoints::Datagrams;
 use super::generation::Generation;
 use super::handoff::Rings;
+use super::metrics::ProxyMetrics;
 use super::route::Routes;
 use super::xdp::XdpDatagrams;
 use super::{Percentiles, ProxyConfig, Stats, Worker};
@@ -112,6 +113,10 @@ pub struct Proxy {
     local: SocketAddr,
     gso: bool,
     stats_file: Option<PathBuf>,
+    /// The counters the metrics endpoint serves.
+    metrics: Arc<ProxyMetrics>,
+    /// The metrics endpoint (`metrics_listen`).
+    endpoint: Option<mimiq_metrics::Endpoint>,
     /// The connection-ID steering program (with more than one worker).
     steering: Option<ReuseportSteering>,
 }
@@ -121,6 +126,11 @@ impl Proxy {
     /// a message naming what could not be set up.
     pub fn start(cfg: ProxyConfig) -> Result<Proxy, String> {
         cfg.validate()?;
+        let metrics = Arc::new(ProxyMetrics::new());
+        let endpoint = match cfg.metrics_listen {
+            Some(addr) => Some(mimiq_metrics::serve(addr, Arc::clone(&metrics) as _)?),
+            None => None,
+        };
         let n = match (&cfg.datapath, &cfg.xdp) {
             (Datapath::Xdp, Some(x)) => {
                 let queues = x.queues()?;
@@ -315,6 +325,8 @@ impl Proxy {
             local: listen,
             gso: false,
             stats_file: cfg.stats_file.clone(),
+            metrics,
+            endpoint,
             steering,
         };
         for _ in 0..n {
@@ -326,6 +338,13 @@ impl Proxy {
         }
         proxy.gso = gso;
         Ok(proxy)
+    }
+
+    /// Where the metrics endpoint listens (`metrics_listen`, its port chosen when 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.endpoint
+            .as_ref()
+            .map(mimiq_metrics::Endpoint::local_addr)
     }
 
     /// The address the proxy listens on.
@@ -427,6 +446,7 @@ impl Proxy {
     /// Writes the counters to `stats_file` (replaced atomically), and returns them.
     fn write_stats(&self) -> Value {
         let stats = self.counters();
+        self.metrics.update(&stats);
         if let Some(path) = &self.stats_file {
             if let Ok(text) = serde_json::to_string_pretty(&stats) {
                 let tmp = path.with_extension("tmp");
