@@ -1,7 +1,7 @@
 //! `mimiq-agent`: the client agent. `run` starts tunnel mode (the agent is the CONNECT-IP client
 //! and its connection hops between the agent's addresses; see `mimiq_agent::tunnel`), `check`
-//! validates a config file, `stats` prints a running agent's counters. Errors are one line on stderr: exit 1 for a failed run, 2 for a bad
-//! command line or config.
+//! validates a config file, `stats` prints a running agent's counters. Errors are one line on
+//! stderr: exit 1 for a failed run, 2 for a bad command line or config.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

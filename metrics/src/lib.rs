@@ -418,7 +418,10 @@ mod tests {
         }
     }
 
-    fn scrape(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+    /// A sample: its name, its sorted labels, its value.
+    type Sample = (String, Vec<(String, String)>, f64);
+
+    fn scrape(text: &str) -> Vec<Sample> {
         let lines = text.lines().map(|l| Ok(l.to_string()));
         let parsed = prometheus_parse::Scrape::parse(lines).expect("parses as Prometheus text");
         parsed

@@ -119,6 +119,7 @@ pub fn switch_config(dir: &std::path::Path, queues: u32) -> std::path::PathBuf {
 role = "single_box"
 stats_path = "{stats}"
 stats_interval_ms = 50
+metrics_listen = "127.0.0.1:9464"
 workers = {workers}
 
 [access]

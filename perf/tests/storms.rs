@@ -262,15 +262,8 @@ fn a_flood_of_garbage_quic_short_headers_at_the_proxy_is_counted_and_a_tunnel_do
 
 /// `GET /metrics` of the allocator on the single box's switch host.
 fn allocator_metrics(tb: &Testbed) -> String {
-    tb.run_in("sw", || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9364").unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        text
-    })
-    .unwrap()
+    tb.http_get("sw", "127.0.0.1:9364", "/metrics")
+        .unwrap_or_else(|e| panic!("scrape: {e}"))
 }
 
 /// The value of the metric line that starts with `name` (labels included), 0 if absent.

@@ -257,15 +257,10 @@ fn two_workers_serve_two_queues_and_publish_metrics_and_hlog_on_sigusr1() {
         })
         .unwrap_or_else(|e| panic!("both queues carried traffic: {e}"));
 
-    // Prometheus text, scraped from inside the namespace with a plain HTTP/1.0 request.
-    let scrape = tb
-        .exec_ok("sw", &["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"])
+    // Prometheus text, scraped from inside the namespace.
+    let text = tb
+        .http_get("sw", "127.0.0.1:9464", "/metrics")
         .unwrap_or_else(|e| panic!("scrape: {e}"));
-    let text = String::from_utf8_lossy(&scrape.stdout);
-    assert!(
-        text.starts_with("HTTP/1.") && text.contains(" 200 "),
-        "{text}"
-    );
     let sample = |name: &str| -> u64 {
         text.lines()
             .filter(|l| l.starts_with(name))

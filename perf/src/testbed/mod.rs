@@ -369,6 +369,15 @@ impl Testbed {
         }
     }
 
+    /// `GET path` from an HTTP endpoint (a metrics endpoint) at `at` inside `host`: the body of
+    /// a 200 answer, or why there was none.
+    pub fn http_get(&self, host: &str, at: &str, path: &str) -> Result<String, String> {
+        let at: std::net::SocketAddr = at.parse().map_err(|e| format!("{at}: {e}"))?;
+        let path = path.to_string();
+        self.run_in(host, move || mimiq_metrics::get(at, &path))
+            .map_err(|e| e.to_string())?
+    }
+
     /// Starts `f` on a thread that joins `host`'s network namespace first (a server inside a
     /// host, say); the handle gives back what `f` returned, or why the thread could not join.
     pub fn spawn_in<T: Send + 'static>(
