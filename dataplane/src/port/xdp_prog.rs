@@ -260,11 +260,18 @@ impl Drop for XdpProgram {
 }
 
 /// Takes the per-interface lock that says "a live mimiq-switch owns this interface's program".
+/// The locks live in `xdp/` under the runtime directory systemd gives the unit
+/// (`$RUNTIME_DIRECTORY`, its first entry), `/run/mimiq` without one.
 fn take_lock(ifindex: i32) -> Result<File, String> {
     let netns = std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.ino())
         .unwrap_or(0);
-    let dir = std::path::Path::new("/run/mimiq/xdp");
+    let runtime = std::env::var("RUNTIME_DIRECTORY")
+        .ok()
+        .and_then(|dirs| dirs.split(':').next().map(std::path::PathBuf::from))
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| "/run/mimiq".into());
+    let dir = &runtime.join("xdp");
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join(format!("{netns}-{ifindex}.lock"));
     let file = File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;

@@ -83,7 +83,37 @@ pub struct Testbed {
     logs: tempfile::TempDir,
     spawned: std::sync::atomic::AtomicU32,
     keep: bool,
+    /// Hosts whose spawned processes run as an unprivileged user ([`Testbed::run_as`]).
+    users: std::sync::Mutex<std::collections::HashMap<String, Unprivileged>>,
 }
+
+/// An unprivileged user that a host's processes run as, with only some capabilities (those of
+/// the binary's systemd unit in configs/systemd/), as systemd would start them.
+#[derive(Debug, Clone)]
+pub struct Unprivileged {
+    /// User and group id.
+    pub uid: u32,
+    /// Capability names as in a unit's `AmbientCapabilities=` (`CAP_NET_ADMIN`, ...).
+    pub caps: Vec<String>,
+    /// The directory given as `$RUNTIME_DIRECTORY` (made and handed to the user first).
+    pub runtime_dir: PathBuf,
+}
+
+/// Run by `sh -c` in front of a command: what systemd does for a unit with `User=`,
+/// `AmbientCapabilities=`, `RuntimeDirectory=` and the `ExecStartPre=+` line of
+/// configs/systemd/ that gives libxdp a bpffs directory, then the command under setpriv.
+const AS_USER: &str = r#"uid=$1 caps=$2 run=$3; shift 3
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+mkdir -p /sys/fs/bpf/mimiq "$run" && chown "$uid:$uid" /sys/fs/bpf/mimiq "$run" || exit 1
+# A host's udev makes /dev/net/tun 0666, which the units count on; a container's may be 0600:
+# then this process's mount namespace gets a 0666 node of the same device over it.
+if [ "$(stat -c %a /dev/net/tun)" != 666 ]; then
+  { [ -c "$run/tun" ] || mknod -m 666 "$run/tun" c 10 200; } &&
+    mount --bind "$run/tun" /dev/net/tun || exit 1
+fi
+export RUNTIME_DIRECTORY="$run" LIBXDP_BPFFS=/sys/fs/bpf/mimiq
+exec setpriv --reuid="$uid" --regid="$uid" --clear-groups --inh-caps="-all$caps" \
+  --ambient-caps="-all$caps" --bounding-set="-all$caps" -- "$@""#;
 
 impl Testbed {
     /// A new, empty testbed with a name no other testbed on this machine uses.
@@ -111,6 +141,7 @@ impl Testbed {
                 .tempdir()?,
             spawned: Default::default(),
             keep: false,
+            users: Default::default(),
         })
     }
 
@@ -329,7 +360,29 @@ impl Testbed {
         let stderr_path = base.with_extension("err");
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &ns]);
-        if bpffs {
+        let user = self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(host)
+            .cloned();
+        if let Some(u) = user {
+            let caps: String = u
+                .caps
+                .iter()
+                .map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase()))
+                .collect();
+            command
+                .args([
+                    "sh",
+                    "-c",
+                    AS_USER,
+                    "mimiq-as-user",
+                    &u.uid.to_string(),
+                    &caps,
+                ])
+                .arg(&u.runtime_dir);
+        } else if bpffs {
             command.args([
                 "sh",
                 "-c",
@@ -352,6 +405,14 @@ impl Testbed {
             stdout_path,
             stderr_path,
         })
+    }
+
+    /// From now on, the processes [`Testbed::spawn`] starts on `host` run as `user`.
+    pub fn run_as(&self, host: &str, user: Unprivileged) {
+        self.users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(host.to_string(), user);
     }
 
     /// Runs `f` on a thread that has joined `host`'s network namespace (only that thread: the
