@@ -33,7 +33,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mimiq_allocator::client::{AllocClient, ClientError, PendingRelease, PendingRequest};
 use mimiq_allocator::proto::Status;
@@ -167,6 +167,8 @@ pub enum AllocEvent {
         gateway: IpAddr,
         /// It answered a request that had already timed out.
         late: bool,
+        /// From sending the request to its reply (none for a late reply).
+        round_trip: Option<Duration>,
     },
     /// An allocation failed; the next attempt is not before `retry_at_ms`.
     Failed {
@@ -217,6 +219,8 @@ pub struct AllocDriver {
     rng: Csprng,
     jitter: SplitMix64,
     in_flight: Option<(PendingRequest, u64)>,
+    /// When the request in flight was sent (for its round trip).
+    sent_at: Option<Instant>,
     late: VecDeque<(PendingRequest, u64)>,
     releases: VecDeque<(PendingRelease, u64)>,
     failures: u32,
@@ -262,6 +266,7 @@ impl AllocDriver {
             rng,
             jitter,
             in_flight: None,
+            sent_at: None,
             late: VecDeque::new(),
             releases: VecDeque::new(),
             failures: 0,
@@ -437,7 +442,8 @@ impl AllocDriver {
                     Ok(allocation) => {
                         self.failures = 0;
                         self.retry_at_ms = 0;
-                        events.push(self.allocated(sent_ms, allocation, set, false));
+                        let round_trip = self.sent_at.map(|t| t.elapsed());
+                        events.push(self.allocated(sent_ms, allocation, set, false, round_trip));
                     }
                     Err(e) => {
                         self.count_client_error(&e);
@@ -463,7 +469,7 @@ impl AllocDriver {
                 // A refusal of a request already given up on changes nothing.
                 if let Some(Ok(allocation)) = pending.accept(datagram) {
                     self.counters.late_replies_total += 1;
-                    events.push(self.allocated(sent_ms, allocation, set, true));
+                    events.push(self.allocated(sent_ms, allocation, set, true, None));
                 }
             }
             return;
@@ -488,6 +494,7 @@ impl AllocDriver {
         allocation: mimiq_allocator::client::Allocation,
         set: &mut AddressSet,
         late: bool,
+        round_trip: Option<Duration>,
     ) -> AllocEvent {
         self.counters.allocations_total += 1;
         self.counters.addresses_total += allocation.addrs.len() as u64;
@@ -498,6 +505,7 @@ impl AllocDriver {
             addrs: allocation.addrs,
             gateway: allocation.gateway,
             late,
+            round_trip,
         }
     }
 
@@ -512,6 +520,7 @@ impl AllocDriver {
             }
         })?;
         self.in_flight = Some((pending, now_ms));
+        self.sent_at = Some(Instant::now());
         Ok(())
     }
 
@@ -753,12 +762,14 @@ mod tests {
             gateway,
             late,
             requested_ms,
+            round_trip,
         } = &events[0]
         else {
             panic!("{events:?}")
         };
         assert_eq!(addrs.len(), 3);
         assert!(!late);
+        assert!(round_trip.is_some(), "an answer in time has its round trip");
         assert_eq!(*gateway, "10.0.0.1".parse::<IpAddr>().unwrap());
         // The reply arrived at 10 ms; the lifetimes (10 s) count from the request, at 0.
         assert_eq!(*requested_ms, 0);

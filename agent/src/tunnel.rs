@@ -42,6 +42,8 @@ use crate::config::AgentConfig;
 use crate::hopper::{ConnectionHopper, HopStats, PacketAction};
 use crate::metrics::AgentMetrics;
 use crate::strategy::HopStrategy;
+use hdrhistogram::Histogram;
+use mimiq_metrics::hlog::{duration_histogram, DumpTimer, IntervalLog};
 
 /// The `[tunnel]` table: where the proxy is and how the tunnel looks on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -98,6 +100,11 @@ pub struct TunnelConfig {
     /// How often `stats_file` is rewritten, milliseconds (≥ 10). Default 1,000.
     #[serde(default = "default_stats_interval")]
     pub stats_interval_ms: u64,
+    /// An HdrHistogram interval log (ns): tag `hop` (a hop's probe sent to the path validated)
+    /// and tag `allocation` (an allocation request to its reply), an interval every
+    /// `stats_interval_ms` and one at once on SIGUSR1; none by default.
+    #[serde(default)]
+    pub hlog_file: Option<PathBuf>,
     /// One line per hop (`time_ms,outcome,from,to,latency_us`); none by default.
     #[serde(default)]
     pub hop_log: Option<PathBuf>,
@@ -330,6 +337,17 @@ pub fn run(
         report: TunnelReport::default(),
         client: ClientStats::default(),
         hop_log: create_log(&tunnel.hop_log, "hop_log")?,
+        hlog: match &tunnel.hlog_file {
+            Some(path) => Some(Latencies::create(
+                path,
+                Duration::from_millis(tunnel.stats_interval_ms),
+            )?),
+            None => {
+                // SIGUSR1 asks for a dump; without a log it must not end the agent.
+                DumpTimer::new(Duration::MAX).map_err(|e| TunnelError::Config(e.to_string()))?;
+                None
+            }
+        },
         address_log: create_log(&tunnel.address_log, "address_log")?,
         stats_file: tunnel.stats_file.clone(),
         metrics: tunnel.metrics_listen.map(|_| metrics),
@@ -446,7 +464,51 @@ pub fn run(
     state.client = result?;
     let report = state.snapshot();
     state.write_stats(&report);
+    if let Some(Err(e)) = state.hlog.as_mut().map(Latencies::write) {
+        tracing::warn!("hlog_file: {e}");
+    }
     Ok(report)
+}
+
+/// The agent's `.hlog`: hop and allocation latencies of the interval so far.
+struct Latencies {
+    log: IntervalLog,
+    timer: DumpTimer,
+    hop: Histogram<u64>,
+    allocation: Histogram<u64>,
+}
+
+impl Latencies {
+    fn create(path: &std::path::Path, every: Duration) -> Result<Latencies, TunnelError> {
+        let fail =
+            |e: std::io::Error| TunnelError::Config(format!("hlog_file {}: {e}", path.display()));
+        Ok(Latencies {
+            log: IntervalLog::create(
+                path,
+                "mimiq-agent latency, ns: hop = probe sent to path validated, allocation = request to reply",
+            )
+            .map_err(fail)?,
+            timer: DumpTimer::new(every).map_err(fail)?,
+            hop: duration_histogram(),
+            allocation: duration_histogram(),
+        })
+    }
+
+    /// Appends the interval when it is due (or SIGUSR1 asked), and starts the next.
+    fn write_if_due(&mut self) -> std::io::Result<()> {
+        if !self.timer.due() {
+            return Ok(());
+        }
+        self.write()
+    }
+
+    fn write(&mut self) -> std::io::Result<()> {
+        self.log
+            .write(&[("hop", &self.hop), ("allocation", &self.allocation)])?;
+        self.hop.reset();
+        self.allocation.reset();
+        Ok(())
+    }
 }
 
 fn create_log(path: &Option<PathBuf>, what: &str) -> Result<Option<File>, TunnelError> {
@@ -482,6 +544,8 @@ pub struct TunnelState {
     /// The client's counters, as last published.
     client: ClientStats,
     hop_log: Option<File>,
+    /// The latency log (`hlog_file`).
+    hlog: Option<Latencies>,
     address_log: Option<File>,
     stats_file: Option<PathBuf>,
     /// What the metrics endpoint serves (`metrics_listen`).
@@ -524,6 +588,9 @@ impl HopPolicy for TunnelHops {
                 let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
                 if s.latencies_us.len() < 1_000_000 {
                     s.latencies_us.push(us);
+                }
+                if let Some(h) = s.hlog.as_mut() {
+                    h.hop.saturating_record(latency.as_nanos() as u64);
                 }
                 if !s.used.contains(&to) {
                     s.used.push(to);
@@ -577,6 +644,11 @@ impl TunnelState {
 
     fn housekeeping(&mut self, now: Instant) -> Option<Duration> {
         let now_ms = self.now_ms(now);
+        if let Some(h) = self.hlog.as_mut() {
+            if let Err(e) = h.write_if_due() {
+                tracing::warn!("hlog_file: {e}");
+            }
+        }
         if let Some(alloc) = self.alloc.as_mut() {
             for ev in alloc.poll(now_ms, &mut self.set) {
                 match ev {
@@ -584,9 +656,13 @@ impl TunnelState {
                         addrs,
                         gateway,
                         requested_ms,
+                        round_trip,
                         ..
                     } => {
                         self.report.addresses_allocated += addrs.len() as u64;
+                        if let (Some(h), Some(rtt)) = (self.hlog.as_mut(), round_trip) {
+                            h.allocation.saturating_record(rtt.as_nanos() as u64);
+                        }
                         tracing::info!("allocated {} addresses", addrs.len());
                         let now_unix = unix_ms();
                         // Lifetimes count from the request (AllocEvent::Allocated).

@@ -37,9 +37,15 @@ pub struct ServerSection {
     /// TCP address of the rule stream. Default `0.0.0.0:6365`.
     #[serde(default = "default_publish")]
     pub publish_listen: SocketAddr,
-    /// HTTP address for `/metrics` (Prometheus text) and `/leases`. Default `127.0.0.1:9364`.
+    /// HTTP address for `/metrics` (Prometheus text), `/healthz` and `/leases`. Default
+    /// `127.0.0.1:9364`.
     #[serde(default = "default_metrics")]
     pub metrics_listen: SocketAddr,
+    /// An HdrHistogram interval log (ns): tag `request` (a datagram received to its reply sent,
+    /// durable in between) and tag `commit` (one group commit), an interval a second and one at
+    /// once on SIGUSR1. None by default.
+    #[serde(default)]
+    pub hlog_file: Option<std::path::PathBuf>,
     /// Lease database path (redb file), or `"memory"` for a non-durable store (tests only).
     /// Default `/var/lib/mimiq/allocator.redb`.
     #[serde(default = "default_store")]

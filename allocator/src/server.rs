@@ -26,6 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam::channel::{self, Receiver, Sender};
+use hdrhistogram::Histogram;
+use mimiq_metrics::hlog::{duration_histogram, DumpTimer, IntervalLog};
 use mimiq_metrics::{Families, Health, Source};
 use ring::hmac;
 
@@ -57,6 +59,8 @@ pub struct Settings {
     pub publish_listen: SocketAddr,
     /// HTTP address of the metrics endpoint.
     pub metrics_listen: SocketAddr,
+    /// The latency log.
+    pub hlog_file: Option<std::path::PathBuf>,
     /// Replay window (ms).
     pub replay_window_ms: u64,
     /// Datagrams per batch.
@@ -79,6 +83,7 @@ impl Settings {
             relay_listen: cfg.server.relay_listen,
             publish_listen: cfg.server.publish_listen,
             metrics_listen: cfg.server.metrics_listen,
+            hlog_file: cfg.server.hlog_file.clone(),
             replay_window_ms: cfg.server.replay_window_ms,
             batch_max: cfg.server.batch_max,
             subscriber_queue: cfg.server.subscriber_queue,
@@ -386,6 +391,59 @@ impl Source for Metrics {
     }
 }
 
+/// The allocator's `.hlog` (`hlog_file`): request and commit latencies of the interval so far.
+/// Without a file nothing is recorded, and SIGUSR1 is still caught (it must not end the
+/// allocator).
+struct Latencies {
+    log: Option<IntervalLog>,
+    timer: DumpTimer,
+    request: Histogram<u64>,
+    commit: Histogram<u64>,
+}
+
+impl Latencies {
+    fn open(path: Option<&std::path::Path>) -> std::io::Result<Latencies> {
+        let log = match path {
+            Some(p) => Some(IntervalLog::create(
+                p,
+                "mimiq-allocator latency, ns: request = datagram received to reply sent, commit = one group commit",
+            )?),
+            None => None,
+        };
+        Ok(Latencies {
+            log,
+            timer: DumpTimer::new(Duration::from_secs(1))?,
+            request: duration_histogram(),
+            commit: duration_histogram(),
+        })
+    }
+
+    fn record_request(&mut self, took: Duration) {
+        if self.log.is_some() {
+            self.request.saturating_record(took.as_nanos() as u64);
+        }
+    }
+
+    fn record_commit(&mut self, took: Duration) {
+        if self.log.is_some() {
+            self.commit.saturating_record(took.as_nanos() as u64);
+        }
+    }
+
+    /// Appends the interval when it is due (or SIGUSR1 asked).
+    fn write_if_due(&mut self) -> std::io::Result<()> {
+        let Some(log) = self.log.as_mut() else {
+            return Ok(());
+        };
+        if self.timer.due() {
+            log.write(&[("request", &self.request), ("commit", &self.commit)])?;
+            self.request.reset();
+            self.commit.reset();
+        }
+        Ok(())
+    }
+}
+
 /// The allocator's metrics endpoint: its [`Metrics`], and `/leases` asked of the core thread.
 struct Endpoint {
     metrics: Arc<Metrics>,
@@ -561,16 +619,26 @@ impl Server {
     fn core_loop(&mut self, req_rx: Receiver<CoreRequest>) -> Result<(), RunError> {
         let mut bufs = vec![[0u8; MAX_DATAGRAM]; self.settings.batch_max];
         let mut batch: Vec<(usize, SocketAddr)> = Vec::with_capacity(self.settings.batch_max);
-        let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+        // When each datagram of the batch arrived (for the `request` latency).
+        let mut arrived: Vec<Instant> = Vec::with_capacity(self.settings.batch_max);
+        let mut latencies = Latencies::open(self.settings.hlog_file.as_deref())?;
+        let mut replies: Vec<(Vec<u8>, SocketAddr, Instant)> = Vec::new();
         let mut fanout = Fanout::new(self.settings.subscriber_queue);
         let mut replay: ReplayCache = HashMap::new();
         let mut next_replay_prune = 0u64;
         self.udp.set_read_timeout(Some(TICK))?;
         while !self.stop.load(Ordering::Relaxed) {
             self.metrics.turn(wall_ms());
+            if let Err(e) = latencies.write_if_due() {
+                tracing::warn!("hlog_file: {e}");
+            }
             batch.clear();
+            arrived.clear();
             match self.udp.recv_from(&mut bufs[0]) {
-                Ok((n, from)) => batch.push((n, from)),
+                Ok((n, from)) => {
+                    batch.push((n, from));
+                    arrived.push(Instant::now());
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -586,7 +654,10 @@ impl Server {
                 self.udp.set_nonblocking(true)?;
                 while batch.len() < self.settings.batch_max {
                     match self.udp.recv_from(&mut bufs[batch.len()]) {
-                        Ok((n, from)) => batch.push((n, from)),
+                        Ok((n, from)) => {
+                            batch.push((n, from));
+                            arrived.push(Instant::now());
+                        }
                         Err(_) => break,
                     }
                 }
@@ -603,7 +674,7 @@ impl Server {
             }
             for (i, &(n, from)) in batch.iter().enumerate() {
                 if let Some(reply) = self.handle(&bufs[i][..n], now, &mut replay) {
-                    replies.push((reply, from));
+                    replies.push((reply, from, arrived[i]));
                 }
             }
             self.core.advance(now);
@@ -616,9 +687,11 @@ impl Server {
                 self.metrics
                     .commit_ops
                     .fetch_add(journal.len() as u64, Ordering::Relaxed);
+                let took = t.elapsed();
                 self.metrics
                     .commit_us
-                    .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                latencies.record_commit(took);
             }
             // Publish before answering, so switches learn a binding before its client uses it.
             let updates = self.core.take_updates();
@@ -631,9 +704,10 @@ impl Server {
                 .subscribers_dropped
                 .store(fanout.dropped(), Ordering::Relaxed);
             self.export_gauges(fanout.len());
-            for (bytes, to) in replies.drain(..) {
+            for (bytes, to, arrived) in replies.drain(..) {
                 // A failed send (e.g. the switch vanished) loses one reply; the client retries.
                 let _ = self.udp.send_to(&bytes, to);
+                latencies.record_request(arrived.elapsed());
             }
             while let Ok(req) = req_rx.try_recv() {
                 match req {

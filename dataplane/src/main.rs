@@ -236,9 +236,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
     }
-    let dump_now = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&dump_now))
-        .context("signal handler")?;
+    let interval = Duration::from_millis(config.stats_interval_ms);
+    // The .hlog: on the interval, and at once on SIGUSR1.
+    let mut dump = mimiq_metrics::hlog::DumpTimer::new(interval).context("signal handler")?;
 
     let (plans, updates) = plans(&config)?;
     let queues: Vec<u32> = plans.iter().map(|p| p.queue).collect();
@@ -315,8 +315,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         workers.len()
     );
 
-    let interval = Duration::from_millis(config.stats_interval_ms);
-    let mut next_hlog = Instant::now() + interval;
     let mut next_stats = Instant::now();
     while !workers.iter().all(|w| w.is_finished()) {
         // Written on the interval only; the loop wakes more often to notice a stop or SIGUSR1.
@@ -326,11 +324,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             next_stats = Instant::now() + interval;
         }
         if let Some(log) = &mut hlog {
-            // On the interval, and at once on SIGUSR1.
-            if dump_now.swap(false, Ordering::Relaxed) || Instant::now() >= next_hlog {
+            if dump.due() {
                 log.write_interval(&telemetry)
                     .context("cannot write the hlog")?;
-                next_hlog = Instant::now() + interval;
             }
         }
         std::thread::sleep(interval.min(Duration::from_millis(50)));

@@ -6,17 +6,14 @@
 //! stats file and the `.hlog`; the metrics endpoint (`mimiq_metrics::serve`) reads them through
 //! [`MetricsSource`] for `GET /metrics` and `GET /healthz`.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
-use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use mimiq_metrics::hlog::IntervalLog;
 use mimiq_metrics::{Families, Health, Kind, Source};
 
 use crate::config::Role;
@@ -363,33 +360,17 @@ impl Source for MetricsSource {
 }
 
 /// An HdrHistogram interval log of per-worker burst processing time, one tagged histogram per
-/// worker per interval (`worker<index>`), readable by the standard HdrHistogram log tools.
+/// worker per interval (`worker<index>`).
 pub struct HlogWriter {
-    out: BufWriter<File>,
-    serializer: V2DeflateSerializer,
-    base: Instant,
-    last: Instant,
+    log: IntervalLog,
     tags: Vec<String>,
 }
 
 impl HlogWriter {
     /// Creates (truncates) the log at `path` and writes its header.
     pub fn create(path: &Path, telemetry: &Telemetry) -> std::io::Result<Self> {
-        let mut out = BufWriter::new(File::create(path)?);
-        let mut serializer = V2DeflateSerializer::new();
-        let now = SystemTime::now();
-        IntervalLogWriterBuilder::new()
-            .add_comment("mimiq-switch burst processing time, ns, per worker")
-            .with_start_time(now)
-            .with_base_time(now)
-            .begin_log_with(&mut out, &mut serializer)?;
-        out.flush()?;
-        let base = Instant::now();
         Ok(HlogWriter {
-            out,
-            serializer,
-            base,
-            last: base,
+            log: IntervalLog::create(path, "mimiq-switch burst processing time, ns, per worker")?,
             tags: (0..telemetry.queues.len())
                 .map(|i| format!("worker{i}"))
                 .collect(),
@@ -398,18 +379,14 @@ impl HlogWriter {
 
     /// Appends every worker's histogram of the interval since the last call.
     pub fn write_interval(&mut self, telemetry: &Telemetry) -> std::io::Result<()> {
-        let now = Instant::now();
-        let start = self.last.duration_since(self.base);
-        let length = now.duration_since(self.last).max(Duration::from_millis(1));
-        self.last = now;
         let intervals = telemetry.take_intervals();
-        let mut log =
-            IntervalLogWriterBuilder::new().begin_log_with(&mut self.out, &mut self.serializer)?;
-        for (h, tag) in intervals.iter().zip(&self.tags) {
-            log.write_histogram(h, start, length, Tag::new(tag))
-                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        }
-        self.out.flush()
+        let tagged: Vec<(&str, &Histogram<u64>)> = self
+            .tags
+            .iter()
+            .map(String::as_str)
+            .zip(&intervals)
+            .collect();
+        self.log.write(&tagged)
     }
 }
 

@@ -12,9 +12,12 @@
 //!   balancers and routing daemons;
 //! * whatever else the source serves ([`Source::page`]; the allocator's `/leases`).
 //!
-//! [`get`] is the client `<binary> stats` uses to read a running process's counters.
+//! [`get`] is the client `<binary> stats` uses to read a running process's counters, and
+//! [`hlog`] writes the latency histograms every binary keeps.
 
 #![forbid(unsafe_code)]
+
+pub mod hlog;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -48,6 +48,7 @@ relay_listen = "127.0.0.1:6364"
 publish_listen = "0.0.0.0:6365"
 metrics_listen = "127.0.0.1:9364"
 store = "{store}"
+hlog_file = "{hlog}"
 
 [lease]
 t_ip_min_ms = {tmin}
@@ -82,6 +83,7 @@ role = "edge"
 key_hex = "{EDGE_KEY}"
 "#,
             store = dir.join("leases.redb").display(),
+            hlog = dir.join("allocator.hlog").display(),
             pool = t.4,
             gw = addr::GATEWAY_V4,
             pool6 = addr::POOL_V6,

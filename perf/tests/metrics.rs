@@ -1,16 +1,19 @@
 //! Every binary's metrics endpoint, scraped while it carries traffic between real kernel hosts:
 //! what it serves parses as Prometheus text (prometheus-parse), holds exactly the families
 //! docs/OPERATIONS.md lists for that binary (and every one the Grafana dashboard in
-//! configs/grafana/ queries), moves when traffic moves, and `/healthz` says ready.
+//! configs/grafana/ queries), moves when traffic moves, and `/healthz` says ready. Their `.hlog`
+//! files read back with the hdrhistogram crate, and a storm of SIGUSR1 is absorbed (the dumps
+//! it asks for coalesce).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
 use mimiq_allocator::Family;
+use mimiq_metrics::hlog;
 use mimiq_perf::masque::{self, addr, stop_client, ProxyProc};
 use mimiq_perf::singlebox::{allocate, start, use_address, SingleBox, LONG};
-use mimiq_perf::testbed::{bin_path, eventually, require_root, Testbed};
+use mimiq_perf::testbed::{bin_path, eventually, require_root, Proc, Testbed};
 use mimiq_perf::traffic;
 
 /// A scrape: family names (from `# TYPE`) and each sample's value summed over its labels.
@@ -102,6 +105,38 @@ fn assert_documented(s: &Scrape, binary: &str) {
     );
 }
 
+/// Signals sent in one storm.
+const STORM: usize = 2_000;
+
+/// Sends `proc` [`STORM`] SIGUSR1 back to back; it must live on, and the dumps they ask for
+/// coalesce (each binary checks the flag once a pass, so far fewer intervals than signals).
+fn sigusr1_storm(proc: &mut Proc, hlog: &Path) {
+    let before = hlog::read(hlog).unwrap().len();
+    for _ in 0..STORM {
+        proc.signal(libc::SIGUSR1);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        proc.try_status().is_none(),
+        "died of SIGUSR1: {}",
+        proc.describe()
+    );
+    let added = hlog::read(hlog).unwrap().len() - before;
+    assert!(
+        added < STORM / 4,
+        "{added} hlog entries for {STORM} signals"
+    );
+}
+
+/// Each tag's samples over the whole log at `path`.
+fn samples_by_tag(path: &Path) -> BTreeMap<String, u64> {
+    let mut by = BTreeMap::new();
+    for i in hlog::read(path).unwrap() {
+        *by.entry(i.tag.unwrap_or_default()).or_insert(0) += i.histogram.len();
+    }
+    by
+}
+
 #[test]
 fn the_proxy_and_the_agent_serve_documented_metrics_that_move_with_a_download() {
     require_root();
@@ -113,7 +148,10 @@ fn the_proxy_and_the_agent_serve_documented_metrics_that_move_with_a_download() 
         "p",
         dir.path(),
         "0.0.0.0:4433",
-        "metrics_listen = \"127.0.0.1:9465\"\n",
+        &format!(
+            "metrics_listen = \"127.0.0.1:9465\"\nhlog_file = \"{}\"\n",
+            dir.path().join("proxy.hlog").display()
+        ),
     )
     .unwrap();
     let addresses: Vec<String> = addr::CLIENT_V4.iter().map(|a| format!("\"{a}\"")).collect();
@@ -123,9 +161,10 @@ fn the_proxy_and_the_agent_serve_documented_metrics_that_move_with_a_download() 
         format!(
             "[hop]\nkind = \"every_packets\"\npackets = 25\n\
              [tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\nroutes = [\"198.18.20.0/24\"]\n\
-             metrics_listen = \"127.0.0.1:9466\"\nstats_interval_ms = 100\n\
+             metrics_listen = \"127.0.0.1:9466\"\nstats_interval_ms = 100\nhlog_file = \"{}\"\n\
              [source]\nkind = \"static\"\naddresses = [{}]\n",
             addr::PROXY_V4,
+            dir.path().join("agent.hlog").display(),
             addresses.join(", ")
         ),
     )
@@ -197,8 +236,30 @@ fn the_proxy_and_the_agent_serve_documented_metrics_that_move_with_a_download() 
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("mimiq_agent_bytes_rx_total "), "{table}");
+
+    let (proxy_hlog, agent_hlog) = (dir.path().join("proxy.hlog"), dir.path().join("agent.hlog"));
+    let mut proxy = proxy;
+    sigusr1_storm(&mut proxy.proc, &proxy_hlog);
+    sigusr1_storm(&mut agent, &agent_hlog);
+    wait_ready(&tb, "p", "127.0.0.1:9465");
     stop_client(&mut agent).unwrap();
-    drop(proxy);
+    proxy.proc.stop(Duration::from_secs(10));
+    // Both directions of every worker, bursts in both directions during the download.
+    let p = samples_by_tag(&proxy_hlog);
+    assert!(p.keys().any(|t| t.starts_with("up.worker")), "{p:?}");
+    let total = |dir: &str| -> u64 {
+        p.iter()
+            .filter(|(t, _)| t.starts_with(dir))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    assert!(total("up.") > 0 && total("down.") > 0, "{p:?}");
+    let a = samples_by_tag(&agent_hlog);
+    assert!(a["hop"] > 0, "{a:?}");
+    assert_eq!(
+        a["allocation"], 0,
+        "a static source allocates nothing: {a:?}"
+    );
 }
 
 #[test]
@@ -206,7 +267,7 @@ fn the_switch_and_the_allocator_serve_documented_metrics_that_move_with_an_alloc
     require_root();
     let SingleBox {
         tb,
-        allocator: _allocator,
+        mut allocator,
         switch: _switch,
         dir,
     } = start(&LONG);
@@ -277,6 +338,12 @@ fn the_switch_and_the_allocator_serve_documented_metrics_that_move_with_an_alloc
         table.contains("mimiq_allocator_allocations_total{family=\"4\"} 1\n"),
         "{table}"
     );
+
+    let alloc_hlog = dir.path().join("allocator.hlog");
+    sigusr1_storm(&mut allocator, &alloc_hlog);
+    wait_ready(&tb, "sw", "127.0.0.1:9364");
+    let by = samples_by_tag(&alloc_hlog);
+    assert!(by["request"] >= 1 && by["commit"] >= 1, "{by:?}");
 }
 
 #[test]

@@ -147,13 +147,7 @@ fn wall_clock_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A histogram for nanosecond durations from 1 ns to 1 s at 3 significant digits (longer
-/// values saturate at 1 s: a burst that takes a second is broken either way). The range keeps the
-/// histogram small (~150 KB), since it is copied and reset at every publication.
-pub fn duration_histogram() -> Histogram<u64> {
-    // The bounds are constants that hdrhistogram accepts (low ≥ 1, high ≥ 2·low, sigfig ≤ 5).
-    Histogram::new_with_bounds(1, 1_000_000_000, 3).expect("constant histogram bounds are valid")
-}
+pub use mimiq_metrics::hlog::duration_histogram;
 
 /// A poll-mode worker over ports of type `P` running pipeline `L`.
 pub struct Worker<P: Port, L: Pipeline> {

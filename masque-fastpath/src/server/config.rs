@@ -36,6 +36,10 @@ pub struct ProxyConfig {
     /// Write counters and latency percentiles as JSON here every second and at exit.
     #[serde(default)]
     pub stats_file: Option<PathBuf>,
+    /// An HdrHistogram interval log of each worker's burst latencies, both directions (tags
+    /// `up.worker<i>`, `down.worker<i>`, ns), an interval a second and one at once on SIGUSR1.
+    #[serde(default)]
+    pub hlog_file: Option<PathBuf>,
     /// Serve the counters (Prometheus text at `/metrics`) and `/healthz` over HTTP here.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,

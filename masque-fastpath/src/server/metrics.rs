@@ -200,13 +200,21 @@ impl Source for ProxyMetrics {
             })
             .unwrap_or_default();
         out.from_json("mimiq_proxy", FIELDS, &workers);
-        let p99 = out.gauge(
-            "mimiq_proxy_burst_ns_p99",
-            "99th percentile of a burst of QUIC datagrams through the proxy since start, ns",
-        );
-        for (labels, w) in &workers {
-            if let Some(v) = w["burst_ns"]["p99"].as_u64() {
-                p99.sample(labels, v);
+        for (key, help) in [
+            (
+                "burst_ns",
+                "99th percentile of a burst of QUIC datagrams through the proxy to the TUN device since start, ns",
+            ),
+            (
+                "tun_burst_ns",
+                "99th percentile of a burst of TUN packets through the proxy to datagrams sent since start, ns",
+            ),
+        ] {
+            let p99 = out.gauge(format!("mimiq_proxy_{key}_p99"), help);
+            for (labels, w) in &workers {
+                if let Some(v) = w[key]["p99"].as_u64() {
+                    p99.sample(labels, v);
+                }
             }
         }
         out.counter(
@@ -248,7 +256,7 @@ mod tests {
         let keys: Vec<&String> = stats.as_object().unwrap().keys().collect();
         for k in keys {
             assert!(
-                k == "burst_ns" || FIELDS.iter().any(|f| f.key == k),
+                k == "burst_ns" || k == "tun_burst_ns" || FIELDS.iter().any(|f| f.key == k),
                 "Stats field {k} has no entry in FIELDS"
             );
         }

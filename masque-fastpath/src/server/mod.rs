@@ -47,7 +47,7 @@ use serde::Serialize;
 use self::admission::{Admission, Gate, Policy, Refused, RetryTokens};
 use self::endpoints::{Connect, Datagrams, Packets, UdpTarget};
 use self::handoff::{Handoff, Rings};
-use self::proxy::Shared;
+use self::proxy::{Published, Shared};
 use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpPrefix};
 use crate::datagram::{self, Datagram, H3Datagram};
 use crate::policy::{self, Guard, OwnAddresses, Policies};
@@ -58,6 +58,7 @@ use crate::session::connect_udp::{self, ConnectUdpSession};
 use crate::template::{Host, IpTarget};
 use crate::tundev::{TcpCoalescer, TunDevice, TunSegments, VNET_HDR_LEN};
 use crate::udp::UdpIo;
+use mimiq_metrics::hlog::duration_histogram;
 
 pub use config::ProxyConfig;
 pub use proxy::{run_from_file, stats_table, Proxy};
@@ -207,8 +208,12 @@ pub struct Stats {
     /// Updates of the TUN steering map that failed (the address's packets may then reach
     /// another worker first, and be handed over).
     pub steering_errors: u64,
-    /// Nanoseconds per burst of QUIC datagrams through the proxy (recv → sessions), percentiles.
+    /// Nanoseconds per burst of QUIC datagrams through the proxy (recv → sessions, the inner
+    /// packets written to the TUN device), percentiles.
     pub burst_ns: Percentiles,
+    /// Nanoseconds per burst of TUN packets through the proxy (read → the datagrams carrying
+    /// them sent), percentiles.
+    pub tun_burst_ns: Percentiles,
 }
 
 /// A latency summary.
@@ -328,6 +333,8 @@ struct Worker<D = UdpIo, P = TunDevice> {
     targets_ready: Vec<RawFd>,
     stats: Stats,
     burst_hist: Histogram<u64>,
+    /// TUN read → datagrams sent, per burst, ns.
+    tun_hist: Histogram<u64>,
     buf: Vec<u8>,
     reply: Vec<u8>,
     /// Consecutive TCP segments for the TUN device, written as one GSO packet (`datagrams`).
@@ -414,7 +421,8 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                 connect_udp_target(addr).map(|s| Box::new(s) as Box<dyn UdpTarget>)
             }),
             stats: Stats::default(),
-            burst_hist: Histogram::new(3).expect("3 significant figures is valid"),
+            burst_hist: duration_histogram(),
+            tun_hist: duration_histogram(),
             buf: vec![0; HEADROOM + MAX_INNER],
             reply: vec![0; 2048],
             coalescer: TcpCoalescer::default(),
@@ -450,6 +458,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
         self.stats.xdp_rx_malformed = io.rx_malformed;
         self.stats.steering_errors = self.by_addr.errors;
         self.stats.burst_ns = Percentiles::of(&self.burst_hist);
+        self.stats.tun_burst_ns = Percentiles::of(&self.tun_hist);
         let mut ip = HashMap::new();
         let mut udp = HashMap::new();
         let (mut icmp, mut to_t, mut to_c) = (0, 0, 0);
@@ -512,6 +521,8 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
         if ready.handoff {
             self.on_handoffs();
         }
+        // TUN packets wait for the flush below to leave as datagrams.
+        let tun_read = ready.tun.then(Instant::now);
         if ready.tun {
             self.on_tun();
         }
@@ -520,6 +531,9 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
         }
         self.fire_timers(Instant::now());
         self.flush_all();
+        if let Some(t0) = tun_read {
+            let _ = self.tun_hist.record(t0.elapsed().as_nanos() as u64);
+        }
         self.expire_handshakes(Instant::now());
         Ok(())
     }
@@ -1449,7 +1463,14 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
     /// Gives the counters to `server/proxy.rs`, which writes the stats file.
     fn publish(&mut self) {
         let s = self.stats();
-        self.shared.publish(self.index, s, &self.burst_hist);
+        self.shared.publish(
+            self.index,
+            Published {
+                stats: s,
+                up: self.burst_hist.clone(),
+                down: self.tun_hist.clone(),
+            },
+        );
     }
 
     /// Passes a packet to worker `owner`.

@@ -37,6 +37,7 @@ use crate::session::connect_ip::{AddressPool, HostPool};
 use crate::steer::{ReuseportSteering, TunSteering};
 use crate::tundev::TunDevice;
 use crate::udp::UdpIo;
+use mimiq_metrics::hlog::{duration_histogram, DumpTimer, IntervalLog};
 
 /// What the workers share. Nothing here is touched per packet but the route table (read only):
 /// the pool is locked when a session starts, asks for addresses or ends.
@@ -61,8 +62,15 @@ pub(super) struct Shared {
     published: Mutex<Vec<(u64, Option<Published>)>>,
 }
 
-/// A worker's counters and its burst latencies, as it last published them.
-type Published = (Stats, Histogram<u64>);
+/// A worker's counters and its burst latencies since start, as it last published them.
+#[derive(Clone)]
+pub(super) struct Published {
+    pub stats: Stats,
+    /// QUIC datagrams in → inner packets on the TUN device, per burst, ns.
+    pub up: Histogram<u64>,
+    /// TUN packets in → datagrams out, per burst, ns.
+    pub down: Histogram<u64>,
+}
 
 impl Shared {
     /// What `routes.workers()` workers share.
@@ -94,13 +102,13 @@ impl Shared {
     }
 
     /// Worker `index`'s counters now.
-    pub fn publish(&self, index: usize, stats: Stats, hist: &Histogram<u64>) {
+    pub fn publish(&self, index: usize, now: Published) {
         let mut p = self
             .published
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         p[index].0 += 1;
-        p[index].1 = Some((stats, hist.clone()));
+        p[index].1 = Some(now);
     }
 }
 
@@ -113,6 +121,8 @@ pub struct Proxy {
     local: SocketAddr,
     gso: bool,
     stats_file: Option<PathBuf>,
+    /// The latency log (`hlog_file`).
+    hlog_file: Option<PathBuf>,
     /// The counters the metrics endpoint serves.
     metrics: Arc<ProxyMetrics>,
     /// The metrics endpoint (`metrics_listen`).
@@ -325,6 +335,7 @@ impl Proxy {
             local: listen,
             gso: false,
             stats_file: cfg.stats_file.clone(),
+            hlog_file: cfg.hlog_file.clone(),
             metrics,
             endpoint,
             steering,
@@ -373,6 +384,14 @@ impl Proxy {
     /// connections) and returns the final counters.
     pub fn run(mut self, stop: &AtomicBool) -> Result<Value, String> {
         let mut written = vec![0u64; self.threads.len()];
+        let mut hlog = match &self.hlog_file {
+            Some(path) => Some(Hlog::create(path, self.threads.len())?),
+            None => {
+                // SIGUSR1 asks for a dump; without a log it must not end the proxy.
+                DumpTimer::new(Duration::MAX).map_err(|e| format!("SIGUSR1: {e}"))?;
+                None
+            }
+        };
         while !stop.load(Ordering::Relaxed) && !self.threads.iter().any(|t| t.is_finished()) {
             std::thread::sleep(Duration::from_millis(20));
             let now = self.publications();
@@ -380,6 +399,9 @@ impl Proxy {
                 written = now;
                 self.write_stats();
                 self.shared.generation.refresh();
+            }
+            if let Some(Err(e)) = hlog.as_mut().map(|h| h.write_if_due(&self.shared)) {
+                tracing::warn!("{e}");
             }
         }
         self.stop.store(true, Ordering::Relaxed);
@@ -392,6 +414,9 @@ impl Proxy {
             }
         }
         let stats = self.write_stats();
+        if let Some(Err(e)) = hlog.as_mut().map(|h| h.write(&self.shared)) {
+            tracing::warn!("{e}");
+        }
         match failed {
             Some(e) => Err(e),
             None => Ok(stats),
@@ -427,19 +452,24 @@ impl Proxy {
             .clone();
         let parts: Vec<Published> = published.into_iter().filter_map(|(_, p)| p).collect();
         let mut total = json!({});
-        let mut hist = Histogram::<u64>::new(3).expect("3 significant figures is valid");
+        let (mut up, mut down) = (duration_histogram(), duration_histogram());
         let mut paths_peak = 0;
-        for (s, h) in &parts {
-            add_counters(&mut total, &serde_json::to_value(s).unwrap_or_default());
-            let _ = hist.add(h);
-            paths_peak = paths_peak.max(s.paths_peak);
+        for p in &parts {
+            add_counters(
+                &mut total,
+                &serde_json::to_value(&p.stats).unwrap_or_default(),
+            );
+            let _ = up.add(&p.up);
+            let _ = down.add(&p.down);
+            paths_peak = paths_peak.max(p.stats.paths_peak);
         }
         total["paths_peak"] = json!(paths_peak);
-        total["burst_ns"] = json!(Percentiles::of(&hist));
+        total["burst_ns"] = json!(Percentiles::of(&up));
+        total["tun_burst_ns"] = json!(Percentiles::of(&down));
         let (steered, fallback) = self.steering.as_ref().map_or((0, 0), |s| s.counters());
         total["steered"] = json!(steered);
         total["steering_fallback"] = json!(fallback);
-        total["workers"] = json!(parts.iter().map(|(s, _)| s).collect::<Vec<_>>());
+        total["workers"] = json!(parts.iter().map(|p| &p.stats).collect::<Vec<_>>());
         total
     }
 
@@ -465,6 +495,74 @@ impl Drop for Proxy {
         for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
         }
+    }
+}
+
+/// The proxy's `.hlog`: each worker's burst latencies in both directions (tags `up.worker<i>`,
+/// `down.worker<i>`), one interval a second and one at once on SIGUSR1.
+struct Hlog {
+    log: IntervalLog,
+    timer: DumpTimer,
+    /// What each worker had published at the last interval (`up`, `down`).
+    last: Vec<(Histogram<u64>, Histogram<u64>)>,
+    tags: Vec<(String, String)>,
+}
+
+impl Hlog {
+    fn create(path: &Path, workers: usize) -> Result<Hlog, String> {
+        let log = IntervalLog::create(
+            path,
+            "mimiq-proxy burst latency, ns: up = QUIC datagrams in to inner packets on the TUN \
+             device, down = TUN packets in to datagrams out, per worker",
+        )
+        .map_err(|e| format!("hlog_file {}: {e}", path.display()))?;
+        let timer = DumpTimer::new(Duration::from_secs(1)).map_err(|e| format!("SIGUSR1: {e}"))?;
+        Ok(Hlog {
+            log,
+            timer,
+            last: vec![(duration_histogram(), duration_histogram()); workers],
+            tags: (0..workers)
+                .map(|i| (format!("up.worker{i}"), format!("down.worker{i}")))
+                .collect(),
+        })
+    }
+
+    fn write_if_due(&mut self, shared: &Shared) -> Result<(), String> {
+        if self.timer.due() {
+            self.write(shared)?;
+        }
+        Ok(())
+    }
+
+    /// Appends what each worker recorded since the last interval (the workers publish their
+    /// histograms since start; the interval is the difference).
+    fn write(&mut self, shared: &Shared) -> Result<(), String> {
+        let published = shared
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut intervals = Vec::new();
+        for ((_, p), last) in published.iter().zip(&mut self.last) {
+            let Some(p) = p else {
+                intervals.push((duration_histogram(), duration_histogram()));
+                continue;
+            };
+            let (mut up, mut down) = (p.up.clone(), p.down.clone());
+            // Published histograms only grow, so the last one is contained in this one.
+            let _ = up.subtract(&last.0);
+            let _ = down.subtract(&last.1);
+            *last = (p.up.clone(), p.down.clone());
+            intervals.push((up, down));
+        }
+        let mut tagged = Vec::new();
+        for ((up_tag, down_tag), (up, down)) in self.tags.iter().zip(&intervals) {
+            tagged.push((up_tag.as_str(), up));
+            tagged.push((down_tag.as_str(), down));
+        }
+        self.log
+            .write(&tagged)
+            .map_err(|e| format!("hlog_file: {e}"))
     }
 }
 
