@@ -12,6 +12,7 @@ pub mod faults;
 pub mod gen;
 pub mod hopwatch;
 pub mod masque;
+pub mod plot;
 pub mod singlebox;
 pub mod soak;
 pub mod switch;

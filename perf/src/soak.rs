@@ -371,79 +371,62 @@ pub fn markdown(r: &Results) -> String {
 /// The minutes as a plot (SVG): resident memory and open descriptors of each process, and the
 /// agents' throughput. A process started again (the proxy, after each fault) continues its line.
 pub fn svg(r: &Results) -> Result<String, String> {
-    use plotters::prelude::*;
-    let e = |e: &dyn std::fmt::Display| e.to_string();
+    use crate::plot::{Panel, Series};
     let mut names: Vec<String> = Vec::new();
     for p in r.samples.iter().flat_map(|s| &s.processes) {
         if !names.contains(&p.name) {
             names.push(p.name.clone());
         }
     }
-    let last = r.samples.last().map_or(1, |s| s.minute).max(1);
-    let series = |field: fn(&ProcSample) -> f64| -> Vec<(String, Vec<(u32, f64)>)> {
+    let series = |field: fn(&ProcSample) -> f64| -> Vec<Series> {
         names
             .iter()
-            .map(|n| {
-                let points = r
+            .map(|n| Series {
+                name: n.clone(),
+                points: r
                     .samples
                     .iter()
                     .filter_map(|s| {
                         let p = s.processes.iter().find(|p| p.name == *n)?;
-                        Some((s.minute, field(p)))
+                        Some((f64::from(s.minute), field(p)))
                     })
-                    .collect();
-                (n.clone(), points)
+                    .collect(),
             })
             .collect()
     };
-    let throughput = vec![(
-        "agents, Mbit/s".to_string(),
-        r.samples.iter().map(|s| (s.minute, s.mbit_s)).collect(),
-    )];
-    let panels = [
-        ("resident memory, MB", series(|p| p.rss_kb as f64 / 1024.0)),
-        ("open file descriptors", series(|p| p.fds as f64)),
-        ("throughput through the tunnels, Mbit/s", throughput),
-    ];
-    let mut out = String::new();
-    {
-        let root = SVGBackend::with_string(&mut out, (900, 960)).into_drawing_area();
-        root.fill(&WHITE).map_err(|x| e(&x))?;
-        for (area, (title, lines)) in root.split_evenly((3, 1)).iter().zip(panels) {
-            let top = lines
-                .iter()
-                .flat_map(|(_, v)| v.iter().map(|&(_, y)| y))
-                .fold(1.0f64, f64::max);
-            let mut chart = ChartBuilder::on(area)
-                .caption(title, ("sans-serif", 16))
-                .margin(12)
-                .x_label_area_size(30)
-                .y_label_area_size(60)
-                .build_cartesian_2d(1u32..last, 0f64..top * 1.15)
-                .map_err(|x| e(&x))?;
-            chart
-                .configure_mesh()
-                .x_desc("minute")
-                .draw()
-                .map_err(|x| e(&x))?;
-            for (i, (name, points)) in lines.into_iter().enumerate() {
-                let color = Palette99::pick(i).to_rgba();
-                chart
-                    .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                    .map_err(|x| e(&x))?
-                    .label(name)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|x| e(&x))?;
-        }
-        root.present().map_err(|x| e(&x))?;
-    }
-    Ok(out)
+    let throughput = vec![Series {
+        name: "agents, Mbit/s".to_string(),
+        points: r
+            .samples
+            .iter()
+            .map(|s| (f64::from(s.minute), s.mbit_s))
+            .collect(),
+    }];
+    let minutes = |title: &str, y: &str, series| Panel {
+        x_label: Box::new(|x| format!("{x:.0}")),
+        ..Panel::new(title, "minute", y, series)
+    };
+    crate::plot::svg(
+        900,
+        960,
+        vec![
+            minutes(
+                "resident memory, MB",
+                "MB",
+                series(|p| p.rss_kb as f64 / 1024.0),
+            ),
+            minutes(
+                "open file descriptors",
+                "descriptors",
+                series(|p| p.fds as f64),
+            ),
+            minutes(
+                "throughput through the tunnels, Mbit/s",
+                "Mbit/s",
+                throughput,
+            ),
+        ],
+    )
 }
 
 #[cfg(test)]

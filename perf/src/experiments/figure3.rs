@@ -1058,7 +1058,7 @@ pub fn write_files(out: &Path, f: &Figure3) -> Result<(), String> {
             .map_err(|e| format!("writing {}: {e}", out.join(name).display()))
     };
     write("results.csv", &csv(f))?;
-    write("figure3.svg", &svg(f))?;
+    write("figure3.svg", &svg(f)?)?;
     for h in &f.hop_latency {
         write(&h.hgrm_file, &h.hgrm)?;
     }
@@ -1066,19 +1066,9 @@ pub fn write_files(out: &Path, f: &Figure3) -> Result<(), String> {
 }
 
 /// The plot: throughput (requests/s) against migrations per 100 packets, one line per RTT, the
-/// rates evenly spaced on the x axis as in the seed's figure. Hand-written SVG: a dozen
-/// elements do not need a plotting crate (and its build time on this machine).
-pub fn svg(f: &Figure3) -> String {
-    const W: f64 = 760.0;
-    const H: f64 = 460.0;
-    const L: f64 = 80.0;
-    const R: f64 = 150.0;
-    const T: f64 = 40.0;
-    const B: f64 = 60.0;
-    const COLORS: [&str; 8] = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    ];
-    let rates = &f.rates;
+/// rates evenly spaced on the x axis as in the seed's figure.
+pub fn svg(f: &Figure3) -> Result<String, String> {
+    use crate::plot::{Panel, Series};
     let point = |rtt: u32, rate: u32| -> Option<f64> {
         let v: Vec<f64> = f
             .cells
@@ -1088,139 +1078,39 @@ pub fn svg(f: &Figure3) -> String {
             .collect();
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     };
-    let ymax_data = f
-        .cells
+    let series = f
+        .rtts_ms
         .iter()
-        .map(|c| c.requests_per_s)
-        .fold(0.0, f64::max)
-        .max(1.0);
-    let step = nice_step(ymax_data / 5.0);
-    let ymax = (ymax_data / step).ceil() * step;
-    let pw = W - L - R;
-    let ph = H - T - B;
-    let x = |i: usize| {
-        L + if rates.len() > 1 {
-            pw * i as f64 / (rates.len() - 1) as f64
-        } else {
-            pw / 2.0
-        }
+        .map(|&rtt| Series {
+            name: format!("RTT {rtt} ms"),
+            points: f
+                .rates
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &r)| point(rtt, r).map(|v| (i as f64, v)))
+                .collect(),
+        })
+        .collect();
+    let rates = f.rates.clone();
+    let panel = Panel {
+        // The rates at 0, 1, 2, ...: a tick on each, labelled with its rate.
+        x_label: Box::new(move |x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                rates.get(i as usize).map_or(String::new(), u32::to_string)
+            } else {
+                String::new()
+            }
+        }),
+        x_ticks: f.rates.len(),
+        ..Panel::new(
+            "Throughput of one connection under migration (seed 000 Figure 3, mimiq)",
+            "migrations per 100 packets",
+            "throughput (requests/s)",
+            series,
+        )
     };
-    let y = |v: f64| T + ph * (1.0 - v / ymax);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="13">"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">Throughput of one connection under migration (seed 000 Figure 3, mimiq)</text>"#,
-        L + pw / 2.0
-    );
-    let mut v = 0.0;
-    while v <= ymax + step / 2.0 {
-        let yy = y(v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{L}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/>"##,
-            L + pw
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
-            L - 8.0,
-            yy + 4.0,
-            fmt_tick(v)
-        );
-        v += step;
-    }
-    for (i, r) in rates.iter().enumerate() {
-        let xx = x(i);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{xx:.1}" y1="{:.1}" x2="{xx:.1}" y2="{:.1}" stroke="#000"/>"##,
-            T + ph,
-            T + ph + 5.0
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{xx:.1}" y="{:.1}" text-anchor="middle">{r}</text>"#,
-            T + ph + 20.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        r##"<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#000"/>"##
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">migrations per 100 packets</text>"#,
-        L + pw / 2.0,
-        H - 15.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="20" y="{:.1}" text-anchor="middle" transform="rotate(-90 20 {:.1})">throughput (requests/s)</text>"#,
-        T + ph / 2.0,
-        T + ph / 2.0
-    );
-    for (n, &rtt) in f.rtts_ms.iter().enumerate() {
-        let color = COLORS[n % COLORS.len()];
-        let pts: Vec<(f64, f64)> = rates
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &r)| point(rtt, r).map(|v| (x(i), y(v))))
-            .collect();
-        let list: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline class="rtt" data-rtt-ms="{rtt}" fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-            list.join(" ")
-        );
-        for (a, b) in &pts {
-            let _ = writeln!(
-                s,
-                r#"<circle cx="{a:.1}" cy="{b:.1}" r="3.5" fill="{color}"/>"#
-            );
-        }
-        let ly = T + 20.0 + 22.0 * n as f64;
-        let lx = L + pw + 20.0;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2"/>"#,
-            lx + 24.0
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}">RTT {rtt} ms</text>"#,
-            lx + 30.0,
-            ly + 4.0
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-/// 1, 2 or 5 times a power of ten, at least `raw`.
-fn nice_step(raw: f64) -> f64 {
-    let raw = raw.max(1e-9);
-    let p = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * p)
-        .find(|&s| s >= raw)
-        .unwrap_or(10.0 * p)
-}
-
-fn fmt_tick(v: f64) -> String {
-    if v.fract().abs() < 1e-9 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.1}")
-    }
+    crate::plot::svg(760, 460, vec![panel])
 }
 
 #[cfg(test)]
@@ -1276,7 +1166,7 @@ mod tests {
     }
 
     #[test]
-    fn hgrm_is_well_formed_and_axis_steps_are_round() {
+    fn hgrm_is_well_formed() {
         let mut h = Histogram::<u64>::new(3).unwrap();
         for v in [0, 100, 250, 900, 4_000] {
             h.record(v).unwrap();
@@ -1284,7 +1174,5 @@ mod tests {
         let text = hgrm(&h);
         assert!(text.starts_with("       Value     Percentile TotalCount"));
         assert!(text.contains("Total count    =            5]"), "{text}");
-        assert_eq!(nice_step(17.0), 20.0);
-        assert_eq!(nice_step(0.3), 0.5);
     }
 }
