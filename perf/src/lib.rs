@@ -10,6 +10,7 @@ pub mod direct;
 pub mod experiments;
 pub mod faults;
 pub mod gen;
+pub mod hlog;
 pub mod hopwatch;
 pub mod masque;
 pub mod plot;

@@ -80,6 +80,18 @@ enum Command {
         #[command(subcommand)]
         command: Box<mimiq_perf::gen::cli::GenCommand>,
     },
+    /// What an HdrHistogram interval log (.hlog) holds: a percentile table per tag (µs), and
+    /// with --svg a percentile plot.
+    Hlog {
+        /// The log (a mimiq binary's hlog_file, the generator's --hlog, or another tool's).
+        file: std::path::PathBuf,
+        /// Only the tags that start with this (e.g. `up.` for the proxy's uploads).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Also write the percentile plot here.
+        #[arg(long)]
+        svg: Option<std::path::PathBuf>,
+    },
     /// Build, list or remove a testbed by hand.
     Testbed {
         #[command(subcommand)]
@@ -270,6 +282,21 @@ fn exit_on_bad_usage(err: clap::Error) -> ! {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Gen { command } => mimiq_perf::gen::cli::run(*command)?,
+        Command::Hlog { file, tag, svg } => {
+            use mimiq_perf::hlog;
+            let tags = hlog::by_tag(&file, tag.as_deref()).map_err(anyhow::Error::msg)?;
+            if tags.is_empty() {
+                anyhow::bail!("{}: no interval with such a tag", file.display());
+            }
+            print!("{}", hlog::table(&tags));
+            if let Some(out) = svg {
+                let title = file
+                    .file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+                let plot = hlog::svg(&tags, &title).map_err(anyhow::Error::msg)?;
+                std::fs::write(&out, plot).with_context(|| format!("writing {}", out.display()))?;
+            }
+        }
         Command::Demo { seconds, out } => {
             mimiq_perf::demo::run(seconds, Some(&out)).map_err(anyhow::Error::msg)?;
         }
