@@ -115,7 +115,10 @@ mod tests {
         assert_eq!(tags["up.worker0"].len(), 2000);
         assert_eq!(tags["down.worker0"].len(), 1);
         let t = table(&tags);
-        assert!(t.contains("| up.worker0 | 2000 | 500.2 | 900.1 | 990.2 |"), "{t}");
+        assert!(
+            t.contains("| up.worker0 | 2000 | 500.2 | 900.1 | 990.2 |"),
+            "{t}"
+        );
         assert!(t.contains("| down.worker0 | 1 | 5001.2 |"), "{t}");
         assert_eq!(by_tag(&path, Some("down")).unwrap().len(), 1);
         let plot = svg(&tags, "t").unwrap();

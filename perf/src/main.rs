@@ -302,7 +302,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Faults { json, out } => {
             use mimiq_perf::faults;
-            let all = faults::run(&mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
+            let progress = mimiq_perf::progress::Progress::new("faults");
+            let all = faults::run(&mut |l| progress.line(l)).map_err(anyhow::Error::msg)?;
+            drop(progress);
             let summary = serde_json::json!({
                 "faults": all.len(),
                 "recovered": all.iter().filter(|f| f.survived).count(),
@@ -328,8 +330,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 minutes,
                 fault_every_min,
             };
+            let progress = mimiq_perf::progress::Progress::new("soak");
             let results =
-                soak::run(params, &out, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
+                soak::run(params, &out, &mut |l| progress.line(l)).map_err(anyhow::Error::msg)?;
+            drop(progress);
             write_json(json.as_deref(), &results)?;
             write_results(&out, &results, &soak::markdown(&results))?;
             std::fs::write(
@@ -356,9 +360,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             use mimiq_perf::experiments::single_box;
+            let progress = mimiq_perf::progress::Progress::new("bench single-box");
             let (runs, md) =
-                single_box::compare(seconds, bindings, queues, &mut |l| println!("{l}"))
+                single_box::compare(seconds, bindings, queues, &mut |l| progress.line(l))
                     .map_err(anyhow::Error::msg)?;
+            drop(progress);
             write_results(&out, &runs, &md)?;
             let (l2fwd, single) = (&runs[0], &runs[1]);
             let summary = serde_json::json!({
@@ -384,8 +390,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 per_cell: std::time::Duration::from_secs(u64::from(seconds)),
                 ..figure3::Params::default()
             };
+            let progress = mimiq_perf::progress::Progress::new("bench figure3");
             let fig =
-                figure3::run(&params, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
+                figure3::run(&params, &mut |l| progress.line(l)).map_err(anyhow::Error::msg)?;
+            drop(progress);
             figure3::write_files(&out, &fig).map_err(anyhow::Error::msg)?;
             write_results(&out, &fig, &figure3::markdown(&fig))?;
         }
@@ -418,9 +426,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 workers,
                 datapaths: datapath,
             };
+            let progress = mimiq_perf::progress::Progress::new("bench masque");
             let (results, md) =
-                mimiq_perf::experiments::masque::compare(&params, &mut |l| println!("{l}"))
+                mimiq_perf::experiments::masque::compare(&params, &mut |l| progress.line(l))
                     .map_err(anyhow::Error::msg)?;
+            drop(progress);
             write_results(&out, &results, &md)?;
             let meta = serde_json::json!({
                 "seconds": seconds,
@@ -480,17 +490,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 strategies,
                 families,
             };
+            let progress = mimiq_perf::progress::Progress::new("bench interop");
             let results =
-                interop::run(&params, &mut |l| println!("{l}")).map_err(anyhow::Error::msg)?;
+                interop::run(&params, &mut |l| progress.line(l)).map_err(anyhow::Error::msg)?;
+            drop(progress);
             write_json(json.as_deref(), &results)?;
             write_results(&out, &results, &interop::markdown(&results))?;
         }
         Command::Bench {
             bench: Bench::L2fwd { seconds, out },
         } => {
+            let progress = mimiq_perf::progress::Progress::new("bench l2fwd");
             let (runs, md) =
-                mimiq_perf::experiments::l2fwd::compare(seconds, &mut |l| println!("{l}"))
+                mimiq_perf::experiments::l2fwd::compare(seconds, &mut |l| progress.line(l))
                     .map_err(anyhow::Error::msg)?;
+            drop(progress);
             write_results(&out, &runs, &md)?;
         }
         Command::Bench {
@@ -503,8 +517,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             use mimiq_perf::experiments::forwarding;
-            let (runs, md) = forwarding::compare(seconds, repeat, &mut |l| println!("{l}"))
+            let progress = mimiq_perf::progress::Progress::new("bench forwarding");
+            let (runs, md) = forwarding::compare(seconds, repeat, &mut |l| progress.line(l))
                 .map_err(anyhow::Error::msg)?;
+            drop(progress);
             write_results(&out, &runs, &md)?;
             write_json_results(json.as_deref(), &runs, forwarding::summary(&runs))?;
         }

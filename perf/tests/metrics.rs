@@ -264,8 +264,15 @@ fn the_proxy_and_the_agent_serve_documented_metrics_that_move_with_a_download() 
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(table.contains("| up.worker") && table.contains("| down.worker"), "{table}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("| up.worker") && table.contains("| down.worker"),
+        "{table}"
+    );
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
     let a = samples_by_tag(&agent_hlog);
     assert!(a["hop"] > 0, "{a:?}");
