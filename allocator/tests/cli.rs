@@ -209,3 +209,25 @@ fn leases_that_ended_while_the_allocator_was_down_are_expired_at_restart() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn a_metrics_address_in_use_is_one_error_line_and_exit_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.toml");
+    let cfg = config("memory", "").replace(
+        "metrics_listen = \"127.0.0.1:0\"",
+        &format!("metrics_listen = \"{at}\""),
+    );
+    std::fs::write(&path, cfg).unwrap();
+    let (code, _, err) = run(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    let last = err.lines().last().unwrap_or("");
+    assert_eq!(
+        last,
+        format!(
+            "mimiq-allocator: error: metrics endpoint {at}: Address already in use (os error 98)"
+        )
+    );
+}
