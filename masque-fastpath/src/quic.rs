@@ -76,6 +76,10 @@ pub struct QuicSettings {
     /// Proxy: stateless resets sent per second at most, and as many Version Negotiation
     /// packets (0: none).
     pub unsolicited_per_second: u32,
+    /// Proxy, with `reset_key_file`: stopped (SIGTERM) while a newer process of the same key
+    /// runs, serve the open connections up to this long, passing new ones to it, before
+    /// closing what is left (0: stop at once).
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for QuicSettings {
@@ -99,6 +103,7 @@ impl Default for QuicSettings {
             handshake_timeout_ms: 10_000,
             reset_key_file: None,
             unsolicited_per_second: 1000,
+            drain_timeout_ms: 60_000,
         }
     }
 }

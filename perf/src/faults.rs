@@ -217,7 +217,7 @@ pub fn proxy(len: u64) -> Result<Fault, String> {
     masque::build(&mut tb).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let extra = "[quic]\nidle_timeout_ms = 1500\n";
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", extra)?;
+    let proxy = ProxyProc::start(&tb, "p", dir.path(), "0.0.0.0:4433", extra)?;
     let url = format!("{}:4433", masque_addr::PROXY_V4);
     let bind = format!(
         "{},{}",

@@ -104,7 +104,7 @@ impl ProxyProc {
     /// or `[policy]` in it, a CONNECT-IP pool and a policy that allows private ranges are added)
     /// and starts the proxy on `host`; returns once its stats file exists (it is serving).
     pub fn start(
-        tb: &mut Testbed,
+        tb: &Testbed,
         host: &str,
         dir: &Path,
         listen: &str,
@@ -303,7 +303,7 @@ pub fn with_proxy_on(
     let mut tb = Testbed::new().map_err(|e| e.to_string())?;
     build_with(&mut tb, client_link).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", extra)?;
+    let proxy = ProxyProc::start(&tb, "p", dir.path(), "0.0.0.0:4433", extra)?;
     Ok((tb, dir, proxy))
 }
 
@@ -357,6 +357,30 @@ pub fn udp_client(
     ];
     args.extend_from_slice(extra);
     start_client(tb, "c", &args).map(|(p, _)| p)
+}
+
+/// Sends `count` numbered datagrams of `size` bytes to `to` from `host` and returns how many came
+/// back intact.
+pub fn udp_exchange(tb: &Testbed, host: &str, to: &'static str, count: u32, size: usize) -> u32 {
+    tb.run_in(host, move || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut ok = 0;
+        let mut buf = vec![0u8; 65536];
+        for i in 0..count {
+            let mut msg = vec![(i % 251) as u8; size];
+            msg[..4].copy_from_slice(&i.to_be_bytes());
+            s.send_to(&msg, to).unwrap();
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                if buf[..n] == msg[..] {
+                    ok += 1;
+                }
+            }
+        }
+        ok
+    })
+    .unwrap()
 }
 
 /// Stops a client with SIGTERM and returns the JSON counters it printed.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 // `stop_client` stops any of our processes that print their counters as a JSON line at exit.
-use mimiq_perf::masque::{self, addr, stop_client, ProxyProc};
+use mimiq_perf::masque::{self, addr, echo_server, stop_client, ProxyProc};
 use mimiq_perf::testbed::{bin_path, require_root, Proc, Testbed};
 use mimiq_perf::traffic;
 use serde_json::Value;
@@ -64,7 +64,7 @@ fn download_while_hopping(
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", proxy_extra).unwrap();
+    let proxy = ProxyProc::start(&tb, "p", dir.path(), "0.0.0.0:4433", proxy_extra).unwrap();
     let mut agent = start_agent(&mut tb, dir.path(), packets, agent_extra).unwrap();
     let result = std::thread::scope(|scope| {
         let (tb, at, proxy) = (&tb, dir.path(), &proxy);
@@ -422,4 +422,83 @@ fn a_bad_agent_config_is_one_error_line_and_exit_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_proxy_upgraded_under_a_hopping_download_drains_its_tunnel_byte_exact_while_the_new_one_serves()
+{
+    require_root();
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    echo_server(&tb, "s", "198.18.20.2:7007".parse().unwrap()).unwrap();
+    let (old_dir, new_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // One reset key: the new process takes the other generation.
+    let key = old_dir.path().join("reset.key");
+    let extra = format!("[quic]\nreset_key_file = \"{}\"\n", key.display());
+    let mut old = ProxyProc::start(&tb, "p", old_dir.path(), "0.0.0.0:4433", &extra).unwrap();
+    let mut agent = start_agent(&mut tb, old_dir.path(), 25, "").unwrap();
+    const LEN: u64 = 60 * 1024 * 1024;
+    let (new, result) = std::thread::scope(|scope| {
+        let tb = &tb;
+        let download = scope.spawn(move || {
+            traffic::pattern_download(tb, "s", "198.18.20.2:9000".parse().unwrap(), "c", LEN, None)
+        });
+        let rx = || -> Result<u64, String> {
+            let out = tb
+                .exec("c", &["cat", "/sys/class/net/mqa0/statistics/rx_bytes"])
+                .map_err(|e| e.to_string())?;
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .map_err(|e| format!("rx_bytes: {e}"))
+        };
+        mimiq_testkit::eventually(Duration::from_secs(20), || match rx()? {
+            n if n > 5_000_000 => Ok(()),
+            n => Err(format!("{n} bytes so far")),
+        })
+        .unwrap_or_else(|e| panic!("the download started: {e}"));
+        // The upgrade: the new process binds the same port and TUN device, then the old one is
+        // told to stop and drains.
+        let new = ProxyProc::start(tb, "p", new_dir.path(), "0.0.0.0:4433", &extra).unwrap();
+        old.proc.signal(libc::SIGTERM);
+        // A new client during the drain is served (by the new process).
+        let mut udp = masque::udp_client(tb, "198.18.20.2:7007", "127.0.0.1:6000", &[]).unwrap();
+        let echoed = masque::udp_exchange(tb, "c", "127.0.0.1:6000", 20, 100);
+        stop_client(&mut udp).unwrap();
+        assert_eq!(echoed, 20, "a new client during the drain");
+        (new, download.join().unwrap())
+    });
+    let (got, exact) = result.unwrap_or_else(|e| {
+        panic!(
+            "{e}; agent {}; old proxy {}",
+            agent.describe(),
+            old.proc.describe()
+        )
+    });
+    assert!(got == LEN && exact, "{got} bytes, exact {exact}");
+    let report = stop_client(&mut agent).unwrap();
+    // The tunnel never broke: one connection, no reconnection, hops on.
+    assert_eq!(report["client"]["reconnects"], 0, "{report}");
+    assert!(
+        report["client"]["hops_done"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    // Its connection closed, the old process ends by itself.
+    let status = old.proc.wait_timeout(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        old.proc.describe()
+    );
+    let old_stats = old.stats().unwrap();
+    let new_stats = new.fresh_stats().unwrap();
+    assert_eq!(old_stats["connections_accepted"], 1, "{old_stats}");
+    assert_eq!(new_stats["sessions_udp"], 1, "{new_stats}");
+    // The new process's steering program brought it some of the old connection's datagrams
+    // and packets; it passed them over.
+    assert!(
+        new_stats["peer_forwarded"].as_u64().unwrap() > 0
+            && old_stats["peer_received"].as_u64().unwrap() > 0,
+        "old {old_stats}; new {new_stats}"
+    );
 }

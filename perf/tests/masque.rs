@@ -2,11 +2,11 @@
 //! network namespaces (`mimiq_perf::masque`), real QUIC (quiche), real TUN devices, the kernel's
 //! own ping and iperf3.
 
-use std::net::UdpSocket;
 use std::time::Duration;
 
 use mimiq_perf::masque::{
-    self, addr, echo_server, start_client, start_ip_client, stop_client, udp_client, ProxyProc,
+    self, addr, echo_server, start_client, start_ip_client, stop_client, udp_client, udp_exchange,
+    ProxyProc,
 };
 use mimiq_perf::testbed::{require_root, Testbed};
 use mimiq_perf::traffic::{iperf3, iperf3_with, ping};
@@ -58,30 +58,6 @@ fn connect_ip_carries_ping_and_iperf3_tcp_and_udp_over_ipv4_and_ipv6() {
     assert_eq!(s["dgram_unknown_stream"], 0, "{s}");
     let c = stop_client(&mut client).unwrap();
     assert!(c["bytes_tx"].as_u64().unwrap() >= tcp.received_bytes, "{c}");
-}
-
-/// Sends `count` numbered datagrams of `size` bytes to `to` from `host` and returns how many came
-/// back intact.
-fn udp_exchange(tb: &Testbed, host: &str, to: &'static str, count: u32, size: usize) -> u32 {
-    tb.run_in(host, move || {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let mut ok = 0;
-        let mut buf = vec![0u8; 65536];
-        for i in 0..count {
-            let mut msg = vec![(i % 251) as u8; size];
-            msg[..4].copy_from_slice(&i.to_be_bytes());
-            s.send_to(&msg, to).unwrap();
-            if let Ok((n, _)) = s.recv_from(&mut buf) {
-                if buf[..n] == msg[..] {
-                    ok += 1;
-                }
-            }
-        }
-        ok
-    })
-    .unwrap()
 }
 
 #[test]
@@ -172,10 +148,10 @@ fn nested_proxies_carry_connect_udp_and_connect_ip() {
     masque::build(&mut tb).unwrap();
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
-    let a = ProxyProc::start(&mut tb, "p", dir_a.path(), "0.0.0.0:4433", "").unwrap();
+    let a = ProxyProc::start(&tb, "p", dir_a.path(), "0.0.0.0:4433", "").unwrap();
     let b_ip =
         "[ip]\ntun = \"mqb0\"\npool_v4 = \"198.18.201.0/24\"\nicmp_source_v4 = \"198.18.201.1\"\n";
-    let b = ProxyProc::start(&mut tb, "s", dir_b.path(), "198.18.20.2:4434", b_ip).unwrap();
+    let b = ProxyProc::start(&tb, "s", dir_b.path(), "198.18.20.2:4434", b_ip).unwrap();
     // B forwards between its TUN device and p, and p routes B's pool back to it.
     tb.sysctl("s", "net.ipv4.ip_forward", "1").unwrap();
     tb.add_route("p", "198.18.201.0/24", "198.18.20.2").unwrap();

@@ -298,10 +298,10 @@ fn a_proxy_does_not_reset_the_ids_of_another_live_proxy_with_its_key_and_does_on
     );
     // The first proxy takes generation 0, the second, on another port with its own TUN device
     // and pool, generation 1.
-    let (mut tb, _dir, first) = masque::with_proxy(&quic).unwrap();
+    let (tb, _dir, first) = masque::with_proxy(&quic).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let second = ProxyProc::start(
-        &mut tb,
+        &tb,
         "p",
         dir.path(),
         "0.0.0.0:4434",

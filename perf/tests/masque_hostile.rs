@@ -56,7 +56,7 @@ fn hostile_capsules_and_datagrams_are_dropped_answered_or_reset_and_counted_whil
         addr::POOL_V4,
         addr::POOL_V6
     );
-    let mut proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", &ip).unwrap();
+    let mut proxy = ProxyProc::start(&tb, "p", dir.path(), "0.0.0.0:4433", &ip).unwrap();
     echo_server(
         &tb,
         "s",

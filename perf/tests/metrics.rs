@@ -144,7 +144,7 @@ fn the_proxy_and_the_agent_serve_documented_metrics_that_move_with_a_download() 
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let proxy = ProxyProc::start(
-        &mut tb,
+        &tb,
         "p",
         dir.path(),
         "0.0.0.0:4433",

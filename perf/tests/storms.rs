@@ -223,7 +223,7 @@ fn a_flood_of_garbage_quic_short_headers_at_the_proxy_is_counted_and_a_tunnel_do
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let proxy = ProxyProc::start(&tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
     let (mut client, _) = start_ip_client(&tb).unwrap();
     let before = proxy.fresh_stats().unwrap();
     let dropped_before = udp_rcvbuf_errors(&tb, "p") + backlog_drops();
@@ -498,7 +498,7 @@ fn garbled_short_headers_to_a_live_connection_id_at_rate_are_counted_and_the_tun
     let mut tb = Testbed::new().unwrap();
     masque::build(&mut tb).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&mut tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let proxy = ProxyProc::start(&tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
     let (mut client, _) = start_ip_client(&tb).unwrap();
     let target: SocketAddr = format!("{}:4433", m::PROXY_V4).parse().unwrap();
     let listen: SocketAddr = format!("{}:9000", m::SERVER_V4).parse().unwrap();

@@ -160,7 +160,7 @@ fn the_proxy_and_the_agent_carry_a_download_as_nobody_with_their_units_capabilit
         );
         // The proxy writes its cert, config and stats in `proxy_dir`: hand it over first.
         chown_all(&proxy_dir);
-        ProxyProc::start(&mut tb, "p", &proxy_dir, "0.0.0.0:4433", &extra)
+        ProxyProc::start(&tb, "p", &proxy_dir, "0.0.0.0:4433", &extra)
             .unwrap_or_else(|e| panic!("proxy as nobody: {e}"))
     };
     assert_runs_as_unit(&proxy.proc, "proxy");

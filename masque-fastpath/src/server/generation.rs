@@ -6,9 +6,10 @@
 //! `<reset_key_file>.gen0` and `.gen1` (flock(2), released by the kernel when the process dies,
 //! however it dies), and draws its connection IDs among its generation's route values. A
 //! datagram for an unknown connection ID of the other generation is not reset while the other
-//! generation's lock is held: that connection may be alive in the other process. Once the lock
-//! is free, it is reset like any other. Without a key file there is one process per key:
-//! generation 0, and no other.
+//! generation's lock is held: that connection may be alive in the other process, which gets it
+//! (`server/peer.rs`: a graceful restart, both on one port) or, on another port, it is dropped.
+//! Once the lock is free, it is reset like any other. Without a key file there is one process
+//! per key: generation 0, and no other.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;

@@ -153,6 +153,18 @@ pub const FIELDS: &[Field] = &[
     Field::counter("handoff_drops", "Handoffs dropped on a full ring"),
     Field::counter("handoffs_received", "Handoffs taken from other workers"),
     Field::counter("steering_errors", "Failed updates of the TUN steering map"),
+    Field::counter(
+        "peer_forwarded",
+        "Datagrams and TUN packets passed to the other live generation's process",
+    ),
+    Field::counter(
+        "peer_drops",
+        "Datagrams and TUN packets that could not be passed to the other generation's process",
+    ),
+    Field::counter(
+        "peer_received",
+        "Datagrams and TUN packets the other generation's process passed to this one",
+    ),
 ];
 
 /// The latest counters of a running proxy, for its metrics endpoint.

@@ -27,6 +27,7 @@ mod endpoints;
 pub mod generation;
 mod handoff;
 pub mod metrics;
+mod peer;
 mod proxy;
 pub mod route;
 mod xdp;
@@ -36,6 +37,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +49,7 @@ use serde::Serialize;
 use self::admission::{Admission, Gate, Policy, Refused, RetryTokens};
 use self::endpoints::{Connect, Datagrams, Packets, UdpTarget};
 use self::handoff::{Handoff, Rings};
+use self::peer::PeerLink;
 use self::proxy::{Published, Shared};
 use crate::capsule::{Capsule, CapsuleDecoder, CapsuleRepr, Decoded, IpPrefix};
 use crate::datagram::{self, Datagram, H3Datagram};
@@ -208,6 +211,13 @@ pub struct Stats {
     /// Updates of the TUN steering map that failed (the address's packets may then reach
     /// another worker first, and be handed over).
     pub steering_errors: u64,
+    /// Datagrams and TUN packets passed to the other live generation's process, whose
+    /// connections and addresses they belong to (`server/peer.rs`).
+    pub peer_forwarded: u64,
+    /// Of those, the ones that could not be passed (that process gone, its socket full).
+    pub peer_drops: u64,
+    /// Datagrams and TUN packets the other generation's process passed to this one.
+    pub peer_received: u64,
     /// Nanoseconds per burst of QUIC datagrams through the proxy (recv → sessions, the inner
     /// packets written to the TUN device), percentiles.
     pub burst_ns: Percentiles,
@@ -307,6 +317,12 @@ struct Worker<D = UdpIo, P = TunDevice> {
     rings: Rings,
     /// A datagram another worker handed over, while it is read.
     handed: Handed,
+    /// The way to the other generation's process, and (worker 0) what it passes to this one.
+    peer: Option<PeerLink>,
+    peer_rx: Option<UnixDatagram>,
+    /// What is being served came from the other generation's process: never passed back.
+    from_peer: bool,
+    peer_buf: Vec<u8>,
     /// Where clients may go (`[policy]`), and the proxy's own addresses (refreshed every
     /// second).
     policies: Policies,
@@ -384,9 +400,27 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
             max_connections: cfg.max_connections.div_ceil(n),
         };
         let unsolicited = cfg.quic.unsolicited_per_second.div_ceil(n as u32);
+        let peer = match &shared.peer {
+            Some(p) => {
+                Some(PeerLink::new(p.other.clone()).map_err(|e| format!("peer socket: {e}"))?)
+            }
+            None => None,
+        };
+        let peer_rx = match &shared.peer {
+            Some(p) if index == 0 => {
+                p.rx.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+            }
+            _ => None,
+        };
         Ok(Worker {
             index,
             rings,
+            peer,
+            peer_rx,
+            from_peer: false,
+            peer_buf: Vec::new(),
             handed: Handed {
                 data: Vec::new(),
                 from: io.local_addr(),
@@ -521,6 +555,9 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
         if ready.handoff {
             self.on_handoffs();
         }
+        if ready.peer {
+            self.on_peer();
+        }
         // TUN packets wait for the flush below to leave as datagrams.
         let tun_read = ready.tun.then(Instant::now);
         if ready.tun {
@@ -575,7 +612,7 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
             Some(&id) => id,
             None => {
                 self.stats.unknown_connection += 1;
-                match self.admit(&hdr, len, from, local) {
+                match self.admit(&hdr, len, from, local, src) {
                     Some(id) => id,
                     None => return,
                 }
@@ -610,7 +647,27 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
         len: usize,
         from: SocketAddr,
         local: SocketAddr,
+        src: Source,
     ) -> Option<u64> {
+        // A connection ID the server chose (short and Handshake headers) of the other live
+        // generation: that connection may live in the other process. Passed on, or dropped;
+        // never reset, and before the reset rate limit.
+        let routes = &self.shared.routes;
+        let ours = matches!(hdr.ty, quiche::Type::Short | quiche::Type::Handshake);
+        let other = ours
+            && routes
+                .generation_of(&hdr.dcid)
+                .is_some_and(|g| g != routes.generation());
+        if other && self.shared.generation.other_live() {
+            if !self.pass_to_peer(src) {
+                self.count_refused(Refused::OtherGeneration);
+            }
+            return None;
+        }
+        // Draining for a newer process: its new connections are that process's to serve.
+        if self.shared.draining() && hdr.ty == quiche::Type::Initial && self.pass_to_peer(src) {
+            return None;
+        }
         let now = Instant::now();
         self.retry_tokens.rotate(&self.rng, now);
         let open = self.clients.len();
@@ -630,14 +687,6 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                 return None;
             }
             Admission::Reset => {
-                let routes = &self.shared.routes;
-                let other = routes
-                    .generation_of(&hdr.dcid)
-                    .is_some_and(|g| g != routes.generation());
-                if other && self.shared.generation.other_live() {
-                    self.count_refused(Refused::OtherGeneration);
-                    return None;
-                }
                 let out = self.io.send_buf();
                 if let Some(n) = self.shared.reset_key.reset(&hdr.dcid, len, &self.rng, out) {
                     self.io.commit(n, local, from);
@@ -1286,6 +1335,15 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
                     self.stats.tun_handoffs += 1;
                     self.hand_off(owner, Handoff::Tun(data));
                 }
+                // The other generation's process may serve the address.
+                None if !self.from_peer && self.shared.generation.other_live() => {
+                    let pkt = &self.buf[HEADROOM..HEADROOM + n];
+                    if self.peer.as_mut().is_some_and(|p| p.send_tun(pkt)) {
+                        self.stats.peer_forwarded += 1;
+                    } else {
+                        self.stats.peer_drops += 1;
+                    }
+                }
                 None => self.stats.tun_no_session += 1,
             }
             return;
@@ -1482,6 +1540,68 @@ impl<D: Datagrams, P: Packets> Worker<D, P> {
         }
     }
 
+    /// Passes the datagram being read (at `src`) to the other generation's process, unless it
+    /// came from there; true if it was passed.
+    fn pass_to_peer(&mut self, src: Source) -> bool {
+        if self.from_peer || !self.shared.generation.other_live() {
+            return false;
+        }
+        let Some(peer) = self.peer.as_mut() else {
+            return false;
+        };
+        let (data, from, to) = src.datagram(&mut self.io, &mut self.handed);
+        let sent = peer.send_quic(from, to, data);
+        if sent {
+            self.stats.peer_forwarded += 1;
+        } else {
+            self.stats.peer_drops += 1;
+        }
+        sent
+    }
+
+    /// Serves what the other generation's process passed over (worker 0 reads it, and hands
+    /// what another worker owns to it).
+    fn on_peer(&mut self) {
+        let mut buf = std::mem::take(&mut self.peer_buf);
+        buf.resize(peer::MAX_ITEM, 0);
+        for _ in 0..EGRESS_BURST {
+            let Some(rx) = self.peer_rx.as_ref() else {
+                break;
+            };
+            let Ok(n) = rx.recv(&mut buf) else {
+                break;
+            };
+            let Some(item) = peer::decode(&buf[..n]) else {
+                self.stats.peer_drops += 1;
+                continue;
+            };
+            self.stats.peer_received += 1;
+            self.from_peer = true;
+            match item {
+                Handoff::Quic { from, to, data } => {
+                    let owner = (data.len() > CID_LEN && data[0] & 0x80 == 0)
+                        .then(|| self.shared.routes.owner(&data[1..=CID_LEN]))
+                        .flatten()
+                        .unwrap_or(self.index);
+                    if owner == self.index {
+                        self.handed = Handed { data, from, to };
+                        self.on_udp(Source::Handed);
+                    } else {
+                        self.hand_off(owner, Handoff::Quic { from, to, data });
+                    }
+                }
+                Handoff::Tun(data) => {
+                    let n = data.len().min(self.buf.len() - HEADROOM);
+                    self.buf[HEADROOM..HEADROOM + n].copy_from_slice(&data[..n]);
+                    self.egress(n);
+                }
+            }
+            self.from_peer = false;
+        }
+        self.peer_buf = buf;
+        self.service_dirty();
+    }
+
     /// Serves what other workers handed over.
     fn on_handoffs(&mut self) {
         while let Some(h) = self.rings.take() {
@@ -1526,6 +1646,9 @@ impl<D: Datagrams> Worker<D, TunDevice> {
             if let Some(t) = &self.tun {
                 pollfds.push(pollfd(t.as_raw_fd()));
             }
+            if let Some(p) = &self.peer_rx {
+                pollfds.push(pollfd(p.as_raw_fd()));
+            }
             pollfds.extend(self.by_fd.keys().map(|&fd| pollfd(fd)));
             // SAFETY: pollfds is a live array of initialised pollfd structs.
             let n = unsafe {
@@ -1545,9 +1668,11 @@ impl<D: Datagrams> Worker<D, TunDevice> {
                 // Only what poll found readable is read: no read per pass that can only say
                 // EAGAIN (error and hang-up events count as readable, so the read reports them).
                 let tun = usize::from(self.tun.is_some());
+                let peer = usize::from(self.peer_rx.is_some());
+                let targets = 2 + tun + peer;
                 self.targets_ready.clear();
                 self.targets_ready.extend(
-                    pollfds[2 + tun..]
+                    pollfds[targets..]
                         .iter()
                         .filter(|p| p.revents != 0)
                         .map(|p| p.fd),
@@ -1556,7 +1681,8 @@ impl<D: Datagrams> Worker<D, TunDevice> {
                     quic: pollfds[0].revents != 0,
                     handoff: pollfds[1].revents != 0,
                     tun: tun == 1 && pollfds[2].revents != 0,
-                    targets: pollfds[2 + tun..].iter().any(|p| p.revents != 0),
+                    peer: peer == 1 && pollfds[2 + tun].revents != 0,
+                    targets: pollfds[targets..].iter().any(|p| p.revents != 0),
                 }
             };
             self.pass(ready)?;
@@ -1621,7 +1747,7 @@ impl AddressBook {
     fn bind(&mut self, addr: IpAddr, to: (u64, u64)) {
         self.map.insert(addr, to);
         if let Some(s) = &self.shared.tun_steering {
-            if let Err(e) = s.assign(addr, self.worker) {
+            if let Err(e) = s.assign(addr, self.shared.tun_queue_offset + self.worker) {
                 tracing::warn!(%addr, "TUN steering: {e}");
                 self.errors += 1;
             }
@@ -1645,7 +1771,8 @@ impl AddressBook {
     /// no session for).
     fn owner(&self, addr: IpAddr) -> Option<usize> {
         let s = self.shared.tun_steering.as_ref()?;
-        s.owner(addr).map(|w| w as usize)
+        let queue = s.owner(addr)?.checked_sub(self.shared.tun_queue_offset)?;
+        Some(queue as usize).filter(|&w| w < self.shared.routes.workers())
     }
 }
 
@@ -1771,6 +1898,8 @@ struct Ready {
     handoff: bool,
     /// The TUN device.
     tun: bool,
+    /// The other generation's process passed something over.
+    peer: bool,
     /// Any CONNECT-UDP target socket.
     targets: bool,
 }
@@ -1781,6 +1910,7 @@ impl Ready {
         quic: true,
         handoff: true,
         tun: true,
+        peer: true,
         targets: true,
     };
 }

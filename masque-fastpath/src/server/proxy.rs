@@ -27,6 +27,7 @@ use super::endpoints::Datagrams;
 use super::generation::Generation;
 use super::handoff::Rings;
 use super::metrics::ProxyMetrics;
+use super::peer;
 use super::route::Routes;
 use super::xdp::XdpDatagrams;
 use super::{Percentiles, ProxyConfig, Stats, Worker};
@@ -60,6 +61,27 @@ pub(super) struct Shared {
     pub steered: bool,
     /// Each worker's latest counters and burst latencies, and how many times it published.
     published: Mutex<Vec<(u64, Option<Published>)>>,
+    /// The index of worker 0's TUN queue on the device (queues another process attached
+    /// first come before ours).
+    pub tun_queue_offset: u32,
+    /// The other generation's process (with a reset key file): where to pass what is its, and
+    /// the socket it passes to us (taken by worker 0).
+    pub peer: Option<PeerShared>,
+    /// Draining for a newer process: new connections are passed to it.
+    draining: AtomicBool,
+    /// Where this process writes the addresses it has handed out, and where the other
+    /// generation's process writes its own (with a reset key file).
+    addresses: Option<(PathBuf, PathBuf)>,
+}
+
+/// The other generation's process, as the workers see it.
+pub(super) struct PeerShared {
+    /// Its socket.
+    pub other: PathBuf,
+    /// Ours (removed when the proxy ends).
+    pub ours: PathBuf,
+    /// Ours, until worker 0 takes it.
+    pub rx: Mutex<Option<std::os::unix::net::UnixDatagram>>,
 }
 
 /// A worker's counters and its burst latencies since start, as it last published them.
@@ -93,12 +115,41 @@ impl Shared {
             tun_steering,
             steered,
             published: Mutex::new(vec![(0, None); n]),
+            tun_queue_offset: 0,
+            peer: None,
+            draining: AtomicBool::new(false),
+            addresses: None,
         }
     }
 
-    /// The address pool, locked.
-    pub fn pool(&self) -> MutexGuard<'_, HostPool> {
-        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Whether this process drains for a newer one.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The address pool, locked. While the other generation's process lives, the addresses it
+    /// has handed out are not handed out here; what is handed out here is written down for it
+    /// when the guard goes.
+    pub fn pool(&self) -> PoolGuard<'_> {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, theirs)) = &self.addresses {
+            let taken = if self.generation.other_live() {
+                std::fs::read_to_string(theirs)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.parse().ok())
+                    .collect()
+            } else {
+                Default::default()
+            };
+            pool.reserve(taken);
+        }
+        let before = pool.handed_out();
+        PoolGuard {
+            pool,
+            before,
+            file: self.addresses.as_ref().map(|(ours, _)| ours.as_path()),
+        }
     }
 
     /// Worker `index`'s counters now.
@@ -109,6 +160,42 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner);
         p[index].0 += 1;
         p[index].1 = Some(now);
+    }
+}
+
+/// The locked pool; writes the addresses handed out to the generation's file if they changed.
+pub(super) struct PoolGuard<'a> {
+    pool: MutexGuard<'a, HostPool>,
+    before: Vec<std::net::IpAddr>,
+    file: Option<&'a Path>,
+}
+
+impl std::ops::Deref for PoolGuard<'_> {
+    type Target = HostPool;
+    fn deref(&self) -> &HostPool {
+        &self.pool
+    }
+}
+
+impl std::ops::DerefMut for PoolGuard<'_> {
+    fn deref_mut(&mut self) -> &mut HostPool {
+        &mut self.pool
+    }
+}
+
+impl Drop for PoolGuard<'_> {
+    fn drop(&mut self) {
+        let Some(file) = self.file else {
+            return;
+        };
+        let now = self.pool.handed_out();
+        if now != self.before {
+            let text: String = now.iter().map(|a| format!("{a}\n")).collect();
+            let tmp = file.with_extension("tmp");
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, file);
+            }
+        }
     }
 }
 
@@ -123,6 +210,8 @@ pub struct Proxy {
     stats_file: Option<PathBuf>,
     /// The latency log (`hlog_file`).
     hlog_file: Option<PathBuf>,
+    /// How long a stopped proxy drains for a newer one (`quic.drain_timeout_ms`).
+    drain_timeout: Duration,
     /// The counters the metrics endpoint serves.
     metrics: Arc<ProxyMetrics>,
     /// The metrics endpoint (`metrics_listen`).
@@ -224,6 +313,7 @@ impl Proxy {
         let fits = quic::tunnel_mtu(cfg.quic.max_udp_payload_bytes);
         let (mut pool, mut tuns, mut tunnel_mtu, mut tun_steering) =
             (HostPool::default(), Vec::new(), fits, None);
+        let mut tun_queue_offset = 0;
         if let Some(ip) = &cfg.ip {
             tunnel_mtu = ip.tunnel_mtu.unwrap_or(fits);
             if tunnel_mtu > fits {
@@ -242,6 +332,14 @@ impl Proxy {
             ] {
                 pool.allocate(IpPrefix::host(a));
             }
+            // Queues another process attached first (the other generation's) come first.
+            tun_queue_offset = std::fs::read_dir(format!("/sys/class/net/{}/queues", ip.tun))
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                        .count() as u32
+                })
+                .unwrap_or(0);
             tuns = TunDevice::create_queues(&ip.tun, tunnel_mtu, n)
                 .map_err(|e| format!("TUN device {}: {e}", ip.tun))?;
             for q in &tuns {
@@ -265,7 +363,7 @@ impl Proxy {
             }
         }
 
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             routes,
             generation,
             reset_key,
@@ -273,7 +371,22 @@ impl Proxy {
             pool,
             tun_steering,
             cfg.datapath == Datapath::Socket,
-        ));
+        );
+        shared.tun_queue_offset = tun_queue_offset;
+        if let Some(key) = &cfg.quic.reset_key_file {
+            let (ours, other) = (shared.generation.ours(), 1 - shared.generation.ours());
+            let port = listen.port();
+            let sock = peer::socket_path(key, ours, port);
+            shared.peer = Some(PeerShared {
+                other: peer::socket_path(key, other, port),
+                rx: Mutex::new(Some(peer::bind(&sock)?)),
+                ours: sock,
+            });
+            shared.addresses = Some((addresses_path(key, ours), addresses_path(key, other)));
+            // Nothing handed out yet: what a dead process of this generation wrote is stale.
+            let _ = std::fs::remove_file(addresses_path(key, ours));
+        }
+        let shared = Arc::new(shared);
         let stop = Arc::new(AtomicBool::new(false));
         let rings = Rings::mesh(n).map_err(|e| format!("eventfd: {e}"))?;
         let mut tuns = tuns.into_iter();
@@ -336,6 +449,7 @@ impl Proxy {
             gso: false,
             stats_file: cfg.stats_file.clone(),
             hlog_file: cfg.hlog_file.clone(),
+            drain_timeout: Duration::from_millis(cfg.quic.drain_timeout_ms),
             metrics,
             endpoint,
             steering,
@@ -392,7 +506,41 @@ impl Proxy {
                 None
             }
         };
-        while !stop.load(Ordering::Relaxed) && !self.threads.iter().any(|t| t.is_finished()) {
+        let mut drain_until = None;
+        while !self.threads.iter().any(|t| t.is_finished()) {
+            if stop.load(Ordering::Relaxed) && drain_until.is_none() {
+                // Stopped while a newer process of the key runs: an upgrade. Serve what is
+                // open until it closes, passing new connections to the newer process.
+                self.shared.generation.refresh();
+                if self.drain_timeout.is_zero()
+                    || self.shared.peer.is_none()
+                    || !self.shared.generation.other_live()
+                {
+                    break;
+                }
+                tracing::info!(
+                    "draining for the newer process: new connections go to it, open ones are served up to {:?}",
+                    self.drain_timeout
+                );
+                self.shared.draining.store(true, Ordering::Relaxed);
+                drain_until = Some((
+                    std::time::Instant::now() + self.drain_timeout,
+                    self.publications(),
+                ));
+            }
+            if let Some((until, published)) = &drain_until {
+                // Counted only from what every worker published since the drain began.
+                let fresh = self
+                    .publications()
+                    .iter()
+                    .zip(published)
+                    .all(|(n, w)| n > w);
+                let open = self.counters()["connections_open"].as_u64().unwrap_or(0);
+                if (fresh && open == 0) || std::time::Instant::now() >= *until {
+                    tracing::info!("drained ({open} connections left open)");
+                    break;
+                }
+            }
             std::thread::sleep(Duration::from_millis(20));
             let now = self.publications();
             if now.iter().zip(&written).all(|(n, w)| n > w) {
@@ -495,7 +643,21 @@ impl Drop for Proxy {
         for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
         }
+        // What this generation left for the other: gone with it.
+        if let Some(p) = &self.shared.peer {
+            let _ = std::fs::remove_file(&p.ours);
+        }
+        if let Some((ours, _)) = &self.shared.addresses {
+            let _ = std::fs::remove_file(ours);
+        }
     }
+}
+
+/// Where a process of `generation` writes the CONNECT-IP addresses it has handed out.
+fn addresses_path(key: &Path, generation: u8) -> PathBuf {
+    let mut p = key.as_os_str().to_owned();
+    p.push(format!(".gen{generation}.addresses"));
+    PathBuf::from(p)
 }
 
 /// The proxy's `.hlog`: each worker's burst latencies in both directions (tags `up.worker<i>`,

@@ -75,6 +75,9 @@ pub struct HostPool {
     v4: Option<IpPrefix>,
     v6: Option<IpPrefix>,
     in_use: HashSet<IpAddr>,
+    /// Addresses another holder has handed out (another process of the proxy): never handed
+    /// out here.
+    reserved: HashSet<IpAddr>,
 }
 
 impl HostPool {
@@ -84,12 +87,29 @@ impl HostPool {
             v4: v4.filter(|p| p.addr().is_ipv4()),
             v6: v6.filter(|p| p.addr().is_ipv6()),
             in_use: HashSet::new(),
+            reserved: HashSet::new(),
         }
     }
 
     /// Addresses currently handed out.
     pub fn in_use(&self) -> usize {
         self.in_use.len()
+    }
+
+    /// The addresses handed out, sorted.
+    pub fn handed_out(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.in_use.iter().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// From now on `taken` (and only it, of what an earlier call gave) is not handed out.
+    pub fn reserve(&mut self, taken: HashSet<IpAddr>) {
+        self.reserved = taken;
+    }
+
+    fn free(&self, addr: &IpAddr) -> bool {
+        !self.in_use.contains(addr) && !self.reserved.contains(addr)
     }
 
     fn base(&self, v4: bool) -> Option<IpPrefix> {
@@ -122,7 +142,7 @@ impl AddressPool for HostPool {
         let base = self.base(v4)?;
         if addr_to_u128(requested.addr()) != 0 {
             let addr = requested.addr();
-            if Self::usable(base, addr) && !self.in_use.contains(&addr) {
+            if Self::usable(base, addr) && self.free(&addr) {
                 self.in_use.insert(addr);
                 return Some(IpPrefix::host(addr));
             }
@@ -131,13 +151,13 @@ impl AddressPool for HostPool {
         // Linear probe from the first host: among the first `in_use + 1` candidates at least one
         // is free, so this ends quickly; it stops at the prefix's end.
         let start = addr_to_u128(base.addr());
-        let limit = self.in_use.len() as u128 + 2;
+        let limit = (self.in_use.len() + self.reserved.len()) as u128 + 2;
         for off in 1..=limit {
             let addr = u128_to_addr(start.checked_add(off)?, v4)?;
             if !Self::usable(base, addr) {
                 return None;
             }
-            if !self.in_use.contains(&addr) {
+            if self.free(&addr) {
                 self.in_use.insert(addr);
                 return Some(IpPrefix::host(addr));
             }

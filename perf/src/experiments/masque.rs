@@ -416,7 +416,7 @@ pub fn compare(
             (_, None) => String::new(),
         };
         let proxy = ProxyProc::start(
-            &mut tb,
+            &tb,
             "p",
             dir.path(),
             &format!("0.0.0.0:{PROXY_PORT}"),
@@ -508,13 +508,7 @@ pub fn compare(
 
     // CONNECT-UDP through a proxy with its default workers.
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let proxy = ProxyProc::start(
-        &mut tb,
-        "p",
-        dir.path(),
-        &format!("0.0.0.0:{PROXY_PORT}"),
-        "",
-    )?;
+    let proxy = ProxyProc::start(&tb, "p", dir.path(), &format!("0.0.0.0:{PROXY_PORT}"), "")?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let udp_families: &[Family] = if params.bulk_only {

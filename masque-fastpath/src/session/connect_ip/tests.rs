@@ -808,3 +808,22 @@ fn counters_label_every_reason_distinctly() {
         assert_eq!(r.index(), i);
     }
 }
+
+#[test]
+fn reserved_addresses_are_not_handed_out_until_given_back() {
+    let v4 = IpPrefix::new("198.18.200.0".parse().unwrap(), 24).unwrap();
+    let mut pool = HostPool::new(Some(v4), None);
+    let any = IpPrefix::new("0.0.0.0".parse().unwrap(), 32).unwrap();
+    let first: IpAddr = "198.18.200.1".parse().unwrap();
+    pool.reserve([first].into_iter().collect());
+    assert_eq!(
+        pool.allocate(IpPrefix::host(first)),
+        None,
+        "asked for by name"
+    );
+    let got = pool.allocate(any).unwrap();
+    assert_eq!(got.addr(), "198.18.200.2".parse::<IpAddr>().unwrap());
+    assert_eq!(pool.handed_out(), [got.addr()]);
+    pool.reserve(Default::default());
+    assert_eq!(pool.allocate(any).unwrap().addr(), first);
+}
