@@ -177,6 +177,12 @@ pub enum AllocEvent {
         /// When the driver may ask again (ms, the caller's clock).
         retry_at_ms: u64,
     },
+    /// These addresses were given back to the allocator (a release sent: the agent no longer
+    /// uses them; the allocator may hand them out again `t_remove` after it hears it).
+    Releasing {
+        /// The addresses.
+        addrs: Vec<IpAddr>,
+    },
     /// The allocator acknowledged a release.
     Released {
         /// Addresses it released (not counting ones already freed).
@@ -547,7 +553,12 @@ impl AllocDriver {
                         })
                 });
             match sent {
-                Ok(pending) => self.releases.push_back((pending, now_ms)),
+                Ok(pending) => {
+                    self.releases.push_back((pending, now_ms));
+                    events.push(AllocEvent::Releasing {
+                        addrs: chunk.to_vec(),
+                    });
+                }
                 // Not retried: the allocator frees the addresses at their expiry anyway.
                 Err(error) => events.push(AllocEvent::Failed {
                     error,

@@ -682,6 +682,12 @@ impl TunnelState {
                             "allocation failed: {error}; next attempt at {retry_at_ms} ms"
                         );
                     }
+                    AllocEvent::Releasing { addrs } => {
+                        let now_unix = unix_ms();
+                        for a in addrs {
+                            self.log_address(&format!("{now_unix},released,{a},\n"));
+                        }
+                    }
                     AllocEvent::Released { .. } => {}
                 }
             }

@@ -31,8 +31,9 @@ pub struct Lease {
     pub until_ms: u64,
 }
 
-/// Reads an agent's address log (`unix_ms,allocated,address,expires_unix_ms` lines; other
-/// events are skipped) into leases of `client`. A line that does not parse is an error.
+/// Reads an agent's address log (`unix_ms,allocated,address,expires_unix_ms` lines, and
+/// `unix_ms,released,address,` ending a lease early; other events are skipped) into leases of
+/// `client`. A line that does not parse is an error.
 pub fn leases_from_log(client: &str, text: &str) -> Result<Vec<Lease>, String> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -40,6 +41,19 @@ pub fn leases_from_log(client: &str, text: &str) -> Result<Vec<Lease>, String> {
         let bad = || format!("{client} address log line {}: {line:?}", i + 1);
         if f.len() != 4 {
             return Err(bad());
+        }
+        if f[1] == "released" {
+            // Given back before its lifetime ended: held until then.
+            let addr: IpAddr = f[2].parse().map_err(|_| bad())?;
+            let at: u64 = f[0].parse().map_err(|_| bad())?;
+            if let Some(l) = out
+                .iter_mut()
+                .rev()
+                .find(|l: &&mut Lease| l.addr == addr && l.from_ms <= at)
+            {
+                l.until_ms = l.until_ms.min(at);
+            }
+            continue;
         }
         if f[1] != "allocated" {
             continue;
@@ -162,9 +176,11 @@ impl HopWatch {
             // clients holding it at once would be a fault.
             for (i, a) in held.iter().enumerate() {
                 for b in &held[i + 1..] {
+                    // A lease starts when its request was sent, a moment before the
+                    // allocator granted it: the slack covers that.
                     if a.client != b.client
-                        && a.from_ms < b.until_ms + t_remove_ms
-                        && b.from_ms < a.until_ms + t_remove_ms
+                        && a.from_ms + slack_ms < b.until_ms + t_remove_ms
+                        && b.from_ms + slack_ms < a.until_ms + t_remove_ms
                     {
                         note(
                             &mut c,
@@ -286,6 +302,28 @@ mod tests {
         w.frame(&udp_frame([198, 18, 1, 11], &short(1)));
         let linked = w.check(&leases, 0, 0);
         assert_eq!(linked.cids_from_two_addresses, 1, "{linked:?}");
+    }
+
+    #[test]
+    fn an_address_released_early_is_held_until_then_and_may_go_to_another_after_t_remove() {
+        let c2 = leases_from_log(
+            "c2",
+            "1000,allocated,198.18.1.51,7000\n4000,released,198.18.1.51,\n",
+        )
+        .unwrap();
+        assert_eq!(c2[0].until_ms, 4000);
+        let c1 = leases_from_log("c1", "6050,allocated,198.18.1.51,12000\n").unwrap();
+        let leases: Vec<Lease> = c2.into_iter().chain(c1).collect();
+        let mut w = HopWatch::new("198.18.200.2:4433".parse().unwrap());
+        w.frame(&udp_frame([198, 18, 1, 51], &short(1)));
+        // Given back at 4 s, t_remove 2 s: c1's lease from 6.05 s is no overlap (it was one
+        // when the release was not in the log).
+        let check = w.check(&leases, 2000, 100);
+        assert!(
+            !check.violations.iter().any(|v| v.contains("at once")),
+            "{:?}",
+            check.violations
+        );
     }
 
     #[test]

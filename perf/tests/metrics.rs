@@ -159,7 +159,7 @@ fn the_proxy_and_the_agent_serve_documented_metrics_that_move_with_a_download() 
     std::fs::write(
         &agent_cfg,
         format!(
-            "[hop]\nkind = \"every_packets\"\npackets = 25\n\
+            "[hop]\nkind = \"every_packets\"\npackets = 5\n\
              [tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\nroutes = [\"198.18.20.0/24\"]\n\
              metrics_listen = \"127.0.0.1:9466\"\nstats_interval_ms = 100\nhlog_file = \"{}\"\n\
              [source]\nkind = \"static\"\naddresses = [{}]\n",

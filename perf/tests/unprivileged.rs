@@ -171,7 +171,7 @@ fn the_proxy_and_the_agent_carry_a_download_as_nobody_with_their_units_capabilit
     std::fs::write(
         &agent_cfg,
         format!(
-            "[hop]\nkind = \"every_packets\"\npackets = 50\n\
+            "[hop]\nkind = \"every_packets\"\npackets = 5\n\
              [tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\nroutes = [\"198.18.20.0/24\"]\n\
              [source]\nkind = \"static\"\naddresses = [{}]\n",
             addr::PROXY_V4,
@@ -184,7 +184,7 @@ fn the_proxy_and_the_agent_carry_a_download_as_nobody_with_their_units_capabilit
         .unwrap_or_else(|e| panic!("agent as nobody: {e}"));
     assert_runs_as_unit(&agent, "agent");
 
-    const LEN: u64 = 2 * 1024 * 1024;
+    const LEN: u64 = 8 * 1024 * 1024;
     let (got, exact) = traffic::pattern_download(
         &tb,
         "s",
