@@ -294,7 +294,7 @@ fn the_set_is_refilled_before_it_runs_short_and_released_on_exit() {
                     first_at.get_or_insert(t);
                 }
                 AllocEvent::Failed { error, .. } => panic!("allocation failed: {error}"),
-                AllocEvent::Released { .. } => {}
+                AllocEvent::Releasing { .. } | AllocEvent::Released { .. } => {}
             }
         }
         let report = host.sync(t, &mut set);
