@@ -2,11 +2,9 @@
 //! `[tunnel] metrics_listen`): the tunnel's counters ([`TunnelReport`]) as last published, and
 //! `/healthz` ready while the tunnel is up and publishing.
 
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mimiq_metrics::{Families, Field, Health, Source};
-use serde_json::Value;
+use mimiq_metrics::{Families, Field, Health, Latest, Source};
 
 use crate::tunnel::TunnelReport;
 
@@ -98,53 +96,37 @@ const AGENT: &[Field] = &[
 ];
 
 /// The latest report of a running agent.
-#[derive(Default)]
-pub struct AgentMetrics {
-    latest: Mutex<Option<(Instant, Value)>>,
-    /// How long the report may go unrenewed before the agent is not ready.
-    silence: Duration,
-}
+pub struct AgentMetrics(Latest);
 
 impl AgentMetrics {
     /// Not ready until the first report; then while reports come every `interval` (three
     /// missed make it not ready).
     pub fn new(interval: Duration) -> AgentMetrics {
-        AgentMetrics {
-            latest: Mutex::new(None),
-            silence: 3 * interval.max(Duration::from_millis(100)),
-        }
+        AgentMetrics(Latest::new(3 * interval.max(Duration::from_millis(100))))
     }
 
     /// The report now.
     pub fn update(&self, report: &TunnelReport) {
-        let value = serde_json::to_value(report).unwrap_or_default();
-        *self.latest.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), value));
+        self.0
+            .update(serde_json::to_value(report).unwrap_or_default());
     }
 }
 
 impl Source for AgentMetrics {
     fn collect(&self, out: &mut Families) {
-        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some((_, report)) = &*latest else {
-            return;
-        };
-        out.from_json("mimiq_agent", CLIENT, &[(Vec::new(), &report["client"])]);
-        out.from_json("mimiq_agent", AGENT, &[(Vec::new(), report)]);
+        self.0.read(|report| {
+            out.from_json("mimiq_agent", CLIENT, &[(Vec::new(), &report["client"])]);
+            out.from_json("mimiq_agent", AGENT, &[(Vec::new(), report)]);
+        });
     }
 
     fn health(&self) -> Health {
-        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
-        match &*latest {
-            None => Health::NotReady("the tunnel is not up yet".into()),
-            Some((at, _)) if at.elapsed() > self.silence => Health::NotReady(format!(
-                "no report from the tunnel for {} ms",
-                at.elapsed().as_millis()
-            )),
-            Some((_, r)) => Health::Ready(format!(
+        self.0.health("the tunnel is not up yet", |r| {
+            format!(
                 "tunnel up, {} address(es) in use",
                 r["addresses_in_use"].as_u64().unwrap_or(0)
-            )),
-        }
+            )
+        })
     }
 }
 

@@ -202,6 +202,52 @@ pub enum Health {
     NotReady(String),
 }
 
+/// The counters a binary last published as JSON (its stats file's content), and when: what
+/// the proxy's and the agent's sources read. Ready while they are renewed; not before the
+/// first, nor after `silence` without one.
+pub struct Latest {
+    latest: std::sync::Mutex<Option<(std::time::Instant, Value)>>,
+    silence: Duration,
+}
+
+impl Latest {
+    /// Nothing published yet.
+    pub fn new(silence: Duration) -> Latest {
+        Latest {
+            latest: std::sync::Mutex::new(None),
+            silence,
+        }
+    }
+
+    /// The counters now.
+    pub fn update(&self, counters: Value) {
+        *self.lock() = Some((std::time::Instant::now(), counters));
+    }
+
+    /// `f` of the latest counters, if any were published.
+    pub fn read<R>(&self, f: impl FnOnce(&Value) -> R) -> Option<R> {
+        self.lock().as_ref().map(|(_, v)| f(v))
+    }
+
+    /// Ready (saying `ready` of the counters) while they are renewed; otherwise why not.
+    pub fn health(&self, waiting: &str, ready: impl FnOnce(&Value) -> String) -> Health {
+        match &*self.lock() {
+            None => Health::NotReady(waiting.to_string()),
+            Some((at, _)) if at.elapsed() > self.silence => Health::NotReady(format!(
+                "nothing published for {} ms",
+                at.elapsed().as_millis()
+            )),
+            Some((_, v)) => Health::Ready(ready(v)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, Value)>> {
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// A binary's counters and health, read on each request.
 pub trait Source: Send + Sync + 'static {
     /// The families of this scrape.

@@ -309,6 +309,30 @@ pub fn with_proxy_on(
 
 /// Starts `mimiq-agent run --config <config>` on `host` and waits for its `ready` line (the
 /// tunnel is up); returns the process and that line.
+/// Writes `dir/agent.toml`: tunnel mode to the proxy with a static source (the four client
+/// addresses), a hop every `packets` QUIC datagrams, the server's subnet routed into the tunnel,
+/// `tunnel_extra` appended to its `[tunnel]` table, the hop strategy seeded with `seed` if
+/// given; returns its path.
+pub fn write_agent_config(
+    dir: &Path,
+    seed: Option<u64>,
+    packets: u32,
+    tunnel_extra: &str,
+) -> Result<PathBuf, String> {
+    let addresses: Vec<String> = addr::CLIENT_V4.iter().map(|a| format!("\"{a}\"")).collect();
+    let seed = seed.map_or(String::new(), |s| format!("seed = {s}\n"));
+    let cfg = format!(
+        "{seed}[hop]\nkind = \"every_packets\"\npackets = {packets}\n\
+         [tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\nroutes = [\"198.18.20.0/24\"]\n\
+         {tunnel_extra}[source]\nkind = \"static\"\naddresses = [{}]\n",
+        addr::PROXY_V4,
+        addresses.join(", ")
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, cfg).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
 pub fn start_agent(tb: &mut Testbed, host: &str, config: &Path) -> Result<(Proc, String), String> {
     let bin = bin_path("mimiq-agent")?.to_string_lossy().into_owned();
     let config = config.to_string_lossy().into_owned();

@@ -21,20 +21,31 @@ fn start_agent(
     packets: u32,
     tunnel_extra: &str,
 ) -> Result<Proc, String> {
-    let addresses: Vec<String> = addr::CLIENT_V4.iter().map(|a| format!("\"{a}\"")).collect();
-    let cfg = format!(
-        "seed = 7\n[hop]\nkind = \"every_packets\"\npackets = {packets}\n\
-         [tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\nroutes = [\"198.18.20.0/24\"]\n\
-         stats_file = \"{}\"\nhop_log = \"{}\"\n{tunnel_extra}\
-         [source]\nkind = \"static\"\naddresses = [{}]\n",
-        addr::PROXY_V4,
+    let extra = format!(
+        "stats_file = \"{}\"\nhop_log = \"{}\"\n{tunnel_extra}",
         dir.join("agent-stats.json").display(),
         dir.join("hops.csv").display(),
-        addresses.join(", ")
     );
-    let path = dir.join("agent.toml");
-    std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
+    let path = masque::write_agent_config(dir, Some(7), packets, &extra)?;
     masque::start_agent(tb, "c", &path).map(|(proc, _)| proc)
+}
+
+/// Waits until 5 MB have come through the agent's TUN device (the download is under way).
+fn wait_for_5_mb(tb: &Testbed) {
+    let rx = || -> Result<u64, String> {
+        let out = tb
+            .exec("c", &["cat", "/sys/class/net/mqa0/statistics/rx_bytes"])
+            .map_err(|e| e.to_string())?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|e| format!("rx_bytes: {e}"))
+    };
+    mimiq_testkit::eventually(Duration::from_secs(20), || match rx()? {
+        n if n > 5_000_000 => Ok(()),
+        n => Err(format!("{n} bytes so far")),
+    })
+    .unwrap_or_else(|e| panic!("the download started: {e}"));
 }
 
 /// What one download through a hopping agent left behind.
@@ -139,20 +150,7 @@ fn a_proxy_killed_under_a_hopping_download_and_restarted_gets_the_agents_tunnel_
         "[quic]\nidle_timeout_ms = 1500\n",
         "idle_timeout_ms = 1500\n",
         |tb, _, proxy| {
-            let rx = || -> Result<u64, String> {
-                let out = tb
-                    .exec("c", &["cat", "/sys/class/net/mqa0/statistics/rx_bytes"])
-                    .map_err(|e| e.to_string())?;
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .parse()
-                    .map_err(|e| format!("rx_bytes: {e}"))
-            };
-            mimiq_testkit::eventually(Duration::from_secs(20), || match rx()? {
-                n if n > 5_000_000 => Ok(()),
-                n => Err(format!("{n} bytes so far")),
-            })
-            .unwrap_or_else(|e| panic!("the download started: {e}"));
+            wait_for_5_mb(tb);
             proxy.kill_and_restart(tb, "p").unwrap();
         },
     );
@@ -443,20 +441,7 @@ fn a_proxy_upgraded_under_a_hopping_download_drains_its_tunnel_byte_exact_while_
         let download = scope.spawn(move || {
             traffic::pattern_download(tb, "s", "198.18.20.2:9000".parse().unwrap(), "c", LEN, None)
         });
-        let rx = || -> Result<u64, String> {
-            let out = tb
-                .exec("c", &["cat", "/sys/class/net/mqa0/statistics/rx_bytes"])
-                .map_err(|e| e.to_string())?;
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .map_err(|e| format!("rx_bytes: {e}"))
-        };
-        mimiq_testkit::eventually(Duration::from_secs(20), || match rx()? {
-            n if n > 5_000_000 => Ok(()),
-            n => Err(format!("{n} bytes so far")),
-        })
-        .unwrap_or_else(|e| panic!("the download started: {e}"));
+        wait_for_5_mb(tb);
         // The upgrade: the new process binds the same port and TUN device, then the old one is
         // told to stop and drains.
         let new = ProxyProc::start(tb, "p", new_dir.path(), "0.0.0.0:4433", &extra).unwrap();

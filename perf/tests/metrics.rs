@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use mimiq_allocator::Family;
 use mimiq_metrics::hlog;
-use mimiq_perf::masque::{self, addr, stop_client, ProxyProc};
+use mimiq_perf::masque::{self, stop_client, ProxyProc};
 use mimiq_perf::singlebox::{allocate, start, use_address, SingleBox, LONG};
 use mimiq_perf::testbed::{bin_path, eventually, require_root, Proc, Testbed};
 use mimiq_perf::traffic;
@@ -154,18 +154,13 @@ fn the_proxy_and_the_agent_serve_documented_metrics_that_move_with_a_download() 
         ),
     )
     .unwrap();
-    let addresses: Vec<String> = addr::CLIENT_V4.iter().map(|a| format!("\"{a}\"")).collect();
-    let agent_cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            "[hop]\nkind = \"every_packets\"\npackets = 5\n\
-             [tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\nroutes = [\"198.18.20.0/24\"]\n\
-             metrics_listen = \"127.0.0.1:9466\"\nstats_interval_ms = 100\nhlog_file = \"{}\"\n\
-             [source]\nkind = \"static\"\naddresses = [{}]\n",
-            addr::PROXY_V4,
-            dir.path().join("agent.hlog").display(),
-            addresses.join(", ")
+    let agent_cfg = masque::write_agent_config(
+        dir.path(),
+        None,
+        5,
+        &format!(
+            "metrics_listen = \"127.0.0.1:9466\"\nstats_interval_ms = 100\nhlog_file = \"{}\"\n",
+            dir.path().join("agent.hlog").display()
         ),
     )
     .unwrap();

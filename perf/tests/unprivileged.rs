@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mimiq_perf::masque::{self, addr, stop_client, ProxyProc};
+use mimiq_perf::masque::{self, stop_client, ProxyProc};
 use mimiq_perf::switch::Switch;
 use mimiq_perf::testbed::{
     bin_path, eventually, require_root, topology, Proc, Testbed, Unprivileged,
@@ -166,19 +166,7 @@ fn the_proxy_and_the_agent_carry_a_download_as_nobody_with_their_units_capabilit
     assert_runs_as_unit(&proxy.proc, "proxy");
     assert!(key.exists(), "the proxy made its reset key");
 
-    let addresses: Vec<String> = addr::CLIENT_V4.iter().map(|a| format!("\"{a}\"")).collect();
-    let agent_cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            "[hop]\nkind = \"every_packets\"\npackets = 5\n\
-             [tunnel]\nproxy = \"{}:4433\"\ntun = \"mqa0\"\nroutes = [\"198.18.20.0/24\"]\n\
-             [source]\nkind = \"static\"\naddresses = [{}]\n",
-            addr::PROXY_V4,
-            addresses.join(", ")
-        ),
-    )
-    .unwrap();
+    let agent_cfg = masque::write_agent_config(dir.path(), None, 5, "").unwrap();
     chown_all(&agent_cfg);
     let (mut agent, _) = masque::start_agent(&mut tb, "c", &agent_cfg)
         .unwrap_or_else(|e| panic!("agent as nobody: {e}"));

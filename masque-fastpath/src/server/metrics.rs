@@ -3,10 +3,9 @@
 //! counter with a `worker` label (and `reason` or `status` for counts by reason), and the
 //! steering program's figures. `/healthz` is ready while every worker keeps publishing.
 
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mimiq_metrics::{Families, Field, Health, Source};
+use mimiq_metrics::{Families, Field, Health, Latest, Source};
 use serde_json::Value;
 
 /// How each field of a worker's counters is exposed (the field docs in `server/mod.rs` say more).
@@ -168,25 +167,17 @@ pub const FIELDS: &[Field] = &[
 ];
 
 /// The latest counters of a running proxy, for its metrics endpoint.
-pub struct ProxyMetrics {
-    latest: Mutex<Option<(Instant, Value)>>,
-    /// How long the counters may go without being renewed before the proxy is not ready.
-    silence: Duration,
-}
+pub struct ProxyMetrics(Latest);
 
 impl ProxyMetrics {
-    /// Nothing published yet.
+    /// Nothing published yet; not ready once 3 s pass without the workers' counters renewed.
     pub fn new() -> ProxyMetrics {
-        ProxyMetrics {
-            latest: Mutex::new(None),
-            silence: Duration::from_secs(3),
-        }
+        ProxyMetrics(Latest::new(Duration::from_secs(3)))
     }
 
     /// The proxy's counters now (what the stats file holds).
     pub fn update(&self, counters: &Value) {
-        let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
-        *latest = Some((Instant::now(), counters.clone()));
+        self.0.update(counters.clone());
     }
 }
 
@@ -198,62 +189,55 @@ impl Default for ProxyMetrics {
 
 impl Source for ProxyMetrics {
     fn collect(&self, out: &mut Families) {
-        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some((_, counters)) = &*latest else {
-            return;
-        };
-        let workers: Vec<(Vec<(&str, String)>, &Value)> = counters["workers"]
-            .as_array()
-            .map(|ws| {
-                ws.iter()
-                    .enumerate()
-                    .map(|(i, w)| (vec![("worker", i.to_string())], w))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.from_json("mimiq_proxy", FIELDS, &workers);
-        for (key, help) in [
-            (
-                "burst_ns",
-                "99th percentile of a burst of QUIC datagrams through the proxy to the TUN device since start, ns",
-            ),
-            (
-                "tun_burst_ns",
-                "99th percentile of a burst of TUN packets through the proxy to datagrams sent since start, ns",
-            ),
-        ] {
-            let p99 = out.gauge(format!("mimiq_proxy_{key}_p99"), help);
-            for (labels, w) in &workers {
-                if let Some(v) = w[key]["p99"].as_u64() {
-                    p99.sample(labels, v);
+        self.0.read(|counters| {
+            let workers: Vec<(Vec<(&str, String)>, &Value)> = counters["workers"]
+                .as_array()
+                .map(|ws| {
+                    ws.iter()
+                        .enumerate()
+                        .map(|(i, w)| (vec![("worker", i.to_string())], w))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.from_json("mimiq_proxy", FIELDS, &workers);
+            for (key, help) in [
+                (
+                    "burst_ns",
+                    "99th percentile of a burst of QUIC datagrams through the proxy to the TUN device since start, ns",
+                ),
+                (
+                    "tun_burst_ns",
+                    "99th percentile of a burst of TUN packets through the proxy to datagrams sent since start, ns",
+                ),
+            ] {
+                let p99 = out.gauge(format!("mimiq_proxy_{key}_p99"), help);
+                for (labels, w) in &workers {
+                    if let Some(v) = w[key]["p99"].as_u64() {
+                        p99.sample(labels, v);
+                    }
                 }
             }
-        }
-        out.counter(
-            "mimiq_proxy_steered",
-            "Datagrams the connection-ID steering program sent to their worker's socket",
-        )
-        .value(counters["steered"].as_u64().unwrap_or(0));
-        out.counter(
-            "mimiq_proxy_steering_fallback",
-            "Datagrams the steering program left to the kernel's hash (long headers, unreadable)",
-        )
-        .value(counters["steering_fallback"].as_u64().unwrap_or(0));
+            out.counter(
+                "mimiq_proxy_steered",
+                "Datagrams the connection-ID steering program sent to their worker's socket",
+            )
+            .value(counters["steered"].as_u64().unwrap_or(0));
+            out.counter(
+                "mimiq_proxy_steering_fallback",
+                "Datagrams the steering program left to the kernel's hash (long headers, unreadable)",
+            )
+            .value(counters["steering_fallback"].as_u64().unwrap_or(0));
+        });
     }
 
     fn health(&self) -> Health {
-        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
-        match &*latest {
-            None => Health::NotReady("the workers have not all published yet".into()),
-            Some((at, _)) if at.elapsed() > self.silence => Health::NotReady(format!(
-                "a worker has not published for {} ms",
-                at.elapsed().as_millis()
-            )),
-            Some((_, counters)) => Health::Ready(format!(
-                "{} worker(s) serving",
-                counters["workers"].as_array().map_or(0, Vec::len)
-            )),
-        }
+        self.0
+            .health("the workers have not all published yet", |counters| {
+                format!(
+                    "{} worker(s) serving",
+                    counters["workers"].as_array().map_or(0, Vec::len)
+                )
+            })
     }
 }
 
