@@ -446,6 +446,14 @@ fn a_proxy_upgraded_under_a_hopping_download_drains_its_tunnel_byte_exact_while_
         // told to stop and drains.
         let new = ProxyProc::start(tb, "p", new_dir.path(), "0.0.0.0:4433", &extra).unwrap();
         old.proc.signal(libc::SIGTERM);
+        mimiq_testkit::eventually(Duration::from_secs(5), || {
+            old.proc
+                .stderr()
+                .contains("draining for the newer process")
+                .then_some(())
+                .ok_or("not draining yet")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {}", old.proc.describe()));
         // A new client during the drain is served (by the new process).
         let mut udp = masque::udp_client(tb, "198.18.20.2:7007", "127.0.0.1:6000", &[]).unwrap();
         let echoed = masque::udp_exchange(tb, "c", "127.0.0.1:6000", 20, 100);

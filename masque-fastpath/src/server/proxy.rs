@@ -518,11 +518,11 @@ impl Proxy {
                 {
                     break;
                 }
+                self.shared.draining.store(true, Ordering::Relaxed);
                 tracing::info!(
                     "draining for the newer process: new connections go to it, open ones are served up to {:?}",
                     self.drain_timeout
                 );
-                self.shared.draining.store(true, Ordering::Relaxed);
                 drain_until = Some((
                     std::time::Instant::now() + self.drain_timeout,
                     self.publications(),
