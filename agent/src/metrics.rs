@@ -102,7 +102,9 @@ impl AgentMetrics {
     /// Not ready until the first report; then while reports come every `interval` (three
     /// missed make it not ready).
     pub fn new(interval: Duration) -> AgentMetrics {
-        AgentMetrics(Latest::new(3 * interval.max(Duration::from_millis(100))))
+        AgentMetrics(Latest::new(
+            interval.max(Duration::from_millis(100)).saturating_mul(3),
+        ))
     }
 
     /// The report now.

@@ -327,7 +327,7 @@ impl MetricsSource {
         MetricsSource {
             telemetry,
             cpu_ms,
-            silence: 3 * interval.max(Duration::from_millis(100)),
+            silence: interval.max(Duration::from_millis(100)).saturating_mul(3),
         }
     }
 }

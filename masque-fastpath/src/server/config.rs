@@ -226,6 +226,13 @@ impl ProxyConfig {
                 self.quic.active_connection_id_limit
             ));
         }
+        // A day at most: a drain longer than that is a process nobody is waiting for.
+        if self.quic.drain_timeout_ms > 86_400_000 {
+            return Err(format!(
+                "quic.drain_timeout_ms = {}: at most 86400000 (a day)",
+                self.quic.drain_timeout_ms
+            ));
+        }
         if self.max_sessions_per_connection == 0 || self.max_connections == 0 {
             return Err(
                 "max_connections and max_sessions_per_connection must be at least 1".into(),
@@ -402,6 +409,10 @@ mod tests {
             (
                 "[quic]\ncongestion_control = \"vegas\"\n",
                 "congestion_control",
+            ),
+            (
+                "[quic]\ndrain_timeout_ms = 18446744073709551615\n",
+                "drain_timeout_ms",
             ),
             ("[ip]\npool_v4 = \"198.18.0.0\"\n", "pool_v4"),
             ("[ip]\npool_v4 = \"fd00::/64\"\n", "pool_v4"),
