@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::rng::SplitMix64;
+use crate::rng::{HopRng, Seed};
 
 /// Address-set settings (the agent config's `[addresses]` table). Unknown fields are refused.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -133,7 +133,7 @@ pub struct AddressSet {
     connections: BTreeMap<ConnectionId, IpAddr>,
     /// When the outstanding refill request was sent.
     refill_sent_ms: Option<u64>,
-    rng: SplitMix64,
+    rng: HopRng,
 }
 
 #[derive(Debug, Clone)]
@@ -145,7 +145,10 @@ struct Entry {
 
 impl AddressSet {
     /// An empty set; `seed` fixes which address each hop picks.
-    pub fn new(config: AddressSetConfig, seed: u64) -> Result<Self, AddressSetConfigError> {
+    pub fn new(
+        config: AddressSetConfig,
+        seed: impl Into<Seed>,
+    ) -> Result<Self, AddressSetConfigError> {
         config.validate()?;
         Ok(Self {
             config,
@@ -153,7 +156,7 @@ impl AddressSet {
             current: None,
             connections: BTreeMap::new(),
             refill_sent_ms: None,
-            rng: SplitMix64::new(seed),
+            rng: HopRng::new(seed),
         })
     }
 

@@ -42,7 +42,6 @@ use mimiq_allocator::Family;
 use serde::Deserialize;
 
 use crate::addrset::AddressSet;
-use crate::rng::SplitMix64;
 
 /// Requests that timed out whose late replies are still accepted.
 pub const LATE_REPLIES_KEPT: usize = 4;
@@ -223,7 +222,6 @@ pub struct AllocDriver {
     family: Family,
     config: AllocClientConfig,
     rng: Csprng,
-    jitter: SplitMix64,
     in_flight: Option<(PendingRequest, u64)>,
     /// When the request in flight was sent (for its round trip).
     sent_at: Option<Instant>,
@@ -262,15 +260,13 @@ impl AllocDriver {
     ) -> Result<Self, AllocError> {
         sock.set_nonblocking(true)
             .map_err(|source| AllocError::Io { gateway, source })?;
-        let mut rng = Csprng::new().map_err(ClientError::from)?;
-        let jitter = SplitMix64::new(rng.next_u64());
+        let rng = Csprng::new().map_err(ClientError::from)?;
         Ok(Self {
             sock,
             gateway,
             family,
             config,
             rng,
-            jitter,
             in_flight: None,
             sent_at: None,
             late: VecDeque::new(),
@@ -577,7 +573,7 @@ impl AllocDriver {
             self.config.backoff_max_ms,
             self.failures,
         );
-        let wait = self.jitter.range_inclusive(backoff / 2, backoff);
+        let wait = self.rng.in_range(backoff / 2, backoff);
         self.retry_at_ms = now_ms.saturating_add(wait);
         AllocEvent::Failed {
             error,

@@ -1,7 +1,8 @@
 //! The agent's config file (TOML): the hop strategy, the address-set settings and the seed.
 //!
 //! ```toml
-//! seed = 42            # optional; fixes every hop decision (experiments). Absent: from the OS.
+//! seed = 42            # optional; fixes every hop decision (experiments only: predictable).
+//!                      # Absent: a 256-bit key from the OS.
 //!
 //! [hop]
 //! kind = "every_packets"

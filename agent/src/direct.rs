@@ -43,7 +43,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::migrate::{HopError, HopEvent, MigrationConfig, MigrationStats, Migrator};
-use crate::rng::SplitMix64;
+use crate::rng::{HopRng, Seed, ADDRESS_STREAM};
 use crate::strategy::{Decision, HopStrategy, HopStrategyConfig, StrategyConfigError};
 
 /// Largest UDP payload read from a socket.
@@ -55,9 +55,6 @@ const READER_TICK: Duration = Duration::from_millis(50);
 /// While nothing arrives, how often the shell checks that its addresses are still on the host.
 const ADDRESS_CHECK: Duration = Duration::from_millis(100);
 
-/// Mixed into the seed for the stream that picks the next address ("direct").
-const ADDRESS_STREAM: u64 = 0x6469_7265_6374;
-
 /// Datagrams queued from the reader threads to the connection's thread before readers wait.
 const RX_QUEUE: usize = 1_024;
 
@@ -66,8 +63,9 @@ const RX_QUEUE: usize = 1_024;
 pub struct DirectConfig {
     /// When to hop (every N packets, random \[a, b\] packets, random time, once after N, never).
     pub strategy: HopStrategyConfig,
-    /// Seeds the strategy and the choice of the next address; fixes a run hop for hop.
-    pub seed: u64,
+    /// Keys the strategy and the choice of the next address ([`Seed::experiment`] fixes a run
+    /// hop for hop).
+    pub seed: Seed,
     /// The connection's number in the run (each gets its own random stream).
     pub connection: u64,
     /// Hop deadlines and latency sampling.
@@ -154,7 +152,7 @@ pub struct DirectConnection {
     sockets: Vec<LocalSocket>,
     rx: Receiver<Received>,
     strategy: HopStrategy,
-    rng: SplitMix64,
+    rng: HopRng,
     stats: DirectStats,
     withdrawn: Vec<SocketAddr>,
     started: Instant,
@@ -229,10 +227,7 @@ impl DirectConnection {
             sockets,
             rx,
             strategy,
-            rng: SplitMix64::new(crate::rng::derive_seed(
-                config.seed ^ ADDRESS_STREAM,
-                config.connection,
-            )),
+            rng: HopRng::new(config.seed.derive(ADDRESS_STREAM).derive(config.connection)),
             stats: DirectStats::default(),
             withdrawn: Vec::new(),
             started: Instant::now(),

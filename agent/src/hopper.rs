@@ -71,6 +71,20 @@ impl ConnectionHopper {
         }
     }
 
+    /// The connection's address `current` left the host (nothing can be sent from it, nor
+    /// arrive there, so no packet will count toward a hop): moves the connection to another
+    /// address of the set now, as a forced hop; `None` if the set has no other.
+    pub fn leave(&mut self, set: &mut AddressSet, current: IpAddr, now_ms: u64) -> Option<IpAddr> {
+        match set.assign_connection(self.conn, now_ms) {
+            Ok(to) if to != current => {
+                self.stats.forced_hops += 1;
+                self.strategy.on_forced_hop(now_ms);
+                Some(to)
+            }
+            _ => None,
+        }
+    }
+
     /// Called before each packet the connection sends at `now_ms`.
     pub fn on_packet(&mut self, set: &mut AddressSet, now_ms: u64) -> PacketAction {
         let current = set.connection_address(self.conn, now_ms);

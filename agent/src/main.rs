@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
+use mimiq_agent::rng::Seed;
 use mimiq_agent::AgentConfig;
 
 #[global_allocator]
@@ -137,15 +138,15 @@ fn run(cfg: &AgentConfig) -> Result<(), String> {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| format!("signal: {e}"))?;
     }
     let seed = match cfg.seed {
-        Some(s) => s,
-        None => {
-            use ring::rand::SecureRandom;
-            let mut b = [0u8; 8];
-            ring::rand::SystemRandom::new()
-                .fill(&mut b)
-                .map_err(|_| "seed: no OS randomness".to_string())?;
-            u64::from_le_bytes(b)
+        Some(s) => {
+            tracing::warn!(
+                "seed = {s}: every hop time and address choice of this agent follows from that \
+                 number, so anyone who knows or guesses it predicts the hops; for experiments \
+                 only, remove it in deployment"
+            );
+            Seed::experiment(s)
         }
+        None => Seed::from_os().map_err(|_| "seed: no OS randomness".to_string())?,
     };
     let report = mimiq_agent::tunnel::run(cfg, seed, &stop, |s| {
         println!("ready addresses={} mtu={}", s.addresses.join(","), s.mtu);

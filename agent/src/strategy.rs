@@ -8,13 +8,14 @@
 //! address set's job ([`crate::addrset::AddressSet`]); so is leaving an address that is about to
 //! expire, which the driver does whatever the strategy says.
 //!
-//! Every random choice comes from a [`SplitMix64`] seeded at construction, so a run is
-//! reproducible hop for hop; give each connection its own stream with
-//! [`HopStrategy::for_connection`].
+//! Every random choice comes from a [`HopRng`] (ChaCha20) keyed at construction: from the OS
+//! in deployment, so an observer cannot predict the next hop from the previous ones, or from an
+//! experiment's seed, so a run is reproducible hop for hop; give each connection its own stream
+//! with [`HopStrategy::for_connection`].
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::rng::{derive_seed, SplitMix64};
+use crate::rng::{HopRng, Seed};
 
 /// The largest packet count or interval a strategy accepts: more than 2^32 packets or ms
 /// (49 days) between hops is a typo, not a policy.
@@ -37,7 +38,7 @@ pub enum Decision {
 /// min_packets = 10
 /// max_packets = 40
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HopStrategyConfig {
     /// Never hop within a connection (the baseline, 0 migrations per 100 packets).
@@ -169,6 +170,24 @@ impl std::str::FromStr for HopStrategyConfig {
     }
 }
 
+impl std::fmt::Display for HopStrategyConfig {
+    /// The short form [`str::parse`] reads (`every:25`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use HopStrategyConfig as H;
+        match *self {
+            H::Never {} => write!(f, "never"),
+            H::PerConnection {} => write!(f, "per-connection"),
+            H::EveryPackets { packets } => write!(f, "every:{packets}"),
+            H::RandomPackets {
+                min_packets,
+                max_packets,
+            } => write!(f, "random:{min_packets}:{max_packets}"),
+            H::RandomTime { min_ms, max_ms } => write!(f, "time:{min_ms}:{max_ms}"),
+            H::OnceAfter { packets } => write!(f, "once:{packets}"),
+        }
+    }
+}
+
 impl HopStrategyConfig {
     /// The config's `kind` tag.
     pub fn kind(&self) -> &'static str {
@@ -263,7 +282,7 @@ fn check_range(
 #[derive(Debug, Clone)]
 pub struct HopStrategy {
     rule: Rule,
-    rng: SplitMix64,
+    rng: HopRng,
     /// Packets sent from the current address (including the one being sent after a `Stay`).
     packets_on_address: u64,
     /// Packets the current address carries before the next hop (packet-count rules).
@@ -285,7 +304,10 @@ enum Rule {
 
 impl HopStrategy {
     /// A strategy following `config`, with every random draw fixed by `seed`.
-    pub fn new(config: &HopStrategyConfig, seed: u64) -> Result<Self, StrategyConfigError> {
+    pub fn new(
+        config: &HopStrategyConfig,
+        seed: impl Into<Seed>,
+    ) -> Result<Self, StrategyConfigError> {
         config.validate()?;
         let rule = match *config {
             HopStrategyConfig::Never {} | HopStrategyConfig::PerConnection {} => Rule::Never,
@@ -299,7 +321,7 @@ impl HopStrategy {
         };
         let mut strategy = Self {
             rule,
-            rng: SplitMix64::new(seed),
+            rng: HopRng::new(seed),
             packets_on_address: 0,
             packets_target: 0,
             deadline_ms: None,
@@ -313,10 +335,10 @@ impl HopStrategy {
     /// connection gets an independent stream, so its hops do not depend on the others.
     pub fn for_connection(
         config: &HopStrategyConfig,
-        seed: u64,
+        seed: impl Into<Seed>,
         connection: u64,
     ) -> Result<Self, StrategyConfigError> {
-        Self::new(config, derive_seed(seed, connection))
+        Self::new(config, seed.into().derive(connection))
     }
 
     /// Called before the connection sends a packet at `now_ms` (the caller's monotonic clock).
@@ -430,7 +452,11 @@ mod tests {
                 },
             ),
         ] {
-            assert_eq!(text.parse::<H>(), Ok(want), "{text}");
+            assert_eq!(text.parse::<H>(), Ok(want.clone()), "{text}");
+            assert_eq!(want.to_string(), text, "the short form written back");
+            // And as the `[hop]` table of a config.
+            let table = toml::to_string(&want).unwrap();
+            assert_eq!(toml::from_str::<H>(&table), Ok(want), "{table}");
         }
         for bad in [
             "",
@@ -529,7 +555,7 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         // The exact schedule for seed 42: a change here changes every recorded experiment.
-        assert_eq!(a, vec![9, 13, 17, 22, 25, 34, 38, 46, 51, 58]);
+        assert_eq!(a, vec![9, 15, 24, 29, 37, 43, 46, 49, 58]);
     }
 
     #[test]
@@ -561,6 +587,34 @@ mod tests {
     }
 
     #[test]
+    fn random_packets_from_an_os_key_are_uniform_by_a_chi_square_test() {
+        // What a deployed agent does: a key from the OS, intervals of 25..=100 packets.
+        let (lo, hi) = (25u64, 100u64);
+        let config = HopStrategyConfig::RandomPackets {
+            min_packets: lo,
+            max_packets: hi,
+        };
+        let mut s = HopStrategy::new(&config, Seed::from_os().unwrap()).unwrap();
+        let mut seen = vec![0u64; (hi - lo + 1) as usize];
+        let (mut previous, mut packet, mut intervals) = (1, 1, 0);
+        while intervals < 76_000 {
+            packet += 1;
+            if s.on_packet(packet) == Decision::Hop {
+                seen[(packet - previous - lo) as usize] += 1;
+                previous = packet;
+                intervals += 1;
+            }
+        }
+        let expected = intervals as f64 / seen.len() as f64;
+        let chi2: f64 = (seen.iter())
+            .map(|&c| (c as f64 - expected).powi(2) / expected)
+            .sum();
+        // 75 degrees of freedom: 174 is exceeded with probability below 10^-9 (Wilson–Hilferty),
+        // so a uniform stream fails this about never and a biased one fails it at once.
+        assert!(chi2 < 174.0, "chi-square {chi2:.1} over {seen:?}");
+    }
+
+    #[test]
     fn random_packets_with_equal_bounds_is_every_packets() {
         let config = HopStrategyConfig::RandomPackets {
             min_packets: 4,
@@ -577,7 +631,7 @@ mod tests {
         };
         let a = hop_positions(&mut strategy(config.clone(), 42), 100);
         assert_eq!(a, hop_positions(&mut strategy(config, 42), 100));
-        assert_eq!(a, vec![17, 24, 33, 43, 48, 66, 74, 91]);
+        assert_eq!(a, vec![19, 30, 49, 60, 77, 89, 94, 99]);
     }
 
     #[test]

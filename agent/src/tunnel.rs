@@ -41,9 +41,14 @@ use crate::alloc_client::{AllocClientConfig, AllocDriver, AllocEvent};
 use crate::config::AgentConfig;
 use crate::hopper::{ConnectionHopper, HopStats, PacketAction};
 use crate::metrics::AgentMetrics;
+use crate::rng::{Seed, ADDRESS_STREAM};
 use crate::strategy::HopStrategy;
 use hdrhistogram::Histogram;
 use mimiq_metrics::hlog::{duration_histogram, DumpTimer, IntervalLog};
+
+/// While the connection sends nothing, how often the agent checks that its address is still on
+/// the host.
+const PRESENCE_CHECK: Duration = Duration::from_millis(100);
 
 /// The `[tunnel]` table: where the proxy is and how the tunnel looks on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -77,6 +82,10 @@ pub struct TunnelConfig {
     /// (a keep-alive goes every third of it). Default 30,000.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_ms: u64,
+    /// Pad every QUIC packet the agent sends to a multiple of this many bytes (as the proxy's
+    /// `quic.pad_to_bytes`; docs/PRIVACY.md); 0, the default: no padding.
+    #[serde(default)]
+    pub pad_to_bytes: usize,
     /// When the tunnel is lost: new connections tried (each from a fresh address, keeping the
     /// TUN device and asking the proxy for the tunnel's addresses again, RFC 9484 §4.7.2)
     /// before the agent gives up; 0: it exits at once. Default 10.
@@ -306,17 +315,17 @@ pub fn check(config: &AgentConfig) -> Result<(), TunnelError> {
 /// counters once it carries traffic. Releases allocated addresses on the way out.
 pub fn run(
     config: &AgentConfig,
-    seed: u64,
+    seed: Seed,
     stop: &AtomicBool,
     on_ready: impl FnMut(&ClientStats),
 ) -> Result<TunnelReport, TunnelError> {
     check(config)?;
     let (tunnel, source) = parts(config)?;
     let epoch = Instant::now();
-    let set = AddressSet::new(config.addresses.clone(), seed)
+    let set = AddressSet::new(config.addresses.clone(), seed.derive(ADDRESS_STREAM))
         .map_err(|e| TunnelError::Config(e.to_string()))?;
-    let strategy =
-        HopStrategy::new(&config.hop, seed).map_err(|e| TunnelError::Config(e.to_string()))?;
+    let strategy = HopStrategy::for_connection(&config.hop, seed, 0)
+        .map_err(|e| TunnelError::Config(e.to_string()))?;
     let metrics = Arc::new(AgentMetrics::new(Duration::from_millis(
         tunnel.stats_interval_ms,
     )));
@@ -354,6 +363,7 @@ pub fn run(
         stats_every: Duration::from_millis(tunnel.stats_interval_ms),
         next_stats: epoch,
         route_proxy: None,
+        presence_checked: None,
         routes: Vec::new(),
     };
     match source {
@@ -554,6 +564,8 @@ pub struct TunnelState {
     next_stats: Instant,
     /// The proxy, to be routed through the allocator's gateway (allocator source only).
     route_proxy: Option<IpAddr>,
+    /// When the connection's address was last checked to be on the host (while idle).
+    presence_checked: Option<Instant>,
     /// The routes put on the host interface, taken off on exit.
     routes: Vec<Route>,
 }
@@ -568,6 +580,12 @@ impl HopPolicy for TunnelHops {
         let conn = s.hopper.connection();
         if s.set.connection_address(conn, now_ms) != Some(current) {
             s.set.set_connection_address(conn, current);
+        }
+        // While nothing is sent, no datagram counts toward a hop; if the address left the host
+        // meanwhile (an operator removed it) nothing will be: leave it.
+        if sent == 0 && s.left_host(now, current) {
+            tracing::warn!("{current} left the host; the connection moves");
+            return s.hopper.leave(&mut s.set, current, now_ms);
         }
         // One decision per datagram sent since the last pass; the first hop asked for wins
         // (the client probes it while the datagrams keep leaving from `current`).
@@ -624,6 +642,22 @@ impl HopPolicy for TunnelHops {
 }
 
 impl TunnelState {
+    /// Whether `addr` is gone from the host: a socket can no longer be bound to it (checked at
+    /// most every [`PRESENCE_CHECK`]).
+    fn left_host(&mut self, now: Instant, addr: IpAddr) -> bool {
+        if self
+            .presence_checked
+            .is_some_and(|t| now.saturating_duration_since(t) < PRESENCE_CHECK)
+        {
+            return false;
+        }
+        self.presence_checked = Some(now);
+        matches!(
+            std::net::UdpSocket::bind(SocketAddr::new(addr, 0)),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+        )
+    }
+
     fn now_ms(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
@@ -829,6 +863,7 @@ fn quic_settings(tunnel: &TunnelConfig) -> QuicSettings {
         qlog_dir: tunnel.qlog_dir.clone(),
         keylog_file: tunnel.keylog_file.clone(),
         idle_timeout_ms: tunnel.idle_timeout_ms,
+        pad_to_bytes: tunnel.pad_to_bytes,
         ..QuicSettings::default()
     }
 }

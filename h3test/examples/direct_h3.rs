@@ -70,7 +70,7 @@ fn run(args: &Args) -> Result<(), String> {
     }
     let config = DirectConfig {
         strategy: args.strategy.clone(),
-        seed: args.seed,
+        seed: args.seed.into(),
         connection: 0,
         migration: MigrationConfig::default(),
     };

@@ -60,7 +60,7 @@ fn direct(server: SocketAddr, strategy: HopStrategyConfig) -> DirectConnection {
     let mut quic = client_config(3).unwrap();
     let config = DirectConfig {
         strategy,
-        seed: 7,
+        seed: 7.into(),
         connection: 0,
         migration: MigrationConfig::default(),
     };
@@ -151,7 +151,7 @@ fn more_addresses_than_the_server_gives_cids_for_stay_within_its_limit() {
     let mut quic = client_config(locals.len()).unwrap();
     let config = DirectConfig {
         strategy: HopStrategyConfig::EveryPackets { packets: 3 },
-        seed: 3,
+        seed: 3.into(),
         connection: 0,
         migration: MigrationConfig::default(),
     };
@@ -266,7 +266,7 @@ fn bad_addresses_are_errors() {
     let mut quic = client_config(3).unwrap();
     let config = DirectConfig {
         strategy: HopStrategyConfig::Never {},
-        seed: 1,
+        seed: 1.into(),
         connection: 0,
         migration: MigrationConfig::default(),
     };

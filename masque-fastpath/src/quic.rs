@@ -31,6 +31,16 @@ pub struct QuicSettings {
     pub max_udp_payload_bytes: usize,
     /// Idle timeout, milliseconds.
     pub idle_timeout_ms: u64,
+    /// Pad every 1-RTT packet to a multiple of this many bytes (as far as the path's maximum
+    /// size and the congestion window allow), so that an observer sees sizes in buckets rather
+    /// than what the tunnel carries (docs/PRIVACY.md); 0: no padding. A patch of quiche's
+    /// (`vendor/quiche/MIMIQ-PATCH.md`).
+    pub pad_to_bytes: usize,
+    /// Proxy: a path a client hops to takes over the old path's congestion window and RTT
+    /// estimate instead of starting afresh. A deviation from RFC 9000 §9.4 (which requires the
+    /// reset unless only the port changed), for clients that hop within one access network; a
+    /// patch of quiche's (`vendor/quiche/MIMIQ-PATCH.md`). Off by default.
+    pub keep_congestion_on_migration: bool,
     /// Connection IDs the peer may keep issued to us: ≥ 4 on the proxy so hopping clients find
     /// spares; a hopping client uses 2 (see `client`).
     pub active_connection_id_limit: u64,
@@ -87,6 +97,8 @@ impl Default for QuicSettings {
         QuicSettings {
             max_udp_payload_bytes: 1452,
             idle_timeout_ms: 30_000,
+            pad_to_bytes: 0,
+            keep_congestion_on_migration: false,
             active_connection_id_limit: 8,
             dgram_queue_len: 4096,
             max_data_bytes: 64 << 20,
@@ -119,6 +131,13 @@ impl QuicSettings {
             return Err(format!(
                 "quic.max_udp_payload_bytes = {}: must be in {MIN_UDP_PAYLOAD}..=65527 so 1280-byte inner packets fit",
                 self.max_udp_payload_bytes
+            ));
+        }
+        if self.pad_to_bytes != 0 && !(16..=self.max_udp_payload_bytes).contains(&self.pad_to_bytes)
+        {
+            return Err(format!(
+                "quic.pad_to_bytes = {}: must be 0 (no padding) or 16..=max_udp_payload_bytes ({})",
+                self.pad_to_bytes, self.max_udp_payload_bytes
             ));
         }
         if self.active_connection_id_limit < 2 {
@@ -181,6 +200,8 @@ impl QuicSettings {
         c.set_max_idle_timeout(self.idle_timeout_ms);
         c.set_max_recv_udp_payload_size(MAX_UDP_RECV);
         c.set_max_send_udp_payload_size(self.max_udp_payload_bytes);
+        c.set_pad_short_packets_to(self.pad_to_bytes);
+        c.set_keep_congestion_on_migration(self.keep_congestion_on_migration);
         c.set_initial_max_data(self.max_data_bytes);
         c.set_initial_max_stream_data_bidi_local(self.max_stream_data_bytes);
         c.set_initial_max_stream_data_bidi_remote(self.max_stream_data_bytes);
@@ -669,6 +690,173 @@ mod tests {
             "{key_as_cert}"
         );
         assert_eq!(fine, "");
+    }
+
+    /// Delivers what `from` sends to `to`, noting the size of each 1-RTT packet (short header:
+    /// the first bit clear), and drains `to`'s datagrams; returns how many packets moved.
+    fn flush(
+        from: &mut quiche::Connection,
+        to: &mut quiche::Connection,
+        sizes: &mut Vec<usize>,
+        buf: &mut [u8],
+    ) -> usize {
+        let mut moved = 0;
+        while let Ok((n, sent)) = from.send(buf) {
+            moved += 1;
+            if buf[0] & 0x80 == 0 {
+                sizes.push(n);
+            }
+            let info = quiche::RecvInfo {
+                from: sent.from,
+                to: sent.to,
+            };
+            let _ = to.recv(&mut buf[..n], info);
+        }
+        while to.dgram_recv(buf).is_ok() {}
+        moved
+    }
+
+    /// A client and a server of `quic`'s settings, their handshake done in memory; the client
+    /// at 10.0.0.1:5000, the server at 10.0.0.2:443.
+    fn connected(quic: &QuicSettings) -> (quiche::Connection, quiche::Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let mut sc = quic
+            .transport_config(Tls::Server {
+                cert: &cert,
+                key: &key,
+            })
+            .unwrap();
+        let mut cc = quic.transport_config(Tls::Client { ca: None }).unwrap();
+        let (ca, sa): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:5000".parse().unwrap(),
+            "10.0.0.2:443".parse().unwrap(),
+        );
+        let mut client = quiche::connect(
+            Some("proxy.test"),
+            &quiche::ConnectionId::from_ref(&[1u8; CID_LEN]),
+            ca,
+            sa,
+            &mut cc,
+        )
+        .unwrap();
+        let mut server = quiche::accept(
+            &quiche::ConnectionId::from_ref(&[2u8; CID_LEN]),
+            None,
+            sa,
+            ca,
+            &mut sc,
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 65_535];
+        for _ in 0..100 {
+            if client.is_established() && server.is_established() {
+                break;
+            }
+            flush(&mut client, &mut server, &mut Vec::new(), &mut buf);
+            flush(&mut server, &mut client, &mut Vec::new(), &mut buf);
+        }
+        assert!(client.is_established() && server.is_established());
+        (client, server)
+    }
+
+    #[test]
+    fn padded_endpoints_send_every_1rtt_packet_in_buckets_and_bad_buckets_are_refused() {
+        let quic = QuicSettings {
+            pad_to_bytes: 256,
+            ..QuicSettings::default()
+        };
+        let (mut client, mut server) = connected(&quic);
+        // Datagrams of every size from 1 to 1,200 bytes each way.
+        let mut sizes = Vec::new();
+        let mut buf = vec![0u8; 65_535];
+        for size in 1..=1_200 {
+            let payload = vec![7u8; size];
+            let _ = client.dgram_send(&payload);
+            let _ = server.dgram_send(&payload);
+            flush(&mut client, &mut server, &mut sizes, &mut buf);
+            flush(&mut server, &mut client, &mut sizes, &mut buf);
+        }
+        assert!(sizes.len() > 1_000, "{} 1-RTT packets", sizes.len());
+        let off: Vec<usize> = sizes.iter().copied().filter(|n| n % 256 != 0).collect();
+        assert!(off.is_empty(), "not in a 256-byte bucket: {off:?}");
+
+        for bad in [8, 1_453] {
+            let q = QuicSettings {
+                pad_to_bytes: bad,
+                ..QuicSettings::default()
+            };
+            let e = q.validate().unwrap_err();
+            assert!(e.starts_with("quic.pad_to_bytes"), "{e}");
+        }
+    }
+
+    /// The server's congestion window on the path its client migrated to, after the window
+    /// grew on the first path, with `keep` for `keep_congestion_on_migration`; and the window
+    /// it had before the migration.
+    fn cwnd_after_migration(keep: bool) -> (usize, usize) {
+        let quic = QuicSettings {
+            keep_congestion_on_migration: keep,
+            ..QuicSettings::default()
+        };
+        let (mut client, mut server) = connected(&quic);
+        let mut buf = vec![0u8; 65_535];
+        // Spare connection IDs each way, as a hopping client and the proxy keep.
+        for i in 0..4u8 {
+            for (conn, base) in [(&mut server, 0x30), (&mut client, 0x40)] {
+                let cid = [base + i; CID_LEN];
+                let token = u128::from(base + i);
+                conn.new_scid(&quiche::ConnectionId::from_ref(&cid), token, false)
+                    .unwrap();
+            }
+        }
+        // A download on the first path: the window grows past its initial 10 packets.
+        let payload = vec![9u8; 1_000];
+        for _ in 0..200 {
+            for _ in 0..20 {
+                let _ = server.dgram_send(&payload);
+            }
+            flush(&mut server, &mut client, &mut Vec::new(), &mut buf);
+            flush(&mut client, &mut server, &mut Vec::new(), &mut buf);
+        }
+        let before = server.path_stats().find(|p| p.active).unwrap().cwnd;
+        // The client hops to a new address: probes it, then moves there.
+        let new: SocketAddr = "10.0.0.9:6000".parse().unwrap();
+        let server_addr: SocketAddr = "10.0.0.2:443".parse().unwrap();
+        client.probe_path(new, server_addr).unwrap();
+        for _ in 0..5 {
+            flush(&mut client, &mut server, &mut Vec::new(), &mut buf);
+            flush(&mut server, &mut client, &mut Vec::new(), &mut buf);
+        }
+        client.migrate(new, server_addr).unwrap();
+        client.dgram_send(b"from the new address").unwrap();
+        flush(&mut client, &mut server, &mut Vec::new(), &mut buf);
+        let after = server.path_stats().find(|p| p.active).unwrap();
+        assert_eq!(after.peer_addr, new, "the server follows the client");
+        (before, after.cwnd)
+    }
+
+    #[test]
+    fn a_migrated_path_starts_afresh_unless_the_congestion_state_is_kept() {
+        let initial = 10 * 1_200;
+        let (before, reset) = cwnd_after_migration(false);
+        assert!(
+            before > 4 * initial,
+            "the window grew on the first path: {before}"
+        );
+        assert!(
+            reset < 2 * initial,
+            "RFC 9000 §9.4: a fresh window ({reset})"
+        );
+        let (before, kept) = cwnd_after_migration(true);
+        // The same window, or larger by the ACKs the first packet from the new address carried.
+        assert!(
+            kept >= before,
+            "the new path took the old one's window: {kept} < {before}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::testbed::{Testbed, TestbedError};
 
@@ -39,10 +39,11 @@ pub fn count_frames(
     })
 }
 
-/// One frame that [`record_frames`] kept.
+/// One frame that [`record_frames`] kept or [`read_pcap`] read.
 #[derive(Debug, Clone)]
 pub struct Frame {
-    /// When it was read, since the capture started.
+    /// When it was read: since the capture started ([`record_frames`]), or the file's timestamp
+    /// ([`read_pcap`]).
     pub at: Duration,
     /// The frame, Ethernet header first, as the socket returned it (at most 2048 bytes; veths
     /// in a testbed have offloads off, so frames are never larger than the MTU).
@@ -81,6 +82,76 @@ pub fn record_frames(
         )
         .map(|()| frames)
     })
+}
+
+/// Starts writing, on `host`'s `ifname`, the frames (in both directions) for which `matches`
+/// holds to a pcap file at `path` (Ethernet, stamped with the wall clock, so that they line up
+/// with the processes' logs; each cut to `snaplen` bytes if given) until `stop` is set; join the
+/// handle for the number of frames written. Read it back with [`read_pcap`], or with Wireshark.
+pub fn record_pcap(
+    tb: &Testbed,
+    host: &str,
+    ifname: &str,
+    stop: Arc<AtomicBool>,
+    path: &std::path::Path,
+    snaplen: Option<usize>,
+    matches: impl Fn(&[u8]) -> bool + Send + 'static,
+) -> Result<std::thread::JoinHandle<std::io::Result<std::io::Result<u64>>>, TestbedError> {
+    use pcap_file::pcap::{PcapPacket, PcapWriter};
+    let ifname =
+        std::ffi::CString::new(ifname).map_err(|_| TestbedError::BadHostName(ifname.into()))?;
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    // The file's snap length stays the default 65535 whatever `snaplen`: a cut frame is one
+    // whose captured length is below its original one (pcap-file refuses an original length
+    // above the file's snap length, which tcpdump -s writes).
+    let mut w = PcapWriter::new(file).map_err(std::io::Error::other)?;
+    spawn_capture(tb, host, move |ready| {
+        let mut written = 0;
+        let failed = std::cell::RefCell::new(None);
+        capture(
+            &ifname,
+            false,
+            ready,
+            &mut || failed.borrow().is_none() && !stop.load(Ordering::Relaxed),
+            &mut |frame: &[u8]| {
+                if !matches(frame) {
+                    return;
+                }
+                let at = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                let kept = &frame[..snaplen.unwrap_or(frame.len()).min(frame.len())];
+                // Frames are at most 2048 bytes (the capture's buffer).
+                match w.write_packet(&PcapPacket::new(at, frame.len() as u32, kept)) {
+                    Ok(_) => written += 1,
+                    Err(e) => *failed.borrow_mut() = Some(std::io::Error::other(e)),
+                }
+            },
+        )?;
+        if let Some(e) = failed.into_inner() {
+            return Err(e);
+        }
+        w.into_writer().into_inner().map_err(|e| e.into_error())?;
+        Ok(written)
+    })
+}
+
+/// The frames of a pcap file of Ethernet frames, each [`Frame::at`] its timestamp (since the
+/// Unix epoch in what [`record_pcap`] writes).
+pub fn read_pcap(path: &std::path::Path) -> Result<Vec<Frame>, String> {
+    let error = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| error(&e))?;
+    let mut r =
+        pcap_file::pcap::PcapReader::new(std::io::BufReader::new(file)).map_err(|e| error(&e))?;
+    let mut frames = Vec::new();
+    while let Some(p) = r.next_packet() {
+        let p = p.map_err(|e| error(&e))?;
+        frames.push(Frame {
+            at: p.timestamp,
+            bytes: p.data.into_owned(),
+        });
+    }
+    Ok(frames)
 }
 
 /// Hands every frame `host`'s `ifname` receives (not the ones it sends: a capture point that

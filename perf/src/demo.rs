@@ -46,7 +46,10 @@ const SPOOFED_SOURCE: &str = "198.18.9.250";
 
 /// Runs the demo with `seconds` of downloads; prints as it goes. The configs, counters, hop
 /// logs and address logs of every process are copied into `out` at the end (if given), also
-/// when a check failed.
+/// when a check failed, with the outside link's capture of what the clients sent to the proxy
+/// (`outside.pcap`, each frame's first 128 bytes: the QUIC headers with their connection IDs)
+/// and the proxy's and agents' TLS key logs (`*-keys.log`), so that the capture checks can be
+/// repeated with Wireshark or tshark.
 pub fn run(seconds: u32, out: Option<&Path>) -> Result<(), String> {
     println!("mimiq demo: clients that hop addresses mid-connection, in network namespaces with the kernel's own stacks");
     println!("  c1, c2 (mimiq-agent) ── lan ── cl0 [access ⇄ edge] out0 ── out (mimiq-proxy {PROXY}) ── srv ({SERVER_V4})");
@@ -59,7 +62,7 @@ pub fn run(seconds: u32, out: Option<&Path>) -> Result<(), String> {
         switch,
         dir,
     } = singlebox::start(&TIMES);
-    let result = demo(&mut tb, dir.path(), &switch, seconds);
+    let result = demo(&mut tb, dir.path(), &switch, seconds, out.is_some());
     drop(switch);
     allocator.stop(Duration::from_secs(5));
     drop(tb);
@@ -72,7 +75,7 @@ pub fn run(seconds: u32, out: Option<&Path>) -> Result<(), String> {
 }
 
 /// Copies the files of `dir` (not its directories) into `out`, created if needed.
-fn keep_files(dir: &Path, out: &Path) -> Result<(), String> {
+pub fn keep_files(dir: &Path, out: &Path) -> Result<(), String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     for entry in std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -93,12 +96,23 @@ fn demo(
     dir: &Path,
     switch: &crate::switch::Switch,
     seconds: u32,
+    pcap: bool,
 ) -> Result<(), String> {
-    let mut proxy = start_outside(tb, dir)?;
+    let keylog = |who: &str| {
+        if pcap {
+            format!(
+                "keylog_file = \"{}\"\n",
+                dir.join(format!("{who}-keys.log")).display()
+            )
+        } else {
+            String::new()
+        }
+    };
+    let mut proxy = start_outside_with(tb, dir, &format!("[quic]\n{}", keylog("proxy")))?;
     println!("1. mimiq-proxy serves CONNECT-IP on {PROXY}; each agent asks the allocator for addresses and connects:");
     let mut agents = Vec::new();
     for (i, client) in CLIENTS.iter().enumerate() {
-        let (agent, ready) = start_agent(tb, dir, client, i as u64 + 1, "")?;
+        let (agent, ready) = start_agent(tb, dir, client, i as u64 + 1, &keylog(client))?;
         println!("   {client}: {ready}");
         agents.push(agent);
     }
@@ -122,6 +136,33 @@ fn demo(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
+    let recording = if pcap {
+        let proxy = proxy_addr;
+        let to_proxy = move |f: &[u8]| {
+            let Ok(p) = etherparse::SlicedPacket::from_ethernet(f) else {
+                return false;
+            };
+            let Some(etherparse::TransportSlice::Udp(u)) = p.transport else {
+                return false;
+            };
+            u.destination_port() == proxy.port()
+        };
+        let path = dir.join("outside.pcap");
+        Some(
+            capture::record_pcap(
+                tb,
+                "out",
+                "eth0",
+                Arc::clone(&stop),
+                &path,
+                Some(128),
+                to_proxy,
+            )
+            .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
 
     println!("2. each client downloads from {SERVER_V4} through its tunnel for {seconds} s while it hops; per second:");
     let until = Instant::now() + Duration::from_secs(u64::from(seconds));
@@ -228,6 +269,14 @@ fn demo(
             .map_err(|_| "capture thread panicked".to_string())?
             .map_err(|e| e.to_string())?;
         watchers.push(w.map_err(|e| format!("capture: {e}"))?);
+    }
+    if let Some(r) = recording {
+        let frames = r
+            .join()
+            .map_err(|_| "capture thread panicked".to_string())?
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("outside.pcap: {e}"))?;
+        println!("   outside.pcap: {frames} datagrams to the proxy (first 128 bytes of each)");
     }
     let proxy_stats = proxy.fresh_stats()?;
     proxy.proc.stop(Duration::from_secs(3));
@@ -336,6 +385,11 @@ fn demo(
 /// 198.18.220.1/24 ── srv 198.18.220.2/24) and `mimiq-proxy` on `out` at [`PROXY`], its
 /// tunnel clients in 198.18.210.0/24.
 pub fn start_outside(tb: &mut Testbed, dir: &Path) -> Result<ProxyProc, String> {
+    start_outside_with(tb, dir, "")
+}
+
+/// [`start_outside`] with `extra` appended to the proxy's config.
+pub fn start_outside_with(tb: &mut Testbed, dir: &Path, extra: &str) -> Result<ProxyProc, String> {
     (|| {
         tb.add_host("srv")?;
         tb.add_link(("out", "eth1"), ("srv", "eth0"), LinkOpts::default())?;
@@ -345,16 +399,20 @@ pub fn start_outside(tb: &mut Testbed, dir: &Path) -> Result<ProxyProc, String> 
         tb.sysctl("out", "net.ipv4.ip_forward", "1")
     })()
     .map_err(|e| e.to_string())?;
-    let extra =
-        "[ip]\ntun = \"mqp0\"\npool_v4 = \"198.18.210.0/24\"\npool_v6 = \"fd00:210::/64\"\n\
-                 icmp_source_v4 = \"198.18.210.1\"\nicmp_source_v6 = \"fd00:210::1\"\n";
-    ProxyProc::start(tb, "out", dir, PROXY, extra)
+    let extra = format!(
+        "{extra}[ip]\ntun = \"mqp0\"\npool_v4 = \"198.18.210.0/24\"\npool_v6 = \"fd00:210::/64\"\n\
+                 icmp_source_v4 = \"198.18.210.1\"\nicmp_source_v6 = \"fd00:210::1\"\n"
+    );
+    ProxyProc::start(tb, "out", dir, PROXY, &extra)
 }
 
+/// A random hop every 20–60 QUIC datagrams: the demo's strategy (`[hop]` of an agent config).
+pub const DEMO_HOP: &str = "kind = \"random_packets\"\nmin_packets = 20\nmax_packets = 60\n";
+
 /// Starts `mimiq-agent run` on `client` with the allocator source (the relay on the gateway's
-/// link-local address), a random hop every 20–60 QUIC datagrams, the server's subnet routed into
-/// the tunnel, and its counters, hop log and address log in `dir` (`tunnel_extra` appended to its
-/// `[tunnel]` table); returns once it printed its `ready` line, with that line.
+/// link-local address), the demo's hop strategy ([`DEMO_HOP`]), the server's subnet routed into
+/// the tunnel, and its counters, hop log and address log in `dir` (`tunnel_extra` appended to
+/// its `[tunnel]` table); returns once it printed its `ready` line, with that line.
 pub fn start_agent(
     tb: &mut Testbed,
     dir: &Path,
@@ -362,14 +420,23 @@ pub fn start_agent(
     seed: u64,
     tunnel_extra: &str,
 ) -> Result<(Proc, String), String> {
+    start_agent_hopping(tb, dir, client, seed, DEMO_HOP, tunnel_extra)
+}
+
+/// [`start_agent`] with `hop` as the `[hop]` table's body.
+pub fn start_agent_hopping(
+    tb: &mut Testbed,
+    dir: &Path,
+    client: &str,
+    seed: u64,
+    hop: &str,
+    tunnel_extra: &str,
+) -> Result<(Proc, String), String> {
     let file = |what: &str| dir.join(format!("{client}-{what}")).display().to_string();
     let cfg = format!(
         r#"seed = {seed}
 [hop]
-kind = "random_packets"
-min_packets = 20
-max_packets = 60
-
+{hop}
 [addresses]
 set_size = 4
 refill_lead_ms = 3000

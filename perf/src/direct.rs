@@ -229,7 +229,7 @@ pub fn run_gets_in(
         let mut quic = client_config(gets.locals.len()).map_err(|e| e.to_string())?;
         let config = DirectConfig {
             strategy: gets.strategy,
-            seed: gets.seed,
+            seed: gets.seed.into(),
             connection: 0,
             migration: MigrationConfig::default(),
         };

@@ -14,6 +14,7 @@ pub mod hlog;
 pub mod hopwatch;
 pub mod masque;
 pub mod plot;
+pub mod privacy;
 pub mod progress;
 pub mod singlebox;
 pub mod soak;

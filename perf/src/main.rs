@@ -37,7 +37,9 @@ enum Command {
         /// Seconds of downloads.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
-        /// Where the processes' configs, counters, hop logs and address logs are kept.
+        /// Where the processes' configs, counters, hop logs and address logs are kept, with the
+        /// outside link's capture of the clients' datagrams to the proxy (outside.pcap, headers
+        /// only) and the TLS key logs.
         #[arg(long, default_value = "target/demo")]
         out: std::path::PathBuf,
     },
@@ -109,6 +111,10 @@ enum Bench {
         /// Directory for results.json and results.md.
         #[arg(long, default_value = "target/experiments/l2fwd")]
         out: std::path::PathBuf,
+        /// Also write the runs and the summary (`tcp_ratio_to_bridge`: the switch's TCP
+        /// throughput over the kernel bridge's) as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
     /// 64-byte forwarding rate through mimiq-switch, a bare AF_XDP reflector and the kernel's
     /// IP forwarding, plus the generator's own ceiling, all with `mimiq-perf gen`.
@@ -164,6 +170,10 @@ enum Bench {
         /// Directory for the results.
         #[arg(long, default_value = "target/experiments/figure3")]
         out: std::path::PathBuf,
+        /// Also write the cells and the summary (`added_per_hop_p99_ms` and
+        /// `noise_floor_p99_ms`, the worst over the RTTs, side by side; `loss_met`) as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
     /// Direct mode against HTTP/3 servers on another QUIC stack (aioquic) and against a server
     /// that retires connection IDs at once, next to a stock quiche server: runs that complete
@@ -223,6 +233,71 @@ enum Bench {
         /// Also write the runs and the summary (`ratio_to_kernel_up`, `ratio_to_kernel_down`:
         /// the proxy host's CPU per GB over the kernel's forwarding, medians under threaded
         /// NAPI, with their spread) as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// A bulk download's goodput through a hopping agent's tunnel (the single box, the proxy
+    /// outside) against the same tunnel unhopped, at round trips added by the switch's impair
+    /// stage, with the proxy's congestion state reset on a hop (RFC 9000 §9.4) and kept.
+    BulkHop {
+        /// Seconds of download per cell.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        seconds: u32,
+        /// Added round trips, ms, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,50", value_parser = clap::value_parser!(u64).range(0..=1000))]
+        rtt_ms: Vec<u64>,
+        /// Hop every N QUIC datagrams the agent sends, comma-separated; 0: never (the baseline,
+        /// always run).
+        #[arg(long, value_delimiter = ',', default_value = "0,100,25,5")]
+        hops: Vec<u32>,
+        /// Directory for results.json and results.md.
+        #[arg(long, default_value = "target/experiments/bulk-hop")]
+        out: std::path::PathBuf,
+        /// Also write the cells and the summary (`goodput_ratio_hop25`, per RTT and congestion
+        /// state) as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// Website fingerprinting and linkage by an observer of the outside link, through the
+    /// single box with hopping agents, for each hop setting (docs/PRIVACY.md).
+    Privacy {
+        /// The suite's grid: 5 sites × 5 visits, two clients, hop settings never and every:25.
+        #[arg(long)]
+        quick: bool,
+        /// Sites (closed world). Default 50 (5 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(2..=10_000))]
+        sites: Option<u32>,
+        /// Visits per site and hop setting. Default 10 (5 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(2..=1_000))]
+        visits: Option<u32>,
+        /// Clients visiting in parallel, 1 to 3. Default 3 (2 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3))]
+        clients: Option<u32>,
+        /// Hop settings, comma-separated: never, every:N, random:A:B, time:A:B (ms), once:N.
+        /// Default: never, every:100, every:50, every:25, every:10, random:10:100, once:50.
+        #[arg(long, value_delimiter = ',')]
+        hops: Vec<mimiq_agent::strategy::HopStrategyConfig>,
+        /// Fixes the sites, the visits, the agents' hops and the folds.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// No testbed: attack again the captures and logs an earlier run kept in this
+        /// directory (its --out; give the same --quick, --clients and --hops).
+        #[arg(long)]
+        reanalyse: Option<std::path::PathBuf>,
+        /// The padding defence: agents and proxy pad every QUIC packet to a multiple of this
+        /// many bytes (16 up to the datagram size; 0: none).
+        #[arg(long, default_value_t = 0)]
+        pad: usize,
+        /// The proxy keeps a client's congestion state across its hops
+        /// (`quic.keep_congestion_on_migration`), as the linkage attacker should be run with.
+        #[arg(long)]
+        keep_congestion: bool,
+        /// Directory for results.json, results.md, privacy.svg, the outside link's captures
+        /// (outside-<hop>.pcap) with the proxy's and agents' TLS key logs, and the agents' logs.
+        #[arg(long, default_value = "target/experiments/privacy")]
+        out: std::path::PathBuf,
+        /// Also write the rows and the summary (`wf_accuracy_unhopped`, `wf_accuracy_hop25`,
+        /// `linkage_precision`, `linkage_recall`, `cid_linked`) as JSON here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
@@ -381,6 +456,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     rtt_ms,
                     rates,
                     out,
+                    json,
                 },
         } => {
             use mimiq_perf::experiments::figure3;
@@ -396,6 +472,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             drop(progress);
             figure3::write_files(&out, &fig).map_err(anyhow::Error::msg)?;
             write_results(&out, &fig, &figure3::markdown(&fig))?;
+            let v = &fig.verdict;
+            let summary = serde_json::json!({
+                "added_per_hop_p99_ms": v.worst_added_per_hop_p99_us as f64 / 1e3,
+                "noise_floor_p99_ms": v.worst_noise_floor_p99_us as f64 / 1e3,
+                "added_per_hop_p50_ms": v.worst_added_per_hop_p50_us as f64 / 1e3,
+                "added_p99_met": v.added_p99_met,
+                "loss_met": v.loss_met,
+            });
+            write_json_results(json.as_deref(), &fig.cells, summary)?;
         }
         Command::Bench {
             bench:
@@ -498,14 +583,93 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             write_results(&out, &results, &interop::markdown(&results))?;
         }
         Command::Bench {
-            bench: Bench::L2fwd { seconds, out },
+            bench:
+                Bench::Privacy {
+                    quick,
+                    sites,
+                    visits,
+                    clients,
+                    hops,
+                    seed,
+                    reanalyse,
+                    pad,
+                    keep_congestion,
+                    out,
+                    json,
+                },
         } => {
+            use mimiq_perf::experiments::privacy;
+            let base = if quick {
+                privacy::Options::quick()
+            } else {
+                privacy::Options::full()
+            };
+            let o = privacy::Options {
+                sites: sites.map_or(base.sites, |n| n as usize),
+                visits: visits.map_or(base.visits, |n| n as usize),
+                clients: clients.map_or(base.clients, |n| n as usize),
+                hops: if hops.is_empty() { base.hops } else { hops },
+                seed,
+                pad,
+                keep_congestion,
+                out: Some(out.clone()),
+                ..base
+            };
+            let progress = mimiq_perf::progress::Progress::new("bench privacy");
+            let report = match &reanalyse {
+                Some(kept) => privacy::reanalyse(kept, &o),
+                None => privacy::run(&o, &mut |l| progress.line(l)),
+            }
+            .map_err(anyhow::Error::msg)?;
+            drop(progress);
+            write_results(&out, &report, &privacy::markdown(&report))?;
+            std::fs::write(
+                out.join("privacy.svg"),
+                privacy::svg(&report).map_err(anyhow::Error::msg)?,
+            )?;
+            write_json_results(json.as_deref(), &report.rows, privacy::summary(&report))?;
+        }
+        Command::Bench {
+            bench:
+                Bench::BulkHop {
+                    seconds,
+                    rtt_ms,
+                    mut hops,
+                    out,
+                    json,
+                },
+        } => {
+            use mimiq_perf::experiments::bulk_hop;
+            if !hops.contains(&0) {
+                hops.insert(0, 0);
+            }
+            let progress = mimiq_perf::progress::Progress::new("bench bulk-hop");
+            let cells = bulk_hop::run(&rtt_ms, &hops, seconds, &mut |l| progress.line(l))
+                .map_err(anyhow::Error::msg)?;
+            drop(progress);
+            write_results(&out, &cells, &bulk_hop::markdown(&cells))?;
+            write_json_results(json.as_deref(), &cells, bulk_hop::summary(&cells))?;
+        }
+        Command::Bench {
+            bench: Bench::L2fwd { seconds, out, json },
+        } => {
+            use mimiq_perf::experiments::l2fwd::Forwarder;
             let progress = mimiq_perf::progress::Progress::new("bench l2fwd");
             let (runs, md) =
                 mimiq_perf::experiments::l2fwd::compare(seconds, &mut |l| progress.line(l))
                     .map_err(anyhow::Error::msg)?;
             drop(progress);
             write_results(&out, &runs, &md)?;
+            let tcp = |f: Forwarder| runs.iter().find(|r| r.forwarder == f).map(|r| r.tcp_gbps);
+            let ratio = match (tcp(Forwarder::MimiqSwitch), tcp(Forwarder::KernelBridge)) {
+                (Some(s), Some(b)) if b > 0.0 => Some(s / b),
+                _ => None,
+            };
+            write_json_results(
+                json.as_deref(),
+                &runs,
+                serde_json::json!({ "tcp_ratio_to_bridge": ratio }),
+            )?;
         }
         Command::Bench {
             bench:

@@ -113,7 +113,19 @@ pub fn workers_toml(queues: u32) -> String {
 
 /// Writes the single box switch's config into `dir`: one worker per queue of `queues`.
 pub fn switch_config(dir: &std::path::Path, queues: u32) -> std::path::PathBuf {
+    switch_config_with(dir, queues, 0)
+}
+
+/// [`switch_config`] with the impair stage delaying every frame by `delay_us` on the way out of
+/// the client port `cl0` and the outside port `out0`, so that the clients' round trip to the
+/// outside grows by twice that.
+pub fn switch_config_with(dir: &std::path::Path, queues: u32, delay_us: u64) -> std::path::PathBuf {
     let path = dir.join("switch.toml");
+    let impair = if delay_us > 0 {
+        format!("\n[impair.cl0]\ndelay_us = {delay_us}\n[impair.out0]\ndelay_us = {delay_us}\n")
+    } else {
+        String::new()
+    };
     std::fs::write(
         &path,
         format!(
@@ -146,7 +158,7 @@ outside_v6 = ["{edge_v6}"]
 v6_prefix = "{pool6}"
 alias_k = 3
 v4_pools = ["{pool}"]
-"#,
+{impair}"#,
             stats = dir.join("stats.json").display(),
             workers = workers_toml(queues),
             out_v4 = addr::OUT_V4,
@@ -260,6 +272,9 @@ pub struct Options {
     pub reclaim_silent_ms: u64,
     /// Queues of every link, and the switch's workers (one per queue).
     pub queues: u32,
+    /// The switch's impair stage: one-way delay added toward the clients and toward the
+    /// outside (µs; 0: none).
+    pub delay_us: u64,
 }
 
 impl Default for Options {
@@ -267,6 +282,7 @@ impl Default for Options {
         Options {
             reclaim_silent_ms: 0,
             queues: 1,
+            delay_us: 0,
         }
     }
 }
@@ -286,7 +302,7 @@ pub fn start_with(times: &Times, options: &Options) -> SingleBox {
 
     let cfg = allocator_config_with(dir.path(), times, options.reclaim_silent_ms);
     let mut allocator = start_allocator(&tb, "sw", &cfg);
-    let sw_cfg = switch_config(dir.path(), options.queues);
+    let sw_cfg = switch_config_with(dir.path(), options.queues, options.delay_us);
     let switch = Switch::start(
         &tb,
         "sw",

@@ -340,6 +340,67 @@ fn an_address_withdrawn_mid_transfer_fails_its_hops_and_the_download_goes_on() {
 }
 
 #[test]
+fn an_idle_tunnel_whose_address_leaves_the_host_moves_off_it_at_once() {
+    require_root();
+    // An idle tunnel sends nothing, so no datagram counts toward its next hop; an address taken
+    // off the host under it would hold it (keep-alives every 10 s, a hop every 25 datagrams)
+    // while everything sent through the tunnel is lost. The agent checks that its address is
+    // still on the host and leaves it within a tenth of a second.
+    let mut tb = Testbed::new().unwrap();
+    masque::build(&mut tb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _proxy = ProxyProc::start(&tb, "p", dir.path(), "0.0.0.0:4433", "").unwrap();
+    let mut agent = start_agent(&mut tb, dir.path(), 25, "").unwrap();
+    masque::echo_server(&tb, "s", "198.18.20.2:7007".parse().unwrap()).unwrap();
+    // The agent's UDP socket (one: no hop yet): the address the tunnel is on.
+    let ss = tb.exec_ok("c", &["ss", "-Huan"]).unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout).to_string();
+    let current = (ss.split_whitespace())
+        .find_map(|f| f.rsplit_once(':').map(|(a, _)| a.to_string()))
+        .filter(|a| a.starts_with("198.18.10."))
+        .unwrap_or_else(|| panic!("no agent socket in {ss:?}"));
+    // Without this, taking the interface's first address away would take the others of its
+    // subnet with it (Linux flushes secondary addresses with their primary).
+    tb.sysctl("c", "net.ipv4.conf.c0.promote_secondaries", "1")
+        .unwrap();
+    tb.exec_ok(
+        "c",
+        &["ip", "addr", "del", &format!("{current}/24"), "dev", "c0"],
+    )
+    .unwrap();
+    // Five echoes, 500 ms apart at most, starting at once: the first may be lost on the way
+    // out of the address that left.
+    let back = tb
+        .run_in("c", || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            (0..5u8)
+                .filter(|&i| {
+                    s.send_to(&[i; 32], "198.18.20.2:7007").unwrap();
+                    matches!(s.recv_from(&mut buf), Ok((32, _)) if buf[0] == i)
+                })
+                .count()
+        })
+        .unwrap();
+    let report = stop_client(&mut agent).unwrap();
+    assert!(
+        back >= 3,
+        "{back} of 5 echoes; {report}; {}",
+        agent.describe()
+    );
+    assert!(
+        agent
+            .describe()
+            .contains(&format!("{current} left the host")),
+        "{}",
+        agent.describe()
+    );
+    assert_eq!(report["client"]["reconnects"], 0, "{report}");
+}
+
+#[test]
 fn an_unreachable_allocator_is_one_error_line_and_exit_1() {
     require_root();
     let mut tb = Testbed::new().unwrap();

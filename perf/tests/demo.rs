@@ -29,6 +29,13 @@ fn two_hopping_clients_end_to_end_pass_every_check_of_the_demo() {
         let text = std::fs::read_to_string(out.path().join(file)).unwrap_or_default();
         assert!(!text.is_empty(), "{file} kept and not empty");
     }
+    // The outside link's capture, cut to the headers, with the TLS key logs beside it.
+    let frames = mimiq_perf::capture::read_pcap(&out.path().join("outside.pcap")).unwrap();
+    assert!(!frames.is_empty() && frames.iter().all(|f| f.bytes.len() <= 128));
+    for file in ["proxy-keys.log", "c1-keys.log", "c2-keys.log"] {
+        let text = std::fs::read_to_string(out.path().join(file)).unwrap_or_default();
+        assert!(text.contains("CLIENT_TRAFFIC_SECRET_0"), "{file}: {text:?}");
+    }
 }
 
 /// The single box with `times`, the proxy and its server outside, and an agent on `c1`.

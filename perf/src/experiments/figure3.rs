@@ -646,7 +646,7 @@ fn client(
         let config = DirectConfig {
             // Hops are asked for at request boundaries below, by the seed's packet count.
             strategy: HopStrategyConfig::Never {},
-            seed: 0xF163,
+            seed: 0xF163.into(),
             connection: u64::from(rate),
             migration: MigrationConfig::default(),
         };

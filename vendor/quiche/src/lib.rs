@@ -602,6 +602,10 @@ pub struct Config {
 
     disable_dcid_reuse: bool,
 
+    pad_short_packets_to: usize,
+
+    keep_congestion_on_migration: bool,
+
     track_unknown_transport_params: Option<usize>,
 
     initial_rtt: Duration,
@@ -680,6 +684,10 @@ impl Config {
             max_amplification_factor: MAX_AMPLIFICATION_FACTOR,
 
             disable_dcid_reuse: false,
+
+            pad_short_packets_to: 0,
+
+            keep_congestion_on_migration: false,
 
             track_unknown_transport_params: None,
             initial_rtt: DEFAULT_INITIAL_RTT,
@@ -1250,6 +1258,25 @@ impl Config {
         self.disable_dcid_reuse = v;
     }
 
+    /// mimiq: pads every 1-RTT packet to a multiple of `bucket` bytes with
+    /// PADDING frames (RFC 9000 §19.1), as far as the packet's room allows
+    /// (the path's maximum size and the congestion window), so that an
+    /// observer sees sizes in buckets rather than what each packet carries.
+    /// 0 (the default) pads nothing.
+    pub fn set_pad_short_packets_to(&mut self, bucket: usize) {
+        self.pad_short_packets_to = bucket;
+    }
+
+    /// mimiq: when the peer migrates to a new address, the new path takes
+    /// over the old one's recovery state (congestion window, RTT estimate,
+    /// packets in flight) and the old path gets the new one's, instead of
+    /// the new path starting afresh. A deviation from RFC 9000 §9.4, which
+    /// requires the reset unless only the port changed: for peers that hop
+    /// between addresses of one access network. Off by default.
+    pub fn set_keep_congestion_on_migration(&mut self, v: bool) {
+        self.keep_congestion_on_migration = v;
+    }
+
     /// Enables tracking unknown transport parameters.
     ///
     /// Specify the maximum number of bytes used to track unknown transport
@@ -1568,6 +1595,13 @@ where
     /// Whether the connection should prevent from reusing destination
     /// Connection IDs when the peer migrates.
     disable_dcid_reuse: bool,
+
+    /// mimiq: the bucket 1-RTT packets are padded to (0: none).
+    pad_short_packets_to: usize,
+
+    /// mimiq: a path the peer migrates to takes over the old path's
+    /// recovery state.
+    keep_congestion_on_migration: bool,
 
     /// The number of streams reset by local.
     reset_stream_local_count: u64,
@@ -2222,6 +2256,10 @@ impl<F: BufFactory> Connection<F> {
             emit_dgram: true,
 
             disable_dcid_reuse: config.disable_dcid_reuse,
+
+            pad_short_packets_to: config.pad_short_packets_to,
+
+            keep_congestion_on_migration: config.keep_congestion_on_migration,
 
             reset_stream_local_count: 0,
             stopped_stream_local_count: 0,
@@ -5420,6 +5458,23 @@ impl<F: BufFactory> Connection<F> {
 
             if push_frame_to_pkt!(b, frames, frame, left) {
                 in_flight = true;
+            }
+        }
+
+        // mimiq: pad the packet, as it will leave with its AEAD tag, to the
+        // next multiple of the bucket (or as near as `left` allows).
+        if self.pad_short_packets_to > 0 && pkt_type == Type::Short && left >= 1
+        {
+            let bucket = self.pad_short_packets_to;
+            let size = b.off() + crypto_overhead;
+            let pad = (size.div_ceil(bucket) * bucket - size).min(left);
+
+            if pad > 0 {
+                let frame = frame::Frame::Padding { len: pad };
+
+                if push_frame_to_pkt!(b, frames, frame, left) {
+                    in_flight = true;
+                }
             }
         }
 
@@ -9386,6 +9441,13 @@ impl<F: BufFactory> Connection<F> {
         }
 
         self.set_active_path(new_pid, now)?;
+
+        // mimiq: `Config::set_keep_congestion_on_migration`. ACKs are
+        // processed against every path's recovery, so what the old path has in
+        // flight is still accounted for where it now lives.
+        if self.keep_congestion_on_migration {
+            self.paths.swap_recovery(active_path_id, new_pid)?;
+        }
 
         let no_spare_dcid =
             self.paths.get_mut(new_pid)?.active_dcid_seq.is_none();

@@ -715,6 +715,14 @@ impl PathMap {
         self.paths.get_mut(path_id).ok_or(Error::InvalidState)
     }
 
+    /// mimiq: swaps the recovery state (congestion controller, RTT estimate,
+    /// packets in flight) of two paths.
+    pub fn swap_recovery(&mut self, a: usize, b: usize) -> Result<()> {
+        let (pa, pb) = self.paths.get2_mut(a, b).ok_or(Error::InvalidState)?;
+        std::mem::swap(&mut pa.recovery, &mut pb.recovery);
+        Ok(())
+    }
+
     #[inline]
     /// Gets an immutable reference to the active path with the value of the
     /// lowest identifier. If there is no active path, returns `None`.
