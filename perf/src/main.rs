@@ -285,9 +285,9 @@ enum Bench {
         #[arg(long)]
         reanalyse: Option<std::path::PathBuf>,
         /// The padding defence: agents and proxy pad every QUIC packet to a multiple of this
-        /// many bytes (16 up to the datagram size; 0: none).
-        #[arg(long, default_value_t = 0)]
-        pad: usize,
+        /// many bytes (16 up to the datagram size, 1452; 0: none).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1452))]
+        pad: u16,
         /// The proxy keeps a client's congestion state across its hops
         /// (`quic.keep_congestion_on_migration`), as the linkage attacker should be run with.
         #[arg(long)]
@@ -610,7 +610,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 clients: clients.map_or(base.clients, |n| n as usize),
                 hops: if hops.is_empty() { base.hops } else { hops },
                 seed,
-                pad,
+                pad: usize::from(pad),
                 keep_congestion,
                 out: Some(out.clone()),
                 ..base

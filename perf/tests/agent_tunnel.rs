@@ -463,6 +463,10 @@ fn a_bad_agent_config_is_one_error_line_and_exit_2() {
             "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\n[source]\nkind = \"allocator\"\ngateway = \"fe80::1%eth0:6363\"\ninterface = \"eth0\"\nfamily = \"v4\"\n",
             "source.gateway = \"fe80::1%eth0:6363\": expected address:port",
         ),
+        (
+            "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\npad_to_bytes = 3\n[source]\nkind = \"static\"\naddresses = [\"198.18.10.2\"]\n",
+            "quic.pad_to_bytes = 3",
+        ),
     ] {
         let path = dir.path().join("a.toml");
         std::fs::write(&path, text).unwrap();

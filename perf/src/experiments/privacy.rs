@@ -25,7 +25,7 @@
 //! Labels come from the bench's own records (which client visited which site when) and the
 //! agents' address logs (which client held which address when); the attacker never sees them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -577,7 +577,8 @@ pub fn analyse(
     // Fingerprinting: sub-flows by (address, page load).
     let mut subflows: HashMap<(IpAddr, usize), Vec<Packet>> = HashMap::new();
     // Linkage: sub-flows by address, split where it is quiet.
-    let mut by_addr: HashMap<IpAddr, Vec<(f64, u32, Option<usize>)>> = HashMap::new();
+    // (In address order, so that the linkage attacker's input, and its ties, repeat exactly.)
+    let mut by_addr: BTreeMap<IpAddr, Vec<(f64, u32, Option<usize>)>> = BTreeMap::new();
     for &(at, client_addr, dir, size) in &packets {
         let who = owner(&client_addr, at);
         by_addr
