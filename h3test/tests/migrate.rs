@@ -817,6 +817,45 @@ fn a_hop_back_to_an_address_just_left_is_not_forgotten_under_its_probe() {
 }
 
 #[test]
+fn the_path_left_is_held_from_the_moment_of_the_hop() {
+    // The server keeps sending to the address the client left until the client's first packet
+    // from the new one reaches it: a round trip of datagrams arrives there after the hop. The
+    // client closes the sockets of paths it does not hold (`Client::abandon_old_paths`), so
+    // the path left must be held as soon as the hop completes, not from the driver's next
+    // pass: closed in between, every datagram of that round trip was lost (inner TCP halved
+    // its window at every hop).
+    let config = MigrationConfig {
+        server_forgets_paths: true,
+        ..no_probe_retry()
+    };
+    let mut pair = Pair::new(false, config);
+    let (a, b) = (client_addr(0), client_addr(1));
+    for (from, to) in [(a, b), (b, a)] {
+        pair.client.request_hop(to, Instant::now()).unwrap();
+        let started = Instant::now();
+        let mut moved = false;
+        while !moved {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the hop did not complete: {:?}",
+                pair.client.stats()
+            );
+            pair.exchange(&mut |p| {
+                if !moved && p.client.local_addr() == to {
+                    moved = true;
+                    assert!(
+                        p.client.holds_left(from),
+                        "{from} was not held right after the hop: {:?}",
+                        p.client.stats()
+                    );
+                }
+            });
+        }
+    }
+    assert_eq!(pair.client.stats().hops_completed, 2);
+}
+
+#[test]
 fn a_server_that_forgets_a_path_at_once_answers_the_probe_of_a_client_coming_back() {
     // The client moves to b and, in the same burst, probes a again. The server sees both
     // before it forgets the path left (a): forgetting it there dropped the probe's

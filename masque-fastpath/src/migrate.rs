@@ -688,6 +688,11 @@ impl Migrator {
             Ok(_dcid_seq) => {
                 self.pending = None;
                 self.local = pending.to;
+                // Held from now, not from the next `drive`: the caller closes the sockets of
+                // paths not held, and the server keeps sending here for a round trip yet.
+                if self.config.server_forgets_paths {
+                    self.left.leave(from, self.peer, now);
+                }
                 //= https://www.rfc-editor.org/rfc/rfc9000#section-9.2
                 //# An endpoint can migrate a connection to a new local address by sending
                 //# packets containing non-probing frames from that address.

@@ -617,6 +617,12 @@ impl LeftPaths {
         forgotten
     }
 
+    /// Notes that the connection just left the path `local` → `peer`, before [`LeftPaths::forget`]
+    /// sees it (a migration the caller made): it is held from now on ([`LeftPaths::holds`]).
+    pub fn leave(&mut self, local: SocketAddr, peer: SocketAddr, now: Instant) {
+        self.push(local, peer, now);
+    }
+
     /// The connection probes a path it left and has not forgotten yet (a hop back to an address
     /// used shortly before): it is no longer one to forget, since forgetting it under the probe
     /// drops the PATH_RESPONSE and the hop waits for its next probe. Counted as returned.

@@ -253,6 +253,10 @@ enum Bench {
         /// Directory for results.json and results.md.
         #[arg(long, default_value = "target/experiments/bulk-hop")]
         out: std::path::PathBuf,
+        /// Also have the proxy and the agent write a qlog per connection into this directory
+        /// (large: every packet of every cell).
+        #[arg(long)]
+        qlog: Option<std::path::PathBuf>,
         /// Also write the cells and the summary (`goodput_ratio_hop25`, per RTT and congestion
         /// state) as JSON here.
         #[arg(long)]
@@ -636,6 +640,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     rtt_ms,
                     mut hops,
                     out,
+                    qlog,
                     json,
                 },
         } => {
@@ -644,8 +649,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 hops.insert(0, 0);
             }
             let progress = mimiq_perf::progress::Progress::new("bench bulk-hop");
-            let cells = bulk_hop::run(&rtt_ms, &hops, seconds, &mut |l| progress.line(l))
-                .map_err(anyhow::Error::msg)?;
+            // The proxy and the agents run elsewhere: they get the directory as an absolute path.
+            let qlog = qlog.map(std::path::absolute).transpose()?;
+            let cells = bulk_hop::run(&rtt_ms, &hops, seconds, qlog.as_deref(), &mut |l| {
+                progress.line(l)
+            })
+            .map_err(anyhow::Error::msg)?;
             drop(progress);
             write_results(&out, &cells, &bulk_hop::markdown(&cells))?;
             write_json_results(json.as_deref(), &cells, bulk_hop::summary(&cells))?;

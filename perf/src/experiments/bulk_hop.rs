@@ -14,6 +14,7 @@
 //! (reset) and with `quic.keep_congestion_on_migration` (kept), each on a testbed of its own.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mimiq_agent::strategy::HopStrategyConfig;
@@ -43,15 +44,24 @@ pub struct Cell {
     pub hops_done: u64,
     /// See `hops_done`.
     pub hops_failed: u64,
+    /// TCP segments the server retransmitted during the download (its namespace's
+    /// `RetransSegs`): the tunnel carries datagrams unreliably, so what a hop loses shows here.
+    pub inner_retransmits: u64,
 }
 
-/// Runs every RTT × hop setting for `seconds` each; `progress` hears a line per cell.
+/// Runs every RTT × hop setting for `seconds` each; `progress` hears a line per cell. With
+/// `qlog`, the proxy and each agent write a qlog per connection there (quiche's, readable with
+/// qvis): what each end sent and received around a hop.
 pub fn run(
     rtts_ms: &[u64],
     hops: &[u32],
     seconds: u32,
+    qlog: Option<&Path>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Cell>, String> {
+    let qlog_dir = qlog.map_or(String::new(), |d| {
+        format!("qlog_dir = \"{}\"\n", d.display())
+    });
     let mut cells = Vec::new();
     for (&rtt, keep) in rtts_ms.iter().flat_map(|r| [(r, false), (r, true)]) {
         let congestion = if keep { "kept" } else { "reset" };
@@ -68,7 +78,7 @@ pub fn run(
             },
         );
         let result = (|| {
-            let extra = format!("[quic]\nkeep_congestion_on_migration = {keep}\n");
+            let extra = format!("[quic]\nkeep_congestion_on_migration = {keep}\n{qlog_dir}");
             let mut proxy = demo::start_outside_with(&mut tb, dir.path(), &extra)?;
             let mut row = Vec::new();
             for (i, &every) in hops.iter().enumerate() {
@@ -81,16 +91,19 @@ pub fn run(
                 };
                 let hop = toml::to_string(&hop).map_err(|e| e.to_string())?;
                 let (mut agent, _) =
-                    demo::start_agent_hopping(&mut tb, dir.path(), "c1", 1, &hop, "")?;
+                    demo::start_agent_hopping(&mut tb, dir.path(), "c1", 1, &hop, &qlog_dir)?;
                 let listen: SocketAddr = format!("{SERVER_V4}:{}", 9100 + i)
                     .parse()
                     .map_err(|e| format!("{e}"))?;
+                let retrans_before = tcp_retransmitted(&tb, "srv")?;
                 let started = Instant::now();
                 let until = started + Duration::from_secs(u64::from(seconds));
                 let (bytes, exact) =
                     pattern_download(&tb, "srv", listen, "c1", u64::MAX, Some(until))?;
                 let elapsed = started.elapsed().as_secs_f64();
                 let report = stop_client(&mut agent)?;
+                let inner_retransmits =
+                    tcp_retransmitted(&tb, "srv")?.saturating_sub(retrans_before);
                 if !exact {
                     return Err(format!(
                         "rtt {rtt} ms, {congestion}, hop every {every}: the download was corrupted"
@@ -106,6 +119,7 @@ pub fn run(
                     ratio_to_unhopped: None,
                     hops_done: n("hops_done"),
                     hops_failed: n("hops_failed"),
+                    inner_retransmits,
                 };
                 progress(&format!(
                     "rtt {rtt} ms, {congestion}, hop every {every}: {:.1} Mbit/s, {} hops",
@@ -147,7 +161,7 @@ pub fn summary(cells: &[Cell]) -> serde_json::Value {
 /// The table, as Markdown.
 pub fn markdown(cells: &[Cell]) -> String {
     let mut md = String::from(
-        "| added RTT | congestion state | hop every (datagrams) | goodput, Mbit/s | over unhopped | hops done (failed) |\n|---:|---|---:|---:|---:|---:|\n",
+        "| added RTT | congestion state | hop every (datagrams) | goodput, Mbit/s | over unhopped | hops done (failed) | TCP retransmits |\n|---:|---|---:|---:|---:|---:|---:|\n",
     );
     for c in cells {
         let every = match c.hop_every {
@@ -155,15 +169,58 @@ pub fn markdown(cells: &[Cell]) -> String {
             n => n.to_string(),
         };
         md += &format!(
-            "| {} ms | {} | {every} | {:.1} | {} | {} ({}) |\n",
+            "| {} ms | {} | {every} | {:.1} | {} | {} ({}) | {} |\n",
             c.rtt_ms,
             c.congestion,
             c.goodput_mbps,
             c.ratio_to_unhopped
                 .map_or("—".into(), |r| format!("{r:.2}")),
             c.hops_done,
-            c.hops_failed
+            c.hops_failed,
+            c.inner_retransmits
         );
     }
     md
+}
+
+/// TCP segments retransmitted so far in `host`'s namespace (`Tcp: RetransSegs` of
+/// `/proc/net/snmp`, read from a thread in that namespace: `thread-self`, since `self` names the
+/// process's).
+fn tcp_retransmitted(tb: &crate::testbed::Testbed, host: &str) -> Result<u64, String> {
+    let text = tb
+        .run_in(host, || {
+            std::fs::read_to_string("/proc/thread-self/net/snmp")
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{host}: /proc/thread-self/net/snmp: {e}"))?;
+    snmp_field(&text, "Tcp:", "RetransSegs")
+        .ok_or_else(|| format!("{host}: no Tcp RetransSegs in /proc/net/snmp"))
+}
+
+/// A field of `/proc/net/snmp`: each protocol has a line of names, then a line of values.
+fn snmp_field(text: &str, proto: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(proto));
+    let names = lines.next()?.split_whitespace();
+    let values = lines.next()?.split_whitespace();
+    names.zip(values).find(|(n, _)| *n == name)?.1.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snmp_fields_are_read_by_name() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm ActiveOpens RetransSegs\nTcp: 1 12 345\n";
+        assert_eq!(snmp_field(text, "Tcp:", "RetransSegs"), Some(345));
+        assert_eq!(snmp_field(text, "Tcp:", "InErrs"), None);
+        assert_eq!(
+            snmp_field("Tcp: RetransSegs\n", "Tcp:", "RetransSegs"),
+            None
+        );
+        assert_eq!(
+            snmp_field("Tcp: RetransSegs\nTcp: x\n", "Tcp:", "RetransSegs"),
+            None
+        );
+    }
 }
