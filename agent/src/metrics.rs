@@ -36,6 +36,10 @@ const CLIENT: &[Field] = &[
         "Hops postponed until a spare connection ID arrived",
     ),
     Field::counter(
+        "hop_idle_ms",
+        "Milliseconds spent quiet before hops (tunnel.hop_idle_max_ms)",
+    ),
+    Field::counter(
         "probes_resent",
         "PATH_CHALLENGEs asked for again after a late answer",
     ),

@@ -16,6 +16,8 @@ use ring::digest;
 /// The stream of a run's key that picks the next address (the other streams, one per
 /// connection, decide when to hop).
 pub const ADDRESS_STREAM: u64 = 0x6469_7265_6374;
+/// The stream that draws the idle before each hop (`tunnel.hop_idle_max_ms`).
+pub const IDLE_STREAM: u64 = 0x6964_6c65;
 
 /// The 256-bit key of a run, or of one of its streams.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -41,7 +41,7 @@ use crate::alloc_client::{AllocClientConfig, AllocDriver, AllocEvent};
 use crate::config::AgentConfig;
 use crate::hopper::{ConnectionHopper, HopStats, PacketAction};
 use crate::metrics::AgentMetrics;
-use crate::rng::{Seed, ADDRESS_STREAM};
+use crate::rng::{HopRng, Seed, ADDRESS_STREAM, IDLE_STREAM};
 use crate::strategy::HopStrategy;
 use hdrhistogram::Histogram;
 use mimiq_metrics::hlog::{duration_histogram, DumpTimer, IntervalLog};
@@ -86,6 +86,11 @@ pub struct TunnelConfig {
     /// `quic.pad_to_bytes`; docs/PRIVACY.md); 0, the default: no padding.
     #[serde(default)]
     pub pad_to_bytes: usize,
+    /// Before each hop, stay quiet (send nothing) for a random time drawn uniformly from
+    /// 0..=this many milliseconds, so that the new address does not appear just as the old one
+    /// goes quiet (docs/PRIVACY.md); at most 10,000. 0, the default: no idle.
+    #[serde(default)]
+    pub hop_idle_max_ms: u64,
     /// When the tunnel is lost: new connections tried (each from a fresh address, keeping the
     /// TUN device and asking the proxy for the tunnel's addresses again, RFC 9484 §4.7.2)
     /// before the agent gives up; 0: it exits at once. Default 10.
@@ -300,6 +305,12 @@ pub fn check(config: &AgentConfig) -> Result<(), TunnelError> {
             tunnel.reconnect_backoff_initial_ms, tunnel.reconnect_backoff_max_ms
         )));
     }
+    if tunnel.hop_idle_max_ms > MAX_HOP_IDLE_MS {
+        return Err(TunnelError::Config(format!(
+            "tunnel.hop_idle_max_ms: {} is above {MAX_HOP_IDLE_MS}",
+            tunnel.hop_idle_max_ms
+        )));
+    }
     if tunnel.stats_interval_ms < 10 {
         return Err(TunnelError::Config(format!(
             "tunnel.stats_interval_ms: {} is below 10",
@@ -310,6 +321,9 @@ pub fn check(config: &AgentConfig) -> Result<(), TunnelError> {
     quic.validate().map_err(TunnelError::Config)?;
     Ok(())
 }
+
+/// The longest idle before a hop that `tunnel.hop_idle_max_ms` may ask for.
+const MAX_HOP_IDLE_MS: u64 = 10_000;
 
 /// Runs the tunnel until `stop` is set or the connection ends; `on_ready` gets the tunnel's
 /// counters once it carries traffic. Releases allocated addresses on the way out.
@@ -364,6 +378,12 @@ pub fn run(
         next_stats: epoch,
         route_proxy: None,
         presence_checked: None,
+        hop_idle: (tunnel.hop_idle_max_ms > 0).then(|| {
+            (
+                HopRng::new(seed.derive(IDLE_STREAM)),
+                tunnel.hop_idle_max_ms,
+            )
+        }),
         routes: Vec::new(),
     };
     match source {
@@ -566,6 +586,8 @@ pub struct TunnelState {
     route_proxy: Option<IpAddr>,
     /// When the connection's address was last checked to be on the host (while idle).
     presence_checked: Option<Instant>,
+    /// The idle before each hop: its random stream and its maximum, ms (`hop_idle_max_ms`).
+    hop_idle: Option<(HopRng, u64)>,
     /// The routes put on the host interface, taken off on exit.
     routes: Vec<Route>,
 }
@@ -596,6 +618,14 @@ impl HopPolicy for TunnelHops {
             }
         }
         None
+    }
+
+    fn idle_before_hop(&mut self) -> Duration {
+        let mut s = self.0.borrow_mut();
+        match s.hop_idle.as_mut() {
+            Some((rng, max_ms)) => Duration::from_millis(rng.range_inclusive(0, *max_ms)),
+            None => Duration::ZERO,
+        }
     }
 
     fn on_hop(&mut self, outcome: HopOutcome, now: Instant) {

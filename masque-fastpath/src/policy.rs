@@ -374,8 +374,9 @@ fn parse_ports(text: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(range)
 }
 
-/// The addresses of every interface of this network namespace (getifaddrs(3)).
-fn own_addresses() -> Vec<IpAddr> {
+/// The addresses of every interface of this network namespace (getifaddrs(3)); the calling
+/// thread's, for a thread moved into another namespace.
+pub fn own_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list it allocates, freed below with freeifaddrs;

@@ -80,20 +80,25 @@ pub fn body_bytes(sizes: &[u64], responses: u64) -> u64 {
     sizes.iter().cycle().take(responses as usize).sum()
 }
 
-/// The project's quiche HTTP/3 test server on a thread inside `srv`.
+/// The project's quiche HTTP/3 test server on a thread inside a host (`srv` in these topologies).
 pub struct QuicheServer {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<std::io::Result<Result<H3ServerStats, String>>>,
 }
 
 impl QuicheServer {
-    /// Starts it on `addr` and returns once it listens.
-    pub fn start(tb: &Testbed, addr: SocketAddr, config: H3ServerConfig) -> Result<Self, String> {
+    /// Starts it on `addr` in `host` and returns once it listens.
+    pub fn start(
+        tb: &Testbed,
+        host: &str,
+        addr: SocketAddr,
+        config: H3ServerConfig,
+    ) -> Result<Self, String> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
             let stop = Arc::clone(&stop);
-            tb.spawn_in("srv", move || {
+            tb.spawn_in(host, move || {
                 let cert = TestCert::new().map_err(|e| format!("test certificate: {e}"))?;
                 let bound = H3Server::bind(addr, &cert, config).map_err(|e| e.to_string());
                 // Loaded into quiche: the files can go now.

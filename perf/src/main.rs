@@ -281,11 +281,16 @@ enum Bench {
         /// Default: never, every:100, every:50, every:25, every:10, random:10:100, once:50.
         #[arg(long, value_delimiter = ',')]
         hops: Vec<mimiq_agent::strategy::HopStrategyConfig>,
+        /// Hop settings run again in direct mode (each page load its own QUIC connection
+        /// straight to an HTTP/3 server on the outside host), as --hops; the flag alone: none.
+        /// Default: never, every:25 (every:25 with --quick).
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        direct_hops: Option<Vec<mimiq_agent::strategy::HopStrategyConfig>>,
         /// Fixes the sites, the visits, the agents' hops and the folds.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// No testbed: attack again the captures and logs an earlier run kept in this
-        /// directory (its --out; give the same --quick, --clients and --hops).
+        /// directory (its --out; give the same --quick, --clients, --hops and --direct-hops).
         #[arg(long)]
         reanalyse: Option<std::path::PathBuf>,
         /// The padding defence: agents and proxy pad every QUIC packet to a multiple of this
@@ -296,6 +301,10 @@ enum Bench {
         /// (`quic.keep_congestion_on_migration`), as the linkage attacker should be run with.
         #[arg(long)]
         keep_congestion: bool,
+        /// The idle defence: agents stay quiet for a random 0..=N ms before each hop
+        /// (`tunnel.hop_idle_max_ms`; 0: none).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        idle_ms: u64,
         /// Directory for results.json, results.md, privacy.svg, the outside link's captures
         /// (outside-<hop>.pcap) with the proxy's and agents' TLS key logs, and the agents' logs.
         #[arg(long, default_value = "target/experiments/privacy")]
@@ -594,10 +603,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     visits,
                     clients,
                     hops,
+                    direct_hops,
                     seed,
                     reanalyse,
                     pad,
                     keep_congestion,
+                    idle_ms,
                     out,
                     json,
                 },
@@ -613,9 +624,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 visits: visits.map_or(base.visits, |n| n as usize),
                 clients: clients.map_or(base.clients, |n| n as usize),
                 hops: if hops.is_empty() { base.hops } else { hops },
+                direct_hops: direct_hops.unwrap_or(base.direct_hops),
                 seed,
                 pad: usize::from(pad),
                 keep_congestion,
+                hop_idle_max_ms: idle_ms,
                 out: Some(out.clone()),
                 ..base
             };

@@ -225,6 +225,34 @@ fn the_agent_writes_a_qlog_with_its_hops_and_a_key_log_when_asked() {
     assert!(keys.contains("CLIENT_TRAFFIC_SECRET_0"), "{keys}");
 }
 
+#[test]
+fn with_an_idle_before_each_hop_the_agent_goes_quiet_then_hops_and_the_download_is_exact() {
+    require_root();
+    // The idle defence (`hop_idle_max_ms`): before each hop the client sends nothing for a
+    // random 0–40 ms, then probes. The download loses nothing to it (`download_while_hopping`
+    // checks every byte).
+    let Run {
+        report, agent_log, ..
+    } = download_while_hopping(
+        25,
+        8 * 1024 * 1024,
+        "",
+        "hop_idle_max_ms = 40\n",
+        |_, _, _| {},
+    );
+    let c = &report["client"];
+    let (done, started) = (
+        c["hops_done"].as_u64().unwrap(),
+        c["hops_started"].as_u64().unwrap(),
+    );
+    let idle = c["hop_idle_ms"].as_u64().unwrap();
+    assert!(done > 0, "{report}; {agent_log}");
+    // One idle before each hop started (and perhaps one more, under way at the end), each at
+    // most 40 ms; over several hops, not all of them 0.
+    assert!(idle > 0, "{report}");
+    assert!(idle <= 40 * (started + 1), "{report}");
+}
+
 /// Every hop the agent counted, done or failed, is a line of its hop log, and no other.
 fn assert_hop_log_matches(report: &Value, dir: &Path) {
     let log = std::fs::read_to_string(dir.join("hops.csv")).unwrap();
@@ -466,6 +494,10 @@ fn a_bad_agent_config_is_one_error_line_and_exit_2() {
         (
             "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\npad_to_bytes = 3\n[source]\nkind = \"static\"\naddresses = [\"198.18.10.2\"]\n",
             "quic.pad_to_bytes = 3",
+        ),
+        (
+            "[hop]\nkind = \"never\"\n[tunnel]\nproxy = \"198.18.10.1:4433\"\nhop_idle_max_ms = 10001\n[source]\nkind = \"static\"\naddresses = [\"198.18.10.2\"]\n",
+            "tunnel.hop_idle_max_ms: 10001 is above 10000",
         ),
     ] {
         let path = dir.path().join("a.toml");

@@ -65,7 +65,7 @@ fn a_thousand_gets_over_one_hopping_connection_are_byte_exact_with_hundreds_of_h
     let clients = v4_clients(5);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
-    let server = QuicheServer::start(&tb, server_addr, H3ServerConfig::default()).unwrap();
+    let server = QuicheServer::start(&tb, "srv", server_addr, H3ServerConfig::default()).unwrap();
     let sizes = sizes(1_000);
     let run = client_run(
         &tb,
@@ -161,7 +161,7 @@ fn a_server_that_retires_the_ids_of_paths_left_at_once_serves_every_get_byte_exa
         retire_left_paths: true,
         ..H3ServerConfig::default()
     };
-    let server = QuicheServer::start(&tb, server_addr, config).unwrap();
+    let server = QuicheServer::start(&tb, "srv", server_addr, config).unwrap();
     let sizes = sizes(1_000);
     let run = client_run(
         &tb,
@@ -195,7 +195,7 @@ fn gets_over_ipv6_hop_between_nodad_addresses() {
     let clients = v6_clients(4);
     let tb = topology("fd00::1", &clients, 64);
     let server_addr = SocketAddr::new("fd00::1".parse().unwrap(), PORT);
-    let server = QuicheServer::start(&tb, server_addr, H3ServerConfig::default()).unwrap();
+    let server = QuicheServer::start(&tb, "srv", server_addr, H3ServerConfig::default()).unwrap();
     let run = client_run(
         &tb,
         sockets(&clients).unwrap(),
@@ -226,7 +226,7 @@ fn a_server_that_disables_active_migration_gets_no_hop_and_the_transfer_complete
         disable_active_migration: true,
         ..H3ServerConfig::default()
     };
-    let server = QuicheServer::start(&tb, server_addr, config).unwrap();
+    let server = QuicheServer::start(&tb, "srv", server_addr, config).unwrap();
     let sizes = sizes(200);
     let expected_bytes: u64 = sizes.iter().sum();
     let run = client_run(
@@ -303,7 +303,7 @@ fn an_address_withdrawn_then_removed_after_a_drain_is_left_and_the_gets_complete
     let clients = v4_clients(3);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
-    let server = QuicheServer::start(&tb, server_addr, H3ServerConfig::default()).unwrap();
+    let server = QuicheServer::start(&tb, "srv", server_addr, H3ServerConfig::default()).unwrap();
     // Start on a secondary address (removing the primary would take the others with it).
     let order = sockets(&[clients[1].clone(), clients[0].clone(), clients[2].clone()]).unwrap();
     let gone = clients[1].parse::<IpAddr>().unwrap();
@@ -358,7 +358,7 @@ fn a_hop_to_an_address_already_gone_from_the_host_fails_and_the_address_is_withd
     let clients = v4_clients(3);
     let tb = topology("198.18.0.1", &clients, 24);
     let server_addr = SocketAddr::new("198.18.0.1".parse().unwrap(), PORT);
-    let server = QuicheServer::start(&tb, server_addr, H3ServerConfig::default()).unwrap();
+    let server = QuicheServer::start(&tb, "srv", server_addr, H3ServerConfig::default()).unwrap();
     let gone = clients[1].parse::<IpAddr>().unwrap();
     let run = run_with_control(
         &tb,

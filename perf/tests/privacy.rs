@@ -1,9 +1,10 @@
 //! `mimiq-perf bench privacy` on its small grid (5 sites × 5 visits, two clients, no hopping and
-//! a hop every 25 packets) through the real single box: page loads through hopping agents, the
-//! outside link captured to pcap files, the attacker's pipeline end to end.
+//! a hop every 25 packets, and a hop every 25 packets in direct mode) through the real single
+//! box: page loads through hopping agents and hopping direct connections, the outside link
+//! captured to pcap files, the attacker's pipeline end to end.
 
 use mimiq_perf::capture::read_pcap;
-use mimiq_perf::experiments::privacy::{self, Options};
+use mimiq_perf::experiments::privacy::{self, Mode, Options};
 use mimiq_perf::testbed::require_root;
 
 #[test]
@@ -16,11 +17,19 @@ fn the_privacy_bench_attacks_the_captures_of_unhopped_and_hopping_clients() {
     };
     let r = privacy::run(&o, &mut |_| {}).unwrap();
     let loads = o.sites * o.visits;
-    assert_eq!(r.rows.len(), 2);
-    let (never, hop25) = (&r.rows[0], &r.rows[1]);
+    assert_eq!(r.rows.len(), 3);
+    let (never, hop25, direct25) = (&r.rows[0], &r.rows[1], &r.rows[2]);
     assert_eq!(
-        (never.hop.as_str(), hop25.hop.as_str()),
-        ("never", "every:25")
+        (
+            never.hop.as_str(),
+            hop25.hop.as_str(),
+            direct25.hop.as_str()
+        ),
+        ("never", "every:25", "every:25")
+    );
+    assert_eq!(
+        (never.mode, hop25.mode, direct25.mode),
+        (Mode::Tunnel, Mode::Tunnel, Mode::Direct)
     );
     for row in &r.rows {
         let a = &row.analysis;
@@ -32,10 +41,15 @@ fn the_privacy_bench_attacks_the_captures_of_unhopped_and_hopping_clients() {
             "no connection ID from two addresses: {row:?}"
         );
         // The attacker read the capture the bench kept: every frame is accounted for.
-        let frames = read_pcap(
-            &out.path()
-                .join(format!("outside-{}.pcap", row.hop.replace(':', "-"))),
-        )
+        let prefix = if row.mode == Mode::Direct {
+            "direct-"
+        } else {
+            ""
+        };
+        let frames = read_pcap(&out.path().join(format!(
+            "outside-{prefix}{}.pcap",
+            row.hop.replace(':', "-")
+        )))
         .unwrap();
         assert_eq!(
             frames.len() as u64,
@@ -51,9 +65,11 @@ fn the_privacy_bench_attacks_the_captures_of_unhopped_and_hopping_clients() {
         never.analysis.accuracy,
         never.analysis.chance
     );
-    // Hopping splits page loads over addresses.
-    assert!(hop25.hops_done >= 1, "{hop25:?}");
-    assert!(hop25.analysis.subflows > loads, "{hop25:?}");
+    // Hopping splits page loads over addresses, in either mode.
+    for row in [hop25, direct25] {
+        assert!(row.hops_done >= 1, "{row:?}");
+        assert!(row.analysis.subflows > loads, "{row:?}");
+    }
     let u = r.uniformity.as_ref().expect("allocations were tested");
     assert!(
         u.allocations >= 2 && (0.0..=1.0).contains(&u.p_value),
@@ -70,6 +86,7 @@ fn the_privacy_bench_attacks_the_captures_of_unhopped_and_hopping_clients() {
     }
     // The attacker again from the kept files alone: the same figures.
     let again = privacy::reanalyse(out.path(), &o).unwrap();
+    assert_eq!(again.rows.len(), r.rows.len());
     for (a, b) in r.rows.iter().zip(&again.rows) {
         assert_eq!(
             (

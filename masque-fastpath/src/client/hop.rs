@@ -36,6 +36,13 @@ pub trait HopPolicy {
     /// address to hop to now, if any. Not called while a hop is in progress.
     fn poll_hop(&mut self, now: Instant, current: IpAddr, sent: u64) -> Option<IpAddr>;
 
+    /// How long the client stays quiet (sends nothing) before the hop just asked for: a gap
+    /// between the current address's last packet and the new one's first, against an observer
+    /// who links addresses by the one appearing as the other goes quiet. Zero by default.
+    fn idle_before_hop(&mut self) -> Duration {
+        Duration::ZERO
+    }
+
     /// The outcome of a hop [`HopPolicy::poll_hop`] asked for.
     fn on_hop(&mut self, _outcome: HopOutcome, _now: Instant) {}
 

@@ -123,6 +123,9 @@ pub struct ClientStats {
     pub hops_failed: u64,
     /// Hops postponed because no spare connection ID had arrived yet.
     pub hops_deferred: u64,
+    /// Milliseconds spent quiet before hops ([`HopPolicy::idle_before_hop`]: the defence that
+    /// leaves a random gap between an address's last packet and the next one's first).
+    pub hop_idle_ms: u64,
     /// PATH_CHALLENGEs asked for again because the answer to the last one was late.
     pub probes_resent: u64,
     /// Hops not made because the proxy sent `disable_active_migration`.
@@ -184,8 +187,12 @@ pub struct Client {
     policy: Box<dyn HopPolicy>,
     /// QUIC datagrams sent since the policy was last asked.
     sent_since_poll: u64,
-    /// An address the policy asked for that could not be probed yet (no spare ID).
+    /// An address the policy asked for that could not be probed yet (no spare ID, or the quiet
+    /// before it is not over).
     wanted_hop: Option<IpAddr>,
+    /// Until then the client sends nothing: the idle before a hop
+    /// ([`HopPolicy::idle_before_hop`]).
+    quiet_until: Option<Instant>,
     stream: Option<u64>,
     status: Option<u16>,
     decoder: CapsuleDecoder,
@@ -266,6 +273,7 @@ impl Client {
             policy,
             sent_since_poll: 0,
             wanted_hop: None,
+            quiet_until: None,
             stream: None,
             status: None,
             decoder: CapsuleDecoder::default(),
@@ -322,8 +330,10 @@ impl Client {
                     self.status
                 )));
             }
-            let policy_timeout = self.policy.poll(Instant::now());
-            let timeout = [self.mig.timeout(Instant::now()), policy_timeout]
+            let now = Instant::now();
+            let policy_timeout = self.policy.poll(now);
+            let quiet = self.quiet_until.map(|t| t.saturating_duration_since(now));
+            let timeout = [self.mig.timeout(now), policy_timeout, quiet]
                 .into_iter()
                 .flatten()
                 .min()
@@ -333,10 +343,12 @@ impl Client {
             for p in &self.paths {
                 pollfds.push(pollfd(p.io.socket().as_raw_fd()));
             }
-            if let Some(t) = &self.tun {
+            // While quiet, what the applications send waits where it is (and is not polled for).
+            let quiet = self.quiet();
+            if let Some(t) = self.tun.as_ref().filter(|_| !quiet) {
                 pollfds.push(pollfd(t.as_raw_fd()));
             }
-            if let Some((s, _)) = &self.local_udp {
+            if let Some((s, _)) = self.local_udp.as_ref().filter(|_| !quiet) {
                 pollfds.push(pollfd(s.as_raw_fd()));
             }
             // SAFETY: pollfds is a live array of initialised pollfd structs.
@@ -362,12 +374,16 @@ impl Client {
                 ready = true;
                 on_ready(&self.stats);
             }
-            if ready {
+            if ready && !self.quiet() {
                 self.local_to_datagrams();
+            }
+            if ready {
                 self.maybe_hop();
                 self.abandon_old_paths();
             }
-            self.flush();
+            if !self.quiet() {
+                self.flush();
+            }
             if ready {
                 self.policy.on_stats(&self.stats, Instant::now());
             }
@@ -720,7 +736,7 @@ impl Client {
     /// [`MigrationConfig::hop_timeout_ms`]).
     fn maybe_hop(&mut self) {
         let now = Instant::now();
-        if self.mig.hop_in_progress().is_some() {
+        if self.mig.hop_in_progress().is_some() || self.quiet() {
             return;
         }
         let current = self.mig.local_addr().ip();
@@ -752,6 +768,16 @@ impl Client {
             self.wanted_hop = Some(addr);
             return;
         }
+        // The idle before the hop: nothing leaves until it is over, then the probe does.
+        if self.quiet_until.take().is_none() {
+            let idle = self.policy.idle_before_hop();
+            if !idle.is_zero() {
+                self.quiet_until = Some(now + idle);
+                self.stats.hop_idle_ms += idle.as_millis() as u64;
+                self.wanted_hop = Some(addr);
+                return;
+            }
+        }
         let io = match UdpIo::bind(SocketAddr::new(addr, 0)) {
             Ok(mut io) => {
                 io.set_max_payload(self.cfg.quic.max_udp_payload_bytes);
@@ -782,6 +808,11 @@ impl Client {
                 self.policy.on_hop(HopOutcome::Failed { to: addr }, now);
             }
         }
+    }
+
+    /// Whether the client is in the idle before a hop (it sends nothing).
+    fn quiet(&self) -> bool {
+        self.quiet_until.is_some_and(|t| Instant::now() < t)
     }
 
     /// Closes the sockets of paths the driver no longer needs: not in use, not being probed,

@@ -252,7 +252,7 @@ fn one_run(
                 retire_left_paths: server == "quiche-retiring",
                 ..H3ServerConfig::default()
             };
-            let srv = QuicheServer::start(&tb, addr, config)?;
+            let srv = QuicheServer::start(&tb, "srv", addr, config)?;
             let result = run_gets_in(&tb, gets, None, None);
             srv.finish()?;
             result

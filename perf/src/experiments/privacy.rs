@@ -8,7 +8,10 @@
 //!
 //! For each hop setting, the clients visit the synthetic websites of [`crate::privacy::sites`]
 //! (every site `visits` times, the visits shuffled and dealt to the clients, a random pause of
-//! 200–600 ms before each) through their tunnels while the outside link is recorded. The attacker
+//! 200–600 ms before each) through their tunnels while the outside link is recorded. The
+//! settings of [`Options::direct_hops`] are run again in direct mode (ARCHITECTURE.md §1): each
+//! page load is a QUIC connection of its own from the addresses the client holds straight to an
+//! HTTP/3 server on the outside host, hopping among them as the setting says. The attacker
 //! then works from that capture alone, as the paper's observer does:
 //!
 //! - **website fingerprinting**: the capture split into sub-flows by client address and page
@@ -37,8 +40,14 @@ use mimiq_agent::rng::HopRng;
 use mimiq_agent::strategy::HopStrategyConfig;
 use serde::Serialize;
 
+use mimiq_agent::direct::{DirectConfig, DirectConnection};
+use mimiq_agent::migrate::MigrationConfig;
+use mimiq_h3test::{client_config, run_gets, H3ServerConfig};
+use mimiq_masque::policy::own_addresses;
+
 use crate::capture::{self, Frame};
 use crate::demo::{self, PROXY};
+use crate::direct::QuicheServer;
 use crate::hopwatch::{leases_from_log, HopWatch, Lease};
 use crate::masque::stop_client;
 use crate::privacy::features::{self, Dir, Packet};
@@ -52,6 +61,9 @@ use crate::testbed::Testbed;
 pub const TIMES: Times = Times(20_000, 30_000, 2_000, 20_000, addr::POOL_V4);
 /// The web server behind the proxy.
 const WEB: &str = "198.18.220.2:80";
+/// Direct mode's HTTP/3 server: on the outside host beside the proxy, so the same link and
+/// capture see it.
+const DIRECT_SERVER: &str = "198.18.200.2:8443";
 /// The clients that visit, in the order they are used.
 pub const CLIENTS: [&str; 3] = ["c1", "c2", "c3"];
 /// A client address quiet this long ends a linkage sub-flow.
@@ -72,6 +84,8 @@ pub struct Options {
     /// The hop settings, in the short form of [`HopStrategyConfig`] (`never`, `every:25`,
     /// `random:10:100`, `once:50`).
     pub hops: Vec<HopStrategyConfig>,
+    /// The hop settings run again in direct mode.
+    pub direct_hops: Vec<HopStrategyConfig>,
     /// Fixes the sites, the visit order, the pauses, the agents' hops and the folds.
     pub seed: u64,
     /// Cross-validation folds.
@@ -86,11 +100,15 @@ pub struct Options {
     /// The proxy keeps a client's congestion state across its hops
     /// (`quic.keep_congestion_on_migration`).
     pub keep_congestion: bool,
+    /// The idle defence: the agents stay quiet for a random 0..=this many milliseconds before
+    /// each hop (`tunnel.hop_idle_max_ms`); 0: none.
+    pub hop_idle_max_ms: u64,
 }
 
 impl Options {
     /// The default grid: 50 sites × 10 visits, three clients, no hopping, a hop every 100, 50,
-    /// 25 and 10 packets, every 10–100 at random, once after 50.
+    /// 25 and 10 packets, every 10–100 at random, once after 50; in direct mode no hopping and a
+    /// hop every 25 packets.
     pub fn full() -> Options {
         let hops = [
             "never",
@@ -106,16 +124,22 @@ impl Options {
             visits: 10,
             clients: 3,
             hops: hops.iter().filter_map(|h| h.parse().ok()).collect(),
+            direct_hops: ["never", "every:25"]
+                .iter()
+                .filter_map(|h| h.parse().ok())
+                .collect(),
             seed: 1,
             folds: 5,
             trees: 100,
             out: None,
             pad: 0,
             keep_congestion: false,
+            hop_idle_max_ms: 0,
         }
     }
 
-    /// The suite's grid: 5 sites × 5 visits, no hopping and a hop every 25 packets.
+    /// The suite's grid: 5 sites × 5 visits, no hopping and a hop every 25 packets; in direct
+    /// mode a hop every 25 packets.
     pub fn quick() -> Options {
         Options {
             sites: 5,
@@ -125,9 +149,41 @@ impl Options {
                 .iter()
                 .filter_map(|h| h.parse().ok())
                 .collect(),
+            direct_hops: vec![HopStrategyConfig::EveryPackets { packets: 25 }],
             folds: 5,
             trees: 50,
             ..Options::full()
+        }
+    }
+}
+
+/// How the clients reach the websites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Through their agents' tunnels: one hopping QUIC connection per client to the proxy, the
+    /// page loads over HTTP/1.1 inside it.
+    Tunnel,
+    /// Each page load its own hopping QUIC connection to [`DIRECT_SERVER`], over HTTP/3.
+    Direct,
+}
+
+impl Mode {
+    /// The QUIC server the clients' datagrams go to, and come from.
+    fn server(self) -> SocketAddr {
+        let s = match self {
+            Mode::Tunnel => PROXY,
+            Mode::Direct => DIRECT_SERVER,
+        };
+        s.parse().expect("a constant socket address")
+    }
+
+    /// The files of a setting: `<hop>` in tunnel mode, `direct-<hop>` in direct mode.
+    fn file_label(self, hop: &HopStrategyConfig) -> String {
+        let hop = hop.to_string().replace(':', "-");
+        match self {
+            Mode::Tunnel => hop,
+            Mode::Direct => format!("direct-{hop}"),
         }
     }
 }
@@ -143,11 +199,15 @@ pub struct Visit {
     pub start: f64,
     /// See `start`.
     pub end: f64,
+    /// Hops its connection completed (direct mode; a tunnel's hops are the agent's).
+    pub hops: u64,
 }
 
 /// What one hop setting measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
+    /// Tunnel or direct mode.
+    pub mode: Mode,
     /// The hop setting (short form).
     pub hop: String,
     /// Packets a client sends per address by the setting (the mean for random intervals; none
@@ -159,7 +219,7 @@ pub struct Row {
     pub visit_errors: usize,
     /// Why the first failed page load failed.
     pub first_error: Option<String>,
-    /// Hops the agents completed.
+    /// Hops the agents (tunnel mode) or the page loads' connections (direct mode) completed.
     pub hops_done: u64,
     /// The capture.
     pub analysis: Analysis,
@@ -246,6 +306,8 @@ pub struct Report {
     pub pad: usize,
     /// Whether the proxy kept a client's congestion state across its hops.
     pub keep_congestion: bool,
+    /// The agents' longest idle before a hop, ms (0: none).
+    pub hop_idle_max_ms: u64,
     /// One per hop setting.
     pub rows: Vec<Row>,
     /// Over every setting's allocations.
@@ -283,15 +345,39 @@ pub fn run(o: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, String
         web::serve(&tb, "srv", WEB.parse().map_err(|e| format!("{e}"))?)?;
         let mut rows = Vec::new();
         let mut leases = Vec::new();
-        for hop in &o.hops {
-            progress(&format!("hop {hop}: visiting"));
-            let (row, l) = run_setting(&mut tb, dir.path(), &sites, hop, o)?;
+        let settings = (o.hops.iter().map(|h| (Mode::Tunnel, h)))
+            .chain(o.direct_hops.iter().map(|h| (Mode::Direct, h)));
+        let mut server = None;
+        for (mode, hop) in settings {
+            if mode == Mode::Direct && server.is_none() {
+                let s = QuicheServer::start(
+                    &tb,
+                    "out",
+                    DIRECT_SERVER.parse().map_err(|e| format!("{e}"))?,
+                    H3ServerConfig::default(),
+                )?;
+                server = Some(s);
+            }
+            progress(&format!("{mode:?} mode, hop {hop}: visiting"));
+            let result = run_setting(&mut tb, dir.path(), &sites, mode, hop, o);
+            let (row, l) = match result {
+                Ok(v) => v,
+                Err(e) => {
+                    if let Some(s) = server.take() {
+                        let _ = s.finish();
+                    }
+                    return Err(e);
+                }
+            };
             progress(&format!(
-                "hop {}: {} sub-flows, accuracy {:.3}",
+                "{mode:?} mode, hop {}: {} sub-flows, accuracy {:.3}",
                 row.hop, row.analysis.subflows, row.analysis.accuracy
             ));
             rows.push(row);
             leases.extend(l);
+        }
+        if let Some(s) = server {
+            s.finish()?;
         }
         proxy.proc.stop(Duration::from_secs(3));
         Ok::<_, String>((rows, leases))
@@ -310,8 +396,10 @@ pub fn run(o: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, String
 pub fn reanalyse(dir: &Path, o: &Options) -> Result<Report, String> {
     let mut rows = Vec::new();
     let mut leases = Vec::new();
-    for hop in &o.hops {
-        let (row, l) = attack_kept(dir, hop, o)?;
+    let settings = (o.hops.iter().map(|h| (Mode::Tunnel, h)))
+        .chain(o.direct_hops.iter().map(|h| (Mode::Direct, h)));
+    for (mode, hop) in settings {
+        let (row, l) = attack_kept(dir, mode, hop, o)?;
         rows.push(row);
         leases.extend(l);
     }
@@ -324,6 +412,7 @@ fn report(o: &Options, rows: Vec<Row>, leases: &[Lease]) -> Report {
         sites: o.sites,
         pad: o.pad,
         keep_congestion: o.keep_congestion,
+        hop_idle_max_ms: o.hop_idle_max_ms,
         visits: o.visits,
         clients: o.clients,
         rows,
@@ -332,31 +421,38 @@ fn report(o: &Options, rows: Vec<Row>, leases: &[Lease]) -> Report {
 }
 
 /// One hop setting: agents started, visits made while the outside link is recorded, agents
-/// stopped, the capture attacked. Returns the row and the setting's leases.
+/// stopped, the capture attacked. Returns the row and the setting's leases. In direct mode the
+/// agents only hold the clients' addresses (their tunnels never hop and carry nothing).
 fn run_setting(
     tb: &mut Testbed,
     dir: &Path,
     sites: &[sites::Site],
+    mode: Mode,
     hop: &HopStrategyConfig,
     o: &Options,
 ) -> Result<(Row, Vec<Lease>), String> {
-    let file_label = file_label(hop);
+    let file_label = mode.file_label(hop);
     let clients = &CLIENTS[..o.clients];
-    let hop_table = toml::to_string(hop).map_err(|e| e.to_string())?;
+    let agent_hop = match mode {
+        Mode::Tunnel => hop.clone(),
+        Mode::Direct => HopStrategyConfig::Never {},
+    };
+    let hop_table = toml::to_string(&agent_hop).map_err(|e| e.to_string())?;
     let mut agents = Vec::new();
     for (i, client) in clients.iter().enumerate() {
         let keys = dir.join(format!("{client}-keys-{file_label}.log"));
         let extra = format!(
-            "keylog_file = \"{}\"\npad_to_bytes = {}\n",
+            "keylog_file = \"{}\"\npad_to_bytes = {}\nhop_idle_max_ms = {}\n",
             keys.display(),
-            o.pad
+            o.pad,
+            o.hop_idle_max_ms
         );
         let (agent, _) =
             demo::start_agent_hopping(tb, dir, client, o.seed + i as u64, &hop_table, &extra)?;
         agents.push(agent);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let proxy: SocketAddr = PROXY.parse().map_err(|e| format!("{e}"))?;
+    let server = mode.server();
     let pcap = dir.join(format!("outside-{file_label}.pcap"));
     let recording = capture::record_pcap(
         tb,
@@ -365,7 +461,7 @@ fn run_setting(
         Arc::clone(&stop),
         &pcap,
         None,
-        move |f| tunnel_datagram(f, proxy).is_some(),
+        move |f| tunnel_datagram(f, server).is_some(),
     )
     .map_err(|e| e.to_string())?;
 
@@ -379,26 +475,37 @@ fn run_setting(
     }
     let mut handles = Vec::new();
     for (c, client) in clients.iter().enumerate() {
-        let mine: Vec<(u32, Vec<u32>, u64)> = (plan.iter().skip(c).step_by(clients.len()))
+        let mine: Vec<(u32, Vec<u32>, u64, u64)> = (plan.iter().skip(c).step_by(clients.len()))
             .map(|&(s, v)| {
                 let objects = sites[s as usize].visit(o.seed ^ (u64::from(s) << 32) ^ v);
-                (s, objects, rng.range_inclusive(200, 600))
+                (s, objects, rng.range_inclusive(200, 600), v)
             })
             .collect();
         let web: SocketAddr = WEB.parse().map_err(|e| format!("{e}"))?;
+        let (hop, seed) = (hop.clone(), o.seed);
         handles.push(
             tb.spawn_in(client, move || {
                 let mut done = Vec::new();
                 let mut errors = Vec::new();
-                for (site, objects, pause_ms) in mine {
+                for (site, objects, pause_ms, v) in mine {
                     std::thread::sleep(Duration::from_millis(pause_ms));
                     let start = unix_now();
-                    match web::visit(web, &objects, Duration::from_secs(10)) {
-                        Ok(_) => done.push(Visit {
+                    let loaded = match mode {
+                        Mode::Tunnel => {
+                            web::visit(web, &objects, Duration::from_secs(10)).map(|_| 0)
+                        }
+                        Mode::Direct => {
+                            let connection = u64::from(site) << 32 | v;
+                            direct_visit(server, &objects, &hop, seed, connection)
+                        }
+                    };
+                    match loaded {
+                        Ok(hops) => done.push(Visit {
                             client: c,
                             site,
                             start,
                             end: unix_now(),
+                            hops,
                         }),
                         Err(e) => errors.push(format!("{}: site {site}: {e}", CLIENTS[c])),
                     }
@@ -439,8 +546,8 @@ fn run_setting(
     let lines: String = (visits.iter())
         .map(|v| {
             format!(
-                "{},{},{:.6},{:.6}\n",
-                CLIENTS[v.client], v.site, v.start, v.end
+                "{},{},{:.6},{:.6},{}\n",
+                CLIENTS[v.client], v.site, v.start, v.end, v.hops
             )
         })
         .collect();
@@ -452,7 +559,7 @@ fn run_setting(
             visit_errors.first().map_or("", String::as_str)
         ));
     }
-    let (mut row, leases) = attack_kept(dir, hop, o)?;
+    let (mut row, leases) = attack_kept(dir, mode, hop, o)?;
     row.visit_errors = visit_errors.len();
     row.first_error = visit_errors.first().cloned();
     Ok((row, leases))
@@ -460,14 +567,16 @@ fn run_setting(
 
 /// Attacks again what a run kept in `dir` (with `--out`): for hop setting `hop`, the capture
 /// `outside-<hop>.pcap`, the page loads `visits-<hop>.csv` and the agents'
-/// `<client>-addresses-<hop>.csv` and `<client>-hops-<hop>.csv`. For a change to the attacker
-/// without a new run of the testbed. Returns the row and the setting's leases.
+/// `<client>-addresses-<hop>.csv` and `<client>-hops-<hop>.csv` (`<hop>` is `direct-<hop>` in
+/// direct mode). For a change to the attacker without a new run of the testbed. Returns the row
+/// and the setting's leases.
 pub fn attack_kept(
     dir: &Path,
+    mode: Mode,
     hop: &HopStrategyConfig,
     o: &Options,
 ) -> Result<(Row, Vec<Lease>), String> {
-    let file_label = file_label(hop);
+    let file_label = mode.file_label(hop);
     let clients = &CLIENTS[..o.clients];
     let read = |name: String| {
         let path = dir.join(name);
@@ -491,20 +600,27 @@ pub fn attack_kept(
     {
         let bad = || format!("visits-{file_label}.csv line {}: {line:?}", i + 1);
         let f: Vec<&str> = line.split(',').collect();
-        let [client, site, start, end] = f[..] else {
-            return Err(bad());
+        // (Runs before direct mode wrote no hops column.)
+        let (client, site, start, end, hops) = match f[..] {
+            [client, site, start, end] => (client, site, start, end, "0"),
+            [client, site, start, end, hops] => (client, site, start, end, hops),
+            _ => return Err(bad()),
         };
         visits.push(Visit {
             client: clients.iter().position(|c| *c == client).ok_or_else(bad)?,
             site: site.parse().map_err(|_| bad())?,
             start: start.parse().map_err(|_| bad())?,
             end: end.parse().map_err(|_| bad())?,
+            hops: hops.parse().map_err(|_| bad())?,
         });
     }
+    if mode == Mode::Direct {
+        hops_done = visits.iter().map(|v| v.hops).sum();
+    }
     let frames = capture::read_pcap(&dir.join(format!("outside-{file_label}.pcap")))?;
-    let proxy: SocketAddr = PROXY.parse().map_err(|e| format!("{e}"))?;
-    let analysis = analyse(&frames, proxy, &visits, &leases, clients, o)?;
+    let analysis = analyse(&frames, mode.server(), &visits, &leases, clients, o)?;
     let row = Row {
+        mode,
         interval: match *hop {
             HopStrategyConfig::EveryPackets { packets } => Some(packets as f64),
             HopStrategyConfig::RandomPackets {
@@ -721,8 +837,50 @@ fn uniformity(leases: &[Lease]) -> Result<Uniformity, String> {
 }
 
 /// A hop setting as it names the files of its run (`every-25`).
-fn file_label(hop: &HopStrategyConfig) -> String {
-    hop.to_string().replace(':', "-")
+/// One page load in direct mode, from a thread in the client's namespace: a QUIC connection
+/// from the pool addresses the host holds now (the agent's, shuffled: the first is where it
+/// starts) to `server`, the objects fetched one after the other over HTTP/3 while it hops as
+/// `hop` says (its stream `connection` of `seed`), then closed. Returns the hops it completed.
+fn direct_visit(
+    server: SocketAddr,
+    objects: &[u32],
+    hop: &HopStrategyConfig,
+    seed: u64,
+    connection: u64,
+) -> Result<u64, String> {
+    let pool: std::net::Ipv4Addr = (addr::POOL_V4.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .ok_or("the client pool is not an IPv4 prefix")?;
+    // The pool is a /24.
+    let in_pool =
+        |ip: &IpAddr| matches!(ip, IpAddr::V4(a) if a.octets()[..3] == pool.octets()[..3]);
+    let mut locals: Vec<SocketAddr> = (own_addresses().into_iter())
+        .filter(in_pool)
+        .map(|ip| SocketAddr::new(ip, 0))
+        .collect();
+    if locals.is_empty() {
+        return Err("no address of the pool on the host".into());
+    }
+    let mut rng = HopRng::new(seed ^ connection.rotate_left(17));
+    for i in (1..locals.len()).rev() {
+        locals.swap(i, rng.index(i + 1));
+    }
+    let mut quic = client_config(locals.len()).map_err(|e| e.to_string())?;
+    let config = DirectConfig {
+        strategy: hop.clone(),
+        seed: seed.into(),
+        connection,
+        migration: MigrationConfig::default(),
+    };
+    let mut direct =
+        DirectConnection::connect(&locals, server, Some("quic.tech"), &mut quic, &config)
+            .map_err(|e| e.to_string())?;
+    let sizes: Vec<u64> = objects.iter().map(|&o| u64::from(o)).collect();
+    let loaded = run_gets(&mut direct, "quic.tech", &sizes, Duration::from_secs(10));
+    let hops = direct.migration_stats().hops_completed;
+    let _ = direct.connection_mut().close(true, 0, b"page loaded");
+    let _ = direct.poll(Duration::ZERO);
+    loaded.map(|_| hops).map_err(|e| e.to_string())
 }
 
 fn unix_now() -> f64 {
@@ -735,24 +893,28 @@ fn unix_now() -> f64 {
 /// The `--json` summary: unhopped accuracy, accuracy at a hop every 25 packets, and that
 /// setting's linkage figures (else the first hopping setting's), connection IDs linked.
 pub fn summary(r: &Report) -> serde_json::Value {
-    let find = |h: &str| r.rows.iter().find(|row| row.hop == h);
-    let hopped = find("every:25").or_else(|| r.rows.iter().find(|row| row.hop != "never"));
+    let find = |m: Mode, h: &str| r.rows.iter().find(|row| row.mode == m && row.hop == h);
+    let accuracy = |m: Mode, h: &str| find(m, h).map(|row| row.analysis.accuracy);
+    let hopped = find(Mode::Tunnel, "every:25")
+        .or_else(|| (r.rows.iter()).find(|row| row.mode == Mode::Tunnel && row.hop != "never"));
     serde_json::json!({
-        "wf_accuracy_unhopped": find("never").map(|row| row.analysis.accuracy),
-        "wf_accuracy_hop25": find("every:25").map(|row| row.analysis.accuracy),
+        "wf_accuracy_unhopped": accuracy(Mode::Tunnel, "never"),
+        "wf_accuracy_hop25": accuracy(Mode::Tunnel, "every:25"),
         "linkage_precision": hopped.map(|row| row.analysis.linkage.precision),
         "linkage_recall": hopped.map(|row| row.analysis.linkage.recall),
         "cid_linked": r.rows.iter().map(|row| row.analysis.cid_linked).sum::<usize>(),
         "address_chi_square_p": r.uniformity.as_ref().map(|u| u.p_value),
+        "direct_wf_accuracy_unhopped": accuracy(Mode::Direct, "never"),
+        "direct_wf_accuracy_hop25": accuracy(Mode::Direct, "every:25"),
     })
 }
 
 /// The table of a report, as Markdown.
 pub fn markdown(r: &Report) -> String {
     let mut md = format!(
-        "Website fingerprinting and linkage on the outside link: {} sites × {} visits, {} clients, padding {}, congestion state {} on a hop.\n\n\
-         | hop | packets per address | visits (failed) | sub-flows | packets per sub-flow | accuracy | chance | linkage precision | linkage recall | CIDs linked |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "Website fingerprinting and linkage on the outside link: {} sites × {} visits, {} clients, padding {}, congestion state {} on a hop, idle before a hop {}.\n\n\
+         | mode | hop | packets per address | visits (failed) | hops | sub-flows | packets per sub-flow | accuracy | chance | linkage precision | linkage recall | CIDs linked |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.sites,
         r.visits,
         r.clients,
@@ -761,16 +923,23 @@ pub fn markdown(r: &Report) -> String {
         } else {
             format!("to multiples of {} bytes", r.pad)
         },
-        if r.keep_congestion { "kept" } else { "reset" }
+        if r.keep_congestion { "kept" } else { "reset" },
+        if r.hop_idle_max_ms == 0 {
+            "none".to_string()
+        } else {
+            format!("0–{} ms", r.hop_idle_max_ms)
+        }
     );
     for row in &r.rows {
         let a = &row.analysis;
         md += &format!(
-            "| {} | {} | {} ({}) | {} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
+            "| {:?} | {} | {} | {} ({}) | {} | {} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
+            row.mode,
             row.hop,
             row.interval.map_or("—".into(), |i| format!("{i:.1}")),
             row.visits,
             row.visit_errors,
+            row.hops_done,
             a.subflows,
             a.packets_per_subflow,
             a.accuracy,
@@ -792,15 +961,27 @@ pub fn markdown(r: &Report) -> String {
 /// Accuracy against packets per address, as an SVG (unhopped as a dashed reference line).
 pub fn svg(r: &Report) -> Result<String, String> {
     use crate::plot::{Panel, Series};
-    let mut points: Vec<(f64, f64)> = (r.rows.iter())
-        .filter_map(|row| row.interval.map(|i| (i, row.analysis.accuracy)))
-        .collect();
-    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let points = |mode: Mode| {
+        let mut p: Vec<(f64, f64)> = (r.rows.iter())
+            .filter(|row| row.mode == mode)
+            .filter_map(|row| row.interval.map(|i| (i, row.analysis.accuracy)))
+            .collect();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        p
+    };
     let mut series = vec![Series {
-        name: "hopping".into(),
-        points,
+        name: "hopping (tunnel)".into(),
+        points: points(Mode::Tunnel),
     }];
-    if let Some(base) = r.rows.iter().find(|row| row.hop == "never") {
+    let direct = points(Mode::Direct);
+    let base = (r.rows.iter()).find(|row| row.mode == Mode::Tunnel && row.hop == "never");
+    if !direct.is_empty() {
+        series.push(Series {
+            name: "hopping (direct)".into(),
+            points: direct,
+        });
+    }
+    if let Some(base) = base {
         let xs: Vec<f64> = series[0].points.iter().map(|p| p.0).collect();
         let (lo, hi) = (
             xs.iter().copied().fold(f64::MAX, f64::min),
@@ -865,6 +1046,7 @@ mod tests {
                 site: i % 2,
                 start: 100.0 + f64::from(i),
                 end: 100.5 + f64::from(i),
+                hops: 0,
             })
             .collect();
         let mut frames = Vec::new();
