@@ -816,7 +816,10 @@ fn uniformity(leases: &[Lease]) -> Result<Uniformity, String> {
             _ => None,
         })
         .collect();
-    allocations.sort();
+    // In time order, and within one allocation (a set's addresses share its time) in the order
+    // the allocator granted them, as the log has them: sorting those by address too made small
+    // positive steps common, which the next-address test took for a pattern.
+    allocations.sort_by_key(|&(at, _)| at);
     let mut bins = [0u64; 11];
     for &(_, host) in &allocations {
         bins[((host - 2) / 23) as usize] += 1;
@@ -836,7 +839,6 @@ fn uniformity(leases: &[Lease]) -> Result<Uniformity, String> {
     })
 }
 
-/// A hop setting as it names the files of its run (`every-25`).
 /// One page load in direct mode, from a thread in the client's namespace: a QUIC connection
 /// from the pool addresses the host holds now (the agent's, shuffled: the first is where it
 /// starts) to `server`, the objects fetched one after the other over HTTP/3 while it hops as
@@ -1098,5 +1100,20 @@ mod tests {
         // Nothing to classify is an error, not a panic.
         let none = analyse(&[], PROXY_ADDR.parse().unwrap(), &visits, &[], &["c1"], &o);
         assert!(none.is_err());
+    }
+
+    #[test]
+    fn the_addresses_of_one_allocation_are_tested_in_the_order_granted() {
+        // Three addresses granted at once, in the order .200, .100, .50: two steps of −100
+        // (156 modulo 256), the best lag. Sorted by address they would be steps of +50 and
+        // +100: small positive steps, which sorting makes common.
+        let lease = |host: u8| Lease {
+            client: "c1".into(),
+            addr: IpAddr::from([198, 18, 1, host]),
+            from_ms: 1_000,
+            until_ms: 30_000,
+        };
+        let u = uniformity(&[lease(200), lease(100), lease(50)]).unwrap();
+        assert_eq!((u.allocations, u.next_best_lag), (3, 156), "{u:?}");
     }
 }
