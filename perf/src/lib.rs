@@ -7,6 +7,7 @@
 pub mod capture;
 pub mod demo;
 pub mod direct;
+pub mod etcd;
 pub mod experiments;
 pub mod faults;
 pub mod gen;
