@@ -312,6 +312,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Over every setting's allocations.
     pub uniformity: Option<Uniformity>,
+    /// Why the addresses were not tested, when they were not (too few allocations).
+    pub uniformity_skipped: Option<String>,
 }
 
 /// Runs the grid; `progress` hears a line per step.
@@ -408,6 +410,7 @@ pub fn reanalyse(dir: &Path, o: &Options) -> Result<Report, String> {
 
 /// The report of `rows`, with the address tests over `leases`.
 fn report(o: &Options, rows: Vec<Row>, leases: &[Lease]) -> Report {
+    let tested = uniformity(leases);
     Report {
         sites: o.sites,
         pad: o.pad,
@@ -416,7 +419,8 @@ fn report(o: &Options, rows: Vec<Row>, leases: &[Lease]) -> Report {
         visits: o.visits,
         clients: o.clients,
         rows,
-        uniformity: uniformity(leases).ok(),
+        uniformity: tested.as_ref().ok().cloned(),
+        uniformity_skipped: tested.err(),
     }
 }
 
@@ -951,6 +955,9 @@ pub fn markdown(r: &Report) -> String {
             a.cid_linked
         );
     }
+    if let Some(why) = &r.uniformity_skipped {
+        md += &format!("\nAddresses: not tested ({why}).\n");
+    }
     if let Some(u) = &r.uniformity {
         md += &format!(
             "\nAddresses: {} allocations, chi-square {:.1} ({} dof), p = {:.3}; next address as previous + d: best hit rate {:.4} at d = {} (best-of-256 on a uniform sequence {:.4}, chance {:.4}).\n",
@@ -1115,5 +1122,14 @@ mod tests {
         };
         let u = uniformity(&[lease(200), lease(100), lease(50)]).unwrap();
         assert_eq!((u.allocations, u.next_best_lag), (3, 156), "{u:?}");
+    }
+
+    #[test]
+    fn too_few_allocations_to_test_are_said_in_the_report() {
+        let r = report(&Options::quick(), Vec::new(), &[]);
+        assert!(r.uniformity.is_none());
+        assert!(r.uniformity_skipped.is_some());
+        let md = markdown(&r);
+        assert!(md.contains("Addresses: not tested ("), "{md}");
     }
 }

@@ -108,37 +108,6 @@ pub fn cross_validate(
     })
 }
 
-/// The accuracy on `test_x`/`test_y` of a random forest of `trees` trees trained on
-/// `train_x`/`train_y` (for a fixed train/test split, e.g. training on direct traffic and
-/// testing on hopped sub-flows).
-///
-/// A training set with a single class predicts that class for every test sample. Errors:
-/// either set empty, lengths that disagree, rows of different or zero length (across both
-/// sets), non-finite values, `trees == 0`.
-pub fn train_and_score(
-    train_x: &[Vec<f64>],
-    train_y: &[u32],
-    test_x: &[Vec<f64>],
-    test_y: &[u32],
-    trees: u16,
-    seed: u64,
-) -> Result<f64, String> {
-    check_samples(train_x, train_y, "training samples")?;
-    check_samples(test_x, test_y, "test samples")?;
-    if train_x[0].len() != test_x[0].len() {
-        return Err(format!(
-            "training rows have {} features, test rows {}",
-            train_x[0].len(),
-            test_x[0].len()
-        ));
-    }
-    if trees == 0 {
-        return Err("need at least 1 tree".into());
-    }
-    let predicted = predict(train_x, train_y, test_x, trees, seed)?;
-    Ok(hits(&predicted, test_y) as f64 / test_y.len() as f64)
-}
-
 /// Checks that `x` and `y` are non-empty, of one length, and that `x` is a finite matrix with
 /// at least one column; `what` names the set in the messages.
 fn check_samples(x: &[Vec<f64>], y: &[u32], what: &str) -> Result<(), String> {
@@ -309,22 +278,5 @@ mod tests {
         assert!(cross_validate(&empty_rows, &[0, 1, 0, 1], 2, 5, 0)
             .unwrap_err()
             .contains("no features"));
-        assert!(train_and_score(&x, &y, &[], &[], 5, 0)
-            .unwrap_err()
-            .contains("no test"));
-        assert!(train_and_score(&x, &y, &[vec![1.0]], &[0], 5, 0)
-            .unwrap_err()
-            .contains("features"));
-    }
-
-    #[test]
-    fn train_and_score_scores_a_fixed_split() {
-        let (x, y) = data(3, 20, true, 7);
-        let (test_x, test_y) = data(3, 5, true, 8);
-        let score = train_and_score(&x, &y, &test_x, &test_y, 20, 1).expect("valid input");
-        assert!(score >= 0.95, "{score}");
-        let single =
-            train_and_score(&x[..20], &y[..20], &test_x, &test_y, 20, 1).expect("valid input");
-        assert!((single - 1.0 / 3.0).abs() < 1e-12, "{single}");
     }
 }
