@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::lease;
 use crate::pool::{Ipv4Prefix, Ipv6Prefix};
+use crate::store::decode_hex;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -25,6 +26,32 @@ pub struct Config {
     /// The switches that may talk to the allocator, with their keys.
     #[serde(rename = "switch", default)]
     pub switches: Vec<SwitchSection>,
+    /// The etcd cluster of `server.store = "etcd"`.
+    pub etcd: Option<EtcdSection>,
+}
+
+/// `[etcd]`: the cluster that holds the leases and epochs when `server.store = "etcd"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    /// Client URLs of the members (`["http://198.19.1.1:2379", ...]`).
+    pub endpoints: Vec<String>,
+    /// Every key of this allocator's state starts with it; it ends with `/`. Default `/mimiq/`.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// User, when the cluster has authentication on (with `password`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// See `user`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// How long to keep trying to reach the cluster, and to take the prefix over from an
+    /// allocator that died, at start. Default 15000 ms.
+    #[serde(default = "default_etcd_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// How long one request may take. Default 2000 ms.
+    #[serde(default = "default_etcd_request_timeout")]
+    pub request_timeout_ms: u64,
 }
 
 /// `[server]`.
@@ -46,8 +73,9 @@ pub struct ServerSection {
     /// once on SIGUSR1. None by default.
     #[serde(default)]
     pub hlog_file: Option<std::path::PathBuf>,
-    /// Lease database path (redb file), or `"memory"` for a non-durable store (tests only).
-    /// Default `/var/lib/mimiq/allocator.redb`.
+    /// Lease database path (redb file), `"etcd"` for the cluster of `[etcd]` (a build with the
+    /// `etcd` feature), or `"memory"` for a non-durable store (tests only). Default
+    /// `/var/lib/mimiq/allocator.redb`.
     #[serde(default = "default_store")]
     pub store: PathBuf,
     /// Lease changes the store's journal collects before folding them into its lease table in
@@ -242,6 +270,29 @@ impl Config {
         if self.server.batch_max == 0 {
             return inv("server.batch_max must be at least 1".into());
         }
+        match (&self.etcd, self.store_is_etcd()) {
+            (None, true) => return inv("server.store = \"etcd\" needs an [etcd] section".into()),
+            (Some(_), false) => {
+                return inv("[etcd] is given but server.store is not \"etcd\"".into())
+            }
+            (Some(e), true) => {
+                if e.endpoints.is_empty() {
+                    return inv("etcd.endpoints is empty".into());
+                }
+                if e.prefix.is_empty() || !e.prefix.ends_with('/') {
+                    return inv(format!("etcd.prefix {:?} must end with '/'", e.prefix));
+                }
+                if e.user.is_some() != e.password.is_some() {
+                    return inv("etcd.user and etcd.password go together".into());
+                }
+                if e.connect_timeout_ms == 0 || e.request_timeout_ms == 0 {
+                    return inv(
+                        "etcd.connect_timeout_ms and request_timeout_ms must be above 0".into(),
+                    );
+                }
+            }
+            (None, false) => {}
+        }
         if self.server.subscriber_queue == 0 {
             return inv("server.subscriber_queue must be at least 1".into());
         }
@@ -380,6 +431,11 @@ impl Config {
         self.server.store.as_os_str() == "memory"
     }
 
+    /// Whether the store is the etcd cluster of `[etcd]`.
+    pub fn store_is_etcd(&self) -> bool {
+        self.server.store.as_os_str() == "etcd"
+    }
+
     /// Gateway and client prefix length per family (IPv4, IPv6), as told to clients.
     pub fn gateways(&self) -> (Option<Gateway>, Option<Gateway>) {
         (
@@ -393,16 +449,6 @@ impl Config {
     }
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
-
 fn default_relay() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 6364))
 }
@@ -414,6 +460,15 @@ fn default_metrics() -> SocketAddr {
 }
 fn default_store() -> PathBuf {
     PathBuf::from("/var/lib/mimiq/allocator.redb")
+}
+fn default_etcd_prefix() -> String {
+    "/mimiq/".into()
+}
+fn default_etcd_connect_timeout() -> u64 {
+    15_000
+}
+fn default_etcd_request_timeout() -> u64 {
+    2_000
 }
 fn default_fold_ops() -> u64 {
     crate::store::DEFAULT_FOLD_OPS
@@ -564,5 +619,34 @@ key_hex = "{KEY}"
             .unwrap_err()
             .to_string();
         assert!(e.contains("SIDs·n·k < 2^a"), "{e}");
+    }
+
+    #[test]
+    fn the_etcd_store_wants_its_section_and_a_sound_one() {
+        let etcd =
+            |section: &str| base().replace("store = \"memory\"", "store = \"etcd\"") + section;
+        let ok =
+            Config::parse(&etcd("[etcd]\nendpoints = [\"http://198.19.1.1:2379\"]\n")).unwrap();
+        assert!(ok.store_is_etcd());
+        assert_eq!(ok.etcd.unwrap().prefix, "/mimiq/");
+        for (text, says) in [
+            (etcd(""), "needs an [etcd] section"),
+            (etcd("[etcd]\nendpoints = []\n"), "etcd.endpoints is empty"),
+            (
+                etcd("[etcd]\nendpoints = [\"http://e:2379\"]\nprefix = \"/mimiq\"\n"),
+                "must end with '/'",
+            ),
+            (
+                etcd("[etcd]\nendpoints = [\"http://e:2379\"]\nuser = \"u\"\n"),
+                "go together",
+            ),
+            (
+                base() + "[etcd]\nendpoints = [\"http://e:2379\"]\n",
+                "server.store is not \"etcd\"",
+            ),
+        ] {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 }

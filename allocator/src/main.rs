@@ -131,6 +131,8 @@ fn run(path: &Path) -> anyhow::Result<()> {
     let store: Box<dyn Store> = if cfg.store_is_memory() {
         tracing::warn!("store = \"memory\": leases do not survive a restart");
         Box::new(MemStore::new())
+    } else if cfg.store_is_etcd() {
+        etcd_store(&cfg)?
     } else {
         if let Some(dir) = cfg
             .server
@@ -201,6 +203,38 @@ fn check(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The store of `server.store = "etcd"`: connects, and takes the prefix (waiting for an
+/// allocator that died to let it go).
+#[cfg(feature = "etcd")]
+fn etcd_store(cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
+    let e = cfg
+        .etcd
+        .as_ref()
+        .context("server.store = \"etcd\" needs [etcd]")?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let settings = mimiq_allocator::store::EtcdSettings {
+        endpoints: e.endpoints.clone(),
+        prefix: e.prefix.clone(),
+        user: e.user.clone().zip(e.password.clone()),
+        connect_timeout: std::time::Duration::from_millis(e.connect_timeout_ms),
+        request_timeout: std::time::Duration::from_millis(e.request_timeout_ms),
+        owner: format!("{} pid {}", host.trim(), std::process::id()),
+    };
+    Ok(Box::new(mimiq_allocator::store::EtcdStore::open(
+        &settings,
+    )?))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_store(_: &Config) -> anyhow::Result<Box<dyn Store>> {
+    Err(BadConfig(
+        "server.store = \"etcd\": this mimiq-allocator was built without the etcd feature \
+         (cargo build --features etcd)"
+            .into(),
+    )
+    .into())
+}
+
 fn leases(path: &Path) -> anyhow::Result<()> {
     let cfg = load(path)?;
     let at: SocketAddr = cfg.server.metrics_listen;
@@ -214,6 +248,15 @@ fn leases(path: &Path) -> anyhow::Result<()> {
     if cfg.store_is_memory() {
         anyhow::bail!(
             "the server is not reachable at {at} and store = \"memory\" keeps nothing on disk"
+        );
+    }
+    if let Some(e) = cfg.etcd.as_ref() {
+        anyhow::bail!(
+            "the server is not reachable at {at}; its leases are on etcd under {}lease/ \
+             (etcdctl --endpoints {} get --prefix {}lease/)",
+            e.prefix,
+            e.endpoints.join(","),
+            e.prefix
         );
     }
     if !cfg.server.store.exists() {

@@ -194,25 +194,28 @@ impl EtcdCluster {
     }
 }
 
-/// Adds hosts `names` on one LAN (a kernel bridge on host `lan`, which it also adds), each with
-/// `198.19.1.<n>/24` on its `eth0` (n = 1, 2, …); returns each host with its address, as
-/// [`EtcdCluster::start`] takes them.
+/// Puts hosts `names` on one LAN: a kernel bridge on host `etcdlan` (added), each host (added
+/// unless the testbed has it) linked to it by its interface `etcd0` with `198.19.1.<n>/24`
+/// (n = 1, 2, …, in the order given); returns each host with its address. The first ones are
+/// the cluster's members ([`EtcdCluster::start`]), the others its clients (an allocator's host).
 pub fn lan(tb: &mut Testbed, names: &[&str]) -> Result<Vec<(String, IpAddr)>, String> {
     (|| {
-        tb.add_host("lan")?;
+        tb.add_host("etcdlan")?;
         let mut ports = Vec::new();
         let mut out = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let port = format!("p{}", i + 1);
-            tb.add_host(name)?;
-            tb.add_link((name, "eth0"), ("lan", &port), Default::default())?;
+            if !tb.hosts().iter().any(|h| h == name) {
+                tb.add_host(name)?;
+            }
+            tb.add_link((name, "etcd0"), ("etcdlan", &port), Default::default())?;
             let ip = format!("198.19.1.{}", i + 1);
-            tb.add_addr(name, "eth0", &format!("{ip}/24"))?;
+            tb.add_addr(name, "etcd0", &format!("{ip}/24"))?;
             out.push((name.to_string(), ip.parse().expect("an IPv4 address")));
             ports.push(port);
         }
         let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
-        tb.add_bridge("lan", "br0", &ports)?;
+        tb.add_bridge("etcdlan", "br0", &ports)?;
         Ok::<_, TestbedError>(out)
     })()
     .map_err(|e| e.to_string())

@@ -6,18 +6,23 @@
 //! (crash before commit) was never seen by anyone, so its address may be handed out again.
 //! Batching many requests into one commit is the group commit that makes durability cheap.
 //!
-//! Backends: [`MemStore`] (in memory; tests and benchmarks) and [`RedbStore`] (the embedded
-//! default, a redb database file). A distributed backend (etcd, ARCHITECTURE §7) implements the
-//! same trait.
+//! Backends: [`MemStore`] (in memory; tests and benchmarks), [`RedbStore`] (the embedded
+//! default, a redb database file) and, with the `etcd` feature, `EtcdStore` (an etcd cluster:
+//! the state outlives the allocator's host; one allocator serves a prefix at a time, see
+//! `store/etcd.rs`).
 
 #[cfg(feature = "server")]
 mod embedded;
+#[cfg(feature = "etcd")]
+mod etcd;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 #[cfg(feature = "server")]
 pub use embedded::{RedbStore, DEFAULT_FOLD_OPS};
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdSettings, EtcdStore, MAX_TXN_OPS, OWNER_TTL_S};
 
 use crate::alias::AliasEpoch;
 use crate::lease::{JournalOp, Lease, Loaded};
@@ -122,6 +127,18 @@ impl Store for MemStore {
 // Only the redb backend uses it today (the `server` feature).
 
 /// Lease key: family (4 | 6) then the address bytes.
+/// Hex (either case) back to bytes: switch keys in the config, lease keys on etcd.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
+pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
 #[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn ip_key(ip: IpAddr) -> Vec<u8> {
     match ip {
