@@ -39,15 +39,15 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts a member on each of `members` (a host, and the address it serves on there), its
     /// data under `dir/<host>`, and returns once every member answers and a write is committed.
-    pub fn start(tb: &Testbed, members: &[(&str, IpAddr)], dir: &Path) -> Result<Self, String> {
+    pub fn start(tb: &Testbed, members: &[(String, IpAddr)], dir: &Path) -> Result<Self, String> {
         if members.is_empty() {
             return Err("an etcd cluster needs at least one member".into());
         }
         let mut cluster = EtcdCluster {
             members: (members.iter())
-                .map(|&(host, ip)| Member {
-                    host: host.to_string(),
-                    ip,
+                .map(|(host, ip)| Member {
+                    host: host.clone(),
+                    ip: *ip,
                     proc: None,
                 })
                 .collect(),

@@ -15,15 +15,21 @@ use mimiq_perf::switch::Switch;
 use mimiq_perf::testbed::topology;
 use mimiq_perf::testbed::{require_root, Testbed};
 
+/// Three members (e1–e3) on one LAN with `also` (hosts of the testbed or new ones) as their
+/// clients, started; their data in the directory returned.
+fn three_members(tb: &mut Testbed, also: &[&str]) -> (EtcdCluster, tempfile::TempDir) {
+    let hosts: Vec<&str> = ["e1", "e2", "e3"].iter().chain(also).copied().collect();
+    let lan = etcd::lan(tb, &hosts).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let cluster = EtcdCluster::start(tb, &lan[..3], data.path()).unwrap();
+    (cluster, data)
+}
+
 #[test]
 fn a_three_member_cluster_survives_a_killed_member_which_catches_up_after_a_restart() {
     require_root();
     let mut tb = Testbed::new().unwrap();
-    let members = etcd::lan(&mut tb, &["e1", "e2", "e3"]).unwrap();
-    let members: Vec<(&str, std::net::IpAddr)> =
-        members.iter().map(|(h, ip)| (h.as_str(), *ip)).collect();
-    let data = tempfile::tempdir().unwrap();
-    let mut cluster = EtcdCluster::start(&tb, &members, data.path()).unwrap();
+    let (mut cluster, _data) = three_members(&mut tb, &[]);
     assert_eq!(
         cluster.endpoints(),
         "http://198.19.1.1:2379,http://198.19.1.2:2379,http://198.19.1.3:2379"
@@ -73,11 +79,7 @@ fn a_three_member_cluster_survives_a_killed_member_which_catches_up_after_a_rest
 fn the_allocators_etcd_store_survives_a_takeover_skips_stray_keys_and_fences_a_lost_owner() {
     require_root();
     let mut tb = Testbed::new().unwrap();
-    let members = etcd::lan(&mut tb, &["e1", "e2", "e3"]).unwrap();
-    let members: Vec<(&str, std::net::IpAddr)> =
-        members.iter().map(|(h, ip)| (h.as_str(), *ip)).collect();
-    let data = tempfile::tempdir().unwrap();
-    let cluster = EtcdCluster::start(&tb, &members, data.path()).unwrap();
+    let (cluster, _data) = three_members(&mut tb, &[]);
     let endpoints = cluster.endpoints();
     let settings = |owner: &str, wait_ms: u64| EtcdSettings {
         endpoints: endpoints.split(',').map(str::to_string).collect(),
@@ -161,11 +163,8 @@ fn an_allocator_on_etcd_killed_and_replaced_serves_the_same_leases_through_the_s
     let mut tb = Testbed::new().unwrap();
     topology::single_box(&mut tb).unwrap();
     // Three members, and the single box's switch host on their LAN (its allocator's client).
-    let lan = etcd::lan(&mut tb, &["e1", "e2", "e3", "sw"]).unwrap();
-    let members: Vec<(&str, std::net::IpAddr)> =
-        lan[..3].iter().map(|(h, ip)| (h.as_str(), *ip)).collect();
+    let (cluster, _data) = three_members(&mut tb, &["sw"]);
     let dir = tempfile::tempdir().unwrap();
-    let cluster = EtcdCluster::start(&tb, &members, &dir.path().join("etcd")).unwrap();
     // The single box's allocator config, its store on the cluster.
     let cfg = singlebox::allocator_config(dir.path(), &LONG);
     let text = std::fs::read_to_string(&cfg).unwrap();
