@@ -353,3 +353,39 @@ impl From<HeldBy> for RetryError {
         RetryError::Held(h)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(endpoints: &[&str]) -> EtcdSettings {
+        EtcdSettings {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            prefix: "/mimiq/test/".into(),
+            user: None,
+            connect_timeout: Duration::from_millis(700),
+            request_timeout: Duration::from_millis(200),
+            owner: "test".into(),
+        }
+    }
+
+    #[test]
+    fn an_unreachable_or_garbled_cluster_is_a_clear_error_after_retries() {
+        // Nothing listens on port 1 of loopback: refused at once, tried again with backoff
+        // until the connect timeout, then one error naming the endpoints and the attempts.
+        let started = Instant::now();
+        let e = match EtcdStore::open(&settings(&["http://127.0.0.1:1"])) {
+            Ok(_) => panic!("nothing listens there"),
+            Err(e) => e.to_string(),
+        };
+        assert!(started.elapsed() >= Duration::from_millis(300), "{e}");
+        assert!(
+            e.contains("http://127.0.0.1:1") && e.contains("reaching etcd"),
+            "{e}"
+        );
+        assert!(e.contains("attempts"), "{e}");
+        for bad in [&[][..], &["not a url at all"][..]] {
+            assert!(EtcdStore::open(&settings(bad)).is_err());
+        }
+    }
+}
